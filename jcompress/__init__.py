@@ -1,0 +1,43 @@
+"""jcompress: compress Hugging Face transformer checkpoints with pure JAX transforms.
+
+A param pytree goes in, a compressed param pytree and a report come out::
+
+    cfg, params = jcompress.load_hf("path/to/model")
+    logits = jcompress.forward(cfg, params, input_ids)
+    jcompress.save_hf(cfg, params, "out_dir", tokenizer_dir="path/to/model")
+"""
+
+from jcompress.errors import UserError
+from jcompress.leaves import LowRank, materialize
+from jcompress.models import (
+    Capture,
+    ModelConfig,
+    apply_layer,
+    embed,
+    forward,
+    generate,
+    init_params,
+    layer_params,
+    load_hf,
+    save_hf,
+    unembed,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Capture",
+    "LowRank",
+    "ModelConfig",
+    "UserError",
+    "apply_layer",
+    "embed",
+    "forward",
+    "generate",
+    "init_params",
+    "layer_params",
+    "load_hf",
+    "materialize",
+    "save_hf",
+    "unembed",
+]

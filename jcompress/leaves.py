@@ -1,0 +1,161 @@
+"""Typed compressed leaves: the param-pytree values that compression methods produce.
+
+Every leaf stands for a dense ``[in, out]`` linear kernel (Flax layout, ``y = x @ W``). The
+forward pass calls :func:`dot` on whatever sits at a ``kernel`` path, so a method swaps a dense
+array for a leaf without touching model code. Each leaf is a frozen dataclass registered as a
+JAX pytree (its arrays are children, its static settings are aux data), states its
+reconstruction rule in the docstring, and has
+
+* ``materialize()`` -> the dense ``[in, out]`` array it stands for,
+* ``shape`` / ``dtype`` of that dense array,
+* ``apply(x)`` -> ``x @ materialize()`` computed without building the dense array,
+* ``num_params`` / ``nbytes`` for reports.
+
+Shapes are checked in ``__post_init__`` whenever the children are arrays (pytree machinery may
+rebuild a leaf around placeholders such as ``None`` or ``object()``; those are left alone).
+
+The registry :data:`LEAF_TYPES` maps a class name to its class; checkpoint code uses it to
+rebuild leaves from disk.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["LEAF_TYPES", "CompressedLeaf", "LowRank", "dot", "is_compressed", "materialize"]
+
+LEAF_TYPES: dict[str, type[CompressedLeaf]] = {}
+
+
+def _is_array(x: Any) -> bool:
+    return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+class CompressedLeaf(abc.ABC):
+    """Base class of typed leaves. Subclasses are frozen dataclasses."""
+
+    array_fields: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        LEAF_TYPES[cls.__name__] = cls
+
+    @abc.abstractmethod
+    def materialize(self) -> jax.Array:
+        """The dense ``[in, out]`` array this leaf stands for."""
+
+    @abc.abstractmethod
+    def apply(self, x: jax.Array) -> jax.Array:
+        """``x @ materialize()`` for ``x: [..., in]``, without building the dense array."""
+
+    @property
+    @abc.abstractmethod
+    def shape(self) -> tuple[int, ...]:
+        """Shape of the dense array."""
+
+    @property
+    def dtype(self):
+        return jnp.result_type(*[getattr(self, f) for f in self.array_fields])
+
+    @property
+    def num_params(self) -> int:
+        return int(sum(np.prod(getattr(self, f).shape) for f in self.array_fields))
+
+    @property
+    def nbytes(self) -> int:
+        return int(
+            sum(
+                np.prod(getattr(self, f).shape) * jnp.dtype(getattr(self, f).dtype).itemsize
+                for f in self.array_fields
+            )
+        )
+
+    def arrays(self) -> dict[str, Any]:
+        """The array children by field name (what checkpoints store)."""
+        return {f: getattr(self, f) for f in self.array_fields}
+
+    def static(self) -> dict[str, Any]:
+        """The non-array settings by field name (JSON-serialisable)."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)  # type: ignore[arg-type]
+            if f.name not in self.array_fields
+        }
+
+
+def _register(cls):
+    """Register a frozen dataclass leaf as a pytree (array fields are children)."""
+    cls = dataclasses.dataclass(frozen=True)(cls)
+    meta = [f.name for f in dataclasses.fields(cls) if f.name not in cls.array_fields]
+    jax.tree_util.register_dataclass(cls, data_fields=list(cls.array_fields), meta_fields=meta)
+    return cls
+
+
+@_register
+class LowRank(CompressedLeaf):
+    """A rank-``r`` factorisation of an ``[in, out]`` kernel.
+
+    Reconstruction: ``W = a @ b``; applied as ``y = (x @ a) @ b``.
+
+    Attributes:
+      a: ``[in, r]`` first factor (the "down" projection; its output is the latent that a
+        method may cache, e.g. rank-r keys).
+      b: ``[r, out]`` second factor.
+    """
+
+    a: Any
+    b: Any
+    array_fields: ClassVar[tuple[str, ...]] = ("a", "b")
+
+    def __post_init__(self):
+        if _is_array(self.a) and _is_array(self.b):
+            if self.a.ndim != 2 or self.b.ndim != 2:
+                raise ValueError(
+                    f"LowRank: a and b must be 2-D ([in, r] and [r, out]); got a{tuple(self.a.shape)}"
+                    f" and b{tuple(self.b.shape)}"
+                )
+            if self.a.shape[1] != self.b.shape[0]:
+                raise ValueError(
+                    f"LowRank: inner ranks differ: a{tuple(self.a.shape)} @ b{tuple(self.b.shape)}"
+                )
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[1])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.a.shape[0]), int(self.b.shape[1]))
+
+    def materialize(self) -> jax.Array:
+        return jnp.matmul(self.a, self.b)
+
+    def apply(self, x: jax.Array) -> jax.Array:
+        return jnp.matmul(jnp.matmul(x, self.a), self.b)
+
+
+def is_compressed(x: Any) -> bool:
+    """True for a typed compressed leaf (use as ``is_leaf`` in ``jax.tree`` calls)."""
+    return isinstance(x, CompressedLeaf)
+
+
+def dot(x: jax.Array, w: Any) -> jax.Array:
+    """``x @ w`` for a dense ``[in, out]`` kernel or any typed leaf. ``x``: ``[..., in]``."""
+    if isinstance(w, CompressedLeaf):
+        return w.apply(x)
+    return jnp.matmul(x, w)
+
+
+def materialize(tree: Any) -> Any:
+    """Replace every typed leaf in ``tree`` by its dense array."""
+    return jax.tree.map(
+        lambda v: v.materialize() if isinstance(v, CompressedLeaf) else v,
+        tree,
+        is_leaf=is_compressed,
+    )

@@ -1,0 +1,97 @@
+"""MPT: fused ``Wqkv`` (split into q/k/v), ALiBi, LayerNorm without bias, no linear biases.
+
+ALiBi follows transformers' ``build_mpt_alibi_tensor`` (slopes from ``alibi_bias_max``);
+``clip_qkv`` clamps the q/k/v projections, which is elementwise and so commutes with the split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from jcompress.errors import UserError
+from jcompress.models.config import Family, ModelConfig, Norm, Position
+from jcompress.models.convert import IDENTITY, FamilySpec, Layout, Rule, linear_split
+from jcompress.models.families._common import linear, norm, require, special_ids, untied
+
+T = "transformer"
+L = "transformer.blocks.{i}"
+J = "transformer/blocks/{i}"
+
+
+def config_from_hf(d: Mapping[str, Any]) -> ModelConfig:
+    attn = dict(d.get("attn_config") or {})
+    if attn.get("qk_ln"):
+        raise UserError("config.json (mpt): attn_config.qk_ln=true is not supported")
+    if not attn.get("alibi", True):
+        raise UserError("config.json (mpt): only ALiBi MPT models are supported (alibi=false)")
+    if not d.get("no_bias", True):
+        raise UserError("config.json (mpt): no_bias=false is not supported")
+    hidden = int(require(d, "d_model", "mpt"))
+    heads = int(require(d, "n_heads", "mpt"))
+    return ModelConfig(
+        family=Family.MPT,
+        vocab_size=int(require(d, "vocab_size", "mpt")),
+        hidden_size=hidden,
+        num_layers=int(require(d, "n_layers", "mpt")),
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=hidden // heads,
+        intermediate_size=int(d.get("expansion_ratio", 4)) * hidden,
+        max_position_embeddings=int(d.get("max_seq_len", 2048)),
+        norm=Norm.LAYER,
+        norm_eps=float(d.get("layer_norm_epsilon", 1e-5)),
+        norm_bias=False,
+        activation="gelu",
+        gated_mlp=False,
+        position=Position.ALIBI,
+        attn_scale=attn.get("softmax_scale"),
+        clip_qkv=None if attn.get("clip_qkv") is None else float(attn["clip_qkv"]),
+        # transformers builds the ALiBi tensor with its default alibi_bias_max=8 whatever the
+        # config says; parity with it wins over the config field.
+        alibi_bias_max=8.0,
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
+        hf_config=dict(d),
+        **special_ids(d),
+    )
+
+
+RULES = (
+    Rule(f"{T}.wte.weight", ("transformer/wte/embedding",), IDENTITY,
+         lambda c: (c.vocab_size, c.hidden_size)),
+    *norm(f"{T}.norm_f", "transformer/norm_f", lambda c: c.hidden_size),
+    *linear("lm_head", "lm_head", lambda c: (c.vocab_size, c.hidden_size), when=untied),
+    *norm(f"{L}.norm_1", f"{J}/norm_1", lambda c: c.hidden_size),
+    *norm(f"{L}.norm_2", f"{J}/norm_2", lambda c: c.hidden_size),
+    Rule(f"{L}.attn.Wqkv.weight", tuple(f"{J}/attn/Wqkv/{p}/kernel" for p in "qkv"),
+         linear_split(3), lambda c: (3 * c.hidden_size, c.hidden_size)),
+    *linear(f"{L}.attn.out_proj", f"{J}/attn/out_proj", lambda c: (c.hidden_size, c.hidden_size)),
+    *linear(f"{L}.ffn.up_proj", f"{J}/ffn/up_proj",
+            lambda c: (c.intermediate_size, c.hidden_size)),
+    *linear(f"{L}.ffn.down_proj", f"{J}/ffn/down_proj",
+            lambda c: (c.hidden_size, c.intermediate_size)),
+)
+
+LAYOUT = Layout(
+    embed="transformer/wte",
+    layers="transformer/blocks",
+    final_norm="transformer/norm_f",
+    lm_head="lm_head",
+    attn_norm="norm_1",
+    attn="attn",
+    q="attn/Wqkv/q",
+    k="attn/Wqkv/k",
+    v="attn/Wqkv/v",
+    o="attn/out_proj",
+    mlp_norm="norm_2",
+    mlp="ffn",
+    up="ffn/up_proj",
+    down="ffn/down_proj",
+)
+
+SPECS = {
+    "mpt": FamilySpec(
+        model_type="mpt", config_from_hf=config_from_hf, rules=RULES, layout=LAYOUT,
+        base_prefix="transformer",
+    )
+}

@@ -1,0 +1,513 @@
+"""A pure JAX forward pass for every supported family, with capture, layer-wise execution and
+a KV cache.
+
+One generic decoder reads the family's :class:`~jcompress.models.convert.Layout` to find
+each role's params. Every linear goes through :func:`jcompress.leaves.dot`, so typed
+compressed leaves (``LowRank``, ...) work in place of dense kernels, and head sizes are read
+off the kernels (a method may shrink the per-head q/k or v width without touching this file).
+
+Shapes: ``B`` batch, ``T`` new tokens, ``S`` key slots, ``H`` hidden, ``Hq``/``Hk`` query /
+key-value heads, ``D`` head width, ``V`` vocabulary.
+
+KV cache: per layer it stores the *latent* keys and values, i.e. the output of the first factor
+of a ``LowRank`` k/v kernel (``x @ a``, width ``r``) or the full pre-RoPE projection for a
+dense kernel, so a rank-r method shrinks the cache with no change here. Keys are re-expanded
+and rotated at read time.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jcompress.leaves import LowRank, dot
+from jcompress.models.config import ModelConfig, Norm, Position
+from jcompress.models.convert import Layout, get_path
+from jcompress.models.families import spec_for
+
+__all__ = [
+    "Capture",
+    "KVCache",
+    "forward",
+    "embed",
+    "apply_layer",
+    "unembed",
+    "layer_params",
+    "init_cache",
+    "positions_from_mask",
+]
+
+Params = Mapping[str, Any]
+
+
+class Capture(NamedTuple):
+    """Which module inputs/outputs to return, as regexes (``re.fullmatch``) over module paths.
+
+    Module paths are param paths without the leaf name: linears
+    (``model/layers/0/self_attn/q_proj``), norms, attention and MLP blocks
+    (``model/layers/0/self_attn``, ``model/layers/0/mlp``) and whole layers
+    (``model/layers/0``); plus ``lm_head`` for the head.
+    """
+
+    inputs: str | None = None
+    outputs: str | None = None
+
+
+class _Recorder:
+    """Collects captured activations while the (traced) forward runs."""
+
+    def __init__(self, capture: Capture | None, prefix: str = ""):
+        self.capture = capture
+        self.prefix = prefix
+        self.inputs: dict[str, jax.Array] = {}
+        self.outputs: dict[str, jax.Array] = {}
+
+    def child(self, name: str) -> _Recorder:
+        r = _Recorder(self.capture, self._join(name))
+        r.inputs, r.outputs = self.inputs, self.outputs
+        return r
+
+    def _join(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix and name else (self.prefix or name)
+
+    def __call__(self, name: str, kind: str, x: jax.Array) -> None:
+        if self.capture is None:
+            return
+        pattern = self.capture.inputs if kind == "in" else self.capture.outputs
+        path = self._join(name)
+        if pattern is not None and path and re.fullmatch(pattern, path):
+            (self.inputs if kind == "in" else self.outputs)[path] = x
+
+    def result(self) -> dict[str, dict[str, jax.Array]]:
+        return {"inputs": self.inputs, "outputs": self.outputs}
+
+
+class KVCache(NamedTuple):
+    """Latent KV cache (a pytree).
+
+    Attributes:
+      k: per layer ``[B, S, Rk]`` latent keys (``Rk = Hk * D`` for a dense k kernel).
+      v: per layer ``[B, S, Rv]`` latent values.
+      mask: ``[B, S]`` bool, slots that hold a real token.
+      pos: ``[B, S]`` int32, position id of each slot.
+      index: int32 scalar, the next slot to write.
+    """
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+    mask: jax.Array
+    pos: jax.Array
+    index: jax.Array
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def _act(name: str, x: jax.Array) -> jax.Array:
+    if name == "silu":
+        return jax.nn.silu(x)
+    if name == "relu":
+        return jax.nn.relu(x)
+    if name == "gelu":
+        return jax.nn.gelu(x, approximate=False)
+    if name in ("gelu_new", "gelu_pytorch_tanh"):
+        return jax.nn.gelu(x, approximate=True)
+    if name == "quick_gelu":
+        return x * jax.nn.sigmoid(1.702 * x)
+    raise AssertionError(name)  # ModelConfig validates activation names
+
+
+def _norm(cfg: ModelConfig, p: Params, x: jax.Array) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    if cfg.norm is Norm.RMS:
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + cfg.norm_eps)
+        return p["scale"] * xf.astype(x.dtype)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + cfg.norm_eps) * p["scale"]
+    if "bias" in p:
+        y = y + p["bias"]
+    return y.astype(x.dtype)
+
+
+def _linear(p: Params, x: jax.Array, rec: _Recorder, name: str) -> jax.Array:
+    rec(name, "in", x)
+    y = dot(x, p["kernel"])
+    if "bias" in p:
+        y = y + p["bias"]
+    rec(name, "out", y)
+    return y
+
+
+def _latent(p: Params, x: jax.Array) -> jax.Array:
+    """What the KV cache stores for a k/v projection: ``x @ a`` (LowRank) or the projection."""
+    w = p["kernel"]
+    if isinstance(w, LowRank):
+        return jnp.matmul(x, w.a)
+    y = dot(x, w)
+    return y + p["bias"] if "bias" in p else y
+
+
+def _expand(p: Params, lat: jax.Array) -> jax.Array:
+    """Inverse of :func:`_latent`: latent -> full projection."""
+    w = p["kernel"]
+    if isinstance(w, LowRank):
+        y = jnp.matmul(lat, w.b)
+        return y + p["bias"] if "bias" in p else y
+    return lat
+
+
+def _latent_width(p: Params) -> int:
+    w = p["kernel"]
+    return int(w.a.shape[1]) if isinstance(w, LowRank) else int(w.shape[-1])
+
+
+@functools.cache
+def _inv_freq(cfg: ModelConfig, dim: int) -> np.ndarray:
+    """RoPE inverse frequencies ``[dim / 2]`` in float32, as transformers computes them."""
+    exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    inv = (np.float32(1.0) / (np.float32(cfg.rope_theta) ** exponent)).astype(np.float32)
+    scaling = dict(cfg.rope_scaling or ())
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        inv = inv / np.float32(scaling["factor"])
+    elif kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old = scaling["original_max_position_embeddings"]
+        low_wl, high_wl = old / low, old / high
+        wavelen = 2 * np.pi / inv
+        scaled = np.where(wavelen > low_wl, inv / factor, inv)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
+        inv = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv
+
+
+def _rope(cfg: ModelConfig, x: jax.Array, pos: jax.Array) -> jax.Array:
+    """Rotate ``x: [B, T, heads, D]`` at positions ``pos: [B, T]`` (rotate-half convention)."""
+    d = x.shape[-1]
+    freqs = pos.astype(jnp.float32)[..., None] * jnp.asarray(_inv_freq(cfg, d))
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+def _alibi_slopes(cfg: ModelConfig) -> np.ndarray:
+    """MPT ALiBi slopes ``[Hq]`` (transformers ``build_mpt_alibi_tensor``)."""
+    n = cfg.num_heads
+    p2 = 2 ** int(np.ceil(np.log2(n)))
+    base = np.arange(1, p2 + 1, dtype=np.float32) * np.float32(cfg.alibi_bias_max / p2)
+    slopes = np.float32(1.0) / np.power(np.float32(2.0), base)
+    if p2 != n:
+        slopes = np.concatenate([slopes[1::2], slopes[::2]])[:n]
+    return slopes.astype(np.float32)
+
+
+def _attend(
+    cfg: ModelConfig,
+    q: jax.Array,  # [B, T, Hq, Dq]
+    k: jax.Array,  # [B, S, Hk, Dq]
+    v: jax.Array,  # [B, S, Hk, Dv]
+    allowed: jax.Array,  # [B, T, S] bool
+    q_pos: jax.Array,  # [B, T]
+    k_pos: jax.Array,  # [B, S]
+    scale: jax.Array | float,
+) -> jax.Array:  # [B, T, Hq * Dv]
+    b, t, hq, dq = q.shape
+    hk = k.shape[2]
+    qg = q.reshape(b, t, hk, hq // hk, dq)
+    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    if cfg.position is Position.ALIBI:
+        slopes = jnp.asarray(_alibi_slopes(cfg)).reshape(hk, hq // hk)
+        rel = (k_pos[:, None, :] - q_pos[:, :, None]).astype(jnp.float32)  # [B, T, S]
+        s = s + slopes[None, :, :, None, None] * rel[:, None, None]
+    s = jnp.where(allowed[:, None, None], s, jnp.finfo(jnp.float32).min)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    o = jnp.einsum("bkgts,bskd->btkgd", p, v)
+    return o.reshape(b, t, hq * v.shape[-1])
+
+
+def _attention(
+    cfg: ModelConfig,
+    lay: Layout,
+    lp: Params,
+    x: jax.Array,  # [B, T, H]
+    pos: jax.Array,  # [B, T]
+    mask: jax.Array,  # [B, T] bool
+    layer_idx: jax.Array | int,
+    rec: _Recorder,
+    kv: tuple[jax.Array, jax.Array] | None,
+    cache_meta: tuple[jax.Array, jax.Array, jax.Array] | None,
+):
+    """Self-attention block. Returns ``(out [B, T, H], (k_latent, v_latent) for the cache)``."""
+    b, t, _ = x.shape
+    hq, hk = cfg.num_heads, cfg.num_kv_heads
+    qp, kp, vp = (get_path(lp, r) for r in (lay.q, lay.k, lay.v))
+    rec(lay.attn, "in", x)
+    q = _linear(qp, x, rec, lay.q)
+    rec(lay.k, "in", x)
+    rec(lay.v, "in", x)
+    k_new, v_new = _latent(kp, x), _latent(vp, x)
+    if kv is None:  # no cache: keys are this call's tokens
+        k_lat, v_lat = k_new, v_new
+        k_pos, k_mask = pos, mask
+        slot_q = jnp.arange(t)[None, :]
+        slot_k = slot_q
+    else:  # write this call's latents at cache.index, read the whole cache
+        cmask, cpos, index = cache_meta
+        k_lat = jax.lax.dynamic_update_slice_in_dim(kv[0], k_new.astype(kv[0].dtype), index, 1)
+        v_lat = jax.lax.dynamic_update_slice_in_dim(kv[1], v_new.astype(kv[1].dtype), index, 1)
+        k_pos, k_mask = cpos, cmask
+        slot_q = index + jnp.arange(t)[None, :]
+        slot_k = jnp.arange(k_lat.shape[1])[None, :]
+    k, v = _expand(kp, k_lat), _expand(vp, v_lat)
+    if kv is None:
+        rec(lay.k, "out", k)
+        rec(lay.v, "out", v)
+    if cfg.clip_qkv is not None:
+        q, k, v = (jnp.clip(a, -cfg.clip_qkv, cfg.clip_qkv) for a in (q, k, v))
+    s = k.shape[1]
+    q = q.reshape(b, t, hq, -1)
+    k = k.reshape(b, s, hk, -1)
+    v = v.reshape(b, s, hk, -1)
+    if cfg.qk_norm:
+        q = _norm(cfg, get_path(lp, lay.q_norm), q)
+        k = _norm(cfg, get_path(lp, lay.k_norm), k)
+    if cfg.position is Position.ROPE:
+        q = _rope(cfg, q, pos)
+        k = _rope(cfg, k, k_pos)
+    scale = cfg.softmax_scale
+    if cfg.scale_attn_by_inverse_layer_idx:
+        scale = scale / (jnp.asarray(layer_idx, jnp.float32) + 1.0)
+    allowed = (slot_k[:, None, :] <= slot_q[:, :, None]) & k_mask[:, None, :]
+    o = _attend(cfg, q, k, v, allowed, pos, k_pos, scale)
+    out = _linear(get_path(lp, lay.o), o, rec, lay.o)
+    rec(lay.attn, "out", out)
+    return out, (k_lat, v_lat)
+
+
+def _mlp(cfg: ModelConfig, lay: Layout, lp: Params, x: jax.Array, rec: _Recorder) -> jax.Array:
+    if lay.mlp:  # OPT has no MLP module (fc1/fc2 sit in the layer)
+        rec(lay.mlp, "in", x)
+    up = _linear(get_path(lp, lay.up), x, rec, lay.up)
+    if cfg.gated_mlp:
+        h = _act(cfg.activation, _linear(get_path(lp, lay.gate), x, rec, lay.gate)) * up
+    else:
+        h = _act(cfg.activation, up)
+    out = _linear(get_path(lp, lay.down), h, rec, lay.down)
+    if lay.mlp:
+        rec(lay.mlp, "out", out)
+    return out
+
+
+def _layer(cfg, lay, lp, h, pos, mask, layer_idx, rec, kv=None, cache_meta=None):
+    """One decoder block (pre- or post-LN). Returns ``(h [B, T, H], kv latents)``."""
+    rec("", "in", h)
+
+    def norm(role, x):
+        rec(role, "in", x)
+        y = _norm(cfg, get_path(lp, role), x)
+        rec(role, "out", y)
+        return y
+
+    x = norm(lay.attn_norm, h) if cfg.pre_norm else h
+    a, new_kv = _attention(cfg, lay, lp, x, pos, mask, layer_idx, rec, kv, cache_meta)
+    h = h + a
+    if not cfg.pre_norm:
+        h = norm(lay.attn_norm, h)
+    x = norm(lay.mlp_norm, h) if cfg.pre_norm else h
+    h = h + _mlp(cfg, lay, lp, x, rec)
+    if not cfg.pre_norm:
+        h = norm(lay.mlp_norm, h)
+    rec("", "out", h)
+    return h, new_kv
+
+
+# --------------------------------------------------------------------------- public pieces
+
+
+def positions_from_mask(mask: jax.Array, start: jax.Array | int = 0) -> jax.Array:
+    """Position ids ``[B, T]`` from a ``[B, T]`` 0/1 mask: real tokens count up from ``start``
+    (left or right padding alike); pad slots get the position of their neighbour."""
+    m = mask.astype(jnp.int32)
+    return jnp.maximum(jnp.cumsum(m, axis=1) - 1, 0) + start
+
+
+def layer_params(cfg: ModelConfig, params: Params, i: int) -> Params:
+    """The params subtree of decoder layer ``i``."""
+    return get_path(params, f"{spec_for(cfg.family.value).layout.layers}/{i}")
+
+
+def _embed(cfg, params, input_ids, pos, rec):
+    lay = spec_for(cfg.family.value).layout
+    table = get_path(params, lay.embed)["embedding"]
+    h = jnp.take(table, input_ids, axis=0)
+    rec(lay.embed, "out", h)
+    if lay.project_in is not None and cfg.embed_dim is not None:
+        h = _linear(get_path(params, lay.project_in), h, rec, lay.project_in)
+    if cfg.position is Position.LEARNED:
+        pe = get_path(params, lay.pos_embed)["embedding"]
+        h = h + jnp.take(pe, pos + cfg.pos_offset, axis=0).astype(h.dtype)
+    return h
+
+
+def _unembed(cfg, params, h, rec):
+    lay = spec_for(cfg.family.value).layout
+    if cfg.final_norm:
+        rec(lay.final_norm, "in", h)
+        h = _norm(cfg, get_path(params, lay.final_norm), h)
+        rec(lay.final_norm, "out", h)
+    if lay.project_out is not None and cfg.embed_dim is not None:
+        h = _linear(get_path(params, lay.project_out), h, rec, lay.project_out)
+    if cfg.tie_word_embeddings:
+        rec(lay.lm_head, "in", h)
+        table = get_path(params, lay.embed)["embedding"]
+        logits = jnp.einsum("bte,ve->btv", h, table.astype(h.dtype))
+        rec(lay.lm_head, "out", logits)
+        return logits
+    return _linear(get_path(params, lay.lm_head), h, rec, lay.lm_head)
+
+
+def _mask_or_ones(input_ids, attention_mask):
+    if attention_mask is None:
+        return jnp.ones(input_ids.shape, bool)
+    return attention_mask.astype(bool)
+
+
+def _run(cfg, params, input_ids, mask, pos, rec, cache: KVCache | None = None):
+    lay = spec_for(cfg.family.value).layout
+    h = _embed(cfg, params, input_ids, pos, rec)
+    new_k, new_v = [], []
+    meta = None
+    if cache is not None:
+        t = input_ids.shape[1]
+        cmask = jax.lax.dynamic_update_slice_in_dim(cache.mask, mask, cache.index, 1)
+        cpos = jax.lax.dynamic_update_slice_in_dim(cache.pos, pos.astype(jnp.int32), cache.index, 1)
+        meta = (cmask, cpos, cache.index)
+    for i in range(cfg.num_layers):
+        lp = get_path(params, f"{lay.layers}/{i}")
+        kv = None if cache is None else (cache.k[i], cache.v[i])
+        h, (kl, vl) = _layer(cfg, lay, lp, h, pos, mask, i, rec.child(f"{lay.layers}/{i}"), kv, meta)
+        new_k.append(kl)
+        new_v.append(vl)
+    logits = _unembed(cfg, params, h, rec)
+    if cache is None:
+        return logits, None
+    new_cache = KVCache(tuple(new_k), tuple(new_v), meta[0], meta[1], cache.index + t)
+    return logits, new_cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "capture"))
+def forward(
+    cfg: ModelConfig,
+    params: Params,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+    *,
+    capture: Capture | None = None,
+):
+    """Logits of a causal LM (jit-compiled; ``cfg`` and ``capture`` are static).
+
+    Args:
+      cfg: model config.
+      params: param pytree (dense arrays or typed compressed leaves at ``kernel`` paths).
+      input_ids: ``[B, T]`` int token ids.
+      attention_mask: optional ``[B, T]`` 0/1; left or right padding. Pad positions produce
+        logits that carry no meaning.
+      capture: optional :class:`Capture`; then the result is ``(logits, captured)`` with
+        ``captured = {"inputs": {path: array}, "outputs": {path: array}}``.
+
+    Returns:
+      ``logits [B, T, V]`` in the params' compute dtype, or ``(logits, captured)``.
+    """
+    mask = _mask_or_ones(input_ids, attention_mask)
+    pos = positions_from_mask(mask)
+    rec = _Recorder(capture)
+    logits, _ = _run(cfg, params, input_ids, mask, pos, rec)
+    return logits if capture is None else (logits, rec.result())
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def embed(
+    cfg: ModelConfig, params: Params, input_ids: jax.Array, attention_mask: jax.Array | None = None
+) -> jax.Array:
+    """Token (and learned position) embeddings: ``[B, T] -> [B, T, H]``, the first layer's input."""
+    mask = _mask_or_ones(input_ids, attention_mask)
+    return _embed(cfg, params, input_ids, positions_from_mask(mask), _Recorder(None))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "capture"))
+def apply_layer(
+    cfg: ModelConfig,
+    lp: Params,
+    hidden: jax.Array,
+    layer_idx: jax.Array | int,
+    attention_mask: jax.Array | None = None,
+    *,
+    capture: Capture | None = None,
+):
+    """Run one decoder layer on hidden states (for layer-by-layer calibration).
+
+    Args:
+      lp: the layer's params (:func:`layer_params`).
+      hidden: ``[B, T, H]`` inputs of the layer.
+      layer_idx: the layer's index (traced: one compilation serves every layer).
+      attention_mask: optional ``[B, T]`` 0/1.
+      capture: regexes over paths *relative to the layer* (``self_attn/k_proj``).
+
+    Returns:
+      ``[B, T, H]`` outputs, or ``(outputs, captured)`` when ``capture`` is given.
+    """
+    b, t, _ = hidden.shape
+    mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+    rec = _Recorder(capture)
+    lay = spec_for(cfg.family.value).layout
+    out, _ = _layer(cfg, lay, lp, hidden, positions_from_mask(mask), mask, layer_idx, rec)
+    return out if capture is None else (out, rec.result())
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def unembed(cfg: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array:
+    """Final norm, projection and head: ``[B, T, H] -> [B, T, V]`` logits."""
+    return _unembed(cfg, params, hidden, _Recorder(None))
+
+
+def init_cache(
+    cfg: ModelConfig, params: Params, batch: int, max_len: int, dtype: Any = None
+) -> KVCache:
+    """An empty latent KV cache sized from the layers' k/v kernels (``[B, max_len, R]``)."""
+    lay = spec_for(cfg.family.value).layout
+    ks, vs = [], []
+    for i in range(cfg.num_layers):
+        lp = get_path(params, f"{lay.layers}/{i}")
+        kp, vp = get_path(lp, lay.k), get_path(lp, lay.v)
+        dt = dtype or jnp.result_type(kp["kernel"].dtype)
+        ks.append(jnp.zeros((batch, max_len, _latent_width(kp)), dt))
+        vs.append(jnp.zeros((batch, max_len, _latent_width(vp)), dt))
+    return KVCache(
+        tuple(ks),
+        tuple(vs),
+        jnp.zeros((batch, max_len), bool),
+        jnp.zeros((batch, max_len), jnp.int32),
+        jnp.zeros((), jnp.int32),
+    )
+
+
+def forward_cached(cfg, params, input_ids, mask, cache: KVCache):
+    """Run new tokens ``[B, T]`` through the model, reading and extending ``cache``.
+
+    Positions continue from the number of real tokens already cached per sequence.
+    Returns ``(logits [B, T, V], new_cache)``. Not jitted itself (callers jit the loop).
+    """
+    start = jnp.sum(cache.mask, axis=1, keepdims=True).astype(jnp.int32)
+    pos = positions_from_mask(mask, start)
+    return _run(cfg, params, input_ids, mask.astype(bool), pos, _Recorder(None), cache)

@@ -1,0 +1,76 @@
+"""Greedy generation with the latent KV cache."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jcompress.models.config import ModelConfig
+from jcompress.models.forward import forward_cached, init_cache
+
+__all__ = ["generate"]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "eos_token_id", "pad_token_id"))
+def _generate(cfg, params, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id):
+    b, t = input_ids.shape
+    cache = init_cache(cfg, params, b, t + max_new_tokens)
+    logits, cache = forward_cached(cfg, params, input_ids, attention_mask, cache)
+    first = jnp.argmax(logits[:, -1], axis=-1).astype(input_ids.dtype)
+    done0 = jnp.zeros((b,), bool)
+
+    def step(carry, _):
+        tok, done, cache = carry
+        done = done | (tok == eos_token_id) if eos_token_id is not None else done
+        logits, cache = forward_cached(cfg, params, tok[:, None], jnp.ones((b, 1), bool), cache)
+        nxt = jnp.argmax(logits[:, -1], axis=-1).astype(tok.dtype)
+        nxt = jnp.where(done, pad_token_id, nxt)
+        return (nxt, done, cache), nxt
+
+    if max_new_tokens > 1:
+        _, rest = jax.lax.scan(step, (first, done0, cache), None, length=max_new_tokens - 1)
+        new = jnp.concatenate([first[:, None], rest.T], axis=1)
+    else:
+        new = first[:, None]
+    return jnp.concatenate([input_ids, new], axis=1)
+
+
+def generate(
+    cfg: ModelConfig,
+    params: Any,
+    input_ids: jax.Array,
+    *,
+    max_new_tokens: int,
+    attention_mask: jax.Array | None = None,
+    eos_token_id: int | None = -1,
+    pad_token_id: int | None = None,
+) -> jax.Array:
+    """Greedy decoding with a KV cache (prefill once, then one token per step, all jitted).
+
+    Args:
+      input_ids: ``[B, T]`` prompts, *left*-padded when lengths differ.
+      max_new_tokens: tokens to add (>= 1).
+      attention_mask: ``[B, T]`` 0/1 for padded prompts.
+      eos_token_id: stop token; after it a sequence emits ``pad_token_id``. Default: the
+        config's ``eos_token_id``; ``None`` never stops.
+      pad_token_id: filler after EOS (default: the config's pad id, else the EOS id).
+
+    Returns:
+      ``[B, T + max_new_tokens]`` token ids (the prompt, then the continuation).
+    """
+    from jcompress.errors import UserError
+
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise UserError(f"max_new_tokens: must be a positive integer, got {max_new_tokens!r}")
+    input_ids = jnp.asarray(input_ids)
+    if input_ids.ndim != 2:
+        raise UserError(f"input_ids: expected [batch, length], got shape {input_ids.shape}")
+    if eos_token_id == -1:
+        eos_token_id = cfg.eos_token_id
+    if pad_token_id is None:
+        pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else (eos_token_id or 0)
+    mask = jnp.ones(input_ids.shape, bool) if attention_mask is None else jnp.asarray(attention_mask, bool)
+    return _generate(cfg, params, input_ids, mask, max_new_tokens, eos_token_id, pad_token_id)

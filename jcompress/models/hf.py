@@ -1,0 +1,371 @@
+"""Hugging Face checkpoint directories <-> (``ModelConfig``, param pytree).
+
+``load_hf`` reads ``config.json`` and the weights (``model.safetensors``, a sharded
+``model.safetensors.index.json``, or ``pytorch_model.bin`` when torch is installed) tensor by
+tensor from a memory map; ``save_hf`` writes a directory that
+``transformers.AutoModelForCausalLM.from_pretrained`` loads, sharded above a size limit,
+atomically (a temporary sibling directory renamed into place).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from jcompress.errors import UserError
+from jcompress.leaves import CompressedLeaf
+from jcompress.models.config import ModelConfig
+from jcompress.models.convert import check_shape, flatten, unflatten
+from jcompress.models.families import spec_for
+from jcompress.models.safetensors_io import SafetensorsFile, write_safetensors
+
+__all__ = ["load_hf", "save_hf", "read_config", "parse_dtype", "DTYPE_NAMES"]
+
+DTYPE_NAMES = {
+    "float32": jnp.float32,
+    "fp32": jnp.float32,
+    "bfloat16": jnp.bfloat16,
+    "bf16": jnp.bfloat16,
+    "float16": jnp.float16,
+    "fp16": jnp.float16,
+}
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "generation_config.json",
+)
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+
+
+def parse_dtype(dtype: Any, *, arg: str = "dtype") -> jnp.dtype | None:
+    """``None`` / a name in :data:`DTYPE_NAMES` / a floating dtype -> a jnp dtype or ``None``."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        if dtype.lower() not in DTYPE_NAMES:
+            raise UserError(f"{arg}: unknown dtype {dtype!r}; allowed: float32, bfloat16, float16")
+        return jnp.dtype(DTYPE_NAMES[dtype.lower()])
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        raise UserError(f"{arg}: {dtype!r} is not a dtype; allowed: float32, bfloat16, float16") from None
+    if dt not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise UserError(f"{arg}: {dt} is not supported; allowed: float32, bfloat16, float16")
+    return dt
+
+
+def read_config(model_dir: str | os.PathLike) -> ModelConfig:
+    """Parse ``model_dir/config.json`` (either the ``dtype`` or ``torch_dtype`` style)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise UserError(f"model_dir: {model_dir} is not a directory")
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise UserError(f"model_dir: {model_dir} has no config.json")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    if "model_type" not in d:
+        raise UserError(f"{path}: no model_type field")
+    return spec_for(str(d["model_type"])).config_from_hf(d)
+
+
+class _Weights:
+    """Name -> tensor over one or many safetensors files, or a torch state dict."""
+
+    def __init__(self, model_dir: Path):
+        self.files: dict[str, SafetensorsFile] = {}
+        self.where: dict[str, str] = {}
+        self.state: dict[str, Any] | None = None
+        single = model_dir / "model.safetensors"
+        index = model_dir / "model.safetensors.index.json"
+        if single.is_file():
+            self._add(single)
+        elif index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UserError(f"{index}: not a valid safetensors index (no weight_map)") from None
+            for shard in sorted(set(weight_map.values())):
+                self._add(model_dir / shard)
+            for name, shard in weight_map.items():
+                if self.where.get(name) != shard:
+                    raise UserError(f"{index}: tensor {name} is not in {shard}")
+        elif (model_dir / "pytorch_model.bin").is_file() or (
+            model_dir / "pytorch_model.bin.index.json"
+        ).is_file():
+            self.state = _load_torch_bin(model_dir)
+        else:
+            raise UserError(
+                f"model_dir: {model_dir} has no model.safetensors, model.safetensors.index.json "
+                "or pytorch_model.bin"
+            )
+
+    def _add(self, path: Path) -> None:
+        f = SafetensorsFile(path)
+        self.files[path.name] = f
+        for k in f.keys():
+            self.where[k] = path.name
+
+    def keys(self) -> list[str]:
+        return list(self.state) if self.state is not None else list(self.where)
+
+    def get(self, name: str) -> np.ndarray:
+        if self.state is not None:
+            return self.state[name]
+        return self.files[self.where[name]].get(name)
+
+
+def _load_torch_bin(model_dir: Path) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError:
+        raise UserError(
+            f"{model_dir} holds pytorch_model.bin, which needs torch to read; install torch or "
+            "convert it once with transformers (from_pretrained + save_pretrained(safe_serialization=True))"
+        ) from None
+    index = model_dir / "pytorch_model.bin.index.json"
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        if index.is_file()
+        else ["pytorch_model.bin"]
+    )
+    out: dict[str, np.ndarray] = {}
+    for fname in files:
+        sd = torch.load(model_dir / fname, map_location="cpu", weights_only=True, mmap=True)
+        for k, t in sd.items():
+            if t.dtype == torch.bfloat16:
+                import ml_dtypes
+
+                out[k] = t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+            else:
+                out[k] = t.numpy()
+    return out
+
+
+def load_hf(
+    model_dir: str | os.PathLike, *, dtype: Any = None, progress: bool = False
+) -> tuple[ModelConfig, dict[str, Any]]:
+    """Load an HF causal-LM checkpoint directory as ``(cfg, params)``.
+
+    Args:
+      model_dir: directory with ``config.json`` and weights.
+      dtype: ``None`` keeps each tensor's stored dtype; else "float32" / "bfloat16" /
+        "float16" (or the jnp dtype) for floating tensors.
+      progress: show a progress bar over tensors.
+
+    Returns:
+      ``(cfg, params)``: params is a nested dict whose ``/``-joined paths mirror HF module
+      names, e.g. ``params["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]`` of shape
+      ``[hidden, heads * head_dim]``.
+
+    Raises:
+      UserError: missing files, unknown ``model_type``, corrupt safetensors header, a missing
+        or unexpected tensor, a shape that disagrees with ``config.json``, a bad ``dtype``.
+    """
+    dt = parse_dtype(dtype)
+    model_dir = Path(model_dir)
+    cfg = read_config(model_dir)
+    spec = spec_for(cfg.family.value)
+    weights = _Weights(model_dir)
+    names = set(weights.keys())
+    rows = spec.table(cfg)
+    alias = _prefix_alias(names, {n for _, n, _ in rows}, spec.base_prefix)
+
+    flat: dict[str, Any] = {}
+    used: set[str] = set()
+    for rule, name, paths in tqdm(rows, desc="load_hf", disable=not progress, leave=False):
+        src = alias.get(name, name)
+        if src not in names:
+            raise UserError(
+                f"{model_dir}: missing tensor {name} (config.json describes a "
+                f"{cfg.family.value} model that has it)"
+            )
+        x = weights.get(src)
+        check_shape(name, x.shape, rule.hf_shape(cfg))
+        used.add(src)
+        for path, value in zip(paths, rule.transform.to_jax(x), strict=True):
+            target = dt if (dt is not None and jnp.issubdtype(value.dtype, jnp.floating)) else None
+            flat[path] = jnp.asarray(value, dtype=target)
+    extra = sorted(n for n in names - used if not spec.is_ignored(alias.get(n, n), cfg))
+    if extra:
+        more = f" (+{len(extra) - 5} more)" if len(extra) > 5 else ""
+        raise UserError(
+            f"{model_dir}: unexpected tensors for a {cfg.family.value} model: "
+            f"{', '.join(extra[:5])}{more}"
+        )
+    return cfg, unflatten(flat)
+
+
+def _prefix_alias(names: set[str], expected: set[str], prefix: str) -> dict[str, str]:
+    """Hub checkpoints saved from the base model lack the ``base_model_prefix.``; map them."""
+    if names & expected:
+        return {}
+    alias = {}
+    for n in names:
+        alias[f"{prefix}.{n}"] = n
+        alias[n] = n
+    return alias
+
+
+def _dense(leaf: Any) -> np.ndarray:
+    if isinstance(leaf, CompressedLeaf):
+        leaf = leaf.materialize()
+    return np.asarray(leaf)
+
+
+def _leaf_dtype(leaf: Any) -> np.dtype:
+    return np.dtype(leaf.dtype)
+
+
+def save_hf(
+    cfg: ModelConfig,
+    params: Mapping[str, Any],
+    out_dir: str | os.PathLike,
+    *,
+    tokenizer_dir: str | os.PathLike | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> Path:
+    """Write ``params`` as an HF checkpoint directory that transformers loads.
+
+    Typed compressed leaves are materialized to dense weights. Files are written into a
+    temporary sibling directory that is renamed to ``out_dir`` only when complete.
+
+    Args:
+      cfg: the model config (its ``hf_config`` becomes ``config.json``).
+      params: param pytree as returned by :func:`load_hf` (possibly compressed).
+      out_dir: destination directory.
+      tokenizer_dir: copy tokenizer and generation-config files from here.
+      max_shard_bytes: shard the weights above this many bytes per file.
+      overwrite: replace an existing ``out_dir``.
+
+    Returns:
+      ``out_dir`` as a Path.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise UserError(f"out_dir: {out_dir} already exists (pass overwrite=True to replace it)")
+    if max_shard_bytes <= 0:
+        raise UserError(f"max_shard_bytes: must be positive, got {max_shard_bytes}")
+    spec = spec_for(cfg.family.value)
+    flat = flatten(params)
+    entries: list[tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]] = []
+    used: set[str] = set()
+    for rule, name, paths in spec.table(cfg):
+        missing = [p for p in paths if p not in flat]
+        if missing:
+            raise UserError(f"params: missing leaf {missing[0]} (needed for HF tensor {name})")
+        leaves = [flat[p] for p in paths]
+        used.update(paths)
+        dtype = np.result_type(*[_leaf_dtype(v) for v in leaves])
+
+        def produce(rule=rule, leaves=leaves, dtype=dtype):
+            return rule.transform.to_hf(*[_dense(v).astype(dtype, copy=False) for v in leaves])
+
+        entries.append((name, tuple(rule.hf_shape(cfg)), dtype, produce))
+    extra = sorted(set(flat) - used)
+    if extra:
+        raise UserError(f"params: leaves with no HF tensor for {cfg.family.value}: {', '.join(extra[:5])}")
+
+    shards = _shard(entries, max_shard_bytes)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        bar = tqdm(total=len(entries), desc="save_hf", disable=not progress, leave=False)
+        if len(shards) == 1:
+            write_safetensors(tmp / "model.safetensors", _ticking(shards[0], bar))
+        else:
+            weight_map, total = {}, 0
+            for k, shard in enumerate(shards, 1):
+                fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+                total += write_safetensors(tmp / fname, _ticking(shard, bar))
+                weight_map.update({e[0]: fname for e in shard})
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        bar.close()
+        (tmp / "config.json").write_text(json.dumps(_config_dict(cfg, entries), indent=2) + "\n")
+        if tokenizer_dir is not None:
+            for fname in TOKENIZER_FILES:
+                src = Path(tokenizer_dir) / fname
+                if src.is_file():
+                    shutil.copy2(src, tmp / fname)
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _ticking(entries, bar):
+    for name, shape, dtype, produce in entries:
+
+        def tick(produce=produce):
+            out = produce()
+            bar.update(1)
+            return out
+
+        yield name, shape, dtype, tick
+
+
+def _shard(entries, limit):
+    shards, cur, size = [], [], 0
+    for e in entries:
+        n = int(np.prod(e[1])) * np.dtype(e[2]).itemsize
+        if cur and size + n > limit:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(e)
+        size += n
+    shards.append(cur)
+    return shards
+
+
+def _config_dict(cfg: ModelConfig, entries) -> dict[str, Any]:
+    d = dict(cfg.hf_config)
+    floats = {np.dtype(e[2]) for e in entries if np.issubdtype(np.dtype(e[2]), np.floating)}
+    names = {np.dtype(jnp.float32): "float32", np.dtype(jnp.bfloat16): "bfloat16",
+             np.dtype(jnp.float16): "float16"}
+    if len(floats) == 1 and next(iter(floats)) in names:
+        name = names[next(iter(floats))]
+        keys = [k for k in ("dtype", "torch_dtype") if k in d] or ["torch_dtype"]
+        for k in keys:
+            d[k] = name
+    return d
+
+
+def _replace_dir(tmp: Path, out_dir: Path) -> None:
+    if out_dir.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.replace(out_dir, trash / "old")
+        os.replace(tmp, out_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+
+
+def tree_dtype_cast(params: Any, dtype: Any) -> Any:
+    """Cast every floating leaf (typed leaves included) to ``dtype``."""
+    dt = parse_dtype(dtype)
+
+    def cast(x):
+        return x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    return jax.tree.map(cast, params)

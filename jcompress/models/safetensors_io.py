@@ -1,0 +1,145 @@
+"""A small, strict safetensors reader (memory-mapped) and streaming writer.
+
+The reader validates the header before touching data (a corrupt file gets a one-line error
+naming the file), then hands out zero-copy ``numpy`` views of a read-only memory map, so a
+loader holds at most one tensor beyond what it keeps. bf16 and fp8 map to ``ml_dtypes``.
+The writer streams tensors one by one (``producer`` callables), so saving never holds a second
+copy of the model either.
+
+Format: https://github.com/huggingface/safetensors (8-byte little-endian header length, JSON
+header ``{name: {dtype, shape, data_offsets}}`` plus ``__metadata__``, then raw bytes).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from jcompress.errors import UserError
+
+__all__ = ["SafetensorsFile", "write_safetensors", "DTYPES"]
+
+DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+CODES = {v: k for k, v in DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+class SafetensorsFile:
+    """Read-only view of one ``.safetensors`` file.
+
+    Raises:
+      UserError: the file is missing, truncated, or its header is not valid safetensors.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise UserError(f"missing weights file: {self.path}")
+        size = self.path.stat().st_size
+        bad = f"{self.path}: corrupt safetensors header"
+        if size < 8:
+            raise UserError(f"{bad} (file is {size} bytes)")
+        with open(self.path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n == 0 or n > _MAX_HEADER or n > size - 8:
+                raise UserError(f"{bad} (header length {n} does not fit a {size}-byte file)")
+            raw = f.read(n)
+        try:
+            header = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"{bad} (not JSON: {e.msg if hasattr(e, 'msg') else e})") from None
+        if not isinstance(header, dict):
+            raise UserError(f"{bad} (header is not a JSON object)")
+        self.metadata = header.pop("__metadata__", None) or {}
+        self._data_start = 8 + n
+        data_len = size - self._data_start
+        self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
+        for name, e in header.items():
+            try:
+                dt = DTYPES[e["dtype"]]
+                shape = tuple(int(s) for s in e["shape"])
+                begin, end = (int(o) for o in e["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise UserError(f"{bad} (bad entry for tensor {name!r})") from None
+            if not (0 <= begin <= end <= data_len) or end - begin != math.prod(shape) * dt.itemsize:
+                raise UserError(f"{bad} (offsets of tensor {name!r} do not match its shape/dtype)")
+            self._entries[name] = (dt, shape, begin, end)
+        self._mm: np.memmap | None = None
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entries[name][1]
+
+    def dtype(self, name: str) -> np.dtype:
+        return self._entries[name][0]
+
+    def get(self, name: str) -> np.ndarray:
+        """A read-only view of tensor ``name`` (no copy)."""
+        dt, shape, begin, end = self._entries[name]
+        if begin == end:
+            return np.zeros(shape, dt)
+        if self._mm is None:
+            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self._data_start)
+        return self._mm[begin:end].view(dt).reshape(shape)
+
+
+def write_safetensors(
+    path: str | os.PathLike,
+    entries: Iterable[tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]],
+    metadata: dict[str, str] | None = None,
+) -> int:
+    """Write tensors to ``path``, producing each only when it is written.
+
+    Args:
+      entries: ``(name, shape, dtype, producer)``; ``producer()`` returns the array.
+      metadata: string map stored as ``__metadata__`` (``{"format": "pt"}`` by default).
+
+    Returns:
+      Bytes of tensor data written.
+    """
+    entries = list(entries)
+    header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for name, shape, dtype, _ in entries:
+        dt = np.dtype(dtype)
+        if dt not in CODES:
+            raise UserError(f"tensor {name}: dtype {dt} cannot be stored in safetensors")
+        nbytes = math.prod(shape) * dt.itemsize
+        header[name] = {"dtype": CODES[dt], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, shape, dtype, produce in entries:
+            arr = np.ascontiguousarray(produce())
+            if arr.shape != tuple(shape) or arr.dtype != np.dtype(dtype):
+                raise AssertionError(f"{name}: produced {arr.dtype}{arr.shape}, declared {dtype}{shape}")
+            f.write(memoryview(arr.reshape(-1).view(np.uint8)))
+    return offset
