@@ -8,6 +8,7 @@ A param pytree goes in, a compressed param pytree and a report come out::
 """
 
 from jcompress.errors import UserError
+from jcompress.eval import PerplexityResult, perplexity
 from jcompress.leaves import LowRank, materialize
 from jcompress.models import (
     Capture,
@@ -38,6 +39,8 @@ __all__ = [
     "layer_params",
     "load_hf",
     "materialize",
+    "perplexity",
+    "PerplexityResult",
     "save_hf",
     "unembed",
 ]

@@ -1,0 +1,5 @@
+import sys
+
+from jcompress.cli import main
+
+sys.exit(main())
