@@ -71,11 +71,13 @@ def _check_out_json(path: str | None) -> None:
 
 def cmd_ppl(args: argparse.Namespace) -> int:
     from jcompress.data import load_tokenizer, load_tokens
-    from jcompress.eval import perplexity
+    from jcompress.eval import check_seqlen, perplexity
+    from jcompress.models import read_config
 
     _check_out_json(args.json)
     if not Path(args.data).is_file():
         raise UserError(f"--data: {args.data} is not a file (expected a .txt or .jsonl text file)")
+    check_seqlen(read_config(args.model), args.seqlen)
     cfg, params = _load(args.model, args.dtype)
     ids = load_tokens(args.data, load_tokenizer(args.model))
     t0 = time.perf_counter()

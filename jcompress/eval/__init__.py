@@ -1,5 +1,5 @@
 """Evaluation: perplexity."""
 
-from jcompress.eval.perplexity import PerplexityResult, perplexity, window_nll
+from jcompress.eval.perplexity import PerplexityResult, check_seqlen, perplexity, window_nll
 
-__all__ = ["PerplexityResult", "perplexity", "window_nll"]
+__all__ = ["PerplexityResult", "check_seqlen", "perplexity", "window_nll"]

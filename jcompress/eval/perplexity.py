@@ -18,10 +18,10 @@ from tqdm.auto import tqdm
 
 from jcompress.data.calib import eval_windows
 from jcompress.errors import UserError
-from jcompress.models.config import ModelConfig
+from jcompress.models.config import ModelConfig, Position
 from jcompress.models.forward import forward
 
-__all__ = ["PerplexityResult", "perplexity", "window_nll"]
+__all__ = ["PerplexityResult", "check_seqlen", "perplexity", "window_nll"]
 
 
 class PerplexityResult(NamedTuple):
@@ -51,6 +51,14 @@ def window_nll(cfg: ModelConfig, params: Any, ids: jax.Array) -> jax.Array:
     return -jnp.mean(tok, axis=-1)
 
 
+def check_seqlen(cfg: ModelConfig, seqlen: int) -> None:
+    """Reject windows longer than a learned position table (cheap; call before loading)."""
+    if cfg.position is Position.LEARNED and seqlen > cfg.max_position_embeddings:
+        raise UserError(
+            f"seqlen: {seqlen} exceeds the model's {cfg.max_position_embeddings} learned positions"
+        )
+
+
 def perplexity(
     cfg: ModelConfig,
     params: Any,
@@ -77,10 +85,7 @@ def perplexity(
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise UserError(f"batch_size: must be a positive integer, got {batch_size!r}")
-    if seqlen > cfg.max_position_embeddings and cfg.position.value == "learned":
-        raise UserError(
-            f"seqlen: {seqlen} exceeds the model's {cfg.max_position_embeddings} learned positions"
-        )
+    check_seqlen(cfg, seqlen)
     windows = eval_windows(np.asarray(ids), seqlen, max_windows)
     n = windows.shape[0]
     bs = min(batch_size, n)

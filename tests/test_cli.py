@@ -1,0 +1,94 @@
+"""The jcompress command line: demo, ppl, generate, convert, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from jcompress.cli import bundled_model_dir, main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_demo_needs_no_flags(capsys, tmp_path, shared_data):
+    code, out, err = run(capsys, "demo", "--json", str(tmp_path / "demo.json"))
+    assert code == 0
+    assert "perplexity" in out and "sample" in out
+    res = json.loads((tmp_path / "demo.json").read_text())
+    # the bundled model is the shared llama-1m: its greedy sample is the published one
+    baselines = json.loads((shared_data / "baselines.json").read_text())
+    assert res["sample"] == baselines["llama-1m"]["greedy_sample"]
+    assert 20 < res["perplexity"]["ppl"] < 200
+
+
+def test_bundled_model_is_the_shared_one(shared_data):
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert (bundled_model_dir() / name).read_bytes() == (
+            shared_data / "models" / "llama-1m" / name
+        ).read_bytes()
+
+
+def test_ppl_reproduces_baseline_and_writes_json(capsys, tmp_path, shared_data, opt_dir):
+    out_json = tmp_path / "sub" / "ppl.json"
+    code, out, _ = run(capsys, "ppl", "--model", str(opt_dir), "--data",
+                       str(shared_data / "wikitext-2-raw" / "test.txt"), "--seqlen", "256",
+                       "--max-windows", "40", "--json", str(out_json))
+    assert code == 0
+    res = json.loads(out_json.read_text())
+    assert res["n_windows"] == 40 and res["seqlen"] == 256 and res["tokens"] == 439507
+    assert abs(res["ppl"] / 117.479 - 1) < 1e-3
+    assert "perplexity" in out
+    assert not [p for p in out_json.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_generate(capsys, llama_dir, shared_data):
+    code, out, _ = run(capsys, "generate", "--model", str(llama_dir), "--prompt",
+                       "The history of the", "--max-new-tokens", "30")
+    assert code == 0
+    baselines = json.loads((shared_data / "baselines.json").read_text())
+    assert out.strip() == baselines["llama-1m"]["greedy_sample"]
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["ppl", "--model", "/does/not/exist", "--data", "{data}"], "model_dir: /does/not/exist"),
+        (["ppl", "--model", "{model}", "--data", "/no/such.txt"], "--data: /no/such.txt"),
+        (["ppl", "--model", "{model}", "--data", "{data}", "--seqlen", "0"], "--seqlen"),
+        (["ppl", "--model", "{model}", "--data", "{data}", "--dtype", "int3"], "--dtype"),
+        (["ppl", "--model", "{model}", "--data", "{data}", "--seqlen", "4096"], "learned positions"),
+        (["convert", "{model}", "{tmp}/x", "--to", "tar"], "--to"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(capsys, tmp_path, shared_data, opt_dir, argv, needle):
+    data = str(shared_data / "wikitext-2-raw" / "test.txt")
+    argv = [a.format(data=data, model=str(opt_dir), tmp=tmp_path) for a in argv]
+    try:
+        code, out, err = run(capsys, *argv)
+    except SystemExit as e:  # argparse errors exit directly
+        code = e.code
+        out, err = capsys.readouterr()
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("jcompress: error:"), err
+    assert needle in lines[0]
+    assert "Traceback" not in err
+
+
+def test_help_explains_every_flag():
+    out = subprocess.run([sys.executable, "-m", "jcompress", "ppl", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    for flag in ("--model", "--data", "--seqlen", "--max-windows", "--dtype", "--json", "--batch-size"):
+        assert flag in out
+    top = subprocess.run([sys.executable, "-m", "jcompress", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    for cmd in ("ppl", "generate", "convert", "demo"):
+        assert cmd in top
