@@ -140,6 +140,16 @@ class ModelConfig:
                     f"config: rope_scaling type {rope_type!r} is not supported; "
                     "allowed: default, llama3, linear"
                 )
+            need = {
+                "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                           "original_max_position_embeddings"),
+                "linear": ("factor",),
+            }.get(rope_type, ())
+            missing = [k for k in need if dict(self.rope_scaling).get(k) is None]
+            if missing:
+                raise UserError(
+                    f"config: rope_scaling type {rope_type!r} needs {', '.join(missing)}"
+                )
 
     @property
     def q_per_kv(self) -> int:

@@ -141,14 +141,18 @@ def _load_torch_bin(model_dir: Path) -> dict[str, np.ndarray]:
             "convert it once with transformers (from_pretrained + save_pretrained(safe_serialization=True))"
         ) from None
     index = model_dir / "pytorch_model.bin.index.json"
-    files = (
-        sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        if index.is_file()
-        else ["pytorch_model.bin"]
-    )
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise UserError(
+                f"{index}: not a valid pytorch_model.bin index (no weight_map)"
+            ) from None
+    else:
+        files = ["pytorch_model.bin"]
     out: dict[str, np.ndarray] = {}
     for fname in files:
-        sd = torch.load(model_dir / fname, map_location="cpu", weights_only=True, mmap=True)
+        sd = _torch_load(torch, model_dir / fname)
         for k, t in sd.items():
             if t.dtype == torch.bfloat16:
                 import ml_dtypes
@@ -157,6 +161,29 @@ def _load_torch_bin(model_dir: Path) -> dict[str, np.ndarray]:
             else:
                 out[k] = t.numpy()
     return out
+
+
+def _torch_load(torch: Any, path: Path) -> Mapping[str, Any]:
+    """``torch.load`` a state dict (memory-mapped when the file allows it); any failure becomes
+    a one-line :class:`UserError` naming the file."""
+    if not path.is_file():
+        raise UserError(f"missing weights file: {path}")
+    try:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            # the legacy (pre zip) serialization cannot be memory-mapped
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(
+            f"{path}: cannot read torch checkpoint ({type(e).__name__}: {first})"
+        ) from None
+    if not isinstance(sd, Mapping):
+        raise UserError(f"{path}: not a state dict (got {type(sd).__name__})")
+    return sd
 
 
 def load_hf(
@@ -274,6 +301,14 @@ def save_hf(
         if missing:
             raise UserError(f"params: missing leaf {missing[0]} (needed for HF tensor {name})")
         leaves = [flat[p] for p in paths]
+        for path, leaf, want in zip(paths, leaves, rule.jax_shapes(cfg), strict=True):
+            if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
+                raise UserError(f"params: leaf {path} is a {type(leaf).__name__}, not an array")
+            if tuple(leaf.shape) != tuple(want):
+                raise UserError(
+                    f"params: leaf {path} has shape {list(leaf.shape)}, config implies "
+                    f"{list(want)} (for HF tensor {name})"
+                )
         used.update(paths)
         dtype = np.result_type(*[_leaf_dtype(v) for v in leaves])
 

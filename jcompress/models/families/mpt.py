@@ -46,7 +46,8 @@ def config_from_hf(d: Mapping[str, Any]) -> ModelConfig:
         gated_mlp=False,
         position=Position.ALIBI,
         attn_scale=attn.get("softmax_scale"),
-        clip_qkv=None if attn.get("clip_qkv") is None else float(attn["clip_qkv"]),
+        # transformers clamps only when clip_qkv is truthy (0 / null both mean "off")
+        clip_qkv=float(attn["clip_qkv"]) if attn.get("clip_qkv") else None,
         # transformers builds the ALiBi tensor with its default alibi_bias_max=8 whatever the
         # config says; parity with it wins over the config field.
         alibi_bias_max=8.0,
