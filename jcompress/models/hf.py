@@ -131,6 +131,10 @@ class _Weights:
             return self.state[name]
         return self.files[self.where[name]].get(name)
 
+    def release(self, name: str) -> None:
+        if self.state is None:
+            self.files[self.where[name]].release(name)
+
 
 def _load_torch_bin(model_dir: Path) -> dict[str, np.ndarray]:
     try:
@@ -230,6 +234,8 @@ def load_hf(
         for path, value in zip(paths, rule.transform.to_jax(x), strict=True):
             target = dt if (dt is not None and jnp.issubdtype(value.dtype, jnp.floating)) else None
             flat[path] = jnp.asarray(value, dtype=target)
+        jax.block_until_ready([flat[p] for p in paths])
+        weights.release(src)
     extra = sorted(n for n in names - used if not spec.is_ignored(alias.get(n, n), cfg))
     if extra:
         more = f" (+{len(extra) - 5} more)" if len(extra) > 5 else ""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
 from collections.abc import Callable, Iterable
@@ -84,7 +85,8 @@ class SafetensorsFile:
             if not (0 <= begin <= end <= data_len) or end - begin != math.prod(shape) * dt.itemsize:
                 raise UserError(f"{bad} (offsets of tensor {name!r} do not match its shape/dtype)")
             self._entries[name] = (dt, shape, begin, end)
-        self._mm: np.memmap | None = None
+        self._mm: mmap.mmap | None = None
+        self._buf: np.ndarray | None = None
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -103,9 +105,28 @@ class SafetensorsFile:
         dt, shape, begin, end = self._entries[name]
         if begin == end:
             return np.zeros(shape, dt)
-        if self._mm is None:
-            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self._data_start)
-        return self._mm[begin:end].view(dt).reshape(shape)
+        if self._buf is None:
+            with open(self.path, "rb") as f:
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._buf = np.frombuffer(self._mm, dtype=np.uint8)
+        start = self._data_start + begin
+        return self._buf[start : self._data_start + end].view(dt).reshape(shape)
+
+    def release(self, name: str) -> None:
+        """Drop the mapped pages of tensor ``name`` from this process's resident memory.
+
+        The mapping stays valid (pages are read back from the file if touched again); a loader
+        calls this once it has copied the tensor, so resident memory holds one copy of the
+        model, not two.
+        """
+        if self._mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        _, _, begin, end = self._entries[name]
+        page = mmap.PAGESIZE
+        lo = (self._data_start + begin) // page * page
+        hi = self._data_start + end
+        if hi > lo:
+            self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
 def write_safetensors(
