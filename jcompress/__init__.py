@@ -7,6 +7,7 @@ A param pytree goes in, a compressed param pytree and a report come out::
     jcompress.save_hf(cfg, params, "out_dir", tokenizer_dir="path/to/model")
 """
 
+from jcompress import checkpoint
 from jcompress.errors import UserError
 from jcompress.eval import PerplexityResult, perplexity
 from jcompress.leaves import LowRank, materialize
@@ -27,6 +28,7 @@ from jcompress.models import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "checkpoint",
     "Capture",
     "LowRank",
     "ModelConfig",

@@ -11,8 +11,10 @@ reconstruction rule in the docstring, and has
 * ``apply(x)`` -> ``x @ materialize()`` computed without building the dense array,
 * ``num_params`` / ``nbytes`` for reports.
 
-Shapes are checked in ``__post_init__`` whenever the children are arrays (pytree machinery may
-rebuild a leaf around placeholders such as ``None`` or ``object()``; those are left alone).
+Shapes are checked in ``__post_init__`` whenever the children are arrays and the leaf is built
+directly; pytree machinery rebuilds a leaf without the check (around placeholders such as
+``None`` or ``object()``, per-leaf scalars from ``jax.tree.map``, or stacked factors from
+``vmap`` / ``scan``).
 
 The registry :data:`LEAF_TYPES` maps a class name to its class; checkpoint code uses it to
 rebuild leaves from disk.
@@ -90,10 +92,34 @@ class CompressedLeaf(abc.ABC):
 
 
 def _register(cls):
-    """Register a frozen dataclass leaf as a pytree (array fields are children)."""
+    """Register a frozen dataclass leaf as a pytree (array fields are children).
+
+    Unflattening skips ``__post_init__``: pytree transforms legitimately rebuild a leaf around
+    children that break the 2-D contract (``jax.tree.map(jnp.max, leaf)`` gives scalars, ``vmap``
+    / ``scan`` outputs and ``jnp.stack`` over leaves give stacked factors). Shapes are checked
+    when a leaf is constructed directly.
+    """
     cls = dataclasses.dataclass(frozen=True)(cls)
-    meta = [f.name for f in dataclasses.fields(cls) if f.name not in cls.array_fields]
-    jax.tree_util.register_dataclass(cls, data_fields=list(cls.array_fields), meta_fields=meta)
+    data = tuple(cls.array_fields)
+    meta = tuple(f.name for f in dataclasses.fields(cls) if f.name not in data)
+    keys = tuple(jax.tree_util.GetAttrKey(n) for n in data)
+
+    def flatten_with_keys(leaf):
+        children = [(k, getattr(leaf, n)) for k, n in zip(keys, data, strict=True)]
+        return children, tuple(getattr(leaf, n) for n in meta)
+
+    def flatten(leaf):
+        return [getattr(leaf, n) for n in data], tuple(getattr(leaf, n) for n in meta)
+
+    def unflatten(aux, children):
+        leaf = object.__new__(cls)
+        for n, v in zip(data, children, strict=True):
+            object.__setattr__(leaf, n, v)
+        for n, v in zip(meta, aux, strict=True):
+            object.__setattr__(leaf, n, v)
+        return leaf
+
+    jax.tree_util.register_pytree_with_keys(cls, flatten_with_keys, unflatten, flatten)
     return cls
 
 
@@ -117,8 +143,8 @@ class LowRank(CompressedLeaf):
         if _is_array(self.a) and _is_array(self.b):
             if self.a.ndim != 2 or self.b.ndim != 2:
                 raise ValueError(
-                    f"LowRank: a and b must be 2-D ([in, r] and [r, out]); got a{tuple(self.a.shape)}"
-                    f" and b{tuple(self.b.shape)}"
+                    "LowRank: a and b must be 2-D ([in, r] and [r, out]); got "
+                    f"a{tuple(self.a.shape)} and b{tuple(self.b.shape)}"
                 )
             if self.a.shape[1] != self.b.shape[0]:
                 raise ValueError(

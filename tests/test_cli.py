@@ -37,9 +37,20 @@ def test_bundled_model_is_the_shared_one(shared_data):
 
 def test_ppl_reproduces_baseline_and_writes_json(capsys, tmp_path, shared_data, opt_dir):
     out_json = tmp_path / "sub" / "ppl.json"
-    code, out, _ = run(capsys, "ppl", "--model", str(opt_dir), "--data",
-                       str(shared_data / "wikitext-2-raw" / "test.txt"), "--seqlen", "256",
-                       "--max-windows", "40", "--json", str(out_json))
+    code, out, _ = run(
+        capsys,
+        "ppl",
+        "--model",
+        str(opt_dir),
+        "--data",
+        str(shared_data / "wikitext-2-raw" / "test.txt"),
+        "--seqlen",
+        "256",
+        "--max-windows",
+        "40",
+        "--json",
+        str(out_json),
+    )
     assert code == 0
     res = json.loads(out_json.read_text())
     assert res["n_windows"] == 40 and res["seqlen"] == 256 and res["tokens"] == 439507
@@ -49,8 +60,16 @@ def test_ppl_reproduces_baseline_and_writes_json(capsys, tmp_path, shared_data, 
 
 
 def test_generate(capsys, llama_dir, shared_data):
-    code, out, _ = run(capsys, "generate", "--model", str(llama_dir), "--prompt",
-                       "The history of the", "--max-new-tokens", "30")
+    code, out, _ = run(
+        capsys,
+        "generate",
+        "--model",
+        str(llama_dir),
+        "--prompt",
+        "The history of the",
+        "--max-new-tokens",
+        "30",
+    )
     assert code == 0
     baselines = json.loads((shared_data / "baselines.json").read_text())
     assert out.strip() == baselines["llama-1m"]["greedy_sample"]
@@ -63,7 +82,10 @@ def test_generate(capsys, llama_dir, shared_data):
         (["ppl", "--model", "{model}", "--data", "/no/such.txt"], "--data: /no/such.txt"),
         (["ppl", "--model", "{model}", "--data", "{data}", "--seqlen", "0"], "--seqlen"),
         (["ppl", "--model", "{model}", "--data", "{data}", "--dtype", "int3"], "--dtype"),
-        (["ppl", "--model", "{model}", "--data", "{data}", "--seqlen", "4096"], "learned positions"),
+        (
+            ["ppl", "--model", "{model}", "--data", "{data}", "--seqlen", "4096"],
+            "learned positions",
+        ),
         (["convert", "{model}", "{tmp}/x", "--to", "tar"], "--to"),
         (["frobnicate"], "invalid choice"),
     ],
@@ -84,11 +106,43 @@ def test_bad_input_is_one_line_exit_2(capsys, tmp_path, shared_data, opt_dir, ar
 
 
 def test_help_explains_every_flag():
-    out = subprocess.run([sys.executable, "-m", "jcompress", "ppl", "--help"],
-                         capture_output=True, text=True, check=True).stdout
-    for flag in ("--model", "--data", "--seqlen", "--max-windows", "--dtype", "--json", "--batch-size"):
+    out = subprocess.run(
+        [sys.executable, "-m", "jcompress", "ppl", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for flag in (
+        "--model",
+        "--data",
+        "--seqlen",
+        "--max-windows",
+        "--dtype",
+        "--json",
+        "--batch-size",
+    ):
         assert flag in out
-    top = subprocess.run([sys.executable, "-m", "jcompress", "--help"], capture_output=True,
-                         text=True, check=True).stdout
+    top = subprocess.run(
+        [sys.executable, "-m", "jcompress", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     for cmd in ("ppl", "generate", "convert", "demo"):
         assert cmd in top
+
+
+def test_convert_round_trip_hf_orbax_hf(capsys, tmp_path, llama_dir):
+    ckpt, back = tmp_path / "ckpt", tmp_path / "hf"
+    code, out, _ = run(capsys, "convert", str(llama_dir), str(ckpt), "--to", "orbax")
+    assert code == 0 and ckpt.is_dir()
+    code, out, _ = run(
+        capsys, "convert", str(ckpt), str(back), "--to", "hf", "--tokenizer", str(llama_dir)
+    )
+    assert code == 0
+    from safetensors.numpy import load_file
+
+    ours, ref = load_file(back / "model.safetensors"), load_file(llama_dir / "model.safetensors")
+    assert ours.keys() == ref.keys()
+    for k in ref:
+        assert ours[k].dtype == ref[k].dtype and ours[k].tobytes() == ref[k].tobytes(), k
+    assert (back / "tokenizer.json").is_file()
+    code, _, err = run(capsys, "convert", str(llama_dir), str(ckpt), "--to", "orbax")
+    assert code == 2 and "exists" in err

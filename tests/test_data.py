@@ -30,7 +30,10 @@ def test_read_text_plain_and_jsonl(tmp_path):
 
 @pytest.mark.parametrize(
     "content, msg",
-    [('{"text": "ok"}\n{"nope": 1}\n', ":2: JSONL objects need"), ("{bad json\n", ":1: not valid JSON")],
+    [
+        ('{"text": "ok"}\n{"nope": 1}\n', ":2: JSONL objects need"),
+        ("{bad json\n", ":1: not valid JSON"),
+    ],
 )
 def test_read_text_bad_jsonl(tmp_path, content, msg):
     (tmp_path / "c.jsonl").write_text(content)

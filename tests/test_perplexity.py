@@ -22,8 +22,10 @@ def baselines(shared_data):
 
 @pytest.fixture(scope="module")
 def models(llama_dir, opt_dir):
-    return {"llama-1m": (llama_dir, *jcompress.load_hf(llama_dir)),
-            "opt-1m": (opt_dir, *jcompress.load_hf(opt_dir))}
+    return {
+        "llama-1m": (llama_dir, *jcompress.load_hf(llama_dir)),
+        "opt-1m": (opt_dir, *jcompress.load_hf(opt_dir)),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +40,9 @@ def tokens(shared_data, llama_dir):
 @pytest.mark.parametrize("seqlen", [256, 512])
 def test_baselines_40_windows(models, tokens, baselines, model, data, seqlen):
     _, cfg, params = models[model]
-    r = jcompress.perplexity(cfg, params, tokens[data], seqlen=seqlen, max_windows=40, progress=False)
+    r = jcompress.perplexity(
+        cfg, params, tokens[data], seqlen=seqlen, max_windows=40, progress=False
+    )
     ref = baselines[model][data][f"seqlen{seqlen}_windows40"]
     assert r.n_windows == baselines[model][data][f"seqlen{seqlen}_windows40_n"]
     assert abs(r.ppl / ref - 1) < 1e-3, (r.ppl, ref)
@@ -58,12 +62,19 @@ def test_baseline_all_windows_wikitext(models, tokens, baselines):
 def test_window_losses_match_transformers(models, tokens, model):
     model_dir, cfg, params = models[model]
     ids = tokens["wikitext-2-raw/test.txt"]
-    r = jcompress.perplexity(cfg, params, ids, seqlen=128, max_windows=6, batch_size=4, progress=False)
+    r = jcompress.perplexity(
+        cfg, params, ids, seqlen=128, max_windows=6, batch_size=4, progress=False
+    )
     hf = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     windows = eval_windows(ids, 128, 6)
     with torch.no_grad():
-        ref = [hf(torch.tensor(w[None].astype(np.int64)), labels=torch.tensor(w[None].astype(np.int64))).loss.item()
-               for w in windows]
+        ref = [
+            hf(
+                torch.tensor(w[None].astype(np.int64)),
+                labels=torch.tensor(w[None].astype(np.int64)),
+            ).loss.item()
+            for w in windows
+        ]
     np.testing.assert_allclose(r.nlls, ref, rtol=0, atol=2e-5)
     assert r.n_windows == 6 and r.seqlen == 128
     np.testing.assert_allclose(r.ppl, np.exp(np.mean(ref)), rtol=1e-5)

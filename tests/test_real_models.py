@@ -64,3 +64,21 @@ def test_bf16_runs(model, shared_data):
     agree = (lo.argmax(-1) == hi.argmax(-1)).mean()
     assert agree > 0.9, agree
     assert np.abs(lo - hi).mean() < 0.1
+
+
+def test_out_of_range_pad_ids_and_lengths(llama_dir, opt_dir):
+    cfg, params = jcompress.load_hf(llama_dir)
+    ids = _ids(1, 12, seed=3)
+    mask = np.ones_like(ids)
+    ids[0, :4], mask[0, :4] = cfg.vocab_size, 0  # pad id outside the vocabulary, masked
+    out = np.asarray(jcompress.forward(cfg, params, jnp.asarray(ids), jnp.asarray(mask)))
+    alone = np.asarray(jcompress.forward(cfg, params, jnp.asarray(ids[:, 4:])))
+    assert np.isfinite(out).all()
+    assert np.abs(out[0, 4:] - alone[0]).max() <= 1e-4
+    with pytest.raises(jcompress.UserError, match="token ids must lie in"):
+        jcompress.generate(cfg, params, jnp.asarray(ids), max_new_tokens=2)
+    ocfg, oparams = jcompress.load_hf(opt_dir)
+    with pytest.raises(jcompress.UserError, match="513 tokens exceed the model's 512 learned"):
+        jcompress.forward(ocfg, oparams, jnp.zeros((1, 513), jnp.int32))
+    with pytest.raises(jcompress.UserError, match="520 tokens exceed"):
+        jcompress.generate(ocfg, oparams, jnp.zeros((1, 500), jnp.int32), max_new_tokens=20)

@@ -81,15 +81,36 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     cfg, params = _load(args.model, args.dtype)
     ids = load_tokens(args.data, load_tokenizer(args.model))
     t0 = time.perf_counter()
-    r = perplexity(cfg, params, ids, seqlen=args.seqlen, max_windows=args.max_windows,
-                   batch_size=args.batch_size)
+    r = perplexity(
+        cfg,
+        params,
+        ids,
+        seqlen=args.seqlen,
+        max_windows=args.max_windows,
+        batch_size=args.batch_size,
+    )
     secs = time.perf_counter() - t0
-    out = {"model": str(args.model), "data": str(args.data), "tokens": int(ids.shape[0]),
-           "dtype": args.dtype or "stored", **r.to_dict(), "seconds": secs}
-    print(_table([("model", str(args.model)), ("data", str(args.data)),
-                  ("tokens", f"{ids.shape[0]:,}"), ("windows", f"{r.n_windows} x {r.seqlen}"),
-                  ("mean NLL", f"{r.mean_nll:.5f}"), ("perplexity", f"{r.ppl:.4f}"),
-                  ("seconds", f"{secs:.1f}")]))
+    out = {
+        "model": str(args.model),
+        "data": str(args.data),
+        "tokens": int(ids.shape[0]),
+        "dtype": args.dtype or "stored",
+        **r.to_dict(),
+        "seconds": secs,
+    }
+    print(
+        _table(
+            [
+                ("model", str(args.model)),
+                ("data", str(args.data)),
+                ("tokens", f"{ids.shape[0]:,}"),
+                ("windows", f"{r.n_windows} x {r.seqlen}"),
+                ("mean NLL", f"{r.mean_nll:.5f}"),
+                ("perplexity", f"{r.ppl:.4f}"),
+                ("seconds", f"{secs:.1f}"),
+            ]
+        )
+    )
     if args.json:
         write_json(args.json, out)
     return 0
@@ -128,10 +149,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
         checkpoint.save(args.out, cfg, params, overwrite=args.overwrite)
     else:
         if args.dtype:
-            raise UserError("--dtype: only applies with --to orbax (HF export keeps the stored dtype)")
+            raise UserError(
+                "--dtype: only applies with --to orbax (HF export keeps the stored dtype)"
+            )
         cfg, params = checkpoint.restore(args.src)
-        save_hf(cfg, params, args.out, tokenizer_dir=args.tokenizer, overwrite=args.overwrite,
-                progress=True)
+        save_hf(
+            cfg,
+            params,
+            args.out,
+            tokenizer_dir=args.tokenizer,
+            overwrite=args.overwrite,
+            progress=True,
+        )
     print(f"wrote {args.out}")
     return 0
 
@@ -150,10 +179,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     sample = _generate_text(cfg, params, tok, args.prompt, args.max_new_tokens)
     from jcompress.models import count_params
 
-    print(_table([("model", f"llama-1m ({count_params(params):,} params, {cfg.num_layers} layers)"),
-                  ("eval text", f"WikiText-2 raw test excerpt ({ids.shape[0]:,} tokens)"),
-                  ("windows", f"{r.n_windows} x {r.seqlen}"),
-                  ("perplexity", f"{r.ppl:.3f}")]))
+    print(
+        _table(
+            [
+                ("model", f"llama-1m ({count_params(params):,} params, {cfg.num_layers} layers)"),
+                ("eval text", f"WikiText-2 raw test excerpt ({ids.shape[0]:,} tokens)"),
+                ("windows", f"{r.n_windows} x {r.seqlen}"),
+                ("perplexity", f"{r.ppl:.3f}"),
+            ]
+        )
+    )
     print(f"\nsample (greedy, {args.max_new_tokens} new tokens):\n  {sample}")
     if args.json:
         write_json(args.json, {"perplexity": r.to_dict(), "sample": sample})
@@ -180,48 +215,92 @@ def _positive(s: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="jcompress", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser,
-                           metavar="{ppl,generate,convert,demo}")
+    sub = p.add_subparsers(
+        dest="command", required=True, parser_class=_Parser, metavar="{ppl,generate,convert,demo}"
+    )
 
-    s = sub.add_parser("ppl", help="perplexity of a model on a text file",
-                       description="Perplexity: the whole text is tokenized with the model's "
-                       "tokenizer, cut into non-overlapping windows of --seqlen tokens, and "
-                       "ppl = exp(mean over windows of the mean next-token NLL).")
-    s.add_argument("--model", required=True, help="HF model directory (config.json + weights + tokenizer)")
-    s.add_argument("--data", required=True, help="text file: .txt (whole file) or .jsonl (\"text\" fields joined by blank lines)")
-    s.add_argument("--seqlen", type=_positive, default=512, help="window length in tokens (default 512)")
-    s.add_argument("--max-windows", type=_positive, default=None, help="use at most this many windows (default: all)")
-    s.add_argument("--batch-size", type=_positive, default=8, help="windows per forward call (default 8)")
-    s.add_argument("--dtype", choices=DTYPES, default=None, help="compute dtype (default: as stored)")
-    s.add_argument("--json", default=None, metavar="OUT", help="also write the result as JSON to OUT")
+    s = sub.add_parser(
+        "ppl",
+        help="perplexity of a model on a text file",
+        description="Perplexity: the whole text is tokenized with the model's "
+        "tokenizer, cut into non-overlapping windows of --seqlen tokens, and "
+        "ppl = exp(mean over windows of the mean next-token NLL).",
+    )
+    s.add_argument(
+        "--model", required=True, help="HF model directory (config.json + weights + tokenizer)"
+    )
+    s.add_argument(
+        "--data",
+        required=True,
+        help='text file: .txt (whole file) or .jsonl ("text" fields joined by blank lines)',
+    )
+    s.add_argument(
+        "--seqlen", type=_positive, default=512, help="window length in tokens (default 512)"
+    )
+    s.add_argument(
+        "--max-windows",
+        type=_positive,
+        default=None,
+        help="use at most this many windows (default: all)",
+    )
+    s.add_argument(
+        "--batch-size", type=_positive, default=8, help="windows per forward call (default 8)"
+    )
+    s.add_argument(
+        "--dtype", choices=DTYPES, default=None, help="compute dtype (default: as stored)"
+    )
+    s.add_argument(
+        "--json", default=None, metavar="OUT", help="also write the result as JSON to OUT"
+    )
     s.set_defaults(func=cmd_ppl)
 
-    s = sub.add_parser("generate", help="greedy generation with the KV cache",
-                       description="Greedy continuation of a prompt.")
+    s = sub.add_parser(
+        "generate",
+        help="greedy generation with the KV cache",
+        description="Greedy continuation of a prompt.",
+    )
     s.add_argument("--model", required=True, help="HF model directory")
     s.add_argument("--prompt", required=True, help="prompt text")
-    s.add_argument("--max-new-tokens", type=_positive, default=30, help="tokens to generate (default 30)")
-    s.add_argument("--dtype", choices=DTYPES, default=None, help="compute dtype (default: as stored)")
+    s.add_argument(
+        "--max-new-tokens", type=_positive, default=30, help="tokens to generate (default 30)"
+    )
+    s.add_argument(
+        "--dtype", choices=DTYPES, default=None, help="compute dtype (default: as stored)"
+    )
     s.set_defaults(func=cmd_generate)
 
-    s = sub.add_parser("convert", help="HF directory <-> orbax checkpoint",
-                       description="--to orbax: SRC is an HF model directory, OUT an orbax "
-                       "checkpoint directory. --to hf: SRC is a jcompress orbax checkpoint "
-                       "(typed compressed leaves are materialized), OUT an HF directory.")
-    s.add_argument("src", help="input: HF model directory (--to orbax) or orbax checkpoint (--to hf)")
+    s = sub.add_parser(
+        "convert",
+        help="HF directory <-> orbax checkpoint",
+        description="--to orbax: SRC is an HF model directory, OUT an orbax "
+        "checkpoint directory. --to hf: SRC is a jcompress orbax checkpoint "
+        "(typed compressed leaves are materialized), OUT an HF directory.",
+    )
+    s.add_argument(
+        "src", help="input: HF model directory (--to orbax) or orbax checkpoint (--to hf)"
+    )
     s.add_argument("out", help="output directory (must not exist unless --overwrite)")
     s.add_argument("--to", choices=("orbax", "hf"), required=True, help="output format")
-    s.add_argument("--tokenizer", default=None, help="with --to hf: copy tokenizer files from this directory")
-    s.add_argument("--dtype", choices=DTYPES, default=None, help="with --to orbax: cast floating weights")
+    s.add_argument(
+        "--tokenizer", default=None, help="with --to hf: copy tokenizer files from this directory"
+    )
+    s.add_argument(
+        "--dtype", choices=DTYPES, default=None, help="with --to orbax: cast floating weights"
+    )
     s.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     s.set_defaults(func=cmd_convert)
 
-    s = sub.add_parser("demo", help="run the main job on the bundled model (no flags needed)",
-                       description="Loads the bundled llama-1m model, prints its perplexity on "
-                       "the bundled WikiText-2 test excerpt and a sample greedy generation.")
+    s = sub.add_parser(
+        "demo",
+        help="run the main job on the bundled model (no flags needed)",
+        description="Loads the bundled llama-1m model, prints its perplexity on "
+        "the bundled WikiText-2 test excerpt and a sample greedy generation.",
+    )
     s.add_argument("--seqlen", type=_positive, default=256, help="perplexity window (default 256)")
     s.add_argument("--prompt", default="The history of the", help="prompt for the sample")
-    s.add_argument("--max-new-tokens", type=_positive, default=30, help="sample length (default 30)")
+    s.add_argument(
+        "--max-new-tokens", type=_positive, default=30, help="sample length (default 30)"
+    )
     s.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
     s.set_defaults(func=cmd_demo)
     return p

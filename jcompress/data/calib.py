@@ -31,7 +31,9 @@ def calibration_windows(ids: np.ndarray, nsamples: int, seqlen: int, seed: int =
     if not isinstance(seqlen, int) or seqlen < 2:
         raise UserError(f"seqlen: must be an integer >= 2, got {seqlen!r}")
     if ids.ndim != 1 or ids.shape[0] <= seqlen + 1:
-        raise UserError(f"seqlen: {seqlen} needs a text longer than {seqlen + 1} tokens; got {ids.shape[0]}")
+        raise UserError(
+            f"seqlen: {seqlen} needs a text longer than {seqlen + 1} tokens; got {ids.shape[0]}"
+        )
     rng = random.Random(seed)
     starts = [rng.randint(0, ids.shape[0] - seqlen - 1) for _ in range(nsamples)]
     return np.stack([ids[s : s + seqlen] for s in starts])

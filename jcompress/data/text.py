@@ -21,7 +21,8 @@ __all__ = ["read_text", "load_tokenizer", "tokenize", "load_tokens"]
 
 
 def read_text(path: str | os.PathLike) -> str:
-    """The text of a ``.txt`` file, or the ``"text"`` fields of a ``.jsonl`` joined by blank lines."""
+    """The text of a ``.txt`` file, or the ``"text"`` fields of a ``.jsonl`` joined by blank
+    lines."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"data: {p} is not a file (expected a .txt or .jsonl text file)")
@@ -51,7 +52,9 @@ def load_tokenizer(model_dir: str | os.PathLike) -> Any:
 
     d = Path(model_dir)
     if not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-        raise UserError(f"model_dir: {d} has no tokenizer files (tokenizer.json / tokenizer.model / vocab.json)")
+        raise UserError(
+            f"model_dir: {d} has no tokenizer files (tokenizer.json / tokenizer.model / vocab.json)"
+        )
     return AutoTokenizer.from_pretrained(str(d), local_files_only=True)
 
 

@@ -18,7 +18,7 @@ from jcompress.errors import UserError
 __all__ = ["Family", "ModelConfig"]
 
 
-class Family(str, enum.Enum):
+class Family(enum.StrEnum):
     """Supported architectures, by Hugging Face ``model_type``."""
 
     OPT = "opt"
@@ -29,12 +29,12 @@ class Family(str, enum.Enum):
     GPT2 = "gpt2"
 
 
-class Norm(str, enum.Enum):
+class Norm(enum.StrEnum):
     RMS = "rms"
     LAYER = "layer"
 
 
-class Position(str, enum.Enum):
+class Position(enum.StrEnum):
     ROPE = "rope"
     LEARNED = "learned"
     ALIBI = "alibi"
@@ -141,8 +141,12 @@ class ModelConfig:
                     "allowed: default, llama3, linear"
                 )
             need = {
-                "llama3": ("factor", "low_freq_factor", "high_freq_factor",
-                           "original_max_position_embeddings"),
+                "llama3": (
+                    "factor",
+                    "low_freq_factor",
+                    "high_freq_factor",
+                    "original_max_position_embeddings",
+                ),
                 "linear": ("factor",),
             }.get(rope_type, ())
             missing = [k for k in need if dict(self.rope_scaling).get(k) is None]

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jcompress.errors import UserError
 from jcompress.leaves import LowRank, dot
 from jcompress.models.config import ModelConfig, Norm, Position
 from jcompress.models.convert import Layout, get_path
@@ -342,6 +343,16 @@ def positions_from_mask(mask: jax.Array, start: jax.Array | int = 0) -> jax.Arra
     return jnp.maximum(jnp.cumsum(m, axis=1) - 1, 0) + start
 
 
+def check_length(cfg: ModelConfig, length: int) -> None:
+    """Learned position tables have ``max_position_embeddings`` rows; longer inputs are an error
+    (checked at trace time, from static shapes)."""
+    if cfg.position is Position.LEARNED and length > cfg.max_position_embeddings:
+        raise UserError(
+            f"input_ids: {length} tokens exceed the model's {cfg.max_position_embeddings} "
+            "learned positions"
+        )
+
+
 def layer_params(cfg: ModelConfig, params: Params, i: int) -> Params:
     """The params subtree of decoder layer ``i``."""
     return get_path(params, f"{spec_for(cfg.family.value).layout.layers}/{i}")
@@ -350,13 +361,15 @@ def layer_params(cfg: ModelConfig, params: Params, i: int) -> Params:
 def _embed(cfg, params, input_ids, pos, rec):
     lay = spec_for(cfg.family.value).layout
     table = get_path(params, lay.embed)["embedding"]
-    h = jnp.take(table, input_ids, axis=0)
+    # clip: an out-of-range id (e.g. a pad id == vocab_size under a 0 mask) must not turn
+    # into NaN, which the attention product would spread to every position of the row.
+    h = jnp.take(table, input_ids, axis=0, mode="clip")
     rec(lay.embed, "out", h)
     if lay.project_in is not None and cfg.embed_dim is not None:
         h = _linear(get_path(params, lay.project_in), h, rec, lay.project_in)
     if cfg.position is Position.LEARNED:
         pe = get_path(params, lay.pos_embed)["embedding"]
-        h = h + jnp.take(pe, pos + cfg.pos_offset, axis=0).astype(h.dtype)
+        h = h + jnp.take(pe, pos + cfg.pos_offset, axis=0, mode="clip").astype(h.dtype)
     return h
 
 
@@ -396,7 +409,9 @@ def _run(cfg, params, input_ids, mask, pos, rec, cache: KVCache | None = None):
     for i in range(cfg.num_layers):
         lp = get_path(params, f"{lay.layers}/{i}")
         kv = None if cache is None else (cache.k[i], cache.v[i])
-        h, (kl, vl) = _layer(cfg, lay, lp, h, pos, mask, i, rec.child(f"{lay.layers}/{i}"), kv, meta)
+        h, (kl, vl) = _layer(
+            cfg, lay, lp, h, pos, mask, i, rec.child(f"{lay.layers}/{i}"), kv, meta
+        )
         new_k.append(kl)
         new_v.append(vl)
     logits = _unembed(cfg, params, h, rec)
@@ -429,6 +444,7 @@ def forward(
     Returns:
       ``logits [B, T, V]`` in the params' compute dtype, or ``(logits, captured)``.
     """
+    check_length(cfg, input_ids.shape[-1])
     mask = _mask_or_ones(input_ids, attention_mask)
     pos = positions_from_mask(mask)
     rec = _Recorder(capture)

@@ -8,13 +8,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jcompress.errors import UserError
 from jcompress.models.config import ModelConfig
-from jcompress.models.forward import forward_cached, init_cache
+from jcompress.models.forward import check_length, forward_cached, init_cache
 
 __all__ = ["generate"]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "eos_token_id", "pad_token_id"))
+@functools.partial(
+    jax.jit, static_argnames=("cfg", "max_new_tokens", "eos_token_id", "pad_token_id")
+)
 def _generate(cfg, params, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id):
     b, t = input_ids.shape
     cache = init_cache(cfg, params, b, t + max_new_tokens)
@@ -61,16 +64,24 @@ def generate(
     Returns:
       ``[B, T + max_new_tokens]`` token ids (the prompt, then the continuation).
     """
-    from jcompress.errors import UserError
-
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise UserError(f"max_new_tokens: must be a positive integer, got {max_new_tokens!r}")
     input_ids = jnp.asarray(input_ids)
     if input_ids.ndim != 2:
         raise UserError(f"input_ids: expected [batch, length], got shape {input_ids.shape}")
+    check_length(cfg, input_ids.shape[1] + max_new_tokens)
+    mask = (
+        jnp.ones(input_ids.shape, bool)
+        if attention_mask is None
+        else jnp.asarray(attention_mask, bool)
+    )
+    real = input_ids[mask]
+    if real.size and (int(real.min()) < 0 or int(real.max()) >= cfg.vocab_size):
+        raise UserError(
+            f"input_ids: token ids must lie in [0, {cfg.vocab_size}) where attention_mask is 1"
+        )
     if eos_token_id == -1:
         eos_token_id = cfg.eos_token_id
     if pad_token_id is None:
         pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else (eos_token_id or 0)
-    mask = jnp.ones(input_ids.shape, bool) if attention_mask is None else jnp.asarray(attention_mask, bool)
     return _generate(cfg, params, input_ids, mask, max_new_tokens, eos_token_id, pad_token_id)

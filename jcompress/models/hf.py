@@ -63,7 +63,9 @@ def parse_dtype(dtype: Any, *, arg: str = "dtype") -> jnp.dtype | None:
     try:
         dt = jnp.dtype(dtype)
     except TypeError:
-        raise UserError(f"{arg}: {dtype!r} is not a dtype; allowed: float32, bfloat16, float16") from None
+        raise UserError(
+            f"{arg}: {dtype!r} is not a dtype; allowed: float32, bfloat16, float16"
+        ) from None
     if dt not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         raise UserError(f"{arg}: {dt} is not supported; allowed: float32, bfloat16, float16")
     return dt
@@ -141,8 +143,8 @@ def _load_torch_bin(model_dir: Path) -> dict[str, np.ndarray]:
         import torch
     except ImportError:
         raise UserError(
-            f"{model_dir} holds pytorch_model.bin, which needs torch to read; install torch or "
-            "convert it once with transformers (from_pretrained + save_pretrained(safe_serialization=True))"
+            f"{model_dir} holds pytorch_model.bin, which needs torch to read: pip install torch, "
+            "or convert it once to safetensors (transformers from_pretrained + save_pretrained)"
         ) from None
     index = model_dir / "pytorch_model.bin.index.json"
     if index.is_file():
@@ -324,7 +326,9 @@ def save_hf(
         entries.append((name, tuple(rule.hf_shape(cfg)), dtype, produce))
     extra = sorted(set(flat) - used)
     if extra:
-        raise UserError(f"params: leaves with no HF tensor for {cfg.family.value}: {', '.join(extra[:5])}")
+        raise UserError(
+            f"params: leaves with no HF tensor for {cfg.family.value}: {', '.join(extra[:5])}"
+        )
 
     shards = _shard(entries, max_shard_bytes)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -382,8 +386,11 @@ def _shard(entries, limit):
 def _config_dict(cfg: ModelConfig, entries) -> dict[str, Any]:
     d = dict(cfg.hf_config)
     floats = {np.dtype(e[2]) for e in entries if np.issubdtype(np.dtype(e[2]), np.floating)}
-    names = {np.dtype(jnp.float32): "float32", np.dtype(jnp.bfloat16): "bfloat16",
-             np.dtype(jnp.float16): "float16"}
+    names = {
+        np.dtype(jnp.float32): "float32",
+        np.dtype(jnp.bfloat16): "bfloat16",
+        np.dtype(jnp.float16): "float16",
+    }
     if len(floats) == 1 and next(iter(floats)) in names:
         name = names[next(iter(floats))]
         keys = [k for k in ("dtype", "torch_dtype") if k in d] or ["torch_dtype"]

@@ -151,7 +151,11 @@ def write_safetensors(
         if dt not in CODES:
             raise UserError(f"tensor {name}: dtype {dt} cannot be stored in safetensors")
         nbytes = math.prod(shape) * dt.itemsize
-        header[name] = {"dtype": CODES[dt], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": CODES[dt],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
@@ -161,6 +165,8 @@ def write_safetensors(
         for name, shape, dtype, produce in entries:
             arr = np.ascontiguousarray(produce())
             if arr.shape != tuple(shape) or arr.dtype != np.dtype(dtype):
-                raise AssertionError(f"{name}: produced {arr.dtype}{arr.shape}, declared {dtype}{shape}")
+                raise AssertionError(
+                    f"{name}: produced {arr.dtype}{arr.shape}, declared {dtype}{shape}"
+                )
             f.write(memoryview(arr.reshape(-1).view(np.uint8)))
     return offset

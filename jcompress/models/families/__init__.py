@@ -1,4 +1,4 @@
-"""Registry of supported families: ``model_type`` -> :class:`~jcompress.models.convert.FamilySpec`."""
+"""Registry of supported families: ``model_type`` -> ``FamilySpec``."""
 
 from __future__ import annotations
 

@@ -37,8 +37,9 @@ def linear(hf: str, jx: str, shape: ShapeFn, *, when: Pred = always, bias: Pred 
     return rules
 
 
-def norm(hf: str, jx: str, size: Callable[[ModelConfig], int], *, when: Pred = always,
-         bias: bool = False):
+def norm(
+    hf: str, jx: str, size: Callable[[ModelConfig], int], *, when: Pred = always, bias: bool = False
+):
     """Rules for a norm ``hf`` (weight [+ bias]) -> ``jx/scale`` [+ ``jx/bias``]."""
     rules = [Rule(f"{hf}.weight", (f"{jx}/scale",), IDENTITY, lambda c: (size(c),), when)]
     if bias:
@@ -56,8 +57,11 @@ def rope_from_hf(d: Mapping[str, Any]) -> tuple[float, tuple[tuple[str, Any], ..
     """Read RoPE settings from either the ``rope_parameters`` (transformers >= 5) or the older
     ``rope_theta`` + ``rope_scaling`` style. Returns ``(theta, scaling items or None)``."""
     params = d.get("rope_parameters")
-    if isinstance(params, Mapping) and "rope_theta" not in params and params and all(
-        isinstance(v, Mapping) for v in params.values()
+    if (
+        isinstance(params, Mapping)
+        and "rope_theta" not in params
+        and params
+        and all(isinstance(v, Mapping) for v in params.values())
     ):
         raise UserError("config.json: per-layer-type rope_parameters are not supported")
     if isinstance(params, Mapping) and params:

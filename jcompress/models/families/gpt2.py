@@ -58,23 +58,43 @@ def _conv1d(hf: str, jx: str, shape) -> list[Rule]:
 
 
 RULES = (
-    Rule(f"{T}.wte.weight", ("transformer/wte/embedding",), IDENTITY,
-         lambda c: (c.vocab_size, c.hidden_size)),
-    Rule(f"{T}.wpe.weight", ("transformer/wpe/embedding",), IDENTITY,
-         lambda c: (c.max_position_embeddings, c.hidden_size)),
+    Rule(
+        f"{T}.wte.weight",
+        ("transformer/wte/embedding",),
+        IDENTITY,
+        lambda c: (c.vocab_size, c.hidden_size),
+    ),
+    Rule(
+        f"{T}.wpe.weight",
+        ("transformer/wpe/embedding",),
+        IDENTITY,
+        lambda c: (c.max_position_embeddings, c.hidden_size),
+    ),
     *norm(f"{T}.ln_f", "transformer/ln_f", lambda c: c.hidden_size, bias=True),
-    Rule("lm_head.weight", ("lm_head/kernel",), LINEAR, lambda c: (c.vocab_size, c.hidden_size),
-         untied),
+    Rule(
+        "lm_head.weight",
+        ("lm_head/kernel",),
+        LINEAR,
+        lambda c: (c.vocab_size, c.hidden_size),
+        untied,
+    ),
     *norm(f"{L}.ln_1", f"{J}/ln_1", lambda c: c.hidden_size, bias=True),
     *norm(f"{L}.ln_2", f"{J}/ln_2", lambda c: c.hidden_size, bias=True),
-    Rule(f"{L}.attn.c_attn.weight", tuple(f"{p}/kernel" for p in QKV), split_last(3),
-         lambda c: (c.hidden_size, 3 * c.hidden_size)),
-    Rule(f"{L}.attn.c_attn.bias", tuple(f"{p}/bias" for p in QKV), split_last(3),
-         lambda c: (3 * c.hidden_size,)),
+    Rule(
+        f"{L}.attn.c_attn.weight",
+        tuple(f"{p}/kernel" for p in QKV),
+        split_last(3),
+        lambda c: (c.hidden_size, 3 * c.hidden_size),
+    ),
+    Rule(
+        f"{L}.attn.c_attn.bias",
+        tuple(f"{p}/bias" for p in QKV),
+        split_last(3),
+        lambda c: (3 * c.hidden_size,),
+    ),
     *_conv1d(f"{L}.attn.c_proj", f"{J}/attn/c_proj", lambda c: (c.hidden_size, c.hidden_size)),
     *_conv1d(f"{L}.mlp.c_fc", f"{J}/mlp/c_fc", lambda c: (c.hidden_size, c.intermediate_size)),
-    *_conv1d(f"{L}.mlp.c_proj", f"{J}/mlp/c_proj",
-             lambda c: (c.intermediate_size, c.hidden_size)),
+    *_conv1d(f"{L}.mlp.c_proj", f"{J}/mlp/c_proj", lambda c: (c.intermediate_size, c.hidden_size)),
 )
 
 LAYOUT = Layout(
@@ -97,7 +117,10 @@ LAYOUT = Layout(
 
 SPECS = {
     "gpt2": FamilySpec(
-        model_type="gpt2", config_from_hf=config_from_hf, rules=RULES, layout=LAYOUT,
+        model_type="gpt2",
+        config_from_hf=config_from_hf,
+        rules=RULES,
+        layout=LAYOUT,
         base_prefix="transformer",
         ignore=(r"transformer\.h\.\d+\.attn\.(masked_)?bias",),
     )

@@ -58,19 +58,27 @@ def config_from_hf(d: Mapping[str, Any]) -> ModelConfig:
 
 
 RULES = (
-    Rule(f"{T}.wte.weight", ("transformer/wte/embedding",), IDENTITY,
-         lambda c: (c.vocab_size, c.hidden_size)),
+    Rule(
+        f"{T}.wte.weight",
+        ("transformer/wte/embedding",),
+        IDENTITY,
+        lambda c: (c.vocab_size, c.hidden_size),
+    ),
     *norm(f"{T}.norm_f", "transformer/norm_f", lambda c: c.hidden_size),
     *linear("lm_head", "lm_head", lambda c: (c.vocab_size, c.hidden_size), when=untied),
     *norm(f"{L}.norm_1", f"{J}/norm_1", lambda c: c.hidden_size),
     *norm(f"{L}.norm_2", f"{J}/norm_2", lambda c: c.hidden_size),
-    Rule(f"{L}.attn.Wqkv.weight", tuple(f"{J}/attn/Wqkv/{p}/kernel" for p in "qkv"),
-         linear_split(3), lambda c: (3 * c.hidden_size, c.hidden_size)),
+    Rule(
+        f"{L}.attn.Wqkv.weight",
+        tuple(f"{J}/attn/Wqkv/{p}/kernel" for p in "qkv"),
+        linear_split(3),
+        lambda c: (3 * c.hidden_size, c.hidden_size),
+    ),
     *linear(f"{L}.attn.out_proj", f"{J}/attn/out_proj", lambda c: (c.hidden_size, c.hidden_size)),
-    *linear(f"{L}.ffn.up_proj", f"{J}/ffn/up_proj",
-            lambda c: (c.intermediate_size, c.hidden_size)),
-    *linear(f"{L}.ffn.down_proj", f"{J}/ffn/down_proj",
-            lambda c: (c.hidden_size, c.intermediate_size)),
+    *linear(f"{L}.ffn.up_proj", f"{J}/ffn/up_proj", lambda c: (c.intermediate_size, c.hidden_size)),
+    *linear(
+        f"{L}.ffn.down_proj", f"{J}/ffn/down_proj", lambda c: (c.hidden_size, c.intermediate_size)
+    ),
 )
 
 LAYOUT = Layout(
@@ -92,7 +100,10 @@ LAYOUT = Layout(
 
 SPECS = {
     "mpt": FamilySpec(
-        model_type="mpt", config_from_hf=config_from_hf, rules=RULES, layout=LAYOUT,
+        model_type="mpt",
+        config_from_hf=config_from_hf,
+        rules=RULES,
+        layout=LAYOUT,
         base_prefix="transformer",
     )
 }

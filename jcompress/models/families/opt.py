@@ -61,31 +61,69 @@ def _projected(c: ModelConfig) -> bool:
 
 
 RULES = (
-    Rule(f"{D}.embed_tokens.weight", ("model/decoder/embed_tokens/embedding",), IDENTITY,
-         lambda c: (c.vocab_size, c.token_dim)),
-    Rule(f"{D}.embed_positions.weight", ("model/decoder/embed_positions/embedding",), IDENTITY,
-         lambda c: (c.max_position_embeddings + c.pos_offset, c.hidden_size)),
-    *linear(f"{D}.project_in", "model/decoder/project_in",
-            lambda c: (c.hidden_size, c.token_dim), when=_projected),
-    *linear(f"{D}.project_out", "model/decoder/project_out",
-            lambda c: (c.token_dim, c.hidden_size), when=_projected),
-    *norm(f"{D}.final_layer_norm", "model/decoder/final_layer_norm", lambda c: c.hidden_size,
-          when=lambda c: c.final_norm, bias=True),
+    Rule(
+        f"{D}.embed_tokens.weight",
+        ("model/decoder/embed_tokens/embedding",),
+        IDENTITY,
+        lambda c: (c.vocab_size, c.token_dim),
+    ),
+    Rule(
+        f"{D}.embed_positions.weight",
+        ("model/decoder/embed_positions/embedding",),
+        IDENTITY,
+        lambda c: (c.max_position_embeddings + c.pos_offset, c.hidden_size),
+    ),
+    *linear(
+        f"{D}.project_in",
+        "model/decoder/project_in",
+        lambda c: (c.hidden_size, c.token_dim),
+        when=_projected,
+    ),
+    *linear(
+        f"{D}.project_out",
+        "model/decoder/project_out",
+        lambda c: (c.token_dim, c.hidden_size),
+        when=_projected,
+    ),
+    *norm(
+        f"{D}.final_layer_norm",
+        "model/decoder/final_layer_norm",
+        lambda c: c.hidden_size,
+        when=lambda c: c.final_norm,
+        bias=True,
+    ),
     *linear("lm_head", "lm_head", lambda c: (c.vocab_size, c.token_dim), when=untied),
     *[
         r
         for p in ("q_proj", "k_proj", "v_proj")
-        for r in linear(f"{L}.self_attn.{p}", f"{J}/self_attn/{p}",
-                        lambda c: (c.hidden_size, c.hidden_size), bias=lambda c: c.qkv_bias)
+        for r in linear(
+            f"{L}.self_attn.{p}",
+            f"{J}/self_attn/{p}",
+            lambda c: (c.hidden_size, c.hidden_size),
+            bias=lambda c: c.qkv_bias,
+        )
     ],
-    *linear(f"{L}.self_attn.out_proj", f"{J}/self_attn/out_proj",
-            lambda c: (c.hidden_size, c.hidden_size), bias=lambda c: c.o_bias),
-    *norm(f"{L}.self_attn_layer_norm", f"{J}/self_attn_layer_norm", lambda c: c.hidden_size,
-          bias=True),
-    *linear(f"{L}.fc1", f"{J}/fc1", lambda c: (c.intermediate_size, c.hidden_size),
-            bias=lambda c: c.mlp_bias),
-    *linear(f"{L}.fc2", f"{J}/fc2", lambda c: (c.hidden_size, c.intermediate_size),
-            bias=lambda c: c.mlp_bias),
+    *linear(
+        f"{L}.self_attn.out_proj",
+        f"{J}/self_attn/out_proj",
+        lambda c: (c.hidden_size, c.hidden_size),
+        bias=lambda c: c.o_bias,
+    ),
+    *norm(
+        f"{L}.self_attn_layer_norm", f"{J}/self_attn_layer_norm", lambda c: c.hidden_size, bias=True
+    ),
+    *linear(
+        f"{L}.fc1",
+        f"{J}/fc1",
+        lambda c: (c.intermediate_size, c.hidden_size),
+        bias=lambda c: c.mlp_bias,
+    ),
+    *linear(
+        f"{L}.fc2",
+        f"{J}/fc2",
+        lambda c: (c.hidden_size, c.intermediate_size),
+        bias=lambda c: c.mlp_bias,
+    ),
     *norm(f"{L}.final_layer_norm", f"{J}/final_layer_norm", lambda c: c.hidden_size, bias=True),
 )
 
@@ -111,7 +149,10 @@ LAYOUT = Layout(
 
 SPECS = {
     "opt": FamilySpec(
-        model_type="opt", config_from_hf=config_from_hf, rules=RULES, layout=LAYOUT,
+        model_type="opt",
+        config_from_hf=config_from_hf,
+        rules=RULES,
+        layout=LAYOUT,
         base_prefix="model",
     )
 }

@@ -1,0 +1,411 @@
+"""Save and restore (possibly compressed) param pytrees with orbax-checkpoint.
+
+A checkpoint is a directory::
+
+    path/
+      jcompress.json   # format tag, the HF config dict, ModelConfig fields, typed-leaf index
+      arrays/          # an orbax StandardCheckpointer checkpoint of every array
+
+Typed leaves (:class:`jcompress.leaves.CompressedLeaf`) are stored as a dict of their array
+children at the leaf's place in the tree; ``jcompress.json`` records, for each, its path, its
+class name (looked up in :data:`jcompress.leaves.LEAF_TYPES` on restore) and its static fields,
+so ``restore(save(...))`` rebuilds the same types, static settings, dtypes and bit-exact values.
+
+Saving is atomic: :func:`save` writes into a temporary sibling directory and renames it into
+place only when complete, so a failure leaves nothing half-written behind (and an overwritten
+checkpoint intact).
+
+Example::
+
+    jcompress.checkpoint.save("out/ckpt", cfg, params)
+    cfg, params = jcompress.checkpoint.restore("out/ckpt")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jcompress.errors import UserError
+from jcompress.leaves import LEAF_TYPES, CompressedLeaf
+from jcompress.models.config import ModelConfig
+
+__all__ = ["save", "restore", "is_checkpoint", "SIDECAR", "FORMAT", "VERSION"]
+
+SIDECAR = "jcompress.json"
+ARRAYS = "arrays"
+FORMAT = "jcompress-checkpoint"
+VERSION = 1
+
+
+# --------------------------------------------------------------------------- JSON for statics
+
+
+def _encode(v: Any, where: str) -> Any:
+    """A static value -> JSON, with tags so tuples, dtypes and non-finite floats come back as
+    they went in."""
+    if isinstance(v, enum.Enum):
+        return _encode(v.value, where)
+    if v is None or isinstance(v, (bool, str)):
+        return v
+    if isinstance(v, (int, np.integer)):
+        return int(v)
+    if isinstance(v, (float, np.floating)):
+        f = float(v)
+        return f if math.isfinite(f) else {"__float__": repr(f)}
+    if isinstance(v, tuple):
+        return {"__tuple__": [_encode(x, where) for x in v]}
+    if isinstance(v, list):
+        return [_encode(x, where) for x in v]
+    if isinstance(v, Mapping):
+        if not all(isinstance(k, str) for k in v):
+            raise UserError(f"{where}: dict keys must be strings to be saved")
+        if any(k.startswith("__") and k.endswith("__") for k in v):
+            raise UserError(f"{where}: dict keys of the form __name__ are reserved")
+        return {k: _encode(x, where) for k, x in v.items()}
+    if isinstance(v, (np.dtype, type)):  # np.float32, jnp.bfloat16, np.dtype(...)
+        try:
+            return {"__dtype__": np.dtype(v).name}
+        except TypeError:
+            pass
+    raise UserError(f"{where}: value {v!r} of type {type(v).__name__} cannot be saved")
+
+
+def _decode(v: Any) -> Any:
+    if isinstance(v, list):
+        return [_decode(x) for x in v]
+    if isinstance(v, dict):
+        if set(v) == {"__tuple__"}:
+            return tuple(_decode(x) for x in v["__tuple__"])
+        if set(v) == {"__float__"}:
+            return float(v["__float__"])
+        if set(v) == {"__dtype__"}:
+            return np.dtype(_dtype_by_name(v["__dtype__"]))
+        return {k: _decode(x) for k, x in v.items()}
+    return v
+
+
+def _dtype_by_name(name: str) -> Any:
+    try:
+        return np.dtype(name)
+    except TypeError:
+        import ml_dtypes
+
+        return np.dtype(getattr(ml_dtypes, name))
+
+
+# --------------------------------------------------------------------------- tree <-> storage
+
+
+def _is_array(x: Any) -> bool:
+    return hasattr(x, "shape") and hasattr(x, "dtype") and not isinstance(x, CompressedLeaf)
+
+
+def _describe_leaf(leaf: CompressedLeaf, where: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A typed leaf -> (its stored arrays as a dict, its JSON description)."""
+    name = type(leaf).__name__
+    if LEAF_TYPES.get(name) is not type(leaf):
+        raise UserError(
+            f"{where}: leaf type {name} is not registered in jcompress.leaves.LEAF_TYPES"
+        )
+    stored: dict[str, Any] = {}
+    children: dict[str, Any] = {}
+    for field, child in leaf.arrays().items():
+        sub = f"{where}.{field}"
+        if child is None:
+            children[field] = None
+        elif isinstance(child, CompressedLeaf):
+            stored[field], children[field] = _describe_leaf(child, sub)
+        elif _is_array(child):
+            stored[field] = child
+            children[field] = "array"
+        else:
+            raise UserError(f"{sub}: expected an array, got {type(child).__name__}")
+    static = {k: _encode(v, f"{where}.{k}") for k, v in leaf.static().items()}
+    return stored, {"type": name, "static": static, "children": children}
+
+
+def _split(params: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Params -> (a nested dict of arrays only, the typed-leaf index)."""
+    index: list[dict[str, Any]] = []
+
+    def walk(node: Any, path: tuple[str, ...]) -> Any:
+        where = "params/" + "/".join(path) if path else "params"
+        if isinstance(node, Mapping):
+            out = {}
+            for k, v in node.items():
+                if not isinstance(k, str) or not k:
+                    raise UserError(f"{where}: keys must be non-empty strings, got {k!r}")
+                out[k] = walk(v, (*path, k))
+            return out
+        if isinstance(node, CompressedLeaf):
+            stored, desc = _describe_leaf(node, where)
+            index.append({"path": list(path), **desc})
+            return stored
+        if _is_array(node):
+            return node
+        raise UserError(
+            f"{where}: cannot save a {type(node).__name__}; params hold nested dicts of arrays "
+            "and typed leaves"
+        )
+
+    if not isinstance(params, Mapping):
+        raise UserError(f"params: expected a nested dict, got {type(params).__name__}")
+    tree = walk(params, ())
+    if not jax.tree.leaves(tree):
+        raise UserError("params: no arrays to save")
+    return tree, index
+
+
+def _rebuild_leaf(stored: Any, desc: Mapping[str, Any], where: str) -> CompressedLeaf:
+    name = desc.get("type")
+    cls = LEAF_TYPES.get(name)
+    if cls is None:
+        known = ", ".join(sorted(LEAF_TYPES)) or "none"
+        raise UserError(f"{where}: unknown leaf type {name!r} (known: {known})")
+    if not isinstance(stored, Mapping):
+        raise UserError(f"{where}: checkpoint is corrupt (no arrays stored for a {name})")
+    kwargs: dict[str, Any] = {}
+    for field, kind in desc.get("children", {}).items():
+        if kind is None:
+            kwargs[field] = None
+            continue
+        if field not in stored:
+            raise UserError(f"{where}: checkpoint is corrupt (array {field} of a {name} missing)")
+        kwargs[field] = (
+            stored[field]
+            if kind == "array"
+            else _rebuild_leaf(stored[field], kind, f"{where}.{field}")
+        )
+    kwargs.update({k: _decode(v) for k, v in desc.get("static", {}).items()})
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{where}: cannot rebuild {name}: {e}") from None
+
+
+def _join(tree: dict[str, Any], index: list[Mapping[str, Any]], path: Path) -> dict[str, Any]:
+    for entry in index:
+        keys = entry.get("path")
+        if not isinstance(keys, list) or not keys:
+            raise UserError(f"{path}: {SIDECAR} is corrupt (bad typed-leaf path {keys!r})")
+        where = "params/" + "/".join(map(str, keys))
+        node = tree
+        for k in keys[:-1]:
+            if not isinstance(node, dict) or k not in node:
+                raise UserError(f"{path}: checkpoint is corrupt ({where} not in the arrays)")
+            node = node[k]
+        if not isinstance(node, dict) or keys[-1] not in node:
+            raise UserError(f"{path}: checkpoint is corrupt ({where} not in the arrays)")
+        node[keys[-1]] = _rebuild_leaf(node[keys[-1]], entry, where)
+    return tree
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _config_fields(cfg: ModelConfig) -> dict[str, Any]:
+    return {
+        f.name: _encode(getattr(cfg, f.name), f"cfg.{f.name}")
+        for f in dataclasses.fields(cfg)
+        if f.name != "hf_config"
+    }
+
+
+def _config_from_sidecar(meta: Mapping[str, Any], path: Path) -> ModelConfig:
+    """Rebuild the config from the HF dict, then apply any field that was changed after parsing
+    (so a config edited with ``dataclasses.replace`` round-trips too)."""
+    from jcompress.models.families import config_from_hf
+
+    hf = meta.get("hf_config")
+    fields = {k: _decode(v) for k, v in (meta.get("model_config") or {}).items()}
+    if not isinstance(hf, dict):
+        raise UserError(f"{path}: {SIDECAR} is corrupt (no hf_config)")
+    names = {f.name for f in dataclasses.fields(ModelConfig)} - {"hf_config"}
+    unknown = sorted(set(fields) - names)
+    if unknown:
+        raise UserError(f"{path}: {SIDECAR} has unknown config fields: {', '.join(unknown)}")
+    if hf:
+        cfg = config_from_hf(hf)
+        changed = {k: v for k, v in fields.items() if getattr(cfg, k) != v}
+        return dataclasses.replace(cfg, **changed) if changed else cfg
+    try:
+        return ModelConfig(**fields, hf_config={})
+    except TypeError as e:
+        raise UserError(f"{path}: {SIDECAR} is corrupt ({e})") from None
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a directory written by :func:`save`."""
+    return (Path(path) / SIDECAR).is_file()
+
+
+def save(
+    path: str | os.PathLike,
+    cfg: ModelConfig,
+    params: Mapping[str, Any],
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``(cfg, params)`` as a checkpoint directory.
+
+    Args:
+      path: destination directory (its parent is created if needed).
+      cfg: the model config; its ``hf_config`` dict is stored and re-parsed on restore.
+      params: nested dict of arrays and typed compressed leaves.
+      overwrite: replace an existing checkpoint at ``path``. Only a directory written by
+        :func:`save` (or an empty directory) is replaced; anything else is refused.
+
+    Returns:
+      ``path`` as a Path.
+
+    Raises:
+      UserError: ``path`` exists (without ``overwrite``, or it is not a checkpoint), or params
+        hold something other than arrays and registered typed leaves.
+    """
+    import orbax.checkpoint as ocp
+
+    path = Path(path)
+    if not isinstance(cfg, ModelConfig):
+        raise UserError(f"cfg: expected a ModelConfig, got {type(cfg).__name__}")
+    if path.exists() or path.is_symlink():
+        if not overwrite:
+            raise UserError(
+                f"checkpoint: {path} already exists (pass overwrite=True to replace it)"
+            )
+        if not (is_checkpoint(path) or (path.is_dir() and not any(path.iterdir()))):
+            raise UserError(
+                f"checkpoint: {path} exists and is not a jcompress checkpoint; "
+                "refusing to replace it"
+            )
+    tree, index = _split(params)
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "hf_config": dict(cfg.hf_config),
+        "model_config": _config_fields(cfg),
+        "leaves": index,
+    }
+    try:
+        sidecar = json.dumps(meta, indent=1, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"cfg.hf_config: cannot be written as JSON ({e})") from None
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save((tmp / ARRAYS).absolute(), tree)
+            ckptr.wait_until_finished()
+        (tmp / SIDECAR).write_text(sidecar + "\n")
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def restore(
+    path: str | os.PathLike, *, device: jax.Device | None = None
+) -> tuple[ModelConfig, dict[str, Any]]:
+    """Read a checkpoint written by :func:`save`.
+
+    Args:
+      path: the checkpoint directory.
+      device: put (commit) the arrays on this device; default: JAX's default device,
+        uncommitted, like :func:`jcompress.load_hf`.
+
+    Returns:
+      ``(cfg, params)`` with every array a ``jax.Array`` of its saved dtype and typed leaves
+      rebuilt as their classes.
+
+    Raises:
+      UserError: ``path`` is missing, is not a checkpoint, or is corrupt.
+    """
+    import orbax.checkpoint as ocp
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint: {path} does not exist")
+    if not path.is_dir() or not is_checkpoint(path):
+        raise UserError(f"checkpoint: {path} is not a jcompress checkpoint (no {SIDECAR})")
+    try:
+        meta = json.loads((path / SIDECAR).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path / SIDECAR}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise UserError(f"checkpoint: {path} is not a jcompress checkpoint (bad {SIDECAR})")
+    if meta.get("version") != VERSION:
+        raise UserError(
+            f"checkpoint: {path} has format version {meta.get('version')!r}; this jcompress reads "
+            f"version {VERSION}"
+        )
+    index = meta.get("leaves")
+    if not isinstance(index, list):
+        raise UserError(f"{path}: {SIDECAR} is corrupt (no leaves list)")
+    cfg = _config_from_sidecar(meta, path)
+
+    arrays_dir = (path / ARRAYS).absolute()
+    if not arrays_dir.is_dir():
+        raise UserError(f"checkpoint: {path} is corrupt (no {ARRAYS}/ directory)")
+    # Without a device, orbax restores numpy arrays (a numpy target; np.empty only reserves
+    # address space) and jnp.asarray puts them on the default device uncommitted, exactly like
+    # load_hf, so restored and freshly loaded params share jit compilations. (A ShapeDtypeStruct
+    # target without sharding comes back as committed jax arrays in orbax 0.12.)
+    if device is None:
+        make = lambda m: np.empty(tuple(m.shape), m.dtype)  # noqa: E731
+    else:
+        sharding = jax.sharding.SingleDeviceSharding(device)
+        make = lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding)  # noqa: E731
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            target = jax.tree.map(make, _item_tree(ckptr.metadata(arrays_dir)))
+            tree = ckptr.restore(arrays_dir, target)
+    except Exception as e:  # orbax / tensorstore errors have no common base class
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"checkpoint: cannot read arrays in {path} ({msg})") from e
+    if device is None:
+        tree = jax.tree.map(jax.numpy.asarray, tree)
+    return cfg, _join(_to_dicts(tree), index, path)
+
+
+def _item_tree(metadata: Any) -> Any:
+    """The tree of array metadata, across orbax versions (StepMetadata or a bare tree)."""
+    item = getattr(metadata, "item_metadata", metadata)
+    return getattr(item, "tree", item)
+
+
+def _to_dicts(tree: Any) -> Any:
+    if isinstance(tree, Mapping):
+        return {k: _to_dicts(v) for k, v in tree.items()}
+    return tree
+
+
+def _replace_dir(tmp: Path, dest: Path) -> None:
+    """Move ``tmp`` to ``dest``; an existing ``dest`` is swapped out first and deleted after."""
+    if not (dest.exists() or dest.is_symlink()):
+        os.replace(tmp, dest)
+        return
+    trash = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+    os.replace(dest, trash / "old")
+    try:
+        os.replace(tmp, dest)
+    except BaseException:
+        os.replace(trash / "old", dest)
+        shutil.rmtree(trash, ignore_errors=True)
+        raise
+    shutil.rmtree(trash, ignore_errors=True)

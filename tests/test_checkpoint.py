@@ -1,0 +1,261 @@
+"""Orbax checkpoints of (compressed) param pytrees: exact round trips, atomic writes, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jcompress
+from jcompress import LowRank, UserError, checkpoint
+from jcompress.leaves import LEAF_TYPES, CompressedLeaf, _register
+from jcompress.models.convert import flatten, unflatten
+
+
+@_register
+class _ScaledTestLeaf(CompressedLeaf):
+    """A test-only leaf with static fields of awkward JSON types: ``W = scale * w``."""
+
+    w: Any
+    scale: float = 1.0
+    block: tuple = (1, 1)
+    tag: str = ""
+    dt: Any = None
+    array_fields: ClassVar[tuple[str, ...]] = ("w",)
+
+    @property
+    def shape(self):
+        return tuple(self.w.shape)
+
+    def materialize(self):
+        return self.scale * self.w
+
+    def apply(self, x):
+        return self.scale * (x @ self.w)
+
+
+@pytest.fixture(scope="module")
+def llama(llama_dir):
+    return jcompress.load_hf(llama_dir)
+
+
+@pytest.fixture(scope="module")
+def ids():
+    # the shape test_forward_features uses, so the dense forward compiles once per session
+    return jnp.asarray(np.random.default_rng(0).integers(1, 2048, (2, 12)), jnp.int32)
+
+
+def _compressed(cfg, params):
+    """LowRank q/k kernels (bf16 factors in layer 0, f32 in layer 1), a bf16 MLP kernel, and a
+    test leaf with static fields."""
+    flat = flatten(params)
+    for i, dt in ((0, jnp.bfloat16), (1, jnp.float32)):
+        for role in ("q_proj", "k_proj"):
+            path = f"model/layers/{i}/self_attn/{role}/kernel"
+            w = flat[path]
+            a = w[:, :8] + 0.01  # any rank-8 factorisation will do here
+            b = jnp.eye(8, w.shape[1], dtype=w.dtype)
+            flat[path] = LowRank(a.astype(dt), b.astype(dt))
+    flat["model/layers/2/mlp/up_proj/kernel"] = flat["model/layers/2/mlp/up_proj/kernel"].astype(
+        jnp.bfloat16
+    )
+    flat["model/layers/3/mlp/down_proj/kernel"] = _ScaledTestLeaf(
+        flat["model/layers/3/mlp/down_proj/kernel"] * 2,
+        scale=0.5,
+        block=(4, (2, 3)),
+        tag="x/y",
+        dt=jnp.dtype(jnp.bfloat16),
+    )
+    return unflatten(flat)
+
+
+def _assert_same_tree(got, want):
+    g = flatten(got)
+    w = flatten(want)
+    assert set(g) == set(w)
+    for path in w:
+        assert type(g[path]) is type(w[path]) or (
+            isinstance(g[path], jax.Array) and isinstance(w[path], jax.Array)
+        ), path
+        if isinstance(w[path], CompressedLeaf):
+            assert g[path].static() == w[path].static(), path
+            pairs = [(g[path].arrays()[f], w[path].arrays()[f]) for f in w[path].array_fields]
+        else:
+            pairs = [(g[path], w[path])]
+        for x, y in pairs:
+            assert isinstance(x, jax.Array), path
+            assert x.dtype == y.dtype and x.shape == y.shape, path
+            assert len(x.devices()) == 1, path
+            # bit-exact (compare raw bytes; NaN-safe and exact for bf16)
+            assert np.asarray(x).tobytes() == np.asarray(y).tobytes(), path
+
+
+def test_round_trip_real_llama(llama, ids, tmp_path):
+    cfg, params = llama
+    out = checkpoint.save(tmp_path / "ckpt", cfg, params)
+    assert out == tmp_path / "ckpt" and checkpoint.is_checkpoint(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary dirs left
+    cfg2, params2 = checkpoint.restore(out)
+    assert cfg2 == cfg and dict(cfg2.hf_config) == dict(cfg.hf_config)
+    _assert_same_tree(params2, params)
+    # like load_hf: default device, uncommitted (so both share jit compilations)
+    assert not any(x.committed for x in jax.tree.leaves(params2))
+    np.testing.assert_array_equal(
+        jcompress.forward(cfg2, params2, ids), jcompress.forward(cfg, params, ids)
+    )
+    dev = jax.devices()[-1]
+    _, on_dev = checkpoint.restore(out, device=dev)
+    assert all(x.committed and x.devices() == {dev} for x in jax.tree.leaves(on_dev))
+    _assert_same_tree(on_dev, params)
+
+
+def test_round_trip_compressed_tree(llama, ids, tmp_path):
+    cfg, params = llama
+    comp = _compressed(cfg, params)
+    checkpoint.save(tmp_path / "c", cfg, comp)
+    meta = json.loads((tmp_path / "c" / checkpoint.SIDECAR).read_text())
+    assert sorted(e["type"] for e in meta["leaves"]) == ["LowRank"] * 4 + ["_ScaledTestLeaf"]
+    cfg2, comp2 = checkpoint.restore(tmp_path / "c")
+    assert cfg2 == cfg
+    _assert_same_tree(comp2, comp)
+    k0 = comp2["model"]["layers"]["0"]["self_attn"]["k_proj"]["kernel"]
+    assert isinstance(k0, LowRank) and k0.a.dtype == jnp.bfloat16 and k0.rank == 8
+    leaf = comp2["model"]["layers"]["3"]["mlp"]["down_proj"]["kernel"]
+    assert leaf.block == (4, (2, 3)) and isinstance(leaf.block[1], tuple)
+    assert leaf.scale == 0.5 and leaf.tag == "x/y" and leaf.dt == jnp.bfloat16
+    before = jcompress.forward(cfg, comp, ids)
+    after = jcompress.forward(cfg2, comp2, ids)
+    np.testing.assert_array_equal(after, before)
+    assert not np.allclose(before, jcompress.forward(cfg, params, ids), atol=1e-3)
+
+
+def test_edited_config_round_trips(llama, tmp_path):
+    cfg, params = llama
+    edited = dataclasses.replace(
+        cfg, norm_eps=1e-3, rope_scaling=(("factor", 2.0), ("rope_type", "linear"))
+    )
+    checkpoint.save(tmp_path / "c", edited, params)
+    cfg2, _ = checkpoint.restore(tmp_path / "c")
+    assert cfg2 == edited and cfg2 != cfg
+    assert cfg2.rope_scaling == (("factor", 2.0), ("rope_type", "linear"))
+
+
+def test_save_refuses_existing_path_without_overwrite(llama, tmp_path):
+    cfg, params = llama
+    small = {"model": {"embed_tokens": params["model"]["embed_tokens"]}}
+    dest = tmp_path / "c"
+    checkpoint.save(dest, cfg, small)
+    before = sorted(p.name for p in dest.rglob("*"))
+    with pytest.raises(UserError, match="already exists") as e:
+        checkpoint.save(dest, cfg, params)
+    assert "\n" not in str(e.value)
+    assert sorted(p.name for p in dest.rglob("*")) == before
+    _, got = checkpoint.restore(dest)
+    assert set(flatten(got)) == {"model/embed_tokens/embedding"}
+    # overwrite=True replaces it
+    checkpoint.save(dest, cfg, params, overwrite=True)
+    _, got = checkpoint.restore(dest)
+    assert set(flatten(got)) == set(flatten(params))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
+def test_overwrite_refuses_non_checkpoint(llama, tmp_path):
+    cfg, params = llama
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="not a jcompress checkpoint"):
+        checkpoint.save(tmp_path / "d", cfg, params, overwrite=True)
+    assert (tmp_path / "d" / "keep.txt").read_text() == "mine"
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(UserError, match="already exists"):
+        checkpoint.save(tmp_path / "f", cfg, params)
+
+
+def test_failed_save_leaves_nothing(llama, tmp_path, monkeypatch):
+    cfg, params = llama
+    small = {"model": {"norm": params["model"]["norm"]}}
+
+    def boom(tmp, dest):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(checkpoint, "_replace_dir", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        checkpoint.save(tmp_path / "c", cfg, small)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    # a failed overwrite keeps the old checkpoint intact
+    checkpoint.save(tmp_path / "c", cfg, small)
+    monkeypatch.setattr(checkpoint, "_replace_dir", boom)
+    with pytest.raises(RuntimeError):
+        checkpoint.save(tmp_path / "c", cfg, params, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+    monkeypatch.undo()
+    _, got = checkpoint.restore(tmp_path / "c")
+    assert set(flatten(got)) == {"model/norm/scale"}
+
+
+def test_unsupported_params_are_refused_before_writing(llama, tmp_path):
+    cfg, params = llama
+    for bad, match in (
+        ({"a": "text"}, "cannot save a str"),
+        ({"a": [jnp.ones(2)]}, "cannot save a list"),
+        ({1: jnp.ones(2)}, "keys must be non-empty strings"),
+        ({"a": {}}, "no arrays"),
+        ([jnp.ones(2)], "expected a nested dict"),
+    ):
+        with pytest.raises(UserError, match=match):
+            checkpoint.save(tmp_path / "c", cfg, bad)
+    with pytest.raises(UserError, match="cfg"):
+        checkpoint.save(tmp_path / "c", "not a config", params)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_restore_errors(llama, tmp_path):
+    cfg, params = llama
+    with pytest.raises(UserError, match="does not exist") as e:
+        checkpoint.restore(tmp_path / "missing")
+    assert "\n" not in str(e.value)
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(UserError, match="not a jcompress checkpoint"):
+        checkpoint.restore(tmp_path / "plain")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="not a jcompress checkpoint"):
+        checkpoint.restore(tmp_path / "file")
+
+    small = {"model": {"norm": params["model"]["norm"]}}
+    good = checkpoint.save(tmp_path / "good", cfg, small)
+    sidecar = good / checkpoint.SIDECAR
+    meta = json.loads(sidecar.read_text())
+
+    sidecar.write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        checkpoint.restore(good)
+    sidecar.write_text(json.dumps({**meta, "format": "other"}))
+    with pytest.raises(UserError, match="not a jcompress checkpoint"):
+        checkpoint.restore(good)
+    sidecar.write_text(json.dumps({**meta, "version": 99}))
+    with pytest.raises(UserError, match="format version 99"):
+        checkpoint.restore(good)
+    entry = {"path": ["model", "norm", "scale"], "type": "NoSuchLeaf", "static": {}, "children": {}}
+    sidecar.write_text(json.dumps({**meta, "leaves": [entry]}))
+    with pytest.raises(UserError, match="unknown leaf type 'NoSuchLeaf'"):
+        checkpoint.restore(good)
+    entry = {"path": ["model", "nope"], "type": "LowRank", "static": {}, "children": {}}
+    sidecar.write_text(json.dumps({**meta, "leaves": [entry]}))
+    with pytest.raises(UserError, match="corrupt"):
+        checkpoint.restore(good)
+    sidecar.write_text(json.dumps(meta))
+    import shutil
+
+    shutil.rmtree(good / "arrays")
+    with pytest.raises(UserError, match="corrupt"):
+        checkpoint.restore(good)
+
+
+def test_test_leaf_registered():
+    assert LEAF_TYPES["_ScaledTestLeaf"] is _ScaledTestLeaf

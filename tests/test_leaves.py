@@ -1,0 +1,216 @@
+"""Typed compressed leaves: the LowRank contract, pytree behaviour, jit / vmap / grad."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jcompress
+from jcompress.leaves import LEAF_TYPES, CompressedLeaf, LowRank, dot, is_compressed, materialize
+
+
+def _rand(seed: int, *shape: int, dtype=jnp.float32) -> jax.Array:
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
+
+
+@pytest.fixture(scope="module")
+def lr() -> LowRank:
+    return LowRank(_rand(0, 6, 3), _rand(1, 3, 5))
+
+
+# --------------------------------------------------------------------------- contract
+
+
+def test_exported_and_registered():
+    assert jcompress.LowRank is LowRank
+    assert LEAF_TYPES["LowRank"] is LowRank
+    assert issubclass(LowRank, CompressedLeaf)
+
+
+@pytest.mark.parametrize(
+    "a_shape, b_shape, match",
+    [
+        ((6, 3), (4, 5), "inner ranks differ"),
+        ((6, 3), (2, 5), r"a\(6, 3\) @ b\(2, 5\)"),
+        ((6,), (1, 5), "must be 2-D"),
+        ((6, 3), (3,), "must be 2-D"),
+        ((2, 6, 3), (3, 5), "must be 2-D"),
+        ((6, 3), (2, 3, 5), "must be 2-D"),
+        ((), (3, 5), "must be 2-D"),
+    ],
+)
+def test_shape_contract_errors(a_shape, b_shape, match):
+    with pytest.raises(ValueError, match=match):
+        LowRank(jnp.zeros(a_shape), jnp.zeros(b_shape))
+    with pytest.raises(ValueError, match=match):  # numpy children are checked too
+        LowRank(np.zeros(a_shape, np.float32), np.zeros(b_shape, np.float32))
+
+
+def test_placeholders_are_not_checked():
+    # pytree machinery may build leaves around non-arrays; those must not raise
+    LowRank(None, None)
+    LowRank(object(), object())
+
+
+def test_properties(lr):
+    assert lr.shape == (6, 5)
+    assert lr.rank == 3
+    assert lr.dtype == jnp.float32
+    assert lr.num_params == 6 * 3 + 3 * 5
+    assert lr.nbytes == (6 * 3 + 3 * 5) * 4
+    assert set(lr.arrays()) == {"a", "b"}
+    assert lr.arrays()["a"] is lr.a and lr.arrays()["b"] is lr.b
+    assert lr.static() == {}
+
+
+def test_mixed_dtype_nbytes_and_dtype():
+    w = LowRank(_rand(0, 8, 2, dtype=jnp.bfloat16), _rand(1, 2, 4))
+    assert w.dtype == jnp.float32  # result type of bf16 and f32
+    assert w.nbytes == 8 * 2 * 2 + 2 * 4 * 4
+    assert w.num_params == 8 * 2 + 2 * 4
+    both = LowRank(_rand(0, 8, 2, dtype=jnp.bfloat16), _rand(1, 2, 4, dtype=jnp.bfloat16))
+    assert both.dtype == jnp.bfloat16
+    assert both.materialize().dtype == jnp.bfloat16
+
+
+def test_materialize_and_apply(lr):
+    a, b = np.asarray(lr.a, np.float64), np.asarray(lr.b, np.float64)
+    np.testing.assert_allclose(lr.materialize(), a @ b, rtol=1e-5, atol=1e-5)
+    assert lr.materialize().shape == lr.shape
+    x = _rand(2, 2, 4, 6)  # leading batch dims
+    y = lr.apply(x)
+    assert y.shape == (2, 4, 5)
+    np.testing.assert_allclose(y, x @ lr.materialize(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y, np.asarray(x, np.float64) @ a @ b, rtol=1e-5, atol=1e-5)
+
+
+def test_dot_dispatch(lr):
+    x = _rand(3, 4, 6)
+    dense = lr.materialize()
+    np.testing.assert_allclose(dot(x, lr), lr.apply(x), rtol=0, atol=0)
+    np.testing.assert_allclose(dot(x, dense), x @ dense, rtol=0, atol=0)
+    np.testing.assert_allclose(dot(x, lr), dot(x, dense), rtol=1e-5, atol=1e-5)
+
+
+def test_materialize_tree(lr):
+    tree = {"p": {"kernel": lr, "bias": jnp.ones(5)}, "q": jnp.zeros((2, 2))}
+    out = materialize(tree)
+    assert not any(is_compressed(v) for v in jax.tree.leaves(out, is_leaf=is_compressed))
+    np.testing.assert_array_equal(out["p"]["kernel"], lr.materialize())
+    assert out["p"]["bias"] is tree["p"]["bias"] and out["q"] is tree["q"]
+    assert is_compressed(lr) and not is_compressed(lr.a)
+    assert jcompress.materialize is materialize
+
+
+# --------------------------------------------------------------------------- pytree / transforms
+
+
+def test_pytree_children_and_paths(lr):
+    leaves, treedef = jax.tree.flatten(lr)
+    assert len(leaves) == 2 and leaves[0] is lr.a and leaves[1] is lr.b
+    rebuilt = jax.tree.unflatten(treedef, leaves)
+    assert isinstance(rebuilt, LowRank) and rebuilt.a is lr.a
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(lr)[0]]
+    assert paths == [".a", ".b"]
+
+
+def test_tree_map(lr):
+    doubled = jax.tree.map(lambda x: 2 * x, lr)
+    assert isinstance(doubled, LowRank)
+    np.testing.assert_allclose(doubled.a, 2 * lr.a)
+    np.testing.assert_allclose(doubled.materialize(), 4 * lr.materialize(), rtol=1e-5)
+    cast = jax.tree.map(lambda x: x.astype(jnp.bfloat16), {"w": lr})
+    assert cast["w"].dtype == jnp.bfloat16 and isinstance(cast["w"], LowRank)
+    # per-array reductions and stacking rebuild leaves whose children break the 2-D contract
+    maxes = jax.tree.map(jnp.max, lr)
+    assert (
+        isinstance(maxes, LowRank) and maxes.a.shape == () and float(maxes.a) == float(lr.a.max())
+    )
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), lr, doubled)
+    assert stacked.a.shape == (2, 6, 3) and stacked.b.shape == (2, 3, 5)
+
+
+def test_jit(lr):
+    x = _rand(4, 3, 6)
+
+    @jax.jit
+    def f(w, x):
+        return w.apply(x), w.materialize(), w
+
+    y, dense, w2 = f(lr, x)
+    np.testing.assert_allclose(y, x @ lr.materialize(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dense, lr.materialize(), rtol=1e-6, atol=1e-6)
+    assert isinstance(w2, LowRank) and w2.shape == lr.shape
+    # a leaf built inside jit is validated at trace time
+    with pytest.raises(ValueError, match="inner ranks differ"):
+        jax.jit(lambda a, b: LowRank(a, b).materialize())(jnp.zeros((6, 3)), jnp.zeros((2, 5)))
+
+
+def test_vmap_over_inputs_and_over_stacked_leaves(lr):
+    xs = _rand(5, 7, 6)
+    ys = jax.vmap(lambda x: dot(x, lr))(xs)
+    np.testing.assert_allclose(ys, xs @ lr.materialize(), rtol=1e-5, atol=1e-5)
+    # vmap producing leaves (stacked factors), then vmap consuming them
+    scales = jnp.arange(1.0, 4.0)
+    stacked = jax.vmap(lambda s: LowRank(s * lr.a, lr.b))(scales)
+    assert isinstance(stacked, LowRank) and stacked.a.shape == (3, 6, 3)
+    x = _rand(6, 6)
+    out = jax.vmap(lambda w: w.apply(x))(stacked)
+    want = np.stack([np.asarray(x @ (s * lr.a) @ lr.b) for s in np.asarray(scales)])
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+    dense = jax.vmap(lambda w: w.materialize())(stacked)
+    assert dense.shape == (3, 6, 5)
+
+
+def test_grad_is_a_lowrank(lr):
+    x = _rand(7, 4, 6)
+    g = jax.grad(lambda w: jnp.sum(w.apply(x) ** 2))(lr)
+    assert isinstance(g, LowRank)
+    a, b = lr.a, lr.b
+    ga = jax.grad(lambda a: jnp.sum((x @ a @ b) ** 2))(a)
+    gb = jax.grad(lambda b: jnp.sum((x @ a @ b) ** 2))(b)
+    np.testing.assert_allclose(g.a, ga, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(g.b, gb, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- property-based
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    n_in=st.integers(1, 9),
+    r=st.integers(1, 6),
+    n_out=st.integers(1, 9),
+    batch=st.lists(st.integers(1, 3), max_size=2),
+    seed=st.integers(0, 2**16),
+)
+def test_random_shapes(n_in, r, n_out, batch, seed):
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((n_in, r)).astype(np.float32)
+    b = rng.standard_normal((r, n_out)).astype(np.float32)
+    x = rng.standard_normal((*batch, n_in)).astype(np.float32)
+    w = LowRank(jnp.asarray(a), jnp.asarray(b))
+    assert w.shape == (n_in, n_out) and w.rank == r
+    assert w.num_params == n_in * r + r * n_out
+    assert w.nbytes == 4 * w.num_params
+    dense = np.asarray(a, np.float64) @ b
+    np.testing.assert_allclose(w.materialize(), dense, rtol=1e-5, atol=1e-5)
+    y = w.apply(jnp.asarray(x))
+    assert y.shape == (*batch, n_out)
+    np.testing.assert_allclose(y, x.astype(np.float64) @ dense, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(y, dot(jnp.asarray(x), w.materialize()), rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n_in=st.integers(1, 6), r=st.integers(1, 6), r2=st.integers(1, 6), n_out=st.integers(1, 6))
+def test_random_mismatched_ranks_raise(n_in, r, r2, n_out):
+    a, b = np.zeros((n_in, r), np.float32), np.zeros((r2, n_out), np.float32)
+    if r == r2:
+        assert LowRank(a, b).shape == (n_in, n_out)
+    else:
+        with pytest.raises(ValueError, match="inner ranks differ"):
+            LowRank(a, b)
