@@ -10,7 +10,7 @@ A param pytree goes in, a compressed param pytree and a report come out::
 from jcompress import checkpoint
 from jcompress.errors import UserError
 from jcompress.eval import PerplexityResult, perplexity
-from jcompress.leaves import LowRank, materialize
+from jcompress.leaves import HeadLowRank, LowRank, materialize
 from jcompress.models import (
     Capture,
     ModelConfig,
@@ -30,6 +30,7 @@ __version__ = "0.1.0"
 __all__ = [
     "checkpoint",
     "Capture",
+    "HeadLowRank",
     "LowRank",
     "ModelConfig",
     "UserError",

@@ -30,7 +30,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["LEAF_TYPES", "CompressedLeaf", "LowRank", "dot", "is_compressed", "materialize"]
+__all__ = [
+    "LEAF_TYPES",
+    "CompressedLeaf",
+    "Factored",
+    "HeadLowRank",
+    "LowRank",
+    "dot",
+    "is_compressed",
+    "materialize",
+]
 
 LEAF_TYPES: dict[str, type[CompressedLeaf]] = {}
 
@@ -123,8 +132,32 @@ def _register(cls):
     return cls
 
 
+class Factored(CompressedLeaf):
+    """A leaf applied in two steps, ``y = up(down(x))``, whose middle is a narrow latent.
+
+    The forward pass caches ``down(x)`` for k/v projections (a rank-r KV cache) and calls
+    ``up`` when it reads the cache.
+    """
+
+    @abc.abstractmethod
+    def down(self, x: jax.Array) -> jax.Array:
+        """``[..., in] -> [..., latent_width]``."""
+
+    @abc.abstractmethod
+    def up(self, z: jax.Array) -> jax.Array:
+        """``[..., latent_width] -> [..., out]``."""
+
+    @property
+    @abc.abstractmethod
+    def latent_width(self) -> int:
+        """Width of ``down(x)``."""
+
+    def apply(self, x: jax.Array) -> jax.Array:
+        return self.up(self.down(x))
+
+
 @_register
-class LowRank(CompressedLeaf):
+class LowRank(Factored):
     """A rank-``r`` factorisation of an ``[in, out]`` kernel.
 
     Reconstruction: ``W = a @ b``; applied as ``y = (x @ a) @ b``.
@@ -159,11 +192,80 @@ class LowRank(CompressedLeaf):
     def shape(self) -> tuple[int, int]:
         return (int(self.a.shape[0]), int(self.b.shape[1]))
 
+    @property
+    def latent_width(self) -> int:
+        return self.rank
+
     def materialize(self) -> jax.Array:
         return jnp.matmul(self.a, self.b)
 
-    def apply(self, x: jax.Array) -> jax.Array:
-        return jnp.matmul(jnp.matmul(x, self.a), self.b)
+    def down(self, x: jax.Array) -> jax.Array:
+        return jnp.matmul(x, self.a)
+
+    def up(self, z: jax.Array) -> jax.Array:
+        return jnp.matmul(z, self.b)
+
+
+@_register
+class HeadLowRank(Factored):
+    """Per-head rank-``r`` factorisation of an ``[in, heads * d]`` projection.
+
+    Reconstruction: ``W = a @ blockdiag(b[0], ..., b[heads - 1])``: head ``h`` of the output is
+    ``(x @ a[:, h*r:(h+1)*r]) @ b[h]``. This is the EigenAttention form ``W_h U_h U_h^T``
+    with ``a = [W_h U_h]_h`` and ``b[h] = U_h^T``; ``down(x) = x @ a`` is the rank-r per-head
+    latent a KV cache stores.
+
+    Attributes:
+      a: ``[in, heads * r]`` projections onto each head's basis.
+      b: ``[heads, r, d]`` per-head maps back to the head width.
+    """
+
+    a: Any
+    b: Any
+    array_fields: ClassVar[tuple[str, ...]] = ("a", "b")
+
+    def __post_init__(self):
+        if _is_array(self.a) and _is_array(self.b):
+            if self.a.ndim != 2 or self.b.ndim != 3:
+                raise ValueError(
+                    "HeadLowRank: a must be [in, heads*r] and b [heads, r, d]; got "
+                    f"a{tuple(self.a.shape)} and b{tuple(self.b.shape)}"
+                )
+            if self.a.shape[1] != self.b.shape[0] * self.b.shape[1]:
+                raise ValueError(
+                    f"HeadLowRank: a{tuple(self.a.shape)} has {self.a.shape[1]} columns, "
+                    f"b{tuple(self.b.shape)} needs heads*r = {self.b.shape[0] * self.b.shape[1]}"
+                )
+
+    @property
+    def heads(self) -> int:
+        return int(self.b.shape[0])
+
+    @property
+    def rank(self) -> int:
+        """Per-head rank ``r``."""
+        return int(self.b.shape[1])
+
+    @property
+    def latent_width(self) -> int:
+        return int(self.a.shape[1])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.a.shape[0]), int(self.b.shape[0] * self.b.shape[2]))
+
+    def down(self, x: jax.Array) -> jax.Array:
+        return jnp.matmul(x, self.a)
+
+    def up(self, z: jax.Array) -> jax.Array:
+        h, r, d = self.b.shape
+        zh = z.reshape(*z.shape[:-1], h, r)
+        return jnp.einsum("...hr,hrd->...hd", zh, self.b).reshape(*z.shape[:-1], h * d)
+
+    def materialize(self) -> jax.Array:
+        h, r, d = self.b.shape
+        a = self.a.reshape(self.a.shape[0], h, r)
+        return jnp.einsum("ihr,hrd->ihd", a, self.b).reshape(self.a.shape[0], h * d)
 
 
 def is_compressed(x: Any) -> bool:

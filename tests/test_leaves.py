@@ -214,3 +214,35 @@ def test_random_mismatched_ranks_raise(n_in, r, r2, n_out):
     else:
         with pytest.raises(ValueError, match="inner ranks differ"):
             LowRank(a, b)
+
+
+# --------------------------------------------------------------------------- HeadLowRank
+
+
+def _head_low_rank(key, d_in=12, heads=3, r=2, d=4):
+    ka, kb = jax.random.split(key)
+    a = jax.random.normal(ka, (d_in, heads * r))
+    b = jax.random.normal(kb, (heads, r, d))
+    return jcompress.HeadLowRank(a, b)
+
+
+def test_head_low_rank_is_block_diagonal_low_rank():
+    leaf = _head_low_rank(jax.random.PRNGKey(0))
+    a, b = np.asarray(leaf.a), np.asarray(leaf.b)
+    block = np.zeros((3 * 2, 3 * 4))
+    for h in range(3):
+        block[h * 2 : (h + 1) * 2, h * 4 : (h + 1) * 4] = b[h]
+    np.testing.assert_allclose(np.asarray(leaf.materialize()), a @ block, rtol=1e-5, atol=1e-5)
+    x = np.random.RandomState(0).randn(2, 5, 12).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(leaf.apply(x)), x @ a @ block, rtol=1e-4, atol=1e-4)
+    assert leaf.shape == (12, 12) and leaf.rank == 2 and leaf.heads == 3
+    assert leaf.latent_width == 6 and leaf.down(x).shape == (2, 5, 6)
+    assert leaf.num_params == 12 * 6 + 3 * 2 * 4
+
+
+@pytest.mark.parametrize(
+    "a_shape, b_shape", [((12, 6), (3, 2)), ((12, 5), (3, 2, 4)), ((12, 6, 1), (3, 2, 4))]
+)
+def test_head_low_rank_shape_contract(a_shape, b_shape):
+    with pytest.raises(ValueError, match="HeadLowRank"):
+        jcompress.HeadLowRank(jnp.zeros(a_shape), jnp.zeros(b_shape))

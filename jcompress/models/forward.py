@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jcompress.errors import UserError
-from jcompress.leaves import LowRank, dot
+from jcompress.leaves import Factored, dot
 from jcompress.models.config import ModelConfig, Norm, Position
 from jcompress.models.convert import Layout, get_path
 from jcompress.models.families import spec_for
@@ -147,10 +147,11 @@ def _linear(p: Params, x: jax.Array, rec: _Recorder, name: str) -> jax.Array:
 
 
 def _latent(p: Params, x: jax.Array) -> jax.Array:
-    """What the KV cache stores for a k/v projection: ``x @ a`` (LowRank) or the projection."""
+    """What the KV cache stores for a k/v projection: ``down(x)`` of a factored kernel
+    (``LowRank``, ``HeadLowRank``), else the full projection."""
     w = p["kernel"]
-    if isinstance(w, LowRank):
-        return jnp.matmul(x, w.a)
+    if isinstance(w, Factored):
+        return w.down(x)
     y = dot(x, w)
     return y + p["bias"] if "bias" in p else y
 
@@ -158,15 +159,15 @@ def _latent(p: Params, x: jax.Array) -> jax.Array:
 def _expand(p: Params, lat: jax.Array) -> jax.Array:
     """Inverse of :func:`_latent`: latent -> full projection."""
     w = p["kernel"]
-    if isinstance(w, LowRank):
-        y = jnp.matmul(lat, w.b)
+    if isinstance(w, Factored):
+        y = w.up(lat)
         return y + p["bias"] if "bias" in p else y
     return lat
 
 
 def _latent_width(p: Params) -> int:
     w = p["kernel"]
-    return int(w.a.shape[1]) if isinstance(w, LowRank) else int(w.shape[-1])
+    return w.latent_width if isinstance(w, Factored) else int(w.shape[-1])
 
 
 @functools.cache
