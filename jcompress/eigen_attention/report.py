@@ -1,0 +1,119 @@
+"""The EigenAttention report: per-layer thresholds, ranks, errors, and KV-cache sizes."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+__all__ = ["EigenReport", "LayerReport"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerReport:
+    """One layer's outcome.
+
+    Attributes:
+      threshold: the kept threshold (``None``: no threshold met the budget; layer left dense).
+      rank_kq, rank_v: per-head ranks of the K (and Q, when ``shares_q``) and V bases.
+      head_dim_kq, head_dim_v: per-head widths before compression.
+      kv_heads: heads that carry a basis (KV heads).
+      error: relative layer-output error ``||Y - Y'|| / ||Y||`` on the calibration set.
+      steps: thresholds whose error was computed.
+    """
+
+    layer: int
+    path: str
+    threshold: float | None
+    rank_kq: int
+    rank_v: int
+    head_dim_kq: int
+    head_dim_v: int
+    kv_heads: int
+    error: float
+    steps: int
+    compressed: bool
+    shares_q: bool
+
+    @property
+    def kv_before(self) -> int:
+        """Cached scalars per token (keys + values) before compression."""
+        return self.kv_heads * (self.head_dim_kq + self.head_dim_v)
+
+    @property
+    def kv_after(self) -> int:
+        return self.kv_heads * (self.rank_kq + self.rank_v)
+
+
+@dataclasses.dataclass(frozen=True)
+class EigenReport:
+    """What :func:`jcompress.eigen_attention.compress` did.
+
+    ``extra`` holds what callers add (perplexity before/after, parameter counts, timings).
+    """
+
+    family: str
+    layers: tuple[LayerReport, ...]
+    nsamples: int
+    seqlen: int
+    avg_dim: int
+    averaged_sequences: int
+    dropped_sequences: int
+    error_budget: float
+    unmatched_rules: tuple[str, ...]
+    rope: bool
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def kv_cache_before(self) -> int:
+        """Cached scalars per token over the reported layers, before."""
+        return sum(r.kv_before for r in self.layers)
+
+    @property
+    def kv_cache_after(self) -> int:
+        return sum(r.kv_after for r in self.layers)
+
+    @property
+    def kv_cache_ratio(self) -> float:
+        """After / before (1.0 = no reduction)."""
+        return self.kv_cache_after / self.kv_cache_before if self.kv_cache_before else 1.0
+
+    def with_extra(self, **kw: Any) -> EigenReport:
+        return dataclasses.replace(self, extra={**self.extra, **kw})
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["layers"] = [
+            {**dataclasses.asdict(r), "kv_before": r.kv_before, "kv_after": r.kv_after}
+            for r in self.layers
+        ]
+        d["unmatched_rules"] = list(self.unmatched_rules)
+        d["kv_cache_before"] = self.kv_cache_before
+        d["kv_cache_after"] = self.kv_cache_after
+        d["kv_cache_percent"] = 100.0 * self.kv_cache_ratio
+        return d
+
+    def to_markdown(self) -> str:
+        q = "K/Q" if any(r.shares_q for r in self.layers) else "K"
+        lines = [
+            f"| layer | threshold | {q} rank/head | V rank/head | error | KV/token before | "
+            "KV/token after |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in self.layers:
+            t = "dense" if r.threshold is None else f"{r.threshold:.2f}"
+            lines.append(
+                f"| {r.layer} | {t} | {r.rank_kq}/{r.head_dim_kq} | {r.rank_v}/{r.head_dim_v} | "
+                f"{r.error:.4f} | {r.kv_before} | {r.kv_after} |"
+            )
+        lines.append(
+            f"| all | | | | budget {self.error_budget} | {self.kv_cache_before} | "
+            f"{self.kv_cache_after} ({100 * self.kv_cache_ratio:.1f}%) |"
+        )
+        notes = [
+            f"calibration: {self.nsamples} x {self.seqlen} tokens, avg_dim {self.avg_dim} -> "
+            f"{self.averaged_sequences} averaged sequences"
+            + (f", {self.dropped_sequences} dropped" if self.dropped_sequences else "")
+        ]
+        if self.unmatched_rules:
+            notes.append(f"layer rules that matched nothing: {', '.join(self.unmatched_rules)}")
+        return "\n".join(lines + [""] + notes)
