@@ -307,7 +307,7 @@ def compress(
         frac_kq = jax.vmap(core.spectrum_fraction_core)(s_kq)
         frac_v = jax.vmap(core.spectrum_fraction_core)(s_v)
 
-        def build(r_kq: int, r_v: int, lp=lp, kp=kp, qp=qp, vp=vp, u_kq=u_kq, u_v=u_v):
+        def build(r_kq, r_v, lp=lp, kp=kp, qp=qp, vp=vp, u_kq=u_kq, u_v=u_v, d_k=d_k, d_v=d_v):
             new = lp
             if r_kq < d_k:
                 u = u_kq[:, :, :r_kq]
@@ -318,7 +318,7 @@ def compress(
                 new = _with(new, lay.v, *_project(vp["kernel"], vp.get("bias"), u_v[:, :, :r_v]))
             return new
 
-        def error(candidate, outputs=outputs, i=i) -> float:
+        def error(candidate, outputs=outputs, hidden=hidden, i=i) -> float:
             dense = materialize(candidate)  # same shapes as the original: no recompilation
             num = den = 0.0
             for (_, real), h, y in zip(batches, hidden, outputs, strict=True):
