@@ -23,7 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jcompress.errors import UserError
-from jcompress.leaves import CompressedLeaf
+from jcompress.leaves import LEAF_TYPES, CompressedLeaf
 from jcompress.models.config import ModelConfig
 from jcompress.models.convert import check_shape, flatten, unflatten
 from jcompress.models.families import spec_for
@@ -91,12 +91,12 @@ def read_config(model_dir: str | os.PathLike) -> ModelConfig:
 class _Weights:
     """Name -> tensor over one or many safetensors files, or a torch state dict."""
 
-    def __init__(self, model_dir: Path):
+    def __init__(self, model_dir: Path, stem: str = "model"):
         self.files: dict[str, SafetensorsFile] = {}
         self.where: dict[str, str] = {}
         self.state: dict[str, Any] | None = None
-        single = model_dir / "model.safetensors"
-        index = model_dir / "model.safetensors.index.json"
+        single = model_dir / f"{stem}.safetensors"
+        index = model_dir / f"{stem}.safetensors.index.json"
         if single.is_file():
             self._add(single)
         elif index.is_file():
@@ -109,14 +109,16 @@ class _Weights:
             for name, shard in weight_map.items():
                 if self.where.get(name) != shard:
                     raise UserError(f"{index}: tensor {name} is not in {shard}")
-        elif (model_dir / "pytorch_model.bin").is_file() or (
-            model_dir / "pytorch_model.bin.index.json"
-        ).is_file():
+        elif stem == "model" and (
+            (model_dir / "pytorch_model.bin").is_file()
+            or (model_dir / "pytorch_model.bin.index.json").is_file()
+        ):
             self.state = _load_torch_bin(model_dir)
         else:
+            extra = " or pytorch_model.bin" if stem == "model" else ""
             raise UserError(
-                f"model_dir: {model_dir} has no model.safetensors, model.safetensors.index.json "
-                "or pytorch_model.bin"
+                f"model_dir: {model_dir} has no {stem}.safetensors, "
+                f"{stem}.safetensors.index.json{extra}"
             )
 
     def _add(self, path: Path) -> None:
@@ -216,14 +218,25 @@ def load_hf(
     model_dir = Path(model_dir)
     cfg = read_config(model_dir)
     spec = spec_for(cfg.family.value)
-    weights = _Weights(model_dir)
+    factored = _factors_meta(cfg, model_dir)
+    weights = _Weights(model_dir, FACTORS_STEM if factored is not None else "model")
     names = set(weights.keys())
     rows = spec.table(cfg)
     alias = _prefix_alias(names, {n for _, n, _ in rows}, spec.base_prefix)
 
+    def cast(value: np.ndarray) -> jax.Array:
+        target = dt if (dt is not None and jnp.issubdtype(value.dtype, jnp.floating)) else None
+        return jnp.asarray(value, dtype=target)
+
     flat: dict[str, Any] = {}
     used: set[str] = set()
     for rule, name, paths in tqdm(rows, desc="load_hf", disable=not progress, leave=False):
+        if factored is not None and any(
+            f"{FACTORS_PREFIX}{p}" in names or p in factored for p in paths
+        ):
+            for path, want in zip(paths, rule.jax_shapes(cfg), strict=True):
+                flat[path] = _load_factor_leaf(weights, names, used, factored, path, want, cast)
+            continue
         src = alias.get(name, name)
         if src not in names:
             raise UserError(
@@ -234,8 +247,7 @@ def load_hf(
         check_shape(name, x.shape, rule.hf_shape(cfg))
         used.add(src)
         for path, value in zip(paths, rule.transform.to_jax(x), strict=True):
-            target = dt if (dt is not None and jnp.issubdtype(value.dtype, jnp.floating)) else None
-            flat[path] = jnp.asarray(value, dtype=target)
+            flat[path] = cast(value)
         jax.block_until_ready([flat[p] for p in paths])
         weights.release(src)
     extra = sorted(n for n in names - used if not spec.is_ignored(alias.get(n, n), cfg))
@@ -246,6 +258,57 @@ def load_hf(
             f"{', '.join(extra[:5])}{more}"
         )
     return cfg, unflatten(flat)
+
+
+FACTORS_KEY = "jcompress_factors"
+FACTORS_STEM = "jcompress_model"
+FACTORS_PREFIX = "jcompress/"
+
+
+def _factors_meta(cfg: ModelConfig, model_dir: Path) -> dict[str, Any] | None:
+    """``{pytree path: {"type", "static"}}`` of a factor-format checkpoint, else ``None``."""
+    meta = cfg.hf_config.get(FACTORS_KEY)
+    if meta is None:
+        return None
+    if not isinstance(meta, Mapping) or not isinstance(meta.get("leaves"), Mapping):
+        raise UserError(f"{model_dir}/config.json: malformed {FACTORS_KEY} entry")
+    return dict(meta["leaves"])
+
+
+def _load_factor_leaf(weights, names, used, factored, path, want, cast):
+    """Rebuild the leaf at ``path`` from ``jcompress/<path>[/<field>]`` tensors."""
+    if path not in factored:
+        key = f"{FACTORS_PREFIX}{path}"
+        if key not in names:
+            raise UserError(f"missing tensor {key} in the factor checkpoint")
+        x = weights.get(key)
+        check_shape(key, x.shape, want)
+        used.add(key)
+        return cast(x)
+    info = factored[path]
+    cls = LEAF_TYPES.get(info.get("type"))
+    if cls is None:
+        raise UserError(
+            f"factor checkpoint: unknown leaf type {info.get('type')!r} at {path}; "
+            f"known: {', '.join(sorted(LEAF_TYPES))}"
+        )
+    arrays = {}
+    for field in cls.array_fields:
+        key = f"{FACTORS_PREFIX}{path}/{field}"
+        if key not in names:
+            raise UserError(f"missing tensor {key} in the factor checkpoint")
+        used.add(key)
+        arrays[field] = cast(weights.get(key))
+    try:
+        leaf = cls(**arrays, **dict(info.get("static") or {}))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"factor checkpoint: bad {cls.__name__} at {path} ({e})") from None
+    if tuple(leaf.shape) != tuple(want):
+        raise UserError(
+            f"factor checkpoint: {path} stands for shape {list(leaf.shape)}, config implies "
+            f"{list(want)}"
+        )
+    return leaf
 
 
 def _prefix_alias(names: set[str], expected: set[str], prefix: str) -> dict[str, str]:
@@ -277,12 +340,19 @@ def save_hf(
     tokenizer_dir: str | os.PathLike | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     overwrite: bool = False,
+    factors: bool = False,
     progress: bool = False,
 ) -> Path:
-    """Write ``params`` as an HF checkpoint directory that transformers loads.
+    """Write ``params`` as an HF checkpoint directory.
 
-    Typed compressed leaves are materialized to dense weights. Files are written into a
-    temporary sibling directory that is renamed to ``out_dir`` only when complete.
+    By default typed compressed leaves are materialized: the result is a dense-equivalent
+    checkpoint that stock ``transformers`` loads. With ``factors=True`` the typed leaves are
+    kept as their factors (``jcompress_model.safetensors``, tensors ``jcompress/<path>/<field>``
+    for every param of a tensor that holds a typed leaf; HF names for the rest) and
+    ``config.json`` gains a ``jcompress_factors`` entry; :func:`load_hf` reads that back
+    losslessly, while transformers refuses it (no ``model.safetensors``) rather than loading
+    random weights. Files are written into a temporary sibling directory that is renamed to
+    ``out_dir`` only when complete.
 
     Args:
       cfg: the model config (its ``hf_config`` becomes ``config.json``).
@@ -291,6 +361,7 @@ def save_hf(
       tokenizer_dir: copy tokenizer and generation-config files from here.
       max_shard_bytes: shard the weights above this many bytes per file.
       overwrite: replace an existing ``out_dir``.
+      factors: keep typed leaves factored (see above).
 
     Returns:
       ``out_dir`` as a Path.
@@ -304,6 +375,7 @@ def save_hf(
     flat = flatten(params)
     entries: list[tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]] = []
     used: set[str] = set()
+    factor_meta: dict[str, Any] = {}
     for rule, name, paths in spec.table(cfg):
         missing = [p for p in paths if p not in flat]
         if missing:
@@ -318,6 +390,9 @@ def save_hf(
                     f"{list(want)} (for HF tensor {name})"
                 )
         used.update(paths)
+        if factors and any(isinstance(v, CompressedLeaf) for v in leaves):
+            entries.extend(_factor_entries(paths, leaves, factor_meta))
+            continue
         dtype = np.result_type(*[_leaf_dtype(v) for v in leaves])
 
         def produce(rule=rule, leaves=leaves, dtype=dtype):
@@ -330,23 +405,28 @@ def save_hf(
             f"params: leaves with no HF tensor for {cfg.family.value}: {', '.join(extra[:5])}"
         )
 
+    stem = FACTORS_STEM if factors else "model"
+    config = _config_dict(cfg, entries)
+    config.pop(FACTORS_KEY, None)
+    if factors:
+        config[FACTORS_KEY] = {"format": 1, "leaves": factor_meta}
     shards = _shard(entries, max_shard_bytes)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         bar = tqdm(total=len(entries), desc="save_hf", disable=not progress, leave=False)
         if len(shards) == 1:
-            write_safetensors(tmp / "model.safetensors", _ticking(shards[0], bar))
+            write_safetensors(tmp / f"{stem}.safetensors", _ticking(shards[0], bar))
         else:
             weight_map, total = {}, 0
             for k, shard in enumerate(shards, 1):
-                fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+                fname = f"{stem}-{k:05d}-of-{len(shards):05d}.safetensors"
                 total += write_safetensors(tmp / fname, _ticking(shard, bar))
                 weight_map.update({e[0]: fname for e in shard})
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            (tmp / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2))
         bar.close()
-        (tmp / "config.json").write_text(json.dumps(_config_dict(cfg, entries), indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if tokenizer_dir is not None:
             for fname in TOKENIZER_FILES:
                 src = Path(tokenizer_dir) / fname
@@ -357,6 +437,20 @@ def save_hf(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _factor_entries(paths, leaves, meta):
+    """Safetensors entries for the params of one HF tensor, typed leaves kept as factors."""
+    out = []
+    for path, leaf in zip(paths, leaves, strict=True):
+        if isinstance(leaf, CompressedLeaf):
+            meta[path] = {"type": type(leaf).__name__, "static": leaf.static()}
+            items = [(f"{FACTORS_PREFIX}{path}/{f}", a) for f, a in leaf.arrays().items()]
+        else:
+            items = [(f"{FACTORS_PREFIX}{path}", leaf)]
+        for key, arr in items:
+            out.append((key, tuple(arr.shape), np.dtype(arr.dtype), lambda a=arr: np.asarray(a)))
+    return out
 
 
 def _ticking(entries, bar):

@@ -1,0 +1,100 @@
+"""``save_hf(..., factors=True)``: typed leaves kept as factors and read back losslessly."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jcompress
+
+
+@pytest.fixture(scope="module")
+def compressed(llama_dir):
+    cfg, params = jcompress.load_hf(llama_dir)
+    layer = params["model"]["layers"]["1"]
+    w = layer["self_attn"]["k_proj"]["kernel"]  # [128, 4 * 16]
+    u = jnp.linalg.svd(w.reshape(128, 4, 16).transpose(1, 0, 2))[2][:, :5].transpose(0, 2, 1)
+    a = jnp.einsum("ihd,hdr->ihr", w.reshape(128, 4, 16), u).reshape(128, 20)
+    layer["self_attn"]["k_proj"]["kernel"] = jcompress.HeadLowRank(a, u.transpose(0, 2, 1))
+    q = layer["mlp"]["up_proj"]["kernel"]
+    uu, s, vt = jnp.linalg.svd(q, full_matrices=False)
+    layer["mlp"]["up_proj"]["kernel"] = jcompress.LowRank(uu[:, :7] * s[:7], vt[:7])
+    return cfg, params
+
+
+def _same(p, q):
+    assert jax.tree.structure(p) == jax.tree.structure(q)
+    for x, y in zip(jax.tree.leaves(p), jax.tree.leaves(q), strict=True):
+        assert x.dtype == y.dtype and np.array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("shard", [None, 200_000])
+def test_factors_round_trip(compressed, tmp_path, shard):
+    cfg, params = compressed
+    kw = {} if shard is None else {"max_shard_bytes": shard}
+    out = jcompress.save_hf(cfg, params, tmp_path / "f", factors=True, **kw)
+    names = {p.name for p in out.iterdir()}
+    assert "model.safetensors" not in names
+    assert any(n.startswith("jcompress_model") for n in names)
+    meta = json.loads((out / "config.json").read_text())["jcompress_factors"]
+    assert meta["leaves"] == {
+        "model/layers/1/self_attn/k_proj/kernel": {"type": "HeadLowRank", "static": {}},
+        "model/layers/1/mlp/up_proj/kernel": {"type": "LowRank", "static": {}},
+    }
+    cfg2, params2 = jcompress.load_hf(out)
+    _same(params, params2)
+    ids = jnp.arange(1, 33)[None]
+    np.testing.assert_array_equal(
+        np.asarray(jcompress.forward(cfg, params, ids)),
+        np.asarray(jcompress.forward(cfg2, params2, ids)),
+    )
+    # saving the reloaded tree densely drops the factor entry: a stock checkpoint again
+    dense = jcompress.save_hf(cfg2, params2, tmp_path / "d")
+    assert "jcompress_factors" not in json.loads((dense / "config.json").read_text())
+    _, params3 = jcompress.load_hf(dense)
+    np.testing.assert_allclose(
+        np.asarray(params3["model"]["layers"]["1"]["mlp"]["up_proj"]["kernel"]),
+        np.asarray(params["model"]["layers"]["1"]["mlp"]["up_proj"]["kernel"].materialize()),
+        rtol=0,
+        atol=0,
+    )
+
+
+def test_transformers_refuses_factor_checkpoint(compressed, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg, params = compressed
+    out = jcompress.save_hf(cfg, params, tmp_path / "f", factors=True)
+    with pytest.raises(OSError):
+        AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_factor_checkpoint_errors(compressed, tmp_path):
+    cfg, params = compressed
+    out = jcompress.save_hf(cfg, params, tmp_path / "f", factors=True)
+    conf = json.loads((out / "config.json").read_text())
+    conf["jcompress_factors"]["leaves"]["model/layers/1/mlp/up_proj/kernel"]["type"] = "Nope"
+    (out / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(jcompress.UserError, match="unknown leaf type 'Nope'"):
+        jcompress.load_hf(out)
+    conf["jcompress_factors"] = "garbage"
+    (out / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(jcompress.UserError, match="malformed jcompress_factors"):
+        jcompress.load_hf(out)
+
+
+def test_dense_save_still_default(compressed, tmp_path):
+    cfg, params = compressed
+    out = jcompress.save_hf(cfg, params, tmp_path / "d")
+    assert (out / "model.safetensors").is_file()
+    _, dense = jcompress.load_hf(out)
+    ids = jnp.arange(1, 33)[None]
+    np.testing.assert_allclose(
+        np.asarray(jcompress.forward(cfg, dense, ids)),
+        np.asarray(jcompress.forward(cfg, params, ids)),
+        atol=1e-4,
+    )
