@@ -20,12 +20,58 @@ def run(capsys, *argv):
 def test_demo_needs_no_flags(capsys, tmp_path, shared_data):
     code, out, err = run(capsys, "demo", "--json", str(tmp_path / "demo.json"))
     assert code == 0
-    assert "perplexity" in out and "sample" in out
+    for needle in ("perplexity", "KV cache", "sample before", "sample after", "| layer |"):
+        assert needle in out
     res = json.loads((tmp_path / "demo.json").read_text())
     # the bundled model is the shared llama-1m: its greedy sample is the published one
     baselines = json.loads((shared_data / "baselines.json").read_text())
-    assert res["sample"] == baselines["llama-1m"]["greedy_sample"]
-    assert 20 < res["perplexity"]["ppl"] < 200
+    assert res["extra"]["sample_before"] == baselines["llama-1m"]["greedy_sample"]
+    before, after = res["extra"]["ppl_before"]["ppl"], res["extra"]["ppl_after"]["ppl"]
+    assert 20 < before < 200 and after < before * 1.05
+    assert res["kv_cache_after"] < res["kv_cache_before"]
+    assert len(res["layers"]) == 4
+    assert all(layer["error"] < 0.025 for layer in res["layers"])
+
+
+def test_eigen_writes_report_and_both_exports(capsys, tmp_path, shared_data, opt_dir):
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM
+
+    import jcompress
+
+    out = tmp_path / "run"
+    code, stdout, _ = run(
+        capsys, "eigen", "--model", str(opt_dir),
+        "--calib_data", str(shared_data / "wikitext-2" / "valid.txt"),
+        "--eval-data", str(shared_data / "wikitext-2-raw" / "test.txt"),
+        "--nsamples", "8", "--seqlen", "128", "--avg_dim", "3", "--error_budget", "0.05",
+        "--eval_max_windows", "4", "--max-new-tokens", "5", "--out", str(out),
+    )  # fmt: skip
+    assert code == 0
+    assert "2 are left out" in stdout  # 8 % 3 windows dropped from the bases, and said so
+    report = json.loads((out / "report.json").read_text())
+    assert report["dropped_sequences"] == 2 and report["averaged_sequences"] == 2
+    assert (out / "report.md").read_text().count("\n| ") >= 5
+    cfg, params = jcompress.load_hf(out / "factors")
+    assert (
+        isinstance(
+            params["model"]["decoder"]["layers"]["0"]["self_attn"]["k_proj"]["kernel"],
+            jcompress.HeadLowRank,
+        )
+        or report["layers"][0]["threshold"] is None
+    )
+    hf = AutoModelForCausalLM.from_pretrained(out / "dense")
+    import numpy as np
+    import torch
+
+    ids = np.arange(1, 41)[None]
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids)).logits.numpy()
+    ours = np.asarray(jcompress.forward(cfg, params, ids))
+    assert np.abs(ours - ref).max() <= 1e-4
+    assert "model.safetensors" in {p.name for p in (out / "dense").iterdir()}
+    assert load_file(out / "factors" / "jcompress_model.safetensors")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_bundled_model_is_the_shared_one(shared_data):
@@ -88,6 +134,26 @@ def test_generate(capsys, llama_dir, shared_data):
         ),
         (["convert", "{model}", "{tmp}/x", "--to", "tar"], "--to"),
         (["frobnicate"], "invalid choice"),
+        (["demo", "--avg_dim", "64"], "avg_dim: 64 is larger than nsamples (32)"),
+        (["demo", "--error_budget", "2"], "--error_budget"),
+        (
+            ["eigen", "--model", "{model}", "--calib_data", "/nope", "--eval_data", "{data}"],
+            "--calib_data: /nope",
+        ),
+        (
+            [
+                "eigen",
+                "--model",
+                "{model}",
+                "--calib_data",
+                "{data}",
+                "--eval_data",
+                "{data}",
+                "--out",
+                "{tmp}",
+            ],
+            "already exists",
+        ),
     ],
 )
 def test_bad_input_is_one_line_exit_2(capsys, tmp_path, shared_data, opt_dir, argv, needle):

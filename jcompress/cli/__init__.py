@@ -1,4 +1,4 @@
-"""The ``jcompress`` command line: ``ppl``, ``generate``, ``convert``, ``demo``.
+"""The ``jcompress`` command line: ``demo``, ``eigen``, ``ppl``, ``generate``, ``convert``.
 
 User errors (bad paths, bad options, malformed checkpoints) print one line
 ``jcompress: error: ...`` on stderr and exit with status 2, without a traceback.
@@ -16,9 +16,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from jcompress.cli.common import generate_text
 from jcompress.errors import UserError
 
-__all__ = ["main", "bundled_model_dir", "bundled_eval_text"]
+__all__ = ["main", "bundled_calib_text", "bundled_eval_text", "bundled_model_dir", "write_json"]
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -116,19 +117,6 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate_text(cfg, params, tok, prompt: str, max_new_tokens: int) -> str:
-    import jax.numpy as jnp
-
-    from jcompress.data import tokenize
-    from jcompress.models import generate
-
-    ids = tokenize(tok, prompt)
-    if ids.size == 0:
-        raise UserError("--prompt: the prompt tokenizes to nothing")
-    out = generate(cfg, params, jnp.asarray(ids)[None], max_new_tokens=max_new_tokens)
-    return tok.decode([int(t) for t in out[0]], skip_special_tokens=True)
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     from jcompress.data import load_tokenizer
 
@@ -136,7 +124,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UserError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
     tok = load_tokenizer(args.model)
     cfg, params = _load(args.model, args.dtype)
-    print(_generate_text(cfg, params, tok, args.prompt, args.max_new_tokens))
+    print(generate_text(cfg, params, tok, args.prompt, args.max_new_tokens))
     return 0
 
 
@@ -165,34 +153,71 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def bundled_calib_text() -> Path:
+    """The bundled WikiText-2 validation excerpt (the demo's calibration text)."""
+    return Path(str(resources.files("jcompress") / "assets" / "wikitext2_valid_excerpt.txt"))
+
+
+def _run_eigen(job, json_path: str | None) -> int:
+    from jcompress.cli.eigen import check_eigen_job, run_eigen_job
+
+    _check_out_json(json_path)
+    check_eigen_job(job)
+    result = run_eigen_job(job)
+    if json_path:
+        write_json(json_path, result)
+    return 0
+
+
+def cmd_eigen(args: argparse.Namespace) -> int:
+    from jcompress.cli.eigen import EigenJob
+
+    job = EigenJob(
+        model=Path(args.model),
+        calib_data=Path(args.calib_data),
+        eval_data=Path(args.eval_data),
+        out=None if args.out is None else Path(args.out),
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        avg_dim=args.avg_dim,
+        error_budget=args.error_budget,
+        seed=args.seed,
+        eval_seqlen=args.eval_seqlen,
+        eval_max_windows=args.eval_max_windows,
+        batch_size=args.batch_size,
+        layers=tuple(args.layers or (".*",)),
+        prompt=args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        overwrite=args.overwrite,
+    )
+    return _run_eigen(job, args.json)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    from jcompress.data import load_tokenizer, load_tokens
-    from jcompress.eval import perplexity
+    from jcompress.cli.eigen import EigenJob
 
     model = bundled_model_dir()
-    text = bundled_eval_text()
-    print(f"jcompress demo: bundled model {model.name} ({model})")
-    cfg, params = _load(str(model), None)
-    tok = load_tokenizer(model)
-    ids = load_tokens(text, tok)
-    r = perplexity(cfg, params, ids, seqlen=args.seqlen)
-    sample = _generate_text(cfg, params, tok, args.prompt, args.max_new_tokens)
-    from jcompress.models import count_params
-
-    print(
-        _table(
-            [
-                ("model", f"llama-1m ({count_params(params):,} params, {cfg.num_layers} layers)"),
-                ("eval text", f"WikiText-2 raw test excerpt ({ids.shape[0]:,} tokens)"),
-                ("windows", f"{r.n_windows} x {r.seqlen}"),
-                ("perplexity", f"{r.ppl:.3f}"),
-            ]
-        )
+    print(f"jcompress demo: EigenAttention on the bundled llama-1m model ({model})")
+    print("calibration: WikiText-2 validation excerpt; evaluation: WikiText-2 raw test excerpt\n")
+    job = EigenJob(
+        model=model,
+        calib_data=bundled_calib_text(),
+        eval_data=bundled_eval_text(),
+        out=None if args.out is None else Path(args.out),
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        avg_dim=args.avg_dim,
+        error_budget=args.error_budget,
+        seed=2,
+        eval_seqlen=args.seqlen,
+        eval_max_windows=None,
+        batch_size=8,
+        layers=(".*",),
+        prompt=args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        overwrite=args.overwrite,
     )
-    print(f"\nsample (greedy, {args.max_new_tokens} new tokens):\n  {sample}")
-    if args.json:
-        write_json(args.json, {"perplexity": r.to_dict(), "sample": sample})
-    return 0
+    return _run_eigen(job, args.json)
 
 
 # --------------------------------------------------------------------------- parser
@@ -213,10 +238,60 @@ def _positive(s: str) -> int:
     return v
 
 
+def _budget(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {s!r}") from None
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {s!r}")
+    return v
+
+
+def _eigen_flags(s: argparse.ArgumentParser, *, nsamples: int, seqlen: int | None, avg_dim: int):
+    default_seqlen = f"{seqlen}" if seqlen else "2048, capped at the model's positions"
+    s.add_argument(
+        "--nsamples", type=_positive, default=nsamples, help=f"calibration windows ({nsamples})"
+    )
+    s.add_argument(
+        "--seqlen",
+        type=_positive,
+        default=seqlen,
+        help=f"tokens per calibration window (default {default_seqlen})",
+    )
+    s.add_argument(
+        "--avg_dim",
+        "--avg-dim",
+        type=_positive,
+        default=avg_dim,
+        help="average the features of this many consecutive windows; 1 = none; must be "
+        f"<= --nsamples (default {avg_dim})",
+    )
+    s.add_argument(
+        "--error_budget",
+        "--error-budget",
+        type=_budget,
+        default=0.025,
+        help="max relative layer-output error per layer (default 0.025)",
+    )
+    s.add_argument("--prompt", default="The history of the", help="prompt for the samples")
+    s.add_argument(
+        "--max_new_tokens",
+        "--max-new-tokens",
+        type=_positive,
+        default=30,
+        help="sample length (default 30)",
+    )
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="jcompress", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(
-        dest="command", required=True, parser_class=_Parser, metavar="{ppl,generate,convert,demo}"
+        dest="command",
+        required=True,
+        parser_class=_Parser,
+        metavar="{demo,eigen,ppl,generate,convert}",
     )
 
     s = sub.add_parser(
@@ -291,17 +366,70 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_convert)
 
     s = sub.add_parser(
+        "eigen",
+        help="EigenAttention: low-rank K/Q/V from calibration activations",
+        description="EigenAttention (arXiv 2408.05646): calibrate per-head bases of the K/Q/V "
+        "projection outputs layer by layer, pick each layer's rank by lowering a threshold while "
+        "the layer's relative output error stays under --error_budget, evaluate perplexity and a "
+        "sample before/after, and write report.json, report.md, dense/ (loads in transformers) "
+        "and factors/ (jcompress, lossless) into --out. Flags keep the reference names; dashes "
+        "work too.",
+    )
+    s.add_argument("--model", required=True, help="HF model directory (config, weights, tokenizer)")
+    s.add_argument(
+        "--calib_data",
+        "--calib-data",
+        required=True,
+        help="calibration text (.txt / .jsonl), e.g. wikitext-2/valid.txt",
+    )
+    s.add_argument(
+        "--eval_data", "--eval-data", required=True, help="evaluation text for perplexity"
+    )
+    s.add_argument("--out", default=None, help="output directory (nothing written when omitted)")
+    _eigen_flags(s, nsamples=128, seqlen=None, avg_dim=16)
+    s.add_argument(
+        "--eval_seqlen",
+        "--eval-seqlen",
+        type=_positive,
+        default=None,
+        help="perplexity window (default: --seqlen)",
+    )
+    s.add_argument(
+        "--eval_max_windows",
+        "--eval-max-windows",
+        type=_positive,
+        default=None,
+        help="at most this many evaluation windows (default: all)",
+    )
+    s.add_argument(
+        "--batch_size",
+        "--batch-size",
+        type=_positive,
+        default=8,
+        help="calibration windows per forward call (default 8)",
+    )
+    s.add_argument(
+        "--layers",
+        action="append",
+        default=None,
+        metavar="REGEX",
+        help="compress only layers whose path (e.g. model/layers/3) fully matches; repeatable",
+    )
+    s.add_argument("--seed", type=int, default=2, help="calibration sampling seed (default 2)")
+    s.add_argument("--json", default=None, metavar="OUT", help="also write the report JSON here")
+    s.set_defaults(func=cmd_eigen)
+
+    s = sub.add_parser(
         "demo",
         help="run the main job on the bundled model (no flags needed)",
-        description="Loads the bundled llama-1m model, prints its perplexity on "
-        "the bundled WikiText-2 test excerpt and a sample greedy generation.",
+        description="EigenAttention on the bundled llama-1m model: calibrates on a bundled "
+        "WikiText-2 validation excerpt, then prints per-layer ranks and errors, a before/after "
+        "table of perplexity (bundled WikiText-2 raw test excerpt), KV-cache size and "
+        "parameters, and a greedy sample before and after.",
     )
-    s.add_argument("--seqlen", type=_positive, default=256, help="perplexity window (default 256)")
-    s.add_argument("--prompt", default="The history of the", help="prompt for the sample")
-    s.add_argument(
-        "--max-new-tokens", type=_positive, default=30, help="sample length (default 30)"
-    )
-    s.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
+    _eigen_flags(s, nsamples=32, seqlen=256, avg_dim=4)
+    s.add_argument("--out", default=None, help="also write report + exports to this directory")
+    s.add_argument("--json", default=None, metavar="OUT", help="also write the report JSON here")
     s.set_defaults(func=cmd_demo)
     return p
 
