@@ -435,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # transformers (tokenizers, configs) is imported lazily below; keep its import-time notices
+    # (e.g. "PyTorch was not found") out of the command's output.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -110,6 +110,12 @@ class EigenAttentionConfig:
             raise UserError(f"threshold_step: must be in (0, 1), got {self.threshold_step!r}")
         if self.start_threshold is not None and not 0 < self.start_threshold <= 1:
             raise UserError(f"start_threshold: must be in (0, 1], got {self.start_threshold!r}")
+        for name in ("min_threshold", "min_rank", "min_rank_fraction"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or v < 0):
+                raise UserError(f"{name}: must be a non-negative number or None, got {v!r}")
+        if self.min_rank_fraction is not None and self.min_rank_fraction >= 1:
+            raise UserError(f"min_rank_fraction: must be < 1, got {self.min_rank_fraction!r}")
         if isinstance(self.layers, str):
             object.__setattr__(self, "layers", (self.layers,))
         for rule in self.layers:
@@ -167,6 +173,7 @@ def _check_calib(cfg: ModelConfig, calib: Any, config: EigenAttentionConfig) -> 
     return calib
 
 
+@jax.jit
 def _project(kernel: jax.Array, bias: jax.Array | None, u: jax.Array):
     """``kernel [in, heads*D]``, ``u [heads, D, r]`` -> (HeadLowRank, projected bias or None)."""
     heads, d, r = u.shape
@@ -178,6 +185,9 @@ def _project(kernel: jax.Array, bias: jax.Array | None, u: jax.Array):
     bh = bias.astype(jnp.float32).reshape(heads, d)
     proj = jnp.einsum("hd,hdr,her->he", bh, u, u).reshape(heads * d)
     return leaf, proj.astype(bias.dtype)
+
+
+_materialize = jax.jit(materialize)
 
 
 def _with(lp: dict, role: str, kernel, bias) -> dict:
@@ -319,7 +329,7 @@ def compress(
             return new
 
         def error(candidate, outputs=outputs, hidden=hidden, i=i) -> float:
-            dense = materialize(candidate)  # same shapes as the original: no recompilation
+            dense = _materialize(candidate)  # same shapes as the original: no recompilation
             num = den = 0.0
             for (_, real), h, y in zip(batches, hidden, outputs, strict=True):
                 y2 = apply_layer(cfg, dense, h, i)

@@ -100,7 +100,7 @@ class EigenReport:
             "|---|---|---|---|---|---|---|",
         ]
         for r in self.layers:
-            t = "dense" if r.threshold is None else f"{r.threshold:.2f}"
+            t = "dense" if r.threshold is None or not r.compressed else f"{r.threshold:.2f}"
             lines.append(
                 f"| {r.layer} | {t} | {r.rank_kq}/{r.head_dim_kq} | {r.rank_v}/{r.head_dim_v} | "
                 f"{r.error:.4f} | {r.kv_before} | {r.kv_after} |"
