@@ -4,7 +4,8 @@ Every benchmark is one :func:`~bench.harness.register` entry (see ``bench/founda
 importing this package registers them all without importing jax or torch.
 """
 
-from bench import foundation  # noqa: F401  (registers the foundation rows)
+# importing registers the rows; bench.eigen imports bench.foundation, whose rows come first
+from bench import eigen, foundation  # noqa: F401
 from bench.harness import REGISTRY, Benchmark, Context, register
 
 __all__ = ["REGISTRY", "Benchmark", "Context", "register"]

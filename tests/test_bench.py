@@ -35,7 +35,14 @@ def names() -> list[str]:
     p = _bench("--list", timeout=60)
     assert p.returncode == 0, p.stderr
     out = [line.split("\t")[0] for line in p.stdout.splitlines() if line.strip()]
-    assert {"forward_llama_1m", "forward_opt_125m", "load_hf_4shard"} <= set(out)
+    assert {
+        "forward_llama_1m",
+        "forward_opt_125m",
+        "load_hf_4shard",
+        "eigen_bases_opt125m_layer",
+        "eigen_calib_memory",
+        "eigen_llama1m_end_to_end",
+    } <= set(out)
     return out
 
 
@@ -81,6 +88,9 @@ def test_dry_run_all(tmp_path, names, shared_data):
     fwd = data["results"]["forward_opt_125m"]["info"]
     assert fwd["last_token_logits_max_abs_diff"] < 1e-3
     assert len(data["results"]["load_hf_4shard"]["info"]["shards"]) == 4
+    check = data["results"]["eigen_bases_opt125m_layer"]["info"]["check"]
+    assert set(check) == {"kq", "v"}  # both sides' bases were compared (the row fails if not)
+    assert 0 < data["results"]["eigen_llama1m_end_to_end"]["info"]["kv_cache_ratio"] <= 1
 
 
 def test_only_selects(names):
