@@ -355,40 +355,26 @@ def compress(
                 break
             best = (round(t, 6), r_kq, r_v, err)
             t -= config.threshold_step
-        if best is None:
-            rep = LayerReport(
-                layer=i,
-                path=path,
-                threshold=None,
-                rank_kq=d_k,
-                rank_v=d_v,
-                head_dim_kq=d_k,
-                head_dim_v=d_v,
-                kv_heads=hk,
-                error=0.0,
-                steps=tried,
-                compressed=False,
-                shares_q=not rope,
-            )
+        if best is None:  # even the first threshold failed: the layer stays dense
+            t_best, r_kq, r_v, err = None, d_k, d_v, 0.0
         else:
             t_best, r_kq, r_v, err = best
-            new_lp = build(r_kq, r_v)
-            for k, v in flatten(new_lp).items():
+            for k, v in flatten(build(r_kq, r_v)).items():
                 flat_params[f"{path}/{k}"] = v
-            rep = LayerReport(
-                layer=i,
-                path=path,
-                threshold=t_best,
-                rank_kq=r_kq,
-                rank_v=r_v,
-                head_dim_kq=d_k,
-                head_dim_v=d_v,
-                kv_heads=hk,
-                error=err,
-                steps=tried,
-                compressed=r_kq < d_k or r_v < d_v,
-                shares_q=not rope,
-            )
+        rep = LayerReport(
+            layer=i,
+            path=path,
+            threshold=t_best,
+            rank_kq=r_kq,
+            rank_v=r_v,
+            head_dim_kq=d_k,
+            head_dim_v=d_v,
+            kv_heads=hk,
+            error=err,
+            steps=tried,
+            compressed=best is not None and (r_kq < d_k or r_v < d_v),
+            shares_q=not rope,
+        )
         reports.append(rep)
         bar.set_postfix(layer=i, r_kq=rep.rank_kq, r_v=rep.rank_v, err=f"{rep.error:.4f}")
         hidden = outputs  # next layer calibrates on the uncompressed outputs
