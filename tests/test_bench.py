@@ -41,6 +41,7 @@ def names() -> list[str]:
         "load_hf_4shard",
         "eigen_bases_opt125m_layer",
         "eigen_calib_memory",
+        "eigen_calib_memory_in_ram",
         "eigen_llama1m_end_to_end",
     } <= set(out)
     return out

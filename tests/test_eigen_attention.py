@@ -831,3 +831,31 @@ def test_tiny_generate_and_export(tiny, tmp_path):
         chosen = logits[np.arange(2), t, seq[:, t + 1]]
         assert np.all(chosen >= logits[:, t].max(-1) - 1e-4), t
     assert _export_parity(cfg, tiny.out, tmp_path / "hf", seq)[0] <= TOL
+
+
+def test_offload_dir_gives_identical_results_and_cleans_up(tmp_path):
+    import jax
+
+    cfg, params = jcompress.load_hf(bundled_llama())
+    calib = np.random.RandomState(0).randint(0, cfg.vocab_size, (6, 32))
+    conf = dict(nsamples=6, avg_dim=2, batch_size=4, error_budget=0.05)
+    a, ra = compress(params, cfg, calib, config=EigenAttentionConfig(**conf), progress=False)
+    b, rb = compress(
+        params,
+        cfg,
+        calib,
+        config=EigenAttentionConfig(**conf, offload_dir=str(tmp_path)),
+        progress=False,
+    )
+    assert ra.layers == rb.layers
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(jcompress.UserError, match="offload_dir"):
+        EigenAttentionConfig(offload_dir=str(tmp_path / "missing"))
+
+
+def bundled_llama():
+    from jcompress.cli import bundled_model_dir
+
+    return bundled_model_dir()

@@ -189,6 +189,7 @@ def cmd_eigen(args: argparse.Namespace) -> int:
         prompt=args.prompt,
         max_new_tokens=args.max_new_tokens,
         overwrite=args.overwrite,
+        offload_dir=args.offload_dir,
     )
     return _run_eigen(job, args.json)
 
@@ -416,6 +417,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="compress only layers whose path (e.g. model/layers/3) fully matches; repeatable",
     )
     s.add_argument("--seed", type=int, default=2, help="calibration sampling seed (default 2)")
+    s.add_argument(
+        "--offload_dir",
+        "--offload-dir",
+        default=None,
+        help="keep calibration activations in temporary files here instead of memory "
+        "(memory stays flat as --nsamples grows)",
+    )
     s.add_argument("--json", default=None, metavar="OUT", help="also write the report JSON here")
     s.set_defaults(func=cmd_eigen)
 

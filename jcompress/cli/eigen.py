@@ -39,6 +39,7 @@ class EigenJob:
     prompt: str
     max_new_tokens: int
     overwrite: bool = False
+    offload_dir: str | None = None
 
 
 def check_eigen_job(job: EigenJob):
@@ -62,6 +63,7 @@ def check_eigen_job(job: EigenJob):
         seed=job.seed,
         batch_size=job.batch_size,
         layers=job.layers,
+        offload_dir=job.offload_dir,
     )
     check_seqlen(cfg, seqlen)
     check_seqlen(cfg, job.eval_seqlen or seqlen)

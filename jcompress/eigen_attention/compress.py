@@ -33,7 +33,10 @@ checked before a threshold is tried rather than after.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import re
+import tempfile
 import warnings
 from typing import Any
 
@@ -76,6 +79,9 @@ class EigenAttentionConfig:
       layers: regexes (``re.fullmatch``) over layer paths such as ``model/layers/3``; a layer
         is compressed when any rule matches. Rules that match no layer are reported.
       batch_size: calibration windows per forward call.
+      offload_dir: keep the calibration activations (each layer's inputs and outputs,
+        ``[nsamples, seqlen, hidden]`` each) in temporary files in this directory instead of
+        memory, so memory stays flat as ``nsamples`` grows (files are removed when done).
     """
 
     nsamples: int = 128
@@ -90,6 +96,7 @@ class EigenAttentionConfig:
     min_rank_fraction: float | None = None
     layers: tuple[str, ...] = (".*",)
     batch_size: int = 8
+    offload_dir: str | None = None
 
     def __post_init__(self):
         def positive_int(name):
@@ -116,6 +123,8 @@ class EigenAttentionConfig:
                 raise UserError(f"{name}: must be a non-negative number or None, got {v!r}")
         if self.min_rank_fraction is not None and self.min_rank_fraction >= 1:
             raise UserError(f"min_rank_fraction: must be < 1, got {self.min_rank_fraction!r}")
+        if self.offload_dir is not None and not os.path.isdir(self.offload_dir):
+            raise UserError(f"offload_dir: {self.offload_dir} is not a directory")
         if isinstance(self.layers, str):
             object.__setattr__(self, "layers", (self.layers,))
         for rule in self.layers:
@@ -197,6 +206,42 @@ def _with(lp: dict, role: str, kernel, bias) -> dict:
     if bias is not None:
         flat[f"{role}/bias"] = bias
     return unflatten(flat)
+
+
+class _Activations:
+    """Per-batch activations ``[B, T, H]``, held in memory or in an unlinked temporary file.
+
+    With a file, only the batch being used is in memory: ``put`` writes it out, ``get`` reads
+    it back (plain reads, no memory map, so nothing accumulates in the process).
+    """
+
+    def __init__(self, n: int, offload_dir: str | None):
+        self.items: list[Any] = [None] * n
+        self.file = None if offload_dir is None else tempfile.TemporaryFile(dir=offload_dir)
+        self.meta: tuple[tuple[int, ...], np.dtype] | None = None
+
+    def put(self, b: int, x: jax.Array) -> None:
+        if self.file is None:
+            self.items[b] = x
+            return
+        arr = np.ascontiguousarray(np.asarray(x))
+        self.meta = (arr.shape, arr.dtype)
+        os.pwrite(self.file.fileno(), memoryview(arr.reshape(-1).view(np.uint8)), b * arr.nbytes)
+
+    def get(self, b: int) -> jax.Array:
+        if self.file is None:
+            return self.items[b]
+        shape, dt = self.meta
+        nbytes = math.prod(shape) * dt.itemsize
+        raw = os.pread(self.file.fileno(), nbytes, b * nbytes)
+        return jnp.asarray(np.frombuffer(raw, dt).reshape(shape))
+
+    def __iter__(self):
+        return (self.get(b) for b in range(len(self.items)))
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
 class _GroupAverager:
@@ -287,7 +332,9 @@ def compress(
         if real < bs:  # pad with repeats: one compiled shape for every batch
             ids = np.concatenate([ids, np.repeat(ids[-1:], bs - real, axis=0)])
         batches.append((jnp.asarray(ids), real))
-    hidden = [embed(cfg, params, ids) for ids, _ in batches]
+    hidden = _Activations(len(batches), config.offload_dir)
+    for b, (ids, _) in enumerate(batches):
+        hidden.put(b, embed(cfg, params, ids))
 
     flat_params = flatten(params)
     reports: list[LayerReport] = []
@@ -298,20 +345,21 @@ def compress(
         path = layer_paths[i]
         lp = get_path(params, path)
         if not any(path in m for m in matched.values()):
-            hidden = [apply_layer(cfg, lp, h, i) for h in hidden]
+            for b, h in enumerate(hidden):
+                hidden.put(b, apply_layer(cfg, lp, h, i))
             continue
         kp, qp, vp = (get_path(lp, r) for r in (lay.k, lay.q, lay.v))
         d_k = int(kp["kernel"].shape[-1]) // hk
         d_v = int(vp["kernel"].shape[-1]) // hk
         heads = {"kq": hk, "v": hk}
         acc = _GroupAverager(config.avg_dim, n_groups, heads, {"kq": d_k, "v": d_v})
-        outputs = []
-        for (_, real), h in zip(batches, hidden, strict=True):
+        outputs = _Activations(len(batches), config.offload_dir)
+        for b, ((_, real), h) in enumerate(zip(batches, hidden, strict=True)):
             y, cap = apply_layer(cfg, lp, h, i, capture=capture)
             outs = cap["outputs"]
             kq = [outs[lay.k]] if rope else [outs[lay.k], outs[lay.q]]
             acc.add({"kq": kq, "v": [outs[lay.v]]}, real)
-            outputs.append(y)
+            outputs.put(b, y)
         u_kq, s_kq = core.head_bases(acc.gram["kq"])
         u_v, s_v = core.head_bases(acc.gram["v"])
         frac_kq = jax.vmap(core.spectrum_fraction_core)(s_kq)
@@ -377,7 +425,9 @@ def compress(
         )
         reports.append(rep)
         bar.set_postfix(layer=i, r_kq=rep.rank_kq, r_v=rep.rank_v, err=f"{rep.error:.4f}")
+        hidden.close()
         hidden = outputs  # next layer calibrates on the uncompressed outputs
+    hidden.close()
     unmatched = tuple(r for r, m in matched.items() if not m)
     report = EigenReport(
         family=cfg.family.value,
