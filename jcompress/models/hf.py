@@ -501,13 +501,3 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(tmp, out_dir)
-
-
-def tree_dtype_cast(params: Any, dtype: Any) -> Any:
-    """Cast every floating leaf (typed leaves included) to ``dtype``."""
-    dt = parse_dtype(dtype)
-
-    def cast(x):
-        return x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x
-
-    return jax.tree.map(cast, params)
