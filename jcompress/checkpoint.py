@@ -28,8 +28,6 @@ import enum
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -37,6 +35,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jcompress.atomic import atomic_dir
 from jcompress.errors import UserError
 from jcompress.leaves import LEAF_TYPES, CompressedLeaf
 from jcompress.models.config import ModelConfig
@@ -305,17 +304,11 @@ def save(
     except (TypeError, ValueError) as e:
         raise UserError(f"cfg.hf_config: cannot be written as JSON ({e})") from None
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with atomic_dir(path) as tmp:
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save((tmp / ARRAYS).absolute(), tree)
             ckptr.wait_until_finished()
         (tmp / SIDECAR).write_text(sidecar + "\n")
-        _replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
@@ -393,19 +386,3 @@ def _to_dicts(tree: Any) -> Any:
     if isinstance(tree, Mapping):
         return {k: _to_dicts(v) for k, v in tree.items()}
     return tree
-
-
-def _replace_dir(tmp: Path, dest: Path) -> None:
-    """Move ``tmp`` to ``dest``; an existing ``dest`` is swapped out first and deleted after."""
-    if not (dest.exists() or dest.is_symlink()):
-        os.replace(tmp, dest)
-        return
-    trash = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-    os.replace(dest, trash / "old")
-    try:
-        os.replace(tmp, dest)
-    except BaseException:
-        os.replace(trash / "old", dest)
-        shutil.rmtree(trash, ignore_errors=True)
-        raise
-    shutil.rmtree(trash, ignore_errors=True)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import jcompress
-from jcompress import LowRank, UserError, checkpoint
+from jcompress import LowRank, UserError, atomic, checkpoint
 from jcompress.leaves import LEAF_TYPES, CompressedLeaf, _register
 from jcompress.models.convert import flatten, unflatten
 
@@ -183,14 +183,14 @@ def test_failed_save_leaves_nothing(llama, tmp_path, monkeypatch):
     def boom(tmp, dest):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(checkpoint, "_replace_dir", boom)
+    monkeypatch.setattr(atomic, "replace_dir", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         checkpoint.save(tmp_path / "c", cfg, small)
     assert list(tmp_path.iterdir()) == []
     monkeypatch.undo()
     # a failed overwrite keeps the old checkpoint intact
     checkpoint.save(tmp_path / "c", cfg, small)
-    monkeypatch.setattr(checkpoint, "_replace_dir", boom)
+    monkeypatch.setattr(atomic, "replace_dir", boom)
     with pytest.raises(RuntimeError):
         checkpoint.save(tmp_path / "c", cfg, params, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]

@@ -7,15 +7,13 @@ User errors (bad paths, bad options, malformed checkpoints) print one line
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import tempfile
 import time
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
+from jcompress.atomic import write_json
 from jcompress.cli.common import generate_text
 from jcompress.errors import UserError
 
@@ -32,21 +30,6 @@ def bundled_model_dir() -> Path:
 def bundled_eval_text() -> Path:
     """The bundled WikiText-2 raw test excerpt."""
     return Path(str(resources.files("jcompress") / "assets" / "wikitext2_test_excerpt.txt"))
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON atomically (temp file in the same directory, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _table(rows: list[tuple[str, str]]) -> str:

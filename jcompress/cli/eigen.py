@@ -8,9 +8,6 @@ factor export (``factors/``) into ``--out``, atomically (temporary sibling, then
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -74,7 +71,7 @@ def run_eigen_job(job: EigenJob, log=print) -> dict[str, Any]:
     """Run the whole job; returns the JSON-able result (also written to ``out/report.json``)."""
     import jax.numpy as jnp
 
-    from jcompress.cli import write_json
+    from jcompress.atomic import atomic_dir, write_json
     from jcompress.cli.common import generate_text
     from jcompress.data import calibration_windows, load_tokenizer, load_tokens
     from jcompress.eigen_attention import compress
@@ -123,19 +120,11 @@ def run_eigen_job(job: EigenJob, log=print) -> dict[str, Any]:
     log(f"\nsample before: {sample_before}\nsample after:  {sample_after}")
     if job.out is not None:
         out = Path(job.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
+        with atomic_dir(out) as tmp:
             write_json(tmp / "report.json", result)
             (tmp / "report.md").write_text(report.to_markdown() + "\n\n" + summary + "\n")
             save_hf(cfg, new_params, tmp / "dense", tokenizer_dir=job.model)
             save_hf(cfg, new_params, tmp / "factors", tokenizer_dir=job.model, factors=True)
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         log(f"\nwrote {out}/report.json, report.md, dense/ (transformers), factors/ (jcompress)")
     return result
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from jcompress.atomic import atomic_dir
 from jcompress.errors import UserError
 from jcompress.leaves import LEAF_TYPES, CompressedLeaf
 from jcompress.models.config import ModelConfig
@@ -411,9 +411,7 @@ def save_hf(
     if factors:
         config[FACTORS_KEY] = {"format": 1, "leaves": factor_meta}
     shards = _shard(entries, max_shard_bytes)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         bar = tqdm(total=len(entries), desc="save_hf", disable=not progress, leave=False)
         if len(shards) == 1:
             write_safetensors(tmp / f"{stem}.safetensors", _ticking(shards[0], bar))
@@ -432,10 +430,6 @@ def save_hf(
                 src = Path(tokenizer_dir) / fname
                 if src.is_file():
                     shutil.copy2(src, tmp / fname)
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -491,13 +485,3 @@ def _config_dict(cfg: ModelConfig, entries) -> dict[str, Any]:
         for k in keys:
             d[k] = name
     return d
-
-
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.replace(out_dir, trash / "old")
-        os.replace(tmp, out_dir)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
