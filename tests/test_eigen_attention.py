@@ -51,6 +51,7 @@ TOL = 1e-4  # fp32 logit parity
 # ``family_defaults`` so the walk oracle does not share the code it checks.
 REF_WALK = {
     "llama": (1.0, 0.0, 0, 0.45),
+    "qwen2": (1.0, 0.0, 0, 0.45),
     "qwen3": (1.0, 0.0, 0, 0.45),
     "opt": (0.98, 0.3, 64, 0.0),
     "mpt": (0.98, 0.3, 0, 0.0),
@@ -751,7 +752,7 @@ def test_report_serialisation(real):
 
 # --------------------------------------------------------------------------- tiny families
 
-FAMILIES = ["opt", "llama", "qwen3", "mpt", "gpt2"]
+FAMILIES = ["opt", "llama", "qwen2", "qwen3", "mpt", "gpt2"]
 TINY_BUDGET = 0.2  # random weights have flat spectra: a tighter budget keeps everything dense
 
 
