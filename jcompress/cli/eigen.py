@@ -76,7 +76,7 @@ def run_eigen_job(job: EigenJob, log=print) -> dict[str, Any]:
     from jcompress.data import calibration_windows, load_tokenizer, load_tokens
     from jcompress.eigen_attention import compress
     from jcompress.eval import perplexity
-    from jcompress.models import count_params, load_hf, save_hf
+    from jcompress.models import load_hf, save_hf
 
     _, config = check_eigen_job(job)
     cfg, params = load_hf(job.model, progress=True)
@@ -107,8 +107,6 @@ def run_eigen_job(job: EigenJob, log=print) -> dict[str, Any]:
         compress_seconds=secs,
         ppl_before=before.to_dict(),
         ppl_after=after.to_dict(),
-        params_before=count_params(params),
-        params_after=count_params(new_params),
         sample_before=sample_before,
         sample_after=sample_after,
     )
@@ -146,9 +144,9 @@ def _summary(report) -> str:
         ),
         (
             "parameters",
-            f"{e['params_before']:,}",
-            f"{e['params_after']:,}",
-            f"{100 * e['params_after'] / e['params_before']:.1f}%",
+            f"{report.params_before:,}",
+            f"{report.params_after:,}",
+            f"{100 * report.params_after / report.params_before:.1f}%",
         ),
     ]
     lines = ["| | before | after | change |", "|---|---|---|---|"]

@@ -53,6 +53,7 @@ from jcompress.models.config import Family, ModelConfig, Position
 from jcompress.models.convert import flatten, get_path, unflatten
 from jcompress.models.families import spec_for
 from jcompress.models.forward import Capture, apply_layer, check_length, embed
+from jcompress.models.params import count_params
 
 __all__ = ["EigenAttentionConfig", "compress", "family_defaults"]
 
@@ -440,5 +441,7 @@ def compress(
         error_budget=config.error_budget,
         unmatched_rules=unmatched,
         rope=cfg.position is Position.ROPE,
+        params_before=count_params(params),
+        params_after=count_params(flat_params),
     )
     return unflatten(flat_params), report

@@ -48,7 +48,9 @@ class LayerReport:
 class EigenReport:
     """What :func:`jcompress.eigen_attention.compress` did.
 
-    ``extra`` holds what callers add (perplexity before/after, parameter counts, timings).
+    ``params_before`` / ``params_after`` count the scalars of the whole param tree (typed
+    leaves count their stored factors). ``extra`` holds what callers add (perplexity
+    before/after, samples, timings).
     """
 
     family: str
@@ -61,6 +63,8 @@ class EigenReport:
     error_budget: float
     unmatched_rules: tuple[str, ...]
     rope: bool
+    params_before: int = 0
+    params_after: int = 0
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
@@ -110,9 +114,10 @@ class EigenReport:
             f"{self.kv_cache_after} ({100 * self.kv_cache_ratio:.1f}%) |"
         )
         notes = [
+            f"parameters: {self.params_before:,} -> {self.params_after:,}",
             f"calibration: {self.nsamples} x {self.seqlen} tokens, avg_dim {self.avg_dim} -> "
             f"{self.averaged_sequences} averaged sequences"
-            + (f", {self.dropped_sequences} dropped" if self.dropped_sequences else "")
+            + (f", {self.dropped_sequences} dropped" if self.dropped_sequences else ""),
         ]
         if self.unmatched_rules:
             notes.append(f"layer rules that matched nothing: {', '.join(self.unmatched_rules)}")
