@@ -350,6 +350,12 @@ def compress(
                 hidden.put(b, apply_layer(cfg, lp, h, i))
             continue
         kp, qp, vp = (get_path(lp, r) for r in (lay.k, lay.q, lay.v))
+        for role, p in ((lay.k, kp), (lay.q, qp), (lay.v, vp)):
+            if not isinstance(p["kernel"], jax.Array | np.ndarray):
+                raise UserError(
+                    f"params: {path}/{role}/kernel is a {type(p['kernel']).__name__}; "
+                    "EigenAttention needs dense k/q/v kernels"
+                )
         d_k = int(kp["kernel"].shape[-1]) // hk
         d_v = int(vp["kernel"].shape[-1]) // hk
         heads = {"kq": hk, "v": hk}
