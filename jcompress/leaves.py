@@ -34,6 +34,7 @@ __all__ = [
     "LEAF_TYPES",
     "CompressedLeaf",
     "Factored",
+    "HeadFoldedOut",
     "HeadLowRank",
     "LowRank",
     "dot",
@@ -266,6 +267,79 @@ class HeadLowRank(Factored):
         h, r, d = self.b.shape
         a = self.a.reshape(self.a.shape[0], h, r)
         return jnp.einsum("ihr,hrd->ihd", a, self.b).reshape(self.a.shape[0], h * d)
+
+
+@_register
+class HeadFoldedOut(CompressedLeaf):
+    """An attention output projection folded onto per-KV-head value bases (EigenAttention's
+    ``W_o' = W_o U_v``), for values kept at rank ``r`` per head.
+
+    With query heads ``h`` grouped onto KV heads ``g(h) = h // (Hq / Hk)`` and bases
+    ``U_g = ut[g]^T`` (``[d, r]``): ``w[h] = U_g(h)^T W_o[h]``. Reconstruction (dense
+    ``[Hq * d, out]``): ``W[h] = U_g(h) w[h]``. ``apply(x)`` takes full-width head outputs;
+    ``apply_latent(z)`` takes the rank-r head outputs that attention over rank-r values gives,
+    so the forward pass never widens values back to ``d``. It pairs with a ``HeadLowRank``
+    v projection whose ``b`` is this ``ut`` (the forward pass relies on that pairing).
+
+    Attributes:
+      w: ``[Hq * r, out]`` folded projection.
+      ut: ``[Hk, r, d]`` per-KV-head ``U^T`` (the ``b`` of the matching ``HeadLowRank`` v).
+    """
+
+    w: Any
+    ut: Any
+    array_fields: ClassVar[tuple[str, ...]] = ("w", "ut")
+
+    def __post_init__(self):
+        if _is_array(self.w) and _is_array(self.ut):
+            if self.w.ndim != 2 or self.ut.ndim != 3:
+                raise ValueError(
+                    "HeadFoldedOut: w must be [Hq*r, out] and ut [Hk, r, d]; got "
+                    f"w{tuple(self.w.shape)} and ut{tuple(self.ut.shape)}"
+                )
+            hk, r, _ = self.ut.shape
+            if self.w.shape[0] % (hk * r):
+                raise ValueError(
+                    f"HeadFoldedOut: w{tuple(self.w.shape)} rows are not a multiple of "
+                    f"Hk*r = {hk * r} (ut{tuple(self.ut.shape)})"
+                )
+
+    @property
+    def rank(self) -> int:
+        return int(self.ut.shape[1])
+
+    @property
+    def query_heads(self) -> int:
+        return int(self.w.shape[0]) // self.rank
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.query_heads * int(self.ut.shape[2]), int(self.w.shape[1]))
+
+    def _bases(self) -> jax.Array:
+        """``[Hq, r, d]``: each query head's ``U^T`` (KV bases repeated over their group)."""
+        return jnp.repeat(self.ut, self.query_heads // self.ut.shape[0], axis=0)
+
+    def apply_latent(self, z: jax.Array) -> jax.Array:
+        """``z [..., Hq * r] -> [..., out]``."""
+        return jnp.matmul(z, self.w)
+
+    def widen(self, z: jax.Array) -> jax.Array:
+        """Rank-r head outputs ``[..., Hq * r]`` -> full width ``[..., Hq * d]`` (``z_h U_h^T``)."""
+        hq, (_, r, d) = self.query_heads, self.ut.shape
+        zh = z.reshape(*z.shape[:-1], hq, r)
+        return jnp.einsum("...hr,hrd->...hd", zh, self._bases()).reshape(*z.shape[:-1], hq * d)
+
+    def apply(self, x: jax.Array) -> jax.Array:
+        hq, (_, r, d) = self.query_heads, self.ut.shape
+        xh = x.reshape(*x.shape[:-1], hq, d)
+        z = jnp.einsum("...hd,hrd->...hr", xh, self._bases())
+        return self.apply_latent(z.reshape(*x.shape[:-1], hq * r))
+
+    def materialize(self) -> jax.Array:
+        hq, (_, r, d) = self.query_heads, self.ut.shape
+        w = self.w.reshape(hq, r, -1)
+        return jnp.einsum("hrd,hro->hdo", self._bases(), w).reshape(hq * d, -1)
 
 
 def is_compressed(x: Any) -> bool:

@@ -37,7 +37,7 @@ import jcompress
 from jcompress import data
 from jcompress.eigen_attention import EigenAttentionConfig, compress, family_defaults
 from jcompress.eigen_attention import eigen_core as core
-from jcompress.leaves import HeadLowRank
+from jcompress.leaves import HeadFoldedOut, HeadLowRank
 from jcompress.models import init_cache
 from jcompress.models.convert import flatten, get_path, unflatten
 from jcompress.models.families import spec_for
@@ -652,8 +652,18 @@ def test_mha_shared_kq_basis_and_projected_biases(opt, opt_run):
             np.testing.assert_allclose(b_new, np.einsum("hd,hde->he", b0, proj), atol=1e-5)
             # the projection did something (trained OPT biases are small: ~1e-3)
             assert np.abs(b_new - b0).max() > 1e-2 * np.abs(b0).max() > 0
-        # out_proj and the rest of the layer are untouched
-        assert lp["out_proj"]["kernel"] is lp0["out_proj"]["kernel"]
+        # out_proj is folded onto the V bases: W_o' = U_v^T W_o per head, bias untouched
+        o = lp["out_proj"]["kernel"]
+        assert isinstance(o, HeadFoldedOut) and o.shape == (128, 128)
+        np.testing.assert_array_equal(np.asarray(o.ut), np.asarray(v.b))
+        bv = np.asarray(v.b, np.float64)  # [4, r_v, 32]
+        wo = np.asarray(lp0["out_proj"]["kernel"], np.float64).reshape(4, 32, 128)
+        np.testing.assert_allclose(
+            np.asarray(o.w).reshape(4, lr.rank_v, 128),
+            np.einsum("hrd,hdo->hro", bv, wo),
+            atol=1e-5,
+        )
+        assert lp["out_proj"]["bias"] is lp0["out_proj"]["bias"]
 
 
 def _export_parity(cfg, params, out_dir, ids):
@@ -720,7 +730,8 @@ def test_layer_selection_and_purity(llama, llama_run):
     # layer 0 is what the full run produced for it (same calibration inputs for layer 0)
     full = flatten(llama_run.params)
     for k in changed:
-        np.testing.assert_array_equal(np.asarray(after[k].b), np.asarray(full[k].b))
+        for field, arr in after[k].arrays().items():
+            np.testing.assert_array_equal(np.asarray(arr), np.asarray(full[k].arrays()[field]))
     assert rep.layers[0] == llama_run.report.layers[0]
     # the input tree is untouched: same structure, same leaf objects, same values
     now = flatten(llama.params)
@@ -862,3 +873,23 @@ def bundled_llama():
     from jcompress.cli import bundled_model_dir
 
     return bundled_model_dir()
+
+
+def test_folded_forward_captures_full_width_v_and_o_input(llama, llama_run):
+    """The folded path never widens values, yet Capture still reports what the dense
+    projections would see (v_proj output, o_proj input) and the output is unchanged."""
+    cfg = llama.cfg
+    lp = jcompress.layer_params(cfg, llama_run.params, 0)
+    dense = jcompress.materialize(lp)
+    h = jcompress.embed(cfg, llama.params, jnp.asarray(np.arange(1, 33)[None]))
+    cap = jcompress.Capture(inputs="self_attn/o_proj", outputs="self_attn/(v|o)_proj")
+    y, got = jcompress.apply_layer(cfg, lp, h, 0, capture=cap)
+    y2, want = jcompress.apply_layer(cfg, dense, h, 0, capture=cap)
+    assert isinstance(lp["self_attn"]["o_proj"]["kernel"], HeadFoldedOut)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y2), atol=1e-4)
+    for kind in ("inputs", "outputs"):
+        assert got[kind].keys() == want[kind].keys()
+        for k in got[kind]:
+            np.testing.assert_allclose(
+                np.asarray(got[kind][k]), np.asarray(want[kind][k]), atol=1e-4
+            )

@@ -246,3 +246,34 @@ def test_head_low_rank_is_block_diagonal_low_rank():
 def test_head_low_rank_shape_contract(a_shape, b_shape):
     with pytest.raises(ValueError, match="HeadLowRank"):
         jcompress.HeadLowRank(jnp.zeros(a_shape), jnp.zeros(b_shape))
+
+
+# --------------------------------------------------------------------------- HeadFoldedOut
+
+
+def test_head_folded_out_reconstruction_and_latent_path():
+    rng = np.random.RandomState(0)
+    hq, hk, d, r, out = 4, 2, 8, 3, 10
+    u = np.stack([np.linalg.qr(rng.randn(d, d))[0][:, :r] for _ in range(hk)])  # [hk, d, r]
+    wo = rng.randn(hq * d, out)
+    g = np.arange(hq) // (hq // hk)
+    w = np.concatenate([u[g[h]].T @ wo[h * d : (h + 1) * d] for h in range(hq)])
+    leaf = jcompress.leaves.HeadFoldedOut(
+        jnp.asarray(w, jnp.float32), jnp.asarray(u.transpose(0, 2, 1), jnp.float32)
+    )
+    dense = np.concatenate([u[g[h]] @ w[h * r : (h + 1) * r] for h in range(hq)])
+    assert leaf.shape == (hq * d, out) and leaf.rank == r and leaf.query_heads == hq
+    np.testing.assert_allclose(np.asarray(leaf.materialize()), dense, atol=1e-5)
+    x = rng.randn(2, hq * d).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(leaf.apply(x)), x @ dense, atol=1e-4)
+    z = rng.randn(2, hq * r).astype(np.float32)  # rank-r head outputs
+    np.testing.assert_allclose(np.asarray(leaf.apply_latent(z)), z @ w, atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(leaf.apply(leaf.widen(z))), np.asarray(leaf.apply_latent(z)), atol=1e-4
+    )
+
+
+@pytest.mark.parametrize("w_shape, ut_shape", [((12, 5), (2, 3)), ((10, 5), (2, 3, 8))])
+def test_head_folded_out_shape_contract(w_shape, ut_shape):
+    with pytest.raises(ValueError, match="HeadFoldedOut"):
+        jcompress.leaves.HeadFoldedOut(jnp.zeros(w_shape), jnp.zeros(ut_shape))

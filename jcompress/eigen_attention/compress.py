@@ -17,11 +17,14 @@ Protocol (the reference's, layer by layer; see ``eigen_core`` for the math):
    ``threshold_step`` while the layer's relative output error ``||Y - Y'|| / ||Y||`` over the
    calibration set stays below ``error_budget`` and the rank bounds hold; the last threshold
    that met the budget is kept. A layer where even the first threshold fails stays dense.
-5. Projections become :class:`~jcompress.leaves.HeadLowRank` leaves ``a = [W_h U_h]_h``,
-   ``b[h] = U_h^T`` (biases projected to ``b U U^T``). The forward pass caches ``x @ a``, so
-   the KV cache holds rank-r keys and values per head; the reference's folded form
-   ``W_o' = W_o U_v`` is the same function (``materialize`` gives the dense-equivalent
-   ``W U U^T`` that stock transformers loads).
+5. K/Q/V projections become :class:`~jcompress.leaves.HeadLowRank` leaves ``a = [W_h U_h]_h``,
+   ``b[h] = U_h^T`` (biases projected to ``b U U^T``) and ``o_proj`` becomes a
+   :class:`~jcompress.leaves.HeadFoldedOut` ``W_o' = U_v^T W_o`` per head. The forward pass
+   caches ``x @ a`` (rank-r keys and values per head), attends over rank-r values and applies
+   ``W_o'`` to rank-r head outputs, as the reference does; keys are widened back (with
+   ``U^T``) before the scores, which RoPE needs and which for OPT/MPT costs compute but not
+   cache. ``materialize`` gives the dense-equivalent ``W U U^T`` / ``U U^T W_o`` that stock
+   transformers loads.
 
 Departures from the reference, on purpose: per-KV-head K bases for GQA models (the reference
 uses one K basis per layer, shared by all KV heads); streamed Gram matrices instead of stored
@@ -33,6 +36,7 @@ checked before a threshold is tried rather than after.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -48,7 +52,7 @@ from tqdm.auto import tqdm
 from jcompress.eigen_attention import eigen_core as core
 from jcompress.eigen_attention.report import EigenReport, LayerReport
 from jcompress.errors import UserError
-from jcompress.leaves import HeadLowRank, materialize
+from jcompress.leaves import HeadFoldedOut, HeadLowRank, materialize
 from jcompress.models.config import Family, ModelConfig, Position
 from jcompress.models.convert import flatten, get_path, unflatten
 from jcompress.models.families import spec_for
@@ -200,6 +204,16 @@ def _project(kernel: jax.Array, bias: jax.Array | None, u: jax.Array):
 _materialize = jax.jit(materialize)
 
 
+@functools.partial(jax.jit, static_argnames=("query_heads",))
+def _fold_out(kernel: jax.Array, u: jax.Array, query_heads: int) -> HeadFoldedOut:
+    """``W_o' = W_o U_v``: ``kernel [Hq*D, out]``, ``u [Hk, D, r]`` -> ``HeadFoldedOut``."""
+    hk, d, r = u.shape
+    uq = jnp.repeat(u, query_heads // hk, axis=0)  # [Hq, D, r]: each query head's KV basis
+    w = kernel.astype(jnp.float32).reshape(query_heads, d, -1)
+    folded = jnp.einsum("hdr,hdo->hro", uq, w).reshape(query_heads * r, -1)
+    return HeadFoldedOut(folded.astype(kernel.dtype), jnp.swapaxes(u, 1, 2).astype(kernel.dtype))
+
+
 def _with(lp: dict, role: str, kernel, bias) -> dict:
     """Copy of layer params ``lp`` with ``role``'s kernel (and bias) replaced."""
     flat = flatten(lp)
@@ -349,12 +363,12 @@ def compress(
             for b, h in enumerate(hidden):
                 hidden.put(b, apply_layer(cfg, lp, h, i))
             continue
-        kp, qp, vp = (get_path(lp, r) for r in (lay.k, lay.q, lay.v))
-        for role, p in ((lay.k, kp), (lay.q, qp), (lay.v, vp)):
+        kp, qp, vp, op = (get_path(lp, r) for r in (lay.k, lay.q, lay.v, lay.o))
+        for role, p in ((lay.k, kp), (lay.q, qp), (lay.v, vp), (lay.o, op)):
             if not isinstance(p["kernel"], jax.Array | np.ndarray):
                 raise UserError(
                     f"params: {path}/{role}/kernel is a {type(p['kernel']).__name__}; "
-                    "EigenAttention needs dense k/q/v kernels"
+                    "EigenAttention needs dense k/q/v/o kernels"
                 )
         d_k = int(kp["kernel"].shape[-1]) // hk
         d_v = int(vp["kernel"].shape[-1]) // hk
@@ -372,7 +386,9 @@ def compress(
         frac_kq = jax.vmap(core.spectrum_fraction_core)(s_kq)
         frac_v = jax.vmap(core.spectrum_fraction_core)(s_v)
 
-        def build(r_kq, r_v, lp=lp, kp=kp, qp=qp, vp=vp, u_kq=u_kq, u_v=u_v, d_k=d_k, d_v=d_v):
+        def build(
+            r_kq, r_v, lp=lp, kp=kp, qp=qp, vp=vp, op=op, u_kq=u_kq, u_v=u_v, d_k=d_k, d_v=d_v
+        ):
             new = lp
             if r_kq < d_k:
                 u = u_kq[:, :, :r_kq]
@@ -380,7 +396,9 @@ def compress(
                 for role, p in roles:
                     new = _with(new, role, *_project(p["kernel"], p.get("bias"), u))
             if r_v < d_v:
-                new = _with(new, lay.v, *_project(vp["kernel"], vp.get("bias"), u_v[:, :, :r_v]))
+                u = u_v[:, :, :r_v]
+                new = _with(new, lay.v, *_project(vp["kernel"], vp.get("bias"), u))
+                new = _with(new, lay.o, _fold_out(op["kernel"], u, hq), None)
             return new
 
         def error(candidate, outputs=outputs, hidden=hidden, i=i) -> float:

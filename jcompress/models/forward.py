@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jcompress.errors import UserError
-from jcompress.leaves import Factored, dot
+from jcompress.leaves import Factored, HeadFoldedOut, HeadLowRank, dot
 from jcompress.models.config import ModelConfig, Norm, Position
 from jcompress.models.convert import Layout, get_path
 from jcompress.models.families import spec_for
@@ -76,6 +76,14 @@ class _Recorder:
 
     def _join(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix and name else (self.prefix or name)
+
+    def wants(self, name: str, kind: str) -> bool:
+        """Whether ``__call__(name, kind, ...)`` would record (lets callers skip extra work)."""
+        if self.capture is None:
+            return False
+        pattern = self.capture.inputs if kind == "in" else self.capture.outputs
+        path = self._join(name)
+        return pattern is not None and bool(path) and re.fullmatch(pattern, path) is not None
 
     def __call__(self, name: str, kind: str, x: jax.Array) -> None:
         if self.capture is None:
@@ -163,6 +171,13 @@ def _expand(p: Params, lat: jax.Array) -> jax.Array:
         y = w.up(lat)
         return y + p["bias"] if "bias" in p else y
     return lat
+
+
+def _latent_bias(p: Params) -> jax.Array:
+    """A ``HeadLowRank`` projection's bias in its rank-r basis: ``bias_h @ U_h`` per head."""
+    w = p["kernel"]
+    heads, _, d = w.b.shape
+    return jnp.einsum("hd,hrd->hr", p["bias"].reshape(heads, d), w.b).reshape(-1)
 
 
 def _latent_width(p: Params) -> int:
@@ -271,10 +286,26 @@ def _attention(
         k_pos, k_mask = cpos, cmask
         slot_q = index + jnp.arange(t)[None, :]
         slot_k = jnp.arange(k_lat.shape[1])[None, :]
-    k, v = _expand(kp, k_lat), _expand(vp, v_lat)
+    op = get_path(lp, lay.o)
+    # EigenAttention's folded form: rank-r values per head and W_o' = W_o U_v, so values are
+    # never widened back to the head width (clip_qkv acts on full-width values: no folding).
+    fold = (
+        isinstance(op["kernel"], HeadFoldedOut)
+        and isinstance(vp["kernel"], HeadLowRank)
+        and op["kernel"].ut.shape == vp["kernel"].b.shape
+        and cfg.clip_qkv is None
+    )
+    k = _expand(kp, k_lat)
+    if fold:
+        v = v_lat if "bias" not in vp else v_lat + _latent_bias(vp)
+        if kv is None and rec.wants(lay.v, "out"):
+            rec(lay.v, "out", _expand(vp, v_lat))
+    else:
+        v = _expand(vp, v_lat)
+        if kv is None:
+            rec(lay.v, "out", v)
     if kv is None:
         rec(lay.k, "out", k)
-        rec(lay.v, "out", v)
     if cfg.clip_qkv is not None:
         q, k, v = (jnp.clip(a, -cfg.clip_qkv, cfg.clip_qkv) for a in (q, k, v))
     s = k.shape[1]
@@ -292,7 +323,15 @@ def _attention(
         scale = scale / (jnp.asarray(layer_idx, jnp.float32) + 1.0)
     allowed = (slot_k[:, None, :] <= slot_q[:, :, None]) & k_mask[:, None, :]
     o = _attend(cfg, q, k, v, allowed, pos, k_pos, scale)
-    out = _linear(get_path(lp, lay.o), o, rec, lay.o)
+    if fold:
+        w = op["kernel"]
+        if rec.wants(lay.o, "in"):  # what the dense o_proj would see: full-width head outputs
+            rec(lay.o, "in", w.widen(o))
+        out = w.apply_latent(o)
+        out = out + op["bias"] if "bias" in op else out
+        rec(lay.o, "out", out)
+    else:
+        out = _linear(op, o, rec, lay.o)
     rec(lay.attn, "out", out)
     return out, (k_lat, v_lat)
 
