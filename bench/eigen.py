@@ -15,22 +15,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.foundation import shared_data
+from bench.foundation import llama_1m_dir, shared_data
 from bench.harness import Context, median, peak_rss_mib, register, rss_mib
 
 GOAL_BASES = ">= 3x faster than the reference's per-head SVD loop (ratio <= 0.33)"
 GOAL_MEMORY = "< 10% peak RSS growth from the smaller to the larger nsamples (ratio < 1.10)"
 
 # --------------------------------------------------------------------------- shared helpers
-
-
-def _llama_1m() -> Path:
-    model_dir = shared_data() / "models" / "llama-1m"
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{model_dir} not found (set JCOMPRESS_SHARED_DATA to the shared data directory)"
-        )
-    return model_dir
 
 
 def _data_file(rel: str) -> Path:
@@ -420,7 +411,7 @@ def calib_memory_side(
 
 
 def _calib_memory(ctx: Context, offload: bool) -> dict[str, Any]:
-    model_dir = _llama_1m()
+    model_dir = llama_1m_dir()
     (small, large), seqlen = ctx.pick(
         full=((32, 256), 256), quick=((16, 128), 128), dry=((2, 8), 32)
     )
@@ -586,7 +577,7 @@ def e2e_side(
     "after (ours) vs before (baseline) compression; KV-cache ratio in info",
 )
 def eigen_llama1m_end_to_end(ctx: Context) -> dict[str, Any]:
-    model_dir = _llama_1m()
+    model_dir = llama_1m_dir()
     calib_data = _data_file("wikitext-2/valid.txt")
     eval_rel = "wikitext-2-raw/test.txt"
     eval_data = _data_file(eval_rel)

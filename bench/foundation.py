@@ -23,6 +23,16 @@ def shared_data() -> Path:
     return Path(os.environ.get("JCOMPRESS_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+def llama_1m_dir() -> Path:
+    """The trained llama-1m in the shared data; a clear error where it is missing."""
+    model_dir = shared_data() / "models" / "llama-1m"
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{model_dir} not found (set JCOMPRESS_SHARED_DATA to the shared data directory)"
+        )
+    return model_dir
+
+
 def _ids(vocab: int, batch: int, seq: int, seed: int):
     import numpy as np
 
@@ -172,11 +182,7 @@ def _forward_pair(
     doc="jit forward vs transformers (CPU, fp32, no_grad) on the trained llama-1m",
 )
 def forward_llama_1m(ctx: Context) -> dict[str, Any]:
-    model_dir = shared_data() / "models" / "llama-1m"
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{model_dir} not found (set JCOMPRESS_SHARED_DATA to the shared data directory)"
-        )
+    model_dir = llama_1m_dir()
     batch, seq = ctx.pick(full=(4, 512), quick=(1, 128), dry=(1, 16))
     return _forward_pair(ctx, model_dir, batch, seq, ctx.repeats(full=10, quick=5))
 
