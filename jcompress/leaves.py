@@ -88,6 +88,23 @@ class CompressedLeaf(abc.ABC):
             )
         )
 
+    def consumes_latent_values(self, v_kernel: Any) -> bool:
+        """Whether this leaf, sitting at an attention output projection, takes the latent
+        head outputs that attention over ``v_kernel``'s latent values gives (then the forward
+        pass never widens values back to the head width and calls :meth:`apply_latent`).
+        Default: no."""
+        del v_kernel
+        return False
+
+    def apply_latent(self, z: jax.Array) -> jax.Array:
+        """``[..., heads * r] -> [..., out]`` on latent head outputs (see
+        :meth:`consumes_latent_values`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not consume latent values")
+
+    def widen(self, z: jax.Array) -> jax.Array:
+        """Latent head outputs -> the full-width head outputs a dense output projection sees."""
+        raise NotImplementedError(f"{type(self).__name__} does not consume latent values")
+
     def arrays(self) -> dict[str, Any]:
         """The array children by field name (what checkpoints store)."""
         return {f: getattr(self, f) for f in self.array_fields}
@@ -155,6 +172,12 @@ class Factored(CompressedLeaf):
 
     def apply(self, x: jax.Array) -> jax.Array:
         return self.up(self.down(x))
+
+    def latent_bias(self, bias: jax.Array) -> jax.Array:
+        """A bias of the full projection expressed in the latent space (``[latent_width]``),
+        for callers that consume latents directly; only leaves whose ``up`` is a per-head
+        orthonormal basis can do this."""
+        raise NotImplementedError(f"{type(self).__name__} has no latent bias")
 
 
 @_register
@@ -263,6 +286,12 @@ class HeadLowRank(Factored):
         zh = z.reshape(*z.shape[:-1], h, r)
         return jnp.einsum("...hr,hrd->...hd", zh, self.b).reshape(*z.shape[:-1], h * d)
 
+    def latent_bias(self, bias: jax.Array) -> jax.Array:
+        """``bias_h @ b[h]^T`` per head: exact when ``b[h]`` has orthonormal rows and the bias
+        lies in their span (EigenAttention projects biases so)."""
+        heads, _, d = self.b.shape
+        return jnp.einsum("hd,hrd->hr", bias.reshape(heads, d), self.b).reshape(-1)
+
     def materialize(self) -> jax.Array:
         h, r, d = self.b.shape
         a = self.a.reshape(self.a.shape[0], h, r)
@@ -303,6 +332,12 @@ class HeadFoldedOut(CompressedLeaf):
                     f"HeadFoldedOut: w{tuple(self.w.shape)} rows are not a multiple of "
                     f"Hk*r = {hk * r} (ut{tuple(self.ut.shape)})"
                 )
+
+    def consumes_latent_values(self, v_kernel: Any) -> bool:
+        """Pairs with a ``HeadLowRank`` v projection whose ``b`` has this ``ut``'s shape."""
+        return isinstance(v_kernel, HeadLowRank) and tuple(v_kernel.b.shape) == tuple(
+            self.ut.shape
+        )
 
     @property
     def rank(self) -> int:

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jcompress.errors import UserError
-from jcompress.leaves import Factored, HeadFoldedOut, HeadLowRank, dot
+from jcompress.leaves import CompressedLeaf, Factored, dot
 from jcompress.models.config import ModelConfig, Norm, Position
 from jcompress.models.convert import Layout, get_path
 from jcompress.models.families import spec_for
@@ -173,13 +173,6 @@ def _expand(p: Params, lat: jax.Array) -> jax.Array:
     return lat
 
 
-def _latent_bias(p: Params) -> jax.Array:
-    """A ``HeadLowRank`` projection's bias in its rank-r basis: ``bias_h @ U_h`` per head."""
-    w = p["kernel"]
-    heads, _, d = w.b.shape
-    return jnp.einsum("hd,hrd->hr", p["bias"].reshape(heads, d), w.b).reshape(-1)
-
-
 def _latent_width(p: Params) -> int:
     w = p["kernel"]
     return w.latent_width if isinstance(w, Factored) else int(w.shape[-1])
@@ -290,14 +283,13 @@ def _attention(
     # EigenAttention's folded form: rank-r values per head and W_o' = W_o U_v, so values are
     # never widened back to the head width (clip_qkv acts on full-width values: no folding).
     fold = (
-        isinstance(op["kernel"], HeadFoldedOut)
-        and isinstance(vp["kernel"], HeadLowRank)
-        and op["kernel"].ut.shape == vp["kernel"].b.shape
+        isinstance(op["kernel"], CompressedLeaf)
+        and op["kernel"].consumes_latent_values(vp["kernel"])
         and cfg.clip_qkv is None
     )
     k = _expand(kp, k_lat)
     if fold:
-        v = v_lat if "bias" not in vp else v_lat + _latent_bias(vp)
+        v = v_lat if "bias" not in vp else v_lat + vp["kernel"].latent_bias(vp["bias"])
         if kv is None and rec.wants(lay.v, "out"):
             rec(lay.v, "out", _expand(vp, v_lat))
     else:
