@@ -93,6 +93,7 @@ def forward_jax(
         "base_rss_mib": base,
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
+        "attention": str(jcompress.models.forward.DEFAULT_ATTENTION),
     }
 
 
@@ -184,6 +185,19 @@ def _forward_pair(
 def forward_llama_1m(ctx: Context) -> dict[str, Any]:
     model_dir = llama_1m_dir()
     batch, seq = ctx.pick(full=(4, 512), quick=(1, 128), dry=(1, 16))
+    return _forward_pair(ctx, model_dir, batch, seq, ctx.repeats(full=10, quick=5))
+
+
+@register(
+    "forward_llama_1m_2048",
+    metric="tokens/s",
+    higher_is_better=True,
+    doc="jit forward vs transformers (CPU, fp32, no_grad, SDPA) on the trained llama-1m at one "
+    "2048-token sequence (past its 512 trained positions: RoPE runs there; speed only)",
+)
+def forward_llama_1m_2048(ctx: Context) -> dict[str, Any]:
+    model_dir = llama_1m_dir()
+    batch, seq = ctx.pick(full=(1, 2048), quick=(1, 2048), dry=(1, 32))
     return _forward_pair(ctx, model_dir, batch, seq, ctx.repeats(full=10, quick=5))
 
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from jcompress.errors import UserError
 from jcompress.leaves import CompressedLeaf, Factored, dot
+from jcompress.models.attention import AttentionImpl, AttentionMask, resolve
 from jcompress.models.config import ModelConfig, Norm, Position
 from jcompress.models.convert import Layout, get_path
 from jcompress.models.families import spec_for
@@ -222,30 +223,6 @@ def _alibi_slopes(cfg: ModelConfig) -> np.ndarray:
     return slopes.astype(np.float32)
 
 
-def _attend(
-    cfg: ModelConfig,
-    q: jax.Array,  # [B, T, Hq, Dq]
-    k: jax.Array,  # [B, S, Hk, Dq]
-    v: jax.Array,  # [B, S, Hk, Dv]
-    allowed: jax.Array,  # [B, T, S] bool
-    q_pos: jax.Array,  # [B, T]
-    k_pos: jax.Array,  # [B, S]
-    scale: jax.Array | float,
-) -> jax.Array:  # [B, T, Hq * Dv]
-    b, t, hq, dq = q.shape
-    hk = k.shape[2]
-    qg = q.reshape(b, t, hk, hq // hk, dq)
-    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-    if cfg.position is Position.ALIBI:
-        slopes = jnp.asarray(_alibi_slopes(cfg)).reshape(hk, hq // hk)
-        rel = (k_pos[:, None, :] - q_pos[:, :, None]).astype(jnp.float32)  # [B, T, S]
-        s = s + slopes[None, :, :, None, None] * rel[:, None, None]
-    s = jnp.where(allowed[:, None, None], s, jnp.finfo(jnp.float32).min)
-    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    o = jnp.einsum("bkgts,bskd->btkgd", p, v)
-    return o.reshape(b, t, hq * v.shape[-1])
-
-
 def _attention(
     cfg: ModelConfig,
     lay: Layout,
@@ -257,8 +234,12 @@ def _attention(
     rec: _Recorder,
     kv: tuple[jax.Array, jax.Array] | None,
     cache_meta: tuple[jax.Array, jax.Array, jax.Array] | None,
+    impl: AttentionImpl,
 ):
-    """Self-attention block. Returns ``(out [B, T, H], (k_latent, v_latent) for the cache)``."""
+    """Self-attention block. Returns ``(out [B, T, H], (k_latent, v_latent) for the cache)``.
+
+    Projections, q/k norms, RoPE and clipping happen here; the score/softmax/value math is
+    ``impl`` (:mod:`jcompress.models.attention`)."""
     b, t, _ = x.shape
     hq, hk = cfg.num_heads, cfg.num_kv_heads
     qp, kp, vp = (get_path(lp, r) for r in (lay.q, lay.k, lay.v))
@@ -270,15 +251,13 @@ def _attention(
     if kv is None:  # no cache: keys are this call's tokens
         k_lat, v_lat = k_new, v_new
         k_pos, k_mask = pos, mask
-        slot_q = jnp.arange(t)[None, :]
-        slot_k = slot_q
+        q_offset = 0
     else:  # write this call's latents at cache.index, read the whole cache
         cmask, cpos, index = cache_meta
         k_lat = jax.lax.dynamic_update_slice_in_dim(kv[0], k_new.astype(kv[0].dtype), index, 1)
         v_lat = jax.lax.dynamic_update_slice_in_dim(kv[1], v_new.astype(kv[1].dtype), index, 1)
         k_pos, k_mask = cpos, cmask
-        slot_q = index + jnp.arange(t)[None, :]
-        slot_k = jnp.arange(k_lat.shape[1])[None, :]
+        q_offset = index
     op = get_path(lp, lay.o)
     # EigenAttention's folded form: rank-r values per head and W_o' = W_o U_v, so values are
     # never widened back to the head width (clip_qkv acts on full-width values: no folding).
@@ -313,8 +292,15 @@ def _attention(
     scale = cfg.softmax_scale
     if cfg.scale_attn_by_inverse_layer_idx:
         scale = scale / (jnp.asarray(layer_idx, jnp.float32) + 1.0)
-    allowed = (slot_k[:, None, :] <= slot_q[:, :, None]) & k_mask[:, None, :]
-    o = _attend(cfg, q, k, v, allowed, pos, k_pos, scale)
+    alibi = cfg.position is Position.ALIBI
+    amask = AttentionMask(
+        k_valid=k_mask,
+        q_offset=q_offset,
+        q_pos=pos if alibi else None,
+        k_pos=k_pos if alibi else None,
+        alibi_slopes=jnp.asarray(_alibi_slopes(cfg)) if alibi else None,
+    )
+    o = impl(q, k, v, amask, scale=scale).reshape(b, t, -1)
     if fold:
         w = op["kernel"]
         if rec.wants(lay.o, "in"):  # what the dense o_proj would see: full-width head outputs
@@ -342,7 +328,7 @@ def _mlp(cfg: ModelConfig, lay: Layout, lp: Params, x: jax.Array, rec: _Recorder
     return out
 
 
-def _layer(cfg, lay, lp, h, pos, mask, layer_idx, rec, kv=None, cache_meta=None):
+def _layer(cfg, lay, lp, h, pos, mask, layer_idx, rec, impl, kv=None, cache_meta=None):
     """One decoder block (pre- or post-LN). Returns ``(h [B, T, H], kv latents)``."""
     rec("", "in", h)
 
@@ -353,7 +339,7 @@ def _layer(cfg, lay, lp, h, pos, mask, layer_idx, rec, kv=None, cache_meta=None)
         return y
 
     x = norm(lay.attn_norm, h) if cfg.pre_norm else h
-    a, new_kv = _attention(cfg, lay, lp, x, pos, mask, layer_idx, rec, kv, cache_meta)
+    a, new_kv = _attention(cfg, lay, lp, x, pos, mask, layer_idx, rec, kv, cache_meta, impl)
     h = h + a
     if not cfg.pre_norm:
         h = norm(lay.attn_norm, h)
@@ -428,7 +414,7 @@ def _mask_or_ones(input_ids, attention_mask):
     return attention_mask.astype(bool)
 
 
-def _run(cfg, params, input_ids, mask, pos, rec, cache: KVCache | None = None):
+def _run(cfg, params, input_ids, mask, pos, rec, impl, cache: KVCache | None = None):
     lay = spec_for(cfg.family.value).layout
     h = _embed(cfg, params, input_ids, pos, rec)
     new_k, new_v = [], []
@@ -442,7 +428,7 @@ def _run(cfg, params, input_ids, mask, pos, rec, cache: KVCache | None = None):
         lp = get_path(params, f"{lay.layers}/{i}")
         kv = None if cache is None else (cache.k[i], cache.v[i])
         h, (kl, vl) = _layer(
-            cfg, lay, lp, h, pos, mask, i, rec.child(f"{lay.layers}/{i}"), kv, meta
+            cfg, lay, lp, h, pos, mask, i, rec.child(f"{lay.layers}/{i}"), impl, kv, meta
         )
         new_k.append(kl)
         new_v.append(vl)
@@ -453,7 +439,21 @@ def _run(cfg, params, input_ids, mask, pos, rec, cache: KVCache | None = None):
     return logits, new_cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "capture"))
+DEFAULT_ATTENTION = "chunked"
+"""The implementation :func:`forward` and friends use unless told otherwise (see
+:mod:`jcompress.models.attention`; ``"dense"`` is the reference it is tested against)."""
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "capture", "impl"))
+def _forward(cfg, params, input_ids, attention_mask, capture, impl):
+    check_length(cfg, input_ids.shape[-1])
+    mask = _mask_or_ones(input_ids, attention_mask)
+    pos = positions_from_mask(mask)
+    rec = _Recorder(capture)
+    logits, _ = _run(cfg, params, input_ids, mask, pos, rec, impl)
+    return logits if capture is None else (logits, rec.result())
+
+
 def forward(
     cfg: ModelConfig,
     params: Params,
@@ -461,8 +461,9 @@ def forward(
     attention_mask: jax.Array | None = None,
     *,
     capture: Capture | None = None,
+    attention: Any = DEFAULT_ATTENTION,
 ):
-    """Logits of a causal LM (jit-compiled; ``cfg`` and ``capture`` are static).
+    """Logits of a causal LM (jit-compiled; ``cfg``, ``capture`` and ``attention`` are static).
 
     Args:
       cfg: model config.
@@ -472,28 +473,26 @@ def forward(
         logits that carry no meaning.
       capture: optional :class:`Capture`; then the result is ``(logits, captured)`` with
         ``captured = {"inputs": {path: array}, "outputs": {path: array}}``.
+      attention: an attention implementation: a registered name (``"chunked"``, the default:
+        online softmax over key blocks, memory ``O(T x block)``; ``"dense"``: full scores, the
+        reference) or an instance such as ``attention.Chunked(block_q=64, block_k=64)``.
 
     Returns:
       ``logits [B, T, V]`` in the params' compute dtype, or ``(logits, captured)``.
     """
-    check_length(cfg, input_ids.shape[-1])
-    mask = _mask_or_ones(input_ids, attention_mask)
-    pos = positions_from_mask(mask)
+    return _forward(cfg, params, input_ids, attention_mask, capture, resolve(attention))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "capture", "impl"))
+def _apply_layer(cfg, lp, hidden, layer_idx, attention_mask, capture, impl):
+    b, t, _ = hidden.shape
+    mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
     rec = _Recorder(capture)
-    logits, _ = _run(cfg, params, input_ids, mask, pos, rec)
-    return logits if capture is None else (logits, rec.result())
+    lay = spec_for(cfg.family.value).layout
+    out, _ = _layer(cfg, lay, lp, hidden, positions_from_mask(mask), mask, layer_idx, rec, impl)
+    return out if capture is None else (out, rec.result())
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def embed(
-    cfg: ModelConfig, params: Params, input_ids: jax.Array, attention_mask: jax.Array | None = None
-) -> jax.Array:
-    """Token (and learned position) embeddings: ``[B, T] -> [B, T, H]``, the first layer's input."""
-    mask = _mask_or_ones(input_ids, attention_mask)
-    return _embed(cfg, params, input_ids, positions_from_mask(mask), _Recorder(None))
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "capture"))
 def apply_layer(
     cfg: ModelConfig,
     lp: Params,
@@ -502,6 +501,7 @@ def apply_layer(
     attention_mask: jax.Array | None = None,
     *,
     capture: Capture | None = None,
+    attention: Any = DEFAULT_ATTENTION,
 ):
     """Run one decoder layer on hidden states (for layer-by-layer calibration).
 
@@ -511,16 +511,21 @@ def apply_layer(
       layer_idx: the layer's index (traced: one compilation serves every layer).
       attention_mask: optional ``[B, T]`` 0/1.
       capture: regexes over paths *relative to the layer* (``self_attn/k_proj``).
+      attention: attention implementation (as for :func:`forward`).
 
     Returns:
       ``[B, T, H]`` outputs, or ``(outputs, captured)`` when ``capture`` is given.
     """
-    b, t, _ = hidden.shape
-    mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
-    rec = _Recorder(capture)
-    lay = spec_for(cfg.family.value).layout
-    out, _ = _layer(cfg, lay, lp, hidden, positions_from_mask(mask), mask, layer_idx, rec)
-    return out if capture is None else (out, rec.result())
+    return _apply_layer(cfg, lp, hidden, layer_idx, attention_mask, capture, resolve(attention))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def embed(
+    cfg: ModelConfig, params: Params, input_ids: jax.Array, attention_mask: jax.Array | None = None
+) -> jax.Array:
+    """Token (and learned position) embeddings: ``[B, T] -> [B, T, H]``, the first layer's input."""
+    mask = _mask_or_ones(input_ids, attention_mask)
+    return _embed(cfg, params, input_ids, positions_from_mask(mask), _Recorder(None))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -550,12 +555,14 @@ def init_cache(
     )
 
 
-def forward_cached(cfg, params, input_ids, mask, cache: KVCache):
+def forward_cached(cfg, params, input_ids, mask, cache: KVCache, attention: Any = None):
     """Run new tokens ``[B, T]`` through the model, reading and extending ``cache``.
 
     Positions continue from the number of real tokens already cached per sequence.
     Returns ``(logits [B, T, V], new_cache)``. Not jitted itself (callers jit the loop).
+    ``attention``: an implementation (as for :func:`forward`; default :data:`DEFAULT_ATTENTION`).
     """
+    impl = resolve(DEFAULT_ATTENTION if attention is None else attention)
     start = jnp.sum(cache.mask, axis=1, keepdims=True).astype(jnp.int32)
     pos = positions_from_mask(mask, start)
-    return _run(cfg, params, input_ids, mask.astype(bool), pos, _Recorder(None), cache)
+    return _run(cfg, params, input_ids, mask.astype(bool), pos, _Recorder(None), impl, cache)

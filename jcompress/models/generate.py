@@ -9,26 +9,31 @@ import jax
 import jax.numpy as jnp
 
 from jcompress.errors import UserError
+from jcompress.models.attention import resolve
 from jcompress.models.config import ModelConfig
-from jcompress.models.forward import check_length, forward_cached, init_cache
+from jcompress.models.forward import DEFAULT_ATTENTION, check_length, forward_cached, init_cache
 
 __all__ = ["generate"]
 
 
 @functools.partial(
-    jax.jit, static_argnames=("cfg", "max_new_tokens", "eos_token_id", "pad_token_id")
+    jax.jit, static_argnames=("cfg", "max_new_tokens", "eos_token_id", "pad_token_id", "impl")
 )
-def _generate(cfg, params, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id):
+def _generate(
+    cfg, params, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, impl
+):
     b, t = input_ids.shape
     cache = init_cache(cfg, params, b, t + max_new_tokens)
-    logits, cache = forward_cached(cfg, params, input_ids, attention_mask, cache)
+    logits, cache = forward_cached(cfg, params, input_ids, attention_mask, cache, impl)
     first = jnp.argmax(logits[:, -1], axis=-1).astype(input_ids.dtype)
     done0 = jnp.zeros((b,), bool)
 
     def step(carry, _):
         tok, done, cache = carry
         done = done | (tok == eos_token_id) if eos_token_id is not None else done
-        logits, cache = forward_cached(cfg, params, tok[:, None], jnp.ones((b, 1), bool), cache)
+        logits, cache = forward_cached(
+            cfg, params, tok[:, None], jnp.ones((b, 1), bool), cache, impl
+        )
         nxt = jnp.argmax(logits[:, -1], axis=-1).astype(tok.dtype)
         nxt = jnp.where(done, pad_token_id, nxt)
         return (nxt, done, cache), nxt
@@ -50,6 +55,7 @@ def generate(
     attention_mask: jax.Array | None = None,
     eos_token_id: int | None = -1,
     pad_token_id: int | None = None,
+    attention: Any = DEFAULT_ATTENTION,
 ) -> jax.Array:
     """Greedy decoding with a KV cache (prefill once, then one token per step, all jitted).
 
@@ -60,6 +66,7 @@ def generate(
       eos_token_id: stop token; after it a sequence emits ``pad_token_id``. Default: the
         config's ``eos_token_id``; ``None`` never stops.
       pad_token_id: filler after EOS (default: the config's pad id, else the EOS id).
+      attention: attention implementation for prefill and decode (as for ``forward``).
 
     Returns:
       ``[B, T + max_new_tokens]`` token ids (the prompt, then the continuation).
@@ -84,4 +91,5 @@ def generate(
         eos_token_id = cfg.eos_token_id
     if pad_token_id is None:
         pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else (eos_token_id or 0)
-    return _generate(cfg, params, input_ids, mask, max_new_tokens, eos_token_id, pad_token_id)
+    impl = resolve(attention)
+    return _generate(cfg, params, input_ids, mask, max_new_tokens, eos_token_id, pad_token_id, impl)

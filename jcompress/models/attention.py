@@ -1,0 +1,314 @@
+"""Attention implementations: the seam between the decoder and the attention math.
+
+The decoder (:mod:`jcompress.models.forward`) projects, normalises and rotates q/k/v, then
+hands them to one *implementation* chosen by a static setting (``forward(...,
+attention="chunked")``). Every implementation has the same contract:
+
+* ``q [B, T, Hq, D]``, ``k [B, S, Hk, D]``, ``v [B, S, Hk, Dv]`` with ``Hq % Hk == 0``.
+  Query head ``h`` reads KV head ``h // (Hq // Hk)`` (GQA / MQA); K and V are never repeated
+  in memory (queries are grouped instead).
+* ``mask``: an :class:`AttentionMask`, a structured description, never a materialised
+  ``[B, T, S]`` array: query ``t`` sits in cache slot ``q_offset + t``; key slot ``s`` is
+  visible to it iff ``s <= q_offset + t`` (causal) and ``k_valid[b, s]``; with ALiBi the score
+  gains ``slopes[h] * (k_pos[b, s] - q_pos[b, t])``.
+* ``scale``: the softmax scale (a float, or a traced scalar for GPT-2's per-layer scaling).
+* Returns ``[B, T, Hq, Dv]`` in ``v``'s dtype. Scores and softmax run in float32.
+
+A query row with no visible key (a pad query at the left edge) carries no meaning; its output
+is finite but implementation-specific.
+
+Implementations are frozen dataclasses (hashable, so they are static ``jit`` arguments) that
+register themselves by name with :func:`register_attention`; :func:`resolve` turns a name or
+an instance into one. ``dense`` is today's math and the oracle the others are tested against;
+``chunked`` is an online-softmax (flash-attention style) loop over key blocks in plain XLA
+whose memory is ``O(T x block_k)`` instead of ``O(T x S)`` and which skips key blocks that
+are entirely in a query block's causal future. SpargeAttn's ``block_sparse`` registers here
+from its own module.
+
+Example::
+
+    from jcompress.models import attention
+    out = attention.resolve("chunked")(q, k, v, attention.causal_mask(k_valid), scale=d**-0.5)
+
+References: Milakov & Gimelshein, "Online normalizer calculation for softmax" (2018);
+Dao et al., "FlashAttention" (2022); Press et al., "ALiBi" (2022).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+
+from jcompress.errors import UserError
+
+__all__ = [
+    "AttentionImpl",
+    "AttentionMask",
+    "Chunked",
+    "Dense",
+    "IMPLEMENTATIONS",
+    "causal_mask",
+    "register_attention",
+    "resolve",
+]
+
+_NEG = float(jnp.finfo(jnp.float32).min)
+
+
+class AttentionMask(NamedTuple):
+    """Structured causal mask with key validity and optional ALiBi (a pytree).
+
+    Attributes:
+      k_valid: ``[B, S]`` bool, key slots that hold a real token.
+      q_offset: int32 scalar (or Python int), cache slot of query 0 (0 without a cache).
+      q_pos: ``[B, T]`` int32 positions of the queries (ALiBi only; may be ``None``).
+      k_pos: ``[B, S]`` int32 positions of the keys (ALiBi only; may be ``None``).
+      alibi_slopes: ``[Hq]`` float32 ALiBi slopes, or ``None`` for no positional bias.
+    """
+
+    k_valid: jax.Array
+    q_offset: Any = 0
+    q_pos: jax.Array | None = None
+    k_pos: jax.Array | None = None
+    alibi_slopes: jax.Array | None = None
+
+
+def causal_mask(k_valid: jax.Array, q_offset: Any = 0) -> AttentionMask:
+    """A causal :class:`AttentionMask` with no positional bias."""
+    return AttentionMask(k_valid=k_valid, q_offset=q_offset)
+
+
+class AttentionImpl(Protocol):
+    """What the decoder calls (see the module docstring for the contract)."""
+
+    name: str
+
+    def __call__(
+        self,
+        q: jax.Array,  # [B, T, Hq, D]
+        k: jax.Array,  # [B, S, Hk, D]
+        v: jax.Array,  # [B, S, Hk, Dv]
+        mask: AttentionMask,
+        *,
+        scale: Any,
+    ) -> jax.Array:  # [B, T, Hq, Dv]
+        ...
+
+
+IMPLEMENTATIONS: dict[str, Callable[..., AttentionImpl]] = {}
+
+
+def register_attention(name: str) -> Callable[[type], type]:
+    """Class decorator: make an implementation available as ``attention=name``.
+
+    The class must be a frozen dataclass (hashable: it is a static ``jit`` argument) whose
+    no-argument construction gives sensible defaults. Registering a second class under a taken
+    name is an error.
+    """
+
+    def deco(cls: type) -> type:
+        if name in IMPLEMENTATIONS and IMPLEMENTATIONS[name] is not cls:
+            raise ValueError(f"attention implementation {name!r} is already registered")
+        IMPLEMENTATIONS[name] = cls
+        cls.name = name
+        return cls
+
+    return deco
+
+
+def resolve(attention: Any) -> AttentionImpl:
+    """``None`` / a registered name / an implementation instance -> an implementation."""
+    if attention is None:
+        return Dense()
+    if isinstance(attention, str):
+        if attention not in IMPLEMENTATIONS:
+            known = ", ".join(sorted(IMPLEMENTATIONS))
+            raise UserError(f"attention: unknown implementation {attention!r}; allowed: {known}")
+        return IMPLEMENTATIONS[attention]()
+    if callable(attention) and getattr(attention, "name", None) in IMPLEMENTATIONS:
+        try:
+            hash(attention)
+        except TypeError:
+            raise UserError(
+                f"attention: {type(attention).__name__} must be hashable (a frozen dataclass)"
+            ) from None
+        return attention
+    known = ", ".join(sorted(IMPLEMENTATIONS))
+    raise UserError(
+        f"attention: expected a name ({known}) or a registered implementation, "
+        f"got {type(attention).__name__}"
+    )
+
+
+def _check(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[int, ...]:
+    b, t, hq, d = q.shape
+    bk, s, hk, dk = k.shape
+    if (bk, s, hk) != tuple(v.shape[:3]) or b != bk or dk != d or hq % hk:
+        raise ValueError(
+            f"attention: q{tuple(q.shape)}, k{tuple(k.shape)}, v{tuple(v.shape)} do not fit "
+            "[B, T, Hq, D], [B, S, Hk, D], [B, S, Hk, Dv] with Hq a multiple of Hk"
+        )
+    return b, t, hq, d, s, hk, v.shape[-1]
+
+
+def _to_rows(q: jax.Array, hk: int) -> jax.Array:
+    """``[B, T, Hq, D] -> [B, Hk, g * T, D]``: the query heads of one KV head become rows of one
+    matrix (row ``i * T + t`` is group member ``i`` at query ``t``), so each KV head's scores
+    are a single matmul and K/V are never repeated."""
+    b, t, hq, d = q.shape
+    g = hq // hk
+    return jnp.transpose(q.reshape(b, t, hk, g, d), (0, 2, 3, 1, 4)).reshape(b, hk, g * t, d)
+
+
+def _from_rows(o: jax.Array, t: int) -> jax.Array:
+    """Inverse of :func:`_to_rows`: ``[B, Hk, g * T, Dv] -> [B, T, Hq, Dv]``."""
+    b, hk, gt, dv = o.shape
+    g = gt // t
+    return jnp.transpose(o.reshape(b, hk, g, t, dv), (0, 3, 1, 2, 4)).reshape(b, t, hk * g, dv)
+
+
+def _masked_scores(
+    q: jax.Array,  # [B, Hk, g * Tq, D] query rows (see _to_rows)
+    k: jax.Array,  # [B, Hk, Sk, D]
+    scale: Any,
+    q_offset: Any,  # slot of query index 0
+    q_idx: jax.Array,  # [Tq] query indices of this tile
+    k_idx: jax.Array,  # [Sk] key slots of this tile
+    k_valid: jax.Array,  # [B, Sk]
+    q_pos: jax.Array | None,  # [B, Tq] (ALiBi)
+    k_pos: jax.Array | None,  # [B, Sk] (ALiBi)
+    slopes: jax.Array | None,  # [Hq] (ALiBi)
+) -> jax.Array:  # [B, Hk, g * Tq, Sk] float32, invisible entries at the float32 minimum
+    hk, rows = k.shape[1], q.shape[2]
+    g = rows // q_idx.shape[0]
+    sc = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32) * scale
+    row_t = jnp.tile(q_idx, g)  # [g * Tq]
+    visible = (k_idx[None, :] <= (q_offset + row_t)[:, None])[None] & k_valid[:, None, :]
+    if slopes is not None:
+        rel = (k_pos[:, None, :] - q_pos[:, :, None]).astype(jnp.float32)  # [B, Tq, Sk]
+        rel = jnp.tile(rel, (1, g, 1))[:, None]  # [B, 1, g * Tq, Sk]
+        row_slope = jnp.repeat(slopes.astype(jnp.float32).reshape(hk, g), q_idx.shape[0], axis=1)
+        sc = sc + row_slope[None, :, :, None] * rel
+    return jnp.where(visible[:, None], sc, _NEG)
+
+
+def _alibi(mask: AttentionMask):
+    if mask.alibi_slopes is None:
+        return None, None, None
+    return mask.q_pos, mask.k_pos, mask.alibi_slopes
+
+
+@register_attention("dense")
+@dataclasses.dataclass(frozen=True)
+class Dense:
+    """Full float32 scores ``[B, Hq, T, S]`` and one softmax: the reference implementation."""
+
+    def __call__(self, q, k, v, mask: AttentionMask, *, scale):
+        b, t, hq, d, s, hk, dv = _check(q, k, v)
+        q_pos, k_pos, slopes = _alibi(mask)
+        kt, vt = jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))
+        sc = _masked_scores(
+            _to_rows(q, hk), kt, scale, mask.q_offset, jnp.arange(t), jnp.arange(s),
+            mask.k_valid, q_pos, k_pos, slopes,
+        )  # fmt: skip
+        m = jnp.max(sc, axis=-1, keepdims=True)
+        p = jnp.exp(sc - m)
+        den = jnp.sum(p, axis=-1, keepdims=True)
+        o = jnp.einsum("bkqs,bksd->bkqd", p.astype(v.dtype), vt, preferred_element_type=jnp.float32)
+        return _from_rows((o / den).astype(v.dtype), t)
+
+
+@register_attention("chunked")
+@dataclasses.dataclass(frozen=True)
+class Chunked:
+    """Online softmax over key blocks (flash-attention style) in plain XLA.
+
+    Queries are processed ``block_q`` at a time (``lax.map``); for each query block a loop
+    over key blocks keeps a running max ``m``, normaliser ``l`` and output ``acc`` in float32,
+    so peak memory is ``O(B x Hq x block_q x block_k)`` for the scores instead of
+    ``O(B x Hq x T x S)``. Key blocks entirely in the causal future of a query block are not
+    visited (about half of the work for a full causal prefill). Lengths that are not
+    multiples of the blocks are padded and masked. Equal to :class:`Dense` to float32
+    rounding.
+
+    Attributes:
+      block_q: query rows per block.
+      block_k: key slots per block.
+    """
+
+    block_q: int = 64
+    block_k: int = 64
+
+    def __post_init__(self):
+        for f in ("block_q", "block_k"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise UserError(f"{f}: must be a positive integer, got {v!r}")
+
+    def __call__(self, q, k, v, mask: AttentionMask, *, scale):
+        b, t, hq, d, s, hk, dv = _check(q, k, v)
+        g = hq // hk
+        bq, bk = min(self.block_q, t), min(self.block_k, s)
+        nq, nk = math.ceil(t / bq), math.ceil(s / bk)
+        tp, sp = nq * bq, nk * bk
+        q_pos, k_pos, slopes = _alibi(mask)
+
+        def pad(x, n, axis, value=0):
+            if x is None or x.shape[axis] == n:
+                return x
+            widths = [(0, 0)] * x.ndim
+            widths[axis] = (0, n - x.shape[axis])
+            return jnp.pad(x, widths, constant_values=value)
+
+        # [nq, B, Hk, g * bq, D]: query blocks, each in the row layout of _to_rows
+        qb = jnp.moveaxis(pad(q, tp, 1).reshape(b, nq, bq, hq, d), 1, 0)
+        qb = jax.vmap(lambda x: _to_rows(x, hk))(qb)
+        kb = jnp.transpose(pad(k, sp, 1).reshape(b, nk, bk, hk, d), (1, 0, 3, 2, 4))
+        vb = jnp.transpose(pad(v, sp, 1).reshape(b, nk, bk, hk, dv), (1, 0, 3, 2, 4))
+        valid = jnp.moveaxis(pad(mask.k_valid, sp, 1, False).reshape(b, nk, bk), 1, 0)
+        qpos = None if slopes is None else jnp.moveaxis(pad(q_pos, tp, 1).reshape(b, nq, bq), 1, 0)
+        kpos = None if slopes is None else jnp.moveaxis(pad(k_pos, sp, 1).reshape(b, nk, bk), 1, 0)
+        q_offset = jnp.asarray(mask.q_offset, jnp.int32)
+        rows = g * bq
+
+        def one_q_block(i):
+            qi = qb[i]  # [B, Hk, g * bq, D]
+            q_idx = i * bq + jnp.arange(bq)
+            qpos_i = None if qpos is None else qpos[i]
+            # key blocks holding at least one slot that this query block may see
+            n_vis = jnp.clip((q_offset + (i + 1) * bq - 1) // bk + 1, 1, nk)
+
+            def body(j, carry):
+                m, l_, acc = carry
+                sc = _masked_scores(
+                    qi, kb[j], scale, q_offset, q_idx, j * bk + jnp.arange(bk), valid[j],
+                    qpos_i, None if kpos is None else kpos[j], slopes,
+                )  # fmt: skip
+                m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
+                corr = jnp.exp(m - m_new)
+                p = jnp.exp(sc - m_new[..., None])
+                l_new = l_ * corr + jnp.sum(p, axis=-1)
+                pv = jnp.einsum(
+                    "bkqs,bksd->bkqd", p.astype(v.dtype), vb[j], preferred_element_type=jnp.float32
+                )
+                return m_new, l_new, acc * corr[..., None] + pv
+
+            init = (
+                jnp.full((b, hk, rows), _NEG, jnp.float32),
+                jnp.zeros((b, hk, rows), jnp.float32),
+                jnp.zeros((b, hk, rows, dv), jnp.float32),
+            )
+            _, l_, acc = jax.lax.fori_loop(0, n_vis, body, init)
+            out = acc / jnp.maximum(l_, jnp.finfo(jnp.float32).tiny)[..., None]
+            return _from_rows(out.astype(v.dtype), bq)  # [B, bq, Hq, Dv]
+
+        if nq == 1:
+            o = one_q_block(0)[None]
+        else:
+            o = jax.lax.map(one_q_block, jnp.arange(nq))  # [nq, B, bq, Hq, Dv]
+        return jnp.moveaxis(o, 0, 1).reshape(b, tp, hq, dv)[:, :t]
