@@ -70,6 +70,7 @@ def forward_jax(
 
     import jcompress
     from jcompress.models import count_params
+    from jcompress.models.forward import DEFAULT_ATTENTION
 
     jnp.zeros(()).block_until_ready()  # backend start-up is not part of the first call
     cfg, params = jcompress.load_hf(model_dir, dtype="float32")
@@ -93,7 +94,7 @@ def forward_jax(
         "base_rss_mib": base,
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
-        "attention": str(jcompress.models.forward.DEFAULT_ATTENTION),
+        "attention": DEFAULT_ATTENTION,
     }
 
 
