@@ -28,6 +28,7 @@ from jcompress.models.config import ModelConfig
 from jcompress.models.convert import check_shape, flatten, unflatten
 from jcompress.models.families import spec_for
 from jcompress.models.safetensors_io import SafetensorsFile, write_safetensors
+from jcompress.validate import check_finite
 
 __all__ = ["load_hf", "save_hf", "read_config", "parse_dtype", "DTYPE_NAMES"]
 
@@ -83,9 +84,20 @@ def read_config(model_dir: str | os.PathLike) -> ModelConfig:
         d = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
-    if "model_type" not in d:
-        raise UserError(f"{path}: no model_type field")
-    return spec_for(str(d["model_type"])).config_from_hf(d)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason})") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{path}: must be a JSON object, got a JSON {type(d).__name__}")
+    if not isinstance(d.get("model_type"), str):
+        raise UserError(f"{path}: model_type must be a string naming the architecture")
+    spec = spec_for(d["model_type"])
+    try:
+        return spec.config_from_hf(d)
+    except UserError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        # backstop: the family parsers check field types; nothing else may leak a traceback
+        raise UserError(f"{path}: malformed config ({type(e).__name__}: {e})") from None
 
 
 class _Weights:
@@ -100,11 +112,12 @@ class _Weights:
         if single.is_file():
             self._add(single)
         elif index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise UserError(f"{index}: not a valid safetensors index (no weight_map)") from None
+            weight_map = _read_index(index)
             for shard in sorted(set(weight_map.values())):
+                if not (model_dir / shard).is_file():
+                    raise UserError(
+                        f"missing weights file: {model_dir / shard} (named in {index.name})"
+                    )
                 self._add(model_dir / shard)
             for name, shard in weight_map.items():
                 if self.where.get(name) != shard:
@@ -122,9 +135,12 @@ class _Weights:
             )
 
     def _add(self, path: Path) -> None:
+        # the index maps each name to one shard; a name in two shards is ambiguous
         f = SafetensorsFile(path)
         self.files[path.name] = f
         for k in f.keys():
+            if k in self.where:
+                raise UserError(f"{path}: tensor {k} is also in {self.where[k]}")
             self.where[k] = path.name
 
     def keys(self) -> list[str]:
@@ -140,6 +156,26 @@ class _Weights:
             self.files[self.where[name]].release(name)
 
 
+def _read_index(index: Path) -> dict[str, str]:
+    """The ``weight_map`` of a sharded-checkpoint index: tensor name -> shard file name."""
+    try:
+        d = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{index}: not valid JSON ({getattr(e, 'msg', e)})") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{index}: not a JSON object (expected {{\"weight_map\": {{...}}}})")
+    weight_map = d.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise UserError(f"{index}: weight_map must be a non-empty object (tensor -> shard file)")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard or Path(shard).name != shard:
+            raise UserError(
+                f"{index}: weight_map[{name!r}] is {shard!r}; allowed: a shard file name in "
+                "the model directory"
+            )
+    return weight_map
+
+
 def _load_torch_bin(model_dir: Path) -> dict[str, np.ndarray]:
     try:
         import torch
@@ -150,12 +186,7 @@ def _load_torch_bin(model_dir: Path) -> dict[str, np.ndarray]:
         ) from None
     index = model_dir / "pytorch_model.bin.index.json"
     if index.is_file():
-        try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            raise UserError(
-                f"{index}: not a valid pytorch_model.bin index (no weight_map)"
-            ) from None
+        files = sorted(set(_read_index(index).values()))
     else:
         files = ["pytorch_model.bin"]
     out: dict[str, np.ndarray] = {}
@@ -194,8 +225,25 @@ def _torch_load(torch: Any, path: Path) -> Mapping[str, Any]:
     return sd
 
 
+def _checked(name: str, x: np.ndarray, allow_nonfinite: bool) -> np.ndarray:
+    """A weight tensor as read: floating point, and finite unless ``allow_nonfinite``."""
+    dt = np.dtype(x.dtype)
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise UserError(
+            f"tensor {name}: dtype {dt} where a floating-point weight is expected "
+            "(allowed: F32, F16, BF16, F64, F8)"
+        )
+    if not allow_nonfinite:
+        check_finite(x, f"tensor {name}", hint="pass allow_nonfinite=True to load it anyway")
+    return x
+
+
 def load_hf(
-    model_dir: str | os.PathLike, *, dtype: Any = None, progress: bool = False
+    model_dir: str | os.PathLike,
+    *,
+    dtype: Any = None,
+    progress: bool = False,
+    allow_nonfinite: bool = False,
 ) -> tuple[ModelConfig, dict[str, Any]]:
     """Load an HF causal-LM checkpoint directory as ``(cfg, params)``.
 
@@ -204,6 +252,8 @@ def load_hf(
       dtype: ``None`` keeps each tensor's stored dtype; else "float32" / "bfloat16" /
         "float16" (or the jnp dtype) for floating tensors.
       progress: show a progress bar over tensors.
+      allow_nonfinite: load tensors holding NaN / Inf (for debugging); by default each
+        floating tensor is checked as it is read and the first bad one is an error.
 
     Returns:
       ``(cfg, params)``: params is a nested dict whose ``/``-joined paths mirror HF module
@@ -212,7 +262,8 @@ def load_hf(
 
     Raises:
       UserError: missing files, unknown ``model_type``, corrupt safetensors header, a missing
-        or unexpected tensor, a shape that disagrees with ``config.json``, a bad ``dtype``.
+        or unexpected tensor, a shape that disagrees with ``config.json``, a bad ``dtype``,
+        an integer / bool tensor, a tensor with NaN / Inf (unless ``allow_nonfinite``).
     """
     dt = parse_dtype(dtype)
     model_dir = Path(model_dir)
@@ -235,7 +286,9 @@ def load_hf(
             f"{FACTORS_PREFIX}{p}" in names or p in factored for p in paths
         ):
             for path, want in zip(paths, rule.jax_shapes(cfg), strict=True):
-                flat[path] = _load_factor_leaf(weights, names, used, factored, path, want, cast)
+                flat[path] = _load_factor_leaf(
+                    weights, names, used, factored, path, want, cast, allow_nonfinite
+                )
             continue
         src = alias.get(name, name)
         if src not in names:
@@ -245,6 +298,7 @@ def load_hf(
             )
         x = weights.get(src)
         check_shape(name, x.shape, rule.hf_shape(cfg))
+        x = _checked(name, x, allow_nonfinite)
         used.add(src)
         for path, value in zip(paths, rule.transform.to_jax(x), strict=True):
             flat[path] = cast(value)
@@ -275,7 +329,7 @@ def _factors_meta(cfg: ModelConfig, model_dir: Path) -> dict[str, Any] | None:
     return dict(meta["leaves"])
 
 
-def _load_factor_leaf(weights, names, used, factored, path, want, cast):
+def _load_factor_leaf(weights, names, used, factored, path, want, cast, allow_nonfinite):
     """Rebuild the leaf at ``path`` from ``jcompress/<path>[/<field>]`` tensors."""
     if path not in factored:
         key = f"{FACTORS_PREFIX}{path}"
@@ -284,7 +338,7 @@ def _load_factor_leaf(weights, names, used, factored, path, want, cast):
         x = weights.get(key)
         check_shape(key, x.shape, want)
         used.add(key)
-        return cast(x)
+        return cast(_checked(key, x, allow_nonfinite))
     info = factored[path]
     cls = LEAF_TYPES.get(info.get("type"))
     if cls is None:
@@ -298,7 +352,7 @@ def _load_factor_leaf(weights, names, used, factored, path, want, cast):
         if key not in names:
             raise UserError(f"missing tensor {key} in the factor checkpoint")
         used.add(key)
-        arrays[field] = cast(weights.get(key))
+        arrays[field] = cast(_checked(key, weights.get(key), allow_nonfinite))
     try:
         leaf = cls(**arrays, **dict(info.get("static") or {}))
     except (TypeError, ValueError) as e:
