@@ -7,10 +7,13 @@ tracer (inside ``jit``), the value checks are skipped and only shape/dtype check
 
 Public signatures (``forward`` / ``generate`` / ``perplexity`` call these)::
 
-    check_token_ids(ids, vocab_size, *, arg="input_ids", ndim=2) -> np.ndarray | jax.Array
+    check_token_ids(ids, vocab_size, *, arg="input_ids", ndim=2, mask=None)
+            -> np.ndarray | jax.Array
         integer dtype (not float/bool), rank ``ndim``, non-empty, every id in
-        [0, vocab_size) (vocab_size=None: only >= 0). A list/tuple becomes an np.ndarray
-        when it converts cleanly; a numpy or JAX array (or tracer) is returned unchanged.
+        [0, vocab_size) (vocab_size=None: only >= 0); with a concrete ``mask`` (same
+        shape, 0/1) only ids where mask is 1 are range-checked (a masked pad slot may hold
+        any id). A list/tuple becomes an np.ndarray when it converts cleanly; a numpy or
+        JAX array (or tracer) is returned unchanged.
     check_attention_mask(mask, ids_shape, *, arg="attention_mask") -> same type as mask
         None passes through; else shape == ids_shape, bool or integer 0/1, every row with at
         least one 1.
@@ -95,7 +98,12 @@ def _minmax(x: Any) -> tuple[Any, Any]:
 
 
 def check_token_ids(
-    ids: Any, vocab_size: int | None, *, arg: str = "input_ids", ndim: int = 2
+    ids: Any,
+    vocab_size: int | None,
+    *,
+    arg: str = "input_ids",
+    ndim: int = 2,
+    mask: Any = None,
 ) -> Any:
     """Check token ids before they index an embedding table (which would clip silently).
 
@@ -105,6 +113,8 @@ def check_token_ids(
       vocab_size: ids must be ``< vocab_size``; ``None`` checks only ``>= 0``.
       arg: the argument name used in the error.
       ndim: the expected rank.
+      mask: optional 0/1 array of ``ids``' shape (checked with :func:`check_attention_mask`);
+        ids where it is 0 are not range-checked.
 
     Returns:
       ``ids`` (a list/tuple converted to ``np.ndarray``).
@@ -121,14 +131,22 @@ def check_token_ids(
     dt = np.dtype(x.dtype)
     if dt == np.bool_ or not np.issubdtype(dt, np.integer):
         raise UserError(f"{arg}: dtype {dt} is not an integer dtype; token ids must be integers")
-    if _is_tracer(x):
+    if mask is not None:
+        mask = check_attention_mask(mask, x.shape)
+    if _is_tracer(x) or (mask is not None and _is_tracer(mask)):
         return ids
-    lo, hi = _minmax(x)
-    upper = vocab_size if vocab_size is not None else None
-    if int(lo) < 0 or (upper is not None and int(hi) >= upper):
+    where, vals = "", x
+    if mask is not None:
+        keep = np.asarray(mask).astype(bool)
+        if not keep.any():
+            return x if not isinstance(ids, (np.ndarray, jax.Array)) else ids
+        vals = np.asarray(x)[keep]
+        where = " where attention_mask is 1"
+    lo, hi = _minmax(vals)
+    if int(lo) < 0 or (vocab_size is not None and int(hi) >= vocab_size):
         bad = int(lo) if int(lo) < 0 else int(hi)
-        allowed = f"[0, {upper})" if upper is not None else ">= 0"
-        raise UserError(f"{arg}: token id {bad} is out of range; allowed: {allowed}")
+        allowed = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
+        raise UserError(f"{arg}: token ids must lie in {allowed}{where}; found {bad}")
     return x if not isinstance(ids, (np.ndarray, jax.Array)) else ids
 
 

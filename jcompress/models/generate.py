@@ -11,6 +11,12 @@ import jax.numpy as jnp
 from jcompress.errors import UserError
 from jcompress.models.config import ModelConfig
 from jcompress.models.forward import check_length, forward_cached, init_cache
+from jcompress.validate import (
+    check_attention_mask,
+    check_params,
+    check_positions,
+    check_token_ids,
+)
 
 __all__ = ["generate"]
 
@@ -50,6 +56,7 @@ def generate(
     attention_mask: jax.Array | None = None,
     eos_token_id: int | None = -1,
     pad_token_id: int | None = None,
+    allow_long: bool = False,
 ) -> jax.Array:
     """Greedy decoding with a KV cache (prefill once, then one token per step, all jitted).
 
@@ -60,26 +67,39 @@ def generate(
       eos_token_id: stop token; after it a sequence emits ``pad_token_id``. Default: the
         config's ``eos_token_id``; ``None`` never stops.
       pad_token_id: filler after EOS (default: the config's pad id, else the EOS id).
+      allow_long: let a RoPE model run past its trained positions (``max_position_embeddings``);
+        a learned position table can never be exceeded.
 
     Returns:
       ``[B, T + max_new_tokens]`` token ids (the prompt, then the continuation).
+
+    Raises:
+      UserError: bad ``params``, ``input_ids`` (not ``[B, T]`` integers in
+        ``[0, vocab_size)`` where the mask is 1), ``attention_mask``, ``max_new_tokens``, or
+        a prompt + new tokens beyond the trained positions.
     """
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    check_params(params)
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, int)
+        or max_new_tokens < 1
+    ):
         raise UserError(f"max_new_tokens: must be a positive integer, got {max_new_tokens!r}")
+    input_ids = check_token_ids(input_ids, cfg.vocab_size, ndim=2, mask=attention_mask)
+    attention_mask = check_attention_mask(attention_mask, input_ids.shape)
     input_ids = jnp.asarray(input_ids)
-    if input_ids.ndim != 2:
-        raise UserError(f"input_ids: expected [batch, length], got shape {input_ids.shape}")
+    check_positions(
+        cfg,
+        input_ids.shape[1] + max_new_tokens,
+        arg="input_ids + max_new_tokens",
+        allow_long=allow_long,
+    )
     check_length(cfg, input_ids.shape[1] + max_new_tokens)
     mask = (
         jnp.ones(input_ids.shape, bool)
         if attention_mask is None
         else jnp.asarray(attention_mask, bool)
     )
-    real = input_ids[mask]
-    if real.size and (int(real.min()) < 0 or int(real.max()) >= cfg.vocab_size):
-        raise UserError(
-            f"input_ids: token ids must lie in [0, {cfg.vocab_size}) where attention_mask is 1"
-        )
     if eos_token_id == -1:
         eos_token_id = cfg.eos_token_id
     if pad_token_id is None:
