@@ -163,7 +163,7 @@ def _read_index(index: Path) -> dict[str, str]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{index}: not valid JSON ({getattr(e, 'msg', e)})") from None
     if not isinstance(d, dict):
-        raise UserError(f"{index}: not a JSON object (expected {{\"weight_map\": {{...}}}})")
+        raise UserError(f'{index}: not a JSON object (expected {{"weight_map": {{...}}}})')
     weight_map = d.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise UserError(f"{index}: weight_map must be a non-empty object (tensor -> shard file)")
