@@ -104,6 +104,7 @@ class _Weights:
     """Name -> tensor over one or many safetensors files, or a torch state dict."""
 
     def __init__(self, model_dir: Path, stem: str = "model"):
+        self.model_dir = model_dir
         self.files: dict[str, SafetensorsFile] = {}
         self.where: dict[str, str] = {}
         self.state: dict[str, Any] | None = None
@@ -150,6 +151,12 @@ class _Weights:
         if self.state is not None:
             return self.state[name]
         return self.files[self.where[name]].get(name)
+
+    def origin(self, name: str) -> str:
+        """The file tensor ``name`` is read from (for error messages)."""
+        if self.state is not None:
+            return str(self.model_dir / "pytorch_model.bin")
+        return str(self.files[self.where[name]].path)
 
     def release(self, name: str) -> None:
         if self.state is None:
@@ -225,16 +232,17 @@ def _torch_load(torch: Any, path: Path) -> Mapping[str, Any]:
     return sd
 
 
-def _checked(name: str, x: np.ndarray, allow_nonfinite: bool) -> np.ndarray:
+def _checked(weights: _Weights, name: str, x: np.ndarray, allow_nonfinite: bool) -> np.ndarray:
     """A weight tensor as read: floating point, and finite unless ``allow_nonfinite``."""
+    where = f"{weights.origin(name)}: tensor {name}"
     dt = np.dtype(x.dtype)
     if not jnp.issubdtype(dt, jnp.floating):
         raise UserError(
-            f"tensor {name}: dtype {dt} where a floating-point weight is expected "
+            f"{where}: dtype {dt} where a floating-point weight is expected "
             "(allowed: F32, F16, BF16, F64, F8)"
         )
     if not allow_nonfinite:
-        check_finite(x, f"tensor {name}", hint="pass allow_nonfinite=True to load it anyway")
+        check_finite(x, where, hint="pass allow_nonfinite=True to load it anyway")
     return x
 
 
@@ -297,8 +305,8 @@ def load_hf(
                 f"{cfg.family.value} model that has it)"
             )
         x = weights.get(src)
+        x = _checked(weights, src, x, allow_nonfinite)
         check_shape(name, x.shape, rule.hf_shape(cfg))
-        x = _checked(name, x, allow_nonfinite)
         used.add(src)
         for path, value in zip(paths, rule.transform.to_jax(x), strict=True):
             flat[path] = cast(value)
@@ -338,7 +346,7 @@ def _load_factor_leaf(weights, names, used, factored, path, want, cast, allow_no
         x = weights.get(key)
         check_shape(key, x.shape, want)
         used.add(key)
-        return cast(_checked(key, x, allow_nonfinite))
+        return cast(_checked(weights, key, x, allow_nonfinite))
     info = factored[path]
     cls = LEAF_TYPES.get(info.get("type"))
     if cls is None:
@@ -352,7 +360,7 @@ def _load_factor_leaf(weights, names, used, factored, path, want, cast, allow_no
         if key not in names:
             raise UserError(f"missing tensor {key} in the factor checkpoint")
         used.add(key)
-        arrays[field] = cast(_checked(key, weights.get(key), allow_nonfinite))
+        arrays[field] = cast(_checked(weights, key, weights.get(key), allow_nonfinite))
     try:
         leaf = cls(**arrays, **dict(info.get("static") or {}))
     except (TypeError, ValueError) as e:
