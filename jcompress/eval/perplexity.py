@@ -68,6 +68,21 @@ def check_seqlen(cfg: ModelConfig, seqlen: int, *, allow_long: bool = False) -> 
     check_positions(cfg, seqlen, arg="seqlen", allow_long=allow_long, warn=True)
 
 
+def _check_batch_memory(cfg: ModelConfig, params: Any, batch: int, seqlen: int) -> None:
+    """Refuse up front a batch whose forward pass cannot fit (weights as held + activations,
+    dense attention scores and logits; see :func:`jcompress.validate.estimate_forward_bytes`)."""
+    leaves = jax.tree.leaves(params)
+    floats = [x.dtype for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)]
+    check_memory(
+        cfg,
+        batch,
+        seqlen,
+        floats[0] if floats else None,
+        weight_bytes=sum(int(x.size) * np.dtype(x.dtype).itemsize for x in leaves),
+        arg="batch_size x seqlen",
+    )
+
+
 def perplexity(
     cfg: ModelConfig,
     params: Any,
@@ -105,18 +120,9 @@ def perplexity(
     check_seqlen(cfg, seqlen, allow_long=allow_long)
     ids = np.asarray(check_token_ids(ids, cfg.vocab_size, arg="ids", ndim=1))
     windows = eval_windows(ids, seqlen, max_windows)
+    _check_batch_memory(cfg, params, min(batch_size, windows.shape[0]), seqlen)
     n = windows.shape[0]
     bs = min(batch_size, n)
-    leaves = jax.tree.leaves(params)
-    floats = [x.dtype for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)]
-    check_memory(
-        cfg,
-        bs,
-        seqlen,
-        floats[0] if floats else None,
-        weight_bytes=sum(int(x.size) * np.dtype(x.dtype).itemsize for x in leaves),
-        arg="batch_size x seqlen",
-    )
     nlls = []
     for start in tqdm(range(0, n, bs), desc=f"ppl L={seqlen}", disable=not progress, leave=False):
         batch = windows[start : start + bs]

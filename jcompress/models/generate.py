@@ -54,9 +54,9 @@ def generate(
     *,
     max_new_tokens: int,
     attention_mask: jax.Array | None = None,
+    allow_long: bool = False,
     eos_token_id: int | None = -1,
     pad_token_id: int | None = None,
-    allow_long: bool = False,
 ) -> jax.Array:
     """Greedy decoding with a KV cache (prefill once, then one token per step, all jitted).
 
@@ -64,11 +64,11 @@ def generate(
       input_ids: ``[B, T]`` prompts, *left*-padded when lengths differ.
       max_new_tokens: tokens to add (>= 1).
       attention_mask: ``[B, T]`` 0/1 for padded prompts.
+      allow_long: let a RoPE model run past its trained positions (``max_position_embeddings``);
+        a learned position table can never be exceeded.
       eos_token_id: stop token; after it a sequence emits ``pad_token_id``. Default: the
         config's ``eos_token_id``; ``None`` never stops.
       pad_token_id: filler after EOS (default: the config's pad id, else the EOS id).
-      allow_long: let a RoPE model run past its trained positions (``max_position_embeddings``);
-        a learned position table can never be exceeded.
 
     Returns:
       ``[B, T + max_new_tokens]`` token ids (the prompt, then the continuation).
