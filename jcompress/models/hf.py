@@ -103,8 +103,9 @@ def read_config(model_dir: str | os.PathLike) -> ModelConfig:
 class _Weights:
     """Name -> tensor over one or many safetensors files, or a torch state dict."""
 
-    def __init__(self, model_dir: Path, stem: str = "model"):
+    def __init__(self, model_dir: Path, stem: str = "model", *, allow_nonfinite: bool = False):
         self.model_dir = model_dir
+        self.allow_nonfinite = allow_nonfinite
         self.files: dict[str, SafetensorsFile] = {}
         self.where: dict[str, str] = {}
         self.state: dict[str, Any] | None = None
@@ -148,9 +149,10 @@ class _Weights:
         return list(self.state) if self.state is not None else list(self.where)
 
     def get(self, name: str) -> np.ndarray:
-        if self.state is not None:
-            return self.state[name]
-        return self.files[self.where[name]].get(name)
+        """Tensor ``name``: floating point, and finite unless ``allow_nonfinite`` (checked here,
+        as each tensor is read, so every load path gets the same checks)."""
+        x = self.state[name] if self.state is not None else self.files[self.where[name]].get(name)
+        return _checked(self, name, x, self.allow_nonfinite)
 
     def origin(self, name: str) -> str:
         """The file tensor ``name`` is read from (for error messages)."""
@@ -278,7 +280,11 @@ def load_hf(
     cfg = read_config(model_dir)
     spec = spec_for(cfg.family.value)
     factored = _factors_meta(cfg, model_dir)
-    weights = _Weights(model_dir, FACTORS_STEM if factored is not None else "model")
+    weights = _Weights(
+        model_dir,
+        FACTORS_STEM if factored is not None else "model",
+        allow_nonfinite=allow_nonfinite,
+    )
     names = set(weights.keys())
     rows = spec.table(cfg)
     alias = _prefix_alias(names, {n for _, n, _ in rows}, spec.base_prefix)
@@ -294,9 +300,7 @@ def load_hf(
             f"{FACTORS_PREFIX}{p}" in names or p in factored for p in paths
         ):
             for path, want in zip(paths, rule.jax_shapes(cfg), strict=True):
-                flat[path] = _load_factor_leaf(
-                    weights, names, used, factored, path, want, cast, allow_nonfinite
-                )
+                flat[path] = _load_factor_leaf(weights, names, used, factored, path, want, cast)
             continue
         src = alias.get(name, name)
         if src not in names:
@@ -305,7 +309,6 @@ def load_hf(
                 f"{cfg.family.value} model that has it)"
             )
         x = weights.get(src)
-        x = _checked(weights, src, x, allow_nonfinite)
         check_shape(name, x.shape, rule.hf_shape(cfg))
         used.add(src)
         for path, value in zip(paths, rule.transform.to_jax(x), strict=True):
@@ -337,7 +340,7 @@ def _factors_meta(cfg: ModelConfig, model_dir: Path) -> dict[str, Any] | None:
     return dict(meta["leaves"])
 
 
-def _load_factor_leaf(weights, names, used, factored, path, want, cast, allow_nonfinite):
+def _load_factor_leaf(weights, names, used, factored, path, want, cast):
     """Rebuild the leaf at ``path`` from ``jcompress/<path>[/<field>]`` tensors."""
     if path not in factored:
         key = f"{FACTORS_PREFIX}{path}"
@@ -346,7 +349,7 @@ def _load_factor_leaf(weights, names, used, factored, path, want, cast, allow_no
         x = weights.get(key)
         check_shape(key, x.shape, want)
         used.add(key)
-        return cast(_checked(weights, key, x, allow_nonfinite))
+        return cast(x)
     info = factored[path]
     cls = LEAF_TYPES.get(info.get("type"))
     if cls is None:
@@ -360,7 +363,7 @@ def _load_factor_leaf(weights, names, used, factored, path, want, cast, allow_no
         if key not in names:
             raise UserError(f"missing tensor {key} in the factor checkpoint")
         used.add(key)
-        arrays[field] = cast(_checked(weights, key, weights.get(key), allow_nonfinite))
+        arrays[field] = cast(weights.get(key))
     try:
         leaf = cls(**arrays, **dict(info.get("static") or {}))
     except (TypeError, ValueError) as e:
