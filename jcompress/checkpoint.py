@@ -28,7 +28,6 @@ import contextlib
 import dataclasses
 import enum
 import json
-import logging
 import math
 import os
 from collections.abc import Iterator, Mapping
@@ -343,6 +342,8 @@ class _QuietPolicy(asyncio.DefaultEventLoopPolicy):
 def _quiet_orbax() -> Iterator[None]:
     """Orbax runs in loops that tolerate late tensorstore callbacks, and its absl warnings
     about unreadable metadata stay out of stderr (the failure becomes our one-line error)."""
+    import logging  # here: only restore's quiet mode needs it
+
     policy = asyncio.get_event_loop_policy()
     absl = logging.getLogger("absl")
     level = absl.level
