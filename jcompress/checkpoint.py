@@ -37,11 +37,11 @@ from typing import Any
 import jax
 import numpy as np
 
+from jcompress import validate
 from jcompress.atomic import atomic_dir
 from jcompress.errors import UserError
 from jcompress.leaves import LEAF_TYPES, CompressedLeaf
 from jcompress.models.config import ModelConfig
-from jcompress.validate import check_finite
 
 __all__ = ["save", "restore", "is_checkpoint", "SIDECAR", "FORMAT", "VERSION"]
 
@@ -367,7 +367,7 @@ def _check_arrays(tree: Any, prefix: str = "params") -> None:
         for k, v in tree.items():
             _check_arrays(v, f"{prefix}/{k}")
     else:
-        check_finite(tree, prefix, hint="pass allow_nonfinite=True to restore it anyway")
+        validate.check_finite(tree, prefix, hint="pass allow_nonfinite=True to restore it anyway")
 
 
 def restore(

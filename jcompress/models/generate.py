@@ -8,15 +8,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jcompress import validate
 from jcompress.errors import UserError
 from jcompress.models.config import ModelConfig
 from jcompress.models.forward import check_length, forward_cached, init_cache
-from jcompress.validate import (
-    check_attention_mask,
-    check_params,
-    check_positions,
-    check_token_ids,
-)
 
 __all__ = ["generate"]
 
@@ -78,17 +73,17 @@ def generate(
         ``[0, vocab_size)`` where the mask is 1), ``attention_mask``, ``max_new_tokens``, or
         a prompt + new tokens beyond the trained positions.
     """
-    check_params(params)
+    validate.check_params(params)
     if (
         isinstance(max_new_tokens, bool)
         or not isinstance(max_new_tokens, int)
         or max_new_tokens < 1
     ):
         raise UserError(f"max_new_tokens: must be a positive integer, got {max_new_tokens!r}")
-    input_ids = check_token_ids(input_ids, cfg.vocab_size, ndim=2, mask=attention_mask)
-    attention_mask = check_attention_mask(attention_mask, input_ids.shape)
+    input_ids = validate.check_token_ids(input_ids, cfg.vocab_size, ndim=2, mask=attention_mask)
+    attention_mask = validate.check_attention_mask(attention_mask, input_ids.shape)
     input_ids = jnp.asarray(input_ids)
-    check_positions(
+    validate.check_positions(
         cfg,
         input_ids.shape[1] + max_new_tokens,
         arg="input_ids + max_new_tokens",

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from jcompress import validate
 from jcompress.atomic import atomic_dir
 from jcompress.errors import UserError
 from jcompress.leaves import LEAF_TYPES, CompressedLeaf
@@ -28,7 +29,6 @@ from jcompress.models.config import ModelConfig
 from jcompress.models.convert import check_shape, flatten, unflatten
 from jcompress.models.families import spec_for
 from jcompress.models.safetensors_io import SafetensorsFile, write_safetensors
-from jcompress.validate import check_finite
 
 __all__ = ["load_hf", "save_hf", "read_config", "parse_dtype", "DTYPE_NAMES"]
 
@@ -244,7 +244,7 @@ def _checked(weights: _Weights, name: str, x: np.ndarray, allow_nonfinite: bool)
             "(allowed: F32, F16, BF16, F64, F8)"
         )
     if not allow_nonfinite:
-        check_finite(x, where, hint="pass allow_nonfinite=True to load it anyway")
+        validate.check_finite(x, where, hint="pass allow_nonfinite=True to load it anyway")
     return x
 
 
