@@ -522,7 +522,7 @@ def e2e_side(
 
     jnp.zeros(()).block_until_ready()
     cfg, params = jcompress.load_hf(model_dir, dtype="float32")
-    tok = load_tokenizer(model_dir)
+    tok = load_tokenizer(model_dir, cfg=cfg)
     eval_ids = load_tokens(eval_data, tok)
     out: dict[str, Any] = {"params_before": count_params(params)}
     if calib_data:

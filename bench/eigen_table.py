@@ -43,7 +43,7 @@ def main() -> None:
     for name in args.models.split(","):
         model = DATA / "models" / name
         cfg, params = jcompress.load_hf(model)
-        tok = load_tokenizer(model)
+        tok = load_tokenizer(model, cfg=cfg)
         calib = calibration_windows(
             load_tokens(DATA / "wikitext-2" / "valid.txt", tok), args.nsamples, args.seqlen, seed=2
         )

@@ -23,18 +23,21 @@ Example::
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import enum
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
+from jcompress import validate
 from jcompress.atomic import atomic_dir
 from jcompress.errors import UserError
 from jcompress.leaves import LEAF_TYPES, CompressedLeaf
@@ -312,8 +315,66 @@ def save(
     return path
 
 
+class _QuietLoop(asyncio.SelectorEventLoop):
+    """An event loop that drops callbacks scheduled after it closed.
+
+    When one array of a corrupt checkpoint fails to read, orbax closes its event loop while
+    tensorstore still completes the other reads in its own threads; their completion callbacks
+    then hit the closed loop and print "Event loop is closed" tracebacks after our one-line
+    error. Nothing waits on those results any more, so dropping them is correct.
+    """
+
+    def call_soon_threadsafe(self, callback, *args, context=None):
+        try:
+            return super().call_soon_threadsafe(callback, *args, context=context)
+        except RuntimeError:
+            if self.is_closed():
+                return None
+            raise
+
+
+class _QuietPolicy(asyncio.DefaultEventLoopPolicy):
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        return _QuietLoop()
+
+
+@contextlib.contextmanager
+def _quiet_orbax() -> Iterator[None]:
+    """Orbax runs in loops that tolerate late tensorstore callbacks, and its absl warnings
+    about unreadable metadata stay out of stderr (the failure becomes our one-line error)."""
+    import logging  # here: only restore's quiet mode needs it
+
+    policy = asyncio.get_event_loop_policy()
+    absl = logging.getLogger("absl")
+    level = absl.level
+    asyncio.set_event_loop_policy(_QuietPolicy())
+    absl.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        asyncio.set_event_loop_policy(policy)
+        absl.setLevel(level)
+
+
+def _first_line(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    msg = msg.split(" [tensorstore_spec=", 1)[0]
+    return msg if len(msg) <= 300 else msg[:297] + "..."
+
+
+def _check_arrays(tree: Any, prefix: str = "params") -> None:
+    if isinstance(tree, Mapping):
+        for k, v in tree.items():
+            _check_arrays(v, f"{prefix}/{k}")
+    else:
+        validate.check_finite(tree, prefix, hint="pass allow_nonfinite=True to restore it anyway")
+
+
 def restore(
-    path: str | os.PathLike, *, device: jax.Device | None = None
+    path: str | os.PathLike,
+    *,
+    device: jax.Device | None = None,
+    allow_nonfinite: bool = False,
 ) -> tuple[ModelConfig, dict[str, Any]]:
     """Read a checkpoint written by :func:`save`.
 
@@ -321,13 +382,16 @@ def restore(
       path: the checkpoint directory.
       device: put (commit) the arrays on this device; default: JAX's default device,
         uncommitted, like :func:`jcompress.load_hf`.
+      allow_nonfinite: accept arrays holding NaN / Inf (for debugging); by default every
+        floating array is checked, as :func:`jcompress.load_hf` does.
 
     Returns:
       ``(cfg, params)`` with every array a ``jax.Array`` of its saved dtype and typed leaves
       rebuilt as their classes.
 
     Raises:
-      UserError: ``path`` is missing, is not a checkpoint, or is corrupt.
+      UserError: ``path`` is missing, is not a checkpoint, or is corrupt (a truncated file
+        included: one line, nothing else on stderr), or an array holds NaN / Inf.
     """
     import orbax.checkpoint as ocp
 
@@ -364,13 +428,19 @@ def restore(
     else:
         sharding = jax.sharding.SingleDeviceSharding(device)
         make = lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding)  # noqa: E731
-    try:
-        with ocp.StandardCheckpointer() as ckptr:
-            target = jax.tree.map(make, _item_tree(ckptr.metadata(arrays_dir)))
-            tree = ckptr.restore(arrays_dir, target)
-    except Exception as e:  # orbax / tensorstore errors have no common base class
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"checkpoint: cannot read arrays in {path} ({msg})") from e
+    failure = None
+    with _quiet_orbax():
+        try:
+            with ocp.StandardCheckpointer() as ckptr:
+                target = jax.tree.map(make, _item_tree(ckptr.metadata(arrays_dir)))
+                tree = ckptr.restore(arrays_dir, target)
+        except Exception as e:  # noqa: BLE001 - orbax / tensorstore errors share no base class
+            failure = _first_line(e)
+    if failure is not None:
+        # raised outside the except block: no chained traceback keeps orbax state alive
+        raise UserError(f"checkpoint: cannot read arrays in {path} ({failure})")
+    if not allow_nonfinite:
+        _check_arrays(_to_dicts(tree))
     if device is None:
         tree = jax.tree.map(jax.numpy.asarray, tree)
     return cfg, _join(_to_dicts(tree), index, path)

@@ -46,8 +46,18 @@ def read_text(path: str | os.PathLike) -> str:
         raise UserError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
-def load_tokenizer(model_dir: str | os.PathLike) -> Any:
-    """The model's tokenizer from its directory (offline)."""
+def load_tokenizer(model_dir: str | os.PathLike, *, cfg: Any = None) -> Any:
+    """The model's tokenizer from its directory (offline).
+
+    Args:
+      model_dir: directory with ``tokenizer.json`` (or ``tokenizer.model`` / ``vocab.json``).
+      cfg: the model's :class:`~jcompress.ModelConfig`; when given, a tokenizer whose
+        vocabulary is larger than ``cfg.vocab_size`` is an error.
+
+    Raises:
+      UserError: no tokenizer files, a tokenizer file that is not valid JSON / not a JSON
+        object, a tokenizer transformers cannot build, or one too large for ``cfg``.
+    """
     from transformers import AutoTokenizer
 
     d = Path(model_dir)
@@ -55,7 +65,31 @@ def load_tokenizer(model_dir: str | os.PathLike) -> Any:
         raise UserError(
             f"model_dir: {d} has no tokenizer files (tokenizer.json / tokenizer.model / vocab.json)"
         )
-    return AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        f = d / name
+        if not f.is_file():
+            continue
+        try:
+            obj = json.loads(f.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{f}: not valid JSON ({getattr(e, 'msg', e)})") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{f}: must be a JSON object, got a JSON {type(obj).__name__}")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - tokenizers/transformers raise many types
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        files = ", ".join(
+            f for f in ("tokenizer.json", "tokenizer.model", "vocab.json") if (d / f).is_file()
+        )
+        raise UserError(
+            f"model_dir: cannot build a tokenizer from {files} in {d} ({type(e).__name__}: {first})"
+        ) from None
+    if cfg is not None:
+        from jcompress.validate import check_tokenizer
+
+        check_tokenizer(cfg, tok)
+    return tok
 
 
 def tokenize(tokenizer: Any, text: str) -> np.ndarray:

@@ -18,8 +18,9 @@ from tqdm.auto import tqdm
 
 from jcompress.data.calib import eval_windows
 from jcompress.errors import UserError
-from jcompress.models.config import ModelConfig, Position
+from jcompress.models.config import ModelConfig
 from jcompress.models.forward import forward
+from jcompress.validate import check_memory, check_params, check_positions, check_token_ids
 
 __all__ = ["PerplexityResult", "check_seqlen", "perplexity", "window_nll"]
 
@@ -51,12 +52,35 @@ def window_nll(cfg: ModelConfig, params: Any, ids: jax.Array) -> jax.Array:
     return -jnp.mean(tok, axis=-1)
 
 
-def check_seqlen(cfg: ModelConfig, seqlen: int) -> None:
-    """Reject windows longer than a learned position table (cheap; call before loading)."""
-    if cfg.position is Position.LEARNED and seqlen > cfg.max_position_embeddings:
-        raise UserError(
-            f"seqlen: {seqlen} exceeds the model's {cfg.max_position_embeddings} learned positions"
-        )
+def check_seqlen(cfg: ModelConfig, seqlen: int, *, allow_long: bool = False) -> None:
+    """Check the window length against the model's trained positions (cheap; call before
+    loading the weights).
+
+    A learned position table has ``max_position_embeddings`` rows: longer windows are an
+    error. RoPE models run beyond the trained length but degrade: a ``UserWarning`` naming the
+    trained length, unless ``allow_long=True``. ALiBi has no trained limit.
+
+    Raises:
+      UserError: ``seqlen`` is not an integer >= 2, or exceeds learned positions.
+    """
+    if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 2:
+        raise UserError(f"seqlen: must be an integer >= 2, got {seqlen!r}")
+    check_positions(cfg, seqlen, arg="seqlen", allow_long=allow_long, warn=True)
+
+
+def _check_batch_memory(cfg: ModelConfig, params: Any, batch: int, seqlen: int) -> None:
+    """Refuse up front a batch whose forward pass cannot fit (weights as held + activations,
+    dense attention scores and logits; see :func:`jcompress.validate.estimate_forward_bytes`)."""
+    leaves = jax.tree.leaves(params)
+    floats = [x.dtype for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)]
+    check_memory(
+        cfg,
+        batch,
+        seqlen,
+        floats[0] if floats else None,
+        weight_bytes=sum(int(x.size) * np.dtype(x.dtype).itemsize for x in leaves),
+        arg="batch_size x seqlen",
+    )
 
 
 def perplexity(
@@ -68,6 +92,7 @@ def perplexity(
     max_windows: int | None = None,
     batch_size: int = 8,
     progress: bool = True,
+    allow_long: bool = False,
 ) -> PerplexityResult:
     """Perplexity of a token stream.
 
@@ -79,14 +104,23 @@ def perplexity(
       batch_size: windows per forward call (the last batch is padded with repeats, so one
         compilation serves every batch).
       progress: show a progress bar.
+      allow_long: run a RoPE model beyond its trained positions without a warning.
 
     Returns:
       :class:`PerplexityResult`.
+
+    Raises:
+      UserError: bad ``params`` / ``ids`` (not 1-D integers in ``[0, vocab_size)``),
+        ``seqlen`` (see :func:`check_seqlen`), ``batch_size``, ``max_windows``, or a batch whose
+        forward pass cannot fit in memory (checked before the first batch).
     """
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UserError(f"batch_size: must be a positive integer, got {batch_size!r}")
-    check_seqlen(cfg, seqlen)
-    windows = eval_windows(np.asarray(ids), seqlen, max_windows)
+    check_params(params)
+    check_seqlen(cfg, seqlen, allow_long=allow_long)
+    ids = np.asarray(check_token_ids(ids, cfg.vocab_size, arg="ids", ndim=1))
+    windows = eval_windows(ids, seqlen, max_windows)
+    _check_batch_memory(cfg, params, min(batch_size, windows.shape[0]), seqlen)
     n = windows.shape[0]
     bs = min(batch_size, n)
     nlls = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -116,10 +117,22 @@ class ModelConfig:
             "num_kv_heads",
             "head_dim",
             "intermediate_size",
+            "max_position_embeddings",
         ):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise UserError(f"config: {name} must be a positive integer, got {v!r}")
+        for name in ("norm_eps", "rope_theta", "alibi_bias_max", "attn_scale", "clip_qkv"):
+            v = getattr(self, name)
+            if v is None and name in ("attn_scale", "clip_qkv"):
+                continue
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, (int, float))
+                or not math.isfinite(v)
+                or v <= 0
+            ):
+                raise UserError(f"config: {name} must be a finite number > 0, got {v!r}")
         if self.num_heads % self.num_kv_heads:
             raise UserError(
                 f"config: num_heads ({self.num_heads}) must be a multiple of num_kv_heads "

@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jcompress import validate
 from jcompress.errors import UserError
 from jcompress.models.attention import resolve
 from jcompress.models.config import ModelConfig
@@ -53,6 +54,7 @@ def generate(
     *,
     max_new_tokens: int,
     attention_mask: jax.Array | None = None,
+    allow_long: bool = False,
     eos_token_id: int | None = -1,
     pad_token_id: int | None = None,
     attention: Any = DEFAULT_ATTENTION,
@@ -63,6 +65,8 @@ def generate(
       input_ids: ``[B, T]`` prompts, *left*-padded when lengths differ.
       max_new_tokens: tokens to add (>= 1).
       attention_mask: ``[B, T]`` 0/1 for padded prompts.
+      allow_long: let a RoPE model run past its trained positions (``max_position_embeddings``);
+        a learned position table can never be exceeded.
       eos_token_id: stop token; after it a sequence emits ``pad_token_id``. Default: the
         config's ``eos_token_id``; ``None`` never stops.
       pad_token_id: filler after EOS (default: the config's pad id, else the EOS id).
@@ -70,23 +74,34 @@ def generate(
 
     Returns:
       ``[B, T + max_new_tokens]`` token ids (the prompt, then the continuation).
+
+    Raises:
+      UserError: bad ``params``, ``input_ids`` (not ``[B, T]`` integers in
+        ``[0, vocab_size)`` where the mask is 1), ``attention_mask``, ``max_new_tokens``, or
+        a prompt + new tokens beyond the trained positions.
     """
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    validate.check_params(params)
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, int)
+        or max_new_tokens < 1
+    ):
         raise UserError(f"max_new_tokens: must be a positive integer, got {max_new_tokens!r}")
+    input_ids = validate.check_token_ids(input_ids, cfg.vocab_size, ndim=2, mask=attention_mask)
+    attention_mask = validate.check_attention_mask(attention_mask, input_ids.shape)
     input_ids = jnp.asarray(input_ids)
-    if input_ids.ndim != 2:
-        raise UserError(f"input_ids: expected [batch, length], got shape {input_ids.shape}")
+    validate.check_positions(
+        cfg,
+        input_ids.shape[1] + max_new_tokens,
+        arg="input_ids + max_new_tokens",
+        allow_long=allow_long,
+    )
     check_length(cfg, input_ids.shape[1] + max_new_tokens)
     mask = (
         jnp.ones(input_ids.shape, bool)
         if attention_mask is None
         else jnp.asarray(attention_mask, bool)
     )
-    real = input_ids[mask]
-    if real.size and (int(real.min()) < 0 or int(real.max()) >= cfg.vocab_size):
-        raise UserError(
-            f"input_ids: token ids must lie in [0, {cfg.vocab_size}) where attention_mask is 1"
-        )
     if eos_token_id == -1:
         eos_token_id = cfg.eos_token_id
     if pad_token_id is None:

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from jcompress import validate
 from jcompress.atomic import atomic_dir
 from jcompress.errors import UserError
 from jcompress.leaves import LEAF_TYPES, CompressedLeaf
@@ -83,15 +84,28 @@ def read_config(model_dir: str | os.PathLike) -> ModelConfig:
         d = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
-    if "model_type" not in d:
-        raise UserError(f"{path}: no model_type field")
-    return spec_for(str(d["model_type"])).config_from_hf(d)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason})") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{path}: must be a JSON object, got a JSON {type(d).__name__}")
+    if not isinstance(d.get("model_type"), str):
+        raise UserError(f"{path}: model_type must be a string naming the architecture")
+    spec = spec_for(d["model_type"])
+    try:
+        return spec.config_from_hf(d)
+    except UserError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        # backstop: the family parsers check field types; nothing else may leak a traceback
+        raise UserError(f"{path}: malformed config ({type(e).__name__}: {e})") from None
 
 
 class _Weights:
     """Name -> tensor over one or many safetensors files, or a torch state dict."""
 
-    def __init__(self, model_dir: Path, stem: str = "model"):
+    def __init__(self, model_dir: Path, stem: str = "model", *, allow_nonfinite: bool = False):
+        self.model_dir = model_dir
+        self.allow_nonfinite = allow_nonfinite
         self.files: dict[str, SafetensorsFile] = {}
         self.where: dict[str, str] = {}
         self.state: dict[str, Any] | None = None
@@ -100,11 +114,12 @@ class _Weights:
         if single.is_file():
             self._add(single)
         elif index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise UserError(f"{index}: not a valid safetensors index (no weight_map)") from None
+            weight_map = _read_index(index)
             for shard in sorted(set(weight_map.values())):
+                if not (model_dir / shard).is_file():
+                    raise UserError(
+                        f"missing weights file: {model_dir / shard} (named in {index.name})"
+                    )
                 self._add(model_dir / shard)
             for name, shard in weight_map.items():
                 if self.where.get(name) != shard:
@@ -122,22 +137,52 @@ class _Weights:
             )
 
     def _add(self, path: Path) -> None:
+        # the index maps each name to one shard; a name in two shards is ambiguous
         f = SafetensorsFile(path)
         self.files[path.name] = f
         for k in f.keys():
+            if k in self.where:
+                raise UserError(f"{path}: tensor {k} is also in {self.where[k]}")
             self.where[k] = path.name
 
     def keys(self) -> list[str]:
         return list(self.state) if self.state is not None else list(self.where)
 
     def get(self, name: str) -> np.ndarray:
+        """Tensor ``name``: floating point, and finite unless ``allow_nonfinite`` (checked here,
+        as each tensor is read, so every load path gets the same checks)."""
+        x = self.state[name] if self.state is not None else self.files[self.where[name]].get(name)
+        return _checked(self, name, x, self.allow_nonfinite)
+
+    def origin(self, name: str) -> str:
+        """The file tensor ``name`` is read from (for error messages)."""
         if self.state is not None:
-            return self.state[name]
-        return self.files[self.where[name]].get(name)
+            return str(self.model_dir / "pytorch_model.bin")
+        return str(self.files[self.where[name]].path)
 
     def release(self, name: str) -> None:
         if self.state is None:
             self.files[self.where[name]].release(name)
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    """The ``weight_map`` of a sharded-checkpoint index: tensor name -> shard file name."""
+    try:
+        d = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{index}: not valid JSON ({getattr(e, 'msg', e)})") from None
+    if not isinstance(d, dict):
+        raise UserError(f'{index}: not a JSON object (expected {{"weight_map": {{...}}}})')
+    weight_map = d.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise UserError(f"{index}: weight_map must be a non-empty object (tensor -> shard file)")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard or Path(shard).name != shard:
+            raise UserError(
+                f"{index}: weight_map[{name!r}] is {shard!r}; allowed: a shard file name in "
+                "the model directory"
+            )
+    return weight_map
 
 
 def _load_torch_bin(model_dir: Path) -> dict[str, np.ndarray]:
@@ -150,12 +195,7 @@ def _load_torch_bin(model_dir: Path) -> dict[str, np.ndarray]:
         ) from None
     index = model_dir / "pytorch_model.bin.index.json"
     if index.is_file():
-        try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            raise UserError(
-                f"{index}: not a valid pytorch_model.bin index (no weight_map)"
-            ) from None
+        files = sorted(set(_read_index(index).values()))
     else:
         files = ["pytorch_model.bin"]
     out: dict[str, np.ndarray] = {}
@@ -194,8 +234,26 @@ def _torch_load(torch: Any, path: Path) -> Mapping[str, Any]:
     return sd
 
 
+def _checked(weights: _Weights, name: str, x: np.ndarray, allow_nonfinite: bool) -> np.ndarray:
+    """A weight tensor as read: floating point, and finite unless ``allow_nonfinite``."""
+    where = f"{weights.origin(name)}: tensor {name}"
+    dt = np.dtype(x.dtype)
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise UserError(
+            f"{where}: dtype {dt} where a floating-point weight is expected "
+            "(allowed: F32, F16, BF16, F64, F8)"
+        )
+    if not allow_nonfinite:
+        validate.check_finite(x, where, hint="pass allow_nonfinite=True to load it anyway")
+    return x
+
+
 def load_hf(
-    model_dir: str | os.PathLike, *, dtype: Any = None, progress: bool = False
+    model_dir: str | os.PathLike,
+    *,
+    dtype: Any = None,
+    progress: bool = False,
+    allow_nonfinite: bool = False,
 ) -> tuple[ModelConfig, dict[str, Any]]:
     """Load an HF causal-LM checkpoint directory as ``(cfg, params)``.
 
@@ -204,6 +262,8 @@ def load_hf(
       dtype: ``None`` keeps each tensor's stored dtype; else "float32" / "bfloat16" /
         "float16" (or the jnp dtype) for floating tensors.
       progress: show a progress bar over tensors.
+      allow_nonfinite: load tensors holding NaN / Inf (for debugging); by default each
+        floating tensor is checked as it is read and the first bad one is an error.
 
     Returns:
       ``(cfg, params)``: params is a nested dict whose ``/``-joined paths mirror HF module
@@ -212,14 +272,19 @@ def load_hf(
 
     Raises:
       UserError: missing files, unknown ``model_type``, corrupt safetensors header, a missing
-        or unexpected tensor, a shape that disagrees with ``config.json``, a bad ``dtype``.
+        or unexpected tensor, a shape that disagrees with ``config.json``, a bad ``dtype``,
+        an integer / bool tensor, a tensor with NaN / Inf (unless ``allow_nonfinite``).
     """
     dt = parse_dtype(dtype)
     model_dir = Path(model_dir)
     cfg = read_config(model_dir)
     spec = spec_for(cfg.family.value)
     factored = _factors_meta(cfg, model_dir)
-    weights = _Weights(model_dir, FACTORS_STEM if factored is not None else "model")
+    weights = _Weights(
+        model_dir,
+        FACTORS_STEM if factored is not None else "model",
+        allow_nonfinite=allow_nonfinite,
+    )
     names = set(weights.keys())
     rows = spec.table(cfg)
     alias = _prefix_alias(names, {n for _, n, _ in rows}, spec.base_prefix)

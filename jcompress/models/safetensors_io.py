@@ -45,6 +45,57 @@ CODES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
 
 
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _parse_entries(
+    header: dict[str, object], data_len: int, bad: str
+) -> dict[str, tuple[np.dtype, tuple[int, ...], int, int]]:
+    """Validate the tensor entries as the safetensors spec does: known dtypes, non-negative
+    integer shapes and offsets, ``itemsize x prod(shape) == end - begin``, and offsets that
+    tile the data region exactly (sorted, contiguous, no overlap, no hole, nothing past or
+    short of the end of the file)."""
+    entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
+    for name, e in header.items():
+        if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= set(e):
+            raise UserError(f"{bad} (tensor {name!r}: needs dtype, shape and data_offsets)")
+        code, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
+        if not isinstance(code, str) or code not in DTYPES:
+            raise UserError(
+                f"{bad} (tensor {name!r}: unknown dtype {code!r}; allowed: {', '.join(DTYPES)})"
+            )
+        if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
+            raise UserError(f"{bad} (tensor {name!r}: shape {shape!r} is not a list of ints >= 0)")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_int, offsets))):
+            raise UserError(
+                f"{bad} (tensor {name!r}: data_offsets {offsets!r} is not [begin, end] ints)"
+            )
+        dt, (begin, end) = DTYPES[code], offsets
+        if end < begin or end - begin != math.prod(shape) * dt.itemsize:
+            raise UserError(
+                f"{bad} (tensor {name!r}: data_offsets {offsets} hold {end - begin} bytes; "
+                f"{code} x {shape} needs {math.prod(shape) * dt.itemsize})"
+            )
+        entries[name] = (dt, tuple(shape), begin, end)
+    pos = 0
+    for name, (_, _, begin, end) in sorted(entries.items(), key=lambda kv: kv[1][2:]):
+        if begin != pos:
+            what = "overlaps the previous tensor" if begin < pos else f"leaves a gap at {pos}"
+            raise UserError(f"{bad} (tensor {name!r}: data_offsets [{begin}, {end}] {what})")
+        pos = end
+    if pos > data_len:
+        raise UserError(
+            f"{bad} (file is truncated: tensors need {pos} bytes of data, it holds {data_len})"
+        )
+    if pos < data_len:
+        raise UserError(
+            f"{bad} ({data_len - pos} bytes after the last tensor; tensors cover {pos} of "
+            f"{data_len} data bytes)"
+        )
+    return entries
+
+
 class SafetensorsFile:
     """Read-only view of one ``.safetensors`` file.
 
@@ -71,20 +122,12 @@ class SafetensorsFile:
             raise UserError(f"{bad} (not JSON: {e.msg if hasattr(e, 'msg') else e})") from None
         if not isinstance(header, dict):
             raise UserError(f"{bad} (header is not a JSON object)")
-        self.metadata = header.pop("__metadata__", None) or {}
+        meta = header.pop("__metadata__", None)
+        if meta is not None and not isinstance(meta, dict):
+            raise UserError(f"{bad} (__metadata__ is a {type(meta).__name__}, not an object)")
+        self.metadata = meta or {}
         self._data_start = 8 + n
-        data_len = size - self._data_start
-        self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
-        for name, e in header.items():
-            try:
-                dt = DTYPES[e["dtype"]]
-                shape = tuple(int(s) for s in e["shape"])
-                begin, end = (int(o) for o in e["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise UserError(f"{bad} (bad entry for tensor {name!r})") from None
-            if not (0 <= begin <= end <= data_len) or end - begin != math.prod(shape) * dt.itemsize:
-                raise UserError(f"{bad} (offsets of tensor {name!r} do not match its shape/dtype)")
-            self._entries[name] = (dt, shape, begin, end)
+        self._entries = _parse_entries(header, size - self._data_start, bad)
         self._mm: mmap.mmap | None = None
         self._buf: np.ndarray | None = None
 

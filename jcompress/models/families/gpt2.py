@@ -11,7 +11,15 @@ from typing import Any
 
 from jcompress.models.config import Family, ModelConfig, Norm, Position
 from jcompress.models.convert import IDENTITY, LINEAR, FamilySpec, Layout, Rule, split_last
-from jcompress.models.families._common import norm, require, special_ids, untied
+from jcompress.models.families._common import (
+    get_bool,
+    get_float,
+    get_int,
+    get_str,
+    norm,
+    special_ids,
+    untied,
+)
 
 T = "transformer"
 L = "transformer.h.{i}"
@@ -20,31 +28,32 @@ QKV = tuple(f"{J}/attn/c_attn/{p}" for p in "qkv")
 
 
 def config_from_hf(d: Mapping[str, Any]) -> ModelConfig:
-    hidden = int(require(d, "n_embd", "gpt2"))
-    heads = int(require(d, "n_head", "gpt2"))
+    mt = "gpt2"
+    hidden = get_int(d, "n_embd", mt)
+    heads = get_int(d, "n_head", mt)
     head_dim = hidden // heads
     return ModelConfig(
         family=Family.GPT2,
-        vocab_size=int(require(d, "vocab_size", "gpt2")),
+        vocab_size=get_int(d, "vocab_size", mt),
         hidden_size=hidden,
-        num_layers=int(require(d, "n_layer", "gpt2")),
+        num_layers=get_int(d, "n_layer", mt),
         num_heads=heads,
         num_kv_heads=heads,
         head_dim=head_dim,
-        intermediate_size=int(d.get("n_inner") or 4 * hidden),
-        max_position_embeddings=int(d.get("n_positions", 1024)),
+        intermediate_size=get_int(d, "n_inner", mt, 4 * hidden),
+        max_position_embeddings=get_int(d, "n_positions", mt, 1024),
         norm=Norm.LAYER,
-        norm_eps=float(d.get("layer_norm_epsilon", 1e-5)),
+        norm_eps=get_float(d, "layer_norm_epsilon", mt, 1e-5),
         norm_bias=True,
-        activation=str(d.get("activation_function", "gelu_new")),
+        activation=get_str(d, "activation_function", mt, "gelu_new"),
         gated_mlp=False,
         position=Position.LEARNED,
         qkv_bias=True,
         o_bias=True,
         mlp_bias=True,
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
-        attn_scale=head_dim**-0.5 if d.get("scale_attn_weights", True) else 1.0,
-        scale_attn_by_inverse_layer_idx=bool(d.get("scale_attn_by_inverse_layer_idx", False)),
+        tie_word_embeddings=get_bool(d, "tie_word_embeddings", mt, True),
+        attn_scale=head_dim**-0.5 if get_bool(d, "scale_attn_weights", mt, True) else 1.0,
+        scale_attn_by_inverse_layer_idx=get_bool(d, "scale_attn_by_inverse_layer_idx", mt, False),
         hf_config=dict(d),
         **special_ids(d),
     )

@@ -12,9 +12,12 @@ from jcompress.errors import UserError
 from jcompress.models.config import Family, ModelConfig, Norm, Position
 from jcompress.models.convert import IDENTITY, FamilySpec, Layout, Rule
 from jcompress.models.families._common import (
+    get_bool,
+    get_float,
+    get_int,
+    get_str,
     linear,
     norm,
-    require,
     rope_from_hf,
     special_ids,
     untied,
@@ -27,34 +30,34 @@ J = "model/layers/{i}"
 def _config(family: Family):
     def parse(d: Mapping[str, Any]) -> ModelConfig:
         mt = family.value
-        if d.get("use_sliding_window"):
+        if get_bool(d, "use_sliding_window", mt, False):
             raise UserError(f"config.json ({mt}): use_sliding_window=true is not supported")
-        hidden = int(require(d, "hidden_size", mt))
-        heads = int(require(d, "num_attention_heads", mt))
+        hidden = get_int(d, "hidden_size", mt)
+        heads = get_int(d, "num_attention_heads", mt)
         theta, scaling = rope_from_hf(d)
-        attention_bias = bool(d.get("attention_bias", False))
+        attention_bias = get_bool(d, "attention_bias", mt, False)
         return ModelConfig(
             family=family,
-            vocab_size=int(require(d, "vocab_size", mt)),
+            vocab_size=get_int(d, "vocab_size", mt),
             hidden_size=hidden,
-            num_layers=int(require(d, "num_hidden_layers", mt)),
+            num_layers=get_int(d, "num_hidden_layers", mt),
             num_heads=heads,
-            num_kv_heads=int(d.get("num_key_value_heads") or heads),
-            head_dim=int(d.get("head_dim") or hidden // heads),
-            intermediate_size=int(require(d, "intermediate_size", mt)),
-            max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+            num_kv_heads=get_int(d, "num_key_value_heads", mt, heads),
+            head_dim=get_int(d, "head_dim", mt, hidden // heads),
+            intermediate_size=get_int(d, "intermediate_size", mt),
+            max_position_embeddings=get_int(d, "max_position_embeddings", mt, 2048),
             norm=Norm.RMS,
-            norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            activation=str(d.get("hidden_act", "silu")),
+            norm_eps=get_float(d, "rms_norm_eps", mt, 1e-6),
+            activation=get_str(d, "hidden_act", mt, "silu"),
             gated_mlp=True,
             position=Position.ROPE,
             rope_theta=theta,
             rope_scaling=scaling,
             qkv_bias=True if family is Family.QWEN2 else attention_bias,
             o_bias=False if family is Family.QWEN2 else attention_bias,
-            mlp_bias=bool(d.get("mlp_bias", False)),
+            mlp_bias=get_bool(d, "mlp_bias", mt, False),
             qk_norm=family is Family.QWEN3,
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            tie_word_embeddings=get_bool(d, "tie_word_embeddings", mt, False),
             hf_config=dict(d),
             **special_ids(d),
         )

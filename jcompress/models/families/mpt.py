@@ -12,7 +12,17 @@ from typing import Any
 from jcompress.errors import UserError
 from jcompress.models.config import Family, ModelConfig, Norm, Position
 from jcompress.models.convert import IDENTITY, FamilySpec, Layout, Rule, linear_split
-from jcompress.models.families._common import linear, norm, require, special_ids, untied
+from jcompress.models.families._common import (
+    get_bool,
+    get_dict,
+    get_float,
+    get_int,
+    linear,
+    norm,
+    positive_float,
+    special_ids,
+    untied,
+)
 
 T = "transformer"
 L = "transformer.blocks.{i}"
@@ -20,38 +30,44 @@ J = "transformer/blocks/{i}"
 
 
 def config_from_hf(d: Mapping[str, Any]) -> ModelConfig:
-    attn = dict(d.get("attn_config") or {})
+    mt = "mpt"
+    attn = get_dict(d, "attn_config", mt)
     if attn.get("qk_ln"):
         raise UserError("config.json (mpt): attn_config.qk_ln=true is not supported")
     if not attn.get("alibi", True):
         raise UserError("config.json (mpt): only ALiBi MPT models are supported (alibi=false)")
-    if not d.get("no_bias", True):
+    if not get_bool(d, "no_bias", mt, True):
         raise UserError("config.json (mpt): no_bias=false is not supported")
-    hidden = int(require(d, "d_model", "mpt"))
-    heads = int(require(d, "n_heads", "mpt"))
+    hidden = get_int(d, "d_model", mt)
+    heads = get_int(d, "n_heads", mt)
+    scale = attn.get("softmax_scale")
     return ModelConfig(
         family=Family.MPT,
-        vocab_size=int(require(d, "vocab_size", "mpt")),
+        vocab_size=get_int(d, "vocab_size", mt),
         hidden_size=hidden,
-        num_layers=int(require(d, "n_layers", "mpt")),
+        num_layers=get_int(d, "n_layers", mt),
         num_heads=heads,
         num_kv_heads=heads,
         head_dim=hidden // heads,
-        intermediate_size=int(d.get("expansion_ratio", 4)) * hidden,
-        max_position_embeddings=int(d.get("max_seq_len", 2048)),
+        intermediate_size=get_int(d, "expansion_ratio", mt, 4) * hidden,
+        max_position_embeddings=get_int(d, "max_seq_len", mt, 2048),
         norm=Norm.LAYER,
-        norm_eps=float(d.get("layer_norm_epsilon", 1e-5)),
+        norm_eps=get_float(d, "layer_norm_epsilon", mt, 1e-5),
         norm_bias=False,
         activation="gelu",
         gated_mlp=False,
         position=Position.ALIBI,
-        attn_scale=attn.get("softmax_scale"),
+        attn_scale=None
+        if scale is None
+        else positive_float(scale, f"config.json ({mt}): softmax_scale"),
         # transformers clamps only when clip_qkv is truthy (0 / null both mean "off")
-        clip_qkv=float(attn["clip_qkv"]) if attn.get("clip_qkv") else None,
+        clip_qkv=positive_float(attn["clip_qkv"], f"config.json ({mt}): clip_qkv")
+        if attn.get("clip_qkv")
+        else None,
         # transformers builds the ALiBi tensor with its default alibi_bias_max=8 whatever the
         # config says; parity with it wins over the config field.
         alibi_bias_max=8.0,
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
+        tie_word_embeddings=get_bool(d, "tie_word_embeddings", mt, True),
         hf_config=dict(d),
         **special_ids(d),
     )

@@ -12,7 +12,15 @@ from typing import Any
 from jcompress.errors import UserError
 from jcompress.models.config import Family, ModelConfig, Norm, Position
 from jcompress.models.convert import IDENTITY, FamilySpec, Layout, Rule
-from jcompress.models.families._common import linear, norm, require, special_ids, untied
+from jcompress.models.families._common import (
+    get_bool,
+    get_int,
+    get_str,
+    linear,
+    norm,
+    special_ids,
+    untied,
+)
 
 D = "model.decoder"
 L = "model.decoder.layers.{i}"
@@ -20,27 +28,28 @@ J = "model/decoder/layers/{i}"
 
 
 def config_from_hf(d: Mapping[str, Any]) -> ModelConfig:
-    hidden = int(require(d, "hidden_size", "opt"))
-    heads = int(require(d, "num_attention_heads", "opt"))
-    if not d.get("layer_norm_elementwise_affine", True):
+    mt = "opt"
+    hidden = get_int(d, "hidden_size", mt)
+    heads = get_int(d, "num_attention_heads", mt)
+    if not get_bool(d, "layer_norm_elementwise_affine", mt, True):
         raise UserError("config.json (opt): layer_norm_elementwise_affine=false is not supported")
-    pre = bool(d.get("do_layer_norm_before", True))
-    embed_dim = int(d.get("word_embed_proj_dim") or hidden)
-    bias = bool(d.get("enable_bias", True))
+    pre = get_bool(d, "do_layer_norm_before", mt, True)
+    embed_dim = get_int(d, "word_embed_proj_dim", mt, hidden)
+    bias = get_bool(d, "enable_bias", mt, True)
     return ModelConfig(
         family=Family.OPT,
-        vocab_size=int(require(d, "vocab_size", "opt")),
+        vocab_size=get_int(d, "vocab_size", mt),
         hidden_size=hidden,
-        num_layers=int(require(d, "num_hidden_layers", "opt")),
+        num_layers=get_int(d, "num_hidden_layers", mt),
         num_heads=heads,
         num_kv_heads=heads,
         head_dim=hidden // heads,
-        intermediate_size=int(require(d, "ffn_dim", "opt")),
-        max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+        intermediate_size=get_int(d, "ffn_dim", mt),
+        max_position_embeddings=get_int(d, "max_position_embeddings", mt, 2048),
         norm=Norm.LAYER,
         norm_eps=1e-5,
         norm_bias=True,
-        activation=str(d.get("activation_function", "relu")),
+        activation=get_str(d, "activation_function", mt, "relu"),
         gated_mlp=False,
         position=Position.LEARNED,
         pos_offset=2,
@@ -48,9 +57,9 @@ def config_from_hf(d: Mapping[str, Any]) -> ModelConfig:
         o_bias=bias,
         mlp_bias=bias,
         pre_norm=pre,
-        final_norm=pre and not d.get("_remove_final_layer_norm", False),
+        final_norm=pre and not get_bool(d, "_remove_final_layer_norm", mt, False),
         embed_dim=None if embed_dim == hidden else embed_dim,
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
+        tie_word_embeddings=get_bool(d, "tie_word_embeddings", mt, True),
         hf_config=dict(d),
         **special_ids(d),
     )
