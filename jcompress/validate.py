@@ -49,7 +49,6 @@ import numpy as np
 from jcompress.errors import UserError
 
 __all__ = [
-    "ATTENTION_BLOCK",
     "available_memory",
     "check_attention_mask",
     "check_finite",
@@ -60,8 +59,6 @@ __all__ = [
     "check_tokenizer",
     "estimate_forward_bytes",
 ]
-
-ATTENTION_BLOCK = 512  # key block of the (future) chunked attention
 
 
 def _is_tracer(x: Any) -> bool:
@@ -270,18 +267,20 @@ def estimate_forward_bytes(
     seqlen: int,
     dtype: Any = None,
     *,
-    attention: str = "dense",
+    attention: Any = "dense",
     weight_bytes: int | None = None,
 ) -> int:
     """Rough peak bytes of one forward pass over ``[batch, seqlen]`` tokens.
 
     weights (``weight_bytes`` or the dense param count x itemsize of ``dtype``) + activations
     of one layer (hidden, q/k/v, MLP) + the fp32 attention scores + the fp32 logits
-    ``[B, T, V]``. Scores: ``attention="dense"`` materializes ``[B, Hq, T, S]``;
-    ``"chunked"`` holds one key block at a time, ``[B, Hq, T, min(S, 512)]``.
+    ``[B, T, V]``. Scores: ``attention="dense"`` materializes ``[B, Hq, T, S]``; a
+    :class:`~jcompress.models.attention.Chunked` implementation holds one key block per query
+    block; any other implementation is counted as dense (an upper bound).
     """
-    if attention not in ("dense", "chunked"):
-        raise UserError(f"attention: {attention!r} is not known; allowed: dense, chunked")
+    from jcompress.models.attention import Chunked, resolve
+
+    impl = resolve(attention)
     item = _dtype_bytes(dtype)
     if weight_bytes is None:
         from jcompress.models.params import param_shapes
@@ -291,8 +290,10 @@ def estimate_forward_bytes(
     qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
     mlp = (2 if cfg.gated_mlp else 1) * cfg.intermediate_size
     acts = b * t * (4 * cfg.hidden_size + qkv + mlp) * item
-    keys = t if attention == "dense" else min(t, ATTENTION_BLOCK)
-    scores = b * cfg.num_heads * t * keys * 4
+    if isinstance(impl, Chunked):  # one [B, Hq, block_q, block_k] tile + the fp32 output
+        scores = b * cfg.num_heads * (min(t, impl.block_q) * min(t, impl.block_k) + t * 2) * 4
+    else:
+        scores = b * cfg.num_heads * t * t * 4
     logits = b * t * cfg.vocab_size * 4
     return int(weight_bytes + acts + scores + logits)
 
@@ -329,7 +330,7 @@ def check_memory(
     seqlen: int,
     dtype: Any = None,
     *,
-    attention: str = "dense",
+    attention: Any = "dense",
     weight_bytes: int | None = None,
     available: int | None = None,
     arg: str = "seqlen",
@@ -343,6 +344,7 @@ def check_memory(
     if have is not None and need > have:
         raise UserError(
             f"{arg}: a forward pass over {batch} x {seqlen} tokens needs about {_gib(need)} "
-            f"({attention} attention scores and logits in fp32), more than the {_gib(have)} "
+            f"({getattr(attention, 'name', attention)} attention scores and logits in fp32), "
+            f"more than the {_gib(have)} "
             "available; lower batch_size or seqlen"
         )

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 import jcompress
+from jcompress.models.attention import Chunked
 from jcompress import validate
 from jcompress.data import calibration_windows, eval_windows, load_tokenizer
 from jcompress.eval import check_seqlen
@@ -531,7 +532,8 @@ def test_estimate_forward_bytes_terms():
     b, t = 2, 2048
     dense = validate.estimate_forward_bytes(cfg, b, t, "float32")
     chunked = validate.estimate_forward_bytes(cfg, b, t, "float32", attention="chunked")
-    assert dense - chunked == b * cfg.num_heads * t * (t - validate.ATTENTION_BLOCK) * 4
+    bq, bk = Chunked().block_q, Chunked().block_k
+    assert dense - chunked == b * cfg.num_heads * (t * t - (min(t, bq) * min(t, bk) + 2 * t)) * 4
     short = 256  # below one block both hold the same scores
     assert validate.estimate_forward_bytes(cfg, b, short) == validate.estimate_forward_bytes(
         cfg, b, short, attention="chunked"

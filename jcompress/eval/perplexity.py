@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 from jcompress.data.calib import eval_windows
 from jcompress.errors import UserError
 from jcompress.models.config import ModelConfig
-from jcompress.models.forward import forward
+from jcompress.models.attention import resolve
+from jcompress.models.forward import DEFAULT_ATTENTION, forward
 from jcompress.validate import check_memory, check_params, check_positions, check_token_ids
 
 __all__ = ["PerplexityResult", "check_seqlen", "perplexity", "window_nll"]
@@ -43,10 +44,12 @@ class PerplexityResult(NamedTuple):
         }
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def window_nll(cfg: ModelConfig, params: Any, ids: jax.Array) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("cfg", "attention"))
+def window_nll(
+    cfg: ModelConfig, params: Any, ids: jax.Array, attention: Any = DEFAULT_ATTENTION
+) -> jax.Array:
     """Mean next-token NLL of each window: ``ids [B, L] -> [B]`` (float32)."""
-    logits = forward(cfg, params, ids).astype(jnp.float32)
+    logits = forward(cfg, params, ids, attention=attention).astype(jnp.float32)
     logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
     tok = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
     return -jnp.mean(tok, axis=-1)
@@ -68,9 +71,11 @@ def check_seqlen(cfg: ModelConfig, seqlen: int, *, allow_long: bool = False) -> 
     check_positions(cfg, seqlen, arg="seqlen", allow_long=allow_long, warn=True)
 
 
-def _check_batch_memory(cfg: ModelConfig, params: Any, batch: int, seqlen: int) -> None:
+def _check_batch_memory(
+    cfg: ModelConfig, params: Any, batch: int, seqlen: int, attention: Any
+) -> None:
     """Refuse up front a batch whose forward pass cannot fit (weights as held + activations,
-    dense attention scores and logits; see :func:`jcompress.validate.estimate_forward_bytes`)."""
+    attention scores and logits; see :func:`jcompress.validate.estimate_forward_bytes`)."""
     leaves = jax.tree.leaves(params)
     floats = [x.dtype for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)]
     check_memory(
@@ -78,6 +83,7 @@ def _check_batch_memory(cfg: ModelConfig, params: Any, batch: int, seqlen: int) 
         batch,
         seqlen,
         floats[0] if floats else None,
+        attention=attention,
         weight_bytes=sum(int(x.size) * np.dtype(x.dtype).itemsize for x in leaves),
         arg="batch_size x seqlen",
     )
@@ -93,6 +99,7 @@ def perplexity(
     batch_size: int = 8,
     progress: bool = True,
     allow_long: bool = False,
+    attention: Any = DEFAULT_ATTENTION,
 ) -> PerplexityResult:
     """Perplexity of a token stream.
 
@@ -105,6 +112,7 @@ def perplexity(
         compilation serves every batch).
       progress: show a progress bar.
       allow_long: run a RoPE model beyond its trained positions without a warning.
+      attention: attention implementation (as for :func:`jcompress.forward`).
 
     Returns:
       :class:`PerplexityResult`.
@@ -120,7 +128,8 @@ def perplexity(
     check_seqlen(cfg, seqlen, allow_long=allow_long)
     ids = np.asarray(check_token_ids(ids, cfg.vocab_size, arg="ids", ndim=1))
     windows = eval_windows(ids, seqlen, max_windows)
-    _check_batch_memory(cfg, params, min(batch_size, windows.shape[0]), seqlen)
+    attention = resolve(attention)
+    _check_batch_memory(cfg, params, min(batch_size, windows.shape[0]), seqlen, attention)
     n = windows.shape[0]
     bs = min(batch_size, n)
     nlls = []
@@ -129,7 +138,7 @@ def perplexity(
         real = batch.shape[0]
         if real < bs:
             batch = np.concatenate([batch, np.repeat(batch[-1:], bs - real, axis=0)])
-        nlls.append(np.asarray(window_nll(cfg, params, jnp.asarray(batch)))[:real])
+        nlls.append(np.asarray(window_nll(cfg, params, jnp.asarray(batch), attention))[:real])
     nll = np.concatenate(nlls).astype(np.float64)
     mean = float(nll.mean())
     return PerplexityResult(math.exp(mean), mean, n, seqlen, nll)

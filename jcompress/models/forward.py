@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jcompress import validate
 from jcompress.errors import UserError
 from jcompress.leaves import CompressedLeaf, Factored, dot
 from jcompress.models.attention import AttentionImpl, AttentionMask, resolve
@@ -479,7 +480,15 @@ def forward(
 
     Returns:
       ``logits [B, T, V]`` in the params' compute dtype, or ``(logits, captured)``.
+
+    Raises:
+      UserError: ``params`` is not a param dict, ``input_ids`` is not ``[B, T]`` integers in
+        ``[0, vocab_size)`` (checked on the host where the ids are concrete; pad slots under
+        a 0 mask may hold any id), or the mask does not fit the ids.
     """
+    validate.check_params(params)
+    input_ids = validate.check_token_ids(input_ids, cfg.vocab_size, ndim=2, mask=attention_mask)
+    attention_mask = validate.check_attention_mask(attention_mask, input_ids.shape)
     return _forward(cfg, params, input_ids, attention_mask, capture, resolve(attention))
 
 
