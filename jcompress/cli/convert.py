@@ -66,14 +66,14 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(
                 "--dtype: only applies with --to orbax (HF export keeps the stored dtype)"
             )
+        if args.tokenizer is not None:
+            load_tokenizer_for(args.tokenizer, "--tokenizer")
+            inputs["--tokenizer"] = Path(args.tokenizer)
         if not checkpoint.is_checkpoint(src):
             raise UserError(
                 f"SRC: {src} is not a jcompress checkpoint (no {checkpoint.SIDECAR}); "
                 "--to hf converts a checkpoint written by --to orbax"
             )
-        if args.tokenizer is not None:
-            load_tokenizer_for(args.tokenizer, "--tokenizer")
-            inputs["--tokenizer"] = Path(args.tokenizer)
         check_output_dir(
             out, inputs=inputs, overwrite=args.overwrite, arg="OUT", need_bytes=path_bytes(src)
         )
