@@ -50,6 +50,7 @@ from jcompress.errors import UserError
 
 __all__ = [
     "DestinationExists",
+    "NoSpaceLeft",
     "STALE_SECONDS",
     "atomic_dir",
     "clean_stale",
@@ -120,11 +121,19 @@ def _say(msg: str) -> None:
     print(f"jcompress: {msg}", file=sys.stderr)
 
 
-def _no_space(arg: str, dest: Path) -> UserError:
-    return UserError(
-        f"{arg}: no space left on device while writing {dest} (nothing was written; free some "
-        "space and run again)"
-    )
+class NoSpaceLeft(UserError):
+    """``ENOSPC`` while writing ``dest``; the partial output was removed."""
+
+    def __init__(self, arg: str, dest: Path):
+        self.dest = dest
+        super().__init__(
+            f"{arg}: no space left on device while writing {dest} (nothing was written; free "
+            "some space and run again)"
+        )
+
+
+def _no_space(arg: str, dest: Path) -> NoSpaceLeft:
+    return NoSpaceLeft(arg, dest)
 
 
 def _mkdir(p: Path) -> Path:
@@ -363,6 +372,9 @@ def atomic_dir(
             raise DestinationExists(dest, kept) from None
     except DestinationExists:
         raise
+    except NoSpaceLeft:  # from a nested writer: report it as this output's
+        _rmtree(tmp)
+        raise _no_space(arg, dest) from None
     except OSError as e:
         _rmtree(tmp)
         if e.errno == errno.ENOSPC:

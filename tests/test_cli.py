@@ -381,3 +381,23 @@ def test_every_eigen_config_field_is_a_flag():
     assert cfg == EigenAttentionConfig(seqlen=64)
     help_text = p._subparsers._group_actions[0].choices["eigen"].format_help()
     assert "--min_rank_fraction" in help_text and "(default: 0.02)" in help_text
+
+
+def test_no_space_left_is_one_line(capsys, tmp_path, shared_data, opt_dir, monkeypatch):
+    import errno
+
+    from jcompress import atomic
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic.json, "dump", full)
+    out = tmp_path / "ppl.json"
+    code, _, err = run(
+        capsys, "ppl", "--model", str(opt_dir), "--data",
+        str(shared_data / "wikitext-2-raw" / "test.txt"),
+        "--seqlen", "32", "--max-windows", "1", "--json", str(out),
+    )  # fmt: skip
+    last = err.strip().splitlines()[-1].split("\r")[-1]  # after the progress bars
+    assert code == 2 and last.startswith("jcompress: error: --json: no space left on device")
+    assert list(tmp_path.iterdir()) == []

@@ -287,3 +287,20 @@ def test_write_json_without_overwrite_never_replaces(tmp_path):
     assert json.loads(Path(e.value.kept).read_text()) == {"a": 1}
     write_json(tmp_path / "new.json", {"a": 1}, overwrite=False)
     assert json.loads((tmp_path / "new.json").read_text()) == {"a": 1}
+
+
+def test_no_space_in_a_nested_writer_names_the_outer_output(tmp_path, monkeypatch):
+    """eigen's --out holds save_hf's dense/ (its own atomic_dir): the user sees --out."""
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(UserError) as e:
+        with atomic_dir(tmp_path / "run", arg="--out") as d:
+            (d / "report.md").write_text("done")
+            with atomic_dir(d / "dense", arg="out_dir") as inner:
+                monkeypatch.setattr(atomic.json, "dump", full)
+                write_json(inner / "config.json", {})
+    assert str(e.value).startswith("--out: no space left on device while writing ")
+    assert str(tmp_path / "run") in str(e.value)
+    assert list(tmp_path.iterdir()) == []
