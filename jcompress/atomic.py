@@ -23,7 +23,8 @@ destination ``NAME`` and renamed into place only when complete (:func:`atomic_di
   rather than a recovery.
 * Stale hidden siblings ``.NAME.tmp-<pid>-*`` / ``.NAME.old-<pid>-*`` left by killed runs are
   removed on the next run of the same output when their owner pid is dead (or, for names with
-  no pid, when older than :data:`STALE_SECONDS`); the removal is reported on stderr.
+  no pid, when older than :data:`STALE_SECONDS`); the removal is reported on stderr, and an old
+  one whose pid is alive (possibly reused) is reported but kept.
 * Created directories and files follow the process umask (no ``mkdtemp``/``mkstemp`` 0700/0600).
 * Running out of disk (``ENOSPC``) while writing raises a one-line :class:`UserError`
   (``<arg>: no space left on device ...``); the partial temporary output is removed.
@@ -68,10 +69,13 @@ _AT_FDCWD = -100
 class DestinationExists(UserError):
     """The destination appeared while this run was writing it; ``kept`` holds our result."""
 
-    def __init__(self, dest: Path, kept: Path | None):
+    def __init__(self, dest: Path, kept: Path | None, arg: str | None = None):
         self.dest, self.kept = dest, kept
         where = f"; this run's finished result was left at {kept}" if kept else ""
-        super().__init__(f"{dest} appeared while this run was writing it (another run?){where}")
+        head = f"{arg}: " if arg and arg != str(dest) else ""
+        super().__init__(
+            f"{head}{dest} appeared while this run was writing it (another run?){where}"
+        )
 
 
 # --------------------------------------------------------------------------- helpers
@@ -246,7 +250,8 @@ _STALE = re.compile(r"\.(?P<name>.+)\.(?:tmp|old)-(?:(?P<pid>\d+)-)?[^/]*")
 def clean_stale(dest: str | os.PathLike, *, now: float | None = None) -> list[Path]:
     """Remove hidden ``.NAME.tmp-*`` / ``.NAME.old-*`` siblings of ``dest`` left by killed
     runs: those whose owner pid (encoded in the name) is dead, or that are older than
-    :data:`STALE_SECONDS`. Others (a live run's) are left alone. Returns what was removed."""
+    :data:`STALE_SECONDS` when the name has no pid. A live pid's are kept (reported when old).
+    Returns what was removed."""
     dest = Path(dest)
     parent = dest.parent
     if not parent.is_dir():
@@ -262,12 +267,12 @@ def clean_stale(dest: str | os.PathLike, *, now: float | None = None) -> list[Pa
             age = now - p.lstat().st_mtime
         except FileNotFoundError:
             continue
-        if (pid is not None and not _pid_alive(pid)) or age > STALE_SECONDS:
+        if (pid is not None and not _pid_alive(pid)) or (pid is None and age > STALE_SECONDS):
             _rmtree(p)
             removed.append(p)
             _say(f"removed {p}, left behind by an interrupted run")
-        elif pid is None:
-            _say(f"note: {p} looks like the leftover of an interrupted run")
+        elif age > STALE_SECONDS:  # its pid is alive: a long run, or a reused pid
+            _say(f"note: {p} may be the leftover of an interrupted run (pid {pid} is running)")
     return removed
 
 
@@ -369,7 +374,7 @@ def atomic_dir(
             if overwrite:
                 raise
             kept = _keep_aside(tmp, dest)
-            raise DestinationExists(dest, kept) from None
+            raise DestinationExists(dest, kept, arg) from None
     except DestinationExists:
         raise
     except NoSpaceLeft:  # from a nested writer: report it as this output's
@@ -416,7 +421,7 @@ def write_json(
                     rename_noreplace(tmp, path)
             except FileExistsError:
                 kept = _keep_aside(tmp, path)
-                raise DestinationExists(path, kept) from None
+                raise DestinationExists(path, kept, arg) from None
     except DestinationExists:
         raise
     except OSError as e:

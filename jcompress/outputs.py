@@ -192,10 +192,14 @@ def check_output_file(
 ) -> Path:
     """Check that the file ``path`` may be (re)written by this run (same rules as
     :func:`check_output_dir`, for a file: an existing file needs ``overwrite``)."""
+    from jcompress.atomic import clean_stale
+
     path = Path(path)
     _check_inputs(path, inputs, arg)
     if path.is_dir():
         raise UserError(f"{arg}: {path} is a directory; give a file path")
+    if path.parent.is_dir():
+        clean_stale(path)
     if path.is_symlink() and not path.exists():
         raise UserError(f"{arg}: {path} is a broken symlink")
     if path.exists():
