@@ -52,6 +52,7 @@ from jcompress.errors import UserError
 __all__ = [
     "DestinationExists",
     "NoSpaceLeft",
+    "OutputBusy",
     "STALE_SECONDS",
     "atomic_dir",
     "clean_stale",
@@ -67,7 +68,8 @@ _AT_FDCWD = -100
 
 
 class DestinationExists(UserError):
-    """The destination appeared while this run was writing it; ``kept`` holds our result."""
+    """Another run wrote (or is replacing) the destination while this run was writing it;
+    ``kept`` holds this run's finished result."""
 
     def __init__(self, dest: Path, kept: Path | None, arg: str | None = None):
         self.dest, self.kept = dest, kept
@@ -76,6 +78,10 @@ class DestinationExists(UserError):
         super().__init__(
             f"{head}{dest} appeared while this run was writing it (another run?){where}"
         )
+
+
+class OutputBusy(UserError):
+    """Another live run is replacing the destination right now (its swap journal exists)."""
 
 
 # --------------------------------------------------------------------------- helpers
@@ -231,7 +237,7 @@ def recover(dest: str | os.PathLike) -> bool:
             f"{j}: unreadable swap journal; inspect it and {dest}, then delete it"
         ) from None
     if pid != os.getpid() and _pid_alive(pid):
-        raise UserError(f"{dest}: another jcompress run (pid {pid}) is replacing it right now")
+        raise OutputBusy(f"{dest}: another jcompress run (pid {pid}) is replacing it right now")
     if _exists(new):
         if _exists(dest) and not _exists(old):
             os.replace(dest, old)  # killed before the first rename
@@ -304,7 +310,10 @@ def replace_dir(tmp: Path, dest: Path) -> None:
     old = _sibling(dest, "old")
     j = _journal(dest)
     body = json.dumps({"pid": os.getpid(), "old": str(old), "new": str(tmp)})
-    fd = os.open(j, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    try:
+        fd = os.open(j, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    except FileExistsError:  # a concurrent replacement got there first
+        raise OutputBusy(f"{dest}: another jcompress run is replacing it right now") from None
     try:
         os.write(fd, body.encode())
         os.fsync(fd)
@@ -370,9 +379,7 @@ def atomic_dir(
         yield tmp
         try:
             replace_dir(tmp, dest)
-        except FileExistsError:
-            if overwrite:
-                raise
+        except (FileExistsError, OutputBusy):  # lost a race: keep the result, say where
             kept = _keep_aside(tmp, dest)
             raise DestinationExists(dest, kept, arg) from None
     except DestinationExists:

@@ -304,3 +304,21 @@ def test_no_space_in_a_nested_writer_names_the_outer_output(tmp_path, monkeypatc
     assert str(e.value).startswith("--out: no space left on device while writing ")
     assert str(tmp_path / "run") in str(e.value)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_losing_a_race_to_replace_keeps_the_result(tmp_path):
+    """Two --overwrite runs of one output: the one that finds the other's swap in progress
+    (a journal owned by a live process) keeps its finished result aside and says where."""
+    dest = tmp_path / "out"
+    with atomic_dir(dest) as d:
+        (d / "v").write_text("old")
+    with pytest.raises(DestinationExists) as e:
+        with atomic_dir(dest, overwrite=True, arg="--out") as d:
+            (d / "v").write_text("ours")
+            journal = {"pid": os.getppid(), "old": str(tmp_path / "x"), "new": str(tmp_path / "y")}
+            (tmp_path / ".out.swap.json").write_text(json.dumps(journal))
+    assert str(e.value).startswith("--out: ") and str(e.value.kept) in str(e.value)
+    assert (e.value.kept / "v").read_text() == "ours"
+    assert (dest / "v").read_text() == "old"
+    with pytest.raises(UserError, match="is replacing it right now"):
+        check_output_dir(dest, overwrite=True)
