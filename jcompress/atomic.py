@@ -373,16 +373,20 @@ def atomic_dir(
     tmp = _mkdir(_sibling(dest, "tmp"))
     if not overwrite:
         _NO_REPLACE.add(str(tmp))
+    placing = False
     try:
         if marker:
             write_marker(tmp)
         yield tmp
+        placing = True
         try:
             replace_dir(tmp, dest)
         except (FileExistsError, OutputBusy):  # lost a race: keep the result, say where
             kept = _keep_aside(tmp, dest)
             raise DestinationExists(dest, kept, arg) from None
     except DestinationExists:
+        if not placing:  # a nested writer's conflict: ours is unfinished
+            _rmtree(tmp)
         raise
     except NoSpaceLeft:  # from a nested writer: report it as this output's
         _rmtree(tmp)
