@@ -401,3 +401,49 @@ def test_no_space_left_is_one_line(capsys, tmp_path, shared_data, opt_dir, monke
     last = err.strip().splitlines()[-1].split("\r")[-1]  # after the progress bars
     assert code == 2 and last.startswith("jcompress: error: --json: no space left on device")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_config_flags_maps_every_field_type():
+    """The derivation future methods reuse: int/float/str/bool/Optional/tuple[str, ...]."""
+    import argparse
+    import dataclasses
+
+    from jcompress.cli.common import config_flags, config_from_args
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Toy:
+        """A toy method config.
+
+        Attributes:
+          rank: kept rank.
+          ratio, scale: two numbers
+            documented together.
+          name: a name.
+          fused: fuse the kernels.
+          cap: optional cap; ``None``: no cap.
+          tags: regexes.
+        """
+
+        rank: int = 4
+        ratio: float = 0.5
+        scale: float = 1.0
+        name: str = "x"
+        fused: bool = False
+        cap: int | None = None
+        tags: tuple[str, ...] = (".*",)
+
+    p = argparse.ArgumentParser()
+    names = config_flags(p, Toy, {"scale": None})
+    assert names == ["rank", "ratio", "name", "fused", "cap", "tags"]
+    args = p.parse_args([])
+    assert config_from_args(Toy, args, names) == Toy()
+    argv = ["--rank", "8", "--ratio", "0.25", "--name", "y", "--fused", "--cap", "3"]
+    args = p.parse_args([*argv, "--tags", "a", "--tags", "b"])
+    assert config_from_args(Toy, args, names) == Toy(
+        rank=8, ratio=0.25, name="y", fused=True, cap=3, tags=("a", "b")
+    )
+    assert p.parse_args(["--no-fused"]).fused is False
+    text = p.format_help()
+    assert "two numbers documented together (default: 0.5)" in text
+    assert "optional cap; None: no cap (default: None)" in text
+    assert "--scale" not in text

@@ -322,3 +322,17 @@ def test_losing_a_race_to_replace_keeps_the_result(tmp_path):
     assert (dest / "v").read_text() == "old"
     with pytest.raises(UserError, match="is replacing it right now"):
         check_output_dir(dest, overwrite=True)
+
+
+def test_rename_noreplace_fallback_without_renameat2(tmp_path, monkeypatch):
+    monkeypatch.setattr(atomic, "_renameat2", None)  # e.g. not Linux: the O_EXCL lock route
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    (src / "v").write_text("new")
+    dst.mkdir()  # an empty dir: a plain rename would silently replace it
+    with pytest.raises(FileExistsError):
+        atomic.rename_noreplace(src, dst)
+    dst.rmdir()
+    atomic.rename_noreplace(src, dst)
+    assert (dst / "v").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]  # the lock file is gone
