@@ -142,6 +142,14 @@ class NoSpaceLeft(UserError):
         )
 
 
+def _is_enospc(e: BaseException) -> bool:
+    """ENOSPC as an OSError, or as the message of a library's own error type (orbax /
+    tensorstore report a full disk in a ValueError or a runtime error)."""
+    if isinstance(e, OSError):
+        return e.errno == errno.ENOSPC
+    return isinstance(e, Exception) and "No space left on device" in str(e)
+
+
 def _no_space(arg: str, dest: Path) -> NoSpaceLeft:
     return NoSpaceLeft(arg, dest)
 
@@ -391,13 +399,10 @@ def atomic_dir(
     except NoSpaceLeft:  # from a nested writer: report it as this output's
         _rmtree(tmp)
         raise _no_space(arg, dest) from None
-    except OSError as e:
+    except BaseException as e:
         _rmtree(tmp)
-        if e.errno == errno.ENOSPC:
+        if _is_enospc(e):
             raise _no_space(arg, dest) from None
-        raise
-    except BaseException:
-        _rmtree(tmp)
         raise
     finally:
         _NO_REPLACE.discard(str(tmp))
@@ -435,11 +440,8 @@ def write_json(
                 raise DestinationExists(path, kept, arg) from None
     except DestinationExists:
         raise
-    except OSError as e:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if e.errno == errno.ENOSPC:
+        if _is_enospc(e):
             raise _no_space(arg, path) from None
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
         raise

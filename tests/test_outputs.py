@@ -266,6 +266,9 @@ def test_no_space_left_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
                 (d / "part").write_text("half")
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         assert str(e.value).startswith("--out: no space left on device")
+    with pytest.raises(UserError, match="^--out: no space left on device"):
+        with atomic_dir(tmp_path / "new", arg="--out"):  # as a library's own error type
+            raise ValueError("tensorstore: write failed: No space left on device [errno 28]")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert (tmp_path / "out" / "old").read_text() == "old"
 
