@@ -1,61 +1,447 @@
-"""Atomic writes: nothing half-written is ever left at a destination path."""
+"""Atomic writes: nothing half-written is ever left at a destination path.
+
+A directory output is built in a hidden temporary sibling ``.NAME.tmp-<pid>-<rand>`` of the
+destination ``NAME`` and renamed into place only when complete (:func:`atomic_dir`).
+
+* Not replacing (the default): the final rename is ``renameat2(RENAME_NOREPLACE)`` on Linux,
+  so it fails if ``NAME`` appeared meanwhile (e.g. a concurrent run of the same output). The
+  fallback elsewhere serializes the check-then-rename with an ``O_EXCL`` lock file
+  ``.NAME.lock``. The loser keeps its finished result in a visible sibling
+  ``NAME.conflict-<pid>-<rand>`` and raises :class:`DestinationExists` naming it.
+* Replacing (``overwrite=True``, :func:`replace_dir`): a two-rename swap, made recoverable by a
+  journal ``.NAME.swap.json`` next to the destination::
+
+      1. write the journal {"pid", "old", "new"}   <- the commit point: "new" is complete
+      2. rename NAME      -> .NAME.old-<pid>-<rand>
+      3. rename new (tmp) -> NAME
+      4. delete the old directory, then the journal
+
+  A run killed anywhere after 1 leaves the journal behind; the next :func:`atomic_dir` or
+  :func:`recover` of the same destination (``jcompress`` does it before any work on an output)
+  rolls the swap forward: ``NAME`` ends up holding the new result and the old copy is deleted.
+  A journal whose owner process is still alive means a swap is in progress: that is an error
+  rather than a recovery.
+* Stale hidden siblings ``.NAME.tmp-<pid>-*`` / ``.NAME.old-<pid>-*`` left by killed runs are
+  removed on the next run of the same output when their owner pid is dead (or, for names with
+  no pid, when older than :data:`STALE_SECONDS`); the removal is reported on stderr, and an old
+  one whose pid is alive (possibly reused) is reported but kept.
+* Created directories and files follow the process umask (no ``mkdtemp``/``mkstemp`` 0700/0600).
+* Running out of disk (``ENOSPC``) while writing raises a one-line :class:`UserError`
+  (``<arg>: no space left on device ...``); the partial temporary output is removed.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import errno
 import json
 import os
+import re
+import secrets
 import shutil
-import tempfile
-from collections.abc import Iterator
+import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_dir", "replace_dir", "write_json"]
+from jcompress.errors import UserError
+
+__all__ = [
+    "DestinationExists",
+    "NoSpaceLeft",
+    "OutputBusy",
+    "STALE_SECONDS",
+    "atomic_dir",
+    "clean_stale",
+    "recover",
+    "rename_noreplace",
+    "replace_dir",
+    "write_json",
+]
+
+STALE_SECONDS = 24 * 3600
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+
+
+class DestinationExists(UserError):
+    """Another run wrote (or is replacing) the destination while this run was writing it;
+    ``kept`` holds this run's finished result."""
+
+    def __init__(self, dest: Path, kept: Path | None, arg: str | None = None):
+        self.dest, self.kept = dest, kept
+        where = f"; this run's finished result was left at {kept}" if kept else ""
+        head = f"{arg}: " if arg and arg != str(dest) else ""
+        super().__init__(
+            f"{head}{dest} appeared while this run was writing it (another run?){where}"
+        )
+
+
+class OutputBusy(UserError):
+    """Another live run is replacing the destination right now (its swap journal exists)."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _stamp() -> str:
+    return f"{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _sibling(dest: Path, kind: str) -> Path:
+    return dest.parent / f".{dest.name}.{kind}-{_stamp()}"
+
+
+def _journal(dest: Path) -> Path:
+    return dest.parent / f".{dest.name}.swap.json"
+
+
+def _lock(dest: Path) -> Path:
+    return dest.parent / f".{dest.name}.lock"
+
+
+def _exists(p: Path) -> bool:
+    return p.exists() or p.is_symlink()
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _rmtree(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
+def _say(msg: str) -> None:
+    print(f"jcompress: {msg}", file=sys.stderr)
+
+
+class NoSpaceLeft(UserError):
+    """``ENOSPC`` while writing ``dest``; the partial output was removed."""
+
+    def __init__(self, arg: str, dest: Path):
+        self.dest = dest
+        super().__init__(
+            f"{arg}: no space left on device while writing {dest} (nothing was written; free "
+            "some space and run again)"
+        )
+
+
+def _is_enospc(e: BaseException) -> bool:
+    """ENOSPC as an OSError, or as the message of a library's own error type (orbax /
+    tensorstore report a full disk in a ValueError or a runtime error)."""
+    if isinstance(e, OSError):
+        return e.errno == errno.ENOSPC
+    return isinstance(e, Exception) and "No space left on device" in str(e)
+
+
+def _no_space(arg: str, dest: Path) -> NoSpaceLeft:
+    return NoSpaceLeft(arg, dest)
+
+
+def _mkdir(p: Path) -> Path:
+    os.mkdir(p, 0o777)  # the umask applies (mkdtemp would force 0700)
+    return p
+
+
+# --------------------------------------------------------------------------- renames
+
+
+def _libc_renameat2() -> Callable[[str, str], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+
+    def call(src: str, dst: str) -> int:
+        r = fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE)
+        return 0 if r == 0 else ctypes.get_errno()
+
+    return call
+
+
+_renameat2 = _libc_renameat2()
+
+
+def rename_noreplace(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Rename ``src`` to ``dst``; raise ``FileExistsError`` if ``dst`` exists (atomically on
+    Linux via ``renameat2(RENAME_NOREPLACE)``; elsewhere, or on file systems without it, the
+    check and the rename are serialized by an ``O_EXCL`` lock file next to ``dst``)."""
+    src, dst = Path(src), Path(dst)
+    if _renameat2 is not None:
+        err = _renameat2(str(src), str(dst))
+        if err == 0:
+            return
+        if err == errno.EEXIST or err == errno.ENOTEMPTY:
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+        if err not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+            raise OSError(err, os.strerror(err), str(src))
+    lock = _lock(dst)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            break
+        except FileExistsError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    try:
+        os.write(fd, str(os.getpid()).encode())
+        if _exists(dst):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+        os.rename(src, dst)
+    finally:
+        os.close(fd)
+        lock.unlink(missing_ok=True)
+
+
+def _keep_aside(tmp: Path, dest: Path) -> Path | None:
+    kept = dest.parent / f"{dest.name}.conflict-{_stamp()}"
+    try:
+        rename_noreplace(tmp, kept)
+    except OSError:
+        return tmp
+    return kept
+
+
+# --------------------------------------------------------------------------- recovery
+
+
+def recover(dest: str | os.PathLike) -> bool:
+    """Finish a swap of ``dest`` interrupted by a killed run (see the module docstring).
+
+    Returns True when a journal was found and resolved. Raises :class:`UserError` when the
+    journal's owner is still running (a concurrent replacement of the same output)."""
+    dest = Path(dest)
+    j = _journal(dest)
+    if not j.is_file():
+        return False
+    try:
+        info = json.loads(j.read_text())
+        pid, old, new = int(info["pid"]), Path(info["old"]), Path(info["new"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(
+            f"{j}: unreadable swap journal; inspect it and {dest}, then delete it"
+        ) from None
+    if pid != os.getpid() and _pid_alive(pid):
+        raise OutputBusy(f"{dest}: another jcompress run (pid {pid}) is replacing it right now")
+    if _exists(new):
+        if _exists(dest) and not _exists(old):
+            os.replace(dest, old)  # killed before the first rename
+        if not _exists(dest):
+            os.replace(new, dest)  # killed between the renames: roll forward
+    if _exists(old):
+        _rmtree(old)
+    j.unlink(missing_ok=True)
+    _say(f"completed the replacement of {dest} that an interrupted run (pid {pid}) had started")
+    return True
+
+
+_STALE = re.compile(r"\.(?P<name>.+)\.(?:tmp|old)-(?:(?P<pid>\d+)-)?[^/]*")
+
+
+def clean_stale(dest: str | os.PathLike, *, now: float | None = None) -> list[Path]:
+    """Remove hidden ``.NAME.tmp-*`` / ``.NAME.old-*`` siblings of ``dest`` left by killed
+    runs: those whose owner pid (encoded in the name) is dead, or that are older than
+    :data:`STALE_SECONDS` when the name has no pid. A live pid's are kept (reported when old).
+    Returns what was removed."""
+    dest = Path(dest)
+    parent = dest.parent
+    if not parent.is_dir():
+        return []
+    now = time.time() if now is None else now
+    removed = []
+    for p in parent.iterdir():
+        m = _STALE.fullmatch(p.name)
+        if not m or m["name"] != dest.name:
+            continue
+        pid = int(m["pid"]) if m["pid"] else None
+        try:
+            age = now - p.lstat().st_mtime
+        except FileNotFoundError:
+            continue
+        if (pid is not None and not _pid_alive(pid)) or (pid is None and age > STALE_SECONDS):
+            _rmtree(p)
+            removed.append(p)
+            _say(f"removed {p}, left behind by an interrupted run")
+        elif age > STALE_SECONDS:  # its pid is alive: a long run, or a reused pid
+            _say(f"note: {p} may be the leftover of an interrupted run (pid {pid} is running)")
+    return removed
+
+
+# --------------------------------------------------------------------------- writers
+
+
+# Temporary directories made by ``atomic_dir(overwrite=False)``: :func:`replace_dir` never swaps
+# out an existing destination for these (their final rename is RENAME_NOREPLACE).
+_NO_REPLACE: set[str] = set()
 
 
 def replace_dir(tmp: Path, dest: Path) -> None:
-    """Move ``tmp`` to ``dest``; an existing ``dest`` is swapped out first and deleted after
-    (and put back if the swap fails)."""
-    if not (dest.exists() or dest.is_symlink()):
-        os.replace(tmp, dest)
-        return
-    trash = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-    os.replace(dest, trash / "old")
+    """Move the finished directory ``tmp`` to ``dest``, swapping out (and then deleting) an
+    existing ``dest``; journaled so that a kill between the two renames is recovered by the
+    next :func:`recover` of ``dest``. A failing swap puts the old ``dest`` back. For a ``tmp``
+    made by ``atomic_dir(overwrite=False)`` an existing ``dest`` is never replaced
+    (``FileExistsError``)."""
+    tmp, dest = Path(tmp), Path(dest)
+    recover(dest)
+    if not _exists(dest):
+        try:
+            rename_noreplace(tmp, dest)
+            return
+        except FileExistsError:
+            if str(tmp) in _NO_REPLACE:
+                raise
+    if str(tmp) in _NO_REPLACE:
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dest))
+    old = _sibling(dest, "old")
+    j = _journal(dest)
+    body = json.dumps({"pid": os.getpid(), "old": str(old), "new": str(tmp)})
+    try:
+        fd = os.open(j, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    except FileExistsError:  # a concurrent replacement got there first
+        raise OutputBusy(f"{dest}: another jcompress run is replacing it right now") from None
+    try:
+        os.write(fd, body.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.replace(dest, old)
+    except BaseException:
+        j.unlink(missing_ok=True)
+        raise
     try:
         os.replace(tmp, dest)
     except BaseException:
-        os.replace(trash / "old", dest)
-        shutil.rmtree(trash, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            if not _exists(dest):
+                os.replace(old, dest)
+                j.unlink(missing_ok=True)
         raise
-    shutil.rmtree(trash, ignore_errors=True)
+    _rmtree(old)
+    j.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
-def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling directory of ``dest``; on success it replaces ``dest``, on any
-    error it is removed."""
+def atomic_dir(
+    dest: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    arg: str | None = None,
+    marker: bool = True,
+) -> Iterator[Path]:
+    """Yield a temporary sibling directory of ``dest``; on success it becomes ``dest``, on any
+    error it is removed.
+
+    Args:
+      dest: the destination directory.
+      overwrite: replace an existing ``dest`` (journaled swap). Without it the final rename
+        refuses to clobber a ``dest`` that appeared meanwhile (:class:`DestinationExists`,
+        naming where the finished result was kept). Callers check their overwrite policy
+        (:mod:`jcompress.outputs`) before doing the work.
+      arg: how to name ``dest`` in a one-line error (default ``str(dest)``).
+      marker: write the :data:`jcompress.outputs.MARKER` file into the directory, so a later
+        ``--overwrite`` can tell it was written by jcompress (``save_hf`` leaves it out unless
+        asked: its directories hold exactly the HF files).
+    """
+    from jcompress.outputs import write_marker
+
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    arg = arg or str(dest)
     try:
-        yield tmp
-        replace_dir(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise _no_space(arg, dest) from None
         raise
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON atomically (temp file in the same directory, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    recover(dest)
+    clean_stale(dest)
+    tmp = _mkdir(_sibling(dest, "tmp"))
+    if not overwrite:
+        _NO_REPLACE.add(str(tmp))
+    placing = False
     try:
+        if marker:
+            write_marker(tmp)
+        yield tmp
+        placing = True
+        try:
+            replace_dir(tmp, dest)
+        except (FileExistsError, OutputBusy):  # lost a race: keep the result, say where
+            kept = _keep_aside(tmp, dest)
+            raise DestinationExists(dest, kept, arg) from None
+    except DestinationExists:
+        if not placing:  # a nested writer's conflict: ours is unfinished
+            _rmtree(tmp)
+        raise
+    except NoSpaceLeft:  # from a nested writer: report it as this output's
+        _rmtree(tmp)
+        raise _no_space(arg, dest) from None
+    except BaseException as e:
+        _rmtree(tmp)
+        if _is_enospc(e):
+            raise _no_space(arg, dest) from None
+        raise
+    finally:
+        _NO_REPLACE.discard(str(tmp))
+
+
+def write_json(
+    path: str | os.PathLike, obj: Any, *, overwrite: bool = True, arg: str | None = None
+) -> None:
+    """Write JSON atomically (temporary file in the same directory, then rename).
+
+    With ``overwrite=False`` an existing ``path`` (even one that appeared while writing) is
+    never replaced (:class:`DestinationExists`). The file mode follows the umask."""
+    path = Path(path)
+    arg = arg or str(path)
+    tmp = _sibling(path, "tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2)
             f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                try:
+                    os.link(tmp, path)  # fails if path exists, atomically
+                    tmp.unlink()
+                except FileExistsError:
+                    raise
+                except OSError:  # no hard links here
+                    rename_noreplace(tmp, path)
+            except FileExistsError:
+                kept = _keep_aside(tmp, path)
+                raise DestinationExists(path, kept, arg) from None
+    except DestinationExists:
+        raise
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if _is_enospc(e):
+            raise _no_space(arg, path) from None
         raise

@@ -42,6 +42,7 @@ from jcompress.atomic import atomic_dir
 from jcompress.errors import UserError
 from jcompress.leaves import LEAF_TYPES, CompressedLeaf
 from jcompress.models.config import ModelConfig
+from jcompress.outputs import check_output_dir
 
 __all__ = ["save", "restore", "is_checkpoint", "SIDECAR", "FORMAT", "VERSION"]
 
@@ -284,16 +285,13 @@ def save(
     path = Path(path)
     if not isinstance(cfg, ModelConfig):
         raise UserError(f"cfg: expected a ModelConfig, got {type(cfg).__name__}")
-    if path.exists() or path.is_symlink():
-        if not overwrite:
-            raise UserError(
-                f"checkpoint: {path} already exists (pass overwrite=True to replace it)"
-            )
-        if not (is_checkpoint(path) or (path.is_dir() and not any(path.iterdir()))):
+    if (path.exists() or path.is_symlink()) and overwrite and path.is_dir():
+        if not (is_checkpoint(path) or not any(path.iterdir())):
             raise UserError(
                 f"checkpoint: {path} exists and is not a jcompress checkpoint; "
                 "refusing to replace it"
             )
+    check_output_dir(path, overwrite=overwrite, arg="checkpoint", require_marker=False)
     tree, index = _split(params)
     meta = {
         "format": FORMAT,
@@ -307,7 +305,7 @@ def save(
     except (TypeError, ValueError) as e:
         raise UserError(f"cfg.hf_config: cannot be written as JSON ({e})") from None
 
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, overwrite=overwrite, arg="checkpoint") as tmp:
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save((tmp / ARRAYS).absolute(), tree)
             ckptr.wait_until_finished()

@@ -335,9 +335,7 @@ class HeadFoldedOut(CompressedLeaf):
 
     def consumes_latent_values(self, v_kernel: Any) -> bool:
         """Pairs with a ``HeadLowRank`` v projection whose ``b`` has this ``ut``'s shape."""
-        return isinstance(v_kernel, HeadLowRank) and tuple(v_kernel.b.shape) == tuple(
-            self.ut.shape
-        )
+        return isinstance(v_kernel, HeadLowRank) and tuple(v_kernel.b.shape) == tuple(self.ut.shape)
 
     @property
     def rank(self) -> int:

@@ -10,6 +10,16 @@ import pytest
 
 from jcompress.cli import bundled_model_dir, main
 
+EIGEN = ["--model", "{model}", "--calib_data", "{data}"]
+
+
+def tree(root):
+    """Every path under ``root`` with the bytes of each file (the sentinel check)."""
+    return {
+        str(p.relative_to(root)): p.read_bytes() if p.is_file() else None
+        for p in sorted(root.rglob("*"))
+    }
+
 
 def run(capsys, *argv):
     code = main(list(argv))
@@ -154,11 +164,56 @@ def test_generate(capsys, llama_dir, shared_data):
             ],
             "already exists",
         ),
+        # outputs: checked before any weights are loaded
+        (["eigen", *EIGEN, "--out", "{tmp}/afile"], "--out: {tmp}/afile already exists and is a"),
+        (["eigen", *EIGEN, "--out", "{tmp}/afile/x"], "is a file, not a directory"),
+        (["eigen", *EIGEN, "--out", "{tmp}/foreign", "--overwrite"], "not written by jcompress"),
+        (["eigen", *EIGEN, "--json", "{tmp}"], "--json: {tmp} is a directory"),
+        (["ppl", "--model", "{model}", "--data", "{data}", "--json", "{tmp}/afile"], "exists"),
+        (["ppl", "--model", "{model}", "--data", "{tmp}"], "--data: {tmp} is not a file"),
+        (["convert", "{model}", "{tmp}/foreign", "--to", "orbax", "--overwrite"], "jcompress"),
+        (
+            ["convert", "{model}", "{tmp}/x", "--to", "hf", "--tokenizer", "/nonexistent"],
+            "--tokenizer: /nonexistent is not a directory",
+        ),  # fmt: skip
+        (
+            ["convert", "{model}", "{tmp}/x", "--to", "hf", "--tokenizer", "{tmp}"],
+            "--tokenizer: {tmp} has no tokenizer files",
+        ),  # fmt: skip
+        (["convert", "{model}", "{tmp}/x", "--to", "hf"], "SRC: {model} is not a jcompress"),
+        (
+            ["convert", "{model}", "{tmp}/x", "--to", "orbax", "--tokenizer", "{model}"],
+            "--tokenizer: only applies with --to hf",
+        ),  # fmt: skip
+        # unbounded work: refused before it starts
+        (["eigen", *EIGEN, "--nsamples", "100000"], "--nsamples: 100000 windows of 512 tokens"),
+        (
+            ["generate", "--model", "{model}", "--prompt", "a", "--max-new-tokens", "600"],
+            "learned positions",
+        ),  # fmt: skip
+        (
+            ["generate", "--model", "{llama}", "--prompt", "a", "--max-new-tokens", "600"],
+            "--allow-long",
+        ),  # fmt: skip
+        # every EigenAttentionConfig field is a flag, validated by the config
+        (["eigen", *EIGEN, "--min_rank_fraction", "2"], "min_rank_fraction: must be < 1"),
+        (["eigen", *EIGEN, "--threshold-step", "0"], "threshold_step: must be in (0, 1)"),
+        (["eigen", *EIGEN, "--layers", "("], "layers: bad regex"),
+        (["eigen", *EIGEN, "--offload_dir", "/nope"], "--offload_dir: /nope is not a directory"),
+        (["eigen", *EIGEN, "--min_rank", "x"], "--min-rank: invalid int value"),
     ],
 )
-def test_bad_input_is_one_line_exit_2(capsys, tmp_path, shared_data, opt_dir, argv, needle):
+def test_bad_input_is_one_line_exit_2(
+    capsys, tmp_path, shared_data, opt_dir, llama_dir, argv, needle
+):
     data = str(shared_data / "wikitext-2-raw" / "test.txt")
-    argv = [a.format(data=data, model=str(opt_dir), tmp=tmp_path) for a in argv]
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "mine.txt").write_text("mine")
+    fmt = {"data": data, "model": str(opt_dir), "tmp": tmp_path, "llama": str(llama_dir)}
+    argv = [a.format(**fmt) for a in argv]
+    needle = needle.format(**fmt)
+    before = tree(tmp_path)
     try:
         code, out, err = run(capsys, *argv)
     except SystemExit as e:  # argparse errors exit directly
@@ -169,6 +224,7 @@ def test_bad_input_is_one_line_exit_2(capsys, tmp_path, shared_data, opt_dir, ar
     assert len(lines) == 1 and lines[0].startswith("jcompress: error:"), err
     assert needle in lines[0]
     assert "Traceback" not in err
+    assert tree(tmp_path) == before  # nothing written, nothing removed
 
 
 def test_help_explains_every_flag():
@@ -212,3 +268,182 @@ def test_convert_round_trip_hf_orbax_hf(capsys, tmp_path, llama_dir):
     assert (back / "tokenizer.json").is_file()
     code, _, err = run(capsys, "convert", str(llama_dir), str(ckpt), "--to", "orbax")
     assert code == 2 and "exists" in err
+
+
+# --------------------------------------------------------------------------- never destroy data
+
+
+@pytest.fixture
+def user_tree(tmp_path, opt_dir, shared_data):
+    """A user's files: a model copy, a calibration text, a foreign directory, each with a
+    sentinel; and a jcompress checkpoint stand-in (its sidecar is what `convert` checks)."""
+    import shutil
+
+    root = tmp_path / "user"
+    model = root / "models" / "opt"
+    shutil.copytree(opt_dir, model)
+    (model / "SENTINEL").write_bytes(b"\x00do not lose me\xff")
+    data = root / "calib.txt"
+    data.write_bytes((shared_data / "wikitext-2" / "valid.txt").read_bytes()[:200_000])
+    (root / "foreign").mkdir()
+    (root / "foreign" / "SENTINEL").write_text("mine")
+    (root / "ckpt").mkdir()
+    (root / "ckpt" / "jcompress.json").write_text("{}")
+    (root / "link").symlink_to(model)
+    return root
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["eigen", "--out", "{m}"], "--out: {m} is the input --model"),
+        (["eigen", "--out", "{u}/link"], "is the input --model"),
+        (["eigen", "--out", "{u}/models"], "--out: {u}/models contains the input --model"),
+        (["eigen", "--out", "{u}"], "contains the input --model"),
+        (["eigen", "--out", "{m}/tokenizer.json"], "is part of the input --model"),
+        (["eigen", "--json", "{m}/config.json"], "--json: {m}/config.json is part of the input"),
+        (["eigen", "--json", "{u}/calib.txt"], "--json: {u}/calib.txt is the input --calib_data"),
+        (["ppl", "--json", "{m}/config.json"], "is part of the input --model"),
+        (["ppl", "--json", "{u}/calib.txt"], "is the input --data"),
+        (["convert", "{m}", "{m}", "--to", "orbax"], "OUT: {m} is the input SRC"),
+        (["convert", "{m}", "{u}/models", "--to", "orbax"], "contains the input SRC"),
+        (["convert", "{u}/ckpt", "{u}/foreign", "--to", "hf"], "not written by jcompress"),
+        (["convert", "{u}/ckpt", "{m}", "--to", "hf", "--tokenizer", "{m}"], "--tokenizer"),
+        (["convert", "{u}/ckpt", "{u}/ckpt", "--to", "hf"], "is the input SRC"),
+    ],
+)
+def test_overwrite_never_destroys_user_data(capsys, user_tree, argv, needle):
+    u, m = user_tree, user_tree / "models" / "opt"
+    argv = [a.format(u=u, m=m) for a in argv]
+    if argv[0] == "eigen":
+        argv += ["--model", str(m), "--calib_data", str(u / "calib.txt")]
+    if argv[0] == "ppl":
+        argv += ["--model", str(m), "--data", str(u / "calib.txt")]
+    before = tree(u)
+    code, _, err = run(capsys, *argv, "--overwrite")
+    assert code == 2 and err.count("\n") == 1, err
+    assert needle.format(u=u, m=m) in err
+    assert tree(u) == before  # every sentinel survives byte for byte
+
+
+def test_eigen_without_eval_data_compresses_and_exports(capsys, tmp_path, shared_data, opt_dir):
+    out = tmp_path / "run"
+    argv = [
+        "eigen", "--model", str(opt_dir),
+        "--calib-data", str(shared_data / "wikitext-2" / "valid.txt"),
+        "--nsamples", "4", "--seqlen", "64", "--avg_dim", "2", "--max-new-tokens", "3",
+        "--layers", "model/decoder/layers/0", "--min_rank", "8", "--out", str(out),
+    ]  # fmt: skip
+    code, stdout, _ = run(capsys, *argv)
+    assert code == 0
+    assert "perplexity: not evaluated (no --eval_data given)" in stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["extra"]["ppl_before"] is None and report["extra"]["eval_data"] is None
+    assert "not evaluated" in (out / "report.md").read_text()
+    assert (out / "dense" / "model.safetensors").is_file()
+    assert (out / ".jcompress-output").is_file()  # so --overwrite may replace it later
+    (out / "old-file").write_text("from the first run")
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and "already exists" in err
+    code, _, _ = run(capsys, *argv, "--overwrite", "--json", str(tmp_path / "r.json"))
+    assert code == 0 and not (out / "old-file").exists()
+    assert json.loads((tmp_path / "r.json").read_text())["extra"]["ppl_after"] is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "run"]
+
+
+def test_every_eigen_config_field_is_a_flag():
+    import dataclasses
+
+    from jcompress.cli import build_parser
+    from jcompress.cli.common import config_from_args
+    from jcompress.eigen_attention import EigenAttentionConfig
+
+    p = build_parser()
+    given = {
+        "nsamples": "7", "seqlen": "33", "avg_dim": "7", "error_budget": "0.1", "seed": "5",
+        "threshold_step": "0.05", "start_threshold": "0.9", "min_threshold": "0.2",
+        "min_rank": "3", "min_rank_fraction": "0.25", "batch_size": "2", "offload_dir": "/tmp",
+    }  # fmt: skip
+    assert set(given) | {"layers"} == {f.name for f in dataclasses.fields(EigenAttentionConfig)}
+    for dashes in (False, True):
+        argv = ["eigen", "--model", "m", "--calib_data", "c"]
+        for k, v in given.items():
+            argv += [f"--{k.replace('_', '-') if dashes else k}", v]
+        argv += ["--layers", "a", "--layers", "b"]
+        args = p.parse_args(argv)
+        cfg = config_from_args(EigenAttentionConfig, args, args.config_fields)
+        for k, v in given.items():
+            assert str(getattr(cfg, k)) == v, k
+        assert cfg.layers == ("a", "b")
+    # defaults are the config's own (layers, Optional fields), seqlen left to the model
+    args = p.parse_args(["eigen", "--model", "m", "--calib_data", "c"])
+    cfg = config_from_args(EigenAttentionConfig, args, args.config_fields, seqlen=64)
+    assert cfg == EigenAttentionConfig(seqlen=64)
+    help_text = p._subparsers._group_actions[0].choices["eigen"].format_help()
+    assert "--min_rank_fraction" in help_text and "(default: 0.02)" in help_text
+
+
+def test_no_space_left_is_one_line(capsys, tmp_path, shared_data, opt_dir, monkeypatch):
+    import errno
+
+    from jcompress import atomic
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic.json, "dump", full)
+    out = tmp_path / "ppl.json"
+    code, _, err = run(
+        capsys, "ppl", "--model", str(opt_dir), "--data",
+        str(shared_data / "wikitext-2-raw" / "test.txt"),
+        "--seqlen", "32", "--max-windows", "1", "--json", str(out),
+    )  # fmt: skip
+    last = err.strip().splitlines()[-1].split("\r")[-1]  # after the progress bars
+    assert code == 2 and last.startswith("jcompress: error: --json: no space left on device")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_config_flags_maps_every_field_type():
+    """The derivation future methods reuse: int/float/str/bool/Optional/tuple[str, ...]."""
+    import argparse
+    import dataclasses
+
+    from jcompress.cli.common import config_flags, config_from_args
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Toy:
+        """A toy method config.
+
+        Attributes:
+          rank: kept rank.
+          ratio, scale: two numbers
+            documented together.
+          name: a name.
+          fused: fuse the kernels.
+          cap: optional cap; ``None``: no cap.
+          tags: regexes.
+        """
+
+        rank: int = 4
+        ratio: float = 0.5
+        scale: float = 1.0
+        name: str = "x"
+        fused: bool = False
+        cap: int | None = None
+        tags: tuple[str, ...] = (".*",)
+
+    p = argparse.ArgumentParser()
+    names = config_flags(p, Toy, {"scale": None})
+    assert names == ["rank", "ratio", "name", "fused", "cap", "tags"]
+    args = p.parse_args([])
+    assert config_from_args(Toy, args, names) == Toy()
+    argv = ["--rank", "8", "--ratio", "0.25", "--name", "y", "--fused", "--cap", "3"]
+    args = p.parse_args([*argv, "--tags", "a", "--tags", "b"])
+    assert config_from_args(Toy, args, names) == Toy(
+        rank=8, ratio=0.25, name="y", fused=True, cap=3, tags=("a", "b")
+    )
+    assert p.parse_args(["--no-fused"]).fused is False
+    text = p.format_help()
+    assert "two numbers documented together (default: 0.5)" in text
+    assert "optional cap; None: no cap (default: None)" in text
+    assert "--scale" not in text

@@ -26,11 +26,11 @@ import numpy as np
 import pytest
 
 import jcompress
-from jcompress.models.attention import Chunked
 from jcompress import validate
 from jcompress.data import calibration_windows, eval_windows, load_tokenizer
 from jcompress.eval import check_seqlen
 from jcompress.models import read_config
+from jcompress.models.attention import Chunked
 from jcompress.models.config import ModelConfig
 from jcompress.models.families import config_from_hf
 

@@ -1,12 +1,281 @@
-"""Helpers shared by CLI subcommands."""
+"""Helpers shared by CLI subcommands: argument types, flags derived from a method's config
+dataclass (:func:`config_flags`), and the cheap up-front checks every command runs before it
+loads any weights."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import os
+import re
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from jcompress.errors import UserError
 
-__all__ = ["generate_text"]
+__all__ = [
+    "DTYPES",
+    "budget",
+    "check_data_file",
+    "check_positions",
+    "config_flags",
+    "config_from_args",
+    "field_docs",
+    "generate_text",
+    "load_model",
+    "load_tokenizer_for",
+    "model_bytes",
+    "positive",
+    "table",
+]
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+# --------------------------------------------------------------------------- argument types
+
+
+def positive(s: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return v
+
+
+def budget(s: str) -> float:
+    """argparse type: a number in (0, 1)."""
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {s!r}") from None
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {s!r}")
+    return v
+
+
+# --------------------------------------------------------------------------- config flags
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Per-field help from the ``Attributes:`` section of a dataclass docstring (an entry
+    ``a, b: text`` documents both ``a`` and ``b``; continuation lines are joined)."""
+    doc = cls.__doc__ or ""
+    m = re.search(r"^\s*Attributes:\s*$", doc, re.M)
+    if not m:
+        return {}
+    out: dict[str, str] = {}
+    names: list[str] = []
+    indent = None
+    for line in doc[m.end() :].splitlines():
+        if not line.strip():
+            continue
+        ind = len(line) - len(line.lstrip())
+        entry = re.match(r"\s*([A-Za-z_][\w, ]*):\s(.*)", line)
+        if entry and (indent is None or ind <= indent):
+            indent = ind
+            names = [n.strip() for n in entry[1].split(",") if n.strip()]
+            for n in names:
+                out[n] = entry[2].strip()
+        elif indent is not None and ind > indent and names:
+            for n in names:
+                out[n] += " " + line.strip()
+        else:
+            break
+    return {k: _plain(v) for k, v in out.items()}
+
+
+def _plain(text: str) -> str:
+    """Docstring markup to plain help text (``x`` -> x, :func:`x` -> x)."""
+    text = re.sub(r":\w+:`~?([^`]+)`", r"\1", text)
+    return text.replace("``", "").replace("%", "%%")
+
+
+def _unwrap(tp: Any) -> tuple[Any, bool]:
+    """``X | None`` -> ``(X, True)``; anything else -> ``(tp, False)``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def config_flags(
+    parser: argparse.ArgumentParser,
+    config_cls: type,
+    overrides: Mapping[str, Mapping[str, Any] | None] | None = None,
+    *,
+    fields: Iterable[str] | None = None,
+) -> list[str]:
+    """Add one flag per field of the dataclass ``config_cls``: ``--field_name`` (the reference
+    spelling) and its dash alias ``--field-name``; ``dest`` is the field name.
+
+    Types map as: ``int`` / ``float`` / ``str`` -> a typed option; ``bool`` -> ``--x`` /
+    ``--no-x``; ``X | None`` -> an option of type ``X`` whose default ``None`` means "the
+    config's own default rule"; ``tuple[str, ...]`` -> a repeatable option (collected into a
+    tuple by :func:`config_from_args`). Help comes from the class docstring's ``Attributes:``
+    section; the default is shown.
+
+    Args:
+      parser: where to add the flags.
+      config_cls: a dataclass (e.g. ``EigenAttentionConfig``).
+      overrides: per field, argparse keyword arguments replacing the derived ones (``type``,
+        ``default``, ``help``, ``metavar``, ...), or ``None`` to leave the field out.
+      fields: only these fields (default: all).
+
+    Returns:
+      The field names that got a flag (pass them to :func:`config_from_args`).
+    """
+    overrides = dict(overrides or {})
+    hints = typing.get_type_hints(config_cls)
+    docs = field_docs(config_cls)
+    wanted = None if fields is None else set(fields)
+    added = []
+    for f in dataclasses.fields(config_cls):
+        if (wanted is not None and f.name not in wanted) or not f.init:
+            continue
+        if f.name in overrides and overrides[f.name] is None:
+            continue
+        tp, optional = _unwrap(hints[f.name])
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = None
+        kw: dict[str, Any] = {"default": default}
+        origin = typing.get_origin(tp)
+        if tp is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif origin is tuple and typing.get_args(tp)[-1:] == (Ellipsis,):
+            kw.update(action="append", default=None, type=typing.get_args(tp)[0])
+        elif tp in (int, float, str):
+            kw["type"] = tp
+            kw["metavar"] = {int: "N", float: "X", str: "S"}[tp]
+        else:
+            raise TypeError(
+                f"config_flags: unsupported type {tp!r} of {config_cls.__name__}.{f.name}"
+            )
+        kw.update(overrides.get(f.name) or {})
+        if "help" not in kw:
+            text = docs.get(f.name, f.name.replace("_", " "))
+            shown = kw["default"] if kw.get("action") != "append" else default
+            if shown is None and optional:
+                shown = "None"
+            kw["help"] = f"{text.rstrip('.')} (default: {_show(shown)})"
+        names = [f"--{f.name}"]
+        if "_" in f.name:
+            names.append(f"--{f.name.replace('_', '-')}")
+        parser.add_argument(*names, dest=f.name, **kw)
+        added.append(f.name)
+    return added
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, tuple):
+        return " ".join(map(str, v)) or "none"
+    return str(v)
+
+
+def config_from_args(
+    config_cls: type, args: argparse.Namespace, names: Iterable[str], **fixed: Any
+):
+    """Build ``config_cls`` from the flags :func:`config_flags` added (``names``); repeated
+    options become tuples, an omitted repeatable option keeps the config default; ``fixed``
+    values win."""
+    defaults = {f.name: f for f in dataclasses.fields(config_cls)}
+    kw: dict[str, Any] = {}
+    for n in names:
+        v = getattr(args, n)
+        if isinstance(v, list):
+            v = tuple(v)
+        if v is None and defaults[n].default is dataclasses.MISSING:
+            continue  # default_factory
+        if v is None and defaults[n].default is not None:
+            continue  # not given: the config's default
+        kw[n] = v
+    kw.update(fixed)
+    return config_cls(**kw)
+
+
+# --------------------------------------------------------------------------- up-front checks
+
+
+def table(rows: list[tuple[str, str]]) -> str:
+    """A two-column markdown table ``| metric | value |``."""
+    w = max(len(k) for k, _ in rows)
+    lines = [f"| {'metric':<{w}} | value |", f"|{'-' * (w + 2)}|-------|"]
+    lines += [f"| {k:<{w}} | {v} |" for k, v in rows]
+    return "\n".join(lines)
+
+
+def check_data_file(path: str | os.PathLike, arg: str) -> Path:
+    """A readable text file, or a one-line error naming ``arg``."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{arg}: {p} is not a file (expected a .txt or .jsonl text file)")
+    if not os.access(p, os.R_OK):
+        raise UserError(f"{arg}: {p} is not readable (permission denied)")
+    return p
+
+
+def load_tokenizer_for(directory: str | os.PathLike, arg: str) -> Any:
+    """The tokenizer in ``directory`` (present and loadable), or a one-line error."""
+    from jcompress.data import load_tokenizer
+
+    d = Path(directory)
+    if not d.is_dir():
+        raise UserError(f"{arg}: {d} is not a directory")
+    try:
+        return load_tokenizer(d)
+    except UserError as e:
+        raise UserError(f"{arg}: {str(e).split(': ', 1)[-1]}") from None
+    except Exception as e:  # transformers raises many types for a broken tokenizer
+        msg = " ".join(str(e).split())[:200]
+        raise UserError(f"{arg}: cannot load the tokenizer in {d} ({msg})") from None
+
+
+def model_bytes(model_dir: str | os.PathLike) -> int:
+    """Size of the weight files of an HF model directory (an estimate of an export's size)."""
+    d = Path(model_dir)
+    return sum(
+        p.stat().st_size
+        for p in d.iterdir()
+        if p.is_file() and (p.suffix in (".safetensors", ".bin") or p.name.endswith(".pt"))
+    )
+
+
+def check_positions(cfg, n_tokens: int, *, arg: str, allow_long: bool = False) -> None:
+    """Refuse a sequence longer than the model's trained positions: always for a learned
+    position table, otherwise (RoPE, ALiBi) unless ``allow_long``."""
+    from jcompress.models.config import Position
+
+    limit = cfg.max_position_embeddings
+    if n_tokens <= limit:
+        return
+    if cfg.position is Position.LEARNED:
+        raise UserError(
+            f"{arg}: prompt + new tokens = {n_tokens} exceeds the model's {limit} learned positions"
+        )
+    if not allow_long:
+        raise UserError(
+            f"{arg}: prompt + new tokens = {n_tokens} exceeds the model's {limit} trained "
+            "positions (pass --allow-long to generate past them anyway)"
+        )
+
+
+def load_model(model: str | os.PathLike, dtype: str | None):
+    """``load_hf`` with a progress bar."""
+    from jcompress.models import load_hf
+
+    return load_hf(model, dtype=dtype, progress=True)
 
 
 def generate_text(cfg, params, tok: Any, prompt: str, max_new_tokens: int) -> str:

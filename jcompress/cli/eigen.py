@@ -1,92 +1,169 @@
 """``jcompress eigen`` (and the demo's main job): EigenAttention end to end.
 
-Calibrate, compress, evaluate perplexity before and after, generate a sample before and after,
-and write ``report.json``, ``report.md``, the dense-equivalent HF export (``dense/``) and the
-factor export (``factors/``) into ``--out``, atomically (temporary sibling, then rename).
+Calibrate, compress, evaluate perplexity before and after (only with ``--eval_data``), generate
+a sample before and after, and write ``report.json``, ``report.md``, the dense-equivalent HF
+export (``dense/``) and the factor export (``factors/``) into ``--out``, atomically (temporary
+sibling, then rename). Every flag of :class:`~jcompress.eigen_attention.EigenAttentionConfig`
+is reachable (derived by :func:`jcompress.cli.common.config_flags`).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import os
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
+from jcompress.cli.common import budget, config_flags, config_from_args, positive
 from jcompress.errors import UserError
 
-__all__ = ["EigenJob", "check_eigen_job", "run_eigen_job"]
+__all__ = ["EigenJob", "add_parser", "check_eigen_job", "eigen_overrides", "run", "run_eigen_job"]
+
+# argparse settings that differ from what config_flags derives (validated types, the CLI's
+# "capped at the model's positions" seqlen rule, the reference's metavar for --layers)
+_SEQLEN_HELP = "tokens per calibration window (default: 2048, capped at the model's positions)"
+
+
+def eigen_overrides(**defaults: Any) -> dict[str, dict[str, Any]]:
+    """argparse overrides for :class:`EigenAttentionConfig`'s fields (``defaults`` replace the
+    config's defaults, e.g. the demo's smaller run)."""
+    o: dict[str, dict[str, Any]] = {
+        "nsamples": {"type": positive, "help": "calibration windows (default: 128)"},
+        "seed": {"help": "calibration sampling seed (default: 2)"},
+        "seqlen": {"type": positive, "default": None, "help": _SEQLEN_HELP},
+        "avg_dim": {"type": positive},
+        "error_budget": {"type": budget},
+        "batch_size": {"type": positive},
+        "layers": {
+            "metavar": "REGEX",
+            "help": "compress only layers whose path (e.g. model/layers/3) fully matches; "
+            "repeatable (default: all layers)",
+        },
+        "offload_dir": {"metavar": "DIR"},
+    }
+    for k, v in defaults.items():
+        o.setdefault(k, {})["default"] = v
+        if k == "seqlen":
+            o[k]["help"] = f"tokens per calibration window (default: {v})"
+        elif k == "nsamples":
+            o[k]["help"] = f"calibration windows (default: {v})"
+        elif "help" not in o[k]:
+            o[k].pop("help", None)  # derived help shows the new default
+    return o
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EigenJob:
+    """One EigenAttention run. ``config.seqlen`` is already resolved (never ``None``)."""
+
     model: Path
     calib_data: Path
-    eval_data: Path
+    eval_data: Path | None
     out: Path | None
-    nsamples: int
-    seqlen: int | None
-    avg_dim: int
-    error_budget: float
-    seed: int
-    eval_seqlen: int | None
-    eval_max_windows: int | None
-    batch_size: int
-    layers: tuple[str, ...]
-    prompt: str
-    max_new_tokens: int
+    config: Any  # EigenAttentionConfig
+    eval_seqlen: int | None = None
+    eval_max_windows: int | None = None
+    prompt: str = "The history of the"
+    max_new_tokens: int = 30
     overwrite: bool = False
-    offload_dir: str | None = None
+    json: Path | None = None
+
+
+def resolve_seqlen(model: Path, seqlen: int | None) -> int:
+    """``--seqlen``, or 2048 capped at the model's positions when not given."""
+    from jcompress.models import read_config
+
+    return seqlen or min(2048, read_config(model).max_position_embeddings)
 
 
 def check_eigen_job(job: EigenJob):
-    """Validate everything cheap before any heavy work; returns ``(cfg, config)``."""
-    from jcompress.eigen_attention import EigenAttentionConfig
+    """Validate everything cheap before any weights are loaded: inputs, outputs (the
+    :mod:`jcompress.outputs` guard, free space), window lengths, the sample length. Returns
+    the model's ``ModelConfig``."""
+    from jcompress.cli.common import check_data_file, check_positions, model_bytes
     from jcompress.eval import check_seqlen
     from jcompress.models import read_config
+    from jcompress.outputs import check_output_dir, check_output_file
 
     cfg = read_config(job.model)
-    for flag, path in (("--calib_data", job.calib_data), ("--eval_data", job.eval_data)):
-        if not Path(path).is_file():
-            raise UserError(f"{flag}: {path} is not a file (expected a .txt or .jsonl text file)")
-    if job.out is not None and Path(job.out).exists() and not job.overwrite:
-        raise UserError(f"--out: {job.out} already exists (pass --overwrite to replace it)")
-    seqlen = job.seqlen or min(2048, cfg.max_position_embeddings)
-    config = EigenAttentionConfig(
-        nsamples=job.nsamples,
-        seqlen=seqlen,
-        avg_dim=job.avg_dim,
-        error_budget=job.error_budget,
-        seed=job.seed,
-        batch_size=job.batch_size,
-        layers=job.layers,
-        offload_dir=job.offload_dir,
-    )
-    check_seqlen(cfg, seqlen)
-    check_seqlen(cfg, job.eval_seqlen or seqlen)
-    return cfg, config
+    check_data_file(job.calib_data, "--calib_data")
+    if job.eval_data is not None:
+        check_data_file(job.eval_data, "--eval_data")
+    inputs = {"--model": job.model, "--calib_data": job.calib_data}
+    if job.eval_data is not None:
+        inputs["--eval_data"] = job.eval_data
+    if job.config.offload_dir is not None:
+        inputs["--offload_dir"] = Path(job.config.offload_dir)
+    if job.out is not None:
+        check_output_dir(
+            job.out,
+            inputs=inputs,
+            overwrite=job.overwrite,
+            arg="--out",
+            need_bytes=2 * model_bytes(job.model),  # dense/ + factors/ (<= dense)
+        )
+    if job.json is not None:
+        json_inputs = dict(inputs)
+        if job.out is not None:
+            json_inputs["--out"] = job.out
+        check_output_file(job.json, inputs=json_inputs, overwrite=job.overwrite, arg="--json")
+    check_seqlen(cfg, job.config.seqlen)
+    check_seqlen(cfg, job.eval_seqlen or job.config.seqlen)
+    check_positions(cfg, job.max_new_tokens + 1, arg="--max_new_tokens")
+    return cfg
+
+
+def _check_calibration(job: EigenJob, n_tokens: int) -> None:
+    """``--nsamples`` windows of ``seqlen`` tokens must fit in the calibration text (more would
+    repeat it: unbounded work for no new information)."""
+    c = job.config
+    if c.seqlen + 1 >= n_tokens:
+        raise UserError(
+            f"--seqlen: {c.seqlen} needs a calibration text longer than {c.seqlen + 1} tokens; "
+            f"{job.calib_data} has {n_tokens:,}"
+        )
+    most = n_tokens // c.seqlen
+    if c.nsamples > most:
+        raise UserError(
+            f"--nsamples: {c.nsamples} windows of {c.seqlen} tokens need "
+            f"{c.nsamples * c.seqlen:,} tokens; {job.calib_data} has {n_tokens:,} "
+            f"(at most {most} windows)"
+        )
 
 
 def run_eigen_job(job: EigenJob, log=print) -> dict[str, Any]:
-    """Run the whole job; returns the JSON-able result (also written to ``out/report.json``)."""
+    """Run the whole job; returns the JSON-able result (also written to ``out/report.json``
+    and to ``job.json``)."""
     import jax.numpy as jnp
 
     from jcompress.atomic import atomic_dir, write_json
-    from jcompress.cli.common import generate_text
-    from jcompress.data import calibration_windows, load_tokenizer, load_tokens
+    from jcompress.cli.common import generate_text, load_tokenizer_for
+    from jcompress.data import calibration_windows, load_tokens
     from jcompress.eigen_attention import compress
     from jcompress.eval import perplexity
     from jcompress.models import load_hf, save_hf
 
-    _, config = check_eigen_job(job)
-    cfg, params = load_hf(job.model, progress=True)
-    tok = load_tokenizer(job.model)
+    check_eigen_job(job)
+    config = job.config
+    tok = load_tokenizer_for(job.model, "--model")
     calib_ids = load_tokens(job.calib_data, tok)
-    eval_ids = load_tokens(job.eval_data, tok)
+    _check_calibration(job, int(calib_ids.shape[0]))
+    eval_ids = None if job.eval_data is None else load_tokens(job.eval_data, tok)
+    cfg, params = load_hf(job.model, progress=True)
     calib = calibration_windows(calib_ids, config.nsamples, config.seqlen, seed=config.seed)
     eval_seqlen = job.eval_seqlen or config.seqlen
 
-    before = perplexity(cfg, params, eval_ids, seqlen=eval_seqlen, max_windows=job.eval_max_windows)
+    def ppl(p):
+        if eval_ids is None:
+            return None
+        return perplexity(
+            cfg, p, eval_ids, seqlen=eval_seqlen, max_windows=job.eval_max_windows
+        ).to_dict()
+
+    before = ppl(params)
     sample_before = generate_text(cfg, params, tok, job.prompt, job.max_new_tokens)
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
@@ -95,18 +172,16 @@ def run_eigen_job(job: EigenJob, log=print) -> dict[str, Any]:
     for w in caught:
         log(f"warning: {w.message}")
     secs = time.perf_counter() - t0
-    after = perplexity(
-        cfg, new_params, eval_ids, seqlen=eval_seqlen, max_windows=job.eval_max_windows
-    )
+    after = ppl(new_params)
     sample_after = generate_text(cfg, new_params, tok, job.prompt, job.max_new_tokens)
     report = report.with_extra(
         model=str(job.model),
         calib_data=str(job.calib_data),
-        eval_data=str(job.eval_data),
+        eval_data=None if job.eval_data is None else str(job.eval_data),
         seed=config.seed,
         compress_seconds=secs,
-        ppl_before=before.to_dict(),
-        ppl_after=after.to_dict(),
+        ppl_before=before,
+        ppl_after=after,
         sample_before=sample_before,
         sample_after=sample_after,
     )
@@ -118,24 +193,30 @@ def run_eigen_job(job: EigenJob, log=print) -> dict[str, Any]:
     log(f"\nsample before: {sample_before}\nsample after:  {sample_after}")
     if job.out is not None:
         out = Path(job.out)
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, overwrite=job.overwrite, arg="--out") as tmp:
             write_json(tmp / "report.json", result)
             (tmp / "report.md").write_text(report.to_markdown() + "\n\n" + summary + "\n")
             save_hf(cfg, new_params, tmp / "dense", tokenizer_dir=job.model)
             save_hf(cfg, new_params, tmp / "factors", tokenizer_dir=job.model, factors=True)
         log(f"\nwrote {out}/report.json, report.md, dense/ (transformers), factors/ (jcompress)")
+    if job.json is not None:
+        write_json(job.json, result, overwrite=job.overwrite, arg="--json")
     return result
 
 
 def _summary(report) -> str:
     e = report.extra
-    rows = [
-        (
-            "perplexity",
-            f"{e['ppl_before']['ppl']:.3f}",
-            f"{e['ppl_after']['ppl']:.3f}",
-            f"{100 * (e['ppl_after']['ppl'] / e['ppl_before']['ppl'] - 1):+.2f}%",
-        ),
+    rows = []
+    if e.get("ppl_before") is not None:
+        rows.append(
+            (
+                "perplexity",
+                f"{e['ppl_before']['ppl']:.3f}",
+                f"{e['ppl_after']['ppl']:.3f}",
+                f"{100 * (e['ppl_after']['ppl'] / e['ppl_before']['ppl'] - 1):+.2f}%",
+            )
+        )
+    rows += [
         (
             "KV cache / token (scalars)",
             f"{report.kv_cache_before}",
@@ -151,4 +232,116 @@ def _summary(report) -> str:
     ]
     lines = ["| | before | after | change |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    if e.get("ppl_before") is None:
+        lines.append("\nperplexity: not evaluated (no --eval_data given)")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- subcommand
+
+
+def add_sample_flags(s: argparse.ArgumentParser) -> None:
+    """``--prompt``, ``--max_new_tokens`` and ``--overwrite`` (eigen and demo)."""
+    s.add_argument("--prompt", default="The history of the", help="prompt for the samples")
+    s.add_argument(
+        "--max_new_tokens",
+        "--max-new-tokens",
+        type=positive,
+        default=30,
+        help="sample length (default: 30)",
+    )
+    s.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out / --json (only output jcompress itself wrote)",
+    )
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """The ``eigen`` subcommand."""
+    from jcompress.eigen_attention import EigenAttentionConfig
+
+    s = subparsers.add_parser(
+        "eigen",
+        help="EigenAttention: low-rank K/Q/V from calibration activations",
+        description="EigenAttention (arXiv 2408.05646): calibrate per-head bases of the K/Q/V "
+        "projection outputs layer by layer, pick each layer's rank by lowering a threshold while "
+        "the layer's relative output error stays under --error_budget, evaluate perplexity "
+        "(with --eval_data) and a sample before/after, and write report.json, report.md, dense/ "
+        "(loads in transformers) and factors/ (jcompress, lossless) into --out. Flags keep the "
+        "reference names; dashes work too.",
+    )
+    s.add_argument("--model", required=True, help="HF model directory (config, weights, tokenizer)")
+    s.add_argument(
+        "--calib_data",
+        "--calib-data",
+        required=True,
+        help="calibration text (.txt / .jsonl), e.g. wikitext-2/valid.txt",
+    )
+    s.add_argument(
+        "--eval_data",
+        "--eval-data",
+        default=None,
+        help="evaluation text for perplexity before/after (default: none; no perplexity rows)",
+    )
+    s.add_argument("--out", default=None, help="output directory (nothing written when omitted)")
+    names = config_flags(s, EigenAttentionConfig, eigen_overrides())
+    add_sample_flags(s)
+    s.add_argument(
+        "--eval_seqlen",
+        "--eval-seqlen",
+        type=positive,
+        default=None,
+        help="perplexity window (default: --seqlen)",
+    )
+    s.add_argument(
+        "--eval_max_windows",
+        "--eval-max-windows",
+        type=positive,
+        default=None,
+        help="at most this many evaluation windows (default: all)",
+    )
+    s.add_argument("--json", default=None, metavar="OUT", help="also write the report JSON here")
+    s.set_defaults(func=run, config_fields=names)
+    return s
+
+
+def job_from_args(
+    args: argparse.Namespace, *, model: Path, calib_data: Path, eval_data: Path | None, **kw
+) -> EigenJob:
+    """An :class:`EigenJob` from parsed flags (the config built from its derived flags)."""
+    from jcompress.eigen_attention import EigenAttentionConfig
+
+    if args.offload_dir is not None and not os.path.isdir(args.offload_dir):
+        raise UserError(f"--offload_dir: {args.offload_dir} is not a directory")
+    config = config_from_args(
+        EigenAttentionConfig,
+        args,
+        args.config_fields,
+        seqlen=resolve_seqlen(model, args.seqlen),
+    )
+    return EigenJob(
+        model=model,
+        calib_data=calib_data,
+        eval_data=eval_data,
+        out=None if args.out is None else Path(args.out),
+        config=config,
+        prompt=args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        overwrite=args.overwrite,
+        json=None if args.json is None else Path(args.json),
+        **kw,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    job = job_from_args(
+        args,
+        model=Path(args.model),
+        calib_data=Path(args.calib_data),
+        eval_data=None if args.eval_data is None else Path(args.eval_data),
+        eval_seqlen=args.eval_seqlen,
+        eval_max_windows=args.eval_max_windows,
+    )
+    run_eigen_job(job)
+    return 0

@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 
 from jcompress.data.calib import eval_windows
 from jcompress.errors import UserError
-from jcompress.models.config import ModelConfig
 from jcompress.models.attention import resolve
+from jcompress.models.config import ModelConfig
 from jcompress.models.forward import DEFAULT_ATTENTION, forward
 from jcompress.validate import check_memory, check_params, check_positions, check_token_ids
 

@@ -29,6 +29,7 @@ from jcompress.models.config import ModelConfig
 from jcompress.models.convert import check_shape, flatten, unflatten
 from jcompress.models.families import spec_for
 from jcompress.models.safetensors_io import SafetensorsFile, write_safetensors
+from jcompress.outputs import check_output_dir
 
 __all__ = ["load_hf", "save_hf", "read_config", "parse_dtype", "DTYPE_NAMES"]
 
@@ -407,6 +408,7 @@ def save_hf(
     overwrite: bool = False,
     factors: bool = False,
     progress: bool = False,
+    marker: bool = False,
 ) -> Path:
     """Write ``params`` as an HF checkpoint directory.
 
@@ -425,15 +427,23 @@ def save_hf(
       out_dir: destination directory.
       tokenizer_dir: copy tokenizer and generation-config files from here.
       max_shard_bytes: shard the weights above this many bytes per file.
-      overwrite: replace an existing ``out_dir``.
+      overwrite: replace an existing ``out_dir`` (never ``tokenizer_dir`` or a directory
+        containing it; see :mod:`jcompress.outputs`).
       factors: keep typed leaves factored (see above).
+      marker: also write :data:`jcompress.outputs.MARKER` (the CLI does, so that a later
+        ``--overwrite`` may replace the directory).
 
     Returns:
       ``out_dir`` as a Path.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise UserError(f"out_dir: {out_dir} already exists (pass overwrite=True to replace it)")
+    check_output_dir(
+        out_dir,
+        inputs={"tokenizer_dir": tokenizer_dir} if tokenizer_dir is not None else None,
+        overwrite=overwrite,
+        arg="out_dir",
+        require_marker=False,
+    )
     if max_shard_bytes <= 0:
         raise UserError(f"max_shard_bytes: must be positive, got {max_shard_bytes}")
     spec = spec_for(cfg.family.value)
@@ -476,7 +486,7 @@ def save_hf(
     if factors:
         config[FACTORS_KEY] = {"format": 1, "leaves": factor_meta}
     shards = _shard(entries, max_shard_bytes)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, arg="out_dir", marker=marker) as tmp:
         bar = tqdm(total=len(entries), desc="save_hf", disable=not progress, leave=False)
         if len(shards) == 1:
             write_safetensors(tmp / f"{stem}.safetensors", _ticking(shards[0], bar))

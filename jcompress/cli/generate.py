@@ -1,0 +1,58 @@
+"""``jcompress generate``: greedy continuation of a prompt with the KV cache."""
+
+from __future__ import annotations
+
+import argparse
+
+from jcompress.cli.common import (
+    DTYPES,
+    check_positions,
+    generate_text,
+    load_model,
+    load_tokenizer_for,
+    positive,
+)
+from jcompress.errors import UserError
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    s = subparsers.add_parser(
+        "generate",
+        help="greedy generation with the KV cache",
+        description="Greedy continuation of a prompt. Prompt + new tokens may not exceed the "
+        "model's trained positions (learned positions: never; RoPE / ALiBi: with --allow-long).",
+    )
+    s.add_argument("--model", required=True, help="HF model directory")
+    s.add_argument("--prompt", required=True, help="prompt text")
+    s.add_argument(
+        "--max-new-tokens", type=positive, default=30, help="tokens to generate (default: 30)"
+    )
+    s.add_argument(
+        "--allow-long",
+        action="store_true",
+        help="generate past the model's trained positions (RoPE / ALiBi models only)",
+    )
+    s.add_argument(
+        "--dtype", choices=DTYPES, default=None, help="compute dtype (default: as stored)"
+    )
+    s.set_defaults(func=run)
+    return s
+
+
+def run(args: argparse.Namespace) -> int:
+    from jcompress.data import tokenize
+    from jcompress.models import read_config
+
+    cfg = read_config(args.model)
+    tok = load_tokenizer_for(args.model, "--model")
+    n_prompt = int(tokenize(tok, args.prompt).size)
+    if n_prompt == 0:
+        raise UserError("--prompt: the prompt tokenizes to nothing")
+    check_positions(
+        cfg, n_prompt + args.max_new_tokens, arg="--max-new-tokens", allow_long=args.allow_long
+    )
+    cfg, params = load_model(args.model, args.dtype)
+    print(generate_text(cfg, params, tok, args.prompt, args.max_new_tokens))
+    return 0

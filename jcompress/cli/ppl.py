@@ -1,0 +1,112 @@
+"""``jcompress ppl``: perplexity of a model on a text file (the shared/data protocol)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from jcompress.cli.common import (
+    DTYPES,
+    check_data_file,
+    load_model,
+    load_tokenizer_for,
+    positive,
+    table,
+)
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    s = subparsers.add_parser(
+        "ppl",
+        help="perplexity of a model on a text file",
+        description="Perplexity: the whole text is tokenized with the model's "
+        "tokenizer, cut into non-overlapping windows of --seqlen tokens, and "
+        "ppl = exp(mean over windows of the mean next-token NLL).",
+    )
+    s.add_argument(
+        "--model", required=True, help="HF model directory (config.json + weights + tokenizer)"
+    )
+    s.add_argument(
+        "--data",
+        required=True,
+        help='text file: .txt (whole file) or .jsonl ("text" fields joined by blank lines)',
+    )
+    s.add_argument(
+        "--seqlen", type=positive, default=512, help="window length in tokens (default: 512)"
+    )
+    s.add_argument(
+        "--max-windows",
+        type=positive,
+        default=None,
+        help="use at most this many windows (default: all)",
+    )
+    s.add_argument(
+        "--batch-size", type=positive, default=8, help="windows per forward call (default: 8)"
+    )
+    s.add_argument(
+        "--dtype", choices=DTYPES, default=None, help="compute dtype (default: as stored)"
+    )
+    s.add_argument(
+        "--json", default=None, metavar="OUT", help="also write the result as JSON to OUT"
+    )
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    s.set_defaults(func=run)
+    return s
+
+
+def run(args: argparse.Namespace) -> int:
+    from jcompress.atomic import write_json
+    from jcompress.data import load_tokens
+    from jcompress.eval import check_seqlen, perplexity
+    from jcompress.models import read_config
+    from jcompress.outputs import check_output_file
+
+    cfg = read_config(args.model)
+    check_data_file(args.data, "--data")
+    if args.json:
+        check_output_file(
+            args.json,
+            inputs={"--model": Path(args.model), "--data": Path(args.data)},
+            overwrite=args.overwrite,
+            arg="--json",
+        )
+    check_seqlen(cfg, args.seqlen)
+    ids = load_tokens(args.data, load_tokenizer_for(args.model, "--model"))
+    cfg, params = load_model(args.model, args.dtype)
+    t0 = time.perf_counter()
+    r = perplexity(
+        cfg,
+        params,
+        ids,
+        seqlen=args.seqlen,
+        max_windows=args.max_windows,
+        batch_size=args.batch_size,
+    )
+    secs = time.perf_counter() - t0
+    out = {
+        "model": str(args.model),
+        "data": str(args.data),
+        "tokens": int(ids.shape[0]),
+        "dtype": args.dtype or "stored",
+        **r.to_dict(),
+        "seconds": secs,
+    }
+    print(
+        table(
+            [
+                ("model", str(args.model)),
+                ("data", str(args.data)),
+                ("tokens", f"{ids.shape[0]:,}"),
+                ("windows", f"{r.n_windows} x {r.seqlen}"),
+                ("mean NLL", f"{r.mean_nll:.5f}"),
+                ("perplexity", f"{r.ppl:.4f}"),
+                ("seconds", f"{secs:.1f}"),
+            ]
+        )
+    )
+    if args.json:
+        write_json(args.json, out, overwrite=args.overwrite, arg="--json")
+    return 0
