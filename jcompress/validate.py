@@ -226,13 +226,20 @@ def check_finite(x: Any, name: str, *, hint: str = "") -> None:
 
 
 def check_positions(
-    cfg: Any, length: int, *, arg: str, allow_long: bool = False, warn: bool = False
+    cfg: Any,
+    length: int,
+    *,
+    arg: str,
+    allow_long: bool = False,
+    warn: bool = False,
+    override: str = "allow_long=True",
 ) -> None:
     """``length`` tokens must fit the positions the model was trained on.
 
     Learned position tables: an error (there is no row to read). RoPE: beyond
     ``max_position_embeddings`` is an error (a warning when ``warn``) unless ``allow_long``.
-    ALiBi has no trained limit.
+    ALiBi has no trained limit. ``override`` names the switch in the message (the CLI says
+    ``--allow-long``).
     """
     from jcompress.models.config import Position
 
@@ -244,7 +251,7 @@ def check_positions(
     if cfg.position is Position.ROPE and not allow_long:
         msg = (
             f"{arg}: {length} tokens exceed the {trained} positions the model was trained on "
-            "(RoPE); pass allow_long=True to run it anyway"
+            f"(RoPE); pass {override} to run it anyway"
         )
         if warn:
             warnings.warn(msg, stacklevel=3)
@@ -290,8 +297,8 @@ def estimate_forward_bytes(
     qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
     mlp = (2 if cfg.gated_mlp else 1) * cfg.intermediate_size
     acts = b * t * (4 * cfg.hidden_size + qkv + mlp) * item
-    if isinstance(impl, Chunked):  # one [B, Hq, block_q, block_k] tile + the fp32 output
-        scores = b * cfg.num_heads * (min(t, impl.block_q) * min(t, impl.block_k) + t * 2) * 4
+    if isinstance(impl, Chunked):  # one [B, Hq, block_q, block_k] tile at a time
+        scores = b * cfg.num_heads * min(t, impl.block_q) * min(t, impl.block_k) * 4
     else:
         scores = b * cfg.num_heads * t * t * 4
     logits = b * t * cfg.vocab_size * 4

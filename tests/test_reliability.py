@@ -533,8 +533,8 @@ def test_estimate_forward_bytes_terms():
     dense = validate.estimate_forward_bytes(cfg, b, t, "float32")
     chunked = validate.estimate_forward_bytes(cfg, b, t, "float32", attention="chunked")
     bq, bk = Chunked().block_q, Chunked().block_k
-    assert dense - chunked == b * cfg.num_heads * (t * t - (min(t, bq) * min(t, bk) + 2 * t)) * 4
-    short = 256  # below one block both hold the same scores
+    assert dense - chunked == b * cfg.num_heads * (t * t - bq * bk) * 4
+    short = min(bq, bk)  # within one block both hold the same scores
     assert validate.estimate_forward_bytes(cfg, b, short) == validate.estimate_forward_bytes(
         cfg, b, short, attention="chunked"
     )

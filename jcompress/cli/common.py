@@ -253,22 +253,12 @@ def model_bytes(model_dir: str | os.PathLike) -> int:
 
 
 def check_positions(cfg, n_tokens: int, *, arg: str, allow_long: bool = False) -> None:
-    """Refuse a sequence longer than the model's trained positions: always for a learned
-    position table, otherwise (RoPE, ALiBi) unless ``allow_long``."""
-    from jcompress.models.config import Position
+    """Refuse a sequence longer than the model's trained positions (learned positions always,
+    RoPE unless ``--allow-long``): :func:`jcompress.validate.check_positions` with the flag
+    named."""
+    from jcompress import validate
 
-    limit = cfg.max_position_embeddings
-    if n_tokens <= limit:
-        return
-    if cfg.position is Position.LEARNED:
-        raise UserError(
-            f"{arg}: prompt + new tokens = {n_tokens} exceeds the model's {limit} learned positions"
-        )
-    if not allow_long:
-        raise UserError(
-            f"{arg}: prompt + new tokens = {n_tokens} exceeds the model's {limit} trained "
-            "positions (pass --allow-long to generate past them anyway)"
-        )
+    validate.check_positions(cfg, n_tokens, arg=arg, allow_long=allow_long, override="--allow-long")
 
 
 def load_model(model: str | os.PathLike, dtype: str | None):
