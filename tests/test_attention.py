@@ -152,7 +152,7 @@ def test_resolve_and_registry():
 
     @dataclasses.dataclass(frozen=True)
     class Other:
-        def __call__(self, q, k, v, mask, *, scale):
+        def __call__(self, q, k, v, mask, *, scale, layer=None, state=None):
             return A.Dense()(q, k, v, mask, scale=scale)
 
     with pytest.raises(ValueError, match="already registered"):
@@ -161,25 +161,42 @@ def test_resolve_and_registry():
 
 def test_third_party_implementation_plugs_into_forward(llama_dir):
     """A new implementation registers by name and runs the whole model without edits to the
-    decoder (the seam SpargeAttn uses)."""
+    decoder (the seam SpargeAttn uses), reading per-layer traced state by layer index."""
     calls = []
 
-    @A.register_attention("test_counting_dense")
+    @A.register_attention("test_scaled_dense")
     @dataclasses.dataclass(frozen=True)
-    class Counting:
-        def __call__(self, q, k, v, mask, *, scale):
-            calls.append(q.shape)
-            return A.Dense()(q, k, v, mask, scale=scale)
+    class ScaledDense:
+        def __call__(self, q, k, v, mask, *, scale, layer=None, state=None):
+            calls.append(layer)
+            return A.Dense()(q, k, v, mask, scale=scale) * state["gain"][layer]
 
     try:
         cfg, params = jcompress.load_hf(llama_dir)
         ids = jnp.arange(24, dtype=jnp.int32).reshape(2, 12)
-        out = jcompress.forward(cfg, params, ids, attention="test_counting_dense")
+        ones = {"gain": jnp.ones((cfg.num_layers,))}
+        out = jcompress.forward(
+            cfg, params, ids, attention="test_scaled_dense", attention_state=ones
+        )
         ref = jcompress.forward(cfg, params, ids, attention="dense")
-        assert len(calls) == cfg.num_layers  # traced once per layer
+        assert calls == list(range(cfg.num_layers))  # traced once per layer, with its index
         np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)
+        # the state is traced (no recompilation) and really reaches each layer
+        zero_last = {"gain": ones["gain"].at[-1].set(0.0)}
+        out2 = jcompress.forward(
+            cfg, params, ids, attention="test_scaled_dense", attention_state=zero_last
+        )
+        assert len(calls) == cfg.num_layers
+        assert not np.allclose(np.asarray(out2), np.asarray(ref), atol=1e-3)
+        # the same through the KV-cache path
+        kw = dict(max_new_tokens=3, eos_token_id=None)
+        a = jcompress.generate(cfg, params, ids, attention="test_scaled_dense",
+                               attention_state=ones, **kw)  # fmt: skip
+        np.testing.assert_array_equal(
+            np.asarray(a), np.asarray(jcompress.generate(cfg, params, ids, attention="dense", **kw))
+        )
     finally:
-        A.IMPLEMENTATIONS.pop("test_counting_dense", None)
+        A.IMPLEMENTATIONS.pop("test_scaled_dense", None)
 
 
 # --------------------------------------------------------------------------- whole models

@@ -12,6 +12,10 @@ attention="chunked")``). Every implementation has the same contract:
   visible to it iff ``s <= q_offset + t`` (causal) and ``k_valid[b, s]``; with ALiBi the score
   gains ``slopes[h] * (k_pos[b, s] - q_pos[b, t])``.
 * ``scale``: the softmax scale (a float, or a traced scalar for GPT-2's per-layer scaling).
+* ``layer``: the decoder layer's index (an int, or traced inside ``apply_layer``), and
+  ``state``: the pytree the caller passed as ``forward(..., attention_state=...)`` (``None``
+  unless given). An implementation with per-layer settings (SpargeAttn's thresholds
+  ``[layers, heads]``) indexes its state with ``layer``; the built-in ones ignore both.
 * Returns ``[B, T, Hq, Dv]`` in ``v``'s dtype. Scores and softmax run in float32.
 
 A query row with no visible key (a pad query at the left edge) carries no meaning; its output
@@ -96,6 +100,8 @@ class AttentionImpl(Protocol):
         mask: AttentionMask,
         *,
         scale: Any,
+        layer: Any = None,
+        state: Any = None,
     ) -> jax.Array:  # [B, T, Hq, Dv]
         ...
 
@@ -208,7 +214,8 @@ def _alibi(mask: AttentionMask):
 class Dense:
     """Full float32 scores ``[B, Hq, T, S]`` and one softmax: the reference implementation."""
 
-    def __call__(self, q, k, v, mask: AttentionMask, *, scale):
+    def __call__(self, q, k, v, mask: AttentionMask, *, scale, layer=None, state=None):
+        del layer, state
         b, t, hq, d, s, hk, dv = _check(q, k, v)
         q_pos, k_pos, slopes = _alibi(mask)
         kt, vt = jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))
@@ -250,7 +257,8 @@ class Chunked:
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise UserError(f"{f}: must be a positive integer, got {v!r}")
 
-    def __call__(self, q, k, v, mask: AttentionMask, *, scale):
+    def __call__(self, q, k, v, mask: AttentionMask, *, scale, layer=None, state=None):
+        del layer, state
         b, t, hq, d, s, hk, dv = _check(q, k, v)
         g = hq // hk
         bq, bk = min(self.block_q, t), min(self.block_k, s)

@@ -235,12 +235,12 @@ def _attention(
     rec: _Recorder,
     kv: tuple[jax.Array, jax.Array] | None,
     cache_meta: tuple[jax.Array, jax.Array, jax.Array] | None,
-    impl: AttentionImpl,
+    attn: tuple[AttentionImpl, Any],
 ):
     """Self-attention block. Returns ``(out [B, T, H], (k_latent, v_latent) for the cache)``.
 
     Projections, q/k norms, RoPE and clipping happen here; the score/softmax/value math is
-    ``impl`` (:mod:`jcompress.models.attention`)."""
+    ``attn = (implementation, state)`` (:mod:`jcompress.models.attention`)."""
     b, t, _ = x.shape
     hq, hk = cfg.num_heads, cfg.num_kv_heads
     qp, kp, vp = (get_path(lp, r) for r in (lay.q, lay.k, lay.v))
@@ -301,7 +301,8 @@ def _attention(
         k_pos=k_pos if alibi else None,
         alibi_slopes=jnp.asarray(_alibi_slopes(cfg)) if alibi else None,
     )
-    o = impl(q, k, v, amask, scale=scale).reshape(b, t, -1)
+    impl, state = attn
+    o = impl(q, k, v, amask, scale=scale, layer=layer_idx, state=state).reshape(b, t, -1)
     if fold:
         w = op["kernel"]
         if rec.wants(lay.o, "in"):  # what the dense o_proj would see: full-width head outputs
@@ -329,7 +330,7 @@ def _mlp(cfg: ModelConfig, lay: Layout, lp: Params, x: jax.Array, rec: _Recorder
     return out
 
 
-def _layer(cfg, lay, lp, h, pos, mask, layer_idx, rec, impl, kv=None, cache_meta=None):
+def _layer(cfg, lay, lp, h, pos, mask, layer_idx, rec, attn, kv=None, cache_meta=None):
     """One decoder block (pre- or post-LN). Returns ``(h [B, T, H], kv latents)``."""
     rec("", "in", h)
 
@@ -340,7 +341,7 @@ def _layer(cfg, lay, lp, h, pos, mask, layer_idx, rec, impl, kv=None, cache_meta
         return y
 
     x = norm(lay.attn_norm, h) if cfg.pre_norm else h
-    a, new_kv = _attention(cfg, lay, lp, x, pos, mask, layer_idx, rec, kv, cache_meta, impl)
+    a, new_kv = _attention(cfg, lay, lp, x, pos, mask, layer_idx, rec, kv, cache_meta, attn)
     h = h + a
     if not cfg.pre_norm:
         h = norm(lay.attn_norm, h)
@@ -415,7 +416,7 @@ def _mask_or_ones(input_ids, attention_mask):
     return attention_mask.astype(bool)
 
 
-def _run(cfg, params, input_ids, mask, pos, rec, impl, cache: KVCache | None = None):
+def _run(cfg, params, input_ids, mask, pos, rec, attn, cache: KVCache | None = None):
     lay = spec_for(cfg.family.value).layout
     h = _embed(cfg, params, input_ids, pos, rec)
     new_k, new_v = [], []
@@ -429,7 +430,7 @@ def _run(cfg, params, input_ids, mask, pos, rec, impl, cache: KVCache | None = N
         lp = get_path(params, f"{lay.layers}/{i}")
         kv = None if cache is None else (cache.k[i], cache.v[i])
         h, (kl, vl) = _layer(
-            cfg, lay, lp, h, pos, mask, i, rec.child(f"{lay.layers}/{i}"), impl, kv, meta
+            cfg, lay, lp, h, pos, mask, i, rec.child(f"{lay.layers}/{i}"), attn, kv, meta
         )
         new_k.append(kl)
         new_v.append(vl)
@@ -446,12 +447,12 @@ DEFAULT_ATTENTION = "chunked"
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "capture", "impl"))
-def _forward(cfg, params, input_ids, attention_mask, capture, impl):
+def _forward(cfg, params, input_ids, attention_mask, capture, impl, state):
     check_length(cfg, input_ids.shape[-1])
     mask = _mask_or_ones(input_ids, attention_mask)
     pos = positions_from_mask(mask)
     rec = _Recorder(capture)
-    logits, _ = _run(cfg, params, input_ids, mask, pos, rec, impl)
+    logits, _ = _run(cfg, params, input_ids, mask, pos, rec, (impl, state))
     return logits if capture is None else (logits, rec.result())
 
 
@@ -463,6 +464,7 @@ def forward(
     *,
     capture: Capture | None = None,
     attention: Any = DEFAULT_ATTENTION,
+    attention_state: Any = None,
 ):
     """Logits of a causal LM (jit-compiled; ``cfg``, ``capture`` and ``attention`` are static).
 
@@ -477,6 +479,9 @@ def forward(
       attention: an attention implementation: a registered name (``"chunked"``, the default:
         online softmax over key blocks, memory ``O(T x block)``; ``"dense"``: full scores, the
         reference) or an instance such as ``attention.Chunked(block_q=64, block_k=64)``.
+      attention_state: a pytree of arrays handed to the implementation with each layer's
+        index (traced; e.g. SpargeAttn's per-layer, per-head thresholds); ``None`` for the
+        built-in implementations.
 
     Returns:
       ``logits [B, T, V]`` in the params' compute dtype, or ``(logits, captured)``.
@@ -489,16 +494,18 @@ def forward(
     validate.check_params(params)
     input_ids = validate.check_token_ids(input_ids, cfg.vocab_size, ndim=2, mask=attention_mask)
     attention_mask = validate.check_attention_mask(attention_mask, input_ids.shape)
-    return _forward(cfg, params, input_ids, attention_mask, capture, resolve(attention))
+    impl = resolve(attention)
+    return _forward(cfg, params, input_ids, attention_mask, capture, impl, attention_state)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "capture", "impl"))
-def _apply_layer(cfg, lp, hidden, layer_idx, attention_mask, capture, impl):
+def _apply_layer(cfg, lp, hidden, layer_idx, attention_mask, capture, impl, state):
     b, t, _ = hidden.shape
     mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
     rec = _Recorder(capture)
     lay = spec_for(cfg.family.value).layout
-    out, _ = _layer(cfg, lay, lp, hidden, positions_from_mask(mask), mask, layer_idx, rec, impl)
+    pos = positions_from_mask(mask)
+    out, _ = _layer(cfg, lay, lp, hidden, pos, mask, layer_idx, rec, (impl, state))
     return out if capture is None else (out, rec.result())
 
 
@@ -511,6 +518,7 @@ def apply_layer(
     *,
     capture: Capture | None = None,
     attention: Any = DEFAULT_ATTENTION,
+    attention_state: Any = None,
 ):
     """Run one decoder layer on hidden states (for layer-by-layer calibration).
 
@@ -520,12 +528,14 @@ def apply_layer(
       layer_idx: the layer's index (traced: one compilation serves every layer).
       attention_mask: optional ``[B, T]`` 0/1.
       capture: regexes over paths *relative to the layer* (``self_attn/k_proj``).
-      attention: attention implementation (as for :func:`forward`).
+      attention, attention_state: the attention implementation and its state (as for
+        :func:`forward`; the state is indexed by ``layer_idx``).
 
     Returns:
       ``[B, T, H]`` outputs, or ``(outputs, captured)`` when ``capture`` is given.
     """
-    return _apply_layer(cfg, lp, hidden, layer_idx, attention_mask, capture, resolve(attention))
+    impl = resolve(attention)
+    return _apply_layer(cfg, lp, hidden, layer_idx, attention_mask, capture, impl, attention_state)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -564,14 +574,18 @@ def init_cache(
     )
 
 
-def forward_cached(cfg, params, input_ids, mask, cache: KVCache, attention: Any = None):
+def forward_cached(
+    cfg, params, input_ids, mask, cache: KVCache, attention: Any = None, attention_state=None
+):
     """Run new tokens ``[B, T]`` through the model, reading and extending ``cache``.
 
     Positions continue from the number of real tokens already cached per sequence.
     Returns ``(logits [B, T, V], new_cache)``. Not jitted itself (callers jit the loop).
-    ``attention``: an implementation (as for :func:`forward`; default :data:`DEFAULT_ATTENTION`).
+    ``attention`` / ``attention_state``: as for :func:`forward` (default
+    :data:`DEFAULT_ATTENTION`).
     """
     impl = resolve(DEFAULT_ATTENTION if attention is None else attention)
     start = jnp.sum(cache.mask, axis=1, keepdims=True).astype(jnp.int32)
     pos = positions_from_mask(mask, start)
-    return _run(cfg, params, input_ids, mask.astype(bool), pos, _Recorder(None), impl, cache)
+    attn = (impl, attention_state)
+    return _run(cfg, params, input_ids, mask.astype(bool), pos, _Recorder(None), attn, cache)

@@ -21,11 +21,11 @@ __all__ = ["generate"]
     jax.jit, static_argnames=("cfg", "max_new_tokens", "eos_token_id", "pad_token_id", "impl")
 )
 def _generate(
-    cfg, params, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, impl
+    cfg, params, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, impl, state
 ):
     b, t = input_ids.shape
     cache = init_cache(cfg, params, b, t + max_new_tokens)
-    logits, cache = forward_cached(cfg, params, input_ids, attention_mask, cache, impl)
+    logits, cache = forward_cached(cfg, params, input_ids, attention_mask, cache, impl, state)
     first = jnp.argmax(logits[:, -1], axis=-1).astype(input_ids.dtype)
     done0 = jnp.zeros((b,), bool)
 
@@ -33,7 +33,7 @@ def _generate(
         tok, done, cache = carry
         done = done | (tok == eos_token_id) if eos_token_id is not None else done
         logits, cache = forward_cached(
-            cfg, params, tok[:, None], jnp.ones((b, 1), bool), cache, impl
+            cfg, params, tok[:, None], jnp.ones((b, 1), bool), cache, impl, state
         )
         nxt = jnp.argmax(logits[:, -1], axis=-1).astype(tok.dtype)
         nxt = jnp.where(done, pad_token_id, nxt)
@@ -58,6 +58,7 @@ def generate(
     eos_token_id: int | None = -1,
     pad_token_id: int | None = None,
     attention: Any = DEFAULT_ATTENTION,
+    attention_state: Any = None,
 ) -> jax.Array:
     """Greedy decoding with a KV cache (prefill once, then one token per step, all jitted).
 
@@ -70,7 +71,8 @@ def generate(
       eos_token_id: stop token; after it a sequence emits ``pad_token_id``. Default: the
         config's ``eos_token_id``; ``None`` never stops.
       pad_token_id: filler after EOS (default: the config's pad id, else the EOS id).
-      attention: attention implementation for prefill and decode (as for ``forward``).
+      attention, attention_state: attention implementation (and its state) for prefill and
+        decode (as for ``forward``).
 
     Returns:
       ``[B, T + max_new_tokens]`` token ids (the prompt, then the continuation).
@@ -107,4 +109,7 @@ def generate(
     if pad_token_id is None:
         pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else (eos_token_id or 0)
     impl = resolve(attention)
-    return _generate(cfg, params, input_ids, mask, max_new_tokens, eos_token_id, pad_token_id, impl)
+    return _generate(
+        cfg, params, input_ids, mask, max_new_tokens, eos_token_id, pad_token_id, impl,
+        attention_state,
+    )  # fmt: skip
