@@ -119,7 +119,9 @@ def test_round_trip_compressed_tree(llama, ids, tmp_path):
     comp = _compressed(cfg, params)
     checkpoint.save(tmp_path / "c", cfg, comp)
     meta = json.loads((tmp_path / "c" / checkpoint.SIDECAR).read_text())
-    assert sorted(e["type"] for e in meta["leaves"]) == ["LowRank"] * 4 + ["_ScaledTestLeaf"]
+    assert sorted(e["type"] for e in meta["leaves"]) == ["jcompress.leaves.LowRank"] * 4 + [
+        f"{_ScaledTestLeaf.__module__}._ScaledTestLeaf"
+    ]
     cfg2, comp2 = checkpoint.restore(tmp_path / "c")
     assert cfg2 == cfg
     _assert_same_tree(comp2, comp)
@@ -132,6 +134,20 @@ def test_round_trip_compressed_tree(llama, ids, tmp_path):
     after = jcompress.forward(cfg2, comp2, ids)
     np.testing.assert_array_equal(after, before)
     assert not np.allclose(before, jcompress.forward(cfg, params, ids), atol=1e-3)
+
+
+def test_reads_checkpoints_with_bare_type_names(llama, tmp_path):
+    # sidecars written before qualified names: "LowRank", "_ScaledTestLeaf"
+    cfg, params = llama
+    comp = _compressed(cfg, params)
+    checkpoint.save(tmp_path / "c", cfg, comp)
+    sidecar = tmp_path / "c" / checkpoint.SIDECAR
+    meta = json.loads(sidecar.read_text())
+    for e in meta["leaves"]:
+        e["type"] = e["type"].rsplit(".", 1)[-1]
+    sidecar.write_text(json.dumps(meta))
+    _, comp2 = checkpoint.restore(tmp_path / "c")
+    _assert_same_tree(comp2, comp)
 
 
 def test_edited_config_round_trips(llama, tmp_path):

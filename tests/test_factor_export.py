@@ -41,9 +41,18 @@ def test_factors_round_trip(compressed, tmp_path, shard):
     assert "model.safetensors" not in names
     assert any(n.startswith("jcompress_model") for n in names)
     meta = json.loads((out / "config.json").read_text())["jcompress_factors"]
+    kids = {"a": "array", "b": "array"}
     assert meta["leaves"] == {
-        "model/layers/1/self_attn/k_proj/kernel": {"type": "HeadLowRank", "static": {}},
-        "model/layers/1/mlp/up_proj/kernel": {"type": "LowRank", "static": {}},
+        "model/layers/1/self_attn/k_proj/kernel": {
+            "type": "jcompress.leaves.HeadLowRank",
+            "static": {},
+            "children": kids,
+        },
+        "model/layers/1/mlp/up_proj/kernel": {
+            "type": "jcompress.leaves.LowRank",
+            "static": {},
+            "children": kids,
+        },
     }
     cfg2, params2 = jcompress.load_hf(out)
     _same(params, params2)
@@ -62,6 +71,20 @@ def test_factors_round_trip(compressed, tmp_path, shard):
         rtol=0,
         atol=0,
     )
+
+
+def test_reads_factor_checkpoints_of_the_first_format(compressed, tmp_path):
+    # files written before leaf_io: bare class names, no "children"
+    cfg, params = compressed
+    out = jcompress.save_hf(cfg, params, tmp_path / "f", factors=True)
+    conf = json.loads((out / "config.json").read_text())
+    conf["jcompress_factors"]["leaves"] = {
+        "model/layers/1/self_attn/k_proj/kernel": {"type": "HeadLowRank", "static": {}},
+        "model/layers/1/mlp/up_proj/kernel": {"type": "LowRank", "static": {}},
+    }
+    (out / "config.json").write_text(json.dumps(conf))
+    _, params2 = jcompress.load_hf(out)
+    _same(params, params2)
 
 
 def test_transformers_refuses_factor_checkpoint(compressed, tmp_path):
