@@ -66,7 +66,7 @@ __all__ = [
 
 def _is_array(x: Any) -> bool:
     """An array or a leaf (both have ``shape``, ``ndim`` and ``dtype``)."""
-    return hasattr(x, "shape") and hasattr(x, "dtype")
+    return isinstance(x, CompressedLeaf) or (hasattr(x, "shape") and hasattr(x, "dtype"))
 
 
 def _dense(x: Any) -> Any:
@@ -199,7 +199,12 @@ class CompressedLeaf(abc.ABC):
 
     @property
     def dtype(self):
-        return jnp.result_type(*[c.dtype for c in self._children()])
+        """Dtype of the dense array: the children's result type, or (children that do not
+        promote, e.g. float8 values with float32 scales) that of ``materialize()``."""
+        try:
+            return jnp.result_type(*[c.dtype for c in self._children()])
+        except jax.dtypes.TypePromotionError:
+            return jax.eval_shape(self.materialize).dtype
 
     @property
     def num_params(self) -> int:
