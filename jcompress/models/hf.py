@@ -340,8 +340,9 @@ def save_hf(
 
     By default typed compressed leaves are materialized: the result is a dense-equivalent
     checkpoint that stock ``transformers`` loads. With ``factors=True`` the typed leaves are
-    kept as their factors (``jcompress_model.safetensors``, tensors ``jcompress/<path>/<field>``
-    for every param of a tensor that holds a typed leaf; HF names for the rest) and
+    kept as their factors (``jcompress_model.safetensors``, tensors
+    ``jcompress/<path>/<field path>`` for every param of a tensor that holds a typed leaf, in
+    the :mod:`jcompress.leaf_io` form; HF names for the rest) and
     ``config.json`` gains a ``jcompress_factors`` entry; :func:`load_hf` reads that back
     losslessly, while transformers refuses it (no ``model.safetensors``) rather than loading
     random weights. Files are written into a temporary sibling directory that is renamed to
