@@ -74,18 +74,21 @@ def _dense(x: Any) -> Any:
 
 
 class _Registry(Mapping):
-    """Registered leaf classes by qualified name; bare class names resolve as aliases.
+    """Registered leaf classes by qualified name; other names resolve as aliases.
 
-    ``LEAF_TYPES[name]`` accepts a qualified name or an unambiguous alias; iteration yields the
-    qualified names only.
+    ``LEAF_TYPES[name]`` accepts a qualified name, an alias passed to :func:`register_leaf`
+    (unique: the library's own leaves claim their bare names so that files written before
+    qualified names always read), or a bare class name that only one registered class has.
+    Iteration yields the qualified names only.
     """
 
     def __init__(self) -> None:
         self._by_name: dict[str, type[CompressedLeaf]] = {}
-        self._aliases: dict[str, set[str]] = {}
+        self._claimed: dict[str, str] = {}  # explicit aliases
+        self._aliases: dict[str, set[str]] = {}  # bare class names
 
     def add(self, cls: type[CompressedLeaf], name: str, aliases: Sequence[str]) -> None:
-        have = self._by_name.get(name)
+        have = self._by_name.get(name, self._by_name.get(self._claimed.get(name, "")))
         if have is not None and have is not cls:
             raise ValueError(
                 f"register_leaf: {name!r} is already registered for {have.__module__}."
@@ -96,14 +99,19 @@ class _Registry(Mapping):
             raise ValueError(
                 f"register_leaf: {cls.__qualname__} is already registered as {current}"
             )
-        self._by_name[name] = cls
         for alias in aliases:
-            if alias != name:
-                self._aliases.setdefault(alias, set()).add(name)
+            owner = self._claimed.get(alias, name)
+            if owner != name or (alias in self._by_name and alias != name):
+                raise ValueError(f"register_leaf: alias {alias!r} is already taken")
+        self._by_name[name] = cls
+        self._claimed.update({alias: name for alias in aliases if alias != name})
+        self._aliases.setdefault(cls.__name__, set()).add(name)
 
     def __getitem__(self, name: str) -> type[CompressedLeaf]:
         if name in self._by_name:
             return self._by_name[name]
+        if name in self._claimed:
+            return self._by_name[self._claimed[name]]
         targets = self._aliases.get(name, set())
         if len(targets) == 1:
             return self._by_name[next(iter(targets))]
@@ -123,7 +131,7 @@ class _Registry(Mapping):
         return len(self._by_name)
 
     def ambiguous(self, name: str) -> list[str]:
-        return sorted(self._aliases.get(name, set())) if name not in self._by_name else []
+        return [] if name in self else sorted(self._aliases.get(name, set()))
 
 
 LEAF_TYPES = _Registry()
@@ -275,8 +283,9 @@ def register_leaf(
       cls: the class (when used as ``@register_leaf``).
       name: the type tag checkpoints store; default ``f"{cls.__module__}.{cls.__qualname__}"``.
         Pass a fixed name to keep old files readable after moving the class.
-      aliases: more names that resolve to ``cls`` when reading (the bare class name always
-        does, unless two registered classes share it).
+      aliases: more names that resolve to ``cls`` when reading, claimed for it (registering
+        another class with one of them is an error). The bare class name resolves too
+        without being claimed, as long as only one registered class has it.
 
     Returns:
       The dataclass (or a decorator, when called with keywords only).
@@ -336,7 +345,7 @@ def register_leaf(
     tag = name or f"{cls.__module__}.{cls.__qualname__}"
     if leaf_name(cls, default=None) == tag:
         return cls  # registered already (decorated twice)
-    LEAF_TYPES.add(cls, tag, (cls.__name__, *aliases))
+    LEAF_TYPES.add(cls, tag, tuple(aliases))
     jax.tree_util.register_pytree_with_keys(cls, flatten_with_keys, unflatten, flatten)
     return cls
 
@@ -374,7 +383,7 @@ class Factored(CompressedLeaf):
         raise NotImplementedError(f"{type(self).__name__} has no latent bias")
 
 
-@register_leaf
+@register_leaf(aliases=("LowRank",))  # the type tag files held before qualified names
 class LowRank(Factored):
     """A rank-``r`` factorisation of an ``[in, out]`` kernel.
 
@@ -433,7 +442,7 @@ class LowRank(Factored):
         return dot_t(dot_t(x, self.b), self.a)
 
 
-@register_leaf
+@register_leaf(aliases=("HeadLowRank",))  # the type tag files held before qualified names
 class HeadLowRank(Factored):
     """Per-head rank-``r`` factorisation of an ``[in, heads * d]`` projection.
 
@@ -501,7 +510,7 @@ class HeadLowRank(Factored):
         return jnp.einsum("ihr,hrd->ihd", a, self.b).reshape(self.a.shape[0], h * d)
 
 
-@register_leaf
+@register_leaf(aliases=("HeadFoldedOut",))  # the type tag files held before qualified names
 class HeadFoldedOut(CompressedLeaf):
     """An attention output projection folded onto per-KV-head value bases (EigenAttention's
     ``W_o' = W_o U_v``), for values kept at rank ``r`` per head.

@@ -417,6 +417,11 @@ def test_bare_name_shared_by_two_classes_is_ambiguous():
     assert leaf_type("tests.one.Twin") is one and leaf_type("tests.two.Twin") is two
     with pytest.raises(UserError, match="ambiguous.*tests.one.Twin, tests.two.Twin"):
         leaf_type("Twin")
+    # the library's leaves claim their bare names: old files keep reading
+    shadow = register_leaf(type("LowRank", (ColumnQuant,), {}), name="tests.shadow.LowRank")
+    assert leaf_type("LowRank") is LowRank and leaf_type("tests.shadow.LowRank") is shadow
+    with pytest.raises(ValueError, match="alias 'HeadLowRank' is already taken"):
+        register_leaf(type("X", (ColumnQuant,), {}), name="tests.x.X", aliases=("HeadLowRank",))
 
 
 # --------------------------------------------------------------------------- nested leaves
