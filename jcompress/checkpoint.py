@@ -35,9 +35,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from jcompress import leaf_io
 from jcompress.atomic import atomic_dir
 from jcompress.errors import UserError
+from jcompress.leaf_io import decode_static, encode_static, from_arrays, to_arrays
 from jcompress.leaves import CompressedLeaf
 from jcompress.models.config import ModelConfig
 
@@ -98,7 +98,7 @@ def _split(params: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
                 out[k] = walk(v, (*path, k))
             return out
         if isinstance(node, CompressedLeaf):
-            flat, desc = leaf_io.to_arrays(node, where)
+            flat, desc = to_arrays(node, where)
             index.append({"path": list(path), **desc})
             return _nest(flat)
         if _is_array(node):
@@ -131,7 +131,7 @@ def _join(tree: dict[str, Any], index: list[Mapping[str, Any]], path: Path) -> d
             raise UserError(f"{path}: checkpoint is corrupt ({where} not in the arrays)")
         stored = node[keys[-1]]
         desc = {k: v for k, v in entry.items() if k != "path"}
-        node[keys[-1]] = leaf_io.from_arrays(desc, _flat_getter(stored, where), where)
+        node[keys[-1]] = from_arrays(desc, _flat_getter(stored, where), where)
     return tree
 
 
@@ -140,7 +140,7 @@ def _join(tree: dict[str, Any], index: list[Mapping[str, Any]], path: Path) -> d
 
 def _config_fields(cfg: ModelConfig) -> dict[str, Any]:
     return {
-        f.name: leaf_io.encode_static(getattr(cfg, f.name), f"cfg.{f.name}")
+        f.name: encode_static(getattr(cfg, f.name), f"cfg.{f.name}")
         for f in dataclasses.fields(cfg)
         if f.name != "hf_config"
     }
@@ -153,7 +153,7 @@ def _config_from_sidecar(meta: Mapping[str, Any], path: Path) -> ModelConfig:
 
     hf = meta.get("hf_config")
     fields = {
-        k: leaf_io.decode_static(v, f"model_config.{k}")
+        k: decode_static(v, f"model_config.{k}")
         for k, v in (meta.get("model_config") or {}).items()
     }
     if not isinstance(hf, dict):

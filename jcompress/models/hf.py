@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jcompress import leaf_io
 from jcompress.atomic import atomic_dir
 from jcompress.errors import UserError
+from jcompress.leaf_io import from_arrays, to_arrays
 from jcompress.leaves import CompressedLeaf
 from jcompress.models.config import ModelConfig
 from jcompress.models.convert import check_shape, flatten, unflatten
@@ -295,7 +295,7 @@ def _load_factor_leaf(weights, names, used, factored, path, want, cast):
         used.add(key)
         return cast(weights.get(key))
 
-    leaf = leaf_io.from_arrays(factored[path], get, f"factor checkpoint: {path}")
+    leaf = from_arrays(factored[path], get, f"factor checkpoint: {path}")
     if tuple(leaf.shape) != tuple(want):
         raise UserError(
             f"factor checkpoint: {path} stands for shape {list(leaf.shape)}, config implies "
@@ -432,7 +432,7 @@ def _factor_entries(paths, leaves, meta):
     out = []
     for path, leaf in zip(paths, leaves, strict=True):
         if isinstance(leaf, CompressedLeaf):
-            flat, meta[path] = leaf_io.to_arrays(leaf, f"params/{path}")
+            flat, meta[path] = to_arrays(leaf, f"params/{path}")
             items = [(f"{FACTORS_PREFIX}{path}/{f}", a) for f, a in flat.items()]
         else:
             items = [(f"{FACTORS_PREFIX}{path}", leaf)]
