@@ -6,10 +6,12 @@ A checkpoint is a directory::
       jcompress.json   # format tag, the HF config dict, ModelConfig fields, typed-leaf index
       arrays/          # an orbax StandardCheckpointer checkpoint of every array
 
-Typed leaves (:class:`jcompress.leaves.CompressedLeaf`) are stored as a dict of their array
-children at the leaf's place in the tree; ``jcompress.json`` records, for each, its path, its
-class name (looked up in :data:`jcompress.leaves.LEAF_TYPES` on restore) and its static fields,
-so ``restore(save(...))`` rebuilds the same types, static settings, dtypes and bit-exact values.
+Typed leaves (:class:`jcompress.leaves.CompressedLeaf`) are stored in the one form of
+:mod:`jcompress.leaf_io`: their arrays as a nested dict at the leaf's place in the tree (one
+level per nested leaf), and in ``jcompress.json``, for each, its path plus the
+:func:`jcompress.leaf_io.to_arrays` description (registered type name, static fields,
+children), so ``restore(save(...))`` rebuilds the same types, static settings, dtypes and
+bit-exact values.
 
 Saving is atomic: :func:`save` writes into a temporary sibling directory and renames it into
 place only when complete, so a failure leaves nothing half-written behind (and an overwritten
@@ -26,9 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import enum
 import json
-import math
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -40,7 +40,8 @@ import numpy as np
 from jcompress import validate
 from jcompress.atomic import atomic_dir
 from jcompress.errors import UserError
-from jcompress.leaves import LEAF_TYPES, CompressedLeaf
+from jcompress.leaf_io import decode_static, encode_static, from_arrays, to_arrays
+from jcompress.leaves import CompressedLeaf
 from jcompress.models.config import ModelConfig
 from jcompress.outputs import check_output_dir
 
@@ -52,62 +53,6 @@ FORMAT = "jcompress-checkpoint"
 VERSION = 1
 
 
-# --------------------------------------------------------------------------- JSON for statics
-
-
-def _encode(v: Any, where: str) -> Any:
-    """A static value -> JSON, with tags so tuples, dtypes and non-finite floats come back as
-    they went in."""
-    if isinstance(v, enum.Enum):
-        return _encode(v.value, where)
-    if v is None or isinstance(v, (bool, str)):
-        return v
-    if isinstance(v, (int, np.integer)):
-        return int(v)
-    if isinstance(v, (float, np.floating)):
-        f = float(v)
-        return f if math.isfinite(f) else {"__float__": repr(f)}
-    if isinstance(v, tuple):
-        return {"__tuple__": [_encode(x, where) for x in v]}
-    if isinstance(v, list):
-        return [_encode(x, where) for x in v]
-    if isinstance(v, Mapping):
-        if not all(isinstance(k, str) for k in v):
-            raise UserError(f"{where}: dict keys must be strings to be saved")
-        if any(k.startswith("__") and k.endswith("__") for k in v):
-            raise UserError(f"{where}: dict keys of the form __name__ are reserved")
-        return {k: _encode(x, where) for k, x in v.items()}
-    if isinstance(v, (np.dtype, type)):  # np.float32, jnp.bfloat16, np.dtype(...)
-        try:
-            return {"__dtype__": np.dtype(v).name}
-        except TypeError:
-            pass
-    raise UserError(f"{where}: value {v!r} of type {type(v).__name__} cannot be saved")
-
-
-def _decode(v: Any) -> Any:
-    if isinstance(v, list):
-        return [_decode(x) for x in v]
-    if isinstance(v, dict):
-        if set(v) == {"__tuple__"}:
-            return tuple(_decode(x) for x in v["__tuple__"])
-        if set(v) == {"__float__"}:
-            return float(v["__float__"])
-        if set(v) == {"__dtype__"}:
-            return np.dtype(_dtype_by_name(v["__dtype__"]))
-        return {k: _decode(x) for k, x in v.items()}
-    return v
-
-
-def _dtype_by_name(name: str) -> Any:
-    try:
-        return np.dtype(name)
-    except TypeError:
-        import ml_dtypes
-
-        return np.dtype(getattr(ml_dtypes, name))
-
-
 # --------------------------------------------------------------------------- tree <-> storage
 
 
@@ -115,28 +60,32 @@ def _is_array(x: Any) -> bool:
     return hasattr(x, "shape") and hasattr(x, "dtype") and not isinstance(x, CompressedLeaf)
 
 
-def _describe_leaf(leaf: CompressedLeaf, where: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A typed leaf -> (its stored arrays as a dict, its JSON description)."""
-    name = type(leaf).__name__
-    if LEAF_TYPES.get(name) is not type(leaf):
-        raise UserError(
-            f"{where}: leaf type {name} is not registered in jcompress.leaves.LEAF_TYPES"
-        )
-    stored: dict[str, Any] = {}
-    children: dict[str, Any] = {}
-    for field, child in leaf.arrays().items():
-        sub = f"{where}.{field}"
-        if child is None:
-            children[field] = None
-        elif isinstance(child, CompressedLeaf):
-            stored[field], children[field] = _describe_leaf(child, sub)
-        elif _is_array(child):
-            stored[field] = child
-            children[field] = "array"
-        else:
-            raise UserError(f"{sub}: expected an array, got {type(child).__name__}")
-    static = {k: _encode(v, f"{where}.{k}") for k, v in leaf.static().items()}
-    return stored, {"type": name, "static": static, "children": children}
+def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"base/a": x}`` -> ``{"base": {"a": x}}`` (a leaf's arrays as an orbax subtree)."""
+    out: dict[str, Any] = {}
+    for path, x in flat.items():
+        *head, last = path.split("/")
+        node = out
+        for k in head:
+            node = node.setdefault(k, {})
+        node[last] = x
+    return out
+
+
+def _flat_getter(stored: Any, where: str) -> Any:
+    """Field path -> array inside a leaf's stored subtree (``KeyError`` when absent)."""
+
+    def get(path: str) -> Any:
+        node = stored
+        for k in path.split("/"):
+            if not isinstance(node, Mapping) or k not in node:
+                raise KeyError(path)
+            node = node[k]
+        if isinstance(node, Mapping):
+            raise UserError(f"{where}: checkpoint is corrupt ({path} is not an array)")
+        return node
+
+    return get
 
 
 def _split(params: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -153,9 +102,9 @@ def _split(params: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
                 out[k] = walk(v, (*path, k))
             return out
         if isinstance(node, CompressedLeaf):
-            stored, desc = _describe_leaf(node, where)
+            flat, desc = to_arrays(node, where)
             index.append({"path": list(path), **desc})
-            return stored
+            return _nest(flat)
         if _is_array(node):
             return node
         raise UserError(
@@ -171,33 +120,6 @@ def _split(params: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     return tree, index
 
 
-def _rebuild_leaf(stored: Any, desc: Mapping[str, Any], where: str) -> CompressedLeaf:
-    name = desc.get("type")
-    cls = LEAF_TYPES.get(name)
-    if cls is None:
-        known = ", ".join(sorted(LEAF_TYPES)) or "none"
-        raise UserError(f"{where}: unknown leaf type {name!r} (known: {known})")
-    if not isinstance(stored, Mapping):
-        raise UserError(f"{where}: checkpoint is corrupt (no arrays stored for a {name})")
-    kwargs: dict[str, Any] = {}
-    for field, kind in desc.get("children", {}).items():
-        if kind is None:
-            kwargs[field] = None
-            continue
-        if field not in stored:
-            raise UserError(f"{where}: checkpoint is corrupt (array {field} of a {name} missing)")
-        kwargs[field] = (
-            stored[field]
-            if kind == "array"
-            else _rebuild_leaf(stored[field], kind, f"{where}.{field}")
-        )
-    kwargs.update({k: _decode(v) for k, v in desc.get("static", {}).items()})
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{where}: cannot rebuild {name}: {e}") from None
-
-
 def _join(tree: dict[str, Any], index: list[Mapping[str, Any]], path: Path) -> dict[str, Any]:
     for entry in index:
         keys = entry.get("path")
@@ -211,7 +133,9 @@ def _join(tree: dict[str, Any], index: list[Mapping[str, Any]], path: Path) -> d
             node = node[k]
         if not isinstance(node, dict) or keys[-1] not in node:
             raise UserError(f"{path}: checkpoint is corrupt ({where} not in the arrays)")
-        node[keys[-1]] = _rebuild_leaf(node[keys[-1]], entry, where)
+        stored = node[keys[-1]]
+        desc = {k: v for k, v in entry.items() if k != "path"}
+        node[keys[-1]] = from_arrays(desc, _flat_getter(stored, where), where)
     return tree
 
 
@@ -220,7 +144,7 @@ def _join(tree: dict[str, Any], index: list[Mapping[str, Any]], path: Path) -> d
 
 def _config_fields(cfg: ModelConfig) -> dict[str, Any]:
     return {
-        f.name: _encode(getattr(cfg, f.name), f"cfg.{f.name}")
+        f.name: encode_static(getattr(cfg, f.name), f"cfg.{f.name}")
         for f in dataclasses.fields(cfg)
         if f.name != "hf_config"
     }
@@ -232,7 +156,10 @@ def _config_from_sidecar(meta: Mapping[str, Any], path: Path) -> ModelConfig:
     from jcompress.models.families import config_from_hf
 
     hf = meta.get("hf_config")
-    fields = {k: _decode(v) for k, v in (meta.get("model_config") or {}).items()}
+    fields = {
+        k: decode_static(v, f"model_config.{k}")
+        for k, v in (meta.get("model_config") or {}).items()
+    }
     if not isinstance(hf, dict):
         raise UserError(f"{path}: {SIDECAR} is corrupt (no hf_config)")
     names = {f.name for f in dataclasses.fields(ModelConfig)} - {"hf_config"}

@@ -1,34 +1,49 @@
 """Typed compressed leaves: the param-pytree values that compression methods produce.
 
-Every leaf stands for a dense ``[in, out]`` linear kernel (Flax layout, ``y = x @ W``). The
-forward pass calls :func:`dot` on whatever sits at a ``kernel`` path, so a method swaps a dense
-array for a leaf without touching model code. Each leaf is a frozen dataclass registered as a
-JAX pytree (its arrays are children, its static settings are aux data), states its
-reconstruction rule in the docstring, and has
+Every leaf stands for a dense 2-D array: a linear kernel in Flax layout (``[in, out]``,
+``y = x @ W``) or an embedding table (``[vocab, width]``). The forward pass calls :func:`dot` on
+whatever sits at a ``kernel`` path and :func:`take` / :func:`dot_t` on the embedding table, so a
+method swaps a dense array for a leaf without touching model code. Each leaf is a frozen
+dataclass registered as a JAX pytree by :func:`register_leaf` (its array fields are children,
+its other fields are static aux data), states its reconstruction rule in the docstring, and has
 
-* ``materialize()`` -> the dense ``[in, out]`` array it stands for,
+* ``materialize()`` -> the dense array it stands for,
 * ``shape`` / ``dtype`` of that dense array,
 * ``apply(x)`` -> ``x @ materialize()`` computed without building the dense array,
+* ``take(ids)`` / ``apply_t(x)`` -> rows of it / ``x @ materialize().T`` (defaults go through
+  ``materialize()``; factored leaves override them),
 * ``num_params`` / ``nbytes`` for reports.
+
+An array field may hold another leaf (``Residual(base=LowRank(...), residual=...)``, or a
+``LowRank`` whose ``b`` is a leaf): pytree flattening, ``jit`` / ``vmap``, the counts and both
+checkpoint formats (:mod:`jcompress.leaf_io`) recurse into it. Static fields must be hashable
+(they are jit cache keys) and encodable by :mod:`jcompress.leaf_io`: bools, ints, floats
+(non-finite too), strings, ``None``, tuples, dtypes, enums and frozen dataclasses of those.
 
 Shapes are checked in ``__post_init__`` whenever the children are arrays and the leaf is built
 directly; pytree machinery rebuilds a leaf without the check (around placeholders such as
 ``None`` or ``object()``, per-leaf scalars from ``jax.tree.map``, or stacked factors from
-``vmap`` / ``scan``).
+``vmap`` / ``scan``). This is why leaves are plain frozen dataclasses registered here rather
+than ``flax.struct`` dataclasses: ``flax.struct`` rebuilds a node by calling its ``__init__``,
+which runs ``__post_init__``, so ``jax.tree.map(jnp.max, leaf)`` would raise.
 
-The registry :data:`LEAF_TYPES` maps a class name to its class; checkpoint code uses it to
-rebuild leaves from disk.
+:func:`register_leaf` also files the class in :data:`LEAF_TYPES` under its qualified name
+(``module.ClassName``, the type tag checkpoints store); the bare class name still resolves
+(files written before qualified names) as long as only one registered class has it.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jcompress.errors import UserError
 
 __all__ = [
     "LEAF_TYPES",
@@ -37,26 +52,128 @@ __all__ = [
     "HeadFoldedOut",
     "HeadLowRank",
     "LowRank",
+    "Residual",
     "dot",
+    "dot_t",
     "is_compressed",
+    "leaf_name",
+    "leaf_type",
     "materialize",
+    "register_leaf",
+    "take",
 ]
-
-LEAF_TYPES: dict[str, type[CompressedLeaf]] = {}
 
 
 def _is_array(x: Any) -> bool:
-    return hasattr(x, "shape") and hasattr(x, "dtype")
+    """An array or a leaf (both have ``shape``, ``ndim`` and ``dtype``)."""
+    return isinstance(x, CompressedLeaf) or (hasattr(x, "shape") and hasattr(x, "dtype"))
+
+
+def _dense(x: Any) -> Any:
+    return x.materialize() if isinstance(x, CompressedLeaf) else x
+
+
+class _Registry(Mapping):
+    """Registered leaf classes by qualified name; other names resolve as aliases.
+
+    ``LEAF_TYPES[name]`` accepts a qualified name, an alias passed to :func:`register_leaf`
+    (unique: the library's own leaves claim their bare names so that files written before
+    qualified names always read), or a bare class name that only one registered class has.
+    Iteration yields the qualified names only.
+    """
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, type[CompressedLeaf]] = {}
+        self._claimed: dict[str, str] = {}  # explicit aliases
+        self._aliases: dict[str, set[str]] = {}  # bare class names
+
+    def add(self, cls: type[CompressedLeaf], name: str, aliases: Sequence[str]) -> None:
+        have = self._by_name.get(name, self._by_name.get(self._claimed.get(name, "")))
+        if have is not None and have is not cls:
+            raise ValueError(
+                f"register_leaf: {name!r} is already registered for {have.__module__}."
+                f"{have.__qualname__}; pass another name="
+            )
+        current = leaf_name(cls, default=None)
+        if current is not None and current != name:
+            raise ValueError(
+                f"register_leaf: {cls.__qualname__} is already registered as {current}"
+            )
+        for alias in aliases:
+            owner = self._claimed.get(alias, name)
+            if owner != name or (alias in self._by_name and alias != name):
+                raise ValueError(f"register_leaf: alias {alias!r} is already taken")
+        self._by_name[name] = cls
+        self._claimed.update({alias: name for alias in aliases if alias != name})
+        self._aliases.setdefault(cls.__name__, set()).add(name)
+
+    def __getitem__(self, name: str) -> type[CompressedLeaf]:
+        if name in self._by_name:
+            return self._by_name[name]
+        if name in self._claimed:
+            return self._by_name[self._claimed[name]]
+        targets = self._aliases.get(name, set())
+        if len(targets) == 1:
+            return self._by_name[next(iter(targets))]
+        raise KeyError(name)
+
+    def __contains__(self, name: object) -> bool:
+        try:
+            self[name]  # type: ignore[index]
+        except (KeyError, TypeError):
+            return False
+        return True
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._by_name))
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    def ambiguous(self, name: str) -> list[str]:
+        return [] if name in self else sorted(self._aliases.get(name, set()))
+
+
+LEAF_TYPES = _Registry()
+
+
+def leaf_type(name: Any) -> type[CompressedLeaf]:
+    """The registered class for a type tag (qualified name, or a bare class name of old files).
+
+    Raises:
+      UserError: unknown or ambiguous name; the message lists the known types.
+    """
+    if isinstance(name, str) and name in LEAF_TYPES:
+        return LEAF_TYPES[name]
+    known = ", ".join(LEAF_TYPES) or "none"
+    clash = LEAF_TYPES.ambiguous(name) if isinstance(name, str) else []
+    if clash:
+        raise UserError(f"leaf type {name!r} is ambiguous (one of: {', '.join(clash)})")
+    raise UserError(f"unknown leaf type {name!r} (known: {known})")
+
+
+def leaf_name(cls: type, *, default: Any = ...) -> str:
+    """The qualified name ``cls`` is registered under (its checkpoint type tag).
+
+    Raises:
+      UserError: ``cls`` is not registered (and no ``default`` is given).
+    """
+    for name, c in LEAF_TYPES._by_name.items():
+        if c is cls:
+            return name
+    if default is not ...:
+        return default
+    raise UserError(
+        f"leaf type {cls.__module__}.{cls.__qualname__} is not registered "
+        "(decorate it with jcompress.leaves.register_leaf)"
+    )
 
 
 class CompressedLeaf(abc.ABC):
-    """Base class of typed leaves. Subclasses are frozen dataclasses."""
+    """Base class of typed leaves. Subclasses are frozen dataclasses made by
+    :func:`register_leaf`."""
 
     array_fields: ClassVar[tuple[str, ...]] = ()
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        LEAF_TYPES[cls.__name__] = cls
 
     @abc.abstractmethod
     def materialize(self) -> jax.Array:
@@ -72,19 +189,48 @@ class CompressedLeaf(abc.ABC):
         """Shape of the dense array."""
 
     @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def take(self, ids: jax.Array, *, mode: str | None = None) -> jax.Array:
+        """Rows ``materialize()[ids]`` (``[*ids.shape, out]``), e.g. an embedding lookup;
+        ``mode`` as in :func:`jax.numpy.take`. Default: materialize, then take."""
+        return jnp.take(self.materialize(), ids, axis=0, mode=mode)
+
+    def apply_t(self, x: jax.Array) -> jax.Array:
+        """``x @ materialize().T`` for ``x: [..., out]`` (a head tied to an embedding table).
+        Default: through ``materialize()``."""
+        return _dot_t_dense(x, self.materialize())
+
+    def _children(self) -> list[Any]:
+        return [c for c in (getattr(self, f) for f in self.array_fields) if c is not None]
+
+    @property
     def dtype(self):
-        return jnp.result_type(*[getattr(self, f) for f in self.array_fields])
+        """Dtype of the dense array: the children's result type, or (children that do not
+        promote, e.g. float8 values with float32 scales) that of ``materialize()``."""
+        try:
+            return jnp.result_type(*[c.dtype for c in self._children()])
+        except jax.dtypes.TypePromotionError:
+            return jax.eval_shape(self.materialize).dtype
 
     @property
     def num_params(self) -> int:
-        return int(sum(np.prod(getattr(self, f).shape) for f in self.array_fields))
+        return int(
+            sum(
+                c.num_params if isinstance(c, CompressedLeaf) else np.prod(c.shape)
+                for c in self._children()
+            )
+        )
 
     @property
     def nbytes(self) -> int:
         return int(
             sum(
-                np.prod(getattr(self, f).shape) * jnp.dtype(getattr(self, f).dtype).itemsize
-                for f in self.array_fields
+                c.nbytes
+                if isinstance(c, CompressedLeaf)
+                else np.prod(c.shape) * jnp.dtype(c.dtype).itemsize
+                for c in self._children()
             )
         )
 
@@ -106,11 +252,13 @@ class CompressedLeaf(abc.ABC):
         raise NotImplementedError(f"{type(self).__name__} does not consume latent values")
 
     def arrays(self) -> dict[str, Any]:
-        """The array children by field name (what checkpoints store)."""
+        """The children by field name: arrays, nested leaves or ``None`` (what checkpoints
+        store; see :func:`jcompress.leaf_io.to_arrays` for the flat form)."""
         return {f: getattr(self, f) for f in self.array_fields}
 
     def static(self) -> dict[str, Any]:
-        """The non-array settings by field name (JSON-serialisable)."""
+        """The non-array settings by field name (hashable; encodable by
+        :func:`jcompress.leaf_io.encode_static`)."""
         return {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)  # type: ignore[arg-type]
@@ -118,17 +266,65 @@ class CompressedLeaf(abc.ABC):
         }
 
 
-def _register(cls):
-    """Register a frozen dataclass leaf as a pytree (array fields are children).
+def register_leaf(
+    cls: type | None = None, *, name: str | None = None, aliases: Sequence[str] = ()
+) -> Any:
+    """Class decorator: make a :class:`CompressedLeaf` subclass a frozen dataclass, a JAX
+    pytree, and a registered (checkpointable) leaf type.
 
-    Unflattening skips ``__post_init__``: pytree transforms legitimately rebuild a leaf around
-    children that break the 2-D contract (``jax.tree.map(jnp.max, leaf)`` gives scalars, ``vmap``
-    / ``scan`` outputs and ``jnp.stack`` over leaves give stacked factors). Shapes are checked
-    when a leaf is constructed directly.
+    The fields named in ``array_fields`` are the pytree children (arrays, nested leaves or
+    ``None``); every other field is static aux data (hashable). Unflattening skips
+    ``__post_init__``: pytree transforms legitimately rebuild a leaf around children that break
+    its shape contract (``jax.tree.map(jnp.max, leaf)`` gives scalars, ``vmap`` / ``scan``
+    outputs and ``jnp.stack`` over leaves give stacked factors). Shapes are checked when a leaf
+    is constructed directly (which is also how checkpoints rebuild it).
+
+    Args:
+      cls: the class (when used as ``@register_leaf``).
+      name: the type tag checkpoints store; default ``f"{cls.__module__}.{cls.__qualname__}"``.
+        Pass a fixed name to keep old files readable after moving the class.
+      aliases: more names that resolve to ``cls`` when reading, claimed for it (registering
+        another class with one of them is an error). The bare class name resolves too
+        without being claimed, as long as only one registered class has it.
+
+    Returns:
+      The dataclass (or a decorator, when called with keywords only).
+
+    Raises:
+      ValueError: another class is registered under ``name``.
+      TypeError: ``cls`` is not a ``CompressedLeaf`` subclass, is a non-frozen dataclass, or
+        names array fields it does not have.
+
+    Example::
+
+        @register_leaf
+        class Scaled(CompressedLeaf):
+            \"\"\"``W = scale * w``.\"\"\"
+            w: jax.Array
+            scale: float = 1.0
+            array_fields: ClassVar[tuple[str, ...]] = ("w",)
+            ...
     """
-    cls = dataclasses.dataclass(frozen=True)(cls)
+    if cls is None:
+        return lambda c: register_leaf(c, name=name, aliases=aliases)
+    if not (isinstance(cls, type) and issubclass(cls, CompressedLeaf)):
+        raise TypeError(f"register_leaf: {cls!r} is not a CompressedLeaf subclass")
+    if "__dataclass_fields__" in cls.__dict__:
+        if not cls.__dataclass_params__.frozen:  # type: ignore[attr-defined]
+            raise TypeError(f"register_leaf: {cls.__qualname__} must be a frozen dataclass")
+    else:
+        cls = dataclasses.dataclass(frozen=True)(cls)
+    fields = dataclasses.fields(cls)
+    names = [f.name for f in fields]
     data = tuple(cls.array_fields)
-    meta = tuple(f.name for f in dataclasses.fields(cls) if f.name not in data)
+    if not data or not set(data) <= set(names):
+        raise TypeError(
+            f"register_leaf: {cls.__qualname__}.array_fields {data} must name some of its "
+            f"fields {tuple(names)}"
+        )
+    if any(not f.init for f in fields):
+        raise TypeError(f"register_leaf: {cls.__qualname__} fields must all be __init__ fields")
+    meta = tuple(n for n in names if n not in data)
     keys = tuple(jax.tree_util.GetAttrKey(n) for n in data)
 
     def flatten_with_keys(leaf):
@@ -146,8 +342,15 @@ def _register(cls):
             object.__setattr__(leaf, n, v)
         return leaf
 
+    tag = name or f"{cls.__module__}.{cls.__qualname__}"
+    if leaf_name(cls, default=None) == tag:
+        return cls  # registered already (decorated twice)
+    LEAF_TYPES.add(cls, tag, tuple(aliases))
     jax.tree_util.register_pytree_with_keys(cls, flatten_with_keys, unflatten, flatten)
     return cls
+
+
+_register = register_leaf  # the name tests and older code used
 
 
 class Factored(CompressedLeaf):
@@ -180,16 +383,19 @@ class Factored(CompressedLeaf):
         raise NotImplementedError(f"{type(self).__name__} has no latent bias")
 
 
-@_register
+@register_leaf(aliases=("LowRank",))  # the type tag files held before qualified names
 class LowRank(Factored):
     """A rank-``r`` factorisation of an ``[in, out]`` kernel.
 
-    Reconstruction: ``W = a @ b``; applied as ``y = (x @ a) @ b``.
+    Reconstruction: ``W = a @ b``; applied as ``y = (x @ a) @ b``. As an embedding table
+    (``[vocab, width]``) rows are looked up as ``a[ids] @ b`` and a tied head computes
+    ``(x @ b.T) @ a.T``; neither builds ``W``.
 
     Attributes:
       a: ``[in, r]`` first factor (the "down" projection; its output is the latent that a
-        method may cache, e.g. rank-r keys).
-      b: ``[r, out]`` second factor.
+        method may cache, e.g. rank-r keys). A dense array or a leaf.
+      b: ``[r, out]`` second factor. A dense array or a leaf (e.g. a quantized residual
+        factor); a leaf factor is applied with :func:`dot`, never materialized.
     """
 
     a: Any
@@ -221,16 +427,22 @@ class LowRank(Factored):
         return self.rank
 
     def materialize(self) -> jax.Array:
-        return jnp.matmul(self.a, self.b)
+        return dot(_dense(self.a), self.b)
 
     def down(self, x: jax.Array) -> jax.Array:
-        return jnp.matmul(x, self.a)
+        return dot(x, self.a)
 
     def up(self, z: jax.Array) -> jax.Array:
-        return jnp.matmul(z, self.b)
+        return dot(z, self.b)
+
+    def take(self, ids: jax.Array, *, mode: str | None = None) -> jax.Array:
+        return dot(take(self.a, ids, mode=mode), self.b)
+
+    def apply_t(self, x: jax.Array) -> jax.Array:
+        return dot_t(dot_t(x, self.b), self.a)
 
 
-@_register
+@register_leaf(aliases=("HeadLowRank",))  # the type tag files held before qualified names
 class HeadLowRank(Factored):
     """Per-head rank-``r`` factorisation of an ``[in, heads * d]`` projection.
 
@@ -298,7 +510,7 @@ class HeadLowRank(Factored):
         return jnp.einsum("ihr,hrd->ihd", a, self.b).reshape(self.a.shape[0], h * d)
 
 
-@_register
+@register_leaf(aliases=("HeadFoldedOut",))  # the type tag files held before qualified names
 class HeadFoldedOut(CompressedLeaf):
     """An attention output projection folded onto per-KV-head value bases (EigenAttention's
     ``W_o' = W_o U_v``), for values kept at rank ``r`` per head.
@@ -375,6 +587,48 @@ class HeadFoldedOut(CompressedLeaf):
         return jnp.einsum("hrd,hro->hdo", self._bases(), w).reshape(hq * d, -1)
 
 
+@register_leaf
+class Residual(CompressedLeaf):
+    """A dense-equivalent sum of two parts, e.g. a low-rank base plus a quantized residual.
+
+    Reconstruction: ``W = materialize(base) + materialize(residual)``; applied as
+    ``y = x @ base + x @ residual`` (each part through :func:`dot`, so a factored or quantized
+    part is never materialized); rows as ``take(base, ids) + take(residual, ids)``.
+
+    Attributes:
+      base: ``[in, out]`` dense array or leaf.
+      residual: ``[in, out]`` dense array or leaf.
+    """
+
+    base: Any
+    residual: Any
+    array_fields: ClassVar[tuple[str, ...]] = ("base", "residual")
+
+    def __post_init__(self):
+        if _is_array(self.base) and _is_array(self.residual):
+            if self.base.ndim != 2 or tuple(self.base.shape) != tuple(self.residual.shape):
+                raise ValueError(
+                    "Residual: base and residual must have the same 2-D shape; got "
+                    f"base{tuple(self.base.shape)} and residual{tuple(self.residual.shape)}"
+                )
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.base.shape[0]), int(self.base.shape[1]))
+
+    def materialize(self) -> jax.Array:
+        return _dense(self.base) + _dense(self.residual)
+
+    def apply(self, x: jax.Array) -> jax.Array:
+        return dot(x, self.base) + dot(x, self.residual)
+
+    def take(self, ids: jax.Array, *, mode: str | None = None) -> jax.Array:
+        return take(self.base, ids, mode=mode) + take(self.residual, ids, mode=mode)
+
+    def apply_t(self, x: jax.Array) -> jax.Array:
+        return dot_t(x, self.base) + dot_t(x, self.residual)
+
+
 def is_compressed(x: Any) -> bool:
     """True for a typed compressed leaf (use as ``is_leaf`` in ``jax.tree`` calls)."""
     return isinstance(x, CompressedLeaf)
@@ -385,6 +639,43 @@ def dot(x: jax.Array, w: Any) -> jax.Array:
     if isinstance(w, CompressedLeaf):
         return w.apply(x)
     return jnp.matmul(x, w)
+
+
+def _dot_t_dense(x: jax.Array, table: jax.Array) -> jax.Array:
+    return jnp.einsum("...e,ve->...v", x, table)
+
+
+def dot_t(x: jax.Array, table: Any) -> jax.Array:
+    """``x @ table.T`` for a dense ``[vocab, width]`` table or any typed leaf (a head tied to
+    the embedding table; ``LowRank``: ``(x @ b.T) @ a.T``).
+
+    Args:
+      x: ``[..., width]``.
+      table: ``[vocab, width]`` dense array or leaf.
+
+    Returns:
+      ``[..., vocab]``.
+    """
+    if isinstance(table, CompressedLeaf):
+        return table.apply_t(x)
+    return _dot_t_dense(x, table)
+
+
+def take(table: Any, ids: jax.Array, *, mode: str | None = None) -> jax.Array:
+    """Rows ``table[ids]`` of a dense ``[vocab, width]`` table or any typed leaf (an embedding
+    lookup; ``LowRank``: ``a[ids] @ b``).
+
+    Args:
+      table: ``[vocab, width]`` dense array or leaf.
+      ids: integer ids of any shape.
+      mode: out-of-range handling as in :func:`jax.numpy.take` (``"clip"``, ``"fill"``, ...).
+
+    Returns:
+      ``[*ids.shape, width]``.
+    """
+    if isinstance(table, CompressedLeaf):
+        return table.take(ids, mode=mode)
+    return jnp.take(table, ids, axis=0, mode=mode)
 
 
 def materialize(tree: Any) -> Any:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 from typing import Any, ClassVar
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +15,7 @@ import pytest
 
 import jcompress
 from jcompress import LowRank, UserError, atomic, checkpoint
-from jcompress.leaves import LEAF_TYPES, CompressedLeaf, _register
+from jcompress.leaves import LEAF_TYPES, CompressedLeaf, Residual, _register, register_leaf
 from jcompress.models.convert import flatten, unflatten
 
 
@@ -37,6 +39,43 @@ class _ScaledTestLeaf(CompressedLeaf):
 
     def apply(self, x):
         return self.scale * (x @ self.w)
+
+
+class _Fmt(enum.Enum):
+    INT8 = "int8"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    fmt: _Fmt = _Fmt.INT8
+    dtype: Any = np.dtype(np.int8)
+    tile: tuple = (1, 1)
+
+
+@register_leaf
+class _QuantTestLeaf(CompressedLeaf):
+    """A third-party leaf with a dataclass static holding an enum and a dtype:
+    ``W = q * scale[None, :]`` (``q: [in, out]`` int8, ``scale: [out]``)."""
+
+    q: Any
+    scale: Any
+    spec: _Spec = _Spec()
+    array_fields: ClassVar[tuple[str, ...]] = ("q", "scale")
+
+    @classmethod
+    def quantize(cls, w):
+        scale = jnp.max(jnp.abs(w), axis=0) / 127
+        return cls(jnp.round(w / scale).astype(jnp.int8), scale)
+
+    @property
+    def shape(self):
+        return tuple(self.q.shape)
+
+    def materialize(self):
+        return self.q.astype(self.scale.dtype) * self.scale
+
+    def apply(self, x):
+        return (x @ self.q.astype(x.dtype)) * self.scale
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +158,9 @@ def test_round_trip_compressed_tree(llama, ids, tmp_path):
     comp = _compressed(cfg, params)
     checkpoint.save(tmp_path / "c", cfg, comp)
     meta = json.loads((tmp_path / "c" / checkpoint.SIDECAR).read_text())
-    assert sorted(e["type"] for e in meta["leaves"]) == ["LowRank"] * 4 + ["_ScaledTestLeaf"]
+    assert sorted(e["type"] for e in meta["leaves"]) == ["jcompress.leaves.LowRank"] * 4 + [
+        f"{_ScaledTestLeaf.__module__}._ScaledTestLeaf"
+    ]
     cfg2, comp2 = checkpoint.restore(tmp_path / "c")
     assert cfg2 == cfg
     _assert_same_tree(comp2, comp)
@@ -132,6 +173,50 @@ def test_round_trip_compressed_tree(llama, ids, tmp_path):
     after = jcompress.forward(cfg2, comp2, ids)
     np.testing.assert_array_equal(after, before)
     assert not np.allclose(before, jcompress.forward(cfg, params, ids), atol=1e-3)
+
+
+def test_reads_checkpoints_with_bare_type_names(llama, tmp_path):
+    # sidecars written before qualified names: "LowRank", "_ScaledTestLeaf"
+    cfg, params = llama
+    comp = _compressed(cfg, params)
+    checkpoint.save(tmp_path / "c", cfg, comp)
+    sidecar = tmp_path / "c" / checkpoint.SIDECAR
+    meta = json.loads(sidecar.read_text())
+    for e in meta["leaves"]:
+        e["type"] = e["type"].rsplit(".", 1)[-1]
+    sidecar.write_text(json.dumps(meta))
+    _, comp2 = checkpoint.restore(tmp_path / "c")
+    _assert_same_tree(comp2, comp)
+
+
+def test_round_trip_third_party_and_nested_leaves(llama, ids, tmp_path):
+    cfg, params = llama
+    flat = flatten(params)
+    gate = "model/layers/0/mlp/gate_proj/kernel"
+    w = flat[gate]
+    # LowRank base whose b is a quantized leaf, plus a quantized residual
+    base = LowRank(w[:, :6], _QuantTestLeaf.quantize(w[:6]))
+    flat[gate] = Residual(base, _QuantTestLeaf.quantize(w - base.materialize()))
+    flat["model/layers/1/mlp/up_proj/kernel"] = _QuantTestLeaf.quantize(
+        flat["model/layers/1/mlp/up_proj/kernel"]
+    )
+    emb = flat["model/embed_tokens/embedding"]
+    flat["model/embed_tokens/embedding"] = LowRank(emb[:, :16], jnp.eye(16, emb.shape[1]))
+    comp = unflatten(flat)
+    checkpoint.save(tmp_path / "c", cfg, comp)
+    meta = json.loads((tmp_path / "c" / checkpoint.SIDECAR).read_text())
+    entry = next(e for e in meta["leaves"] if e["path"][-2] == "gate_proj")
+    assert entry["type"] == "jcompress.leaves.Residual"
+    assert entry["children"]["base"]["children"]["b"]["type"].endswith("._QuantTestLeaf")
+    _, comp2 = checkpoint.restore(tmp_path / "c")
+    chex.assert_trees_all_equal(comp2, comp)
+    chex.assert_trees_all_equal_dtypes(comp2, comp)
+    back = flatten(comp2)
+    assert isinstance(back[gate].base.b, _QuantTestLeaf) and back[gate].base.b.spec == _Spec()
+    assert isinstance(back[gate].base.b.spec.fmt, _Fmt)
+    np.testing.assert_array_equal(
+        jcompress.forward(cfg, comp2, ids), jcompress.forward(cfg, comp, ids)
+    )
 
 
 def test_edited_config_round_trips(llama, tmp_path):

@@ -2,14 +2,57 @@
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import json
+from typing import Any, ClassVar
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jcompress
+from jcompress.leaves import CompressedLeaf, LowRank, Residual, register_leaf
+from jcompress.models.convert import flatten, unflatten
+
+
+class _Fmt(enum.Enum):
+    FP8 = "fp8"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    fmt: _Fmt = _Fmt.FP8
+    dtype: Any = np.dtype(jnp.float8_e4m3fn)
+    clip: float = float("inf")
+
+
+@register_leaf
+class _Fp8TestLeaf(CompressedLeaf):
+    """A third-party leaf with a dataclass static (an enum, an ml_dtypes dtype, an infinite
+    float): ``W = q * scale[None, :]`` (``q: [in, out]`` float8_e4m3fn, ``scale: [out]``)."""
+
+    q: Any
+    scale: Any
+    spec: _Spec = _Spec()
+    array_fields: ClassVar[tuple[str, ...]] = ("q", "scale")
+
+    @classmethod
+    def quantize(cls, w):
+        scale = jnp.max(jnp.abs(w), axis=0) / 448
+        return cls((w / scale).astype(jnp.float8_e4m3fn), scale)
+
+    @property
+    def shape(self):
+        return tuple(self.q.shape)
+
+    def materialize(self):
+        return self.q.astype(self.scale.dtype) * self.scale
+
+    def apply(self, x):
+        return (x @ self.q.astype(x.dtype)) * self.scale
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +84,18 @@ def test_factors_round_trip(compressed, tmp_path, shard):
     assert "model.safetensors" not in names
     assert any(n.startswith("jcompress_model") for n in names)
     meta = json.loads((out / "config.json").read_text())["jcompress_factors"]
+    kids = {"a": "array", "b": "array"}
     assert meta["leaves"] == {
-        "model/layers/1/self_attn/k_proj/kernel": {"type": "HeadLowRank", "static": {}},
-        "model/layers/1/mlp/up_proj/kernel": {"type": "LowRank", "static": {}},
+        "model/layers/1/self_attn/k_proj/kernel": {
+            "type": "jcompress.leaves.HeadLowRank",
+            "static": {},
+            "children": kids,
+        },
+        "model/layers/1/mlp/up_proj/kernel": {
+            "type": "jcompress.leaves.LowRank",
+            "static": {},
+            "children": kids,
+        },
     }
     cfg2, params2 = jcompress.load_hf(out)
     _same(params, params2)
@@ -61,6 +113,53 @@ def test_factors_round_trip(compressed, tmp_path, shard):
         np.asarray(params["model"]["layers"]["1"]["mlp"]["up_proj"]["kernel"].materialize()),
         rtol=0,
         atol=0,
+    )
+
+
+def test_reads_factor_checkpoints_of_the_first_format(compressed, tmp_path):
+    # files written before leaf_io: bare class names, no "children"
+    cfg, params = compressed
+    out = jcompress.save_hf(cfg, params, tmp_path / "f", factors=True)
+    conf = json.loads((out / "config.json").read_text())
+    conf["jcompress_factors"]["leaves"] = {
+        "model/layers/1/self_attn/k_proj/kernel": {"type": "HeadLowRank", "static": {}},
+        "model/layers/1/mlp/up_proj/kernel": {"type": "LowRank", "static": {}},
+    }
+    (out / "config.json").write_text(json.dumps(conf))
+    _, params2 = jcompress.load_hf(out)
+    _same(params, params2)
+
+
+def test_factors_third_party_and_nested_leaves(llama_dir, tmp_path):
+    cfg, params = jcompress.load_hf(llama_dir)
+    flat = flatten(params)
+    down = "model/layers/0/mlp/down_proj/kernel"
+    w = flat[down]
+    # LowRank whose b is a quantized leaf, plus a quantized residual
+    base = LowRank(w[:, :4], _Fp8TestLeaf.quantize(w[:4]))
+    flat[down] = Residual(base, _Fp8TestLeaf.quantize(w - base.materialize()))
+    flat["model/layers/1/self_attn/o_proj/kernel"] = _Fp8TestLeaf.quantize(
+        flat["model/layers/1/self_attn/o_proj/kernel"]
+    )
+    emb = flat["model/embed_tokens/embedding"]
+    flat["model/embed_tokens/embedding"] = LowRank(emb[:, :16], jnp.eye(16, emb.shape[1]))
+    comp = unflatten(flat)
+    out = jcompress.save_hf(cfg, comp, tmp_path / "f", factors=True, max_shard_bytes=300_000)
+    meta = json.loads((out / "config.json").read_text())["jcompress_factors"]["leaves"]
+    assert meta[down]["type"] == "jcompress.leaves.Residual"
+    assert meta[down]["children"]["residual"]["static"]["spec"]["fields"]["clip"] == {
+        "__float__": "inf"
+    }
+    _, comp2 = jcompress.load_hf(out)
+    chex.assert_trees_all_equal(comp2, comp)
+    chex.assert_trees_all_equal_dtypes(comp2, comp)
+    leaf = flatten(comp2)[down]
+    assert isinstance(leaf.residual, _Fp8TestLeaf) and leaf.residual.spec == _Spec()
+    assert leaf.base.b.q.dtype == jnp.float8_e4m3fn
+    ids = jnp.arange(1, 33)[None]
+    np.testing.assert_array_equal(
+        np.asarray(jcompress.forward(cfg, comp, ids)),
+        np.asarray(jcompress.forward(cfg, comp2, ids)),
     )
 
 

@@ -1,16 +1,38 @@
-"""Typed compressed leaves: the LowRank contract, pytree behaviour, jit / vmap / grad."""
+"""Typed compressed leaves: the LowRank contract, pytree behaviour, jit / vmap / grad; the
+registry, nested leaves, the leaf storage form (leaf_io), take / dot_t and embedding tables."""
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import math
+from typing import Any, ClassVar
+
+import chex
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jcompress
-from jcompress.leaves import LEAF_TYPES, CompressedLeaf, LowRank, dot, is_compressed, materialize
+from jcompress import UserError, leaf_io
+from jcompress.leaves import (
+    LEAF_TYPES,
+    CompressedLeaf,
+    LowRank,
+    Residual,
+    dot,
+    dot_t,
+    is_compressed,
+    leaf_name,
+    leaf_type,
+    materialize,
+    register_leaf,
+    take,
+)
 
 
 def _rand(seed: int, *shape: int, dtype=jnp.float32) -> jax.Array:
@@ -277,3 +299,291 @@ def test_head_folded_out_reconstruction_and_latent_path():
 def test_head_folded_out_shape_contract(w_shape, ut_shape):
     with pytest.raises(ValueError, match="HeadFoldedOut"):
         jcompress.leaves.HeadFoldedOut(jnp.zeros(w_shape), jnp.zeros(ut_shape))
+
+
+# --------------------------------------------------------------------------- a third-party leaf
+
+
+class Fmt(enum.Enum):
+    INT8 = "int8"
+    FP8 = "fp8"
+
+
+@dataclasses.dataclass(frozen=True)
+class QSpec:
+    """Static settings of a quantized leaf: an enum format and a storage dtype."""
+
+    fmt: Fmt = Fmt.INT8
+    dtype: Any = np.dtype(np.int8)
+    tile: tuple[int, int] = (1, 1)
+    clip: float = math.inf
+
+
+@register_leaf
+class ColumnQuant(CompressedLeaf):
+    """Test leaf, per-column scaled quantized kernel: ``W = q * scale[None, :]``.
+
+    Attributes:
+      q: ``[in, out]`` values stored in ``spec.dtype``.
+      scale: ``[out]`` float scales.
+    """
+
+    q: Any
+    scale: Any
+    spec: QSpec = QSpec()
+    array_fields: ClassVar[tuple[str, ...]] = ("q", "scale")
+
+    def __post_init__(self):
+        if hasattr(self.q, "shape") and hasattr(self.scale, "shape"):
+            if self.q.ndim != 2 or tuple(self.scale.shape) != (self.q.shape[1],):
+                raise ValueError(f"ColumnQuant: q{self.q.shape} and scale{self.scale.shape}")
+
+    @classmethod
+    def quantize(cls, w: jax.Array, spec: QSpec = QSpec()) -> ColumnQuant:
+        top = 127.0 if spec.fmt is Fmt.INT8 else 448.0
+        scale = jnp.max(jnp.abs(w), axis=0) / top
+        q = w / scale
+        q = (jnp.round(q) if spec.fmt is Fmt.INT8 else q).astype(spec.dtype)
+        return cls(q, scale, spec)
+
+    @property
+    def shape(self):
+        return tuple(self.q.shape)
+
+    @property
+    def dtype(self):
+        return self.scale.dtype
+
+    def materialize(self):
+        return self.q.astype(self.scale.dtype) * self.scale
+
+    def apply(self, x):
+        return (x @ self.q.astype(x.dtype)) * self.scale
+
+
+FP8 = QSpec(Fmt.FP8, np.dtype(ml_dtypes.float8_e4m3fn), (2, 3), math.inf)
+
+
+def _nested(seed: int = 0) -> Residual:
+    """``Residual(LowRank(a, ColumnQuant), dense)``: two levels of nesting."""
+    a, w, r = _rand(seed, 6, 3), _rand(seed + 1, 3, 5), _rand(seed + 2, 6, 5)
+    return Residual(LowRank(a, ColumnQuant.quantize(w, FP8)), 0.1 * r)
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def test_registry_qualified_names_and_aliases():
+    assert leaf_name(LowRank) == "jcompress.leaves.LowRank"
+    assert leaf_name(ColumnQuant) == f"{__name__}.ColumnQuant"
+    for name in ("jcompress.leaves.LowRank", "LowRank"):
+        assert LEAF_TYPES[name] is LowRank and leaf_type(name) is LowRank
+    assert "jcompress.leaves.Residual" in LEAF_TYPES and "Nope" not in LEAF_TYPES
+    assert LEAF_TYPES["ColumnQuant"] is ColumnQuant
+    assert all("." in name for name in LEAF_TYPES)  # iteration: qualified names only
+    assert register_leaf(LowRank) is LowRank  # decorating twice is harmless
+
+
+def test_registry_errors():
+    with pytest.raises(
+        UserError, match=r"unknown leaf type 'Nope' \(known: .*jcompress.leaves.LowRank"
+    ):
+        leaf_type("Nope")
+
+    class Other(ColumnQuant):
+        pass
+
+    with pytest.raises(ValueError, match="already registered"):
+        register_leaf(Other, name="jcompress.leaves.LowRank")
+    assert LEAF_TYPES["jcompress.leaves.LowRank"] is LowRank
+    with pytest.raises(UserError, match="Other is not registered"):
+        leaf_io.to_arrays(Other(jnp.ones((2, 2)), jnp.ones(2)))
+    with pytest.raises(TypeError, match="not a CompressedLeaf"):
+        register_leaf(QSpec)
+    with pytest.raises(TypeError, match="array_fields"):
+        register_leaf(type("NoArrays", (CompressedLeaf,), {"__annotations__": {"w": "Any"}}))
+
+
+def test_bare_name_shared_by_two_classes_is_ambiguous():
+    def make():
+        class Twin(CompressedLeaf):
+            w: Any
+            array_fields: ClassVar[tuple[str, ...]] = ("w",)
+
+        return Twin
+
+    one = register_leaf(make(), name="tests.one.Twin")
+    two = register_leaf(make(), name="tests.two.Twin")
+    assert leaf_type("tests.one.Twin") is one and leaf_type("tests.two.Twin") is two
+    with pytest.raises(UserError, match="ambiguous.*tests.one.Twin, tests.two.Twin"):
+        leaf_type("Twin")
+    # the library's leaves claim their bare names: old files keep reading
+    shadow = register_leaf(type("LowRank", (ColumnQuant,), {}), name="tests.shadow.LowRank")
+    assert leaf_type("LowRank") is LowRank and leaf_type("tests.shadow.LowRank") is shadow
+    with pytest.raises(ValueError, match="alias 'HeadLowRank' is already taken"):
+        register_leaf(type("X", (ColumnQuant,), {}), name="tests.x.X", aliases=("HeadLowRank",))
+
+
+# --------------------------------------------------------------------------- nested leaves
+
+
+def test_nested_leaf_reconstruction_and_counts():
+    leaf = _nested()
+    low, r = leaf.base, leaf.residual
+    cq = low.b
+    w_b = np.asarray(cq.q.astype(jnp.float32)) * np.asarray(cq.scale)
+    dense = np.asarray(low.a) @ w_b + np.asarray(r)
+    chex.assert_shape(leaf.materialize(), (6, 5))
+    np.testing.assert_allclose(leaf.materialize(), dense, rtol=1e-5, atol=1e-5)
+    x = _rand(9, 2, 4, 6)
+    np.testing.assert_allclose(leaf.apply(x), np.asarray(x) @ dense, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dot(x, leaf), leaf.apply(x), rtol=0, atol=0)
+    assert leaf.shape == (6, 5) and leaf.ndim == 2 and leaf.dtype == jnp.float32
+    assert low.shape == (6, 5) and low.rank == 3
+    assert leaf.num_params == 6 * 3 + (3 * 5 + 5) + 6 * 5
+    assert leaf.nbytes == 6 * 3 * 4 + (3 * 5 * 1 + 5 * 4) + 6 * 5 * 4  # fp8 q: 1 byte
+    with pytest.raises(ValueError, match="Residual: base and residual"):
+        Residual(low, jnp.zeros((5, 6)))
+    with pytest.raises(ValueError, match="inner ranks differ"):
+        LowRank(_rand(0, 6, 4), cq)  # a leaf child is shape-checked like an array
+
+
+def test_nested_leaf_pytree_jit_vmap_grad():
+    leaf = _nested()
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(leaf)[0]]
+    assert paths == [".base.a", ".base.b.q", ".base.b.scale", ".residual"]
+    chex.assert_trees_all_equal(
+        jax.tree.unflatten(jax.tree.structure(leaf), jax.tree.leaves(leaf)), leaf
+    )
+    maxes = jax.tree.map(jnp.max, leaf)  # scalars everywhere: no shape check on rebuild
+    assert isinstance(maxes.base.b, ColumnQuant) and maxes.base.b.q.shape == ()
+    x = _rand(3, 4, 6)
+    y = jax.jit(lambda w, x: (w.apply(x), w))(leaf, x)
+    np.testing.assert_allclose(y[0], leaf.apply(x), rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_equal(y[1], leaf)
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), leaf, _nested(10))
+    chex.assert_shape(stacked.base.b.q, (2, 3, 5))
+    out = jax.vmap(lambda w: w.materialize())(stacked)
+    np.testing.assert_allclose(out[1], _nested(10).materialize(), rtol=1e-5, atol=1e-5)
+    g = jax.grad(lambda w: jnp.sum(w.apply(x) ** 2), allow_int=True)(
+        Residual(LowRank(leaf.base.a, leaf.base.b.materialize()), leaf.residual)
+    )
+    assert isinstance(g, Residual) and isinstance(g.base, LowRank)
+    assert jcompress.materialize({"k": leaf})["k"].shape == (6, 5)
+
+
+# --------------------------------------------------------------------------- take / dot_t
+
+
+@pytest.mark.parametrize(
+    "table",
+    [
+        LowRank(_rand(0, 7, 3), _rand(1, 3, 5)),
+        _nested(),
+        jcompress.HeadLowRank(_rand(2, 7, 4), _rand(3, 2, 2, 3)),  # default: via materialize
+    ],
+    ids=["lowrank", "nested", "headlowrank"],
+)
+def test_take_and_dot_t_match_the_dense_table(table):
+    dense = np.asarray(table.materialize())
+    ids = jnp.asarray([[0, 6, 2], [100, -3, 1]])  # out of range: clipped
+    got = take(table, ids, mode="clip")
+    chex.assert_shape(got, (2, 3, dense.shape[1]))
+    np.testing.assert_allclose(got, take(jnp.asarray(dense), ids, mode="clip"), atol=1e-5)
+    np.testing.assert_allclose(got[1, 0], dense[-1], atol=1e-5)
+    x = _rand(4, 2, 3, dense.shape[1])
+    np.testing.assert_allclose(dot_t(x, table), np.asarray(x) @ dense.T, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dot_t(x, jnp.asarray(dense)), np.asarray(x) @ dense.T, atol=1e-4)
+
+
+def test_lowrank_take_and_dot_t_use_the_factors():
+    lr = LowRank(_rand(0, 7, 3), _rand(1, 3, 5))
+    ids = jnp.asarray([4, 0])
+    np.testing.assert_array_equal(take(lr, ids), lr.a[ids] @ lr.b)
+    x = _rand(2, 5)
+    np.testing.assert_array_equal(dot_t(x, lr), (x @ lr.b.T) @ lr.a.T)
+    jaxpr = str(jax.make_jaxpr(lambda w, x: dot_t(x, w))(lr, x))
+    assert "7,5" not in jaxpr.replace(" ", "")  # no [vocab, width] array is built
+
+
+@pytest.mark.parametrize("variant", ["opt-350m", "llama"])  # tied head, untied head
+def test_lowrank_embedding_table_gives_the_dense_logits(variant):
+    from _tiny import batch, hf_config
+
+    from jcompress.models.convert import flatten, unflatten
+    from jcompress.models.families import config_from_hf
+
+    cfg = config_from_hf(hf_config(variant).to_dict())
+    flat = flatten(jcompress.init_params(cfg, jax.random.PRNGKey(0), std=0.3))
+    path = next(p for p in flat if p.endswith("embed_tokens/embedding"))
+    vocab, width = flat[path].shape
+    flat[path] = LowRank(_rand(5, vocab, 6), _rand(6, 6, width))
+    low = unflatten(flat)
+    dense = jcompress.materialize(low)
+    ids, mask = batch()
+    ids[2, -1] = vocab  # an out-of-range id under the mask: clipped, not NaN
+    got = jcompress.forward(cfg, low, ids, mask)
+    want = jcompress.forward(cfg, dense, ids, mask)
+    assert np.isfinite(np.asarray(got)).all() and float(jnp.std(want)) > 0.1
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- leaf_io
+
+
+def test_static_encoding_round_trips():
+    same_type = [
+        FP8,
+        QSpec(),
+        Fmt.INT8,
+        (1, (2, "x"), None),
+        [1.5, -0.0],
+        {"k": (1, 2)},
+        math.inf,
+        -math.inf,
+        np.dtype(jnp.bfloat16),
+        np.dtype(ml_dtypes.float8_e4m3fn),
+        np.dtype(np.int8),
+        True,
+        None,
+    ]
+    for v in same_type:
+        got = leaf_io.decode_static(leaf_io.encode_static(v))
+        assert got == v and type(got) is type(v), v
+    assert isinstance(leaf_io.decode_static(leaf_io.encode_static(FP8)).fmt, Fmt)
+    assert math.isnan(leaf_io.decode_static(leaf_io.encode_static(float("nan"))))
+    # scalar types come back as np.dtype, numpy scalars as Python numbers (all compare equal)
+    for v in (jnp.bfloat16, ml_dtypes.float8_e4m3fn, np.float32, np.float32(0.25), np.int64(3)):
+        assert leaf_io.decode_static(leaf_io.encode_static(v)) == v, v
+
+
+def test_static_encoding_errors():
+    local = enum.Enum("Local", "A B")
+    with pytest.raises(UserError, match="not reachable by its name"):
+        leaf_io.encode_static(local.A, "spec")
+    with pytest.raises(UserError, match="cannot be a static field"):
+        leaf_io.encode_static(LowRank(jnp.ones((2, 1)), jnp.ones((1, 2))))
+    with pytest.raises(UserError, match="cannot be saved"):
+        leaf_io.encode_static(object())
+    with pytest.raises(UserError, match="import nowhere"):
+        leaf_io.decode_static({"__enum__": "nowhere:Fmt", "value": "int8"})
+
+
+def test_to_arrays_from_arrays_nested():
+    leaf = _nested()
+    flat, desc = leaf_io.to_arrays(leaf)
+    assert list(flat) == ["base/a", "base/b/q", "base/b/scale", "residual"]
+    assert flat["base/b/q"] is leaf.base.b.q
+    assert desc["type"] == "jcompress.leaves.Residual"
+    inner = desc["children"]["base"]["children"]["b"]
+    assert inner["type"] == f"{__name__}.ColumnQuant" and inner["static"]["spec"]["fields"]
+    import json
+
+    desc = json.loads(json.dumps(desc, allow_nan=False))  # what files hold
+    back = leaf_io.from_arrays(desc, flat)
+    chex.assert_trees_all_equal(back, leaf)
+    assert back.base.b.spec == FP8 and back.base.b.q.dtype == ml_dtypes.float8_e4m3fn
+    with pytest.raises(UserError, match="array residual of a Residual is missing"):
+        leaf_io.from_arrays(desc, {k: v for k, v in flat.items() if k != "residual"})
+    with pytest.raises(UserError, match="cannot rebuild ColumnQuant"):
+        leaf_io.from_arrays(desc, {**flat, "base/b/scale": jnp.ones(2)})

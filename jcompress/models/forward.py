@@ -379,11 +379,13 @@ def layer_params(cfg: ModelConfig, params: Params, i: int) -> Params:
 
 
 def _embed(cfg, params, input_ids, pos, rec):
+    from jcompress.leaves import take
+
     lay = spec_for(cfg.family.value).layout
     table = get_path(params, lay.embed)["embedding"]
     # clip: an out-of-range id (e.g. a pad id == vocab_size under a 0 mask) must not turn
     # into NaN, which the attention product would spread to every position of the row.
-    h = jnp.take(table, input_ids, axis=0, mode="clip")
+    h = take(table, input_ids, mode="clip")
     rec(lay.embed, "out", h)
     if lay.project_in is not None and cfg.embed_dim is not None:
         h = _linear(get_path(params, lay.project_in), h, rec, lay.project_in)
@@ -404,7 +406,11 @@ def _unembed(cfg, params, h, rec):
     if cfg.tie_word_embeddings:
         rec(lay.lm_head, "in", h)
         table = get_path(params, lay.embed)["embedding"]
-        logits = jnp.einsum("bte,ve->btv", h, table.astype(h.dtype))
+        from jcompress.leaves import dot_t
+
+        if not isinstance(table, CompressedLeaf):
+            table = table.astype(h.dtype)
+        logits = dot_t(h, table)
         rec(lay.lm_head, "out", logits)
         return logits
     return _linear(get_path(params, lay.lm_head), h, rec, lay.lm_head)

@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from jcompress import validate
 from jcompress.atomic import atomic_dir
 from jcompress.errors import UserError
-from jcompress.leaves import LEAF_TYPES, CompressedLeaf
+from jcompress.leaf_io import from_arrays, to_arrays
+from jcompress.leaves import CompressedLeaf
 from jcompress.models.config import ModelConfig
 from jcompress.models.convert import check_shape, flatten, unflatten
 from jcompress.models.families import spec_for
@@ -332,7 +333,8 @@ FACTORS_PREFIX = "jcompress/"
 
 
 def _factors_meta(cfg: ModelConfig, model_dir: Path) -> dict[str, Any] | None:
-    """``{pytree path: {"type", "static"}}`` of a factor-format checkpoint, else ``None``."""
+    """``{pytree path: leaf description}`` (:func:`jcompress.leaf_io.to_arrays`) of a
+    factor-format checkpoint, else ``None``."""
     meta = cfg.hf_config.get(FACTORS_KEY)
     if meta is None:
         return None
@@ -342,7 +344,7 @@ def _factors_meta(cfg: ModelConfig, model_dir: Path) -> dict[str, Any] | None:
 
 
 def _load_factor_leaf(weights, names, used, factored, path, want, cast):
-    """Rebuild the leaf at ``path`` from ``jcompress/<path>[/<field>]`` tensors."""
+    """Rebuild the leaf at ``path`` from ``jcompress/<path>[/<field path>]`` tensors."""
     if path not in factored:
         key = f"{FACTORS_PREFIX}{path}"
         if key not in names:
@@ -351,24 +353,15 @@ def _load_factor_leaf(weights, names, used, factored, path, want, cast):
         check_shape(key, x.shape, want)
         used.add(key)
         return cast(x)
-    info = factored[path]
-    cls = LEAF_TYPES.get(info.get("type"))
-    if cls is None:
-        raise UserError(
-            f"factor checkpoint: unknown leaf type {info.get('type')!r} at {path}; "
-            f"known: {', '.join(sorted(LEAF_TYPES))}"
-        )
-    arrays = {}
-    for field in cls.array_fields:
-        key = f"{FACTORS_PREFIX}{path}/{field}"
+
+    def get(field_path):
+        key = f"{FACTORS_PREFIX}{path}/{field_path}"
         if key not in names:
             raise UserError(f"missing tensor {key} in the factor checkpoint")
         used.add(key)
-        arrays[field] = cast(weights.get(key))
-    try:
-        leaf = cls(**arrays, **dict(info.get("static") or {}))
-    except (TypeError, ValueError) as e:
-        raise UserError(f"factor checkpoint: bad {cls.__name__} at {path} ({e})") from None
+        return cast(weights.get(key))
+
+    leaf = from_arrays(factored[path], get, f"factor checkpoint: {path}")
     if tuple(leaf.shape) != tuple(want):
         raise UserError(
             f"factor checkpoint: {path} stands for shape {list(leaf.shape)}, config implies "
@@ -414,8 +407,9 @@ def save_hf(
 
     By default typed compressed leaves are materialized: the result is a dense-equivalent
     checkpoint that stock ``transformers`` loads. With ``factors=True`` the typed leaves are
-    kept as their factors (``jcompress_model.safetensors``, tensors ``jcompress/<path>/<field>``
-    for every param of a tensor that holds a typed leaf; HF names for the rest) and
+    kept as their factors (``jcompress_model.safetensors``, tensors
+    ``jcompress/<path>/<field path>`` for every param of a tensor that holds a typed leaf, in
+    the :mod:`jcompress.leaf_io` form; HF names for the rest) and
     ``config.json`` gains a ``jcompress_factors`` entry; :func:`load_hf` reads that back
     losslessly, while transformers refuses it (no ``model.safetensors``) rather than loading
     random weights. Files are written into a temporary sibling directory that is renamed to
@@ -513,8 +507,8 @@ def _factor_entries(paths, leaves, meta):
     out = []
     for path, leaf in zip(paths, leaves, strict=True):
         if isinstance(leaf, CompressedLeaf):
-            meta[path] = {"type": type(leaf).__name__, "static": leaf.static()}
-            items = [(f"{FACTORS_PREFIX}{path}/{f}", a) for f, a in leaf.arrays().items()]
+            flat, meta[path] = to_arrays(leaf, f"params/{path}")
+            items = [(f"{FACTORS_PREFIX}{path}/{f}", a) for f, a in flat.items()]
         else:
             items = [(f"{FACTORS_PREFIX}{path}", leaf)]
         for key, arr in items:
