@@ -7,7 +7,7 @@ A param pytree goes in, a compressed param pytree and a report come out::
     jcompress.save_hf(cfg, params, "out_dir", tokenizer_dir="path/to/model")
 """
 
-from jcompress import checkpoint
+from jcompress import checkpoint, validate
 from jcompress.errors import UserError
 from jcompress.eval import PerplexityResult, perplexity
 from jcompress.leaves import HeadLowRank, LowRank, materialize
@@ -46,4 +46,5 @@ __all__ = [
     "PerplexityResult",
     "save_hf",
     "unembed",
+    "validate",
 ]

@@ -241,7 +241,7 @@ def save(
 
 
 class _QuietLoop(asyncio.SelectorEventLoop):
-    """An event loop that drops callbacks scheduled after it closed.
+    """An event loop that drops callbacks scheduled, and errors reported, after it closed.
 
     When one array of a corrupt checkpoint fails to read, orbax closes its event loop while
     tensorstore still completes the other reads in its own threads; their completion callbacks
@@ -256,6 +256,13 @@ class _QuietLoop(asyncio.SelectorEventLoop):
             if self.is_closed():
                 return None
             raise
+
+    def call_exception_handler(self, context):
+        # the failed reads' futures are collected after the loop closed ("Future exception was
+        # never retrieved"): the failure is already reported as one line
+        if self.is_closed():
+            return None
+        return super().call_exception_handler(context)
 
 
 class _QuietPolicy(asyncio.DefaultEventLoopPolicy):

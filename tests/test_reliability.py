@@ -187,6 +187,27 @@ def test_nonfinite_weights(model, name, value):
     assert not all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(params))
 
 
+def test_nonfinite_factor_checkpoint(llama_dir, tmp_path):
+    """Typed-leaf arrays of a factor checkpoint go through the same check."""
+    cfg, params = jcompress.load_hf(llama_dir)
+    attn = params["model"]["layers"]["0"]["self_attn"]
+    w = np.asarray(attn["k_proj"]["kernel"])
+    a, b = w[:, :8].copy(), np.eye(8, w.shape[1], dtype=w.dtype)
+    a[0, 0] = np.nan
+    attn["k_proj"]["kernel"] = jcompress.LowRank(jnp.asarray(a), jnp.asarray(b))
+    out = jcompress.save_hf(cfg, params, tmp_path / "f", factors=True)
+    user_error(
+        lambda: jcompress.load_hf(out),
+        "jcompress_model.safetensors",
+        "jcompress/model/layers/0/self_attn/k_proj/kernel/a",
+        "NaN or Inf",
+    )
+    _, back = jcompress.load_hf(out, allow_nonfinite=True)
+    assert np.isnan(
+        np.asarray(back["model"]["layers"]["0"]["self_attn"]["k_proj"]["kernel"].a)[0, 0]
+    )
+
+
 def test_nonfinite_bf16_weights_are_caught():
     import ml_dtypes
 
@@ -216,6 +237,18 @@ CONFIG_CASES = {
     "rope_scaling factor NaN": (
         {"rope_scaling": {"rope_type": "linear", "factor": NAN}},
         ["rope_scaling.factor"],
+    ),
+    "rope_scaling original length string": (
+        {
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": "64",
+            }
+        },
+        ["original_max_position_embeddings"],
     ),
     "eos_token_id string": ({"eos_token_id": "x"}, ["eos_token_id"]),
     "model_type int": ({"model_type": 5}, ["model_type"]),

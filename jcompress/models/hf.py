@@ -237,10 +237,14 @@ def _torch_load(torch: Any, path: Path) -> Mapping[str, Any]:
 
 
 def _checked(weights: _Weights, name: str, x: np.ndarray, allow_nonfinite: bool) -> np.ndarray:
-    """A weight tensor as read: floating point, and finite unless ``allow_nonfinite``."""
+    """A weight tensor as read: floating point, and finite unless ``allow_nonfinite``.
+
+    Arrays of typed leaves (``jcompress/...`` names of a factor checkpoint) may be integer
+    (a leaf type validates its own fields); they get the finiteness check only.
+    """
     where = f"{weights.origin(name)}: tensor {name}"
     dt = np.dtype(x.dtype)
-    if not jnp.issubdtype(dt, jnp.floating):
+    if not name.startswith(FACTORS_PREFIX) and not jnp.issubdtype(dt, jnp.floating):
         raise UserError(
             f"{where}: dtype {dt} where a floating-point weight is expected "
             "(allowed: F32, F16, BF16, F64, F8)"

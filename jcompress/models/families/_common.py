@@ -141,6 +141,8 @@ def rope_from_hf(d: Mapping[str, Any]) -> tuple[float, tuple[tuple[str, Any], ..
     for k in ("factor", "low_freq_factor", "high_freq_factor"):
         if scaling.get(k) is not None:
             positive_float(scaling[k], f"config.json: rope_scaling.{k}")
+    if scaling.get("original_max_position_embeddings") is not None:
+        get_int(scaling, "original_max_position_embeddings", "rope_scaling")
     if "type" in scaling and "rope_type" not in scaling:
         scaling["rope_type"] = scaling.pop("type")
     if scaling.get("rope_type", "default") == "default":
