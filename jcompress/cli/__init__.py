@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -74,6 +75,17 @@ def main(argv: list[str] | None = None) -> int:
     # (e.g. "PyTorch was not found") out of the command's output.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        # library warnings (e.g. a RoPE window past the trained positions) as one line each
+        warnings.showwarning = _one_line_warning
+        return _run(args)
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"jcompress: warning: {message}", file=sys.stderr)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except UserError as e:

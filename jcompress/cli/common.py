@@ -226,15 +226,16 @@ def check_data_file(path: str | os.PathLike, arg: str) -> Path:
     return p
 
 
-def load_tokenizer_for(directory: str | os.PathLike, arg: str) -> Any:
-    """The tokenizer in ``directory`` (present and loadable), or a one-line error."""
+def load_tokenizer_for(directory: str | os.PathLike, arg: str, cfg: Any = None) -> Any:
+    """The tokenizer in ``directory`` (present and loadable, and with ``cfg`` no larger than
+    the model's vocabulary), or a one-line error."""
     from jcompress.data import load_tokenizer
 
     d = Path(directory)
     if not d.is_dir():
         raise UserError(f"{arg}: {d} is not a directory")
     try:
-        return load_tokenizer(d)
+        return load_tokenizer(d, cfg=cfg)
     except UserError as e:
         raise UserError(f"{arg}: {str(e).split(': ', 1)[-1]}") from None
     except Exception as e:  # transformers raises many types for a broken tokenizer

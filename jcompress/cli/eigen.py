@@ -146,9 +146,9 @@ def run_eigen_job(job: EigenJob, log=print) -> dict[str, Any]:
     from jcompress.eval import perplexity
     from jcompress.models import load_hf, save_hf
 
-    check_eigen_job(job)
+    model_cfg = check_eigen_job(job)
     config = job.config
-    tok = load_tokenizer_for(job.model, "--model")
+    tok = load_tokenizer_for(job.model, "--model", model_cfg)
     calib_ids = load_tokens(job.calib_data, tok)
     _check_calibration(job, int(calib_ids.shape[0]))
     eval_ids = None if job.eval_data is None else load_tokens(job.eval_data, tok)

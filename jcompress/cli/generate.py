@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from jcompress.models import read_config
 
     cfg = read_config(args.model)
-    tok = load_tokenizer_for(args.model, "--model")
+    tok = load_tokenizer_for(args.model, "--model", cfg)
     n_prompt = int(tokenize(tok, args.prompt).size)
     if n_prompt == 0:
         raise UserError("--prompt: the prompt tokenizes to nothing")

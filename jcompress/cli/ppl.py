@@ -19,6 +19,9 @@ __all__ = ["add_parser", "run"]
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from jcompress.models.attention import IMPLEMENTATIONS
+    from jcompress.models.forward import DEFAULT_ATTENTION
+
     s = subparsers.add_parser(
         "ppl",
         help="perplexity of a model on a text file",
@@ -53,6 +56,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--json", default=None, metavar="OUT", help="also write the result as JSON to OUT"
     )
     s.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    s.add_argument(
+        "--allow-long",
+        action="store_true",
+        help="run a RoPE model past its trained positions without a warning",
+    )
+    s.add_argument(
+        "--attention",
+        choices=sorted(IMPLEMENTATIONS),
+        default=DEFAULT_ATTENTION,
+        help=f"attention implementation (default: {DEFAULT_ATTENTION})",
+    )
     s.set_defaults(func=run)
     return s
 
@@ -73,8 +87,8 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             arg="--json",
         )
-    check_seqlen(cfg, args.seqlen)
-    ids = load_tokens(args.data, load_tokenizer_for(args.model, "--model"))
+    check_seqlen(cfg, args.seqlen, allow_long=args.allow_long, override="--allow-long")
+    ids = load_tokens(args.data, load_tokenizer_for(args.model, "--model", cfg))
     cfg, params = load_model(args.model, args.dtype)
     t0 = time.perf_counter()
     r = perplexity(
@@ -84,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
         seqlen=args.seqlen,
         max_windows=args.max_windows,
         batch_size=args.batch_size,
+        allow_long=True,  # warned above, once, naming the flag
+        attention=args.attention,
     )
     secs = time.perf_counter() - t0
     out = {

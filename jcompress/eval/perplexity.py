@@ -55,7 +55,9 @@ def window_nll(
     return -jnp.mean(tok, axis=-1)
 
 
-def check_seqlen(cfg: ModelConfig, seqlen: int, *, allow_long: bool = False) -> None:
+def check_seqlen(
+    cfg: ModelConfig, seqlen: int, *, allow_long: bool = False, override: str = "allow_long=True"
+) -> None:
     """Check the window length against the model's trained positions (cheap; call before
     loading the weights).
 
@@ -68,7 +70,7 @@ def check_seqlen(cfg: ModelConfig, seqlen: int, *, allow_long: bool = False) -> 
     """
     if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 2:
         raise UserError(f"seqlen: must be an integer >= 2, got {seqlen!r}")
-    check_positions(cfg, seqlen, arg="seqlen", allow_long=allow_long, warn=True)
+    check_positions(cfg, seqlen, arg="seqlen", allow_long=allow_long, warn=True, override=override)
 
 
 def _check_batch_memory(
