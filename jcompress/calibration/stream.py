@@ -25,8 +25,9 @@ only if its output error stays under 2%)::
 
 A :class:`StreamLayer` is valid until the loop asks for the next one (its activation stores
 are then reused or closed) and while the generator is alive: closing it (``close()``, the end
-of the loop, or dropping the last reference to it) removes every store. Padding rows never reach an observer's statistics unless it reads
-past ``real``, and never enter :meth:`StreamLayer.relative_error`.
+of the loop, or dropping the last reference to it) removes every store. Padding rows never
+reach an observer's statistics unless it reads past ``real``, and never enter
+:meth:`StreamLayer.relative_error`.
 """
 
 from __future__ import annotations

@@ -173,6 +173,8 @@ def family_defaults(cfg: ModelConfig, config: EigenAttentionConfig) -> _Defaults
 
 
 def _check_calib(cfg: ModelConfig, calib: Any, config: EigenAttentionConfig) -> np.ndarray:
+    if calib is None:
+        raise UserError("calib: EigenAttention needs calibration token ids [nsamples, seqlen]")
     calib = np.asarray(calib)
     if calib.ndim != 2 or not np.issubdtype(calib.dtype, np.integer):
         raise UserError(
@@ -230,7 +232,7 @@ def _with(lp: dict, role: str, kernel, bias) -> dict:
 def compress(
     params: Any,
     cfg: ModelConfig,
-    calib: Any,
+    calib: Any = None,
     *,
     config: EigenAttentionConfig = EigenAttentionConfig(),  # noqa: B008 - frozen, immutable
     progress: bool = True,
@@ -240,7 +242,8 @@ def compress(
     Args:
       params: dense param pytree (``load_hf``).
       cfg: its model config.
-      calib: ``[nsamples, seqlen]`` calibration token ids (``data.calibration_windows``).
+      calib: ``[nsamples, seqlen]`` calibration token ids (``data.calibration_windows``);
+        required (``None`` is rejected; the :class:`jcompress.methods.Compress` signature).
       config: :class:`EigenAttentionConfig`.
       progress: show a progress bar over layers.
 
