@@ -761,6 +761,41 @@ def test_report_serialisation(real):
     assert json.loads(json.dumps(ext.to_dict()))["extra"] == {"ppl_before": 1.0}
 
 
+def test_method_protocol(llama_run, llama):
+    """EigenAttention follows ``jcompress.methods``: a Report with to_json / to_markdown /
+    unmatched_rules, the ``compress(params, cfg, calib=None, *, config, progress)`` signature
+    (calib required here, rejected with a clear error), selection by first-match rules."""
+    import inspect
+
+    from jcompress import methods
+
+    rep = llama_run.report
+    assert isinstance(rep, methods.Report)
+    assert json.loads(json.dumps(rep.to_json())) == json.loads(json.dumps(rep.to_dict()))
+    sig = inspect.signature(compress)
+    assert list(sig.parameters) == ["params", "cfg", "calib", "config", "progress"]
+    assert sig.parameters["calib"].default is None
+    assert sig.parameters["config"].kind is inspect.Parameter.KEYWORD_ONLY
+    with pytest.raises(jcompress.UserError, match="calib: EigenAttention needs calibration"):
+        compress({}, llama.cfg, None, progress=False)
+    sel = methods.select(
+        ("model/layers/[01]", "model/layers/1", "model/layers/9", "model/layers/.*"),
+        [f"model/layers/{i}" for i in range(4)],
+    )
+    assert sel.chosen == {
+        "model/layers/0": "model/layers/[01]",
+        "model/layers/1": "model/layers/[01]",  # first match wins
+        "model/layers/2": "model/layers/.*",
+        "model/layers/3": "model/layers/.*",
+    }
+    assert sel.unmatched == ("model/layers/9",)  # shadowed rules that match are not reported
+    assert "model/layers/2" in sel and "model/layers/7" not in sel
+    with pytest.raises(jcompress.UserError, match=r"params: a/kernel is a LowRank; X needs dense"):
+        methods.require_dense(
+            "a/kernel", jcompress.LowRank(jnp.ones((2, 1)), jnp.ones((1, 2))), "X"
+        )
+
+
 # --------------------------------------------------------------------------- tiny families
 
 FAMILIES = ["opt", "llama", "qwen2", "qwen3", "mpt", "gpt2"]

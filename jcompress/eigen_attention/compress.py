@@ -6,7 +6,10 @@ Protocol (the reference's, layer by layer; see ``eigen_core`` for the math):
    projection outputs captured. Features of ``avg_dim`` consecutive windows are averaged
    position by position; per-head Gram matrices of the averaged features accumulate as
    batches stream through (nothing else is stored). The next layer's inputs are the
-   *uncompressed* layer's outputs.
+   *uncompressed* layer's outputs. The stream, the padding of the last batch and the
+   offloading are :mod:`jcompress.calibration`'s (``stream_layers`` with ``Feed.ORIGINAL``);
+   the grouped Gram step is :class:`jcompress.calibration.GroupedGram` (one jit call per
+   batch); candidate errors use ``StreamLayer.relative_error`` (sums on device).
 2. Per head, the basis is the eigendecomposition of the Gram matrix (== SVD of the stacked
    features). OPT / MPT / GPT-2: K and Q share one basis per head (stacked K and Q features);
    V has its own. Llama / Qwen (RoPE, GQA): one K basis per *KV head*, shared by the query
@@ -35,12 +38,11 @@ checked before a threshold is tried rather than after.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-import math
 import os
 import re
-import tempfile
 import warnings
 from typing import Any
 
@@ -49,14 +51,16 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from jcompress.calibration import Feed, GroupedGram, stream_layers
 from jcompress.eigen_attention import eigen_core as core
 from jcompress.eigen_attention.report import EigenReport, LayerReport
 from jcompress.errors import UserError
 from jcompress.leaves import HeadFoldedOut, HeadLowRank, materialize
+from jcompress.methods import require_dense, select
 from jcompress.models.config import Family, ModelConfig, Position
 from jcompress.models.convert import flatten, get_path, unflatten
 from jcompress.models.families import spec_for
-from jcompress.models.forward import Capture, apply_layer, check_length, embed
+from jcompress.models.forward import Capture, check_length
 from jcompress.models.params import count_params
 
 __all__ = ["EigenAttentionConfig", "compress", "family_defaults"]
@@ -169,6 +173,8 @@ def family_defaults(cfg: ModelConfig, config: EigenAttentionConfig) -> _Defaults
 
 
 def _check_calib(cfg: ModelConfig, calib: Any, config: EigenAttentionConfig) -> np.ndarray:
+    if calib is None:
+        raise UserError("calib: EigenAttention needs calibration token ids [nsamples, seqlen]")
     calib = np.asarray(calib)
     if calib.ndim != 2 or not np.issubdtype(calib.dtype, np.integer):
         raise UserError(
@@ -223,80 +229,10 @@ def _with(lp: dict, role: str, kernel, bias) -> dict:
     return unflatten(flat)
 
 
-class _Activations:
-    """Per-batch activations ``[B, T, H]``, held in memory or in an unlinked temporary file.
-
-    With a file, only the batch being used is in memory: ``put`` writes it out, ``get`` reads
-    it back (plain reads, no memory map, so nothing accumulates in the process).
-    """
-
-    def __init__(self, n: int, offload_dir: str | None):
-        self.items: list[Any] = [None] * n
-        self.file = None if offload_dir is None else tempfile.TemporaryFile(dir=offload_dir)
-        self.meta: tuple[tuple[int, ...], np.dtype] | None = None
-
-    def put(self, b: int, x: jax.Array) -> None:
-        if self.file is None:
-            self.items[b] = x
-            return
-        arr = np.ascontiguousarray(np.asarray(x))
-        self.meta = (arr.shape, arr.dtype)
-        os.pwrite(self.file.fileno(), memoryview(arr.reshape(-1).view(np.uint8)), b * arr.nbytes)
-
-    def get(self, b: int) -> jax.Array:
-        if self.file is None:
-            return self.items[b]
-        shape, dt = self.meta
-        nbytes = math.prod(shape) * dt.itemsize
-        raw = os.pread(self.file.fileno(), nbytes, b * nbytes)
-        return jnp.asarray(np.frombuffer(raw, dt).reshape(shape))
-
-    def __iter__(self):
-        return (self.get(b) for b in range(len(self.items)))
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-
-
-class _GroupAverager:
-    """Feeds features of consecutive windows, averaged ``avg_dim`` at a time, into per-head
-    Gram accumulators. Windows past ``n_groups * avg_dim`` are dropped (counted)."""
-
-    def __init__(self, avg_dim: int, n_groups: int, heads: dict[str, int], d: dict[str, int]):
-        self.avg_dim, self.limit = avg_dim, n_groups * avg_dim
-        self.heads = heads
-        self.gram = {k: jnp.zeros((h, d[k], d[k]), jnp.float32) for k, h in heads.items()}
-        self.acc: dict[str, jax.Array] | None = None
-        self.seen = 0
-
-    def add(self, feats: dict[str, list[jax.Array]], real: int) -> None:
-        """``feats[name]`` holds ``[B, T, C]`` arrays (one per feature source) of one batch."""
-        for b in range(real):
-            if self.seen >= self.limit:
-                self.seen += 1
-                continue
-            row = {k: [f[b].astype(jnp.float32) for f in fs] for k, fs in feats.items()}
-            if self.acc is None:
-                self.acc = row
-            else:
-                self.acc = {
-                    k: [a + x for a, x in zip(self.acc[k], row[k], strict=True)] for k in row
-                }
-            self.seen += 1
-            if self.seen % self.avg_dim == 0:
-                for k, parts in self.acc.items():
-                    for p in parts:
-                        self.gram[k] = self.gram[k] + core.head_gram(
-                            p / self.avg_dim, self.heads[k]
-                        )
-                self.acc = None
-
-
 def compress(
     params: Any,
     cfg: ModelConfig,
-    calib: Any,
+    calib: Any = None,
     *,
     config: EigenAttentionConfig = EigenAttentionConfig(),  # noqa: B008 - frozen, immutable
     progress: bool = True,
@@ -306,7 +242,8 @@ def compress(
     Args:
       params: dense param pytree (``load_hf``).
       cfg: its model config.
-      calib: ``[nsamples, seqlen]`` calibration token ids (``data.calibration_windows``).
+      calib: ``[nsamples, seqlen]`` calibration token ids (``data.calibration_windows``);
+        required (``None`` is rejected; the :class:`jcompress.methods.Compress` signature).
       config: :class:`EigenAttentionConfig`.
       progress: show a progress bar over layers.
 
@@ -337,123 +274,113 @@ def compress(
     if not rope and hq != hk:
         raise UserError(f"{cfg.family.value}: shared K/Q bases need num_heads == num_kv_heads")
     layer_paths = [f"{lay.layers}/{i}" for i in range(cfg.num_layers)]
-    matched = {r: [p for p in layer_paths if re.fullmatch(r, p)] for r in config.layers}
-
-    bs = min(config.batch_size, n)
-    batches = []
-    for s in range(0, n, bs):
-        ids = calib[s : s + bs]
-        real = ids.shape[0]
-        if real < bs:  # pad with repeats: one compiled shape for every batch
-            ids = np.concatenate([ids, np.repeat(ids[-1:], bs - real, axis=0)])
-        batches.append((jnp.asarray(ids), real))
-    hidden = _Activations(len(batches), config.offload_dir)
-    for b, (ids, _) in enumerate(batches):
-        hidden.put(b, embed(cfg, params, ids))
+    selection = select(config.layers, layer_paths)
 
     flat_params = flatten(params)
     reports: list[LayerReport] = []
     feat_paths = (lay.k, lay.v) if rope else (lay.k, lay.q, lay.v)
     capture = Capture(outputs="|".join(re.escape(p) for p in feat_paths))
-    bar = tqdm(range(cfg.num_layers), desc="eigen_attention", disable=not progress, leave=False)
-    for i in bar:
-        path = layer_paths[i]
-        lp = get_path(params, path)
-        if not any(path in m for m in matched.values()):
-            for b, h in enumerate(hidden):
-                hidden.put(b, apply_layer(cfg, lp, h, i))
-            continue
-        kp, qp, vp, op = (get_path(lp, r) for r in (lay.k, lay.q, lay.v, lay.o))
-        for role, p in ((lay.k, kp), (lay.q, qp), (lay.v, vp), (lay.o, op)):
-            if not isinstance(p["kernel"], jax.Array | np.ndarray):
-                raise UserError(
-                    f"params: {path}/{role}/kernel is a {type(p['kernel']).__name__}; "
-                    "EigenAttention needs dense k/q/v/o kernels"
-                )
-        d_k = int(kp["kernel"].shape[-1]) // hk
-        d_v = int(vp["kernel"].shape[-1]) // hk
-        heads = {"kq": hk, "v": hk}
-        acc = _GroupAverager(config.avg_dim, n_groups, heads, {"kq": d_k, "v": d_v})
-        outputs = _Activations(len(batches), config.offload_dir)
-        for b, ((_, real), h) in enumerate(zip(batches, hidden, strict=True)):
-            y, cap = apply_layer(cfg, lp, h, i, capture=capture)
-            outs = cap["outputs"]
-            kq = [outs[lay.k]] if rope else [outs[lay.k], outs[lay.q]]
-            acc.add({"kq": kq, "v": [outs[lay.v]]}, real)
-            outputs.put(b, y)
-        u_kq, s_kq = core.head_bases(acc.gram["kq"])
-        u_v, s_v = core.head_bases(acc.gram["v"])
-        frac_kq = jax.vmap(core.spectrum_fraction_core)(s_kq)
-        frac_v = jax.vmap(core.spectrum_fraction_core)(s_v)
-
-        def build(
-            r_kq, r_v, lp=lp, kp=kp, qp=qp, vp=vp, op=op, u_kq=u_kq, u_v=u_v, d_k=d_k, d_v=d_v
-        ):
-            new = lp
-            if r_kq < d_k:
-                u = u_kq[:, :, :r_kq]
-                roles = [(lay.k, kp)] if rope else [(lay.k, kp), (lay.q, qp)]
-                for role, p in roles:
-                    new = _with(new, role, *_project(p["kernel"], p.get("bias"), u))
-            if r_v < d_v:
-                u = u_v[:, :, :r_v]
-                new = _with(new, lay.v, *_project(vp["kernel"], vp.get("bias"), u))
-                new = _with(new, lay.o, _fold_out(op["kernel"], u, hq), None)
-            return new
-
-        def error(candidate, outputs=outputs, hidden=hidden, i=i) -> float:
-            dense = _materialize(candidate)  # same shapes as the original: no recompilation
-            num = den = 0.0
-            for (_, real), h, y in zip(batches, hidden, outputs, strict=True):
-                y2 = apply_layer(cfg, dense, h, i)
-                diff = (y2 - y)[:real].astype(jnp.float32)
-                num += float(jnp.sum(diff * diff))
-                den += float(jnp.sum(jnp.square(y[:real].astype(jnp.float32))))
-            return float(np.sqrt(num / den)) if den > 0 else 0.0
-
-        best, tried, seen = None, 0, {}
-        t = defaults.start
-        while t > defaults.min_threshold + 1e-9:
-            r_kq = min(core.rank_for_threshold(frac_kq, t), d_k)
-            r_v = min(core.rank_for_threshold(frac_v, t), d_v)
-            bound = max(defaults.min_rank, defaults.min_rank_fraction * hk * d_k)
-            bound_v = max(defaults.min_rank, defaults.min_rank_fraction * hk * d_v)
-            if best is not None and (hk * r_kq <= bound or hk * r_v <= bound_v):
-                break
-            if (r_kq, r_v) not in seen:
-                seen[(r_kq, r_v)] = error(build(r_kq, r_v))
-                tried += 1
-            err = seen[(r_kq, r_v)]
-            if err >= config.error_budget:
-                break
-            best = (round(t, 6), r_kq, r_v, err)
-            t -= config.threshold_step
-        if best is None:  # even the first threshold failed: the layer stays dense
-            t_best, r_kq, r_v, err = None, d_k, d_v, 0.0
-        else:
-            t_best, r_kq, r_v, err = best
-            for k, v in flatten(build(r_kq, r_v)).items():
-                flat_params[f"{path}/{k}"] = v
-        rep = LayerReport(
-            layer=i,
-            path=path,
-            threshold=t_best,
-            rank_kq=r_kq,
-            rank_v=r_v,
-            head_dim_kq=d_k,
-            head_dim_v=d_v,
-            kv_heads=hk,
-            error=err,
-            steps=tried,
-            compressed=best is not None and (r_kq < d_k or r_v < d_v),
-            shares_q=not rope,
+    # the next layer calibrates on the uncompressed outputs (Feed.ORIGINAL), as the reference
+    stream = stream_layers(
+        cfg,
+        params,
+        calib,
+        batch_size=config.batch_size,
+        offload_dir=config.offload_dir,
+        feed=Feed.ORIGINAL,
+    )
+    with contextlib.closing(stream):  # temp files go as soon as the loop ends or fails
+        bar = tqdm(
+            stream,
+            total=cfg.num_layers,
+            desc="eigen_attention",
+            disable=not progress,
+            leave=False,
         )
-        reports.append(rep)
-        bar.set_postfix(layer=i, r_kq=rep.rank_kq, r_v=rep.rank_v, err=f"{rep.error:.4f}")
-        hidden.close()
-        hidden = outputs  # next layer calibrates on the uncompressed outputs
-    hidden.close()
-    unmatched = tuple(r for r, m in matched.items() if not m)
+        for layer in bar:
+            i, path, lp = layer.index, layer.path, layer.params
+            if path not in selection:
+                continue
+            kp, qp, vp, op = (get_path(lp, r) for r in (lay.k, lay.q, lay.v, lay.o))
+            for role, p in ((lay.k, kp), (lay.q, qp), (lay.v, vp), (lay.o, op)):
+                require_dense(
+                    f"{path}/{role}/kernel", p["kernel"], "EigenAttention", "k/q/v/o kernels"
+                )
+            d_k = int(kp["kernel"].shape[-1]) // hk
+            d_v = int(vp["kernel"].shape[-1]) // hk
+            acc_kq = GroupedGram(n=n, avg_dim=config.avg_dim, heads=hk)
+            acc_v = GroupedGram(n=n, avg_dim=config.avg_dim, heads=hk)
+            for ob in layer.observe(capture):
+                outs = ob.captured["outputs"]
+                acc_kq.add((outs[lay.k],) if rope else (outs[lay.k], outs[lay.q]), ob.real)
+                acc_v.add((outs[lay.v],), ob.real)
+            u_kq, s_kq = core.head_bases(acc_kq.gram)
+            u_v, s_v = core.head_bases(acc_v.gram)
+            frac_kq = jax.vmap(core.spectrum_fraction_core)(s_kq)
+            frac_v = jax.vmap(core.spectrum_fraction_core)(s_v)
+
+            def build(
+                r_kq, r_v, lp=lp, kp=kp, qp=qp, vp=vp, op=op, u_kq=u_kq, u_v=u_v, d_k=d_k, d_v=d_v
+            ):
+                new = lp
+                if r_kq < d_k:
+                    u = u_kq[:, :, :r_kq]
+                    roles = [(lay.k, kp)] if rope else [(lay.k, kp), (lay.q, qp)]
+                    for role, p in roles:
+                        new = _with(new, role, *_project(p["kernel"], p.get("bias"), u))
+                if r_v < d_v:
+                    u = u_v[:, :, :r_v]
+                    new = _with(new, lay.v, *_project(vp["kernel"], vp.get("bias"), u))
+                    new = _with(new, lay.o, _fold_out(op["kernel"], u, hq), None)
+                return new
+
+            def error(candidate, layer=layer) -> float:
+                # dense-equivalent kernels: the original's shapes, so no recompilation; the sums
+                # stay on device and this is the one host sync per candidate
+                return float(layer.relative_error(_materialize(candidate)))
+
+            best, tried, seen = None, 0, {}
+            t = defaults.start
+            while t > defaults.min_threshold + 1e-9:
+                r_kq = min(core.rank_for_threshold(frac_kq, t), d_k)
+                r_v = min(core.rank_for_threshold(frac_v, t), d_v)
+                bound = max(defaults.min_rank, defaults.min_rank_fraction * hk * d_k)
+                bound_v = max(defaults.min_rank, defaults.min_rank_fraction * hk * d_v)
+                if best is not None and (hk * r_kq <= bound or hk * r_v <= bound_v):
+                    break
+                if (r_kq, r_v) not in seen:
+                    seen[(r_kq, r_v)] = error(build(r_kq, r_v))
+                    tried += 1
+                err = seen[(r_kq, r_v)]
+                if err >= config.error_budget:
+                    break
+                best = (round(t, 6), r_kq, r_v, err)
+                t -= config.threshold_step
+            if best is None:  # even the first threshold failed: the layer stays dense
+                t_best, r_kq, r_v, err = None, d_k, d_v, 0.0
+            else:
+                t_best, r_kq, r_v, err = best
+                new_lp = build(r_kq, r_v)
+                layer.replace(new_lp)  # recorded only: Feed.ORIGINAL feeds the original outputs
+                for k, v in flatten(new_lp).items():
+                    flat_params[f"{path}/{k}"] = v
+            rep = LayerReport(
+                layer=i,
+                path=path,
+                threshold=t_best,
+                rank_kq=r_kq,
+                rank_v=r_v,
+                head_dim_kq=d_k,
+                head_dim_v=d_v,
+                kv_heads=hk,
+                error=err,
+                steps=tried,
+                compressed=best is not None and (r_kq < d_k or r_v < d_v),
+                shares_q=not rope,
+            )
+            reports.append(rep)
+            bar.set_postfix(layer=i, r_kq=rep.rank_kq, r_v=rep.rank_v, err=f"{rep.error:.4f}")
+    unmatched = selection.unmatched
     report = EigenReport(
         family=cfg.family.value,
         layers=tuple(reports),

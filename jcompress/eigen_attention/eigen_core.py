@@ -13,10 +13,10 @@ References:
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
+
+from jcompress.calibration.gram import head_gram as _calibration_head_gram
 
 __all__ = [
     "gram_core",
@@ -79,16 +79,10 @@ def count_below_core(frac: jax.Array, threshold: float | jax.Array) -> jax.Array
     return jnp.sum(jnp.cumsum(frac) < threshold)
 
 
-@functools.partial(jax.jit, static_argnames=("heads",))
-def head_gram(x: jax.Array, heads: int) -> jax.Array:
-    """Per-head Gram matrices of features ``x [..., heads * D]`` -> ``[heads, D, D]``.
-
-    Heads go through ``lax.map`` (one plain ``[D, N] @ [N, D]`` matmul each) rather than
-    ``vmap``: XLA:CPU runs the batched form of this skinny product ~1.3-2.5x slower.
-    """
-    d = x.shape[-1] // heads
-    xh = x.reshape(-1, heads, d).transpose(1, 0, 2)  # [heads, N, D]
-    return jax.lax.map(gram_core, xh)
+head_gram = _calibration_head_gram
+"""Per-head Gram matrices ``x [..., heads * D] -> [heads, D, D]`` (float32): the shared
+:func:`jcompress.calibration.head_gram`, which ``compress`` streams batch by batch through
+:class:`jcompress.calibration.GroupedGram`."""
 
 
 head_bases = jax.jit(jax.vmap(basis_core))

@@ -46,7 +46,7 @@ class LayerReport:
 
 @dataclasses.dataclass(frozen=True)
 class EigenReport:
-    """What :func:`jcompress.eigen_attention.compress` did.
+    """What :func:`jcompress.eigen_attention.compress` did (a :class:`jcompress.methods.Report`).
 
     ``params_before`` / ``params_after`` count the scalars of the whole param tree (typed
     leaves count their stored factors). ``extra`` holds what callers add (perplexity
@@ -84,7 +84,9 @@ class EigenReport:
     def with_extra(self, **kw: Any) -> EigenReport:
         return dataclasses.replace(self, extra={**self.extra, **kw})
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (the :class:`jcompress.methods.Report` protocol): every field,
+        per-layer KV sizes, and the KV-cache totals."""
         d = dataclasses.asdict(self)
         d["layers"] = [
             {**dataclasses.asdict(r), "kv_before": r.kv_before, "kv_after": r.kv_after}
@@ -95,6 +97,10 @@ class EigenReport:
         d["kv_cache_after"] = self.kv_cache_after
         d["kv_cache_percent"] = 100.0 * self.kv_cache_ratio
         return d
+
+    def to_dict(self) -> dict[str, Any]:
+        """The same as :meth:`to_json` (the older name)."""
+        return self.to_json()
 
     def to_markdown(self) -> str:
         q = "K/Q" if any(r.shares_q for r in self.layers) else "K"

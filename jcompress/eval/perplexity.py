@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from jcompress.calibration.stream import batches
 from jcompress.data.calib import eval_windows
 from jcompress.errors import UserError
 from jcompress.models.attention import resolve
@@ -133,14 +134,11 @@ def perplexity(
     attention = resolve(attention)
     _check_batch_memory(cfg, params, min(batch_size, windows.shape[0]), seqlen, attention)
     n = windows.shape[0]
-    bs = min(batch_size, n)
     nlls = []
-    for start in tqdm(range(0, n, bs), desc=f"ppl L={seqlen}", disable=not progress, leave=False):
-        batch = windows[start : start + bs]
-        real = batch.shape[0]
-        if real < bs:
-            batch = np.concatenate([batch, np.repeat(batch[-1:], bs - real, axis=0)])
-        nlls.append(np.asarray(window_nll(cfg, params, jnp.asarray(batch), attention))[:real])
+    for b in tqdm(
+        batches(windows, batch_size), desc=f"ppl L={seqlen}", disable=not progress, leave=False
+    ):
+        nlls.append(np.asarray(window_nll(cfg, params, jnp.asarray(b.ids), attention))[: b.real])
     nll = np.concatenate(nlls).astype(np.float64)
     mean = float(nll.mean())
     return PerplexityResult(math.exp(mean), mean, n, seqlen, nll)
