@@ -65,6 +65,13 @@ def flip_signs(u: jax.Array) -> jax.Array:
     return u * jnp.where(s == 0, 1, s).astype(u.dtype)[None, :]
 
 
+def leading_eigvecs(gram: jax.Array, r: int) -> jax.Array:
+    """The ``r`` leading eigenvectors of a symmetric PSD ``gram [I, I]``, as ``[I, r]`` columns
+    in decreasing eigenvalue order, signs fixed (:func:`flip_signs`)."""
+    _, v = jnp.linalg.eigh(gram)
+    return flip_signs(v[:, ::-1][:, :r])
+
+
 def check_int(value: Any, what: str, *, low: int) -> int:
     """``value`` as an int ``>= low``, else a :class:`UserError` naming ``what``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

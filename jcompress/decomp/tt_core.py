@@ -8,7 +8,10 @@ of what the truncations drop: ``||A - A_tt||^2 = sum_k sum_{j > r_k} s_j(C_k)^2`
 
 Bond ranks are chosen in one of three ways (exactly one is given):
 
-* ``ranks``: fixed (static); everything is one jit-able function.
+* ``ranks``: fixed (static); everything is one jit-able function. Each split takes the
+  leading singular vectors from the smaller Gram matrix of the unfolding (``eigh``, plus a thin
+  QR on the tall side) and carries the exact projection ``U^T C``: the same truncation as the
+  SVD up to rounding, several times faster on CPU than LAPACK SVDs of wide unfoldings.
 * ``eps`` (the reference's energy rule): per unfolding, the smallest ``r`` whose cumulative
   squared singular values reach ``eps`` of the total, i.e. the dropped tail energy is at most
   ``(1 - eps) ||C_k||^2`` up to a rounding tolerance the size of the tail's own rounding error
@@ -51,6 +54,7 @@ from jcompress.decomp._base import (
     check_int,
     flip_signs,
     is_array,
+    leading_eigvecs,
     rank_list,
     register,
     relative_error,
@@ -248,14 +252,19 @@ def _ttm_apply(cores, x: jax.Array) -> jax.Array:
 
 
 def _split_fixed(c: jax.Array, rows: int, r: int) -> tuple[jax.Array, jax.Array]:
-    """``c -> [rows, -1]``, truncated SVD at rank ``r``: ``(U [rows, r], S V^T [r, cols])``
-    with signs fixed on ``U``."""
+    """``c -> C [rows, cols]``, split at rank ``r``: ``(U [rows, r], U^T C [r, cols])`` with
+    ``U`` the ``r`` leading left singular vectors of ``C`` (signs fixed), taken from the smaller
+    Gram matrix: ``eigh(C C^T)`` when ``rows <= cols``, else ``V`` from ``eigh(C^T C)`` and
+    ``U = qr(C V)``. ``U^T C`` is the exact projection (``= S_r V_r^T``), so the truncation
+    error is the SVD's up to rounding of the kept directions."""
     c = c.reshape(rows, -1)
-    u, s, vt = jnp.linalg.svd(c, full_matrices=False)
-    u, s, vt = u[:, :r], s[:r], vt[:r]
-    uf = flip_signs(u)
-    sign = jnp.sum(uf * u, axis=0)  # +-1 per column
-    return uf, (s * sign)[:, None] * vt
+    if rows <= c.shape[1]:
+        u = leading_eigvecs(jnp.matmul(c, c.T, precision=HIGHEST), r)
+    else:
+        v = leading_eigvecs(jnp.matmul(c.T, c, precision=HIGHEST), r)
+        u, _ = jnp.linalg.qr(jnp.matmul(c, v, precision=HIGHEST))
+        u = flip_signs(u)
+    return u, jnp.matmul(u.T, c, precision=HIGHEST)
 
 
 @functools.partial(jax.jit, static_argnames=("ranks",))
@@ -295,29 +304,35 @@ def _rank_from_tail(s: np.ndarray, budget: float, dtype) -> int:
     return max(int(ok[0]), 1)
 
 
+@functools.partial(jax.jit, static_argnames=("r",))
+def _truncate(u: jax.Array, s: jax.Array, vt: jax.Array, r: int):
+    """Thin SVD factors -> ``(U_r [m, r] signs fixed, S_r V_r^T [r, n])``."""
+    u, s, vt = u[:, :r], s[:r], vt[:r]
+    uf = flip_signs(u)
+    sign = jnp.sum(uf * u, axis=0)  # +-1 per column
+    return uf, (s * sign)[:, None] * vt
+
+
 def _tt_svd_adaptive(
     x: jax.Array, *, eps: float | None, rel_error: float | None
 ) -> tuple[jax.Array, ...]:
+    """TT-SVD with ranks read from each unfolding's singular values on the host (full thin
+    SVDs: the rule needs accurate small singular values)."""
     shape = x.shape
     d = len(shape)
-    norm2 = float(jnp.sum(x.astype(jnp.float64) ** 2 if x.dtype == jnp.float64 else x**2))
-    delta2 = None if rel_error is None else rel_error**2 / (d - 1) * norm2
     cores = []
     c, r_prev = x, 1
+    delta2 = None
     for k in range(d - 1):
-        c = c.reshape(r_prev * shape[k], -1)
-        u, s, vt = _svd(c)
-        s_host = np.asarray(s)
-        if eps is not None:
-            budget = (1.0 - eps) * float(np.sum(np.asarray(s_host, np.float64) ** 2))
-        else:
-            budget = delta2
+        u, s, vt = _svd(c.reshape(r_prev * shape[k], -1))
+        s_host = np.asarray(s, np.float64)
+        energy = float(np.sum(s_host**2))
+        if delta2 is None and rel_error is not None:  # ||A||^2 from the first unfolding
+            delta2 = rel_error**2 / (d - 1) * energy
+        budget = (1.0 - eps) * energy if eps is not None else delta2
         r = _rank_from_tail(s_host, budget, x.dtype)
-        u, s, vt = u[:, :r], s[:r], vt[:r]
-        uf = flip_signs(u)
-        sign = jnp.sum(uf * u, axis=0)
-        cores.append(uf.reshape(r_prev, shape[k], r))
-        c = (s * sign)[:, None] * vt
+        u, c = _truncate(u, s, vt, r)
+        cores.append(u.reshape(r_prev, shape[k], r))
         r_prev = r
     cores.append(c.reshape(r_prev, shape[-1], 1))
     return tuple(cores)

@@ -37,6 +37,7 @@ from jcompress.decomp._base import (
     check_int,
     flip_signs,
     is_array,
+    leading_eigvecs,
     rank_list,
     register,
     relative_error,
@@ -165,13 +166,6 @@ def mode_gram(y: jax.Array, mode: int) -> jax.Array:
     """``Y_(mode) Y_(mode)^T [I, I]`` without forming the unfolding."""
     others = [m for m in range(y.ndim) if m != mode]
     return jnp.tensordot(y, y, axes=(others, others), precision=HIGHEST)
-
-
-def leading_eigvecs(gram: jax.Array, r: int) -> jax.Array:
-    """The ``r`` leading eigenvectors of a symmetric PSD ``gram [I, I]``, as ``[I, r]`` columns
-    in decreasing eigenvalue order, signs fixed."""
-    _, v = jnp.linalg.eigh(gram)
-    return flip_signs(v[:, ::-1][:, :r])
 
 
 def factor_update(y: jax.Array, mode: int, r: int) -> jax.Array:
