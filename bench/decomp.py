@@ -18,6 +18,13 @@ from bench.harness import Context, median, register, rss_mib, time_calls
 GOAL_HOOI = ">= 5x faster than TensorLy tucker (ratio <= 0.2) at equal or lower error"
 
 
+def _blas_env() -> dict[str, str | None]:
+    """Thread settings that decide how LAPACK (numpy's, and jaxlib's CPU eigh / SVD / QR) runs:
+    on a busy shared machine an unset ``OPENBLAS_NUM_THREADS`` slows both sides a lot."""
+    names = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "XLA_FLAGS")
+    return {n: os.environ.get(n) for n in names}
+
+
 def _loadavg() -> float | None:
     try:
         return os.getloadavg()[0]
@@ -85,6 +92,8 @@ def hooi_jax(
         "rel_error": _rel(x, t.materialize()),
         "n_iter": int(info.n_iter),
         "loadavg_1m": {"start": load0, "end": _loadavg()},
+        "cpu_count": os.cpu_count(),
+        "threads_env": _blas_env(),
         "base_rss_mib": base,
         "backend": jax.default_backend(),
     }
@@ -114,6 +123,8 @@ def hooi_tensorly(
         "rel_error": _rel(x, tl.tucker_to_tensor((core, factors))),
         "n_iter": len(errors),
         "loadavg_1m": {"start": load0, "end": _loadavg()},
+        "cpu_count": os.cpu_count(),
+        "threads_env": _blas_env(),
         "base_rss_mib": base,
         "tensorly": tl.__version__,
     }
@@ -173,6 +184,8 @@ def tt_jax(shape: list[int], ranks: list[int], repeats: int, seed: int = 0) -> d
         "rel_error": _rel(x, tt.materialize()),
         "ranks": list(tt.ranks),
         "loadavg_1m": {"start": load0, "end": _loadavg()},
+        "cpu_count": os.cpu_count(),
+        "threads_env": _blas_env(),
         "base_rss_mib": base,
         "backend": jax.default_backend(),
     }
@@ -196,6 +209,8 @@ def tt_tensorly(shape: list[int], ranks: list[int], repeats: int, seed: int = 0)
         "rel_error": _rel(x, tl.tt_to_tensor(tt)),
         "ranks": [int(c.shape[0]) for c in tt] + [1],
         "loadavg_1m": {"start": load0, "end": _loadavg()},
+        "cpu_count": os.cpu_count(),
+        "threads_env": _blas_env(),
         "base_rss_mib": base,
         "tensorly": tl.__version__,
     }

@@ -235,16 +235,21 @@ def _ttm_to_matrix(cores) -> jax.Array:
 
 
 def _ttm_apply(cores, x: jax.Array) -> jax.Array:
+    x = jnp.asarray(x)
     m = tuple(int(c.shape[1]) for c in cores)
     n_in = math.prod(m)
     if x.shape[-1] != n_in:
         raise ValueError(f"TTMatrix.apply: x{tuple(x.shape)} does not end in {n_in}")
+    dtype = jnp.result_type(x.dtype, *(c.dtype for c in cores))
+    if not jnp.issubdtype(dtype, jnp.floating):
+        dtype = jnp.float32
+    x = x.astype(dtype)
     lead = x.shape[:-1]
     b = math.prod(lead)
     # state [B, N_done, r, m_k, M_rest]: output modes done so far, bond, current and later inputs
     s = x.reshape(b, 1, 1, m[0], n_in // m[0])
     for k, c in enumerate(cores):
-        s = jnp.einsum("bprmq,rmns->bpnsq", s, c.astype(s.dtype), precision=HIGHEST)
+        s = jnp.einsum("bprmq,rmns->bpnsq", s, c.astype(dtype), precision=HIGHEST)
         bb, p, nk, r, q = s.shape
         mk = m[k + 1] if k + 1 < len(cores) else 1
         s = s.reshape(bb, p * nk, r, mk, q // mk)
