@@ -34,6 +34,7 @@ to add a method") walks through an example.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
@@ -95,8 +96,19 @@ class Selection(NamedTuple):
         return path in self.chosen
 
 
-def select(rules: Sequence[str], paths: Iterable[str]) -> Selection:
+def select(
+    rules: Sequence[str],
+    paths: Iterable[str],
+    *,
+    allow_unmatched: bool = False,
+    arg: str = "layers",
+) -> Selection:
     """Select ``paths`` by regex ``rules`` (``re.fullmatch``; first matching rule wins).
+
+    A rule that matches no path is an error before any work (a typo would otherwise run the
+    whole job on nothing, or on the wrong layers): one :class:`UserError` naming the rule and
+    showing what the paths look like. ``allow_unmatched=True`` downgrades it to a warning; the
+    rule is then listed in ``Selection.unmatched`` (and in the method's report).
 
     Example::
 
@@ -105,6 +117,7 @@ def select(rules: Sequence[str], paths: Iterable[str]) -> Selection:
       sel.unmatched                  # ()
     """
     compiled = [(r, re.compile(r)) for r in rules]
+    paths = list(paths)
     chosen: dict[str, str] = {}
     used: set[str] = set()
     for p in paths:
@@ -116,7 +129,18 @@ def select(rules: Sequence[str], paths: Iterable[str]) -> Selection:
     # a rule shadowed by an earlier one still counts as matching if it would match something
     for p in chosen:
         used.update(r for r, rx in compiled if rx.fullmatch(p))
-    return Selection(chosen, tuple(r for r, _ in compiled if r not in used))
+    unmatched = tuple(r for r, _ in compiled if r not in used)
+    if unmatched:
+        shown = ", ".join(paths[:2]) + (", ..." if len(paths) > 2 else "")
+        msg = (
+            f"{arg}: rule {unmatched[0]!r} matches nothing"
+            + (f" (nor do {', '.join(map(repr, unmatched[1:]))})" if len(unmatched) > 1 else "")
+            + f"; paths look like {shown or '(none)'}"
+        )
+        if not allow_unmatched:
+            raise UserError(msg + " (allow_unmatched=True reports it instead)")
+        warnings.warn(msg, stacklevel=2)
+    return Selection(chosen, unmatched)
 
 
 def require_dense(path: str, leaf: Any, method: str, what: str = "kernels") -> None:

@@ -199,6 +199,7 @@ def test_generate(capsys, llama_dir, shared_data):
         (["eigen", *EIGEN, "--min_rank_fraction", "2"], "min_rank_fraction: must be < 1"),
         (["eigen", *EIGEN, "--threshold-step", "0"], "threshold_step: must be in (0, 1)"),
         (["eigen", *EIGEN, "--layers", "("], "layers: bad regex"),
+        (["eigen", *EIGEN, "--layers", "nomatch"], "--layers: rule 'nomatch' matches nothing"),
         (["eigen", *EIGEN, "--offload_dir", "/nope"], "--offload_dir: /nope is not a directory"),
         (["eigen", *EIGEN, "--min_rank", "x"], "--min-rank: invalid int value"),
     ],
@@ -364,17 +365,19 @@ def test_every_eigen_config_field_is_a_flag():
         "threshold_step": "0.05", "start_threshold": "0.9", "min_threshold": "0.2",
         "min_rank": "3", "min_rank_fraction": "0.25", "batch_size": "2", "offload_dir": "/tmp",
     }  # fmt: skip
-    assert set(given) | {"layers"} == {f.name for f in dataclasses.fields(EigenAttentionConfig)}
+    fields = {f.name for f in dataclasses.fields(EigenAttentionConfig)}
+    assert set(given) | {"layers", "allow_unmatched"} == fields
     for dashes in (False, True):
         argv = ["eigen", "--model", "m", "--calib_data", "c"]
         for k, v in given.items():
             argv += [f"--{k.replace('_', '-') if dashes else k}", v]
         argv += ["--layers", "a", "--layers", "b"]
+        argv += ["--allow-unmatched" if dashes else "--allow_unmatched"]
         args = p.parse_args(argv)
         cfg = config_from_args(EigenAttentionConfig, args, args.config_fields)
         for k, v in given.items():
             assert str(getattr(cfg, k)) == v, k
-        assert cfg.layers == ("a", "b")
+        assert cfg.layers == ("a", "b") and cfg.allow_unmatched is True
     # defaults are the config's own (layers, Optional fields), seqlen left to the model
     args = p.parse_args(["eigen", "--model", "m", "--calib_data", "c"])
     cfg = config_from_args(EigenAttentionConfig, args, args.config_fields, seqlen=64)

@@ -719,7 +719,16 @@ def test_perplexity_and_kv_cache(name, request):
 def test_layer_selection_and_purity(llama, llama_run):
     before = flatten(llama.params)
     snapshot = {k: (v, np.asarray(v).copy()) for k, v in before.items()}
-    run = _compress(llama, avg_dim=1, error_budget=BUDGET, layers=("model/layers/0", "nomatch/.*"))
+    with pytest.raises(jcompress.UserError, match=r"layers: rule 'nomatch/\.\*' matches nothing"):
+        _compress(llama, avg_dim=1, error_budget=BUDGET, layers=("model/layers/0", "nomatch/.*"))
+    with pytest.warns(UserWarning, match="matches nothing"):
+        run = _compress(
+            llama,
+            avg_dim=1,
+            error_budget=BUDGET,
+            layers=("model/layers/0", "nomatch/.*"),
+            allow_unmatched=True,
+        )
     rep = run.report
     assert rep.unmatched_rules == ("nomatch/.*",)
     assert [lr.layer for lr in rep.layers] == [0] and rep.layers[0].path == "model/layers/0"
@@ -778,10 +787,12 @@ def test_method_protocol(llama_run, llama):
     assert sig.parameters["config"].kind is inspect.Parameter.KEYWORD_ONLY
     with pytest.raises(jcompress.UserError, match="calib: EigenAttention needs calibration"):
         compress({}, llama.cfg, None, progress=False)
-    sel = methods.select(
-        ("model/layers/[01]", "model/layers/1", "model/layers/9", "model/layers/.*"),
-        [f"model/layers/{i}" for i in range(4)],
-    )
+    rules = ("model/layers/[01]", "model/layers/1", "model/layers/9", "model/layers/.*")
+    paths = [f"model/layers/{i}" for i in range(4)]
+    with pytest.raises(jcompress.UserError, match=r"layers: rule 'model/layers/9' matches"):
+        methods.select(rules, paths)
+    with pytest.warns(UserWarning, match="model/layers/9"):
+        sel = methods.select(rules, paths, allow_unmatched=True)
     assert sel.chosen == {
         "model/layers/0": "model/layers/[01]",
         "model/layers/1": "model/layers/[01]",  # first match wins

@@ -45,9 +45,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from jcompress.errors import UserError
+from jcompress.models.attention import resolve
 from jcompress.models.config import ModelConfig
 from jcompress.models.families import spec_for
-from jcompress.models.forward import Capture, apply_layer, check_length, embed, layer_params
+from jcompress.models.forward import (
+    DEFAULT_ATTENTION,
+    Capture,
+    apply_layer,
+    check_length,
+    embed,
+    layer_params,
+)
 
 __all__ = [
     "Activations",
@@ -161,10 +169,10 @@ class Observation(NamedTuple):
     captured: dict[str, dict[str, jax.Array]]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _error_step(cfg, lp, h, y, i, real, sums):
+@functools.partial(jax.jit, static_argnames=("cfg", "attention"))
+def _error_step(cfg, lp, h, y, i, real, sums, attention):
     """``sums [2] += (||Y'-Y||^2, ||Y||^2)`` over the first ``real`` rows (float32)."""
-    y2 = apply_layer(cfg, lp, h, i)
+    y2 = apply_layer(cfg, lp, h, i, attention=attention)
     keep = (jnp.arange(h.shape[0]) < real)[:, None, None]
     diff = jnp.where(keep, (y2 - y).astype(jnp.float32), 0.0)
     ref = jnp.where(keep, y.astype(jnp.float32), 0.0)
@@ -203,7 +211,10 @@ class StreamLayer:
         ref = Activations(len(self.batches), s.offload_dir) if keep else self._reference
         for b, batch in enumerate(self.batches):
             h = self.inputs.get(b)
-            y, cap = apply_layer(s.cfg, self.params, h, self.index, capture=capture or Capture())
+            y, cap = apply_layer(
+                s.cfg, self.params, h, self.index, capture=capture or Capture(),
+                attention=s.attention,
+            )  # fmt: skip
             if keep:
                 ref.put(b, y)
             yield Observation(b, batch.real, h, y, cap)
@@ -229,8 +240,9 @@ class StreamLayer:
         sums = jnp.zeros((2,), jnp.float32)
         for b, batch in enumerate(self.batches):
             sums = _error_step(
-                s.cfg, candidate, self.inputs.get(b), ref.get(b), self.index, batch.real, sums
-            )
+                s.cfg, candidate, self.inputs.get(b), ref.get(b), self.index, batch.real, sums,
+                s.attention,
+            )  # fmt: skip
         num, den = sums[0], sums[1]
         return jnp.where(den > 0, jnp.sqrt(num / jnp.where(den > 0, den, 1.0)), 0.0)
 
@@ -253,7 +265,8 @@ class StreamLayer:
         else:
             lp = self.params
         for b in range(len(self.batches)):  # in place: batch b is read before it is written
-            self.inputs.put(b, apply_layer(s.cfg, lp, self.inputs.get(b), self.index))
+            y = apply_layer(s.cfg, lp, self.inputs.get(b), self.index, attention=s.attention)
+            self.inputs.put(b, y)
         if self._reference is not None:
             self._reference.close()
         return self.inputs
@@ -264,6 +277,7 @@ class _Stream(NamedTuple):
     batches: list[Batch]
     offload_dir: str | None
     feed: Feed
+    attention: Any
 
 
 def stream_layers(
@@ -274,6 +288,7 @@ def stream_layers(
     batch_size: int = 8,
     offload_dir: str | None = None,
     feed: Feed = Feed.ORIGINAL,
+    attention: Any = DEFAULT_ATTENTION,
 ) -> Iterator[StreamLayer]:
     """Stream calibration windows through the model, one :class:`StreamLayer` per layer.
 
@@ -284,6 +299,8 @@ def stream_layers(
       offload_dir: keep activations in temporary files in this directory instead of memory
         (removed as soon as they are not needed).
       feed: :class:`Feed`: which outputs the next layer is fed.
+      attention: the attention implementation every layer runs with (as for
+        :func:`jcompress.forward`).
 
     Yields:
       :class:`StreamLayer` for layers ``0 .. num_layers - 1`` in order; each is valid until
@@ -299,7 +316,7 @@ def stream_layers(
     if offload_dir is not None and not os.path.isdir(offload_dir):
         raise UserError(f"offload_dir: {offload_dir} is not a directory")
     bl = batches(windows, batch_size)
-    s = _Stream(cfg, bl, offload_dir, Feed(feed))
+    s = _Stream(cfg, bl, offload_dir, Feed(feed), resolve(attention))
     hidden = Activations(len(bl), offload_dir)
     layer = None
     try:

@@ -79,6 +79,20 @@ def resolve_seqlen(model: Path, seqlen: int | None) -> int:
     return seqlen or min(2048, read_config(model).max_position_embeddings)
 
 
+def _check_layers(cfg, config) -> None:
+    """``--layers`` rules against the model's layer paths, before anything is loaded."""
+    import warnings
+
+    from jcompress.methods import select
+    from jcompress.models.families import spec_for
+
+    root = spec_for(cfg.family.value).layout.layers
+    paths = [f"{root}/{i}" for i in range(cfg.num_layers)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # compress() warns once more, with the report
+        select(config.layers, paths, allow_unmatched=config.allow_unmatched, arg="--layers")
+
+
 def check_eigen_job(job: EigenJob):
     """Validate everything cheap before any weights are loaded: inputs, outputs (the
     :mod:`jcompress.outputs` guard, free space), window lengths, the sample length. Returns
@@ -89,6 +103,7 @@ def check_eigen_job(job: EigenJob):
     from jcompress.outputs import check_output_dir, check_output_file
 
     cfg = read_config(job.model)
+    _check_layers(cfg, job.config)
     check_data_file(job.calib_data, "--calib_data")
     if job.eval_data is not None:
         check_data_file(job.eval_data, "--eval_data")

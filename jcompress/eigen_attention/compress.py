@@ -86,7 +86,10 @@ class EigenAttentionConfig:
       min_rank_fraction: total rank must stay above this fraction of ``heads x head_dim``;
         ``None``: family default (0.45 for the Llama family, 0 otherwise).
       layers: regexes (``re.fullmatch``) over layer paths such as ``model/layers/3``; a layer
-        is compressed when any rule matches. Rules that match no layer are reported.
+        is compressed when any rule matches. A rule that matches no layer is an error
+        (see ``allow_unmatched``).
+      allow_unmatched: a ``layers`` rule that matches no layer is an error before any work;
+        with this set it is only warned about and listed in the report.
       batch_size: calibration windows per forward call.
       offload_dir: keep the calibration activations (each layer's inputs and outputs,
         ``[nsamples, seqlen, hidden]`` each) in temporary files in this directory instead of
@@ -104,6 +107,7 @@ class EigenAttentionConfig:
     min_rank: int | None = None
     min_rank_fraction: float | None = None
     layers: tuple[str, ...] = (".*",)
+    allow_unmatched: bool = False
     batch_size: int = 8
     offload_dir: str | None = None
 
@@ -274,7 +278,7 @@ def compress(
     if not rope and hq != hk:
         raise UserError(f"{cfg.family.value}: shared K/Q bases need num_heads == num_kv_heads")
     layer_paths = [f"{lay.layers}/{i}" for i in range(cfg.num_layers)]
-    selection = select(config.layers, layer_paths)
+    selection = select(config.layers, layer_paths, allow_unmatched=config.allow_unmatched)
 
     flat_params = flatten(params)
     reports: list[LayerReport] = []
