@@ -92,19 +92,22 @@ def _oracle(xs, xr, threshold, gamma):
     return k, lam[::-1], p @ w[:, ::-1], rt, cs
 
 
-def test_fit_matches_numpy_scipy_pipeline_fp64():
+@pytest.mark.parametrize(("n_s", "n_r", "d"), [(80, 70, 20), (14, 10, 40)])  # primal, dual PCA
+def test_fit_matches_numpy_scipy_pipeline_fp64(n_s, n_r, d):
     rng = np.random.default_rng(2)
-    xs, xr, _ = _planted(rng, n_s=80, n_r=70, d=20)
+    xs, xr, _ = _planted(rng, n_s=n_s, n_r=n_r, d=d)
     xs, xr = xs.astype(np.float64), xr.astype(np.float64)
     k, lam, filt, _, cs = _oracle(xs, xr, 0.95, 0.05)
     with jax.enable_x64(True):
         res = fit(xs, xr, config=GEDConfig(variance_threshold=0.95, shrinkage=0.05))
         assert res.eigenvalues.dtype == jnp.float64
-    assert res.n_components == k < 20
-    np.testing.assert_allclose(res.eigenvalues, lam, rtol=1e-5)
+    assert res.n_components == k < d
+    # S is rank-deficient in the dual case: its null directions have eigenvalues ~1e-15
+    np.testing.assert_allclose(res.eigenvalues, lam, rtol=1e-5, atol=1e-10 * lam[0])
     f = np.asarray(res.filters)
     signs = np.sign(np.sum(f * filt, axis=0))
-    np.testing.assert_allclose(f, filt * signs, rtol=1e-5, atol=1e-9)
+    m = int(np.sum(lam > 1e-8 * lam[0]))  # past that, a degenerate (null of S) eigenspace
+    np.testing.assert_allclose(f[:, :m], (filt * signs)[:, :m], rtol=1e-5, atol=1e-9)
     w, p = np.asarray(res.eigvecs), np.asarray(res.basis)
     np.testing.assert_allclose(p @ w, f, atol=1e-12)
     r_red = p.T @ np.cov(xr, rowvar=False) @ p  # our basis: the oracle's up to column signs
@@ -122,7 +125,7 @@ def test_fit_matches_numpy_scipy_pipeline_fp64():
     s_red = p.T @ cs @ p
     st = 0.95 * s_red + 0.05 * np.trace(s_red) / k * np.eye(k)
     ref = scipy.linalg.eigh(p.T @ cr @ p, st, eigvals_only=True)[::-1]
-    np.testing.assert_allclose(res.swapped.eigenvalues, ref, rtol=1e-5)
+    np.testing.assert_allclose(res.swapped.eigenvalues, ref, rtol=1e-5, atol=1e-10 * ref[0])
     assert json.loads(json.dumps(res.to_json()))["swapped"]["n_components"] == k
 
 
@@ -388,3 +391,18 @@ def test_config_accepts_edges_and_is_hashable():
         hash(GEDConfig(**kw))
     with pytest.raises(TypeError):
         GEDConfig(0.9)  # keyword-only
+
+
+def test_dual_pca_matches_primal_fp64():
+    """N < D: the Gram-matrix PCA gives the covariance PCA (eigenvalues, top vectors)."""
+    rng = np.random.default_rng(13)
+    xs, xr = rng.normal(size=(9, 30)), rng.normal(size=(7, 30)) + 1.0
+    with jax.enable_x64(True):
+        y = core.pooled_factor_core(jnp.asarray(xs), jnp.asarray(xr))
+        ev, vec = core.pca_dual_core(y)
+        ref_ev, ref_vec = core.pca_core((np.cov(xs, rowvar=False) + np.cov(xr, rowvar=False)) / 2)
+    ev, vec, ref_ev, ref_vec = map(np.asarray, (ev, vec, ref_ev, ref_vec))
+    assert ev.shape == (30,) and vec.shape == (30, 16)
+    np.testing.assert_allclose(ev, np.where(ref_ev > 1e-10, ref_ev, 0.0), atol=1e-10)
+    np.testing.assert_allclose(vec[:, :14], ref_vec[:, :14], atol=1e-8)  # rank 14 = 8 + 6
+    assert np.all(vec[:, 14:] == 0)

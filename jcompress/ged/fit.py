@@ -229,9 +229,14 @@ def _check_inputs(acts_s, acts_r, *, batched: bool = False) -> tuple[jax.Array, 
 
 
 def _pooled_pca(xs, xr, center: bool):
-    """Stage 1: per-condition covariances and the PCA of their mean."""
+    """Stage 1: per-condition covariances and the PCA of their mean; with fewer samples than
+    neurons (the usual case for sentence sets) the PCA goes through the ``[N, N]`` Gram
+    matrix (:func:`~jcompress.ged.ged_core.pca_dual_core`), then ``vecs`` is ``[D, N]``."""
     cs, cr = core.covariance_core(xs, center), core.covariance_core(xr, center)
-    evals, vecs = core.pca_core(0.5 * (cs + cr))
+    if xs.shape[0] + xr.shape[0] < xs.shape[1]:
+        evals, vecs = core.pca_dual_core(core.pooled_factor_core(xs, xr, center))
+    else:
+        evals, vecs = core.pca_core(0.5 * (cs + cr))
     return cs, cr, evals, vecs
 
 

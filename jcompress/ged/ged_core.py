@@ -30,6 +30,8 @@ import jax.numpy as jnp
 __all__ = [
     "covariance_core",
     "pca_core",
+    "pooled_factor_core",
+    "pca_dual_core",
     "ledoit_wolf_core",
     "shrink_core",
     "rank_core",
@@ -83,6 +85,48 @@ def pca_core(cov: jax.Array) -> tuple[jax.Array, jax.Array]:
     w, v = jnp.linalg.eigh(_float(cov))
     w, v = jnp.maximum(w[::-1], 0.0), v[:, ::-1]
     return w, v * flip_signs_core(v)[None, :]
+
+
+def pooled_factor_core(xs: jax.Array, xr: jax.Array, center: bool = True) -> jax.Array:
+    """``Y [N_S + N_R, D]`` with ``Y^T Y = (cov(xs) + cov(xr)) / 2`` (:func:`covariance_core`
+    normalisation): each condition's rows (centered where asked) scaled by
+    ``1 / sqrt(2 (N - 1))`` (``1 / sqrt(2 N)`` uncentered)."""
+
+    def part(x):
+        x = _float(x)
+        n = x.shape[0]
+        if center:
+            return (x - jnp.mean(x, axis=0, keepdims=True)) / jnp.sqrt(2.0 * max(n - 1, 1))
+        return x / jnp.sqrt(2.0 * max(n, 1))
+
+    return jnp.concatenate([part(xs), part(xr)])
+
+
+def pca_dual_core(y: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """:func:`pca_core` of ``Y^T Y`` through the ``[N, N]`` Gram matrix ``Y Y^T`` (for
+    ``N < D``: ``O(N^2 D + N^3)`` instead of ``O(D^3)``).
+
+    ``Y Y^T = U diag(w) U^T`` gives the nonzero eigenpairs of ``Y^T Y``: eigenvalues ``w``,
+    eigenvectors ``Y^T U / sqrt(w)``. Eigenvalues at or below the numerical-rank tolerance
+    (``max(w) * N * eps``) are set to 0 and their vectors to 0: they span no data.
+
+    Args:
+      y: ``[N, D]`` with ``N <= D``.
+
+    Returns:
+      ``(evals [D], vecs [D, N])``: ``evals`` decreasing, zero-padded to ``D``; ``vecs`` the
+      matching orthonormal eigenvectors (zero columns past the rank), signs fixed.
+    """
+    y = _float(y)
+    n, d = y.shape
+    w, u = jnp.linalg.eigh(jnp.matmul(y, y.T, precision=_HI))
+    w, u = w[::-1], u[:, ::-1]
+    keep = w > jnp.max(jnp.abs(w)) * n * jnp.finfo(y.dtype).eps
+    w = jnp.where(keep, w, 0.0)
+    v = jnp.matmul(y.T, u, precision=_HI) / jnp.sqrt(jnp.where(keep, w, 1.0))[None, :]
+    v = jnp.where(keep[None, :], v, 0.0)
+    evals = jnp.zeros((d,), y.dtype).at[:n].set(w)
+    return evals, v * flip_signs_core(v)[None, :]
 
 
 def ledoit_wolf_core(x: jax.Array) -> jax.Array:
