@@ -165,9 +165,13 @@ def test_permutation_edges():
     xs, xr, _ = _planted(rng, n_s=30, n_r=20, d=6)
     null, p = permutation_test(xs, xr, config=GEDConfig(n_permutations=0))
     assert null.shape == (0,) and p == 1.0
-    a = permutation_test(xs, xr, config=GEDConfig(n_permutations=20, seed=5))
-    b = permutation_test(xs, xr, config=GEDConfig(n_permutations=20, seed=5))
+    cfg = GEDConfig(n_permutations=20, seed=5)
+    a = permutation_test(xs, xr, config=cfg)
+    b = permutation_test(xs, xr, config=cfg, result=fit(xs, xr, config=cfg))
     np.testing.assert_array_equal(a[0], b[0])
+    assert a[1] == b[1]
+    with pytest.raises(UserError, match="other activations"):
+        permutation_test(xs[:10], xr, config=cfg, result=fit(xs, xr, config=cfg))
 
 
 # --------------------------------------------------------------------------- PCA count

@@ -398,7 +398,9 @@ def _permutation_from_fit(xs, xr, res: GEDResult, config: GEDConfig):
     return null, float(p)
 
 
-def permutation_test(acts_s, acts_r, *, config: GEDConfig = _DEFAULT) -> tuple[np.ndarray, float]:
+def permutation_test(
+    acts_s, acts_r, *, config: GEDConfig = _DEFAULT, result: GEDResult | None = None
+) -> tuple[np.ndarray, float]:
     """Significance of the top generalized eigenvalue by shuffling condition labels.
 
     The PCA basis of the fit is held fixed (the PCA of the mean covariance is label-blind up to
@@ -409,13 +411,18 @@ def permutation_test(acts_s, acts_r, *, config: GEDConfig = _DEFAULT) -> tuple[n
       acts_s: ``[N_S, D]`` signal activations.
       acts_r: ``[N_R, D]`` reference activations.
       config: ``n_permutations`` and ``seed`` set the shuffles.
+      result: ``fit(acts_s, acts_r, config=config)`` where already computed (its PCA basis is
+        reused); ``None`` fits here.
 
     Returns:
       ``(null [n_permutations], p_value)`` with ``p = (1 + #(null >= observed)) / (1 + n)``.
     """
     xs, xr = _check_inputs(acts_s, acts_r)
-    res = fit(xs, xr, config=config, swap=False)
-    return _permutation_from_fit(xs, xr, res, config)
+    if result is None:
+        result = fit(xs, xr, config=config, swap=False)
+    elif result.basis.shape[0] != xs.shape[1] or result.scores_s.shape[0] != xs.shape[0]:
+        raise UserError("GED: permutation_test(result=...) is a fit of other activations")
+    return _permutation_from_fit(xs, xr, result, config)
 
 
 def _folds(n: int, n_folds: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -494,7 +501,7 @@ def fit_layers(acts_s, acts_r, *, config: GEDConfig = _DEFAULT, swap: bool = Fal
     for layer in range(xs.shape[0]):
         st = tuple(a[layer] for a in stats)
         res = _fit_stats(xs[layer], xr[layer], st, config, swap)
-        null, p = _permutation_from_fit(xs[layer], xr[layer], res, config)
+        null, p = permutation_test(xs[layer], xr[layer], config=config, result=res)
         cv = cross_validate(xs[layer], xr[layer], config=config)
         rows.append((float(res.eigenvalues[0]), p, cv.accuracy, cv.cohens_d, res.n_components))
         results.append(res)
