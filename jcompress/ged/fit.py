@@ -370,28 +370,71 @@ def _top_reduced(zs, zr, opts: _Opts, gamma):
     return core.top_eigenvalue_core(s, core.shrink_core(r, _gamma(zr, opts, gamma)))
 
 
-@functools.partial(jax.jit, static_argnames=("n_s", "n_perm", "opts", "batch"))
-def _permutation_null(z, seed, gamma, n_s: int, n_perm: int, opts: _Opts, batch: int):
-    def one(key):
-        perm = jax.random.permutation(key, z.shape[0])
-        return _top_reduced(z[perm[:n_s]], z[perm[n_s:]], opts, gamma)
+def _top_from_mask(m, z, zz, n_s: int, opts: _Opts, gamma):
+    """:func:`_top_reduced` of the rows ``m == 1`` against the rest, from sufficient
+    statistics: ``sum_{m} z_i z_i^T = m @ zz`` (a ``[B, N] @ [N, K^2]`` GEMM once vmapped; no
+    gather). ``z`` is shifted by its pooled mean where centering (shift-invariant then), which
+    keeps the float32 cancellation in ``sum z z^T - n mu mu^T`` small."""
+    n, k = z.shape
+    n_r = n - n_s
+    ss = jnp.matmul(m, zz, precision=_HI).reshape(k, k)
+    sr = jnp.sum(zz, axis=0).reshape(k, k) - ss
+    if opts.center:
+        a = jnp.matmul(m, z, precision=_HI)
+        b = jnp.sum(z, axis=0) - a
+        s = (ss - jnp.outer(a, a) / n_s) / max(n_s - 1, 1)
+        r = (sr - jnp.outer(b, b) / n_r) / max(n_r - 1, 1)
+    else:
+        s, r = ss / n_s, sr / n_r
+    s, r = 0.5 * (s + s.T), 0.5 * (r + r.T)
+    return core.top_eigenvalue_core(s, core.shrink_core(r, gamma))
 
+
+@functools.partial(jax.jit, static_argnames=("n_s", "n_perm", "opts", "batch", "moments"))
+def _permutation_null(
+    z, seed, gamma, n_s: int, n_perm: int, opts: _Opts, batch: int, moments: bool
+):
+    n = z.shape[0]
     keys = jax.random.split(jax.random.key(seed), n_perm)
+    if moments:  # fixed shrinkage: every permutation from the [N, K^2] outer products
+        if opts.center:
+            z = z - jnp.mean(z, axis=0, keepdims=True)
+        zz = (z[:, :, None] * z[:, None, :]).reshape(n, -1)
+        gamma = jnp.asarray(gamma, z.dtype)
+
+        def one(key):
+            perm = jax.random.permutation(key, n)
+            m = jnp.zeros((n,), z.dtype).at[perm[:n_s]].set(1.0)
+            return _top_from_mask(m, z, zz, n_s, opts, gamma)
+
+    else:  # Ledoit-Wolf needs the reference samples themselves
+
+        def one(key):
+            perm = jax.random.permutation(key, n)
+            return _top_reduced(z[perm[:n_s]], z[perm[n_s:]], opts, gamma)
+
     observed = _top_reduced(z[:n_s], z[n_s:], opts, gamma)
     return observed, jax.lax.map(one, keys, batch_size=batch)
 
 
-def _permutation_from_fit(xs, xr, res: GEDResult, config: GEDConfig):
+_MOMENTS_BYTES = 1 << 30  # the [N, K^2] outer products are kept below 1 GiB
+
+
+def _permutation_from_fit(xs, xr, res: GEDResult, config: GEDConfig, moments: bool = True):
     n_s = xs.shape[0]
     n_perm = config.n_permutations
     if n_perm == 0:
         return np.zeros((0,), np.float32), 1.0
     z = jnp.matmul(jnp.concatenate([xs, xr]).astype(res.basis.dtype), res.basis, precision=_HI)
-    # one permutation holds a gathered copy of z and a few [K, K] matrices: ~256 MiB per chunk
-    per = 3 * z.size * z.dtype.itemsize + 8 * z.shape[1] ** 2 * z.dtype.itemsize
+    opts = _Opts.of(config)
+    n, k = z.shape
+    item = z.dtype.itemsize
+    moments = moments and not opts.ledoit_wolf and n * k * k * item <= _MOMENTS_BYTES
+    # one permutation holds a mask or a gathered copy of z and a few [K, K] matrices
+    per = (2 * n if moments else 3 * z.size) * item + 8 * k * k * item
     batch = int(max(1, min(n_perm, (256 << 20) // per)))
     observed, null = _permutation_null(
-        z, config.seed, _gamma_arg(config), n_s, n_perm, _Opts.of(config), batch
+        z, config.seed, _gamma_arg(config), n_s, n_perm, opts, batch, moments
     )
     null = np.asarray(null)
     p = (1.0 + np.sum(null >= np.asarray(observed))) / (1.0 + n_perm)
