@@ -1,0 +1,561 @@
+"""GED "compress then separate" on two activation sets: fit, permutation test, held-out
+separation, and the per-layer table.
+
+The pipeline (Cohen 2022's two-stage procedure):
+
+1. covariances ``S`` (signal condition) and ``R`` (reference condition), centered per condition;
+2. PCA on ``(S + R) / 2``: keep the fewest components ``P [D, K]`` whose cumulative explained
+   variance reaches ``variance_threshold`` (picked on the host: ``K`` sets every later shape);
+3. in the ``K``-dim space, shrink ``R~ = (1 - g) R + g mean(eig R) I`` and solve
+   ``S w = lambda R~ w`` (:func:`~jcompress.ged.ged_core.ged_core`);
+4. back-project: filters ``F = P W [D, K]``, maps ``A = S F [D, K]`` (Haufe et al. 2014's
+   activation pattern ``Sigma F (F^T Sigma F)^-1`` with ``Sigma = S``: inside the PCA space
+   ``F^T S F = diag(lambda)``, so this is the pattern up to a per-column scale), per-sample
+   scores ``(X - mu) F`` with ``mu`` the mean of the two condition means.
+
+Step 2 needs one host sync (the component count); steps 1 and 3-4 are jitted, the latter with
+``K`` static. Model activation capture (``analyze``) plugs in by calling :func:`fit_layers` on
+``[L, N, D]`` activations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jcompress.errors import UserError
+from jcompress.ged import ged_core as core
+from jcompress.ged.config import LEDOIT_WOLF, GEDConfig
+
+__all__ = [
+    "GEDResult",
+    "CVResult",
+    "LayerTable",
+    "THRESHOLD_TOL",
+    "n_components_for_threshold",
+    "fit",
+    "permutation_test",
+    "cross_validate",
+    "fit_layers",
+]
+
+_HI = jax.lax.Precision.HIGHEST
+_DEFAULT = GEDConfig()
+
+THRESHOLD_TOL = 1e-6
+"""A cumulative explained-variance fraction within this of ``variance_threshold`` counts as
+reaching it. The fractions are summed in float64 on the host, but the PCA eigenvalues carry the
+rounding of the (float32) eigh, ~1e-7 relative; without the tolerance a spectrum built to hit
+the threshold exactly could need one more component on some platforms."""
+
+
+# --------------------------------------------------------------------------- result types
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=[
+        "eigenvalues",
+        "filters",
+        "maps",
+        "scores_s",
+        "scores_r",
+        "eigvecs",
+        "basis",
+        "offset",
+        "pca_eigenvalues",
+        "explained",
+        "shrinkage",
+        "rank_r_before",
+        "rank_r_after",
+        "swapped",
+    ],
+    meta_fields=["n_components"],
+)
+@dataclasses.dataclass(frozen=True)
+class GEDResult:
+    """One GED fit of a signal condition S against a reference condition R.
+
+    Invariants (K = ``n_components``, ``R~`` the shrunk reduced reference covariance):
+    ``eigvecs^T R~ eigvecs = I``, ``filters = basis @ eigvecs``, each map's largest-|.| entry
+    is positive (filters, eigvecs and scores share that sign), eigenvalues decrease.
+
+    Attributes:
+      eigenvalues: ``[K]`` generalized eigenvalues (variance ratio S / R~ of each component).
+      filters: ``[D, K]`` spatial filters in neuron space (``P W``).
+      maps: ``[D, K]`` activation patterns ``S_full @ filters`` (see the module docstring).
+      scores_s: ``[N_S, K]`` component scores of the signal samples, ``(X_s - offset) F``.
+      scores_r: ``[N_R, K]`` component scores of the reference samples.
+      eigvecs: ``[K, K]`` generalized eigenvectors ``W`` in the PCA space.
+      basis: ``[D, K]`` the kept principal components ``P`` (orthonormal columns).
+      offset: ``[D]`` mean of the two condition means, subtracted before scoring.
+      pca_eigenvalues: ``[D]`` eigenvalues of ``(S + R) / 2``, decreasing.
+      explained: ``[D]`` explained-variance fraction of each principal component.
+      shrinkage: ``[]`` the shrinkage ``g`` used (the Ledoit-Wolf estimate where asked).
+      rank_r_before: ``[]`` numerical rank of the reduced ``R`` before shrinkage.
+      rank_r_after: ``[]`` numerical rank of ``R~``.
+      swapped: the same fit with the roles exchanged (R as signal, S as reference; its
+        ``scores_s`` are then the R samples), or ``None``.
+      n_components: ``K`` (static).
+    """
+
+    eigenvalues: jax.Array
+    filters: jax.Array
+    maps: jax.Array
+    scores_s: jax.Array
+    scores_r: jax.Array
+    eigvecs: jax.Array
+    basis: jax.Array
+    offset: jax.Array
+    pca_eigenvalues: jax.Array
+    explained: jax.Array
+    shrinkage: jax.Array
+    rank_r_before: jax.Array
+    rank_r_after: jax.Array
+    swapped: GEDResult | None
+    n_components: int
+
+    def to_json(self, top: int = 10) -> dict[str, Any]:
+        """A JSON-able summary: sizes, ranks, shrinkage, the leading eigenvalues."""
+        ev = np.asarray(self.eigenvalues, np.float64)
+        out = {
+            "n_neurons": int(self.filters.shape[0]),
+            "n_samples_s": int(self.scores_s.shape[0]),
+            "n_samples_r": int(self.scores_r.shape[0]),
+            "n_components": int(self.n_components),
+            "explained": float(np.sum(np.asarray(self.explained)[: self.n_components])),
+            "shrinkage": float(self.shrinkage),
+            "rank_r_before": int(self.rank_r_before),
+            "rank_r_after": int(self.rank_r_after),
+            "eigenvalues": [float(v) for v in ev[:top]],
+        }
+        if self.swapped is not None:
+            out["swapped"] = self.swapped.to_json(top)
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class CVResult:
+    """Held-out separation on the top filter, per fold and averaged.
+
+    ``accuracy`` is that of a threshold at the midpoint of the two training class means of the
+    top component's score (the side of S decided by the training means). ``cohens_d`` is that of
+    the held-out scores, S minus R, oriented so that positive means the training direction held.
+    """
+
+    accuracy: float
+    cohens_d: float
+    fold_accuracy: tuple[float, ...]
+    fold_cohens_d: tuple[float, ...]
+    fold_sizes: tuple[int, ...]
+    scores_s: np.ndarray  # [N_S] held-out top-component scores (each sample once)
+    scores_r: np.ndarray  # [N_R]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "accuracy": self.accuracy,
+            "cohens_d": self.cohens_d,
+            "fold_accuracy": list(self.fold_accuracy),
+            "fold_cohens_d": list(self.fold_cohens_d),
+            "fold_sizes": list(self.fold_sizes),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerTable:
+    """Per-layer summary of :func:`fit_layers` (arrays of length ``L``) and the fits."""
+
+    top_eigenvalue: np.ndarray
+    p_value: np.ndarray
+    accuracy: np.ndarray
+    cohens_d: np.ndarray
+    n_components: np.ndarray
+    results: tuple[GEDResult, ...]
+    nulls: tuple[np.ndarray, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "layers": [
+                {
+                    "layer": i,
+                    "top_eigenvalue": float(self.top_eigenvalue[i]),
+                    "p_value": float(self.p_value[i]),
+                    "accuracy": float(self.accuracy[i]),
+                    "cohens_d": float(self.cohens_d[i]),
+                    "n_components": int(self.n_components[i]),
+                }
+                for i in range(len(self.top_eigenvalue))
+            ]
+        }
+
+
+# --------------------------------------------------------------------------- component count
+
+
+def n_components_for_threshold(pca_eigenvalues, threshold: float) -> int:
+    """The fewest leading components whose cumulative explained variance is ``>= threshold``
+    (within :data:`THRESHOLD_TOL`). ``pca_eigenvalues [D]`` decreasing; negatives count as 0."""
+    ev = np.clip(np.asarray(pca_eigenvalues, np.float64), 0.0, None)
+    total = ev.sum()
+    if not total > 0:
+        raise UserError("GED: the activations have zero variance (all samples identical)")
+    frac = np.cumsum(ev) / total
+    return int(min(np.sum(frac < threshold - THRESHOLD_TOL) + 1, ev.size))
+
+
+# --------------------------------------------------------------------------- jitted stages
+
+
+def _check_inputs(acts_s, acts_r, *, batched: bool = False) -> tuple[jax.Array, jax.Array]:
+    nd = 3 if batched else 2
+    shape = "[L, N, D]" if batched else "[N, D]"
+    xs, xr = jnp.asarray(acts_s), jnp.asarray(acts_r)
+    for name, x in (("acts_s", xs), ("acts_r", xr)):
+        if x.ndim != nd:
+            raise UserError(f"GED: {name} must be {shape}, got shape {tuple(x.shape)}")
+        if x.shape[-2] < 2:
+            raise UserError(f"GED: {name} needs at least 2 samples, got {x.shape[-2]}")
+    if xs.shape[-1] != xr.shape[-1] or xs.shape[:-2] != xr.shape[:-2]:
+        raise UserError(
+            f"GED: acts_s {tuple(xs.shape)} and acts_r {tuple(xr.shape)} disagree "
+            "(same layers and neurons needed)"
+        )
+    return xs, xr
+
+
+def _pooled_pca(xs, xr, center: bool):
+    """Stage 1: per-condition covariances and the PCA of their mean; with fewer samples than
+    neurons (the usual case for sentence sets) the PCA goes through the ``[N, N]`` Gram
+    matrix (:func:`~jcompress.ged.ged_core.pca_dual_core`), then ``vecs`` is ``[D, N]``."""
+    cs, cr = core.covariance_core(xs, center), core.covariance_core(xr, center)
+    if xs.shape[0] + xr.shape[0] < xs.shape[1]:
+        evals, vecs = core.pca_dual_core(core.pooled_factor_core(xs, xr, center))
+    else:
+        evals, vecs = core.pca_core(0.5 * (cs + cr))
+    return cs, cr, evals, vecs
+
+
+_pooled_pca_jit = jax.jit(_pooled_pca, static_argnames=("center",))
+_pooled_pca_layers = jax.jit(
+    jax.vmap(_pooled_pca, in_axes=(0, 0, None)), static_argnames=("center",)
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Opts:
+    """The settings that change a compiled program (static jit argument); the shrinkage value
+    and the seed travel as traced arrays so that sweeping them does not recompile."""
+
+    center: bool
+    ledoit_wolf: bool
+
+    @staticmethod
+    def of(config: GEDConfig) -> _Opts:
+        return _Opts(center=config.center, ledoit_wolf=config.shrinkage == LEDOIT_WOLF)
+
+
+def _gamma_arg(config: GEDConfig) -> jax.Array:
+    return jnp.asarray(0.0 if config.shrinkage == LEDOIT_WOLF else config.shrinkage)
+
+
+def _gamma(z_ref, opts: _Opts, gamma):
+    if opts.ledoit_wolf:
+        return core.ledoit_wolf_core(z_ref)
+    return jnp.asarray(gamma, z_ref.dtype)
+
+
+def _separate(cov_sig, cov_ref, x_sig, x_ref, p, offset, opts: _Opts, gamma):
+    """Stage 2 for one direction: reduce, shrink, GED, back-project, fix signs."""
+    s = p.T @ jnp.matmul(cov_sig, p, precision=_HI)
+    r = p.T @ jnp.matmul(cov_ref, p, precision=_HI)
+    s, r = 0.5 * (s + s.T), 0.5 * (r + r.T)
+    g = _gamma(jnp.matmul(x_ref.astype(p.dtype), p, precision=_HI), opts, gamma)
+    r_shrunk = core.shrink_core(r, g)
+    lam, w = core.ged_core(s, r_shrunk)
+    filters = jnp.matmul(p, w, precision=_HI)
+    maps = jnp.matmul(cov_sig, filters, precision=_HI)
+    sign = core.flip_signs_core(maps)
+    w, filters, maps = w * sign, filters * sign, maps * sign
+    score = lambda x: jnp.matmul(x.astype(p.dtype) - offset, filters, precision=_HI)  # noqa: E731
+    return dict(
+        eigenvalues=lam,
+        filters=filters,
+        maps=maps,
+        scores_s=score(x_sig),
+        scores_r=score(x_ref),
+        eigvecs=w,
+        shrinkage=g,
+        rank_r_before=core.rank_core(r),
+        rank_r_after=core.rank_core(r_shrunk),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("k", "opts", "swap"))
+def _reduced_fit(xs, xr, cs, cr, evals, vecs, gamma, k: int, opts: _Opts, swap: bool):
+    p = vecs[:, :k]
+    offset = 0.5 * (jnp.mean(xs, axis=0) + jnp.mean(xr, axis=0)).astype(p.dtype)
+    total = jnp.sum(evals)
+    common = dict(
+        basis=p,
+        offset=offset,
+        pca_eigenvalues=evals,
+        explained=evals / jnp.where(total > 0, total, 1.0),
+        n_components=k,
+    )
+    main = _separate(cs, cr, xs, xr, p, offset, opts, gamma)
+    swapped = None
+    if swap:
+        swapped = GEDResult(
+            **_separate(cr, cs, xr, xs, p, offset, opts, gamma), **common, swapped=None
+        )
+    return GEDResult(**main, **common, swapped=swapped)
+
+
+def _check_pd(res: GEDResult, what: str) -> None:
+    k = res.n_components
+    after, before = int(res.rank_r_after), int(res.rank_r_before)
+    if after < k or not bool(jnp.all(jnp.isfinite(res.eigenvalues))):
+        raise UserError(
+            f"GED: the {what} covariance is not positive definite in the {k}-dim PCA space "
+            f"(rank {before} before shrinkage, {after} after, {k} needed): set "
+            "GEDConfig.shrinkage > 0 (e.g. 0.01) or 'ledoit_wolf'"
+        )
+
+
+def _fit_stats(xs, xr, stats, config: GEDConfig, swap: bool) -> GEDResult:
+    cs, cr, evals, vecs = stats
+    k = n_components_for_threshold(evals, config.variance_threshold)
+    res = _reduced_fit(xs, xr, cs, cr, evals, vecs, _gamma_arg(config), k, _Opts.of(config), swap)
+    _check_pd(res, "reference (acts_r)")
+    if res.swapped is not None:
+        _check_pd(res.swapped, "swapped reference (acts_s)")
+    return res
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def fit(acts_s, acts_r, *, config: GEDConfig = _DEFAULT, swap: bool = True) -> GEDResult:
+    """Compress then separate: GED of ``acts_s`` (signal) against ``acts_r`` (reference).
+
+    Args:
+      acts_s: ``[N_S, D]`` activations of the signal condition (e.g. at "him" tokens).
+      acts_r: ``[N_R, D]`` activations of the reference condition (e.g. at "her" tokens).
+      config: :class:`GEDConfig` (threshold, shrinkage, centering).
+      swap: also fit R against S (``result.swapped``).
+
+    Returns:
+      :class:`GEDResult`. Raises :class:`~jcompress.errors.UserError` when the (shrunk)
+      reference covariance is not positive definite in the PCA space.
+
+    Example::
+
+      res = fit(him_acts, her_acts, config=GEDConfig(shrinkage=0.01))
+      res.eigenvalues[0], res.maps[:, 0]      # the "him > her" component
+      res.swapped.eigenvalues[0]              # "her > him"
+    """
+    xs, xr = _check_inputs(acts_s, acts_r)
+    return _fit_stats(xs, xr, _pooled_pca_jit(xs, xr, config.center), config, swap)
+
+
+def _top_reduced(zs, zr, opts: _Opts, gamma):
+    """Top generalized eigenvalue from samples already in the PCA space ``[N, K]``."""
+    s = core.covariance_core(zs, opts.center)
+    r = core.covariance_core(zr, opts.center)
+    return core.top_eigenvalue_core(s, core.shrink_core(r, _gamma(zr, opts, gamma)))
+
+
+def _top_from_mask(m, z, zz, n_s: int, opts: _Opts, gamma):
+    """:func:`_top_reduced` of the rows ``m == 1`` against the rest, from sufficient
+    statistics: ``sum_{m} z_i z_i^T = m @ zz`` (a ``[B, N] @ [N, K^2]`` GEMM once vmapped; no
+    gather). ``z`` is shifted by its pooled mean where centering (shift-invariant then), which
+    keeps the float32 cancellation in ``sum z z^T - n mu mu^T`` small."""
+    n, k = z.shape
+    n_r = n - n_s
+    ss = jnp.matmul(m, zz, precision=_HI).reshape(k, k)
+    sr = jnp.sum(zz, axis=0).reshape(k, k) - ss
+    if opts.center:
+        a = jnp.matmul(m, z, precision=_HI)
+        b = jnp.sum(z, axis=0) - a
+        s = (ss - jnp.outer(a, a) / n_s) / max(n_s - 1, 1)
+        r = (sr - jnp.outer(b, b) / n_r) / max(n_r - 1, 1)
+    else:
+        s, r = ss / n_s, sr / n_r
+    s, r = 0.5 * (s + s.T), 0.5 * (r + r.T)
+    return core.top_eigenvalue_core(s, core.shrink_core(r, gamma))
+
+
+@functools.partial(jax.jit, static_argnames=("n_s", "n_perm", "opts", "batch", "moments"))
+def _permutation_null(
+    z, seed, gamma, n_s: int, n_perm: int, opts: _Opts, batch: int, moments: bool
+):
+    n = z.shape[0]
+    keys = jax.random.split(jax.random.key(seed), n_perm)
+    if moments:  # fixed shrinkage: every permutation from the [N, K^2] outer products
+        if opts.center:
+            z = z - jnp.mean(z, axis=0, keepdims=True)
+        zz = (z[:, :, None] * z[:, None, :]).reshape(n, -1)
+        gamma = jnp.asarray(gamma, z.dtype)
+
+        def one(key):
+            perm = jax.random.permutation(key, n)
+            m = jnp.zeros((n,), z.dtype).at[perm[:n_s]].set(1.0)
+            return _top_from_mask(m, z, zz, n_s, opts, gamma)
+
+    else:  # Ledoit-Wolf needs the reference samples themselves
+
+        def one(key):
+            perm = jax.random.permutation(key, n)
+            return _top_reduced(z[perm[:n_s]], z[perm[n_s:]], opts, gamma)
+
+    observed = _top_reduced(z[:n_s], z[n_s:], opts, gamma)
+    return observed, jax.lax.map(one, keys, batch_size=batch)
+
+
+_MOMENTS_BYTES = 1 << 30  # the [N, K^2] outer products are kept below 1 GiB
+
+
+def _permutation_from_fit(xs, xr, res: GEDResult, config: GEDConfig, moments: bool = True):
+    n_s = xs.shape[0]
+    n_perm = config.n_permutations
+    if n_perm == 0:
+        return np.zeros((0,), np.float32), 1.0
+    z = jnp.matmul(jnp.concatenate([xs, xr]).astype(res.basis.dtype), res.basis, precision=_HI)
+    opts = _Opts.of(config)
+    n, k = z.shape
+    item = z.dtype.itemsize
+    moments = moments and not opts.ledoit_wolf and n * k * k * item <= _MOMENTS_BYTES
+    # one permutation holds a mask or a gathered copy of z and a few [K, K] matrices
+    per = (2 * n if moments else 3 * z.size) * item + 8 * k * k * item
+    batch = int(max(1, min(n_perm, (256 << 20) // per)))
+    observed, null = _permutation_null(
+        z, config.seed, _gamma_arg(config), n_s, n_perm, opts, batch, moments
+    )
+    null = np.asarray(null)
+    p = (1.0 + np.sum(null >= np.asarray(observed))) / (1.0 + n_perm)
+    return null, float(p)
+
+
+def permutation_test(
+    acts_s, acts_r, *, config: GEDConfig = _DEFAULT, result: GEDResult | None = None
+) -> tuple[np.ndarray, float]:
+    """Significance of the top generalized eigenvalue by shuffling condition labels.
+
+    The PCA basis of the fit is held fixed (the PCA of the mean covariance is label-blind up to
+    the per-condition centering) and each permutation refits the shrunk GED in that space; all
+    permutations run in one jit call (``lax.map`` over chunks of a ``vmap``).
+
+    Args:
+      acts_s: ``[N_S, D]`` signal activations.
+      acts_r: ``[N_R, D]`` reference activations.
+      config: ``n_permutations`` and ``seed`` set the shuffles.
+      result: ``fit(acts_s, acts_r, config=config)`` where already computed (its PCA basis is
+        reused); ``None`` fits here.
+
+    Returns:
+      ``(null [n_permutations], p_value)`` with ``p = (1 + #(null >= observed)) / (1 + n)``.
+    """
+    xs, xr = _check_inputs(acts_s, acts_r)
+    if result is None:
+        result = fit(xs, xr, config=config, swap=False)
+    elif result.basis.shape[0] != xs.shape[1] or result.scores_s.shape[0] != xs.shape[0]:
+        raise UserError("GED: permutation_test(result=...) is a fit of other activations")
+    return _permutation_from_fit(xs, xr, result, config)
+
+
+def _folds(n: int, n_folds: int, rng: np.random.Generator) -> list[np.ndarray]:
+    return np.array_split(rng.permutation(n), n_folds)
+
+
+def cross_validate(acts_s, acts_r, *, config: GEDConfig = _DEFAULT) -> CVResult:
+    """Held-out separation of the two conditions along the top GED filter (stratified k-fold).
+
+    Each fold refits the whole pipeline (PCA count included) on the training folds, puts a
+    threshold at the midpoint of the two training class means of the top component's score
+    (S on the side of its training mean), and scores the held-out samples.
+
+    Args:
+      acts_s: ``[N_S, D]``, acts_r: ``[N_R, D]`` with at least ``n_folds`` samples each.
+      config: ``n_folds`` and ``seed`` set the split.
+
+    Returns:
+      :class:`CVResult` (mean and per-fold accuracy and Cohen's d).
+    """
+    xs, xr = _check_inputs(acts_s, acts_r)
+    k = config.n_folds
+    for name, x in (("acts_s", xs), ("acts_r", xr)):
+        if x.shape[0] < k:
+            raise UserError(f"GED: {name} has {x.shape[0]} samples, fewer than n_folds={k}")
+    rng = np.random.default_rng(config.seed)
+    fs, fr = _folds(xs.shape[0], k, rng), _folds(xr.shape[0], k, rng)
+    held_s = np.zeros((xs.shape[0],), np.float64)
+    held_r = np.zeros((xr.shape[0],), np.float64)
+    accs, ds, sizes = [], [], []
+    for ts, tr in zip(fs, fr, strict=True):
+        ms, mr = np.ones(xs.shape[0], bool), np.ones(xr.shape[0], bool)
+        ms[ts], mr[tr] = False, False
+        res = fit(xs[ms], xr[mr], config=config, swap=False)
+        f, off = res.filters[:, 0], res.offset
+        m_s, m_r = float(jnp.mean(res.scores_s[:, 0])), float(jnp.mean(res.scores_r[:, 0]))
+        thr, sign = 0.5 * (m_s + m_r), (1.0 if m_s >= m_r else -1.0)
+        hs = np.asarray((xs[ts].astype(f.dtype) - off) @ f, np.float64)
+        hr = np.asarray((xr[tr].astype(f.dtype) - off) @ f, np.float64)
+        held_s[ts], held_r[tr] = hs, hr
+        correct = np.sum(sign * (hs - thr) > 0) + np.sum(sign * (hr - thr) <= 0)
+        accs.append(float(correct / (hs.size + hr.size)))
+        ds.append(float(sign * core.cohens_d_core(jnp.asarray(hs), jnp.asarray(hr))))
+        sizes.append(int(hs.size + hr.size))
+    return CVResult(
+        accuracy=float(np.mean(accs)),
+        cohens_d=float(np.mean(ds)),
+        fold_accuracy=tuple(accs),
+        fold_cohens_d=tuple(ds),
+        fold_sizes=tuple(sizes),
+        scores_s=held_s,
+        scores_r=held_r,
+    )
+
+
+def fit_layers(acts_s, acts_r, *, config: GEDConfig = _DEFAULT, swap: bool = False) -> LayerTable:
+    """:func:`fit`, :func:`permutation_test` and :func:`cross_validate` for every layer.
+
+    The ``[D, D]`` covariances and PCA (the expensive part) run for all layers in one vmapped
+    call; the reduced-space stages then run per layer, since each layer keeps its own number of
+    components ``K_l`` (jit caches one compilation per distinct ``K_l``).
+
+    Args:
+      acts_s: ``[L, N_S, D]`` signal activations per layer.
+      acts_r: ``[L, N_R, D]`` reference activations per layer.
+      config: :class:`GEDConfig`.
+      swap: also fit R against S in each layer's ``results[l].swapped``.
+
+    Returns:
+      :class:`LayerTable` (top eigenvalue, p-value, held-out accuracy and Cohen's d,
+      component count per layer; the fits and permutation nulls).
+    """
+    xs, xr = _check_inputs(acts_s, acts_r, batched=True)
+    stats = _pooled_pca_layers(xs, xr, config.center)
+    rows, results, nulls = [], [], []
+    for layer in range(xs.shape[0]):
+        st = tuple(a[layer] for a in stats)
+        res = _fit_stats(xs[layer], xr[layer], st, config, swap)
+        null, p = permutation_test(xs[layer], xr[layer], config=config, result=res)
+        cv = cross_validate(xs[layer], xr[layer], config=config)
+        rows.append((float(res.eigenvalues[0]), p, cv.accuracy, cv.cohens_d, res.n_components))
+        results.append(res)
+        nulls.append(null)
+    cols = list(zip(*rows, strict=True))
+    return LayerTable(
+        top_eigenvalue=np.asarray(cols[0]),
+        p_value=np.asarray(cols[1]),
+        accuracy=np.asarray(cols[2]),
+        cohens_d=np.asarray(cols[3]),
+        n_components=np.asarray(cols[4], np.int64),
+        results=tuple(results),
+        nulls=tuple(nulls),
+    )
