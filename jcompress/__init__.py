@@ -7,14 +7,15 @@ A param pytree goes in, a compressed param pytree and a report come out::
     jcompress.save_hf(cfg, params, "out_dir", tokenizer_dir="path/to/model")
 """
 
-from jcompress import checkpoint, validate
+from jcompress import calibration, checkpoint, methods, validate
 from jcompress.errors import UserError
 from jcompress.eval import PerplexityResult, perplexity
-from jcompress.leaves import HeadLowRank, LowRank, materialize
+from jcompress.leaves import HeadLowRank, LowRank, Residual, materialize, register_leaf
 from jcompress.models import (
     Capture,
     ModelConfig,
     apply_layer,
+    attention,
     embed,
     forward,
     generate,
@@ -28,7 +29,12 @@ from jcompress.models import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "attention",
+    "calibration",
     "checkpoint",
+    "methods",
+    "Residual",
+    "register_leaf",
     "Capture",
     "HeadLowRank",
     "LowRank",
