@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import jcompress
-from jcompress import checkpoint
+from jcompress import checkpoint, leaf_io
 from jcompress.errors import UserError
 from jcompress.leaves import LowRank, materialize
 from jcompress.methods import select
@@ -92,6 +92,24 @@ def test_leaves_validate_shapes():
         TTLinear(())
     with pytest.raises(ValueError, match="factors"):
         TuckerLinear(jnp.zeros((2, 2, 2)), jnp.zeros((8, 3)), jnp.zeros((4, 2)), jnp.zeros((4, 2)))
+
+
+def test_leaf_io_tuple_children_round_trip_and_corruption():
+    leaf = tt_linear(_rand(4, 12, 8), n_cores=3, ranks=(3, 2))
+    flat, desc = leaf_io.to_arrays(leaf, "k")
+    assert list(flat) == ["cores/0", "cores/1", "cores/2"]
+    assert desc["children"] == {"cores": ["array"] * 3}
+    back = leaf_io.from_arrays(json.loads(json.dumps(desc)), flat)
+    assert isinstance(back, TTLinear) and len(back.cores) == 3
+    for a, b in zip(back.cores, leaf.cores, strict=True):
+        assert a is b
+    with pytest.raises(UserError, match="array cores/2 of a TTLinear is missing"):
+        leaf_io.from_arrays(desc, {k: v for k, v in flat.items() if k != "cores/2"})
+    with pytest.raises(UserError, match="malformed"):
+        leaf_io.from_arrays({**desc, "children": {"cores": []}}, flat)
+    bad = {**flat, "cores/1": jnp.zeros((5, 2, 2, 2))}
+    with pytest.raises(UserError, match="cannot rebuild TTLinear"):
+        leaf_io.from_arrays(desc, bad)
 
 
 def test_fixed_ranks_vmap_equals_one_matrix_at_a_time():

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import functools
 import math
 import numbers
 from collections.abc import Sequence
@@ -88,7 +89,9 @@ class TuckerConfig:
         ``mps_eps``). Each must fit the bond it sits on (checked per kernel before any work).
       n_cores: ``tt`` number of cores (>= 2); modes by :func:`jcompress.decomp.factorize`.
       hooi_ranks: ``tucker`` multilinear ranks ``(r_hidden, r_heads, r_head_dim)``; each at most
-        its mode size (checked per kernel before any work).
+        its mode size (checked per kernel before any work). One setting covers every selected
+        projection: in a GQA model k/v have ``num_kv_heads`` heads, so ``r_heads`` must fit
+        those; give q more with a second call whose ``layers`` select only q.
       hooi_iters: ``tucker`` most HOOI sweeps (0: HOSVD).
       layers: regex rules (``re.fullmatch``, first match wins) over projection paths such as
         ``model/layers/3/self_attn/k_proj``; only k/q/v projections are candidates.
@@ -188,23 +191,31 @@ def _decompose(cfg: ModelConfig, jobs: list[_Job], config: TuckerConfig, progres
             out[job.path] = tt_linear(job.kernel, n_cores=config.n_cores, eps=config.mps_eps)
         return out
     if config.variant is Variant.TT:
-        one = jax.jit(lambda w: tt_linear(w, n_cores=config.n_cores, ranks=config.tt_ranks))
+        settings = (Variant.TT, config.n_cores, config.tt_ranks)
     else:
-        one = jax.jit(
-            lambda w: tucker_linear(
-                w, head_dim=cfg.head_dim, ranks=config.hooi_ranks, n_iter_max=config.hooi_iters
-            )
-        )
+        settings = (Variant.TUCKER, cfg.head_dim, config.hooi_ranks, config.hooi_iters)
     groups: dict[tuple, list[_Job]] = {}
     for job in jobs:
         groups.setdefault((tuple(job.kernel.shape), jnp.dtype(job.kernel.dtype)), []).append(job)
-    for group in tqdm(
-        groups.values(), desc=config.variant.value, disable=not progress, leave=False
-    ):
-        stacked = jax.vmap(one)(jnp.stack([job.kernel for job in group]))
+    bar = tqdm(groups.values(), desc=config.variant.value, disable=not progress, leave=False)
+    for group in bar:
+        stacked = _stacked(jnp.stack([job.kernel for job in group]), settings)
         for i, job in enumerate(group):
             out[job.path] = jax.tree.map(lambda a, i=i: a[i], stacked)
     return out
+
+
+@functools.partial(jax.jit, static_argnames=("settings",))
+def _stacked(ws: jax.Array, settings: tuple) -> CompressedLeaf:
+    """``ws [L, in, out]`` -> one leaf with stacked children (fixed ranks; one compilation per
+    shape and settings, reused across calls)."""
+    if settings[0] is Variant.TT:
+        _, n_cores, ranks = settings
+        return jax.vmap(lambda w: tt_linear(w, n_cores=n_cores, ranks=ranks))(ws)
+    _, head_dim, ranks, iters = settings
+    return jax.vmap(lambda w: tucker_linear(w, head_dim=head_dim, ranks=ranks, n_iter_max=iters))(
+        ws
+    )
 
 
 def _weight_errors(jobs: list[_Job], leaves: dict[str, CompressedLeaf]) -> dict[str, float]:
