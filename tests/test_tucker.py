@@ -410,3 +410,40 @@ def test_opt_1m_seed_settings_numbers(opt):
             f"tucker hooi_ranks={list(clipped)} ratio={rep.compression_ratio:.3f} "
             f"saved={100 * rep.space_saved:5.1f}% weight_error={rep.weight_error:.4f}"
         )
+
+
+def test_gpt2_fused_qkv_and_bf16():
+    """GPT-2's fused c_attn q/k/v are taken by the default rule; bf16 kernels give bf16 leaves."""
+    cfg = jcompress.ModelConfig(
+        family="gpt2",
+        vocab_size=64,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=4,
+        head_dim=8,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        norm="layer",
+        position="learned",
+        activation="gelu_new",
+        gated_mlp=False,
+        qkv_bias=True,
+        o_bias=True,
+        mlp_bias=True,
+        norm_bias=True,
+        tie_word_embeddings=True,
+    )
+    params = jcompress.init_params(cfg, jax.random.key(1), std=0.2)
+    out, rep = compress(params, cfg, config=TuckerConfig(variant="tucker", hooi_ranks=(8, 2, 4)))
+    assert [p.path for p in rep.projections][:3] == [
+        f"transformer/h/0/attn/c_attn/{r}" for r in ("q", "k", "v")
+    ]
+    np.testing.assert_allclose(
+        jcompress.forward(cfg, out, IDS), jcompress.forward(cfg, materialize(out), IDS), atol=1e-5
+    )
+    bf = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    out, _ = compress(bf, cfg, config=TuckerConfig(tt_ranks=(4, 4)), progress=False)
+    leaf = flatten(out)["transformer/h/1/attn/c_attn/v/kernel"]
+    assert isinstance(leaf, TTLinear) and leaf.dtype == jnp.bfloat16
+    assert jcompress.forward(cfg, out, IDS).dtype == jnp.bfloat16
