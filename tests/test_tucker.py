@@ -267,6 +267,7 @@ def test_checkpoint_and_factor_export_round_trip_bit_exact(opt, tmp_path):
         (dict(hooi_ranks=(6, 6, 0)), r"^hooi_ranks: expected positive integers"),
         (dict(hooi_iters=-1), r"^hooi_iters"),
         (dict(layers="k_proj"), r"^layers"),
+        (dict(allow_unmatched=1), r"^allow_unmatched: must be True or False"),
     ],
 )
 def test_config_validation(kwargs, match):
@@ -308,9 +309,11 @@ def test_rank_above_mode_size_is_an_error_before_work(opt):
 def test_unused_rule_reported_and_selection_respected(opt):
     cfg, params = opt
     rules = (r"model/decoder/layers/[01]/self_attn/k_proj", r"nothing/here")
-    out, rep = compress(
-        params, cfg, config=TuckerConfig(tt_ranks=(4, 4), layers=rules), progress=False
-    )
+    with pytest.raises(UserError, match=r"^layers: rule 'nothing/here' matches nothing; paths"):
+        compress(params, cfg, config=TuckerConfig(tt_ranks=(4, 4), layers=rules))
+    config = TuckerConfig(tt_ranks=(4, 4), layers=rules, allow_unmatched=True)
+    with pytest.warns(UserWarning, match="nothing/here"):
+        out, rep = compress(params, cfg, config=config, progress=False)
     assert rep.unmatched_rules == (r"nothing/here",)
     assert [p.path for p in rep.projections] == [
         "model/decoder/layers/0/self_attn/k_proj",

@@ -32,6 +32,7 @@ import enum
 import functools
 import math
 import numbers
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -95,6 +96,9 @@ class TuckerConfig:
       hooi_iters: ``tucker`` most HOOI sweeps (0: HOSVD).
       layers: regex rules (``re.fullmatch``, first match wins) over projection paths such as
         ``model/layers/3/self_attn/k_proj``; only k/q/v projections are candidates.
+      allow_unmatched: a ``layers`` rule that matches no projection is an error before any
+        work; with this set it is only warned about and listed in the report (main's
+        ``methods.select`` protocol; see :func:`_select`).
       batch_size, offload_dir: calibration stream settings (only when ``calib`` is given: the
         per-layer output error is reported).
     """
@@ -106,6 +110,7 @@ class TuckerConfig:
     hooi_ranks: tuple[int, int, int] = (6, 6, 8)
     hooi_iters: int = 100
     layers: tuple[str, ...] = DEFAULT_LAYERS
+    allow_unmatched: bool = False
     batch_size: int = 8
     offload_dir: str | None = None
 
@@ -121,6 +126,8 @@ class TuckerConfig:
         m = self.mps_eps
         if isinstance(m, bool) or not isinstance(m, numbers.Real) or not 0 < m <= 1:
             raise UserError(f"mps_eps: must be in (0, 1], got {m!r}")
+        if not isinstance(self.allow_unmatched, bool):
+            raise UserError(f"allow_unmatched: must be True or False, got {self.allow_unmatched!r}")
         for name in ("n_cores", "hooi_iters", "batch_size"):
             v, low = getattr(self, name), {"n_cores": 2, "hooi_iters": 0, "batch_size": 1}[name]
             if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
@@ -276,7 +283,7 @@ def compress(
         for i in range(cfg.num_layers)
         for role in (lay.q, lay.k, lay.v)
     ]
-    sel = select(config.layers, [p for _, p in candidates])
+    sel = _select(config, [p for _, p in candidates])
     flat = flatten(params)  # a new dict: params itself is never modified
     jobs = []
     for layer, path in candidates:
@@ -323,6 +330,29 @@ def compress(
         layer_errors=tuple(sorted(layer_errors.items(), key=lambda kv: _layer_index(kv[0]))),
     )
     return out, report
+
+
+def _select(config: TuckerConfig, paths: list[str]):
+    """:func:`jcompress.methods.select`, with a rule that matches nothing an error before any
+    work unless ``config.allow_unmatched`` (then a warning; the rule goes into the report).
+
+    Main's ``methods.select`` does this itself (``allow_unmatched=``), in the same words; once
+    this branch has it, this becomes ``select(config.layers, paths,
+    allow_unmatched=config.allow_unmatched)``.
+    """
+    sel = select(config.layers, paths)
+    if sel.unmatched:
+        shown = ", ".join(paths[:2]) + (", ..." if len(paths) > 2 else "")
+        rest = sel.unmatched[1:]
+        msg = (
+            f"layers: rule {sel.unmatched[0]!r} matches nothing"
+            + (f" (nor do {', '.join(map(repr, rest))})" if rest else "")
+            + f"; paths look like {shown or '(none)'}"
+        )
+        if not config.allow_unmatched:
+            raise UserError(msg + " (allow_unmatched=True reports it instead)")
+        warnings.warn(msg, stacklevel=3)
+    return sel
 
 
 def _layer_index(path: str) -> int:
