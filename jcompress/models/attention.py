@@ -108,6 +108,9 @@ class AttentionImpl(Protocol):
 
 IMPLEMENTATIONS: dict[str, Callable[..., AttentionImpl]] = {}
 
+DEFAULT = "chunked"
+"""The implementation used when none is named (``resolve(None)``, ``forward``'s default)."""
+
 
 def register_attention(name: str) -> Callable[[type], type]:
     """Class decorator: make an implementation available as ``attention=name``.
@@ -128,9 +131,10 @@ def register_attention(name: str) -> Callable[[type], type]:
 
 
 def resolve(attention: Any) -> AttentionImpl:
-    """``None`` / a registered name / an implementation instance -> an implementation."""
+    """``None`` (:data:`DEFAULT`) / a registered name / an implementation instance -> an
+    implementation."""
     if attention is None:
-        return Dense()
+        attention = DEFAULT
     if isinstance(attention, str):
         if attention not in IMPLEMENTATIONS:
             known = ", ".join(sorted(IMPLEMENTATIONS))

@@ -29,6 +29,7 @@ import numpy as np
 from jcompress import validate
 from jcompress.errors import UserError
 from jcompress.leaves import CompressedLeaf, Factored, dot
+from jcompress.models import attention as attention_impls
 from jcompress.models.attention import AttentionImpl, AttentionMask, resolve
 from jcompress.models.config import ModelConfig, Norm, Position
 from jcompress.models.convert import Layout, get_path
@@ -447,7 +448,7 @@ def _run(cfg, params, input_ids, mask, pos, rec, attn, cache: KVCache | None = N
     return logits, new_cache
 
 
-DEFAULT_ATTENTION = "chunked"
+DEFAULT_ATTENTION = attention_impls.DEFAULT
 """The implementation :func:`forward` and friends use unless told otherwise (see
 :mod:`jcompress.models.attention`; ``"dense"`` is the reference it is tested against)."""
 
