@@ -115,7 +115,8 @@ def test_ppl_reproduces_baseline_and_writes_json(capsys, tmp_path, shared_data, 
     assert not [p for p in out_json.parent.iterdir() if p.name.startswith(".")]
 
 
-def test_generate(capsys, llama_dir, shared_data):
+@pytest.mark.parametrize("attention", [[], ["--attention", "dense"]])
+def test_generate(capsys, llama_dir, shared_data, attention):
     code, out, _ = run(
         capsys,
         "generate",
@@ -125,6 +126,7 @@ def test_generate(capsys, llama_dir, shared_data):
         "The history of the",
         "--max-new-tokens",
         "30",
+        *attention,
     )
     assert code == 0
     baselines = json.loads((shared_data / "baselines.json").read_text())

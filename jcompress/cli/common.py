@@ -18,6 +18,9 @@ from jcompress.errors import UserError
 
 __all__ = [
     "DTYPES",
+    "add_attention_flag",
+    "add_dtype_flag",
+    "add_model_flag",
     "budget",
     "check_data_file",
     "check_positions",
@@ -33,6 +36,35 @@ __all__ = [
 ]
 
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+# --------------------------------------------------------------------------- common flags
+
+
+def add_model_flag(s: argparse.ArgumentParser) -> None:
+    """``--model DIR`` (required): an HF model directory."""
+    s.add_argument(
+        "--model", required=True, help="HF model directory (config.json + weights + tokenizer)"
+    )
+
+
+def add_dtype_flag(s: argparse.ArgumentParser) -> None:
+    """``--dtype``: the compute dtype, default as stored."""
+    s.add_argument(
+        "--dtype", choices=DTYPES, default=None, help="compute dtype (default: as stored)"
+    )
+
+
+def add_attention_flag(s: argparse.ArgumentParser) -> None:
+    """``--attention NAME``: one of the registered attention implementations."""
+    from jcompress.models.attention import DEFAULT, IMPLEMENTATIONS
+
+    s.add_argument(
+        "--attention",
+        choices=sorted(IMPLEMENTATIONS),
+        default=DEFAULT,
+        help=f"attention implementation (default: {DEFAULT})",
+    )
 
 
 # --------------------------------------------------------------------------- argument types
@@ -269,7 +301,9 @@ def load_model(model: str | os.PathLike, dtype: str | None):
     return load_hf(model, dtype=dtype, progress=True)
 
 
-def generate_text(cfg, params, tok: Any, prompt: str, max_new_tokens: int) -> str:
+def generate_text(
+    cfg, params, tok: Any, prompt: str, max_new_tokens: int, *, attention: str | None = None
+) -> str:
     """Greedy continuation of ``prompt`` decoded to text (prompt included)."""
     import jax.numpy as jnp
 
@@ -279,5 +313,7 @@ def generate_text(cfg, params, tok: Any, prompt: str, max_new_tokens: int) -> st
     ids = tokenize(tok, prompt)
     if ids.size == 0:
         raise UserError("--prompt: the prompt tokenizes to nothing")
-    out = generate(cfg, params, jnp.asarray(ids)[None], max_new_tokens=max_new_tokens)
+    out = generate(
+        cfg, params, jnp.asarray(ids)[None], max_new_tokens=max_new_tokens, attention=attention
+    )
     return tok.decode([int(t) for t in out[0]], skip_special_tokens=True)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 
 from jcompress.cli.common import (
-    DTYPES,
+    add_attention_flag,
+    add_dtype_flag,
+    add_model_flag,
     check_positions,
     generate_text,
     load_model,
@@ -24,7 +26,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Greedy continuation of a prompt. Prompt + new tokens may not exceed the "
         "model's trained positions (learned positions: never; RoPE / ALiBi: with --allow-long).",
     )
-    s.add_argument("--model", required=True, help="HF model directory")
+    add_model_flag(s)
     s.add_argument("--prompt", required=True, help="prompt text")
     s.add_argument(
         "--max-new-tokens", type=positive, default=30, help="tokens to generate (default: 30)"
@@ -34,9 +36,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         action="store_true",
         help="generate past the model's trained positions (RoPE / ALiBi models only)",
     )
-    s.add_argument(
-        "--dtype", choices=DTYPES, default=None, help="compute dtype (default: as stored)"
-    )
+    add_dtype_flag(s)
+    add_attention_flag(s)
     s.set_defaults(func=run)
     return s
 
@@ -54,5 +55,7 @@ def run(args: argparse.Namespace) -> int:
         cfg, n_prompt + args.max_new_tokens, arg="--max-new-tokens", allow_long=args.allow_long
     )
     cfg, params = load_model(args.model, args.dtype)
-    print(generate_text(cfg, params, tok, args.prompt, args.max_new_tokens))
+    print(
+        generate_text(cfg, params, tok, args.prompt, args.max_new_tokens, attention=args.attention)
+    )
     return 0

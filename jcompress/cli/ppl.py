@@ -7,7 +7,9 @@ import time
 from pathlib import Path
 
 from jcompress.cli.common import (
-    DTYPES,
+    add_attention_flag,
+    add_dtype_flag,
+    add_model_flag,
     check_data_file,
     load_model,
     load_tokenizer_for,
@@ -19,9 +21,6 @@ __all__ = ["add_parser", "run"]
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from jcompress.models.attention import IMPLEMENTATIONS
-    from jcompress.models.forward import DEFAULT_ATTENTION
-
     s = subparsers.add_parser(
         "ppl",
         help="perplexity of a model on a text file",
@@ -29,9 +28,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "tokenizer, cut into non-overlapping windows of --seqlen tokens, and "
         "ppl = exp(mean over windows of the mean next-token NLL).",
     )
-    s.add_argument(
-        "--model", required=True, help="HF model directory (config.json + weights + tokenizer)"
-    )
+    add_model_flag(s)
     s.add_argument(
         "--data",
         required=True,
@@ -49,9 +46,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument(
         "--batch-size", type=positive, default=8, help="windows per forward call (default: 8)"
     )
-    s.add_argument(
-        "--dtype", choices=DTYPES, default=None, help="compute dtype (default: as stored)"
-    )
+    add_dtype_flag(s)
     s.add_argument(
         "--json", default=None, metavar="OUT", help="also write the result as JSON to OUT"
     )
@@ -61,12 +56,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         action="store_true",
         help="run a RoPE model past its trained positions without a warning",
     )
-    s.add_argument(
-        "--attention",
-        choices=sorted(IMPLEMENTATIONS),
-        default=DEFAULT_ATTENTION,
-        help=f"attention implementation (default: {DEFAULT_ATTENTION})",
-    )
+    add_attention_flag(s)
     s.set_defaults(func=run)
     return s
 
