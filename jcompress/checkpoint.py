@@ -43,6 +43,7 @@ from jcompress.errors import UserError
 from jcompress.leaf_io import decode_static, encode_static, from_arrays, to_arrays
 from jcompress.leaves import CompressedLeaf
 from jcompress.models.config import ModelConfig
+from jcompress.models.convert import unflatten
 from jcompress.outputs import check_output_dir
 
 __all__ = ["save", "restore", "is_checkpoint", "SIDECAR", "FORMAT", "VERSION"]
@@ -58,18 +59,6 @@ VERSION = 1
 
 def _is_array(x: Any) -> bool:
     return hasattr(x, "shape") and hasattr(x, "dtype") and not isinstance(x, CompressedLeaf)
-
-
-def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
-    """``{"base/a": x}`` -> ``{"base": {"a": x}}`` (a leaf's arrays as an orbax subtree)."""
-    out: dict[str, Any] = {}
-    for path, x in flat.items():
-        *head, last = path.split("/")
-        node = out
-        for k in head:
-            node = node.setdefault(k, {})
-        node[last] = x
-    return out
 
 
 def _flat_getter(stored: Any, where: str) -> Any:
@@ -104,7 +93,7 @@ def _split(params: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         if isinstance(node, CompressedLeaf):
             flat, desc = to_arrays(node, where)
             index.append({"path": list(path), **desc})
-            return _nest(flat)
+            return unflatten(flat)  # a leaf's arrays as an orbax subtree
         if _is_array(node):
             return node
         raise UserError(
