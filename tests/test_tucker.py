@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -241,6 +243,20 @@ def test_checkpoint_and_factor_export_round_trip_bit_exact(opt, tmp_path):
     np.testing.assert_array_equal(
         jcompress.forward(cfg, back, IDS), jcompress.forward(cfg, mixed, IDS)
     )
+    # a fresh process reads the factor checkpoint without importing jcompress.tucker first
+    # (the qualified leaf names bring their jcompress module in on demand)
+    code = (
+        "import sys, jcompress; "
+        "assert 'jcompress.tucker' not in sys.modules; "
+        f"_, p = jcompress.load_hf({str(tmp_path / 'hf')!r}); "
+        "print(sorted({type(v).__name__ for v in jax_leaves(p)}))"
+    ).replace(
+        "jax_leaves(p)",
+        "__import__('jax').tree.leaves(p, is_leaf=lambda x: hasattr(x, 'materialize'))",
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "TTLinear" in r.stdout and "TuckerLinear" in r.stdout
     # the dense export stands for the same weights
     jcompress.save_hf(cfg, mixed, tmp_path / "dense")
     _, dense = jcompress.load_hf(tmp_path / "dense")
