@@ -10,11 +10,11 @@ Variants (:class:`Variant`), data-free (issue #18, first increment):
   tensor ``[hidden, heads, head_dim]`` and decomposed by HOOI at multilinear ranks
   ``hooi_ranks`` (:class:`~jcompress.tucker.tucker_core.TuckerLinear`).
 
-Batching: kernels of one shape (e.g. every layer's k_proj) are stacked and decomposed in one
-``vmap``-ed, jit-compiled call when the ranks are fixed (``tucker``; ``tt`` with ``tt_ranks``).
-``tt`` with ``mps_eps`` picks ranks from each matrix's singular values on the host, so it runs
-one matrix at a time (each SVD is still one compiled op); results differ in rank per matrix,
-which a stack could not hold anyway.
+Batching: kernels are decomposed one matrix at a time, each by one jit-compiled per-matrix
+function (static ranks; kernels of one shape compile once and reuse the cache). They are not
+stacked into one ``vmap``-ed call: a ``vmap``-ed HOOI (LAPACK ``eigh`` / ``qr`` inside a batched
+``lax.while_loop``) deadlocked XLA:CPU at 0% CPU in CI (see :mod:`jcompress.decomp.tucker_core`).
+``tt`` with ``mps_eps`` picks ranks from each matrix's singular values on the host anyway.
 
 Neither leaf is :class:`jcompress.leaves.Factored`, so a compressed k/v projection does not
 shrink the KV cache: the forward pass caches the full pre-RoPE k/v it computes with
@@ -29,13 +29,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
-import functools
 import math
 import numbers
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
@@ -88,10 +86,12 @@ class TuckerConfig:
       tt_ranks: ``tt`` fixed bond ranks (``n_cores - 1`` positive ints), or ``None`` (use
         ``mps_eps``). Each must fit the bond it sits on (checked per kernel before any work).
       n_cores: ``tt`` number of cores (>= 2); modes by :func:`jcompress.decomp.factorize`.
-      hooi_ranks: ``tucker`` multilinear ranks ``(r_hidden, r_heads, r_head_dim)``; each at most
-        its mode size (checked per kernel before any work). One setting covers every selected
-        projection: in a GQA model k/v have ``num_kv_heads`` heads, so ``r_heads`` must fit
-        those; give q more with a second call whose ``layers`` select only q.
+      hooi_ranks: ``tucker`` multilinear ranks ``(r_hidden, r_heads, r_head_dim)`` of every
+        selected projection without its own setting below; each at most its mode size
+        (checked per kernel before any work).
+      hooi_ranks_q, hooi_ranks_k, hooi_ranks_v: ``tucker`` ranks of the q / k / v projections
+        (``None``: ``hooi_ranks``). In a GQA model k/v have ``num_kv_heads`` heads and q
+        ``num_heads``, so their ``r_heads`` bounds differ.
       hooi_iters: ``tucker`` most HOOI sweeps (0: HOSVD).
       layers: regex rules (``re.fullmatch``, first match wins) over projection paths such as
         ``model/layers/3/self_attn/k_proj``; only k/q/v projections are candidates.
@@ -107,6 +107,9 @@ class TuckerConfig:
     tt_ranks: tuple[int, ...] | None = None
     n_cores: int = 3
     hooi_ranks: tuple[int, int, int] = (6, 6, 8)
+    hooi_ranks_q: tuple[int, int, int] | None = None
+    hooi_ranks_k: tuple[int, int, int] | None = None
+    hooi_ranks_v: tuple[int, int, int] | None = None
     hooi_iters: int = 100
     layers: tuple[str, ...] = DEFAULT_LAYERS
     allow_unmatched: bool = False
@@ -139,10 +142,14 @@ class TuckerConfig:
                     f"got {len(r)} ({list(r)})"
                 )
             object.__setattr__(self, "tt_ranks", r)
-        h = _ints(self.hooi_ranks, "hooi_ranks")
-        if len(h) != 3:
-            raise UserError(f"hooi_ranks: must be 3 ranks (hidden, heads, head_dim), got {list(h)}")
-        object.__setattr__(self, "hooi_ranks", h)
+        for name in ("hooi_ranks", "hooi_ranks_q", "hooi_ranks_k", "hooi_ranks_v"):
+            v = getattr(self, name)
+            if v is None and name != "hooi_ranks":
+                continue
+            h = _ints(v, name)
+            if len(h) != 3:
+                raise UserError(f"{name}: must be 3 ranks (hidden, heads, head_dim), got {list(h)}")
+            object.__setattr__(self, name, h)
         if isinstance(self.layers, str) or not all(isinstance(r, str) for r in self.layers):
             raise UserError(f"layers: must be a tuple of regex strings, got {self.layers!r}")
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -152,10 +159,21 @@ class TuckerConfig:
 class _Job:
     path: str  # projection path (kernel at path + "/kernel")
     layer: str  # layer path
+    role: str  # "q" / "k" / "v"
     kernel: Any
 
 
 _MODES = ("hidden", "heads", "head_dim")
+
+
+def _hooi_ranks(config: TuckerConfig, role: str) -> tuple[int, int, int]:
+    """The ``tucker`` ranks of a ``"q"`` / ``"k"`` / ``"v"`` projection."""
+    own = getattr(config, f"hooi_ranks_{role}")
+    return config.hooi_ranks if own is None else own
+
+
+def _ranks_name(config: TuckerConfig, role: str) -> str:
+    return "hooi_ranks" if getattr(config, f"hooi_ranks_{role}") is None else f"hooi_ranks_{role}"
 
 
 def _plan(cfg: ModelConfig, jobs: list[_Job], config: TuckerConfig) -> None:
@@ -170,10 +188,12 @@ def _plan(cfg: ModelConfig, jobs: list[_Job], config: TuckerConfig) -> None:
                     f"head_dim {cfg.head_dim}; tucker needs [hidden, heads * head_dim]"
                 )
             sizes = (n_in, heads, cfg.head_dim)
-            for k, (r, size) in enumerate(zip(config.hooi_ranks, sizes, strict=True)):
+            ranks = _hooi_ranks(config, job.role)
+            for k, (r, size) in enumerate(zip(ranks, sizes, strict=True)):
                 if r > size:
+                    name = _ranks_name(config, job.role)
                     raise UserError(
-                        f"hooi_ranks[{k}]: {r} exceeds the {_MODES[k]} mode size {size} of "
+                        f"{name}[{k}]: {r} exceeds the {_MODES[k]} mode size {size} of "
                         f"{job.path} (viewed as [hidden, heads, head_dim] = {list(sizes)})"
                     )
         elif config.tt_ranks is not None:
@@ -190,38 +210,29 @@ def _plan(cfg: ModelConfig, jobs: list[_Job], config: TuckerConfig) -> None:
 
 
 def _decompose(cfg: ModelConfig, jobs: list[_Job], config: TuckerConfig, progress: bool):
-    """``{path: leaf}``: fixed ranks -> one vmap-ed call per kernel shape; eps -> per matrix."""
+    """``{path: leaf}``, one matrix at a time.
+
+    Each call is one jit-compiled per-matrix function (``_hooi`` / the fixed-rank TT-SVD are
+    jitted with static ranks), so kernels of one shape compile once and reuse the cache. The
+    kernels are deliberately *not* stacked into one ``vmap``-ed call: a ``vmap``-ed HOOI
+    (LAPACK ``eigh`` / ``qr`` custom calls inside a batched ``lax.while_loop``) was seen to
+    deadlock XLA:CPU at 0% CPU under load (see :mod:`jcompress.decomp.tucker_core`, "Batching").
+    """
     out: dict[str, CompressedLeaf] = {}
-    if config.variant is Variant.TT and config.tt_ranks is None:
-        for job in tqdm(jobs, desc="tt", disable=not progress, leave=False):
+    bar = tqdm(jobs, desc=config.variant.value, disable=not progress, leave=False)
+    for job in bar:
+        if config.variant is Variant.TUCKER:
+            out[job.path] = tucker_linear(
+                job.kernel,
+                head_dim=cfg.head_dim,
+                ranks=_hooi_ranks(config, job.role),
+                n_iter_max=config.hooi_iters,
+            )
+        elif config.tt_ranks is not None:
+            out[job.path] = tt_linear(job.kernel, n_cores=config.n_cores, ranks=config.tt_ranks)
+        else:
             out[job.path] = tt_linear(job.kernel, n_cores=config.n_cores, eps=config.mps_eps)
-        return out
-    if config.variant is Variant.TT:
-        settings = (Variant.TT, config.n_cores, config.tt_ranks)
-    else:
-        settings = (Variant.TUCKER, cfg.head_dim, config.hooi_ranks, config.hooi_iters)
-    groups: dict[tuple, list[_Job]] = {}
-    for job in jobs:
-        groups.setdefault((tuple(job.kernel.shape), jnp.dtype(job.kernel.dtype)), []).append(job)
-    bar = tqdm(groups.values(), desc=config.variant.value, disable=not progress, leave=False)
-    for group in bar:
-        stacked = _stacked(jnp.stack([job.kernel for job in group]), settings)
-        for i, job in enumerate(group):
-            out[job.path] = jax.tree.map(lambda a, i=i: a[i], stacked)
     return out
-
-
-@functools.partial(jax.jit, static_argnames=("settings",))
-def _stacked(ws: jax.Array, settings: tuple) -> CompressedLeaf:
-    """``ws [L, in, out]`` -> one leaf with stacked children (fixed ranks; one compilation per
-    shape and settings, reused across calls)."""
-    if settings[0] is Variant.TT:
-        _, n_cores, ranks = settings
-        return jax.vmap(lambda w: tt_linear(w, n_cores=n_cores, ranks=ranks))(ws)
-    _, head_dim, ranks, iters = settings
-    return jax.vmap(lambda w: tucker_linear(w, head_dim=head_dim, ranks=ranks, n_iter_max=iters))(
-        ws
-    )
 
 
 def _weight_errors(jobs: list[_Job], leaves: dict[str, CompressedLeaf]) -> dict[str, float]:
@@ -278,21 +289,23 @@ def compress(
     """
     lay = spec_for(cfg.family.value).layout
     candidates = [
-        (f"{lay.layers}/{i}", f"{lay.layers}/{i}/{role}")
+        (f"{lay.layers}/{i}", f"{lay.layers}/{i}/{path}", role)
         for i in range(cfg.num_layers)
-        for role in (lay.q, lay.k, lay.v)
+        for role, path in (("q", lay.q), ("k", lay.k), ("v", lay.v))
     ]
-    sel = select(config.layers, [p for _, p in candidates], allow_unmatched=config.allow_unmatched)
+    sel = select(
+        config.layers, [p for _, p, _ in candidates], allow_unmatched=config.allow_unmatched
+    )
     flat = flatten(params)  # a new dict: params itself is never modified
     jobs = []
-    for layer, path in candidates:
+    for layer, path, role in candidates:
         if path not in sel:
             continue
         key = f"{path}/kernel"
         if key not in flat:
             raise UserError(f"params: {key} is missing")
         require_dense(key, flat[key], f"tucker ({config.variant.value})")
-        jobs.append(_Job(path, layer, flat[key]))
+        jobs.append(_Job(path, layer, role, flat[key]))
     _plan(cfg, jobs, config)
     leaves = _decompose(cfg, jobs, config, progress)
     errors = _weight_errors(jobs, leaves)
@@ -337,7 +350,12 @@ def _layer_index(path: str) -> int:
 
 def _settings(config: TuckerConfig) -> dict[str, Any]:
     if config.variant is Variant.TUCKER:
-        return {"hooi_ranks": list(config.hooi_ranks), "hooi_iters": config.hooi_iters}
+        out: dict[str, Any] = {"hooi_ranks": list(config.hooi_ranks)}
+        for role in ("q", "k", "v"):
+            own = getattr(config, f"hooi_ranks_{role}")
+            if own is not None:
+                out[f"hooi_ranks_{role}"] = list(own)
+        return {**out, "hooi_iters": config.hooi_iters}
     if config.tt_ranks is not None:
         return {"n_cores": config.n_cores, "tt_ranks": list(config.tt_ranks)}
     return {"n_cores": config.n_cores, "mps_eps": config.mps_eps}

@@ -8,9 +8,9 @@
 
 The math (TT-SVD, HOOI) is :mod:`jcompress.decomp`'s; this module only reshapes kernels, casts
 results back to the kernel's dtype and wraps them as leaves. Both constructors work on one
-matrix; with fixed ranks they are jit-able and ``vmap`` over a stack of kernels of one shape
-(``vmap`` gives the leaf with stacked children: index it with ``jax.tree.map(lambda a: a[i],
-stacked)``).
+matrix; with fixed ranks they are jit-able (static ranks). For many kernels, call them in a
+Python loop (each call hits one cached compilation per shape and ranks) rather than under
+``vmap``: a ``vmap``-ed HOOI deadlocked XLA:CPU (see :mod:`jcompress.decomp.tucker_core`).
 
 Neither leaf is :class:`jcompress.leaves.Factored`: as a k/v projection the KV cache stores the
 full k/v (the forward pass only caches latents of ``Factored`` leaves).
@@ -149,7 +149,7 @@ def tt_linear(
     Args:
       w: ``[in, out]`` kernel.
       n_cores: number of cores ``d`` (modes from :func:`jcompress.decomp.factorize`).
-      ranks: fixed bond ranks (``d - 1`` ints; jit-able / vmap-able), or
+      ranks: fixed bond ranks (``d - 1`` ints; jit-able), or
       eps: the energy rule in ``(0, 1]`` (ranks chosen on the host; not jit-able).
 
     Returns:
@@ -163,7 +163,7 @@ def tucker_linear(
     w: jax.Array, *, head_dim: int, ranks: tuple[int, int, int], n_iter_max: int = 100
 ) -> TuckerLinear:
     """A :class:`TuckerLinear` of ``w [hidden, heads * head_dim]`` by HOOI on
-    ``[hidden, heads, head_dim]`` (jit-able, vmap-able; ranks static).
+    ``[hidden, heads, head_dim]`` (jit-able; ranks static).
 
     Args:
       w: ``[hidden, heads * head_dim]`` kernel.
