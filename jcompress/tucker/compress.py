@@ -41,12 +41,13 @@ from tqdm.auto import tqdm
 from jcompress.calibration import Feed, stream_layers
 from jcompress.decomp import factorize, tt_svd_ranks
 from jcompress.errors import UserError
-from jcompress.leaves import CompressedLeaf
+from jcompress.leaves import CompressedLeaf, HeadFoldedOut, HeadLowRank
 from jcompress.methods import require_dense, select
 from jcompress.models.config import ModelConfig
 from jcompress.models.convert import flatten, unflatten
 from jcompress.models.families import spec_for
 from jcompress.models.params import count_params
+from jcompress.tucker.mps import compress_mps, plan_mps
 from jcompress.tucker.report import ProjectionReport, TuckerReport
 from jcompress.tucker.tucker_core import TTLinear, TuckerLinear, tt_linear, tucker_linear
 
@@ -62,6 +63,7 @@ class Variant(enum.Enum):
 
     TT = "tt"  # TT-matrix (MPO) of the [in, out] kernel
     TUCKER = "tucker"  # Tucker of [hidden, heads, head_dim]
+    TUCKER_MPS = "tucker_mps"  # data-aware Kronecker output bases (jcompress.tucker.mps)
 
 
 def _ints(value: Any, name: str) -> tuple[int, ...]:
@@ -80,7 +82,7 @@ class TuckerConfig:
     """Settings of :func:`compress`.
 
     Attributes:
-      variant: :class:`Variant` (or its value, ``"tt"`` / ``"tucker"``).
+      variant: :class:`Variant` (or its value, ``"tt"`` / ``"tucker"`` / ``"tucker_mps"``).
       mps_eps: ``tt`` energy rule in ``(0, 1]`` (1: exact up to rounding); used when
         ``tt_ranks`` is not given.
       tt_ranks: ``tt`` fixed bond ranks (``n_cores - 1`` positive ints), or ``None`` (use
@@ -92,7 +94,10 @@ class TuckerConfig:
       hooi_ranks_q, hooi_ranks_k, hooi_ranks_v: ``tucker`` ranks of the q / k / v projections
         (``None``: ``hooi_ranks``). In a GQA model k/v have ``num_kv_heads`` heads and q
         ``num_heads``, so their ``r_heads`` bounds differ.
-      hooi_iters: ``tucker`` most HOOI sweeps (0: HOSVD).
+      hooi_iters: ``tucker`` / ``tucker_mps`` most HOOI sweeps (0: HOSVD).
+      basis_ranks: ``tucker_mps`` ranks of the Kronecker factors of the per-head output basis;
+        ``head_dim`` is split into ``len(basis_ranks)`` modes (``factorize``), each rank at most
+        its mode; the latent width per head is their product.
       layers: regex rules (``re.fullmatch``, first match wins) over projection paths such as
         ``model/layers/3/self_attn/k_proj``; only k/q/v projections are candidates.
       allow_unmatched: a ``layers`` rule that matches no projection is an error before any
@@ -111,6 +116,7 @@ class TuckerConfig:
     hooi_ranks_k: tuple[int, int, int] | None = None
     hooi_ranks_v: tuple[int, int, int] | None = None
     hooi_iters: int = 100
+    basis_ranks: tuple[int, ...] = (4, 4)
     layers: tuple[str, ...] = DEFAULT_LAYERS
     allow_unmatched: bool = False
     batch_size: int = 8
@@ -150,6 +156,7 @@ class TuckerConfig:
             if len(h) != 3:
                 raise UserError(f"{name}: must be 3 ranks (hidden, heads, head_dim), got {list(h)}")
             object.__setattr__(self, name, h)
+        object.__setattr__(self, "basis_ranks", _ints(self.basis_ranks, "basis_ranks"))
         if isinstance(self.layers, str) or not all(isinstance(r, str) for r in self.layers):
             raise UserError(f"layers: must be a tuple of regex strings, got {self.layers!r}")
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -246,6 +253,8 @@ def _weight_errors(jobs: list[_Job], leaves: dict[str, CompressedLeaf]) -> dict[
 
 
 def _ranks(leaf: CompressedLeaf) -> tuple[int, ...]:
+    if isinstance(leaf, HeadLowRank | HeadFoldedOut):
+        return (leaf.rank,)
     if isinstance(leaf, TTLinear):
         return leaf.ranks[1:-1]
     assert isinstance(leaf, TuckerLinear)
@@ -260,12 +269,16 @@ def compress(
     config: TuckerConfig = TuckerConfig(),  # noqa: B008 - frozen, immutable
     progress: bool = True,
 ) -> tuple[Any, TuckerReport]:
-    """Replace selected k/q/v kernels by TT-matrix or Tucker leaves (data-free).
+    """Replace selected k/q/v kernels by TT-matrix or Tucker leaves (data-free), or by
+    Kronecker-basis ``HeadLowRank`` leaves learned from calibration outputs (``tucker_mps``,
+    see :mod:`jcompress.tucker.mps`; ``o_proj`` of a layer whose v is compressed becomes a
+    ``HeadFoldedOut``).
 
     Args:
       params: param pytree (``load_hf``); the selected kernels must be dense.
       cfg: its model config.
-      calib: optional ``[nsamples, seqlen]`` token ids; when given, the report carries each
+      calib: ``[nsamples, seqlen]`` token ids: required by ``tucker_mps`` (the bases are
+        learned from them); optional otherwise. When given, the report carries each
         compressed layer's relative output error ``||Y - Y'|| / ||Y||`` (original inputs,
         :func:`jcompress.calibration.stream_layers` with ``Feed.ORIGINAL``). The
         decomposition itself never reads it.
@@ -306,16 +319,50 @@ def compress(
             raise UserError(f"params: {key} is missing")
         require_dense(key, flat[key], f"tucker ({config.variant.value})")
         jobs.append(_Job(path, layer, role, flat[key]))
-    _plan(cfg, jobs, config)
-    leaves = _decompose(cfg, jobs, config, progress)
-    errors = _weight_errors(jobs, leaves)
-    for job in jobs:
-        flat[f"{job.path}/kernel"] = leaves[job.path]
-    out = unflatten(flat)
+    kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
+    kv_after = kv
+    if config.variant is Variant.TUCKER_MPS:
+        roles: dict[str, set[str]] = {}
+        for job in jobs:
+            roles.setdefault(job.layer, set()).add(job.role)
+        plan = plan_mps(cfg, roles, config.basis_ranks)
+        done = compress_mps(
+            params,
+            cfg,
+            calib,
+            plan,
+            basis_ranks=config.basis_ranks,
+            n_iter_max=config.hooi_iters,
+            batch_size=config.batch_size,
+            offload_dir=config.offload_dir,
+            progress=progress,
+        )
+        leaves, jobs = {}, []
+        for layer in done:
+            for rel, value in layer.changed.items():
+                flat[f"{layer.path}/{rel}"] = value
+                if rel.endswith("/kernel"):
+                    path = f"{layer.path}/{rel[: -len('/kernel')]}"
+                    leaves[path] = value
+                    role = "o" if path.endswith(lay.o) else path.rsplit("/", 1)[-1][0]
+                    jobs.append(_Job(path, layer.path, role, flatten(params)[f"{path}/kernel"]))
+            for r in (layer.rank_k, layer.rank_v):
+                if r is not None:
+                    kv_after -= cfg.num_kv_heads * (cfg.head_dim - r)
+        layer_errors = {layer.path: layer.output_error for layer in done}
+        errors = _weight_errors(jobs, leaves)
+        out = unflatten(flat)
+    else:
+        _plan(cfg, jobs, config)
+        leaves = _decompose(cfg, jobs, config, progress)
+        errors = _weight_errors(jobs, leaves)
+        for job in jobs:
+            flat[f"{job.path}/kernel"] = leaves[job.path]
+        out = unflatten(flat)
 
-    layer_errors: dict[str, float] = {}
-    if calib is not None and jobs:
-        layer_errors = _layer_errors(cfg, params, out, calib, {j.layer for j in jobs}, config)
+        layer_errors = {}
+        if calib is not None and jobs:
+            layer_errors = _layer_errors(cfg, params, out, calib, {j.layer for j in jobs}, config)
 
     projections = tuple(
         ProjectionReport(
@@ -328,7 +375,6 @@ def compress(
         )
         for job in jobs
     )
-    kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
     report = TuckerReport(
         variant=config.variant.value,
         family=cfg.family.value,
@@ -338,7 +384,7 @@ def compress(
         params_before=count_params(params),
         params_after=count_params(out),
         kv_cache_before=kv,
-        kv_cache_after=kv,
+        kv_cache_after=kv_after,
         layer_errors=tuple(sorted(layer_errors.items(), key=lambda kv: _layer_index(kv[0]))),
     )
     return out, report
@@ -349,6 +395,8 @@ def _layer_index(path: str) -> int:
 
 
 def _settings(config: TuckerConfig) -> dict[str, Any]:
+    if config.variant is Variant.TUCKER_MPS:
+        return {"basis_ranks": list(config.basis_ranks), "hooi_iters": config.hooi_iters}
     if config.variant is Variant.TUCKER:
         out: dict[str, Any] = {"hooi_ranks": list(config.hooi_ranks)}
         for role in ("q", "k", "v"):

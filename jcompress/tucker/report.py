@@ -15,7 +15,8 @@ class ProjectionReport:
     Attributes:
       path: projection path (``model/layers/0/self_attn/k_proj``; the kernel is at ``/kernel``).
       shape: dense kernel shape ``[in, out]``.
-      ranks: TT bond ranks ``(r_1, ..., r_{d-1})`` or Tucker ranks ``(r1, r2, r3)``.
+      ranks: TT bond ranks ``(r_1, ..., r_{d-1})``, Tucker ranks ``(r1, r2, r3)``, or the
+        per-head latent width ``(r,)`` (``tucker_mps``).
       params_before / params_after: stored scalars of the kernel (bias not counted).
       weight_error: ``||W - W'||_F / ||W||_F``.
     """
@@ -43,12 +44,14 @@ class TuckerReport:
     """A :class:`jcompress.methods.Report` of the tensor-network methods.
 
     Attributes:
-      variant: ``"tt"`` or ``"tucker"``. family: model family. settings: the ranks / eps used.
+      variant: ``"tt"``, ``"tucker"`` or ``"tucker_mps"``. family: model family.
+      settings: the ranks / eps used.
       projections: one :class:`ProjectionReport` per compressed kernel, in layer order.
       unmatched_rules: selection rules that matched no projection.
       params_before / params_after: scalars of the whole param tree.
-      kv_cache_before / kv_cache_after: cached k/v scalars per token over all layers; equal,
-        since TT / Tucker leaves are not ``Factored`` and the cache keeps full k/v.
+      kv_cache_before / kv_cache_after: cached k/v scalars per token over all layers; equal
+        for ``tt`` / ``tucker`` (their leaves are not ``Factored``; the cache keeps full k/v),
+        smaller for ``tucker_mps`` (the cache keeps rank-r projected keys / values).
       layer_errors: ``(layer path, ||Y - Y'|| / ||Y||)`` per compressed layer when
         calibration windows were given, else empty.
       extra: what callers add (perplexity, timings).
@@ -147,8 +150,13 @@ class TuckerReport:
         lines += [
             "",
             f"Model params: {self.params_before} -> {self.params_after}. KV cache per token: "
-            f"{self.kv_cache_before} -> {self.kv_cache_after} scalars (unchanged: TT / Tucker "
-            "leaves are not low-rank `Factored` leaves, so the cache stores full k/v).",
+            f"{self.kv_cache_before} -> {self.kv_cache_after} scalars"
+            + (
+                " (unchanged: TT / Tucker leaves are not low-rank `Factored` leaves, so the "
+                "cache stores full k/v)."
+                if self.kv_cache_after == self.kv_cache_before
+                else " (the cache stores the projected rank-r keys / values)."
+            ),
         ]
         if self.unmatched_rules:
             lines.append("Unused layer rules: " + ", ".join(self.unmatched_rules))

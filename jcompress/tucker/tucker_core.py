@@ -185,3 +185,44 @@ def param_count(leaf: CompressedLeaf | Any) -> int:
     if isinstance(leaf, CompressedLeaf):
         return leaf.num_params
     return math.prod(leaf.shape)
+
+
+def kron_basis(
+    cov: jax.Array, modes: tuple[int, ...], ranks: tuple[int, ...], *, n_iter_max: int = 100
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """A Kronecker-structured orthonormal basis ``P = U_1 (x) ... (x) U_m`` of the dominant
+    subspace of a covariance, by HOOI (the ``tucker_mps`` output basis).
+
+    Given outputs ``y_t [D]`` with ``D = prod(modes)`` (row-major multi-index) and their
+    covariance ``C = sum_t y_t y_t^T [D, D]``, HOOI on the data tensor ``Y [N, n_1, ..., n_m]``
+    at ranks ``(N, r_1, ..., r_m)`` maximises the captured energy ``tr(P^T C P)`` over
+    Kronecker bases. Every HOOI step reads ``Y`` only through Gram matrices, i.e. through
+    ``C``; so the same factors come from any ``L`` with ``L L^T = C``: here
+    ``L = V diag(sqrt(s))`` from ``C = V diag(s) V^T``, and HOOI runs on the small tensor
+    ``L`` reshaped ``[n_1, ..., n_m, D]`` at ranks ``(r_1, ..., r_m, D)`` (``D`` columns stand
+    for the ``N`` tokens: memory is flat in ``N``).
+
+    Args:
+      cov: ``[D, D]`` symmetric positive semi-definite.
+      modes: ``(n_1, ..., n_m)``, product ``D``.
+      ranks: ``(r_1, ..., r_m)``, ``1 <= r_k <= n_k``.
+      n_iter_max: most HOOI sweeps.
+
+    Returns:
+      ``(P [D, prod(ranks)], (U_1 [n_1, r_1], ..., U_m [n_m, r_m]))``, ``P`` orthonormal.
+
+    References:
+      De Lathauwer, De Moor, Vandewalle 2000 (HOOI); Van Loan, Pitsianis 1993 (Kronecker
+      structure).
+    """
+    d = int(cov.shape[0])
+    if math.prod(modes) != d or cov.shape != (d, d) or len(ranks) != len(modes):
+        raise ValueError(f"kron_basis: cov{tuple(cov.shape)} does not fit modes {modes}")
+    s, v = jnp.linalg.eigh(cov)
+    root = v * jnp.sqrt(jnp.maximum(s, 0))[None, :]  # [D, D], root @ root.T == cov
+    t = hooi(root.reshape(*modes, d), (*ranks, d), n_iter_max=n_iter_max)
+    factors = tuple(t.factors[:-1])
+    p = factors[0]
+    for u in factors[1:]:
+        p = jnp.kron(p, u)
+    return p, factors
