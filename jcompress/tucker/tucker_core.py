@@ -188,7 +188,12 @@ def param_count(leaf: CompressedLeaf | Any) -> int:
 
 
 def kron_basis(
-    cov: jax.Array, modes: tuple[int, ...], ranks: tuple[int, ...], *, n_iter_max: int = 100
+    cov: jax.Array,
+    modes: tuple[int, ...],
+    ranks: tuple[int, ...],
+    *,
+    n_iter_max: int = 100,
+    tol: float = 1e-7,
 ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
     """A Kronecker-structured orthonormal basis ``P = U_1 (x) ... (x) U_m`` of the dominant
     subspace of a covariance, by HOOI (the ``tucker_mps`` output basis).
@@ -207,6 +212,8 @@ def kron_basis(
       modes: ``(n_1, ..., n_m)``, product ``D``.
       ranks: ``(r_1, ..., r_m)``, ``1 <= r_k <= n_k``.
       n_iter_max: most HOOI sweeps.
+      tol: HOOI stopping tolerance on the change of the relative error (tight by default:
+        these tensors are tiny and the basis, not the error, is the result).
 
     Returns:
       ``(P [D, prod(ranks)], (U_1 [n_1, r_1], ..., U_m [n_m, r_m]))``, ``P`` orthonormal.
@@ -220,7 +227,7 @@ def kron_basis(
         raise ValueError(f"kron_basis: cov{tuple(cov.shape)} does not fit modes {modes}")
     s, v = jnp.linalg.eigh(cov)
     root = v * jnp.sqrt(jnp.maximum(s, 0))[None, :]  # [D, D], root @ root.T == cov
-    t = hooi(root.reshape(*modes, d), (*ranks, d), n_iter_max=n_iter_max)
+    t = hooi(root.reshape(*modes, d), (*ranks, d), n_iter_max=n_iter_max, tol=tol)
     factors = tuple(t.factors[:-1])
     p = factors[0]
     for u in factors[1:]:
