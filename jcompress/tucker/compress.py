@@ -111,10 +111,10 @@ class TuckerConfig:
     mps_eps: float = 0.99
     tt_ranks: tuple[int, ...] | None = None
     n_cores: int = 3
-    hooi_ranks: tuple[int, int, int] = (6, 6, 8)
-    hooi_ranks_q: tuple[int, int, int] | None = None
-    hooi_ranks_k: tuple[int, int, int] | None = None
-    hooi_ranks_v: tuple[int, int, int] | None = None
+    hooi_ranks: tuple[int, ...] = (6, 6, 8)
+    hooi_ranks_q: tuple[int, ...] | None = None
+    hooi_ranks_k: tuple[int, ...] | None = None
+    hooi_ranks_v: tuple[int, ...] | None = None
     hooi_iters: int = 100
     basis_ranks: tuple[int, ...] = (4, 4)
     layers: tuple[str, ...] = DEFAULT_LAYERS
