@@ -105,6 +105,7 @@ def check_tucker_job(job: TuckerJob):
     from jcompress.models.families import spec_for
     from jcompress.outputs import check_output_dir
     from jcompress.tucker import Variant
+    from jcompress.tucker.compress import check_fits
 
     if not Path(job.model).is_dir():
         raise UserError(f"--model: {job.model} is not a directory")
@@ -140,6 +141,7 @@ def check_tucker_job(job: TuckerJob):
     lay = spec_for(cfg.family.value).layout
     paths = [f"{lay.layers}/{i}/{r}" for i in range(cfg.num_layers) for r in (lay.q, lay.k, lay.v)]
     select(job.config.layers, paths, allow_unmatched=job.config.allow_unmatched, arg="--layers")
+    check_fits(cfg, job.config)  # ranks against the projection shapes, before any weights
     return cfg
 
 

@@ -31,9 +31,11 @@ import dataclasses
 import enum
 import math
 import numbers
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
@@ -51,7 +53,7 @@ from jcompress.tucker.mps import compress_mps, plan_mps
 from jcompress.tucker.report import ProjectionReport, TuckerReport
 from jcompress.tucker.tucker_core import TTLinear, TuckerLinear, tt_linear, tucker_linear
 
-__all__ = ["DEFAULT_LAYERS", "TuckerConfig", "Variant", "compress"]
+__all__ = ["DEFAULT_LAYERS", "TuckerConfig", "Variant", "check_fits", "compress"]
 
 # k/q/v projections of every family in one rule (so it is never reported unused):
 # llama/qwen/opt `.../self_attn/q_proj`, GPT-2's fused `.../attn/c_attn/q`, MPT's `.../attn/Wqkv/k`
@@ -214,6 +216,37 @@ def _plan(cfg: ModelConfig, jobs: list[_Job], config: TuckerConfig) -> None:
                 raise UserError(
                     f"tt_ranks: {e} for {job.path} ([{n_in}, {n_out}] as MPO modes {list(merged)})"
                 ) from None
+
+
+def check_fits(cfg: ModelConfig, config: TuckerConfig) -> None:
+    """Every rank of ``config`` against the projection shapes ``cfg`` implies (q:
+    ``[hidden, num_heads * head_dim]``, k/v: ``[hidden, num_kv_heads * head_dim]``), without
+    any weights: the checks :func:`compress` runs first, for callers (the CLI) that want them
+    before loading a model. Raises :class:`UserError` like :func:`compress`."""
+    lay = spec_for(cfg.family.value).layout
+    heads = {"q": cfg.num_heads, "k": cfg.num_kv_heads, "v": cfg.num_kv_heads}
+    cands = [
+        (f"{lay.layers}/{i}", f"{lay.layers}/{i}/{path}", role)
+        for i in range(cfg.num_layers)
+        for role, path in (("q", lay.q), ("k", lay.k), ("v", lay.v))
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sel = select(config.layers, [p for _, p, _ in cands], allow_unmatched=True)
+    jobs = [
+        _Job(path, layer, role, jax.ShapeDtypeStruct(
+            (cfg.hidden_size, heads[role] * cfg.head_dim), jnp.float32
+        ))
+        for layer, path, role in cands
+        if path in sel
+    ]  # fmt: skip
+    if config.variant is Variant.TUCKER_MPS:
+        roles: dict[str, set[str]] = {}
+        for job in jobs:
+            roles.setdefault(job.layer, set()).add(job.role)
+        plan_mps(cfg, roles, config.basis_ranks)
+    else:
+        _plan(cfg, jobs, config)
 
 
 def _decompose(cfg: ModelConfig, jobs: list[_Job], config: TuckerConfig, progress: bool):
