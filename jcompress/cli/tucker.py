@@ -298,8 +298,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=None,
         help="evaluation text for perplexity before/after (default: none)",
     )
-    s.add_argument("--eval_seqlen", "--eval-seqlen", type=positive, default=None)
-    s.add_argument("--eval_max_windows", "--eval-max-windows", type=positive, default=None)
+    s.add_argument(
+        "--eval_seqlen",
+        "--eval-seqlen",
+        type=positive,
+        default=None,
+        help="perplexity window (default: --seqlen)",
+    )
+    s.add_argument(
+        "--eval_max_windows",
+        "--eval-max-windows",
+        type=positive,
+        default=None,
+        help="at most this many evaluation windows (default: all)",
+    )
     s.add_argument("--out", default=None, help="output directory (nothing written when omitted)")
     s.add_argument(
         "--test-type",
