@@ -370,7 +370,7 @@ def compress(
             offload_dir=config.offload_dir,
             progress=progress,
         )
-        leaves, jobs = {}, []
+        leaves, jobs, orig = {}, [], flatten(params)
         for layer in done:
             for rel, value in layer.changed.items():
                 flat[f"{layer.path}/{rel}"] = value
@@ -378,7 +378,7 @@ def compress(
                     path = f"{layer.path}/{rel[: -len('/kernel')]}"
                     leaves[path] = value
                     role = "o" if path.endswith(lay.o) else path.rsplit("/", 1)[-1][0]
-                    jobs.append(_Job(path, layer.path, role, flatten(params)[f"{path}/kernel"]))
+                    jobs.append(_Job(path, layer.path, role, orig[f"{path}/kernel"]))
             for r in (layer.rank_k, layer.rank_v):
                 if r is not None:
                     kv_after -= cfg.num_kv_heads * (cfg.head_dim - r)
