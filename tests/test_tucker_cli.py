@@ -67,6 +67,16 @@ def test_test_type_compression_only_takes_one_layer(capsys, opt_dir):
     assert [r.split(" | ")[0] for r in rows] == [
         f"| model/decoder/layers/0/self_attn/{p}_proj" for p in "qkv"
     ]
+    # full: that layer compressed, the model run on it (random ids without --calib_data)
+    code, out, err = run(
+        capsys, "tucker", "--model", str(opt_dir), "--variant", "tt", "--tt_ranks", "4,4",
+        "--layers", r".*/[12]/self_attn/v_proj", "--seqlen", "32", "--test-type", "full",
+    )  # fmt: skip
+    assert code == 0, err
+    rows = [line for line in out.splitlines() if line.startswith("| model/")]
+    assert [r.split(" | ")[0] for r in rows] == ["| model/decoder/layers/1/self_attn/v_proj"]
+    change = float(out.split("relative logit change ")[1].split()[0])
+    assert 0 < change < 1
 
 
 @pytest.mark.parametrize(
