@@ -10,7 +10,9 @@ A leaf becomes a flat ``{field path: array}`` dict plus a JSON description, and 
 
 Field paths join field names with ``/`` through nested leaves
 (``Residual(LowRank(a, b), r)`` -> ``base/a``, ``base/b``, ``residual``); a ``None`` child is
-stored as ``None`` in ``children`` and has no array. ``type`` is the name the class is
+stored as ``None`` in ``children`` and has no array. A tuple child (a variable number of
+arrays or leaves, e.g. the cores of a tensor train) is stored as ``field/0``, ``field/1``, ...
+with a list of the items' kinds in ``children``. ``type`` is the name the class is
 registered under (:func:`jcompress.leaves.register_leaf`); ``static`` holds the other fields,
 encoded by :func:`encode_static` so tuples, enums, dtypes (ml_dtypes ones too), frozen
 dataclasses and non-finite floats come back as they went in.
@@ -202,18 +204,32 @@ def to_arrays(leaf: CompressedLeaf, where: str = "leaf") -> tuple[dict[str, Any]
     children: dict[str, Any] = {}
     for field, child in leaf.arrays().items():
         sub = f"{where}.{field}"
-        if child is None:
-            children[field] = None
-        elif isinstance(child, CompressedLeaf):
-            inner, children[field] = to_arrays(child, sub)
-            flat.update({f"{field}/{k}": x for k, x in inner.items()})
-        elif _is_array(child):
-            flat[field] = child
-            children[field] = ARRAY
+        if isinstance(child, tuple):  # a variable number of children (e.g. TT cores)
+            kinds = []
+            for i, item in enumerate(child):
+                inner, kind = _child_arrays(item, f"{sub}[{i}]")
+                if kind is None:
+                    raise UserError(f"{sub}[{i}]: a tuple child cannot hold None")
+                flat.update({f"{field}/{i}{k}": x for k, x in inner.items()})
+                kinds.append(kind)
+            children[field] = kinds
         else:
-            raise UserError(f"{sub}: expected an array, got {type(child).__name__}")
+            inner, children[field] = _child_arrays(child, sub)
+            flat.update({f"{field}{k}": x for k, x in inner.items()})
     static = {k: encode_static(v, f"{where}.{k}") for k, v in leaf.static().items()}
     return flat, {"type": name, "static": static, "children": children}
+
+
+def _child_arrays(child: Any, where: str) -> tuple[dict[str, Any], Any]:
+    """One child -> (``{suffix: array}`` with suffixes ``""`` or ``"/<field path>"``, kind)."""
+    if child is None:
+        return {}, None
+    if isinstance(child, CompressedLeaf):
+        inner, desc = to_arrays(child, where)
+        return {f"/{k}": x for k, x in inner.items()}, desc
+    if _is_array(child):
+        return {"": child}, ARRAY
+    raise UserError(f"{where}: expected an array, got {type(child).__name__}")
 
 
 def from_arrays(
@@ -247,23 +263,31 @@ def from_arrays(
     static = desc.get("static") or {}
     if not isinstance(kinds, Mapping) or not isinstance(static, Mapping):
         raise UserError(f"{where}: malformed description of a {cls.__name__}")
-    kwargs: dict[str, Any] = {}
-    for field, kind in kinds.items():
+
+    def child(field: str, kind: Any, sub: str) -> Any:
         if kind is None:
-            kwargs[field] = None
-        elif kind == ARRAY:
+            return None
+        if kind == ARRAY:
             try:
-                kwargs[field] = get(field)
+                return get(field)
             except KeyError:
                 raise UserError(
                     f"{where}: array {field} of a {cls.__name__} is missing (corrupt checkpoint)"
                 ) from None
-        elif isinstance(kind, Mapping):
-            kwargs[field] = from_arrays(
-                kind, lambda p, f=field: get(f"{f}/{p}"), f"{where}.{field}"
+        if isinstance(kind, Mapping):
+            return from_arrays(kind, lambda p, f=field: get(f"{f}/{p}"), sub)
+        raise UserError(f"{where}: malformed description of a {cls.__name__} ({field})")
+
+    kwargs: dict[str, Any] = {}
+    for field, kind in kinds.items():
+        if isinstance(kind, list):  # a tuple child: field/0, field/1, ...
+            if not kind or any(k is None for k in kind):
+                raise UserError(f"{where}: malformed description of a {cls.__name__} ({field})")
+            kwargs[field] = tuple(
+                child(f"{field}/{i}", k, f"{where}.{field}[{i}]") for i, k in enumerate(kind)
             )
         else:
-            raise UserError(f"{where}: malformed description of a {cls.__name__} ({field})")
+            kwargs[field] = child(field, kind, f"{where}.{field}")
     kwargs.update({k: decode_static(v, f"{where}.{k}") for k, v in static.items()})
     try:
         return cls(**kwargs)

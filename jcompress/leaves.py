@@ -145,6 +145,18 @@ def leaf_type(name: Any) -> type[CompressedLeaf]:
     """
     if isinstance(name, str) and name in LEAF_TYPES:
         return LEAF_TYPES[name]
+    if isinstance(name, str) and name.startswith("jcompress.") and "." in name[10:]:
+        # a library leaf whose module is not imported yet (e.g. jcompress.tucker.TTLinear):
+        # import that jcompress module (only jcompress's own; nothing named by a file is
+        # imported from elsewhere) and look again
+        import importlib
+
+        try:
+            importlib.import_module(name.rsplit(".", 1)[0])
+        except ImportError:
+            pass
+        if name in LEAF_TYPES:
+            return LEAF_TYPES[name]
     known = ", ".join(LEAF_TYPES) or "none"
     clash = LEAF_TYPES.ambiguous(name) if isinstance(name, str) else []
     if clash:
@@ -203,7 +215,11 @@ class CompressedLeaf(abc.ABC):
         return _dot_t_dense(x, self.materialize())
 
     def _children(self) -> list[Any]:
-        return [c for c in (getattr(self, f) for f in self.array_fields) if c is not None]
+        """Non-``None`` children, with tuple children (e.g. tensor-train cores) expanded."""
+        out: list[Any] = []
+        for c in (getattr(self, f) for f in self.array_fields):
+            out.extend(c if isinstance(c, tuple) else (c,))
+        return [c for c in out if c is not None]
 
     @property
     def dtype(self):
@@ -272,8 +288,9 @@ def register_leaf(
     """Class decorator: make a :class:`CompressedLeaf` subclass a frozen dataclass, a JAX
     pytree, and a registered (checkpointable) leaf type.
 
-    The fields named in ``array_fields`` are the pytree children (arrays, nested leaves or
-    ``None``); every other field is static aux data (hashable). Unflattening skips
+    The fields named in ``array_fields`` are the pytree children (arrays, nested leaves,
+    ``None``, or a tuple of arrays / leaves such as tensor-train cores); every other field is
+    static aux data (hashable). Unflattening skips
     ``__post_init__``: pytree transforms legitimately rebuild a leaf around children that break
     its shape contract (``jax.tree.map(jnp.max, leaf)`` gives scalars, ``vmap`` / ``scan``
     outputs and ``jnp.stack`` over leaves give stacked factors). Shapes are checked when a leaf

@@ -5,8 +5,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import jax
-import pytest
+# One OpenBLAS thread: XLA:CPU runs LAPACK custom calls (eigh, qr inside vmap-ed while loops)
+# from several of its own threads at once, and OpenBLAS's thread pool under such concurrent
+# callers was seen to deadlock (a vmap-ed HOOI blocked at 0% CPU) on the 2-core CI machine.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

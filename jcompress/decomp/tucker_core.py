@@ -10,9 +10,17 @@ side is smaller (``P = prod_{m != n} R_m < I_n``), comes from the ``[P, P]`` Gra
 no SVD of a wide unfolding is taken. Signs are deterministic: each
 factor column's largest-magnitude entry is positive.
 
-Everything here is jit-able with static ranks and vmap-able over a leading batch of tensors of
-one shape (``jax.vmap(lambda t: hooi(t, ranks))(stack)``: tensors of one shape across layers
-decompose in one call).
+Everything here is jit-able with static ranks. Batching: :func:`hooi` traces under ``vmap``
+(``jax.vmap(lambda t: hooi(t, ranks))(stack)`` gives a batched :class:`Tucker`), but library
+code does not use that pattern on CPU: the batched HOOI is a ``lax.while_loop`` whose body runs
+LAPACK ``eigh`` / ``qr`` custom calls on the whole batch, and such a ``vmap``-ed graph was seen
+to deadlock XLA:CPU at 0% CPU in CI (the jcompress.tucker opt-1m test, 2 runs in 3 under load;
+``OPENBLAS_NUM_THREADS=1`` did not help; the same wedge of XLA:CPU's intra-op thread pool on
+``vmap`` graphs is reported by others, e.g. PyAutoLabs/PyAutoFit#1528, worked around there
+with ``XLA_FLAGS=--xla_cpu_multi_thread_eigen=false``). For many tensors of one shape, call
+:func:`hooi` once per tensor in a Python loop: ``_hooi`` is jit-compiled with static ranks, so
+tensors of one shape and rank compile once and reuse the cache, and each call is an unbatched
+loop.
 
 References:
   Tucker, "Some mathematical notes on three-mode factor analysis", Psychometrika 31, 1966.
@@ -301,7 +309,7 @@ def hooi(
 
       t = hooi(x, (6, 6, 8))            # x: [64, 64, 144]
       t.materialize().shape             # (64, 64, 144)
-      stack = jax.vmap(lambda w: hooi(w, (6, 6, 8)))(xs)   # xs: [layers, 64, 64, 144]
+      ts = [hooi(w, (6, 6, 8)) for w in xs]  # xs: [layers, 64, 64, 144]; one compilation
 
     References:
       De Lathauwer, De Moor, Vandewalle, SIAM J. Matrix Anal. Appl. 21(4), 2000 (HOSVD, HOOI);
