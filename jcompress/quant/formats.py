@@ -87,6 +87,7 @@ __all__ = [
     "parse_specs",
     "quantize",
     "round_to_grid",
+    "scale_values",
 ]
 
 
@@ -139,7 +140,7 @@ class Format:
       tile_square: an integer ``blk`` means square ``t x t`` tiles (the seed's minifloats)
         rather than groups of ``t`` along the input dimension.
       code_dtype: the container dtype of the codes (exact for every grid value).
-      scale_dtype: the dtype the block scales are stored in.
+      scale_dtype: the dtype the block scales are stored in (``uint8``: E8M0 bits).
     """
 
     name: str
@@ -158,6 +159,9 @@ class Format:
 
 _F8 = np.dtype(ml_dtypes.float8_e4m3fn)
 _F32 = np.dtype(np.float32)
+# E8M0 scales are stored as their bit pattern (the biased exponent ``k + 127``) in uint8: the
+# same bytes as ``float8_e8m0fnu``, which safetensors files and XLA:CPU arithmetic lack.
+_E8M0 = np.dtype(np.uint8)
 _TABLE: dict[str, Format] = {
     f.name: f
     for f in (
@@ -165,14 +169,10 @@ _TABLE: dict[str, Format] = {
         Format("fp6", SEED_E3M2, "amax", None, None, True, _F8, _F32),
         Format("fp8", SEED_E4M3, "amax", None, None, True, _F8, _F32),
         Format("nvfp4", E2M1, "nvfp4", (16, 1), None, False, _F8, _F8),
-        Format("mxfp4", E2M1, "mx", (32, 1), None, False, _F8,
-               np.dtype(ml_dtypes.float8_e8m0fnu)),
-        Format("mxfp6_e3m2", E3M2, "mx", (32, 1), None, False, _F8,
-               np.dtype(ml_dtypes.float8_e8m0fnu)),
-        Format("mxfp6_e2m3", E2M3, "mx", (32, 1), None, False, _F8,
-               np.dtype(ml_dtypes.float8_e8m0fnu)),
-        Format("mxfp8", E4M3FN, "mx", (32, 1), None, False, _F8,
-               np.dtype(ml_dtypes.float8_e8m0fnu)),
+        Format("mxfp4", E2M1, "mx", (32, 1), None, False, _F8, _E8M0),
+        Format("mxfp6_e3m2", E3M2, "mx", (32, 1), None, False, _F8, _E8M0),
+        Format("mxfp6_e2m3", E2M3, "mx", (32, 1), None, False, _F8, _E8M0),
+        Format("mxfp8", E4M3FN, "mx", (32, 1), None, False, _F8, _E8M0),
         Format("fp8_e4m3", E4M3FN, "amax", None, "tensor", False, _F8, _F32),
         Format("fp8_e5m2", E5M2, "amax", None, "tensor", False,
                np.dtype(ml_dtypes.float8_e5m2), _F32),
@@ -411,8 +411,7 @@ def _quantize_core(w: jax.Array, spec: QuantSpec) -> Quantized:
         _, e = jnp.frexp(amax)
         k = jnp.where(amax > 0, e - 1 - el.emax, -127)
         k = jnp.clip(k, -127, 127).astype(jnp.int32)
-        # E8M0 from its bits (2**-127 is a float32 subnormal, which XLA:CPU flushes to zero)
-        s = jax.lax.bitcast_convert_type((k + 127).astype(jnp.uint8), f.scale_dtype)
+        s = (k + 127).astype(jnp.uint8)  # E8M0 bits
         y = jnp.ldexp(x, -k[:, None, :, None])  # exact division by a power of two
     else:  # pragma: no cover - table rows are fixed
         raise AssertionError(f.scaling)
@@ -421,10 +420,18 @@ def _quantize_core(w: jax.Array, spec: QuantSpec) -> Quantized:
     return Quantized(codes, s.astype(f.scale_dtype), jnp.asarray(g, jnp.float32))
 
 
+def scale_values(scales: jax.Array, spec: QuantSpec) -> jax.Array:
+    """Stored block scales -> float32 (E8M0 bits through ``float8_e8m0fnu``, whose conversion
+    keeps ``2**-127``)."""
+    if spec.format.scaling == "mx":
+        scales = jax.lax.bitcast_convert_type(scales.astype(jnp.uint8), jnp.float8_e8m0fnu)
+    return scales.astype(jnp.float32)
+
+
 def _dequantize_core(q: Quantized, spec: QuantSpec) -> jax.Array:
     shape = (int(q.codes.shape[0]), int(q.codes.shape[1]))
     bi, bo = block_shape(spec, shape)
-    s = q.scales.astype(jnp.float32) * q.global_scale.astype(jnp.float32)
+    s = scale_values(q.scales, spec) * q.global_scale.astype(jnp.float32)
     c = _blocks(q.codes.astype(jnp.float32), bi, bo)
     return _unblocks(c * s[:, None, :, None], shape)
 
