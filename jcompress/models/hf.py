@@ -295,8 +295,9 @@ def load_hf(
     rows = spec.table(cfg)
     alias = _prefix_alias(names, {n for _, n, _ in rows}, spec.base_prefix)
 
-    def cast(value: np.ndarray) -> jax.Array:
-        target = dt if (dt is not None and jnp.issubdtype(value.dtype, jnp.floating)) else None
+    def cast(value: np.ndarray) -> jax.Array:  # floating tensors only; fp8 codes are kept
+        floating = jnp.issubdtype(value.dtype, jnp.floating) and value.dtype.itemsize >= 2
+        target = dt if (dt is not None and floating) else None
         return jnp.asarray(value, dtype=target)
 
     flat: dict[str, Any] = {}
@@ -363,9 +364,9 @@ def _load_factor_leaf(weights, names, used, factored, path, want, cast):
         if key not in names:
             raise UserError(f"missing tensor {key} in the factor checkpoint")
         used.add(key)
-        return cast(weights.get(key))
+        return weights.get(key)
 
-    leaf = from_arrays(factored[path], get, f"factor checkpoint: {path}")
+    leaf = from_arrays(factored[path], get, f"factor checkpoint: {path}", cast=cast)
     if tuple(leaf.shape) != tuple(want):
         raise UserError(
             f"factor checkpoint: {path} stands for shape {list(leaf.shape)}, config implies "
