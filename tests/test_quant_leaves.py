@@ -176,3 +176,72 @@ def test_corrupt_scale_in_file_is_an_error(quantized_model, tmp_path):
 def test_spec_static_is_hashable_and_equal():
     a = QuantSpec("fp4", 128)
     assert a == parse_spec("fp4@128") and hash(a) == hash(parse_spec("fp4@128"))
+
+
+# ---------------------------------------------------------------- compressed-tensors export
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_compressed_tensors_export_against_the_package(w, fmt):
+    torch = pytest.importorskip("torch")
+    helpers = pytest.importorskip("compressed_tensors.compressors.nvfp4.helpers")
+    mx_utils = pytest.importorskip("compressed_tensors.compressors.mx_utils")
+    from jcompress.quant.export import from_compressed_tensors, to_compressed_tensors
+
+    wq = w.at[0, 0].set(-0.0)  # a negative zero keeps its sign bit
+    leaf = quantize_leaf(wq[:32] if fmt == "mxfp4" else wq, fmt)
+    t = to_compressed_tensors(leaf)
+    n_out, n_in = leaf.shape[1], leaf.shape[0]
+    assert t["weight_packed"].shape == (n_out, n_in // 2) and t["weight_packed"].dtype == np.uint8
+    # the package packs our codes (torch layout [out, in]) to the same bytes ...
+    codes_t = torch.from_numpy(np.asarray(leaf.codes).astype(np.float32).T.copy())
+    np.testing.assert_array_equal(helpers.pack_fp4_to_uint8(codes_t).numpy(), t["weight_packed"])
+    # ... and its dequantization of our tensors is our dense weight
+    vals = helpers.unpack_fp4_from_uint8(torch.from_numpy(t["weight_packed"].copy()), n_out, n_in,
+                                         dtype=torch.float32)
+    if fmt == "nvfp4":
+        s = torch.from_numpy(t["weight_scale"].astype(np.float32)) / torch.from_numpy(
+            t["weight_global_scale"])
+        g = 16
+    else:
+        s = mx_utils.decompress_mx_scale(torch.from_numpy(t["weight_scale"].copy())).float()
+        g = 32
+    dense = (vals * s.repeat_interleave(g, dim=1)).numpy().T
+    np.testing.assert_allclose(dense, np.asarray(leaf.materialize()), rtol=2e-7, atol=0)
+    # round trip: codes and scales bit for bit; the tensor scale within one ulp
+    back = from_compressed_tensors(t, fmt)
+    np.testing.assert_array_equal(np.asarray(back.codes).view(np.uint8),
+                                  np.asarray(leaf.codes).view(np.uint8))
+    np.testing.assert_array_equal(np.asarray(back.scales).view(np.uint8),
+                                  np.asarray(leaf.scales).view(np.uint8))
+    assert back.spec == leaf.spec
+    np.testing.assert_array_max_ulp(np.asarray(back.global_scale),
+                                    np.asarray(leaf.global_scale), maxulp=1)
+    again = to_compressed_tensors(back)
+    for k in t:
+        np.testing.assert_array_equal(again[k].view(np.uint8), t[k].view(np.uint8))
+
+
+def test_compressed_tensors_export_errors(w):
+    from jcompress.quant.export import from_compressed_tensors, to_compressed_tensors
+
+    with pytest.raises(jcompress.UserError, match="only nvfp4, mxfp4"):
+        to_compressed_tensors(quantize_leaf(w, "int8"))
+    with pytest.raises(jcompress.UserError, match="not a multiple"):
+        to_compressed_tensors(quantize_leaf(w[:40], "nvfp4"))
+    z = quantize_leaf(w.at[:16, 3].set(0.0), "nvfp4")  # an all-zero block: scale 0
+    with pytest.raises(jcompress.UserError, match="zero or non-finite.*block 0 of output "
+                                                  "channel 3"):
+        to_compressed_tensors(z, where="model.layers.0.mlp.up_proj")
+    t = to_compressed_tensors(quantize_leaf(w, "nvfp4"))
+    with pytest.raises(jcompress.UserError, match="missing weight_global_scale"):
+        from_compressed_tensors({k: v for k, v in t.items() if k != "weight_global_scale"},
+                                "nvfp4")
+    for bad in (0.0, np.inf, np.nan):
+        with pytest.raises(jcompress.UserError, match="weight_global_scale"):
+            from_compressed_tensors({**t, "weight_global_scale": np.array([bad], np.float32)},
+                                    "nvfp4")
+    mx = to_compressed_tensors(quantize_leaf(w[:32], "mxfp4"))
+    with pytest.raises(jcompress.UserError, match="zero or non-finite"):
+        from_compressed_tensors({**mx, "weight_scale": np.full_like(mx["weight_scale"], 255)},
+                                "mxfp4")
