@@ -153,7 +153,7 @@ def test_opt_tied_model(opt_dir):
 def test_cli_end_to_end(capsys, tmp_path, llama_dir):
     out = tmp_path / "q"
     code = main(["quant", "apply", "--model", str(llama_dir), "--rule",
-                 r"model/layers/\d+/mlp/.*=nvfp4", "--out", str(out), "--seqlen", "64",
+                 r"model/layers/\d+/mlp/.*=nvfp4", "--out", str(out), "--seqlen", "64", "--packed",
                  "--max_windows", "2", "--json", str(tmp_path / "r.json")])
     text = capsys.readouterr().out
     assert code == 0
@@ -164,6 +164,8 @@ def test_cli_end_to_end(capsys, tmp_path, llama_dir):
     cfg, back = jcompress.load_hf(out / "factors")
     leaf = back["model"]["layers"]["3"]["mlp"]["down_proj"]["kernel"]
     assert isinstance(leaf, QuantizedArray) and leaf.spec == QuantSpec("nvfp4")
+    conf = json.loads((out / "packed" / "config.json").read_text())
+    assert conf["quantization_config"]["format"] == "nvfp4-pack-quantized"
 
 
 @pytest.mark.parametrize(
@@ -172,6 +174,7 @@ def test_cli_end_to_end(capsys, tmp_path, llama_dir):
         (["--rule", "model/zzz=nvfp4"], "--rule: rule 'model/zzz' matches nothing"),
         (["--rule", "model/layers/0/mlp/up_proj=fp5"], "valid: fp4@in"),
         ([], "give --rule"),
+        (["--rule", "model/layers/0/mlp/up_proj=int8", "--packed"], "--packed: no rule"),
     ],
 )
 def test_cli_bad_input_one_line(capsys, tmp_path, llama_dir, argv, needle):

@@ -245,3 +245,48 @@ def test_compressed_tensors_export_errors(w):
     with pytest.raises(jcompress.UserError, match="zero or non-finite"):
         from_compressed_tensors({**mx, "weight_scale": np.full_like(mx["weight_scale"], 255)},
                                 "mxfp4")
+
+
+def test_save_compressed_tensors_model(llama_dir, tmp_path):
+    torch = pytest.importorskip("torch")
+    ct = pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors.mxfp4.base import MXFP4PackedCompressor
+    from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors.torch import load_file
+
+    from jcompress.quant.apply import QuantApplyConfig, compress
+    from jcompress.quant.export import save_compressed_tensors
+
+    cfg, params = jcompress.load_hf(llama_dir)
+    qparams, _ = compress(params, config=QuantApplyConfig(rules=(
+        (r"model/layers/\d+/mlp/.*", "nvfp4"), (r"model/layers/0/self_attn/[qkv]_proj", "mxfp4"),
+        (r"model/layers/1/self_attn/o_proj", "int8"))), progress=False)
+    out = save_compressed_tensors(cfg, qparams, tmp_path / "ct", tokenizer_dir=llama_dir)
+    conf = json.loads((out / "config.json").read_text())
+    qc = QuantizationConfig.model_validate(conf["quantization_config"])  # the package parses it
+    assert conf["torch_dtype"] == "float32" and (out / "tokenizer.json").is_file()
+    sd = load_file(out / "model.safetensors")
+    flat = flatten(qparams)
+    groups = {g.format: g for g in qc.config_groups.values()}
+    for module, fmt, comp in (("model.layers.2.mlp.down_proj", "nvfp4", NVFP4PackedCompressor),
+                              ("model.layers.0.self_attn.k_proj", "mxfp4",
+                               MXFP4PackedCompressor)):
+        assert f"{module}.weight" not in sd
+        local = {k[len(module) + 1:]: v for k, v in sd.items() if k.startswith(module + ".")}
+        scheme = groups[f"{fmt}-pack-quantized"]
+        assert module in scheme.targets
+        w = comp.decompress(local, scheme)["weight"].float().numpy()  # [out, in]
+        leaf = flat[module.replace(".", "/") + "/kernel"]
+        # the package dequantizes in bfloat16 (the exact float32 check is the tensor-level test)
+        np.testing.assert_allclose(w.T, np.asarray(leaf.materialize()), rtol=2 ** -7, atol=0)
+    # int8 and untouched linears are written dense, as save_hf does
+    np.testing.assert_array_equal(
+        sd["model.layers.1.self_attn.o_proj.weight"].numpy(),
+        np.asarray(flat["model/layers/1/self_attn/o_proj/kernel"].materialize()).T)
+    assert torch.equal(sd["model.norm.weight"],
+                       torch.from_numpy(np.asarray(flat["model/norm/scale"]).copy()))
+    assert ct is not None
+    with pytest.raises(jcompress.UserError, match="no NVFP4 / MXFP4"):
+        save_compressed_tensors(cfg, params, tmp_path / "none")
+    assert not (tmp_path / "none").exists()

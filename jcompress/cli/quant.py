@@ -51,6 +51,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     a.add_argument("--allow_unmatched", action="store_true",
                    help="report rules that match nothing instead of failing")
     a.add_argument("--out", default=None, help="output directory (report + factors/)")
+    a.add_argument("--packed", action="store_true",
+                   help="also write OUT/packed/: NVFP4 / MXFP4 linears in the compressed-tensors "
+                   "packed layout (vLLM), the rest dense")
     a.add_argument("--json", default=None, help="also write the report JSON here")
     a.add_argument("--eval_data", default=None,
                    help="perplexity text (default: the bundled WikiText-2 test excerpt)")
@@ -96,11 +99,18 @@ def run(args: argparse.Namespace) -> int:
     from jcompress.models.params import param_shapes
     from jcompress.outputs import check_output_dir, check_output_file
     from jcompress.quant.apply import compress
+    from jcompress.quant.export import EXPORT_FORMATS, save_compressed_tensors
 
     model = Path(args.model)
     config = _config(args)
     cfg = read_config(model)
     inputs = {"--model": model}
+    if args.packed and args.out is None:
+        raise UserError("--packed: needs --out")
+    if args.packed and not any(c.spec is not None and c.rank is None
+                               and c.spec.fmt in EXPORT_FORMATS for _, c in config.rules):
+        raise UserError(f"--packed: no rule quantizes to {' or '.join(EXPORT_FORMATS)} "
+                        "without a low-rank branch")
     if args.out is not None:
         check_output_dir(args.out, inputs=inputs, overwrite=args.overwrite, arg="--out")
     if args.json is not None:
@@ -142,7 +152,11 @@ def run(args: argparse.Namespace) -> int:
             write_json(tmp / "report.json", result)
             (tmp / "report.md").write_text(md + "\n")
             save_hf(cfg, new_params, tmp / "factors", tokenizer_dir=model, factors=True)
-        print(f"\nwrote {args.out}/report.json, report.md, factors/ (jcompress checkpoint)")
+            if args.packed:
+                save_compressed_tensors(cfg, new_params, tmp / "packed", tokenizer_dir=model)
+        extra = ", packed/ (compressed-tensors)" if args.packed else ""
+        print(f"\nwrote {args.out}/report.json, report.md, factors/ (jcompress checkpoint)"
+              + extra)
     if args.json is not None:
         write_json(args.json, result, overwrite=args.overwrite, arg="--json")
     return 0

@@ -36,6 +36,7 @@ __all__ = [
     "EXPORT_FORMATS",
     "from_compressed_tensors",
     "pack_fp4",
+    "save_compressed_tensors",
     "to_compressed_tensors",
     "unpack_fp4",
 ]
@@ -153,3 +154,130 @@ def from_compressed_tensors(
     except ValueError as e:
         raise UserError(f"{where}: {e}") from None
 
+
+
+def _scheme(fmt: str, targets: list[str]) -> dict[str, Any]:
+    """A compressed-tensors config group: weight-only FP4 (W4A16), group of 16 / 32."""
+    return {
+        "targets": targets,
+        "weights": {
+            "num_bits": 4,
+            "type": "float",
+            "symmetric": True,
+            "strategy": "tensor_group" if fmt == "nvfp4" else "group",
+            "group_size": 16 if fmt == "nvfp4" else 32,
+            "dynamic": False,
+            **({"scale_dtype": None} if fmt == "nvfp4" else {}),
+        },
+        "input_activations": None,
+        "output_activations": None,
+        "format": EXPORT_FORMATS[fmt],
+    }
+
+
+def save_compressed_tensors(
+    cfg: Any,
+    params: Any,
+    out_dir: Any,
+    *,
+    tokenizer_dir: Any = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> Any:
+    """Write an HF checkpoint whose NVFP4 / MXFP4 linears are packed for inference engines.
+
+    Every ``nn.Linear`` whose kernel is an NVFP4 / MXFP4 :class:`QuantizedArray` becomes
+    ``<module>.weight_packed`` / ``.weight_scale`` (/ ``.weight_global_scale``); every other
+    tensor is written dense (typed leaves materialized) as :func:`jcompress.save_hf` does;
+    ``config.json`` gets the compressed-tensors ``quantization_config`` (one config group per
+    format, the packed modules as targets). Written atomically.
+
+    Args:
+      cfg, params: the model.
+      out_dir: destination directory (refused if it exists, unless ``overwrite``).
+      tokenizer_dir: copy the tokenizer files from here.
+      overwrite: replace an existing ``out_dir``.
+      progress: show a progress bar.
+
+    Returns:
+      ``out_dir`` as a Path.
+
+    Raises:
+      UserError: no exportable leaf, a packed leaf on a fused / non-linear tensor, a ragged
+        input dimension, or a zero / non-finite scale (all before anything is written).
+    """
+    import json
+    import shutil
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    from jcompress.atomic import atomic_dir
+    from jcompress.leaves import CompressedLeaf
+    from jcompress.models import hf
+    from jcompress.models.convert import flatten
+    from jcompress.models.families import spec_for
+    from jcompress.models.safetensors_io import write_safetensors
+    from jcompress.outputs import check_output_dir
+
+    out_dir = Path(out_dir)
+    check_output_dir(out_dir, inputs={"tokenizer_dir": tokenizer_dir} if tokenizer_dir else None,
+                     overwrite=overwrite, arg="out_dir", require_marker=False)
+    flat = flatten(params)
+    spec = spec_for(cfg.family.value)
+    entries: list[tuple[str, tuple[int, ...], np.dtype, Any]] = []
+    groups: dict[str, list[str]] = {f: [] for f in EXPORT_FORMATS}
+    for rule, name, paths in spec.table(cfg):
+        leaves = [flat[p] for p in paths]
+        leaf = leaves[0]
+        packed = isinstance(leaf, QuantizedArray) and leaf.spec.fmt in EXPORT_FORMATS
+        if packed:
+            if len(paths) != 1 or rule.transform.name != "transpose" or not name.endswith(
+                    ".weight"):
+                raise UserError(f"{paths[0]}: a packed {leaf.spec.fmt} kernel must be a plain "
+                                f"nn.Linear weight (HF {name} is {rule.transform.name})")
+            module = name[: -len(".weight")]
+            for k, arr in to_compressed_tensors(leaf, where=module).items():
+                entries.append((f"{module}.{k}", arr.shape, arr.dtype, lambda a=arr: a))
+            groups[leaf.spec.fmt].append(module)
+            continue
+        dtype = np.result_type(*[np.dtype(v.dtype) for v in leaves])
+
+        def produce(rule=rule, leaves=leaves, dtype=dtype):
+            dense = [np.asarray(v.materialize() if isinstance(v, CompressedLeaf) else v)
+                     for v in leaves]
+            return rule.transform.to_hf(*[d.astype(dtype, copy=False) for d in dense])
+
+        entries.append((name, tuple(rule.hf_shape(cfg)), np.dtype(dtype), produce))
+    if not any(groups.values()):
+        raise UserError("params: no NVFP4 / MXFP4 QuantizedArray kernels to pack "
+                        "(quantize with jcompress quant apply first)")
+    packed_names = {f"{m}." for g in groups.values() for m in g}
+    config = hf._config_dict(  # torch_dtype from the dense tensors only
+        cfg, [e for e in entries if not any(e[0].startswith(m) for m in packed_names)])
+    config.pop(hf.FACTORS_KEY, None)
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors",
+        "format": "mixed-precision" if all(groups.values()) else next(
+            EXPORT_FORMATS[f] for f, g in groups.items() if g),
+        "quantization_status": "compressed",
+        "config_groups": {f"group_{k}": _scheme(f, g)
+                          for k, (f, g) in enumerate((f, g) for f, g in groups.items() if g)},
+        "ignore": [],
+    }
+    with atomic_dir(out_dir, overwrite=overwrite, arg="out_dir", marker=False) as tmp:
+        bar = tqdm(total=len(entries), desc="export", disable=not progress, leave=False)
+
+        def ticking():
+            for n, sh, dt, produce in entries:
+                yield n, sh, dt, lambda produce=produce: (bar.update(1), produce())[1]
+
+        write_safetensors(tmp / "model.safetensors", list(ticking()))
+        bar.close()
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if tokenizer_dir is not None:
+            for fname in hf.TOKENIZER_FILES:
+                src = Path(tokenizer_dir) / fname
+                if src.is_file():
+                    shutil.copy2(src, tmp / fname)
+    return out_dir
