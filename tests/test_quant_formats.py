@@ -242,7 +242,7 @@ def test_mx_scale_is_floor_power_of_two():
 
 def test_zeros_and_all_zero_blocks():
     for text in SPECS:
-        z = fake_quant(jnp.zeros((33, 17)), text)
+        z = fake_quant(jnp.zeros((72, 40)), text)  # the shape compiled above: cached
         assert np.all(np.asarray(z) == 0)
 
 
