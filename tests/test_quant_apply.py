@@ -183,3 +183,25 @@ def test_cli_bad_input_one_line(capsys, tmp_path, llama_dir, argv, needle):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and needle in err[0], err
     assert not (tmp_path / "o").exists()
+
+
+def test_tiny_qwen3_against_transformers(tmp_path):
+    """A tiny random Qwen3 (q/k norms, head_dim != hidden / heads): the forward pass on the
+    quantized leaves matches transformers running the fake-quantized dense weights."""
+    from _tiny import batch, hf_logits, make_model, save_model
+    from transformers import AutoModelForCausalLM
+
+    src = save_model(make_model("qwen3"), tmp_path / "src")
+    cfg, params = jcompress.load_hf(src)
+    new, rep = compress(params, config=QuantApplyConfig(rules=(
+        (r"model/layers/\d+/mlp/.*", "mxfp4"), (r"model/layers/\d+/self_attn/.*", "nvfp4"))),
+        progress=False)
+    assert rep.layers and all(isinstance(v, QuantizedArray) for v in
+                              (flatten(new)[f"{r.path}/kernel"] for r in rep.layers))
+    dense = jcompress.save_hf(cfg, new, tmp_path / "dense")  # materialized: stock transformers
+    model = AutoModelForCausalLM.from_pretrained(dense, attn_implementation="eager").eval()
+    ids, mask = batch()
+    got = np.asarray(jcompress.forward(cfg, new, ids, mask))
+    want = hf_logits(model, ids, mask)
+    keep = mask.astype(bool)
+    np.testing.assert_allclose(got[keep], want[keep], rtol=1e-4, atol=1e-4)
