@@ -295,9 +295,8 @@ def load_hf(
     rows = spec.table(cfg)
     alias = _prefix_alias(names, {n for _, n, _ in rows}, spec.base_prefix)
 
-    def cast(value: np.ndarray) -> jax.Array:  # floating tensors only; fp8 codes are kept
-        floating = jnp.issubdtype(value.dtype, jnp.floating) and value.dtype.itemsize >= 2
-        target = dt if (dt is not None and floating) else None
+    def cast(value: np.ndarray) -> jax.Array:
+        target = dt if (dt is not None and jnp.issubdtype(value.dtype, jnp.floating)) else None
         return jnp.asarray(value, dtype=target)
 
     flat: dict[str, Any] = {}
@@ -364,9 +363,12 @@ def _load_factor_leaf(weights, names, used, factored, path, want, cast):
         if key not in names:
             raise UserError(f"missing tensor {key} in the factor checkpoint")
         used.add(key)
-        return weights.get(key)
+        return jnp.asarray(weights.get(key))  # cast by from_arrays (cast_child)
 
-    leaf = from_arrays(factored[path], get, f"factor checkpoint: {path}", cast=cast)
+    def cast_child(value):  # a leaf's float8 children (quantized codes) keep their dtype
+        return value if np.dtype(value.dtype).itemsize < 2 else cast(value)
+
+    leaf = from_arrays(factored[path], get, f"factor checkpoint: {path}", cast=cast_child)
     if tuple(leaf.shape) != tuple(want):
         raise UserError(
             f"factor checkpoint: {path} stands for shape {list(leaf.shape)}, config implies "
