@@ -236,6 +236,8 @@ def from_arrays(
     desc: Mapping[str, Any],
     arrays: Mapping[str, Any] | Callable[[str], Any],
     where: str = "leaf",
+    *,
+    cast: Callable[[Any], Any] | None = None,
 ) -> CompressedLeaf:
     """Inverse of :func:`to_arrays`: rebuild (and validate) a leaf.
 
@@ -245,6 +247,8 @@ def from_arrays(
       arrays: ``{field path: array}``, or a function ``field path -> array`` (read lazily;
         it raises ``KeyError`` or its own :class:`UserError` for a missing array).
       where: names the leaf in error messages.
+      cast: applied to each array child (``load_hf(dtype=...)``), except the fields a class
+        lists in ``exact_fields`` (quantized codes and scales keep their stored dtype).
 
     Raises:
       UserError: unknown type, a malformed description, a missing array, or a leaf that fails
@@ -269,13 +273,16 @@ def from_arrays(
             return None
         if kind == ARRAY:
             try:
-                return get(field)
+                x = get(field)
             except KeyError:
                 raise UserError(
                     f"{where}: array {field} of a {cls.__name__} is missing (corrupt checkpoint)"
                 ) from None
+            if cast is not None and field.split("/")[0] not in getattr(cls, "exact_fields", ()):
+                x = cast(x)
+            return x
         if isinstance(kind, Mapping):
-            return from_arrays(kind, lambda p, f=field: get(f"{f}/{p}"), sub)
+            return from_arrays(kind, lambda p, f=field: get(f"{f}/{p}"), sub, cast=cast)
         raise UserError(f"{where}: malformed description of a {cls.__name__} ({field})")
 
     kwargs: dict[str, Any] = {}

@@ -186,6 +186,9 @@ class CompressedLeaf(abc.ABC):
     :func:`register_leaf`."""
 
     array_fields: ClassVar[tuple[str, ...]] = ()
+    # array fields that keep their stored dtype when a checkpoint is read with a dtype cast
+    # (``load_hf(dtype=...)``): quantized codes and their scales
+    exact_fields: ClassVar[tuple[str, ...]] = ()
 
     @abc.abstractmethod
     def materialize(self) -> jax.Array:
