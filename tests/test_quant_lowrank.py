@@ -99,3 +99,29 @@ def test_grid_equals_rank_by_rank(method):
 def test_svdq_needs_rank_or_spec():
     with pytest.raises(UserError, match="give a rank"):
         lr.svdq(_rand((4, 4)), None, None)
+
+
+@pytest.mark.parametrize("method", ["svd", "mpo"])
+def test_svdq_quantizes_the_residual(method):
+    from jcompress.quant.formats import fake_quant, parse_spec
+
+    w = _rand((48, 32), 6)
+    spec = parse_spec("fp4@in")
+    r = 4
+    lo = _np_trunc(w, r) if method == "svd" else _np_mpo(w, r, 6, 8, 4, 8)
+    want = lo + np.asarray(fake_quant(np.asarray(w - lo, np.float32), spec), np.float64)
+    got = np.asarray(lr.svdq(w, r, spec, method=method))
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    # rank 0: plain quantization; rank = min(dims): exact (nothing left to quantize)
+    np.testing.assert_array_equal(np.asarray(lr.svdq(w, 0, spec)), np.asarray(fake_quant(w, spec)))
+    np.testing.assert_array_equal(np.asarray(lr.svdq(w, 32, spec)), w)
+    grid = np.asarray(lr.svdq_grid(w, [0, r, 32], spec, method=method))
+    np.testing.assert_allclose(grid[1], want, atol=1e-4)
+    np.testing.assert_allclose(grid[0], np.asarray(fake_quant(w, spec)), atol=1e-6)
+    np.testing.assert_array_equal(grid[2], w)
+    # the low-rank branch absorbs an outlier direction: less error than plain quantization
+    wo = w.copy()
+    wo += 30 * np.outer(_rand((48,), 7), _rand((32,), 8))
+    e0 = np.linalg.norm(np.asarray(lr.svdq(wo, 0, spec)) - wo)
+    e1 = np.linalg.norm(np.asarray(lr.svdq(wo, 1, spec)) - wo)
+    assert e1 < 0.5 * e0

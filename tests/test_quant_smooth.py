@@ -58,3 +58,25 @@ def test_errors():
     with pytest.raises(UserError, match="non-finite"):
         smooth.require_factor({"a": np.array([1, 0, 1, 1.0])}, "a", 4)
     np.testing.assert_array_equal(np.asarray(smooth.require_factor({"a": 2.0}, "a", 3)), 2.0)
+
+
+def test_search_alpha_scores_match_numpy():
+    from jcompress.quant.formats import fake_quant, parse_spec
+
+    x, ks = _data(3)
+    spec = parse_spec("nvfp4")
+    best, errs = smooth.search_alpha(x, ks, spec, (0.0, 0.5, 0.9))
+    xa = np.abs(x).max(0).astype(np.float64)
+    wa = np.maximum(np.abs(ks[0]).max(1), np.abs(ks[1]).max(1)).astype(np.float64)
+    for a, e in errs.items():
+        ok = (xa > 0) & (wa > 0)
+        s = np.ones(16)
+        s[ok] = xa[ok] ** a / wa[ok] ** (1 - a)
+        num = den = 0.0
+        for k in ks:
+            y = x.astype(np.float64) @ k
+            kq = np.asarray(fake_quant(np.asarray(s[:, None] * k, np.float32), spec), np.float64)
+            num += (((x / s) @ kq - y) ** 2).sum()
+            den += (y**2).sum()
+        assert e == pytest.approx(num / den, rel=1e-3)
+    assert best == min(errs, key=errs.get)
