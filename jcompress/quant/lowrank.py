@@ -223,7 +223,7 @@ def _grid(w, a, b, ranks, exact, spec, method, shape):
 
 
 def svdq_grid(
-    w: Any, ranks: Sequence[int], spec: Any, *, method: Any = "svd", **kw
+    w: Any, ranks: Sequence[int], spec: Any, *, method: Any = "svd", factors: Any = None, **kw
 ) -> jax.Array:
     """``W~`` for several ranks and one spec: ``[len(ranks), in, out]`` float32.
 
@@ -231,7 +231,8 @@ def svdq_grid(
     quantization of the residuals runs batched (``vmap``) over the ranks. Equal to
     ``[svdq(w, r, spec, method=method) for r in ranks]`` up to rounding (exactly the same
     truncations for the exact SVD and the MPO; for the randomized SVD, the rank-``r`` part of
-    one rank-``max`` sketch).
+    one rank-``max`` sketch). ``factors``: ``lowrank_factors(w, R, method=method)`` for some
+    ``R >= max(ranks below min(in, out))``, to share one factorization between specs.
     """
     w = jnp.asarray(w, jnp.float32)
     ranks = [check_rank(int(r) if not isinstance(r, bool) else r, w.shape) for r in ranks]
@@ -240,7 +241,11 @@ def svdq_grid(
     m = _method(method)
     lim = min(w.shape)
     top = max((r for r in ranks if r < lim), default=0)
-    if top > 0:
+    if factors is not None:
+        a, b = factors
+        if a.shape[1] < top:
+            raise ValueError(f"svdq_grid: factors of rank {a.shape[1]} < {top}")
+    elif top > 0:
         a, b = lowrank_factors(w, top, method=m, **kw)
     else:  # only rank 0 / exact: a zero-width factorization
         p, q = (w.shape if m is LowRankMethod.SVD else _mpo_pq(w.shape))

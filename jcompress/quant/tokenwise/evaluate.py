@@ -291,9 +291,12 @@ def eval_grid(
             inv = 1.0 / s
             if smoothing.factors is None:  # weights of the original model: smooth them here
                 w = sq.apply_smooth(w, s)
+        top = max((r for r in config.ranks if r < min(w.shape)), default=0)
+        factors = lr.lowrank_factors(w, top, method=config.method, **kw) if top else None
         cands, order = [], []
         for spec, lst in by_spec.items():
-            cands.append(lr.svdq_grid(w, [r for _, r in lst], spec, method=config.method, **kw))
+            ranks = [r for _, r in lst]
+            cands.append(lr.svdq_grid(w, ranks, spec, method=config.method, factors=factors))
             order += [k for k, _ in lst]
         w_hats = jnp.concatenate(cands, axis=0)
         x, y = cache.get(f"{t.name}.X"), cache.get(f"{t.name}.Y")
