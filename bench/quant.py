@@ -31,9 +31,11 @@ def _data(d_in: int, d_out: int, n: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     w = (rng.standard_normal((d_in, d_out)) / np.sqrt(d_in)).astype(np.float32)
     w[rng.integers(0, d_in, 8)] *= 20.0
-    x = rng.standard_normal((n, d_in)).astype(np.float16)
+    x = np.empty((n, d_in), np.float16)
     y = np.empty((n, d_out), np.float16)
-    for i in range(0, n, CHUNK):
+    for i in range(0, n, CHUNK):  # chunked: the generator's own temporaries stay small
+        xc = rng.standard_normal((min(CHUNK, n - i), d_in), np.float32)
+        x[i : i + CHUNK] = xc
         y[i : i + CHUNK] = (x[i : i + CHUNK].astype(np.float32) @ w).astype(np.float16)
     return w, x, y
 
