@@ -220,6 +220,8 @@ def from_arrays(
     desc: Mapping[str, Any],
     arrays: Mapping[str, Any] | Callable[[str], Any],
     where: str = "leaf",
+    *,
+    cast: Callable[[Any], Any] | None = None,
 ) -> CompressedLeaf:
     """Inverse of :func:`to_arrays`: rebuild (and validate) a leaf.
 
@@ -229,6 +231,8 @@ def from_arrays(
       arrays: ``{field path: array}``, or a function ``field path -> array`` (read lazily;
         it raises ``KeyError`` or its own :class:`UserError` for a missing array).
       where: names the leaf in error messages.
+      cast: applied to each array child (``load_hf(dtype=...)``), except the fields a class
+        lists in ``exact_fields`` (quantized codes and scales keep their stored dtype).
 
     Raises:
       UserError: unknown type, a malformed description, a missing array, or a leaf that fails
@@ -254,13 +258,15 @@ def from_arrays(
         elif kind == ARRAY:
             try:
                 kwargs[field] = get(field)
+                if cast is not None and field not in getattr(cls, "exact_fields", ()):
+                    kwargs[field] = cast(kwargs[field])
             except KeyError:
                 raise UserError(
                     f"{where}: array {field} of a {cls.__name__} is missing (corrupt checkpoint)"
                 ) from None
         elif isinstance(kind, Mapping):
             kwargs[field] = from_arrays(
-                kind, lambda p, f=field: get(f"{f}/{p}"), f"{where}.{field}"
+                kind, lambda p, f=field: get(f"{f}/{p}"), f"{where}.{field}", cast=cast
             )
         else:
             raise UserError(f"{where}: malformed description of a {cls.__name__} ({field})")

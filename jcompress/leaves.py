@@ -145,6 +145,16 @@ def leaf_type(name: Any) -> type[CompressedLeaf]:
     """
     if isinstance(name, str) and name in LEAF_TYPES:
         return LEAF_TYPES[name]
+    if isinstance(name, str) and name.startswith("jcompress.") and "." in name[10:]:
+        # a jcompress leaf registered by a module not imported yet (jcompress.quant...)
+        import importlib
+
+        try:
+            importlib.import_module(name.rsplit(".", 1)[0])
+        except ImportError:
+            pass
+        if name in LEAF_TYPES:
+            return LEAF_TYPES[name]
     known = ", ".join(LEAF_TYPES) or "none"
     clash = LEAF_TYPES.ambiguous(name) if isinstance(name, str) else []
     if clash:
@@ -174,6 +184,9 @@ class CompressedLeaf(abc.ABC):
     :func:`register_leaf`."""
 
     array_fields: ClassVar[tuple[str, ...]] = ()
+    # array fields that keep their stored dtype when a checkpoint is read with a dtype cast
+    # (``load_hf(dtype=...)``): quantized codes and their scales
+    exact_fields: ClassVar[tuple[str, ...]] = ()
 
     @abc.abstractmethod
     def materialize(self) -> jax.Array:

@@ -220,7 +220,7 @@ def test_nvfp4_scales_by_hand():
     w[:, 0] = np.linspace(-3, 3, 16)
     w[0, 0] = 12.0  # amax 12 -> g = 12 / 2688; block scale 12/6/g = 448 exactly
     q = quantize(jnp.asarray(w), "nvfp4")
-    assert float(q.global_scale) == np.float32(12.0) / np.float32(2688.0)
+    assert float(q.global_scale[0]) == np.float32(12.0) / np.float32(2688.0)
     assert float(q.scales.astype(jnp.float32)[0, 0]) == 448.0
     assert float(q.codes.astype(jnp.float32)[0, 0]) == 6.0
 
@@ -242,7 +242,7 @@ def test_mx_scale_is_floor_power_of_two():
 
 def test_zeros_and_all_zero_blocks():
     for text in SPECS:
-        z = fake_quant(jnp.zeros((33, 17)), text)
+        z = fake_quant(jnp.zeros((72, 40)), text)  # the shape compiled above: cached
         assert np.all(np.asarray(z) == 0)
 
 
@@ -341,6 +341,6 @@ def test_against_qwix(weight):
     wb = w.copy()
     wb[0, 0] = 6 * 448.0
     ours = np.asarray(fake_quant(jnp.asarray(wb), "nvfp4"))
-    assert float(quantize(jnp.asarray(wb), "nvfp4").global_scale) == 1.0
+    assert float(quantize(jnp.asarray(wb), "nvfp4").global_scale[0]) == 1.0
     qa = qwix_q.quantize_api(jnp.asarray(wb), "nvfp4", tiled_axes={0: 16}, channelwise_axes=(1,))
     _close_to(ours, np.asarray(qwix_q.dequantize(qa)), np.abs(ours) / 2 + 1e-30)

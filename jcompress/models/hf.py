@@ -363,9 +363,12 @@ def _load_factor_leaf(weights, names, used, factored, path, want, cast):
         if key not in names:
             raise UserError(f"missing tensor {key} in the factor checkpoint")
         used.add(key)
-        return cast(weights.get(key))
+        return jnp.asarray(weights.get(key))  # cast by from_arrays (cast_child)
 
-    leaf = from_arrays(factored[path], get, f"factor checkpoint: {path}")
+    def cast_child(value):  # a leaf's float8 children (quantized codes) keep their dtype
+        return value if np.dtype(value.dtype).itemsize < 2 else cast(value)
+
+    leaf = from_arrays(factored[path], get, f"factor checkpoint: {path}", cast=cast_child)
     if tuple(leaf.shape) != tuple(want):
         raise UserError(
             f"factor checkpoint: {path} stands for shape {list(leaf.shape)}, config implies "

@@ -2,7 +2,8 @@
 fake quantization, quantized leaves.
 
 Public API: :data:`FORMATS`, :class:`QuantSpec`, :func:`parse_spec`, :func:`parse_specs`,
-:func:`fake_quant`, :func:`quantize`, :func:`dequantize` (see :mod:`jcompress.quant.formats`).
+:func:`fake_quant`, :func:`quantize`, :func:`dequantize` (see :mod:`jcompress.quant.formats`);
+the typed leaf :class:`QuantizedArray` and :func:`quantize_leaf` (:mod:`jcompress.quant.leaves`).
 """
 
 from jcompress.quant.formats import (
@@ -18,7 +19,9 @@ from jcompress.quant.formats import (
     parse_specs,
     quantize,
     round_to_grid,
+    scale_values,
 )
+from jcompress.quant.leaves import QuantizedArray, quantize_leaf
 
 __all__ = [
     "FORMATS",
@@ -33,4 +36,7 @@ __all__ = [
     "parse_specs",
     "quantize",
     "round_to_grid",
+    "scale_values",
+    "QuantizedArray",
+    "quantize_leaf",
 ]

@@ -4,7 +4,7 @@ Every format is "element grid x block scale": a 2-D array ``w`` (an ``[in, out]`
 into blocks of ``(bi, bo)`` entries (edges padded with zeros), each block gets one scale from its
 absolute maximum, and every entry is rounded on the element grid after dividing by its scale::
 
-    w_hat[i, j] = codes[i, j] * scales[i // bi, j // bo] * global_scale
+    w_hat[i, j] = codes[i, j] * (scales[i // bi, j // bo] * global_scale)
 
 ``codes`` are values on the element grid (stored in a one-byte container: ``float8_e4m3fn`` holds
 every E2M1 / E3M2 / E2M3 / E4M3 value exactly, ``float8_e5m2`` the E5M2 ones, ``int8`` the
@@ -346,13 +346,14 @@ def round_to_grid(y: jax.Array, el: Element) -> jax.Array:
 class Quantized(NamedTuple):
     """The stored form of a quantized ``[in, out]`` array.
 
-    ``w_hat = codes * scales[i // bi, j // bo] * global_scale`` with ``(bi, bo) =
+    ``w_hat = codes * (scales[i // bi, j // bo] * global_scale)`` with ``(bi, bo) =
     block_shape(spec, codes.shape)``.
 
     Attributes:
       codes: ``[in, out]`` grid values in ``spec.format.code_dtype``.
       scales: ``[ceil(in / bi), ceil(out / bo)]`` in ``spec.format.scale_dtype``.
-      global_scale: ``[]`` float32 (NVFP4's tensor scale ``amax / (6 * 448)``; 1 otherwise).
+      global_scale: ``[1]`` float32 (NVFP4's tensor scale ``amax / (6 * 448)``; 1 otherwise;
+        shape ``[1]`` rather than ``[]`` so every file format stores it as it is).
     """
 
     codes: jax.Array
@@ -417,7 +418,7 @@ def _quantize_core(w: jax.Array, spec: QuantSpec) -> Quantized:
         raise AssertionError(f.scaling)
     q = round_to_grid(y, el)
     codes = _unblocks(q, shape).astype(f.code_dtype)
-    return Quantized(codes, s.astype(f.scale_dtype), jnp.asarray(g, jnp.float32))
+    return Quantized(codes, s.astype(f.scale_dtype), jnp.reshape(g, (1,)).astype(jnp.float32))
 
 
 def scale_values(scales: jax.Array, spec: QuantSpec) -> jax.Array:
@@ -431,7 +432,7 @@ def scale_values(scales: jax.Array, spec: QuantSpec) -> jax.Array:
 def _dequantize_core(q: Quantized, spec: QuantSpec) -> jax.Array:
     shape = (int(q.codes.shape[0]), int(q.codes.shape[1]))
     bi, bo = block_shape(spec, shape)
-    s = scale_values(q.scales, spec) * q.global_scale.astype(jnp.float32)
+    s = scale_values(q.scales, spec) * jnp.reshape(q.global_scale, ()).astype(jnp.float32)
     c = _blocks(q.codes.astype(jnp.float32), bi, bo)
     return _unblocks(c * s[:, None, :, None], shape)
 

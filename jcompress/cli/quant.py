@@ -1,0 +1,162 @@
+"""``jcompress quant apply``: quantize linears by regex rules, check the perplexity change.
+
+::
+
+    jcompress quant apply --model DIR --rule 'model/layers/\\d+/mlp/.*=nvfp4' \\
+        --rule 'model/layers/\\d+/self_attn/.*=rank=16;fmt=fp4;blk=128' --out OUT
+
+writes ``OUT/report.json``, ``OUT/report.md`` and ``OUT/factors/`` (a jcompress checkpoint with
+the quantized leaves; ``load_hf`` reads it back, ``forward`` runs on it) and prints the
+perplexity before and after on ``--eval_data`` (default: the bundled WikiText-2 excerpt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from jcompress.cli.common import DTYPES, check_data_file, load_tokenizer_for, positive
+from jcompress.errors import UserError
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    s = subparsers.add_parser(
+        "quant",
+        help="quantize linears (NVFP4, MXFP4, FP4/FP6/FP8, INT4/8) by regex rules",
+        description="Quantization tools.",
+    )
+    sub = s.add_subparsers(dest="quant_command", required=True, metavar="{apply}",
+                           parser_class=type(s))
+    a = sub.add_parser(
+        "apply",
+        help="write quantized leaves into a model and report the perplexity change",
+        description="Replace the kernels selected by --rule / --config with quantized leaves "
+        "(first matching rule wins), evaluate perplexity before and after, write the "
+        "quantized model (jcompress factor checkpoint) and a report.",
+    )
+    a.add_argument("--model", required=True, help="HF model directory")
+    a.add_argument(
+        "--rule", action="append", default=[], metavar="REGEX=CONFIG",
+        help="regex over linear paths (model/layers/0/mlp/down_proj) = a spec (nvfp4, "
+        "fp4@128, int4@128, mxfp4) or a tokenwise cfg key (rank=16;fmt=nvfp4;blk=na, "
+        "rank=16;quant=none) or none; repeatable, first match wins",
+    )
+    a.add_argument("--config", default=None, metavar="JSON",
+                   help='rules as JSON: {"rules": [[regex, config], ...], '
+                   '"allow_unmatched": false}; --rule entries come first')
+    a.add_argument("--allow_unmatched", action="store_true",
+                   help="report rules that match nothing instead of failing")
+    a.add_argument("--out", default=None, help="output directory (report + factors/)")
+    a.add_argument("--packed", action="store_true",
+                   help="also write OUT/packed/: NVFP4 / MXFP4 linears in the compressed-tensors "
+                   "packed layout (vLLM), the rest dense")
+    a.add_argument("--json", default=None, help="also write the report JSON here")
+    a.add_argument("--eval_data", default=None,
+                   help="perplexity text (default: the bundled WikiText-2 test excerpt)")
+    a.add_argument("--no_eval", action="store_true", help="skip the perplexity evaluation")
+    a.add_argument("--seqlen", type=positive, default=256, help="perplexity window (256)")
+    a.add_argument("--max_windows", type=positive, default=40,
+                   help="at most this many windows (40)")
+    a.add_argument("--batch_size", type=positive, default=8, help="windows per batch (8)")
+    a.add_argument("--dtype", choices=DTYPES, default=None, help="load dtype (default: stored)")
+    a.add_argument("--overwrite", action="store_true", help="replace --out / --json")
+    a.set_defaults(func=run)
+    return s
+
+
+def _config(args: argparse.Namespace):
+    from jcompress.quant.apply import QuantApplyConfig, parse_rule
+
+    rules = [parse_rule(r) for r in args.rule]
+    allow = args.allow_unmatched
+    if args.config is not None:
+        p = Path(args.config)
+        if not p.is_file():
+            raise UserError(f"--config: {p} is not a file")
+        try:
+            data = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"--config: {p} is not valid JSON ({e})") from None
+        c = QuantApplyConfig.from_json(data)
+        rules += list(c.rules)
+        allow = allow or c.allow_unmatched
+    if not rules:
+        raise UserError("give --rule REGEX=CONFIG (repeatable) or --config JSON")
+    return QuantApplyConfig(rules=tuple(rules), allow_unmatched=allow)
+
+
+def run(args: argparse.Namespace) -> int:
+    from jcompress.atomic import atomic_dir, write_json
+    from jcompress.cli import bundled_eval_text
+    from jcompress.data import load_tokens
+    from jcompress.eval import check_seqlen, perplexity
+    from jcompress.methods import select
+    from jcompress.models import load_hf, read_config, save_hf
+    from jcompress.models.params import param_shapes
+    from jcompress.outputs import check_output_dir, check_output_file
+    from jcompress.quant.apply import compress
+    from jcompress.quant.export import EXPORT_FORMATS, save_compressed_tensors
+
+    model = Path(args.model)
+    config = _config(args)
+    cfg = read_config(model)
+    inputs = {"--model": model}
+    if args.packed and args.out is None:
+        raise UserError("--packed: needs --out")
+    if args.packed and not any(c.spec is not None and c.rank is None
+                               and c.spec.fmt in EXPORT_FORMATS for _, c in config.rules):
+        raise UserError(f"--packed: no rule quantizes to {' or '.join(EXPORT_FORMATS)} "
+                        "without a low-rank branch")
+    if args.out is not None:
+        check_output_dir(args.out, inputs=inputs, overwrite=args.overwrite, arg="--out")
+    if args.json is not None:
+        check_output_file(args.json, inputs=inputs, overwrite=args.overwrite, arg="--json")
+    eval_ids = None
+    if not args.no_eval:
+        data = check_data_file(args.eval_data or bundled_eval_text(), "--eval_data")
+        check_seqlen(cfg, args.seqlen)
+        eval_ids = load_tokens(data, load_tokenizer_for(model, "--model", cfg))
+    # the rules are checked against the model's linear paths before any weights are read
+    shapes = param_shapes(cfg)
+    paths = [p[: -len("/kernel")] for p, sh in shapes.items()
+             if p.endswith("/kernel") and len(sh) == 2]
+    select([rx for rx, _ in config.rules], paths, allow_unmatched=config.allow_unmatched,
+           arg="--rule")
+    cfg, params = load_hf(model, dtype=args.dtype, progress=True)
+
+    def ppl(p):
+        if eval_ids is None:
+            return None
+        return perplexity(cfg, p, eval_ids, seqlen=args.seqlen, max_windows=args.max_windows,
+                          batch_size=args.batch_size).to_dict()
+
+    before = ppl(params)
+    t0 = time.perf_counter()
+    new_params, report = compress(params, config=config)
+    secs = time.perf_counter() - t0
+    after = ppl(new_params)
+    report = report.with_extra(model=str(model), rules=[[rx, c.key] for rx, c in config.rules],
+                               quantize_seconds=secs, ppl_before=before, ppl_after=after,
+                               eval_data=None if eval_ids is None else
+                               str(args.eval_data or bundled_eval_text()),
+                               seqlen=args.seqlen, max_windows=args.max_windows)
+    result = report.to_json()
+    md = report.to_markdown()
+    print(md)
+    if args.out is not None:
+        with atomic_dir(Path(args.out), overwrite=args.overwrite, arg="--out") as tmp:
+            write_json(tmp / "report.json", result)
+            (tmp / "report.md").write_text(md + "\n")
+            save_hf(cfg, new_params, tmp / "factors", tokenizer_dir=model, factors=True)
+            if args.packed:
+                save_compressed_tensors(cfg, new_params, tmp / "packed", tokenizer_dir=model)
+        extra = ", packed/ (compressed-tensors)" if args.packed else ""
+        print(f"\nwrote {args.out}/report.json, report.md, factors/ (jcompress checkpoint)"
+              + extra)
+    if args.json is not None:
+        write_json(args.json, result, overwrite=args.overwrite, arg="--json")
+    return 0

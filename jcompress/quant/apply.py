@@ -1,0 +1,336 @@
+"""``quant apply``: write quantized leaves into a param tree by regex rules.
+
+Each rule maps a regex over linear module paths (``model/layers/3/mlp/down_proj``; the
+``kernel`` leaf below it is replaced) to a configuration in the tokenwise tool's cfg-key
+syntax, so a choice read off a ranking is pasted as it is:
+
+* ``nvfp4`` / ``fp4@128`` / ``fmt=nvfp4;blk=na`` / ``rank=none;fmt=fp4;blk=in``: plain
+  quantization -> :class:`~jcompress.quant.QuantizedArray`;
+* ``rank=16;fmt=nvfp4;blk=na``: ``W ~ L + Q(W - L)`` with ``L`` the rank-16 truncated SVD ->
+  ``Residual(LowRank(U S, V^T), QuantizedArray(W - L))``;
+* ``rank=16;quant=none``: ``LowRank`` only;
+* ``none``: keep the kernel dense (a rule that exempts paths from later rules).
+
+First matching rule wins (:func:`jcompress.methods.select`); a rule that matches nothing is an
+error unless ``allow_unmatched``. The transform is pure: untouched leaves are shared.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from tqdm.auto import tqdm
+
+from jcompress.errors import UserError
+from jcompress.leaves import LowRank, Residual
+from jcompress.methods import require_dense, select
+from jcompress.models.convert import flatten, unflatten
+from jcompress.quant.formats import QuantSpec, parse_spec
+from jcompress.quant.leaves import quantize_leaf
+
+__all__ = [
+    "LayerChoice",
+    "QuantApplyConfig",
+    "QuantApplyReport",
+    "compress",
+    "fake_quant_params",
+    "linear_paths",
+    "parse_choice",
+    "parse_rule",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerChoice:
+    """One configuration: an optional low-rank branch and an optional format.
+
+    Attributes:
+      rank: rank of the SVD branch (``None``: no branch).
+      spec: the quantization spec of the (residual) kernel (``None``: not quantized).
+    """
+
+    rank: int | None = None
+    spec: QuantSpec | None = None
+
+    @property
+    def key(self) -> str:
+        """The tokenwise cfg key (``rank=16;fmt=nvfp4;blk=na``, ``rank=none;fmt=...``)."""
+        if self.rank is None and self.spec is None:
+            return "none"
+        r = "none" if self.rank is None else str(self.rank)
+        return f"rank={r};" + ("quant=none" if self.spec is None else self.spec.key)
+
+
+_KEY_RE = re.compile(r"([a-z_]+)=([A-Za-z0-9_]+)")
+
+
+def parse_choice(text: str, *, arg: str = "--rule") -> LayerChoice:
+    """``nvfp4`` / ``fp4@128`` / ``none`` / a cfg key (``rank=16;fmt=nvfp4;blk=na``)."""
+    s = str(text).strip()
+    if s.lower() == "none":
+        return LayerChoice()
+    if "=" not in s:
+        return LayerChoice(None, parse_spec(s, arg=arg))
+    parts: dict[str, str] = {}
+    for piece in s.split(";"):
+        m = _KEY_RE.fullmatch(piece.strip())
+        if m is None or m.group(1) in parts or m.group(1) not in ("rank", "fmt", "blk", "quant"):
+            raise UserError(
+                f"{arg}: bad configuration {text!r}; use a spec (nvfp4, fp4@128) or a cfg key "
+                "rank=R|none;fmt=F;blk=B|na or rank=R;quant=none"
+            )
+        parts[m.group(1)] = m.group(2)
+    rank: int | None = None
+    if parts.get("rank", "none") != "none":
+        r = parts["rank"]
+        if not r.isdigit() or int(r) < 1:
+            raise UserError(f"{arg}: rank must be a positive integer or none, got {r!r}")
+        rank = int(r)
+    if parts.get("quant") == "none":
+        if "fmt" in parts or "blk" in parts or rank is None:
+            raise UserError(f"{arg}: {text!r}: quant=none goes with rank=R and no fmt/blk")
+        return LayerChoice(rank, None)
+    if "quant" in parts:
+        raise UserError(f"{arg}: {text!r}: quant= only takes none")
+    if "fmt" not in parts:
+        raise UserError(f"{arg}: {text!r} has no fmt=")
+    blk = parts.get("blk", "na")
+    spec = parse_spec(parts["fmt"] + ("" if blk == "na" else f"@{blk}"), arg=arg)
+    return LayerChoice(rank, spec)
+
+
+def parse_rule(text: str, *, arg: str = "--rule") -> tuple[str, LayerChoice]:
+    """``REGEX=CONFIG`` -> ``(regex, choice)``, split at the first ``=`` that leaves a valid
+    regex and a valid configuration (cfg keys hold ``=`` themselves)."""
+    s = str(text)
+    first: UserError | None = None
+    for i, ch in enumerate(s):
+        if ch != "=":
+            continue
+        head, tail = s[:i], s[i + 1:]
+        try:
+            rx = _check_regex(head, arg)
+        except UserError:
+            continue
+        try:
+            return rx, parse_choice(tail, arg=arg)
+        except UserError as e:
+            first = first or e
+    if first is not None:  # a regex, then a bad configuration: say what is wrong with it
+        raise first
+    raise UserError(f"{arg}: expected REGEX=CONFIG (e.g. 'model/layers/\\d+/mlp/.*=nvfp4'), "
+                    f"got {text!r}")
+
+
+def _check_regex(rx: str, arg: str) -> str:
+    if not rx:
+        raise UserError(f"{arg}: empty regex")
+    try:
+        re.compile(rx)
+    except re.error as e:
+        raise UserError(f"{arg}: bad regex {rx!r}: {e}") from None
+    return rx
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantApplyConfig:
+    """Which linears get which configuration.
+
+    Attributes:
+      rules: ``(regex, choice)`` pairs over linear module paths, first match wins; a choice
+        is a :class:`LayerChoice` or its text (``"nvfp4"``, ``"rank=16;fmt=fp4;blk=128"``).
+      allow_unmatched: a rule that matches nothing is reported instead of an error.
+    """
+
+    rules: tuple[tuple[str, Any], ...]
+    allow_unmatched: bool = False
+
+    def __post_init__(self):
+        if not self.rules:
+            raise UserError("rules: give at least one REGEX=CONFIG rule")
+        fixed = []
+        for item in self.rules:
+            if not (isinstance(item, Sequence) and len(item) == 2):
+                raise UserError(f"rules: expected (regex, config) pairs, got {item!r}")
+            rx, choice = item
+            choice = choice if isinstance(choice, LayerChoice) else parse_choice(choice,
+                                                                                  arg="rules")
+            fixed.append((_check_regex(str(rx), "rules"), choice))
+        object.__setattr__(self, "rules", tuple(fixed))
+
+    @classmethod
+    def from_json(cls, data: Any, *, arg: str = "--config") -> QuantApplyConfig:
+        """``{"rules": [[regex, config], ...], "allow_unmatched": false}`` or a mapping
+        ``{regex: config}`` (in order)."""
+        if isinstance(data, Mapping) and "rules" in data:
+            rules = data["rules"]
+            extra = set(data) - {"rules", "allow_unmatched"}
+            if extra:
+                raise UserError(f"{arg}: unknown keys {sorted(extra)}; allowed: rules, "
+                                "allow_unmatched")
+            allow = data.get("allow_unmatched", False)
+        elif isinstance(data, Mapping):
+            rules, allow = list(data.items()), False
+        else:
+            raise UserError(f"{arg}: expected a JSON object with \"rules\"")
+        if not isinstance(rules, list) or not isinstance(allow, bool):
+            raise UserError(f"{arg}: \"rules\" must be a list of [regex, config] pairs")
+        try:
+            return cls(rules=tuple(tuple(r) if isinstance(r, list) else r for r in rules),
+                       allow_unmatched=allow)
+        except UserError as e:
+            raise UserError(f"{arg}: {e}") from None
+
+
+def linear_paths(params: Any) -> dict[str, Any]:
+    """``{module path: kernel}`` of every 2-D ``kernel`` in the tree (dense or a leaf)."""
+    out = {}
+    for path, v in flatten(params).items():
+        if path.endswith("/kernel") and len(getattr(v, "shape", ())) == 2:
+            out[path[: -len("/kernel")]] = v
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerRow:
+    path: str
+    config: str
+    shape: tuple[int, int]
+    bits_per_weight: float
+    rel_error: float  # ||W - W~||_F / ||W||_F
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"shape": list(self.shape)}
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantApplyReport:
+    """Per-layer configuration, bits per weight and relative weight error, plus what the caller
+    measured (perplexity before / after) in ``extra``."""
+
+    layers: tuple[LayerRow, ...]
+    unmatched_rules: tuple[str, ...] = ()
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def with_extra(self, **kw: Any) -> QuantApplyReport:
+        return dataclasses.replace(self, extra={**self.extra, **kw})
+
+    @property
+    def mean_bits_per_weight(self) -> float:
+        n = sum(r.shape[0] * r.shape[1] for r in self.layers)
+        return sum(r.bits_per_weight * r.shape[0] * r.shape[1] for r in self.layers) / max(n, 1)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "layers": [r.to_json() for r in self.layers],
+            "n_layers": len(self.layers),
+            "mean_bits_per_weight": self.mean_bits_per_weight,
+            "unmatched_rules": list(self.unmatched_rules),
+            **dict(self.extra),
+        }
+
+    to_dict = to_json
+
+    def to_markdown(self) -> str:
+        lines = ["| layer | config | shape | bits/weight | rel. weight error |",
+                 "|---|---|---|---|---|"]
+        lines += [
+            f"| {r.path} | {r.config} | {r.shape[0]}x{r.shape[1]} | {r.bits_per_weight:.2f} | "
+            f"{r.rel_error:.4g} |" for r in self.layers
+        ]
+        lines.append(f"\n{len(self.layers)} linears quantized, "
+                     f"{self.mean_bits_per_weight:.2f} bits/weight on average")
+        b, a = self.extra.get("ppl_before"), self.extra.get("ppl_after")
+        if b and a:
+            lines += ["", "| | before | after | change |", "|---|---|---|---|",
+                      f"| perplexity | {b['ppl']:.4f} | {a['ppl']:.4f} | "
+                      f"{100 * (a['ppl'] / b['ppl'] - 1):+.2f}% |"]
+        if self.unmatched_rules:
+            lines.append(f"\nunmatched rules: {', '.join(self.unmatched_rules)}")
+        return "\n".join(lines)
+
+
+@jax.jit
+def _svd(w: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    return jnp.linalg.svd(w.astype(jnp.float32), full_matrices=False)
+
+
+def _build(w: jax.Array, choice: LayerChoice) -> tuple[Any, jax.Array, float]:
+    """(leaf, dense equivalent in float32, bits per weight)."""
+    n = w.shape[0] * w.shape[1]
+    wf = w.astype(jnp.float32)
+    low = None
+    if choice.rank is not None:
+        r = min(choice.rank, min(w.shape))
+        u, s, vt = _svd(w)
+        low = LowRank((u[:, :r] * s[:r]).astype(w.dtype), vt[:r].astype(w.dtype))
+    if choice.spec is None:
+        assert low is not None
+        bits = 16.0 * low.num_params / n
+        return low, low.materialize().astype(jnp.float32), bits
+    resid = w if low is None else (wf - low.materialize().astype(jnp.float32)).astype(w.dtype)
+    q = quantize_leaf(resid, choice.spec)
+    bits = q.bits_per_weight
+    if low is None:
+        return q, q.materialize().astype(jnp.float32), bits
+    bits += 16.0 * low.num_params / n
+    leaf = Residual(low, q)
+    return leaf, leaf.materialize().astype(jnp.float32), bits
+
+
+def compress(
+    params: Any,
+    cfg: Any = None,
+    calib: Any = None,
+    *,
+    config: QuantApplyConfig,
+    progress: bool = True,
+) -> tuple[Any, QuantApplyReport]:
+    """Replace the selected linears' kernels by quantized (or low-rank + quantized) leaves.
+
+    Args:
+      params: the param tree (not modified).
+      cfg, calib: unused (the method protocol's signature; quantization here is data-free).
+      config: the rules.
+      progress: show a progress bar.
+
+    Returns:
+      ``(new_params, report)``; the low-rank factors keep the kernel's dtype (bits counted as
+      16 per factor entry).
+
+    Raises:
+      UserError: a rule matching nothing (unless allowed), a selected kernel that is already a
+        typed leaf, or a non-finite kernel.
+    """
+    del cfg, calib
+    linears = linear_paths(params)
+    sel = select([rx for rx, _ in config.rules], list(linears),
+                 allow_unmatched=config.allow_unmatched, arg="rules")
+    by_rx = dict(config.rules)
+    todo = [(p, by_rx[rx]) for p, rx in sel.chosen.items() if by_rx[rx].key != "none"]
+    for p, _ in todo:
+        require_dense(f"{p}/kernel", linears[p], "quant apply")
+    flat = flatten(params)
+    rows = []
+    for path, choice in tqdm(todo, desc="quantize", disable=not progress, leave=False):
+        w = linears[path]
+        leaf, dense, bits = _build(jnp.asarray(w), choice)
+        wf = jnp.asarray(w, jnp.float32)
+        err = float(jnp.linalg.norm(dense - wf) / jnp.maximum(jnp.linalg.norm(wf), 1e-30))
+        flat[f"{path}/kernel"] = leaf
+        rows.append(LayerRow(path, choice.key, tuple(int(d) for d in w.shape), float(bits), err))
+    return unflatten(flat), QuantApplyReport(tuple(rows), sel.unmatched)
+
+
+def fake_quant_params(params: Any, config: QuantApplyConfig) -> Any:
+    """The dense tree a quantized one stands for (every selected kernel fake-quantized)."""
+    new, _ = compress(params, config=config, progress=False)
+    from jcompress.leaves import materialize
+
+    return materialize(new)
+

@@ -1,0 +1,207 @@
+"""quant apply: rule / cfg-key grammar, the transform against an oracle (numpy SVD + the
+fake-quant reference), purity, selection errors, the forward pass on llama-1m and opt-1m, and
+the CLI end to end (report JSON + markdown, factors reloadable, perplexity before/after)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jcompress
+from jcompress.cli import main
+from jcompress.errors import UserError
+from jcompress.leaves import LowRank, Residual
+from jcompress.models.convert import flatten
+from jcompress.quant import QuantizedArray, QuantSpec, fake_quant
+from jcompress.quant.apply import (
+    LayerChoice,
+    QuantApplyConfig,
+    compress,
+    parse_choice,
+    parse_rule,
+)
+
+
+def test_choice_grammar():
+    assert parse_choice("nvfp4") == LayerChoice(None, QuantSpec("nvfp4"))
+    assert parse_choice("rank=16;fmt=nvfp4;blk=na") == LayerChoice(16, QuantSpec("nvfp4"))
+    assert parse_choice("rank=none;fmt=fp4;blk=in") == LayerChoice(None, QuantSpec("fp4", "in"))
+    assert parse_choice("rank=8;quant=none") == LayerChoice(8, None)
+    assert parse_choice("fmt=fp4;blk=128").key == "rank=none;fmt=fp4;blk=128"
+    assert parse_choice("none") == LayerChoice()
+    for key in ("rank=16;fmt=nvfp4;blk=na", "rank=none;fmt=fp4;blk=in", "rank=8;quant=none"):
+        assert parse_choice(key).key == key  # the tokenwise cfg keys round-trip
+    assert parse_rule(r"model/layers/\d+/mlp/.*=rank=4;fmt=int4;blk=32") == (
+        r"model/layers/\d+/mlp/.*", LayerChoice(4, QuantSpec("int4", 32)))
+    for bad in ("rank=-1;fmt=nvfp4", "rank=0;fmt=nvfp4", "rank=4;quant=fp4", "fmt=fp5",
+                "rank=none;quant=none", "blk=in", "speed=9;fmt=nvfp4", "fp4"):
+        with pytest.raises(UserError):
+            parse_choice(bad)
+    with pytest.raises(UserError, match="REGEX=CONFIG"):
+        parse_rule("model/layers/(=nvfp4")
+    with pytest.raises(UserError, match="at least one"):
+        QuantApplyConfig(rules=())
+    c = QuantApplyConfig.from_json({"rules": [["a", "nvfp4"]], "allow_unmatched": True})
+    assert c.rules == (("a", LayerChoice(None, QuantSpec("nvfp4"))),) and c.allow_unmatched
+    with pytest.raises(UserError, match="unknown keys"):
+        QuantApplyConfig.from_json({"rules": [], "nope": 1})
+
+
+@pytest.fixture(scope="module")
+def llama(llama_dir):
+    return jcompress.load_hf(llama_dir)
+
+
+RULES = (
+    (r"model/layers/0/self_attn/q_proj", "none"),  # exempt from the next rule
+    (r"model/layers/0/self_attn/.*", "rank=4;fmt=fp4;blk=64"),
+    (r"model/layers/1/mlp/.*", "nvfp4"),
+    (r"model/layers/2/mlp/down_proj", "rank=8;quant=none"),
+)
+
+
+@pytest.fixture(scope="module")
+def applied(llama):
+    cfg, params = llama
+    new, report = compress(params, cfg, config=QuantApplyConfig(rules=RULES), progress=False)
+    return new, report
+
+
+def test_apply_matches_oracle(llama, applied):
+    cfg, params = llama
+    new, report = applied
+    old, got = flatten(params), flatten(new)
+    changed = {k for k in got if got[k] is not old[k]}
+    want_paths = {f"model/layers/0/self_attn/{p}_proj/kernel" for p in "kvo"} | {
+        f"model/layers/1/mlp/{p}_proj/kernel" for p in ("gate", "up", "down")} | {
+        "model/layers/2/mlp/down_proj/kernel"}
+    assert changed == want_paths
+    assert [r.path for r in report.layers] == sorted(
+        (p[: -len("/kernel")] for p in want_paths), key=[r.path for r in report.layers].index)
+    # plain NVFP4: exactly the reference fake quant
+    p = "model/layers/1/mlp/up_proj/kernel"
+    assert isinstance(got[p], QuantizedArray)
+    np.testing.assert_array_equal(np.asarray(got[p].materialize()),
+                                  np.asarray(fake_quant(old[p], "nvfp4")))
+    # rank 4 + fp4@64 residual: numpy SVD for L, the reference for Q(W - L)
+    p = "model/layers/0/self_attn/k_proj/kernel"
+    leaf = got[p]
+    assert isinstance(leaf, Residual) and isinstance(leaf.base, LowRank)
+    w = np.asarray(old[p], np.float64)
+    u, s, vt = np.linalg.svd(w, full_matrices=False)
+    low = (u[:, :4] * s[:4]) @ vt[:4]
+    np.testing.assert_allclose(np.asarray(leaf.base.materialize()), low, atol=2e-5)
+    res = np.asarray(leaf.residual.materialize())
+    ref = np.asarray(fake_quant(jnp.asarray(w - low, jnp.float32), "fp4@64"))
+    assert np.mean(np.abs(res - ref) < 1e-5) > 0.99  # ties may move by the SVD's last ulp
+    # rank-8 only
+    p = "model/layers/2/mlp/down_proj/kernel"
+    assert isinstance(got[p], LowRank) and got[p].rank == 8
+    # the report's relative error is the weight error of the leaf
+    row = next(r for r in report.layers if r.path == "model/layers/1/mlp/up_proj")
+    d = np.asarray(got["model/layers/1/mlp/up_proj/kernel"].materialize()) - np.asarray(
+        old["model/layers/1/mlp/up_proj/kernel"])
+    assert row.rel_error == pytest.approx(
+        np.linalg.norm(d) / np.linalg.norm(old["model/layers/1/mlp/up_proj/kernel"]), rel=1e-4)
+    assert row.bits_per_weight == pytest.approx(4 + 8 / 16 + 32 / (128 * 352))
+    js = json.loads(json.dumps(report.to_json()))
+    assert js["n_layers"] == 7 and "| layer |" in report.to_markdown()
+
+
+def test_forward_runs_and_is_close(llama, applied):
+    cfg, params = llama
+    new, _ = applied
+    ids = jnp.arange(1, 33)[None]
+    got = jcompress.forward(cfg, new, ids)
+    dense = jcompress.forward(cfg, jcompress.materialize(new), ids)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(dense), rtol=1e-4, atol=1e-4)
+    assert np.isfinite(np.asarray(got)).all()
+
+
+def test_selection_errors(llama, applied):
+    cfg, params = llama
+    with pytest.raises(UserError, match="matches nothing"):
+        compress(params, config=QuantApplyConfig(rules=(("model/nope/.*", "nvfp4"),)))
+    with pytest.warns(UserWarning, match="matches nothing"):
+        _, rep = compress(params, config=QuantApplyConfig(
+            rules=(("model/nope/.*", "nvfp4"), ("lm_head", "int8")), allow_unmatched=True),
+            progress=False)
+    assert rep.unmatched_rules == ("model/nope/.*",) and rep.layers[0].path == "lm_head"
+    new, _ = applied
+    with pytest.raises(UserError, match="k_proj/kernel is a Residual"):
+        compress(new, config=QuantApplyConfig(rules=((r"model/layers/0/.*", "int8"),)))
+
+
+def test_opt_tied_model(opt_dir):
+    cfg, params = jcompress.load_hf(opt_dir)
+    new, rep = compress(params, config=QuantApplyConfig(
+        rules=((r"model/decoder/layers/\d+/fc[12]", "mxfp4"),)), progress=False)
+    assert len(rep.layers) == 2 * cfg.num_layers
+    ids = jnp.arange(2, 26)[None]
+    a = jcompress.forward(cfg, new, ids)
+    b = jcompress.forward(cfg, jax.tree.map(lambda x: x, jcompress.materialize(new)), ids)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+
+
+def test_cli_end_to_end(capsys, tmp_path, llama_dir):
+    out = tmp_path / "q"
+    code = main(["quant", "apply", "--model", str(llama_dir), "--rule",
+                 r"model/layers/\d+/mlp/.*=nvfp4", "--out", str(out), "--seqlen", "64", "--packed",
+                 "--max_windows", "2", "--json", str(tmp_path / "r.json")])
+    text = capsys.readouterr().out
+    assert code == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep == json.loads((tmp_path / "r.json").read_text())
+    assert rep["n_layers"] == 12 and rep["ppl_before"]["ppl"] > 1 and rep["ppl_after"]["ppl"] > 1
+    assert "| perplexity |" in text and (out / "report.md").is_file()
+    cfg, back = jcompress.load_hf(out / "factors")
+    leaf = back["model"]["layers"]["3"]["mlp"]["down_proj"]["kernel"]
+    assert isinstance(leaf, QuantizedArray) and leaf.spec == QuantSpec("nvfp4")
+    conf = json.loads((out / "packed" / "config.json").read_text())
+    assert conf["quantization_config"]["format"] == "nvfp4-pack-quantized"
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--rule", "model/zzz=nvfp4"], "--rule: rule 'model/zzz' matches nothing"),
+        (["--rule", "model/layers/0/mlp/up_proj=fp5"], "valid: fp4@in"),
+        ([], "give --rule"),
+        (["--rule", "model/layers/0/mlp/up_proj=int8", "--packed"], "--packed: no rule"),
+    ],
+)
+def test_cli_bad_input_one_line(capsys, tmp_path, llama_dir, argv, needle):
+    code = main(["quant", "apply", "--model", str(llama_dir), "--no_eval",
+                 "--out", str(tmp_path / "o"), *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_tiny_qwen3_against_transformers(tmp_path):
+    """A tiny random Qwen3 (q/k norms, head_dim != hidden / heads): the forward pass on the
+    quantized leaves matches transformers running the fake-quantized dense weights."""
+    from _tiny import batch, hf_logits, make_model, save_model
+    from transformers import AutoModelForCausalLM
+
+    src = save_model(make_model("qwen3"), tmp_path / "src")
+    cfg, params = jcompress.load_hf(src)
+    new, rep = compress(params, config=QuantApplyConfig(rules=(
+        (r"model/layers/\d+/mlp/.*", "mxfp4"), (r"model/layers/\d+/self_attn/.*", "nvfp4"))),
+        progress=False)
+    assert rep.layers and all(isinstance(v, QuantizedArray) for v in
+                              (flatten(new)[f"{r.path}/kernel"] for r in rep.layers))
+    dense = jcompress.save_hf(cfg, new, tmp_path / "dense")  # materialized: stock transformers
+    model = AutoModelForCausalLM.from_pretrained(dense, attn_implementation="eager").eval()
+    ids, mask = batch()
+    got = np.asarray(jcompress.forward(cfg, new, ids, mask))
+    want = hf_logits(model, ids, mask)
+    keep = mask.astype(bool)
+    np.testing.assert_allclose(got[keep], want[keep], rtol=1e-4, atol=1e-4)
