@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 # subcommand name -> module under jcompress.cli (in --help order)
-COMMANDS = ("demo", "eigen", "tucker", "quant", "ppl", "generate", "convert")
+COMMANDS = ("demo", "eigen", "tucker", "quant", "tokenwise", "ppl", "generate", "convert")
 
 
 def bundled_model_dir() -> Path:
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         parser_class=_Parser,
         metavar="{" + ",".join(COMMANDS) + "}",
     )
-    for name in ("ppl", "generate", "convert", "eigen", "tucker", "quant", "demo"):
+    for name in ("ppl", "generate", "convert", "eigen", "tucker", "quant", "tokenwise", "demo"):
         importlib.import_module(f"jcompress.cli.{name}").add_parser(sub)
     return p
 

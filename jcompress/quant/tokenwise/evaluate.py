@@ -1,0 +1,369 @@
+"""``eval_fake`` / ``eval_smooth``: the output error of ``W~ = L + Q(W - L)`` on cached ``(X, Y)``.
+
+For every measured linear and every configuration of the grid, ``Y~ = X W~ + b`` (float32,
+chunked over tokens, :func:`~jcompress.quant.tokenwise.metrics.tokenwise_metrics`) is compared
+with the cached ``Y``. Every configuration starts from the original weights (pure functions).
+All configurations sharing a quantization spec come from one factorization (batched over ranks,
+:func:`jcompress.quant.lowrank.svdq_grid`), and every configuration of a projection is measured
+in one batched pass over the tokens.
+
+The result is the seed's JSON::
+
+  {"meta": {...},
+   "by_layer": {"0": {"self_attn": {"by_proj": {"q_proj": {"rank=16;fmt=nvfp4;blk=na":
+                                                           {"nmse": ..., ...}}},
+                                    "agg": {"rank=16;fmt=nvfp4;blk=na":
+                                            {"nmse_mean_over_proj": ...,
+                                             "nmse_max_over_proj": ..., "n_proj": 4}}},
+                      "mlp": {...}}}}
+
+Configuration keys: ``rank=16;fmt=nvfp4;blk=na`` (low rank + quantized residual),
+``rank=none;fmt=fp4;blk=in`` (quantization only, ``grid_mode=full``), ``rank=16;quant=none``
+(low rank only, ``grid_mode=full``).
+
+``eval_smooth`` divides ``X`` by a per-linear ``smooth_factor`` first (SmoothQuant), with the
+weights ``diag(s) W``: factors computed from the cached activations with ``alpha`` (shared by
+linears reading the same input; optionally ``alpha`` searched per group), or read from a
+smoothed model directory (the seed's ``smooth_factor`` buffers; its weights are already
+``diag(s) W``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from jcompress.errors import UserError
+from jcompress.models.config import ModelConfig
+from jcompress.models.forward import layer_params
+from jcompress.quant import lowrank as lr
+from jcompress.quant import smooth as sq
+from jcompress.quant.tokenwise.metrics import tokenwise_metrics
+from jcompress.quant.tokenwise.targets import Target, layer_kernel, targets
+from jcompress.quant.tokenwise.xy import XYCache
+
+__all__ = [
+    "EvalConfig",
+    "GridMode",
+    "Smoothing",
+    "cfg_key",
+    "config_items",
+    "eval_grid",
+    "load_smoothed",
+    "parse_ranks",
+]
+
+
+class GridMode(enum.Enum):
+    """``combined``: rank x spec; ``full``: also spec-only and rank-only configurations."""
+
+    COMBINED = "combined"
+    FULL = "full"
+
+
+def parse_ranks(text: str, *, arg: str = "--ranks") -> tuple[int, ...]:
+    """``"8,16,32"`` -> ``(8, 16, 32)``; negative, non-integer or duplicate ranks are errors."""
+    out: list[int] = []
+    for item in str(text).split(","):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            r = int(item)
+        except ValueError:
+            raise UserError(f"{arg}: {item!r} is not an integer (e.g. {arg} 8,16,32)") from None
+        if r < 0:
+            raise UserError(f"{arg}: ranks must be >= 0, got {r}")
+        if r in out:
+            raise UserError(f"{arg}: rank {r} is given twice")
+        out.append(r)
+    return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """Settings of ``eval_fake`` / ``eval_smooth``.
+
+    Attributes:
+      ranks: ranks (bond dimensions for mpo) of the high-precision side path.
+      qspecs: quantization specs (``jcompress.quant.formats.QuantSpec``).
+      method: side path: svd or mpo.
+      grid_mode: combined (rank x spec) or full (also spec-only and rank-only).
+      chunk_tokens: tokens per step (memory is flat in the number of tokens).
+      exact_threshold: exact SVD up to this min(in, out), randomized above.
+      oversample: randomized SVD oversampling.
+      niter: randomized SVD power iterations.
+    """
+
+    ranks: tuple[int, ...] = (16, 32)
+    qspecs: tuple[Any, ...] = ()
+    method: str = "svd"
+    grid_mode: str = "combined"
+    chunk_tokens: int = 4096
+    exact_threshold: int = 2048
+    oversample: int = 8
+    niter: int = 2
+
+    def __post_init__(self):
+        object.__setattr__(self, "ranks", tuple(self.ranks))
+        object.__setattr__(self, "qspecs", tuple(self.qspecs))
+        for r in self.ranks:
+            if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+                raise UserError(f"--ranks: ranks must be integers >= 0, got {r!r}")
+        lr._method(self.method)
+        try:
+            GridMode(self.grid_mode)
+        except ValueError:
+            raise UserError(
+                f"--grid_mode: must be combined or full, got {self.grid_mode!r}"
+            ) from None
+        if GridMode(self.grid_mode) is GridMode.COMBINED and not (self.ranks and self.qspecs):
+            raise UserError("--ranks / --qspecs: grid_mode combined needs both (or use full)")
+        if not (self.ranks or self.qspecs):
+            raise UserError("--ranks / --qspecs: nothing to evaluate")
+        for f in ("chunk_tokens", "niter", "oversample", "exact_threshold"):
+            v = getattr(self, f)
+            low = 1 if f == "chunk_tokens" else 0
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise UserError(f"--{f}: must be an integer >= {low}, got {v!r}")
+
+    def lowrank_kw(self) -> dict[str, Any]:
+        return dict(exact_threshold=self.exact_threshold, oversample=self.oversample,
+                    niter=self.niter)  # fmt: skip
+
+
+def cfg_key(rank: int | None, spec: Any) -> str:
+    """The seed's configuration key."""
+    r = "none" if rank is None else str(int(rank))
+    return f"rank={r};quant=none" if spec is None else f"rank={r};{spec.key}"
+
+
+def config_items(config: EvalConfig) -> list[tuple[int | None, Any]]:
+    """``(rank or None, spec or None)`` in the seed's order."""
+    if GridMode(config.grid_mode) is GridMode.COMBINED:
+        return [(r, q) for r in config.ranks for q in config.qspecs]
+    return (
+        [(None, q) for q in config.qspecs]
+        + [(r, None) for r in config.ranks]
+        + [(r, q) for r in config.ranks for q in config.qspecs]
+    )
+
+
+def _spec_pair(spec: Any) -> list[str]:
+    parts = dict(p.split("=", 1) for p in spec.key.split(";"))
+    return [parts.get("fmt", str(spec)), parts.get("blk", "na")]
+
+
+@dataclasses.dataclass(frozen=True)
+class Smoothing:
+    """How ``eval_smooth`` gets ``s``: ``alpha`` (from the cached activations), ``alphas`` (a
+    per-group search, scored with the first spec) or ``factors`` (``{module path: s}``, the
+    weights in ``params`` already smoothed)."""
+
+    alpha: float | None = None
+    alphas: tuple[float, ...] | None = None
+    factors: Mapping[str, Any] | None = None
+    search_tokens: int = 2048
+
+    def __post_init__(self):
+        given = sum(x is not None for x in (self.alpha, self.alphas, self.factors))
+        if given != 1:
+            raise UserError("eval_smooth: give exactly one of --alpha, --alphas, "
+                            "--smooth_model_dir")  # fmt: skip
+        if self.alpha is not None:
+            sq.check_alpha(self.alpha)
+        if self.alphas is not None:
+            if not self.alphas:
+                raise UserError("--alphas: empty")
+            for a in self.alphas:
+                sq.check_alpha(a, arg="--alphas")
+
+    @property
+    def source(self) -> str:
+        if self.factors is not None:
+            return "smooth_factor"
+        return "alpha" if self.alpha is not None else "alpha_search"
+
+
+def _smooth_scales(cache, cfg, params, ts, smoothing, spec0, kernels):
+    """``{target name: s [in]}`` and the chosen alpha per group (alpha modes)."""
+    out: dict[str, Any] = {}
+    chosen: dict[str, float] = {}
+    groups: dict[tuple[int, str], list[Target]] = {}
+    for t in ts:
+        groups.setdefault((t.layer, t.group), []).append(t)
+    for members in groups.values():
+        if smoothing.factors is not None:
+            for t in members:
+                n_in = kernels[t.name][0].shape[0]
+                out[t.name] = sq.require_factor(smoothing.factors, t.name, n_in)
+            continue
+        x = cache.get(f"{members[0].name}.X")
+        ws = [kernels[t.name][0] for t in members]
+        alpha = smoothing.alpha
+        if alpha is None:
+            xs = np.asarray(x[: smoothing.search_tokens], np.float32)
+            alpha, _ = sq.search_alpha(xs, ws, spec0, smoothing.alphas)
+        s = sq.group_scales(sq.absmax_rows(x), ws, alpha)
+        for t in members:
+            out[t.name] = s
+            chosen[t.name] = float(alpha)
+    return out, chosen
+
+
+def eval_grid(
+    cfg: ModelConfig,
+    params: Mapping[str, Any],
+    cache: XYCache,
+    config: EvalConfig,
+    *,
+    smoothing: Smoothing | None = None,
+    meta: Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The seed's result dict for every measured linear x configuration (see module doc).
+
+    Checks first, before any work: the cache belongs to this model (metadata, keys, shapes,
+    ``Y = X W + b`` on a few tokens), every rank fits every weight, smoothing factors exist.
+    """
+    items = config_items(config)
+    ts = targets(cfg)
+    cache.check_model(cfg, ts)
+    kernels: dict[str, tuple[Any, Any]] = {}
+    for t in ts:
+        w, b = layer_kernel(layer_params(cfg, params, t.layer), t)
+        for r in config.ranks:
+            lr.check_rank(r, w.shape, what=f"--ranks ({t.name}, weight {list(w.shape)})")
+        kernels[t.name] = (w, b)
+    scales: dict[str, Any] = {}
+    chosen: dict[str, float] = {}
+    if smoothing is not None:
+        spec0 = config.qspecs[0] if config.qspecs else None
+        if smoothing.alphas is not None and spec0 is None:
+            raise UserError("--alphas: the alpha search needs a --qspecs spec to score with")
+        scales, chosen = _smooth_scales(cache, cfg, params, ts, smoothing, spec0, kernels)
+    for t in ts:  # the cache was made by this model (after smoothing for a smoothed model)
+        w, b = kernels[t.name]
+        inv = None
+        if smoothing is not None and smoothing.factors is not None:
+            inv = 1.0 / np.asarray(scales[t.name])
+        cache.spot_check(t.name, w, b, inv)
+
+    results: dict[str, Any] = {
+        "meta": {
+            "xy_path": str(cache.path),
+            "xy_meta": dict(cache.meta),
+            "xy_is_dir": cache.layout == "per_layer",
+            "grid_mode": GridMode(config.grid_mode).value,
+            "method": lr._method(config.method).value,
+            "ranks": list(config.ranks),
+            "qspecs": [_spec_pair(q) for q in config.qspecs],
+            "smooth": smoothing is not None,
+            "chunk_tokens": int(config.chunk_tokens),
+            **dict(meta or {}),
+        },
+        "by_layer": {},
+    }
+    if smoothing is not None:
+        results["meta"]["smooth_source"] = smoothing.source
+        if chosen:
+            results["meta"]["smooth_alpha"] = chosen
+
+    by_spec: dict[Any, list[tuple[str, int]]] = {}
+    for rank, spec in items:
+        by_spec.setdefault(spec, []).append((cfg_key(rank, spec), 0 if rank is None else rank))
+    keys = [cfg_key(r, q) for r, q in items]
+    kw = config.lowrank_kw()
+    for t in tqdm(ts, desc="eval", disable=not progress, unit="proj"):
+        w, b = kernels[t.name]
+        inv = None
+        if smoothing is not None:
+            s = jnp.asarray(scales[t.name])
+            inv = 1.0 / s
+            if smoothing.factors is None:  # weights of the original model: smooth them here
+                w = sq.apply_smooth(w, s)
+        top = max((r for r in config.ranks if r < min(w.shape)), default=0)
+        factors = lr.lowrank_factors(w, top, method=config.method, **kw) if top else None
+        cands, order = [], []
+        for spec, lst in by_spec.items():
+            ranks = [r for _, r in lst]
+            cands.append(lr.svdq_grid(w, ranks, spec, method=config.method, factors=factors))
+            order += [k for k, _ in lst]
+        w_hats = jnp.concatenate(cands, axis=0)
+        x, y = cache.get(f"{t.name}.X"), cache.get(f"{t.name}.Y")
+        ms = tokenwise_metrics(x, y, w_hats, b, inv_scale=inv, chunk_tokens=config.chunk_tokens)
+        cache.release(f"{t.name}.X")
+        cache.release(f"{t.name}.Y")
+        by_key = dict(zip(order, ms, strict=True))
+        blk = results["by_layer"].setdefault(str(t.layer), {}).setdefault(
+            t.block, {"by_proj": {}, "agg": {}}
+        )
+        blk["by_proj"][t.proj] = {k: by_key[k] for k in keys}
+    for layer in results["by_layer"].values():
+        for blk in layer.values():
+            for k in keys:
+                vals = [p[k]["nmse"] for p in blk["by_proj"].values()]
+                blk["agg"][k] = {
+                    "nmse_mean_over_proj": float(sum(vals) / max(len(vals), 1)),
+                    "nmse_max_over_proj": float(max(vals) if vals else 0.0),
+                    "n_proj": len(vals),
+                }
+    return results
+
+
+def load_smoothed(model_dir: str | os.PathLike, *, dtype: Any = None):
+    """A smoothed model directory -> ``(cfg, params, {module path: smooth_factor})``.
+
+    The seed's smoothed models carry a ``smooth_factor`` buffer next to each linear
+    (``model.layers.0.self_attn.q_proj.smooth_factor`` in the weights files, or in a
+    ``smooth_factors.safetensors`` beside them). The factors are read and the weights loaded
+    without them (``load_hf`` refuses unknown tensors: a buffer-free copy of the weights file
+    is streamed to a temporary directory when the buffers sit inside it).
+    """
+    from jcompress.models import load_hf
+    from jcompress.models.safetensors_io import SafetensorsFile, write_safetensors
+
+    d = Path(model_dir)
+    if not d.is_dir():
+        raise UserError(f"--smooth_model_dir: {d} is not a directory")
+    suffix = ".smooth_factor"
+    factors: dict[str, np.ndarray] = {}
+    holders = []
+    for f in sorted(d.glob("*.safetensors")):
+        sf = SafetensorsFile(f)
+        ks = [k for k in sf.keys() if k.endswith(suffix)]
+        for k in ks:
+            factors[k[: -len(suffix)]] = np.array(sf.get(k), np.float32)
+        if ks and f.name != "smooth_factors.safetensors":
+            holders.append((f, sf, ks))
+    if not factors:
+        raise UserError(f"--smooth_model_dir: {d} has no '*.smooth_factor' tensors")
+    if not holders:
+        cfg, params = load_hf(d, dtype=dtype)
+        return cfg, params, factors
+    if len(holders) > 1 or (d / "model.safetensors.index.json").exists():
+        raise UserError(
+            f"--smooth_model_dir: {d}: smooth_factor buffers inside sharded weights are not "
+            "supported; move them to smooth_factors.safetensors"
+        )
+    f, sf, ks = holders[0]
+    with tempfile.TemporaryDirectory(prefix="jcompress-smooth-") as tmp:
+        for p in d.iterdir():
+            if p.is_file() and p.suffix != ".safetensors" and not p.name.endswith(".bin"):
+                os.symlink(p.resolve(), Path(tmp) / p.name)
+        keep = [k for k in sf.keys() if k not in set(ks)]
+        write_safetensors(
+            Path(tmp) / "model.safetensors",
+            [(k, sf.shape(k), sf.dtype(k), (lambda k=k: sf.get(k))) for k in keep],
+        )
+        cfg, params = load_hf(tmp, dtype=dtype)
+    return cfg, params, factors

@@ -1,0 +1,505 @@
+"""The tokenwise tool: save_xy caches, metrics, eval grid (seed JSON schema), smoothing, ranks.
+
+Oracles: numpy (metrics, SVD truncation, SmoothQuant), torch forward hooks on the HF model
+(cached X / Y and their HF names), the seed's documented JSON example (schema)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import jcompress.quant.tokenwise as tw  # noqa: E402
+from jcompress.data import load_tokenizer  # noqa: E402
+from jcompress.errors import UserError  # noqa: E402
+from jcompress.models import load_hf  # noqa: E402
+from jcompress.models.safetensors_io import SafetensorsFile, write_safetensors  # noqa: E402
+from jcompress.quant.formats import fake_quant, parse_spec, parse_specs  # noqa: E402
+
+SMALL = dict(cn=2, eu=2, length=16)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def _np_metrics(x, y, w, b=None, eps=1e-8):
+    yh = x.astype(np.float64) @ w.astype(np.float64) + (0 if b is None else b)
+    d = yh - y.astype(np.float64)
+    l2 = np.sqrt((d**2).sum(1))
+    rel = l2 / (np.sqrt((y.astype(np.float64) ** 2).sum(1)) + eps)
+    sse, den = (d**2).sum(), (y.astype(np.float64) ** 2).sum()
+    return {
+        "nmse": sse / den,
+        "sse": sse,
+        "denom": den,
+        "token_l2_mean": l2.mean(),
+        "token_l2_max": l2.max(),
+        "token_rel_l2_mean": rel.mean(),
+        "token_rel_l2_max": rel.max(),
+        "n_tokens": float(len(x)),
+        "token_rel_l2_p95": np.quantile(rel, 0.95),
+        "token_rel_l2_p99": np.quantile(rel, 0.99),
+        "token_rel_l2_p999": np.quantile(rel, 0.999),
+    }
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 1000])
+def test_metrics_match_numpy(chunk):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((150, 12)).astype(np.float32)
+    w = rng.standard_normal((12, 9)).astype(np.float32)
+    b = rng.standard_normal(9).astype(np.float32)
+    y = x @ w + b
+    ws = np.stack([w + 0.01 * rng.standard_normal(w.shape), w * 0.5]).astype(np.float32)
+    got = tw.tokenwise_metrics(x, y, ws, b, chunk_tokens=chunk)
+    for k in range(2):
+        want = _np_metrics(x, y, ws[k], b)
+        assert set(got[k]) == set(want) == set(tw.METRIC_KEYS)
+        for key, v in want.items():
+            assert got[k][key] == pytest.approx(v, rel=2e-4), key
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def llama(llama_dir):
+    cfg, params = load_hf(llama_dir)
+    config = tw.SaveXYConfig(**SMALL)
+    windows = tw.representative_windows(load_tokenizer(llama_dir), config)
+    return cfg, params, windows
+
+
+@pytest.fixture(scope="module")
+def caches(llama, tmp_path_factory):
+    cfg, params, windows = llama
+    root = tmp_path_factory.mktemp("xy")
+    single = tw.save_xy(
+        cfg,
+        params,
+        windows,
+        root,
+        "lm",
+        progress=False,
+        config=tw.SaveXYConfig(**SMALL, save_dtype="fp32"),
+    )
+    per = tw.save_xy(
+        cfg,
+        params,
+        windows,
+        root,
+        "lm",
+        progress=False,
+        config=tw.SaveXYConfig(**SMALL, save_dtype="fp32", layout="per_layer"),
+    )
+    return single, per
+
+
+SPECS = "nvfp4,fp4@in"
+
+
+@pytest.fixture(scope="module")
+def result(llama, caches):
+    cfg, params, _ = llama
+    config = tw.EvalConfig(
+        ranks=(4, 8), qspecs=parse_specs(SPECS), grid_mode="full", chunk_tokens=24
+    )
+    return tw.eval_grid(cfg, params, tw.XYCache(caches[1]), config, progress=False)
+
+
+# ----------------------------------------------------------------------------- save_xy
+
+
+def test_windows_follow_the_seed_split(llama_dir):
+    tok = load_tokenizer(llama_dir)
+    c = tw.SaveXYConfig(cn=3, eu=5, length=16, seed=1)
+    w = tw.representative_windows(tok, c)
+    assert w.shape == (8, 16)
+    np.testing.assert_array_equal(w, tw.representative_windows(tok, c))  # seeded
+    assert not np.array_equal(
+        w, tw.representative_windows(tok, tw.SaveXYConfig(cn=3, eu=5, length=16, seed=2))
+    )
+    cn_path, eu_path = tw.default_texts()
+    assert "的" in cn_path.read_text() and "the" in eu_path.read_text()
+
+
+def test_cache_layouts_read_back_equal_with_metadata(llama, caches):
+    cfg, _, windows = llama
+    single, per = tw.XYCache(caches[0]), tw.XYCache(caches[1])
+    assert single.layout == "single" and per.layout == "per_layer"
+    assert sorted(single.keys()) == sorted(per.keys())
+    assert len(single.keys()) == 2 * 7 * cfg.num_layers
+    for k in single.keys():
+        np.testing.assert_array_equal(single.get(k), per.get(k))
+    n = windows.size
+    assert single.get("model.layers.3.mlp.down_proj.X").shape == (n, cfg.intermediate_size)
+    for key, v in dict(
+        seed="0", cn="2", eu="2", length="16", save_dtype="fp32", model_type="llama", num_layers="4"
+    ).items():
+        assert single.meta[key] == v
+    assert per.meta["layout"] == "per_layer"
+    names = sorted(p.name for p in caches[1].iterdir() if p.suffix == ".safetensors")
+    assert names == [f"lm_{i}.safetensors" for i in range(4)]
+
+
+def test_cached_xy_equal_torch_hooks(llama, caches, llama_dir):
+    """Independent oracle: transformers' own module names and forward hooks."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    _, _, windows = llama
+    model = transformers.AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+    seen = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        if name.endswith(("_proj",)) and ".layers." in name:
+            hooks.append(
+                mod.register_forward_hook(
+                    lambda m, i, o, name=name: seen.setdefault(name, []).append(
+                        (
+                            i[0].reshape(-1, i[0].shape[-1]).numpy(),
+                            o.reshape(-1, o.shape[-1]).numpy(),
+                        )
+                    )
+                )
+            )
+    with torch.no_grad():
+        model(torch.as_tensor(windows, dtype=torch.long))
+    for h in hooks:
+        h.remove()
+    cache = tw.XYCache(caches[0])
+    assert sorted(seen) == sorted({k[:-2] for k in cache.keys()})
+    for name, [(x, y)] in seen.items():
+        np.testing.assert_allclose(cache.get(f"{name}.X"), x, atol=2e-4, rtol=2e-4)
+        np.testing.assert_allclose(cache.get(f"{name}.Y"), y, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("variant", ["qwen3", "gpt2"])
+def test_tiny_families_names_and_values(variant, tmp_path):
+    """Qwen3 (q/k norms) and GPT-2 (fused Conv1D c_attn measured as one HF module)."""
+    torch = pytest.importorskip("torch")
+    import _tiny
+
+    model = _tiny.make_model(variant)
+    d = _tiny.save_model(model, tmp_path / "m")
+    cfg, params = load_hf(d)
+    ids = np.random.default_rng(0).integers(0, _tiny.VOCAB, (2, 8)).astype(np.int32)
+    seen = {}
+    names = {t.name for t in tw.targets(cfg)}
+    mods = dict(model.named_modules())
+    assert names <= set(mods), sorted(names - set(mods))
+    hooks = [
+        mods[n].register_forward_hook(
+            lambda m, i, o, n=n: seen.__setitem__(
+                n, (i[0].reshape(-1, i[0].shape[-1]).numpy(), o.reshape(-1, o.shape[-1]).numpy())
+            )
+        )
+        for n in names
+    ]
+    with torch.no_grad():
+        model(torch.as_tensor(ids, dtype=torch.long))
+    for h in hooks:
+        h.remove()
+    out = tw.save_xy(
+        cfg,
+        params,
+        ids,
+        tmp_path,
+        "c",
+        progress=False,
+        config=tw.SaveXYConfig(cn=1, eu=1, length=8, save_dtype="fp32"),
+    )
+    cache = tw.XYCache(out)
+    for n, (x, y) in seen.items():
+        np.testing.assert_allclose(cache.get(f"{n}.X"), x, atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(cache.get(f"{n}.Y"), y, atol=1e-4, rtol=1e-4)
+    res = tw.eval_grid(
+        cfg, params, cache, tw.EvalConfig(ranks=(2,), qspecs=parse_specs("nvfp4")), progress=False
+    )
+    tw.validate_result(res)
+    blocks = {b for layer in res["by_layer"].values() for b in layer}
+    assert blocks == ({"attn", "mlp"} if variant == "gpt2" else {"self_attn", "mlp"})
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+def _check_seed_schema(res):
+    """The seed's documented example, written out: meta keys, by_layer -> layer -> block ->
+    {by_proj -> proj -> cfg -> metrics, agg -> cfg -> 3 numbers}."""
+    assert {"xy_path", "xy_meta", "grid_mode", "ranks", "qspecs", "smooth", "chunk_tokens"} <= set(
+        res["meta"]
+    )
+    assert set(res) == {"meta", "by_layer"}
+    for layer, blocks in res["by_layer"].items():
+        assert layer.isdigit()
+        for body in blocks.values():
+            assert set(body) == {"by_proj", "agg"}
+            for c, a in body["agg"].items():
+                assert set(a) == {"nmse_mean_over_proj", "nmse_max_over_proj", "n_proj"}
+                assert isinstance(a["n_proj"], int)
+                vals = [p[c]["nmse"] for p in body["by_proj"].values()]
+                assert a["n_proj"] == len(vals)
+                assert a["nmse_mean_over_proj"] == pytest.approx(sum(vals) / len(vals))
+                assert a["nmse_max_over_proj"] == max(vals)
+            for per in body["by_proj"].values():
+                for m in per.values():
+                    assert set(m) == set(tw.METRIC_KEYS)
+    json.loads(json.dumps(res))
+
+
+def test_result_schema_and_keys(result):
+    _check_seed_schema(result)
+    keys = list(result["by_layer"]["0"]["self_attn"]["agg"])
+    assert keys == [
+        "rank=none;fmt=nvfp4;blk=na",
+        "rank=none;fmt=fp4;blk=in",
+        "rank=4;quant=none",
+        "rank=8;quant=none",
+        "rank=4;fmt=nvfp4;blk=na",
+        "rank=4;fmt=fp4;blk=in",
+        "rank=8;fmt=nvfp4;blk=na",
+        "rank=8;fmt=fp4;blk=in",
+    ]
+    assert set(result["by_layer"]) == {"0", "1", "2", "3"}
+    assert set(result["by_layer"]["0"]["mlp"]["by_proj"]) == {"gate_proj", "up_proj", "down_proj"}
+    assert result["meta"]["qspecs"] == [["nvfp4", "na"], ["fp4", "in"]]
+    tw.validate_result(result)
+
+
+def test_values_match_an_independent_reconstruction(llama, caches, result):
+    cfg, params, _ = llama
+    cache = tw.XYCache(caches[0])
+    name = "model.layers.1.self_attn.o_proj"
+    x, y = cache.get(f"{name}.X"), cache.get(f"{name}.Y")
+    w = np.asarray(params["model"]["layers"]["1"]["self_attn"]["o_proj"]["kernel"], np.float64)
+    u, s, vt = np.linalg.svd(w, full_matrices=False)
+    lr8 = (u[:, :8] * s[:8]) @ vt[:8]
+    spec = parse_spec("fp4@in")
+    w_hat = lr8 + np.asarray(fake_quant(np.asarray(w - lr8, np.float32), spec), np.float64)
+    per = result["by_layer"]["1"]["self_attn"]["by_proj"]["o_proj"]
+    want = _np_metrics(x, y, w_hat)
+    for k in ("nmse", "token_rel_l2_p99", "token_l2_max"):
+        assert per["rank=8;fmt=fp4;blk=in"][k] == pytest.approx(want[k], rel=5e-3)
+    lr_only = _np_metrics(x, y, lr8)
+    assert per["rank=8;quant=none"]["nmse"] == pytest.approx(lr_only["nmse"], rel=1e-4)
+    # more rank, less error (the low-rank-only configurations)
+    assert per["rank=8;quant=none"]["nmse"] < per["rank=4;quant=none"]["nmse"]
+
+
+def test_mpo_method_and_exact_rank(llama, caches):
+    cfg, params, _ = llama
+    res = tw.eval_grid(
+        cfg,
+        params,
+        tw.XYCache(caches[1]),
+        tw.EvalConfig(ranks=(64,), qspecs=parse_specs("nvfp4"), method="mpo", grid_mode="full"),
+        progress=False,
+    )
+    per = res["by_layer"]["0"]["self_attn"]["by_proj"]
+    assert per["k_proj"]["rank=64;quant=none"]["nmse"] < 1e-10  # rank = min(in, out): exact
+    assert per["q_proj"]["rank=64;quant=none"]["nmse"] < 1e-10  # bond 64 = largest 2-core bond
+    assert res["meta"]["method"] == "mpo"
+
+
+def test_errors_before_work(llama, caches, opt_dir, tmp_path):
+    cfg, params, _ = llama
+    cache = tw.XYCache(caches[1])
+    with pytest.raises(UserError, match=r"--ranks \(model.layers.0.self_attn.q_proj.*0\.\.128"):
+        tw.eval_grid(
+            cfg,
+            params,
+            cache,
+            tw.EvalConfig(ranks=(129,), qspecs=parse_specs("nvfp4")),
+            progress=False,
+        )
+    with pytest.raises(UserError, match="ranks must be >= 0"):
+        tw.parse_ranks("8,-1")
+    with pytest.raises(UserError, match="--qspecs"):
+        parse_specs("nvfp4,bogus@7")
+    with pytest.raises(UserError, match="combined needs both"):
+        tw.EvalConfig(ranks=(4,), qspecs=())
+    ocfg, oparams = load_hf(opt_dir)
+    with pytest.raises(UserError, match="written for another model"):
+        tw.eval_grid(
+            ocfg,
+            oparams,
+            cache,
+            tw.EvalConfig(ranks=(4,), qspecs=parse_specs("nvfp4")),
+            progress=False,
+        )
+    # same architecture, other weights: the Y = X W spot check
+    other = dict(params)
+    lay = dict(other["model"]["layers"])
+    l0 = {
+        **lay["0"],
+        "self_attn": {
+            **lay["0"]["self_attn"],
+            "q_proj": {
+                "kernel": params["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"] * 2
+            },
+        },
+    }
+    other["model"] = {**other["model"], "layers": {**lay, "0": l0}}
+    with pytest.raises(UserError, match="q_proj: cached Y differs from X W"):
+        tw.eval_grid(
+            cfg,
+            other,
+            cache,
+            tw.EvalConfig(ranks=(4,), qspecs=parse_specs("nvfp4")),
+            progress=False,
+        )
+    # a missing key
+    f = SafetensorsFile(caches[0])
+    keep = [k for k in f.keys() if k != "model.layers.2.mlp.up_proj.Y"]
+    bad = tmp_path / "bad.safetensors"
+    write_safetensors(
+        bad,
+        [(k, f.shape(k), f.dtype(k), (lambda k=k: f.get(k))) for k in keep],
+        metadata=f.metadata,
+    )
+    with pytest.raises(UserError, match="no tensor model.layers.2.mlp.up_proj.Y"):
+        tw.eval_grid(
+            cfg,
+            params,
+            tw.XYCache(bad),
+            tw.EvalConfig(ranks=(4,), qspecs=parse_specs("nvfp4")),
+            progress=False,
+        )
+    # a per-layer directory with a layer file missing
+    gap = tmp_path / "gap"
+    gap.mkdir()
+    for i in (0, 1, 3):
+        os.link(caches[1] / f"lm_{i}.safetensors", gap / f"lm_{i}.safetensors")
+    with pytest.raises(UserError, match=r"lacks the files of layers \[2\]"):
+        tw.XYCache(gap)
+
+
+# ----------------------------------------------------------------------------- smoothing
+
+
+def test_smooth_alpha_matches_numpy_and_smooth_model_dir(llama, caches, tmp_path):
+    cfg, params, _ = llama
+    cache = tw.XYCache(caches[0])
+    spec = parse_spec("nvfp4")
+    config = tw.EvalConfig(ranks=(0,), qspecs=(spec,))
+    res = tw.eval_grid(
+        cfg, params, cache, config, smoothing=tw.Smoothing(alpha=0.5), progress=False
+    )
+    assert res["meta"]["smooth"] is True
+    _check_seed_schema(res)
+    # numpy oracle for the gate/up group of layer 2
+    lp = params["model"]["layers"]["2"]["mlp"]
+    x = cache.get("model.layers.2.mlp.gate_proj.X").astype(np.float64)
+    wg, wu = (np.asarray(lp[p]["kernel"], np.float64) for p in ("gate_proj", "up_proj"))
+    s = np.abs(x).max(0) ** 0.5 / np.maximum(np.abs(wg).max(1), np.abs(wu).max(1)) ** 0.5
+    w_hat = np.asarray(fake_quant(np.asarray(s[:, None] * wu, np.float32), spec), np.float64)
+    want = _np_metrics(x / s, cache.get("model.layers.2.mlp.up_proj.Y"), w_hat)
+    got = res["by_layer"]["2"]["mlp"]["by_proj"]["up_proj"]["rank=0;" + spec.key]
+    assert got["nmse"] == pytest.approx(want["nmse"], rel=5e-3)
+
+    # the seed's smoothed model: weights diag(s) W with smooth_factor buffers in the file
+    from jcompress.models import save_hf
+    from jcompress.models.convert import flatten, unflatten
+    from jcompress.quant import smooth as sq
+
+    flat = dict(flatten(params))
+    factors = {}
+    for t in tw.targets(cfg):
+        group = [u for u in tw.layer_targets(cfg, t.layer) if u.group == t.group]
+        xa = sq.absmax_rows(cache.get(f"{group[0].name}.X"))
+        ws = [flat[f"model/layers/{t.layer}/{u.parts[0]}/kernel"] for u in group]
+        factors[t.name] = np.asarray(sq.group_scales(xa, ws, 0.5))
+    for t in tw.targets(cfg):
+        k = f"model/layers/{t.layer}/{t.parts[0]}/kernel"
+        flat[k] = np.asarray(params_kernel(params, t)) * factors[t.name][:, None]
+    d = tmp_path / "smoothed"
+    save_hf(cfg, unflatten(flat), d)
+    f = SafetensorsFile(d / "model.safetensors")
+    entries = [(k, f.shape(k), f.dtype(k), (lambda k=k: np.array(f.get(k)))) for k in f.keys()]
+    entries += [
+        (f"{n}.smooth_factor", v.shape, np.dtype(np.float32), (lambda v=v: v))
+        for n, v in factors.items()
+    ]
+    write_safetensors(tmp_path / "w.safetensors", entries, metadata=f.metadata)
+    os.replace(tmp_path / "w.safetensors", d / "model.safetensors")
+    scfg, sparams, sf = tw.load_smoothed(d)
+    assert set(sf) == set(factors)
+    res2 = tw.eval_grid(
+        scfg, sparams, cache, config, smoothing=tw.Smoothing(factors=sf), progress=False
+    )
+    got2 = res2["by_layer"]["2"]["mlp"]["by_proj"]["up_proj"]["rank=0;" + spec.key]
+    assert got2["nmse"] == pytest.approx(got["nmse"], rel=1e-3)
+    with pytest.raises(UserError, match="missing for layer model.layers.0.self_attn.q_proj"):
+        tw.eval_grid(
+            scfg,
+            sparams,
+            cache,
+            config,
+            progress=False,
+            smoothing=tw.Smoothing(
+                factors={k: v for k, v in sf.items() if "layers.0.self_attn.q_proj" not in k}
+            ),
+        )
+
+
+def params_kernel(params, t):
+    p = params["model"]["layers"][str(t.layer)]
+    for part in t.parts[0].split("/"):
+        p = p[part]
+    return p["kernel"]
+
+
+def test_alpha_search_picks_the_best_of_the_grid(llama, caches):
+    cfg, params, _ = llama
+    spec = parse_spec("nvfp4")
+    res = tw.eval_grid(
+        cfg,
+        params,
+        tw.XYCache(caches[0]),
+        tw.EvalConfig(ranks=(0,), qspecs=(spec,)),
+        smoothing=tw.Smoothing(alphas=(0.2, 0.8)),
+        progress=False,
+    )
+    chosen = res["meta"]["smooth_alpha"]
+    assert set(chosen.values()) <= {0.2, 0.8}
+    assert chosen["model.layers.0.self_attn.q_proj"] == chosen["model.layers.0.self_attn.v_proj"]
+
+
+# ----------------------------------------------------------------------------- rank
+
+
+def test_rankings(result, tmp_path):
+    r1 = tw.ranking1(result)
+    vals = [r["nmse_mean_over_proj"] for r in r1]
+    assert vals == sorted(vals) and r1[0]["rank"] == 1
+    assert len(r1) == 4 * 2 * 8
+    r2 = tw.ranking2(result)
+    assert [r["nmse"] for r in r2] == sorted(r["nmse"] for r in r2)
+    assert len(r2) == 4 * 7 * 8
+    best = min(r2, key=lambda r: r["nmse"])
+    assert r2[0]["nmse"] == best["nmse"]
+    out = tw.write_rankings(result, tmp_path / "rk", by="max")
+    assert {p.name for p in out.iterdir()} >= {
+        "ranking1.csv",
+        "ranking2.csv",
+        "best_per_block.csv",
+        "rankings.md",
+        "heatmap.png",
+    }
+    head = (out / "ranking1.csv").read_text().splitlines()
+    assert head[0] == "rank,layer,block,cfg,nmse_mean_over_proj,nmse_max_over_proj,n_proj"
+    col = [float(line.split(",")[5]) for line in head[1:]]
+    assert col == sorted(col)
+    bad = json.loads(json.dumps(result))
+    del bad["by_layer"]["1"]["mlp"]["agg"]["rank=4;quant=none"]
+    with pytest.raises(UserError, match=r"by_layer\[1\]\[mlp\].agg lists other"):
+        tw.validate_result(bad)
+    bad = json.loads(json.dumps(result))
+    bad["by_layer"]["0"]["self_attn"]["by_proj"]["q_proj"]["rank=4;quant=none"]["nmse"] = math.nan
+    with pytest.raises(UserError, match="not finite"):
+        tw.validate_result(bad)

@@ -1,0 +1,111 @@
+"""``jcompress tokenwise``: save_xy -> eval_fake / eval_smooth -> rank on opt-1m; errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jcompress.cli import main
+
+
+def run(capsys, *argv):
+    try:
+        code = main(list(argv))
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_end_to_end_opt(capsys, tmp_path, opt_dir):
+    xy = tmp_path / "xy"
+    code, out, err = run(
+        capsys, "tokenwise", "save_xy", "--model_dir", str(opt_dir), "--save_path", str(xy),
+        "--label", "opt", "--cn", "2", "--eu", "2", "--length", "16", "--layout", "per_layer",
+    )  # fmt: skip
+    assert code == 0, err
+    assert sorted(p.name for p in (xy / "opt").glob("*.safetensors")) == [
+        f"opt_{i}.safetensors" for i in range(4)
+    ]
+    res_path = tmp_path / "r.json"
+    code, out, err = run(
+        capsys, "tokenwise", "eval_fake", "--model_dir", str(opt_dir), "--xy_path",
+        str(xy / "opt"), "--out_json", str(res_path), "--ranks", "2,8", "--qspecs",
+        "nvfp4@128,fp4@in", "--chunk_tokens", "16",
+    )  # fmt: skip
+    assert code == 0, err
+    res = json.loads(res_path.read_text())
+    assert res["meta"]["grid_mode"] == "combined" and res["meta"]["xy_is_dir"] is True
+    assert res["meta"]["qspecs"] == [["nvfp4", "na"], ["fp4", "in"]]
+    agg = res["by_layer"]["0"]["mlp"]["agg"]
+    assert list(agg) == [
+        "rank=2;fmt=nvfp4;blk=na", "rank=2;fmt=fp4;blk=in",
+        "rank=8;fmt=nvfp4;blk=na", "rank=8;fmt=fp4;blk=in",
+    ]  # fmt: skip
+    assert set(res["by_layer"]["0"]["mlp"]["by_proj"]) == {"fc1", "fc2"}
+    assert set(res["by_layer"]["0"]["self_attn"]["by_proj"]) == {
+        "q_proj", "k_proj", "v_proj", "out_proj"}  # fmt: skip
+    # an existing result is not replaced without --overwrite (checked before loading)
+    code, _, err = run(
+        capsys, "tokenwise", "eval_fake", "--model_dir", str(opt_dir), "--xy_path",
+        str(xy / "opt"), "--out_json", str(res_path),
+    )  # fmt: skip
+    assert code == 2 and "--out_json" in err and "already exists" in err
+    sm_path = tmp_path / "s.json"
+    code, _, err = run(
+        capsys, "tokenwise", "eval_smooth", "--alpha", "0.5", "--model_dir", str(opt_dir),
+        "--xy_path", str(xy / "opt"), "--out_json", str(sm_path), "--ranks", "2",
+        "--qspecs", "nvfp4",
+    )  # fmt: skip
+    assert code == 0, err
+    assert json.loads(sm_path.read_text())["meta"]["smooth"] is True
+    code, out, err = run(capsys, "tokenwise", "rank", "--json", str(res_path))
+    assert code == 0, err
+    rank_dir = tmp_path / "r_rank"
+    assert (rank_dir / "heatmap.png").stat().st_size > 0
+    assert "Ranking-1" in (rank_dir / "rankings.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--ranks", "8", "--qspecs", "nvfp4,fp9@in"], "--qspecs"),
+        (["--ranks", "8,-2"], "--ranks: ranks must be >= 0"),
+        (["--ranks", "x"], "--ranks: 'x' is not an integer"),
+        (["--method", "tt"], "invalid choice"),
+        (["--ranks", "4", "--chunk_tokens", "0"], "--chunk_tokens"),
+    ],
+)
+def test_bad_flags_one_line(capsys, tmp_path, opt_dir, argv, needle):
+    code, _, err = run(
+        capsys, "tokenwise", "eval_fake", "--model_dir", str(opt_dir), "--xy_path",
+        str(tmp_path / "none"), "--out_json", str(tmp_path / "o.json"), *argv,
+    )  # fmt: skip
+    assert code == 2
+    assert needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_missing_cache_and_smooth_flags(capsys, tmp_path, opt_dir):
+    code, _, err = run(
+        capsys, "tokenwise", "eval_fake", "--model_dir", str(opt_dir), "--xy_path",
+        str(tmp_path / "none"), "--out_json", str(tmp_path / "o.json"),
+    )  # fmt: skip
+    assert code == 2 and "--xy_path" in err and "does not exist" in err
+    code, _, err = run(
+        capsys, "tokenwise", "eval_smooth", "--alpha", "0.5", "--xy_path", str(tmp_path),
+        "--out_json", str(tmp_path / "o.json"),
+    )  # fmt: skip
+    assert code == 2 and "--model_dir: required with --alpha" in err
+    code, _, err = run(
+        capsys, "tokenwise", "eval_smooth", "--alpha", "1.5", "--model_dir", str(opt_dir),
+        "--xy_path", str(tmp_path), "--out_json", str(tmp_path / "o.json"),
+    )  # fmt: skip
+    assert code == 2 and "--alpha: must be in [0, 1]" in err
+    code, _, err = run(
+        capsys, "tokenwise", "save_xy", "--model_dir", str(opt_dir), "--save_path",
+        str(tmp_path), "--label", "a", "--save_dtype", "int8",
+    )  # fmt: skip
+    assert code == 2 and "--save_dtype" in err
+    code, _, err = run(capsys, "tokenwise", "rank", "--json", str(tmp_path / "nope.json"))
+    assert code == 2 and "--json" in err
