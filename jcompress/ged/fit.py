@@ -177,6 +177,7 @@ class LayerTable:
     n_components: np.ndarray
     results: tuple[GEDResult, ...]
     nulls: tuple[np.ndarray, ...]
+    cvs: tuple[CVResult, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -521,7 +522,14 @@ def cross_validate(acts_s, acts_r, *, config: GEDConfig = _DEFAULT) -> CVResult:
     )
 
 
-def fit_layers(acts_s, acts_r, *, config: GEDConfig = _DEFAULT, swap: bool = False) -> LayerTable:
+def fit_layers(
+    acts_s,
+    acts_r,
+    *,
+    config: GEDConfig = _DEFAULT,
+    swap: bool = False,
+    progress: bool = False,
+) -> LayerTable:
     """:func:`fit`, :func:`permutation_test` and :func:`cross_validate` for every layer.
 
     The ``[D, D]`` covariances and PCA (the expensive part) run for all layers in one vmapped
@@ -533,15 +541,21 @@ def fit_layers(acts_s, acts_r, *, config: GEDConfig = _DEFAULT, swap: bool = Fal
       acts_r: ``[L, N_R, D]`` reference activations per layer.
       config: :class:`GEDConfig`.
       swap: also fit R against S in each layer's ``results[l].swapped``.
+      progress: a tqdm bar over layers.
 
     Returns:
       :class:`LayerTable` (top eigenvalue, p-value, held-out accuracy and Cohen's d,
-      component count per layer; the fits and permutation nulls).
+      component count per layer; the fits, permutation nulls and held-out results).
     """
     xs, xr = _check_inputs(acts_s, acts_r, batched=True)
     stats = _pooled_pca_layers(xs, xr, config.center)
-    rows, results, nulls = [], [], []
-    for layer in range(xs.shape[0]):
+    rows, results, nulls, cvs = [], [], [], []
+    it = range(xs.shape[0])
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc="GED", unit="layer", leave=False)
+    for layer in it:
         st = tuple(a[layer] for a in stats)
         res = _fit_stats(xs[layer], xr[layer], st, config, swap)
         null, p = permutation_test(xs[layer], xr[layer], config=config, result=res)
@@ -549,6 +563,7 @@ def fit_layers(acts_s, acts_r, *, config: GEDConfig = _DEFAULT, swap: bool = Fal
         rows.append((float(res.eigenvalues[0]), p, cv.accuracy, cv.cohens_d, res.n_components))
         results.append(res)
         nulls.append(null)
+        cvs.append(cv)
     cols = list(zip(*rows, strict=True))
     return LayerTable(
         top_eigenvalue=np.asarray(cols[0]),
@@ -558,4 +573,5 @@ def fit_layers(acts_s, acts_r, *, config: GEDConfig = _DEFAULT, swap: bool = Fal
         n_components=np.asarray(cols[4], np.int64),
         results=tuple(results),
         nulls=tuple(nulls),
+        cvs=tuple(cvs),
     )
