@@ -26,6 +26,8 @@ from jcompress.ged.fit import LayerTable, fit_layers
 
 __all__ = ["GEDAnalysis", "analyze"]
 
+_CONFIG, _CAPTURE = GEDConfig(), CaptureConfig()
+
 
 @dataclasses.dataclass(frozen=True)
 class GEDAnalysis:
@@ -70,7 +72,9 @@ class GEDAnalysis:
                 "p_value": float(t.p_value[i]),
                 "null_p95": float(np.percentile(t.nulls[i], 95)) if t.nulls[i].size else None,
                 "cv": t.cvs[i].to_json() if t.cvs else None,
-                "top_neurons": [int(j) for j in np.argsort(-np.abs(np.asarray(res.maps[:, 0])))[:10]],
+                "top_neurons": [int(j) for j in np.argsort(-np.abs(np.asarray(res.maps[:, 0])))][
+                    :10
+                ],
             }
             layers.append(row)
         return {
@@ -119,12 +123,18 @@ class GEDAnalysis:
         layer = self.layers[i]
         out = [fg.layer_summary(t, d / "layers.png", layers=self.layers)]
         res = t.results[i]
-        out.append(fg.scree(res, d / f"scree_layer{layer}.png", threshold=self.config.variance_threshold))
         out.append(
-            fg.spectrum_vs_null(res, t.nulls[i], d / f"spectrum_layer{layer}.png", p_value=float(t.p_value[i]))
+            fg.scree(res, d / f"scree_layer{layer}.png", threshold=self.config.variance_threshold)
+        )
+        out.append(
+            fg.spectrum_vs_null(
+                res, t.nulls[i], d / f"spectrum_layer{layer}.png", p_value=float(t.p_value[i])
+            )
         )
         if t.cvs:
-            out.append(fg.score_histograms(t.cvs[i], d / f"scores_layer{layer}.png", labels=self.labels))
+            out.append(
+                fg.score_histograms(t.cvs[i], d / f"scores_layer{layer}.png", labels=self.labels)
+            )
         out.append(fg.top_neurons(res, d / f"neurons_layer{layer}.png"))
         return out
 
@@ -145,8 +155,8 @@ def analyze(
     texts_r: Sequence[Any],
     *,
     tokenizer: Any,
-    config: GEDConfig = GEDConfig(),
-    capture: CaptureConfig = CaptureConfig(),
+    config: GEDConfig = _CONFIG,
+    capture: CaptureConfig = _CAPTURE,
     labels: tuple[str, str] = ("S", "R"),
     progress: bool = True,
 ) -> GEDAnalysis:

@@ -77,7 +77,9 @@ class CaptureConfig:
 
     def __post_init__(self):
         if not isinstance(self.hook, str) or not self.hook:
-            raise UserError(f"hook: must be 'pre', 'post' or a module-path regex, got {self.hook!r}")
+            raise UserError(
+                f"hook: must be 'pre', 'post' or a module-path regex, got {self.hook!r}"
+            )
         if self.hook not in HOOKS:
             try:
                 re.compile(self.hook)

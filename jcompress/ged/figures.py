@@ -109,9 +109,7 @@ def top_neurons(result: GEDResult, path: str | Path, *, k: int = 20, component: 
     return _save(fig, path)
 
 
-def layer_summary(
-    table: LayerTable, path: str | Path, *, alpha: float = 0.05, layers=None
-) -> Path:
+def layer_summary(table: LayerTable, path: str | Path, *, alpha: float = 0.05, layers=None) -> Path:
     """Per-layer top eigenvalue, held-out accuracy, and significance (p < alpha marked);
     ``layers`` labels the rows (default ``0 .. L-1``)."""
     plt = _plt()
