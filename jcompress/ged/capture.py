@@ -166,7 +166,7 @@ def resolve_hook(cfg, config: CaptureConfig, *, arg: str = "hook") -> Hook:
         if len(hits) != 1:
             what = "matches no" if not hits else f"matches {len(hits)} ({', '.join(hits)})"
             raise UserError(
-                f"{arg}: {config.hook!r} {what} module {side} inside a {cfg.family.value} layer "
+                f"{arg}: {config.hook!r} {what} module {side} inside one {cfg.family.value} layer "
                 f"(exactly one needed; there are: {', '.join(sorted(mods))})"
             )
         path = hits[0]
