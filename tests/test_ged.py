@@ -440,7 +440,7 @@ def test_iterative_pca_matches_scipy_pipeline_fp64(monkeypatch, threshold):
     monkeypatch.setattr(fit_mod, "_BLOCK", 8)
     monkeypatch.setattr(fit_mod, "_OVERSAMPLE", 4)
 
-    def no_full(c):
+    def no_full(y):
         raise AssertionError("full eigh used")
 
     monkeypatch.setattr(fit_mod, "_full_pca", no_full)

@@ -8,8 +8,8 @@ The pipeline (Cohen 2022's two-stage procedure):
 2. PCA on ``(S + R) / 2``: keep the fewest components ``P [D, K]`` whose cumulative explained
    variance reaches ``variance_threshold`` (picked on the host: ``K`` sets every later shape).
    No ``[D, D]`` eigh for the usual sizes: fewer samples than neurons go through the
-   ``[N, N]`` Gram matrix of the stacked centered samples, more by subspace iteration on
-   their ``[D, D]`` Gram (:func:`_pooled_pca`);
+   ``[N, N]`` Gram matrix of the stacked centered samples, more by subspace iteration with
+   products through those samples (:func:`_pooled_pca`);
 3. in the ``K``-dim space, shrink ``R~ = (1 - g) R + g mean(eig R) I`` and solve
    ``S w = lambda R~ w`` (:func:`~jcompress.ged.ged_core.ged_core`);
 4. back-project: filters ``F = P W [D, K]``, maps ``A = S F [D, K]`` (Haufe et al. 2014's
@@ -244,34 +244,37 @@ def _dual_pca(y):
 
 
 @jax.jit
-def _gram(y):
+def _full_pca(y):
     c = jnp.matmul(y.T, y, precision=_HI)
-    return 0.5 * (c + c.T), jnp.sum(y * y)
+    return core.pca_core(0.5 * (c + c.T))
 
 
-_full_pca = jax.jit(core.pca_core)
+_total = jax.jit(lambda y: jnp.sum(y * y))
 _subspace = jax.jit(core.subspace_core, static_argnames=("steps",))
 
 ITERATIVE_MIN_D = 256
 """With at least as many samples as neurons and ``D >=`` this, the PCA runs by block subspace
-iteration on the pooled covariance (:func:`~jcompress.ged.ged_core.subspace_core`) instead of
-a full ``[D, D]`` eigh; below it (or when the iteration does not settle) the full eigh."""
+iteration on the stacked samples (:func:`~jcompress.ged.ged_core.subspace_core`) instead of
+forming the ``[D, D]`` covariance and a full eigh; below it (or when the iteration does not
+settle) the covariance and its full eigh."""
 _BLOCK, _OVERSAMPLE, _STEPS, _ROUNDS = 64, 16, 4, 30
 
 
-def _iterative_pca(c, total: float, threshold: float, seed: int = 0):
-    """Top principal components of ``c [D, D]`` until the kept ones (and the next) have
-    converged: Ritz residuals ``<= 1e3 eps * theta_1``. The block starts at 64 columns (+16
-    oversampling) and doubles while the threshold needs more; past ``D / 3`` columns, or if
-    the iteration stalls, the full eigh answers instead. Returns ``(evals [D], vecs [D, b])``
-    with ``evals`` zero past the computed block, or ``None`` (use the full eigh)."""
-    d = c.shape[0]
-    tol = 1e3 * float(jnp.finfo(c.dtype).eps)
+def _iterative_pca(y, total: float, threshold: float, seed: int = 0):
+    """Top principal components of ``Y^T Y`` (``y [N, D]``, never formed) until the kept ones
+    (and the next) have converged: Ritz residuals ``<= 1e3 eps * theta_1``. The block starts
+    at 64 columns (+16 oversampling) and doubles while the threshold needs more; past
+    ``D / 3`` columns, or if the iteration stalls, the full eigh answers instead.
+
+    Returns ``(evals [D], vecs [D, b])`` with ``evals`` zero past the computed block, or
+    ``None`` (use the full eigh)."""
+    d, dtype = y.shape[1], y.dtype
+    tol = 1e3 * float(jnp.finfo(dtype).eps)
     b = _BLOCK + _OVERSAMPLE
-    q = jax.random.normal(jax.random.key(seed), (d, b), c.dtype)
+    q = jax.random.normal(jax.random.key(seed), (d, b), dtype)
     while 3 * b <= d:
         for _ in range(_ROUNDS):
-            w, v, res = _subspace(c, q, _STEPS)
+            w, v, res = _subspace(y, q, _STEPS)
             wn, rn = np.asarray(w, np.float64), np.asarray(res, np.float64)
             reach = np.cumsum(wn) / total >= threshold - THRESHOLD_TOL
             q = v
@@ -279,10 +282,10 @@ def _iterative_pca(c, total: float, threshold: float, seed: int = 0):
                 break  # the block cannot hold the kept components: grow it
             k = int(np.argmax(reach)) + 1
             if np.all(rn[: k + 1] <= tol * wn[0]):
-                return jnp.zeros((d,), c.dtype).at[:b].set(w), v
+                return jnp.zeros((d,), dtype).at[:b].set(w), v
         else:
             return None
-        extra = jax.random.normal(jax.random.key(seed + b), (d, b), c.dtype)
+        extra = jax.random.normal(jax.random.key(seed + b), (d, b), dtype)
         q, b = jnp.concatenate([q, extra], axis=1), 2 * b
     return None
 
@@ -292,7 +295,8 @@ def _pooled_pca(xs, xr, center: bool, threshold: float):
     (centered, scaled) samples ``Y`` with ``Y^T Y = (S + R) / 2``; no ``[D, D]`` eigh:
     with fewer samples than neurons (the usual case for sentence sets) through the ``[N, N]``
     Gram matrix (exact, :func:`~jcompress.ged.ged_core.pca_dual_core`), otherwise by subspace
-    iteration on ``Y^T Y`` (:func:`_iterative_pca`) for ``D >= ITERATIVE_MIN_D``.
+    iteration with products ``Y^T (Y Q)`` (:func:`_iterative_pca`; ``Y^T Y`` is never formed)
+    for ``D >= ITERATIVE_MIN_D``.
 
     Returns ``(evals [D], vecs [D, b], total)``: eigenvalues (decreasing, zero past what was
     computed), orthonormal eigenvectors, and the exact total variance ``tr((S + R) / 2)``."""
@@ -301,12 +305,12 @@ def _pooled_pca(xs, xr, center: bool, threshold: float):
     if n < d:
         evals, vecs, total = _dual_pca(y)
         return evals, vecs, total
-    c, total = _gram(y)
+    total = _total(y)
     out = None
     if d >= ITERATIVE_MIN_D and float(total) > 0:
-        out = _iterative_pca(c, float(total), threshold)
+        out = _iterative_pca(y, float(total), threshold)
     if out is None:
-        out = _full_pca(c)
+        out = _full_pca(y)
     return (*out, total)
 
 

@@ -212,26 +212,31 @@ def cohens_d_core(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.where(pooled > 0, diff / jnp.where(pooled > 0, pooled, 1.0), 0.0)
 
 
-def subspace_core(c: jax.Array, q: jax.Array, steps: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Leading eigenpairs of a symmetric PSD ``c [D, D]`` by block subspace iteration.
+def subspace_core(y: jax.Array, q: jax.Array, steps: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Leading eigenpairs of ``C = Y^T Y`` (``y [N, D]``) by block subspace iteration, without
+    forming ``C``.
 
-    ``steps`` products ``Q <- qr(C Q)`` from ``q [D, b]``, then Rayleigh-Ritz on the block:
-    ``Q^T C Q = U diag(theta) U^T``, Ritz vectors ``V = Q U``. Costs ``O(D^2 b)`` per step
-    instead of the ``O(D^3)`` of a full ``eigh``; the caller checks the residuals and restarts
-    from ``V`` until the pairs it needs have converged.
+    ``steps`` products ``Q <- qr(Y^T (Y Q))`` from ``q [D, b]``, then Rayleigh-Ritz on the
+    block: ``Q^T C Q = U diag(theta) U^T``, Ritz vectors ``V = Q U``. Costs ``O(N D b)`` per
+    step instead of the ``O(N D^2)`` of the covariance plus the ``O(D^3)`` of a full ``eigh``;
+    the caller checks the residuals and restarts from ``V`` until the pairs it needs have
+    converged.
 
     Returns:
       ``(theta [b], v [D, b], resid [b])``: Ritz values decreasing (clipped at 0), Ritz vectors
       (orthonormal, signs fixed), residual norms ``||C v_i - theta_i v_i||``.
     """
-    c = _float(c)
-    q = q.astype(c.dtype)
+    y = _float(y)
+    q = q.astype(y.dtype)
+
+    def apply(q):
+        return jnp.matmul(y.T, jnp.matmul(y, q, precision=_HI), precision=_HI)
 
     def step(_, q):
-        return jnp.linalg.qr(jnp.matmul(c, q, precision=_HI))[0]
+        return jnp.linalg.qr(apply(q))[0]
 
     q = jax.lax.fori_loop(0, steps, step, jnp.linalg.qr(q)[0])
-    cq = jnp.matmul(c, q, precision=_HI)
+    cq = apply(q)
     t = jnp.matmul(q.T, cq, precision=_HI)
     w, u = jnp.linalg.eigh(0.5 * (t + t.T))
     w, u = w[::-1], u[:, ::-1]
