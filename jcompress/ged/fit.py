@@ -98,8 +98,10 @@ class GEDResult:
       eigvecs: ``[K, K]`` generalized eigenvectors ``W`` in the PCA space.
       basis: ``[D, K]`` the kept principal components ``P`` (orthonormal columns).
       offset: ``[D]`` mean of the two condition means, subtracted before scoring.
-      pca_eigenvalues: ``[D]`` eigenvalues of ``(S + R) / 2``, decreasing.
-      explained: ``[D]`` explained-variance fraction of each principal component.
+      pca_eigenvalues: ``[D]`` eigenvalues of ``(S + R) / 2``, decreasing (0 past the rank,
+        and past the computed block when the PCA ran by subspace iteration).
+      explained: ``[D]`` explained-variance fraction of each principal component (of the
+        exact total variance).
       shrinkage: ``[]`` the shrinkage ``g`` used (the Ledoit-Wolf estimate where asked).
       rank_r_before: ``[]`` numerical rank of the reduced ``R`` before shrinkage.
       rank_r_after: ``[]`` numerical rank of ``R~``.
