@@ -1,6 +1,9 @@
 """The GED rows: ``jcompress.ged.fit`` and its 1,000-permutation test against the numpy/scipy
-pipeline of Cohen's GED tutorial, on GPT-2-MLP-sized random activations with a planted
-component.
+pipeline of Cohen's GED tutorial and the seed (``np.cov``, a full ``np.linalg.eigh`` PCA of
+the mean covariance, shrinkage, ``scipy.linalg.eigh(S, R~)``, filters and maps), on
+GPT-2-MLP-sized random activations with a planted component: N = 2 x 2,000 (more samples than
+neurons: jcompress's PCA by subspace iteration) and the seed's N < D shape (the Gram-matrix
+PCA).
 
 Heavy imports (jax, scipy, jcompress) happen inside the side functions, in the process being
 measured.
@@ -162,6 +165,32 @@ def perm_numpy(d: int, n: int, n_perm: int, repeats: int) -> dict[str, Any]:
 )
 def ged_fit_gpt2_size(ctx: Context) -> dict[str, Any]:
     d, n = ctx.pick(full=(3072, 2000), quick=(768, 500), dry=(32, 40))
+    repeats = ctx.repeats(full=3, quick=2)
+    ours = ctx.side(fit_jax, "jcompress.ged.fit", d=d, n=n, repeats=repeats)
+    base = ctx.side(fit_numpy, "numpy/scipy GED", d=d, n=n, repeats=repeats)
+    a, b = ours["top_eigenvalues"][0], base["top_eigenvalues"][0]
+    if ours["n_components"] != base["n_components"] or not abs(a - b) <= 1e-2 * abs(b):
+        raise AssertionError(
+            f"GED disagrees: K {ours['n_components']} vs {base['n_components']}, "
+            f"top eigenvalue {a:.6g} vs {b:.6g}"
+        )
+    return {
+        "ours": ours,
+        "baseline": base,
+        "size": f"D={d}, N=2x{n}, K={base['n_components']}",
+        "info": {"d": d, "n": n, "threshold": THRESHOLD, "shrinkage": GAMMA},
+    }
+
+
+@register(
+    "ged_fit_seed_size",
+    metric="s",
+    higher_is_better=False,
+    doc="jcompress.ged.fit vs the same numpy/scipy pipeline at the seed's shape: D=3072 "
+    "neurons (GPT-2 MLP), N=2x171 samples (the bundled pronoun set), so N < D",
+)
+def ged_fit_seed_size(ctx: Context) -> dict[str, Any]:
+    d, n = ctx.pick(full=(3072, 171), quick=(768, 171), dry=(32, 12))
     repeats = ctx.repeats(full=3, quick=2)
     ours = ctx.side(fit_jax, "jcompress.ged.fit", d=d, n=n, repeats=repeats)
     base = ctx.side(fit_numpy, "numpy/scipy GED", d=d, n=n, repeats=repeats)

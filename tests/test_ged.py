@@ -426,3 +426,41 @@ def test_dual_pca_matches_primal_fp64():
     np.testing.assert_allclose(ev, np.where(ref_ev > 1e-10, ref_ev, 0.0), atol=1e-10)
     np.testing.assert_allclose(vec[:, :14], ref_vec[:, :14], atol=1e-8)  # rank 14 = 8 + 6
     assert np.all(vec[:, 14:] == 0)
+
+
+@pytest.mark.parametrize("threshold", [0.9, 0.999])  # fits the first block / needs growing
+def test_iterative_pca_matches_scipy_pipeline_fp64(monkeypatch, threshold):
+    """N >= D: the subspace-iteration PCA (small block so that D = 96 takes that path, and
+    the full eigh forbidden) gives the tutorial pipeline's K, eigenvalues and filters."""
+    import importlib
+
+    fit_mod = importlib.import_module("jcompress.ged.fit")
+
+    monkeypatch.setattr(fit_mod, "ITERATIVE_MIN_D", 32)
+    monkeypatch.setattr(fit_mod, "_BLOCK", 8)
+    monkeypatch.setattr(fit_mod, "_OVERSAMPLE", 4)
+
+    def no_full(y):
+        raise AssertionError("full eigh used")
+
+    monkeypatch.setattr(fit_mod, "_full_pca", no_full)
+    rng = np.random.default_rng(21)
+    d, n, r = 96, 150, 10
+    mix = rng.normal(size=(r, d))
+    scales = np.geomspace(3.0, 0.5, r)
+
+    def cond():
+        return (rng.normal(size=(n, r)) * scales) @ mix + 0.01 * rng.normal(size=(n, d))
+
+    xs, xr = cond(), cond()
+    xs += 2.0 * rng.normal(size=(n, 1)) * mix[4] / np.linalg.norm(mix[4])
+    k, lam, filt, _, _ = _oracle(xs, xr, threshold, 0.01)
+    with jax.enable_x64(True):
+        res = fit(xs, xr, config=GEDConfig(variance_threshold=threshold))
+    assert res.n_components == k
+    np.testing.assert_allclose(res.eigenvalues, lam, rtol=1e-5)
+    f = np.asarray(res.filters)
+    signs = np.sign(np.sum(f * filt, axis=0))
+    np.testing.assert_allclose(f, filt * signs, rtol=1e-5, atol=1e-8 * np.abs(filt).max())
+    ev = np.linalg.eigvalsh((np.cov(xs, rowvar=False) + np.cov(xr, rowvar=False)) / 2)[::-1]
+    np.testing.assert_allclose(np.asarray(res.explained)[:k], ev[:k] / ev.sum(), rtol=1e-8)

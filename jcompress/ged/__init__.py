@@ -7,12 +7,23 @@ References:
   and dimension reduction in multichannel electrophysiology", NeuroImage 247 (2022).
 """
 
+from jcompress.ged.analyze import GEDAnalysis, analyze
+from jcompress.ged.capture import (
+    HOOKS,
+    POSITIONS,
+    CaptureConfig,
+    Hook,
+    capture_activations,
+    resolve_hook,
+    tokenize_examples,
+)
 from jcompress.ged.config import LEDOIT_WOLF, GEDConfig
 from jcompress.ged.data import (
     HER_FILE,
     HIM_FILE,
     PronounExample,
     load_condition_file,
+    parse_marked,
 )
 from jcompress.ged.fit import (
     CVResult,
@@ -26,6 +37,16 @@ from jcompress.ged.fit import (
 )
 
 __all__ = [
+    "HOOKS",
+    "POSITIONS",
+    "CaptureConfig",
+    "GEDAnalysis",
+    "Hook",
+    "analyze",
+    "capture_activations",
+    "parse_marked",
+    "resolve_hook",
+    "tokenize_examples",
     "CVResult",
     "GEDConfig",
     "GEDResult",

@@ -109,11 +109,12 @@ def top_neurons(result: GEDResult, path: str | Path, *, k: int = 20, component: 
     return _save(fig, path)
 
 
-def layer_summary(table: LayerTable, path: str | Path, *, alpha: float = 0.05) -> Path:
-    """Per-layer top eigenvalue, held-out accuracy, and significance (p < alpha marked)."""
+def layer_summary(table: LayerTable, path: str | Path, *, alpha: float = 0.05, layers=None) -> Path:
+    """Per-layer top eigenvalue, held-out accuracy, and significance (p < alpha marked);
+    ``layers`` labels the rows (default ``0 .. L-1``)."""
     plt = _plt()
     n = len(table.top_eigenvalue)
-    x = np.arange(n)
+    x = np.arange(n) if layers is None else np.asarray(layers)
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(6, 4.8), sharex=True)
     a1.plot(x, table.top_eigenvalue, "o-", ms=4)
     sig = np.asarray(table.p_value) < alpha
@@ -126,6 +127,6 @@ def layer_summary(table: LayerTable, path: str | Path, *, alpha: float = 0.05) -
     a2.set_ylabel("held-out accuracy")
     a2.set_xlabel("layer")
     a2.set_xticks(x)
-    for i, k in enumerate(table.n_components):
+    for i, k in zip(x, table.n_components, strict=True):
         a2.annotate(f"K={int(k)}", (i, 0.05), ha="center", fontsize=7)
     return _save(fig, path)

@@ -3,9 +3,13 @@ separation, and the per-layer table.
 
 The pipeline (Cohen 2022's two-stage procedure):
 
-1. covariances ``S`` (signal condition) and ``R`` (reference condition), centered per condition;
+1. covariances ``S`` (signal condition) and ``R`` (reference condition), centered per condition
+   (never formed as ``[D, D]`` matrices: every product with them goes through the samples);
 2. PCA on ``(S + R) / 2``: keep the fewest components ``P [D, K]`` whose cumulative explained
-   variance reaches ``variance_threshold`` (picked on the host: ``K`` sets every later shape);
+   variance reaches ``variance_threshold`` (picked on the host: ``K`` sets every later shape).
+   No ``[D, D]`` eigh for the usual sizes: fewer samples than neurons go through the
+   ``[N, N]`` Gram matrix of the stacked centered samples, more by subspace iteration with
+   products through those samples (:func:`_pooled_pca`);
 3. in the ``K``-dim space, shrink ``R~ = (1 - g) R + g mean(eig R) I`` and solve
    ``S w = lambda R~ w`` (:func:`~jcompress.ged.ged_core.ged_core`);
 4. back-project: filters ``F = P W [D, K]``, maps ``A = S F [D, K]`` (Haufe et al. 2014's
@@ -13,9 +17,9 @@ The pipeline (Cohen 2022's two-stage procedure):
    ``F^T S F = diag(lambda)``, so this is the pattern up to a per-column scale), per-sample
    scores ``(X - mu) F`` with ``mu`` the mean of the two condition means.
 
-Step 2 needs one host sync (the component count); steps 1 and 3-4 are jitted, the latter with
-``K`` static. Model activation capture (``analyze``) plugs in by calling :func:`fit_layers` on
-``[L, N, D]`` activations.
+Step 2 needs host syncs (the component count, the iteration's convergence); steps 3-4 are
+jitted, with ``K`` static. :func:`jcompress.ged.analyze` captures model activations and calls
+:func:`fit_layers` on them.
 """
 
 from __future__ import annotations
@@ -94,8 +98,10 @@ class GEDResult:
       eigvecs: ``[K, K]`` generalized eigenvectors ``W`` in the PCA space.
       basis: ``[D, K]`` the kept principal components ``P`` (orthonormal columns).
       offset: ``[D]`` mean of the two condition means, subtracted before scoring.
-      pca_eigenvalues: ``[D]`` eigenvalues of ``(S + R) / 2``, decreasing.
-      explained: ``[D]`` explained-variance fraction of each principal component.
+      pca_eigenvalues: ``[D]`` eigenvalues of ``(S + R) / 2``, decreasing (0 past the rank,
+        and past the computed block when the PCA ran by subspace iteration).
+      explained: ``[D]`` explained-variance fraction of each principal component (of the
+        exact total variance).
       shrinkage: ``[]`` the shrinkage ``g`` used (the Ledoit-Wolf estimate where asked).
       rank_r_before: ``[]`` numerical rank of the reduced ``R`` before shrinkage.
       rank_r_after: ``[]`` numerical rank of ``R~``.
@@ -177,6 +183,7 @@ class LayerTable:
     n_components: np.ndarray
     results: tuple[GEDResult, ...]
     nulls: tuple[np.ndarray, ...]
+    cvs: tuple[CVResult, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -197,11 +204,13 @@ class LayerTable:
 # --------------------------------------------------------------------------- component count
 
 
-def n_components_for_threshold(pca_eigenvalues, threshold: float) -> int:
+def n_components_for_threshold(pca_eigenvalues, threshold: float, *, total=None) -> int:
     """The fewest leading components whose cumulative explained variance is ``>= threshold``
-    (within :data:`THRESHOLD_TOL`). ``pca_eigenvalues [D]`` decreasing; negatives count as 0."""
+    (within :data:`THRESHOLD_TOL`). ``pca_eigenvalues [D]`` decreasing; negatives count as 0;
+    ``total`` is the total variance (default: their sum; give it when only the leading
+    eigenvalues were computed)."""
     ev = np.clip(np.asarray(pca_eigenvalues, np.float64), 0.0, None)
-    total = ev.sum()
+    total = ev.sum() if total is None else float(total)
     if not total > 0:
         raise UserError("GED: the activations have zero variance (all samples identical)")
     frac = np.cumsum(ev) / total
@@ -228,22 +237,83 @@ def _check_inputs(acts_s, acts_r, *, batched: bool = False) -> tuple[jax.Array, 
     return xs, xr
 
 
-def _pooled_pca(xs, xr, center: bool):
-    """Stage 1: per-condition covariances and the PCA of their mean; with fewer samples than
-    neurons (the usual case for sentence sets) the PCA goes through the ``[N, N]`` Gram
-    matrix (:func:`~jcompress.ged.ged_core.pca_dual_core`), then ``vecs`` is ``[D, N]``."""
-    cs, cr = core.covariance_core(xs, center), core.covariance_core(xr, center)
-    if xs.shape[0] + xr.shape[0] < xs.shape[1]:
-        evals, vecs = core.pca_dual_core(core.pooled_factor_core(xs, xr, center))
-    else:
-        evals, vecs = core.pca_core(0.5 * (cs + cr))
-    return cs, cr, evals, vecs
+_pooled_factor = jax.jit(core.pooled_factor_core, static_argnames=("center",))
 
 
-_pooled_pca_jit = jax.jit(_pooled_pca, static_argnames=("center",))
-_pooled_pca_layers = jax.jit(
-    jax.vmap(_pooled_pca, in_axes=(0, 0, None)), static_argnames=("center",)
-)
+@jax.jit
+def _dual_pca(y):
+    return (*core.pca_dual_core(y), jnp.sum(y * y))
+
+
+@jax.jit
+def _full_pca(y):
+    c = jnp.matmul(y.T, y, precision=_HI)
+    return core.pca_core(0.5 * (c + c.T))
+
+
+_total = jax.jit(lambda y: jnp.sum(y * y))
+_subspace = jax.jit(core.subspace_core, static_argnames=("steps",))
+
+ITERATIVE_MIN_D = 256
+"""With at least as many samples as neurons and ``D >=`` this, the PCA runs by block subspace
+iteration on the stacked samples (:func:`~jcompress.ged.ged_core.subspace_core`) instead of
+forming the ``[D, D]`` covariance and a full eigh; below it (or when the iteration does not
+settle) the covariance and its full eigh."""
+_BLOCK, _OVERSAMPLE, _STEPS, _ROUNDS = 64, 16, 4, 30
+
+
+def _iterative_pca(y, total: float, threshold: float, seed: int = 0):
+    """Top principal components of ``Y^T Y`` (``y [N, D]``, never formed) until the kept ones
+    (and the next) have converged: Ritz residuals ``<= 1e3 eps * theta_1``. The block starts
+    at 64 columns (+16 oversampling) and doubles while the threshold needs more; past
+    ``D / 3`` columns, or if the iteration stalls, the full eigh answers instead.
+
+    Returns ``(evals [D], vecs [D, b])`` with ``evals`` zero past the computed block, or
+    ``None`` (use the full eigh)."""
+    d, dtype = y.shape[1], y.dtype
+    tol = 1e3 * float(jnp.finfo(dtype).eps)
+    b = _BLOCK + _OVERSAMPLE
+    q = jax.random.normal(jax.random.key(seed), (d, b), dtype)
+    while 3 * b <= d:
+        for _ in range(_ROUNDS):
+            w, v, res = _subspace(y, q, _STEPS)
+            wn, rn = np.asarray(w, np.float64), np.asarray(res, np.float64)
+            reach = np.cumsum(wn) / total >= threshold - THRESHOLD_TOL
+            q = v
+            if not reach[: b - _OVERSAMPLE].any():
+                break  # the block cannot hold the kept components: grow it
+            k = int(np.argmax(reach)) + 1
+            if np.all(rn[: k + 1] <= tol * wn[0]):
+                return jnp.zeros((d,), dtype).at[:b].set(w), v
+        else:
+            return None
+        extra = jax.random.normal(jax.random.key(seed + b), (d, b), dtype)
+        q, b = jnp.concatenate([q, extra], axis=1), 2 * b
+    return None
+
+
+def _pooled_pca(xs, xr, center: bool, threshold: float):
+    """Stage 1: PCA of the mean of the two condition covariances, from the stacked
+    (centered, scaled) samples ``Y`` with ``Y^T Y = (S + R) / 2``; no ``[D, D]`` eigh:
+    with fewer samples than neurons (the usual case for sentence sets) through the ``[N, N]``
+    Gram matrix (exact, :func:`~jcompress.ged.ged_core.pca_dual_core`), otherwise by subspace
+    iteration with products ``Y^T (Y Q)`` (:func:`_iterative_pca`; ``Y^T Y`` is never formed)
+    for ``D >= ITERATIVE_MIN_D``.
+
+    Returns ``(evals [D], vecs [D, b], total)``: eigenvalues (decreasing, zero past what was
+    computed), orthonormal eigenvectors, and the exact total variance ``tr((S + R) / 2)``."""
+    y = _pooled_factor(xs, xr, center)
+    n, d = y.shape
+    if n < d:
+        evals, vecs, total = _dual_pca(y)
+        return evals, vecs, total
+    total = _total(y)
+    out = None
+    if d >= ITERATIVE_MIN_D and float(total) > 0:
+        out = _iterative_pca(y, float(total), threshold)
+    if out is None:
+        out = _full_pca(y)
+    return (*out, total)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,19 +339,31 @@ def _gamma(z_ref, opts: _Opts, gamma):
     return jnp.asarray(gamma, z_ref.dtype)
 
 
-def _separate(cov_sig, cov_ref, x_sig, x_ref, p, offset, opts: _Opts, gamma):
+def _cov_times(x, f, center: bool):
+    """``cov(x) @ f`` (:func:`~jcompress.ged.ged_core.covariance_core` normalisation) without
+    the ``[D, D]`` covariance: ``Xc^T (Xc f) / (N - 1)``."""
+    n = x.shape[0]
+    if center:
+        x = x - jnp.mean(x, axis=0, keepdims=True)
+    xf = jnp.matmul(x, f, precision=_HI)
+    return jnp.matmul(x.T, xf, precision=_HI) / (max(n - 1, 1) if center else max(n, 1))
+
+
+def _separate(x_sig, x_ref, p, offset, opts: _Opts, gamma):
     """Stage 2 for one direction: reduce, shrink, GED, back-project, fix signs."""
-    s = p.T @ jnp.matmul(cov_sig, p, precision=_HI)
-    r = p.T @ jnp.matmul(cov_ref, p, precision=_HI)
+    z_sig = jnp.matmul(x_sig, p, precision=_HI)
+    z_ref = jnp.matmul(x_ref, p, precision=_HI)
+    s = core.covariance_core(z_sig, opts.center)
+    r = core.covariance_core(z_ref, opts.center)
     s, r = 0.5 * (s + s.T), 0.5 * (r + r.T)
-    g = _gamma(jnp.matmul(x_ref.astype(p.dtype), p, precision=_HI), opts, gamma)
+    g = _gamma(z_ref, opts, gamma)
     r_shrunk = core.shrink_core(r, g)
     lam, w = core.ged_core(s, r_shrunk)
     filters = jnp.matmul(p, w, precision=_HI)
-    maps = jnp.matmul(cov_sig, filters, precision=_HI)
+    maps = _cov_times(x_sig, filters, opts.center)
     sign = core.flip_signs_core(maps)
     w, filters, maps = w * sign, filters * sign, maps * sign
-    score = lambda x: jnp.matmul(x.astype(p.dtype) - offset, filters, precision=_HI)  # noqa: E731
+    score = lambda x: jnp.matmul(x - offset, filters, precision=_HI)  # noqa: E731
     return dict(
         eigenvalues=lam,
         filters=filters,
@@ -296,10 +378,10 @@ def _separate(cov_sig, cov_ref, x_sig, x_ref, p, offset, opts: _Opts, gamma):
 
 
 @functools.partial(jax.jit, static_argnames=("k", "opts", "swap"))
-def _reduced_fit(xs, xr, cs, cr, evals, vecs, gamma, k: int, opts: _Opts, swap: bool):
+def _reduced_fit(xs, xr, evals, vecs, total, gamma, k: int, opts: _Opts, swap: bool):
     p = vecs[:, :k]
-    offset = 0.5 * (jnp.mean(xs, axis=0) + jnp.mean(xr, axis=0)).astype(p.dtype)
-    total = jnp.sum(evals)
+    xs, xr = xs.astype(p.dtype), xr.astype(p.dtype)
+    offset = 0.5 * (jnp.mean(xs, axis=0) + jnp.mean(xr, axis=0))
     common = dict(
         basis=p,
         offset=offset,
@@ -307,12 +389,10 @@ def _reduced_fit(xs, xr, cs, cr, evals, vecs, gamma, k: int, opts: _Opts, swap: 
         explained=evals / jnp.where(total > 0, total, 1.0),
         n_components=k,
     )
-    main = _separate(cs, cr, xs, xr, p, offset, opts, gamma)
+    main = _separate(xs, xr, p, offset, opts, gamma)
     swapped = None
     if swap:
-        swapped = GEDResult(
-            **_separate(cr, cs, xr, xs, p, offset, opts, gamma), **common, swapped=None
-        )
+        swapped = GEDResult(**_separate(xr, xs, p, offset, opts, gamma), **common, swapped=None)
     return GEDResult(**main, **common, swapped=swapped)
 
 
@@ -328,9 +408,10 @@ def _check_pd(res: GEDResult, what: str) -> None:
 
 
 def _fit_stats(xs, xr, stats, config: GEDConfig, swap: bool) -> GEDResult:
-    cs, cr, evals, vecs = stats
-    k = n_components_for_threshold(evals, config.variance_threshold)
-    res = _reduced_fit(xs, xr, cs, cr, evals, vecs, _gamma_arg(config), k, _Opts.of(config), swap)
+    evals, vecs, total = stats
+    k = n_components_for_threshold(evals, config.variance_threshold, total=float(total))
+    k = min(k, vecs.shape[1])
+    res = _reduced_fit(xs, xr, evals, vecs, total, _gamma_arg(config), k, _Opts.of(config), swap)
     _check_pd(res, "reference (acts_r)")
     if res.swapped is not None:
         _check_pd(res.swapped, "swapped reference (acts_s)")
@@ -360,7 +441,8 @@ def fit(acts_s, acts_r, *, config: GEDConfig = _DEFAULT, swap: bool = True) -> G
       res.swapped.eigenvalues[0]              # "her > him"
     """
     xs, xr = _check_inputs(acts_s, acts_r)
-    return _fit_stats(xs, xr, _pooled_pca_jit(xs, xr, config.center), config, swap)
+    stats = _pooled_pca(xs, xr, config.center, config.variance_threshold)
+    return _fit_stats(xs, xr, stats, config, swap)
 
 
 def _top_reduced(zs, zr, opts: _Opts, gamma):
@@ -521,34 +603,47 @@ def cross_validate(acts_s, acts_r, *, config: GEDConfig = _DEFAULT) -> CVResult:
     )
 
 
-def fit_layers(acts_s, acts_r, *, config: GEDConfig = _DEFAULT, swap: bool = False) -> LayerTable:
+def fit_layers(
+    acts_s,
+    acts_r,
+    *,
+    config: GEDConfig = _DEFAULT,
+    swap: bool = False,
+    progress: bool = False,
+) -> LayerTable:
     """:func:`fit`, :func:`permutation_test` and :func:`cross_validate` for every layer.
 
-    The ``[D, D]`` covariances and PCA (the expensive part) run for all layers in one vmapped
-    call; the reduced-space stages then run per layer, since each layer keeps its own number of
-    components ``K_l`` (jit caches one compilation per distinct ``K_l``).
+    Layers run one after another: each keeps its own number of components ``K_l`` (jit caches
+    one compilation per distinct ``K_l``) and the PCA may iterate a data-dependent number of
+    times.
 
     Args:
       acts_s: ``[L, N_S, D]`` signal activations per layer.
       acts_r: ``[L, N_R, D]`` reference activations per layer.
       config: :class:`GEDConfig`.
       swap: also fit R against S in each layer's ``results[l].swapped``.
+      progress: a tqdm bar over layers.
 
     Returns:
       :class:`LayerTable` (top eigenvalue, p-value, held-out accuracy and Cohen's d,
-      component count per layer; the fits and permutation nulls).
+      component count per layer; the fits, permutation nulls and held-out results).
     """
     xs, xr = _check_inputs(acts_s, acts_r, batched=True)
-    stats = _pooled_pca_layers(xs, xr, config.center)
-    rows, results, nulls = [], [], []
-    for layer in range(xs.shape[0]):
-        st = tuple(a[layer] for a in stats)
+    rows, results, nulls, cvs = [], [], [], []
+    it = range(xs.shape[0])
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc="GED", unit="layer", leave=False)
+    for layer in it:
+        st = _pooled_pca(xs[layer], xr[layer], config.center, config.variance_threshold)
         res = _fit_stats(xs[layer], xr[layer], st, config, swap)
         null, p = permutation_test(xs[layer], xr[layer], config=config, result=res)
         cv = cross_validate(xs[layer], xr[layer], config=config)
         rows.append((float(res.eigenvalues[0]), p, cv.accuracy, cv.cohens_d, res.n_components))
         results.append(res)
         nulls.append(null)
+        cvs.append(cv)
     cols = list(zip(*rows, strict=True))
     return LayerTable(
         top_eigenvalue=np.asarray(cols[0]),
@@ -558,4 +653,5 @@ def fit_layers(acts_s, acts_r, *, config: GEDConfig = _DEFAULT, swap: bool = Fal
         n_components=np.asarray(cols[4], np.int64),
         results=tuple(results),
         nulls=tuple(nulls),
+        cvs=tuple(cvs),
     )

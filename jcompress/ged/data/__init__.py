@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 from jcompress.errors import UserError
 
-__all__ = ["HER_FILE", "HIM_FILE", "PronounExample", "load_condition_file"]
+__all__ = ["HER_FILE", "HIM_FILE", "PronounExample", "load_condition_file", "parse_marked"]
 
 _DIR = Path(__file__).resolve().parent
 HIM_FILE = _DIR / "him.txt"
@@ -29,6 +29,24 @@ class PronounExample(NamedTuple):
 
     text: str
     span: tuple[int, int]
+
+
+def parse_marked(line: str, *, where: str = "sentence") -> PronounExample:
+    """One sentence with exactly one ``[target]`` -> :class:`PronounExample` (brackets
+    removed); a missing, repeated, empty or stray bracket is a :class:`UserError` naming
+    ``where``."""
+    marks = list(_MARK.finditer(line))
+    stray = line.count("[") + line.count("]") != 2 * len(marks)
+    if len(marks) != 1 or stray:
+        raise UserError(
+            f"{where}: expected exactly one [target] in square brackets, "
+            f"found {len(marks)}{' and stray brackets' if stray else ''}: {line!r}"
+        )
+    m = marks[0]
+    if not m.group(1).strip():
+        raise UserError(f"{where}: empty [target]: {line!r}")
+    text = line[: m.start()] + m.group(1) + line[m.end() :]
+    return PronounExample(text, (m.start(), m.start() + len(m.group(1))))
 
 
 def load_condition_file(path: str | Path) -> list[PronounExample]:
@@ -54,19 +72,7 @@ def load_condition_file(path: str | Path) -> list[PronounExample]:
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        marks = list(_MARK.finditer(line))
-        stray = line.count("[") + line.count("]") != 2 * len(marks)
-        if len(marks) != 1 or stray:
-            raise UserError(
-                f"{path}:{i}: expected exactly one [target] in square brackets, "
-                f"found {len(marks)}{' and stray brackets' if stray else ''}: {line!r}"
-            )
-        m = marks[0]
-        word = m.group(1).strip()
-        if not word:
-            raise UserError(f"{path}:{i}: empty [target]: {line!r}")
-        text = line[: m.start()] + m.group(1) + line[m.end() :]
-        out.append(PronounExample(text, (m.start(), m.start() + len(m.group(1)))))
+        out.append(parse_marked(line, where=f"{path}:{i}"))
     if not out:
         raise UserError(f"{path}: no sentences (the condition file is empty)")
     return out
