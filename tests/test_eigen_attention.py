@@ -742,6 +742,14 @@ def test_layer_selection_and_purity(llama, llama_run):
         for field, arr in after[k].arrays().items():
             np.testing.assert_array_equal(np.asarray(arr), np.asarray(full[k].arrays()[field]))
     assert rep.layers[0] == llama_run.report.layers[0]
+    # KV figures: the selected layer, and the whole model (the other layers at full width)
+    lr, per_layer = rep.layers[0], llama.cfg.num_kv_heads * 2 * llama.cfg.head_dim
+    assert rep.kv_cache_before == per_layer and rep.kv_cache_after == lr.kv_after
+    assert rep.model_kv_cache_before == llama.cfg.num_layers * per_layer
+    assert rep.model_kv_cache_after == (llama.cfg.num_layers - 1) * per_layer + lr.kv_after
+    md = rep.to_markdown()
+    assert f"| model ({llama.cfg.num_layers} layers) |" in md
+    assert f"({100 * rep.model_kv_cache_ratio:.1f}%)" in md
     # the input tree is untouched: same structure, same leaf objects, same values
     now = flatten(llama.params)
     assert set(now) == set(snapshot)
@@ -939,3 +947,100 @@ def test_folded_forward_captures_full_width_v_and_o_input(llama, llama_run):
             np.testing.assert_allclose(
                 np.asarray(got[kind][k]), np.asarray(want[kind][k]), atol=1e-4
             )
+
+
+# ------------------------------------------------------------ rank search, reference mode
+
+
+@pytest.fixture(scope="module")
+def llama_bisect(llama):
+    return _compress(llama, avg_dim=AVG["llama"], error_budget=BUDGET, rank_search="bisect")
+
+
+def test_bisect_ranks_minimal_against_oracle(llama, llama_bisect, llama_oracle):
+    """rank_search='bisect': every layer meets the budget with the leaves it got (error
+    recomputed from the oracle's float64 bases), and lowering K's or V's rank by one (above
+    the 0.45 floor) breaks it; no threshold is reported; few evaluations."""
+    cfg, rep = llama.cfg, llama_bisect.report
+    d, hk = cfg.head_dim, cfg.num_kv_heads
+    floor = int(0.45 * hk * d / hk) + 1  # hk * r > 0.45 * hk * d
+    assert rep.rank_search == "bisect" and "rank search: bisect" in rep.to_markdown()
+    for lr in rep.layers:
+        o = llama_oracle[lr.layer]
+        assert lr.threshold is None and lr.compressed and lr.rank_kq >= floor <= lr.rank_v
+        assert 0 < lr.steps <= 3 * int(np.ceil(np.log2(d))) + 1
+        lp2 = jcompress.layer_params(cfg, llama_bisect.params, lr.layer)
+        err = _rel_err(o.y, jcompress.apply_layer(cfg, jcompress.materialize(lp2), o.h, lr.layer))
+        assert err == pytest.approx(lr.error, rel=2e-3) and err < BUDGET
+        assert _oracle_error(cfg, lr.layer, o, lr.rank_kq, lr.rank_v) < BUDGET * (1 + 1e-3)
+        for rk, rv in ((lr.rank_kq - 1, lr.rank_v), (lr.rank_kq, lr.rank_v - 1)):
+            if min(rk, rv) >= floor:
+                assert _oracle_error(cfg, lr.layer, o, rk, rv) >= BUDGET * (1 - 1e-3), lr
+        assert "(bisect)" in [ln for ln in rep.to_markdown().splitlines()
+                              if ln.startswith(f"| {lr.layer} |")][0]  # fmt: skip
+    # the walk's pairs use one threshold for K and V; bisection never keeps more cache
+    assert rep.kv_cache_after <= sum(lr.kv_after for lr in rep.layers)
+
+
+def test_rank_search_and_reference_mode_validation():
+    with pytest.raises(jcompress.UserError, match="rank_search: must be one of threshold, bisect"):
+        EigenAttentionConfig(rank_search="grid")
+    with pytest.raises(jcompress.UserError, match="reference_mode: .*rank_search='threshold'"):
+        EigenAttentionConfig(reference_mode=True, rank_search="bisect")
+
+
+@pytest.fixture(scope="module")
+def llama_reference(llama):
+    return _compress(llama, avg_dim=AVG["llama"], error_budget=BUDGET, reference_mode=True)
+
+
+def test_reference_mode_pooled_k_basis_and_stop_rule(llama, llama_reference):
+    """reference_mode on Llama: one K basis per layer, the SVD of the K features of all KV
+    heads stacked as rows (numpy float64 oracle, as ``generate_basis_vectors_per_layer``),
+    ranks from its spectrum; the kept threshold is the last evaluated plus one step (oracle:
+    the reference loop written out here with numpy layer errors)."""
+    cfg, lay, rep = llama.cfg, _lay(llama.cfg), llama_reference.report
+    hk, d = cfg.num_kv_heads, cfg.head_dim
+    assert rep.reference_mode and "reference mode" in rep.to_markdown()
+    cap = jcompress.Capture(outputs=f"{re.escape(lay.k)}|{re.escape(lay.v)}")
+    h = jcompress.embed(cfg, llama.params, jnp.asarray(llama.calib))
+    for lr in rep.layers[:2]:
+        i = lr.layer
+        lp = jcompress.layer_params(cfg, llama.params, i)
+        y, got = jcompress.apply_layer(cfg, lp, h, i, capture=cap)
+        fk = np.asarray(got["outputs"][lay.k], np.float64).reshape(-1, hk, d).reshape(-1, d)
+        _, s_k, vt = np.linalg.svd(fk, full_matrices=False)
+        u_k = np.broadcast_to(_flip(vt.T), (hk, d, d))
+        fv = np.asarray(got["outputs"][lay.v], np.float64).reshape(-1, hk * d)
+        u_v, s_v = _head_svd(fv, hk)
+        o = SimpleNamespace(lp=lp, h=h, y=np.asarray(y, np.float64),
+                            u={"kq": u_k, "v": u_v}, s={"kq": s_k[None], "v": s_v})  # fmt: skip
+
+        def ranks(t, o=o):  # the rule in float64, a fraction within 1e-9 of t reaching it
+            def r(s):
+                cum = np.cumsum(s, axis=1) / s.sum(1, keepdims=True)
+                return min(max(int((cum < t - 1e-9).sum(1).max()), 1), d)
+
+            return r(o.s["kq"]), r(o.s["v"])
+
+        # the reference's Llama loop (bound on the ranks just evaluated), then t += 2 steps
+        t, rk, rv, err = 1.0, d, d, 0.0
+        while err < BUDGET and hk * rk > 0.45 * hk * d and hk * rv > 0.45 * hk * d:
+            rk, rv = ranks(t)
+            err = _oracle_error(cfg, i, o, rk, rv)
+            t = round(t - STEP, 9)
+        t = round(t + 2 * STEP, 9)
+        rk, rv = min(ranks(t)[0], d), min(ranks(t)[1], d)
+        if rk == d and rv == d:
+            assert not lr.compressed and lr.threshold is None
+        else:
+            assert lr.threshold == pytest.approx(t) and (lr.rank_kq, lr.rank_v) == (rk, rv)
+            kk = get_path(jcompress.layer_params(cfg, llama_reference.params, i), lay.k)["kernel"]
+            b = np.asarray(kk.b, np.float64)  # [hk, r, D]: the same basis for every head
+            np.testing.assert_allclose(b, b[:1].repeat(hk, 0), atol=1e-6)
+            proj = b[0].T @ b[0]
+            np.testing.assert_allclose(proj, u_k[0, :, :rk] @ u_k[0, :, :rk].T, atol=2e-3)
+            assert lr.shared_k_basis and lr.error == pytest.approx(
+                _oracle_error(cfg, i, o, rk, rv), rel=5e-3, abs=1e-6
+            )
+        h = y

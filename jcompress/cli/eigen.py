@@ -25,6 +25,9 @@ __all__ = ["EigenJob", "add_parser", "check_eigen_job", "eigen_overrides", "run"
 # argparse settings that differ from what config_flags derives (validated types, the CLI's
 # "capped at the model's positions" seqlen rule, the reference's metavar for --layers)
 _SEQLEN_HELP = "tokens per calibration window (default: 2048, capped at the model's positions)"
+_AVG_HELP = (
+    "average the features of this many consecutive windows; at most --nsamples (default: {})"
+)
 
 
 def eigen_overrides(**defaults: Any) -> dict[str, dict[str, Any]]:
@@ -34,7 +37,6 @@ def eigen_overrides(**defaults: Any) -> dict[str, dict[str, Any]]:
         "nsamples": {"type": positive, "help": "calibration windows (default: 128)"},
         "seed": {"help": "calibration sampling seed (default: 2)"},
         "seqlen": {"type": positive, "default": None, "help": _SEQLEN_HELP},
-        "avg_dim": {"type": positive},
         "error_budget": {"type": budget},
         "batch_size": {"type": positive},
         "layers": {
@@ -43,6 +45,14 @@ def eigen_overrides(**defaults: Any) -> dict[str, dict[str, Any]]:
             "repeatable (default: all layers)",
         },
         "offload_dir": {"metavar": "DIR"},
+        "avg_dim": {"type": positive, "help": _AVG_HELP.format(16)},
+        "min_rank": {
+            "help": "total rank (KV heads x per-head rank) must stay above this; default: 64 "
+            "for OPT (the reference's floor, written for opt-125m: on a small OPT such as "
+            "opt-1m every layer stops at it, so every --error_budget above ~0.007 gives the "
+            "same model; lower it there), 0 otherwise",
+        },
+        "rank_search": {"choices": ("threshold", "bisect")},
     }
     for k, v in defaults.items():
         o.setdefault(k, {})["default"] = v
@@ -50,6 +60,8 @@ def eigen_overrides(**defaults: Any) -> dict[str, dict[str, Any]]:
             o[k]["help"] = f"tokens per calibration window (default: {v})"
         elif k == "nsamples":
             o[k]["help"] = f"calibration windows (default: {v})"
+        elif k == "avg_dim":
+            o[k]["help"] = _AVG_HELP.format(v)
         elif "help" not in o[k]:
             o[k].pop("help", None)  # derived help shows the new default
     return o
@@ -231,13 +243,27 @@ def _summary(report) -> str:
                 f"{100 * (e['ppl_after']['ppl'] / e['ppl_before']['ppl'] - 1):+.2f}%",
             )
         )
+    selected = len(report.layers) < report.model_layers
     rows += [
         (
-            "KV cache / token (scalars)",
+            "KV cache / token (scalars), selected layers"
+            if selected
+            else "KV cache / token (scalars)",
             f"{report.kv_cache_before}",
             f"{report.kv_cache_after}",
             f"{100 * report.kv_cache_ratio:.1f}%",
         ),
+    ]
+    if selected:
+        rows.append(
+            (
+                "KV cache / token (scalars), whole model",
+                f"{report.model_kv_cache_before}",
+                f"{report.model_kv_cache_after}",
+                f"{100 * report.model_kv_cache_ratio:.1f}%",
+            )
+        )
+    rows += [
         (
             "parameters",
             f"{report.params_before:,}",
@@ -247,6 +273,11 @@ def _summary(report) -> str:
     ]
     lines = ["| | before | after | change |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    lines.append(
+        f"\ncompression: {report.compress_seconds:.1f} s, {report.evaluations} layer evaluations "
+        f"(rank search: {report.rank_search}"
+        + (", reference mode)" if report.reference_mode else ")")
+    )
     if e.get("ppl_before") is None:
         lines.append("\nperplexity: not evaluated (no --eval_data given)")
     return "\n".join(lines)
@@ -280,9 +311,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "eigen",
         help="EigenAttention: low-rank K/Q/V from calibration activations",
         description="EigenAttention (arXiv 2408.05646): calibrate per-head bases of the K/Q/V "
-        "projection outputs layer by layer, pick each layer's rank by lowering a threshold while "
-        "the layer's relative output error stays under --error_budget, evaluate perplexity "
-        "(with --eval_data) and a sample before/after, and write report.json, report.md, dense/ "
+        "projection outputs layer by layer, pick each layer's ranks (--rank_search: the "
+        "reference's threshold walk, or bisection on the ranks) so that the layer's relative "
+        "output error stays under --error_budget (--reference_mode: the reference's exact "
+        "rules), evaluate perplexity (with --eval_data) and a sample before/after, and write "
+        "report.json, report.md, dense/ "
         "(loads in transformers) and factors/ (jcompress, lossless) into --out. Flags keep the "
         "reference names; dashes work too.",
     )
