@@ -622,6 +622,8 @@ def compress(
                     bound_after=rope,
                 )
             t_best, r_kq, r_v, err = found
+            if config.rank_search == "threshold" and t_best is None:
+                r_kq, r_v = d_k, d_v  # the first threshold failed: the layer stays dense
             compressed = r_kq < d_k or r_v < d_v
             if compressed:
                 new_lp = build(r_kq, r_v)
