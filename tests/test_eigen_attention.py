@@ -1044,3 +1044,33 @@ def test_reference_mode_pooled_k_basis_and_stop_rule(llama, llama_reference):
                 _oracle_error(cfg, i, o, rk, rv), rel=5e-3, abs=1e-6
             )
         h = y
+
+
+def test_reference_mode_opt_steps_back_after_a_bound_stop(opt, opt_run, opt_oracle):
+    """OPT (per-head K/Q bases either way): the reference's kept threshold is the default's
+    when the error ended the walk, and one step above it when the rank floor (total rank >
+    64) or the minimum threshold ended it; its error is the recomputed error at those ranks."""
+    cfg = opt.cfg
+    ref = _compress(opt, avg_dim=AVG["opt"], error_budget=BUDGET, reference_mode=True)
+    hk, d = cfg.num_kv_heads, cfg.head_dim
+    stops = set()
+    for lr, lr_ref in zip(opt_run.report.layers, ref.report.layers, strict=True):
+        o = opt_oracle[lr.layer]
+        t_next = round(lr.threshold - STEP, 9)
+        r_next = [
+            min(max(int((np.cumsum(s, 1) / s.sum(1, keepdims=True) < t_next - 1e-9).sum(1).max()),
+                    1), d)
+            for s in (o.s["kq"], o.s["v"])
+        ]  # fmt: skip
+        if t_next <= 0.3 + 1e-9 or min(r_next) * hk <= 64:
+            stops.add("bound")
+            assert lr_ref.threshold == pytest.approx(lr.threshold + STEP), lr.layer
+            assert lr_ref.rank_kq >= lr.rank_kq and lr_ref.rank_v >= lr.rank_v
+        else:
+            stops.add("error")
+            assert lr_ref.threshold == pytest.approx(lr.threshold), lr.layer
+            assert (lr_ref.rank_kq, lr_ref.rank_v) == (lr.rank_kq, lr.rank_v)
+        if lr_ref.compressed:
+            err = _oracle_error(cfg, lr.layer, o, lr_ref.rank_kq, lr_ref.rank_v)
+            assert lr_ref.error == pytest.approx(err, rel=5e-3, abs=1e-6)
+    assert stops
