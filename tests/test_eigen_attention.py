@@ -1074,3 +1074,79 @@ def test_reference_mode_opt_steps_back_after_a_bound_stop(opt, opt_run, opt_orac
             err = _oracle_error(cfg, lr.layer, o, lr_ref.rank_kq, lr_ref.rank_v)
             assert lr_ref.error == pytest.approx(err, rel=5e-3, abs=1e-6)
     assert stops
+
+
+def test_per_head_ranks_reported(llama, llama_run, llama_oracle):
+    """Each head's own count at the kept threshold (float64 rule, from the oracle's
+    singular values); the layer keeps the maximum; the per-head cache is what they'd keep."""
+    d = llama.cfg.head_dim
+    for lr in llama_run.report.layers:
+        o = llama_oracle[lr.layer]
+        for key, got, r in (
+            ("kq", lr.head_ranks_kq, lr.rank_kq),
+            ("v", lr.head_ranks_v, lr.rank_v),
+        ):
+            s = o.s[key]
+            cum = np.cumsum(s, 1) / s.sum(1, keepdims=True)
+            want = np.clip((cum < lr.threshold - 1e-9).sum(1), 1, d)
+            assert np.all(np.abs(np.asarray(got) - want) <= (cum - lr.threshold < 1e-5).any())
+            assert max(got) == r
+        assert lr.kv_after_per_head == sum(lr.head_ranks_kq) + sum(lr.head_ranks_v)
+        assert lr.kv_after_per_head <= lr.kv_after
+    rep = llama_run.report
+    js = json.loads(json.dumps(rep.to_json()))
+    assert js["kv_cache_after_per_head"] == sum(lr.kv_after_per_head for lr in rep.layers)
+    if rep.kv_cache_after_per_head < rep.kv_cache_after:
+        assert "per-head ranks" in rep.to_markdown()
+
+
+def test_kv_cache_figure(llama_run, tmp_path):
+    import matplotlib.image as mpimg
+
+    from jcompress.eigen_attention.figures import kv_cache_figure
+
+    rep = dataclasses.replace(llama_run.report, layers=llama_run.report.layers[1:3])
+    assert rep.model_kv_cache_after > rep.kv_cache_after  # layers 0 and 3 count at full width
+    p = kv_cache_figure(rep, tmp_path / "fig" / "kv.png")
+    img = mpimg.imread(p)
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+
+
+def test_cli_reaches_every_config_field():
+    from jcompress.cli import build_parser
+    from jcompress.cli.common import config_from_args
+
+    parser = build_parser()
+    argv = ["eigen", "--model", "m", "--calib_data", "c", "--seqlen", "64", "--nsamples", "8",
+            "--avg_dim", "2", "--rank_search", "bisect", "--min_rank", "0", "--min_rank_fraction",
+            "0.2", "--start_threshold", "0.9", "--threshold-step", "0.01", "--min_threshold",
+            "0.5", "--no-reference_mode"]  # fmt: skip
+    args = parser.parse_args(argv)
+    fields = {f.name for f in dataclasses.fields(EigenAttentionConfig)}
+    assert set(args.config_fields) == fields
+    c = config_from_args(EigenAttentionConfig, args, args.config_fields)
+    assert (c.rank_search, c.min_rank, c.min_rank_fraction, c.start_threshold) == (
+        "bisect",
+        0,
+        0.2,
+        0.9,
+    )
+    assert (c.threshold_step, c.min_threshold, c.reference_mode, c.avg_dim) == (0.01, 0.5, False, 2)
+    args = parser.parse_args([*argv[:5], "--reference-mode"])
+    assert config_from_args(EigenAttentionConfig, args, args.config_fields).reference_mode
+    with pytest.raises(SystemExit):
+        parser.parse_args([*argv[:5], "--rank_search", "grid"])
+    sub = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "eigen")
+    text = " ".join(sub[1].format_help().split())
+    assert "64 for OPT" in text and "opt-1m" in text and "(default: 16)" in text
+    with pytest.raises(jcompress.UserError, match="avg_dim defaults to 16"):
+        EigenAttentionConfig(nsamples=4)
+
+
+def test_calibration_past_trained_positions_warns(tiny_models):
+    t = tiny_models["llama"]
+    n = t.cfg.max_position_embeddings + 8
+    calib = np.random.RandomState(0).randint(0, t.cfg.vocab_size, (2, n))
+    config = EigenAttentionConfig(nsamples=2, seqlen=n, avg_dim=1, layers=("model/layers/0",))
+    with pytest.warns(UserWarning, match=f"longer than the model's {n - 8} trained positions"):
+        compress(t.params, t.cfg, calib, config=config, progress=False)

@@ -170,6 +170,7 @@ def run_eigen_job(job: EigenJob, log=print) -> dict[str, Any]:
     from jcompress.cli.common import generate_text, load_tokenizer_for
     from jcompress.data import calibration_windows, load_tokens
     from jcompress.eigen_attention import compress
+    from jcompress.eigen_attention.figures import kv_cache_figure
     from jcompress.eval import perplexity
     from jcompress.models import load_hf, save_hf
 
@@ -223,9 +224,13 @@ def run_eigen_job(job: EigenJob, log=print) -> dict[str, Any]:
         with atomic_dir(out, overwrite=job.overwrite, arg="--out") as tmp:
             write_json(tmp / "report.json", result)
             (tmp / "report.md").write_text(report.to_markdown() + "\n\n" + summary + "\n")
+            kv_cache_figure(report, tmp / "kv_cache.png")
             save_hf(cfg, new_params, tmp / "dense", tokenizer_dir=job.model)
             save_hf(cfg, new_params, tmp / "factors", tokenizer_dir=job.model, factors=True)
-        log(f"\nwrote {out}/report.json, report.md, dense/ (transformers), factors/ (jcompress)")
+        log(
+            f"\nwrote {out}/report.json, report.md, kv_cache.png, dense/ (transformers), "
+            "factors/ (jcompress)"
+        )
     if job.json is not None:
         write_json(job.json, result, overwrite=job.overwrite, arg="--json")
     return result

@@ -648,6 +648,17 @@ def compress(
             if config.rank_search == "threshold" and t_best is None:
                 r_kq, r_v = d_k, d_v  # the first threshold failed: the layer stays dense
             compressed = r_kq < d_k or r_v < d_v
+            heads_kq = heads_v = None
+            if compressed and t_best is not None:  # what per-head ranks would keep (report)
+                heads_kq, heads_v = (
+                    tuple(
+                        int(c)
+                        for c in np.broadcast_to(
+                            np.clip(core.head_counts_below(sv, t_best), 1, dd), (hk,)
+                        )
+                    )
+                    for sv, dd in ((s_kq, d_k), (s_v, d_v))
+                )
             if compressed:
                 new_lp = build(r_kq, r_v)
                 layer.replace(new_lp)  # recorded only: Feed.ORIGINAL feeds the original outputs
@@ -670,6 +681,8 @@ def compress(
                 shares_q=not rope,
                 seconds=time.perf_counter() - t_layer,
                 shared_k_basis=bool(config.reference_mode and rope),
+                head_ranks_kq=heads_kq,
+                head_ranks_v=heads_v,
             )
             reports.append(rep)
             bar.set_postfix(layer=i, r_kq=rep.rank_kq, r_v=rep.rank_v, err=f"{rep.error:.4f}")

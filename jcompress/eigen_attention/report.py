@@ -23,6 +23,9 @@ class LayerReport:
         not, and with ``rank_search='bisect'``).
       seconds: wall time spent on this layer (statistics, bases, search, leaves).
       shared_k_basis: one K basis for all KV heads (``reference_mode`` on the Llama family).
+      head_ranks_kq, head_ranks_v: per KV head, the rank the threshold rule gives that head
+        alone (the layer keeps the maximum over heads, the reference's rule); ``None``
+        without a threshold. :attr:`kv_after_per_head` is what per-head ranks would cache.
     """
 
     layer: int
@@ -39,6 +42,8 @@ class LayerReport:
     shares_q: bool
     seconds: float = dataclasses.field(default=0.0, compare=False)
     shared_k_basis: bool = False
+    head_ranks_kq: tuple[int, ...] | None = None
+    head_ranks_v: tuple[int, ...] | None = None
 
     @property
     def kv_before(self) -> int:
@@ -48,6 +53,14 @@ class LayerReport:
     @property
     def kv_after(self) -> int:
         return self.kv_heads * (self.rank_kq + self.rank_v)
+
+    @property
+    def kv_after_per_head(self) -> int:
+        """Cached scalars per token if every head kept its own rank at this threshold
+        (:attr:`kv_after` when there are no per-head ranks)."""
+        if self.head_ranks_kq is None or self.head_ranks_v is None:
+            return self.kv_after
+        return sum(self.head_ranks_kq) + sum(self.head_ranks_v)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +108,11 @@ class EigenReport:
         return self.model_kv_cache_after / b if b else 1.0
 
     @property
+    def kv_cache_after_per_head(self) -> int:
+        """Selected layers' cache per token with per-head ranks (see ``LayerReport``)."""
+        return sum(r.kv_after_per_head for r in self.layers)
+
+    @property
     def evaluations(self) -> int:
         """Layer evaluations over all reported layers."""
         return sum(r.steps for r in self.layers)
@@ -121,7 +139,12 @@ class EigenReport:
         per-layer KV sizes, and the KV-cache totals."""
         d = dataclasses.asdict(self)
         d["layers"] = [
-            {**dataclasses.asdict(r), "kv_before": r.kv_before, "kv_after": r.kv_after}
+            {
+                **dataclasses.asdict(r),
+                "kv_before": r.kv_before,
+                "kv_after": r.kv_after,
+                "kv_after_per_head": r.kv_after_per_head,
+            }
             for r in self.layers
         ]
         d["unmatched_rules"] = list(self.unmatched_rules)
@@ -132,6 +155,7 @@ class EigenReport:
         d["model_kv_cache_after"] = self.model_kv_cache_after
         d["model_kv_cache_percent"] = 100.0 * self.model_kv_cache_ratio
         d["evaluations"] = self.evaluations
+        d["kv_cache_after_per_head"] = self.kv_cache_after_per_head
         return d
 
     def to_dict(self) -> dict[str, Any]:
@@ -178,6 +202,12 @@ class EigenReport:
             f"{self.averaged_sequences} averaged sequences"
             + (f", {self.dropped_sequences} dropped" if self.dropped_sequences else ""),
         ]
+        if self.kv_cache_after_per_head < self.kv_cache_after:
+            notes.append(
+                f"per-head ranks (each head its own count at the layer's threshold) would cache "
+                f"{self.kv_cache_after_per_head} scalars/token instead of {self.kv_cache_after} "
+                f"(heads x max over heads, the reference's rule)"
+            )
         if self.unmatched_rules:
             notes.append(f"layer rules that matched nothing: {', '.join(self.unmatched_rules)}")
         return "\n".join(lines + [""] + notes)
