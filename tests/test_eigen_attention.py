@@ -1150,3 +1150,57 @@ def test_calibration_past_trained_positions_warns(tiny_models):
     config = EigenAttentionConfig(nsamples=2, seqlen=n, avg_dim=1, layers=("model/layers/0",))
     with pytest.warns(UserWarning, match=f"longer than the model's {n - 8} trained positions"):
         compress(t.params, t.cfg, calib, config=config, progress=False)
+
+
+def test_fine_tune_tunes_only_the_factors(tiny_models):
+    """Recovery fine-tuning: same tree and leaf types; only HeadLowRank ``a`` / HeadFoldedOut
+    ``w`` change; bases untouched (v's ``b`` still o's ``ut``), so the factored forward equals
+    the dense export's; the training loss goes down; held-out perplexity before equals
+    ``jcompress.perplexity`` of the compressed model."""
+    from jcompress.eigen_attention.finetune import FineTuneConfig, fine_tune, trainable_factors
+    from jcompress.eval.perplexity import window_nll
+
+    t = tiny_models["llama"]
+    rng = np.random.RandomState(1)
+    calib = rng.randint(0, t.cfg.vocab_size, (8, 16))
+    config = EigenAttentionConfig(nsamples=8, seqlen=16, avg_dim=1, error_budget=TINY_BUDGET)
+    small, _ = compress(t.params, t.cfg, calib, config=config, progress=False)
+    assert trainable_factors(small)
+    held = rng.randint(0, t.cfg.vocab_size, 200)
+    with pytest.raises(jcompress.UserError, match="lr: must be in"):
+        FineTuneConfig(lr=0)
+    with pytest.raises(jcompress.UserError, match="nothing was compressed"):
+        fine_tune(t.params, t.cfg, calib, config=FineTuneConfig(steps=1), progress=False)
+    ft = FineTuneConfig(steps=12, lr=3e-2, batch_size=8)
+    tuned, rep = fine_tune(
+        small, t.cfg, calib, config=ft, heldout=held, heldout_seqlen=16, progress=False
+    )
+    before, after = flatten(small), flatten(tuned)
+    assert set(before) == set(after)
+    changed = 0
+    for k, v in before.items():
+        w = after[k]
+        assert type(w) is type(v)
+        if isinstance(v, HeadLowRank):
+            np.testing.assert_array_equal(np.asarray(v.b), np.asarray(w.b))
+            changed += not np.array_equal(np.asarray(v.a), np.asarray(w.a))
+        elif isinstance(v, HeadFoldedOut):
+            np.testing.assert_array_equal(np.asarray(v.ut), np.asarray(w.ut))
+            changed += not np.array_equal(np.asarray(v.w), np.asarray(w.w))
+        else:
+            np.testing.assert_array_equal(np.asarray(v), np.asarray(w))
+    assert changed == len(trainable_factors(small))
+    ids = jnp.asarray(calib)
+    nll0 = float(jnp.mean(window_nll(t.cfg, small, ids)))
+    nll1 = float(jnp.mean(window_nll(t.cfg, tuned, ids)))
+    assert nll1 < nll0 - 1e-3 and rep.losses[0] == pytest.approx(nll0, rel=1e-4)
+    dense = jcompress.materialize(tuned)
+    np.testing.assert_allclose(
+        np.asarray(jcompress.forward(t.cfg, dense, ids)),
+        np.asarray(jcompress.forward(t.cfg, tuned, ids)),
+        atol=2e-4,
+    )
+    ref = jcompress.perplexity(t.cfg, small, held, seqlen=16, progress=False).ppl
+    assert rep.heldout_ppl_before == pytest.approx(ref, rel=1e-6)
+    assert rep.trainable_params == sum(int(v.size) for v in trainable_factors(small).values())
+    assert json.loads(json.dumps(rep.to_json()))["steps"] == 12
