@@ -1204,3 +1204,33 @@ def test_fine_tune_tunes_only_the_factors(tiny_models):
     assert rep.heldout_ppl_before == pytest.approx(ref, rel=1e-6)
     assert rep.trainable_params == sum(int(v.size) for v in trainable_factors(small).values())
     assert json.loads(json.dumps(rep.to_json()))["steps"] == 12
+
+
+def test_cli_fine_tune_figure_and_whole_model_kv(tmp_path, llama_dir, shared_data, capsys):
+    from jcompress.cli import main
+
+    out = tmp_path / "run"
+    code = main([
+        "eigen", "--model", str(llama_dir),
+        "--calib_data", str(shared_data / "wikitext-2" / "valid.txt"),
+        "--eval_data", str(shared_data / "wikitext-2-raw" / "test.txt"),
+        "--nsamples", "8", "--seqlen", "64", "--avg_dim", "1", "--layers", "model/layers/1",
+        "--rank_search", "bisect", "--fine_tune", "--ft_steps", "3", "--ft_lr", "1e-3",
+        "--eval_seqlen", "64", "--eval_max_windows", "2", "--max_new_tokens", "3",
+        "--out", str(out),
+    ])  # fmt: skip
+    assert code == 0
+    stdout = capsys.readouterr().out
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["rank_search"] == "bisect" and len(rep["layers"]) == 1
+    per_layer = rep["layers"][0]["kv_before"]
+    assert rep["model_kv_cache_before"] == 4 * per_layer
+    assert rep["model_kv_cache_after"] == 3 * per_layer + rep["layers"][0]["kv_after"]
+    assert "whole model" in stdout and "selected layers" in stdout
+    ft = rep["extra"]["fine_tune"]
+    assert ft["steps"] == 3 and len(ft["losses"]) == 3 and ft["trainable_params"] > 0
+    assert rep["extra"]["ppl_after_compress"]["ppl"] > 0 and "before fine-tuning" in stdout
+    assert (out / "kv_cache.png").stat().st_size > 1000
+    cfg, params = jcompress.load_hf(out / "factors")
+    kk = params["model"]["layers"]["1"]["self_attn"]["k_proj"]["kernel"]
+    assert isinstance(kk, HeadLowRank) and kk.rank == rep["layers"][0]["rank_kq"]

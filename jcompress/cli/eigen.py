@@ -82,6 +82,7 @@ class EigenJob:
     max_new_tokens: int = 30
     overwrite: bool = False
     json: Path | None = None
+    fine_tune: Any = None  # FineTuneConfig, or None: no recovery fine-tuning
 
 
 def resolve_seqlen(model: Path, seqlen: int | None) -> int:
@@ -200,6 +201,15 @@ def run_eigen_job(job: EigenJob, log=print) -> dict[str, Any]:
     for w in caught:
         log(f"warning: {w.message}")
     secs = time.perf_counter() - t0
+    ft_extra = {}
+    if job.fine_tune is not None:
+        from jcompress.eigen_attention.finetune import fine_tune
+
+        compressed_ppl = ppl(new_params)
+        new_params, ft = fine_tune(new_params, cfg, calib, config=job.fine_tune)
+        ft_extra = {"fine_tune": ft.to_json(), "ppl_after_compress": compressed_ppl}
+        log(f"fine-tuned {ft.trainable_params:,} factor parameters for {ft.steps} steps: "
+            f"training loss {ft.losses[0]:.4f} -> {ft.losses[-1]:.4f}")  # fmt: skip
     after = ppl(new_params)
     sample_after = generate_text(cfg, new_params, tok, job.prompt, job.max_new_tokens)
     report = report.with_extra(
@@ -212,6 +222,7 @@ def run_eigen_job(job: EigenJob, log=print) -> dict[str, Any]:
         ppl_after=after,
         sample_before=sample_before,
         sample_after=sample_after,
+        **ft_extra,
     )
     result = report.to_dict()
     summary = _summary(report)
@@ -248,6 +259,10 @@ def _summary(report) -> str:
                 f"{100 * (e['ppl_after']['ppl'] / e['ppl_before']['ppl'] - 1):+.2f}%",
             )
         )
+    if e.get("ppl_after_compress") is not None:
+        b, c = e["ppl_before"]["ppl"], e["ppl_after_compress"]["ppl"]
+        rows.insert(0, ("perplexity, before fine-tuning", f"{b:.3f}", f"{c:.3f}",
+                        f"{100 * (c / b - 1):+.2f}%"))  # fmt: skip
     selected = len(report.layers) < report.model_layers
     rows += [
         (
@@ -355,6 +370,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="at most this many evaluation windows (default: all)",
     )
     s.add_argument("--json", default=None, metavar="OUT", help="also write the report JSON here")
+    s.add_argument(
+        "--fine_tune",
+        "--fine-tune",
+        action="store_true",
+        help="after compression, tune the low-rank factors (bases and everything else frozen) "
+        "on the calibration windows with AdamW; perplexity before fine-tuning is reported too",
+    )
+    s.add_argument("--ft_steps", "--ft-steps", type=positive, default=100,
+                   help="fine-tuning steps (default: 100)")  # fmt: skip
+    s.add_argument("--ft_lr", "--ft-lr", type=float, default=1e-4,
+                   help="fine-tuning peak learning rate (default: 1e-4)")  # fmt: skip
+    s.add_argument("--ft_batch_size", "--ft-batch-size", type=positive, default=4,
+                   help="fine-tuning windows per step (default: 4)")  # fmt: skip
     s.set_defaults(func=run, config_fields=names)
     return s
 
@@ -373,7 +401,13 @@ def job_from_args(
         args.config_fields,
         seqlen=resolve_seqlen(model, args.seqlen),
     )
+    ft = None
+    if getattr(args, "fine_tune", False):
+        from jcompress.eigen_attention.finetune import FineTuneConfig
+
+        ft = FineTuneConfig(steps=args.ft_steps, lr=args.ft_lr, batch_size=args.ft_batch_size)
     return EigenJob(
+        fine_tune=ft,
         model=model,
         calib_data=calib_data,
         eval_data=eval_data,
