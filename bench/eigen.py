@@ -633,19 +633,67 @@ def eigen_llama1m_end_to_end(ctx: Context) -> dict[str, Any]:
 GOAL_COMPRESS = ">= 3x faster than the threshold walk with per-rank leaves (ratio <= 0.33)"
 
 
+def _legacy_project(kernel, bias, u):
+    """The rank-shaped projection of the route before (jit per ``u [heads, D, r]`` shape)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jcompress.leaves import HeadLowRank
+
+    @jax.jit
+    def run(kernel, bias, u):
+        heads, d, r = u.shape
+        w = kernel.astype(jnp.float32).reshape(kernel.shape[0], heads, d)
+        a = jnp.einsum("ihd,hdr->ihr", w, u).reshape(kernel.shape[0], heads * r)
+        leaf = HeadLowRank(a.astype(kernel.dtype), jnp.swapaxes(u, 1, 2).astype(kernel.dtype))
+        if bias is None:
+            return leaf, None
+        bh = bias.astype(jnp.float32).reshape(heads, d)
+        return leaf, jnp.einsum("hd,hdr,her->he", bh, u, u).reshape(heads * d).astype(bias.dtype)
+
+    return _cached("project", run)(kernel, bias, u)
+
+
+def _legacy_fold_out(kernel, u, query_heads):
+    """The rank-shaped o_proj fold of the route before."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from jcompress.leaves import HeadFoldedOut
+
+    @functools.partial(jax.jit, static_argnames=("query_heads",))
+    def run(kernel, u, query_heads):
+        hk, d, r = u.shape
+        uq = jnp.repeat(u, query_heads // hk, axis=0)
+        w = kernel.astype(jnp.float32).reshape(query_heads, d, -1)
+        folded = jnp.einsum("hdr,hdo->hro", uq, w).reshape(query_heads * r, -1)
+        return HeadFoldedOut(
+            folded.astype(kernel.dtype), jnp.swapaxes(u, 1, 2).astype(kernel.dtype)
+        )
+
+    return _cached("fold", run)(kernel, u, query_heads=query_heads)
+
+
+_LEGACY_JIT: dict[str, Any] = {}
+
+
+def _cached(name, fn):
+    """One jit object per function (its cache keyed by shapes, as module-level jit was)."""
+    return _LEGACY_JIT.setdefault(name, fn)
+
+
 def _legacy_evaluate(self, r_kq: int, r_v: int) -> float:
     """The evaluation route before rank_search (jcompress 2026-11, kept here as the baseline):
     each candidate rank pair is built as ``HeadLowRank`` / ``HeadFoldedOut`` leaves of that
     rank (new shapes: ``_project`` / ``_fold_out`` / ``materialize`` retrace per rank) and
     materialized before ``relative_error``."""
-    import importlib
-
     import jax
 
     from jcompress.leaves import materialize
     from jcompress.models.convert import flatten, unflatten
 
-    mod = importlib.import_module("jcompress.eigen_attention.compress")
     key = (min(r_kq, self.d_k), min(r_v, self.d_v))
     if key == (self.d_k, self.d_v):
         return 0.0
@@ -658,17 +706,17 @@ def _legacy_evaluate(self, r_kq: int, r_v: int) -> float:
             if bias is not None:
                 flat[f"{role}/bias"] = bias
 
-        if key[0] < self.d_k:
+        if key[0] < self.d_k:  # rank-shaped leaves, as before: a new compilation per rank
             u = self.u_kq[:, :, : key[0]]
             for role in st["kq_roles"]:
-                put(role, *mod._project(flat[f"{role}/kernel"], flat.get(f"{role}/bias"), u))
+                put(role, *_legacy_project(flat[f"{role}/kernel"], flat.get(f"{role}/bias"), u))
         if key[1] < self.d_v:
             u = self.u_v[:, :, : key[1]]
             role = st["v_role"]
-            put(role, *mod._project(flat[f"{role}/kernel"], flat.get(f"{role}/bias"), u))
+            put(role, *_legacy_project(flat[f"{role}/kernel"], flat.get(f"{role}/bias"), u))
             o = st["o_role"]
-            put(o, mod._fold_out(flat[f"{o}/kernel"], u, st["query_heads"]), None)
-        cand = jax.jit(materialize)(unflatten(flat))
+            put(o, _legacy_fold_out(flat[f"{o}/kernel"], u, st["query_heads"]), None)
+        cand = _cached("materialize", jax.jit(materialize))(unflatten(flat))
         self.seen[key] = float(self.layer.relative_error(cand))
         self.count += 1
     return self.seen[key]

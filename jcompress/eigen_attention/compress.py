@@ -92,6 +92,7 @@ from jcompress.models.params import count_params
 __all__ = ["EigenAttentionConfig", "compress", "family_defaults"]
 
 _ROPE_FAMILIES = (Family.LLAMA, Family.QWEN2, Family.QWEN3)
+_HI = jax.lax.Precision.HIGHEST
 RANK_SEARCHES = ("threshold", "bisect")
 
 
@@ -253,30 +254,45 @@ def _check_calib(cfg: ModelConfig, calib: Any, config: EigenAttentionConfig) -> 
 
 
 @jax.jit
-def _project(kernel: jax.Array, bias: jax.Array | None, u: jax.Array):
-    """``kernel [in, heads*D]``, ``u [heads, D, r]`` -> (HeadLowRank, projected bias or None)."""
-    heads, d, r = u.shape
+def _project_full(kernel: jax.Array, bias: jax.Array | None, u: jax.Array, r: jax.Array):
+    """Full-width pieces of the rank-``r`` projection (static shapes: one compilation for every
+    rank): ``kernel [in, heads*D]``, ``u [heads, D, D]``, traced ``r`` -> ``(W_h U_h
+    [in, heads, D], U_h^T [heads, D, D], bias projected to the first r columns or None)``."""
+    heads, d, _ = u.shape
     w = kernel.astype(jnp.float32).reshape(kernel.shape[0], heads, d)
-    a = jnp.einsum("ihd,hdr->ihr", w, u).reshape(kernel.shape[0], heads * r)
-    leaf = HeadLowRank(a.astype(kernel.dtype), jnp.swapaxes(u, 1, 2).astype(kernel.dtype))
+    a = jnp.einsum("ihd,hdr->ihr", w, u, precision=_HI).astype(kernel.dtype)
+    ut = jnp.swapaxes(u, 1, 2).astype(kernel.dtype)
     if bias is None:
-        return leaf, None
+        return a, ut, None
+    m = (jnp.arange(d) < r).astype(jnp.float32)
     bh = bias.astype(jnp.float32).reshape(heads, d)
-    proj = jnp.einsum("hd,hdr,her->he", bh, u, u).reshape(heads * d)
-    return leaf, proj.astype(bias.dtype)
+    proj = jnp.einsum("hd,hdr,r,her->he", bh, u, m, u, precision=_HI).reshape(heads * d)
+    return a, ut, proj.astype(bias.dtype)
+
+
+def _project(kernel: jax.Array, bias: jax.Array | None, u: jax.Array, r: int):
+    """``kernel [in, heads*D]``, ``u [heads, D, D]`` -> (rank-``r`` HeadLowRank, projected bias
+    or None); only the final slices depend on ``r``'s value."""
+    a, ut, b = _project_full(kernel, bias, u, jnp.int32(r))
+    heads = u.shape[0]
+    return HeadLowRank(a[:, :, :r].reshape(a.shape[0], heads * r), ut[:, :r, :]), b
 
 
 @functools.partial(jax.jit, static_argnames=("query_heads",))
-def _fold_out(kernel: jax.Array, u: jax.Array, query_heads: int) -> HeadFoldedOut:
-    """``W_o' = W_o U_v``: ``kernel [Hq*D, out]``, ``u [Hk, D, r]`` -> ``HeadFoldedOut``."""
-    hk, d, r = u.shape
-    uq = jnp.repeat(u, query_heads // hk, axis=0)  # [Hq, D, r]: each query head's KV basis
+def _fold_out_full(kernel: jax.Array, u: jax.Array, query_heads: int):
+    """``U^T W_o`` per query head at full width: ``kernel [Hq*D, out]``, ``u [Hk, D, D]`` ->
+    ``([Hq, D, out], U^T [Hk, D, D])``."""
+    hk, d, _ = u.shape
+    uq = jnp.repeat(u, query_heads // hk, axis=0)  # [Hq, D, D]: each query head's KV basis
     w = kernel.astype(jnp.float32).reshape(query_heads, d, -1)
-    folded = jnp.einsum("hdr,hdo->hro", uq, w).reshape(query_heads * r, -1)
-    return HeadFoldedOut(folded.astype(kernel.dtype), jnp.swapaxes(u, 1, 2).astype(kernel.dtype))
+    folded = jnp.einsum("hdr,hdo->hro", uq, w, precision=_HI)
+    return folded.astype(kernel.dtype), jnp.swapaxes(u, 1, 2).astype(kernel.dtype)
 
 
-_HI = jax.lax.Precision.HIGHEST
+def _fold_out(kernel: jax.Array, u: jax.Array, query_heads: int, r: int) -> HeadFoldedOut:
+    """``W_o' = U_v^T W_o`` at rank ``r`` -> ``HeadFoldedOut``."""
+    folded, ut = _fold_out_full(kernel, u, query_heads)
+    return HeadFoldedOut(folded[:, :r, :].reshape(query_heads * r, -1), ut[:, :r, :])
 
 
 @functools.partial(jax.jit, static_argnames=("kq_roles", "v_role", "o_role", "query_heads"))
@@ -605,14 +621,12 @@ def compress(
             ):
                 new = lp
                 if r_kq < d_k:
-                    u = u_kq[:, :, :r_kq]
                     roles = [(lay.k, kp)] if rope else [(lay.k, kp), (lay.q, qp)]
                     for role, p in roles:
-                        new = _with(new, role, *_project(p["kernel"], p.get("bias"), u))
+                        new = _with(new, role, *_project(p["kernel"], p.get("bias"), u_kq, r_kq))
                 if r_v < d_v:
-                    u = u_v[:, :, :r_v]
-                    new = _with(new, lay.v, *_project(vp["kernel"], vp.get("bias"), u))
-                    new = _with(new, lay.o, _fold_out(op["kernel"], u, hq), None)
+                    new = _with(new, lay.v, *_project(vp["kernel"], vp.get("bias"), u_v, r_v))
+                    new = _with(new, lay.o, _fold_out(op["kernel"], u_v, hq, r_v), None)
                 return new
 
             evaluate = _Evaluator(
