@@ -114,9 +114,7 @@ def test_walk_reference_stop_rule():
     ok = lambda a, b: a > 12  # noqa: E731
     t, rk, rv, _ = threshold_walk(_ranks, Counted(_err), bounds_ok=ok, **kw)
     assert (t, rk, rv) == (0.9375, 14, 15)
-    d = threshold_walk(
-        _ranks, Counted(_err), bounds_ok=ok, **{**kw, "reference": False}
-    )
+    d = threshold_walk(_ranks, Counted(_err), bounds_ok=ok, **{**kw, "reference": False})
     assert d[:3] == (0.875, 13, 14)
     # bound checked after evaluating (Llama): (12, 13) is evaluated, passes, then the bound
     # ends the walk and the threshold steps back to 14/16
