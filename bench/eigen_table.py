@@ -1,6 +1,11 @@
-"""The README's EigenAttention table: perplexity and KV cache at three error budgets.
+"""The README's EigenAttention table: perplexity, KV cache and compression time per mode.
 
     python -m bench.eigen_table [--nsamples 32 --seqlen 256 --avg-dim 4 --eval-seqlen 512]
+        [--budgets 0.01,0.025,0.05] [--modes default,reference,bisect]
+
+Modes: ``default`` (the threshold walk, per-KV-head K bases), ``reference``
+(``reference_mode=True``: the reference's stop rule, one K basis per Llama layer), ``bisect``
+(``rank_search='bisect'``).
 
 Calibrates on ``wikitext-2/valid.txt`` and evaluates on ``wikitext-2-raw/test.txt`` (all
 windows) from ``../shared/data`` (or ``$JCOMPRESS_SHARED_DATA``), for both shared models.
@@ -9,6 +14,7 @@ windows) from ``../shared/data`` (or ``$JCOMPRESS_SHARED_DATA``), for both share
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import time
 import warnings
@@ -22,6 +28,12 @@ DATA = Path(
     os.environ.get("JCOMPRESS_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
 )
 
+MODES = {
+    "default": {},
+    "reference": {"reference_mode": True},
+    "bisect": {"rank_search": "bisect"},
+}
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -32,6 +44,7 @@ def main() -> None:
     ap.add_argument("--eval-max-windows", type=int, default=None)
     ap.add_argument("--budgets", default="0.01,0.025,0.05")
     ap.add_argument("--models", default="llama-1m,opt-1m")
+    ap.add_argument("--modes", default="default")
     ap.add_argument(
         "--min-rank",
         type=int,
@@ -50,25 +63,28 @@ def main() -> None:
         ev = load_tokens(DATA / "wikitext-2-raw" / "test.txt", tok)
         kw = dict(seqlen=args.eval_seqlen, max_windows=args.eval_max_windows, batch_size=16)
         base = jcompress.perplexity(cfg, params, ev, **kw)
-        for budget in (float(b) for b in args.budgets.split(",")):
+        for budget, mode in itertools.product(
+            (float(b) for b in args.budgets.split(",")), args.modes.split(",")
+        ):
             conf = EigenAttentionConfig(
                 nsamples=args.nsamples,
                 seqlen=args.seqlen,
                 avg_dim=args.avg_dim,
                 error_budget=budget,
                 min_rank=args.min_rank,
+                **MODES[mode],
             )
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                new, rep = compress(params, cfg, calib, config=conf)
-            secs = time.perf_counter() - t0
+                new, rep = compress(params, cfg, calib, config=conf, progress=False)
+            secs = time.process_time() - t0  # CPU s, all threads: robust to other load
             after = jcompress.perplexity(cfg, new, ev, **kw)
             label = name if args.min_rank is None else f"{name} (min_rank={args.min_rank})"
             rows.append(
-                f"| {label} | {budget} | {base.ppl:.3f} | {after.ppl:.3f} | "
+                f"| {label} | {mode} | {budget} | {base.ppl:.3f} | {after.ppl:.3f} | "
                 f"{100 * (after.ppl / base.ppl - 1):+.2f}% | {100 * rep.kv_cache_ratio:.1f}% | "
-                f"{secs:.1f} |"
+                f"{rep.evaluations} | {secs:.1f} |"
             )
             print(rows[-1], flush=True)
     print()
@@ -77,8 +93,11 @@ def main() -> None:
         f"avg_dim {args.avg_dim}; evaluation: wikitext-2-raw/test.txt, L={args.eval_seqlen}, "
         f"{'all' if args.eval_max_windows is None else args.eval_max_windows} windows"
     )
-    print("| model | error budget | ppl before | ppl after | change | KV cache | compress s |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| model | mode | error budget | ppl before | ppl after | change | KV cache | "
+        "evaluations | compress CPU s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 

@@ -368,7 +368,7 @@ def test_every_eigen_config_field_is_a_flag():
         "min_rank": "3", "min_rank_fraction": "0.25", "batch_size": "2", "offload_dir": "/tmp",
     }  # fmt: skip
     fields = {f.name for f in dataclasses.fields(EigenAttentionConfig)}
-    assert set(given) | {"layers", "allow_unmatched"} == fields
+    assert set(given) | {"layers", "allow_unmatched", "rank_search", "reference_mode"} == fields
     for dashes in (False, True):
         argv = ["eigen", "--model", "m", "--calib_data", "c"]
         for k, v in given.items():

@@ -742,6 +742,14 @@ def test_layer_selection_and_purity(llama, llama_run):
         for field, arr in after[k].arrays().items():
             np.testing.assert_array_equal(np.asarray(arr), np.asarray(full[k].arrays()[field]))
     assert rep.layers[0] == llama_run.report.layers[0]
+    # KV figures: the selected layer, and the whole model (the other layers at full width)
+    lr, per_layer = rep.layers[0], llama.cfg.num_kv_heads * 2 * llama.cfg.head_dim
+    assert rep.kv_cache_before == per_layer and rep.kv_cache_after == lr.kv_after
+    assert rep.model_kv_cache_before == llama.cfg.num_layers * per_layer
+    assert rep.model_kv_cache_after == (llama.cfg.num_layers - 1) * per_layer + lr.kv_after
+    md = rep.to_markdown()
+    assert f"| model ({llama.cfg.num_layers} layers) |" in md
+    assert f"({100 * rep.model_kv_cache_ratio:.1f}%)" in md
     # the input tree is untouched: same structure, same leaf objects, same values
     now = flatten(llama.params)
     assert set(now) == set(snapshot)
@@ -939,3 +947,290 @@ def test_folded_forward_captures_full_width_v_and_o_input(llama, llama_run):
             np.testing.assert_allclose(
                 np.asarray(got[kind][k]), np.asarray(want[kind][k]), atol=1e-4
             )
+
+
+# ------------------------------------------------------------ rank search, reference mode
+
+
+@pytest.fixture(scope="module")
+def llama_bisect(llama):
+    return _compress(llama, avg_dim=AVG["llama"], error_budget=BUDGET, rank_search="bisect")
+
+
+def test_bisect_ranks_minimal_against_oracle(llama, llama_bisect, llama_oracle):
+    """rank_search='bisect': every layer meets the budget with the leaves it got (error
+    recomputed from the oracle's float64 bases), and lowering K's or V's rank by one (above
+    the 0.45 floor) breaks it; no threshold is reported; few evaluations."""
+    cfg, rep = llama.cfg, llama_bisect.report
+    d, hk = cfg.head_dim, cfg.num_kv_heads
+    floor = int(0.45 * hk * d / hk) + 1  # hk * r > 0.45 * hk * d
+    assert rep.rank_search == "bisect" and "rank search: bisect" in rep.to_markdown()
+    for lr in rep.layers:
+        o = llama_oracle[lr.layer]
+        assert lr.threshold is None and lr.compressed and lr.rank_kq >= floor <= lr.rank_v
+        assert 0 < lr.steps <= 3 * int(np.ceil(np.log2(d))) + 1
+        lp2 = jcompress.layer_params(cfg, llama_bisect.params, lr.layer)
+        err = _rel_err(o.y, jcompress.apply_layer(cfg, jcompress.materialize(lp2), o.h, lr.layer))
+        assert err == pytest.approx(lr.error, rel=2e-3) and err < BUDGET
+        assert _oracle_error(cfg, lr.layer, o, lr.rank_kq, lr.rank_v) < BUDGET * (1 + 1e-3)
+        for rk, rv in ((lr.rank_kq - 1, lr.rank_v), (lr.rank_kq, lr.rank_v - 1)):
+            if min(rk, rv) >= floor:
+                assert _oracle_error(cfg, lr.layer, o, rk, rv) >= BUDGET * (1 - 1e-3), lr
+        assert "(bisect)" in [ln for ln in rep.to_markdown().splitlines()
+                              if ln.startswith(f"| {lr.layer} |")][0]  # fmt: skip
+    # the walk's pairs use one threshold for K and V; bisection never keeps more cache
+    assert rep.kv_cache_after <= sum(lr.kv_after for lr in rep.layers)
+
+
+def test_rank_search_and_reference_mode_validation():
+    with pytest.raises(jcompress.UserError, match="rank_search: must be one of threshold, bisect"):
+        EigenAttentionConfig(rank_search="grid")
+    with pytest.raises(jcompress.UserError, match="reference_mode: .*rank_search='threshold'"):
+        EigenAttentionConfig(reference_mode=True, rank_search="bisect")
+
+
+@pytest.fixture(scope="module")
+def llama_reference(llama):
+    return _compress(llama, avg_dim=AVG["llama"], error_budget=BUDGET, reference_mode=True)
+
+
+def test_reference_mode_pooled_k_basis_and_stop_rule(llama, llama_reference):
+    """reference_mode on Llama: one K basis per layer, the SVD of the K features of all KV
+    heads stacked as rows (numpy float64 oracle, as ``generate_basis_vectors_per_layer``),
+    ranks from its spectrum; the kept threshold is the last evaluated plus one step (oracle:
+    the reference loop written out here with numpy layer errors)."""
+    cfg, lay, rep = llama.cfg, _lay(llama.cfg), llama_reference.report
+    hk, d = cfg.num_kv_heads, cfg.head_dim
+    assert rep.reference_mode and "reference mode" in rep.to_markdown()
+    cap = jcompress.Capture(outputs=f"{re.escape(lay.k)}|{re.escape(lay.v)}")
+    h = jcompress.embed(cfg, llama.params, jnp.asarray(llama.calib))
+    for lr in rep.layers[:2]:
+        i = lr.layer
+        lp = jcompress.layer_params(cfg, llama.params, i)
+        y, got = jcompress.apply_layer(cfg, lp, h, i, capture=cap)
+        fk = np.asarray(got["outputs"][lay.k], np.float64).reshape(-1, hk, d).reshape(-1, d)
+        _, s_k, vt = np.linalg.svd(fk, full_matrices=False)
+        u_k = np.broadcast_to(_flip(vt.T), (hk, d, d))
+        fv = np.asarray(got["outputs"][lay.v], np.float64).reshape(-1, hk * d)
+        u_v, s_v = _head_svd(fv, hk)
+        o = SimpleNamespace(lp=lp, h=h, y=np.asarray(y, np.float64),
+                            u={"kq": u_k, "v": u_v}, s={"kq": s_k[None], "v": s_v})  # fmt: skip
+
+        def ranks(t, o=o):  # the rule in float64, a fraction within 1e-9 of t reaching it
+            def r(s):
+                cum = np.cumsum(s, axis=1) / s.sum(1, keepdims=True)
+                return min(max(int((cum < t - 1e-9).sum(1).max()), 1), d)
+
+            return r(o.s["kq"]), r(o.s["v"])
+
+        # the reference's Llama loop (bound on the ranks just evaluated), then t += 2 steps
+        t, rk, rv, err = 1.0, d, d, 0.0
+        while err < BUDGET and hk * rk > 0.45 * hk * d and hk * rv > 0.45 * hk * d:
+            rk, rv = ranks(t)
+            err = _oracle_error(cfg, i, o, rk, rv)
+            t = round(t - STEP, 9)
+        t = round(t + 2 * STEP, 9)
+        rk, rv = min(ranks(t)[0], d), min(ranks(t)[1], d)
+        if rk == d and rv == d:
+            assert not lr.compressed and lr.threshold is None
+        else:
+            assert lr.threshold == pytest.approx(t) and (lr.rank_kq, lr.rank_v) == (rk, rv)
+            kk = get_path(jcompress.layer_params(cfg, llama_reference.params, i), lay.k)["kernel"]
+            b = np.asarray(kk.b, np.float64)  # [hk, r, D]: the same basis for every head
+            np.testing.assert_allclose(b, b[:1].repeat(hk, 0), atol=1e-6)
+            proj = b[0].T @ b[0]
+            np.testing.assert_allclose(proj, u_k[0, :, :rk] @ u_k[0, :, :rk].T, atol=2e-3)
+            assert lr.shared_k_basis and lr.error == pytest.approx(
+                _oracle_error(cfg, i, o, rk, rv), rel=5e-3, abs=1e-6
+            )
+        h = y
+
+
+def test_reference_mode_opt_steps_back_after_a_bound_stop(opt, opt_run, opt_oracle):
+    """OPT (per-head K/Q bases either way): the reference's kept threshold is the default's
+    when the error ended the walk, and one step above it when the rank floor (total rank >
+    64) or the minimum threshold ended it; its error is the recomputed error at those ranks."""
+    cfg = opt.cfg
+    ref = _compress(opt, avg_dim=AVG["opt"], error_budget=BUDGET, reference_mode=True)
+    hk, d = cfg.num_kv_heads, cfg.head_dim
+    stops = set()
+    for lr, lr_ref in zip(opt_run.report.layers, ref.report.layers, strict=True):
+        o = opt_oracle[lr.layer]
+        t_next = round(lr.threshold - STEP, 9)
+        r_next = [
+            min(max(int((np.cumsum(s, 1) / s.sum(1, keepdims=True) < t_next - 1e-9).sum(1).max()),
+                    1), d)
+            for s in (o.s["kq"], o.s["v"])
+        ]  # fmt: skip
+        if t_next <= 0.3 + 1e-9 or min(r_next) * hk <= 64:
+            stops.add("bound")
+            assert lr_ref.threshold == pytest.approx(lr.threshold + STEP), lr.layer
+            assert lr_ref.rank_kq >= lr.rank_kq and lr_ref.rank_v >= lr.rank_v
+        else:
+            stops.add("error")
+            assert lr_ref.threshold == pytest.approx(lr.threshold), lr.layer
+            assert (lr_ref.rank_kq, lr_ref.rank_v) == (lr.rank_kq, lr.rank_v)
+        if lr_ref.compressed:
+            err = _oracle_error(cfg, lr.layer, o, lr_ref.rank_kq, lr_ref.rank_v)
+            assert lr_ref.error == pytest.approx(err, rel=5e-3, abs=1e-6)
+    assert stops
+
+
+def test_per_head_ranks_reported(llama, llama_run, llama_oracle):
+    """Each head's own count at the kept threshold (float64 rule, from the oracle's
+    singular values); the layer keeps the maximum; the per-head cache is what they'd keep."""
+    d = llama.cfg.head_dim
+    for lr in llama_run.report.layers:
+        o = llama_oracle[lr.layer]
+        for key, got, r in (
+            ("kq", lr.head_ranks_kq, lr.rank_kq),
+            ("v", lr.head_ranks_v, lr.rank_v),
+        ):
+            s = o.s[key]
+            cum = np.cumsum(s, 1) / s.sum(1, keepdims=True)
+            want = np.clip((cum < lr.threshold - 1e-9).sum(1), 1, d)
+            assert np.all(np.abs(np.asarray(got) - want) <= (cum - lr.threshold < 1e-5).any())
+            assert max(got) == r
+        assert lr.kv_after_per_head == sum(lr.head_ranks_kq) + sum(lr.head_ranks_v)
+        assert lr.kv_after_per_head <= lr.kv_after
+    rep = llama_run.report
+    js = json.loads(json.dumps(rep.to_json()))
+    assert js["kv_cache_after_per_head"] == sum(lr.kv_after_per_head for lr in rep.layers)
+    if rep.kv_cache_after_per_head < rep.kv_cache_after:
+        assert "per-head ranks" in rep.to_markdown()
+
+
+def test_kv_cache_figure(llama_run, tmp_path):
+    import matplotlib.image as mpimg
+
+    from jcompress.eigen_attention.figures import kv_cache_figure
+
+    rep = dataclasses.replace(llama_run.report, layers=llama_run.report.layers[1:3])
+    assert rep.model_kv_cache_after > rep.kv_cache_after  # layers 0 and 3 count at full width
+    p = kv_cache_figure(rep, tmp_path / "fig" / "kv.png")
+    img = mpimg.imread(p)
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+
+
+def test_cli_reaches_every_config_field():
+    from jcompress.cli import build_parser
+    from jcompress.cli.common import config_from_args
+
+    parser = build_parser()
+    argv = ["eigen", "--model", "m", "--calib_data", "c", "--seqlen", "64", "--nsamples", "8",
+            "--avg_dim", "2", "--rank_search", "bisect", "--min_rank", "0", "--min_rank_fraction",
+            "0.2", "--start_threshold", "0.9", "--threshold-step", "0.01", "--min_threshold",
+            "0.5", "--no-reference_mode"]  # fmt: skip
+    args = parser.parse_args(argv)
+    fields = {f.name for f in dataclasses.fields(EigenAttentionConfig)}
+    assert set(args.config_fields) == fields
+    c = config_from_args(EigenAttentionConfig, args, args.config_fields)
+    assert (c.rank_search, c.min_rank, c.min_rank_fraction, c.start_threshold) == (
+        "bisect",
+        0,
+        0.2,
+        0.9,
+    )
+    assert (c.threshold_step, c.min_threshold, c.reference_mode, c.avg_dim) == (0.01, 0.5, False, 2)
+    args = parser.parse_args([*argv[:5], "--reference-mode"])
+    assert config_from_args(EigenAttentionConfig, args, args.config_fields).reference_mode
+    with pytest.raises(SystemExit):
+        parser.parse_args([*argv[:5], "--rank_search", "grid"])
+    sub = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "eigen")
+    text = " ".join(sub[1].format_help().split())
+    assert "64 for OPT" in text and "opt-1m" in text and "(default: 16)" in text
+    with pytest.raises(jcompress.UserError, match="avg_dim defaults to 16"):
+        EigenAttentionConfig(nsamples=4)
+
+
+def test_calibration_past_trained_positions_warns(tiny_models):
+    t = tiny_models["llama"]
+    n = t.cfg.max_position_embeddings + 8
+    calib = np.random.RandomState(0).randint(0, t.cfg.vocab_size, (2, n))
+    config = EigenAttentionConfig(nsamples=2, seqlen=n, avg_dim=1, layers=("model/layers/0",))
+    with pytest.warns(UserWarning, match=f"longer than the model's {n - 8} trained positions"):
+        compress(t.params, t.cfg, calib, config=config, progress=False)
+
+
+def test_fine_tune_tunes_only_the_factors(tiny_models):
+    """Recovery fine-tuning: same tree and leaf types; only HeadLowRank ``a`` / HeadFoldedOut
+    ``w`` change; bases untouched (v's ``b`` still o's ``ut``), so the factored forward equals
+    the dense export's; the training loss goes down; held-out perplexity before equals
+    ``jcompress.perplexity`` of the compressed model."""
+    from jcompress.eigen_attention.finetune import FineTuneConfig, fine_tune, trainable_factors
+    from jcompress.eval.perplexity import window_nll
+
+    t = tiny_models["llama"]
+    rng = np.random.RandomState(1)
+    calib = rng.randint(0, t.cfg.vocab_size, (8, 16))
+    config = EigenAttentionConfig(nsamples=8, seqlen=16, avg_dim=1, error_budget=TINY_BUDGET)
+    small, _ = compress(t.params, t.cfg, calib, config=config, progress=False)
+    assert trainable_factors(small)
+    held = rng.randint(0, t.cfg.vocab_size, 200)
+    with pytest.raises(jcompress.UserError, match="lr: must be in"):
+        FineTuneConfig(lr=0)
+    with pytest.raises(jcompress.UserError, match="nothing was compressed"):
+        fine_tune(t.params, t.cfg, calib, config=FineTuneConfig(steps=1), progress=False)
+    ft = FineTuneConfig(steps=12, lr=3e-2, batch_size=8)
+    tuned, rep = fine_tune(
+        small, t.cfg, calib, config=ft, heldout=held, heldout_seqlen=16, progress=False
+    )
+    before, after = flatten(small), flatten(tuned)
+    assert set(before) == set(after)
+    changed = 0
+    for k, v in before.items():
+        w = after[k]
+        assert type(w) is type(v)
+        if isinstance(v, HeadLowRank):
+            np.testing.assert_array_equal(np.asarray(v.b), np.asarray(w.b))
+            changed += not np.array_equal(np.asarray(v.a), np.asarray(w.a))
+        elif isinstance(v, HeadFoldedOut):
+            np.testing.assert_array_equal(np.asarray(v.ut), np.asarray(w.ut))
+            changed += not np.array_equal(np.asarray(v.w), np.asarray(w.w))
+        else:
+            np.testing.assert_array_equal(np.asarray(v), np.asarray(w))
+    assert changed == len(trainable_factors(small))
+    ids = jnp.asarray(calib)
+    nll0 = float(jnp.mean(window_nll(t.cfg, small, ids)))
+    nll1 = float(jnp.mean(window_nll(t.cfg, tuned, ids)))
+    assert nll1 < nll0 - 1e-3 and rep.losses[0] == pytest.approx(nll0, rel=1e-4)
+    dense = jcompress.materialize(tuned)
+    np.testing.assert_allclose(
+        np.asarray(jcompress.forward(t.cfg, dense, ids)),
+        np.asarray(jcompress.forward(t.cfg, tuned, ids)),
+        atol=2e-4,
+    )
+    ref = jcompress.perplexity(t.cfg, small, held, seqlen=16, progress=False).ppl
+    assert rep.heldout_ppl_before == pytest.approx(ref, rel=1e-6)
+    assert rep.trainable_params == sum(int(v.size) for v in trainable_factors(small).values())
+    assert json.loads(json.dumps(rep.to_json()))["steps"] == 12
+
+
+def test_cli_fine_tune_figure_and_whole_model_kv(tmp_path, llama_dir, shared_data, capsys):
+    from jcompress.cli import main
+
+    out = tmp_path / "run"
+    code = main([
+        "eigen", "--model", str(llama_dir),
+        "--calib_data", str(shared_data / "wikitext-2" / "valid.txt"),
+        "--eval_data", str(shared_data / "wikitext-2-raw" / "test.txt"),
+        "--nsamples", "8", "--seqlen", "64", "--avg_dim", "1", "--layers", "model/layers/1",
+        "--rank_search", "bisect", "--fine_tune", "--ft_steps", "3", "--ft_lr", "1e-3",
+        "--eval_seqlen", "64", "--eval_max_windows", "2", "--max_new_tokens", "3",
+        "--out", str(out),
+    ])  # fmt: skip
+    assert code == 0
+    stdout = capsys.readouterr().out
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["rank_search"] == "bisect" and len(rep["layers"]) == 1
+    per_layer = rep["layers"][0]["kv_before"]
+    assert rep["model_kv_cache_before"] == 4 * per_layer
+    assert rep["model_kv_cache_after"] == 3 * per_layer + rep["layers"][0]["kv_after"]
+    assert "whole model" in stdout and "selected layers" in stdout
+    ft = rep["extra"]["fine_tune"]
+    assert ft["steps"] == 3 and len(ft["losses"]) == 3 and ft["trainable_params"] > 0
+    assert rep["extra"]["ppl_after_compress"]["ppl"] > 0 and "before fine-tuning" in stdout
+    assert (out / "kv_cache.png").stat().st_size > 1000
+    cfg, params = jcompress.load_hf(out / "factors")
+    kk = params["model"]["layers"]["1"]["self_attn"]["k_proj"]["kernel"]
+    assert isinstance(kk, HeadLowRank) and kk.rank == rep["layers"][0]["rank_kq"]

@@ -25,6 +25,9 @@ __all__ = ["EigenJob", "add_parser", "check_eigen_job", "eigen_overrides", "run"
 # argparse settings that differ from what config_flags derives (validated types, the CLI's
 # "capped at the model's positions" seqlen rule, the reference's metavar for --layers)
 _SEQLEN_HELP = "tokens per calibration window (default: 2048, capped at the model's positions)"
+_AVG_HELP = (
+    "average the features of this many consecutive windows; at most --nsamples (default: {})"
+)
 
 
 def eigen_overrides(**defaults: Any) -> dict[str, dict[str, Any]]:
@@ -34,7 +37,6 @@ def eigen_overrides(**defaults: Any) -> dict[str, dict[str, Any]]:
         "nsamples": {"type": positive, "help": "calibration windows (default: 128)"},
         "seed": {"help": "calibration sampling seed (default: 2)"},
         "seqlen": {"type": positive, "default": None, "help": _SEQLEN_HELP},
-        "avg_dim": {"type": positive},
         "error_budget": {"type": budget},
         "batch_size": {"type": positive},
         "layers": {
@@ -43,6 +45,14 @@ def eigen_overrides(**defaults: Any) -> dict[str, dict[str, Any]]:
             "repeatable (default: all layers)",
         },
         "offload_dir": {"metavar": "DIR"},
+        "avg_dim": {"type": positive, "help": _AVG_HELP.format(16)},
+        "min_rank": {
+            "help": "total rank (KV heads x per-head rank) must stay above this; default: 64 "
+            "for OPT (the reference's floor, written for opt-125m: on a small OPT such as "
+            "opt-1m every layer stops at it, so every --error_budget above ~0.007 gives the "
+            "same model; lower it there), 0 otherwise",
+        },
+        "rank_search": {"choices": ("threshold", "bisect")},
     }
     for k, v in defaults.items():
         o.setdefault(k, {})["default"] = v
@@ -50,6 +60,8 @@ def eigen_overrides(**defaults: Any) -> dict[str, dict[str, Any]]:
             o[k]["help"] = f"tokens per calibration window (default: {v})"
         elif k == "nsamples":
             o[k]["help"] = f"calibration windows (default: {v})"
+        elif k == "avg_dim":
+            o[k]["help"] = _AVG_HELP.format(v)
         elif "help" not in o[k]:
             o[k].pop("help", None)  # derived help shows the new default
     return o
@@ -70,6 +82,7 @@ class EigenJob:
     max_new_tokens: int = 30
     overwrite: bool = False
     json: Path | None = None
+    fine_tune: Any = None  # FineTuneConfig, or None: no recovery fine-tuning
 
 
 def resolve_seqlen(model: Path, seqlen: int | None) -> int:
@@ -158,6 +171,7 @@ def run_eigen_job(job: EigenJob, log=print) -> dict[str, Any]:
     from jcompress.cli.common import generate_text, load_tokenizer_for
     from jcompress.data import calibration_windows, load_tokens
     from jcompress.eigen_attention import compress
+    from jcompress.eigen_attention.figures import kv_cache_figure
     from jcompress.eval import perplexity
     from jcompress.models import load_hf, save_hf
 
@@ -187,6 +201,15 @@ def run_eigen_job(job: EigenJob, log=print) -> dict[str, Any]:
     for w in caught:
         log(f"warning: {w.message}")
     secs = time.perf_counter() - t0
+    ft_extra = {}
+    if job.fine_tune is not None:
+        from jcompress.eigen_attention.finetune import fine_tune
+
+        compressed_ppl = ppl(new_params)
+        new_params, ft = fine_tune(new_params, cfg, calib, config=job.fine_tune)
+        ft_extra = {"fine_tune": ft.to_json(), "ppl_after_compress": compressed_ppl}
+        log(f"fine-tuned {ft.trainable_params:,} factor parameters for {ft.steps} steps: "
+            f"training loss {ft.losses[0]:.4f} -> {ft.losses[-1]:.4f}")  # fmt: skip
     after = ppl(new_params)
     sample_after = generate_text(cfg, new_params, tok, job.prompt, job.max_new_tokens)
     report = report.with_extra(
@@ -199,6 +222,7 @@ def run_eigen_job(job: EigenJob, log=print) -> dict[str, Any]:
         ppl_after=after,
         sample_before=sample_before,
         sample_after=sample_after,
+        **ft_extra,
     )
     result = report.to_dict()
     summary = _summary(report)
@@ -211,9 +235,13 @@ def run_eigen_job(job: EigenJob, log=print) -> dict[str, Any]:
         with atomic_dir(out, overwrite=job.overwrite, arg="--out") as tmp:
             write_json(tmp / "report.json", result)
             (tmp / "report.md").write_text(report.to_markdown() + "\n\n" + summary + "\n")
+            kv_cache_figure(report, tmp / "kv_cache.png")
             save_hf(cfg, new_params, tmp / "dense", tokenizer_dir=job.model)
             save_hf(cfg, new_params, tmp / "factors", tokenizer_dir=job.model, factors=True)
-        log(f"\nwrote {out}/report.json, report.md, dense/ (transformers), factors/ (jcompress)")
+        log(
+            f"\nwrote {out}/report.json, report.md, kv_cache.png, dense/ (transformers), "
+            "factors/ (jcompress)"
+        )
     if job.json is not None:
         write_json(job.json, result, overwrite=job.overwrite, arg="--json")
     return result
@@ -231,13 +259,31 @@ def _summary(report) -> str:
                 f"{100 * (e['ppl_after']['ppl'] / e['ppl_before']['ppl'] - 1):+.2f}%",
             )
         )
+    if e.get("ppl_after_compress") is not None:
+        b, c = e["ppl_before"]["ppl"], e["ppl_after_compress"]["ppl"]
+        rows.insert(0, ("perplexity, before fine-tuning", f"{b:.3f}", f"{c:.3f}",
+                        f"{100 * (c / b - 1):+.2f}%"))  # fmt: skip
+    selected = len(report.layers) < report.model_layers
     rows += [
         (
-            "KV cache / token (scalars)",
+            "KV cache / token (scalars), selected layers"
+            if selected
+            else "KV cache / token (scalars)",
             f"{report.kv_cache_before}",
             f"{report.kv_cache_after}",
             f"{100 * report.kv_cache_ratio:.1f}%",
         ),
+    ]
+    if selected:
+        rows.append(
+            (
+                "KV cache / token (scalars), whole model",
+                f"{report.model_kv_cache_before}",
+                f"{report.model_kv_cache_after}",
+                f"{100 * report.model_kv_cache_ratio:.1f}%",
+            )
+        )
+    rows += [
         (
             "parameters",
             f"{report.params_before:,}",
@@ -247,6 +293,11 @@ def _summary(report) -> str:
     ]
     lines = ["| | before | after | change |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    lines.append(
+        f"\ncompression: {report.compress_seconds:.1f} s, {report.evaluations} layer evaluations "
+        f"(rank search: {report.rank_search}"
+        + (", reference mode)" if report.reference_mode else ")")
+    )
     if e.get("ppl_before") is None:
         lines.append("\nperplexity: not evaluated (no --eval_data given)")
     return "\n".join(lines)
@@ -280,9 +331,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "eigen",
         help="EigenAttention: low-rank K/Q/V from calibration activations",
         description="EigenAttention (arXiv 2408.05646): calibrate per-head bases of the K/Q/V "
-        "projection outputs layer by layer, pick each layer's rank by lowering a threshold while "
-        "the layer's relative output error stays under --error_budget, evaluate perplexity "
-        "(with --eval_data) and a sample before/after, and write report.json, report.md, dense/ "
+        "projection outputs layer by layer, pick each layer's ranks (--rank_search: the "
+        "reference's threshold walk, or bisection on the ranks) so that the layer's relative "
+        "output error stays under --error_budget (--reference_mode: the reference's exact "
+        "rules), evaluate perplexity (with --eval_data) and a sample before/after, and write "
+        "report.json, report.md, dense/ "
         "(loads in transformers) and factors/ (jcompress, lossless) into --out. Flags keep the "
         "reference names; dashes work too.",
     )
@@ -317,6 +370,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="at most this many evaluation windows (default: all)",
     )
     s.add_argument("--json", default=None, metavar="OUT", help="also write the report JSON here")
+    s.add_argument(
+        "--fine_tune",
+        "--fine-tune",
+        action="store_true",
+        help="after compression, tune the low-rank factors (bases and everything else frozen) "
+        "on the calibration windows with AdamW; perplexity before fine-tuning is reported too",
+    )
+    s.add_argument("--ft_steps", "--ft-steps", type=positive, default=100,
+                   help="fine-tuning steps (default: 100)")  # fmt: skip
+    s.add_argument("--ft_lr", "--ft-lr", type=float, default=1e-4,
+                   help="fine-tuning peak learning rate (default: 1e-4)")  # fmt: skip
+    s.add_argument("--ft_batch_size", "--ft-batch-size", type=positive, default=4,
+                   help="fine-tuning windows per step (default: 4)")  # fmt: skip
     s.set_defaults(func=run, config_fields=names)
     return s
 
@@ -335,7 +401,13 @@ def job_from_args(
         args.config_fields,
         seqlen=resolve_seqlen(model, args.seqlen),
     )
+    ft = None
+    if getattr(args, "fine_tune", False):
+        from jcompress.eigen_attention.finetune import FineTuneConfig
+
+        ft = FineTuneConfig(steps=args.ft_steps, lr=args.ft_lr, batch_size=args.ft_batch_size)
     return EigenJob(
+        fine_tune=ft,
         model=model,
         calib_data=calib_data,
         eval_data=eval_data,

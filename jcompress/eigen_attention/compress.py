@@ -15,11 +15,22 @@ Protocol (the reference's, layer by layer; see ``eigen_core`` for the math):
    V has its own. Llama / Qwen (RoPE, GQA): one K basis per *KV head*, shared by the query
    heads of its group, from the pre-RoPE K features; Q stays dense; V per KV head.
 3. Rank for threshold ``t``: the largest, over heads, count of components whose cumulative
-   fraction of singular values is below ``t``; every head keeps that many.
-4. Threshold walk: from ``start_threshold`` (0.98 OPT/MPT/GPT-2, 1.0 Llama family) down by
-   ``threshold_step`` while the layer's relative output error ``||Y - Y'|| / ||Y||`` over the
-   calibration set stays below ``error_budget`` and the rank bounds hold; the last threshold
-   that met the budget is kept. A layer where even the first threshold fails stays dense.
+   fraction of singular values is below ``t``; every head keeps that many. Decided in float64
+   with the last cumulative fraction pinned to 1 and a tolerance of ``eigen_core.RANK_TOL``
+   (1e-9), so a threshold (1.0 above all) is never decided by float32 rounding.
+4. Rank search (``rank_search``):
+
+   * ``threshold`` (default): from ``start_threshold`` (0.98 OPT/MPT/GPT-2, 1.0 Llama family)
+     down by ``threshold_step`` (thresholds ``start - k * step``, no accumulated drift) while
+     the layer's relative output error ``||Y - Y'|| / ||Y||`` over the calibration set stays
+     below ``error_budget`` and the rank bounds hold; the last threshold that met the budget
+     is kept. A layer where even the first threshold fails stays dense (no threshold).
+   * ``bisect``: bisection on the ranks (a rank shared by K and V, then K's and V's lowered
+     separately), about ``3 log2(head_dim)`` evaluations; see :func:`bisect_ranks`.
+
+   Every candidate is scored with static shapes (:func:`_masked_layer`: basis columns past
+   the rank masked out, the original kernel shapes, one compilation for every rank) and the
+   sums stay on device (one host sync per candidate).
 5. K/Q/V projections become :class:`~jcompress.leaves.HeadLowRank` leaves ``a = [W_h U_h]_h``,
    ``b[h] = U_h^T`` (biases projected to ``b U U^T``) and ``o_proj`` becomes a
    :class:`~jcompress.leaves.HeadFoldedOut` ``W_o' = U_v^T W_o`` per head. The forward pass
@@ -29,11 +40,23 @@ Protocol (the reference's, layer by layer; see ``eigen_core`` for the math):
    cache. ``materialize`` gives the dense-equivalent ``W U U^T`` / ``U U^T W_o`` that stock
    transformers loads.
 
-Departures from the reference, on purpose: per-KV-head K bases for GQA models (the reference
-uses one K basis per layer, shared by all KV heads); streamed Gram matrices instead of stored
-features; ``avg_dim > n`` / ``avg_dim < 1`` rejected up front and a remainder of
-``n % avg_dim`` windows reported (the reference crashes or drops it silently); rank bounds are
-checked before a threshold is tried rather than after.
+Departures from the reference, on purpose (``reference_mode=True`` undoes the first two):
+
+* per-KV-head K bases for GQA models (the reference uses one K basis per layer, shared by all
+  KV heads: ``generate_basis_vectors_per_layer``); per-KV-head bases measured lower layer
+  error at equal rank in 23 of 24 (layer, rank) cases on llama-1m;
+* the stop point: the default keeps the last threshold that met the budget; the reference
+  steps its counter back by two steps after the walk, which is the same threshold when the
+  error ended the walk but one step *above* the last passing one when a rank bound or the
+  minimum threshold ended it (opt-1m layer 1: the default keeps 0.92 at 18/20, the reference
+  0.94 at 20/22), and the Llama family checks its rank bound on the ranks just evaluated
+  rather than before evaluating (see :func:`threshold_walk`);
+* thresholds on an exact grid and the rank rule in float64 (the reference accumulates
+  ``t -= 0.02`` and compares float32 sums);
+* streamed Gram matrices instead of stored features; ``avg_dim > n`` / ``avg_dim < 1``
+  rejected up front and a remainder of ``n % avg_dim`` windows reported (the reference
+  crashes or drops it silently); rank bounds are checked before a threshold is tried rather
+  than after (OPT's order, for every family).
 """
 
 from __future__ import annotations
@@ -41,9 +64,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import os
 import re
+import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -55,7 +81,7 @@ from jcompress.calibration import Feed, GroupedGram, stream_layers
 from jcompress.eigen_attention import eigen_core as core
 from jcompress.eigen_attention.report import EigenReport, LayerReport
 from jcompress.errors import UserError
-from jcompress.leaves import HeadFoldedOut, HeadLowRank, materialize
+from jcompress.leaves import HeadFoldedOut, HeadLowRank
 from jcompress.methods import require_dense, select
 from jcompress.models.config import Family, ModelConfig, Position
 from jcompress.models.convert import flatten, get_path, unflatten
@@ -66,6 +92,8 @@ from jcompress.models.params import count_params
 __all__ = ["EigenAttentionConfig", "compress", "family_defaults"]
 
 _ROPE_FAMILIES = (Family.LLAMA, Family.QWEN2, Family.QWEN3)
+_HI = jax.lax.Precision.HIGHEST
+RANK_SEARCHES = ("threshold", "bisect")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -94,6 +122,15 @@ class EigenAttentionConfig:
       offload_dir: keep the calibration activations (each layer's inputs and outputs,
         ``[nsamples, seqlen, hidden]`` each) in temporary files in this directory instead of
         memory, so memory stays flat as ``nsamples`` grows (files are removed when done).
+      rank_search: how each layer's ranks are chosen: ``threshold`` (the reference's walk of
+        the spectrum threshold down by ``threshold_step``; one threshold for K and V) or
+        ``bisect`` (bisection on the ranks themselves: first a rank shared by K and V, then
+        K's and V's ranks lowered separately; the smallest ranks meeting ``error_budget`` in
+        about ``3 log2(head_dim)`` layer evaluations; thresholds play no part).
+      reference_mode: reproduce UtkarshSaxena1/EigenAttn: one K basis per layer for the
+        Llama family (pooled over KV heads) and the reference's stop rule (the kept threshold
+        is the last one evaluated plus one step, even when that one was never checked).
+        Needs ``rank_search='threshold'``.
     """
 
     nsamples: int = 128
@@ -110,6 +147,8 @@ class EigenAttentionConfig:
     allow_unmatched: bool = False
     batch_size: int = 8
     offload_dir: str | None = None
+    rank_search: str = "threshold"
+    reference_mode: bool = False
 
     def __post_init__(self):
         def positive_int(name):
@@ -122,7 +161,8 @@ class EigenAttentionConfig:
         if self.avg_dim > self.nsamples:
             raise UserError(
                 f"avg_dim: {self.avg_dim} is larger than nsamples ({self.nsamples}); "
-                "allowed: 1 <= avg_dim <= nsamples"
+                "allowed: 1 <= avg_dim <= nsamples (avg_dim defaults to 16: set it lower "
+                "for fewer windows)"
             )
         if not 0 < self.error_budget < 1:
             raise UserError(f"error_budget: must be in (0, 1), got {self.error_budget!r}")
@@ -136,6 +176,15 @@ class EigenAttentionConfig:
                 raise UserError(f"{name}: must be a non-negative number or None, got {v!r}")
         if self.min_rank_fraction is not None and self.min_rank_fraction >= 1:
             raise UserError(f"min_rank_fraction: must be < 1, got {self.min_rank_fraction!r}")
+        if self.rank_search not in RANK_SEARCHES:
+            raise UserError(
+                f"rank_search: must be one of {', '.join(RANK_SEARCHES)}, got {self.rank_search!r}"
+            )
+        if self.reference_mode and self.rank_search != "threshold":
+            raise UserError(
+                "reference_mode: the reference walks the threshold; it needs "
+                f"rank_search='threshold', got {self.rank_search!r}"
+            )
         if self.offload_dir is not None and not os.path.isdir(self.offload_dir):
             raise UserError(f"offload_dir: {self.offload_dir} is not a directory")
         if isinstance(self.layers, str):
@@ -189,39 +238,268 @@ def _check_calib(cfg: ModelConfig, calib: Any, config: EigenAttentionConfig) -> 
     if config.avg_dim > n:
         raise UserError(
             f"avg_dim: {config.avg_dim} is larger than the {n} calibration windows; "
-            "allowed: 1 <= avg_dim <= nsamples"
+            "allowed: 1 <= avg_dim <= nsamples (avg_dim defaults to 16)"
         )
     if calib.min() < 0 or calib.max() >= cfg.vocab_size:
         raise UserError(f"calib: token ids must lie in [0, {cfg.vocab_size})")
     check_length(cfg, calib.shape[1])
+    if calib.shape[1] > cfg.max_position_embeddings:
+        warnings.warn(
+            f"calib: windows of {calib.shape[1]} tokens are longer than the model's "
+            f"{cfg.max_position_embeddings} trained positions; the statistics come from "
+            "positions the model never saw in training",
+            stacklevel=3,
+        )
     return calib
 
 
 @jax.jit
-def _project(kernel: jax.Array, bias: jax.Array | None, u: jax.Array):
-    """``kernel [in, heads*D]``, ``u [heads, D, r]`` -> (HeadLowRank, projected bias or None)."""
-    heads, d, r = u.shape
+def _project_full(kernel: jax.Array, bias: jax.Array | None, u: jax.Array, r: jax.Array):
+    """Full-width pieces of the rank-``r`` projection (static shapes: one compilation for every
+    rank): ``kernel [in, heads*D]``, ``u [heads, D, D]``, traced ``r`` -> ``(W_h U_h
+    [in, heads, D], U_h^T [heads, D, D], bias projected to the first r columns or None)``."""
+    heads, d, _ = u.shape
     w = kernel.astype(jnp.float32).reshape(kernel.shape[0], heads, d)
-    a = jnp.einsum("ihd,hdr->ihr", w, u).reshape(kernel.shape[0], heads * r)
-    leaf = HeadLowRank(a.astype(kernel.dtype), jnp.swapaxes(u, 1, 2).astype(kernel.dtype))
+    a = jnp.einsum("ihd,hdr->ihr", w, u, precision=_HI).astype(kernel.dtype)
+    ut = jnp.swapaxes(u, 1, 2).astype(kernel.dtype)
     if bias is None:
-        return leaf, None
+        return a, ut, None
+    m = (jnp.arange(d) < r).astype(jnp.float32)
     bh = bias.astype(jnp.float32).reshape(heads, d)
-    proj = jnp.einsum("hd,hdr,her->he", bh, u, u).reshape(heads * d)
-    return leaf, proj.astype(bias.dtype)
+    proj = jnp.einsum("hd,hdr,r,her->he", bh, u, m, u, precision=_HI).reshape(heads * d)
+    return a, ut, proj.astype(bias.dtype)
 
 
-_materialize = jax.jit(materialize)
+def _project(kernel: jax.Array, bias: jax.Array | None, u: jax.Array, r: int):
+    """``kernel [in, heads*D]``, ``u [heads, D, D]`` -> (rank-``r`` HeadLowRank, projected bias
+    or None); only the final slices depend on ``r``'s value."""
+    a, ut, b = _project_full(kernel, bias, u, jnp.int32(r))
+    heads = u.shape[0]
+    return HeadLowRank(a[:, :, :r].reshape(a.shape[0], heads * r), ut[:, :r, :]), b
 
 
 @functools.partial(jax.jit, static_argnames=("query_heads",))
-def _fold_out(kernel: jax.Array, u: jax.Array, query_heads: int) -> HeadFoldedOut:
-    """``W_o' = W_o U_v``: ``kernel [Hq*D, out]``, ``u [Hk, D, r]`` -> ``HeadFoldedOut``."""
-    hk, d, r = u.shape
-    uq = jnp.repeat(u, query_heads // hk, axis=0)  # [Hq, D, r]: each query head's KV basis
+def _fold_out_full(kernel: jax.Array, u: jax.Array, query_heads: int):
+    """``U^T W_o`` per query head at full width: ``kernel [Hq*D, out]``, ``u [Hk, D, D]`` ->
+    ``([Hq, D, out], U^T [Hk, D, D])``."""
+    hk, d, _ = u.shape
+    uq = jnp.repeat(u, query_heads // hk, axis=0)  # [Hq, D, D]: each query head's KV basis
     w = kernel.astype(jnp.float32).reshape(query_heads, d, -1)
-    folded = jnp.einsum("hdr,hdo->hro", uq, w).reshape(query_heads * r, -1)
-    return HeadFoldedOut(folded.astype(kernel.dtype), jnp.swapaxes(u, 1, 2).astype(kernel.dtype))
+    folded = jnp.einsum("hdr,hdo->hro", uq, w, precision=_HI)
+    return folded.astype(kernel.dtype), jnp.swapaxes(u, 1, 2).astype(kernel.dtype)
+
+
+def _fold_out(kernel: jax.Array, u: jax.Array, query_heads: int, r: int) -> HeadFoldedOut:
+    """``W_o' = U_v^T W_o`` at rank ``r`` -> ``HeadFoldedOut``."""
+    folded, ut = _fold_out_full(kernel, u, query_heads)
+    return HeadFoldedOut(folded[:, :r, :].reshape(query_heads * r, -1), ut[:, :r, :])
+
+
+@functools.partial(jax.jit, static_argnames=("kq_roles", "v_role", "o_role", "query_heads"))
+def _masked_layer(lp, u_kq, u_v, r_kq, r_v, *, kq_roles, v_role, o_role, query_heads):
+    """Dense-equivalent layer params for per-head ranks given as *traced* arrays.
+
+    Each head's projector ``P_h = U_h diag(m_h) U_h^T`` keeps the first ``r_h`` basis columns
+    (``m_h = [j < r_h]``; ``P_h = I`` when ``r_h >= D``, the dense layer). K (and Q where the
+    basis is shared) and V kernels become ``W_h P_h``, their biases ``b_h P_h``, and o_proj's
+    rows ``P_g(h) W_o[h]``: exactly ``materialize`` of the leaves :func:`compress` builds at
+    those ranks, but with the original shapes, so every candidate rank reuses one compilation
+    of this function and of ``StreamLayer.relative_error``.
+
+    Args:
+      lp: the layer's dense params.
+      u_kq, u_v: ``[Hk, D, D]`` bases (columns by decreasing singular value).
+      r_kq, r_v: ``[Hk]`` int32 per-head ranks.
+      kq_roles, v_role, o_role: param paths (static).
+      query_heads: ``Hq`` (o_proj rows per query head; static).
+    """
+
+    def projector(u, r):
+        hk, d, _ = u.shape
+        m = (jnp.arange(d)[None, :] < r[:, None]).astype(jnp.float32)  # [Hk, D]
+        p = jnp.einsum("hdr,hr,her->hde", u.astype(jnp.float32), m, u.astype(jnp.float32),
+                       precision=_HI)  # fmt: skip
+        return jnp.where((r >= d)[:, None, None], jnp.eye(d, dtype=jnp.float32), p)
+
+    flat = dict(flatten(lp))
+
+    def project(role, p):
+        w = flat[f"{role}/kernel"]
+        h, d, _ = p.shape
+        wf = w.astype(jnp.float32).reshape(w.shape[0], h, d)
+        flat[f"{role}/kernel"] = (
+            jnp.einsum("ihd,hde->ihe", wf, p, precision=_HI).reshape(w.shape).astype(w.dtype)
+        )
+        if f"{role}/bias" in flat:
+            b = flat[f"{role}/bias"]
+            bp = jnp.einsum("hd,hde->he", b.astype(jnp.float32).reshape(h, d), p, precision=_HI)
+            flat[f"{role}/bias"] = bp.reshape(b.shape).astype(b.dtype)
+
+    p_kq = projector(u_kq, r_kq)
+    for role in kq_roles:
+        project(role, p_kq)
+    p_v = projector(u_v, r_v)
+    project(v_role, p_v)
+    wo = flat[f"{o_role}/kernel"]
+    hk, d, _ = p_v.shape
+    pq = jnp.repeat(p_v, query_heads // hk, axis=0)  # [Hq, D, D]
+    wof = wo.astype(jnp.float32).reshape(query_heads, d, -1)
+    flat[f"{o_role}/kernel"] = (
+        jnp.einsum("hde,heo->hdo", pq, wof, precision=_HI).reshape(wo.shape).astype(wo.dtype)
+    )
+    return unflatten(flat)
+
+
+class _Evaluator:
+    """``evaluate(r_kq, r_v) -> float``: one layer's relative output error at uniform per-head
+    ranks, memoised; ``count`` is the number of layer evaluations (the dense pair costs none).
+    Candidates go through :func:`_masked_layer` (static shapes) and
+    ``StreamLayer.relative_error`` (sums on device, one host sync per candidate)."""
+
+    def __init__(self, layer, lp, u_kq, u_v, *, d_k, d_v, kv_heads, **static):
+        self.layer, self.lp, self.u_kq, self.u_v = layer, lp, u_kq, u_v
+        self.d_k, self.d_v, self.hk, self.static = d_k, d_v, kv_heads, static
+        self.seen: dict[tuple[int, int], float] = {}
+        self.count = 0
+
+    def __call__(self, r_kq: int, r_v: int) -> float:
+        key = (min(r_kq, self.d_k), min(r_v, self.d_v))
+        if key == (self.d_k, self.d_v):
+            return 0.0
+        if key not in self.seen:
+            ranks = (jnp.full((self.hk,), r, jnp.int32) for r in key)
+            cand = _masked_layer(self.lp, self.u_kq, self.u_v, *ranks, **self.static)
+            self.seen[key] = float(self.layer.relative_error(cand))
+            self.count += 1
+        return self.seen[key]
+
+
+def threshold_grid(start: float, step: float, min_threshold: float):
+    """Thresholds ``start - k * step`` (k = 0, 1, ...) above ``min_threshold``, each computed
+    from ``k`` and rounded to 12 decimals (no drift from repeated subtraction)."""
+    k = 0
+    while (t := round(start - k * step, 12)) > min_threshold + 1e-9:
+        yield t
+        k += 1
+
+
+def threshold_walk(
+    ranks: Callable[[float], tuple[int, int]],
+    evaluate: Callable[[int, int], float],
+    *,
+    start: float,
+    step: float,
+    min_threshold: float,
+    bounds_ok: Callable[[int, int], bool],
+    budget: float,
+    reference: bool = False,
+    bound_after: bool = False,
+) -> tuple[float | None, int, int, float]:
+    """The threshold walk of one layer.
+
+    Default rule: thresholds from ``start`` down by ``step`` (:func:`threshold_grid`); a
+    threshold whose ranks break the bounds (checked from the second threshold on) or whose
+    error reaches ``budget`` ends the walk; the last threshold that met the budget is kept
+    (``None`` when the first failed).
+
+    Reference rule (``reference=True``, ``decompose/eigen_attn.py``): the walk evaluates
+    thresholds while the error stays under budget and the bounds hold (OPT/MPT/GPT-2 check
+    the bounds on a threshold's ranks before evaluating it, the first one included; the Llama
+    family, ``bound_after``, on the ranks just evaluated); then the threshold *steps back by
+    two steps from where the walk's counter stands*, i.e. it is the last evaluated threshold
+    plus one step. So when the error ended the walk this is the last passing threshold, but
+    when a bound ended it, it is one step above the last passing one (e.g. opt-1m layer 1:
+    0.94 and 20/22 where the default keeps 0.92 and 18/20), and a first failure gives
+    ``start + step`` (at 1.02 every rank is full: the layer stays dense).
+
+    Args:
+      ranks: threshold -> ``(r_kq, r_v)`` per-head ranks.
+      evaluate: ``(r_kq, r_v)`` -> relative layer error (memoised by the caller).
+      start, step, min_threshold: the grid.
+      bounds_ok: ``(r_kq, r_v)`` -> whether the rank bounds hold.
+      budget: error budget.
+      reference, bound_after: as above.
+
+    Returns:
+      ``(threshold, r_kq, r_v, error)``; ``threshold`` is ``None`` when nothing is kept
+      (the ranks returned then are those of the failed first threshold).
+    """
+    if not reference:
+        best = None
+        r = (0, 0)
+        for t in threshold_grid(start, step, min_threshold):
+            r = ranks(t)
+            if best is not None and not bounds_ok(*r):
+                break
+            err = evaluate(*r)
+            if err >= budget:
+                break
+            best = (t, *r, err)
+        return best if best is not None else (None, *r, float("inf"))
+    k = 0
+    for t in threshold_grid(start, step, min_threshold):
+        r = ranks(t)
+        if not bound_after and not bounds_ok(*r):
+            break
+        err = evaluate(*r)
+        k += 1
+        if err >= budget or (bound_after and not bounds_ok(*r)):
+            break
+    t = round(start - (k - 2) * step, 12)
+    r = ranks(t)
+    return (t, *r, evaluate(*r))
+
+
+def bisect_ranks(
+    evaluate: Callable[[int, int], float],
+    *,
+    d_k: int,
+    d_v: int,
+    floor_kq: int,
+    floor_v: int,
+    budget: float,
+) -> tuple[None, int, int, float]:
+    """Smallest per-head ranks meeting ``budget`` by bisection on the ranks.
+
+    Three bisections, each over ranks whose error is assumed non-increasing in the rank
+    (the layer at full rank is exact): (1) a rank ``r`` shared by K and V in
+    ``[max(floors), max(d_k, d_v)]``; (2) K's rank in ``[floor_kq, r]`` with V at ``r``;
+    (3) V's rank in ``[floor_v, r]`` with K at the rank found. At most
+    ``3 ceil(log2 D)`` layer evaluations. The result is a pair where lowering either rank by
+    one (within its floor) breaks the budget.
+
+    Args:
+      evaluate: ``(r_kq, r_v)`` -> relative layer error; ``(d_k, d_v)`` must give 0.
+      d_k, d_v: head widths (full ranks).
+      floor_kq, floor_v: smallest allowed ranks (from ``min_rank`` / ``min_rank_fraction``).
+      budget: error budget (strict: ``error < budget``).
+
+    Returns:
+      ``(None, r_kq, r_v, error)`` (no threshold); full ranks when nothing smaller passes.
+    """
+
+    def ok(r_kq: int, r_v: int) -> bool:
+        return evaluate(r_kq, r_v) < budget
+
+    def smallest(lo: int, hi: int, passes: Callable[[int], bool]) -> int:
+        # passes(hi) is known to hold; find the smallest r in [lo, hi] with passes(r)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if passes(mid):
+                hi = mid
+            else:
+                lo = mid + 1
+        return hi
+
+    d = max(d_k, d_v)
+    floor_kq, floor_v = max(floor_kq, 1), max(floor_v, 1)
+    lo = max(floor_kq, floor_v)
+    if lo >= d:
+        return None, d_k, d_v, 0.0
+    r = smallest(lo, d, lambda r: ok(min(r, d_k), min(r, d_v)))
+    r_kq = smallest(min(floor_kq, d_k), min(r, d_k), lambda x: ok(x, min(r, d_v)))
+    r_v = smallest(min(floor_v, d_v), min(r, d_v), lambda x: ok(r_kq, x))
+    return None, r_kq, r_v, evaluate(r_kq, r_v)
 
 
 def _with(lp: dict, role: str, kernel, bias) -> dict:
@@ -262,6 +540,7 @@ def compress(
       params2, report = compress(params, cfg, calib, config=EigenAttentionConfig(avg_dim=4))
       print(report.to_markdown())
     """
+    t_start = time.perf_counter()
     calib = _check_calib(cfg, calib, config)
     n, seqlen = calib.shape
     n_groups, dropped = n // config.avg_dim, n % config.avg_dim
@@ -281,6 +560,9 @@ def compress(
     selection = select(config.layers, layer_paths, allow_unmatched=config.allow_unmatched)
 
     flat_params = flatten(params)
+    lp0 = flatten(get_path(params, layer_paths[0]))
+    d_model_k = int(lp0[f"{lay.k}/kernel"].shape[-1]) // hk
+    d_model_v = int(lp0[f"{lay.v}/kernel"].shape[-1]) // hk
     reports: list[LayerReport] = []
     feat_paths = (lay.k, lay.v) if rope else (lay.k, lay.q, lay.v)
     capture = Capture(outputs="|".join(re.escape(p) for p in feat_paths))
@@ -305,6 +587,7 @@ def compress(
             i, path, lp = layer.index, layer.path, layer.params
             if path not in selection:
                 continue
+            t_layer = time.perf_counter()
             kp, qp, vp, op = (get_path(lp, r) for r in (lay.k, lay.q, lay.v, lay.o))
             for role, p in ((lay.k, kp), (lay.q, qp), (lay.v, vp), (lay.o, op)):
                 require_dense(
@@ -318,56 +601,85 @@ def compress(
                 outs = ob.captured["outputs"]
                 acc_kq.add((outs[lay.k],) if rope else (outs[lay.k], outs[lay.q]), ob.real)
                 acc_v.add((outs[lay.v],), ob.real)
-            u_kq, s_kq = core.head_bases(acc_kq.gram)
+            if config.reference_mode and rope:
+                # the reference's one K basis per layer: KV heads pooled as extra samples
+                u1, s_kq = core.head_bases(jnp.sum(acc_kq.gram, axis=0, keepdims=True))
+                u_kq = jnp.broadcast_to(u1, (hk, *u1.shape[1:]))
+            else:
+                u_kq, s_kq = core.head_bases(acc_kq.gram)
             u_v, s_v = core.head_bases(acc_v.gram)
-            frac_kq = jax.vmap(core.spectrum_fraction_core)(s_kq)
-            frac_v = jax.vmap(core.spectrum_fraction_core)(s_v)
+            s_kq, s_v = np.asarray(s_kq), np.asarray(s_v)
+
+            def ranks(t, s_kq=s_kq, s_v=s_v, d_k=d_k, d_v=d_v):
+                return (
+                    min(core.rank_for_threshold(s_kq, t), d_k),
+                    min(core.rank_for_threshold(s_v, t), d_v),
+                )
 
             def build(
                 r_kq, r_v, lp=lp, kp=kp, qp=qp, vp=vp, op=op, u_kq=u_kq, u_v=u_v, d_k=d_k, d_v=d_v
             ):
                 new = lp
                 if r_kq < d_k:
-                    u = u_kq[:, :, :r_kq]
                     roles = [(lay.k, kp)] if rope else [(lay.k, kp), (lay.q, qp)]
                     for role, p in roles:
-                        new = _with(new, role, *_project(p["kernel"], p.get("bias"), u))
+                        new = _with(new, role, *_project(p["kernel"], p.get("bias"), u_kq, r_kq))
                 if r_v < d_v:
-                    u = u_v[:, :, :r_v]
-                    new = _with(new, lay.v, *_project(vp["kernel"], vp.get("bias"), u))
-                    new = _with(new, lay.o, _fold_out(op["kernel"], u, hq), None)
+                    new = _with(new, lay.v, *_project(vp["kernel"], vp.get("bias"), u_v, r_v))
+                    new = _with(new, lay.o, _fold_out(op["kernel"], u_v, hq, r_v), None)
                 return new
 
-            def error(candidate, layer=layer) -> float:
-                # dense-equivalent kernels: the original's shapes, so no recompilation; the sums
-                # stay on device and this is the one host sync per candidate
-                return float(layer.relative_error(_materialize(candidate)))
-
-            best, tried, seen = None, 0, {}
-            t = defaults.start
-            while t > defaults.min_threshold + 1e-9:
-                r_kq = min(core.rank_for_threshold(frac_kq, t), d_k)
-                r_v = min(core.rank_for_threshold(frac_v, t), d_v)
-                bound = max(defaults.min_rank, defaults.min_rank_fraction * hk * d_k)
-                bound_v = max(defaults.min_rank, defaults.min_rank_fraction * hk * d_v)
-                if best is not None and (hk * r_kq <= bound or hk * r_v <= bound_v):
-                    break
-                if (r_kq, r_v) not in seen:
-                    seen[(r_kq, r_v)] = error(build(r_kq, r_v))
-                    tried += 1
-                err = seen[(r_kq, r_v)]
-                if err >= config.error_budget:
-                    break
-                best = (round(t, 6), r_kq, r_v, err)
-                t -= config.threshold_step
-            if best is None:  # even the first threshold failed: the layer stays dense
-                t_best, r_kq, r_v, err = None, d_k, d_v, 0.0
+            evaluate = _Evaluator(
+                layer, lp, u_kq, u_v, d_k=d_k, d_v=d_v, kv_heads=hk, query_heads=hq,
+                kq_roles=(lay.k,) if rope else (lay.k, lay.q), v_role=lay.v, o_role=lay.o,
+            )  # fmt: skip
+            bound_kq = max(defaults.min_rank, defaults.min_rank_fraction * hk * d_k)
+            bound_v = max(defaults.min_rank, defaults.min_rank_fraction * hk * d_v)
+            if config.rank_search == "bisect":
+                found = bisect_ranks(
+                    evaluate,
+                    d_k=d_k,
+                    d_v=d_v,
+                    floor_kq=math.floor(bound_kq / hk) + 1,
+                    floor_v=math.floor(bound_v / hk) + 1,
+                    budget=config.error_budget,
+                )
             else:
-                t_best, r_kq, r_v, err = best
+                found = threshold_walk(
+                    ranks,
+                    evaluate,
+                    start=defaults.start,
+                    step=config.threshold_step,
+                    min_threshold=defaults.min_threshold,
+                    bounds_ok=lambda r_kq, r_v, bk=bound_kq, bv=bound_v: (
+                        hk * r_kq > bk and hk * r_v > bv
+                    ),
+                    budget=config.error_budget,
+                    reference=config.reference_mode,
+                    bound_after=rope,
+                )
+            t_best, r_kq, r_v, err = found
+            if config.rank_search == "threshold" and t_best is None:
+                r_kq, r_v = d_k, d_v  # the first threshold failed: the layer stays dense
+            compressed = r_kq < d_k or r_v < d_v
+            heads_kq = heads_v = None
+            if compressed and t_best is not None:  # what per-head ranks would keep (report)
+                heads_kq, heads_v = (
+                    tuple(
+                        int(c)
+                        for c in np.broadcast_to(
+                            np.clip(core.head_counts_below(sv, t_best), 1, dd), (hk,)
+                        )
+                    )
+                    for sv, dd in ((s_kq, d_k), (s_v, d_v))
+                )
+            if compressed:
                 new_lp = build(r_kq, r_v)
                 layer.replace(new_lp)  # recorded only: Feed.ORIGINAL feeds the original outputs
                 for k, v in flatten(new_lp).items():
                     flat_params[f"{path}/{k}"] = v
+            else:  # nothing met the budget (or the reference stepped back to full rank)
+                t_best, err = None, 0.0
             rep = LayerReport(
                 layer=i,
                 path=path,
@@ -378,9 +690,13 @@ def compress(
                 head_dim_v=d_v,
                 kv_heads=hk,
                 error=err,
-                steps=tried,
-                compressed=best is not None and (r_kq < d_k or r_v < d_v),
+                steps=evaluate.count,
+                compressed=compressed,
                 shares_q=not rope,
+                seconds=time.perf_counter() - t_layer,
+                shared_k_basis=bool(config.reference_mode and rope),
+                head_ranks_kq=heads_kq,
+                head_ranks_v=heads_v,
             )
             reports.append(rep)
             bar.set_postfix(layer=i, r_kq=rep.rank_kq, r_v=rep.rank_v, err=f"{rep.error:.4f}")
@@ -398,5 +714,10 @@ def compress(
         rope=cfg.position is Position.ROPE,
         params_before=count_params(params),
         params_after=count_params(flat_params),
+        rank_search=config.rank_search,
+        reference_mode=config.reference_mode,
+        model_layers=cfg.num_layers,
+        model_kv_per_layer=hk * (d_model_k + d_model_v),
+        compress_seconds=time.perf_counter() - t_start,
     )
     return unflatten(flat_params), report

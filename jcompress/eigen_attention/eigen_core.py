@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jcompress.calibration.gram import head_gram as _calibration_head_gram
 
@@ -26,8 +27,20 @@ __all__ = [
     "count_below_core",
     "head_gram",
     "head_bases",
+    "RANK_TOL",
+    "cumulative_fractions",
+    "head_counts_below",
     "rank_for_threshold",
 ]
+
+RANK_TOL = 1e-9
+"""A cumulative fraction within this of the threshold counts as reaching it (float64 sums).
+
+The rank rule compares cumulative sums of singular-value fractions with a threshold; in float32
+the last sum lands at ``1 +- 2e-7``, so at threshold 1.0 a head counted ``D - 1`` or ``D``
+components by rounding noise. :func:`cumulative_fractions` sums in float64 and pins the last
+sum to exactly 1, and the comparison is ``cum < threshold - RANK_TOL``, so no threshold on
+the walk's grid is decided by rounding."""
 
 
 def gram_core(x: jax.Array) -> jax.Array:
@@ -89,8 +102,44 @@ head_bases = jax.jit(jax.vmap(basis_core))
 """``[heads, D, D]`` Gram matrices -> ``(u [heads, D, D], s [heads, D])``, all heads at once."""
 
 
-def rank_for_threshold(fracs: jax.Array, threshold: float) -> int:
+def cumulative_fractions(s) -> np.ndarray:
+    """Cumulative fractions of the sum of singular values, per head, in float64 on the host.
+
+    Args:
+      s: ``[heads, D]`` singular values (or any positive multiple of them, e.g. their
+        fractions): each row is normalised by its own float64 sum.
+
+    Returns:
+      ``[heads, D]`` float64, non-decreasing along ``D``; the last entry of every row with a
+      non-zero sum is exactly 1.0 (an all-zero row gives zeros).
+    """
+    s = np.maximum(np.asarray(s, np.float64), 0.0)
+    if s.ndim == 1:
+        s = s[None]
+    cum = np.cumsum(s, axis=-1)
+    total = cum[..., -1:]
+    out = np.where(total > 0, cum / np.where(total > 0, total, 1.0), 0.0)
+    out[..., -1] = np.where(total[..., 0] > 0, 1.0, 0.0)
+    return out
+
+
+def head_counts_below(s, threshold: float) -> np.ndarray:
+    """Per head, the number of leading components whose cumulative fraction is strictly below
+    ``threshold`` (``cum < threshold - RANK_TOL`` in float64): ``[heads, D] -> [heads]`` int."""
+    return np.sum(cumulative_fractions(s) < threshold - RANK_TOL, axis=-1)
+
+
+def rank_for_threshold(fracs, threshold: float) -> int:
     """The reference rank rule: the largest, over heads, count of components whose cumulative
-    fraction is below ``threshold`` (at least 1). ``fracs: [heads, D]``."""
-    counts = jax.vmap(count_below_core, in_axes=(0, None))(fracs, threshold)
-    return max(int(jnp.max(counts)), 1)
+    fraction is below ``threshold`` (at least 1, at most ``D``), decided in float64
+    (:func:`cumulative_fractions`, :data:`RANK_TOL`).
+
+    Args:
+      fracs: ``[heads, D]`` singular values or their fractions (rows are renormalised).
+      threshold: the threshold; above 1 every component counts (``D``).
+
+    Returns:
+      The per-head rank every head keeps (a Python ``int``).
+    """
+    counts = head_counts_below(fracs, threshold)
+    return max(int(np.max(counts)), 1)

@@ -18,7 +18,14 @@ class LayerReport:
       head_dim_kq, head_dim_v: per-head widths before compression.
       kv_heads: heads that carry a basis (KV heads).
       error: relative layer-output error ``||Y - Y'|| / ||Y||`` on the calibration set.
-      steps: thresholds whose error was computed.
+      steps: layer evaluations (candidate ranks whose error was computed).
+      compressed: whether any rank is below its head width (``threshold`` is ``None`` when
+        not, and with ``rank_search='bisect'``).
+      seconds: wall time spent on this layer (statistics, bases, search, leaves).
+      shared_k_basis: one K basis for all KV heads (``reference_mode`` on the Llama family).
+      head_ranks_kq, head_ranks_v: per KV head, the rank the threshold rule gives that head
+        alone (the layer keeps the maximum over heads, the reference's rule); ``None``
+        without a threshold. :attr:`kv_after_per_head` is what per-head ranks would cache.
     """
 
     layer: int
@@ -33,6 +40,10 @@ class LayerReport:
     steps: int
     compressed: bool
     shares_q: bool
+    seconds: float = dataclasses.field(default=0.0, compare=False)
+    shared_k_basis: bool = False
+    head_ranks_kq: tuple[int, ...] | None = None
+    head_ranks_v: tuple[int, ...] | None = None
 
     @property
     def kv_before(self) -> int:
@@ -42,6 +53,14 @@ class LayerReport:
     @property
     def kv_after(self) -> int:
         return self.kv_heads * (self.rank_kq + self.rank_v)
+
+    @property
+    def kv_after_per_head(self) -> int:
+        """Cached scalars per token if every head kept its own rank at this threshold
+        (:attr:`kv_after` when there are no per-head ranks)."""
+        if self.head_ranks_kq is None or self.head_ranks_v is None:
+            return self.kv_after
+        return sum(self.head_ranks_kq) + sum(self.head_ranks_v)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +84,38 @@ class EigenReport:
     rope: bool
     params_before: int = 0
     params_after: int = 0
+    rank_search: str = "threshold"
+    reference_mode: bool = False
+    model_layers: int = 0
+    model_kv_per_layer: int = 0
+    compress_seconds: float = 0.0
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def model_kv_cache_before(self) -> int:
+        """Cached scalars per token over *every* layer of the model, before (layers left out
+        by ``layers`` count at full width)."""
+        return self.model_layers * self.model_kv_per_layer
+
+    @property
+    def model_kv_cache_after(self) -> int:
+        return self.model_kv_cache_before - (self.kv_cache_before - self.kv_cache_after)
+
+    @property
+    def model_kv_cache_ratio(self) -> float:
+        """Whole-model after / before."""
+        b = self.model_kv_cache_before
+        return self.model_kv_cache_after / b if b else 1.0
+
+    @property
+    def kv_cache_after_per_head(self) -> int:
+        """Selected layers' cache per token with per-head ranks (see ``LayerReport``)."""
+        return sum(r.kv_after_per_head for r in self.layers)
+
+    @property
+    def evaluations(self) -> int:
+        """Layer evaluations over all reported layers."""
+        return sum(r.steps for r in self.layers)
 
     @property
     def kv_cache_before(self) -> int:
@@ -89,13 +139,23 @@ class EigenReport:
         per-layer KV sizes, and the KV-cache totals."""
         d = dataclasses.asdict(self)
         d["layers"] = [
-            {**dataclasses.asdict(r), "kv_before": r.kv_before, "kv_after": r.kv_after}
+            {
+                **dataclasses.asdict(r),
+                "kv_before": r.kv_before,
+                "kv_after": r.kv_after,
+                "kv_after_per_head": r.kv_after_per_head,
+            }
             for r in self.layers
         ]
         d["unmatched_rules"] = list(self.unmatched_rules)
         d["kv_cache_before"] = self.kv_cache_before
         d["kv_cache_after"] = self.kv_cache_after
         d["kv_cache_percent"] = 100.0 * self.kv_cache_ratio
+        d["model_kv_cache_before"] = self.model_kv_cache_before
+        d["model_kv_cache_after"] = self.model_kv_cache_after
+        d["model_kv_cache_percent"] = 100.0 * self.model_kv_cache_ratio
+        d["evaluations"] = self.evaluations
+        d["kv_cache_after_per_head"] = self.kv_cache_after_per_head
         return d
 
     def to_dict(self) -> dict[str, Any]:
@@ -105,26 +165,49 @@ class EigenReport:
     def to_markdown(self) -> str:
         q = "K/Q" if any(r.shares_q for r in self.layers) else "K"
         lines = [
-            f"| layer | threshold | {q} rank/head | V rank/head | error | KV/token before | "
-            "KV/token after |",
-            "|---|---|---|---|---|---|---|",
+            f"| layer | threshold | {q} rank/head | V rank/head | error | evaluations | "
+            "seconds | KV/token before | KV/token after |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in self.layers:
-            t = "dense" if r.threshold is None or not r.compressed else f"{r.threshold:.2f}"
+            if not r.compressed:
+                t = "dense"
+            elif r.threshold is None:
+                t = "(bisect)"
+            else:
+                t = f"{r.threshold:.2f}"
             lines.append(
                 f"| {r.layer} | {t} | {r.rank_kq}/{r.head_dim_kq} | {r.rank_v}/{r.head_dim_v} | "
-                f"{r.error:.4f} | {r.kv_before} | {r.kv_after} |"
+                f"{r.error:.4f} | {r.steps} | {r.seconds:.2f} | {r.kv_before} | {r.kv_after} |"
             )
         lines.append(
-            f"| all | | | | budget {self.error_budget} | {self.kv_cache_before} | "
+            f"| selected | | | | budget {self.error_budget} | {self.evaluations} | "
+            f"{self.compress_seconds:.2f} | {self.kv_cache_before} | "
             f"{self.kv_cache_after} ({100 * self.kv_cache_ratio:.1f}%) |"
         )
+        if self.model_layers:
+            lines.append(
+                f"| model ({self.model_layers} layers) | | | | | | | "
+                f"{self.model_kv_cache_before} | {self.model_kv_cache_after} "
+                f"({100 * self.model_kv_cache_ratio:.1f}%) |"
+            )
+        mode = f"rank search: {self.rank_search}"
+        if self.reference_mode:
+            mode += " (reference mode: the reference's stop rule"
+            mode += ", one K basis per layer)" if self.rope else ")"
         notes = [
+            mode,
             f"parameters: {self.params_before:,} -> {self.params_after:,}",
             f"calibration: {self.nsamples} x {self.seqlen} tokens, avg_dim {self.avg_dim} -> "
             f"{self.averaged_sequences} averaged sequences"
             + (f", {self.dropped_sequences} dropped" if self.dropped_sequences else ""),
         ]
+        if self.kv_cache_after_per_head < self.kv_cache_after:
+            notes.append(
+                f"per-head ranks (each head its own count at the layer's threshold) would cache "
+                f"{self.kv_cache_after_per_head} scalars/token instead of {self.kv_cache_after} "
+                f"(heads x max over heads, the reference's rule)"
+            )
         if self.unmatched_rules:
             notes.append(f"layer rules that matched nothing: {', '.join(self.unmatched_rules)}")
         return "\n".join(lines + [""] + notes)
