@@ -32,6 +32,7 @@ from jcompress.methods import require_dense, select
 from jcompress.models.convert import flatten, unflatten
 from jcompress.quant.formats import QuantSpec, parse_spec
 from jcompress.quant.leaves import quantize_leaf
+from jcompress.quant.lowrank import lowrank_factors
 
 __all__ = [
     "LayerChoice",
@@ -112,7 +113,7 @@ def parse_rule(text: str, *, arg: str = "--rule") -> tuple[str, LayerChoice]:
     for i, ch in enumerate(s):
         if ch != "=":
             continue
-        head, tail = s[:i], s[i + 1:]
+        head, tail = s[:i], s[i + 1 :]
         try:
             rx = _check_regex(head, arg)
         except UserError:
@@ -123,8 +124,9 @@ def parse_rule(text: str, *, arg: str = "--rule") -> tuple[str, LayerChoice]:
             first = first or e
     if first is not None:  # a regex, then a bad configuration: say what is wrong with it
         raise first
-    raise UserError(f"{arg}: expected REGEX=CONFIG (e.g. 'model/layers/\\d+/mlp/.*=nvfp4'), "
-                    f"got {text!r}")
+    raise UserError(
+        f"{arg}: expected REGEX=CONFIG (e.g. 'model/layers/\\d+/mlp/.*=nvfp4'), got {text!r}"
+    )
 
 
 def _check_regex(rx: str, arg: str) -> str:
@@ -158,8 +160,9 @@ class QuantApplyConfig:
             if not (isinstance(item, Sequence) and len(item) == 2):
                 raise UserError(f"rules: expected (regex, config) pairs, got {item!r}")
             rx, choice = item
-            choice = choice if isinstance(choice, LayerChoice) else parse_choice(choice,
-                                                                                  arg="rules")
+            choice = (
+                choice if isinstance(choice, LayerChoice) else parse_choice(choice, arg="rules")
+            )
             fixed.append((_check_regex(str(rx), "rules"), choice))
         object.__setattr__(self, "rules", tuple(fixed))
 
@@ -171,18 +174,21 @@ class QuantApplyConfig:
             rules = data["rules"]
             extra = set(data) - {"rules", "allow_unmatched"}
             if extra:
-                raise UserError(f"{arg}: unknown keys {sorted(extra)}; allowed: rules, "
-                                "allow_unmatched")
+                raise UserError(
+                    f"{arg}: unknown keys {sorted(extra)}; allowed: rules, allow_unmatched"
+                )
             allow = data.get("allow_unmatched", False)
         elif isinstance(data, Mapping):
             rules, allow = list(data.items()), False
         else:
-            raise UserError(f"{arg}: expected a JSON object with \"rules\"")
+            raise UserError(f'{arg}: expected a JSON object with "rules"')
         if not isinstance(rules, list) or not isinstance(allow, bool):
-            raise UserError(f"{arg}: \"rules\" must be a list of [regex, config] pairs")
+            raise UserError(f'{arg}: "rules" must be a list of [regex, config] pairs')
         try:
-            return cls(rules=tuple(tuple(r) if isinstance(r, list) else r for r in rules),
-                       allow_unmatched=allow)
+            return cls(
+                rules=tuple(tuple(r) if isinstance(r, list) else r for r in rules),
+                allow_unmatched=allow,
+            )
         except UserError as e:
             raise UserError(f"{arg}: {e}") from None
 
@@ -237,27 +243,31 @@ class QuantApplyReport:
     to_dict = to_json
 
     def to_markdown(self) -> str:
-        lines = ["| layer | config | shape | bits/weight | rel. weight error |",
-                 "|---|---|---|---|---|"]
+        lines = [
+            "| layer | config | shape | bits/weight | rel. weight error |",
+            "|---|---|---|---|---|",
+        ]
         lines += [
             f"| {r.path} | {r.config} | {r.shape[0]}x{r.shape[1]} | {r.bits_per_weight:.2f} | "
-            f"{r.rel_error:.4g} |" for r in self.layers
+            f"{r.rel_error:.4g} |"
+            for r in self.layers
         ]
-        lines.append(f"\n{len(self.layers)} linears quantized, "
-                     f"{self.mean_bits_per_weight:.2f} bits/weight on average")
+        lines.append(
+            f"\n{len(self.layers)} linears quantized, "
+            f"{self.mean_bits_per_weight:.2f} bits/weight on average"
+        )
         b, a = self.extra.get("ppl_before"), self.extra.get("ppl_after")
         if b and a:
-            lines += ["", "| | before | after | change |", "|---|---|---|---|",
-                      f"| perplexity | {b['ppl']:.4f} | {a['ppl']:.4f} | "
-                      f"{100 * (a['ppl'] / b['ppl'] - 1):+.2f}% |"]
+            lines += [
+                "",
+                "| | before | after | change |",
+                "|---|---|---|---|",
+                f"| perplexity | {b['ppl']:.4f} | {a['ppl']:.4f} | "
+                f"{100 * (a['ppl'] / b['ppl'] - 1):+.2f}% |",
+            ]
         if self.unmatched_rules:
             lines.append(f"\nunmatched rules: {', '.join(self.unmatched_rules)}")
         return "\n".join(lines)
-
-
-@jax.jit
-def _svd(w: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    return jnp.linalg.svd(w.astype(jnp.float32), full_matrices=False)
 
 
 def _build(w: jax.Array, choice: LayerChoice) -> tuple[Any, jax.Array, float]:
@@ -267,8 +277,9 @@ def _build(w: jax.Array, choice: LayerChoice) -> tuple[Any, jax.Array, float]:
     low = None
     if choice.rank is not None:
         r = min(choice.rank, min(w.shape))
-        u, s, vt = _svd(w)
-        low = LowRank((u[:, :r] * s[:r]).astype(w.dtype), vt[:r].astype(w.dtype))
+        # the same SVD branch the tokenwise tool measures (exact, randomized above its threshold)
+        a, b = lowrank_factors(w, r, method="svd")
+        low = LowRank(a.astype(w.dtype), b.astype(w.dtype))
     if choice.spec is None:
         assert low is not None
         bits = 16.0 * low.num_params / n
@@ -309,8 +320,12 @@ def compress(
     """
     del cfg, calib
     linears = linear_paths(params)
-    sel = select([rx for rx, _ in config.rules], list(linears),
-                 allow_unmatched=config.allow_unmatched, arg="rules")
+    sel = select(
+        [rx for rx, _ in config.rules],
+        list(linears),
+        allow_unmatched=config.allow_unmatched,
+        arg="rules",
+    )
     by_rx = dict(config.rules)
     todo = [(p, by_rx[rx]) for p, rx in sel.chosen.items() if by_rx[rx].key != "none"]
     for p, _ in todo:
@@ -333,4 +348,3 @@ def fake_quant_params(params: Any, config: QuantApplyConfig) -> Any:
     from jcompress.leaves import materialize
 
     return materialize(new)
-
