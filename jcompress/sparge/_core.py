@@ -16,8 +16,8 @@ block keeps it, and mask the rest element-wise. Two selection modes:
   (pooling over later queries would leak; pooling over earlier queries is impossible at
   decode, where the cache holds K/V only), and key block ``j`` is centred, for its
   self-similarity gate, by the mean of the valid keys in blocks ``0..j`` (available as soon
-  as block ``j`` is complete). Only key blocks lying entirely at or before the query take
-  part in the pooled-score softmax; the block holding the query's own slot ("diagonal") and
+  as block ``j`` is complete). Only key blocks lying entirely before the block that holds
+  the query's own slot take part in the pooled-score softmax; that block ("diagonal") and
   block 0 (attention sink) are always kept. So row ``t``'s output depends on tokens ``<= t``
   only, and a decode step reproduces the prefill row exactly. The query self-similarity gate
   has no meaning for a single token (its similarity is 1) and is not applied in this mode.
@@ -218,8 +218,8 @@ def select(
 
     if causal:
         slot = q_offset + jnp.arange(t)  # [T] cache slot of each query
-        full = ((j + 1) * block_k - 1)[None, :] <= slot[:, None]  # [T, nK]
-        diag = (j * block_k <= slot[:, None]) & ~full
+        diag = (j * block_k <= slot[:, None]) & (slot[:, None] < (j + 1) * block_k)  # own
+        full = (((j + 1) * block_k - 1)[None, :] <= slot[:, None]) & ~diag  # [T, nK] before
         z = jnp.einsum("bkgtd,bknd->bkgtn", qg, kb.pooled) * scale
         if alibi:
             slopes = jnp.asarray(alibi_slopes, jnp.float32).reshape(hk, g)
