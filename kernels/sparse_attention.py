@@ -223,6 +223,9 @@ def pallas_block_sparse(q, k, v, keep, pvthreshd, *, block_sizes, scale, causal=
     return jnp.transpose(out, (0, 2, 1, 3))[:, :t], jnp.sum(skip, axis=-1)
 
 
+@functools.partial(
+    jax.jit, static_argnames=("block_sizes", "causal", "implementation", "interpret")
+)
 def sparse_attention(q, k, v, keep, pvthreshd, *, block_sizes=None, scale=None, causal=True,
                      k_valid=None, q_offset=0, q_pos=None, k_pos=None, alibi_slopes=None,
                      implementation=None, interpret=False):  # fmt: skip
@@ -241,6 +244,7 @@ def sparse_attention(q, k, v, keep, pvthreshd, *, block_sizes=None, scale=None, 
         raise UserError(
             f"implementation: {impl!r} is not one of auto, pallas, xla, reference"
         )
+    pvthreshd = jnp.broadcast_to(jnp.asarray(pvthreshd, jnp.float32), (q.shape[2],))
     kw = dict(scale=scale, causal=causal, k_valid=k_valid, q_offset=q_offset)
     alibi = dict(q_pos=q_pos, k_pos=k_pos, alibi_slopes=alibi_slopes)
     if impl == "reference":

@@ -20,6 +20,7 @@ from jcompress.models import attention as A
 from jcompress.models.forward import forward_cached, init_cache
 
 KEEP_ALL = (-1.0, 1.0, math.inf)
+_select = jax.jit(sparge.select, static_argnames=("block_q", "block_k", "causal"))
 
 
 def _qkv(b, t, s, hq, hk, d, dtype=jnp.float32, seed=0, dv=None):
@@ -120,7 +121,7 @@ def test_selection_matches_loop_oracle(shape, bk, offset):
     valid[:, offset + t :] = False  # empty cache slots (decode)
     sim = np.array([-1.0, 0.0, 0.05, 0.9][:hq], np.float32)
     cdf = np.array([0.5, 0.8, 0.95, 1.0][:hq], np.float32)
-    sel = sparge.select(
+    sel = _select(
         q, k, sim, cdf, block_q=16, block_k=bk, causal=True, scale=d**-0.5,
         k_valid=jnp.asarray(valid), q_offset=offset,
     )  # fmt: skip
@@ -140,7 +141,7 @@ def test_noncausal_block_selection_rules():
     # key blocks: one direction per block plus small noise (similar after centring)
     base = jax.random.normal(jax.random.PRNGKey(1), (1, 4, 1, 2, 8))
     k = (jnp.repeat(base, 8, axis=2).reshape(1, 32, 2, 8) + 0.05 * k) * 2.0
-    sel = sparge.select(q, k, jnp.array([0.5, 0.5]), jnp.array([0.3, 0.3]), block_q=8,
+    sel = _select(q, k, jnp.array([0.5, 0.5]), jnp.array([0.3, 0.3]), block_q=8,
                         block_k=8, causal=False, scale=8**-0.5)  # fmt: skip
     keep = np.asarray(sel.keep)[0]  # [H, T, nK]
     for blk in range(4):
@@ -236,7 +237,7 @@ def test_sparse_output_and_pv_skip_match_loop_oracle(impl):
     out, st = sparge.attention(q, k, v, (sim, cdf, pv), implementation=impl,
                                block_sizes=BlockSizes(block_q=16, block_k=bk))  # fmt: skip
     keep = np.asarray(
-        sparge.select(q, k, sim, cdf, block_q=16, block_k=bk, causal=True, scale=d**-0.5).keep
+        _select(q, k, sim, cdf, block_q=16, block_k=bk, causal=True, scale=d**-0.5).keep
     )
     ref, n_skip = _sparse_oracle(q, k, v, keep, np.asarray(pv), bk, d**-0.5)
     np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5)
@@ -353,8 +354,6 @@ def test_generate_with_default_thresholds(llama):
     a = jcompress.generate(cfg, params, ids, attention=impl, attention_state=p, **kw)
     b = jcompress.generate(cfg, params, ids, attention="dense", **kw)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    c = jcompress.generate(cfg, params, ids, attention="block_sparse", **kw)  # untuned defaults
-    assert np.asarray(c).shape == (1, 17)
 
 
 # ---------------------------------------------------------------------------- params & errors

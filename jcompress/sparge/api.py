@@ -4,6 +4,7 @@ statistics) and the ``block_sparse`` implementation of the decoder's attention s
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -180,9 +181,17 @@ def attention(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if k_valid is None:
         k_valid = jnp.ones(k.shape[:2], bool)
+    return _attention_jit(q, k, v, sim, cdf, pv, jnp.asarray(scale, jnp.float32), k_valid,
+                          jnp.asarray(q_offset, jnp.int32), bs=bs, causal=causal,
+                          implementation=impl, interpret=interpret)  # fmt: skip
+
+
+@functools.partial(jax.jit, static_argnames=("bs", "causal", "implementation", "interpret"))
+def _attention_jit(q, k, v, sim, cdf, pv, scale, k_valid, q_offset, *, bs, causal,
+                   implementation, interpret):  # fmt: skip
     mask = seam.AttentionMask(k_valid=k_valid, q_offset=q_offset)
     return _run(q, k, v, sim, cdf, pv, bs=bs, causal=causal, scale=scale, mask=mask,
-                implementation=impl, interpret=interpret, with_stats=True)  # fmt: skip
+                implementation=implementation, interpret=interpret, with_stats=True)  # fmt: skip
 
 
 @seam.register_attention("block_sparse")
