@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 # subcommand name -> module under jcompress.cli (in --help order)
-COMMANDS = ("demo", "eigen", "ppl", "generate", "convert")
+COMMANDS = ("demo", "eigen", "ppl", "generate", "convert", "sparge")
 
 
 def bundled_model_dir() -> Path:
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         parser_class=_Parser,
         metavar="{" + ",".join(COMMANDS) + "}",
     )
-    for name in ("ppl", "generate", "convert", "eigen", "demo"):
+    for name in ("ppl", "generate", "convert", "eigen", "demo", "sparge"):
         importlib.import_module(f"jcompress.cli.{name}").add_parser(sub)
     return p
 
