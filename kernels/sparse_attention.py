@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -167,9 +166,7 @@ def _kernel(
     skip_ref[...] = nskip[:, 0]
 
 
-@functools.partial(
-    jax.jit, static_argnames=("block_sizes", "causal", "interpret")
-)
+@functools.partial(jax.jit, static_argnames=("block_sizes", "causal", "interpret"))
 def pallas_block_sparse(q, k, v, keep, pvthreshd, *, block_sizes, scale, causal=True,
                         k_valid=None, q_offset=0, interpret=False):  # fmt: skip
     """The Pallas kernel (no ALiBi; see :func:`supports`). Grid ``(B, Hq, nQ)``; each program
@@ -241,9 +238,7 @@ def sparse_attention(q, k, v, keep, pvthreshd, *, block_sizes=None, scale=None, 
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     impl = implementation or "auto"
     if impl not in ("auto", "pallas", "xla", "reference"):
-        raise UserError(
-            f"implementation: {impl!r} is not one of auto, pallas, xla, reference"
-        )
+        raise UserError(f"implementation: {impl!r} is not one of auto, pallas, xla, reference")
     pvthreshd = jnp.broadcast_to(jnp.asarray(pvthreshd, jnp.float32), (q.shape[2],))
     kw = dict(scale=scale, causal=causal, k_valid=k_valid, q_offset=q_offset)
     alibi = dict(q_pos=q_pos, k_pos=k_pos, alibi_slopes=alibi_slopes)

@@ -11,11 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from _tiny import NAMES, SEQ, batch, make_model, real, save_model
+from jcompress.kernels.sparse_attention import BlockSizes
 
 import jcompress
 from jcompress import sparge
 from jcompress.errors import UserError
-from jcompress.kernels.sparse_attention import BlockSizes
 from jcompress.models import attention as A
 from jcompress.models.forward import forward_cached, init_cache
 
@@ -314,9 +314,7 @@ def test_model_prefill_equals_decode(llama):
     dense = np.asarray(jcompress.forward(cfg, params, ids, attention="dense"))
     assert np.abs(full - dense).max() > 1e-3  # really sparse
     cache = init_cache(cfg, params, 2, 48)
-    step = jax.jit(
-        lambda x, c: forward_cached(cfg, params, x, jnp.ones(x.shape, bool), c, impl, p)
-    )
+    step = jax.jit(lambda x, c: forward_cached(cfg, params, x, jnp.ones(x.shape, bool), c, impl, p))
     logits, cache = step(jnp.asarray(ids[:, :20]), cache)
     outs = [np.asarray(logits)]
     for i in range(20, 40):

@@ -8,12 +8,12 @@ import json
 
 import numpy as np
 import pytest
+from jcompress.kernels.sparse_attention import BlockSizes
 
 import jcompress
 from jcompress import sparge
 from jcompress.cli import main
 from jcompress.errors import UserError
-from jcompress.kernels.sparse_attention import BlockSizes
 from jcompress.models import attention as A
 from jcompress.sparge import tune as T
 

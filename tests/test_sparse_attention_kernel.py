@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jcompress.kernels import sparse_attention as K
 
 from jcompress.errors import UserError
-from jcompress.kernels import sparse_attention as K
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 
@@ -64,7 +64,7 @@ class SuiteXLA:
         assert out.dtype == dtype and out.shape == ref.shape
         # rows with no visible key (left padding before the first real token) carry no meaning
         slots = c["offset"] + np.arange(c["t"])
-        rows = (np.cumsum(np.asarray(valid), 1)[:, slots] > 0)  # [B, T]
+        rows = np.cumsum(np.asarray(valid), 1)[:, slots] > 0  # [B, T]
         np.testing.assert_allclose(
             np.asarray(out, np.float32)[rows], np.asarray(ref, np.float32)[rows], atol=TOL[dtype]
         )

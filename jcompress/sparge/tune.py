@@ -129,9 +129,7 @@ class SpargeTuneConfig:
                 layer, val = str(item).split(":")
                 layer, val = int(layer), float(val)
             except ValueError:
-                raise UserError(
-                    f"layer_l1: {item!r} is not LAYER:L1 (e.g. 0:0.04)"
-                ) from None
+                raise UserError(f"layer_l1: {item!r} is not LAYER:L1 (e.g. 0:0.04)") from None
             if layer < 0 or not 0 < val < 1:
                 raise UserError(f"layer_l1: {item!r}: layer must be >= 0 and L1 in (0, 1)")
             out[layer] = val
@@ -165,8 +163,13 @@ class _Probe:
         def put(q, k, v, valid, scale):
             if self.sink in _SINKS:
                 _SINKS[self.sink].append(
-                    (np.asarray(q), np.asarray(k), np.asarray(v), np.asarray(valid),
-                     float(scale))  # fmt: skip
+                    (
+                        np.asarray(q),
+                        np.asarray(k),
+                        np.asarray(v),
+                        np.asarray(valid),
+                        float(scale),
+                    )  # fmt: skip
                 )
 
         jax.experimental.io_callback(put, None, q, k, v, mask.k_valid,
@@ -195,10 +198,13 @@ def layer_qkv(cfg, params, windows, *, batch_size: int = 4, progress: bool = Fal
             jax.effects_barrier()
             got = list(_SINKS[sink])
             reals = [b.real for b in layer.batches]
-            yield layer.index, [
-                (q[:r], k[:r], v[:r], valid[:r], sc)
-                for (q, k, v, valid, sc), r in zip(got, reals, strict=True)
-            ]
+            yield (
+                layer.index,
+                [
+                    (q[:r], k[:r], v[:r], valid[:r], sc)
+                    for (q, k, v, valid, sc), r in zip(got, reals, strict=True)
+                ],
+            )
     finally:
         _SINKS.pop(sink, None)
 
@@ -400,8 +406,7 @@ class TuneReport:
                     "pv_l1_bound": lay.pv_l1_bound,
                     "mean_sparsity": lay.mean_sparsity,
                     "heads": [
-                        {k: clean(v) for k, v in dataclasses.asdict(h).items()}
-                        for h in lay.heads
+                        {k: clean(v) for k, v in dataclasses.asdict(h).items()} for h in lay.heads
                     ],
                 }
                 for lay in self.layers
