@@ -73,7 +73,11 @@ def _row(ctx: Context, sparsity: float) -> dict[str, Any]:
     ours = ctx.side(side_sparse, f"block-sparse XLA s={sparsity}", t=t, h=h, d=d,
                     sparsity=sparsity, repeats=repeats)  # fmt: skip
     base = ctx.side(side_impl, "dense XLA", t=t, h=h, d=d, impl="dense", repeats=repeats)
-    chunked = ctx.side(side_impl, "chunked", t=t, h=h, d=d, impl="chunked", repeats=repeats)
+    chunked = (  # the dry run (the test suite) checks the harness only: two sides suffice
+        base
+        if ctx.mode == "dry"
+        else ctx.side(side_impl, "chunked", t=t, h=h, d=d, impl="chunked", repeats=repeats)
+    )
     return {
         "ours": ours,
         "baseline": base,
