@@ -102,3 +102,89 @@ for _s in (0.25, 0.5, 0.75):
         doc=f"SpargeAttn block-sparse XLA fallback at block sparsity ~{_s} vs dense XLA "
         "attention (chunked in info), causal, one sequence",
     )(_fn)
+
+
+# --------------------------------------------------------------------------- tuning time
+
+
+def _layer_data(n: int, seqlen: int, layer: int, block: int):
+    """One llama-1m layer's captured q/k/v on WikiText-2 valid windows (not timed)."""
+    from pathlib import Path
+
+    import jcompress
+    from jcompress.data import calibration_windows, load_tokenizer, load_tokens
+    from jcompress.sparge import tune as T
+
+    root = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    model = root / "models" / "llama-1m"
+    cfg, params = jcompress.load_hf(model)
+    ids = load_tokens(root / "wikitext-2" / "valid.txt", load_tokenizer(model))
+    windows = calibration_windows(ids, n, seqlen, seed=0)
+    for li, batches in T.layer_qkv(cfg, params, windows, batch_size=4):
+        if li == layer:
+            return cfg, T._LayerData(batches, block)
+    raise AssertionError(layer)
+
+
+def side_tune_layer(n: int, seqlen: int, grid: int, steps: int, vectorised: bool,
+                    repeats: int) -> dict[str, Any]:  # fmt: skip
+    """Tune one layer: every (grid point, head) pair of a bisection step in one jit call
+    (``vectorised``), or one call per grid point (heads still batched): the shape of upstream's
+    sequential loop over grid points."""
+    import numpy as np
+
+    from jcompress.sparge import tune as T
+
+    cfg, data = _layer_data(n, seqlen, 1, 32)
+    config = T.SpargeTuneConfig(nsamples=n, seqlen=seqlen, sim_grid=grid, cdf_steps=steps,
+                                pv_steps=steps)  # fmt: skip
+
+    def run():
+        if vectorised:
+            out, _ = T._tune_layer(data, cfg.num_heads, 1, config)
+            return float(np.mean(out["sparsity"]))
+        best = []
+        for s in config.sim_values():
+            one = _OneGrid(data, float(s))
+            out, _ = T._tune_layer(one, cfg.num_heads, 1, config)
+            best.append(np.asarray(out["sparsity"]))
+        return float(np.mean(np.max(best, axis=0)))
+
+    first, times, sparsity = time_calls(run, repeats)
+    return {"value": median(times), "first_s": first, "times_s": times, "sparsity": sparsity}
+
+
+class _OneGrid:
+    """A _LayerData view that evaluates only one simthreshd1 value per call."""
+
+    def __init__(self, data, sim: float):
+        self.data, self.sim = data, sim
+
+    def evaluate(self, sim, cdf, pv, block_q, block_k):
+        import numpy as np
+
+        r = self.data.evaluate(np.full_like(sim[:1], self.sim), cdf[:1], pv[:1], block_q,
+                               block_k)  # fmt: skip
+        return {k: np.repeat(v, sim.shape[0], axis=0) for k, v in r.items()}
+
+
+@register(
+    "sparge_tune_llama1m_layer",
+    metric="s",
+    higher_is_better=False,
+    doc="SpargeAttn tuning of one llama-1m layer (8 heads): all grid points x heads per jit "
+    "call vs one call per simthreshd1 grid point (upstream's sequential loop shape)",
+)
+def sparge_tune_llama1m_layer(ctx: Context) -> dict[str, Any]:
+    n, seqlen, grid, steps = ctx.pick(full=(8, 512, 16, 10), quick=(4, 512, 8, 8),
+                                      dry=(1, 64, 2, 2))  # fmt: skip
+    repeats = ctx.repeats(full=2, quick=1)
+    kw = dict(n=n, seqlen=seqlen, grid=grid, steps=steps, repeats=repeats)
+    ours = ctx.side(side_tune_layer, "vectorised tuner", vectorised=True, **kw)
+    base = ctx.side(side_tune_layer, "one grid point per call", vectorised=False, **kw)
+    return {
+        "ours": ours,
+        "baseline": base,
+        "size": f"{n} x {seqlen} tokens, {2 * grid} grid points, {steps}+{steps} bisection steps",
+        "info": {"sparsity_ours": ours["sparsity"], "sparsity_baseline": base["sparsity"]},
+    }
