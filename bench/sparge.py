@@ -115,7 +115,10 @@ def _layer_data(n: int, seqlen: int, layer: int, block: int):
     from jcompress.data import calibration_windows, load_tokenizer, load_tokens
     from jcompress.sparge import tune as T
 
-    root = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    import os
+
+    default = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    root = Path(os.environ.get("JCOMPRESS_SHARED_DATA", default))
     model = root / "models" / "llama-1m"
     cfg, params = jcompress.load_hf(model)
     ids = load_tokens(root / "wikitext-2" / "valid.txt", load_tokenizer(model))
