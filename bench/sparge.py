@@ -109,13 +109,12 @@ for _s in (0.25, 0.5, 0.75):
 
 def _layer_data(n: int, seqlen: int, layer: int, block: int):
     """One llama-1m layer's captured q/k/v on WikiText-2 valid windows (not timed)."""
+    import os
     from pathlib import Path
 
     import jcompress
     from jcompress.data import calibration_windows, load_tokenizer, load_tokens
     from jcompress.sparge import tune as T
-
-    import os
 
     default = Path(__file__).resolve().parents[1].parent / "shared" / "data"
     root = Path(os.environ.get("JCOMPRESS_SHARED_DATA", default))
