@@ -1,5 +1,5 @@
 """The ``jcompress`` command line: ``demo``, ``eigen``, ``tucker``, ``quant``, ``tokenwise``,
-``ged``, ``ppl``, ``generate``, ``convert``.
+``ged``, ``sparge``, ``ppl``, ``generate``, ``convert``.
 
 One module per subcommand (``cli/<name>.py``), each with ``add_parser(subparsers)`` and
 ``run(args)``; shared helpers live in ``cli/common.py``. Every output path is checked by the
@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 # subcommand name -> module under jcompress.cli (in --help order)
-COMMANDS = ("demo", "eigen", "tucker", "quant", "tokenwise", "ged", "ppl", "generate", "convert")
+COMMANDS = ("demo", "eigen", "tucker", "quant", "tokenwise", "ged", "sparge", "ppl", "generate", "convert")
 
 
 def bundled_model_dir() -> Path:

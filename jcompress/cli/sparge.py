@@ -1,0 +1,181 @@
+"""``jcompress sparge``: tune SpargeAttn thresholds and evaluate them.
+
+``jcompress sparge tune --model DIR --data PATH --l1 0.06 --pv_l1 0.07 --out tuned.safetensors``
+writes the per-layer, per-head thresholds (safetensors) plus ``<out>.json`` / ``<out>.md`` (the
+tuning report). ``jcompress sparge eval --model DIR --tuned tuned.safetensors --data PATH``
+prints perplexity dense vs tuned vs untuned defaults (simthreshd1 0.6, cdfthreshd 0.98), the
+block sparsity per layer and head, and with ``--out_dir`` writes ``eval.json``, ``eval.md`` and
+``sparsity.png`` (heatmap layers x heads). Every field of
+:class:`~jcompress.sparge.tune.SpargeTuneConfig` is a flag of ``tune``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from jcompress.cli.common import check_data_file, config_flags, config_from_args, positive
+from jcompress.errors import UserError
+
+__all__ = ["add_parser", "run_eval", "run_tune"]
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from jcompress.sparge.tune import SpargeTuneConfig
+
+    s = subparsers.add_parser(
+        "sparge",
+        help="SpargeAttn: tune per-head block-sparse attention thresholds, evaluate them",
+        description=__doc__.splitlines()[0],
+    )
+    sub = s.add_subparsers(dest="sparge_command", required=True, metavar="{tune,eval}")
+    t = sub.add_parser("tune", help="tune thresholds on calibration text")
+    t.add_argument("--model", required=True, help="HF model directory")
+    t.add_argument("--data", required=True, help="calibration text (.txt or .jsonl)")
+    t.add_argument("--out", required=True, help="thresholds file to write (.safetensors)")
+    t.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    names = config_flags(t, SpargeTuneConfig,
+                        {"layer_l1": {"metavar": "LAYER:L1"}})  # fmt: skip
+    t.set_defaults(func=run_tune, _names=names)
+
+    e = sub.add_parser("eval", help="perplexity dense vs tuned vs untuned, sparsity heatmap")
+    e.add_argument("--model", required=True, help="HF model directory")
+    e.add_argument("--tuned", required=True, help="thresholds file from `sparge tune`")
+    e.add_argument("--data", required=True, help="evaluation text (.txt or .jsonl)")
+    e.add_argument("--seqlen", type=positive, default=512, help="window length (default: 512)")
+    e.add_argument("--max_windows", "--max-windows", type=positive, default=None,
+                   help="at most this many windows (default: all)")  # fmt: skip
+    e.add_argument("--batch_size", "--batch-size", type=positive, default=4,
+                   help="windows per forward call (default: 4)")  # fmt: skip
+    e.add_argument("--out_dir", "--out-dir", default=None,
+                   help="write eval.json, eval.md, sparsity.png here")  # fmt: skip
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --out_dir")
+    e.set_defaults(func=run_eval)
+    return s
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    from jcompress.atomic import write_json
+    from jcompress.data import calibration_windows, load_tokenizer, load_tokens
+    from jcompress.models import load_hf, read_config
+    from jcompress.outputs import check_output_file
+    from jcompress.sparge import save_params
+    from jcompress.sparge.tune import SpargeTuneConfig, tune
+
+    config = config_from_args(SpargeTuneConfig, args, args._names)
+    model, data, out = Path(args.model), check_data_file(args.data, "--data"), Path(args.out)
+    cfg = read_config(model)
+    for p, arg in ((out, "--out"), (out.with_suffix(".json"), "--out"),
+                   (out.with_suffix(".md"), "--out")):  # fmt: skip
+        check_output_file(p, inputs={"--model": model, "--data": data},
+                          overwrite=args.overwrite, arg=arg)  # fmt: skip
+    if config.seqlen > cfg.max_position_embeddings:
+        raise UserError(f"--seqlen: {config.seqlen} exceeds the model's "
+                        f"{cfg.max_position_embeddings} positions")  # fmt: skip
+    ids = load_tokens(data, load_tokenizer(model))
+    if len(ids) < config.nsamples * config.seqlen + 1:
+        raise UserError(f"--nsamples: {config.nsamples} windows of {config.seqlen} tokens need "
+                        f"more than the {len(ids):,} tokens of {data}")  # fmt: skip
+    windows = calibration_windows(ids, config.nsamples, config.seqlen, seed=config.seed)
+    cfg, params = load_hf(model)
+    tuned, report = tune(cfg, params, windows, config)
+    save_params(out, tuned, model=model.name, overwrite=args.overwrite,
+                extra={"block_q": config.block_q, "block_k": config.block_k,
+                       "l1": config.l1, "pv_l1": config.pv_l1})  # fmt: skip
+    write_json(out.with_suffix(".json"), report.to_json())
+    _write_text(out.with_suffix(".md"), report.to_markdown())
+    print(report.to_markdown())
+    print(f"wrote {out}")
+    return 0
+
+
+def _write_text(path: Path, text: str) -> None:
+    import os
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _heatmap(path: Path, sparsity, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1 + 0.5 * sparsity.shape[1], 1 + 0.5 * sparsity.shape[0]))
+    im = ax.imshow(sparsity, vmin=0, vmax=1, cmap="viridis")
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label="block sparsity")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from jcompress.atomic import atomic_dir
+    from jcompress.data import eval_windows, load_tokenizer, load_tokens
+    from jcompress.eval import perplexity
+    from jcompress.models import load_hf, read_config
+    from jcompress.outputs import check_output_dir
+    from jcompress.sparge import BlockSparse, SpargeParams, load_params
+    from jcompress.sparge.tune import evaluate
+
+    model, data = Path(args.model), check_data_file(args.data, "--data")
+    cfg = read_config(model)
+    tuned, meta = load_params(args.tuned, layers=cfg.num_layers, heads=cfg.num_heads)
+    out_dir = None if args.out_dir is None else Path(args.out_dir)
+    if out_dir is not None:
+        check_output_dir(out_dir, inputs={"--model": model, "--data": data,
+                                          "--tuned": Path(args.tuned)},
+                         overwrite=args.overwrite, arg="--out_dir")  # fmt: skip
+    bq = int(meta["extra"].get("block_q", 32))
+    bk = int(meta["extra"].get("block_k", 32))
+    ids = load_tokens(data, load_tokenizer(model))
+    cfg, params = load_hf(model)
+    untuned = SpargeParams.create(cfg.num_layers, cfg.num_heads)
+    kw = dict(seqlen=args.seqlen, max_windows=args.max_windows, batch_size=args.batch_size)
+    rows = {}
+    for name, att in (
+        ("dense", "dense"),
+        ("tuned", BlockSparse.baked(tuned, block_q=bq, block_k=bk, implementation="xla")),
+        ("untuned", BlockSparse.baked(untuned, block_q=bq, block_k=bk, implementation="xla")),
+    ):
+        rows[name] = float(perplexity(cfg, params, ids, attention=att, **kw).ppl)
+    windows = eval_windows(ids, args.seqlen, args.max_windows)
+    ev = {name: evaluate(cfg, params, windows, p, block_q=bq, block_k=bk,
+                         batch_size=args.batch_size)
+          for name, p in (("tuned", tuned), ("untuned", untuned))}  # fmt: skip
+    result = {
+        "perplexity": rows,
+        "block_q": bq,
+        "block_k": bk,
+        "mean_sparsity": {k: float(np.mean(v["sparsity"])) for k, v in ev.items()},
+        "held_out": {k: {m: np.round(v[m], 5).tolist() for m in v} for k, v in ev.items()},
+    }
+    lines = ["| attention | perplexity | mean block sparsity | max head L1 |",
+             "|---|---:|---:|---:|",
+             f"| dense | {rows['dense']:.4f} | 0 | 0 |"]  # fmt: skip
+    for k in ("tuned", "untuned"):
+        lines.append(f"| {k} | {rows[k]:.4f} | {result['mean_sparsity'][k]:.3f} | "
+                     f"{float(np.max(ev[k]['l1'])):.4f} |")  # fmt: skip
+    lines += ["", "Tuned block sparsity per layer (rows) and head (columns):", ""]
+    sp = ev["tuned"]["sparsity"]
+    lines.append("| layer | " + " | ".join(f"h{h}" for h in range(sp.shape[1])) + " |")
+    lines.append("|---:|" + "---:|" * sp.shape[1])
+    for li in range(sp.shape[0]):
+        lines.append(f"| {li} | " + " | ".join(f"{x:.2f}" for x in sp[li]) + " |")
+    md = "\n".join(lines) + "\n"
+    print(md)
+    if out_dir is not None:
+        with atomic_dir(out_dir, overwrite=args.overwrite, arg="--out_dir") as tmp:
+            (tmp / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+            (tmp / "eval.md").write_text(md)
+            _heatmap(tmp / "sparsity.png", sp, f"SpargeAttn tuned sparsity ({model.name})")
+        print(f"wrote {out_dir}")
+    return 0

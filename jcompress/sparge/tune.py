@@ -1,0 +1,494 @@
+"""Per-layer, per-head SpargeAttn threshold tuning, vectorised over heads and grid points.
+
+For every layer, calibration windows are streamed through the model with
+:func:`jcompress.calibration.stream_layers`; a probe attention implementation hands the
+layer's ``q, k, v`` (after RoPE) to the host while the layer runs dense. Then, per query head,
+SpargeAttn's search (thu-ml/SpargeAttn ``autotune``; seed 004 tuning guide):
+
+* ``simthreshd1`` over a grid ``-1, -1 + 1/g, ..., 1 - 1/g`` (``g = sim_grid``, upstream 16);
+* for each grid point, bisection on ``cdfthreshd`` in ``[0, 1]`` for the smallest value with
+  ``L1 = sum|O - O_dense| / sum|O_dense| <= l1`` (per-layer overrides ``layer_l1``);
+* then bisection on ``pvthreshd`` in ``[0, pv_max]`` for the smallest value with
+  ``L1 <= pv_l1``;
+* per head, the grid point with the highest block sparsity wins; heads whose sparsity is
+  ``<= min_sparsity`` stay dense.
+
+Upstream runs this as a Python loop over heads and grid points, one kernel call per
+candidate. Here one jitted function evaluates every (grid point, head) pair of a bisection
+step at once (``vmap`` over grid points, heads as an array axis), and the attention math is
+done once per window: per (row, key block) partial sums ``P_j = sum_s exp(s - m)`` and
+``PV_j = sum_s exp(s - m) v_s`` relative to the row's full maximum ``m``, plus block maxima for
+the PV-skip rule, after which a candidate costs ``O(T x nK x Dv)`` instead of
+``O(T x S x D)``. L1 numerators and denominators are summed over every calibration window.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import json
+import math
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from jcompress.errors import UserError
+from jcompress.models import attention as seam
+from jcompress.sparge import _core
+from jcompress.sparge.params import SpargeParams
+
+__all__ = [
+    "HeadResult",
+    "LayerResult",
+    "SpargeTuneConfig",
+    "TuneReport",
+    "evaluate",
+    "layer_qkv",
+    "tune",
+]
+
+
+def _pos_int(name: str, v: Any, lo: int = 1, hi: int | None = None) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or v < lo or (hi is not None and v > hi):
+        rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise UserError(f"{name}: must be an integer {rng}, got {v!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SpargeTuneConfig:
+    """Settings of :func:`tune` (frozen, validated).
+
+    Attributes:
+      l1: L1 bound of the block selection per head (seed 0.06; upstream default 0.07).
+      pv_l1: L1 bound once the PV skip is on (seed 0.07; upstream 0.08); must exceed ``l1``.
+      layer_l1: per-layer overrides as ``"LAYER:L1"`` strings (e.g. ``("0:0.04",)``: early
+        layers stricter, the guide's advice); the PV bound of such a layer keeps the same
+        margin ``pv_l1 - l1``.
+      block_q: query rows per tile.
+      block_k: key slots per block.
+      nsamples: calibration windows (the guide: 5-10 texts).
+      seqlen: tokens per calibration window.
+      seed: calibration window sampling seed.
+      batch_size: windows per layer call.
+      sim_grid: grid granularity for simthreshd1 (``2 * sim_grid`` points in [-1, 1)).
+      cdf_steps: bisection steps on cdfthreshd.
+      pv_steps: bisection steps on pvthreshd (0: no PV tuning, pvthreshd = inf).
+      pv_max: upper end of the pvthreshd search (nats).
+      min_sparsity: heads at or below this block sparsity stay dense.
+    """
+
+    l1: float = 0.06
+    pv_l1: float = 0.07
+    layer_l1: tuple[str, ...] = ()
+    block_q: int = 32
+    block_k: int = 32
+    nsamples: int = 8
+    seqlen: int = 512
+    seed: int = 0
+    batch_size: int = 4
+    sim_grid: int = 16
+    cdf_steps: int = 10
+    pv_steps: int = 10
+    pv_max: float = 50.0
+    min_sparsity: float = 0.1
+
+    def __post_init__(self):
+        for name in ("l1", "pv_l1"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < 1:
+                raise UserError(f"{name}: must be a number in (0, 1), got {v!r}")
+        if self.pv_l1 <= self.l1:
+            raise UserError(f"pv_l1: must exceed l1 ({self.l1}), got {self.pv_l1}")
+        if isinstance(self.layer_l1, str):
+            object.__setattr__(self, "layer_l1", (self.layer_l1,))
+        object.__setattr__(self, "layer_l1", tuple(self.layer_l1))
+        self.layer_bounds()  # validates the overrides
+        for name in ("block_q", "block_k"):
+            _pos_int(name, getattr(self, name), 1, 4096)
+        for name in ("nsamples", "seqlen", "batch_size", "sim_grid"):
+            _pos_int(name, getattr(self, name))
+        _pos_int("seed", self.seed, 0)
+        _pos_int("cdf_steps", self.cdf_steps, 1, 30)
+        _pos_int("pv_steps", self.pv_steps, 0, 30)
+        if not isinstance(self.pv_max, (int, float)) or not 0 < self.pv_max < math.inf:
+            raise UserError(f"pv_max: must be a positive finite number, got {self.pv_max!r}")
+        if not isinstance(self.min_sparsity, (int, float)) or not 0 <= self.min_sparsity < 1:
+            raise UserError(f"min_sparsity: must be in [0, 1), got {self.min_sparsity!r}")
+
+    def layer_bounds(self) -> dict[int, float]:
+        """``layer_l1`` parsed: ``{layer: l1}``."""
+        out = {}
+        for item in self.layer_l1:
+            try:
+                layer, val = str(item).split(":")
+                layer, val = int(layer), float(val)
+            except ValueError:
+                raise UserError(f"layer_l1: {item!r} is not LAYER:L1 (e.g. 0:0.04)") from None
+            if layer < 0 or not 0 < val < 1:
+                raise UserError(f"layer_l1: {item!r}: layer must be >= 0 and L1 in (0, 1)")
+            out[layer] = val
+        return out
+
+    def bounds(self, layer: int) -> tuple[float, float]:
+        """``(l1, pv_l1)`` of one layer."""
+        l1 = self.layer_bounds().get(layer, self.l1)
+        return l1, l1 + (self.pv_l1 - self.l1)
+
+    def sim_values(self) -> np.ndarray:
+        g = self.sim_grid
+        return np.arange(-g, g, dtype=np.float32) / g
+
+
+# --------------------------------------------------------------------------- q/k/v probe
+
+_SINKS: dict[int, list] = {}
+_NEXT = itertools.count()
+
+
+@seam.register_attention("sparge_probe")
+@dataclasses.dataclass(frozen=True)
+class _Probe:
+    """Dense attention that also hands ``q, k, v, k_valid`` to a host-side sink (the tuner's
+    window into a layer running inside the calibration stream)."""
+
+    sink: int = -1
+
+    def __call__(self, q, k, v, mask, *, scale, layer=None, state=None):
+        def put(q, k, v, valid, scale):
+            if self.sink in _SINKS:
+                _SINKS[self.sink].append(
+                    (
+                        np.asarray(q),
+                        np.asarray(k),
+                        np.asarray(v),
+                        np.asarray(valid),
+                        float(scale),
+                    )  # fmt: skip
+                )
+
+        jax.experimental.io_callback(put, None, q, k, v, mask.k_valid,
+                                     jnp.asarray(scale, jnp.float32))  # fmt: skip
+        return seam.Dense()(q, k, v, mask, scale=scale)
+
+
+def layer_qkv(cfg, params, windows, *, batch_size: int = 4, progress: bool = False
+              ) -> Iterator[tuple[int, list]]:  # fmt: skip
+    """Stream ``windows [n, T]`` through the model; yield ``(layer, [(q, k, v, k_valid,
+    scale) per batch])`` with the layer's attention inputs (numpy)."""
+    import jax.experimental  # noqa: F401  (io_callback)
+
+    from jcompress.calibration import stream_layers
+
+    sink = next(_NEXT)
+    _SINKS[sink] = []
+    try:
+        stream = stream_layers(cfg, params, windows, batch_size=batch_size,
+                               attention=_Probe(sink))  # fmt: skip
+        for layer in tqdm(stream, total=cfg.num_layers, desc="sparge layers",
+                          disable=not progress, leave=False):  # fmt: skip
+            _SINKS[sink].clear()
+            for _ in layer.observe():
+                pass
+            jax.effects_barrier()
+            got = list(_SINKS[sink])
+            reals = [b.real for b in layer.batches]
+            yield (
+                layer.index,
+                [
+                    (q[:r], k[:r], v[:r], valid[:r], sc)
+                    for (q, k, v, valid, sc), r in zip(got, reals, strict=True)
+                ],
+            )
+    finally:
+        _SINKS.pop(sink, None)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@functools.partial(jax.jit, static_argnames=("block_k",))
+def _partials(q, k, v, k_valid, scale, *, block_k):
+    """Per (row, key block) partial softmax sums relative to the row's full max, block maxima
+    and the dense output: the candidate-independent part of an evaluation."""
+    b, t, hq, d = q.shape
+    s, hk, dv = k.shape[1], k.shape[2], v.shape[-1]
+    g = hq // hk
+    nk = math.ceil(s / block_k)
+    sp = nk * block_k
+    qg = _core._group(q, hk)
+    sc = jnp.einsum("bkgtd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    sc = sc.reshape(b, hq, t, s)
+    vis = _core._element_visible(t, s, 0, k_valid, True)[:, None]
+    sc = jnp.where(vis, sc, -jnp.inf)
+    m = jnp.max(sc, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(sc - m)  # [B, Hq, T, S]
+    pb = _core._pad_axis(p, sp, 3).reshape(b, hq, t, nk, block_k)
+    vb = _core._pad_axis(v.astype(jnp.float32), sp, 1).reshape(b, nk, block_k, hk, dv)
+    pbg = pb.reshape(b, hk, g, t, nk, block_k)
+    pv = jnp.einsum("bkgtnc,bnckd->bkgtnd", pbg, vb).reshape(b, hq, t, nk, dv)
+    psum = jnp.sum(pb, axis=-1)  # [B, Hq, T, nK]
+    m_blk = jnp.max(_core._pad_axis(sc, sp, 3, -jnp.inf).reshape(b, hq, t, nk, block_k), -1)
+    ref = jnp.sum(pv, axis=3) / jnp.maximum(jnp.sum(psum, axis=3), 1e-30)[..., None]
+    return psum, pv, m_blk, ref
+
+
+@functools.partial(jax.jit, static_argnames=("block_q", "block_k"))
+def _evaluate_batch(q, k, k_valid, scale, parts, sim, cdf, pv, *, block_q, block_k):
+    """L1 numerator / denominator, kept and visible pair counts, skipped pairs, per
+    candidate and head: ``sim, cdf, pv [G, Hq]`` -> arrays ``[G, Hq]``."""
+    psum, pvs, m_blk, ref = parts
+    qrow = jnp.cumsum(k_valid, axis=1)[:, : q.shape[1]] > 0  # rows with a visible key
+    rowm = qrow[:, None, :, None]
+    ref_abs = jnp.sum(jnp.abs(ref) * rowm, axis=(0, 2, 3))
+
+    def one(sim_g, cdf_g, pv_g):
+        sel = _core.select(q, k, sim_g, cdf_g, block_q=block_q, block_k=block_k, causal=True,
+                           scale=scale, k_valid=k_valid)  # fmt: skip
+        keep = sel.keep
+        m_kept = jnp.where(keep, m_blk, -jnp.inf)
+        run = jax.lax.cummax(m_kept, axis=3)
+        m_prev = jnp.concatenate([jnp.full_like(run[..., :1], -jnp.inf), run[..., :-1]], 3)
+        skip = (keep & jnp.isfinite(m_kept) & jnp.isfinite(m_prev)
+                & (m_kept < m_prev - pv_g[None, :, None, None]))  # fmt: skip
+        use = (keep & ~skip).astype(jnp.float32)
+        num = jnp.einsum("bhtn,bhtnd->bhtd", use, pvs)
+        den = jnp.sum(keep * psum, axis=3)
+        out = num / jnp.maximum(den, 1e-30)[..., None]
+        err = jnp.sum(jnp.abs(out - ref) * rowm, axis=(0, 2, 3))
+        valid = sel.q_valid[:, None, :, None]
+        kept = jnp.sum(keep & valid, axis=(0, 2, 3))
+        visible = jnp.sum(sel.visible & valid, axis=(0, 2, 3))
+        skipped = jnp.sum(skip & valid, axis=(0, 2, 3))
+        return jnp.stack([err, ref_abs, kept, visible, skipped]).astype(jnp.float32)
+
+    return jax.vmap(one)(sim, cdf, pv)  # [G, 5, Hq]
+
+
+class _LayerData:
+    """One layer's calibration batches with their candidate-independent partial sums."""
+
+    def __init__(self, batches: list, block_k: int):
+        self.items = []
+        for q, k, v, valid, scale in batches:
+            qa, ka, va, vv = (jnp.asarray(x) for x in (q, k, v, valid))
+            parts = _partials(qa, ka, va, vv, jnp.float32(scale), block_k=block_k)
+            self.items.append((qa, ka, vv, jnp.float32(scale), parts))
+        self.evaluations = 0
+
+    def evaluate(self, sim, cdf, pv, block_q, block_k) -> dict[str, np.ndarray]:
+        """``sim, cdf, pv [G, Hq]`` -> ``{"l1", "sparsity", "pv_skip"}`` arrays ``[G, Hq]``
+        summed over every batch."""
+        tot = None
+        for q, k, valid, scale, parts in self.items:
+            r = _evaluate_batch(q, k, valid, scale, parts, jnp.asarray(sim), jnp.asarray(cdf),
+                                jnp.asarray(pv), block_q=block_q, block_k=block_k)  # fmt: skip
+            tot = r if tot is None else tot + r
+        self.evaluations += 1
+        tot = np.asarray(tot, np.float64)
+        err, ref, kept, vis, skipped = (tot[:, i] for i in range(5))
+        return {
+            "l1": err / np.maximum(ref, 1e-30),
+            "sparsity": 1.0 - kept / np.maximum(vis, 1.0),
+            "pv_skip": skipped / np.maximum(kept, 1.0),
+        }
+
+
+def _bisect(data, sim, lo, hi, fixed, which, bound, steps, cfg):
+    """Vectorised bisection on ``cdfthreshd`` (``which="cdf"``) or ``pvthreshd``: the smallest
+    value in ``[lo, hi]`` whose L1 stays ``<= bound`` (``hi`` assumed feasible)."""
+    lo, hi = lo.copy(), hi.copy()
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        cdf, pv = (mid, fixed) if which == "cdf" else (fixed, mid)
+        ok = data.evaluate(sim, cdf, pv, cfg.block_q, cfg.block_k)["l1"] <= bound
+        hi = np.where(ok, mid, hi)
+        lo = np.where(ok, lo, mid)
+    return hi
+
+
+def _tune_layer(data: _LayerData, hq: int, layer: int, cfg: SpargeTuneConfig):
+    l1, pv_l1 = cfg.bounds(layer)
+    sims = cfg.sim_values()
+    g = len(sims)
+    sim = np.repeat(sims[:, None], hq, axis=1).astype(np.float32)  # [G, Hq]
+    inf = np.full((g, hq), np.inf, np.float32)
+    cdf = _bisect(data, sim, np.zeros((g, hq), np.float32), np.ones((g, hq), np.float32), inf,
+                  "cdf", l1, cfg.cdf_steps, cfg)  # fmt: skip
+    if cfg.pv_steps:
+        pv = _bisect(data, sim, np.zeros((g, hq), np.float32),
+                     np.full((g, hq), cfg.pv_max, np.float32), cdf, "pv", pv_l1, cfg.pv_steps,
+                     cfg)  # fmt: skip
+    else:
+        pv = inf
+    res = data.evaluate(sim, cdf, pv, cfg.block_q, cfg.block_k)
+    best = np.argmax(res["sparsity"], axis=0)  # first (lowest simthreshd1) among ties
+    h = np.arange(hq)
+    out = {
+        "simthreshd1": sim[best, h], "cdfthreshd": cdf[best, h], "pvthreshd": pv[best, h],
+        "sparsity": res["sparsity"][best, h], "l1": res["l1"][best, h],
+        "pv_skip": res["pv_skip"][best, h],
+    }  # fmt: skip
+    dense = out["sparsity"] <= cfg.min_sparsity
+    out["simthreshd1"] = np.where(dense, -1.0, out["simthreshd1"])
+    out["cdfthreshd"] = np.where(dense, 1.0, out["cdfthreshd"])
+    out["pvthreshd"] = np.where(dense, np.inf, out["pvthreshd"])
+    for key in ("sparsity", "l1", "pv_skip"):
+        out[key] = np.where(dense, 0.0, out[key])
+    out["dense"] = dense
+    return out, (l1, pv_l1)
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadResult:
+    head: int
+    simthreshd1: float
+    cdfthreshd: float
+    pvthreshd: float
+    sparsity: float
+    l1: float
+    pv_skip: float
+    dense: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerResult:
+    layer: int
+    l1_bound: float
+    pv_l1_bound: float
+    heads: tuple[HeadResult, ...]
+    evaluations: int  # bisection / grid evaluations (each covers every head and grid point)
+
+    @property
+    def mean_sparsity(self) -> float:
+        return float(np.mean([h.sparsity for h in self.heads]))
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneReport:
+    """What :func:`tune` did: per layer and head thresholds, block sparsity (``1 - kept``
+    fraction of the visible (row, key block) pairs), L1 on the calibration windows, PV-skip
+    fraction; tuning wall time and attention evaluations per head."""
+
+    layers: tuple[LayerResult, ...]
+    config: dict[str, Any]
+    wall_seconds: float
+    evaluations_per_head: int
+
+    @property
+    def mean_sparsity(self) -> float:
+        return float(np.mean([h.sparsity for lay in self.layers for h in lay.heads]))
+
+    def to_json(self) -> dict[str, Any]:
+        def clean(x):
+            if isinstance(x, float) and not math.isfinite(x):
+                return "inf" if x > 0 else "-inf"
+            return x
+
+        return {
+            "config": self.config,
+            "wall_seconds": self.wall_seconds,
+            "evaluations_per_head": self.evaluations_per_head,
+            "mean_sparsity": self.mean_sparsity,
+            "layers": [
+                {
+                    "layer": lay.layer,
+                    "l1_bound": lay.l1_bound,
+                    "pv_l1_bound": lay.pv_l1_bound,
+                    "mean_sparsity": lay.mean_sparsity,
+                    "heads": [
+                        {k: clean(v) for k, v in dataclasses.asdict(h).items()} for h in lay.heads
+                    ],
+                }
+                for lay in self.layers
+            ],
+        }
+
+    def to_markdown(self) -> str:
+        lines = [
+            f"SpargeAttn tuning: mean block sparsity {self.mean_sparsity:.3f}, "
+            f"{self.wall_seconds:.1f} s, {self.evaluations_per_head} attention evaluations "
+            "per head",
+            "",
+            "| layer | head | simthreshd1 | cdfthreshd | pvthreshd | sparsity | L1 | PV skip |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for lay in self.layers:
+            for h in lay.heads:
+                tag = " (dense)" if h.dense else ""
+                lines.append(
+                    f"| {lay.layer} | {h.head}{tag} | {h.simthreshd1:.4f} | {h.cdfthreshd:.4f} "
+                    f"| {h.pvthreshd:.2f} | {h.sparsity:.3f} | {h.l1:.4f} | {h.pv_skip:.3f} |"
+                )
+            lines.append(
+                f"| {lay.layer} | mean | | | | {lay.mean_sparsity:.3f} | "
+                f"(bound {lay.l1_bound:g}) | |"
+            )
+        return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def tune(cfg, params, windows, config: SpargeTuneConfig | None = None, *,
+         progress: bool = True) -> tuple[SpargeParams, TuneReport]:  # fmt: skip
+    """Tune per-layer, per-head thresholds on calibration ``windows [n, T]``.
+
+    Returns ``(SpargeParams [layers, heads], TuneReport)``."""
+    config = config or SpargeTuneConfig()
+    bad = [lay for lay in config.layer_bounds() if lay >= cfg.num_layers]
+    if bad:
+        raise UserError(f"layer_l1: layer {bad[0]} does not exist (the model has "
+                        f"{cfg.num_layers} layers)")  # fmt: skip
+    t0 = time.perf_counter()
+    hq = cfg.num_heads
+    rows = {k: np.zeros((cfg.num_layers, hq), np.float32)
+            for k in ("simthreshd1", "cdfthreshd", "pvthreshd")}  # fmt: skip
+    layers = []
+    evals = 0
+    for li, batches in layer_qkv(cfg, params, windows, batch_size=config.batch_size,
+                                 progress=progress):  # fmt: skip
+        data = _LayerData(batches, config.block_k)
+        out, (l1, pv_l1) = _tune_layer(data, hq, li, config)
+        for k in rows:
+            rows[k][li] = out[k]
+        evals = data.evaluations * len(config.sim_values())
+        layers.append(LayerResult(
+            li, l1, pv_l1,
+            tuple(HeadResult(h, float(out["simthreshd1"][h]), float(out["cdfthreshd"][h]),
+                             float(out["pvthreshd"][h]), float(out["sparsity"][h]),
+                             float(out["l1"][h]), float(out["pv_skip"][h]),
+                             bool(out["dense"][h])) for h in range(hq)),
+            data.evaluations,
+        ))  # fmt: skip
+    p = SpargeParams(**rows)
+    p.validate()
+    cfg_json = json.loads(json.dumps(dataclasses.asdict(config), default=str))
+    return p, TuneReport(tuple(layers), cfg_json, time.perf_counter() - t0, evals)
+
+
+def evaluate(cfg, params, windows, sparge_params: SpargeParams, *, block_q: int = 32,
+             block_k: int = 32, batch_size: int = 4, progress: bool = False
+             ) -> dict[str, np.ndarray]:  # fmt: skip
+    """Per layer and head ``{"l1", "sparsity", "pv_skip"}`` arrays ``[layers, heads]`` of
+    ``sparge_params`` on ``windows`` (e.g. held-out text), each layer fed the dense model's
+    activations (as during tuning)."""
+    sparge_params.check_model(cfg.num_layers, cfg.num_heads)
+    out = {k: np.zeros((cfg.num_layers, cfg.num_heads)) for k in ("l1", "sparsity", "pv_skip")}
+    for li, batches in layer_qkv(cfg, params, windows, batch_size=batch_size,
+                                 progress=progress):  # fmt: skip
+        data = _LayerData(batches, block_k)
+        lp = sparge_params.layer(li)
+        r = data.evaluate(*(np.asarray(a, np.float32)[None] for a in lp), block_q, block_k)
+        for k in out:
+            out[k][li] = r[k][0]
+    return out

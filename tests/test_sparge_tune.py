@@ -1,0 +1,118 @@
+"""SpargeAttn tuner (jcompress.sparge.tune) and the ``jcompress sparge`` CLI on llama-1m with
+tiny settings: the tuned heads meet their bound as measured by an independent path (the
+masked reference attention on the captured q/k/v), config validation, report, save/load."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from jcompress.kernels.sparse_attention import BlockSizes
+
+import jcompress
+from jcompress import sparge
+from jcompress.cli import main
+from jcompress.errors import UserError
+from jcompress.models import attention as A
+from jcompress.sparge import tune as T
+
+SMALL = dict(nsamples=2, seqlen=64, batch_size=2, block_q=16, block_k=16, sim_grid=2,
+             cdf_steps=5, pv_steps=3)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def llama(llama_dir):
+    return jcompress.load_hf(llama_dir)
+
+
+@pytest.fixture(scope="module")
+def windows(llama):
+    cfg, _ = llama
+    return np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 64)).astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def tuned(llama, windows):
+    cfg, params = llama
+    config = T.SpargeTuneConfig(l1=0.1, pv_l1=0.15, layer_l1=("0:0.05",), **SMALL)
+    return T.tune(cfg, params, windows, config, progress=False)
+
+
+def test_tuned_heads_meet_bound_by_independent_path(llama, windows, tuned):
+    cfg, params = llama
+    p, report = tuned
+    assert p.shape == (cfg.num_layers, cfg.num_heads)
+    assert report.layers[0].l1_bound == 0.05 and report.layers[1].l1_bound == 0.1
+    assert report.mean_sparsity > 0.05
+    bs = BlockSizes(block_q=16, block_k=16)
+    for li, batches in T.layer_qkv(cfg, params, windows, batch_size=2):
+        err = ref_abs = 0.0
+        kept = []
+        for q, k, v, valid, scale in batches:
+            out, st = sparge.attention(q, k, v, p, layer=li, block_sizes=bs, scale=scale,
+                                       implementation="reference")  # fmt: skip
+            dense = np.asarray(A.Dense()(q, k, v, A.causal_mask(valid), scale=scale))
+            err = err + np.abs(np.asarray(out) - dense).sum(axis=(0, 1, 3))
+            ref_abs = ref_abs + np.abs(dense).sum(axis=(0, 1, 3))
+            kept.append(np.asarray(st.kept))
+        l1 = err / ref_abs
+        lay = report.layers[li]
+        for h, head in enumerate(lay.heads):
+            assert l1[h] <= lay.pv_l1_bound + 1e-4, (li, h, l1[h])
+            np.testing.assert_allclose(l1[h], head.l1, atol=1e-4)
+            np.testing.assert_allclose(1 - kept[0][h], head.sparsity, atol=1e-4)
+            if head.dense:
+                assert head.cdfthreshd == 1.0 and head.pvthreshd == np.inf
+
+
+def test_report_and_round_trip(tuned, tmp_path):
+    p, report = tuned
+    j = json.loads(json.dumps(report.to_json()))
+    assert len(j["layers"]) == len(report.layers)
+    assert j["evaluations_per_head"] == report.evaluations_per_head > 0
+    md = report.to_markdown()
+    assert md.count("\n| ") >= sum(len(lay.heads) for lay in report.layers)
+    sparge.save_params(tmp_path / "t.safetensors", p)
+    q, _ = sparge.load_params(tmp_path / "t.safetensors", layers=p.shape[0], heads=p.shape[1])
+    np.testing.assert_array_equal(np.asarray(q.cdfthreshd), np.asarray(p.cdfthreshd))
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(l1=0.1, pv_l1=0.05), "pv_l1: must exceed l1"),
+        (dict(l1=1.5), r"l1: must be a number in \(0, 1\)"),
+        (dict(layer_l1=("x",)), "layer_l1: 'x' is not LAYER:L1"),
+        (dict(block_k=0), "block_k: must be an integer"),
+        (dict(cdf_steps=0), "cdf_steps: must be an integer"),
+    ],
+)
+def test_config_validation(kw, match):
+    with pytest.raises(UserError, match=match):
+        T.SpargeTuneConfig(**kw)
+
+
+def test_cli_tune_and_eval(llama_dir, shared_data, tmp_path, capsys):
+    out = tmp_path / "tuned.safetensors"
+    data = shared_data / "wikitext-2" / "valid.txt"
+    args = ["sparge", "tune", "--model", str(llama_dir), "--data", str(data), "--out", str(out),
+            "--l1", "0.1", "--pv_l1", "0.15"]  # fmt: skip
+    for k, v in SMALL.items():
+        args += [f"--{k}", str(v)]
+    assert main(args) == 0
+    assert out.is_file() and out.with_suffix(".json").is_file()
+    assert main(["sparge", "eval", "--model", str(llama_dir), "--tuned", str(out), "--data",
+                 str(shared_data / "wikitext-2-raw" / "test.txt"), "--seqlen", "64",
+                 "--max_windows", "2", "--out_dir", str(tmp_path / "ev")]) == 0  # fmt: skip
+    res = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert set(res["perplexity"]) == {"dense", "tuned", "untuned"}
+    assert (tmp_path / "ev" / "sparsity.png").stat().st_size > 0
+    # a thresholds file for another shape: one clear line, exit 2
+    other = tmp_path / "other.safetensors"
+    sparge.save_params(other, sparge.SpargeParams.create(2, 3))
+    capsys.readouterr()
+    assert main(["sparge", "eval", "--model", str(llama_dir), "--tuned", str(other),
+                 "--data", str(data)]) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "2 layers x 3 heads; the model has 4 layers x 8 heads" in err
