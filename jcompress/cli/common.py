@@ -56,12 +56,15 @@ def add_dtype_flag(s: argparse.ArgumentParser) -> None:
 
 
 def add_attention_flag(s: argparse.ArgumentParser) -> None:
-    """``--attention NAME``: one of the registered attention implementations."""
+    """``--attention NAME``: one of the registered attention implementations (jcompress's own
+    packages that register one are imported first, so the choices do not depend on import order;
+    names starting with ``_`` are internal and hidden)."""
+    import jcompress.sparge  # noqa: F401  (registers "block_sparse")
     from jcompress.models.attention import DEFAULT, IMPLEMENTATIONS
 
     s.add_argument(
         "--attention",
-        choices=sorted(IMPLEMENTATIONS),
+        choices=sorted(n for n in IMPLEMENTATIONS if not n.startswith("_")),
         default=DEFAULT,
         help=f"attention implementation (default: {DEFAULT})",
     )

@@ -151,7 +151,7 @@ _SINKS: dict[int, list] = {}
 _NEXT = itertools.count()
 
 
-@seam.register_attention("sparge_probe")
+@seam.register_attention("_sparge_probe")  # internal: hidden from CLI choices
 @dataclasses.dataclass(frozen=True)
 class _Probe:
     """Dense attention that also hands ``q, k, v, k_valid`` to a host-side sink (the tuner's
