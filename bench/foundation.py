@@ -95,6 +95,7 @@ def forward_jax(
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
         "attention": DEFAULT_ATTENTION,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
 
 
