@@ -216,7 +216,8 @@ def worker_env() -> dict[str, str]:
             raise BenchError(f"JCOMPRESS_BENCH_THREADS: only 1 is supported, got {threads!r}")
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             env[var] = "1"
-        env["XLA_FLAGS"] = " ".join(filter(None, [env.get("XLA_FLAGS"), ONE_THREAD_XLA_FLAGS]))
+        if ONE_THREAD_XLA_FLAGS not in env.get("XLA_FLAGS", ""):  # nested workers inherit it
+            env["XLA_FLAGS"] = " ".join(filter(None, [env.get("XLA_FLAGS"), ONE_THREAD_XLA_FLAGS]))
     return env
 
 
