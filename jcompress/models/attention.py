@@ -253,8 +253,9 @@ class Chunked:
     causal future are not visited. Small tiles win on CPU because each tile's scores stay in
     L2 between the matmul, the max, the ``exp`` and the second matmul.
 
-    A call with few queries (decode: ``T <= block_q // 4``) skips the tiling and attends to
-    all ``S`` keys in one pass (its scores are ``O(T x S)``, small).
+    A call whose whole ``T x S`` score matrix is no bigger than one tile (a decode step over
+    up to ``block_q x block_k`` cached keys, a short input) skips the tiling and attends to all
+    keys in one pass; the memory bound above holds either way.
 
     Attributes:
       block_q: query rows per block.
@@ -276,7 +277,8 @@ class Chunked:
         del layer, state
         b, t, hq, d, s, hk, dv = _check(q, k, v)
         g = hq // hk
-        single = 4 * t <= self.block_q  # decode: one pass over all keys
+        # few scores (decode steps, short inputs): one pass over all keys, no running max
+        single = t * s <= self.block_q * self.block_k
         bq = t if single else min(self.block_q, t)
         bk = s if single else min(self.block_k, s)
         nq, nk = math.ceil(t / bq), math.ceil(s / bk)
