@@ -253,9 +253,11 @@ class Chunked:
     causal future are not visited. Small tiles win on CPU because each tile's scores stay in
     L2 between the matmul, the max, the ``exp`` and the second matmul.
 
-    A call whose whole ``T x S`` score matrix is no bigger than one tile (a decode step over
-    up to ``block_q x block_k`` cached keys, a short input) skips the tiling and attends to all
-    keys in one pass; the memory bound above holds either way.
+    A call whose whole ``T x S`` score matrix is no bigger than one tile (a short input)
+    attends to all keys in one pass. A call with few queries (``4 T <= block_q``: a decode
+    step) takes them as one query block against key blocks of ``4 x block_k`` slots (the same
+    tile size): on XLA:CPU that beat both a single pass over a 2K-slot cache and 64-slot
+    blocks. The memory bound above holds either way.
 
     Attributes:
       block_q: query rows per block.
@@ -277,10 +279,12 @@ class Chunked:
         del layer, state
         b, t, hq, d, s, hk, dv = _check(q, k, v)
         g = hq // hk
-        # few scores (decode steps, short inputs): one pass over all keys, no running max
+        # few queries (decode): one query block with 4x longer key blocks (the same tile
+        # size); a score matrix within one tile: one pass, no running max
+        few = 4 * t <= self.block_q
         single = t * s <= self.block_q * self.block_k
-        bq = t if single else min(self.block_q, t)
-        bk = s if single else min(self.block_k, s)
+        bq = t if few or single else min(self.block_q, t)
+        bk = s if single else min(4 * self.block_k if few else self.block_k, s)
         nq, nk = math.ceil(t / bq), math.ceil(s / bk)
         tp, sp = nq * bq, nk * bk
         q_pos, k_pos, slopes = _alibi(mask)
