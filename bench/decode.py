@@ -10,6 +10,7 @@ the cache ``init_cache`` allocates for the prompt + continuation.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from bench.foundation import llama_1m_dir, shared_data
@@ -98,6 +99,7 @@ def decode_llama_1m_eigen_2k(ctx: Context) -> dict[str, Any]:
     )
     prompt, new = ctx.pick(full=(2048, 128), quick=(2048, 32), dry=(64, 4))
     kw = dict(prompt_len=prompt, new_tokens=new, repeats=ctx.repeats(full=5, quick=3))
+    load_before = os.getloadavg()
     ours = ctx.side(decode_side, "compressed generate", model_dir=str(eigen_dir), **kw)
     base = ctx.side(decode_side, "dense generate", model_dir=str(model_dir), **kw)
     if not ours["kv_cache_bytes"] < base["kv_cache_bytes"]:
@@ -118,6 +120,7 @@ def decode_llama_1m_eigen_2k(ctx: Context) -> dict[str, Any]:
                 "ours": ours["prefill_plus_one_s"],
                 "baseline": base["prefill_plus_one_s"],
             },
+            "loadavg": {"before": list(load_before), "after": list(os.getloadavg())},
             "same_first_tokens": ours["tokens"][:8] == base["tokens"][:8],
             "calib": f"wikitext-2/valid.txt {nsamples}x{seqlen} seed 2, avg_dim 1, budget 0.025",
         },

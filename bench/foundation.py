@@ -95,6 +95,7 @@ def forward_jax(
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
         "attention": DEFAULT_ATTENTION,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
 
 
@@ -149,6 +150,7 @@ def _forward_pair(
     kw = dict(
         model_dir=str(model_dir), vocab=vocab, batch=batch, seq=seq, repeats=repeats, warmup=warmup
     )
+    load_before = os.getloadavg()
     ours = ctx.side(forward_jax, "jcompress forward", **kw, logits_out=str(ctx.tmp / "ours.npy"))
     base = ctx.side(
         forward_torch, "transformers forward", **kw, logits_out=str(ctx.tmp / "base.npy")
@@ -169,6 +171,8 @@ def _forward_pair(
             "repeats": repeats,
             "warmup": warmup,
             "last_token_logits_max_abs_diff": diff,
+            # the machine is shared: 1/5/15-minute load averages around the two sides
+            "loadavg": {"before": list(load_before), "after": list(os.getloadavg())},
             "n_params": {"ours": ours["n_params"], "baseline": base["n_params"]},
         },
     }

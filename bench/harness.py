@@ -198,10 +198,26 @@ def median(xs: list[float]) -> float:
 # --------------------------------------------------------------------------- subprocesses
 
 
+ONE_THREAD_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
+
 def worker_env() -> dict[str, str]:
+    """The workers' environment. ``JCOMPRESS_BENCH_THREADS=1`` pins *both* sides to one thread
+    (torch/OpenMP/MKL/OpenBLAS via their ``*_NUM_THREADS`` variables, XLA:CPU via
+    :data:`ONE_THREAD_XLA_FLAGS`): on a shared, loaded machine the default multi-threaded
+    runs measure scheduling luck as much as the code (torch's OpenMP barriers suffer most), so
+    single-thread ratios are the fairer comparison there. Unset: each library's default."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    threads = env.get("JCOMPRESS_BENCH_THREADS")
+    if threads is not None:
+        if threads != "1":
+            raise BenchError(f"JCOMPRESS_BENCH_THREADS: only 1 is supported, got {threads!r}")
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            env[var] = "1"
+        if ONE_THREAD_XLA_FLAGS not in env.get("XLA_FLAGS", ""):  # nested workers inherit it
+            env["XLA_FLAGS"] = " ".join(filter(None, [env.get("XLA_FLAGS"), ONE_THREAD_XLA_FLAGS]))
     return env
 
 

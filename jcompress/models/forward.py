@@ -10,9 +10,11 @@ Shapes: ``B`` batch, ``T`` new tokens, ``S`` key slots, ``H`` hidden, ``Hq``/``H
 key-value heads, ``D`` head width, ``V`` vocabulary.
 
 KV cache: per layer it stores the *latent* keys and values, i.e. the output of the first factor
-of a ``LowRank`` k/v kernel (``x @ a``, width ``r``) or the full pre-RoPE projection for a
-dense kernel, so a rank-r method shrinks the cache with no change here. Keys are re-expanded
-and rotated at read time.
+of a ``Factored`` k/v kernel (``x @ a``, width ``r``) or the full projection for a dense
+kernel, so a rank-r method shrinks the cache with no change here. Latent keys are re-expanded
+and rotated at read time; behind a dense k kernel the cache holds the *final* keys (after
+``clip_qkv``, q/k norm and RoPE, all per token), so a decode step prepares only its own key
+instead of re-rotating every cached one.
 """
 
 from __future__ import annotations
@@ -104,7 +106,8 @@ class KVCache(NamedTuple):
     """Latent KV cache (a pytree).
 
     Attributes:
-      k: per layer ``[B, S, Rk]`` latent keys (``Rk = Hk * D`` for a dense k kernel).
+      k: per layer ``[B, S, Rk]``: latent keys ``down(x)`` behind a ``Factored`` k kernel,
+        else the final keys (clipped, normed, rotated; ``Rk = Hk * D``).
       v: per layer ``[B, S, Rv]`` latent values.
       mask: ``[B, S]`` bool, slots that hold a real token.
       pos: ``[B, S]`` int32, position id of each slot.
@@ -225,6 +228,28 @@ def _alibi_slopes(cfg: ModelConfig) -> np.ndarray:
     return slopes.astype(np.float32)
 
 
+def _caches_final_keys(kp: Params) -> bool:
+    """Whether the KV cache holds final keys for this k projection: yes behind a kernel whose
+    latent is the full projection (a dense or non-factored kernel), no behind a
+    :class:`~jcompress.leaves.Factored` one (its cache holds ``down(x)``, rank ``r``)."""
+    return not isinstance(kp["kernel"], Factored)
+
+
+def _final_keys(cfg: ModelConfig, lay: Layout, lp: Params, k: jax.Array, pos: jax.Array):
+    """Full k projections ``[B, S, Hk * D]`` -> the keys attention reads ``[B, S, Hk, D]``:
+    clipped (``clip_qkv``), normed (``qk_norm``) and rotated at ``pos [B, S]`` (RoPE). Each
+    step is per token, so a cache may store its result."""
+    b, s, _ = k.shape
+    if cfg.clip_qkv is not None:
+        k = jnp.clip(k, -cfg.clip_qkv, cfg.clip_qkv)
+    k = k.reshape(b, s, cfg.num_kv_heads, -1)
+    if cfg.qk_norm:
+        k = _norm(cfg, get_path(lp, lay.k_norm), k)
+    if cfg.position is Position.ROPE:
+        k = _rope(cfg, k, pos)
+    return k
+
+
 def _attention(
     cfg: ModelConfig,
     lay: Layout,
@@ -250,6 +275,11 @@ def _attention(
     rec(lay.k, "in", x)
     rec(lay.v, "in", x)
     k_new, v_new = _latent(kp, x), _latent(vp, x)
+    # a cache behind a dense k kernel holds the final keys (clipped, normed, rotated at
+    # their own positions): a decode step then prepares only its new keys
+    ready = kv is not None and _caches_final_keys(kp)
+    if ready:
+        k_new = _final_keys(cfg, lay, lp, k_new, pos).reshape(k_new.shape)
     if kv is None:  # no cache: keys are this call's tokens
         k_lat, v_lat = k_new, v_new
         k_pos, k_mask = pos, mask
@@ -268,7 +298,7 @@ def _attention(
         and op["kernel"].consumes_latent_values(vp["kernel"])
         and cfg.clip_qkv is None
     )
-    k = _expand(kp, k_lat)
+    k = k_lat if ready else _expand(kp, k_lat)
     if fold:
         v = v_lat if "bias" not in vp else v_lat + vp["kernel"].latent_bias(vp["bias"])
         if kv is None and rec.wants(lay.v, "out"):
@@ -280,17 +310,15 @@ def _attention(
     if kv is None:
         rec(lay.k, "out", k)
     if cfg.clip_qkv is not None:
-        q, k, v = (jnp.clip(a, -cfg.clip_qkv, cfg.clip_qkv) for a in (q, k, v))
+        q, v = (jnp.clip(a, -cfg.clip_qkv, cfg.clip_qkv) for a in (q, v))
     s = k.shape[1]
     q = q.reshape(b, t, hq, -1)
-    k = k.reshape(b, s, hk, -1)
     v = v.reshape(b, s, hk, -1)
     if cfg.qk_norm:
         q = _norm(cfg, get_path(lp, lay.q_norm), q)
-        k = _norm(cfg, get_path(lp, lay.k_norm), k)
     if cfg.position is Position.ROPE:
         q = _rope(cfg, q, pos)
-        k = _rope(cfg, k, k_pos)
+    k = k.reshape(b, s, hk, -1) if ready else _final_keys(cfg, lay, lp, k, k_pos)
     scale = cfg.softmax_scale
     if cfg.scale_attn_by_inverse_layer_idx:
         scale = scale / (jnp.asarray(layer_idx, jnp.float32) + 1.0)
