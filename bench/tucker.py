@@ -101,7 +101,13 @@ def forward_side(shape: dict[str, int], nsamples: int, seqlen: int, repeats: int
     }
 
 
-@register(
+def _register(name: str, **kw):
+    """:func:`register`, except in ``python -m bench.tucker``: that runs this file as __main__
+    after ``bench/__init__`` has imported (and registered) ``bench.tucker``, never twice."""
+    return (lambda fn: fn) if __name__ == "__main__" else register(name, **kw)
+
+
+@_register(
     "tucker_mps_opt125m_shape",
     metric="s",
     higher_is_better=False,
@@ -233,7 +239,57 @@ def seed_table(shared: Path, nsamples: int = 16, seqlen: int = 256, windows: int
     return "\n".join(rows)
 
 
+def shape_table(layers: int = 12, nsamples: int = 4, seqlen: int = 128) -> str:
+    """The seed's settings on a random OPT-125m-shaped model (hidden 768, 12 heads x 64, ffn 3072,
+    ``layers`` layers, N(0, 0.02) weights from :func:`_setup`): ratio, space saved and weight
+    error only (random weights: no perplexity). ``tt`` and ``tucker`` are data-free (no calib
+    passed, so no layer output error); ``tucker_mps`` learns its bases from ``nsamples`` random
+    token windows of ``seqlen`` (its layer output error is over those windows)."""
+    import numpy as np
+
+    from jcompress.tucker import TuckerConfig, compress
+
+    shape = dict(layers=layers, vocab=50272, hidden=768, heads=12, head_dim=64, ffn=3072)
+    cfg, params, ids = _setup(shape, nsamples, seqlen)
+    rows = [
+        "| method | setting | ratio | saved | weight err | layer out err | KV/token |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+
+    def row(method, setting, rep):
+        err = np.mean([e for _, e in rep.layer_errors]) if rep.layer_errors else None
+        rows.append(
+            f"| {method} | {setting} | {rep.compression_ratio:.3f} | "
+            f"{100 * rep.space_saved:.1f}% | {rep.weight_error:.3f} | "
+            f"{'' if err is None else f'{err:.3f}'} | {rep.kv_cache_after} |"
+        )
+        print(rows[-1], file=sys.stderr, flush=True)
+
+    for eps, ranks in ((0.99, (6, 6, 8)), (0.95, (5, 5, 6)), (0.90, (4, 4, 5))):
+        _, rep = compress(params, cfg, config=TuckerConfig(variant="tt", mps_eps=eps),
+                          progress=False)  # fmt: skip
+        row("tt", f"mps_eps={eps}", rep)
+        _, rep = compress(params, cfg, config=TuckerConfig(variant="tucker", hooi_ranks=ranks),
+                          progress=False)  # fmt: skip
+        row("tucker", f"hooi_ranks={list(ranks)}", rep)
+    for basis in ((8, 4), (4, 4)):
+        config = TuckerConfig(variant="tucker_mps", basis_ranks=basis, batch_size=4)
+        _, rep = compress(params, cfg, ids, config=config, progress=False)
+        row("tucker_mps", f"basis_ranks={list(basis)} (r={int(np.prod(basis))}/64)", rep)
+    return "\n".join(rows)
+
+
 if __name__ == "__main__":
+    args = sys.argv[1:]
+    if args and args[0] == "--opt125m-shape":
+        # python -m bench.tucker --opt125m-shape [LAYERS] [OUT.json]
+        layers = int(args[1]) if len(args) > 1 and args[1].isdigit() else 12
+        table = shape_table(layers)
+        print(table)
+        rest = args[2:] if len(args) > 1 and args[1].isdigit() else args[1:]
+        if rest:
+            Path(rest[0]).write_text(json.dumps({"layers": layers, "table": table}))
+        sys.exit(0)
     root = Path(
         os.environ.get(
             "JCOMPRESS_SHARED_DATA", Path(__file__).parents[1].parent / "shared" / "data"
