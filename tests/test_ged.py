@@ -464,3 +464,95 @@ def test_iterative_pca_matches_scipy_pipeline_fp64(monkeypatch, threshold):
     np.testing.assert_allclose(f, filt * signs, rtol=1e-5, atol=1e-8 * np.abs(filt).max())
     ev = np.linalg.eigvalsh((np.cov(xs, rowvar=False) + np.cov(xr, rowvar=False)) / 2)[::-1]
     np.testing.assert_allclose(np.asarray(res.explained)[:k], ev[:k] / ev.sum(), rtol=1e-8)
+
+
+# --------------------------------------------------------------------------- fixed K: jit, vmap
+
+
+def _same_fit(a, b, rtol=1e-5):
+    """Two fits agree: K, eigenvalues (both directions), filters up to sign, ranks."""
+    assert a.n_components == b.n_components
+    for x, y in ((a, b), (a.swapped, b.swapped)):
+        lam = np.asarray(x.eigenvalues)
+        np.testing.assert_allclose(y.eigenvalues, lam, rtol=rtol, atol=1e-9 * lam[0])
+        fa, fb = np.asarray(x.filters), np.asarray(y.filters)
+        m = int(np.sum(lam > 1e-6 * lam[0]))  # past that, the degenerate null of S
+        signs = np.sign(np.sum(fa * fb, axis=0))[:m]
+        np.testing.assert_allclose(fb[:, :m] * signs, fa[:, :m], rtol=rtol, atol=1e-7)
+        assert int(x.rank_r_before) == int(y.rank_r_before)
+        assert int(x.rank_r_after) == int(y.rank_r_after)
+    k = a.n_components
+    np.testing.assert_allclose(np.asarray(b.explained)[:k], np.asarray(a.explained)[:k], rtol=rtol)
+
+
+@pytest.mark.parametrize(("n_s", "n_r", "d"), [(14, 10, 40), (60, 50, 12)])  # dual, full eigh
+def test_fixed_k_jit_matches_eager_and_threshold_fit_fp64(n_s, n_r, d):
+    """``jax.jit(partial(fit, config=GEDConfig(n_components=K)))`` == the eager fixed-K fit ==
+    the threshold fit that picks the same K == the numpy/scipy pipeline."""
+    import functools
+
+    rng = np.random.default_rng(31)
+    xs, xr, _ = _planted(rng, n_s=n_s, n_r=n_r, d=d)
+    xs, xr = xs.astype(np.float64), xr.astype(np.float64)
+    with jax.enable_x64(True):
+        by_threshold = fit(xs, xr, config=GEDConfig(variance_threshold=0.9))
+        k = by_threshold.n_components
+        cfg = GEDConfig(n_components=k)
+        eager = fit(xs, xr, config=cfg)
+        jitted = jax.jit(functools.partial(fit, config=cfg))(xs, xr)
+        assert jitted.eigenvalues.dtype == jnp.float64
+    assert 1 < k < d
+    _same_fit(by_threshold, eager)
+    _same_fit(eager, jitted)
+    k_ref, lam, filt, _, _ = _oracle(xs, xr, 0.9, 0.01)
+    assert k_ref == k
+    np.testing.assert_allclose(jitted.eigenvalues, lam, rtol=1e-5, atol=1e-10 * lam[0])
+    f = np.asarray(jitted.filters)
+    signs = np.sign(np.sum(f * filt, axis=0))
+    np.testing.assert_allclose(f[:, :2], (filt * signs)[:, :2], rtol=1e-5, atol=1e-9)
+
+
+def test_fixed_k_bounds_and_tracing_errors():
+    import functools
+
+    rng = np.random.default_rng(32)
+    xs, xr = rng.normal(size=(6, 20)), rng.normal(size=(5, 20))
+    # centered: 6 + 5 - 2 = 9 components at most; uncentered 11
+    with pytest.raises(UserError, match=r"n_components=10 exceeds the 9 components") as e:
+        fit(xs, xr, config=GEDConfig(n_components=10))
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match=r"n_components=12 exceeds the 11 components"):
+        fit(xs, xr, config=GEDConfig(n_components=12, center=False))
+    fit(xs, xr, config=GEDConfig(n_components=9))  # the bound itself is fine
+    with pytest.raises(UserError, match=r"n_components=10 exceeds"):  # shapes: also traced
+        jax.jit(functools.partial(fit, config=GEDConfig(n_components=10)))(xs, xr)
+    # the data span 3 directions only (+ each condition's mean: centered away)
+    basis = rng.normal(size=(3, 20))
+    low_s, low_r = rng.normal(size=(8, 3)) @ basis, rng.normal(size=(8, 3)) @ basis
+    with pytest.raises(UserError, match=r"span only 3 principal components"):
+        fit(low_s, low_r, config=GEDConfig(n_components=4))
+    # the threshold picks K on the host: not traceable, one clear error
+    with pytest.raises(UserError, match=r"needs a fixed GEDConfig\.n_components"):
+        jax.jit(functools.partial(fit, config=GEDConfig()))(xs, xr)
+    for bad in (0, -1, 2.0, True, "3"):
+        with pytest.raises(UserError, match=r"GEDConfig\.n_components must be a positive"):
+            GEDConfig(n_components=bad)
+
+
+def test_fixed_k_jit_vmaps_over_layers_fp64():
+    """The issue's "vmap where shapes agree": one jitted, vmapped fit over a [L, N, D] stack
+    equals the per-layer eager fits."""
+    import functools
+
+    rng = np.random.default_rng(33)
+    layers = [_planted(rng, n_s=12, n_r=10, d=30, amp=2.0 + i)[:2] for i in range(3)]
+    xs = np.stack([a for a, _ in layers]).astype(np.float64)
+    xr = np.stack([b for _, b in layers]).astype(np.float64)
+    cfg = GEDConfig(n_components=6, shrinkage=0.05)
+    with jax.enable_x64(True):
+        batched = jax.vmap(jax.jit(functools.partial(fit, config=cfg)))(xs, xr)
+        per_layer = [fit(xs[i], xr[i], config=cfg) for i in range(3)]
+    assert batched.eigenvalues.shape == (3, 6) and batched.filters.shape == (3, 30, 6)
+    assert batched.swapped.scores_s.shape == (3, 10, 6)
+    for i, ref in enumerate(per_layer):
+        _same_fit(ref, jax.tree.map(lambda a, i=i: a[i], batched))

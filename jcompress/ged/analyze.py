@@ -90,11 +90,13 @@ class GEDAnalysis:
     def to_markdown(self) -> str:
         t = self.table
         a, b = self.labels
+        k = self.config.n_components
+        pca = f"{self.config.variance_threshold:g}" if k is None else f"K = {k} (fixed)"
         lines = [
             f"GED of {a} (signal) vs {b} (reference): {self.hook.describe()} "
             f"(D = {self.hook.width}), position `{self.position}`, "
             f"{self.acts_s.shape[1]} vs {self.acts_r.shape[1]} samples, "
-            f"PCA {self.config.variance_threshold:g}, shrinkage {self.config.shrinkage}, "
+            f"PCA {pca}, shrinkage {self.config.shrinkage}, "
             f"{self.config.n_permutations} permutations, {self.config.n_folds}-fold CV",
             "",
             "| layer | K | rank R before -> after | top eigenvalues | swap top | p (top) "
@@ -124,7 +126,13 @@ class GEDAnalysis:
         out = [fg.layer_summary(t, d / "layers.png", layers=self.layers)]
         res = t.results[i]
         out.append(
-            fg.scree(res, d / f"scree_layer{layer}.png", threshold=self.config.variance_threshold)
+            fg.scree(
+                res,
+                d / f"scree_layer{layer}.png",
+                threshold=(
+                    self.config.variance_threshold if self.config.n_components is None else None
+                ),
+            )
         )
         out.append(
             fg.spectrum_vs_null(

@@ -19,7 +19,12 @@ class GEDConfig:
 
     Attributes:
       variance_threshold: keep the fewest principal components of the mean of the two
-        covariances whose cumulative explained variance reaches this fraction, in ``(0, 1]``.
+        covariances whose cumulative explained variance reaches this fraction, in ``(0, 1]``
+        (unused when ``n_components`` is set).
+      n_components: keep exactly this many principal components (a positive integer, at most
+        ``min(N_S + N_R - 2, D)``, ``min(N_S + N_R, D)`` uncentered) instead of the count
+        from ``variance_threshold``. A fixed count makes :func:`~jcompress.ged.fit`
+        traceable (``jax.jit``, ``jax.vmap``); ``None``: the count is picked on the host.
       shrinkage: ``gamma`` in ``R~ = (1 - gamma) R + gamma * mean(eig(R)) * I``, applied to the
         reference covariance in the reduced space; a float in ``[0, 1)`` or ``"ledoit_wolf"``.
       n_permutations: label shuffles for the permutation test (``0`` skips it: p = 1).
@@ -30,6 +35,7 @@ class GEDConfig:
     """
 
     variance_threshold: float = 0.99
+    n_components: int | None = None
     shrinkage: float | str = 0.01
     n_permutations: int = 1000
     n_folds: int = 5
@@ -40,6 +46,9 @@ class GEDConfig:
         t = self.variance_threshold
         if isinstance(t, bool) or not isinstance(t, int | float) or not 0 < t <= 1:
             raise UserError(f"GEDConfig.variance_threshold must be in (0, 1], got {t!r}")
+        k = self.n_components
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise UserError(f"GEDConfig.n_components must be a positive integer or None, got {k!r}")
         g = self.shrinkage
         if isinstance(g, str):
             if g != LEDOIT_WOLF:

@@ -17,9 +17,11 @@ The pipeline (Cohen 2022's two-stage procedure):
    ``F^T S F = diag(lambda)``, so this is the pattern up to a per-column scale), per-sample
    scores ``(X - mu) F`` with ``mu`` the mean of the two condition means.
 
-Step 2 needs host syncs (the component count, the iteration's convergence); steps 3-4 are
-jitted, with ``K`` static. :func:`jcompress.ged.analyze` captures model activations and calls
-:func:`fit_layers` on them.
+With the count from the threshold, step 2 needs host syncs (the component count, the
+iteration's convergence); steps 3-4 are jitted, with ``K`` static. With a fixed
+``GEDConfig.n_components`` no step syncs (the Gram or full eigh, never the iteration), so
+:func:`fit` traces under ``jax.jit`` / ``jax.vmap``. :func:`jcompress.ged.analyze` captures
+model activations and calls :func:`fit_layers` on them.
 """
 
 from __future__ import annotations
@@ -220,6 +222,11 @@ def n_components_for_threshold(pca_eigenvalues, threshold: float, *, total=None)
 # --------------------------------------------------------------------------- jitted stages
 
 
+def _traced(*xs) -> bool:
+    """Whether any of ``xs`` is a tracer (inside ``jit`` / ``vmap``): no host checks then."""
+    return any(isinstance(x, jax.core.Tracer) for x in xs)
+
+
 def _check_inputs(acts_s, acts_r, *, batched: bool = False) -> tuple[jax.Array, jax.Array]:
     nd = 3 if batched else 2
     shape = "[L, N, D]" if batched else "[N, D]"
@@ -234,6 +241,9 @@ def _check_inputs(acts_s, acts_r, *, batched: bool = False) -> tuple[jax.Array, 
             f"GED: acts_s {tuple(xs.shape)} and acts_r {tuple(xr.shape)} disagree "
             "(same layers and neurons needed)"
         )
+    for name, x in (("acts_s", xs), ("acts_r", xr)):
+        if not _traced(x) and not bool(jnp.all(jnp.isfinite(x))):
+            raise UserError(f"GED: {name} holds NaN or infinite values")
     return xs, xr
 
 
@@ -407,6 +417,67 @@ def _check_pd(res: GEDResult, what: str) -> None:
         )
 
 
+def _max_components(n_s: int, n_r: int, d: int, center: bool = True) -> int:
+    """The most principal components ``n_s + n_r`` samples of ``d`` neurons can give: the
+    rank bound of ``(S + R) / 2``, ``min(n_s + n_r - 2, d)`` centered (each condition's mean
+    costs one), ``min(n_s + n_r, d)`` uncentered."""
+    return min(n_s + n_r - (2 if center else 0), d)
+
+
+def _check_data_rank(evals, k: int, n: int) -> None:
+    """Concrete only: the pooled covariance has at least ``k`` nonzero eigenvalues (the
+    :func:`~jcompress.ged.ged_core.pca_dual_core` tolerance, ``max * max(N, D) * eps``)."""
+    ev = np.asarray(evals, np.float64)
+    tol = ev[0] * max(n, ev.size) * float(jnp.finfo(evals.dtype).eps)
+    rank = int(np.sum(ev > tol))
+    if rank < k:
+        raise UserError(
+            f"GED: GEDConfig.n_components={k} but the activations span only {rank} "
+            f"principal components: use n_components <= {rank}"
+        )
+
+
+def _fit_fixed(xs, xr, config: GEDConfig, swap: bool) -> GEDResult:
+    """:func:`fit` with ``K = config.n_components``: traceable (no host sync on tracers)."""
+    k = config.n_components
+    (n_s, d), n_r = xs.shape, xr.shape[0]
+    avail = _max_components(n_s, n_r, d, config.center)
+    if k > avail:
+        raise UserError(
+            f"GED: GEDConfig.n_components={k} exceeds the {avail} components that "
+            f"{n_s} + {n_r} samples of {d} neurons allow"
+            + (" (centered: N_S + N_R - 2)" if config.center and avail < d else "")
+        )
+    y = _pooled_factor(xs, xr, config.center)
+    n = y.shape[0]
+    if n < d:
+        evals, vecs, total = _dual_pca(y)
+    else:
+        (evals, vecs), total = _full_pca(y), _total(y)
+    concrete = not _traced(xs, xr)
+    if concrete:
+        _check_data_rank(evals, k, n)
+    res = _reduced_fit(xs, xr, evals, vecs, total, _gamma_arg(config), k, _Opts.of(config), swap)
+    if concrete:
+        _check_pd(res, "reference (acts_r)")
+        if res.swapped is not None:
+            _check_pd(res.swapped, "swapped reference (acts_s)")
+    return res
+
+
+def _fit(xs, xr, config: GEDConfig, swap: bool) -> GEDResult:
+    """:func:`fit` on checked inputs."""
+    if config.n_components is not None:
+        return _fit_fixed(xs, xr, config, swap)
+    if _traced(xs, xr):
+        raise UserError(
+            "GED: fit under jax.jit / jax.vmap needs a fixed GEDConfig.n_components "
+            "(variance_threshold picks the count on the host)"
+        )
+    stats = _pooled_pca(xs, xr, config.center, config.variance_threshold)
+    return _fit_stats(xs, xr, stats, config, swap)
+
+
 def _fit_stats(xs, xr, stats, config: GEDConfig, swap: bool) -> GEDResult:
     evals, vecs, total = stats
     k = n_components_for_threshold(evals, config.variance_threshold, total=float(total))
@@ -427,12 +498,21 @@ def fit(acts_s, acts_r, *, config: GEDConfig = _DEFAULT, swap: bool = True) -> G
     Args:
       acts_s: ``[N_S, D]`` activations of the signal condition (e.g. at "him" tokens).
       acts_r: ``[N_R, D]`` activations of the reference condition (e.g. at "her" tokens).
-      config: :class:`GEDConfig` (threshold, shrinkage, centering).
+      config: :class:`GEDConfig` (threshold or fixed component count, shrinkage, centering).
       swap: also fit R against S (``result.swapped``).
 
     Returns:
-      :class:`GEDResult`. Raises :class:`~jcompress.errors.UserError` when the (shrunk)
-      reference covariance is not positive definite in the PCA space.
+      :class:`GEDResult`. Raises :class:`~jcompress.errors.UserError` on NaN / infinite
+      activations, when ``config.n_components`` exceeds what the data span, and when the
+      (shrunk) reference covariance is not positive definite in the PCA space.
+
+    Pure, and jit-able with a fixed ``config.n_components`` (the config static or closed
+    over): ``jax.jit(functools.partial(fit, config=GEDConfig(n_components=60)))``, and
+    ``jax.vmap`` of that over layers of one shape. Traced inputs skip the host checks (the
+    component-count bound, which needs only shapes, still raises): a non positive definite
+    ``R~`` (e.g. ``shrinkage=0`` on rank-deficient data) then gives NaNs, not an error. With
+    ``n_components=None`` the count is picked from ``variance_threshold`` on the host, which
+    tracing cannot do (a clear error).
 
     Example::
 
@@ -441,8 +521,7 @@ def fit(acts_s, acts_r, *, config: GEDConfig = _DEFAULT, swap: bool = True) -> G
       res.swapped.eigenvalues[0]              # "her > him"
     """
     xs, xr = _check_inputs(acts_s, acts_r)
-    stats = _pooled_pca(xs, xr, config.center, config.variance_threshold)
-    return _fit_stats(xs, xr, stats, config, swap)
+    return _fit(xs, xr, config, swap)
 
 
 def _top_reduced(zs, zr, opts: _Opts, gamma):
@@ -636,8 +715,7 @@ def fit_layers(
 
         it = tqdm(it, desc="GED", unit="layer", leave=False)
     for layer in it:
-        st = _pooled_pca(xs[layer], xr[layer], config.center, config.variance_threshold)
-        res = _fit_stats(xs[layer], xr[layer], st, config, swap)
+        res = _fit(xs[layer], xr[layer], config, swap)
         null, p = permutation_test(xs[layer], xr[layer], config=config, result=res)
         cv = cross_validate(xs[layer], xr[layer], config=config)
         rows.append((float(res.eigenvalues[0]), p, cv.accuracy, cv.cohens_d, res.n_components))
