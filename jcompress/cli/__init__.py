@@ -32,7 +32,9 @@ __all__ = [
 ]
 
 # subcommand name -> module under jcompress.cli (in --help order)
-COMMANDS = ("demo", "eigen", "tucker", "quant", "tokenwise", "ged", "sparge", "ppl", "generate", "convert")
+COMMANDS = (
+    "demo", "eigen", "tucker", "quant", "tokenwise", "ged", "sparge", "ppl", "generate", "convert",
+)  # fmt: skip
 
 
 def bundled_model_dir() -> Path:
