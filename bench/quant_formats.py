@@ -35,11 +35,17 @@ def nvfp4_jax(n_in: int, n_out: int, repeats: int, result: str, seed: int = 0) -
     spec = parse_spec("nvfp4")
     w = jnp.asarray(_weight(n_in, n_out, seed))
     base = rss_mib()
-    first, times, out = time_calls(lambda: fake_quant(w, spec), repeats,
-                                   sync=jax.block_until_ready, between=gc.collect)
+    first, times, out = time_calls(
+        lambda: fake_quant(w, spec), repeats, sync=jax.block_until_ready, between=gc.collect
+    )
     np.save(result, np.asarray(out))
-    return {"value": median(times), "first_s": first, "times_s": times, "base_rss_mib": base,
-            "backend": jax.default_backend()}
+    return {
+        "value": median(times),
+        "first_s": first,
+        "times_s": times,
+        "base_rss_mib": base,
+        "backend": jax.default_backend(),
+    }
 
 
 def _torch_nvfp4(w):
@@ -62,8 +68,7 @@ def _torch_nvfp4(w):
     return (torch.copysign(q, y) * s).reshape(-1, n_out)[:n_in]
 
 
-def nvfp4_torch(n_in: int, n_out: int, repeats: int, result: str, seed: int = 0
-                ) -> dict[str, Any]:
+def nvfp4_torch(n_in: int, n_out: int, repeats: int, result: str, seed: int = 0) -> dict[str, Any]:
     """Baseline side: :func:`_torch_nvfp4` (float32, CPU, ``no_grad``)."""
     import numpy as np
     import torch
@@ -74,9 +79,15 @@ def nvfp4_torch(n_in: int, n_out: int, repeats: int, result: str, seed: int = 0
         first, times, out = time_calls(lambda: _torch_nvfp4(w), repeats, between=gc.collect)
     ours = np.load(result)
     same = float(np.mean(out.numpy() == ours))
-    return {"value": median(times), "first_s": first, "times_s": times, "base_rss_mib": base,
-            "equal_fraction": same, "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
+    return {
+        "value": median(times),
+        "first_s": first,
+        "times_s": times,
+        "base_rss_mib": base,
+        "equal_fraction": same,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
 
 
 @register(
@@ -88,8 +99,9 @@ def nvfp4_torch(n_in: int, n_out: int, repeats: int, result: str, seed: int = 0
 )
 def nvfp4_fake_quant_4096(ctx: Context) -> dict[str, Any]:
     n = ctx.pick(full=4096, quick=2048, dry=64)
-    kw = dict(n_in=n, n_out=n, repeats=ctx.repeats(full=10, quick=5),
-              result=str(ctx.tmp / "ours.npy"))
+    kw = dict(
+        n_in=n, n_out=n, repeats=ctx.repeats(full=10, quick=5), result=str(ctx.tmp / "ours.npy")
+    )
     ours = ctx.side(nvfp4_jax, "jcompress fake_quant", **kw)
     base = ctx.side(nvfp4_torch, "torch nvfp4", **kw)
     speedup = base["value"] / ours["value"]
@@ -97,6 +109,10 @@ def nvfp4_fake_quant_4096(ctx: Context) -> dict[str, Any]:
         "ours": ours,
         "baseline": base,
         "size": f"{n}x{n}",
-        "info": {"speedup": speedup, "equal_fraction": base["equal_fraction"], "goal": GOAL,
-                 "goal_met": speedup >= 2},
+        "info": {
+            "speedup": speedup,
+            "equal_fraction": base["equal_fraction"],
+            "goal": GOAL,
+            "goal_met": speedup >= 2,
+        },
     }

@@ -70,8 +70,13 @@ def _spec(spec: QuantSpec | str) -> QuantSpec:
     return spec if isinstance(spec, QuantSpec) else F.parse_spec(spec, arg="spec")
 
 
-def supports(spec: QuantSpec | str, shape: tuple[int, ...], block_sizes: BlockSizes | None = None,
-             *, interpret: bool = False) -> bool:
+def supports(
+    spec: QuantSpec | str,
+    shape: tuple[int, ...],
+    block_sizes: BlockSizes | None = None,
+    *,
+    interpret: bool = False,
+) -> bool:
     """Whether the Pallas path runs ``spec`` on an array of ``shape`` (else: the fallback)."""
     spec = _spec(spec)
     if len(shape) != 2 or min(shape) <= 0:

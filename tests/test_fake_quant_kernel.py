@@ -33,8 +33,9 @@ class TestInterpret:
 
     interpret = True
 
-    @pytest.mark.parametrize("spec", ["nvfp4", "mxfp4", "mxfp6_e2m3", "fp4@64", "fp6@32",
-                                      "int4@32", "fp8_e4m3@16"])
+    @pytest.mark.parametrize(
+        "spec", ["nvfp4", "mxfp4", "mxfp6_e2m3", "fp4@64", "fp6@32", "int4@32", "fp8_e4m3@16"]
+    )
     def test_bit_exact_vs_reference(self, w, spec):
         assert K.supports(spec, w.shape, interpret=self.interpret)
         got = np.asarray(K.fake_quant(w, spec, interpret=self.interpret))
@@ -45,8 +46,10 @@ class TestInterpret:
         bs = K.BlockSizes(block_in=32, block_out=16)
         got = K.fake_quant(wb, "nvfp4", block_sizes=bs, interpret=self.interpret)
         assert got.dtype == jnp.bfloat16
-        np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)),
-                                      np.asarray(reference(wb, "nvfp4").astype(jnp.float32)))
+        np.testing.assert_array_equal(
+            np.asarray(got.astype(jnp.float32)),
+            np.asarray(reference(wb, "nvfp4").astype(jnp.float32)),
+        )
 
     def test_zeros(self):
         z = K.fake_quant(jnp.zeros((64, 32)), "mxfp4", interpret=self.interpret)
@@ -62,8 +65,9 @@ def test_fallback_when_unsupported(w):
     # per-tensor FP8 and per-channel blocks wider than a power-of-two tile go to XLA
     for spec in ("fp8_e4m3", "fp4@in"):
         assert not K.supports(spec, w.shape, interpret=True)
-        np.testing.assert_array_equal(np.asarray(K.fake_quant(w, spec, interpret=True)),
-                                      np.asarray(reference(w, spec)))
+        np.testing.assert_array_equal(
+            np.asarray(K.fake_quant(w, spec, interpret=True)), np.asarray(reference(w, spec))
+        )
     assert not K.supports("nvfp4", (4,), interpret=True)
     bs = K.BlockSizes(block_in=8, block_out=8)  # smaller than NVFP4's 16-row block
     assert not K.supports("nvfp4", w.shape, bs, interpret=True)

@@ -39,9 +39,19 @@ def test_choice_grammar():
     for key in ("rank=16;fmt=nvfp4;blk=na", "rank=none;fmt=fp4;blk=in", "rank=8;quant=none"):
         assert parse_choice(key).key == key  # the tokenwise cfg keys round-trip
     assert parse_rule(r"model/layers/\d+/mlp/.*=rank=4;fmt=int4;blk=32") == (
-        r"model/layers/\d+/mlp/.*", LayerChoice(4, QuantSpec("int4", 32)))
-    for bad in ("rank=-1;fmt=nvfp4", "rank=0;fmt=nvfp4", "rank=4;quant=fp4", "fmt=fp5",
-                "rank=none;quant=none", "blk=in", "speed=9;fmt=nvfp4", "fp4"):
+        r"model/layers/\d+/mlp/.*",
+        LayerChoice(4, QuantSpec("int4", 32)),
+    )
+    for bad in (
+        "rank=-1;fmt=nvfp4",
+        "rank=0;fmt=nvfp4",
+        "rank=4;quant=fp4",
+        "fmt=fp5",
+        "rank=none;quant=none",
+        "blk=in",
+        "speed=9;fmt=nvfp4",
+        "fp4",
+    ):
         with pytest.raises(UserError):
             parse_choice(bad)
     with pytest.raises(UserError, match="REGEX=CONFIG"):
@@ -79,17 +89,21 @@ def test_apply_matches_oracle(llama, applied):
     new, report = applied
     old, got = flatten(params), flatten(new)
     changed = {k for k in got if got[k] is not old[k]}
-    want_paths = {f"model/layers/0/self_attn/{p}_proj/kernel" for p in "kvo"} | {
-        f"model/layers/1/mlp/{p}_proj/kernel" for p in ("gate", "up", "down")} | {
-        "model/layers/2/mlp/down_proj/kernel"}
+    want_paths = (
+        {f"model/layers/0/self_attn/{p}_proj/kernel" for p in "kvo"}
+        | {f"model/layers/1/mlp/{p}_proj/kernel" for p in ("gate", "up", "down")}
+        | {"model/layers/2/mlp/down_proj/kernel"}
+    )
     assert changed == want_paths
     assert [r.path for r in report.layers] == sorted(
-        (p[: -len("/kernel")] for p in want_paths), key=[r.path for r in report.layers].index)
+        (p[: -len("/kernel")] for p in want_paths), key=[r.path for r in report.layers].index
+    )
     # plain NVFP4: exactly the reference fake quant
     p = "model/layers/1/mlp/up_proj/kernel"
     assert isinstance(got[p], QuantizedArray)
-    np.testing.assert_array_equal(np.asarray(got[p].materialize()),
-                                  np.asarray(fake_quant(old[p], "nvfp4")))
+    np.testing.assert_array_equal(
+        np.asarray(got[p].materialize()), np.asarray(fake_quant(old[p], "nvfp4"))
+    )
     # rank 4 + fp4@64 residual: numpy SVD for L, the reference for Q(W - L)
     p = "model/layers/0/self_attn/k_proj/kernel"
     leaf = got[p]
@@ -107,9 +121,11 @@ def test_apply_matches_oracle(llama, applied):
     # the report's relative error is the weight error of the leaf
     row = next(r for r in report.layers if r.path == "model/layers/1/mlp/up_proj")
     d = np.asarray(got["model/layers/1/mlp/up_proj/kernel"].materialize()) - np.asarray(
-        old["model/layers/1/mlp/up_proj/kernel"])
+        old["model/layers/1/mlp/up_proj/kernel"]
+    )
     assert row.rel_error == pytest.approx(
-        np.linalg.norm(d) / np.linalg.norm(old["model/layers/1/mlp/up_proj/kernel"]), rel=1e-4)
+        np.linalg.norm(d) / np.linalg.norm(old["model/layers/1/mlp/up_proj/kernel"]), rel=1e-4
+    )
     assert row.bits_per_weight == pytest.approx(4 + 8 / 16 + 32 / (128 * 352))
     js = json.loads(json.dumps(report.to_json()))
     assert js["n_layers"] == 7 and "| layer |" in report.to_markdown()
@@ -130,9 +146,13 @@ def test_selection_errors(llama, applied):
     with pytest.raises(UserError, match="matches nothing"):
         compress(params, config=QuantApplyConfig(rules=(("model/nope/.*", "nvfp4"),)))
     with pytest.warns(UserWarning, match="matches nothing"):
-        _, rep = compress(params, config=QuantApplyConfig(
-            rules=(("model/nope/.*", "nvfp4"), ("lm_head", "int8")), allow_unmatched=True),
-            progress=False)
+        _, rep = compress(
+            params,
+            config=QuantApplyConfig(
+                rules=(("model/nope/.*", "nvfp4"), ("lm_head", "int8")), allow_unmatched=True
+            ),
+            progress=False,
+        )
     assert rep.unmatched_rules == ("model/nope/.*",) and rep.layers[0].path == "lm_head"
     new, _ = applied
     with pytest.raises(UserError, match="k_proj/kernel is a Residual"):
@@ -141,8 +161,11 @@ def test_selection_errors(llama, applied):
 
 def test_opt_tied_model(opt_dir):
     cfg, params = jcompress.load_hf(opt_dir)
-    new, rep = compress(params, config=QuantApplyConfig(
-        rules=((r"model/decoder/layers/\d+/fc[12]", "mxfp4"),)), progress=False)
+    new, rep = compress(
+        params,
+        config=QuantApplyConfig(rules=((r"model/decoder/layers/\d+/fc[12]", "mxfp4"),)),
+        progress=False,
+    )
     assert len(rep.layers) == 2 * cfg.num_layers
     ids = jnp.arange(2, 26)[None]
     a = jcompress.forward(cfg, new, ids)
@@ -152,9 +175,25 @@ def test_opt_tied_model(opt_dir):
 
 def test_cli_end_to_end(capsys, tmp_path, llama_dir):
     out = tmp_path / "q"
-    code = main(["quant", "apply", "--model", str(llama_dir), "--rule",
-                 r"model/layers/\d+/mlp/.*=nvfp4", "--out", str(out), "--seqlen", "64", "--packed",
-                 "--max_windows", "2", "--json", str(tmp_path / "r.json")])
+    code = main(
+        [
+            "quant",
+            "apply",
+            "--model",
+            str(llama_dir),
+            "--rule",
+            r"model/layers/\d+/mlp/.*=nvfp4",
+            "--out",
+            str(out),
+            "--seqlen",
+            "64",
+            "--packed",
+            "--max_windows",
+            "2",
+            "--json",
+            str(tmp_path / "r.json"),
+        ]
+    )
     text = capsys.readouterr().out
     assert code == 0
     rep = json.loads((out / "report.json").read_text())
@@ -178,8 +217,18 @@ def test_cli_end_to_end(capsys, tmp_path, llama_dir):
     ],
 )
 def test_cli_bad_input_one_line(capsys, tmp_path, llama_dir, argv, needle):
-    code = main(["quant", "apply", "--model", str(llama_dir), "--no_eval",
-                 "--out", str(tmp_path / "o"), *argv])
+    code = main(
+        [
+            "quant",
+            "apply",
+            "--model",
+            str(llama_dir),
+            "--no_eval",
+            "--out",
+            str(tmp_path / "o"),
+            *argv,
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and needle in err[0], err
     assert not (tmp_path / "o").exists()
@@ -193,11 +242,20 @@ def test_tiny_qwen3_against_transformers(tmp_path):
 
     src = save_model(make_model("qwen3"), tmp_path / "src")
     cfg, params = jcompress.load_hf(src)
-    new, rep = compress(params, config=QuantApplyConfig(rules=(
-        (r"model/layers/\d+/mlp/.*", "mxfp4"), (r"model/layers/\d+/self_attn/.*", "nvfp4"))),
-        progress=False)
-    assert rep.layers and all(isinstance(v, QuantizedArray) for v in
-                              (flatten(new)[f"{r.path}/kernel"] for r in rep.layers))
+    new, rep = compress(
+        params,
+        config=QuantApplyConfig(
+            rules=(
+                (r"model/layers/\d+/mlp/.*", "mxfp4"),
+                (r"model/layers/\d+/self_attn/.*", "nvfp4"),
+            )
+        ),
+        progress=False,
+    )
+    assert rep.layers and all(
+        isinstance(v, QuantizedArray)
+        for v in (flatten(new)[f"{r.path}/kernel"] for r in rep.layers)
+    )
     dense = jcompress.save_hf(cfg, new, tmp_path / "dense")  # materialized: stock transformers
     model = AutoModelForCausalLM.from_pretrained(dense, attn_implementation="eager").eval()
     ids, mask = batch()

@@ -49,17 +49,26 @@ def oracle_round(y: np.ndarray, elem: str) -> np.ndarray:
 def grid(elem: str) -> np.ndarray:
     """Every finite non-negative value of the element, from the ml_dtypes bit patterns."""
     dt, mx = ORACLE[elem]
-    nbits = {ml_dtypes.float4_e2m1fn: 4, ml_dtypes.float6_e3m2fn: 6,
-             ml_dtypes.float6_e2m3fn: 6}.get(dt, 8)
-    codes = np.arange(2 ** nbits, dtype=np.uint8)
+    nbits = {
+        ml_dtypes.float4_e2m1fn: 4,
+        ml_dtypes.float6_e3m2fn: 6,
+        ml_dtypes.float6_e2m3fn: 6,
+    }.get(dt, 8)
+    codes = np.arange(2**nbits, dtype=np.uint8)
     if nbits == 8:
         vals = codes.view(dt).astype(np.float32)
     else:  # sub-byte types: values from the bit layout (sign, exponent, mantissa) and finfo
         fi = ml_dtypes.finfo(dt)
         m, bias = fi.nmant, 1 - fi.minexp
-        vals = np.array([(c & ((1 << m) - 1)) / 2**m * 2.0 ** (1 - bias) if c >> m == 0 else
-                         (1 + (c & ((1 << m) - 1)) / 2**m) * 2.0 ** ((c >> m) - bias)
-                         for c in range(2 ** (nbits - 1))], np.float32)
+        vals = np.array(
+            [
+                (c & ((1 << m) - 1)) / 2**m * 2.0 ** (1 - bias)
+                if c >> m == 0
+                else (1 + (c & ((1 << m) - 1)) / 2**m) * 2.0 ** ((c >> m) - bias)
+                for c in range(2 ** (nbits - 1))
+            ],
+            np.float32,
+        )
         # cross-check the layout against ml_dtypes' own conversion
         np.testing.assert_array_equal(vals.astype(dt).astype(np.float32), vals)
     vals = vals[np.isfinite(vals)]
@@ -88,7 +97,7 @@ def test_grid_fixed_points_ties_and_random(elem):
     el = ELEMENT[elem]
     assert g.max() == el.max
     # the grid's size from the bit layout: 2**(e+m) codes minus the reserved ones
-    assert len(g) >= 2 ** (el.ebits + el.mbits) - 2 ** el.mbits
+    assert len(g) >= 2 ** (el.ebits + el.mbits) - 2**el.mbits
     mids = (g[1:] + g[:-1]) / 2  # exact ties
     rng = np.random.default_rng(0)
     rnd = rng.uniform(-1.3 * el.max, 1.3 * el.max, 2000)
@@ -113,8 +122,13 @@ def test_element_constants():
 def blocks_of(shape, spec: QuantSpec):
     """(bi, bo) written from the issue text, independently of formats.block_shape."""
     n_in, n_out = shape
-    fixed = {"nvfp4": (16, 1), "mxfp4": (32, 1), "mxfp6_e3m2": (32, 1),
-             "mxfp6_e2m3": (32, 1), "mxfp8": (32, 1)}
+    fixed = {
+        "nvfp4": (16, 1),
+        "mxfp4": (32, 1),
+        "mxfp6_e3m2": (32, 1),
+        "mxfp6_e2m3": (32, 1),
+        "mxfp8": (32, 1),
+    }
     if spec.fmt in fixed:
         return fixed[spec.fmt]
     blk = spec.blk
@@ -127,9 +141,20 @@ def blocks_of(shape, spec: QuantSpec):
     return (blk, blk) if spec.fmt in ("fp4", "fp6", "fp8") else (blk, 1)
 
 
-ELEM_OF = {"fp4": "SEED_E2M1", "fp6": "SEED_E3M2", "fp8": "SEED_E4M3", "nvfp4": "E2M1",
-           "mxfp4": "E2M1", "mxfp6_e3m2": "E3M2", "mxfp6_e2m3": "E2M3", "mxfp8": "E4M3FN",
-           "fp8_e4m3": "E4M3FN", "fp8_e5m2": "E5M2", "int4": None, "int8": None}
+ELEM_OF = {
+    "fp4": "SEED_E2M1",
+    "fp6": "SEED_E3M2",
+    "fp8": "SEED_E4M3",
+    "nvfp4": "E2M1",
+    "mxfp4": "E2M1",
+    "mxfp6_e3m2": "E3M2",
+    "mxfp6_e2m3": "E2M3",
+    "mxfp8": "E4M3FN",
+    "fp8_e4m3": "E4M3FN",
+    "fp8_e5m2": "E5M2",
+    "int4": None,
+    "int8": None,
+}
 
 
 def oracle_fake_quant(w: np.ndarray, spec: QuantSpec) -> np.ndarray:
@@ -141,36 +166,55 @@ def oracle_fake_quant(w: np.ndarray, spec: QuantSpec) -> np.ndarray:
     g = np.float32(np.abs(w).max() / np.float32(6 * 448))
     for i0 in range(0, n_in, bi):
         for j0 in range(0, n_out, bo):
-            blk = w[i0:i0 + bi, j0:j0 + bo]
+            blk = w[i0 : i0 + bi, j0 : j0 + bo]
             amax = np.float32(np.abs(blk).max())
             if spec.fmt.startswith("int"):
                 qmax = 7 if spec.fmt == "int4" else 127
                 s = np.float32(amax / np.float32(qmax))
                 q = np.clip(np.round(blk / s), -qmax, qmax) if s > 0 else 0 * blk
-                out[i0:i0 + bi, j0:j0 + bo] = q * s
+                out[i0 : i0 + bi, j0 : j0 + bo] = q * s
             elif spec.fmt == "nvfp4":
                 sb = np.float32(amax / np.float32(6)) / g if g > 0 else np.float32(0)
                 sb = oracle_round(np.array([sb]), "E4M3FN")[0]
                 if sb * g > 0:
                     q = oracle_round(blk / np.float32(sb * g), "E2M1")
-                    out[i0:i0 + bi, j0:j0 + bo] = q * np.float32(sb * g)
+                    out[i0 : i0 + bi, j0 : j0 + bo] = q * np.float32(sb * g)
             elif spec.fmt.startswith("mx"):
                 emax = {"E2M1": 2, "E3M2": 4, "E2M3": 2, "E4M3FN": 8}[elem]
                 k = math.floor(math.log2(amax)) - emax if amax > 0 else -127
                 k = min(max(k, -127), 127)
-                x = np.float32(2.0 ** k)
-                out[i0:i0 + bi, j0:j0 + bo] = oracle_round(blk / x, elem) * x
+                x = np.float32(2.0**k)
+                out[i0 : i0 + bi, j0 : j0 + bo] = oracle_round(blk / x, elem) * x
             else:
                 mx = ORACLE[elem][1]
                 s = np.float32(amax / np.float32(mx))
                 if s > 0:
-                    out[i0:i0 + bi, j0:j0 + bo] = oracle_round(blk / s, elem) * s
+                    out[i0 : i0 + bi, j0 : j0 + bo] = oracle_round(blk / s, elem) * s
     return out
 
 
-SPECS = ["fp4@in", "fp4@out", "fp4@16", "fp6@in", "fp6@8", "fp8@out", "fp8@16", "nvfp4",
-         "mxfp4", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp8", "fp8_e4m3", "fp8_e4m3@out",
-         "fp8_e5m2", "fp8_e5m2@16", "int4", "int4@16", "int8", "int8@in"]
+SPECS = [
+    "fp4@in",
+    "fp4@out",
+    "fp4@16",
+    "fp6@in",
+    "fp6@8",
+    "fp8@out",
+    "fp8@16",
+    "nvfp4",
+    "mxfp4",
+    "mxfp6_e3m2",
+    "mxfp6_e2m3",
+    "mxfp8",
+    "fp8_e4m3",
+    "fp8_e4m3@out",
+    "fp8_e5m2",
+    "fp8_e5m2@16",
+    "int4",
+    "int4@16",
+    "int8",
+    "int8@in",
+]
 
 
 STORED = {"fp4@16", "nvfp4", "mxfp6_e2m3", "fp8_e5m2@16", "int4"}  # one per scale kind
@@ -211,8 +255,9 @@ def test_fake_quant_idempotent_and_dtype(weight):
     out = fake_quant(wb, "nvfp4")
     assert out.dtype == jnp.bfloat16
     want = oracle_fake_quant(np.asarray(wb.astype(jnp.float32)), parse_spec("nvfp4"))
-    np.testing.assert_array_equal(np.asarray(out.astype(jnp.float32)),
-                                  want.astype(ml_dtypes.bfloat16).astype(np.float32))
+    np.testing.assert_array_equal(
+        np.asarray(out.astype(jnp.float32)), want.astype(ml_dtypes.bfloat16).astype(np.float32)
+    )
 
 
 def test_nvfp4_scales_by_hand():
@@ -230,13 +275,15 @@ def test_mx_scale_is_floor_power_of_two():
     w[0] = [3.0, 0.75, 0.0]  # floor(log2 3) = 1 -> 2**(1 - 2) for E2M1; column 2 all zero
     w[1, 1] = -0.5
     q = quantize(jnp.asarray(w), "mxfp4")
-    want = np.array([0.5, 2.0 ** -3, 2.0 ** -127], np.float32)
-    np.testing.assert_array_equal(np.asarray(F.scale_values(q.scales, q_spec := parse_spec(
-        "mxfp4")))[0], want)
+    want = np.array([0.5, 2.0**-3, 2.0**-127], np.float32)
+    np.testing.assert_array_equal(
+        np.asarray(F.scale_values(q.scales, q_spec := parse_spec("mxfp4")))[0], want
+    )
     # stored as E8M0 bits: the same bytes ml_dtypes' float8_e8m0fnu holds
     assert q.scales.dtype == np.uint8
-    np.testing.assert_array_equal(np.asarray(q.scales)[0],
-                                  want.astype(ml_dtypes.float8_e8m0fnu).view(np.uint8))
+    np.testing.assert_array_equal(
+        np.asarray(q.scales)[0], want.astype(ml_dtypes.float8_e8m0fnu).view(np.uint8)
+    )
     assert q_spec.format.scaling == "mx"
 
 
@@ -283,15 +330,31 @@ def test_parse_spec_grammar():
     assert parse_spec("int8").key == "fmt=int8;blk=na"
     assert QuantSpec("mxfp4", 64).blk is None
     assert parse_specs("nvfp4@128,fp4@128,fp4@in") == (
-        QuantSpec("nvfp4"), QuantSpec("fp4", 128), QuantSpec("fp4", "in"))
+        QuantSpec("nvfp4"),
+        QuantSpec("fp4", 128),
+        QuantSpec("fp4", "in"),
+    )
     assert str(parse_spec("fp4@128")) == "fp4@128"
     assert {QuantSpec("fp4", 128): 1}[parse_spec("fp4@128")] == 1  # hashable, equal
-    assert set(FORMATS) >= {"fp4", "fp6", "fp8", "nvfp4", "mxfp4", "mxfp6_e3m2", "mxfp6_e2m3",
-                            "mxfp8", "fp8_e4m3", "fp8_e5m2", "int4", "int8"}
+    assert set(FORMATS) >= {
+        "fp4",
+        "fp6",
+        "fp8",
+        "nvfp4",
+        "mxfp4",
+        "mxfp6_e3m2",
+        "mxfp6_e2m3",
+        "mxfp8",
+        "fp8_e4m3",
+        "fp8_e5m2",
+        "int4",
+        "int8",
+    }
 
 
-@pytest.mark.parametrize("bad", ["fp4", "fp5@in", "fp4@0", "fp4@-8", "fp4@x", "nvfp4@@1", "",
-                                 "fp4@in@out", "int4@1.5"])
+@pytest.mark.parametrize(
+    "bad", ["fp4", "fp5@in", "fp4@0", "fp4@-8", "fp4@x", "nvfp4@@1", "", "fp4@in@out", "int4@1.5"]
+)
 def test_parse_spec_errors(bad):
     with pytest.raises(UserError, match=r"--qspecs: .*valid: fp4@in"):
         parse_spec(bad)

@@ -36,19 +36,22 @@ def test_leaf_reconstruction(w, text):
     np.testing.assert_array_equal(np.asarray(leaf.materialize()), np.asarray(fake_quant(w, text)))
     # numpy oracle: codes times the block scale broadcast by explicit index arithmetic
     spec = parse_spec(text)
-    bi, bo = {"nvfp4": (16, 1), "mxfp4": (32, 1), "fp4@in": (1, 20), "int4@16": (16, 1),
-              "fp8_e5m2": (48, 20)}[text]
+    bi, bo = {
+        "nvfp4": (16, 1),
+        "mxfp4": (32, 1),
+        "fp4@in": (1, 20),
+        "int4@16": (16, 1),
+        "fp8_e5m2": (48, 20),
+    }[text]
     codes = np.asarray(leaf.codes).astype(np.float32)
     sc = np.asarray(leaf.scales)
-    sc = (np.ldexp(1.0, sc.astype(np.int32) - 127) if spec.fmt == "mxfp4"
-          else sc.astype(np.float32))
+    sc = np.ldexp(1.0, sc.astype(np.int32) - 127) if spec.fmt == "mxfp4" else sc.astype(np.float32)
     i, j = np.meshgrid(np.arange(48), np.arange(20), indexing="ij")
     # the block scale times the tensor scale first (one float32 product per block), then codes
     want = codes * (sc[i // bi, j // bo].astype(np.float32) * np.float32(leaf.global_scale[0]))
     np.testing.assert_array_equal(np.asarray(leaf.materialize()), want)
     x = jnp.asarray(np.random.default_rng(1).standard_normal((3, 5, 48)), jnp.float32)
-    np.testing.assert_allclose(np.asarray(dot(x, leaf)), np.asarray(x) @ want, rtol=1e-5,
-                               atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dot(x, leaf)), np.asarray(x) @ want, rtol=1e-5, atol=1e-5)
 
 
 def test_leaf_pytree_jit_and_dtypes(w):
@@ -74,8 +77,7 @@ def test_leaf_validation(w):
     with pytest.raises(ValueError, match="outside"):
         QuantizedArray(leaf.codes.at[0, 0].set(8), leaf.scales, leaf.global_scale, leaf.spec)
     with pytest.raises(ValueError, match="non-finite"):
-        QuantizedArray(leaf.codes, leaf.scales.at[0, 0].set(jnp.nan), leaf.global_scale,
-                       leaf.spec)
+        QuantizedArray(leaf.codes, leaf.scales.at[0, 0].set(jnp.nan), leaf.global_scale, leaf.spec)
     mx = quantize_leaf(w, "mxfp4")
     with pytest.raises(ValueError, match="non-finite"):  # E8M0 0xFF is NaN
         QuantizedArray(mx.codes, mx.scales.at[0, 0].set(255), mx.global_scale, mx.spec)
@@ -117,8 +119,9 @@ def _same(a, b):
     assert jax.tree.structure(a) == jax.tree.structure(b)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         assert x.dtype == y.dtype
-        np.testing.assert_array_equal(np.asarray(x).reshape(-1).view(np.uint8),
-                                      np.asarray(y).reshape(-1).view(np.uint8))
+        np.testing.assert_array_equal(
+            np.asarray(x).reshape(-1).view(np.uint8), np.asarray(y).reshape(-1).view(np.uint8)
+        )
 
 
 def test_checkpoint_round_trips(quantized_model, tmp_path):
@@ -139,7 +142,8 @@ def test_checkpoint_round_trips(quantized_model, tmp_path):
     assert flatten(bf)["model/layers/1/mlp/down_proj/kernel"].base.a.dtype == jnp.bfloat16
     np.testing.assert_array_equal(
         np.asarray(leaf.codes).view(np.uint8),
-        np.asarray(flatten(comp)["model/layers/0/self_attn/q_proj/kernel"].codes).view(np.uint8))
+        np.asarray(flatten(comp)["model/layers/0/self_attn/q_proj/kernel"].codes).view(np.uint8),
+    )
 
 
 def test_fresh_process_loads_quantized_factors(quantized_model, tmp_path):
@@ -153,8 +157,9 @@ def test_fresh_process_loads_quantized_factors(quantized_model, tmp_path):
         "print(type(leaf).__name__, leaf.spec.key)\n"
     )
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.split() == ["QuantizedArray", "fmt=nvfp4;blk=na"]
 
@@ -197,11 +202,13 @@ def test_compressed_tensors_export_against_the_package(w, fmt):
     codes_t = torch.from_numpy(np.asarray(leaf.codes).astype(np.float32).T.copy())
     np.testing.assert_array_equal(helpers.pack_fp4_to_uint8(codes_t).numpy(), t["weight_packed"])
     # ... and its dequantization of our tensors is our dense weight
-    vals = helpers.unpack_fp4_from_uint8(torch.from_numpy(t["weight_packed"].copy()), n_out, n_in,
-                                         dtype=torch.float32)
+    vals = helpers.unpack_fp4_from_uint8(
+        torch.from_numpy(t["weight_packed"].copy()), n_out, n_in, dtype=torch.float32
+    )
     if fmt == "nvfp4":
         s = torch.from_numpy(t["weight_scale"].astype(np.float32)) / torch.from_numpy(
-            t["weight_global_scale"])
+            t["weight_global_scale"]
+        )
         g = 16
     else:
         s = mx_utils.decompress_mx_scale(torch.from_numpy(t["weight_scale"].copy())).float()
@@ -210,13 +217,16 @@ def test_compressed_tensors_export_against_the_package(w, fmt):
     np.testing.assert_allclose(dense, np.asarray(leaf.materialize()), rtol=2e-7, atol=0)
     # round trip: codes and scales bit for bit; the tensor scale within one ulp
     back = from_compressed_tensors(t, fmt)
-    np.testing.assert_array_equal(np.asarray(back.codes).view(np.uint8),
-                                  np.asarray(leaf.codes).view(np.uint8))
-    np.testing.assert_array_equal(np.asarray(back.scales).view(np.uint8),
-                                  np.asarray(leaf.scales).view(np.uint8))
+    np.testing.assert_array_equal(
+        np.asarray(back.codes).view(np.uint8), np.asarray(leaf.codes).view(np.uint8)
+    )
+    np.testing.assert_array_equal(
+        np.asarray(back.scales).view(np.uint8), np.asarray(leaf.scales).view(np.uint8)
+    )
     assert back.spec == leaf.spec
-    np.testing.assert_array_max_ulp(np.asarray(back.global_scale),
-                                    np.asarray(leaf.global_scale), maxulp=1)
+    np.testing.assert_array_max_ulp(
+        np.asarray(back.global_scale), np.asarray(leaf.global_scale), maxulp=1
+    )
     again = to_compressed_tensors(back)
     for k in t:
         np.testing.assert_array_equal(again[k].view(np.uint8), t[k].view(np.uint8))
@@ -230,21 +240,23 @@ def test_compressed_tensors_export_errors(w):
     with pytest.raises(jcompress.UserError, match="not a multiple"):
         to_compressed_tensors(quantize_leaf(w[:40], "nvfp4"))
     z = quantize_leaf(w.at[:16, 3].set(0.0), "nvfp4")  # an all-zero block: scale 0
-    with pytest.raises(jcompress.UserError, match="zero or non-finite.*block 0 of output "
-                                                  "channel 3"):
+    with pytest.raises(
+        jcompress.UserError, match="zero or non-finite.*block 0 of output channel 3"
+    ):
         to_compressed_tensors(z, where="model.layers.0.mlp.up_proj")
     t = to_compressed_tensors(quantize_leaf(w, "nvfp4"))
     with pytest.raises(jcompress.UserError, match="missing weight_global_scale"):
-        from_compressed_tensors({k: v for k, v in t.items() if k != "weight_global_scale"},
-                                "nvfp4")
+        from_compressed_tensors({k: v for k, v in t.items() if k != "weight_global_scale"}, "nvfp4")
     for bad in (0.0, np.inf, np.nan):
         with pytest.raises(jcompress.UserError, match="weight_global_scale"):
-            from_compressed_tensors({**t, "weight_global_scale": np.array([bad], np.float32)},
-                                    "nvfp4")
+            from_compressed_tensors(
+                {**t, "weight_global_scale": np.array([bad], np.float32)}, "nvfp4"
+            )
     mx = to_compressed_tensors(quantize_leaf(w[:32], "mxfp4"))
     with pytest.raises(jcompress.UserError, match="zero or non-finite"):
-        from_compressed_tensors({**mx, "weight_scale": np.full_like(mx["weight_scale"], 255)},
-                                "mxfp4")
+        from_compressed_tensors(
+            {**mx, "weight_scale": np.full_like(mx["weight_scale"], 255)}, "mxfp4"
+        )
 
 
 def test_save_compressed_tensors_model(llama_dir, tmp_path):
@@ -259,9 +271,17 @@ def test_save_compressed_tensors_model(llama_dir, tmp_path):
     from jcompress.quant.export import save_compressed_tensors
 
     cfg, params = jcompress.load_hf(llama_dir)
-    qparams, _ = compress(params, config=QuantApplyConfig(rules=(
-        (r"model/layers/\d+/mlp/.*", "nvfp4"), (r"model/layers/0/self_attn/[qkv]_proj", "mxfp4"),
-        (r"model/layers/1/self_attn/o_proj", "int8"))), progress=False)
+    qparams, _ = compress(
+        params,
+        config=QuantApplyConfig(
+            rules=(
+                (r"model/layers/\d+/mlp/.*", "nvfp4"),
+                (r"model/layers/0/self_attn/[qkv]_proj", "mxfp4"),
+                (r"model/layers/1/self_attn/o_proj", "int8"),
+            )
+        ),
+        progress=False,
+    )
     out = save_compressed_tensors(cfg, qparams, tmp_path / "ct", tokenizer_dir=llama_dir)
     conf = json.loads((out / "config.json").read_text())
     qc = QuantizationConfig.model_validate(conf["quantization_config"])  # the package parses it
@@ -269,23 +289,26 @@ def test_save_compressed_tensors_model(llama_dir, tmp_path):
     sd = load_file(out / "model.safetensors")
     flat = flatten(qparams)
     groups = {g.format: g for g in qc.config_groups.values()}
-    for module, fmt, comp in (("model.layers.2.mlp.down_proj", "nvfp4", NVFP4PackedCompressor),
-                              ("model.layers.0.self_attn.k_proj", "mxfp4",
-                               MXFP4PackedCompressor)):
+    for module, fmt, comp in (
+        ("model.layers.2.mlp.down_proj", "nvfp4", NVFP4PackedCompressor),
+        ("model.layers.0.self_attn.k_proj", "mxfp4", MXFP4PackedCompressor),
+    ):
         assert f"{module}.weight" not in sd
-        local = {k[len(module) + 1:]: v for k, v in sd.items() if k.startswith(module + ".")}
+        local = {k[len(module) + 1 :]: v for k, v in sd.items() if k.startswith(module + ".")}
         scheme = groups[f"{fmt}-pack-quantized"]
         assert module in scheme.targets
         w = comp.decompress(local, scheme)["weight"].float().numpy()  # [out, in]
         leaf = flat[module.replace(".", "/") + "/kernel"]
         # the package dequantizes in bfloat16 (the exact float32 check is the tensor-level test)
-        np.testing.assert_allclose(w.T, np.asarray(leaf.materialize()), rtol=2 ** -7, atol=0)
+        np.testing.assert_allclose(w.T, np.asarray(leaf.materialize()), rtol=2**-7, atol=0)
     # int8 and untouched linears are written dense, as save_hf does
     np.testing.assert_array_equal(
         sd["model.layers.1.self_attn.o_proj.weight"].numpy(),
-        np.asarray(flat["model/layers/1/self_attn/o_proj/kernel"].materialize()).T)
-    assert torch.equal(sd["model.norm.weight"],
-                       torch.from_numpy(np.asarray(flat["model/norm/scale"]).copy()))
+        np.asarray(flat["model/layers/1/self_attn/o_proj/kernel"].materialize()).T,
+    )
+    assert torch.equal(
+        sd["model.norm.weight"], torch.from_numpy(np.asarray(flat["model/norm/scale"]).copy())
+    )
     assert ct is not None
     with pytest.raises(jcompress.UserError, match="no NVFP4 / MXFP4"):
         save_compressed_tensors(cfg, params, tmp_path / "none")

@@ -36,8 +36,9 @@ def test_smoothing_preserves_the_product_and_flattens_outliers():
     s = smooth.group_scales(smooth.absmax_rows(x), ks, 0.5)
     xs = x / np.asarray(s)[None, :]
     for k in ks:
-        np.testing.assert_allclose(xs @ np.asarray(smooth.apply_smooth(k, s)), x @ k, rtol=1e-4,
-                                   atol=1e-4)
+        np.testing.assert_allclose(
+            xs @ np.asarray(smooth.apply_smooth(k, s)), x @ k, rtol=1e-4, atol=1e-4
+        )
     ratio = lambda a: np.abs(a).max() / np.median(np.abs(a).max(0)[np.abs(a).max(0) > 0])  # noqa: E731
     assert ratio(xs) < ratio(x) / 3
 

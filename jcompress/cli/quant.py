@@ -29,8 +29,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="quantize linears (NVFP4, MXFP4, FP4/FP6/FP8, INT4/8) by regex rules",
         description="Quantization tools.",
     )
-    sub = s.add_subparsers(dest="quant_command", required=True, metavar="{apply}",
-                           parser_class=type(s))
+    sub = s.add_subparsers(
+        dest="quant_command", required=True, metavar="{apply}", parser_class=type(s)
+    )
     a = sub.add_parser(
         "apply",
         help="write quantized leaves into a model and report the perplexity change",
@@ -40,27 +41,44 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     a.add_argument("--model", required=True, help="HF model directory")
     a.add_argument(
-        "--rule", action="append", default=[], metavar="REGEX=CONFIG",
+        "--rule",
+        action="append",
+        default=[],
+        metavar="REGEX=CONFIG",
         help="regex over linear paths (model/layers/0/mlp/down_proj) = a spec (nvfp4, "
         "fp4@128, int4@128, mxfp4) or a tokenwise cfg key (rank=16;fmt=nvfp4;blk=na, "
         "rank=16;quant=none) or none; repeatable, first match wins",
     )
-    a.add_argument("--config", default=None, metavar="JSON",
-                   help='rules as JSON: {"rules": [[regex, config], ...], '
-                   '"allow_unmatched": false}; --rule entries come first')
-    a.add_argument("--allow_unmatched", action="store_true",
-                   help="report rules that match nothing instead of failing")
+    a.add_argument(
+        "--config",
+        default=None,
+        metavar="JSON",
+        help='rules as JSON: {"rules": [[regex, config], ...], '
+        '"allow_unmatched": false}; --rule entries come first',
+    )
+    a.add_argument(
+        "--allow_unmatched",
+        action="store_true",
+        help="report rules that match nothing instead of failing",
+    )
     a.add_argument("--out", default=None, help="output directory (report + factors/)")
-    a.add_argument("--packed", action="store_true",
-                   help="also write OUT/packed/: NVFP4 / MXFP4 linears in the compressed-tensors "
-                   "packed layout (vLLM), the rest dense")
+    a.add_argument(
+        "--packed",
+        action="store_true",
+        help="also write OUT/packed/: NVFP4 / MXFP4 linears in the compressed-tensors "
+        "packed layout (vLLM), the rest dense",
+    )
     a.add_argument("--json", default=None, help="also write the report JSON here")
-    a.add_argument("--eval_data", default=None,
-                   help="perplexity text (default: the bundled WikiText-2 test excerpt)")
+    a.add_argument(
+        "--eval_data",
+        default=None,
+        help="perplexity text (default: the bundled WikiText-2 test excerpt)",
+    )
     a.add_argument("--no_eval", action="store_true", help="skip the perplexity evaluation")
     a.add_argument("--seqlen", type=positive, default=256, help="perplexity window (256)")
-    a.add_argument("--max_windows", type=positive, default=40,
-                   help="at most this many windows (40)")
+    a.add_argument(
+        "--max_windows", type=positive, default=40, help="at most this many windows (40)"
+    )
     a.add_argument("--batch_size", type=positive, default=8, help="windows per batch (8)")
     a.add_argument("--dtype", choices=DTYPES, default=None, help="load dtype (default: stored)")
     a.add_argument("--overwrite", action="store_true", help="replace --out / --json")
@@ -107,10 +125,14 @@ def run(args: argparse.Namespace) -> int:
     inputs = {"--model": model}
     if args.packed and args.out is None:
         raise UserError("--packed: needs --out")
-    if args.packed and not any(c.spec is not None and c.rank is None
-                               and c.spec.fmt in EXPORT_FORMATS for _, c in config.rules):
-        raise UserError(f"--packed: no rule quantizes to {' or '.join(EXPORT_FORMATS)} "
-                        "without a low-rank branch")
+    if args.packed and not any(
+        c.spec is not None and c.rank is None and c.spec.fmt in EXPORT_FORMATS
+        for _, c in config.rules
+    ):
+        raise UserError(
+            f"--packed: no rule quantizes to {' or '.join(EXPORT_FORMATS)} "
+            "without a low-rank branch"
+        )
     if args.out is not None:
         check_output_dir(args.out, inputs=inputs, overwrite=args.overwrite, arg="--out")
     if args.json is not None:
@@ -122,28 +144,41 @@ def run(args: argparse.Namespace) -> int:
         eval_ids = load_tokens(data, load_tokenizer_for(model, "--model", cfg))
     # the rules are checked against the model's linear paths before any weights are read
     shapes = param_shapes(cfg)
-    paths = [p[: -len("/kernel")] for p, sh in shapes.items()
-             if p.endswith("/kernel") and len(sh) == 2]
-    select([rx for rx, _ in config.rules], paths, allow_unmatched=config.allow_unmatched,
-           arg="--rule")
+    paths = [
+        p[: -len("/kernel")] for p, sh in shapes.items() if p.endswith("/kernel") and len(sh) == 2
+    ]
+    select(
+        [rx for rx, _ in config.rules], paths, allow_unmatched=config.allow_unmatched, arg="--rule"
+    )
     cfg, params = load_hf(model, dtype=args.dtype, progress=True)
 
     def ppl(p):
         if eval_ids is None:
             return None
-        return perplexity(cfg, p, eval_ids, seqlen=args.seqlen, max_windows=args.max_windows,
-                          batch_size=args.batch_size).to_dict()
+        return perplexity(
+            cfg,
+            p,
+            eval_ids,
+            seqlen=args.seqlen,
+            max_windows=args.max_windows,
+            batch_size=args.batch_size,
+        ).to_dict()
 
     before = ppl(params)
     t0 = time.perf_counter()
     new_params, report = compress(params, config=config)
     secs = time.perf_counter() - t0
     after = ppl(new_params)
-    report = report.with_extra(model=str(model), rules=[[rx, c.key] for rx, c in config.rules],
-                               quantize_seconds=secs, ppl_before=before, ppl_after=after,
-                               eval_data=None if eval_ids is None else
-                               str(args.eval_data or bundled_eval_text()),
-                               seqlen=args.seqlen, max_windows=args.max_windows)
+    report = report.with_extra(
+        model=str(model),
+        rules=[[rx, c.key] for rx, c in config.rules],
+        quantize_seconds=secs,
+        ppl_before=before,
+        ppl_after=after,
+        eval_data=None if eval_ids is None else str(args.eval_data or bundled_eval_text()),
+        seqlen=args.seqlen,
+        max_windows=args.max_windows,
+    )
     result = report.to_json()
     md = report.to_markdown()
     print(md)
@@ -155,8 +190,7 @@ def run(args: argparse.Namespace) -> int:
             if args.packed:
                 save_compressed_tensors(cfg, new_params, tmp / "packed", tokenizer_dir=model)
         extra = ", packed/ (compressed-tensors)" if args.packed else ""
-        print(f"\nwrote {args.out}/report.json, report.md, factors/ (jcompress checkpoint)"
-              + extra)
+        print(f"\nwrote {args.out}/report.json, report.md, factors/ (jcompress checkpoint)" + extra)
     if args.json is not None:
         write_json(args.json, result, overwrite=args.overwrite, arg="--json")
     return 0

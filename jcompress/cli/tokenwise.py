@@ -41,8 +41,11 @@ def add_parser(sub) -> None:
     for name, smooth in (("eval_fake", False), ("eval_smooth", True)):
         e = tsub.add_parser(
             name,
-            help=("output error with SmoothQuant-scaled inputs" if smooth
-                  else "output error of every (rank, spec) configuration"),  # fmt: skip
+            help=(
+                "output error with SmoothQuant-scaled inputs"
+                if smooth
+                else "output error of every (rank, spec) configuration"
+            ),  # fmt: skip
         )
         if smooth:
             g = e.add_mutually_exclusive_group(required=True)

@@ -71,8 +71,11 @@ def unpack_fp4(packed: Any) -> np.ndarray:
 
 
 def _check_scales(where: str, scales: np.ndarray, fmt: str) -> None:
-    vals = (np.ldexp(1.0, scales.astype(np.int32) - 127) if fmt == "mxfp4" else
-            scales.astype(np.float32))
+    vals = (
+        np.ldexp(1.0, scales.astype(np.int32) - 127)
+        if fmt == "mxfp4"
+        else scales.astype(np.float32)
+    )
     bad = ~np.isfinite(vals) | (scales == 255 if fmt == "mxfp4" else vals <= 0)
     if bad.any():
         i, j = np.argwhere(bad)[0]
@@ -98,13 +101,16 @@ def to_compressed_tensors(leaf: QuantizedArray, *, where: str = "weight") -> dic
     """
     if not isinstance(leaf, QuantizedArray) or leaf.spec.fmt not in EXPORT_FORMATS:
         got = leaf.spec.key if isinstance(leaf, QuantizedArray) else type(leaf).__name__
-        raise UserError(f"{where}: only {', '.join(EXPORT_FORMATS)} leaves export to "
-                        f"compressed-tensors, got {got}")
+        raise UserError(
+            f"{where}: only {', '.join(EXPORT_FORMATS)} leaves export to "
+            f"compressed-tensors, got {got}"
+        )
     fmt = leaf.spec.fmt
     bi = leaf.spec.format.fixed_block[0]
     if leaf.shape[0] % bi:
-        raise UserError(f"{where}: input dimension {leaf.shape[0]} is not a multiple of "
-                        f"the {fmt} block {bi}")
+        raise UserError(
+            f"{where}: input dimension {leaf.shape[0]} is not a multiple of the {fmt} block {bi}"
+        )
     scales = np.asarray(leaf.scales)
     _check_scales(where, scales, fmt)
     out = {"weight_packed": pack_fp4(leaf.codes), "weight_scale": np.ascontiguousarray(scales.T)}
@@ -117,7 +123,10 @@ def to_compressed_tensors(leaf: QuantizedArray, *, where: str = "weight") -> dic
 
 
 def from_compressed_tensors(
-    tensors: Mapping[str, Any], fmt: str, *, dense_dtype: Any = np.float32,
+    tensors: Mapping[str, Any],
+    fmt: str,
+    *,
+    dense_dtype: Any = np.float32,
     where: str = "weight",
 ) -> QuantizedArray:
     """The inverse of :func:`to_compressed_tensors` (a validated leaf).
@@ -127,8 +136,7 @@ def from_compressed_tensors(
     """
     if fmt not in EXPORT_FORMATS:
         raise UserError(f"{where}: format {fmt!r}; allowed: {', '.join(EXPORT_FORMATS)}")
-    need = ("weight_packed", "weight_scale") + (("weight_global_scale",) if fmt == "nvfp4"
-                                                else ())
+    need = ("weight_packed", "weight_scale") + (("weight_global_scale",) if fmt == "nvfp4" else ())
     missing = [k for k in need if k not in tensors]
     if missing:
         raise UserError(f"{where}: missing {', '.join(missing)}")
@@ -138,8 +146,10 @@ def from_compressed_tensors(
     scales = np.asarray(tensors["weight_scale"])
     n_blocks = -(-codes.shape[0] // spec.format.fixed_block[0])
     if scales.dtype != want_dt or scales.shape != (codes.shape[1], n_blocks):
-        raise UserError(f"{where}: weight_scale {scales.dtype}{scales.shape} does not fit "
-                        f"weight_packed for {fmt}")
+        raise UserError(
+            f"{where}: weight_scale {scales.dtype}{scales.shape} does not fit "
+            f"weight_packed for {fmt}"
+        )
     scales = np.ascontiguousarray(scales.T)
     _check_scales(where, scales, fmt)
     g = np.ones((1,), np.float32)
@@ -149,11 +159,11 @@ def from_compressed_tensors(
             raise UserError(f"{where}: weight_global_scale must be one positive finite value")
         g = np.array([np.float32(1.0) / gs[0]], np.float32)
     try:
-        return QuantizedArray(jnp.asarray(codes), jnp.asarray(scales), jnp.asarray(g), spec,
-                              np.dtype(dense_dtype))
+        return QuantizedArray(
+            jnp.asarray(codes), jnp.asarray(scales), jnp.asarray(g), spec, np.dtype(dense_dtype)
+        )
     except ValueError as e:
         raise UserError(f"{where}: {e}") from None
-
 
 
 def _scheme(fmt: str, targets: list[str]) -> dict[str, Any]:
@@ -221,8 +231,13 @@ def save_compressed_tensors(
     from jcompress.outputs import check_output_dir
 
     out_dir = Path(out_dir)
-    check_output_dir(out_dir, inputs={"tokenizer_dir": tokenizer_dir} if tokenizer_dir else None,
-                     overwrite=overwrite, arg="out_dir", require_marker=False)
+    check_output_dir(
+        out_dir,
+        inputs={"tokenizer_dir": tokenizer_dir} if tokenizer_dir else None,
+        overwrite=overwrite,
+        arg="out_dir",
+        require_marker=False,
+    )
     flat = flatten(params)
     spec = spec_for(cfg.family.value)
     entries: list[tuple[str, tuple[int, ...], np.dtype, Any]] = []
@@ -232,10 +247,15 @@ def save_compressed_tensors(
         leaf = leaves[0]
         packed = isinstance(leaf, QuantizedArray) and leaf.spec.fmt in EXPORT_FORMATS
         if packed:
-            if len(paths) != 1 or rule.transform.name != "transpose" or not name.endswith(
-                    ".weight"):
-                raise UserError(f"{paths[0]}: a packed {leaf.spec.fmt} kernel must be a plain "
-                                f"nn.Linear weight (HF {name} is {rule.transform.name})")
+            if (
+                len(paths) != 1
+                or rule.transform.name != "transpose"
+                or not name.endswith(".weight")
+            ):
+                raise UserError(
+                    f"{paths[0]}: a packed {leaf.spec.fmt} kernel must be a plain "
+                    f"nn.Linear weight (HF {name} is {rule.transform.name})"
+                )
             module = name[: -len(".weight")]
             for k, arr in to_compressed_tensors(leaf, where=module).items():
                 entries.append((f"{module}.{k}", arr.shape, arr.dtype, lambda a=arr: a))
@@ -244,25 +264,32 @@ def save_compressed_tensors(
         dtype = np.result_type(*[np.dtype(v.dtype) for v in leaves])
 
         def produce(rule=rule, leaves=leaves, dtype=dtype):
-            dense = [np.asarray(v.materialize() if isinstance(v, CompressedLeaf) else v)
-                     for v in leaves]
+            dense = [
+                np.asarray(v.materialize() if isinstance(v, CompressedLeaf) else v) for v in leaves
+            ]
             return rule.transform.to_hf(*[d.astype(dtype, copy=False) for d in dense])
 
         entries.append((name, tuple(rule.hf_shape(cfg)), np.dtype(dtype), produce))
     if not any(groups.values()):
-        raise UserError("params: no NVFP4 / MXFP4 QuantizedArray kernels to pack "
-                        "(quantize with jcompress quant apply first)")
+        raise UserError(
+            "params: no NVFP4 / MXFP4 QuantizedArray kernels to pack "
+            "(quantize with jcompress quant apply first)"
+        )
     packed_names = {f"{m}." for g in groups.values() for m in g}
     config = hf._config_dict(  # torch_dtype from the dense tensors only
-        cfg, [e for e in entries if not any(e[0].startswith(m) for m in packed_names)])
+        cfg, [e for e in entries if not any(e[0].startswith(m) for m in packed_names)]
+    )
     config.pop(hf.FACTORS_KEY, None)
     config["quantization_config"] = {
         "quant_method": "compressed-tensors",
-        "format": "mixed-precision" if all(groups.values()) else next(
-            EXPORT_FORMATS[f] for f, g in groups.items() if g),
+        "format": "mixed-precision"
+        if all(groups.values())
+        else next(EXPORT_FORMATS[f] for f, g in groups.items() if g),
         "quantization_status": "compressed",
-        "config_groups": {f"group_{k}": _scheme(f, g)
-                          for k, (f, g) in enumerate((f, g) for f, g in groups.items() if g)},
+        "config_groups": {
+            f"group_{k}": _scheme(f, g)
+            for k, (f, g) in enumerate((f, g) for f, g in groups.items() if g)
+        },
         "ignore": [],
     }
     with atomic_dir(out_dir, overwrite=overwrite, arg="out_dir", marker=False) as tmp:

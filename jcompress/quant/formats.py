@@ -174,8 +174,9 @@ _TABLE: dict[str, Format] = {
         Format("mxfp6_e2m3", E2M3, "mx", (32, 1), None, False, _F8, _E8M0),
         Format("mxfp8", E4M3FN, "mx", (32, 1), None, False, _F8, _E8M0),
         Format("fp8_e4m3", E4M3FN, "amax", None, "tensor", False, _F8, _F32),
-        Format("fp8_e5m2", E5M2, "amax", None, "tensor", False,
-               np.dtype(ml_dtypes.float8_e5m2), _F32),
+        Format(
+            "fp8_e5m2", E5M2, "amax", None, "tensor", False, np.dtype(ml_dtypes.float8_e5m2), _F32
+        ),
         Format("int4", INT4, "amax", None, "out", False, np.dtype(np.int8), _F32),
         Format("int8", INT8, "amax", None, "out", False, np.dtype(np.int8), _F32),
     )
@@ -201,8 +202,11 @@ def format_info(fmt: str) -> Format:
 def _valid_specs_line() -> str:
     seed = ", ".join(f"{f}@in|out|<tile>" for f in SEED_MINIFLOATS)
     mx = ", ".join(MICROSCALING)
-    other = ", ".join(f"{n}[@in|out|<group>]" for n, f in _TABLE.items()
-                      if not f.fixed_block and f.name not in SEED_MINIFLOATS)
+    other = ", ".join(
+        f"{n}[@in|out|<group>]"
+        for n, f in _TABLE.items()
+        if not f.fixed_block and f.name not in SEED_MINIFLOATS
+    )
     return f"valid: {seed}; {mx} (any @blk recorded as na); {other}"
 
 
@@ -458,8 +462,9 @@ def _check_finite(w: Any, where: str) -> None:
 
 def _check_2d(w: Any, where: str) -> None:
     if getattr(w, "ndim", None) != 2:
-        raise UserError(f"{where}: w must be a 2-D [in, out] array, got shape "
-                        f"{tuple(getattr(w, 'shape', ()))}")
+        raise UserError(
+            f"{where}: w must be a 2-D [in, out] array, got shape {tuple(getattr(w, 'shape', ()))}"
+        )
     if not jnp.issubdtype(w.dtype, jnp.floating):
         raise UserError(f"{where}: w must be floating point, got {w.dtype}")
 

@@ -71,12 +71,13 @@ class QuantizedArray(CompressedLeaf):
                 f"QuantizedArray({self.spec}): codes{tuple(c.shape)} need scales{want} and a "
                 f"[1] global_scale; got scales{tuple(s.shape)}, global_scale{tuple(g.shape)}"
             )
-        for name, a, dt in (("codes", c, f.code_dtype), ("scales", s, f.scale_dtype),
-                            ("global_scale", g, np.dtype(np.float32))):
+        for name, a, dt in (
+            ("codes", c, f.code_dtype),
+            ("scales", s, f.scale_dtype),
+            ("global_scale", g, np.dtype(np.float32)),
+        ):
             if np.dtype(a.dtype) != dt:
-                raise ValueError(
-                    f"QuantizedArray({self.spec}): {name} must be {dt}, got {a.dtype}"
-                )
+                raise ValueError(f"QuantizedArray({self.spec}): {name} must be {dt}, got {a.dtype}")
         if _concrete(s) and _concrete(g):  # a corrupt file: never a number
             sv = np.asarray(F.scale_values(jnp.asarray(s), self.spec))
             if not (np.isfinite(sv).all() and np.isfinite(np.asarray(g))):

@@ -248,7 +248,7 @@ def svdq_grid(
     elif top > 0:
         a, b = lowrank_factors(w, top, method=m, **kw)
     else:  # only rank 0 / exact: a zero-width factorization
-        p, q = (w.shape if m is LowRankMethod.SVD else _mpo_pq(w.shape))
+        p, q = w.shape if m is LowRankMethod.SVD else _mpo_pq(w.shape)
         a, b = jnp.zeros((p, 1), jnp.float32), jnp.zeros((1, q), jnp.float32)
     r_arr = jnp.asarray(ranks, jnp.int32)
     ex = jnp.asarray([r == lim for r in ranks])

@@ -304,8 +304,10 @@ def eval_grid(
         cache.release(f"{t.name}.X")
         cache.release(f"{t.name}.Y")
         by_key = dict(zip(order, ms, strict=True))
-        blk = results["by_layer"].setdefault(str(t.layer), {}).setdefault(
-            t.block, {"by_proj": {}, "agg": {}}
+        blk = (
+            results["by_layer"]
+            .setdefault(str(t.layer), {})
+            .setdefault(t.block, {"by_proj": {}, "agg": {}})
         )
         blk["by_proj"][t.proj] = {k: by_key[k] for k in keys}
     for layer in results["by_layer"].values():

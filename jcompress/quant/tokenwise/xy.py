@@ -105,8 +105,10 @@ class SaveXYConfig:
                             f"got {self.save_dtype!r}")  # fmt: skip
         if self.layout not in LAYOUTS:
             raise UserError(f"--layout: must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or (
-            self.batch_size < 1
+        if (
+            isinstance(self.batch_size, bool)
+            or not isinstance(self.batch_size, int)
+            or (self.batch_size < 1)
         ):
             raise UserError(f"--batch_size: must be a positive integer, got {self.batch_size!r}")
 
