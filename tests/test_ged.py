@@ -307,6 +307,29 @@ def test_fit_layers_table():
         fit_layers(xs, xr[:2], config=cfg)
 
 
+def test_fit_layers_fixed_k_is_one_vmapped_call_equal_to_per_layer_fits():
+    rng = np.random.default_rng(13)
+    layers = [_planted(rng, n_s=50, n_r=50, d=9, amp=a, shift=a) for a in (0.5, 3.0)]
+    xs = np.stack([l[0] for l in layers])
+    xr = np.stack([l[1] for l in layers])
+    cfg = GEDConfig(n_permutations=19, n_folds=2, n_components=5)
+    table = fit_layers(xs, xr, config=cfg, swap=True)
+    assert list(table.n_components) == [5, 5]
+    for i in range(2):
+        ref = fit(xs[i], xr[i], config=cfg, swap=True)
+        np.testing.assert_allclose(table.results[i].eigenvalues, ref.eigenvalues, rtol=1e-4)
+        np.testing.assert_allclose(
+            table.results[i].swapped.eigenvalues, ref.swapped.eigenvalues, rtol=1e-4
+        )
+        dots = np.abs(np.sum(np.asarray(table.results[i].filters) * np.asarray(ref.filters), 0))
+        norms = np.linalg.norm(ref.filters, axis=0) * np.linalg.norm(
+            table.results[i].filters, axis=0
+        )
+        np.testing.assert_allclose(dots / norms, 1.0, atol=1e-4)  # same filters up to sign
+    with pytest.raises(UserError, match="n_components"):
+        fit_layers(xs[:, :3], xr[:, :3], config=GEDConfig(n_components=6, n_permutations=0))
+
+
 # --------------------------------------------------------------------------- figures
 
 

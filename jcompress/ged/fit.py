@@ -465,6 +465,12 @@ def _fit_fixed(xs, xr, config: GEDConfig, swap: bool) -> GEDResult:
     return res
 
 
+@functools.partial(jax.jit, static_argnames=("config", "swap"))
+def _vmapped_fixed_fit(xs, xr, config: GEDConfig, swap: bool) -> GEDResult:
+    """Every layer's fixed-``K`` fit (``[L, N, D]`` inputs) in one vmapped call."""
+    return jax.vmap(lambda a, b: _fit_fixed(a, b, config, swap))(xs, xr)
+
+
 def _fit(xs, xr, config: GEDConfig, swap: bool) -> GEDResult:
     """:func:`fit` on checked inputs."""
     if config.n_components is not None:
@@ -692,9 +698,12 @@ def fit_layers(
 ) -> LayerTable:
     """:func:`fit`, :func:`permutation_test` and :func:`cross_validate` for every layer.
 
-    Layers run one after another: each keeps its own number of components ``K_l`` (jit caches
-    one compilation per distinct ``K_l``) and the PCA may iterate a data-dependent number of
-    times.
+    With a fixed ``config.n_components`` every layer's fit has the same shapes, so all layers
+    are fitted in one ``jax.vmap``-ed, jitted call (the positive-definiteness checks then run
+    per layer on the results). Without it each layer keeps its own number of components
+    ``K_l`` (jit caches one compilation per distinct ``K_l``; the PCA may iterate a
+    data-dependent number of times), so the layers are fitted one after another. Permutation
+    tests and held-out folds run per layer.
 
     Args:
       acts_s: ``[L, N_S, D]`` signal activations per layer.
@@ -714,8 +723,17 @@ def fit_layers(
         from tqdm.auto import tqdm
 
         it = tqdm(it, desc="GED", unit="layer", leave=False)
+    stacked = None
+    if config.n_components is not None:  # one call over every layer: shapes agree
+        stacked = _vmapped_fixed_fit(xs, xr, config, swap)
     for layer in it:
-        res = _fit(xs[layer], xr[layer], config, swap)
+        if stacked is None:
+            res = _fit(xs[layer], xr[layer], config, swap)
+        else:
+            res = jax.tree.map(lambda a, i=layer: a[i], stacked)
+            _check_pd(res, f"reference (acts_r) of layer {layer}")
+            if res.swapped is not None:
+                _check_pd(res.swapped, f"swapped reference (acts_s) of layer {layer}")
         null, p = permutation_test(xs[layer], xr[layer], config=config, result=res)
         cv = cross_validate(xs[layer], xr[layer], config=config)
         rows.append((float(res.eigenvalues[0]), p, cv.accuracy, cv.cohens_d, res.n_components))
