@@ -20,6 +20,7 @@ __all__ = [
     "DTYPES",
     "add_attention_flag",
     "add_dtype_flag",
+    "add_eval_window_flags",
     "add_model_flag",
     "budget",
     "check_data_file",
@@ -67,6 +68,24 @@ def add_attention_flag(s: argparse.ArgumentParser) -> None:
         choices=sorted(n for n in IMPLEMENTATIONS if not n.startswith("_")),
         default=DEFAULT,
         help=f"attention implementation (default: {DEFAULT})",
+    )
+
+
+def add_eval_window_flags(s: argparse.ArgumentParser) -> None:
+    """``--eval_seqlen`` / ``--eval_max_windows``: the perplexity windows of a method command."""
+    s.add_argument(
+        "--eval_seqlen",
+        "--eval-seqlen",
+        type=positive,
+        default=None,
+        help="perplexity window (default: --seqlen)",
+    )
+    s.add_argument(
+        "--eval_max_windows",
+        "--eval-max-windows",
+        type=positive,
+        default=None,
+        help="at most this many evaluation windows (default: all)",
     )
 
 

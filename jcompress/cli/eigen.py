@@ -17,7 +17,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from jcompress.cli.common import budget, config_flags, config_from_args, positive
+from jcompress.cli.common import (
+    add_eval_window_flags,
+    budget,
+    config_flags,
+    config_from_args,
+    positive,
+)
 from jcompress.errors import UserError
 
 __all__ = ["EigenJob", "add_parser", "check_eigen_job", "eigen_overrides", "run", "run_eigen_job"]
@@ -355,20 +361,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="output directory (nothing written when omitted)")
     names = config_flags(s, EigenAttentionConfig, eigen_overrides())
     add_sample_flags(s)
-    s.add_argument(
-        "--eval_seqlen",
-        "--eval-seqlen",
-        type=positive,
-        default=None,
-        help="perplexity window (default: --seqlen)",
-    )
-    s.add_argument(
-        "--eval_max_windows",
-        "--eval-max-windows",
-        type=positive,
-        default=None,
-        help="at most this many evaluation windows (default: all)",
-    )
+    add_eval_window_flags(s)
     s.add_argument("--json", default=None, metavar="OUT", help="also write the report JSON here")
     s.add_argument(
         "--fine_tune",

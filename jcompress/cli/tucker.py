@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jcompress.cli.common import config_flags, config_from_args, positive
+from jcompress.cli.common import add_eval_window_flags, config_flags, config_from_args, positive
 from jcompress.errors import UserError
 
 __all__ = ["TuckerJob", "add_parser", "check_tucker_job", "run", "run_tucker_job"]
@@ -298,20 +298,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=None,
         help="evaluation text for perplexity before/after (default: none)",
     )
-    s.add_argument(
-        "--eval_seqlen",
-        "--eval-seqlen",
-        type=positive,
-        default=None,
-        help="perplexity window (default: --seqlen)",
-    )
-    s.add_argument(
-        "--eval_max_windows",
-        "--eval-max-windows",
-        type=positive,
-        default=None,
-        help="at most this many evaluation windows (default: all)",
-    )
+    add_eval_window_flags(s)
     s.add_argument("--out", default=None, help="output directory (nothing written when omitted)")
     s.add_argument(
         "--test-type",
