@@ -511,7 +511,7 @@ class HeadLowRank(Factored):
         return (int(self.a.shape[0]), int(self.b.shape[0] * self.b.shape[2]))
 
     def down(self, x: jax.Array) -> jax.Array:
-        return jnp.matmul(x, self.a)
+        return dot(x, self.a)  # ``a`` may be a leaf (quantized factor)
 
     def up(self, z: jax.Array) -> jax.Array:
         h, r, d = self.b.shape
@@ -526,7 +526,7 @@ class HeadLowRank(Factored):
 
     def materialize(self) -> jax.Array:
         h, r, d = self.b.shape
-        a = self.a.reshape(self.a.shape[0], h, r)
+        a = _dense(self.a).reshape(self.a.shape[0], h, r)
         return jnp.einsum("ihr,hrd->ihd", a, self.b).reshape(self.a.shape[0], h * d)
 
 
@@ -587,7 +587,7 @@ class HeadFoldedOut(CompressedLeaf):
 
     def apply_latent(self, z: jax.Array) -> jax.Array:
         """``z [..., Hq * r] -> [..., out]``."""
-        return jnp.matmul(z, self.w)
+        return dot(z, self.w)  # ``w`` may be a leaf (quantized factor)
 
     def widen(self, z: jax.Array) -> jax.Array:
         """Rank-r head outputs ``[..., Hq * r]`` -> full width ``[..., Hq * d]`` (``z_h U_h^T``)."""
@@ -603,7 +603,7 @@ class HeadFoldedOut(CompressedLeaf):
 
     def materialize(self) -> jax.Array:
         hq, (_, r, d) = self.query_heads, self.ut.shape
-        w = self.w.reshape(hq, r, -1)
+        w = _dense(self.w).reshape(hq, r, -1)
         return jnp.einsum("hrd,hro->hdo", self._bases(), w).reshape(hq * d, -1)
 
 

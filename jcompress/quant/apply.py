@@ -9,7 +9,28 @@ syntax, so a choice read off a ranking is pasted as it is:
 * ``rank=16;fmt=nvfp4;blk=na``: ``W ~ L + Q(W - L)`` with ``L`` the rank-16 truncated SVD ->
   ``Residual(LowRank(U S, V^T), QuantizedArray(W - L))``;
 * ``rank=16;quant=none``: ``LowRank`` only;
-* ``none``: keep the kernel dense (a rule that exempts paths from later rules).
+* ``none``: keep the kernel dense (a rule that exempts paths from later rules);
+* ``residual=nvfp4`` / ``residual=fp4@128``: for a kernel another method already replaced by
+  a typed leaf ``T`` (Tucker's ``TTLinear`` / ``TuckerLinear``, a ``LowRank``, ...):
+  ``Residual(T, QuantizedArray(W - materialize(T)))`` with ``W`` the *original* dense kernel
+  (``compress(..., original=tree)``; :func:`jcompress.chain` passes the chain's input).
+
+Kernels that are typed leaves already (a method ran before, e.g. in a
+:func:`jcompress.chain`): a plain spec (``nvfp4``) quantizes their *factors* and keeps the
+leaf's structure, so the forward pass treats the result as it treated the leaf:
+
+* ``LowRank(a, b)`` -> ``LowRank(Q(a), Q(b))`` (``a [in, r]``, ``b [r, out]``, blocks along
+  each factor's input dimension); the KV cache still stores ``x @ Q(a)``;
+* ``HeadLowRank(a, b)`` -> ``HeadLowRank(Q(a), b)``: ``a [in, heads * r]`` is quantized, the
+  per-head bases ``b [heads, r, d]`` (``r * out`` entries) stay as they are: a
+  ``HeadFoldedOut`` o_proj holds the same bases as ``ut``, and quantizing one copy only would
+  make the folded (latent) and the widened attention paths disagree;
+* ``HeadFoldedOut(w, ut)`` -> ``HeadFoldedOut(Q(w), ut)`` (``w [Hq * r, out]``), for the same
+  reason; the fold with the v projection still applies.
+
+Any other typed leaf under a plain spec, a dense kernel under ``residual=``, or a typed leaf
+under ``rank=R``: one :class:`UserError` naming the path and the leaf type, before any work
+(:func:`result_type` is the rule, shared with :mod:`jcompress.compose`'s pre-flight check).
 
 First matching rule wins (:func:`jcompress.methods.select`); a rule that matches nothing is an
 error unless ``allow_unmatched``. The transform is pure: untouched leaves are shared.
@@ -24,14 +45,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from tqdm.auto import tqdm
 
 from jcompress.errors import UserError
-from jcompress.leaves import LowRank, Residual
-from jcompress.methods import require_dense, select
+from jcompress.leaves import CompressedLeaf, HeadFoldedOut, HeadLowRank, LowRank, Residual
+from jcompress.methods import select
 from jcompress.models.convert import flatten, unflatten
 from jcompress.quant.formats import QuantSpec, parse_spec
-from jcompress.quant.leaves import quantize_leaf
+from jcompress.quant.leaves import QuantizedArray, quantize_leaf
 from jcompress.quant.lowrank import lowrank_factors
 
 __all__ = [
@@ -43,6 +65,7 @@ __all__ = [
     "linear_paths",
     "parse_choice",
     "parse_rule",
+    "result_type",
 ]
 
 
@@ -53,14 +76,24 @@ class LayerChoice:
     Attributes:
       rank: rank of the SVD branch (``None``: no branch).
       spec: the quantization spec of the (residual) kernel (``None``: not quantized).
+      residual: quantize ``W - materialize(leaf)`` of a typed leaf with this spec, keeping the
+        leaf (``residual=SPEC``; excludes ``rank`` and ``spec``).
     """
 
     rank: int | None = None
     spec: QuantSpec | None = None
+    residual: QuantSpec | None = None
+
+    def __post_init__(self):
+        if self.residual is not None and (self.rank is not None or self.spec is not None):
+            raise UserError("residual=SPEC goes alone (no rank= / fmt= with it)")
 
     @property
     def key(self) -> str:
-        """The tokenwise cfg key (``rank=16;fmt=nvfp4;blk=na``, ``rank=none;fmt=...``)."""
+        """The tokenwise cfg key (``rank=16;fmt=nvfp4;blk=na``, ``rank=none;fmt=...``), or
+        ``residual=SPEC``."""
+        if self.residual is not None:
+            return f"residual={self.residual}"
         if self.rank is None and self.spec is None:
             return "none"
         r = "none" if self.rank is None else str(self.rank)
@@ -71,10 +104,19 @@ _KEY_RE = re.compile(r"([a-z_]+)=([A-Za-z0-9_]+)")
 
 
 def parse_choice(text: str, *, arg: str = "--rule") -> LayerChoice:
-    """``nvfp4`` / ``fp4@128`` / ``none`` / a cfg key (``rank=16;fmt=nvfp4;blk=na``)."""
+    """``nvfp4`` / ``fp4@128`` / ``none`` / a cfg key (``rank=16;fmt=nvfp4;blk=na``) /
+    ``residual=SPEC`` (``residual=nvfp4``, ``residual=int4@32``)."""
     s = str(text).strip()
     if s.lower() == "none":
         return LayerChoice()
+    if s.startswith("residual="):
+        rest = s[len("residual=") :].strip()
+        if not rest or "=" in rest or ";" in rest:
+            raise UserError(
+                f"{arg}: bad configuration {text!r}; residual= takes one spec alone "
+                "(residual=nvfp4, residual=fp4@128)"
+            )
+        return LayerChoice(residual=parse_spec(rest, arg=arg))
     if "=" not in s:
         return LayerChoice(None, parse_spec(s, arg=arg))
     parts: dict[str, str] = {}
@@ -82,8 +124,8 @@ def parse_choice(text: str, *, arg: str = "--rule") -> LayerChoice:
         m = _KEY_RE.fullmatch(piece.strip())
         if m is None or m.group(1) in parts or m.group(1) not in ("rank", "fmt", "blk", "quant"):
             raise UserError(
-                f"{arg}: bad configuration {text!r}; use a spec (nvfp4, fp4@128) or a cfg key "
-                "rank=R|none;fmt=F;blk=B|na or rank=R;quant=none"
+                f"{arg}: bad configuration {text!r}; use a spec (nvfp4, fp4@128), a cfg key "
+                "rank=R|none;fmt=F;blk=B|na or rank=R;quant=none, or residual=SPEC"
             )
         parts[m.group(1)] = m.group(2)
     rank: int | None = None
@@ -209,6 +251,7 @@ class LayerRow:
     shape: tuple[int, int]
     bits_per_weight: float
     rel_error: float  # ||W - W~||_F / ||W||_F
+    leaf: str = "dense"  # the kernel's type before this step
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self) | {"shape": list(self.shape)}
@@ -294,6 +337,93 @@ def _build(w: jax.Array, choice: LayerChoice) -> tuple[Any, jax.Array, float]:
     return leaf, leaf.materialize().astype(jnp.float32), bits
 
 
+_FACTOR_QUANT = ("LowRank", "HeadLowRank", "HeadFoldedOut")
+
+
+def _type_name(t: type) -> str:
+    return t.__name__ if issubclass(t, CompressedLeaf) else "dense array"
+
+
+def result_type(path: str, leaf_type: type, choice: LayerChoice) -> type | None:
+    """The leaf type ``choice`` makes of a kernel of type ``leaf_type`` (``None``: untouched),
+    or one :class:`UserError` naming the path and the type when it cannot act on it.
+
+    Dense kernels are any non-leaf type (``jax.Array``, ``np.ndarray``,
+    ``jax.ShapeDtypeStruct``). This is the rule :func:`compress` follows, so a caller can check
+    a plan on types alone (:mod:`jcompress.compose` does, before any step runs).
+    """
+    if choice.key == "none":
+        return None
+    typed = isinstance(leaf_type, type) and issubclass(leaf_type, CompressedLeaf)
+    name = _type_name(leaf_type) if isinstance(leaf_type, type) else str(leaf_type)
+    if choice.residual is not None:
+        if not typed:
+            raise UserError(
+                f"params: {path}/kernel is a {name}; quant apply's {choice.key} quantizes what "
+                "a typed leaf leaves of the original kernel (use a plain spec such as "
+                f"{choice.residual} for dense kernels)"
+            )
+        return Residual
+    if not typed:
+        if choice.rank is None:
+            return QuantizedArray
+        return LowRank if choice.spec is None else Residual
+    if choice.rank is None and leaf_type in (LowRank, HeadLowRank, HeadFoldedOut):
+        return leaf_type
+    allowed = "residual=SPEC" if choice.rank is None else "a dense kernel"
+    raise UserError(
+        f"params: {path}/kernel is a {name}; quant apply's {choice.key} takes dense kernels "
+        f"or the factors of {', '.join(_FACTOR_QUANT)}; for a {name} use {allowed}"
+    )
+
+
+def _stored_bits(x: Any) -> float:
+    """Bits a (nested) leaf stores: quantized arrays at their format's width plus scales,
+    other arrays at their dtype's width."""
+    if isinstance(x, QuantizedArray):
+        return x.bits_per_weight * x.shape[0] * x.shape[1]
+    if isinstance(x, CompressedLeaf):
+        return float(sum(_stored_bits(c) for c in x._children()))
+    return float(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize * 8
+
+
+def _factor(path: str, field: str, x: Any, spec: QuantSpec) -> QuantizedArray:
+    if not isinstance(x, jax.Array | np.ndarray):
+        raise UserError(
+            f"params: {path}/kernel/{field} is a {type(x).__name__}; quant apply quantizes "
+            "dense factors only"
+        )
+    return quantize_leaf(jnp.asarray(x), spec)
+
+
+def _build_typed(path: str, leaf: CompressedLeaf, choice: LayerChoice, original: Any) -> Any:
+    """The new leaf for a typed kernel (``result_type`` has accepted the pair)."""
+    if choice.residual is not None:
+        if original is None:
+            raise UserError(
+                f"params: {path}/kernel is a {type(leaf).__name__}; {choice.key} needs the "
+                "original dense kernel (compress(..., original=tree), as jcompress.chain passes)"
+            )
+        w = flatten(original).get(f"{path}/kernel")
+        if not isinstance(w, jax.Array | np.ndarray) or tuple(w.shape) != tuple(leaf.shape):
+            what = "missing" if w is None else f"a {type(w).__name__}{tuple(w.shape)}"
+            raise UserError(
+                f"original: {path}/kernel is {what}; {choice.key} needs the dense "
+                f"{list(leaf.shape)} kernel the {type(leaf).__name__} stands for"
+            )
+        w = jnp.asarray(w)
+        resid = (w.astype(jnp.float32) - leaf.materialize().astype(jnp.float32)).astype(w.dtype)
+        return Residual(leaf, quantize_leaf(resid, choice.residual))
+    spec = choice.spec
+    assert spec is not None
+    if isinstance(leaf, LowRank):
+        return LowRank(_factor(path, "a", leaf.a, spec), _factor(path, "b", leaf.b, spec))
+    if isinstance(leaf, HeadLowRank):
+        return HeadLowRank(_factor(path, "a", leaf.a, spec), leaf.b)
+    assert isinstance(leaf, HeadFoldedOut)
+    return HeadFoldedOut(_factor(path, "w", leaf.w, spec), leaf.ut)
+
+
 def compress(
     params: Any,
     cfg: Any = None,
@@ -301,22 +431,27 @@ def compress(
     *,
     config: QuantApplyConfig,
     progress: bool = True,
+    original: Any = None,
 ) -> tuple[Any, QuantApplyReport]:
     """Replace the selected linears' kernels by quantized (or low-rank + quantized) leaves.
 
     Args:
-      params: the param tree (not modified).
+      params: the param tree (not modified); kernels may be dense or typed leaves another
+        method made (see the module docstring for what each rule does to them).
       cfg, calib: unused (the method protocol's signature; quantization here is data-free).
       config: the rules.
       progress: show a progress bar.
+      original: the tree before any method ran (dense kernels), for ``residual=SPEC`` rules.
 
     Returns:
       ``(new_params, report)``; the low-rank factors keep the kernel's dtype (bits counted as
-      16 per factor entry).
+      16 per factor entry). A row's ``rel_error`` compares the new kernel with the one this
+      call received (materialized), except ``residual=`` rows: with the original kernel.
 
     Raises:
-      UserError: a rule matching nothing (unless allowed), a selected kernel that is already a
-        typed leaf, or a non-finite kernel.
+      UserError: a rule matching nothing (unless allowed), a selected kernel whose leaf type
+        the rule cannot act on (:func:`result_type`, all checked before any work), a missing
+        ``original``, or a non-finite kernel.
     """
     del cfg, calib
     linears = linear_paths(params)
@@ -328,17 +463,35 @@ def compress(
     )
     by_rx = dict(config.rules)
     todo = [(p, by_rx[rx]) for p, rx in sel.chosen.items() if by_rx[rx].key != "none"]
-    for p, _ in todo:
-        require_dense(f"{p}/kernel", linears[p], "quant apply")
+    for p, choice in todo:
+        result_type(p, type(linears[p]), choice)
     flat = flatten(params)
     rows = []
     for path, choice in tqdm(todo, desc="quantize", disable=not progress, leave=False):
         w = linears[path]
-        leaf, dense, bits = _build(jnp.asarray(w), choice)
-        wf = jnp.asarray(w, jnp.float32)
+        n = int(w.shape[0]) * int(w.shape[1])
+        if isinstance(w, CompressedLeaf):
+            leaf = _build_typed(path, w, choice, original)
+            before = jnp.asarray(w.materialize(), jnp.float32)
+            if choice.residual is not None:
+                before = jnp.asarray(flatten(original)[f"{path}/kernel"], jnp.float32)
+            dense, bits = leaf.materialize().astype(jnp.float32), _stored_bits(leaf) / n
+            wf = before
+        else:
+            leaf, dense, bits = _build(jnp.asarray(w), choice)
+            wf = jnp.asarray(w, jnp.float32)
         err = float(jnp.linalg.norm(dense - wf) / jnp.maximum(jnp.linalg.norm(wf), 1e-30))
         flat[f"{path}/kernel"] = leaf
-        rows.append(LayerRow(path, choice.key, tuple(int(d) for d in w.shape), float(bits), err))
+        rows.append(
+            LayerRow(
+                path,
+                choice.key,
+                tuple(int(d) for d in w.shape),
+                float(bits),
+                err,
+                type(w).__name__ if isinstance(w, CompressedLeaf) else "dense",
+            )
+        )
     return unflatten(flat), QuantApplyReport(tuple(rows), sel.unmatched)
 
 
