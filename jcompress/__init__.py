@@ -8,6 +8,7 @@ A param pytree goes in, a compressed param pytree and a report come out::
 """
 
 from jcompress import calibration, checkpoint, methods, validate
+from jcompress.compose import chain
 from jcompress.errors import UserError
 from jcompress.eval import PerplexityResult, perplexity
 from jcompress.leaves import HeadLowRank, LowRank, Residual, materialize, register_leaf
@@ -31,6 +32,7 @@ __version__ = "0.1.0"
 __all__ = [
     "attention",
     "calibration",
+    "chain",
     "checkpoint",
     "methods",
     "Residual",

@@ -66,6 +66,7 @@ __all__ = [
     "parse_choice",
     "parse_rule",
     "result_type",
+    "stored_bits",
 ]
 
 
@@ -377,13 +378,13 @@ def result_type(path: str, leaf_type: type, choice: LayerChoice) -> type | None:
     )
 
 
-def _stored_bits(x: Any) -> float:
+def stored_bits(x: Any) -> float:
     """Bits a (nested) leaf stores: quantized arrays at their format's width plus scales,
     other arrays at their dtype's width."""
     if isinstance(x, QuantizedArray):
         return x.bits_per_weight * x.shape[0] * x.shape[1]
     if isinstance(x, CompressedLeaf):
-        return float(sum(_stored_bits(c) for c in x._children()))
+        return float(sum(stored_bits(c) for c in x._children()))
     return float(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize * 8
 
 
@@ -475,7 +476,7 @@ def compress(
             before = jnp.asarray(w.materialize(), jnp.float32)
             if choice.residual is not None:
                 before = jnp.asarray(flatten(original)[f"{path}/kernel"], jnp.float32)
-            dense, bits = leaf.materialize().astype(jnp.float32), _stored_bits(leaf) / n
+            dense, bits = leaf.materialize().astype(jnp.float32), stored_bits(leaf) / n
             wf = before
         else:
             leaf, dense, bits = _build(jnp.asarray(w), choice)

@@ -1,0 +1,236 @@
+"""``jcompress run RECIPE``: a chain of methods from a recipe file, end to end.
+
+The recipe (JSON, or YAML with PyYAML) is an ordered list of steps ``{"method": ..., <config
+fields>}`` (:mod:`jcompress.compose.recipe`). Before the model is loaded: the recipe is
+validated field by field, the data files and the output directory are checked, and the whole
+chain is checked on leaf types and shapes against the model's config
+(:func:`jcompress.compose.preflight` on ``param_shapes``); after loading, once more on the
+loaded tree (a ``factors/`` export may hold typed leaves already). Then the steps run on one
+set of calibration windows (``--calib_data``), with perplexity after every step
+(``--eval_data``). ``--out`` receives ``report.json``, ``report.md``, the dense-equivalent HF
+export (``dense/``), the lossless factor export (``factors/``) and, when the last step tuned
+SpargeAttn thresholds, ``sparge_params.safetensors``; all written atomically through
+:mod:`jcompress.outputs` / :mod:`jcompress.atomic`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from jcompress.cli.common import add_dtype_flag, add_eval_window_flags, positive
+from jcompress.errors import UserError
+
+__all__ = ["RunJob", "add_parser", "check_run_job", "run", "run_recipe_job"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunJob:
+    """One ``jcompress run``."""
+
+    recipe: Path
+    model: Path
+    out: Path | None = None
+    calib_data: Path | None = None
+    eval_data: Path | None = None
+    nsamples: int = 32
+    seqlen: int | None = None  # None: 512 capped at the model's positions
+    seed: int = 2
+    eval_seqlen: int | None = None
+    eval_max_windows: int | None = None
+    dtype: str | None = None
+    overwrite: bool = False
+
+
+def _seqlen(cfg, job: RunJob) -> int:
+    return job.seqlen or min(512, cfg.max_position_embeddings)
+
+
+def _is_factor_export(model: Path) -> bool:
+    import json
+
+    try:
+        return "jcompress_factors" in json.loads((Path(model) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def check_run_job(job: RunJob):
+    """Everything cheap, before any weights are loaded: the recipe, the model config, the data
+    files, the output guard, the window lengths and the chain's pre-flight on the config's
+    shapes. Returns ``(chain, ModelConfig)``."""
+    import jax
+    import jax.numpy as jnp
+
+    from jcompress.cli.common import check_data_file, model_bytes
+    from jcompress.compose import Chain, load_recipe
+    from jcompress.eval import check_seqlen
+    from jcompress.models import read_config
+    from jcompress.models.convert import unflatten
+    from jcompress.models.params import param_shapes
+    from jcompress.outputs import check_output_dir
+
+    steps = load_recipe(job.recipe)  # a bad recipe: one line, nothing else touched
+    chain = Chain(steps)
+    if not Path(job.model).is_dir():
+        raise UserError(f"--model: {job.model} is not a directory")
+    cfg = read_config(job.model)
+    inputs = {"--model": Path(job.model), "RECIPE": Path(job.recipe)}
+    for flag, p in (("--calib_data", job.calib_data), ("--eval_data", job.eval_data)):
+        if p is not None:
+            check_data_file(p, flag)
+            inputs[flag] = Path(p)
+    for i, s in enumerate(steps):
+        if job.calib_data is None and s.entry.needs_calib(s.config):
+            raise UserError(f"--calib_data: step {i} ({s.method}) calibrates on a text")
+        off = getattr(s.config, "offload_dir", None)
+        if off is not None:
+            inputs[f"step {i} offload_dir"] = Path(off)
+    if job.out is not None:
+        check_output_dir(
+            job.out,
+            inputs=inputs,
+            overwrite=job.overwrite,
+            arg="--out",
+            need_bytes=2 * model_bytes(job.model),
+        )
+    check_seqlen(cfg, _seqlen(cfg, job))
+    if job.eval_seqlen is not None:
+        check_seqlen(cfg, job.eval_seqlen)
+    if not _is_factor_export(job.model):  # a plain HF checkpoint: every kernel is dense
+        shapes = unflatten(
+            {p: jax.ShapeDtypeStruct(s, jnp.float32) for p, s in param_shapes(cfg).items()}
+        )
+        chain.preflight(shapes, cfg)
+    return chain, cfg
+
+
+def run_recipe_job(job: RunJob, log=print) -> dict[str, Any]:
+    """Run the job; returns the JSON-able chain report (also ``out/report.json``)."""
+    from jcompress.atomic import atomic_dir, write_json
+    from jcompress.cli.common import load_tokenizer_for
+    from jcompress.data import calibration_windows, load_tokens
+    from jcompress.models import load_hf, save_hf
+
+    chain, model_cfg = check_run_job(job)
+    seqlen = _seqlen(model_cfg, job)
+    tok = None
+    if job.calib_data is not None or job.eval_data is not None:
+        tok = load_tokenizer_for(job.model, "--model", model_cfg)
+    calib = None
+    if job.calib_data is not None:
+        ids = load_tokens(job.calib_data, tok)
+        if seqlen + 1 >= ids.shape[0]:
+            raise UserError(
+                f"--seqlen: {seqlen} needs a calibration text longer than {seqlen + 1} tokens; "
+                f"{job.calib_data} has {ids.shape[0]:,}"
+            )
+        calib = calibration_windows(ids, job.nsamples, seqlen, seed=job.seed)
+    eval_ids = None if job.eval_data is None else load_tokens(job.eval_data, tok)
+    cfg, params = load_hf(job.model, dtype=job.dtype, progress=True)
+    chain.preflight(params, cfg)  # the loaded tree (a factors/ export: typed leaves)
+    new_params, report = chain(
+        params, cfg, calib,
+        eval_ids=eval_ids, eval_seqlen=job.eval_seqlen or seqlen,
+        eval_max_windows=job.eval_max_windows,
+    )  # fmt: skip
+    report = report.with_extra(
+        recipe=chain.to_json(),
+        model=str(job.model),
+        dtype=job.dtype,
+        calib_data=None if job.calib_data is None else str(job.calib_data),
+        nsamples=None if calib is None else job.nsamples,
+        seqlen=None if calib is None else seqlen,
+        eval_data=None if job.eval_data is None else str(job.eval_data),
+    )
+    result, md = report.to_json(), report.to_markdown()
+    log(md)
+    if job.out is not None:
+        out = Path(job.out)
+        with atomic_dir(out, overwrite=job.overwrite, arg="--out") as tmp:
+            write_json(tmp / "report.json", result)
+            (tmp / "report.md").write_text(md + "\n")
+            save_hf(cfg, new_params, tmp / "dense", tokenizer_dir=job.model)
+            save_hf(cfg, new_params, tmp / "factors", tokenizer_dir=job.model, factors=True)
+            if report.attention_state is not None:
+                from jcompress.sparge import save_params
+
+                save_params(
+                    tmp / "sparge_params.safetensors", report.attention_state, model=str(job.model)
+                )
+        log(f"\nwrote {out}/report.json, report.md, dense/ (transformers), factors/ (jcompress)")
+    return result
+
+
+# --------------------------------------------------------------------------- subcommand
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """The ``run`` subcommand."""
+    from jcompress.compose import NOT_CHAINABLE, REGISTRY
+
+    methods = ", ".join(sorted(REGISTRY))
+    s = subparsers.add_parser(
+        "run",
+        help="run a recipe: methods chained on one model (eigen_attention, tucker, quant, ...)",
+        description="Run the steps of RECIPE (a JSON or YAML list of {method: ..., <config "
+        f"fields>}}; methods: {methods}; not chainable: {', '.join(NOT_CHAINABLE)}) on one "
+        "model, each step on the previous one's leaves; report sizes and (with --eval_data) "
+        "perplexity after every step; write report.json, report.md, dense/ (transformers) "
+        "and factors/ (jcompress, lossless) into --out.",
+    )
+    s.add_argument("recipe", metavar="RECIPE", help="recipe file (.json, .yaml, .yml)")
+    s.add_argument("--model", required=True, help="HF model directory (config, weights, tokenizer)")
+    s.add_argument("--out", default=None, help="output directory (nothing written when omitted)")
+    s.add_argument(
+        "--calib_data",
+        "--calib-data",
+        default=None,
+        help="calibration text (.txt / .jsonl) for the steps that calibrate",
+    )
+    s.add_argument(
+        "--nsamples", type=positive, default=32, help="calibration windows (default: 32)"
+    )
+    s.add_argument(
+        "--seqlen",
+        type=positive,
+        default=None,
+        help="tokens per calibration window (default: 512, capped at the model's positions)",
+    )
+    s.add_argument("--seed", type=int, default=2, help="calibration sampling seed (default: 2)")
+    s.add_argument(
+        "--eval_data",
+        "--eval-data",
+        default=None,
+        help="evaluation text: perplexity before and after every step (default: none)",
+    )
+    add_eval_window_flags(s)
+    add_dtype_flag(s)
+    s.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out (only output jcompress itself wrote)",
+    )
+    s.set_defaults(func=run)
+    return s
+
+
+def run(args: argparse.Namespace) -> int:
+    job = RunJob(
+        recipe=Path(args.recipe),
+        model=Path(args.model),
+        out=None if args.out is None else Path(args.out),
+        calib_data=None if args.calib_data is None else Path(args.calib_data),
+        eval_data=None if args.eval_data is None else Path(args.eval_data),
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        seed=args.seed,
+        eval_seqlen=args.eval_seqlen,
+        eval_max_windows=args.eval_max_windows,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+    )
+    run_recipe_job(job)
+    return 0
