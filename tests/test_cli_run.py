@@ -1,0 +1,141 @@
+"""``jcompress run RECIPE``: a Tucker -> quant chain end to end on llama-1m (report with sizes and
+perplexity after every step, factor export read back, dense export checked against
+transformers), and one-line errors before the model is loaded (bad recipe, pre-flight, an
+output directory jcompress did not write)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import jax
+import numpy as np
+import pytest
+
+import jcompress
+from jcompress.cli import main
+from jcompress.leaves import Residual
+from jcompress.quant import QuantizedArray
+from jcompress.tucker import TTLinear
+
+RECIPE = [
+    {
+        "method": "tucker",
+        "variant": "tt",
+        "tt_ranks": [4, 4],
+        "layers": ["model/layers/0/self_attn/(k|v)_proj"],
+    },
+    {
+        "method": "quant",
+        "rules": {
+            "model/layers/0/self_attn/k_proj": "residual=int8",
+            "model/layers/0/mlp/.*": "nvfp4",
+        },
+    },
+]
+
+
+def run(capsys, *argv):
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse errors exit directly
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory, llama_dir, shared_data):
+    root = tmp_path_factory.mktemp("run")
+    recipe = root / "recipe.json"
+    recipe.write_text(json.dumps(RECIPE))
+    out = root / "out"
+    code = main(
+        [
+            "run", str(recipe), "--model", str(llama_dir), "--out", str(out),
+            "--eval_data", str(shared_data / "wikitext-2-raw" / "test.txt"),
+            "--eval_seqlen", "64", "--eval_max_windows", "2",
+        ]
+    )  # fmt: skip
+    return code, out
+
+
+def test_run_writes_report_and_exports(done):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    code, out = done
+    assert code == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert [s["method"] for s in rep["steps"]] == ["tucker", "quant"]
+    assert rep["recipe"][0]["tt_ranks"] == [4, 4]
+    ppl = [rep["before"]["ppl"]["ppl"]] + [s["ppl"]["ppl"] for s in rep["steps"]]
+    assert all(np.isfinite(ppl)) and len(set(ppl)) == 3  # every step changed the model
+    bits = [rep["before"]["sizes"]["kernel_bits_per_weight"]]
+    bits += [s["sizes"]["kernel_bits_per_weight"] for s in rep["steps"]]
+    assert bits[0] > bits[1] > bits[2]
+    rows = {r["path"]: r for r in rep["steps"][1]["report"]["layers"]}
+    assert rows["model/layers/0/self_attn/k_proj"]["leaf"] == "TTLinear"
+    md = (out / "report.md").read_text()
+    assert "## Step 1: quant" in md and "perplexity" in md.splitlines()[0]
+
+    cfg, params = jcompress.load_hf(out / "factors")
+    attn = params["model"]["layers"]["0"]["self_attn"]
+    k, v = attn["k_proj"]["kernel"], attn["v_proj"]["kernel"]
+    assert isinstance(k, Residual) and isinstance(k.base, TTLinear)
+    assert isinstance(k.residual, QuantizedArray) and isinstance(v, TTLinear)
+    assert isinstance(params["model"]["layers"]["0"]["mlp"]["up_proj"]["kernel"], QuantizedArray)
+    assert isinstance(
+        params["model"]["layers"]["1"]["mlp"]["up_proj"]["kernel"], np.ndarray | jax.Array
+    )
+
+    hf = AutoModelForCausalLM.from_pretrained(out / "dense")
+    ids = np.arange(1, 41)[None]
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids)).logits.numpy()
+    ours = np.asarray(jcompress.forward(cfg, params, ids))
+    assert np.abs(ours - ref).max() <= 1e-4
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_errors_before_the_model_is_loaded(capsys, tmp_path, llama_dir, shared_data, monkeypatch):
+    import jcompress.models
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(jcompress.models, "load_hf", no_load)
+    cases = [
+        ([{"method": "tucker", "rank": 4}], "recipe: step 0 (tucker): unknown field 'rank'"),
+        (
+            [RECIPE[0], {"method": "eigen", "layers": ["model/layers/0"]}],
+            "step 1 (eigen_attention): params: model/layers/0/self_attn/k_proj/kernel is a "
+            "TTLinear; EigenAttention needs dense k/q/v/o kernels",
+        ),
+        ([{"method": "ged"}], "'ged' cannot be chained"),
+    ]
+    calib = ("--calib_data", shared_data / "wikitext-2" / "valid.txt")
+    for i, (recipe, needle) in enumerate(cases):
+        path = tmp_path / f"r{i}.json"
+        path.write_text(json.dumps(recipe))
+        code, out, err = run(
+            capsys, "run", path, "--model", llama_dir, "--out", tmp_path / "o", *calib
+        )
+        assert code == 2 and needle in err, err
+        assert err.count("\n") == 1
+    path = tmp_path / "eigen.json"
+    path.write_text(json.dumps([{"method": "eigen"}]))
+    code, out, err = run(capsys, "run", path, "--model", llama_dir)
+    assert code == 2 and "--calib_data: step 0 (eigen_attention) calibrates on a text" in err
+    # an existing directory jcompress did not write is refused, and left as it was
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    path = tmp_path / "ok.json"
+    path.write_text(json.dumps(RECIPE))
+    code, out, err = run(capsys, "run", path, "--model", llama_dir, "--out", foreign)
+    assert code == 2 and "--out" in err and err.count("\n") == 1
+    assert [p.name for p in foreign.iterdir()] == ["keep.txt"]
+    assert not (tmp_path / "o").exists()
