@@ -347,3 +347,31 @@ def test_recipe_validation(tmp_path):
 def _touch(p):
     p.write_text("[]")
     return p
+
+
+def test_sparge_step_carries_its_thresholds(llama):
+    from jcompress.sparge import SpargeParams
+    from jcompress.sparge.api import BlockSparse
+    from jcompress.sparge.tune import SpargeTuneConfig
+
+    tune = SpargeTuneConfig(
+        nsamples=2, seqlen=64, block_q=16, block_k=16, sim_grid=2, cdf_steps=2, pv_steps=0,
+        batch_size=2,
+    )  # fmt: skip
+    mlp0 = QuantApplyConfig(rules=((r"model/layers/0/mlp/.*", "nvfp4"),))
+    params, report = jcompress.chain([mlp0, tune])(
+        llama.params, llama.cfg, llama.calib[:2], progress=False
+    )
+    assert report.steps[1].method == "sparge" and len(report.steps[0].report.layers) == 3
+    state = report.attention_state
+    assert isinstance(state, SpargeParams)
+    assert np.shape(state[0]) == (llama.cfg.num_layers, llama.cfg.num_heads)
+    assert isinstance(report.attention, BlockSparse) and report.attention.block_q == 16
+    assert flatten(params).keys() == flatten(llama.params).keys()  # params as step 0 left them
+    js = json.loads(json.dumps(report.to_json()))
+    assert js["attention_state"]["shape"] == [4, 8]
+    assert js["attention_state"]["attention"]["block_k"] == 16
+    logits = jcompress.forward(
+        llama.cfg, params, llama.calib[:1], attention="block_sparse", attention_state=state
+    )
+    assert np.isfinite(np.asarray(logits)).all()

@@ -157,8 +157,12 @@ def run_recipe_job(job: RunJob, log=print) -> dict[str, Any]:
             if report.attention_state is not None:
                 from jcompress.sparge import save_params
 
+                att = report.attention
                 save_params(
-                    tmp / "sparge_params.safetensors", report.attention_state, model=str(job.model)
+                    tmp / "sparge_params.safetensors",
+                    report.attention_state,
+                    model=str(job.model),
+                    extra={"block_q": att.block_q, "block_k": att.block_k},
                 )
         log(f"\nwrote {out}/report.json, report.md, dense/ (transformers), factors/ (jcompress)")
     return result

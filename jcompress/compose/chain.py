@@ -122,6 +122,9 @@ class ChainReport:
       attention_state: the attention setting an attention step tuned
         (:class:`jcompress.sparge.SpargeParams`; ``None`` when there is none). Pass it as
         ``forward(..., attention="block_sparse", attention_state=...)``.
+      attention: the attention implementation carrying it as constants
+        (``BlockSparse.baked(...)`` with the tuned block sizes), as the perplexity after the
+        step was measured: ``forward(..., attention=report.attention)``.
       extra: what the caller adds (model path, data files, ...).
     """
 
@@ -129,11 +132,16 @@ class ChainReport:
     steps: tuple[StepRecord, ...]
     ppl_before: Mapping[str, Any] | None = None
     attention_state: Any = None
+    attention: Any = None
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def unmatched_rules(self) -> tuple[str, ...]:
-        return tuple(f"step {s.index}: {r}" for s in self.steps for r in s.report.unmatched_rules)
+        return tuple(  # SpargeAttn's TuneReport has no unmatched_rules
+            f"step {s.index}: {r}"
+            for s in self.steps
+            for r in getattr(s.report, "unmatched_rules", ())
+        )
 
     def with_extra(self, **kw: Any) -> ChainReport:
         return dataclasses.replace(self, extra={**self.extra, **kw})
@@ -144,6 +152,16 @@ class ChainReport:
             state = {
                 "type": type(self.attention_state).__name__,
                 "shape": list(np.shape(self.attention_state[0])),
+                "attention": None
+                if self.attention is None
+                else {
+                    "type": type(self.attention).__name__,
+                    **{
+                        k: getattr(self.attention, k)
+                        for k in ("block_q", "block_k", "implementation")
+                        if hasattr(self.attention, k)
+                    },
+                },
             }
         return {
             "before": {"sizes": self.before.to_json(), "ppl": self.ppl_before},
@@ -299,7 +317,7 @@ class Chain:
 
         original = params
         before, ppl_before = model_sizes(cfg, params), ppl(params)
-        records, state = [], None
+        records, state, attention = [], None, None
         for i, s in enumerate(self.steps):
             t0 = time.perf_counter()
             try:
@@ -310,19 +328,15 @@ class Chain:
                 raise UserError(f"step {i} ({s.method}): {e}") from None
             secs = time.perf_counter() - t0
             params = out.params
-            attention = None
-            if s.entry.kind is Kind.ATTENTION and out.attention_state is not None:
-                from jcompress.sparge.api import BlockSparse
-
-                state = out.attention_state
-                attention = BlockSparse.baked(state)
+            if s.entry.kind is Kind.ATTENTION:
+                state, attention = out.attention_state, out.attention
             records.append(
                 StepRecord(
                     i, s.method, step_to_json(s), out.report, secs,
                     model_sizes(cfg, params), ppl(params, attention),
                 )
             )  # fmt: skip
-        return params, ChainReport(before, tuple(records), ppl_before, state)
+        return params, ChainReport(before, tuple(records), ppl_before, state, attention)
 
 
 def chain(steps: Any) -> Chain:

@@ -99,11 +99,13 @@ class Kind(enum.Enum):
 @dataclasses.dataclass(frozen=True)
 class StepOutput:
     """What one step's adapter returns: the new tree, the method's report and (attention
-    steps) the attention setting it tuned (e.g. :class:`jcompress.sparge.SpargeParams`)."""
+    steps) the attention setting it tuned (e.g. :class:`jcompress.sparge.SpargeParams`) with
+    the attention implementation that applies it (``forward(..., attention=...)``)."""
 
     params: Any
     report: Any
     attention_state: Any = None
+    attention: Any = None
 
 
 Plan = Callable[[ModelConfig, Any, Mapping[str, LeafInfo]], dict[str, LeafInfo]]
@@ -316,8 +318,11 @@ def _run_sparge(params, cfg, calib, config, *, progress, original):
     from jcompress.sparge.tune import tune
 
     del original
+    from jcompress.sparge.api import BlockSparse
+
     state, report = tune(cfg, params, calib, config, progress=progress)
-    return StepOutput(params, report, state)
+    attention = BlockSparse.baked(state, block_q=config.block_q, block_k=config.block_k)
+    return StepOutput(params, report, state, attention)
 
 
 def _eigen_config():
