@@ -263,3 +263,84 @@ def test_tiny_qwen3_against_transformers(tmp_path):
     want = hf_logits(model, ids, mask)
     keep = mask.astype(bool)
     np.testing.assert_allclose(got[keep], want[keep], rtol=1e-4, atol=1e-4)
+
+
+def test_typed_leaves_factors_and_residual():
+    """Factors of LowRank / HeadLowRank quantized in place of the leaf, residual=SPEC over any
+    typed leaf; oracle: numpy products of the fake-quantized factors."""
+    from jcompress.leaves import HeadFoldedOut, HeadLowRank
+    from jcompress.quant.apply import result_type
+
+    assert parse_choice("residual=nvfp4") == LayerChoice(residual=QuantSpec("nvfp4"))
+    assert parse_choice("residual=int4@32").key == "residual=int4@32"
+    assert parse_rule(r"m/.*=residual=fp8_e4m3") == (r"m/.*", parse_choice("residual=fp8_e4m3"))
+    for bad in ("residual=", "residual=nvfp4;rank=4", "rank=4;residual=nvfp4", "residual=fp5"):
+        with pytest.raises(UserError):
+            parse_choice(bad)
+
+    rng = np.random.default_rng(0)
+    f32 = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    a, b = f32(64, 8), f32(8, 48)
+    ha, hb = f32(64, 4 * 6), f32(4, 6, 16)
+    fw, fut = f32(8 * 6, 64), f32(4, 6, 16)
+    w_orig = f32(64, 48)
+    params = {
+        "m": {
+            "lr": {"kernel": LowRank(jnp.asarray(a), jnp.asarray(b))},
+            "hl": {"kernel": HeadLowRank(jnp.asarray(ha), jnp.asarray(hb))},
+            "fo": {"kernel": HeadFoldedOut(jnp.asarray(fw), jnp.asarray(fut))},
+            "res": {"kernel": LowRank(jnp.asarray(a), jnp.asarray(b))},
+            "d": {"kernel": jnp.asarray(w_orig)},
+        }
+    }
+    original = {"m": {"res": {"kernel": jnp.asarray(w_orig)}}}
+    config = QuantApplyConfig(
+        rules=(("m/res", "residual=int8"), ("m/(lr|hl|fo)", "int8"), ("m/d", "none"))
+    )
+    new, rep = compress(params, config=config, progress=False, original=original)
+    fq = lambda x: np.asarray(fake_quant(x, "int8"), np.float64)  # noqa: E731
+    lr = new["m"]["lr"]["kernel"]
+    assert isinstance(lr, LowRank) and isinstance(lr.a, QuantizedArray)
+    np.testing.assert_allclose(np.asarray(lr.materialize()), fq(a) @ fq(b), rtol=1e-5, atol=1e-5)
+    hl = new["m"]["hl"]["kernel"]
+    assert isinstance(hl, HeadLowRank) and isinstance(hl.a, QuantizedArray)
+    oracle = np.einsum("ihr,hrd->ihd", fq(ha).reshape(64, 4, 6), hb).reshape(64, 64)
+    np.testing.assert_allclose(np.asarray(hl.materialize()), oracle, rtol=1e-5, atol=1e-5)
+    x = f32(3, 64)
+    np.testing.assert_allclose(
+        np.asarray(hl.down(jnp.asarray(x))), x @ fq(ha), rtol=1e-5, atol=1e-5
+    )
+    fo = new["m"]["fo"]["kernel"]
+    assert isinstance(fo, HeadFoldedOut) and isinstance(fo.w, QuantizedArray)
+    z = f32(3, 8 * 6)
+    np.testing.assert_allclose(
+        np.asarray(fo.apply_latent(jnp.asarray(z))), z @ fq(fw), rtol=1e-5, atol=1e-5
+    )
+    res = new["m"]["res"]["kernel"]
+    assert isinstance(res, Residual) and res.base is params["m"]["res"]["kernel"]
+    lr_dense = a.astype(np.float64) @ b
+    r = fq((w_orig - lr_dense).astype(np.float32))
+    np.testing.assert_allclose(np.asarray(res.materialize()), lr_dense + r, rtol=1e-5, atol=1e-5)
+    assert np.linalg.norm(w_orig - lr_dense - r) < 0.05 * np.linalg.norm(w_orig - lr_dense)
+    assert new["m"]["d"]["kernel"] is params["m"]["d"]["kernel"]
+    rows = {row.path: row for row in rep.layers}
+    assert rows["m/hl"].leaf == "HeadLowRank" and rows["m/res"].config == "residual=int8"
+    assert rows["m/lr"].bits_per_weight < 16  # 8-bit factors of a rank-8 64x48 kernel
+    json.dumps(rep.to_json())
+
+    # what the rules cannot take: one error naming the path and the type, before any work
+    with pytest.raises(UserError, match=r"m/res/kernel is a LowRank; .*needs the original"):
+        compress(params, config=config, progress=False)
+    bad = [
+        ("m/d", "residual=int8", r"m/d/kernel is a dense array"),
+        ("m/lr", "rank=4;fmt=int8;blk=na", r"m/lr/kernel is a LowRank; .*use a dense kernel"),
+    ]
+    for rx, choice, msg in bad:
+        with pytest.raises(UserError, match=msg):
+            compress(params, config=QuantApplyConfig(rules=((rx, choice),)), progress=False)
+    q = compress(params, config=QuantApplyConfig(rules=(("m/d", "int8"),)), progress=False)[0]
+    with pytest.raises(UserError, match=r"m/d/kernel is a QuantizedArray; .*residual=SPEC"):
+        compress(q, config=QuantApplyConfig(rules=(("m/d", "int8"),)), progress=False)
+    assert result_type("p", np.ndarray, parse_choice("nvfp4")) is QuantizedArray
+    assert result_type("p", HeadLowRank, parse_choice("nvfp4")) is HeadLowRank
+    assert result_type("p", QuantizedArray, parse_choice("residual=nvfp4")) is Residual
