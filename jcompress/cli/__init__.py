@@ -1,5 +1,5 @@
 """The ``jcompress`` command line: ``demo``, ``eigen``, ``tucker``, ``quant``, ``tokenwise``,
-``ged``, ``sparge``, ``ppl``, ``generate``, ``convert``.
+``ged``, ``sparge``, ``run``, ``ppl``, ``generate``, ``convert``.
 
 One module per subcommand (``cli/<name>.py``), each with ``add_parser(subparsers)`` and
 ``run(args)``; shared helpers live in ``cli/common.py``. Every output path is checked by the
