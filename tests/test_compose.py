@@ -154,6 +154,12 @@ def test_quantized_eigen_factors_keep_the_fold(llama, eigen_quant):
     logits = np.asarray(jcompress.forward(llama.cfg, q, ids))  # folded rank-r values
     ref = np.asarray(jcompress.forward(llama.cfg, jcompress.materialize(q), ids))
     np.testing.assert_allclose(logits, ref, rtol=2e-4, atol=2e-4)
+    # the latent KV cache (x @ Q(a)) decodes what the full forward predicts
+    prompt = ids[:1, :16]
+    out = np.asarray(jcompress.generate(llama.cfg, q, prompt, max_new_tokens=6))
+    assert out.shape == (1, 22) and (out[:, :16] == prompt).all()
+    again = np.asarray(jcompress.forward(llama.cfg, q, out[:, :-1]))
+    np.testing.assert_array_equal(again[0, 15:].argmax(-1), out[0, 16:])
 
 
 @pytest.fixture(scope="module")
