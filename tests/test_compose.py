@@ -278,7 +278,7 @@ def test_recipe_validation(tmp_path):
         {"method": "eigen", "error_budget": 0.05, "avg_dim": 2, "layers": ["model/layers/0"]},
         {"method": "tucker", "variant": "tt", "tt_ranks": [4, 4], "layers": [KQV]},
         {"method": "quant", "rules": {MLP: "nvfp4", KQV: "residual=int8"}},
-        {"method": "sparge", "nsamples": 2},
+        {"method": "sparge", "sim_grid": 2},
     ]
     steps = parse_recipe(good)
     assert [s.method for s in steps] == ["eigen_attention", "tucker", "quant", "sparge"]
@@ -334,6 +334,15 @@ def test_recipe_validation(tmp_path):
             r"step 0 \(sparge\) tunes an attention setting .* last step",
         ),
         ([{"error_budget": 0.1}], r"step 0: no 'method'"),
+        (
+            [{"method": "eigen", "nsamples": 64}],
+            r"step 0 \(eigen_attention\): nsamples: the calibration windows are set once for "
+            r"the whole chain .*allowed fields here: avg_dim, error_budget",
+        ),
+        (
+            [{"method": "tucker", "allow_unmatched": "yes"}],
+            r"step 0 \(tucker\): allow_unmatched: must be true or false, got 'yes'",
+        ),
         ([], r"recipe: no steps"),
         ("eigen", r"recipe: expected a list of steps"),
     ]

@@ -10,7 +10,9 @@ fields (its frozen dataclass fields; lists become tuples)::
       {"method": "quant", "rules": [["model/layers/\\\\d+/mlp/.*", "nvfp4"]]}
     ]
 
-A top-level mapping ``{"steps": [...]}`` is accepted as well. Every problem is one
+A top-level mapping ``{"steps": [...]}`` is accepted as well. The calibration windows are the
+chain's, shared by every step (``jcompress run --nsamples / --seqlen / --seed``): a step may not
+set a method's own ``nsamples`` / ``seqlen`` / ``seed``. Every problem is one
 :class:`~jcompress.errors.UserError` naming the step index, the method and the field
 (``recipe: step 1 (tucker): unknown field 'rank'; allowed: variant, mps_eps, ...``).
 """
@@ -65,9 +67,18 @@ def _config_from_fields(entry: Method, fields: Mapping[str, Any], where: str) ->
         hints = {}
     kw = {}
     for name, value in fields.items():
+        if name in entry.chain_settings:
+            raise UserError(
+                f"{where}: {name}: the calibration windows are set once for the whole chain "
+                "(jcompress run --nsamples / --seqlen / --seed, or the calib argument of a "
+                "Chain); allowed fields here: "
+                + ", ".join(n for n in known if n not in entry.chain_settings)
+            )
         if name not in known:
             raise UserError(f"{where}: unknown field {name!r}; allowed: {', '.join(known)}")
         tp = hints.get(name, known[name].type)
+        if tp is bool and not isinstance(value, bool):
+            raise UserError(f"{where}: {name}: must be true or false, got {value!r}")
         if isinstance(value, list) or (_wants_tuple(tp) and isinstance(value, tuple)):
             if not _wants_tuple(tp) and "Sequence" not in str(tp):
                 raise UserError(f"{where}: {name}: expected a single value, got a list {value!r}")
@@ -180,5 +191,10 @@ def step_to_json(step: Step) -> dict[str, Any]:
             "allow_unmatched": cfg.allow_unmatched,
         }
     else:
-        fields = {f.name: _plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+        skip = step.entry.chain_settings  # the chain's calibration windows, not the step's
+        fields = {
+            f.name: _plain(getattr(cfg, f.name))
+            for f in dataclasses.fields(cfg)
+            if f.name not in skip
+        }
     return {"method": step.method, **fields}

@@ -126,6 +126,8 @@ class Method:
       kind: :class:`Kind`.
       from_mapping: optional ``(fields: dict, arg: str) -> config`` for configs with their own
         JSON form (``quant``'s rules); default: the fields are the dataclass fields.
+      chain_settings: config fields a recipe may not set because the chain sets them once for
+        every step (the calibration windows: ``nsamples``, ``seqlen``, ``seed``).
       doc: one line for ``--help`` and errors.
     """
 
@@ -136,6 +138,7 @@ class Method:
     needs_calib: Callable[[Any], bool]
     kind: Kind = Kind.PARAMS
     from_mapping: Callable[[dict[str, Any], str], Any] | None = None
+    chain_settings: tuple[str, ...] = ()
     doc: str = ""
 
 
@@ -372,6 +375,7 @@ register_method(
         _run_eigen,
         _plan_eigen,
         lambda config: True,
+        chain_settings=("nsamples", "seqlen", "seed"),
         doc="EigenAttention: per-head low-rank K/Q/V from calibration bases (HeadLowRank, "
         "HeadFoldedOut o_proj)",
     ),
@@ -409,6 +413,7 @@ register_method(
         _plan_sparge,
         lambda config: True,
         kind=Kind.ATTENTION,
+        chain_settings=("nsamples", "seqlen", "seed"),
         doc="SpargeAttn tuning: per-head block-sparse attention thresholds (an attention "
         "setting, not a param transform: the last step; the chain result carries it)",
     ),
