@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
@@ -74,7 +75,11 @@ def _assert_same(a, b):
 @pytest.fixture(scope="module")
 def eigen_quant(llama):
     run = jcompress.chain([EIGEN, NVFP4_MLP])
-    return run(llama.params, llama.cfg, llama.calib, progress=False)  # perplexity: test_cli_run
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        out = run(llama.params, llama.cfg, llama.calib, progress=False)  # ppl: test_cli_run
+    assert not [w for w in seen if "pre-flight plan" in str(w.message)]  # the plans held
+    return out
 
 
 def test_eigen_then_nvfp4_equals_by_hand(llama, eigen_quant):
@@ -166,7 +171,10 @@ def test_quantized_eigen_factors_keep_the_fold(llama, eigen_quant):
 def tucker_residual(llama):
     tt = TuckerConfig(variant="tt", mps_eps=0.8, layers=(KQV,))
     res = QuantApplyConfig(rules=((KQV, "residual=int4@32"),))
-    both, report = jcompress.chain([tt, res])(llama.params, llama.cfg, progress=False)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        both, report = jcompress.chain([tt, res])(llama.params, llama.cfg, progress=False)
+    assert not [w for w in seen if "pre-flight plan" in str(w.message)]
     return both, report
 
 
@@ -390,3 +398,18 @@ def test_sparge_step_carries_its_thresholds(llama):
         llama.cfg, params, llama.calib[:1], attention="block_sparse", attention_state=state
     )
     assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_a_stale_plan_is_reported(llama, monkeypatch):
+    """A step writing a leaf type its plan did not announce: a warning naming step and path."""
+    import dataclasses
+
+    from jcompress.compose import REGISTRY
+
+    entry = REGISTRY["quant"]
+    monkeypatch.setitem(REGISTRY, "quant", dataclasses.replace(entry, plan=lambda c, k, lv: {}))
+    mlp0 = QuantApplyConfig(rules=((r"model/layers/0/mlp/down_proj", "int8"),))
+    with pytest.warns(UserWarning, match=r"step 0 \(quant\) wrote a QuantizedArray at "
+                      r"model/layers/0/mlp/down_proj/kernel; its pre-flight plan predicted "
+                      r"dense array"):  # fmt: skip
+        jcompress.chain([mlp0])(llama.params, llama.cfg, progress=False)

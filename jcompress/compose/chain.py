@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from jcompress.compose.recipe import Step, parse_recipe, step_to_json
-from jcompress.compose.registry import REGISTRY, Kind, LeafInfo, leaf_infos
+from jcompress.compose.registry import REGISTRY, Kind, LeafInfo, leaf_infos, type_name
 from jcompress.errors import UserError
 from jcompress.leaves import CompressedLeaf, Factored
 from jcompress.models.config import ModelConfig
@@ -223,14 +224,35 @@ def preflight(steps: Sequence[Step], params: Any, cfg: ModelConfig) -> dict[str,
       UserError: ``step I (METHOD): params: PATH is a TYPE; METHOD needs ...``, a rule that
         selects nothing, or a rank that does not fit, for the first step that fails.
     """
+    return _plan_steps(steps, params, cfg)[-1]
+
+
+def _plan_steps(steps: Sequence[Step], params: Any, cfg: ModelConfig) -> list[dict[str, LeafInfo]]:
+    """The leaves before the first step, then after each (the plans' predictions)."""
     leaves = leaf_infos(params)
+    out = [leaves]
     for i, s in enumerate(steps):
         try:
             updates = s.entry.plan(cfg, s.config, leaves)
         except UserError as e:
             raise UserError(f"step {i} ({s.method}): {e}") from None
         leaves = {**leaves, **updates}
-    return leaves
+        out.append(leaves)
+    return out
+
+
+def _check_plan(i: int, step: Step, predicted: Mapping[str, LeafInfo], params: Any) -> None:
+    """Warn when a step wrote a leaf type its plan did not predict (the later steps were
+    checked against the plan, so the plan is stale: a registry bug, not a user error)."""
+    for path, info in leaf_infos(params).items():
+        want = predicted.get(path)
+        if want is not None and not info.types <= want.types:
+            got = ", ".join(sorted(type_name(t) for t in info.types))
+            warnings.warn(
+                f"step {i} ({step.method}) wrote a {got} at {path}; its pre-flight plan "
+                f"predicted {', '.join(sorted(type_name(t) for t in want.types))}",
+                stacklevel=3,
+            )
 
 
 def _as_step(item: Any, i: int) -> Step:
@@ -304,7 +326,7 @@ class Chain:
         for i, s in enumerate(self.steps):
             if calib is None and s.entry.needs_calib(s.config):
                 raise UserError(f"calib: step {i} ({s.method}) needs calibration token ids")
-        self.preflight(params, cfg)
+        plans = _plan_steps(self.steps, params, cfg)
 
         def ppl(p, attention=None):
             if eval_ids is None:
@@ -328,6 +350,7 @@ class Chain:
                 raise UserError(f"step {i} ({s.method}): {e}") from None
             secs = time.perf_counter() - t0
             params = out.params
+            _check_plan(i, s, plans[i + 1], params)
             if s.entry.kind is Kind.ATTENTION:
                 state, attention = out.attention_state, out.attention
             records.append(
