@@ -217,7 +217,7 @@ def test_disjoint_steps_commute(llama):
     assert {"TTLinear", "QuantizedArray"} <= kinds
 
 
-def test_preflight_errors_before_any_work(llama, monkeypatch):
+def test_preflight_errors_before_any_work(llama, opt_dir, monkeypatch):
     import jcompress.eigen_attention
     import jcompress.quant.apply
     import jcompress.tucker
@@ -277,6 +277,19 @@ def test_preflight_errors_before_any_work(llama, monkeypatch):
     after = preflight(jcompress.chain([EIGEN, NVFP4_MLP]).steps, shapes, llama.cfg)
     k = after["model/layers/0/self_attn/k_proj/kernel"]
     assert {t.__name__ for t in k.types} == {"Dense", "HeadLowRank"}
+    # OPT (no RoPE): EigenAttention also writes q_proj, on shapes alone
+    from jcompress.models import read_config
+
+    opt = read_config(opt_dir)
+    opt_shapes = unflatten(
+        {p: jax.ShapeDtypeStruct(s, jnp.float32) for p, s in param_shapes(opt).items()}
+    )
+    q_rank = QuantApplyConfig(rules=((r".*/q_proj", "rank=4;quant=none"),))
+    with pytest.raises(UserError, match=r"step 1 \(quant\): params: model/decoder/layers/0/"
+                       r"self_attn/q_proj/kernel is a HeadLowRank"):  # fmt: skip
+        eigen_opt = EigenAttentionConfig(layers=(r"model/decoder/layers/\d+",))
+        preflight(jcompress.chain([eigen_opt, q_rank]).steps, opt_shapes, opt)
+    preflight(jcompress.chain([q_rank]).steps, opt_shapes, opt)  # dense q: fine
     with pytest.raises(UserError, match=r"calib: step 0 \(eigen_attention\) needs calibration"):
         jcompress.chain([EIGEN])(llama.params, llama.cfg, None)
 
