@@ -71,6 +71,8 @@ __all__ = [
     "AXES",
     "MESH_FORM",
     "ShardRule",
+    "activate",
+    "check_mesh",
     "current_mesh",
     "initialize_distributed",
     "make_mesh",
@@ -132,9 +134,10 @@ def make_mesh(
 
     Args:
       spec: ``"data=2,model=4"`` or ``{"data": 2, "model": 4}``.
-      devices: the devices to lay out (default: every device of every process, in the order
-        :func:`jax.make_mesh` picks for the hardware's interconnect); the product of the axis
-        sizes must equal their number.
+      devices: the devices to lay out, flat or already shaped ``[data, model]`` (e.g. from
+        ``mesh_utils.create_hybrid_device_mesh`` for multi-slice TPUs; read in row-major
+        order); default: every device of every process, in the order :func:`jax.make_mesh`
+        picks for the interconnect. The product of the axis sizes must equal their number.
       arg: the argument name errors report (``--mesh`` on the command line).
 
     Returns:
@@ -154,7 +157,8 @@ def make_mesh(
             if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
                 raise UserError(f"{arg}: axis {a}={n!r} must be an integer >= 1")
     shape = tuple(int(sizes[a]) for a in AXES)
-    n_dev = jax.device_count() if devices is None else len(devices)
+    devs = None if devices is None else np.asarray(devices, dtype=object)
+    n_dev = jax.device_count() if devs is None else devs.size
     if int(np.prod(shape)) != n_dev:
         shown = ",".join(f"{a}={n}" for a, n in zip(AXES, shape, strict=True))
         raise UserError(
@@ -165,7 +169,7 @@ def make_mesh(
     types = (jax.sharding.AxisType.Auto,) * len(AXES)
     if devices is None:
         return jax.make_mesh(shape, AXES, axis_types=types)
-    return Mesh(np.asarray(devices, dtype=object).reshape(shape), AXES, axis_types=types)
+    return Mesh(devs.reshape(shape), AXES, axis_types=types)
 
 
 @contextlib.contextmanager
@@ -259,6 +263,16 @@ def _check_rules(rules: Sequence[ShardRule], mesh: Mesh, arg: str) -> None:
                     f"{arg}: axis {a}={n} does not divide {name}={count} (the {a} axis "
                     f"splits {name}); use a {a} size that divides {count}"
                 )
+
+
+def check_mesh(cfg: ModelConfig, mesh: Mesh, *, arg: str = "mesh") -> None:
+    """Check, before any weights are read, that ``mesh`` divides every head count and width
+    the default rules shard (:func:`param_rules`).
+
+    Raises:
+      UserError: naming the axis, its size and the model dimension it does not divide.
+    """
+    _check_rules(param_rules(cfg), mesh, arg)
 
 
 LeafSharder = Callable[[Any, PartitionSpec, Mesh], list[tuple[Any, PartitionSpec]]]

@@ -177,7 +177,51 @@ def main(model_dir: str) -> dict:
     res["eigen"]["forward_max_diff"] = max_diff(
         jcompress.forward(cfg, se, sharding.shard_batch(ids, mesh)), ref_e
     )
+
+    # --- the CLI: `generate` and `ppl` with --mesh (last: --mesh stays current afterwards)
+    res["cli"] = cli_checks(model_dir, cfg, params)
     return res
+
+
+def cli_checks(model_dir: str, cfg, params) -> dict:
+    import contextlib
+    import io
+    import tempfile
+    from pathlib import Path
+
+    from jcompress.cli import main as cli
+    from jcompress.cli.common import load_tokenizer_for
+    from jcompress.data import load_tokens
+
+    def run(argv):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            rc = cli(argv)
+        return rc, out.getvalue()
+
+    gen = ["generate", "--model", model_dir, "--prompt", "The tower is", "--max-new-tokens", "6"]
+    rc1, text1 = run(gen)
+    rc2, text2 = run([*gen, "--mesh", "data=2,model=4"])
+    text = Path(jcompress.__file__).parent / "assets" / "wikitext2_test_excerpt.txt"
+    ids = load_tokens(text, load_tokenizer_for(model_dir, "--model", cfg))
+    kw = dict(seqlen=32, max_windows=8, batch_size=4, progress=False)
+    ref = jcompress.perplexity(cfg, params, ids, **kw)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "ppl.json"
+        argv = ["ppl", "--model", model_dir, "--data", str(text), "--seqlen", "32",
+                "--max-windows", "8", "--batch-size", "4", "--json", str(out)]  # fmt: skip
+        rc3, _ = run([*argv, "--mesh", "data=2,model=4"])
+        got = json.loads(out.read_text()) if out.exists() else {}
+    rc4 = run(["ppl", "--model", model_dir, "--data", str(text), "--mesh", "model=8"])[0]
+    return {
+        "generate_rc": [rc1, rc2],
+        "generate_same": text1 == text2 and len(text1) > 0,
+        "ppl_rc": rc3,
+        "ppl": got.get("ppl"),
+        "ppl_ref": ref.ppl,
+        "ppl_mesh": got.get("mesh"),
+        "bad_mesh_rc": rc4,
+    }
 
 
 if __name__ == "__main__":

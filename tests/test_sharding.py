@@ -282,3 +282,34 @@ def test_eigen_compress_sharded(checks):
     assert ls["type"] == "HeadLowRank" and ls["a"] == [None, "model"] and ls["b"] == ["model"]
     assert ls["o_type"] == "HeadFoldedOut" and ls["o_w"] == ["model"]
     assert e["forward_max_diff"] < 1e-4
+
+
+def test_cli_mesh(checks):
+    c = checks["cli"]
+    assert c["generate_rc"] == [0, 0] and c["generate_same"]
+    assert c["ppl_rc"] == 0 and c["ppl_mesh"] == "data=2,model=4"
+    assert c["ppl"] == pytest.approx(c["ppl_ref"], rel=1e-5)
+    assert c["bad_mesh_rc"] == 2  # model=8 over 4 kv heads: one line, exit 2, nothing loaded
+
+
+def test_cli_mesh_flag_errors(capsys, llama_dir):
+    from jcompress.cli import main
+
+    rc = main(
+        [
+            "ppl",
+            "--model",
+            str(llama_dir),
+            "--data",
+            "x",
+            "--mesh",
+            f"data={2 * jax.device_count()}",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1
+    assert err.startswith("jcompress: error: --mesh: data=") and "devices but there are" in err
+    with pytest.raises(SystemExit) as e:
+        main(["ppl", "--model", str(llama_dir), "--data", "x", "--mesh", "pipe=2"])
+    assert e.value.code == 2
+    assert "argument --mesh: unknown axis 'pipe'" in capsys.readouterr().err
