@@ -150,7 +150,7 @@ def main(model_dir: str) -> dict:
     res["gram"]["hlo_all_reduce"] = "all-reduce" in hlo
 
     # --- EigenAttention under the mesh == single device
-    config = EigenAttentionConfig(avg_dim=2, batch_size=4, layers=("model/layers/[01]",))
+    config = EigenAttentionConfig(avg_dim=2, batch_size=4, layers=("model/layers/0",))
     e1, r1 = eigen_compress(params, cfg, calib, config=config, progress=False)
     with sharding.use_mesh(mesh):
         e2, r2 = eigen_compress(params, cfg, calib, config=config, progress=False)
@@ -178,9 +178,59 @@ def main(model_dir: str) -> dict:
         jcompress.forward(cfg, se, sharding.shard_batch(ids, mesh)), ref_e
     )
 
+    res["methods"] = method_checks(cfg, params, calib, mesh)
+
     # --- the CLI: `generate` and `ppl` with --mesh (last: --mesh stays current afterwards)
     res["cli"] = cli_checks(model_dir, cfg, params)
     return res
+
+
+def method_checks(cfg, params, calib, mesh) -> dict:
+    """Tucker-MPS (streamed covariances), SpargeAttn tuning (q/k/v probe through the stream)
+    and the tokenwise X/Y capture under ``use_mesh`` == one device."""
+    import tempfile
+
+    from safetensors.numpy import load_file
+
+    from jcompress.quant.tokenwise import SaveXYConfig, save_xy
+    from jcompress.sparge.tune import SpargeTuneConfig, tune
+    from jcompress.tucker import TuckerConfig, Variant
+    from jcompress.tucker import compress as tucker_compress
+
+    out = {}
+    tc = TuckerConfig(
+        variant=Variant("tucker_mps"), layers=("model/layers/0/self_attn/[kv]_proj",), batch_size=4
+    )
+    t1, r1 = tucker_compress(params, cfg, calib, config=tc, progress=False)
+    with sharding.use_mesh(mesh):
+        t2, r2 = tucker_compress(params, cfg, calib, config=tc, progress=False)
+    m1, m2 = jax.tree.leaves(jcompress.materialize(t1)), jax.tree.leaves(jcompress.materialize(t2))
+    out["tucker_mps_rel_diff"] = max(rel_diff(a, b) for a, b in zip(m2, m1, strict=True))
+    out["tucker_mps_types"] = [
+        type(t2["model"]["layers"]["0"]["self_attn"][r]["kernel"]).__name__
+        for r in ("k_proj", "v_proj")
+    ]
+
+    win = np.random.default_rng(1).integers(0, cfg.vocab_size, (4, 32)).astype(np.int32)
+    sc = SpargeTuneConfig(block_q=16, block_k=16, batch_size=4, sim_grid=4, cdf_steps=2,
+                          pv_steps=0)  # fmt: skip
+    p1, _ = tune(cfg, params, win, sc, progress=False)
+    with sharding.use_mesh(mesh):
+        p2, _ = tune(cfg, params, win, sc, progress=False)
+    out["sparge_equal"] = all(
+        np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True)
+        for a, b in zip(p1, p2, strict=True)
+    )
+
+    with tempfile.TemporaryDirectory() as tmp:
+        xc = SaveXYConfig(save_dtype="fp32", batch_size=4)
+        f1 = save_xy(cfg, params, calib, tmp, "one", config=xc, progress=False)
+        with sharding.use_mesh(mesh):
+            f2 = save_xy(cfg, params, calib, tmp, "mesh", config=xc, progress=False)
+        x1, x2 = load_file(str(f1)), load_file(str(f2))
+    out["xy_keys_equal"] = sorted(x1) == sorted(x2) and len(x1) > 0
+    out["xy_rel_diff"] = max(rel_diff(x2[k], x1[k]) for k in x1)
+    return out
 
 
 def cli_checks(model_dir: str, cfg, params) -> dict:

@@ -284,6 +284,14 @@ def test_eigen_compress_sharded(checks):
     assert e["forward_max_diff"] < 1e-4
 
 
+def test_other_methods_sharded(checks):
+    m = checks["methods"]
+    assert m["tucker_mps_types"] == ["HeadLowRank", "HeadLowRank"]
+    assert m["tucker_mps_rel_diff"] < 1e-4
+    assert m["sparge_equal"]  # per-head thresholds from the sharded q/k/v probe
+    assert m["xy_keys_equal"] and m["xy_rel_diff"] < 1e-5  # tokenwise X / Y captures
+
+
 def test_cli_mesh(checks):
     c = checks["cli"]
     assert c["generate_rc"] == [0, 0] and c["generate_same"]
