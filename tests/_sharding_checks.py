@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
@@ -58,11 +59,11 @@ def error_of(fn) -> str | None:
     return None
 
 
-def grams(cfg, params, calib, heads):
+def grams(cfg, params, calib, heads, offload_dir=None):
     """k_proj output Grams of layers 0 and 1 through the layer stream, plus the sharding of
-    layer 1's inputs and of the captured features."""
+    each layer's inputs and of the captured features."""
     out, specs = [], {}
-    stream = stream_layers(cfg, params, calib, batch_size=4)
+    stream = stream_layers(cfg, params, calib, batch_size=4, offload_dir=offload_dir)
     for layer in stream:
         acc = GroupedGram(n=calib.shape[0], avg_dim=2, heads=heads)
         for ob in layer.observe(Capture(outputs="self_attn/k_proj")):
@@ -136,10 +137,15 @@ def main(model_dir: str) -> dict:
     # --- calibration Grams through the layer stream (a sharded reduction over data)
     calib = rng.integers(0, cfg.vocab_size, (8, 16)).astype(np.int32)
     g1, _ = grams(cfg, params, calib, cfg.num_kv_heads)
-    with sharding.use_mesh(mesh):
+    with sharding.use_mesh(mesh), tempfile.TemporaryDirectory() as tmp:
         g2, specs = grams(cfg, params, calib, cfg.num_kv_heads)
-    res["gram"] = {"rel_diff": max(rel_diff(a, b) for a, b in zip(g2, g1, strict=True)),
-                   "specs": specs}  # fmt: skip
+        g3, specs3 = grams(cfg, params, calib, cfg.num_kv_heads, offload_dir=tmp)
+    res["gram"] = {
+        "offload_rel_diff": max(rel_diff(a, b) for a, b in zip(g3, g1, strict=True)),
+        "offload_specs": specs3,
+        "rel_diff": max(rel_diff(a, b) for a, b in zip(g2, g1, strict=True)),
+        "specs": specs,
+    }
     x = sharding.shard_batch(jnp.ones((4, 16, cfg.num_kv_heads * cfg.head_dim)), mesh)
     state = grouped_gram_init(cfg.num_kv_heads, 16, cfg.num_kv_heads * cfg.head_dim)
     hlo = (
@@ -188,8 +194,6 @@ def main(model_dir: str) -> dict:
 def method_checks(cfg, params, calib, mesh) -> dict:
     """Tucker-MPS (streamed covariances), SpargeAttn tuning (q/k/v probe through the stream)
     and the tokenwise X/Y capture under ``use_mesh`` == one device."""
-    import tempfile
-
     from safetensors.numpy import load_file
 
     from jcompress.quant.tokenwise import SaveXYConfig, save_xy
@@ -236,7 +240,6 @@ def method_checks(cfg, params, calib, mesh) -> dict:
 def cli_checks(model_dir: str, cfg, params) -> dict:
     import contextlib
     import io
-    import tempfile
     from pathlib import Path
 
     from jcompress.cli import main as cli
@@ -263,6 +266,8 @@ def cli_checks(model_dir: str, cfg, params) -> dict:
         rc3, _ = run([*argv, "--mesh", "data=2,model=4"])
         got = json.loads(out.read_text()) if out.exists() else {}
     rc4 = run(["ppl", "--model", model_dir, "--data", str(text), "--mesh", "model=8"])[0]
+    rc5 = run(["ppl", "--model", model_dir, "--data", str(text), "--batch-size", "3",
+               "--mesh", "data=2,model=4"])[0]  # fmt: skip
     return {
         "generate_rc": [rc1, rc2],
         "generate_same": text1 == text2 and len(text1) > 0,
@@ -270,9 +275,50 @@ def cli_checks(model_dir: str, cfg, params) -> dict:
         "ppl": got.get("ppl"),
         "ppl_ref": ref.ppl,
         "ppl_mesh": got.get("mesh"),
-        "bad_mesh_rc": rc4,
+        "bad_mesh_rc": [rc4, rc5],
     }
 
 
+def multihost(model_dir: str, out_dir: str) -> dict:
+    """One of two processes (``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` /
+    ``JAX_PROCESS_ID`` set by the test, 4 host devices each): ``jcompress ppl --mesh
+    data=2,model=4`` over the 8 devices of both processes (the CLI starts the distributed
+    runtime itself), then a sharded forward gathered back, against this process's own
+    single-device runs."""
+    from pathlib import Path
+
+    from jcompress.cli import main as cli
+    from jcompress.cli.common import load_tokenizer_for
+    from jcompress.data import load_tokens
+
+    text = Path(jcompress.__file__).parent / "assets" / "wikitext2_test_excerpt.txt"
+    out = Path(out_dir) / f"ppl{os.environ['JAX_PROCESS_ID']}.json"
+    rc = cli(["ppl", "--model", model_dir, "--data", str(text), "--seqlen", "32",
+              "--max-windows", "8", "--batch-size", "4", "--json", str(out),
+              "--mesh", "data=2,model=4"])  # fmt: skip
+    res = {
+        "rc": rc,
+        "processes": jax.process_count(),
+        "devices": [jax.device_count(), jax.local_device_count()],
+    }
+    cfg, params = jcompress.load_hf(model_dir)
+    ids = load_tokens(text, load_tokenizer_for(model_dir, "--model", cfg))
+    kw = dict(seqlen=32, max_windows=8, batch_size=4, progress=False)
+    res["ppl"] = json.loads(out.read_text())["ppl"] if out.exists() else None
+    res["ppl_ref"] = jcompress.perplexity(cfg, params, ids, **kw).ppl
+    mesh = sharding.current_mesh()
+    batch = np.asarray(ids[: 8 * 24]).reshape(8, 24)
+    logits = jcompress.forward(
+        cfg, sharding.shard_params(params, cfg, mesh), sharding.shard_batch(batch, mesh)
+    )
+    res["fully_addressable"] = bool(logits.is_fully_addressable)
+    ref = np.asarray(jcompress.forward(cfg, params, batch))
+    res["forward_max_diff"] = max_diff(sharding.to_host(logits), ref)
+    return res
+
+
 if __name__ == "__main__":
-    print(json.dumps(main(sys.argv[1])))
+    if len(sys.argv) > 2 and sys.argv[2] == "--multihost":
+        print(json.dumps(multihost(sys.argv[1], sys.argv[3])))
+    else:
+        print(json.dumps(main(sys.argv[1])))

@@ -268,6 +268,8 @@ def test_perplexity_sharded(checks):
 def test_calibration_grams_are_a_sharded_reduction(checks):
     g = checks["gram"]
     assert g["rel_diff"] < 1e-5
+    assert g["offload_rel_diff"] < 1e-5  # activations read back from offload files
+    assert g["offload_specs"]["1"]["inputs"][0] == "data"  # ... and placed over data again
     for layer in ("0", "1"):  # batches stay split over data through the stream
         assert g["specs"][layer]["inputs"][0] == "data"
         assert g["specs"][layer]["k_proj"][0] == "data"
@@ -297,7 +299,25 @@ def test_cli_mesh(checks):
     assert c["generate_rc"] == [0, 0] and c["generate_same"]
     assert c["ppl_rc"] == 0 and c["ppl_mesh"] == "data=2,model=4"
     assert c["ppl"] == pytest.approx(c["ppl_ref"], rel=1e-5)
-    assert c["bad_mesh_rc"] == 2  # model=8 over 4 kv heads: one line, exit 2, nothing loaded
+    assert c["bad_mesh_rc"] == [2, 2]  # model=8 over 4 kv heads, batch 3 over data=2
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["eigen", "--calib_data", "x"],
+        ["tucker", "--variant", "tt"],
+        ["quant", "apply", "--rule", "lm_head=fp8_e4m3"],
+        ["generate", "--prompt", "hi"],
+    ],
+)
+def test_method_commands_take_mesh(capsys, llama_dir, argv):
+    from jcompress.cli import main
+
+    n = jax.device_count()
+    rc = main([*argv, "--model", str(llama_dir), "--mesh", f"model={2 * n}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(f"jcompress: error: --mesh: data=1,model={2 * n} spans")
 
 
 def test_cli_mesh_flag_errors(capsys, llama_dir):
@@ -321,3 +341,50 @@ def test_cli_mesh_flag_errors(capsys, llama_dir):
         main(["ppl", "--model", str(llama_dir), "--data", "x", "--mesh", "pipe=2"])
     assert e.value.code == 2
     assert "argument --mesh: unknown axis 'pipe'" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes(llama_dir, tmp_path):
+    """Multi-host on one machine: two processes of 4 host devices each (CPU collectives over
+    gloo), started through the environment variables a cluster launcher sets."""
+    env = dict(os.environ)
+    env.update(
+        XLA_FLAGS=(env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip(),
+        OPENBLAS_NUM_THREADS="1",
+        JAX_PLATFORMS="cpu",
+        JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}",
+        JAX_NUM_PROCESSES="2",
+    )
+    script = [sys.executable, str(HERE / "_sharding_checks.py"), str(llama_dir), "--multihost"]
+    procs = [
+        subprocess.Popen(
+            [*script, str(tmp_path)],
+            env={**env, "JAX_PROCESS_ID": str(i)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=600)
+            assert p.returncode == 0, err[-4000:]
+            outs.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for r in outs:
+        assert r["rc"] == 0 and r["processes"] == 2 and r["devices"] == [8, 4]
+        assert r["ppl"] == pytest.approx(r["ppl_ref"], rel=1e-5)
+        assert not r["fully_addressable"]  # the logits really span both processes
+        assert r["forward_max_diff"] < 1e-4

@@ -119,7 +119,7 @@ def mesh_from_args(args: argparse.Namespace, cfg: Any = None) -> Any:
     ``--mesh`` and make it current for the rest of the command (perplexity and the
     calibration stream of every method then run sharded). Call it before loading weights:
     it also checks that the mesh divides the heads and MLP width of ``cfg`` (default: the
-    config of ``args.model``).
+    config of ``args.model``) and that ``data`` divides ``args.batch_size`` if there is one.
 
     Returns:
       The :class:`jax.sharding.Mesh`, or ``None`` without ``--mesh``.
@@ -140,6 +140,12 @@ def mesh_from_args(args: argparse.Namespace, cfg: Any = None) -> Any:
             cfg = None
     if cfg is not None:
         sharding.check_mesh(cfg, mesh, arg="--mesh")
+    bs, n = getattr(args, "batch_size", None), int(mesh.shape["data"])
+    if isinstance(bs, int) and bs % n:
+        raise UserError(
+            f"--mesh: axis data={n} does not divide the batch size {bs}; use a batch size "
+            f"that is a multiple of {n}"
+        )
     sharding.activate(mesh)
     return mesh
 
