@@ -210,8 +210,8 @@ class ShardRule(NamedTuple):
       spec: :class:`~jax.sharding.PartitionSpec` of the dense array (a typed leaf's children
         follow from it, see :func:`register_leaf_sharding`).
       unit: what must divide by the ``model`` size, as ``(name, count)`` (e.g.
-        ``("num_kv_heads", 4)``): a sharded dimension never splits a head. ``None``: the
-        sharded dimension itself.
+        ``("num_kv_heads", 4)``): a sharded dimension never splits a head. ``None``: not
+        checked (a dimension its axis does not divide is then replicated).
       required: a size that does not divide ``unit`` is an error (``False``: replicate).
     """
 

@@ -178,6 +178,16 @@ def test_rule_table_per_family(name):
         assert tuple(spec) == EXPECTED[name].get(path, ()), path
 
 
+def test_user_rules_come_first():
+    cfg = _family_cfg("llama")
+    mesh = sharding.make_mesh({"model": 1}, jax.devices()[:1])
+    rules = [("lm_head/kernel", P()), (r"model/embed_tokens/embedding", P("model", None))]
+    specs = sharding.param_shardings(_shape_tree(cfg), cfg, mesh, rules=rules)
+    assert specs["lm_head"]["kernel"].spec == P()  # default: vocab over model
+    assert specs["model"]["embed_tokens"]["embedding"].spec == P("model")  # default: replicated
+    assert specs["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"].spec == P(None, "model")
+
+
 def test_typed_leaf_children_follow_the_dense_spec():
     cfg = _family_cfg("llama")
     mesh = sharding.make_mesh({"model": 1}, jax.devices()[:1])
