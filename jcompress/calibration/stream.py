@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jcompress import sharding
 from jcompress.errors import UserError
 from jcompress.models.attention import resolve
 from jcompress.models.config import ModelConfig
@@ -133,7 +134,7 @@ class Activations:
         shape, dt = self.meta
         nbytes = math.prod(shape) * dt.itemsize
         raw = os.pread(self.file.fileno(), nbytes, b * nbytes)
-        return jnp.asarray(np.frombuffer(raw, dt).reshape(shape))
+        return sharding.place_batch(np.frombuffer(raw, dt).reshape(shape))
 
     def __iter__(self) -> Iterator[jax.Array]:
         return (self.get(b) for b in range(self.n))
@@ -317,11 +318,12 @@ def stream_layers(
         raise UserError(f"offload_dir: {offload_dir} is not a directory")
     bl = batches(windows, batch_size)
     s = _Stream(cfg, bl, offload_dir, Feed(feed), resolve(attention))
+    params = sharding.shard_params(params, cfg, sharding.current_mesh())  # under use_mesh
     hidden = Activations(len(bl), offload_dir)
     layer = None
     try:
         for b, batch in enumerate(bl):
-            hidden.put(b, embed(cfg, params, jnp.asarray(batch.ids)))
+            hidden.put(b, embed(cfg, params, sharding.place_batch(batch.ids)))
         root = spec_for(cfg.family.value).layout.layers
         for i in range(cfg.num_layers):
             layer = StreamLayer(s, i, f"{root}/{i}", layer_params(cfg, params, i), hidden)

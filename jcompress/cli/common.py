@@ -21,6 +21,7 @@ __all__ = [
     "add_attention_flag",
     "add_dtype_flag",
     "add_eval_window_flags",
+    "add_mesh_flag",
     "add_model_flag",
     "budget",
     "check_data_file",
@@ -31,6 +32,8 @@ __all__ = [
     "generate_text",
     "load_model",
     "load_tokenizer_for",
+    "mesh_from_args",
+    "mesh_spec",
     "model_bytes",
     "positive",
     "table",
@@ -89,7 +92,76 @@ def add_eval_window_flags(s: argparse.ArgumentParser) -> None:
     )
 
 
+def add_mesh_flag(s: argparse.ArgumentParser) -> None:
+    """``--mesh data=N,model=M`` and ``--distributed``: run sharded over the devices (and
+    hosts) with :mod:`jcompress.sharding`; read back by :func:`mesh_from_args`."""
+    from jcompress.sharding import MESH_FORM
+
+    s.add_argument(
+        "--mesh",
+        type=mesh_spec,
+        default=None,
+        metavar="SPEC",
+        help=f"shard over a device mesh: {MESH_FORM}; heads / MLP columns over model, "
+        "batches over data (default: one device)",
+    )
+    s.add_argument(
+        "--distributed",
+        action="store_true",
+        help="multi-host: jax.distributed.initialize from JAX_COORDINATOR_ADDRESS / "
+        "JAX_NUM_PROCESSES / JAX_PROCESS_ID or the cluster (automatic when "
+        "JAX_COORDINATOR_ADDRESS is set)",
+    )
+
+
+def mesh_from_args(args: argparse.Namespace, cfg: Any = None) -> Any:
+    """Start multi-host JAX if asked (or ``JAX_COORDINATOR_ADDRESS`` is set), build the
+    ``--mesh`` and make it current for the rest of the command (perplexity and the
+    calibration stream of every method then run sharded). Call it before loading weights:
+    it also checks that the mesh divides the heads and MLP width of ``cfg`` (default: the
+    config of ``args.model``) and that ``data`` divides ``args.batch_size`` if there is one.
+
+    Returns:
+      The :class:`jax.sharding.Mesh`, or ``None`` without ``--mesh``.
+    """
+    from jcompress import sharding
+
+    sharding.initialize_distributed(force=bool(getattr(args, "distributed", False)))
+    spec = getattr(args, "mesh", None)
+    if spec is None:
+        return None
+    mesh = sharding.make_mesh(spec, arg="--mesh")
+    if cfg is None and getattr(args, "model", None) is not None:
+        from jcompress.models import read_config
+
+        try:
+            cfg = read_config(args.model)
+        except UserError:  # the command's own checks report a bad --model
+            cfg = None
+    if cfg is not None:
+        sharding.check_mesh(cfg, mesh, arg="--mesh")
+    bs, n = getattr(args, "batch_size", None), int(mesh.shape["data"])
+    if isinstance(bs, int) and bs % n:
+        raise UserError(
+            f"--mesh: axis data={n} does not divide the batch size {bs}; use a batch size "
+            f"that is a multiple of {n}"
+        )
+    sharding.activate(mesh)
+    return mesh
+
+
 # --------------------------------------------------------------------------- argument types
+
+
+def mesh_spec(s: str) -> str:
+    """argparse type: a ``--mesh`` spec (:func:`jcompress.sharding.parse_mesh`)."""
+    from jcompress.sharding import parse_mesh
+
+    try:
+        parse_mesh(s, arg="--mesh")
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--mesh: ")) from None
+    return s
 
 
 def positive(s: str) -> int:

@@ -19,9 +19,11 @@ from typing import Any
 
 from jcompress.cli.common import (
     add_eval_window_flags,
+    add_mesh_flag,
     budget,
     config_flags,
     config_from_args,
+    mesh_from_args,
     positive,
 )
 from jcompress.errors import UserError
@@ -362,6 +364,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     names = config_flags(s, EigenAttentionConfig, eigen_overrides())
     add_sample_flags(s)
     add_eval_window_flags(s)
+    add_mesh_flag(s)
     s.add_argument("--json", default=None, metavar="OUT", help="also write the report JSON here")
     s.add_argument(
         "--fine_tune",
@@ -415,6 +418,7 @@ def job_from_args(
 
 
 def run(args: argparse.Namespace) -> int:
+    mesh_from_args(args)  # --mesh: the calibration stream and perplexity run sharded
     job = job_from_args(
         args,
         model=Path(args.model),

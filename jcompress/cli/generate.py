@@ -7,11 +7,13 @@ import argparse
 from jcompress.cli.common import (
     add_attention_flag,
     add_dtype_flag,
+    add_mesh_flag,
     add_model_flag,
     check_positions,
     generate_text,
     load_model,
     load_tokenizer_for,
+    mesh_from_args,
     positive,
 )
 from jcompress.errors import UserError
@@ -38,6 +40,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     add_dtype_flag(s)
     add_attention_flag(s)
+    add_mesh_flag(s)
     s.set_defaults(func=run)
     return s
 
@@ -45,8 +48,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from jcompress.data import tokenize
     from jcompress.models import read_config
+    from jcompress.sharding import shard_params
 
     cfg = read_config(args.model)
+    mesh = mesh_from_args(args, cfg)
     tok = load_tokenizer_for(args.model, "--model", cfg)
     n_prompt = int(tokenize(tok, args.prompt).size)
     if n_prompt == 0:
@@ -55,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         cfg, n_prompt + args.max_new_tokens, arg="--max-new-tokens", allow_long=args.allow_long
     )
     cfg, params = load_model(args.model, args.dtype)
+    params = shard_params(params, cfg, mesh)  # heads over model; one prompt: no data
     print(
         generate_text(cfg, params, tok, args.prompt, args.max_new_tokens, attention=args.attention)
     )

@@ -9,10 +9,12 @@ from pathlib import Path
 from jcompress.cli.common import (
     add_attention_flag,
     add_dtype_flag,
+    add_mesh_flag,
     add_model_flag,
     check_data_file,
     load_model,
     load_tokenizer_for,
+    mesh_from_args,
     positive,
     table,
 )
@@ -57,6 +59,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="run a RoPE model past its trained positions without a warning",
     )
     add_attention_flag(s)
+    add_mesh_flag(s)
     s.set_defaults(func=run)
     return s
 
@@ -69,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
     from jcompress.outputs import check_output_file
 
     cfg = read_config(args.model)
+    mesh = mesh_from_args(args, cfg)
     check_data_file(args.data, "--data")
     if args.json:
         check_output_file(
@@ -90,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         allow_long=True,  # warned above, once, naming the flag
         attention=args.attention,
+        mesh=mesh,
     )
     secs = time.perf_counter() - t0
     out = {
@@ -97,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         "data": str(args.data),
         "tokens": int(ids.shape[0]),
         "dtype": args.dtype or "stored",
+        "mesh": args.mesh,
         **r.to_dict(),
         "seconds": secs,
     }

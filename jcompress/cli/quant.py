@@ -17,7 +17,14 @@ import json
 import time
 from pathlib import Path
 
-from jcompress.cli.common import DTYPES, check_data_file, load_tokenizer_for, positive
+from jcompress.cli.common import (
+    DTYPES,
+    add_mesh_flag,
+    check_data_file,
+    load_tokenizer_for,
+    mesh_from_args,
+    positive,
+)
 from jcompress.errors import UserError
 
 __all__ = ["add_parser", "run"]
@@ -82,6 +89,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     a.add_argument("--batch_size", type=positive, default=8, help="windows per batch (8)")
     a.add_argument("--dtype", choices=DTYPES, default=None, help="load dtype (default: stored)")
     a.add_argument("--overwrite", action="store_true", help="replace --out / --json")
+    add_mesh_flag(a)
     a.set_defaults(func=run)
     return s
 
@@ -122,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
     model = Path(args.model)
     config = _config(args)
     cfg = read_config(model)
+    mesh_from_args(args, cfg)  # --mesh: perplexity runs sharded
     inputs = {"--model": model}
     if args.packed and args.out is None:
         raise UserError("--packed: needs --out")

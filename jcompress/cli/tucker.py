@@ -21,7 +21,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jcompress.cli.common import add_eval_window_flags, config_flags, config_from_args, positive
+from jcompress.cli.common import (
+    add_eval_window_flags,
+    add_mesh_flag,
+    config_flags,
+    config_from_args,
+    mesh_from_args,
+    positive,
+)
 from jcompress.errors import UserError
 
 __all__ = ["TuckerJob", "add_parser", "check_tucker_job", "run", "run_tucker_job"]
@@ -299,6 +306,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="evaluation text for perplexity before/after (default: none)",
     )
     add_eval_window_flags(s)
+    add_mesh_flag(s)
     s.add_argument("--out", default=None, help="output directory (nothing written when omitted)")
     s.add_argument(
         "--test-type",
@@ -322,6 +330,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from jcompress.tucker import TuckerConfig
 
+    mesh_from_args(args)  # --mesh: the calibration stream and perplexity run sharded
     config = config_from_args(TuckerConfig, args, args.config_fields, variant=args.variant)
     job = TuckerJob(
         model=Path(args.model),

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from jcompress import sharding
 from jcompress.calibration.stream import batches
 from jcompress.data.calib import eval_windows
 from jcompress.errors import UserError
@@ -103,6 +104,7 @@ def perplexity(
     progress: bool = True,
     allow_long: bool = False,
     attention: Any = DEFAULT_ATTENTION,
+    mesh: Any = None,
 ) -> PerplexityResult:
     """Perplexity of a token stream.
 
@@ -116,6 +118,9 @@ def perplexity(
       progress: show a progress bar.
       allow_long: run a RoPE model beyond its trained positions without a warning.
       attention: attention implementation (as for :func:`jcompress.forward`).
+      mesh: a :class:`jax.sharding.Mesh` (:func:`jcompress.sharding.make_mesh`): params
+        sharded over ``model``, windows over ``data`` (default: the one of an enclosing
+        :func:`jcompress.sharding.use_mesh`, else one device).
 
     Returns:
       :class:`PerplexityResult`.
@@ -134,11 +139,14 @@ def perplexity(
     attention = resolve(attention)
     _check_batch_memory(cfg, params, min(batch_size, windows.shape[0]), seqlen, attention)
     n = windows.shape[0]
+    mesh = sharding.current_mesh() if mesh is None else mesh
+    params = sharding.shard_params(params, cfg, mesh)
     nlls = []
     for b in tqdm(
         batches(windows, batch_size), desc=f"ppl L={seqlen}", disable=not progress, leave=False
     ):
-        nlls.append(np.asarray(window_nll(cfg, params, jnp.asarray(b.ids), attention))[: b.real])
+        ids_b = sharding.place_batch(b.ids, mesh)
+        nlls.append(sharding.to_host(window_nll(cfg, params, ids_b, attention))[: b.real])
     nll = np.concatenate(nlls).astype(np.float64)
     mean = float(nll.mean())
     return PerplexityResult(math.exp(mean), mean, n, seqlen, nll)

@@ -1,0 +1,324 @@
+"""Sharded vs single-device runs on 8 host CPU devices, for tests/test_sharding.py.
+
+Run as ``python tests/_sharding_checks.py MODEL_DIR`` (the test sets
+``XLA_FLAGS=--xla_force_host_platform_device_count=8`` before JAX starts, so the rest of the
+suite keeps one device). Prints one JSON object: differences, specs and error messages; the
+parent test asserts on them. Every single-device reference runs on the unsharded params on
+one device, so each comparison is sharded code against the plain code path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+import jcompress  # noqa: E402
+from jcompress import sharding  # noqa: E402
+from jcompress.calibration import (  # noqa: E402
+    GroupedGram,
+    grouped_gram_init,
+    grouped_gram_update,
+    stream_layers,
+)
+from jcompress.eigen_attention import EigenAttentionConfig  # noqa: E402
+from jcompress.eigen_attention import compress as eigen_compress  # noqa: E402
+from jcompress.errors import UserError  # noqa: E402
+from jcompress.models.forward import Capture  # noqa: E402
+
+
+def max_diff(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+def rel_diff(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def spec_of(x) -> list | None:
+    if not isinstance(x.sharding, jax.sharding.NamedSharding):
+        return None
+    return [list(a) if isinstance(a, tuple) else a for a in x.sharding.spec]
+
+
+def error_of(fn) -> str | None:
+    try:
+        fn()
+    except UserError as e:
+        return str(e)
+    return None
+
+
+def grams(cfg, params, calib, heads, offload_dir=None):
+    """k_proj output Grams of layers 0 and 1 through the layer stream, plus the sharding of
+    each layer's inputs and of the captured features."""
+    out, specs = [], {}
+    stream = stream_layers(cfg, params, calib, batch_size=4, offload_dir=offload_dir)
+    for layer in stream:
+        acc = GroupedGram(n=calib.shape[0], avg_dim=2, heads=heads)
+        for ob in layer.observe(Capture(outputs="self_attn/k_proj")):
+            feats = ob.captured["outputs"]["self_attn/k_proj"]
+            if ob.batch == 0:
+                specs[layer.index] = {"inputs": spec_of(ob.inputs), "k_proj": spec_of(feats)}
+            acc.add((feats,), ob.real)
+        out.append(np.asarray(acc.gram))
+        if layer.index == 1:
+            stream.close()
+            break
+    return out, specs
+
+
+def main(model_dir: str) -> dict:
+    res: dict = {"devices": jax.device_count()}
+    cfg, params = jcompress.load_hf(model_dir)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, cfg.vocab_size, (8, 24)).astype(np.int32)
+    ref = np.asarray(jcompress.forward(cfg, params, ids))
+
+    # --- forward on three meshes; params really sharded
+    res["forward"] = {}
+    for spec in ("data=2,model=4", "data=8", "data=4,model=2"):
+        mesh = sharding.make_mesh(spec)
+        sp = sharding.shard_params(params, cfg, mesh)
+        out = jcompress.forward(cfg, sp, sharding.shard_batch(ids, mesh))
+        res["forward"][spec] = {"max_diff": max_diff(out, ref), "out_spec": spec_of(out)}
+        if spec == "data=2,model=4":
+            q0 = params["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]
+            q = sp["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]
+            k = sp["model"]["layers"]["0"]["self_attn"]["k_proj"]["kernel"]
+            res["params"] = {
+                "q_spec": spec_of(q),
+                "q_shard_shape": list(q.addressable_shards[0].data.shape),
+                "k_shard_shape": list(k.addressable_shards[0].data.shape),
+                "o_spec": spec_of(sp["model"]["layers"]["0"]["self_attn"]["o_proj"]["kernel"]),
+                "down_spec": spec_of(sp["model"]["layers"]["0"]["mlp"]["down_proj"]["kernel"]),
+                "up_spec": spec_of(sp["model"]["layers"]["0"]["mlp"]["up_proj"]["kernel"]),
+                "embed_spec": spec_of(sp["model"]["embed_tokens"]["embedding"]),
+                "norm_spec": spec_of(sp["model"]["norm"]["scale"]),
+                "lm_head_spec": spec_of(sp["lm_head"]["kernel"]),
+                "equal_values": max_diff(q, q0),
+            }
+
+    # --- errors: model axis over 4 KV heads, batch over data, device count
+    m8, m24 = sharding.make_mesh("model=8"), sharding.make_mesh("data=2,model=4")
+    res["errors"] = {
+        "kv_heads": error_of(lambda: sharding.shard_params(params, cfg, m8)),
+        "batch": error_of(lambda: sharding.shard_batch(ids[:3], m24)),
+        "count": error_of(lambda: sharding.make_mesh("data=2,model=2")),
+        "subset": error_of(lambda: sharding.make_mesh("data=2,model=2", jax.devices()[:4])),
+    }
+
+    # --- perplexity: explicit mesh= and an enclosing use_mesh
+    stream_ids = rng.integers(0, cfg.vocab_size, 400).astype(np.int32)
+    kw = dict(seqlen=32, max_windows=10, batch_size=4, progress=False)
+    p1 = jcompress.perplexity(cfg, params, stream_ids, **kw)
+    mesh = sharding.make_mesh("data=2,model=4")
+    p2 = jcompress.perplexity(cfg, params, stream_ids, mesh=mesh, **kw)
+    with sharding.use_mesh(sharding.make_mesh("data=4,model=2")):
+        p3 = jcompress.perplexity(cfg, params, stream_ids, **kw)
+    res["ppl"] = {
+        "single": p1.ppl,
+        "mesh": p2.ppl,
+        "use_mesh": p3.ppl,
+        "nll_diff": max(max_diff(p2.nlls, p1.nlls), max_diff(p3.nlls, p1.nlls)),
+        "windows": [p1.n_windows, p2.n_windows],
+    }
+
+    # --- calibration Grams through the layer stream (a sharded reduction over data)
+    calib = rng.integers(0, cfg.vocab_size, (8, 16)).astype(np.int32)
+    g1, _ = grams(cfg, params, calib, cfg.num_kv_heads)
+    with sharding.use_mesh(mesh), tempfile.TemporaryDirectory() as tmp:
+        g2, specs = grams(cfg, params, calib, cfg.num_kv_heads)
+        g3, specs3 = grams(cfg, params, calib, cfg.num_kv_heads, offload_dir=tmp)
+    res["gram"] = {
+        "offload_rel_diff": max(rel_diff(a, b) for a, b in zip(g3, g1, strict=True)),
+        "offload_specs": specs3,
+        "rel_diff": max(rel_diff(a, b) for a, b in zip(g2, g1, strict=True)),
+        "specs": specs,
+    }
+    x = sharding.shard_batch(jnp.ones((4, 16, cfg.num_kv_heads * cfg.head_dim)), mesh)
+    state = grouped_gram_init(cfg.num_kv_heads, 16, cfg.num_kv_heads * cfg.head_dim)
+    hlo = (
+        grouped_gram_update.lower(state, (x,), jnp.int32(0), jnp.int32(4), avg_dim=1)
+        .compile()
+        .as_text()
+    )
+    res["gram"]["hlo_all_reduce"] = "all-reduce" in hlo
+
+    # --- EigenAttention under the mesh == single device
+    config = EigenAttentionConfig(avg_dim=2, batch_size=4, layers=("model/layers/0",))
+    e1, r1 = eigen_compress(params, cfg, calib, config=config, progress=False)
+    with sharding.use_mesh(mesh):
+        e2, r2 = eigen_compress(params, cfg, calib, config=config, progress=False)
+    d1, d2 = jcompress.materialize(e1), jcompress.materialize(e2)
+    res["eigen"] = {
+        "ranks_single": [[lr.rank_kq, lr.rank_v, lr.threshold] for lr in r1.layers],
+        "ranks_mesh": [[lr.rank_kq, lr.rank_v, lr.threshold] for lr in r2.layers],
+        "kernel_rel_diff": max(
+            rel_diff(a, b) for a, b in zip(jax.tree.leaves(d2), jax.tree.leaves(d1), strict=True)
+        ),
+    }
+    # typed leaves placed by their handlers, and the forward on them still equal
+    se = sharding.shard_params(e1, cfg, mesh)
+    kl = se["model"]["layers"]["0"]["self_attn"]["k_proj"]["kernel"]
+    ol = se["model"]["layers"]["0"]["self_attn"]["o_proj"]["kernel"]
+    res["eigen"]["leaf_specs"] = {
+        "type": type(kl).__name__,
+        "a": spec_of(kl.a),
+        "b": spec_of(kl.b),
+        "o_type": type(ol).__name__,
+        "o_w": spec_of(getattr(ol, "w", ol)),
+    }
+    ref_e = np.asarray(jcompress.forward(cfg, e1, ids))
+    res["eigen"]["forward_max_diff"] = max_diff(
+        jcompress.forward(cfg, se, sharding.shard_batch(ids, mesh)), ref_e
+    )
+
+    res["methods"] = method_checks(cfg, params, calib, mesh)
+
+    # --- the CLI: `generate` and `ppl` with --mesh (last: --mesh stays current afterwards)
+    res["cli"] = cli_checks(model_dir, cfg, params)
+    return res
+
+
+def method_checks(cfg, params, calib, mesh) -> dict:
+    """Tucker-MPS (streamed covariances), SpargeAttn tuning (q/k/v probe through the stream)
+    and the tokenwise X/Y capture under ``use_mesh`` == one device."""
+    from safetensors.numpy import load_file
+
+    from jcompress.quant.tokenwise import SaveXYConfig, save_xy
+    from jcompress.sparge.tune import SpargeTuneConfig, tune
+    from jcompress.tucker import TuckerConfig, Variant
+    from jcompress.tucker import compress as tucker_compress
+
+    out = {}
+    tc = TuckerConfig(
+        variant=Variant("tucker_mps"), layers=("model/layers/0/self_attn/[kv]_proj",), batch_size=4
+    )
+    t1, r1 = tucker_compress(params, cfg, calib, config=tc, progress=False)
+    with sharding.use_mesh(mesh):
+        t2, r2 = tucker_compress(params, cfg, calib, config=tc, progress=False)
+    m1, m2 = jax.tree.leaves(jcompress.materialize(t1)), jax.tree.leaves(jcompress.materialize(t2))
+    out["tucker_mps_rel_diff"] = max(rel_diff(a, b) for a, b in zip(m2, m1, strict=True))
+    out["tucker_mps_types"] = [
+        type(t2["model"]["layers"]["0"]["self_attn"][r]["kernel"]).__name__
+        for r in ("k_proj", "v_proj")
+    ]
+
+    win = np.random.default_rng(1).integers(0, cfg.vocab_size, (4, 32)).astype(np.int32)
+    sc = SpargeTuneConfig(block_q=16, block_k=16, batch_size=4, sim_grid=4, cdf_steps=2,
+                          pv_steps=0)  # fmt: skip
+    p1, _ = tune(cfg, params, win, sc, progress=False)
+    with sharding.use_mesh(mesh):
+        p2, _ = tune(cfg, params, win, sc, progress=False)
+    out["sparge_equal"] = all(
+        np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True)
+        for a, b in zip(p1, p2, strict=True)
+    )
+
+    with tempfile.TemporaryDirectory() as tmp:
+        xc = SaveXYConfig(save_dtype="fp32", batch_size=4)
+        f1 = save_xy(cfg, params, calib, tmp, "one", config=xc, progress=False)
+        with sharding.use_mesh(mesh):
+            f2 = save_xy(cfg, params, calib, tmp, "mesh", config=xc, progress=False)
+        x1, x2 = load_file(str(f1)), load_file(str(f2))
+    out["xy_keys_equal"] = sorted(x1) == sorted(x2) and len(x1) > 0
+    out["xy_rel_diff"] = max(rel_diff(x2[k], x1[k]) for k in x1)
+    return out
+
+
+def cli_checks(model_dir: str, cfg, params) -> dict:
+    import contextlib
+    import io
+    from pathlib import Path
+
+    from jcompress.cli import main as cli
+    from jcompress.cli.common import load_tokenizer_for
+    from jcompress.data import load_tokens
+
+    def run(argv):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            rc = cli(argv)
+        return rc, out.getvalue()
+
+    gen = ["generate", "--model", model_dir, "--prompt", "The tower is", "--max-new-tokens", "6"]
+    rc1, text1 = run(gen)
+    rc2, text2 = run([*gen, "--mesh", "data=2,model=4"])
+    text = Path(jcompress.__file__).parent / "assets" / "wikitext2_test_excerpt.txt"
+    ids = load_tokens(text, load_tokenizer_for(model_dir, "--model", cfg))
+    kw = dict(seqlen=32, max_windows=8, batch_size=4, progress=False)
+    ref = jcompress.perplexity(cfg, params, ids, **kw)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "ppl.json"
+        argv = ["ppl", "--model", model_dir, "--data", str(text), "--seqlen", "32",
+                "--max-windows", "8", "--batch-size", "4", "--json", str(out)]  # fmt: skip
+        rc3, _ = run([*argv, "--mesh", "data=2,model=4"])
+        got = json.loads(out.read_text()) if out.exists() else {}
+    rc4 = run(["ppl", "--model", model_dir, "--data", str(text), "--mesh", "model=8"])[0]
+    rc5 = run(["ppl", "--model", model_dir, "--data", str(text), "--batch-size", "3",
+               "--mesh", "data=2,model=4"])[0]  # fmt: skip
+    return {
+        "generate_rc": [rc1, rc2],
+        "generate_same": text1 == text2 and len(text1) > 0,
+        "ppl_rc": rc3,
+        "ppl": got.get("ppl"),
+        "ppl_ref": ref.ppl,
+        "ppl_mesh": got.get("mesh"),
+        "bad_mesh_rc": [rc4, rc5],
+    }
+
+
+def multihost(model_dir: str, out_dir: str) -> dict:
+    """One of two processes (``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` /
+    ``JAX_PROCESS_ID`` set by the test, 4 host devices each): ``jcompress ppl --mesh
+    data=2,model=4`` over the 8 devices of both processes (the CLI starts the distributed
+    runtime itself), then a sharded forward gathered back, against this process's own
+    single-device runs."""
+    from pathlib import Path
+
+    from jcompress.cli import main as cli
+    from jcompress.cli.common import load_tokenizer_for
+    from jcompress.data import load_tokens
+
+    text = Path(jcompress.__file__).parent / "assets" / "wikitext2_test_excerpt.txt"
+    out = Path(out_dir) / f"ppl{os.environ['JAX_PROCESS_ID']}.json"
+    rc = cli(["ppl", "--model", model_dir, "--data", str(text), "--seqlen", "32",
+              "--max-windows", "8", "--batch-size", "4", "--json", str(out),
+              "--mesh", "data=2,model=4"])  # fmt: skip
+    res = {
+        "rc": rc,
+        "processes": jax.process_count(),
+        "devices": [jax.device_count(), jax.local_device_count()],
+    }
+    cfg, params = jcompress.load_hf(model_dir)
+    ids = load_tokens(text, load_tokenizer_for(model_dir, "--model", cfg))
+    kw = dict(seqlen=32, max_windows=8, batch_size=4, progress=False)
+    res["ppl"] = json.loads(out.read_text())["ppl"] if out.exists() else None
+    res["ppl_ref"] = jcompress.perplexity(cfg, params, ids, **kw).ppl
+    mesh = sharding.current_mesh()
+    batch = np.asarray(ids[: 8 * 24]).reshape(8, 24)
+    logits = jcompress.forward(
+        cfg, sharding.shard_params(params, cfg, mesh), sharding.shard_batch(batch, mesh)
+    )
+    res["fully_addressable"] = bool(logits.is_fully_addressable)
+    ref = np.asarray(jcompress.forward(cfg, params, batch))
+    res["forward_max_diff"] = max_diff(sharding.to_host(logits), ref)
+    return res
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[2] == "--multihost":
+        print(json.dumps(multihost(sys.argv[1], sys.argv[3])))
+    else:
+        print(json.dumps(main(sys.argv[1])))

@@ -1,0 +1,400 @@
+"""jcompress.sharding: mesh specs, the param rule table, and sharded == single-device runs.
+
+The multi-device checks run once, in a separate Python process started with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (``tests/_sharding_checks.py``), so the
+rest of the suite keeps its one device; the tests here assert on that process's JSON output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from jcompress import sharding
+from jcompress.errors import UserError
+from jcompress.leaves import LowRank, Residual
+from jcompress.models.convert import unflatten
+from jcompress.models.families import spec_for
+from jcompress.models.params import param_shapes
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def checks(llama_dir):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
+    env["OPENBLAS_NUM_THREADS"] = "1"
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "_sharding_checks.py"), str(llama_dir)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- in this process
+
+
+@pytest.mark.parametrize(
+    "spec, want",
+    [
+        ("data=2,model=4", {"data": 2, "model": 4}),
+        (" model = 8 ", {"data": 1, "model": 8}),
+        ("model=2,data=4", {"data": 4, "model": 2}),
+        ("data=1", {"data": 1, "model": 1}),
+    ],
+)
+def test_parse_mesh(spec, want):
+    assert sharding.parse_mesh(spec) == want
+
+
+@pytest.mark.parametrize(
+    "spec, words",
+    [
+        ("", ["--mesh", "data=N,model=M"]),
+        ("data=2;model=4", ["--mesh", "data=N,model=M"]),
+        ("data=2,", ["--mesh", "data=N,model=M"]),
+        ("data=x", ["--mesh", "data=N,model=M"]),
+        ("batch=2", ["--mesh", "unknown axis 'batch'", "data, model"]),
+        ("data=2,data=2", ["--mesh", "'data' given twice"]),
+        ("data=0", ["--mesh", "data=0", ">= 1"]),
+        ("data=-1", ["--mesh", "data=N,model=M"]),
+    ],
+)
+def test_parse_mesh_errors(spec, words):
+    with pytest.raises(UserError) as e:
+        sharding.parse_mesh(spec, arg="--mesh")
+    msg = str(e.value)
+    assert "\n" not in msg
+    for w in words:
+        assert w in msg
+
+
+def test_make_mesh_needs_the_device_count():
+    n = jax.device_count()
+    with pytest.raises(UserError, match=rf"--mesh: data={2 * n},model=1 spans {2 * n} devices"):
+        sharding.make_mesh(f"data={2 * n}", arg="--mesh")
+    with pytest.raises(UserError, match="unknown axis 'pipe'"):
+        sharding.make_mesh({"pipe": 1})
+    mesh = sharding.make_mesh({"model": n})
+    assert dict(mesh.shape) == {"data": 1, "model": n}
+
+
+def _family_cfg(name):
+    sys.path.insert(0, str(HERE))
+    try:
+        import _tiny
+    finally:
+        sys.path.remove(str(HERE))
+    hf = _tiny.hf_config(name)
+    return spec_for(hf.model_type).config_from_hf(hf.to_dict())
+
+
+# the sharded params of layer 0 per family, written out by hand from the HF module names;
+# every other path must be replicated
+EXPECTED = {
+    "llama": {
+        "model/layers/0/self_attn/q_proj/kernel": (None, "model"),
+        "model/layers/0/self_attn/k_proj/kernel": (None, "model"),
+        "model/layers/0/self_attn/v_proj/kernel": (None, "model"),
+        "model/layers/0/self_attn/o_proj/kernel": ("model",),
+        "model/layers/0/mlp/gate_proj/kernel": (None, "model"),
+        "model/layers/0/mlp/up_proj/kernel": (None, "model"),
+        "model/layers/0/mlp/down_proj/kernel": ("model",),
+        "lm_head/kernel": (None, "model"),
+    },
+    "opt": {
+        "model/decoder/layers/0/self_attn/q_proj/kernel": (None, "model"),
+        "model/decoder/layers/0/self_attn/q_proj/bias": ("model",),
+        "model/decoder/layers/0/self_attn/k_proj/kernel": (None, "model"),
+        "model/decoder/layers/0/self_attn/k_proj/bias": ("model",),
+        "model/decoder/layers/0/self_attn/v_proj/kernel": (None, "model"),
+        "model/decoder/layers/0/self_attn/v_proj/bias": ("model",),
+        "model/decoder/layers/0/self_attn/out_proj/kernel": ("model",),
+        "model/decoder/layers/0/fc1/kernel": (None, "model"),
+        "model/decoder/layers/0/fc1/bias": ("model",),
+        "model/decoder/layers/0/fc2/kernel": ("model",),
+        "lm_head/kernel": (None, "model"),
+    },
+    "gpt2": {
+        "transformer/h/0/attn/c_attn/q/kernel": (None, "model"),
+        "transformer/h/0/attn/c_attn/q/bias": ("model",),
+        "transformer/h/0/attn/c_attn/k/kernel": (None, "model"),
+        "transformer/h/0/attn/c_attn/k/bias": ("model",),
+        "transformer/h/0/attn/c_attn/v/kernel": (None, "model"),
+        "transformer/h/0/attn/c_attn/v/bias": ("model",),
+        "transformer/h/0/attn/c_proj/kernel": ("model",),
+        "transformer/h/0/mlp/c_fc/kernel": (None, "model"),
+        "transformer/h/0/mlp/c_fc/bias": ("model",),
+        "transformer/h/0/mlp/c_proj/kernel": ("model",),
+    },
+    "mpt": {
+        "transformer/blocks/0/attn/Wqkv/q/kernel": (None, "model"),
+        "transformer/blocks/0/attn/Wqkv/k/kernel": (None, "model"),
+        "transformer/blocks/0/attn/Wqkv/v/kernel": (None, "model"),
+        "transformer/blocks/0/attn/out_proj/kernel": ("model",),
+        "transformer/blocks/0/ffn/up_proj/kernel": (None, "model"),
+        "transformer/blocks/0/ffn/down_proj/kernel": ("model",),
+    },
+}
+EXPECTED["qwen3"] = EXPECTED["llama"]
+
+
+def _shape_tree(cfg):
+    return unflatten({p: jax.ShapeDtypeStruct(s, np.float32) for p, s in param_shapes(cfg).items()})
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_rule_table_per_family(name):
+    cfg = _family_cfg(name)
+    mesh = sharding.make_mesh({"model": 1}, jax.devices()[:1])
+    tree = _shape_tree(cfg)
+    specs = sharding.param_shardings(tree, cfg, mesh)
+    flat = {
+        "/".join(str(k.key) for k in path): s.spec
+        for path, s in jax.tree_util.tree_flatten_with_path(specs)[0]
+    }
+    assert set(flat) == set(param_shapes(cfg))
+    for path, spec in flat.items():
+        if "/1/" in path:  # layer 1 follows layer 0
+            path0 = path.replace("/1/", "/0/")
+            assert spec == flat[path0], path
+            continue
+        assert tuple(spec) == EXPECTED[name].get(path, ()), path
+
+
+def test_user_rules_come_first():
+    cfg = _family_cfg("llama")
+    mesh = sharding.make_mesh({"model": 1}, jax.devices()[:1])
+    rules = [("lm_head/kernel", P()), (r"model/embed_tokens/embedding", P("model", None))]
+    specs = sharding.param_shardings(_shape_tree(cfg), cfg, mesh, rules=rules)
+    assert specs["lm_head"]["kernel"].spec == P()  # default: vocab over model
+    assert specs["model"]["embed_tokens"]["embedding"].spec == P("model")  # default: replicated
+    assert specs["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"].spec == P(None, "model")
+
+
+def test_typed_leaf_children_follow_the_dense_spec():
+    cfg = _family_cfg("llama")
+    mesh = sharding.make_mesh({"model": 1}, jax.devices()[:1])
+    tree = _shape_tree(cfg)
+    s = jax.ShapeDtypeStruct
+    attn = tree["model"]["layers"]["0"]["self_attn"]
+    attn["q_proj"]["kernel"] = LowRank(s((32, 4), np.float32), s((4, 64), np.float32))
+    attn["o_proj"]["kernel"] = LowRank(s((64, 4), np.float32), s((4, 32), np.float32))
+    dense = s((32, 32), np.float32)
+    lr = LowRank(s((32, 4), np.float32), s((4, 32), np.float32))
+    attn["k_proj"]["kernel"] = Residual(lr, dense)
+    specs = sharding.param_shardings(tree, cfg, mesh)
+    a = specs["model"]["layers"]["0"]["self_attn"]
+    q, o, k = a["q_proj"]["kernel"], a["o_proj"]["kernel"], a["k_proj"]["kernel"]
+    assert (q.a.spec, q.b.spec) == (P(), P(None, "model"))  # columns live in b
+    assert (o.a.spec, o.b.spec) == (P("model"), P())  # rows live in a
+    assert (k.base.a.spec, k.base.b.spec) == (P(), P(None, "model"))  # nested: recursive
+    assert k.residual.spec == P(None, "model")
+
+
+def test_place_batch_without_mesh_is_a_plain_array():
+    x = sharding.place_batch(np.arange(6).reshape(2, 3))
+    assert isinstance(x, jax.Array) and x.shape == (2, 3)
+    assert sharding.current_mesh() is None
+    mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+    with sharding.use_mesh(mesh):
+        assert sharding.current_mesh() is mesh
+        assert sharding.place_batch(np.zeros((3, 2))).sharding.spec == P("data")
+    assert sharding.current_mesh() is None
+    with pytest.raises(UserError, match="mesh: expected a jax.sharding.Mesh"):
+        with sharding.use_mesh("data=2"):
+            pass
+
+
+def test_initialize_distributed_needs_a_reason_and_checks_ids(monkeypatch):
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+    assert sharding.initialize_distributed() is False  # nothing set, not forced: no-op
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "2")
+    with pytest.raises(UserError, match="JAX_PROCESS_ID: 2 must be < JAX_NUM_PROCESSES=2"):
+        sharding.initialize_distributed()
+    monkeypatch.setenv("JAX_PROCESS_ID", "one")
+    with pytest.raises(UserError, match="JAX_PROCESS_ID: expected an integer, got 'one'"):
+        sharding.initialize_distributed()
+
+
+# --------------------------------------------------------------------------- 8 devices
+
+
+def test_subprocess_has_8_devices(checks):
+    assert checks["devices"] == 8
+
+
+@pytest.mark.parametrize("mesh", ["data=2,model=4", "data=8", "data=4,model=2"])
+def test_forward_sharded_equals_single_device(checks, mesh):
+    r = checks["forward"][mesh]
+    assert r["max_diff"] < 1e-4  # logits are O(10): float32 reduction order only
+    assert r["out_spec"][0] == "data"
+
+
+def test_params_really_sharded(checks):
+    p = checks["params"]
+    assert p["q_spec"] == [None, "model"] and p["q_shard_shape"] == [128, 32]  # 8 heads / 4
+    assert p["k_shard_shape"] == [128, 16]  # 4 kv heads of 16 over model=4: one head each
+    assert p["o_spec"] == ["model"] and p["down_spec"] == ["model"]
+    assert p["up_spec"] == [None, "model"] and p["lm_head_spec"] == [None, "model"]
+    assert p["embed_spec"] == [] and p["norm_spec"] == []
+    assert p["equal_values"] == 0.0
+
+
+def test_errors_name_axis_size_and_dimension(checks):
+    e = checks["errors"]
+    assert e["kv_heads"].startswith("mesh: axis model=8 does not divide num_kv_heads=4")
+    assert "batch_size: a batch of 3 rows" in e["batch"] and "data=2" in e["batch"]
+    assert "spans 4 devices but there are 8" in e["count"]
+    assert e["subset"] is None  # 4 given devices: a 2 x 2 mesh is fine
+
+
+def test_perplexity_sharded(checks):
+    p = checks["ppl"]
+    assert p["windows"] == [10, 10]
+    assert p["nll_diff"] < 1e-5
+    assert p["mesh"] == pytest.approx(p["single"], rel=1e-5)
+    assert p["use_mesh"] == pytest.approx(p["single"], rel=1e-5)
+
+
+def test_calibration_grams_are_a_sharded_reduction(checks):
+    g = checks["gram"]
+    assert g["rel_diff"] < 1e-5
+    assert g["offload_rel_diff"] < 1e-5  # activations read back from offload files
+    assert g["offload_specs"]["1"]["inputs"][0] == "data"  # ... and placed over data again
+    for layer in ("0", "1"):  # batches stay split over data through the stream
+        assert g["specs"][layer]["inputs"][0] == "data"
+        assert g["specs"][layer]["k_proj"][0] == "data"
+    assert g["hlo_all_reduce"]  # the Gram contraction over data-sharded tokens
+
+
+def test_eigen_compress_sharded(checks):
+    e = checks["eigen"]
+    assert e["ranks_mesh"] == e["ranks_single"]
+    assert e["kernel_rel_diff"] < 1e-4
+    ls = e["leaf_specs"]
+    assert ls["type"] == "HeadLowRank" and ls["a"] == [None, "model"] and ls["b"] == ["model"]
+    assert ls["o_type"] == "HeadFoldedOut" and ls["o_w"] == ["model"]
+    assert e["forward_max_diff"] < 1e-4
+
+
+def test_other_methods_sharded(checks):
+    m = checks["methods"]
+    assert m["tucker_mps_types"] == ["HeadLowRank", "HeadLowRank"]
+    assert m["tucker_mps_rel_diff"] < 1e-4
+    assert m["sparge_equal"]  # per-head thresholds from the sharded q/k/v probe
+    assert m["xy_keys_equal"] and m["xy_rel_diff"] < 1e-5  # tokenwise X / Y captures
+
+
+def test_cli_mesh(checks):
+    c = checks["cli"]
+    assert c["generate_rc"] == [0, 0] and c["generate_same"]
+    assert c["ppl_rc"] == 0 and c["ppl_mesh"] == "data=2,model=4"
+    assert c["ppl"] == pytest.approx(c["ppl_ref"], rel=1e-5)
+    assert c["bad_mesh_rc"] == [2, 2]  # model=8 over 4 kv heads, batch 3 over data=2
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["eigen", "--calib_data", "x"],
+        ["tucker", "--variant", "tt"],
+        ["quant", "apply", "--rule", "lm_head=fp8_e4m3"],
+        ["generate", "--prompt", "hi"],
+    ],
+)
+def test_method_commands_take_mesh(capsys, llama_dir, argv):
+    from jcompress.cli import main
+
+    n = jax.device_count()
+    rc = main([*argv, "--model", str(llama_dir), "--mesh", f"model={2 * n}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(f"jcompress: error: --mesh: data=1,model={2 * n} spans")
+
+
+def test_cli_mesh_flag_errors(capsys, llama_dir):
+    from jcompress.cli import main
+
+    rc = main(
+        [
+            "ppl",
+            "--model",
+            str(llama_dir),
+            "--data",
+            "x",
+            "--mesh",
+            f"data={2 * jax.device_count()}",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1
+    assert err.startswith("jcompress: error: --mesh: data=") and "devices but there are" in err
+    with pytest.raises(SystemExit) as e:
+        main(["ppl", "--model", str(llama_dir), "--data", "x", "--mesh", "pipe=2"])
+    assert e.value.code == 2
+    assert "argument --mesh: unknown axis 'pipe'" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes(llama_dir, tmp_path):
+    """Multi-host on one machine: two processes of 4 host devices each (CPU collectives over
+    gloo), started through the environment variables a cluster launcher sets."""
+    env = dict(os.environ)
+    env.update(
+        XLA_FLAGS=(env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip(),
+        OPENBLAS_NUM_THREADS="1",
+        JAX_PLATFORMS="cpu",
+        JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}",
+        JAX_NUM_PROCESSES="2",
+    )
+    script = [sys.executable, str(HERE / "_sharding_checks.py"), str(llama_dir), "--multihost"]
+    procs = [
+        subprocess.Popen(
+            [*script, str(tmp_path)],
+            env={**env, "JAX_PROCESS_ID": str(i)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=600)
+            assert p.returncode == 0, err[-4000:]
+            outs.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for r in outs:
+        assert r["rc"] == 0 and r["processes"] == 2 and r["devices"] == [8, 4]
+        assert r["ppl"] == pytest.approx(r["ppl_ref"], rel=1e-5)
+        assert not r["fully_addressable"]  # the logits really span both processes
+        assert r["forward_max_diff"] < 1e-4
