@@ -1,0 +1,233 @@
+"""Layer streaming (jcompress.streaming): streamed ppl / EigenAttention equal the in-memory
+runs, the loader's account stays at one layer + globals, kill + resume equals an
+uninterrupted run, and bad work dirs / checkpoints are one clear error each.
+
+The oracle is the in-memory path (``load_hf`` -> ``perplexity`` / ``eigen_attention.compress``
+-> ``save_hf``), which is tested on its own against transformers elsewhere; the model is
+llama-1m re-saved as 5 shards (trained weights, so EigenAttention picks real ranks).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+import jcompress
+from jcompress.eigen_attention import EigenAttentionConfig
+from jcompress.eigen_attention import compress as eigen_compress
+from jcompress.errors import UserError
+from jcompress.leaves import CompressedLeaf
+from jcompress.models.convert import flatten
+from jcompress.models.safetensors_io import SafetensorsFile
+from jcompress.streaming import GLOBAL, LayerLoader, stream_compress, stream_perplexity
+
+CONFIG = EigenAttentionConfig(nsamples=8, seqlen=32, avg_dim=4, batch_size=3, error_budget=0.05)
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory, llama_dir):
+    cfg, params = jcompress.load_hf(llama_dir)
+    out = tmp_path_factory.mktemp("stream") / "llama-sharded"
+    jcompress.save_hf(cfg, params, out, tokenizer_dir=llama_dir, max_shard_bytes=1_500_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) >= 4  # several shards, layers split across
+    return out, cfg, params
+
+
+@pytest.fixture(scope="module")
+def calib(sharded):
+    rng = np.random.default_rng(0)
+    return rng.integers(0, sharded[1].vocab_size, (CONFIG.nsamples, CONFIG.seqlen)).astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def in_memory(sharded, calib):
+    _, cfg, params = sharded
+    return eigen_compress(params, cfg, calib, config=CONFIG, progress=False)
+
+
+@pytest.fixture(scope="module")
+def streamed_dense(sharded, calib, tmp_path_factory):
+    model, _, _ = sharded
+    out = tmp_path_factory.mktemp("dense") / "out"
+    res = stream_compress(
+        model, out, eigen_compress, config=CONFIG, calib=calib, method="eigen", progress=False
+    )
+    return out, res
+
+
+def test_loader_reads_one_layer_and_accounts(sharded):
+    model, cfg, params = sharded
+    loader = LayerLoader(model)
+    flat = flatten(params)
+    sizes = {
+        g: sum(
+            int(np.asarray(flat[p]).nbytes)
+            for p in flat
+            if jcompress.streaming.layer_of(cfg, p) == g
+        )
+        for g in [GLOBAL, *range(cfg.num_layers)]
+    }
+    assert loader.group_bytes == sizes  # header-only accounting == what load_hf would hold
+    lay2 = loader.layer(2)
+    assert set(lay2) == {p for p in flat if p.startswith("model/layers/2/")}
+    for p, v in lay2.items():
+        np.testing.assert_array_equal(np.asarray(v), np.asarray(flat[p]))
+    assert loader.resident_bytes == sizes[2]
+    with pytest.raises(RuntimeError, match="already held"):
+        loader.layer(2)
+    loader.release(2)
+    assert loader.resident_bytes == 0 and loader.peak_bytes == sizes[2]
+
+
+def test_streamed_ppl_equals_in_memory(sharded, tmp_path):
+    model, cfg, params = sharded
+    ids = np.random.default_rng(1).integers(0, cfg.vocab_size, 7 * 24)
+    ref = jcompress.perplexity(cfg, params, ids, seqlen=24, batch_size=3, progress=False)
+    loader = LayerLoader(model)
+    got = stream_perplexity(
+        loader, ids, seqlen=24, batch_size=3, progress=False, offload_dir=tmp_path
+    )
+    assert got.n_windows == ref.n_windows == 7
+    np.testing.assert_allclose(got.nlls, ref.nlls, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got.ppl, ref.ppl, rtol=1e-5)
+    layer_max = max(loader.group_bytes[i] for i in range(cfg.num_layers))
+    assert loader.peak_bytes <= max(layer_max, loader.group_bytes[GLOBAL])
+    assert loader.resident_bytes == 0
+
+
+def test_streamed_eigen_equals_in_memory(sharded, in_memory, streamed_dense):
+    _, cfg, _ = sharded
+    want_tree, want_rep = in_memory
+    assert any(r.compressed for r in want_rep.layers)  # the comparison covers real factors
+    out, res = streamed_dense
+    rep = res.report
+    # every layer's report (ranks, thresholds, errors) equals the in-memory run's
+    got_layers = rep.method_report.layers
+    assert [(r.rank_kq, r.rank_v, r.threshold, r.steps) for r in got_layers] == [
+        (r.rank_kq, r.rank_v, r.threshold, r.steps) for r in want_rep.layers
+    ]
+    np.testing.assert_allclose(
+        [r.error for r in got_layers], [r.error for r in want_rep.layers], rtol=1e-5
+    )
+    assert rep.method_report.params_after == want_rep.params_after
+    # the dense-equivalent checkpoint holds materialize(in-memory tree)
+    cfg2, got = jcompress.load_hf(out)
+    assert cfg2 == cfg
+    want = flatten(jcompress.materialize(want_tree))
+    got = flatten(got)
+    assert set(got) == set(want)
+    for p in want:
+        np.testing.assert_allclose(
+            np.asarray(got[p]), np.asarray(want[p]), rtol=1e-5, atol=1e-6, err_msg=p
+        )
+    # the loader held one layer (+ the globals while layer 0's inputs were embedded)
+    assert rep.peak_loaded_bytes <= rep.max_layer_bytes + rep.globals_bytes
+    assert rep.peak_loaded_bytes < rep.model_bytes / 2
+    assert not out.with_name("out.stream").exists()  # the work dir is gone
+
+
+def test_streamed_eigen_factors(sharded, calib, in_memory, tmp_path):
+    model, _, _ = sharded
+    out = tmp_path / "factors"
+    stream_compress(
+        model, out, eigen_compress, config=CONFIG, calib=calib, factors=True, progress=False,
+        offload_dir=tmp_path,
+    )  # fmt: skip
+    _, got = jcompress.load_hf(out)
+    want, got = flatten(in_memory[0]), flatten(got)
+    assert set(got) == set(want)
+    for p, w in want.items():
+        assert type(got[p]) is type(w), p
+        for a, b in zip(jax.tree.leaves(got[p]), jax.tree.leaves(w), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    assert any(isinstance(v, CompressedLeaf) for v in got.values())
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_kill_then_resume_equals_uninterrupted(sharded, calib, streamed_dense, tmp_path):
+    model, _, _ = sharded
+    out = tmp_path / "out"
+
+    def kill_after_1(i):
+        if i == 1:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        stream_compress(model, out, eigen_compress, config=CONFIG, calib=calib, progress=False,
+                        on_layer=kill_after_1)  # fmt: skip
+    work = tmp_path / "out.stream"
+    assert json.loads((work / "manifest.json").read_text())["done"] == [0, 1]
+    assert not out.exists()
+    with pytest.raises(UserError, match="resume"):  # never silently reused
+        stream_compress(model, out, eigen_compress, config=CONFIG, calib=calib, progress=False)
+    other = EigenAttentionConfig(**{**CONFIG.__dict__, "error_budget": 0.02})
+    with pytest.raises(UserError, match="different run.*error_budget"):
+        stream_compress(model, out, eigen_compress, config=other, calib=calib, resume=True,
+                        progress=False)  # fmt: skip
+    with pytest.raises(UserError, match="different run.*calib"):
+        stream_compress(model, out, eigen_compress, config=CONFIG, calib=calib[::-1].copy(),
+                        resume=True, progress=False)  # fmt: skip
+    res = stream_compress(model, out, eigen_compress, config=CONFIG, calib=calib, resume=True,
+                          progress=False)  # fmt: skip
+    assert res.report.resumed_from == 2
+    ref_out, ref = streamed_dense
+    # layers 0-1 rebuilt from the manifest's JSON, 2-3 from this process: all equal
+    assert res.report.method_report.layers == ref.report.method_report.layers
+    assert res.report.method_report.params_after == ref.report.method_report.params_after
+    for f in sorted(p.name for p in ref_out.glob("*.safetensors")):
+        a, b = SafetensorsFile(ref_out / f), SafetensorsFile(out / f)
+        assert a.keys() == b.keys()
+        for k in a.keys():
+            np.testing.assert_array_equal(a.get(k), b.get(k), err_msg=f"{f}:{k}")
+    assert not work.exists()
+
+
+def test_resume_with_another_model_is_an_error(sharded, calib, tmp_path, llama_dir):
+    model, _, _ = sharded
+    out = tmp_path / "out"
+    with pytest.raises(_Killed):
+        stream_compress(model, out, eigen_compress, config=CONFIG, calib=calib, progress=False,
+                        on_layer=lambda i: (_ for _ in ()).throw(_Killed()))  # fmt: skip
+    with pytest.raises(UserError, match="different run.*model"):
+        stream_compress(llama_dir, out, eigen_compress, config=CONFIG, calib=calib,
+                        resume=True, progress=False)  # fmt: skip
+
+
+def test_bad_checkpoints_are_one_clear_error(sharded, tmp_path):
+    model, _, _ = sharded
+    bad = tmp_path / "m"
+    shutil.copytree(model, bad)
+    index = json.loads((bad / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[1]
+    (bad / shard).rename(bad / "elsewhere")
+    with pytest.raises(UserError, match=f"missing weights file: .*{shard}"):
+        LayerLoader(bad)
+    (bad / "elsewhere").rename(bad / shard)
+    raw = (bad / shard).read_bytes()
+    (bad / shard).write_bytes(raw[:8] + b"x" + raw[9:])
+    with pytest.raises(UserError, match="corrupt safetensors header"):
+        LayerLoader(bad)
+    (bad / shard).write_bytes(raw)
+    name = next(k for k, v in index["weight_map"].items() if v == shard)
+    index["weight_map"][name] = sorted(set(index["weight_map"].values()))[0]
+    (bad / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError, match=f"tensor {name} is not in"):
+        LayerLoader(bad)
+
+
+def test_method_that_reads_other_layers_is_refused(sharded, tmp_path):
+    model, _, _ = sharded
+
+    def global_method(params, cfg, calib=None, *, config, progress=True):
+        return jax.tree.map(lambda x: x * 2, params), None
+
+    with pytest.raises(UserError, match="outside the layer being streamed"):
+        stream_compress(model, tmp_path / "o", global_method, config=CONFIG, progress=False)
