@@ -125,6 +125,16 @@ def test_streamed_eigen_equals_in_memory(sharded, in_memory, streamed_dense):
         np.testing.assert_allclose(
             np.asarray(got[p]), np.asarray(want[p]), rtol=1e-5, atol=1e-6, err_msg=p
         )
+    # stock transformers loads the streamed checkpoint (a sharded index of layer shards)
+    import torch
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = np.random.default_rng(3).integers(0, cfg.vocab_size, (2, 16))
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids)).logits.numpy()
+    ours = np.asarray(jcompress.forward(cfg, want_tree, ids))
+    np.testing.assert_allclose(ours, ref, atol=1e-4)
     # the loader held one layer (+ the globals while layer 0's inputs were embedded)
     assert rep.peak_loaded_bytes <= rep.max_layer_bytes + rep.globals_bytes
     assert rep.peak_loaded_bytes < rep.model_bytes / 2
@@ -231,3 +241,28 @@ def test_method_that_reads_other_layers_is_refused(sharded, tmp_path):
 
     with pytest.raises(UserError, match="outside the layer being streamed"):
         stream_compress(model, tmp_path / "o", global_method, config=CONFIG, progress=False)
+
+
+def test_cli_stream_eigen_then_ppl_stream(capsys, tmp_path):
+    from jcompress.cli import bundled_calib_text, bundled_eval_text, bundled_model_dir, main
+
+    out = tmp_path / "out"
+    argv = ["stream", "eigen", "--model", str(bundled_model_dir()), "--calib_data",
+            str(bundled_calib_text()), "--out", str(out), "--nsamples", "8", "--seqlen", "32",
+            "--avg_dim", "4", "--batch_size", "3"]  # fmt: skip
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "loader peak" in text and f"wrote {out}" in text
+    rep = json.loads((out / "jcompress_stream_report.json").read_text())
+    assert rep["method"] == "eigen" and len(rep["method_report"]["layers"]) == 4
+    assert main(argv) == 2  # --out exists: one line, exit 2
+    assert "already exists" in capsys.readouterr().err
+    ppl = ["ppl", "--model", str(out), "--data", str(bundled_eval_text()), "--seqlen", "32",
+           "--max-windows", "5", "--batch-size", "2"]  # fmt: skip
+    assert main([*ppl, "--json", str(tmp_path / "a.json")]) == 0
+    assert main([*ppl, "--stream", "--json", str(tmp_path / "b.json")]) == 0
+    assert "weights held at once" in capsys.readouterr().out
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    assert b["streamed"] and not a["streamed"]
+    np.testing.assert_allclose(b["ppl"], a["ppl"], rtol=1e-5)
+    assert main([*ppl, "--offload-dir", str(tmp_path)]) == 2  # needs --stream

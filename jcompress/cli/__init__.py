@@ -34,6 +34,7 @@ __all__ = [
 # subcommand name -> module under jcompress.cli (in --help order)
 COMMANDS = (
     "demo", "eigen", "tucker", "quant", "tokenwise", "ged", "sparge", "ppl", "generate", "convert",
+    "stream",
 )  # fmt: skip
 
 
