@@ -1,0 +1,170 @@
+"""Layer streaming: EigenAttention and perplexity on a ~1.2 GB, 24-layer random Llama written
+as 4 safetensors shards, run layer by layer (``jcompress.streaming``) against the same work
+in memory (``load_hf`` -> ``compress`` -> ``perplexity``).
+
+The metric is the peak RSS of each side's process. The streamed side must also keep its own
+stated bound: the growth of its RSS over what the process held after its imports stays under
+a third of the checkpoint's size (the loader's account, exact, is reported too: one layer plus
+the globals at most); the bound is enforced at the full size only, since below ~100 MB the
+checkpoint is smaller than the process's compiled-code caches. Both sides must agree on the
+per-layer ranks and on the perplexity.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.foundation import build_sharded_llama
+from bench.harness import Context, peak_rss_mib, register, rss_mib
+
+LLAMA_1GB = dict(hidden=1024, layers=24, heads=16, ffn=2560, vocab=8192)  # ~1.2 GB fp32
+LLAMA_QUICK = dict(hidden=256, layers=8, heads=8, ffn=704, vocab=8192)  # ~42 MB
+LLAMA_DRY = dict(hidden=64, layers=4, heads=4, ffn=176, vocab=1000)
+BOUND_FRACTION = 1 / 3  # stated bound: streamed RSS growth <= model bytes / 3
+
+
+def _inputs(vocab: int, nsamples: int, seqlen: int, eval_windows: int):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    calib = rng.integers(0, vocab, (nsamples, seqlen)).astype(np.int32)
+    ids = rng.integers(0, vocab, eval_windows * seqlen).astype(np.int32)
+    return calib, ids
+
+
+def _config(nsamples: int, seqlen: int):
+    from jcompress.eigen_attention import EigenAttentionConfig
+
+    return EigenAttentionConfig(
+        nsamples=nsamples, seqlen=seqlen, avg_dim=1, error_budget=0.02, batch_size=4
+    )
+
+
+def streamed_side(
+    model_dir: str, out_dir: str, nsamples: int, seqlen: int, eval_windows: int
+) -> dict[str, Any]:
+    """``stream_compress`` (EigenAttention) then ``stream_perplexity`` on its output."""
+    import time
+
+    import jax.numpy as jnp
+
+    from jcompress.eigen_attention import compress
+    from jcompress.models import read_config
+    from jcompress.streaming import LayerLoader, stream_compress, stream_perplexity
+
+    jnp.zeros(()).block_until_ready()
+    cfg = read_config(model_dir)
+    calib, ids = _inputs(cfg.vocab_size, nsamples, seqlen, eval_windows)
+    rss0 = rss_mib()
+    t0 = time.perf_counter()
+    res = stream_compress(
+        model_dir, out_dir, compress, config=_config(nsamples, seqlen), calib=calib,
+        method="eigen", progress=False,
+    )  # fmt: skip
+    t1 = time.perf_counter()
+    loader = LayerLoader(out_dir)
+    r = stream_perplexity(loader, ids, seqlen=seqlen, batch_size=4, progress=False)
+    t2 = time.perf_counter()
+    rep = res.report
+    peak = peak_rss_mib()
+    return {
+        "value": peak,
+        "rss_after_imports_mib": rss0,
+        "rss_growth_mib": peak - rss0,
+        "compress_s": t1 - t0,
+        "ppl_s": t2 - t1,
+        "ppl": r.ppl,
+        "ranks": [(x.rank_kq, x.rank_v) for x in rep.method_report.layers],
+        "loader_peak_compress_mib": rep.peak_loaded_bytes / 2**20,
+        "loader_peak_ppl_mib": loader.peak_bytes / 2**20,
+        "max_layer_mib": rep.max_layer_bytes / 2**20,
+        "globals_mib": rep.globals_bytes / 2**20,
+        "model_mib": rep.model_bytes / 2**20,
+        "activations_mib": nsamples * seqlen * cfg.hidden_size * 4 / 2**20,
+    }
+
+
+def in_memory_side(model_dir: str, nsamples: int, seqlen: int, eval_windows: int) -> dict[str, Any]:
+    """``load_hf`` -> EigenAttention ``compress`` -> ``perplexity`` with the whole model held."""
+    import time
+
+    import jax.numpy as jnp
+
+    import jcompress
+    from jcompress.eigen_attention import compress
+
+    jnp.zeros(()).block_until_ready()
+    rss0 = rss_mib()
+    t0 = time.perf_counter()
+    cfg, params = jcompress.load_hf(model_dir)
+    calib, ids = _inputs(cfg.vocab_size, nsamples, seqlen, eval_windows)
+    new, rep = compress(params, cfg, calib, config=_config(nsamples, seqlen), progress=False)
+    t1 = time.perf_counter()
+    r = jcompress.perplexity(cfg, new, ids, seqlen=seqlen, batch_size=4, progress=False)
+    t2 = time.perf_counter()
+    peak = peak_rss_mib()
+    return {
+        "value": peak,
+        "rss_after_imports_mib": rss0,
+        "rss_growth_mib": peak - rss0,
+        "compress_s": t1 - t0,
+        "ppl_s": t2 - t1,
+        "ppl": r.ppl,
+        "ranks": [(x.rank_kq, x.rank_v) for x in rep.layers],
+    }
+
+
+@register(
+    "stream_llama_1gb",
+    metric="peak RSS MiB",
+    higher_is_better=False,
+    doc="EigenAttention + ppl streamed layer by layer from a 4-shard 24-layer ~1.2 GB random "
+    "Llama vs the same in memory",
+)
+def stream_llama_1gb(ctx: Context) -> dict[str, Any]:
+    shape = ctx.pick(full=LLAMA_1GB, quick=LLAMA_QUICK, dry=LLAMA_DRY)
+    nsamples, seqlen, windows = ctx.pick(full=(4, 128, 4), quick=(4, 128, 4), dry=(4, 16, 4))
+    model_dir = ctx.tmp / "llama"
+    built = ctx.side(
+        build_sharded_llama, "build 4-shard checkpoint", out_dir=str(model_dir), shape=shape,
+        shards=4,
+    )  # fmt: skip
+    kw = dict(model_dir=str(model_dir), nsamples=nsamples, seqlen=seqlen, eval_windows=windows)
+    ours = ctx.side(streamed_side, "streamed", out_dir=str(ctx.tmp / "out"), **kw)
+    base = ctx.side(in_memory_side, "in memory", **kw)
+    if ours["ranks"] != base["ranks"]:
+        raise AssertionError(f"ranks differ: streamed {ours['ranks']}, in memory {base['ranks']}")
+    if abs(ours["ppl"] / base["ppl"] - 1) > 1e-3:
+        raise AssertionError(f"perplexity differs: streamed {ours['ppl']}, in memory {base['ppl']}")
+    bound = BOUND_FRACTION * ours["model_mib"]
+    layer_budget = ours["max_layer_mib"] + ours["globals_mib"]
+    if ours["loader_peak_compress_mib"] > layer_budget + 1e-6:
+        raise AssertionError(
+            f"loader held {ours['loader_peak_compress_mib']:.1f} MiB > one layer + globals "
+            f"({layer_budget:.1f} MiB)"
+        )
+    met = ours["rss_growth_mib"] <= bound
+    if ctx.mode == "full" and not met:  # smaller models are smaller than the jit caches
+        raise AssertionError(
+            f"streamed RSS grew by {ours['rss_growth_mib']:.0f} MiB > stated bound "
+            f"{bound:.0f} MiB (model / 3)"
+        )
+    return {
+        "ours": ours,
+        "baseline": base,
+        "size": f"{shape['layers']} layers, 4 shards, {built['bytes'] / 2**20:.0f} MiB",
+        "info": {
+            "shape": shape,
+            "checkpoint_bytes": built["bytes"],
+            "shards": built["shards"],
+            "nsamples": nsamples,
+            "seqlen": seqlen,
+            "eval_windows": windows,
+            "stated_bound_mib": bound,
+            "bound": "streamed peak RSS - RSS after imports <= checkpoint size / 3",
+            "bound_met": met,
+            "layer_budget_mib": layer_budget,
+            "rss_growth_in_layers": ours["rss_growth_mib"] / max(ours["max_layer_mib"], 1e-9),
+            "ppl": {"ours": ours["ppl"], "baseline": base["ppl"]},
+        },
+    }
