@@ -266,3 +266,37 @@ def test_cli_stream_eigen_then_ppl_stream(capsys, tmp_path):
     assert b["streamed"] and not a["streamed"]
     np.testing.assert_allclose(b["ppl"], a["ppl"], rtol=1e-5)
     assert main([*ppl, "--offload-dir", str(tmp_path)]) == 2  # needs --stream
+
+
+def test_streamed_tucker_with_layer_rules_equals_in_memory(sharded, tmp_path):
+    from jcompress.tucker import TuckerConfig
+    from jcompress.tucker import compress as tucker_compress
+
+    model, cfg, params = sharded
+    config = TuckerConfig(
+        variant="tucker",
+        hooi_ranks=(16, 4, 8),
+        hooi_iters=3,
+        layers=("model/layers/[13]/self_attn/(k|v)_proj", "model/layers/9/.*"),
+        allow_unmatched=True,
+    )
+    with pytest.warns(UserWarning, match="matches nothing"):
+        want, _ = tucker_compress(params, cfg, config=config, progress=False)
+    out = tmp_path / "t"
+    with pytest.warns(UserWarning, match=r"selected nothing in any layer: model/layers/9/\.\*"):
+        res = stream_compress(model, out, tucker_compress, config=config, factors=True,
+                              progress=False)  # fmt: skip
+    assert res.report.unmatched_rules == ("model/layers/9/.*",)
+    _, got = jcompress.load_hf(out)
+    want, got = flatten(want), flatten(got)
+    typed = sorted(p for p, v in want.items() if isinstance(v, CompressedLeaf))
+    assert typed == [f"model/layers/{i}/self_attn/{r}_proj/kernel" for i in (1, 3) for r in "kv"]
+    assert sorted(p for p, v in got.items() if isinstance(v, CompressedLeaf)) == typed
+    for p in typed:
+        for a, b in zip(jax.tree.leaves(got[p]), jax.tree.leaves(want[p]), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    # a rule that matches no path of the model at all: one line, before any work
+    bad = TuckerConfig(variant="tucker", hooi_ranks=(16, 4, 8), layers=("model/layer/1/.*",))
+    with pytest.raises(UserError, match="layers: rule 'model/layer/1/.\\*' matches no path"):
+        stream_compress(model, tmp_path / "u", tucker_compress, config=bad, progress=False)
+    assert not (tmp_path / "u.stream").exists()

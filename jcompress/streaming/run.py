@@ -32,6 +32,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 import warnings
@@ -250,6 +251,63 @@ def _placeholders(loader: LayerLoader) -> dict[str, jax.ShapeDtypeStruct]:
     return loader.shapes()
 
 
+RULE_FIELDS = ("layers", "rules")
+"""Config fields holding selection rules that :func:`stream_compress` scopes to one layer."""
+
+
+def _rule_regexes(value: Any) -> list[str] | None:
+    """The regexes of a rules field: a tuple of strings, or of ``(regex, choice)`` pairs."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, tuple) and all(isinstance(r, str) for r in value):
+        return list(value)
+    if isinstance(value, tuple) and all(
+        isinstance(r, tuple) and len(r) == 2 and isinstance(r[0], str) for r in value
+    ):
+        return [r[0] for r in value]
+    return None
+
+
+def _scoped(config: Any, fields: tuple[str, ...], prefix: str) -> tuple[Any, dict[str, str]]:
+    """``config`` with every rule of ``fields`` restricted to paths under ``prefix`` (a
+    lookahead, so ``re.fullmatch`` semantics and first-match order are kept) and
+    ``allow_unmatched=True``; and ``{scoped regex: original regex}``."""
+    look = f"(?={re.escape(prefix)}(?:/|$))"
+    kw: dict[str, Any] = {}
+    back: dict[str, str] = {}
+    for name in fields:
+        value = getattr(config, name)
+        if isinstance(value, str):
+            value = (value,)
+        if all(isinstance(r, str) for r in value):
+            new = tuple(f"{look}(?:{r})" for r in value)
+            back.update(zip(new, value, strict=True))
+        else:
+            new = tuple((f"{look}(?:{r})", c) for r, c in value)
+            back.update({n[0]: o[0] for n, o in zip(new, value, strict=True)})
+        kw[name] = new
+    if "allow_unmatched" in {f.name for f in dataclasses.fields(config)}:
+        kw["allow_unmatched"] = True
+    return dataclasses.replace(config, **kw), back
+
+
+def _check_rules(config: Any, fields: tuple[str, ...], paths: list[str]) -> None:
+    """A rule that fully matches no module or param path of the model (every prefix of every
+    param path) is an error before any work, unless the config allows unmatched rules (a
+    rule that matches a path its method never considers is reported at the end)."""
+    if getattr(config, "allow_unmatched", False):
+        return
+    modules = {"/".join(p.split("/")[:k]) for p in paths for k in range(1, p.count("/") + 2)}
+    for name in fields:
+        for r in _rule_regexes(getattr(config, name)) or []:
+            rx = re.compile(r)
+            if not any(rx.fullmatch(m) for m in modules):
+                raise UserError(
+                    f"{name}: rule {r!r} matches no path of this model (e.g. "
+                    f"{min(m for m in modules if m.count('/') == 2)})"
+                )
+
+
 def _merge_reports(objs: dict[int, Any], steps: list[dict[str, Any]]) -> Any:
     """The method's whole-model report from per-layer ones: a dataclass report whose
     ``layers`` field holds dataclass entries gets every step's entries (rebuilt from JSON for
@@ -300,6 +358,7 @@ def stream_compress(
     progress: bool = True,
     marker: bool = False,
     on_layer: Callable[[int], None] | None = None,
+    rule_fields: tuple[str, ...] | None = None,
 ) -> StreamResult:
     """Compress a checkpoint layer by layer with peak memory ~ one layer (module docstring).
 
@@ -323,6 +382,13 @@ def stream_compress(
       progress: a progress bar over layers.
       marker: write :data:`jcompress.outputs.MARKER` into ``out_dir`` (the CLI does).
       on_layer: called with each finished layer's index after its manifest is written.
+      rule_fields: config fields holding regex selection rules (strings, or ``(regex,
+        choice)`` pairs) over ``/``-joined paths; on layer ``i`` each rule is restricted to
+        paths under ``model/layers/i`` and unmatched rules are allowed, so a method that
+        selects over every layer's paths sees only this layer's. A rule matching no path of
+        the model is an error up front; one no layer's step used is listed in the report's
+        ``unmatched_rules`` (and warned about). Default: whichever of :data:`RULE_FIELDS`
+        the config has.
 
     Returns:
       :class:`StreamResult`.
@@ -348,6 +414,18 @@ def stream_compress(
     work = Path(work_dir) if work_dir is not None else out_dir.with_name(out_dir.name + ".stream")
     if work.resolve() == model_dir.resolve() or work.resolve() == out_dir.resolve():
         raise UserError(f"work_dir: {work} must differ from the model and output directories")
+    names = (
+        {f.name for f in dataclasses.fields(config)} if dataclasses.is_dataclass(config) else set()
+    )
+    if rule_fields is None:
+        rule_fields = tuple(
+            f for f in RULE_FIELDS if f in names and _rule_regexes(getattr(config, f)) is not None
+        )
+    for f in rule_fields:
+        if f not in names or _rule_regexes(getattr(config, f)) is None:
+            raise UserError(f"rule_fields: {f!r} is not a rules field of {type(config).__name__}")
+    shapes = _placeholders(loader)
+    _check_rules(config, rule_fields, list(shapes))
     ident = _identity(method, config, calib, loader.dtype, factors, model_dir)
     mpath = work / MANIFEST
     if work.exists():
@@ -389,7 +467,6 @@ def stream_compress(
     for i in range(start):
         if not (work / manifest["layers"][str(i)]["file"]).is_file():
             raise UserError(f"resume: {work} lacks the shard of finished layer {i} (remove it)")
-    shapes = _placeholders(loader)
     root = spec_for(cfg.family.value).layout.layers
     hidden = None
     if calib is not None and start > 0 and start < n_layers:
@@ -407,10 +484,15 @@ def stream_compress(
             with warnings.catch_warnings():
                 if i > start:  # a rule / averaging warning repeats per layer: show it once
                     warnings.simplefilter("ignore")
+                # scoped rules unmatched in one layer are expected; the end reports the rest
+                warnings.filterwarnings("ignore", message=r"\w+: rule '\(\?=")
+                step_config, back = _scoped(config, rule_fields, f"{root}/{i}")
                 with single_layer(i, hidden) as handoff:
                     hidden = None  # owned by the stream from here, if it runs
                     try:
-                        new_tree, rep = compress(tree, cfg, calib, config=config, progress=False)
+                        new_tree, rep = compress(
+                            tree, cfg, calib, config=step_config, progress=False
+                        )
                     except (TypeError, AttributeError) as e:
                         if "ShapeDtypeStruct" not in str(e):
                             raise
@@ -453,6 +535,8 @@ def stream_compress(
             fname = f"{stem}-layer-{i:05d}.safetensors"
             _write_shard(work / fname, entries)
             step = rep.to_json() if hasattr(rep, "to_json") else {}
+            if isinstance(step.get("unmatched_rules"), list):  # back to the user's regexes
+                step["unmatched_rules"] = [back.get(r, r) for r in step["unmatched_rules"]]
             objs[i] = rep
             prev = manifest.get("hidden")
             if calib is not None and i < n_layers - 1:
@@ -509,6 +593,19 @@ def _finish(loader, manifest, objs, method, out_dir, work, stem, factors, *, ove
         config[hf.FACTORS_KEY] = {"format": 1, "leaves": fmeta}
     steps = [manifest["layers"][str(i)]["report"] for i in range(cfg.num_layers)]
     merged = _merge_reports(objs, steps)
+    unmatched: tuple[str, ...] = ()
+    if steps and all(isinstance(st.get("unmatched_rules"), list) for st in steps):
+        common = set(steps[0]["unmatched_rules"])
+        for st in steps[1:]:
+            common &= set(st["unmatched_rules"])
+        unmatched = tuple(r for r in steps[0]["unmatched_rules"] if r in common)
+    if unmatched:
+        warnings.warn(
+            f"{method}: rules that selected nothing in any layer: {', '.join(unmatched)}",
+            stacklevel=3,
+        )
+    if merged is not None and hasattr(merged, "unmatched_rules"):
+        merged = dataclasses.replace(merged, unmatched_rules=unmatched)
     report = StreamReport(
         method=method,
         layers=tuple(steps),
@@ -519,7 +616,7 @@ def _finish(loader, manifest, objs, method, out_dir, work, stem, factors, *, ove
         model_bytes=sum(loader.group_bytes.values()),
         resumed_from=start,
         seconds=time.perf_counter() - t0,
-        unmatched_rules=tuple(getattr(merged, "unmatched_rules", ()) or ()),
+        unmatched_rules=unmatched,
     )
     with atomic_dir(out_dir, overwrite=overwrite, arg="out_dir", marker=marker) as tmp:
         total += write_safetensors(tmp / gname, gentries)
