@@ -281,12 +281,19 @@ def test_streamed_tucker_with_layer_rules_equals_in_memory(sharded, tmp_path):
         allow_unmatched=True,
     )
     with pytest.warns(UserWarning, match="matches nothing"):
-        want, _ = tucker_compress(params, cfg, config=config, progress=False)
+        want, want_rep = tucker_compress(params, cfg, config=config, progress=False)
     out = tmp_path / "t"
     with pytest.warns(UserWarning, match=r"selected nothing in any layer: model/layers/9/\.\*"):
         res = stream_compress(model, out, tucker_compress, config=config, factors=True,
                               progress=False)  # fmt: skip
     assert res.report.unmatched_rules == ("model/layers/9/.*",)
+    got_rep = res.report.method_report  # the per-layer reports merged into one
+    assert got_rep.projections == want_rep.projections
+    assert (got_rep.params_after, got_rep.kv_cache_after) == (
+        want_rep.params_after,
+        want_rep.kv_cache_after,
+    )
+    assert got_rep.unmatched_rules == want_rep.unmatched_rules
     _, got = jcompress.load_hf(out)
     want, got = flatten(want), flatten(got)
     typed = sorted(p for p, v in want.items() if isinstance(v, CompressedLeaf))

@@ -10,30 +10,32 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
+import typing
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from jcompress.cli.common import add_dtype_flag, config_flags, config_from_args
+from jcompress.cli.common import add_dtype_flag, config_flags, config_from_args, positive
 from jcompress.errors import UserError
 
 __all__ = ["METHODS", "add_parser", "run"]
 
 
+class _Calib(typing.NamedTuple):
+    """How a method's calibration windows are drawn (``None`` fields: no calibration)."""
+
+    nsamples: int
+    seqlen: int
+    seed: int
+
+
 @dataclasses.dataclass(frozen=True)
 class _Method:
     help: str
-    config: Callable[[], type]
     compress: Callable[[], Callable[..., Any]]
-    overrides: Callable[[], dict[str, Any]]
-
-
-def _eigen_config():
-    from jcompress.eigen_attention import EigenAttentionConfig
-
-    return EigenAttentionConfig
+    add_flags: Callable[[argparse.ArgumentParser], list[str]]
+    build: Callable[[argparse.Namespace, Any], tuple[Any, _Calib | None]]
 
 
 def _eigen_compress():
@@ -42,18 +44,79 @@ def _eigen_compress():
     return compress
 
 
-def _eigen_overrides():
+def _eigen_flags(p: argparse.ArgumentParser) -> list[str]:
     from jcompress.cli.eigen import eigen_overrides
+    from jcompress.eigen_attention import EigenAttentionConfig
 
-    return eigen_overrides()
+    return config_flags(p, EigenAttentionConfig, eigen_overrides())
+
+
+def _eigen_build(args: argparse.Namespace, cfg: Any) -> tuple[Any, _Calib | None]:
+    from jcompress.eigen_attention import EigenAttentionConfig
+
+    seqlen = args.seqlen or min(2048, cfg.max_position_embeddings)
+    config = config_from_args(EigenAttentionConfig, args, args.config_fields, seqlen=seqlen)
+    if args.calib_data is None:
+        raise UserError("--calib_data: EigenAttention needs calibration text")
+    return config, _Calib(config.nsamples, config.seqlen, config.seed)
+
+
+def _tucker_compress():
+    from jcompress.tucker import compress
+
+    return compress
+
+
+def _tucker_flags(p: argparse.ArgumentParser) -> list[str]:
+    from jcompress.cli.tucker import tucker_overrides
+    from jcompress.tucker import TuckerConfig, Variant
+
+    p.add_argument(
+        "--variant",
+        choices=[v.value for v in Variant],
+        default=Variant.TT.value,
+        help="decomposition (default: tt)",
+    )
+    p.add_argument(
+        "--nsamples", type=positive, default=32, help="calibration windows (default: 32)"
+    )
+    p.add_argument(
+        "--seqlen",
+        type=positive,
+        default=None,
+        help="tokens per calibration window (default: 512, capped at the model's positions)",
+    )
+    p.add_argument("--seed", type=int, default=2, help="calibration sampling seed (default: 2)")
+    return config_flags(p, TuckerConfig, tucker_overrides())
+
+
+def _tucker_build(args: argparse.Namespace, cfg: Any) -> tuple[Any, _Calib | None]:
+    from jcompress.tucker import TuckerConfig
+
+    config = config_from_args(TuckerConfig, args, args.config_fields, variant=args.variant)
+    if args.calib_data is None:
+        if args.variant == "tucker_mps":
+            raise UserError(
+                "--calib_data: --variant tucker_mps learns its bases from calibration text"
+            )
+        return config, None
+    seqlen = args.seqlen or min(512, cfg.max_position_embeddings)
+    return config, _Calib(args.nsamples, seqlen, args.seed)
 
 
 METHODS: dict[str, _Method] = {
     "eigen": _Method(
         "EigenAttention (low-rank K/Q/V from calibration activations), layer by layer",
-        _eigen_config,
         _eigen_compress,
-        _eigen_overrides,
+        _eigen_flags,
+        _eigen_build,
+    ),
+    "tucker": _Method(
+        "Tucker / MPS compression of the K/Q/V projections, layer by layer (with "
+        "--calib_data: each layer's output error; tucker_mps: bases learned from it)",
+        _tucker_compress,
+        _tucker_flags,
+        _tucker_build,
     ),
 }
 
@@ -77,11 +140,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         p.add_argument(
             "--calib_data",
             "--calib-data",
-            required=True,
+            default=None,
             help="calibration text (.txt / .jsonl), e.g. wikitext-2/valid.txt",
         )
         p.add_argument("--out", required=True, help="output checkpoint directory")
-        names = config_flags(p, m.config(), m.overrides())
+        names = m.add_flags(p)
         p.add_argument(
             "--work_dir",
             "--work-dir",
@@ -119,24 +182,26 @@ def run(args: argparse.Namespace) -> int:
     m = METHODS[args.stream_method]
     model, out = Path(args.model), Path(args.out)
     cfg = read_config(model)
-    check_data_file(args.calib_data, "--calib_data")
-    offload = getattr(args, "offload_dir", None)
-    if offload is not None and not os.path.isdir(offload):
-        raise UserError(f"--offload_dir: {offload} is not a directory")
-    seqlen = getattr(args, "seqlen", None) or min(2048, cfg.max_position_embeddings)
-    config = config_from_args(m.config(), args, args.config_fields, seqlen=seqlen)
-    inputs = {"--model": model, "--calib_data": Path(args.calib_data)}
+    config, spec = m.build(args, cfg)
+    offload = getattr(config, "offload_dir", None)
+    inputs: dict[str, Path] = {"--model": model}
+    if args.calib_data is not None:
+        inputs["--calib_data"] = check_data_file(args.calib_data, "--calib_data")
+    if args.work_dir is not None:
+        inputs["--work_dir"] = Path(args.work_dir)
     check_output_dir(out, inputs=inputs, overwrite=args.overwrite, arg="--out")
-    check_seqlen(cfg, config.seqlen)
-    ids = load_tokens(args.calib_data, load_tokenizer_for(model, "--model", cfg))
-    most = int(ids.shape[0]) // config.seqlen
-    if config.seqlen + 1 >= ids.shape[0] or config.nsamples > most:
-        raise UserError(
-            f"--nsamples: {config.nsamples} windows of {config.seqlen} tokens need "
-            f"{config.nsamples * config.seqlen:,} tokens; {args.calib_data} has "
-            f"{ids.shape[0]:,} (at most {most} windows)"
-        )
-    calib = calibration_windows(ids, config.nsamples, config.seqlen, seed=config.seed)
+    calib = None
+    if spec is not None:
+        check_seqlen(cfg, spec.seqlen)
+        ids = load_tokens(args.calib_data, load_tokenizer_for(model, "--model", cfg))
+        most = int(ids.shape[0]) // spec.seqlen
+        if spec.seqlen + 1 >= ids.shape[0] or spec.nsamples > most:
+            raise UserError(
+                f"--nsamples: {spec.nsamples} windows of {spec.seqlen} tokens need "
+                f"{spec.nsamples * spec.seqlen:,} tokens; {args.calib_data} has "
+                f"{ids.shape[0]:,} (at most {most} windows)"
+            )
+        calib = calibration_windows(ids, spec.nsamples, spec.seqlen, seed=spec.seed)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         res = stream_compress(

@@ -308,37 +308,62 @@ def _check_rules(config: Any, fields: tuple[str, ...], paths: list[str]) -> None
                 )
 
 
+def _rebuild(value: Any, like: Any) -> Any:
+    """A JSON value back into the shape of ``like`` (a dataclass, tuple or scalar)."""
+    if dataclasses.is_dataclass(like) and isinstance(value, dict):
+        kw = {}
+        for f in dataclasses.fields(like):
+            if f.init and f.name in value:
+                kw[f.name] = _rebuild(value[f.name], getattr(like, f.name))
+        return type(like)(**kw)
+    if isinstance(value, list):
+        inner = like[0] if isinstance(like, tuple) and like else None
+        return tuple(_rebuild(v, inner) for v in value)
+    return value
+
+
 def _merge_reports(objs: dict[int, Any], steps: list[dict[str, Any]]) -> Any:
-    """The method's whole-model report from per-layer ones: a dataclass report whose
-    ``layers`` field holds dataclass entries gets every step's entries (rebuilt from JSON for
-    layers finished by an earlier process), ``params_after`` the sum of the steps' changes
-    and ``compress_seconds`` the sum of the steps' times."""
+    """The method's whole-model report from per-layer ones, for a dataclass report: every
+    tuple field (``layers``, ``projections``, ...) holds the concatenation of the steps'
+    entries (rebuilt from JSON for layers finished by an earlier process), every
+    ``X_before`` / ``X_after`` integer pair (``params_*``, ``kv_cache_*``) gets
+    ``before + sum of the steps' changes``, ``compress_seconds`` the steps' sum. ``None``
+    when there is nothing to merge from (all layers finished by an earlier process) or the
+    report is not a dataclass."""
     if not objs:
         return None
     last = objs[max(objs)]
-    if not dataclasses.is_dataclass(last) or not hasattr(last, "layers"):
+    if not dataclasses.is_dataclass(last):
         return None
-    lcls = next((type(o.layers[0]) for o in objs.values() if o.layers), None)
-    entries = []
-    for s in steps:
-        for ld in s.get("layers", []):
-            if lcls is None or not dataclasses.is_dataclass(lcls):
-                return None
-            kw = {
-                f.name: tuple(v) if isinstance(v := ld[f.name], list) else v
-                for f in dataclasses.fields(lcls)
-                if f.name in ld and f.init
-            }
-            entries.append(lcls(**kw))
-    kw: dict[str, Any] = {"layers": tuple(entries)}
-    names = {f.name for f in dataclasses.fields(last)}
-    if {"params_before", "params_after"} <= names:
-        kw["params_after"] = last.params_before + sum(
-            s["params_after"] - s["params_before"] for s in steps
-        )
-    if "compress_seconds" in names:
-        kw["compress_seconds"] = sum(s.get("compress_seconds", 0.0) for s in steps)
-    return dataclasses.replace(last, **kw)
+    kw: dict[str, Any] = {}
+    fields = {f.name: f for f in dataclasses.fields(last) if f.init}
+    for name in fields:
+        value = getattr(last, name)
+        if name == "unmatched_rules" or not isinstance(value, tuple):
+            continue
+        like = next((getattr(o, name) for o in objs.values() if getattr(o, name)), ())
+        if all(isinstance(st.get(name), dict) for st in steps):  # pairs stored as a mapping
+            kw[name] = tuple((k, v) for st in steps for k, v in st[name].items())
+            continue
+        if not all(isinstance(st.get(name), list) for st in steps):
+            continue
+        kw[name] = tuple(_rebuild(v, like[0] if like else None) for st in steps for v in st[name])
+        if (
+            like
+            and dataclasses.is_dataclass(like[0])
+            and any(not isinstance(v, dict) for st in steps for v in st[name])
+        ):
+            return None
+    for name in fields:
+        if name.endswith("_after") and (b := name[: -len("_after")] + "_before") in fields:
+            if all(isinstance(st.get(name), int) and isinstance(st.get(b), int) for st in steps):
+                kw[name] = getattr(last, b) + sum(st[name] - st[b] for st in steps)
+    if "compress_seconds" in fields:
+        kw["compress_seconds"] = sum(st.get("compress_seconds", 0.0) for st in steps)
+    try:
+        return dataclasses.replace(last, **kw)
+    except (TypeError, ValueError):
+        return None
 
 
 def stream_compress(
