@@ -6,7 +6,10 @@ The metric is the peak RSS of each side's process. Each side first runs the same
 2-layer model of the same widths (the same compiled code; one layer's and the globals'
 buffers), so the peak a process reaches once everything is compiled and one layer was held is
 known ("warm peak"). The streamed side's stated bound: the 24-layer run raises the peak over
-the warm peak by at most two layers plus the globals (in memory it rises by ~22 layers). The
+the warm peak by at most two layers plus the globals, plus 16 MiB per (rank_kq, rank_v) pair
+the warm run did not meet (XLA:CPU keeps the executables compiled for each new factor shape:
+measured ~14 MiB per pair on the quick size, and 0 per layer once every shape is compiled);
+in memory the peak rises by ~22 layers. The
 loader's own account (exact) is checked too: one layer plus the globals at most. Both sides
 must agree on the per-layer ranks and on the perplexity.
 """
@@ -22,6 +25,7 @@ LLAMA_1GB = dict(hidden=1024, layers=24, heads=16, ffn=2560, vocab=8192)  # ~1.2
 LLAMA_QUICK = dict(hidden=256, layers=8, heads=8, ffn=704, vocab=8192)  # ~42 MB
 LLAMA_DRY = dict(hidden=64, layers=4, heads=4, ffn=176, vocab=1000)
 BOUND_LAYERS = 2  # stated bound: streamed peak - warm peak <= 2 x (largest layer + globals)
+PER_SHAPE_MIB = 16  # + this per (rank_kq, rank_v) pair the warm run did not compile
 
 
 def _inputs(vocab: int, nsamples: int, seqlen: int, eval_windows: int):
@@ -69,7 +73,7 @@ def streamed_side(
 
     jnp.zeros(()).block_until_ready()
     rss0 = rss_mib()
-    _streamed(warm_dir, out_dir + "-warm", nsamples, seqlen, eval_windows)
+    _, warm_rep, _, _ = _streamed(warm_dir, out_dir + "-warm", nsamples, seqlen, eval_windows)
     gc.collect()
     warm = peak_rss_mib()
     t0 = time.perf_counter()
@@ -85,6 +89,7 @@ def streamed_side(
         "compress_s": rep.seconds,
         "ppl": r.ppl,
         "ranks": [(x.rank_kq, x.rank_v) for x in rep.method_report.layers],
+        "warm_ranks": [(x.rank_kq, x.rank_v) for x in warm_rep.method_report.layers],
         "loader_peak_compress_mib": rep.peak_loaded_bytes / 2**20,
         "loader_peak_ppl_mib": loader.peak_bytes / 2**20,
         "max_layer_mib": rep.max_layer_bytes / 2**20,
@@ -170,12 +175,14 @@ def stream_llama_1gb(ctx: Context) -> dict[str, Any]:
             f"loader held {ours['loader_peak_compress_mib']:.1f} MiB > one layer + globals "
             f"({layer_budget:.1f} MiB)"
         )
-    bound = BOUND_LAYERS * layer_budget
+    new_shapes = len({tuple(r) for r in ours["ranks"]} - {tuple(r) for r in ours["warm_ranks"]})
+    bound = BOUND_LAYERS * layer_budget + PER_SHAPE_MIB * new_shapes
     met = ours["rss_growth_mib"] <= bound
     if ctx.mode != "dry" and not met:  # dry layers are smaller than allocator noise
         raise AssertionError(
             f"streamed peak RSS rose {ours['rss_growth_mib']:.0f} MiB over the 2-layer warm "
-            f"run's: above the stated bound {bound:.0f} MiB ({BOUND_LAYERS} x (layer + globals))"
+            f"run's: above the stated bound {bound:.0f} MiB ({BOUND_LAYERS} x (layer + globals) "
+            f"+ {PER_SHAPE_MIB} MiB x {new_shapes} new rank shapes)"
         )
     return {
         "ours": ours,
@@ -189,7 +196,9 @@ def stream_llama_1gb(ctx: Context) -> dict[str, Any]:
             "seqlen": seqlen,
             "eval_windows": windows,
             "stated_bound_mib": bound,
-            "bound": f"streamed peak RSS - warm peak <= {BOUND_LAYERS} x (largest layer + globals)",
+            "bound": f"streamed peak RSS - warm peak <= {BOUND_LAYERS} x (largest layer + "
+            f"globals) + {PER_SHAPE_MIB} MiB x rank shapes the warm run did not compile",
+            "new_rank_shapes": new_shapes,
             "bound_met": met,
             "layer_budget_mib": layer_budget,
             "rss_growth_in_layers": {

@@ -307,3 +307,30 @@ def test_streamed_tucker_with_layer_rules_equals_in_memory(sharded, tmp_path):
     with pytest.raises(UserError, match="layers: rule 'model/layer/1/.\\*' matches no path"):
         stream_compress(model, tmp_path / "u", tucker_compress, config=bad, progress=False)
     assert not (tmp_path / "u.stream").exists()
+
+
+def test_streamed_quant_with_globals_step_equals_in_memory(sharded, tmp_path):
+    from jcompress.quant.apply import QuantApplyConfig
+    from jcompress.quant.apply import compress as quant_compress
+
+    model, cfg, params = sharded
+    config = QuantApplyConfig(rules=(("model/layers/[02]/mlp/.*", "nvfp4"), ("lm_head", "nvfp4")))
+    want, want_rep = quant_compress(params, cfg, config=config, progress=False)
+    res = stream_compress(model, tmp_path / "q", quant_compress, config=config, factors=True,
+                          globals_step=True, progress=False)  # fmt: skip
+    _, got = jcompress.load_hf(tmp_path / "q")
+    want, got = flatten(want), flatten(got)
+    typed = sorted(p for p, v in want.items() if isinstance(v, CompressedLeaf))
+    assert "lm_head/kernel" in typed and len(typed) == 7
+    assert sorted(p for p, v in got.items() if isinstance(v, CompressedLeaf)) == typed
+    for p in want:  # quantization is deterministic: bit-equal codes and scales
+        for a, b in zip(jax.tree.leaves(got[p]), jax.tree.leaves(want[p]), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=p)
+    assert sorted(r.path for r in res.report.method_report.layers) == sorted(
+        r.path for r in want_rep.layers
+    )
+    # without the globals step the head stays dense and its rule is reported unused
+    with pytest.warns(UserWarning, match="selected nothing in any layer: lm_head"):
+        res = stream_compress(model, tmp_path / "q2", quant_compress, config=config,
+                              progress=False)  # fmt: skip
+    assert res.report.unmatched_rules == ("lm_head",)

@@ -36,6 +36,7 @@ class _Method:
     compress: Callable[[], Callable[..., Any]]
     add_flags: Callable[[argparse.ArgumentParser], list[str]]
     build: Callable[[argparse.Namespace, Any], tuple[Any, _Calib | None]]
+    globals_step: bool = False  # the method may compress the head / embeddings
 
 
 def _eigen_compress():
@@ -104,6 +105,40 @@ def _tucker_build(args: argparse.Namespace, cfg: Any) -> tuple[Any, _Calib | Non
     return config, _Calib(args.nsamples, seqlen, args.seed)
 
 
+def _quant_compress():
+    from jcompress.quant.apply import compress
+
+    return compress
+
+
+def _quant_flags(p: argparse.ArgumentParser) -> list[str]:
+    p.add_argument(
+        "--rule",
+        action="append",
+        default=[],
+        metavar="REGEX=CONFIG",
+        help="regex over linear paths (model/layers/0/mlp/down_proj, lm_head) = a spec "
+        "(nvfp4, fp4@128, int4@128, mxfp4) or a tokenwise cfg key (rank=16;fmt=nvfp4;blk=na) "
+        "or none; repeatable, first match wins (as `jcompress quant apply`)",
+    )
+    p.add_argument(
+        "--allow_unmatched",
+        "--allow-unmatched",
+        action="store_true",
+        help="report rules that match nothing instead of failing",
+    )
+    return []
+
+
+def _quant_build(args: argparse.Namespace, cfg: Any) -> tuple[Any, _Calib | None]:
+    from jcompress.quant.apply import QuantApplyConfig, parse_rule
+
+    if not args.rule:
+        raise UserError("--rule: give at least one REGEX=CONFIG")
+    rules = tuple(parse_rule(r) for r in args.rule)
+    return QuantApplyConfig(rules=rules, allow_unmatched=args.allow_unmatched), None
+
+
 METHODS: dict[str, _Method] = {
     "eigen": _Method(
         "EigenAttention (low-rank K/Q/V from calibration activations), layer by layer",
@@ -117,6 +152,14 @@ METHODS: dict[str, _Method] = {
         _tucker_compress,
         _tucker_flags,
         _tucker_build,
+    ),
+    "quant": _Method(
+        "quantized (or low-rank + quantized) linears by regex rules, layer by layer, the "
+        "head / embeddings in one step of their own (data-free)",
+        _quant_compress,
+        _quant_flags,
+        _quant_build,
+        globals_step=True,
     ),
 }
 
@@ -218,6 +261,7 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             offload_dir=offload,
             marker=True,
+            globals_step=m.globals_step,
         )
     for w in caught:
         print(f"warning: {w.message}")

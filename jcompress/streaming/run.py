@@ -268,11 +268,14 @@ def _rule_regexes(value: Any) -> list[str] | None:
     return None
 
 
-def _scoped(config: Any, fields: tuple[str, ...], prefix: str) -> tuple[Any, dict[str, str]]:
-    """``config`` with every rule of ``fields`` restricted to paths under ``prefix`` (a
-    lookahead, so ``re.fullmatch`` semantics and first-match order are kept) and
-    ``allow_unmatched=True``; and ``{scoped regex: original regex}``."""
-    look = f"(?={re.escape(prefix)}(?:/|$))"
+def _scoped(
+    config: Any, fields: tuple[str, ...], prefix: str, *, outside: bool = False
+) -> tuple[Any, dict[str, str]]:
+    """``config`` with every rule of ``fields`` restricted to paths under ``prefix`` (or,
+    with ``outside``, to paths not under it) by a lookahead, so ``re.fullmatch`` semantics
+    and first-match order are kept, and ``allow_unmatched=True``; and ``{scoped regex:
+    original regex}``."""
+    look = f"(?{'!' if outside else '='}{re.escape(prefix)}(?:/|$))"
     kw: dict[str, Any] = {}
     back: dict[str, str] = {}
     for name in fields:
@@ -384,6 +387,7 @@ def stream_compress(
     marker: bool = False,
     on_layer: Callable[[int], None] | None = None,
     rule_fields: tuple[str, ...] | None = None,
+    globals_step: bool = False,
 ) -> StreamResult:
     """Compress a checkpoint layer by layer with peak memory ~ one layer (module docstring).
 
@@ -414,6 +418,10 @@ def stream_compress(
         the model is an error up front; one no layer's step used is listed in the report's
         ``unmatched_rules`` (and warned about). Default: whichever of :data:`RULE_FIELDS`
         the config has.
+      globals_step: before the layers, run the method once on the globals (embeddings,
+        final norm, head; every layer a placeholder, rules scoped to paths outside the
+        layers), for data-free methods that may compress the head (quantization). Off: the
+        globals are written as they are.
 
     Returns:
       :class:`StreamResult`.
@@ -452,6 +460,7 @@ def stream_compress(
     shapes = _placeholders(loader)
     _check_rules(config, rule_fields, list(shapes))
     ident = _identity(method, config, calib, loader.dtype, factors, model_dir)
+    ident["globals_step"] = bool(globals_step)
     mpath = work / MANIFEST
     if work.exists():
         if not mpath.is_file():
@@ -499,6 +508,10 @@ def stream_compress(
             raise UserError(f"resume: {mpath} records no inputs for layer {start} (remove {work})")
         hidden = _load_hidden(work, manifest["hidden"], offload)
     objs: dict[int, Any] = {}
+    if globals_step and "globals" not in manifest:
+        _globals_step(loader, compress, config, rule_fields, shapes, method, work, stem,
+                      factors, manifest, objs)  # fmt: skip
+        write_json(mpath, manifest, arg="work_dir")
     bar = tqdm(range(start, n_layers), desc=f"stream {method}", disable=not progress, leave=False)
     try:
         for i in bar:
@@ -591,13 +604,61 @@ def stream_compress(
     return StreamResult(out_dir, report)
 
 
+def _globals_step(loader, compress, config, rule_fields, shapes, method, work, stem, factors,
+                  manifest, objs) -> None:  # fmt: skip
+    """Run the method on the globals (every layer a placeholder); write their shard."""
+    cfg = loader.cfg
+    root = spec_for(cfg.family.value).layout.layers
+    gflat = loader.globals()
+    flat_in = {**shapes, **gflat}
+    step_config, back = _scoped(config, rule_fields, root, outside=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"\w+: rule '\(\?")
+        try:
+            new_tree, rep = compress(unflatten(flat_in), cfg, None, config=step_config,
+                                     progress=False)  # fmt: skip
+        except (TypeError, AttributeError) as e:
+            if "ShapeDtypeStruct" not in str(e):
+                raise
+            raise UserError(
+                f"{method}: reads decoder-layer params in the globals step; it cannot run "
+                "with globals_step"
+            ) from None
+    new_flat = flatten(new_tree)
+    for p, v in new_flat.items():
+        if layer_of(cfg, p) != GLOBAL and v is not flat_in.get(p, None):
+            raise UserError(f"{method}: changes {p} in the globals step")
+    fmeta: dict[str, Any] = {}
+    gnew = {p: v for p, v in new_flat.items() if layer_of(cfg, p) == GLOBAL}
+    entries = _entries(loader, GLOBAL, gnew, factors, fmeta)
+    fname = f"{stem}-globals.safetensors"
+    _write_shard(work / fname, entries)
+    step = rep.to_json() if hasattr(rep, "to_json") else {}
+    if isinstance(step.get("unmatched_rules"), list):
+        step["unmatched_rules"] = [back.get(r, r) for r in step["unmatched_rules"]]
+    objs[GLOBAL] = rep
+    manifest["globals"] = {
+        "file": fname,
+        "tensors": {e[0]: [CODES[np.dtype(e[2])], list(e[1])] for e in entries},
+        "factors": fmeta,
+        "report": step,
+    }
+    del gflat, flat_in, new_tree, new_flat, gnew, entries
+    loader.release(GLOBAL)
+
+
 def _finish(loader, manifest, objs, method, out_dir, work, stem, factors, *, overwrite, marker,
             start, t0) -> StreamReport:  # fmt: skip
     """Globals shard, index, config.json (+ factor entry), tokenizer files: ``out_dir``."""
     cfg = loader.cfg
-    gflat = loader.globals()
+    grec = manifest.get("globals")
     fmeta: dict[str, Any] = {}
-    gentries = _entries(loader, GLOBAL, gflat, factors, fmeta)
+    if grec is None:
+        gflat = loader.globals()
+        gentries = _entries(loader, GLOBAL, gflat, factors, fmeta)
+    else:  # written by the globals step
+        gflat, gentries = {}, []
+        fmeta.update(grec["factors"])
     weight_map: dict[str, str] = {}
     dtypes: list[tuple[str, tuple[int, ...], np.dtype, None]] = []
     total = 0
@@ -612,11 +673,18 @@ def _finish(loader, manifest, objs, method, out_dir, work, stem, factors, *, ove
     for e in gentries:
         weight_map[e[0]] = gname
         dtypes.append((e[0], e[1], np.dtype(e[2]), None))
+    if grec is not None:
+        for name, (code, shape) in grec["tensors"].items():
+            weight_map[name] = gname
+            dtypes.append((name, tuple(shape), DTYPES[code], None))
+            total += int(np.prod(shape)) * DTYPES[code].itemsize
     config = hf._config_dict(cfg, dtypes)
     config.pop(hf.FACTORS_KEY, None)
     if factors:
         config[hf.FACTORS_KEY] = {"format": 1, "leaves": fmeta}
     steps = [manifest["layers"][str(i)]["report"] for i in range(cfg.num_layers)]
+    if grec is not None:
+        steps.insert(0, grec["report"])
     merged = _merge_reports(objs, steps)
     unmatched: tuple[str, ...] = ()
     if steps and all(isinstance(st.get("unmatched_rules"), list) for st in steps):
@@ -644,7 +712,13 @@ def _finish(loader, manifest, objs, method, out_dir, work, stem, factors, *, ove
         unmatched_rules=unmatched,
     )
     with atomic_dir(out_dir, overwrite=overwrite, arg="out_dir", marker=marker) as tmp:
-        total += write_safetensors(tmp / gname, gentries)
+        if grec is None:
+            total += write_safetensors(tmp / gname, gentries)
+        else:
+            try:
+                os.link(work / gname, tmp / gname)
+            except OSError:
+                shutil.copy2(work / gname, tmp / gname)
         del gflat, gentries
         loader.release(GLOBAL)
         for i in range(cfg.num_layers):
