@@ -268,7 +268,7 @@ def test_cli_stream_eigen_then_ppl_stream(capsys, tmp_path):
     assert main([*ppl, "--offload-dir", str(tmp_path)]) == 2  # needs --stream
 
 
-def test_streamed_tucker_with_layer_rules_equals_in_memory(sharded, tmp_path):
+def test_streamed_tucker_with_layer_rules_equals_in_memory(sharded, calib, tmp_path):
     from jcompress.tucker import TuckerConfig
     from jcompress.tucker import compress as tucker_compress
 
@@ -281,14 +281,20 @@ def test_streamed_tucker_with_layer_rules_equals_in_memory(sharded, tmp_path):
         allow_unmatched=True,
     )
     with pytest.warns(UserWarning, match="matches nothing"):
-        want, want_rep = tucker_compress(params, cfg, config=config, progress=False)
+        want, want_rep = tucker_compress(params, cfg, calib, config=config, progress=False)
     out = tmp_path / "t"
     with pytest.warns(UserWarning, match=r"selected nothing in any layer: model/layers/9/\.\*"):
-        res = stream_compress(model, out, tucker_compress, config=config, factors=True,
+        res = stream_compress(model, out, tucker_compress, config=config, calib=calib, factors=True,
                               progress=False)  # fmt: skip
     assert res.report.unmatched_rules == ("model/layers/9/.*",)
     got_rep = res.report.method_report  # the per-layer reports merged into one
     assert got_rep.projections == want_rep.projections
+    # layer output errors: layer 0 (nothing selected, no stream) embedded by the runner,
+    # layer 1 streamed from its saved inputs, layer 2 fed the original layer's outputs
+    assert [p for p, _ in got_rep.layer_errors] == ["model/layers/1", "model/layers/3"]
+    np.testing.assert_allclose(
+        [e for _, e in got_rep.layer_errors], [e for _, e in want_rep.layer_errors], rtol=1e-5
+    )
     assert (got_rep.params_after, got_rep.kv_cache_after) == (
         want_rep.params_after,
         want_rep.kv_cache_after,

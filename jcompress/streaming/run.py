@@ -45,14 +45,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jcompress.atomic import atomic_dir, write_json
-from jcompress.calibration.stream import Activations, single_layer
+from jcompress.calibration.stream import Activations, batches, single_layer
 from jcompress.errors import UserError
 from jcompress.leaf_io import encode_static
 from jcompress.leaves import CompressedLeaf
 from jcompress.models import hf
 from jcompress.models.convert import flatten, get_path, unflatten
 from jcompress.models.families import spec_for
-from jcompress.models.forward import apply_layer
+from jcompress.models.forward import apply_layer, embed
 from jcompress.models.safetensors_io import CODES, DTYPES, write_safetensors
 from jcompress.outputs import check_output_dir, write_marker
 from jcompress.streaming.loader import GLOBAL, LayerLoader, fingerprint, layer_of
@@ -545,6 +545,15 @@ def stream_compress(
             if handoff.used and handoff.outputs is None:
                 raise UserError(f"{method}: stopped streaming before finishing layer {i}")
             hidden = handoff.outputs if handoff.used else handoff.hidden
+            if calib is not None and not handoff.used and hidden is None and i < n_layers - 1:
+                # layer 0 without a stream (nothing selected there): embed as the stream would
+                bs = getattr(config, "batch_size", 8)
+                g = unflatten(gflat)
+                bl = batches(np.asarray(calib), bs)
+                hidden = Activations(len(bl), offload)
+                for b, batch in enumerate(bl):
+                    hidden.put(b, embed(cfg, g, jax.numpy.asarray(batch.ids)))
+                del g
             new_flat = flatten(new_tree)
             for p, v in new_flat.items():
                 if layer_of(cfg, p) != i and v is not flat_in.get(p, None):
@@ -556,11 +565,6 @@ def stream_compress(
             loader.release(GLOBAL)
             if calib is not None and not handoff.used and i < n_layers - 1:
                 # a method that did not stream: the next layer gets the original's outputs
-                if hidden is None:
-                    raise UserError(
-                        f"{method}: did not run the calibration stream on layer 0; give "
-                        "calib=None for a data-free method"
-                    )
                 lp = get_path(unflatten(lflat), f"{root}/{i}")
                 for b in range(len(hidden)):
                     hidden.put(b, apply_layer(cfg, lp, hidden.get(b), i))
