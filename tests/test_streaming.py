@@ -10,6 +10,7 @@ llama-1m re-saved as 5 shards (trained weights, so EigenAttention picks real ran
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import jax
@@ -206,6 +207,12 @@ def test_resume_with_another_model_is_an_error(sharded, calib, tmp_path, llama_d
     with pytest.raises(_Killed):
         stream_compress(model, out, eigen_compress, config=CONFIG, calib=calib, progress=False,
                         on_layer=lambda i: (_ for _ in ()).throw(_Killed()))  # fmt: skip
+    lock = tmp_path / "out.stream" / ".lock"
+    lock.write_text(f"{os.getppid()}\n")  # a live process holds the work directory
+    with pytest.raises(UserError, match="in use by process"):
+        stream_compress(model, out, eigen_compress, config=CONFIG, calib=calib, resume=True,
+                        progress=False)  # fmt: skip
+    lock.unlink()
     with pytest.raises(UserError, match="different run.*model"):
         stream_compress(llama_dir, out, eigen_compress, config=CONFIG, calib=calib,
                         resume=True, progress=False)  # fmt: skip

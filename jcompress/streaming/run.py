@@ -28,6 +28,7 @@ cannot be streamed: that is one clear error naming the method, raised on the fir
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -127,10 +128,6 @@ class StreamResult:
 
     out_dir: Path
     report: StreamReport
-
-
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
 def _config_json(config: Any) -> dict[str, Any]:
@@ -435,7 +432,6 @@ def stream_compress(
     t0 = time.perf_counter()
     out_dir, model_dir = Path(out_dir), Path(model_dir)
     loader = LayerLoader(model_dir, dtype=dtype)
-    cfg = loader.cfg
     check_output_dir(
         out_dir, inputs={"model_dir": model_dir}, overwrite=overwrite, arg="out_dir",
         require_marker=False,
@@ -493,6 +489,57 @@ def stream_compress(
         manifest = {"identity": ident, "done": [], "layers": {}, "hidden": None}
         write_json(mpath, manifest, arg="work_dir")
 
+    with _locked(work):
+        return _run(loader, compress, config, calib, method, work, mpath, manifest, shapes,
+                    rule_fields, out_dir, factors, offload, progress, on_layer, globals_step,
+                    overwrite=overwrite, marker=marker, t0=t0)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _locked(work: Path):
+    """One run per work directory: ``work/.lock`` holds the owner's pid (a dead owner's lock
+    is taken over)."""
+    lock = work / ".lock"
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and _alive(pid):
+                raise UserError(
+                    f"work_dir: {work} is in use by process {pid} (another run of the same output?)"
+                ) from None
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        break
+    else:
+        raise UserError(f"work_dir: cannot lock {work}")
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _run(loader, compress, config, calib, method, work, mpath, manifest, shapes, rule_fields,
+         out_dir, factors, offload, progress, on_layer, globals_step, *, overwrite, marker,
+         t0) -> StreamResult:  # fmt: skip
+    """The layer loop of :func:`stream_compress` (the work directory is locked)."""
+    cfg = loader.cfg
     stem = hf.FACTORS_STEM if factors else "model"
     n_layers = cfg.num_layers
     start = len(manifest["done"])
