@@ -9,3 +9,5 @@ from bench import decode, decomp, eigen, foundation, ged, quant, quant_formats, 
 from bench.harness import REGISTRY, Benchmark, Context, register
 
 __all__ = ["REGISTRY", "Benchmark", "Context", "register"]
+
+from bench import streaming  # noqa: E402, F401  (registers the layer-streaming row)

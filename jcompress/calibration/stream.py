@@ -32,6 +32,8 @@ reach an observer's statistics unless it reads past ``real``, and never enter
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import enum
 import functools
 import math
@@ -62,9 +64,11 @@ __all__ = [
     "Activations",
     "Batch",
     "Feed",
+    "Handoff",
     "Observation",
     "StreamLayer",
     "batches",
+    "single_layer",
     "stream_layers",
 ]
 
@@ -138,6 +142,13 @@ class Activations:
 
     def __iter__(self) -> Iterator[jax.Array]:
         return (self.get(b) for b in range(self.n))
+
+    @property
+    def batch_shape(self) -> tuple[int, ...] | None:
+        """Shape of one batch (``None`` while empty)."""
+        if self.file is not None:
+            return None if self.meta is None else tuple(self.meta[0])
+        return None if self.items[0] is None else tuple(self.items[0].shape)
 
     def close(self) -> None:
         """Drop the arrays / remove the file (idempotent)."""
@@ -273,6 +284,52 @@ class StreamLayer:
         return self.inputs
 
 
+class Handoff:
+    """What :func:`single_layer` hands to the stream and gets back.
+
+    Attributes:
+      index: the one layer the stream yields.
+      hidden: that layer's inputs (:class:`Activations` over the same batches), or ``None``
+        with ``index == 0`` (the stream embeds the windows itself).
+      used: whether a stream ran inside the block (it then owns ``hidden``).
+      outputs: once the method's loop has finished the layer, the next layer's inputs (as
+        the method's :class:`Feed` defines them); the caller closes them.
+    """
+
+    def __init__(self, index: int, hidden: Activations | None):
+        self.index, self.hidden = index, hidden
+        self.used = False
+        self.outputs: Activations | None = None
+
+
+_SINGLE: contextvars.ContextVar[Handoff | None] = contextvars.ContextVar(
+    "jcompress_single_layer", default=None
+)
+
+
+@contextlib.contextmanager
+def single_layer(index: int, hidden: Activations | None) -> Iterator[Handoff]:
+    """Within the block, :func:`stream_layers` yields only layer ``index``, starting from
+    ``hidden`` instead of embedding the windows, and leaves the next layer's inputs in
+    ``handoff.outputs`` instead of going on. This is how a layer-streaming runner
+    (:mod:`jcompress.streaming`) runs a method's unchanged ``compress`` on one layer at a
+    time; a method that streams the calibration set twice inside the block is refused
+    (``RuntimeError``), since the inputs of layer ``index`` exist only once.
+
+    Example::
+
+      with single_layer(5, inputs_of_layer_5) as handoff:
+          params, report = compress(params_with_layer_5, cfg, calib, config=config)
+      inputs_of_layer_6 = handoff.outputs
+    """
+    handoff = Handoff(index, hidden)
+    token = _SINGLE.set(handoff)
+    try:
+        yield handoff
+    finally:
+        _SINGLE.reset(token)
+
+
 class _Stream(NamedTuple):
     cfg: ModelConfig
     batches: list[Batch]
@@ -319,18 +376,45 @@ def stream_layers(
     bl = batches(windows, batch_size)
     s = _Stream(cfg, bl, offload_dir, Feed(feed), resolve(attention))
     params = sharding.shard_params(params, cfg, sharding.current_mesh())  # under use_mesh
-    hidden = Activations(len(bl), offload_dir)
+    handoff = _SINGLE.get()  # set by single_layer(): one layer from given inputs
+    first, last = 0, cfg.num_layers
+    if handoff is not None:
+        if handoff.used:
+            raise RuntimeError(
+                "this method streams the calibration set more than once per layer; "
+                "layer streaming cannot run it"
+            )
+        handoff.used = True
+        first, last = handoff.index, handoff.index + 1
+        if handoff.hidden is None and handoff.index != 0:
+            raise RuntimeError(f"single_layer({handoff.index}): no inputs given for the layer")
+    if handoff is not None and handoff.hidden is not None:
+        hidden = handoff.hidden
+        want = (bl[0].ids.shape[0], windows.shape[1])
+        got = hidden.batch_shape
+        if len(hidden) != len(bl) or (got is not None and tuple(got[:2]) != want):
+            hidden.close()
+            raise RuntimeError(
+                f"single_layer({handoff.index}): inputs of {len(hidden)} batches {got} do not "
+                f"fit {len(bl)} batches of {list(want)} windows"
+            )
+    else:
+        hidden = Activations(len(bl), offload_dir)
     layer = None
     try:
-        for b, batch in enumerate(bl):
-            hidden.put(b, embed(cfg, params, sharding.place_batch(batch.ids)))
+        if handoff is None or handoff.hidden is None:
+            for b, batch in enumerate(bl):
+                hidden.put(b, embed(cfg, params, sharding.place_batch(batch.ids)))
         root = spec_for(cfg.family.value).layout.layers
-        for i in range(cfg.num_layers):
+        for i in range(first, last):
             layer = StreamLayer(s, i, f"{root}/{i}", layer_params(cfg, params, i), hidden)
             yield layer
             hidden = layer._next_inputs()
             layer = None
+        if handoff is not None:  # the caller takes the next layer's inputs
+            handoff.outputs, hidden = hidden, None
     finally:
-        hidden.close()
+        if hidden is not None:
+            hidden.close()
         if layer is not None and layer._reference is not None:  # left mid-layer
             layer._reference.close()

@@ -33,8 +33,8 @@ __all__ = [
 
 # subcommand name -> module under jcompress.cli (in --help order)
 COMMANDS = (
-    "demo", "eigen", "tucker", "quant", "tokenwise", "ged", "sparge", "run", "ppl", "generate",
-    "convert",
+    "demo", "eigen", "tucker", "quant", "tokenwise", "ged", "sparge", "run", "stream", "ppl",
+    "generate", "convert",
 )  # fmt: skip
 
 

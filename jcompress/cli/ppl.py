@@ -18,6 +18,7 @@ from jcompress.cli.common import (
     positive,
     table,
 )
+from jcompress.errors import UserError
 
 __all__ = ["add_parser", "run"]
 
@@ -60,6 +61,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     add_attention_flag(s)
     add_mesh_flag(s)
+    s.add_argument(
+        "--stream",
+        action="store_true",
+        help="read the checkpoint one decoder layer at a time from its safetensors shards "
+        "(memory ~ one layer + the windows' hidden states); same numbers",
+    )
+    s.add_argument(
+        "--offload-dir",
+        "--offload_dir",
+        dest="offload_dir",
+        default=None,
+        metavar="DIR",
+        help="with --stream: keep the windows' hidden states in a temporary file here",
+    )
     s.set_defaults(func=run)
     return s
 
@@ -82,20 +97,33 @@ def run(args: argparse.Namespace) -> int:
             arg="--json",
         )
     check_seqlen(cfg, args.seqlen, allow_long=args.allow_long, override="--allow-long")
+    if args.stream and args.mesh:
+        raise UserError("--mesh: not with --stream (streamed perplexity runs on one device)")
+    if args.offload_dir is not None:
+        if not args.stream:
+            raise UserError("--offload-dir: only with --stream")
+        if not Path(args.offload_dir).is_dir():
+            raise UserError(f"--offload-dir: {args.offload_dir} is not a directory")
     ids = load_tokens(args.data, load_tokenizer_for(args.model, "--model", cfg))
-    cfg, params = load_model(args.model, args.dtype)
-    t0 = time.perf_counter()
-    r = perplexity(
-        cfg,
-        params,
-        ids,
+    window = dict(
         seqlen=args.seqlen,
         max_windows=args.max_windows,
         batch_size=args.batch_size,
         allow_long=True,  # warned above, once, naming the flag
         attention=args.attention,
-        mesh=mesh,
     )
+    extra = []
+    if args.stream:
+        from jcompress.streaming import LayerLoader, stream_perplexity
+
+        loader = LayerLoader(args.model, dtype=args.dtype)
+        t0 = time.perf_counter()
+        r = stream_perplexity(loader, ids, offload_dir=args.offload_dir, **window)
+        extra = [("weights held at once", f"{loader.peak_bytes / 2**20:.1f} MiB (streamed)")]
+    else:
+        cfg, params = load_model(args.model, args.dtype)
+        t0 = time.perf_counter()
+        r = perplexity(cfg, params, ids, mesh=mesh, **window)
     secs = time.perf_counter() - t0
     out = {
         "model": str(args.model),
@@ -105,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
         "mesh": args.mesh,
         **r.to_dict(),
         "seconds": secs,
+        "streamed": bool(args.stream),
     }
     print(
         table(
@@ -116,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
                 ("mean NLL", f"{r.mean_nll:.5f}"),
                 ("perplexity", f"{r.ppl:.4f}"),
                 ("seconds", f"{secs:.1f}"),
+                *extra,
             ]
         )
     )

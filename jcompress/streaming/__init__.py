@@ -1,0 +1,20 @@
+"""Layer streaming: run ``ppl`` and compression methods one decoder layer at a time from a
+checkpoint's safetensors shards, with peak host memory ~ one layer plus the calibration
+activations, resumably (:func:`stream_compress`, :func:`stream_perplexity`,
+:class:`LayerLoader`)."""
+
+from jcompress.streaming.loader import GLOBAL, LayerLoader, fingerprint, layer_of
+from jcompress.streaming.ppl import stream_perplexity
+from jcompress.streaming.run import MANIFEST, StreamReport, StreamResult, stream_compress
+
+__all__ = [
+    "GLOBAL",
+    "LayerLoader",
+    "MANIFEST",
+    "StreamReport",
+    "StreamResult",
+    "fingerprint",
+    "layer_of",
+    "stream_compress",
+    "stream_perplexity",
+]
