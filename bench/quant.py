@@ -6,7 +6,11 @@
   (``fake_quant`` + ``tokenwise_metrics``) vs the same formulas in torch (NVFP4 with an
   ``float8_e4m3fn`` block-scale cast, the seed's chunked fp32 metric loop). Peak RSS of our
   side is also measured at a quarter of the tokens (``rss_quarter_tokens_mib``): with the
-  data's own bytes subtracted, memory does not grow with the token count.
+  data's own bytes subtracted, memory does not grow with the token count. Both sides also
+  time one chunk's GEMM ``X W~`` alone (``info.*_gemm_floor_s``, ``*_gemm_share``): the row
+  is bound by that ``N x in x out`` GEMM (a full GEMM is unavoidable: the error is measured
+  against the cached ``Y``, so ``X W`` is part of it whatever the algebra), so its ratio
+  cannot beat the ratio of the two frameworks' fp32 GEMMs (``gemm_ratio_ours_over_torch``).
 * ``tokenwise_grid_llama1m``: the whole ``eval_fake`` grid (3 ranks x 3 specs) on the cached
   activations of llama-1m, batched (``eval_grid`` once) vs configuration by configuration
   (``eval_grid`` once per configuration, the seed's loop).
@@ -60,11 +64,17 @@ def metrics_jax(d_in: int, d_out: int, n: int, repeats: int, quarter: bool = Fal
         return tokenwise_metrics(x, y, w_hat, chunk_tokens=CHUNK)[0]
 
     first, times, m = time_calls(run, repeats)
+    w_hat = fake_quant(jax.numpy.asarray(w), spec)
+    dot = jax.jit(lambda a, b: jax.numpy.dot(a.astype(b.dtype), b, precision="highest"))
+    xc = jax.numpy.asarray(x[:CHUNK])
+    gemm_first, gemm_times, _ = time_calls(lambda: dot(xc, w_hat).block_until_ready(), 2)
     return {
         "value": median(times),
         "first_s": first,
         "times_s": times,
         "metrics": m,
+        "gemm_chunk_s": min(gemm_times),
+        "n_chunks": -(-x.shape[0] // CHUNK),
         "data_mib": (x.nbytes + y.nbytes + w.nbytes) / 2**20,
         "peak_rss_inner_mib": peak_rss_mib(),
         "backend": jax.default_backend(),
@@ -134,11 +144,16 @@ def metrics_torch(d_in: int, d_out: int, n: int, repeats: int):
             return _torch_metrics(tx, ty, _torch_nvfp4(tw), CHUNK)
 
     first, times, m = time_calls(run, repeats)
+    with torch.no_grad():
+        w_hat, xc = _torch_nvfp4(tw), tx[:CHUNK]
+        _, gemm_times, _ = time_calls(lambda: xc.float() @ w_hat, 2)
     return {
         "value": median(times),
         "first_s": first,
         "times_s": times,
         "metrics": m,
+        "gemm_chunk_s": min(gemm_times),
+        "n_chunks": -(-x.shape[0] // CHUNK),
         "peak_rss_inner_mib": peak_rss_mib(),
         "torch_threads": torch.get_num_threads(),
     }
@@ -233,6 +248,13 @@ def tokenwise_nvfp4_metrics(ctx: Context) -> dict[str, Any]:
             "ours_peak_rss_quarter_tokens_mib": quarter.get("peak_rss_mib"),
             "ours_data_mib": ours["data_mib"],
             "quarter_data_mib": quarter["data_mib"],
+            # The GEMM floor: one chunk's X W~ alone (each side's own GEMM, timed after the
+            # metric repeats) x the number of chunks, and its share of each side's time.
+            "ours_gemm_floor_s": ours["gemm_chunk_s"] * ours["n_chunks"],
+            "torch_gemm_floor_s": base["gemm_chunk_s"] * base["n_chunks"],
+            "ours_gemm_share": ours["gemm_chunk_s"] * ours["n_chunks"] / ours["value"],
+            "torch_gemm_share": base["gemm_chunk_s"] * base["n_chunks"] / base["value"],
+            "gemm_ratio_ours_over_torch": ours["gemm_chunk_s"] / base["gemm_chunk_s"],
         },
     }
 

@@ -5,6 +5,10 @@
     jcompress quant apply --model DIR --rule 'model/layers/\\d+/mlp/.*=nvfp4' \\
         --rule 'model/layers/\\d+/self_attn/.*=rank=16;fmt=fp4;blk=128' --out OUT
 
+or, from a tokenwise ranking (best configuration per block, optionally under a bit budget)::
+
+    jcompress quant apply --model DIR --from_ranking rank_out/ranking1.csv --max_bits 6 --out OUT
+
 writes ``OUT/report.json``, ``OUT/report.md`` and ``OUT/factors/`` (a jcompress checkpoint with
 the quantized leaves; ``load_hf`` reads it back, ``forward`` runs on it) and prints the
 perplexity before and after on ``--eval_data`` (default: the bundled WikiText-2 excerpt).
@@ -64,6 +68,40 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         '"allow_unmatched": false}; --rule entries come first',
     )
     a.add_argument(
+        "--from_ranking",
+        default=None,
+        metavar="FILE",
+        help="rules from a tokenwise ranking: ranking1.csv / best_per_block.csv (one "
+        "configuration per layer block), ranking2.csv (per projection) or the eval_fake "
+        "JSON; after --rule / --config rules",
+    )
+    a.add_argument(
+        "--ranking_by",
+        choices=("mean", "max"),
+        default="mean",
+        help="Ranking-1 score: nmse_mean_over_proj or nmse_max_over_proj (mean)",
+    )
+    a.add_argument(
+        "--ranking_level",
+        choices=("auto", "block", "proj"),
+        default="auto",
+        help="units of --from_ranking: blocks or projections (auto: what the file ranks; "
+        "a JSON result: block)",
+    )
+    a.add_argument(
+        "--max_bits",
+        type=float,
+        default=None,
+        help="--from_ranking budget: mean bits per weight over the chosen linears at most "
+        "this (greedy: the largest score drop per added bit first)",
+    )
+    a.add_argument(
+        "--top_k",
+        type=int,
+        default=None,
+        help="--from_ranking: quantize only the K best-scoring units, keep the rest dense",
+    )
+    a.add_argument(
         "--allow_unmatched",
         action="store_true",
         help="report rules that match nothing instead of failing",
@@ -94,8 +132,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return s
 
 
-def _config(args: argparse.Namespace):
+def _config(args: argparse.Namespace, cfg=None):
+    """``(QuantApplyConfig, Choices or None)`` from --rule, --config and --from_ranking."""
     from jcompress.quant.apply import QuantApplyConfig, parse_rule
+    from jcompress.quant.choices import ChoiceConfig, config_from_ranking
 
     rules = [parse_rule(r) for r in args.rule]
     allow = args.allow_unmatched
@@ -110,9 +150,19 @@ def _config(args: argparse.Namespace):
         c = QuantApplyConfig.from_json(data)
         rules += list(c.rules)
         allow = allow or c.allow_unmatched
+    choices = None
+    if args.from_ranking is not None:
+        cc = ChoiceConfig(by=args.ranking_by, level=args.ranking_level,
+                          max_bits=args.max_bits, top_k=args.top_k)  # fmt: skip
+        rc, choices = config_from_ranking(args.from_ranking, cfg, cc)
+        rules += list(rc.rules)
+    elif args.max_bits is not None or args.top_k is not None:
+        raise UserError("--max_bits / --top_k: they choose from a ranking; add --from_ranking")
     if not rules:
-        raise UserError("give --rule REGEX=CONFIG (repeatable) or --config JSON")
-    return QuantApplyConfig(rules=tuple(rules), allow_unmatched=allow)
+        raise UserError(
+            "give --rule REGEX=CONFIG (repeatable), --config JSON or --from_ranking FILE"
+        )
+    return QuantApplyConfig(rules=tuple(rules), allow_unmatched=allow), choices
 
 
 def run(args: argparse.Namespace) -> int:
@@ -128,8 +178,8 @@ def run(args: argparse.Namespace) -> int:
     from jcompress.quant.export import EXPORT_FORMATS, save_compressed_tensors
 
     model = Path(args.model)
-    config = _config(args)
     cfg = read_config(model)
+    config, choices = _config(args, cfg)
     mesh_from_args(args, cfg)  # --mesh: perplexity runs sharded
     inputs = {"--model": model}
     if args.packed and args.out is None:
@@ -188,8 +238,12 @@ def run(args: argparse.Namespace) -> int:
         seqlen=args.seqlen,
         max_windows=args.max_windows,
     )
+    if choices is not None:  # what the tokenwise ranking predicted, beside the measured change
+        report = report.with_extra(ranking_choices=choices.to_json())
     result = report.to_json()
     md = report.to_markdown()
+    if choices is not None:
+        md = choices.to_markdown() + "\n\n" + md
     print(md)
     if args.out is not None:
         with atomic_dir(Path(args.out), overwrite=args.overwrite, arg="--out") as tmp:

@@ -11,8 +11,13 @@ what vLLM loads) for one ``nn.Linear`` (torch layout ``weight: [out, in]``):
 * ``weight_global_scale`` (NVFP4 only): ``float32 [1]``, the divisor of the block scales:
   ``W = code * (weight_scale / weight_global_scale)``. Ours multiplies by the tensor scale
   ``g = amax / (6 * 448)``; the export writes ``1 / g`` (float32) and the import reads
-  ``1 / weight_global_scale`` back, which can differ from ``g`` by one ulp; codes and block
-  scales round-trip bit for bit.
+  ``1 / weight_global_scale`` back, which can differ from ``g`` by one ulp (float32
+  reciprocals are not a bijection: about one ``g`` in seven has no float32 ``x`` with
+  ``1 / x == g``); codes and block scales round-trip bit for bit.
+
+:func:`load_compressed_tensors` reads such a checkpoint (ours, or one the
+``compressed-tensors`` package / llm-compressor wrote) back into a param tree whose packed
+linears are :class:`QuantizedArray` leaves; the forward pass runs on it.
 
 The layout is done here with numpy (the library never imports torch); the tests check it
 bit for bit against the ``compressed-tensors`` package's own pack / unpack / dequantization.
@@ -35,6 +40,7 @@ from jcompress.quant.leaves import QuantizedArray
 __all__ = [
     "EXPORT_FORMATS",
     "from_compressed_tensors",
+    "load_compressed_tensors",
     "pack_fp4",
     "save_compressed_tensors",
     "to_compressed_tensors",
@@ -308,3 +314,158 @@ def save_compressed_tensors(
                 if src.is_file():
                     shutil.copy2(src, tmp / fname)
     return out_dir
+
+
+_PACKED_SUFFIXES = ("weight_packed", "weight_scale", "weight_global_scale", "weight_shape")
+
+
+def _ct_config(cfg: Any, model_dir: Any) -> dict[str, Any]:
+    """The checkpoint's compressed-tensors ``quantization_config`` (checked)."""
+    qc = cfg.hf_config.get("quantization_config")
+    where = f"{model_dir}/config.json"
+    if not isinstance(qc, Mapping) or qc.get("quant_method") != "compressed-tensors":
+        raise UserError(
+            f"{where}: no compressed-tensors quantization_config (quant_method "
+            f"{qc.get('quant_method') if isinstance(qc, Mapping) else None!r}); a dense or "
+            "jcompress checkpoint loads with jcompress.load_hf"
+        )
+    allowed = set(EXPORT_FORMATS.values())
+    groups = qc.get("config_groups") or {}
+    if not isinstance(groups, Mapping) or not groups:
+        raise UserError(f"{where}: quantization_config has no config_groups")
+    for name, g in groups.items():
+        fmt = (g or {}).get("format") or qc.get("format")
+        if fmt not in allowed:
+            raise UserError(
+                f"{where}: config group {name} has format {fmt!r}; loadable: "
+                f"{', '.join(sorted(allowed))}"
+            )
+        acts = [(g or {}).get(k) for k in ("input_activations", "output_activations")]
+        if any(a for a in acts):
+            raise UserError(
+                f"{where}: config group {name} quantizes activations; only weight-only "
+                "(W4A16) checkpoints load as QuantizedArray leaves"
+            )
+    return dict(qc)
+
+
+def load_compressed_tensors(
+    model_dir: Any,
+    *,
+    dtype: Any = None,
+    progress: bool = False,
+) -> tuple[Any, dict[str, Any]]:
+    """Load a compressed-tensors NVFP4 / MXFP4 (W4A16) checkpoint as ``(cfg, params)``.
+
+    Every ``nn.Linear`` stored packed (``<module>.weight_packed`` / ``.weight_scale`` /
+    ``.weight_global_scale``) becomes a :class:`QuantizedArray` kernel (codes and block scales
+    bit for bit; its format from the scale dtype: E4M3 with a tensor scale is NVFP4, E8M0
+    ``uint8`` is MXFP4); every other tensor loads dense as :func:`jcompress.load_hf` loads it.
+    Reads what :func:`save_compressed_tensors` writes and what the ``compressed-tensors``
+    package (llm-compressor) writes for these formats; single-file or sharded safetensors.
+
+    Args:
+      model_dir: the checkpoint directory.
+      dtype: ``None`` keeps each dense tensor's stored dtype and materializes quantized leaves
+        in ``config.json``'s ``torch_dtype``; else the dtype for both.
+      progress: show a progress bar over tensors.
+
+    Returns:
+      ``(cfg, params)``; ``jcompress.forward(cfg, params, ids)`` runs on it, and
+      :func:`save_compressed_tensors` writes it back.
+
+    Raises:
+      UserError: no compressed-tensors config, another format or activation quantization,
+        a packed tensor on a fused / non-linear weight, a missing, misshapen or unexpected
+        tensor, a zero / non-finite scale, NaN / Inf in a dense tensor.
+    """
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    from jcompress.models import hf
+    from jcompress.models.convert import check_shape, unflatten
+    from jcompress.models.families import spec_for
+
+    model_dir = Path(model_dir)
+    dt = hf.parse_dtype(dtype)
+    cfg = hf.read_config(model_dir)
+    _ct_config(cfg, model_dir)
+    if dt is not None:
+        dense_dtype = np.dtype(dt)
+    else:
+        name = cfg.hf_config.get("torch_dtype") or cfg.hf_config.get("dtype") or "float32"
+        dense_dtype = np.dtype(hf.parse_dtype(str(name)) or np.float32)
+    weights = hf._Weights(model_dir)
+    names = set(weights.keys())
+    spec = spec_for(cfg.family.value)
+    rows = spec.table(cfg)
+    alias = hf._prefix_alias(names, {n for _, n, _ in rows}, spec.base_prefix)
+
+    def raw(n: str) -> np.ndarray:  # packed tensors are integer: no floating-point check
+        if weights.state is not None:
+            return np.asarray(weights.state[n])
+        return weights.files[weights.where[n]].get(n)
+
+    def cast(v: np.ndarray) -> Any:
+        target = dt if (dt is not None and np.issubdtype(v.dtype, np.floating)) else None
+        return jnp.asarray(v, dtype=target)
+
+    flat: dict[str, Any] = {}
+    used: set[str] = set()
+    for rule, name, paths in tqdm(rows, desc="load", disable=not progress, leave=False):
+        module = name[: -len(".weight")] if name.endswith(".weight") else None
+        packed = module is not None and alias.get(f"{module}.weight_packed",
+                                                  f"{module}.weight_packed") in names  # fmt: skip
+        if packed:
+            if len(paths) != 1 or rule.transform.name != "transpose":
+                raise UserError(
+                    f"{model_dir}: {module} is packed but {name} is not a plain nn.Linear "
+                    f"weight ({rule.transform.name}); only linear kernels load packed"
+                )
+            local = {}
+            for k in _PACKED_SUFFIXES:
+                src = alias.get(f"{module}.{k}", f"{module}.{k}")
+                if src in names:
+                    local[k] = raw(src)
+                    used.add(src)
+                    weights.release(src)
+            scale = local.get("weight_scale")
+            # the scale dtype names the format: E4M3 (+ a tensor scale) NVFP4, E8M0 bits MXFP4
+            fmt = "mxfp4" if scale is not None and scale.dtype == np.uint8 else "nvfp4"
+            if fmt == "mxfp4" and "weight_global_scale" in local:
+                raise UserError(f"{module}: E8M0 (uint8) scales with a weight_global_scale")
+            want = tuple(rule.jax_shapes(cfg)[0])  # [in, out]
+            if "weight_shape" in local:
+                ws = tuple(int(v) for v in np.asarray(local.pop("weight_shape")).reshape(-1))
+                if ws != want[::-1]:
+                    raise UserError(f"{module}: weight_shape {list(ws)}, config implies "
+                                    f"{list(want[::-1])}")  # fmt: skip
+            leaf = from_compressed_tensors(local, fmt, dense_dtype=dense_dtype, where=module)
+            if tuple(leaf.shape) != want:
+                raise UserError(
+                    f"{module}: packed weight stands for [in, out] = {list(leaf.shape)}, "
+                    f"config implies {list(want)}"
+                )
+            flat[paths[0]] = leaf
+            continue
+        src = alias.get(name, name)
+        if src not in names:
+            raise UserError(
+                f"{model_dir}: missing tensor {name} (config.json describes a "
+                f"{cfg.family.value} model that has it)"
+            )
+        x = weights.get(src)
+        check_shape(name, x.shape, rule.hf_shape(cfg))
+        used.add(src)
+        for path, value in zip(paths, rule.transform.to_jax(x), strict=True):
+            flat[path] = cast(value)
+        weights.release(src)
+    extra = sorted(n for n in names - used if not spec.is_ignored(alias.get(n, n), cfg))
+    if extra:
+        more = f" (+{len(extra) - 5} more)" if len(extra) > 5 else ""
+        raise UserError(
+            f"{model_dir}: unexpected tensors for a {cfg.family.value} model: "
+            f"{', '.join(extra[:5])}{more}"
+        )
+    return cfg, unflatten(flat)

@@ -16,7 +16,11 @@ from jcompress.quant.tokenwise.evaluate import (
     load_smoothed,
     parse_ranks,
 )
-from jcompress.quant.tokenwise.metrics import METRIC_KEYS, tokenwise_metrics
+from jcompress.quant.tokenwise.metrics import (
+    METRIC_KEYS,
+    tokenwise_metrics,
+    tokenwise_metrics_quantized,
+)
 from jcompress.quant.tokenwise.rank import (
     load_result,
     ranking1,
@@ -55,6 +59,7 @@ __all__ = [
     "save_xy",
     "targets",
     "tokenwise_metrics",
+    "tokenwise_metrics_quantized",
     "validate_result",
     "write_rankings",
 ]
