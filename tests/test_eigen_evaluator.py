@@ -46,13 +46,14 @@ def setup(tmp_path_factory):
     stream.close()
 
 
-def _evaluator(s, budget):
+def _evaluator(s, budget, host=None):
     lay, layer = s["lay"], s["layer"]
     d = s["u"][lay.k].shape[1]
     return ev_mod._Evaluator(
-        layer, layer.params, *(np.float32(s["u"][r]) for r in (lay.k, lay.v)), cfg=s["cfg"],
+        layer, layer.params, *(s["u"][r] for r in (lay.k, lay.v)), cfg=s["cfg"],
         attention=fwd.DEFAULT_ATTENTION, capture=s["capture"], d_k=d, d_v=d, kv_heads=s["hk"],
-        budget=budget, query_heads=s["hq"], kq_roles=(lay.k,), v_role=lay.v, o_role=lay.o,
+        budget=budget, host=host, query_heads=s["hq"], kq_roles=(lay.k,), v_role=lay.v,
+        o_role=lay.o,
     )  # fmt: skip
 
 
@@ -80,11 +81,14 @@ def test_errors_decisions_and_no_recompile(setup):
     d = s["u"][s["lay"].k].shape[1]
     pairs = [(r_k, r_v) for r_k in (1, d // 2, d - 1, d) for r_v in (1, d // 2, d - 1)]
     oracle = {p: _oracle_error(s, *p) for p in pairs}
-    full = _evaluator(s, budget=None)  # no early exit: every candidate runs every batch
-    full(*pairs[0])  # compiles the masked layer and the sums once
     layer_cache = fwd._apply_layer._cache_size()
+    # the jitted float32 candidates (GPU/TPU) and the host float64 ones (CPU backend)
+    device = _evaluator(s, budget=None, host=False)  # no early exit: every batch runs
+    device(*pairs[0])  # compiles the masked layer and the sums once
     masked_cache = ev_mod._masked_layer._cache_size()
+    full = _evaluator(s, budget=None, host=True)
     for p in pairs:
+        assert device(*p) == pytest.approx(oracle[p], rel=2e-4, abs=1e-6), p
         assert full(*p) == pytest.approx(oracle[p], rel=2e-4, abs=1e-6), p
     assert fwd._apply_layer._cache_size() == layer_cache  # the observe executable, reused
     assert ev_mod._masked_layer._cache_size() == masked_cache

@@ -296,6 +296,43 @@ def _fold_out(kernel: jax.Array, u: np.ndarray, query_heads: int, r: int) -> Hea
     return HeadFoldedOut(_as_dtype(folded, kernel), _as_dtype(ut, kernel))
 
 
+def _masked_params(xp, mm, lp, u_kq, u_v, r_kq, r_v, *, kq_roles, v_role, o_role, query_heads):
+    """The math of :func:`_masked_layer` for ``xp`` = ``jax.numpy`` (jitted, float32) or
+    ``numpy`` (host, float64); ``mm`` is the matmul (``precision=HIGHEST`` on device)."""
+    dt = xp.float32 if xp is jnp else xp.float64
+
+    def projector(u, r):
+        hk, d, _ = u.shape
+        u = u.astype(dt)
+        m = (xp.arange(d)[None, :] < r[:, None]).astype(dt)  # [Hk, D]
+        p = mm(u * m[:, None, :], xp.swapaxes(u, 1, 2))  # U diag(m) U^T per head
+        return xp.where((r >= d)[:, None, None], xp.eye(d, dtype=dt)[None], p)
+
+    flat = dict(flatten(lp))
+
+    def project(role, p):
+        w = flat[f"{role}/kernel"]
+        h, d, _ = p.shape
+        wf = xp.swapaxes(w.astype(dt).reshape(w.shape[0], h, d), 0, 1)  # [h, in, D]
+        flat[f"{role}/kernel"] = xp.swapaxes(mm(wf, p), 0, 1).reshape(w.shape).astype(w.dtype)
+        if f"{role}/bias" in flat:
+            b = flat[f"{role}/bias"]
+            bp = mm(b.astype(dt).reshape(h, 1, d), p)
+            flat[f"{role}/bias"] = bp.reshape(b.shape).astype(b.dtype)
+
+    p_kq = projector(u_kq, r_kq)
+    for role in kq_roles:
+        project(role, p_kq)
+    p_v = projector(u_v, r_v)
+    project(v_role, p_v)
+    wo = flat[f"{o_role}/kernel"]
+    hk, d, _ = p_v.shape
+    pq = xp.repeat(p_v, query_heads // hk, axis=0)  # [Hq, D, D]
+    wof = wo.astype(dt).reshape(query_heads, d, -1)
+    flat[f"{o_role}/kernel"] = mm(pq, wof).reshape(wo.shape).astype(wo.dtype)
+    return unflatten(flat)
+
+
 @functools.partial(jax.jit, static_argnames=("kq_roles", "v_role", "o_role", "query_heads"))
 def _masked_layer(lp, u_kq, u_v, r_kq, r_v, *, kq_roles, v_role, o_role, query_heads):
     """Dense-equivalent layer params for per-head ranks given as *traced* arrays.
@@ -314,41 +351,21 @@ def _masked_layer(lp, u_kq, u_v, r_kq, r_v, *, kq_roles, v_role, o_role, query_h
       kq_roles, v_role, o_role: param paths (static).
       query_heads: ``Hq`` (o_proj rows per query head; static).
     """
+    mm = functools.partial(jnp.matmul, precision=_HI)
+    return _masked_params(
+        jnp, mm, lp, u_kq, u_v, r_kq, r_v,
+        kq_roles=kq_roles, v_role=v_role, o_role=o_role, query_heads=query_heads,
+    )  # fmt: skip
 
-    def projector(u, r):
-        hk, d, _ = u.shape
-        m = (jnp.arange(d)[None, :] < r[:, None]).astype(jnp.float32)  # [Hk, D]
-        p = jnp.einsum("hdr,hr,her->hde", u.astype(jnp.float32), m, u.astype(jnp.float32),
-                       precision=_HI)  # fmt: skip
-        return jnp.where((r >= d)[:, None, None], jnp.eye(d, dtype=jnp.float32), p)
 
-    flat = dict(flatten(lp))
-
-    def project(role, p):
-        w = flat[f"{role}/kernel"]
-        h, d, _ = p.shape
-        wf = w.astype(jnp.float32).reshape(w.shape[0], h, d)
-        flat[f"{role}/kernel"] = (
-            jnp.einsum("ihd,hde->ihe", wf, p, precision=_HI).reshape(w.shape).astype(w.dtype)
-        )
-        if f"{role}/bias" in flat:
-            b = flat[f"{role}/bias"]
-            bp = jnp.einsum("hd,hde->he", b.astype(jnp.float32).reshape(h, d), p, precision=_HI)
-            flat[f"{role}/bias"] = bp.reshape(b.shape).astype(b.dtype)
-
-    p_kq = projector(u_kq, r_kq)
-    for role in kq_roles:
-        project(role, p_kq)
-    p_v = projector(u_v, r_v)
-    project(v_role, p_v)
-    wo = flat[f"{o_role}/kernel"]
-    hk, d, _ = p_v.shape
-    pq = jnp.repeat(p_v, query_heads // hk, axis=0)  # [Hq, D, D]
-    wof = wo.astype(jnp.float32).reshape(query_heads, d, -1)
-    flat[f"{o_role}/kernel"] = (
-        jnp.einsum("hde,heo->hdo", pq, wof, precision=_HI).reshape(wo.shape).astype(wo.dtype)
-    )
-    return unflatten(flat)
+def _masked_layer_host(lp, u_kq, u_v, r_kq, r_v, **static):
+    """:func:`_masked_layer` on the host in float64 (``numpy``), what the CPU backend uses:
+    no compilation; the layer's params go back as device arrays (a cheap copy on CPU)."""
+    host = jax.tree.map(np.asarray, lp)
+    out = _masked_params(np, np.matmul, host, u_kq, u_v, np.asarray(r_kq), np.asarray(r_v),
+                          **static)  # fmt: skip
+    # device arrays, like the statistics pass's params: the same jit cache entry
+    return jax.device_put(out)
 
 
 @jax.jit
@@ -367,7 +384,8 @@ class _Evaluator:
     they ran.
 
     Compile-free per candidate: :func:`_masked_layer` gives the candidate with the original
-    shapes (one compilation for every rank and, shapes being equal, every layer), and each
+    shapes (one compilation for every rank and, shapes being equal, every layer; on the CPU
+    backend :func:`_masked_layer_host` builds it in numpy float64 with no compilation), and each
     batch goes through ``apply_layer`` with the *same* capture, attention and argument
     structure as the statistics pass (``StreamLayer.observe``), so the candidate runs on the
     executable that pass already compiled; the squared sums stay on device. The ranks go in
@@ -386,10 +404,17 @@ class _Evaluator:
 
     def __init__(
         self, layer, lp, u_kq, u_v, *, cfg, attention, capture, d_k, d_v, kv_heads,
-        budget=None, **static,
+        budget=None, host=None, **static,
     ):  # fmt: skip
-        self.layer, self.lp, self.u_kq, self.u_v = layer, lp, u_kq, u_v
-        self.d_k, self.d_v, self.hk, self.static = d_k, d_v, kv_heads, static
+        self.layer, self.lp, self.d_k, self.d_v, self.hk = layer, lp, d_k, d_v, kv_heads
+        self.static = static
+        # the CPU backend builds candidates on the host (no compilation, no copy), other
+        # backends with the jitted float32 _masked_layer (bases uploaded once per layer)
+        self.host = jax.default_backend() == "cpu" if host is None else host
+        if self.host:
+            self.u_kq, self.u_v = (np.asarray(u, np.float64) for u in (u_kq, u_v))
+        else:
+            self.u_kq, self.u_v = (jax.device_put(np.asarray(u, np.float32)) for u in (u_kq, u_v))
         self.cfg, self.attention, self.capture, self.budget = cfg, attention, capture, budget
         self.seen: dict[tuple[int, int], float] = {}
         self.partial: set[tuple[int, int]] = set()
@@ -400,8 +425,12 @@ class _Evaluator:
     def _run(self, key: tuple[int, int], early: bool) -> tuple[float, bool]:
         """The error of ``key``; ``(value, complete)``."""
         layer = self.layer
-        ranks = (jax.device_put(np.full((self.hk,), r, np.int32)) for r in key)
-        cand = _masked_layer(self.lp, self.u_kq, self.u_v, *ranks, **self.static)
+        ranks = [np.full((self.hk,), r, np.int32) for r in key]
+        if self.host:
+            cand = _masked_layer_host(self.lp, self.u_kq, self.u_v, *ranks, **self.static)
+        else:
+            ranks = [jax.device_put(r) for r in ranks]
+            cand = _masked_layer(self.lp, self.u_kq, self.u_v, *ranks, **self.static)
         ref, acc = layer.reference, jax.device_put(np.zeros((2,), np.float32))
         if self._den is None:  # ||Y||^2 once per layer (the same compiled step, y2 = y)
             zero = jax.device_put(np.zeros((2,), np.float32))
@@ -701,8 +730,6 @@ def compress(
             else:
                 u_kq, s_kq = core.host_bases(g_kq)
             u_v, s_v = core.host_bases(acc_v.gram)
-            # float32 bases on device for the candidates and the leaves
-            u_kq, u_v = (jax.device_put(u.astype(np.float32)) for u in (u_kq, u_v))
 
             def ranks(t, s_kq=s_kq, s_v=s_v, d_k=d_k, d_v=d_v):
                 return (
