@@ -12,14 +12,17 @@ from __future__ import annotations
 import importlib
 import re
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from _tiny import make_model
 
 import jcompress
 from jcompress.calibration import GroupedGram, stream_layers
+from jcompress.eigen_attention import EigenAttentionConfig, compress
 from jcompress.eigen_attention import eigen_core as core
-from jcompress.models.convert import flatten, unflatten
+from jcompress.leaves import HeadLowRank, materialize
+from jcompress.models.convert import flatten, get_path, unflatten
 from jcompress.models.families import spec_for
 
 fwd = importlib.import_module("jcompress.models.forward")
@@ -42,7 +45,7 @@ def setup(tmp_path_factory):
         for role, a in acc.items():
             a.add((ob.captured["outputs"][role],), ob.real)
     u = {role: core.host_bases(a.gram)[0] for role, a in acc.items()}
-    yield dict(cfg=cfg, lay=lay, layer=layer, capture=capture, u=u, hk=hk, hq=hq)
+    yield dict(cfg=cfg, params=params, lay=lay, layer=layer, capture=capture, u=u, hk=hk, hq=hq)
     stream.close()
 
 
@@ -109,3 +112,53 @@ def test_errors_decisions_and_no_recompile(setup):
         assert early(*p) >= budget
         assert early.exact(*p) == pytest.approx(full(*p), rel=1e-6)
     assert not early.partial
+
+
+def test_per_head_ranks(setup):
+    """``per_head_ranks``: each KV head's leaf block is its own rank-``c_h`` orthogonal
+    projection (padded to the max with zero columns), the reported error is the materialized
+    layer's (recomputed here in float64), and the cached decoder agrees with the dense
+    forward of the materialized params."""
+    cfg, lay, hk = setup["cfg"], setup["lay"], setup["hk"]
+    params = setup["params"]
+    calib = np.random.RandomState(2).randint(0, cfg.vocab_size, (8, 16))
+    config = EigenAttentionConfig(
+        nsamples=8, seqlen=16, avg_dim=1, error_budget=0.2, batch_size=3, per_head_ranks=True
+    )
+    out, rep = compress(params, cfg, calib, config=config, progress=False)
+    assert rep.per_head_ranks and "per-head ranks: each head keeps" in rep.to_markdown()
+    assert any(lr.compressed for lr in rep.layers)
+    h = np.asarray(jcompress.embed(cfg, params, jnp.asarray(calib)))
+    for lr in rep.layers:
+        lp0 = jcompress.layer_params(cfg, params, lr.layer)
+        lp = jcompress.layer_params(cfg, out, lr.layer)
+        y = np.asarray(jcompress.apply_layer(cfg, lp0, h, lr.layer), np.float64)
+        if lr.compressed:
+            assert lr.kv_after_per_head == sum(lr.head_ranks_kq) + sum(lr.head_ranks_v)
+            assert lr.kv_after_per_head <= lr.kv_after
+            for role, counts, width in (
+                (lay.k, lr.head_ranks_kq, lr.rank_kq), (lay.v, lr.head_ranks_v, lr.rank_v),
+            ):  # fmt: skip
+                leaf = get_path(lp, role)["kernel"]
+                assert isinstance(leaf, HeadLowRank) and leaf.rank == width == max(counts)
+                w0 = np.asarray(get_path(lp0, role)["kernel"], np.float64)
+                w = np.asarray(materialize(leaf), np.float64)
+                d = w0.shape[1] // hk
+                for head, c in enumerate(counts):
+                    b = np.asarray(leaf.b[head], np.float64)  # [width, D]
+                    assert np.all(b[c:] == 0) and np.linalg.matrix_rank(b[:c]) == c
+                    p = b.T @ b  # the head's projector
+                    np.testing.assert_allclose(p @ p, p, atol=1e-5)
+                    blk = slice(head * d, (head + 1) * d)
+                    np.testing.assert_allclose(w[:, blk], w0[:, blk] @ p, atol=1e-5)
+            y2 = jcompress.apply_layer(cfg, materialize(lp), h, lr.layer)
+            err = np.linalg.norm(np.asarray(y2, np.float64) - y) / np.linalg.norm(y)
+            assert lr.error == pytest.approx(err, rel=1e-3) and lr.error < 0.2
+        h = y.astype(np.float32)  # Feed.ORIGINAL: the next layer sees the original outputs
+    # the padded latent cache decodes as the dense-equivalent model
+    ids = jnp.asarray(calib[:2, :8])
+    seq = np.asarray(jcompress.generate(cfg, out, ids, max_new_tokens=6, eos_token_id=None))
+    logits = np.asarray(jcompress.forward(cfg, materialize(out), jnp.asarray(seq)))
+    np.testing.assert_array_equal(seq[:, 8:], logits[:, 7:-1].argmax(-1))
+    with pytest.raises(jcompress.UserError, match="per_head_ranks"):
+        EigenAttentionConfig(nsamples=8, avg_dim=1, per_head_ranks=True, rank_search="bisect")

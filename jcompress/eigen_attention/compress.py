@@ -136,6 +136,13 @@ class EigenAttentionConfig:
         spectrum's tail to float64 accuracy, the eigendecomposition is float64 on the host
         either way; ``float32``: the route before, ~2x cheaper products, tail singular values
         off by up to ~1e-3 relative; see :mod:`jcompress.calibration.gram`).
+      per_head_ranks: with the threshold walk, each KV head keeps its own count of
+        components at the threshold (the reference keeps the maximum over heads for every
+        head); candidates are scored with those per-head ranks, the total-rank bounds apply to
+        their sum. Leaves stay :class:`~jcompress.leaves.HeadLowRank` /
+        :class:`~jcompress.leaves.HeadFoldedOut` of width ``max`` over heads, the columns
+        past a head's own rank zero (exactly its rank-``r_h`` projection; the KV cache keeps
+        the padded width, the report the true counts and what they would cache).
     """
 
     nsamples: int = 128
@@ -155,6 +162,7 @@ class EigenAttentionConfig:
     rank_search: str = "threshold"
     reference_mode: bool = False
     gram_dtype: str = "float64"
+    per_head_ranks: bool = False
 
     def __post_init__(self):
         def positive_int(name):
@@ -189,6 +197,11 @@ class EigenAttentionConfig:
         if self.gram_dtype not in GRAM_DTYPES:
             raise UserError(
                 f"gram_dtype: must be one of {', '.join(GRAM_DTYPES)}, got {self.gram_dtype!r}"
+            )
+        if self.per_head_ranks and (self.rank_search != "threshold" or self.reference_mode):
+            raise UserError(
+                "per_head_ranks: each head keeps its own count at the walk's threshold; it "
+                "needs rank_search='threshold' and reference_mode off"
             )
         if self.reference_mode and self.rank_search != "threshold":
             raise UserError(
@@ -285,6 +298,15 @@ def _project(kernel: jax.Array, bias: jax.Array | None, u: np.ndarray, r: int):
     return leaf, _as_dtype(proj, bias)
 
 
+def _head_masked(u: np.ndarray, r) -> tuple[np.ndarray, int]:
+    """Host basis ``u [heads, D, D]`` and per-head ranks (an int, or one per head) ->
+    ``(u with each head's columns past its rank zeroed, the max rank)``: the leaves of
+    width ``max`` whose extra columns are zero are exactly each head's own projection."""
+    r = np.broadcast_to(np.asarray(r), (u.shape[0],))
+    keep = np.arange(u.shape[2])[None, :] < r[:, None]  # [heads, D]
+    return np.where(keep[:, None, :], u, 0.0), int(r.max())
+
+
 def _fold_out(kernel: jax.Array, u: np.ndarray, query_heads: int, r: int) -> HeadFoldedOut:
     """``W_o' = U_v^T W_o`` per query head (its KV head's basis) at rank ``r`` ->
     ``HeadFoldedOut``; host float64 as :func:`_project`."""
@@ -379,7 +401,8 @@ def _sq_sums(acc: jax.Array, y2: jax.Array, y: jax.Array, real) -> jax.Array:
 
 class _Evaluator:
     """``evaluate(r_kq, r_v) -> float``: one layer's relative output error
-    ``||Y' - Y|| / ||Y||`` at uniform per-head ranks, memoised; ``count`` is the number of
+    ``||Y' - Y|| / ||Y||`` at per-head ranks (an int: every head; a tuple: one per KV head),
+    memoised; ``count`` is the number of
     layer evaluations (the dense pair costs none) and ``batches`` the calibration batches
     they ran.
 
@@ -425,7 +448,7 @@ class _Evaluator:
     def _run(self, key: tuple[int, int], early: bool) -> tuple[float, bool]:
         """The error of ``key``; ``(value, complete)``."""
         layer = self.layer
-        ranks = [np.full((self.hk,), r, np.int32) for r in key]
+        ranks = [np.broadcast_to(np.asarray(r, np.int32), (self.hk,)) for r in key]
         if self.host:
             cand = _masked_layer_host(self.lp, self.u_kq, self.u_v, *ranks, **self.static)
         else:
@@ -457,9 +480,22 @@ class _Evaluator:
         num = np.asarray(acc)[0]
         return (float(np.sqrt(num / den)) if den > 0 else 0.0), True
 
-    def __call__(self, r_kq: int, r_v: int) -> float:
-        key = (min(r_kq, self.d_k), min(r_v, self.d_v))
-        if key == (self.d_k, self.d_v):
+    def _key(self, r_kq, r_v) -> tuple:
+        """Per-head ranks clipped to the head widths; ints (uniform) stay ints."""
+
+        def clip(r, d):
+            return min(r, d) if isinstance(r, int | np.integer) else tuple(min(x, d) for x in r)
+
+        return clip(r_kq, self.d_k), clip(r_v, self.d_v)
+
+    def _dense(self, key) -> bool:
+        return all(
+            np.all(np.asarray(r) >= d) for r, d in zip(key, (self.d_k, self.d_v), strict=True)
+        )
+
+    def __call__(self, r_kq, r_v) -> float:
+        key = self._key(r_kq, r_v)
+        if self._dense(key):
             return 0.0
         if key not in self.seen:
             err, complete = self._run(key, early=True)
@@ -469,9 +505,9 @@ class _Evaluator:
             self.count += 1
         return self.seen[key]
 
-    def exact(self, r_kq: int, r_v: int) -> float:
+    def exact(self, r_kq, r_v) -> float:
         """The full error of a pair (recomputed if it was only bounded by an early exit)."""
-        key = (min(r_kq, self.d_k), min(r_v, self.d_v))
+        key = self._key(r_kq, r_v)
         if key in self.partial:
             self.seen[key], _ = self._run(key, early=False)
             self.partial.discard(key)
@@ -732,22 +768,33 @@ def compress(
             u_v, s_v = core.host_bases(acc_v.gram)
 
             def ranks(t, s_kq=s_kq, s_v=s_v, d_k=d_k, d_v=d_v):
+                if config.per_head_ranks:  # each head its own count (at least 1)
+                    return tuple(
+                        tuple(int(c) for c in np.clip(core.head_counts_below(sv, t), 1, dd))
+                        for sv, dd in ((s_kq, d_k), (s_v, d_v))
+                    )
                 return (
                     min(core.rank_for_threshold(s_kq, t), d_k),
                     min(core.rank_for_threshold(s_v, t), d_v),
                 )
 
+            def total(r):  # total rank over KV heads
+                return hk * r if isinstance(r, int | np.integer) else sum(r)
+
             def build(
                 r_kq, r_v, lp=lp, kp=kp, qp=qp, vp=vp, op=op, u_kq=u_kq, u_v=u_v, d_k=d_k, d_v=d_v
             ):
+                # per-head ranks: width = max over heads, columns past a head's rank zeroed
+                u_kq, w_kq = _head_masked(u_kq, r_kq)
+                u_v, w_v = _head_masked(u_v, r_v)
                 new = lp
-                if r_kq < d_k:
+                if np.any(np.asarray(r_kq) < d_k):
                     roles = [(lay.k, kp)] if rope else [(lay.k, kp), (lay.q, qp)]
                     for role, p in roles:
-                        new = _with(new, role, *_project(p["kernel"], p.get("bias"), u_kq, r_kq))
-                if r_v < d_v:
-                    new = _with(new, lay.v, *_project(vp["kernel"], vp.get("bias"), u_v, r_v))
-                    new = _with(new, lay.o, _fold_out(op["kernel"], u_v, hq, r_v), None)
+                        new = _with(new, role, *_project(p["kernel"], p.get("bias"), u_kq, w_kq))
+                if np.any(np.asarray(r_v) < d_v):
+                    new = _with(new, lay.v, *_project(vp["kernel"], vp.get("bias"), u_v, w_v))
+                    new = _with(new, lay.o, _fold_out(op["kernel"], u_v, hq, w_v), None)
                 return new
 
             evaluate = _Evaluator(
@@ -774,7 +821,7 @@ def compress(
                     step=config.threshold_step,
                     min_threshold=defaults.min_threshold,
                     bounds_ok=lambda r_kq, r_v, bk=bound_kq, bv=bound_v: (
-                        hk * r_kq > bk and hk * r_v > bv
+                        total(r_kq) > bk and total(r_v) > bv
                     ),
                     budget=config.error_budget,
                     reference=config.reference_mode,
@@ -783,11 +830,13 @@ def compress(
             t_best, r_kq, r_v, err = found
             if config.rank_search == "threshold" and t_best is None:
                 r_kq, r_v = d_k, d_v  # the first threshold failed: the layer stays dense
-            compressed = r_kq < d_k or r_v < d_v
+            compressed = bool(np.any(np.asarray(r_kq) < d_k) or np.any(np.asarray(r_v) < d_v))
             if compressed:
                 err = evaluate.exact(r_kq, r_v)  # never an early-exit bound
             heads_kq = heads_v = None
-            if compressed and t_best is not None:  # what per-head ranks would keep (report)
+            if compressed and config.per_head_ranks:  # the true per-head counts
+                heads_kq, heads_v = tuple(r_kq), tuple(r_v)
+            elif compressed and t_best is not None:  # what per-head ranks would keep (report)
                 heads_kq, heads_v = (
                     tuple(
                         int(c)
@@ -808,8 +857,8 @@ def compress(
                 layer=i,
                 path=path,
                 threshold=t_best,
-                rank_kq=r_kq,
-                rank_v=r_v,
+                rank_kq=int(np.max(r_kq)),  # the stored (padded) width per head
+                rank_v=int(np.max(r_v)),
                 head_dim_kq=d_k,
                 head_dim_v=d_v,
                 kv_heads=hk,
@@ -840,6 +889,7 @@ def compress(
         params_after=count_params(flat_params),
         rank_search=config.rank_search,
         reference_mode=config.reference_mode,
+        per_head_ranks=config.per_head_ranks,
         model_layers=cfg.num_layers,
         model_kv_per_layer=hk * (d_model_k + d_model_v),
         compress_seconds=time.perf_counter() - t_start,
