@@ -603,13 +603,13 @@ def bisect_ranks(
 
     Three searches, each over ranks whose error is assumed non-increasing in the rank
     (the layer at full rank is exact): (1) a bisection for the smallest rank ``r`` shared by
-    K and V in ``[max(floors), max(d_k, d_v)]``; (2) K's rank in ``[floor_kq, r]`` with V at
-    ``r``; (3) V's rank in ``[floor_v, r]`` with K at the rank found. Searches (2) and (3)
-    gallop down from ``r`` (probes ``r - 1, r - 3, r - 7, ...``, then a bisection inside the
-    first failing step): on llama-1m K's and V's ranks end at ``r`` or just below it, so one
-    or two evaluations settle them; the answers are the plain bisection's. At most
-    ``3 ceil(log2 D)`` layer evaluations, typically ``log2 D + 3``. The result is a pair
-    where lowering either rank by one (within its floor) breaks the budget.
+    K and V in ``[max(floors), max(d_k, d_v)]``, a floor above 1 probed first; (2) K's rank
+    in ``[floor_kq, r]`` with V at ``r``; (3) V's rank in ``[floor_v, r]`` with K at the rank
+    found. Searches (2) and (3) gallop down from ``r`` (probes ``r - 1, r - 3, r - 7, ...``,
+    then a bisection inside the first failing step): on llama-1m K's and V's ranks end at
+    ``r`` or just below it, so one or two evaluations settle them. The answers are the plain
+    bisection's. At most ``3 ceil(log2 D)`` layer evaluations, typically ``log2 D + 3``. The
+    result is a pair where lowering either rank by one (within its floor) breaks the budget.
 
     Args:
       evaluate: ``(r_kq, r_v)`` -> relative layer error; ``(d_k, d_v)`` must give 0.
@@ -651,7 +651,13 @@ def bisect_ranks(
             hi, step = hi - step, 2 * step
         return smallest(lo, hi, passes)
 
-    r = smallest(lo, d, lambda r: ok(min(r, d_k), min(r, d_v)))
+    # a floor above 1 (the Llama family's 45% of heads x D) is where the shared rank often
+    # ends (llama-1m layer 0): probe it first; a floor that fails mostly costs one batch
+    # (the evaluator's early exit), and the answer is the bisection's either way
+    if lo > 1 and ok(min(lo, d_k), min(lo, d_v)):
+        r = lo
+    else:
+        r = smallest(lo + 1 if lo > 1 else lo, d, lambda r: ok(min(r, d_k), min(r, d_v)))
     r_kq = smallest_from_top(min(floor_kq, d_k), min(r, d_k), lambda x: ok(x, min(r, d_v)))
     r_v = smallest_from_top(min(floor_v, d_v), min(r, d_v), lambda x: ok(r_kq, x))
     return None, r_kq, r_v, evaluate(r_kq, r_v)
