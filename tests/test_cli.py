@@ -366,9 +366,11 @@ def test_every_eigen_config_field_is_a_flag():
         "nsamples": "7", "seqlen": "33", "avg_dim": "7", "error_budget": "0.1", "seed": "5",
         "threshold_step": "0.05", "start_threshold": "0.9", "min_threshold": "0.2",
         "min_rank": "3", "min_rank_fraction": "0.25", "batch_size": "2", "offload_dir": "/tmp",
+        "gram_dtype": "float32",
     }  # fmt: skip
     fields = {f.name for f in dataclasses.fields(EigenAttentionConfig)}
-    assert set(given) | {"layers", "allow_unmatched", "rank_search", "reference_mode"} == fields
+    bools = {"allow_unmatched", "reference_mode", "per_head_ranks"}
+    assert set(given) | {"layers", "rank_search"} | bools == fields
     for dashes in (False, True):
         argv = ["eigen", "--model", "m", "--calib_data", "c"]
         for k, v in given.items():

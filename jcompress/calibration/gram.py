@@ -9,31 +9,54 @@ State (a pytree, jit-friendly): ``GramState(gram [H, D, D], partial: tuple of [T
 one partial sum per feature *source* (e.g. K and Q features that share one Gram matrix).
 :func:`grouped_gram_update` is the pure step; :class:`GroupedGram` keeps the host-side window
 count (which windows are padding, which are past the last complete group).
+
+Precision: the products and the running sums are float32 or float64 (``dtype``). A float32 Gram
+carries an absolute error of about ``eps32 * lambda_max``, so an eigenvalue ``lambda`` of the
+spectrum's tail comes out with a relative error near ``eps32 * lambda_max / lambda`` (on
+llama-1m's K features up to 6.5e-4 in the singular values); accumulating in float64
+(:data:`GRAM_DTYPES`, ``GroupedGram(dtype="float64")``, run under ``jax.enable_x64``) brings
+the tail to float64 accuracy of the (float32) features themselves. float64 matmuls cost ~2x
+float32 on CPU and GPUs with full-rate float64, much more on TPUs (emulated): ``float32`` stays
+available.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-__all__ = ["GramState", "GroupedGram", "grouped_gram_init", "grouped_gram_update", "head_gram"]
+__all__ = [
+    "GRAM_DTYPES",
+    "GramState",
+    "GroupedGram",
+    "grouped_gram_init",
+    "grouped_gram_update",
+    "head_gram",
+]
+
+GRAM_DTYPES = ("float32", "float64")
+"""Accumulation dtypes of :class:`GroupedGram` (float64 runs under ``jax.enable_x64``)."""
 
 _HI = jax.lax.Precision.HIGHEST
 
 
-@functools.partial(jax.jit, static_argnames=("heads",))
-def head_gram(x: jax.Array, heads: int) -> jax.Array:
-    """Per-head Gram matrices ``X_h^T X_h`` in float32: ``x [..., heads * D] -> [heads, D, D]``.
+@functools.partial(jax.jit, static_argnames=("heads", "dtype"))
+def head_gram(x: jax.Array, heads: int, dtype: str = "float32") -> jax.Array:
+    """Per-head Gram matrices ``X_h^T X_h``: ``x [..., heads * D] -> [heads, D, D]`` in
+    ``dtype`` (``"float64"`` needs ``jax.enable_x64``; :class:`GroupedGram` sets it).
 
     One batched ``dot_general`` over features laid out ``[heads, D, N]`` (tokens last, the
     contracted axis contiguous): on XLA:CPU this runs ~2x faster than ``[N, heads, D]``
     contracted over ``N`` or a ``lax.map`` of per-head ``[D, N] @ [N, D]`` products.
     """
+    _check_x64(dtype)
     d = x.shape[-1] // heads
-    xh = x.astype(jnp.float32).reshape(-1, heads, d).transpose(1, 2, 0)  # [heads, D, N]
+    xh = x.astype(dtype).reshape(-1, heads, d).transpose(1, 2, 0)  # [heads, D, N]
     return jnp.einsum("hdn,hen->hde", xh, xh, precision=_HI)
 
 
@@ -41,9 +64,9 @@ class GramState(NamedTuple):
     """Running sum of per-head Gram matrices of group means, and the open group's window sum.
 
     Attributes:
-      gram: ``[H, D, D]`` float32, ``sum_g G(mean of group g)`` over complete groups so far,
-        summed over sources.
-      partial: one ``[T, C]`` float32 sum per source of the windows of the open group
+      gram: ``[H, D, D]`` (float32 or float64), ``sum_g G(mean of group g)`` over complete
+        groups so far, summed over sources.
+      partial: one ``[T, C]`` sum per source (same dtype) of the windows of the open group
         (zeros when no group is open).
     """
 
@@ -51,12 +74,24 @@ class GramState(NamedTuple):
     partial: tuple[jax.Array, ...]
 
 
-def grouped_gram_init(heads: int, seqlen: int, channels: int, sources: int = 1) -> GramState:
-    """Empty state: ``heads`` Gram matrices of width ``channels // heads``, ``sources`` partials."""
+def _check_x64(dtype: str) -> None:
+    if dtype not in GRAM_DTYPES:
+        raise ValueError(f"dtype: must be one of {', '.join(GRAM_DTYPES)}, got {dtype!r}")
+    if dtype == "float64" and not jax.config.read("jax_enable_x64"):
+        raise ValueError("dtype='float64' needs jax.enable_x64 (GroupedGram sets it)")
+
+
+def grouped_gram_init(
+    heads: int, seqlen: int, channels: int, sources: int = 1, dtype: str = "float32"
+) -> GramState:
+    """Empty state: ``heads`` Gram matrices of width ``channels // heads``, ``sources`` partials
+    (``dtype``; ``"float64"`` under ``jax.enable_x64``)."""
+    _check_x64(dtype)
     d = channels // heads
+    # host zeros, device_put: an eager jnp.zeros compiles a broadcast per shape and dtype
     return GramState(
-        jnp.zeros((heads, d, d), jnp.float32),
-        tuple(jnp.zeros((seqlen, channels), jnp.float32) for _ in range(sources)),
+        jax.device_put(np.zeros((heads, d, d), dtype)),
+        tuple(jax.device_put(np.zeros((seqlen, channels), dtype)) for _ in range(sources)),
     )
 
 
@@ -79,7 +114,8 @@ def grouped_gram_update(
 
     Args:
       state: :class:`GramState`.
-      xs: features per source, ``[B, T, C]`` each, any float dtype (accumulated in float32).
+      xs: features per source, ``[B, T, C]`` each, any float dtype (accumulated in the
+        state's dtype).
       offset, valid: as above (traced: one compilation for every batch).
       avg_dim: windows per group (static).
 
@@ -87,6 +123,7 @@ def grouped_gram_update(
       The updated :class:`GramState`.
     """
     heads = state.gram.shape[0]
+    dtype = state.gram.dtype
     bsz = xs[0].shape[0]
     b = jnp.arange(bsz)
     inb = b < valid
@@ -95,7 +132,7 @@ def grouped_gram_update(
         def grams(xs, mask):
             if mask:  # zero the rows past `valid` (only the padded last batch gets here)
                 xs = [jnp.where(inb[:, None, None], x, 0) for x in xs]
-            return sum(head_gram(x, heads) for x in xs)
+            return sum(head_gram(x, heads, dtype.name) for x in xs)
 
         # a masked operand costs XLA:CPU ~2.5x in the Gram product: full batches skip it
         full = functools.partial(grams, mask=False)
@@ -107,13 +144,13 @@ def grouped_gram_update(
     count = jnp.sum(member, axis=1) + jnp.where(s == 0, offset, 0)
     complete = count == avg_dim
     still_open = (count > 0) & ~complete
-    m = member.astype(jnp.float32)
+    m = member.astype(dtype)
     gram, partial = state.gram, []
     for x, p in zip(xs, state.partial, strict=True):
-        sums = jnp.einsum("sb,btc->stc", m, x.astype(jnp.float32), precision=_HI)
+        sums = jnp.einsum("sb,btc->stc", m, x.astype(dtype), precision=_HI)
         sums = sums.at[0].add(p)  # [S, T, C]
         means = jnp.where(complete[:, None, None], sums / avg_dim, 0.0)
-        gram = gram + head_gram(means, heads)
+        gram = gram + head_gram(means, heads, dtype.name)
         partial.append(jnp.sum(jnp.where(still_open[:, None, None], sums, 0.0), axis=0))
     return GramState(gram, tuple(partial))
 
@@ -124,6 +161,8 @@ class GroupedGram:
     Windows count in calibration order across calls; the first ``(n // avg_dim) * avg_dim``
     enter groups, the rest are dropped (``dropped``). Padding rows of a batch (``real``) are
     never seen. ``state`` is created on the first :meth:`add` from the feature shapes.
+    ``dtype="float64"`` accumulates in float64 (each step runs under ``jax.enable_x64``; the
+    features stay as they are and are widened inside the step).
 
     Example::
 
@@ -133,10 +172,12 @@ class GroupedGram:
       gram = acc.gram  # [12, D, D]
     """
 
-    def __init__(self, *, n: int, avg_dim: int, heads: int):
+    def __init__(self, *, n: int, avg_dim: int, heads: int, dtype: str = "float32"):
         if avg_dim < 1 or avg_dim > n:
             raise ValueError(f"avg_dim: need 1 <= avg_dim <= n ({n}), got {avg_dim}")
-        self.avg_dim, self.heads = avg_dim, heads
+        if dtype not in GRAM_DTYPES:
+            raise ValueError(f"dtype: must be one of {', '.join(GRAM_DTYPES)}, got {dtype!r}")
+        self.avg_dim, self.heads, self.dtype = avg_dim, heads, dtype
         self.groups = n // avg_dim
         self.limit = self.groups * avg_dim
         self.dropped = n - self.limit
@@ -145,23 +186,24 @@ class GroupedGram:
 
     def add(self, xs: tuple[jax.Array, ...], real: int) -> None:
         """Add the first ``real`` windows of a batch (``xs``: one ``[B, T, C]`` per source)."""
-        if self.state is None:
-            _, t, c = xs[0].shape
-            self.state = grouped_gram_init(self.heads, t, c, len(xs))
         used = self.seen if self.seen < self.limit else self.limit
         valid = max(0, min(real, self.limit - self.seen))
-        self.state = grouped_gram_update(
-            self.state,
-            tuple(xs),
-            jnp.int32(used % self.avg_dim),
-            jnp.int32(valid),
-            avg_dim=self.avg_dim,
-        )
+        # host scalars (np.int32): device_put, no per-call compilation of a conversion
+        offset, valid = np.int32(used % self.avg_dim), np.int32(valid)
+        x64 = jax.enable_x64(True) if self.dtype == "float64" else contextlib.nullcontext()
+        with x64:
+            if self.state is None:
+                _, t, c = xs[0].shape
+                self.state = grouped_gram_init(self.heads, t, c, len(xs), self.dtype)
+            self.state = grouped_gram_update(
+                self.state, tuple(xs), offset, valid, avg_dim=self.avg_dim
+            )
         self.seen += real
 
     @property
     def gram(self) -> jax.Array:
-        """``[H, D, D]`` sum over complete groups of the Gram of each group's mean."""
+        """``[H, D, D]`` sum over complete groups of the Gram of each group's mean (in
+        ``dtype``; a float64 array stays float64 outside the ``enable_x64`` scope)."""
         if self.state is None:
             raise ValueError("no features were added")
         return self.state.gram

@@ -61,6 +61,11 @@ def eigen_overrides(**defaults: Any) -> dict[str, dict[str, Any]]:
             "same model; lower it there), 0 otherwise",
         },
         "rank_search": {"choices": ("threshold", "bisect")},
+        "gram_dtype": {
+            "choices": ("float32", "float64"),
+            "help": "accumulation dtype of the per-head Gram matrices (default: float64, the "
+            "spectrum's tail to float64 accuracy; float32 is cheaper on TPUs)",
+        },
     }
     for k, v in defaults.items():
         o.setdefault(k, {})["default"] = v

@@ -78,6 +78,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jcompress.calibration import Feed, GroupedGram, stream_layers
+from jcompress.calibration.gram import GRAM_DTYPES
 from jcompress.eigen_attention import eigen_core as core
 from jcompress.eigen_attention.report import EigenReport, LayerReport
 from jcompress.errors import UserError
@@ -86,7 +87,7 @@ from jcompress.methods import require_dense, select
 from jcompress.models.config import Family, ModelConfig, Position
 from jcompress.models.convert import flatten, get_path, unflatten
 from jcompress.models.families import spec_for
-from jcompress.models.forward import Capture, check_length
+from jcompress.models.forward import DEFAULT_ATTENTION, Capture, apply_layer, check_length
 from jcompress.models.params import count_params
 
 __all__ = ["EigenAttentionConfig", "compress", "family_defaults"]
@@ -131,6 +132,17 @@ class EigenAttentionConfig:
         Llama family (pooled over KV heads) and the reference's stop rule (the kept threshold
         is the last one evaluated plus one step, even when that one was never checked).
         Needs ``rank_search='threshold'``.
+      gram_dtype: accumulation dtype of the per-head Gram matrices (``float64``: the
+        spectrum's tail to float64 accuracy, the eigendecomposition is float64 on the host
+        either way; ``float32``: the route before, ~2x cheaper products, tail singular values
+        off by up to ~1e-3 relative; see :mod:`jcompress.calibration.gram`).
+      per_head_ranks: with the threshold walk, each KV head keeps its own count of
+        components at the threshold (the reference keeps the maximum over heads for every
+        head); candidates are scored with those per-head ranks, the total-rank bounds apply to
+        their sum. Leaves stay :class:`~jcompress.leaves.HeadLowRank` /
+        :class:`~jcompress.leaves.HeadFoldedOut` of width ``max`` over heads, the columns
+        past a head's own rank zero (exactly its rank-``r_h`` projection; the KV cache keeps
+        the padded width, the report the true counts and what they would cache).
     """
 
     nsamples: int = 128
@@ -149,6 +161,8 @@ class EigenAttentionConfig:
     offload_dir: str | None = None
     rank_search: str = "threshold"
     reference_mode: bool = False
+    gram_dtype: str = "float64"
+    per_head_ranks: bool = False
 
     def __post_init__(self):
         def positive_int(name):
@@ -179,6 +193,15 @@ class EigenAttentionConfig:
         if self.rank_search not in RANK_SEARCHES:
             raise UserError(
                 f"rank_search: must be one of {', '.join(RANK_SEARCHES)}, got {self.rank_search!r}"
+            )
+        if self.gram_dtype not in GRAM_DTYPES:
+            raise UserError(
+                f"gram_dtype: must be one of {', '.join(GRAM_DTYPES)}, got {self.gram_dtype!r}"
+            )
+        if self.per_head_ranks and (self.rank_search != "threshold" or self.reference_mode):
+            raise UserError(
+                "per_head_ranks: each head keeps its own count at the walk's threshold; it "
+                "needs rank_search='threshold' and reference_mode off"
             )
         if self.reference_mode and self.rank_search != "threshold":
             raise UserError(
@@ -253,46 +276,83 @@ def _check_calib(cfg: ModelConfig, calib: Any, config: EigenAttentionConfig) -> 
     return calib
 
 
-@jax.jit
-def _project_full(kernel: jax.Array, bias: jax.Array | None, u: jax.Array, r: jax.Array):
-    """Full-width pieces of the rank-``r`` projection (static shapes: one compilation for every
-    rank): ``kernel [in, heads*D]``, ``u [heads, D, D]``, traced ``r`` -> ``(W_h U_h
-    [in, heads, D], U_h^T [heads, D, D], bias projected to the first r columns or None)``."""
+def _as_dtype(x: np.ndarray, like) -> jax.Array:
+    return jax.device_put(x.astype(np.dtype(like.dtype)))
+
+
+def _project(kernel: jax.Array, bias: jax.Array | None, u: np.ndarray, r: int):
+    """``kernel [in, heads*D]``, host basis ``u [heads, D, D]`` -> (rank-``r`` HeadLowRank
+    ``a = [W_h U_h]_h``, ``b[h] = U_h^T``; bias projected to ``b_h U_h U_h^T`` or None).
+
+    Built once per layer on the host in float64 (one ``[in, D] @ [D, r]`` product per head,
+    BLAS), then cast to the kernel's dtype: no compilation per rank or shape."""
     heads, d, _ = u.shape
-    w = kernel.astype(jnp.float32).reshape(kernel.shape[0], heads, d)
-    a = jnp.einsum("ihd,hdr->ihr", w, u, precision=_HI).astype(kernel.dtype)
-    ut = jnp.swapaxes(u, 1, 2).astype(kernel.dtype)
+    ur = np.asarray(u, np.float64)[:, :, :r]  # [heads, D, r]
+    w = np.asarray(kernel, np.float64).reshape(kernel.shape[0], heads, d).transpose(1, 0, 2)
+    a = np.matmul(w, ur).transpose(1, 0, 2).reshape(kernel.shape[0], heads * r)
+    leaf = HeadLowRank(_as_dtype(a, kernel), _as_dtype(ur.transpose(0, 2, 1), kernel))
     if bias is None:
-        return a, ut, None
-    m = (jnp.arange(d) < r).astype(jnp.float32)
-    bh = bias.astype(jnp.float32).reshape(heads, d)
-    proj = jnp.einsum("hd,hdr,r,her->he", bh, u, m, u, precision=_HI).reshape(heads * d)
-    return a, ut, proj.astype(bias.dtype)
+        return leaf, None
+    bh = np.asarray(bias, np.float64).reshape(heads, 1, d)
+    proj = np.matmul(np.matmul(bh, ur), ur.transpose(0, 2, 1)).reshape(heads * d)
+    return leaf, _as_dtype(proj, bias)
 
 
-def _project(kernel: jax.Array, bias: jax.Array | None, u: jax.Array, r: int):
-    """``kernel [in, heads*D]``, ``u [heads, D, D]`` -> (rank-``r`` HeadLowRank, projected bias
-    or None); only the final slices depend on ``r``'s value."""
-    a, ut, b = _project_full(kernel, bias, u, jnp.int32(r))
-    heads = u.shape[0]
-    return HeadLowRank(a[:, :, :r].reshape(a.shape[0], heads * r), ut[:, :r, :]), b
+def _head_masked(u: np.ndarray, r) -> tuple[np.ndarray, int]:
+    """Host basis ``u [heads, D, D]`` and per-head ranks (an int, or one per head) ->
+    ``(u with each head's columns past its rank zeroed, the max rank)``: the leaves of
+    width ``max`` whose extra columns are zero are exactly each head's own projection."""
+    r = np.broadcast_to(np.asarray(r), (u.shape[0],))
+    keep = np.arange(u.shape[2])[None, :] < r[:, None]  # [heads, D]
+    return np.where(keep[:, None, :], u, 0.0), int(r.max())
 
 
-@functools.partial(jax.jit, static_argnames=("query_heads",))
-def _fold_out_full(kernel: jax.Array, u: jax.Array, query_heads: int):
-    """``U^T W_o`` per query head at full width: ``kernel [Hq*D, out]``, ``u [Hk, D, D]`` ->
-    ``([Hq, D, out], U^T [Hk, D, D])``."""
+def _fold_out(kernel: jax.Array, u: np.ndarray, query_heads: int, r: int) -> HeadFoldedOut:
+    """``W_o' = U_v^T W_o`` per query head (its KV head's basis) at rank ``r`` ->
+    ``HeadFoldedOut``; host float64 as :func:`_project`."""
     hk, d, _ = u.shape
-    uq = jnp.repeat(u, query_heads // hk, axis=0)  # [Hq, D, D]: each query head's KV basis
-    w = kernel.astype(jnp.float32).reshape(query_heads, d, -1)
-    folded = jnp.einsum("hdr,hdo->hro", uq, w, precision=_HI)
-    return folded.astype(kernel.dtype), jnp.swapaxes(u, 1, 2).astype(kernel.dtype)
+    ur = np.repeat(np.asarray(u, np.float64)[:, :, :r], query_heads // hk, axis=0)  # [Hq,D,r]
+    w = np.asarray(kernel, np.float64).reshape(query_heads, d, -1)
+    folded = np.matmul(ur.transpose(0, 2, 1), w).reshape(query_heads * r, -1)
+    ut = np.asarray(u, np.float64)[:, :, :r].transpose(0, 2, 1)
+    return HeadFoldedOut(_as_dtype(folded, kernel), _as_dtype(ut, kernel))
 
 
-def _fold_out(kernel: jax.Array, u: jax.Array, query_heads: int, r: int) -> HeadFoldedOut:
-    """``W_o' = U_v^T W_o`` at rank ``r`` -> ``HeadFoldedOut``."""
-    folded, ut = _fold_out_full(kernel, u, query_heads)
-    return HeadFoldedOut(folded[:, :r, :].reshape(query_heads * r, -1), ut[:, :r, :])
+def _masked_params(xp, mm, lp, u_kq, u_v, r_kq, r_v, *, kq_roles, v_role, o_role, query_heads):
+    """The math of :func:`_masked_layer` for ``xp`` = ``jax.numpy`` (jitted, float32) or
+    ``numpy`` (host, float64); ``mm`` is the matmul (``precision=HIGHEST`` on device)."""
+    dt = xp.float32 if xp is jnp else xp.float64
+
+    def projector(u, r):
+        hk, d, _ = u.shape
+        u = u.astype(dt)
+        m = (xp.arange(d)[None, :] < r[:, None]).astype(dt)  # [Hk, D]
+        p = mm(u * m[:, None, :], xp.swapaxes(u, 1, 2))  # U diag(m) U^T per head
+        return xp.where((r >= d)[:, None, None], xp.eye(d, dtype=dt)[None], p)
+
+    flat = dict(flatten(lp))
+
+    def project(role, p):
+        w = flat[f"{role}/kernel"]
+        h, d, _ = p.shape
+        wf = xp.swapaxes(w.astype(dt).reshape(w.shape[0], h, d), 0, 1)  # [h, in, D]
+        flat[f"{role}/kernel"] = xp.swapaxes(mm(wf, p), 0, 1).reshape(w.shape).astype(w.dtype)
+        if f"{role}/bias" in flat:
+            b = flat[f"{role}/bias"]
+            bp = mm(b.astype(dt).reshape(h, 1, d), p)
+            flat[f"{role}/bias"] = bp.reshape(b.shape).astype(b.dtype)
+
+    p_kq = projector(u_kq, r_kq)
+    for role in kq_roles:
+        project(role, p_kq)
+    p_v = projector(u_v, r_v)
+    project(v_role, p_v)
+    wo = flat[f"{o_role}/kernel"]
+    hk, d, _ = p_v.shape
+    pq = xp.repeat(p_v, query_heads // hk, axis=0)  # [Hq, D, D]
+    wof = wo.astype(dt).reshape(query_heads, d, -1)
+    flat[f"{o_role}/kernel"] = mm(pq, wof).reshape(wo.shape).astype(wo.dtype)
+    return unflatten(flat)
 
 
 @functools.partial(jax.jit, static_argnames=("kq_roles", "v_role", "o_role", "query_heads"))
@@ -313,65 +373,145 @@ def _masked_layer(lp, u_kq, u_v, r_kq, r_v, *, kq_roles, v_role, o_role, query_h
       kq_roles, v_role, o_role: param paths (static).
       query_heads: ``Hq`` (o_proj rows per query head; static).
     """
+    mm = functools.partial(jnp.matmul, precision=_HI)
+    return _masked_params(
+        jnp, mm, lp, u_kq, u_v, r_kq, r_v,
+        kq_roles=kq_roles, v_role=v_role, o_role=o_role, query_heads=query_heads,
+    )  # fmt: skip
 
-    def projector(u, r):
-        hk, d, _ = u.shape
-        m = (jnp.arange(d)[None, :] < r[:, None]).astype(jnp.float32)  # [Hk, D]
-        p = jnp.einsum("hdr,hr,her->hde", u.astype(jnp.float32), m, u.astype(jnp.float32),
-                       precision=_HI)  # fmt: skip
-        return jnp.where((r >= d)[:, None, None], jnp.eye(d, dtype=jnp.float32), p)
 
-    flat = dict(flatten(lp))
+def _masked_layer_host(lp, u_kq, u_v, r_kq, r_v, **static):
+    """:func:`_masked_layer` on the host in float64 (``numpy``), what the CPU backend uses:
+    no compilation; the layer's params go back as device arrays (a cheap copy on CPU)."""
+    host = jax.tree.map(np.asarray, lp)
+    out = _masked_params(np, np.matmul, host, u_kq, u_v, np.asarray(r_kq), np.asarray(r_v),
+                          **static)  # fmt: skip
+    # device arrays, like the statistics pass's params: the same jit cache entry
+    return jax.device_put(out)
 
-    def project(role, p):
-        w = flat[f"{role}/kernel"]
-        h, d, _ = p.shape
-        wf = w.astype(jnp.float32).reshape(w.shape[0], h, d)
-        flat[f"{role}/kernel"] = (
-            jnp.einsum("ihd,hde->ihe", wf, p, precision=_HI).reshape(w.shape).astype(w.dtype)
-        )
-        if f"{role}/bias" in flat:
-            b = flat[f"{role}/bias"]
-            bp = jnp.einsum("hd,hde->he", b.astype(jnp.float32).reshape(h, d), p, precision=_HI)
-            flat[f"{role}/bias"] = bp.reshape(b.shape).astype(b.dtype)
 
-    p_kq = projector(u_kq, r_kq)
-    for role in kq_roles:
-        project(role, p_kq)
-    p_v = projector(u_v, r_v)
-    project(v_role, p_v)
-    wo = flat[f"{o_role}/kernel"]
-    hk, d, _ = p_v.shape
-    pq = jnp.repeat(p_v, query_heads // hk, axis=0)  # [Hq, D, D]
-    wof = wo.astype(jnp.float32).reshape(query_heads, d, -1)
-    flat[f"{o_role}/kernel"] = (
-        jnp.einsum("hde,heo->hdo", pq, wof, precision=_HI).reshape(wo.shape).astype(wo.dtype)
-    )
-    return unflatten(flat)
+@jax.jit
+def _sq_sums(acc: jax.Array, y2: jax.Array, y: jax.Array, real) -> jax.Array:
+    """``acc [2] + (||y2 - y||^2, ||y||^2)`` over the first ``real`` rows, in float32."""
+    keep = (jnp.arange(y.shape[0]) < real)[:, None, None]
+    diff = jnp.where(keep, (y2 - y).astype(jnp.float32), 0.0)
+    ref = jnp.where(keep, y.astype(jnp.float32), 0.0)
+    return acc + jnp.stack([jnp.sum(diff * diff), jnp.sum(ref * ref)])
 
 
 class _Evaluator:
-    """``evaluate(r_kq, r_v) -> float``: one layer's relative output error at uniform per-head
-    ranks, memoised; ``count`` is the number of layer evaluations (the dense pair costs none).
-    Candidates go through :func:`_masked_layer` (static shapes) and
-    ``StreamLayer.relative_error`` (sums on device, one host sync per candidate)."""
+    """``evaluate(r_kq, r_v) -> float``: one layer's relative output error
+    ``||Y' - Y|| / ||Y||`` at per-head ranks (an int: every head; a tuple: one per KV head),
+    memoised; ``count`` is the number of
+    layer evaluations (the dense pair costs none) and ``batches`` the calibration batches
+    they ran.
 
-    def __init__(self, layer, lp, u_kq, u_v, *, d_k, d_v, kv_heads, **static):
-        self.layer, self.lp, self.u_kq, self.u_v = layer, lp, u_kq, u_v
-        self.d_k, self.d_v, self.hk, self.static = d_k, d_v, kv_heads, static
+    Compile-free per candidate: :func:`_masked_layer` gives the candidate with the original
+    shapes (one compilation for every rank and, shapes being equal, every layer; on the CPU
+    backend :func:`_masked_layer_host` builds it in numpy float64 with no compilation), and each
+    batch goes through ``apply_layer`` with the *same* capture, attention and argument
+    structure as the statistics pass (``StreamLayer.observe``), so the candidate runs on the
+    executable that pass already compiled; the squared sums stay on device. The ranks go in
+    as host arrays (no compiled broadcast) and the final ratio is taken on the host in
+    float32 (one sync per candidate, one per batch while an early exit is possible).
+
+    Early exit (``budget``): the sum of squared differences only grows batch by batch, so once
+    it exceeds ``budget^2 ||Y||^2 (1 + 1e-5)`` the candidate is known to fail and the
+    remaining batches are skipped. The decision equals the full evaluation's (the margin
+    covers float32 rounding); the value kept is the partial ratio, a lower bound at or above
+    the budget, marked so that :meth:`exact` recomputes it if it is ever reported.
+    ``||Y||^2`` is summed once per layer.
+    """
+
+    _MARGIN = 1.0 + 1e-5
+
+    def __init__(
+        self, layer, lp, u_kq, u_v, *, cfg, attention, capture, d_k, d_v, kv_heads,
+        budget=None, host=None, **static,
+    ):  # fmt: skip
+        self.layer, self.lp, self.d_k, self.d_v, self.hk = layer, lp, d_k, d_v, kv_heads
+        self.static = static
+        # the CPU backend builds candidates on the host (no compilation, no copy), other
+        # backends with the jitted float32 _masked_layer (bases uploaded once per layer)
+        self.host = jax.default_backend() == "cpu" if host is None else host
+        if self.host:
+            self.u_kq, self.u_v = (np.asarray(u, np.float64) for u in (u_kq, u_v))
+        else:
+            self.u_kq, self.u_v = (jax.device_put(np.asarray(u, np.float32)) for u in (u_kq, u_v))
+        self.cfg, self.attention, self.capture, self.budget = cfg, attention, capture, budget
         self.seen: dict[tuple[int, int], float] = {}
+        self.partial: set[tuple[int, int]] = set()
         self.count = 0
+        self.batches = 0
+        self._den: np.float32 | None = None
 
-    def __call__(self, r_kq: int, r_v: int) -> float:
-        key = (min(r_kq, self.d_k), min(r_v, self.d_v))
-        if key == (self.d_k, self.d_v):
+    def _run(self, key: tuple[int, int], early: bool) -> tuple[float, bool]:
+        """The error of ``key``; ``(value, complete)``."""
+        layer = self.layer
+        ranks = [np.broadcast_to(np.asarray(r, np.int32), (self.hk,)) for r in key]
+        if self.host:
+            cand = _masked_layer_host(self.lp, self.u_kq, self.u_v, *ranks, **self.static)
+        else:
+            ranks = [jax.device_put(r) for r in ranks]
+            cand = _masked_layer(self.lp, self.u_kq, self.u_v, *ranks, **self.static)
+        ref, acc = layer.reference, jax.device_put(np.zeros((2,), np.float32))
+        if self._den is None:  # ||Y||^2 once per layer (the same compiled step, y2 = y)
+            zero = jax.device_put(np.zeros((2,), np.float32))
+            for b, batch in enumerate(layer.batches):
+                zero = _sq_sums(zero, ref.get(b), ref.get(b), batch.real)
+            self._den = np.asarray(zero)[1]
+        den = self._den
+        limit = (
+            np.float32(self.budget) ** 2 * den * np.float32(self._MARGIN)
+            if early and self.budget is not None and den is not None
+            else None
+        )
+        last = len(layer.batches) - 1
+        for b, batch in enumerate(layer.batches):
+            y2, _ = apply_layer(
+                self.cfg, cand, layer.inputs.get(b), layer.index, capture=self.capture,
+                attention=self.attention,
+            )  # fmt: skip
+            acc = _sq_sums(acc, y2, ref.get(b), batch.real)
+            self.batches += 1
+            if limit is not None and b < last and np.asarray(acc)[0] >= limit:
+                num = np.asarray(acc)[0]
+                return float(np.sqrt(num / den)), False
+        num = np.asarray(acc)[0]
+        return (float(np.sqrt(num / den)) if den > 0 else 0.0), True
+
+    def _key(self, r_kq, r_v) -> tuple:
+        """Per-head ranks clipped to the head widths; ints (uniform) stay ints."""
+
+        def clip(r, d):
+            return min(r, d) if isinstance(r, int | np.integer) else tuple(min(x, d) for x in r)
+
+        return clip(r_kq, self.d_k), clip(r_v, self.d_v)
+
+    def _dense(self, key) -> bool:
+        return all(
+            np.all(np.asarray(r) >= d) for r, d in zip(key, (self.d_k, self.d_v), strict=True)
+        )
+
+    def __call__(self, r_kq, r_v) -> float:
+        key = self._key(r_kq, r_v)
+        if self._dense(key):
             return 0.0
         if key not in self.seen:
-            ranks = (jnp.full((self.hk,), r, jnp.int32) for r in key)
-            cand = _masked_layer(self.lp, self.u_kq, self.u_v, *ranks, **self.static)
-            self.seen[key] = float(self.layer.relative_error(cand))
+            err, complete = self._run(key, early=True)
+            self.seen[key] = err
+            if not complete:
+                self.partial.add(key)
             self.count += 1
         return self.seen[key]
+
+    def exact(self, r_kq, r_v) -> float:
+        """The full error of a pair (recomputed if it was only bounded by an early exit)."""
+        key = self._key(r_kq, r_v)
+        if key in self.partial:
+            self.seen[key], _ = self._run(key, early=False)
+            self.partial.discard(key)
+        return self(*key)
 
 
 def threshold_grid(start: float, step: float, min_threshold: float):
@@ -461,12 +601,15 @@ def bisect_ranks(
 ) -> tuple[None, int, int, float]:
     """Smallest per-head ranks meeting ``budget`` by bisection on the ranks.
 
-    Three bisections, each over ranks whose error is assumed non-increasing in the rank
-    (the layer at full rank is exact): (1) a rank ``r`` shared by K and V in
-    ``[max(floors), max(d_k, d_v)]``; (2) K's rank in ``[floor_kq, r]`` with V at ``r``;
-    (3) V's rank in ``[floor_v, r]`` with K at the rank found. At most
-    ``3 ceil(log2 D)`` layer evaluations. The result is a pair where lowering either rank by
-    one (within its floor) breaks the budget.
+    Three searches, each over ranks whose error is assumed non-increasing in the rank
+    (the layer at full rank is exact): (1) a bisection for the smallest rank ``r`` shared by
+    K and V in ``[max(floors), max(d_k, d_v)]``, a floor above 1 probed first; (2) K's rank
+    in ``[floor_kq, r]`` with V at ``r``; (3) V's rank in ``[floor_v, r]`` with K at the rank
+    found. Searches (2) and (3) gallop down from ``r`` (probes ``r - 1, r - 3, r - 7, ...``,
+    then a bisection inside the first failing step): on llama-1m K's and V's ranks end at
+    ``r`` or just below it, so one or two evaluations settle them. The answers are the plain
+    bisection's. At most ``3 ceil(log2 D)`` layer evaluations, typically ``log2 D + 3``. The
+    result is a pair where lowering either rank by one (within its floor) breaks the budget.
 
     Args:
       evaluate: ``(r_kq, r_v)`` -> relative layer error; ``(d_k, d_v)`` must give 0.
@@ -496,9 +639,27 @@ def bisect_ranks(
     lo = max(floor_kq, floor_v)
     if lo >= d:
         return None, d_k, d_v, 0.0
-    r = smallest(lo, d, lambda r: ok(min(r, d_k), min(r, d_v)))
-    r_kq = smallest(min(floor_kq, d_k), min(r, d_k), lambda x: ok(x, min(r, d_v)))
-    r_v = smallest(min(floor_v, d_v), min(r, d_v), lambda x: ok(r_kq, x))
+
+    def smallest_from_top(lo: int, hi: int, passes: Callable[[int], bool]) -> int:
+        # the same answer as smallest(); K's and V's own ranks mostly sit at or just under
+        # the shared one, so gallop down from the top (hi - 1, hi - 3, hi - 7, ...) and
+        # bisect inside the first step that fails
+        step = 1
+        while hi - step >= lo:
+            if not passes(hi - step):
+                return smallest(hi - step + 1, hi, passes)
+            hi, step = hi - step, 2 * step
+        return smallest(lo, hi, passes)
+
+    # a floor above 1 (the Llama family's 45% of heads x D) is where the shared rank often
+    # ends (llama-1m layer 0): probe it first; a floor that fails mostly costs one batch
+    # (the evaluator's early exit), and the answer is the bisection's either way
+    if lo > 1 and ok(min(lo, d_k), min(lo, d_v)):
+        r = lo
+    else:
+        r = smallest(lo + 1 if lo > 1 else lo, d, lambda r: ok(min(r, d_k), min(r, d_v)))
+    r_kq = smallest_from_top(min(floor_kq, d_k), min(r, d_k), lambda x: ok(x, min(r, d_v)))
+    r_v = smallest_from_top(min(floor_v, d_v), min(r, d_v), lambda x: ok(r_kq, x))
     return None, r_kq, r_v, evaluate(r_kq, r_v)
 
 
@@ -566,6 +727,7 @@ def compress(
     reports: list[LayerReport] = []
     feat_paths = (lay.k, lay.v) if rope else (lay.k, lay.q, lay.v)
     capture = Capture(outputs="|".join(re.escape(p) for p in feat_paths))
+    attention = DEFAULT_ATTENTION  # candidates run on the statistics pass's executable
     # the next layer calibrates on the uncompressed outputs (Feed.ORIGINAL), as the reference
     stream = stream_layers(
         cfg,
@@ -574,6 +736,7 @@ def compress(
         batch_size=config.batch_size,
         offload_dir=config.offload_dir,
         feed=Feed.ORIGINAL,
+        attention=attention,
     )
     with contextlib.closing(stream):  # temp files go as soon as the loop ends or fails
         bar = tqdm(
@@ -595,42 +758,54 @@ def compress(
                 )
             d_k = int(kp["kernel"].shape[-1]) // hk
             d_v = int(vp["kernel"].shape[-1]) // hk
-            acc_kq = GroupedGram(n=n, avg_dim=config.avg_dim, heads=hk)
-            acc_v = GroupedGram(n=n, avg_dim=config.avg_dim, heads=hk)
+            acc_kq = GroupedGram(n=n, avg_dim=config.avg_dim, heads=hk, dtype=config.gram_dtype)
+            acc_v = GroupedGram(n=n, avg_dim=config.avg_dim, heads=hk, dtype=config.gram_dtype)
             for ob in layer.observe(capture):
                 outs = ob.captured["outputs"]
                 acc_kq.add((outs[lay.k],) if rope else (outs[lay.k], outs[lay.q]), ob.real)
                 acc_v.add((outs[lay.v],), ob.real)
+            g_kq = np.asarray(acc_kq.gram, np.float64)
             if config.reference_mode and rope:
                 # the reference's one K basis per layer: KV heads pooled as extra samples
-                u1, s_kq = core.head_bases(jnp.sum(acc_kq.gram, axis=0, keepdims=True))
-                u_kq = jnp.broadcast_to(u1, (hk, *u1.shape[1:]))
+                u1, s_kq = core.host_bases(g_kq.sum(axis=0, keepdims=True))
+                u_kq = np.broadcast_to(u1, (hk, *u1.shape[1:]))
             else:
-                u_kq, s_kq = core.head_bases(acc_kq.gram)
-            u_v, s_v = core.head_bases(acc_v.gram)
-            s_kq, s_v = np.asarray(s_kq), np.asarray(s_v)
+                u_kq, s_kq = core.host_bases(g_kq)
+            u_v, s_v = core.host_bases(acc_v.gram)
 
             def ranks(t, s_kq=s_kq, s_v=s_v, d_k=d_k, d_v=d_v):
+                if config.per_head_ranks:  # each head its own count (at least 1)
+                    return tuple(
+                        tuple(int(c) for c in np.clip(core.head_counts_below(sv, t), 1, dd))
+                        for sv, dd in ((s_kq, d_k), (s_v, d_v))
+                    )
                 return (
                     min(core.rank_for_threshold(s_kq, t), d_k),
                     min(core.rank_for_threshold(s_v, t), d_v),
                 )
 
+            def total(r):  # total rank over KV heads
+                return hk * r if isinstance(r, int | np.integer) else sum(r)
+
             def build(
                 r_kq, r_v, lp=lp, kp=kp, qp=qp, vp=vp, op=op, u_kq=u_kq, u_v=u_v, d_k=d_k, d_v=d_v
             ):
+                # per-head ranks: width = max over heads, columns past a head's rank zeroed
+                u_kq, w_kq = _head_masked(u_kq, r_kq)
+                u_v, w_v = _head_masked(u_v, r_v)
                 new = lp
-                if r_kq < d_k:
+                if np.any(np.asarray(r_kq) < d_k):
                     roles = [(lay.k, kp)] if rope else [(lay.k, kp), (lay.q, qp)]
                     for role, p in roles:
-                        new = _with(new, role, *_project(p["kernel"], p.get("bias"), u_kq, r_kq))
-                if r_v < d_v:
-                    new = _with(new, lay.v, *_project(vp["kernel"], vp.get("bias"), u_v, r_v))
-                    new = _with(new, lay.o, _fold_out(op["kernel"], u_v, hq, r_v), None)
+                        new = _with(new, role, *_project(p["kernel"], p.get("bias"), u_kq, w_kq))
+                if np.any(np.asarray(r_v) < d_v):
+                    new = _with(new, lay.v, *_project(vp["kernel"], vp.get("bias"), u_v, w_v))
+                    new = _with(new, lay.o, _fold_out(op["kernel"], u_v, hq, w_v), None)
                 return new
 
             evaluate = _Evaluator(
-                layer, lp, u_kq, u_v, d_k=d_k, d_v=d_v, kv_heads=hk, query_heads=hq,
+                layer, lp, u_kq, u_v, cfg=cfg, attention=attention, capture=capture,
+                d_k=d_k, d_v=d_v, kv_heads=hk, budget=config.error_budget, query_heads=hq,
                 kq_roles=(lay.k,) if rope else (lay.k, lay.q), v_role=lay.v, o_role=lay.o,
             )  # fmt: skip
             bound_kq = max(defaults.min_rank, defaults.min_rank_fraction * hk * d_k)
@@ -652,7 +827,7 @@ def compress(
                     step=config.threshold_step,
                     min_threshold=defaults.min_threshold,
                     bounds_ok=lambda r_kq, r_v, bk=bound_kq, bv=bound_v: (
-                        hk * r_kq > bk and hk * r_v > bv
+                        total(r_kq) > bk and total(r_v) > bv
                     ),
                     budget=config.error_budget,
                     reference=config.reference_mode,
@@ -661,9 +836,13 @@ def compress(
             t_best, r_kq, r_v, err = found
             if config.rank_search == "threshold" and t_best is None:
                 r_kq, r_v = d_k, d_v  # the first threshold failed: the layer stays dense
-            compressed = r_kq < d_k or r_v < d_v
+            compressed = bool(np.any(np.asarray(r_kq) < d_k) or np.any(np.asarray(r_v) < d_v))
+            if compressed:
+                err = evaluate.exact(r_kq, r_v)  # never an early-exit bound
             heads_kq = heads_v = None
-            if compressed and t_best is not None:  # what per-head ranks would keep (report)
+            if compressed and config.per_head_ranks:  # the true per-head counts
+                heads_kq, heads_v = tuple(r_kq), tuple(r_v)
+            elif compressed and t_best is not None:  # what per-head ranks would keep (report)
                 heads_kq, heads_v = (
                     tuple(
                         int(c)
@@ -684,8 +863,8 @@ def compress(
                 layer=i,
                 path=path,
                 threshold=t_best,
-                rank_kq=r_kq,
-                rank_v=r_v,
+                rank_kq=int(np.max(r_kq)),  # the stored (padded) width per head
+                rank_v=int(np.max(r_v)),
                 head_dim_kq=d_k,
                 head_dim_v=d_v,
                 kv_heads=hk,
@@ -716,6 +895,7 @@ def compress(
         params_after=count_params(flat_params),
         rank_search=config.rank_search,
         reference_mode=config.reference_mode,
+        per_head_ranks=config.per_head_ranks,
         model_layers=cfg.num_layers,
         model_kv_per_layer=hk * (d_model_k + d_model_v),
         compress_seconds=time.perf_counter() - t_start,

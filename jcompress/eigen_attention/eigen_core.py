@@ -27,6 +27,7 @@ __all__ = [
     "count_below_core",
     "head_gram",
     "head_bases",
+    "host_bases",
     "RANK_TOL",
     "cumulative_fractions",
     "head_counts_below",
@@ -100,6 +101,26 @@ head_gram = _calibration_head_gram
 
 head_bases = jax.jit(jax.vmap(basis_core))
 """``[heads, D, D]`` Gram matrices -> ``(u [heads, D, D], s [heads, D])``, all heads at once."""
+
+
+def host_bases(grams) -> tuple[np.ndarray, np.ndarray]:
+    """:data:`head_bases` in float64 on the host (``numpy.linalg.eigh``; what ``compress``
+    uses): ``[heads, D, D]`` Gram matrices (any float dtype, widened to float64) ->
+    ``(u [heads, D, D], s [heads, D])`` float64, columns by decreasing singular value, signs
+    as :func:`basis_core` (largest-|.| entry of each column positive).
+
+    A ``[D, D]`` eigendecomposition per head is cheap next to the calibration passes, and on
+    the host it costs no compilation and keeps the spectrum's tail at float64 accuracy (the
+    float32 ``eigh`` loses ~``eps32 * lambda_max`` absolute in every eigenvalue).
+    """
+    g = np.asarray(grams, np.float64)
+    g = 0.5 * (g + np.swapaxes(g, -1, -2))
+    w, v = np.linalg.eigh(g)
+    w, v = w[..., ::-1], v[..., ::-1]
+    idx = np.argmax(np.abs(v), axis=-2)  # [heads, D]: row of each column's largest |entry|
+    signs = np.sign(np.take_along_axis(v, idx[..., None, :], axis=-2))
+    v = v * np.where(signs == 0, 1.0, signs)
+    return v, np.sqrt(np.maximum(w, 0.0))
 
 
 def cumulative_fractions(s) -> np.ndarray:

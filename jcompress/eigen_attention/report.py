@@ -24,8 +24,10 @@ class LayerReport:
       seconds: wall time spent on this layer (statistics, bases, search, leaves).
       shared_k_basis: one K basis for all KV heads (``reference_mode`` on the Llama family).
       head_ranks_kq, head_ranks_v: per KV head, the rank the threshold rule gives that head
-        alone (the layer keeps the maximum over heads, the reference's rule); ``None``
-        without a threshold. :attr:`kv_after_per_head` is what per-head ranks would cache.
+        alone (the layer keeps the maximum over heads, the reference's rule, unless
+        ``per_head_ranks`` is set: then these are the ranks kept, ``rank_kq`` / ``rank_v``
+        the padded width); ``None`` without a threshold. :attr:`kv_after_per_head` is what
+        per-head ranks cache.
     """
 
     layer: int
@@ -86,6 +88,7 @@ class EigenReport:
     params_after: int = 0
     rank_search: str = "threshold"
     reference_mode: bool = False
+    per_head_ranks: bool = False
     model_layers: int = 0
     model_kv_per_layer: int = 0
     compress_seconds: float = 0.0
@@ -202,7 +205,13 @@ class EigenReport:
             f"{self.averaged_sequences} averaged sequences"
             + (f", {self.dropped_sequences} dropped" if self.dropped_sequences else ""),
         ]
-        if self.kv_cache_after_per_head < self.kv_cache_after:
+        if self.per_head_ranks:
+            notes.append(
+                f"per-head ranks: each head keeps its own count ({self.kv_cache_after_per_head} "
+                f"scalars/token of true rank; the leaves and the KV cache are padded to the "
+                f"max over heads, {self.kv_cache_after} scalars/token, the extra columns zero)"
+            )
+        elif self.kv_cache_after_per_head < self.kv_cache_after:
             notes.append(
                 f"per-head ranks (each head its own count at the layer's threshold) would cache "
                 f"{self.kv_cache_after_per_head} scalars/token instead of {self.kv_cache_after} "
