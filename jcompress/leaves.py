@@ -472,7 +472,9 @@ class HeadLowRank(Factored):
     latent a KV cache stores.
 
     Attributes:
-      a: ``[in, heads * r]`` projections onto each head's basis.
+      a: ``[in, heads * r]`` projections onto each head's basis: a dense array or a leaf
+        (e.g. a TT-matrix of it, ``jcompress.tucker``'s ``tucker_mps``), applied with
+        :func:`dot`.
       b: ``[heads, r, d]`` per-head maps back to the head width.
     """
 
@@ -511,7 +513,7 @@ class HeadLowRank(Factored):
         return (int(self.a.shape[0]), int(self.b.shape[0] * self.b.shape[2]))
 
     def down(self, x: jax.Array) -> jax.Array:
-        return jnp.matmul(x, self.a)
+        return dot(x, self.a)
 
     def up(self, z: jax.Array) -> jax.Array:
         h, r, d = self.b.shape
@@ -526,7 +528,7 @@ class HeadLowRank(Factored):
 
     def materialize(self) -> jax.Array:
         h, r, d = self.b.shape
-        a = self.a.reshape(self.a.shape[0], h, r)
+        a = _dense(self.a).reshape(self.a.shape[0], h, r)
         return jnp.einsum("ihr,hrd->ihd", a, self.b).reshape(self.a.shape[0], h * d)
 
 

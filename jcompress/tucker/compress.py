@@ -49,7 +49,7 @@ from jcompress.models.config import ModelConfig
 from jcompress.models.convert import flatten, unflatten
 from jcompress.models.families import spec_for
 from jcompress.models.params import count_params
-from jcompress.tucker.mps import compress_mps, plan_mps
+from jcompress.tucker.mps import MpsStep, compress_mps, plan_mps
 from jcompress.tucker.report import ProjectionReport, TuckerReport
 from jcompress.tucker.tucker_core import TTLinear, TuckerLinear, tt_linear, tucker_linear
 
@@ -85,11 +85,15 @@ class TuckerConfig:
 
     Attributes:
       variant: :class:`Variant` (or its value, ``"tt"`` / ``"tucker"`` / ``"tucker_mps"``).
-      mps_eps: ``tt`` energy rule in ``(0, 1]`` (1: exact up to rounding); used when
-        ``tt_ranks`` is not given.
-      tt_ranks: ``tt`` fixed bond ranks (``n_cores - 1`` positive ints), or ``None`` (use
-        ``mps_eps``). Each must fit the bond it sits on (checked per kernel before any work).
-      n_cores: ``tt`` number of cores (>= 2); modes by :func:`jcompress.decomp.factorize`.
+      mps_eps: ``tt`` / ``tucker_mps`` energy rule in ``(0, 1]`` (1: exact up to rounding);
+        used when ``tt_ranks`` is not given. ``tucker_mps`` applies it to the projected
+        weights ``a = W (I (x) P)`` (nested TT-matrix leaves); there ``mps_eps = 1`` keeps
+        ``a`` dense (an exact TT would only add parameters).
+      tt_ranks: ``tt`` / ``tucker_mps`` fixed bond ranks (``n_cores - 1`` positive ints), or
+        ``None`` (use ``mps_eps``). Each must fit the bond it sits on (checked per kernel,
+        or per projected weight, before any work).
+      n_cores: ``tt`` / ``tucker_mps`` number of cores (>= 2); modes by
+        :func:`jcompress.decomp.factorize`.
       hooi_ranks: ``tucker`` multilinear ranks ``(r_hidden, r_heads, r_head_dim)`` of every
         selected projection without its own setting below; each at most its mode size
         (checked per kernel before any work).
@@ -244,7 +248,7 @@ def check_fits(cfg: ModelConfig, config: TuckerConfig) -> None:
         roles: dict[str, set[str]] = {}
         for job in jobs:
             roles.setdefault(job.layer, set()).add(job.role)
-        plan_mps(cfg, roles, config.basis_ranks)
+        plan_mps(cfg, roles, config.basis_ranks, _mps_step(config))
     else:
         _plan(cfg, jobs, config)
 
@@ -285,8 +289,15 @@ def _weight_errors(jobs: list[_Job], leaves: dict[str, CompressedLeaf]) -> dict[
     return errs
 
 
+def _mps_step(config: TuckerConfig) -> MpsStep:
+    return MpsStep(eps=config.mps_eps, ranks=config.tt_ranks, n_cores=config.n_cores)
+
+
 def _ranks(leaf: CompressedLeaf) -> tuple[int, ...]:
-    if isinstance(leaf, HeadLowRank | HeadFoldedOut):
+    if isinstance(leaf, HeadLowRank):
+        # the per-head latent width, then the bond ranks of a TT-matrix ``a`` (tucker_mps)
+        return (leaf.rank, *(leaf.a.ranks[1:-1] if isinstance(leaf.a, TTLinear) else ()))
+    if isinstance(leaf, HeadFoldedOut):
         return (leaf.rank,)
     if isinstance(leaf, TTLinear):
         return leaf.ranks[1:-1]
@@ -358,13 +369,15 @@ def compress(
         roles: dict[str, set[str]] = {}
         for job in jobs:
             roles.setdefault(job.layer, set()).add(job.role)
-        plan = plan_mps(cfg, roles, config.basis_ranks)
+        mps = _mps_step(config)
+        plan = plan_mps(cfg, roles, config.basis_ranks, mps)
         done = compress_mps(
             params,
             cfg,
             calib,
             plan,
             basis_ranks=config.basis_ranks,
+            mps=mps,
             n_iter_max=config.hooi_iters,
             batch_size=config.batch_size,
             offload_dir=config.offload_dir,
@@ -429,7 +442,12 @@ def _layer_index(path: str) -> int:
 
 def _settings(config: TuckerConfig) -> dict[str, Any]:
     if config.variant is Variant.TUCKER_MPS:
-        return {"basis_ranks": list(config.basis_ranks), "hooi_iters": config.hooi_iters}
+        out = {"basis_ranks": list(config.basis_ranks), "hooi_iters": config.hooi_iters}
+        if config.tt_ranks is not None:
+            return {**out, "n_cores": config.n_cores, "tt_ranks": list(config.tt_ranks)}
+        if config.mps_eps < 1:
+            return {**out, "n_cores": config.n_cores, "mps_eps": config.mps_eps}
+        return out
     if config.variant is Variant.TUCKER:
         out: dict[str, Any] = {"hooi_ranks": list(config.hooi_ranks)}
         for role in ("q", "k", "v"):
