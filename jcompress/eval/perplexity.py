@@ -47,10 +47,17 @@ class PerplexityResult(NamedTuple):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "attention"))
 def window_nll(
-    cfg: ModelConfig, params: Any, ids: jax.Array, attention: Any = DEFAULT_ATTENTION
+    cfg: ModelConfig,
+    params: Any,
+    ids: jax.Array,
+    attention: Any = DEFAULT_ATTENTION,
+    attention_state: Any = None,
 ) -> jax.Array:
-    """Mean next-token NLL of each window: ``ids [B, L] -> [B]`` (float32)."""
-    logits = forward(cfg, params, ids, attention=attention).astype(jnp.float32)
+    """Mean next-token NLL of each window: ``ids [B, L] -> [B]`` (float32).
+    ``attention_state``: a pytree of arrays for the attention implementation (traced, as
+    for :func:`jcompress.forward`)."""
+    logits = forward(cfg, params, ids, attention=attention, attention_state=attention_state)
+    logits = logits.astype(jnp.float32)
     logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
     tok = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
     return -jnp.mean(tok, axis=-1)
@@ -103,6 +110,7 @@ def perplexity(
     progress: bool = True,
     allow_long: bool = False,
     attention: Any = DEFAULT_ATTENTION,
+    attention_state: Any = None,
 ) -> PerplexityResult:
     """Perplexity of a token stream.
 
@@ -116,6 +124,9 @@ def perplexity(
       progress: show a progress bar.
       allow_long: run a RoPE model beyond its trained positions without a warning.
       attention: attention implementation (as for :func:`jcompress.forward`).
+      attention_state: its state, e.g. tuned :class:`jcompress.sparge.SpargeParams` for
+        ``attention="block_sparse"`` (as for :func:`jcompress.forward`; traced, so new
+        thresholds reuse the compiled function).
 
     Returns:
       :class:`PerplexityResult`.
@@ -138,7 +149,8 @@ def perplexity(
     for b in tqdm(
         batches(windows, batch_size), desc=f"ppl L={seqlen}", disable=not progress, leave=False
     ):
-        nlls.append(np.asarray(window_nll(cfg, params, jnp.asarray(b.ids), attention))[: b.real])
+        nll = window_nll(cfg, params, jnp.asarray(b.ids), attention, attention_state)
+        nlls.append(np.asarray(nll)[: b.real])
     nll = np.concatenate(nlls).astype(np.float64)
     mean = float(nll.mean())
     return PerplexityResult(math.exp(mean), mean, n, seqlen, nll)
