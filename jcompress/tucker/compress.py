@@ -10,11 +10,14 @@ Variants (:class:`Variant`), data-free (issue #18, first increment):
   tensor ``[hidden, heads, head_dim]`` and decomposed by HOOI at multilinear ranks
   ``hooi_ranks`` (:class:`~jcompress.tucker.tucker_core.TuckerLinear`).
 
-Batching: kernels are decomposed one matrix at a time, each by one jit-compiled per-matrix
-function (static ranks; kernels of one shape compile once and reuse the cache). They are not
-stacked into one ``vmap``-ed call: a ``vmap``-ed HOOI (LAPACK ``eigh`` / ``qr`` inside a batched
-``lax.while_loop``) deadlocked XLA:CPU at 0% CPU in CI (see :mod:`jcompress.decomp.tucker_core`).
-``tt`` with ``mps_eps`` picks ranks from each matrix's singular values on the host anyway.
+Batching: with fixed ranks (``tucker``; ``tt`` with ``tt_ranks``) the kernels of one shape and
+rank setting (e.g. every layer's k_proj) are stacked and decomposed in one jit-compiled call,
+``jax.lax.map`` of the per-matrix decomposition over the stack (:func:`_mapped`): one dispatch
+and one compilation per group, each item exactly the per-matrix computation. Not ``vmap``: a
+``vmap``-ed HOOI batches LAPACK ``eigh`` / ``qr`` inside a batched ``lax.while_loop``, and such
+a graph deadlocked XLA:CPU at 0% CPU in CI (see :mod:`jcompress.decomp.tucker_core`);
+``lax.map`` keeps every custom call unbatched. ``tt`` with ``mps_eps`` picks ranks from each
+matrix's singular values on the host, so it runs one matrix at a time.
 
 Neither leaf is :class:`jcompress.leaves.Factored`, so a compressed k/v projection does not
 shrink the KV cache: the forward pass caches the full pre-RoPE k/v it computes with
@@ -29,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import functools
 import math
 import numbers
 import warnings
@@ -253,29 +257,42 @@ def check_fits(cfg: ModelConfig, config: TuckerConfig) -> None:
         _plan(cfg, jobs, config)
 
 
-def _decompose(cfg: ModelConfig, jobs: list[_Job], config: TuckerConfig, progress: bool):
-    """``{path: leaf}``, one matrix at a time.
+@functools.partial(jax.jit, static_argnames=("settings",))
+def _mapped(ws: jax.Array, settings: tuple) -> CompressedLeaf:
+    """``ws [L, in, out]`` -> one leaf with stacked children: ``lax.map`` of the per-matrix
+    decomposition (fixed ranks), so the stack compiles once and every LAPACK call stays
+    unbatched (module docstring, "Batching")."""
+    if settings[0] == "tt":
+        _, n_cores, ranks = settings
+        return jax.lax.map(lambda w: tt_linear(w, n_cores=n_cores, ranks=ranks), ws)
+    _, head_dim, ranks, iters = settings
+    return jax.lax.map(
+        lambda w: tucker_linear(w, head_dim=head_dim, ranks=ranks, n_iter_max=iters), ws
+    )
 
-    Each call is one jit-compiled per-matrix function (``_hooi`` / the fixed-rank TT-SVD are
-    jitted with static ranks), so kernels of one shape compile once and reuse the cache. The
-    kernels are deliberately *not* stacked into one ``vmap``-ed call: a ``vmap``-ed HOOI
-    (LAPACK ``eigh`` / ``qr`` custom calls inside a batched ``lax.while_loop``) was seen to
-    deadlock XLA:CPU at 0% CPU under load (see :mod:`jcompress.decomp.tucker_core`, "Batching").
-    """
+
+def _decompose(cfg: ModelConfig, jobs: list[_Job], config: TuckerConfig, progress: bool):
+    """``{path: leaf}``: one :func:`_mapped` call per group of kernels with the same shape,
+    dtype and ranks (fixed ranks), or one matrix at a time (``tt`` with ``mps_eps``)."""
     out: dict[str, CompressedLeaf] = {}
-    bar = tqdm(jobs, desc=config.variant.value, disable=not progress, leave=False)
-    for job in bar:
-        if config.variant is Variant.TUCKER:
-            out[job.path] = tucker_linear(
-                job.kernel,
-                head_dim=cfg.head_dim,
-                ranks=_hooi_ranks(config, job.role),
-                n_iter_max=config.hooi_iters,
-            )
-        elif config.tt_ranks is not None:
-            out[job.path] = tt_linear(job.kernel, n_cores=config.n_cores, ranks=config.tt_ranks)
-        else:
+    if config.variant is Variant.TT and config.tt_ranks is None:
+        bar = tqdm(jobs, desc=config.variant.value, disable=not progress, leave=False)
+        for job in bar:
             out[job.path] = tt_linear(job.kernel, n_cores=config.n_cores, eps=config.mps_eps)
+        return out
+    groups: dict[tuple, list[_Job]] = {}
+    for job in jobs:
+        if config.variant is Variant.TUCKER:
+            settings = ("tucker", cfg.head_dim, _hooi_ranks(config, job.role), config.hooi_iters)
+        else:
+            settings = ("tt", config.n_cores, config.tt_ranks)
+        key = (tuple(job.kernel.shape), jnp.dtype(job.kernel.dtype), settings)
+        groups.setdefault(key, []).append(job)
+    bar = tqdm(groups.items(), desc=config.variant.value, disable=not progress, leave=False)
+    for (_, _, settings), group in bar:
+        stacked = _mapped(jnp.stack([jnp.asarray(job.kernel) for job in group]), settings)
+        for i, job in enumerate(group):
+            out[job.path] = jax.tree.map(lambda a, i=i: a[i], stacked)
     return out
 
 
