@@ -4,8 +4,9 @@ Row ``tucker_mps_opt125m_shape``: whole-model ``jcompress.tucker.compress(varian
 (every layer's K/Q/V: streamed output covariances, HOOI Kronecker bases, projections, o_proj
 folds, layer output errors) on a random OPT-125m-shaped model, against the dense forward of the
 same calibration windows through every layer (``jcompress.forward``, the cost floor any
-calibrated method pays). ``python -m bench.tucker`` prints the README table instead (seed
-settings on opt-1m and llama-1m, EigenAttention at a matched KV budget beside them).
+calibrated method pays). ``python -m bench.tucker [--mps-step-only] [OUT.json]`` prints the
+README table instead (seed settings on opt-1m and llama-1m, EigenAttention at a matched KV
+budget beside them; ``--mps-step-only``: only the ``tucker_mps`` rows).
 
 Heavy imports happen inside the side functions, in the process being measured.
 """
@@ -52,7 +53,8 @@ def mps_side(shape: dict[str, int], nsamples: int, seqlen: int, repeats: int, ba
     from jcompress.tucker import TuckerConfig, compress
 
     cfg, params, ids = _setup(shape, nsamples, seqlen)
-    config = TuckerConfig(variant="tucker_mps", basis_ranks=tuple(basis), batch_size=4)
+    config = TuckerConfig(variant="tucker_mps", basis_ranks=tuple(basis), batch_size=4,
+                          mps_eps=0.99)  # fmt: skip
     t0 = time.perf_counter()
     out, rep = compress(params, cfg, ids, config=config, progress=False)
     jax.block_until_ready(out)
@@ -111,8 +113,9 @@ def _register(name: str, **kw):
     "tucker_mps_opt125m_shape",
     metric="s",
     higher_is_better=False,
-    doc="whole-model tucker_mps (basis ranks [4, 4] of head_dim 64 = 8x8, i.e. r = 16) on a "
-    "random OPT-125m-shaped model vs the dense forward of the same calibration windows",
+    doc="whole-model tucker_mps (basis ranks [4, 4] of head_dim 64 = 8x8, i.e. r = 16; the MPS "
+    "step at mps_eps 0.99) on a random OPT-125m-shaped model vs the dense forward of the same "
+    "calibration windows",
 )
 def tucker_mps_opt125m_shape(ctx: Context) -> dict[str, Any]:
     layers = ctx.pick(full=12, quick=2, dry=1)
@@ -151,9 +154,19 @@ def _clip(ranks, heads_q, heads_kv, hidden, head_dim):
     return fit(heads_q), fit(heads_kv)
 
 
-def seed_table(shared: Path, nsamples: int = 16, seqlen: int = 256, windows: int = 16) -> str:
+def seed_table(
+    shared: Path,
+    nsamples: int = 16,
+    seqlen: int = 256,
+    windows: int = 16,
+    *,
+    mps_step_only: bool = False,
+) -> str:
     """The seed's three settings per variant on opt-1m and llama-1m, plus EigenAttention at a
-    matched KV budget; markdown rows (measured now, on this machine)."""
+    matched KV budget; markdown rows (measured now, on this machine). ``tucker_mps`` rows
+    come without the MPS step (``mps_eps=1``: dense projected weights), then with it at the
+    seed's three ``mps_eps`` on the first basis. ``mps_step_only``: only the ``tucker_mps``
+    rows (no tt / tucker / EigenAttention)."""
     import warnings
 
     import numpy as np
@@ -197,6 +210,8 @@ def seed_table(shared: Path, nsamples: int = 16, seqlen: int = 256, windows: int
             print(rows[-1], file=sys.stderr, flush=True)
 
         for eps, ranks in ((0.99, (6, 6, 8)), (0.95, (5, 5, 6)), (0.90, (4, 4, 5))):
+            if mps_step_only:
+                break
             out, rep = compress(
                 params, cfg, calib, config=TuckerConfig(variant="tt", mps_eps=eps), progress=False
             )
@@ -211,11 +226,20 @@ def seed_table(shared: Path, nsamples: int = 16, seqlen: int = 256, windows: int
             )
             row("tucker", label, rep, out)
         modes = {32: [(4, 4), (4, 2)], 16: [(4, 2), (2, 2)]}[cfg.head_dim]
+        for eps in (0.99, 0.95, 0.90):  # the MPS step on the projected weights
+            basis = modes[0]
+            config = TuckerConfig(variant="tucker_mps", basis_ranks=basis, mps_eps=eps)
+            out, rep = compress(params, cfg, calib, config=config, progress=False)
+            r = int(np.prod(basis))
+            label = f"basis_ranks={list(basis)} (r={r}/{cfg.head_dim}), mps_eps={eps}"
+            row("tucker_mps", label, rep, out)
         for basis in modes:
-            config = TuckerConfig(variant="tucker_mps", basis_ranks=basis)
+            config = TuckerConfig(variant="tucker_mps", basis_ranks=basis, mps_eps=1.0)
             out, rep = compress(params, cfg, calib, config=config, progress=False)
             r = int(np.prod(basis))
             row("tucker_mps", f"basis_ranks={list(basis)} (r={r}/{cfg.head_dim})", rep, out)
+            if mps_step_only:
+                break
             # EigenAttention at the same KV budget: per-head rank bounded to r by min_rank, a
             # fine threshold walk, an error budget that never binds
             ecfg = EigenAttentionConfig(
@@ -273,9 +297,13 @@ def shape_table(layers: int = 12, nsamples: int = 4, seqlen: int = 128) -> str:
                           progress=False)  # fmt: skip
         row("tucker", f"hooi_ranks={list(ranks)}", rep)
     for basis in ((8, 4), (4, 4)):
-        config = TuckerConfig(variant="tucker_mps", basis_ranks=basis, batch_size=4)
+        config = TuckerConfig(variant="tucker_mps", basis_ranks=basis, batch_size=4, mps_eps=1.0)
         _, rep = compress(params, cfg, ids, config=config, progress=False)
         row("tucker_mps", f"basis_ranks={list(basis)} (r={int(np.prod(basis))}/64)", rep)
+    for eps in (0.99, 0.95, 0.90):  # the MPS step on the projected weights
+        config = TuckerConfig(variant="tucker_mps", basis_ranks=(8, 4), batch_size=4, mps_eps=eps)
+        _, rep = compress(params, cfg, ids, config=config, progress=False)
+        row("tucker_mps", f"basis_ranks=[8, 4] (r=32/64), mps_eps={eps}", rep)
     return "\n".join(rows)
 
 
@@ -295,7 +323,9 @@ if __name__ == "__main__":
             "JCOMPRESS_SHARED_DATA", Path(__file__).parents[1].parent / "shared" / "data"
         )
     )
-    table = seed_table(root)
+    only = "--mps-step-only" in sys.argv
+    sys.argv = [a for a in sys.argv if a != "--mps-step-only"]
+    table = seed_table(root, mps_step_only=only)
     print(table)
     if len(sys.argv) > 1:
         Path(sys.argv[1]).write_text(json.dumps({"table": table}))

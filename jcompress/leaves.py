@@ -472,7 +472,9 @@ class HeadLowRank(Factored):
     latent a KV cache stores.
 
     Attributes:
-      a: ``[in, heads * r]`` projections onto each head's basis.
+      a: ``[in, heads * r]`` projections onto each head's basis: a dense array or a leaf
+        (e.g. a TT-matrix of it, ``jcompress.tucker``'s ``tucker_mps``), applied with
+        :func:`dot`.
       b: ``[heads, r, d]`` per-head maps back to the head width.
     """
 

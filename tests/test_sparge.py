@@ -322,6 +322,41 @@ def test_model_prefill_equals_decode(llama):
     np.testing.assert_allclose(np.concatenate(outs, 1), full, atol=2e-4)
 
 
+def test_perplexity_takes_the_thresholds_as_attention_state(llama):
+    """perplexity(attention="block_sparse", attention_state=params) == the window NLLs computed
+    from forward's logits under the same state (numpy log-softmax); two states, one compile."""
+    from jcompress.eval import perplexity
+    from jcompress.eval.perplexity import window_nll
+
+    cfg, params = llama
+    impl = sparge.BlockSparse(block_q=8, block_k=8, implementation="xla")
+    ids = np.random.default_rng(3).integers(0, cfg.vocab_size, 3 * 24).astype(np.int32)
+    loose = sparge.SpargeParams.create(cfg.num_layers, cfg.num_heads, simthreshd1=-1.0,
+                                       cdfthreshd=0.3)  # fmt: skip
+    full = sparge.SpargeParams.create(cfg.num_layers, cfg.num_heads, simthreshd1=-1.0,
+                                      cdfthreshd=1.0, pvthreshd=1e9)  # fmt: skip
+    got = {}
+    for name, state in (("loose", loose), ("full", full)):
+        res = perplexity(cfg, params, ids, seqlen=24, batch_size=3, progress=False,
+                         attention=impl, attention_state=state)  # fmt: skip
+        logits = np.asarray(jcompress.forward(cfg, params, ids.reshape(3, 24), attention=impl,
+                                              attention_state=state), np.float64)  # fmt: skip
+        logp = logits[:, :-1] - np.log(np.exp(logits[:, :-1]).sum(-1, keepdims=True))
+        nll = -np.take_along_axis(logp, ids.reshape(3, 24)[:, 1:, None], -1)[..., 0].mean(-1)
+        np.testing.assert_allclose(res.nlls, nll, rtol=1e-5)
+        assert res.ppl == pytest.approx(np.exp(nll.mean()), rel=1e-5)
+        got[name] = res.ppl
+    dense = perplexity(cfg, params, ids, seqlen=24, batch_size=3, progress=False).ppl
+    assert got["full"] == pytest.approx(dense, rel=1e-5)  # keep-everything == dense
+    assert abs(got["loose"] - dense) > 1e-4 * dense  # the state is really used
+    if hasattr(window_nll, "_cache_size"):  # the thresholds are traced: no recompile
+        before = window_nll._cache_size()
+        perplexity(cfg, params, ids, seqlen=24, batch_size=3, progress=False, attention=impl,
+                   attention_state=sparge.SpargeParams.create(cfg.num_layers, cfg.num_heads,
+                                                              cdfthreshd=0.5))  # fmt: skip
+        assert window_nll._cache_size() == before
+
+
 @pytest.fixture(scope="module", params=NAMES)
 def tiny(request, tmp_path_factory):
     name = request.param

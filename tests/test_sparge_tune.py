@@ -39,6 +39,31 @@ def tuned(llama, windows):
     return T.tune(cfg, params, windows, config, progress=False)
 
 
+def test_layer_qkv_are_the_attention_inputs(llama, windows):
+    """The q/k/v the tuner captures (``self_attn/core``) reproduce, through a numpy causal GQA
+    softmax attention, the input of o_proj that the model's own forward captures."""
+    from jcompress.models.forward import Capture
+
+    cfg, params = llama
+    got = dict(T.layer_qkv(cfg, params, windows[:, :32], batch_size=2))
+    assert sorted(got) == list(range(cfg.num_layers))
+    li = cfg.num_layers - 1
+    o_proj = f"model/layers/{li}/self_attn/o_proj"
+    _, cap = jcompress.forward(cfg, params, windows[:, :32], capture=Capture(inputs=o_proj))
+    want = np.asarray(cap["inputs"][o_proj], np.float64)
+    ((q, k, v, valid, scale),) = got[li]
+    assert q.shape == (2, 32, cfg.num_heads, cfg.head_dim) and valid.all()
+    assert k.shape == v.shape == (2, 32, cfg.num_kv_heads, cfg.head_dim)
+    g = cfg.num_heads // cfg.num_kv_heads
+    k, v = (np.repeat(np.asarray(a, np.float64), g, axis=2) for a in (k, v))
+    s = np.einsum("bthd,bshd->bhts", np.asarray(q, np.float64), k) * scale
+    s = np.where(np.tril(np.ones((32, 32), bool)), s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    o = np.einsum("bhts,bshd->bthd", p / p.sum(-1, keepdims=True), v).reshape(want.shape)
+    np.testing.assert_allclose(o, want, atol=2e-5, rtol=1e-4)
+    assert scale == pytest.approx(cfg.head_dim**-0.5)
+
+
 def test_tuned_heads_meet_bound_by_independent_path(llama, windows, tuned):
     cfg, params = llama
     p, report = tuned

@@ -7,6 +7,8 @@ output error.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,7 +88,8 @@ def _llama():
 @pytest.fixture(scope="module")
 def opt_done():
     cfg, params = _opt()
-    config = TuckerConfig(variant="tucker_mps", basis_ranks=(2, 3), batch_size=4)
+    # mps_eps = 1: the projected weights stay dense (the TT step is tested on its own below)
+    config = TuckerConfig(variant="tucker_mps", basis_ranks=(2, 3), batch_size=4, mps_eps=1.0)
     out, rep = compress(params, cfg, CALIB, config=config, progress=False)
     return cfg, params, out, rep
 
@@ -158,7 +161,8 @@ def test_full_basis_reproduces_the_model_and_llama_gqa():
     cfg, params = _opt()
     out, rep = compress(
         params, cfg, CALIB,
-        config=TuckerConfig(variant="tucker_mps", basis_ranks=(4, 4)), progress=False,
+        config=TuckerConfig(variant="tucker_mps", basis_ranks=(4, 4), mps_eps=1.0),
+        progress=False,
     )  # fmt: skip
     np.testing.assert_allclose(
         jcompress.forward(cfg, out, CALIB), jcompress.forward(cfg, params, CALIB), atol=2e-5
@@ -167,7 +171,8 @@ def test_full_basis_reproduces_the_model_and_llama_gqa():
     cfg, params = _llama()
     out, rep = compress(
         params, cfg, CALIB,
-        config=TuckerConfig(variant="tucker_mps", basis_ranks=(2, 2)), progress=False,
+        config=TuckerConfig(variant="tucker_mps", basis_ranks=(2, 2), mps_eps=1.0),
+        progress=False,
     )  # fmt: skip
     f = flatten(out)
     assert not isinstance(f["model/layers/0/self_attn/q_proj/kernel"], HeadLowRank)
@@ -201,3 +206,160 @@ def test_bad_input_is_one_line_before_work():
         assert "\n" not in str(e.value)
     with pytest.raises(UserError, match=r"^basis_ranks: expected positive integers"):
         TuckerConfig(variant="tucker_mps", basis_ranks=(2, 0))
+
+
+# --------------------------------------------------------------------------- the MPS step
+
+
+def _np_tt_matrix(w: np.ndarray, in_modes, out_modes, eps: float) -> tuple[np.ndarray, list]:
+    """numpy TT-SVD oracle of the MPO of ``w [in, out]`` with the energy rule: per unfolding
+    the fewest singular values whose squared sum reaches ``eps`` of the total (float64 SVDs).
+    Returns ``(the reconstructed [in, out] matrix, bond ranks)``."""
+    w = np.asarray(w, np.float64)
+    d = len(in_modes)
+    merged = [m * n for m, n in zip(in_modes, out_modes, strict=True)]
+    t = w.reshape(*in_modes, *out_modes).transpose([x for k in range(d) for x in (k, d + k)])
+    c, r, cores, ranks = t.reshape(merged), 1, [], []
+    for k in range(d - 1):
+        u, s, vt = np.linalg.svd(c.reshape(r * merged[k], -1), full_matrices=False)
+        frac = np.cumsum(s**2) / np.sum(s**2)
+        rk = int(np.argmax(frac >= eps - 1e-12)) + 1
+        cores.append(u[:, :rk].reshape(r, merged[k], rk))
+        c, r = s[:rk, None] * vt[:rk], rk
+        ranks.append(rk)
+    cores.append(c.reshape(r, merged[-1], 1))
+    full = cores[0]
+    for core in cores[1:]:
+        full = np.tensordot(full, core, axes=([-1], [0]))
+    full = full.reshape([x for k in range(d) for x in (in_modes[k], out_modes[k])])
+    full = full.transpose([2 * k for k in range(d)] + [2 * k + 1 for k in range(d)])
+    return full.reshape(w.shape), ranks
+
+
+@pytest.fixture(scope="module")
+def opt_mps(opt_done):
+    """The opt model of ``opt_done`` (dense ``a``) again with the MPS step at eps 0.9."""
+    cfg, params, dense, _ = opt_done
+    config = TuckerConfig(
+        variant="tucker_mps", basis_ranks=(2, 3), batch_size=4, mps_eps=0.9, n_cores=3
+    )
+    out, rep = compress(params, cfg, CALIB, config=config, progress=False)
+    return cfg, params, dense, out, rep
+
+
+def test_mps_step_is_tt_svd_of_the_projected_weight(opt_mps):
+    """With mps_eps < 1 each projection's ``a = W (I (x) P)`` becomes a nested TT-matrix
+    (numpy TT-SVD oracle at the same eps); the bases, biases, o_proj fold and the latent KV
+    cache are those of the dense-``a`` run."""
+    from jcompress.decomp import factorize
+    from jcompress.tucker import TTLinear
+
+    cfg, params, dense, out, rep = opt_mps
+    fd, fm = flatten(dense), flatten(out)
+    pre = "model/decoder/layers/0/self_attn"
+    for role in ("k_proj", "q_proj", "v_proj"):
+        leaf, ref = fm[f"{pre}/{role}/kernel"], fd[f"{pre}/{role}/kernel"]
+        assert isinstance(leaf, HeadLowRank) and isinstance(leaf.a, TTLinear)
+        assert not isinstance(ref.a, TTLinear) and leaf.shape == ref.shape == (32, 32)
+        np.testing.assert_array_equal(leaf.b, ref.b)  # same basis
+        np.testing.assert_array_equal(fm[f"{pre}/{role}/bias"], fd[f"{pre}/{role}/bias"])
+        a = np.asarray(ref.a, np.float64)  # [32, 2 heads * 6]
+        want, ranks = _np_tt_matrix(a, factorize(32, 3), factorize(12, 3), 0.9)
+        assert leaf.a.ranks == (1, *ranks, 1)
+        assert len(leaf.a.cores) == 3 and leaf.a.shape == (32, 12)
+        got = np.asarray(materialize(leaf.a), np.float64)
+        np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(a).max())
+        # the energy bound of TT-SVD: ||a - a_tt||^2 <= (d - 1)(1 - eps) ||a||^2
+        assert np.sum((got - a) ** 2) <= 2 * 0.1 * np.sum(a**2) * (1 + 1e-4)
+        # apply contracts the cores (== the materialized product)
+        x = np.random.default_rng(0).normal(size=(3, 32)).astype(np.float32)
+        np.testing.assert_allclose(leaf.apply(x), x @ np.asarray(materialize(leaf)), atol=1e-4)
+        p = next(p for p in rep.projections if p.path == f"{pre}/{role}")
+        assert p.ranks == (6, *ranks) and p.params_after == leaf.num_params
+        assert leaf.num_params == sum(c.size for c in leaf.a.cores) + leaf.b.size
+    assert fm[f"{pre}/out_proj/kernel"].ut.shape == fd[f"{pre}/out_proj/kernel"].ut.shape
+    assert rep.kv_cache_after == 24 and rep.settings["mps_eps"] == 0.9
+    # the reported layer output error is that of the whole projection, TT included
+    cap = Capture(outputs=r"model/decoder/layers/0")
+    _, c0 = jcompress.forward(cfg, params, CALIB, capture=cap)
+    _, c1 = jcompress.forward(cfg, out, CALIB, capture=cap)
+    y0 = np.asarray(c0["outputs"]["model/decoder/layers/0"], np.float64)
+    y1 = np.asarray(c1["outputs"]["model/decoder/layers/0"], np.float64)
+    (_, err), = rep.layer_errors  # fmt: skip
+    assert err == pytest.approx(np.linalg.norm(y1 - y0) / np.linalg.norm(y0), rel=1e-3)
+
+
+def test_mps_forward_on_nested_leaves_and_checkpoints(opt_mps, tmp_path):
+    """Forward on the nested leaves == on the materialized weights; both checkpoint formats
+    restore the nested TT-matrix bit-exactly; the dense HF export stands for the same model."""
+    cfg, _, _, out, _ = opt_mps
+    want = jcompress.forward(cfg, out, CALIB)
+    np.testing.assert_allclose(want, jcompress.forward(cfg, materialize(out), CALIB), atol=1e-5)
+
+    def same(a, b):
+        fa, fb = flatten(a), flatten(b)
+        assert fa.keys() == fb.keys()
+        for k in fa:
+            assert type(fa[k]) is type(fb[k]), k
+            if isinstance(fa[k], HeadLowRank):
+                assert type(fa[k].a) is type(fb[k].a), k
+            la, lb = jax.tree.leaves(fa[k]), jax.tree.leaves(fb[k])
+            assert len(la) == len(lb)
+            for x, y in zip(la, lb, strict=True):
+                assert x.dtype == y.dtype and x.shape == y.shape
+                np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+    from jcompress import checkpoint
+
+    checkpoint.save(tmp_path / "ckpt", cfg, out)
+    same(out, checkpoint.restore(tmp_path / "ckpt")[1])
+    import transformers
+
+    hf = transformers.OPTConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, ffn_dim=48,
+        max_position_embeddings=32, word_embed_proj_dim=32, activation_function="relu",
+    ).to_dict()  # fmt: skip
+    cfg = dataclasses.replace(cfg, hf_config=hf)  # config.json for save_hf
+    jcompress.save_hf(cfg, out, tmp_path / "hf", factors=True)
+    cfg_back, back = jcompress.load_hf(tmp_path / "hf")
+    ids_unset = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    assert dataclasses.replace(cfg_back, **ids_unset) == cfg
+    same(out, back)
+    np.testing.assert_array_equal(jcompress.forward(cfg, back, CALIB), want)
+    jcompress.save_hf(cfg, out, tmp_path / "dense")
+    _, dense = jcompress.load_hf(tmp_path / "dense")
+    np.testing.assert_allclose(jcompress.forward(cfg, dense, CALIB), want, atol=1e-5)
+
+
+def test_mps_fixed_ranks_gqa_latent_cache_decode():
+    """Llama (RoPE, GQA 4/2) with fixed TT ranks on the projected k/v weights: the KV cache
+    holds the rank-r latents (``down`` contracts the TT cores) and prefill + one-token decode
+    steps give the full forward's logits."""
+    from jcompress.models.forward import forward_cached, init_cache
+    from jcompress.tucker import TTLinear
+
+    cfg, params = _llama()
+    config = TuckerConfig(variant="tucker_mps", basis_ranks=(2, 2), tt_ranks=(3,), n_cores=2)
+    out, rep = compress(params, cfg, CALIB[:2], config=config, progress=False)
+    f = flatten(out)
+    for i in range(2):
+        for role in ("k_proj", "v_proj"):
+            leaf = f[f"model/layers/{i}/self_attn/{role}/kernel"]
+            assert isinstance(leaf.a, TTLinear) and leaf.a.ranks == (1, 3, 1)
+    assert rep.kv_cache_after == 2 * 2 * (4 + 4) and rep.settings["tt_ranks"] == [3]
+    ids = CALIB[:2]
+    full = jcompress.forward(cfg, out, ids)
+    np.testing.assert_allclose(full, jcompress.forward(cfg, materialize(out), ids), atol=5e-5)
+    cache = init_cache(cfg, out, 2, ids.shape[1])
+    assert all(c.shape == (2, ids.shape[1], 8) for c in cache.k + cache.v)
+    mask = np.ones((2, 10), bool)
+    logits, cache = forward_cached(cfg, out, ids[:, :10], mask, cache)
+    steps = [logits]
+    for t in range(10, ids.shape[1]):
+        step, cache = forward_cached(cfg, out, ids[:, t : t + 1], mask[:, :1], cache)
+        steps.append(step)
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=5e-5, rtol=1e-5)
+    # a fixed rank that does not fit the projected weight: one line before any work
+    bad = TuckerConfig(variant="tucker_mps", basis_ranks=(2, 2), tt_ranks=(99,), n_cores=2)
+    with pytest.raises(UserError, match=r"^tt_ranks: .* for the projected weight of k/v_proj"):
+        compress(params, cfg, CALIB, config=bad, progress=False)

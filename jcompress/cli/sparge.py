@@ -141,12 +141,14 @@ def run_eval(args: argparse.Namespace) -> int:
     untuned = SpargeParams.create(cfg.num_layers, cfg.num_heads)
     kw = dict(seqlen=args.seqlen, max_windows=args.max_windows, batch_size=args.batch_size)
     rows = {}
-    for name, att in (
-        ("dense", "dense"),
-        ("tuned", BlockSparse.baked(tuned, block_q=bq, block_k=bk, implementation="xla")),
-        ("untuned", BlockSparse.baked(untuned, block_q=bq, block_k=bk, implementation="xla")),
+    sparse = BlockSparse(block_q=bq, block_k=bk, implementation="xla")
+    for name, att, state in (
+        ("dense", "dense", None),
+        ("tuned", sparse, tuned),
+        ("untuned", sparse, untuned),
     ):
-        rows[name] = float(perplexity(cfg, params, ids, attention=att, **kw).ppl)
+        ppl = perplexity(cfg, params, ids, attention=att, attention_state=state, **kw)
+        rows[name] = float(ppl.ppl)
     windows = eval_windows(ids, args.seqlen, args.max_windows)
     ev = {name: evaluate(cfg, params, windows, p, block_q=bq, block_k=bk,
                          batch_size=args.batch_size)

@@ -123,9 +123,9 @@ class ChainReport:
       attention_state: the attention setting an attention step tuned
         (:class:`jcompress.sparge.SpargeParams`; ``None`` when there is none). Pass it as
         ``forward(..., attention="block_sparse", attention_state=...)``.
-      attention: the attention implementation carrying it as constants
-        (``BlockSparse.baked(...)`` with the tuned block sizes), as the perplexity after the
-        step was measured: ``forward(..., attention=report.attention)``.
+      attention: the attention implementation the perplexity after the step was measured
+        with (``BlockSparse`` with the tuned block sizes):
+        ``forward(..., attention=report.attention, attention_state=report.attention_state)``.
       extra: what the caller adds (model path, data files, ...).
     """
 
@@ -328,10 +328,10 @@ class Chain:
                 raise UserError(f"calib: step {i} ({s.method}) needs calibration token ids")
         plans = _plan_steps(self.steps, params, cfg)
 
-        def ppl(p, attention=None):
+        def ppl(p, attention=None, state=None):
             if eval_ids is None:
                 return None
-            kw = {} if attention is None else {"attention": attention}
+            kw = {} if attention is None else {"attention": attention, "attention_state": state}
             return perplexity(
                 cfg, p, eval_ids, seqlen=eval_seqlen, max_windows=eval_max_windows,
                 progress=False, **kw,
@@ -356,7 +356,7 @@ class Chain:
             records.append(
                 StepRecord(
                     i, s.method, step_to_json(s), out.report, secs,
-                    model_sizes(cfg, params), ppl(params, attention),
+                    model_sizes(cfg, params), ppl(params, attention, state),
                 )
             )  # fmt: skip
         return params, ChainReport(before, tuple(records), ppl_before, state, attention)

@@ -324,7 +324,7 @@ def _run_sparge(params, cfg, calib, config, *, progress, original):
     from jcompress.sparge.api import BlockSparse
 
     state, report = tune(cfg, params, calib, config, progress=progress)
-    attention = BlockSparse.baked(state, block_q=config.block_q, block_k=config.block_k)
+    attention = BlockSparse(block_q=config.block_q, block_k=config.block_k)
     return StepOutput(params, report, state, attention)
 
 

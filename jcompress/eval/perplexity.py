@@ -48,10 +48,17 @@ class PerplexityResult(NamedTuple):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "attention"))
 def window_nll(
-    cfg: ModelConfig, params: Any, ids: jax.Array, attention: Any = DEFAULT_ATTENTION
+    cfg: ModelConfig,
+    params: Any,
+    ids: jax.Array,
+    attention: Any = DEFAULT_ATTENTION,
+    attention_state: Any = None,
 ) -> jax.Array:
-    """Mean next-token NLL of each window: ``ids [B, L] -> [B]`` (float32)."""
-    logits = forward(cfg, params, ids, attention=attention).astype(jnp.float32)
+    """Mean next-token NLL of each window: ``ids [B, L] -> [B]`` (float32).
+    ``attention_state``: a pytree of arrays for the attention implementation (traced, as
+    for :func:`jcompress.forward`)."""
+    logits = forward(cfg, params, ids, attention=attention, attention_state=attention_state)
+    logits = logits.astype(jnp.float32)
     logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
     tok = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
     return -jnp.mean(tok, axis=-1)
@@ -105,6 +112,7 @@ def perplexity(
     allow_long: bool = False,
     attention: Any = DEFAULT_ATTENTION,
     mesh: Any = None,
+    attention_state: Any = None,
 ) -> PerplexityResult:
     """Perplexity of a token stream.
 
@@ -121,6 +129,9 @@ def perplexity(
       mesh: a :class:`jax.sharding.Mesh` (:func:`jcompress.sharding.make_mesh`): params
         sharded over ``model``, windows over ``data`` (default: the one of an enclosing
         :func:`jcompress.sharding.use_mesh`, else one device).
+      attention_state: its state, e.g. tuned :class:`jcompress.sparge.SpargeParams` for
+        ``attention="block_sparse"`` (as for :func:`jcompress.forward`; traced, so new
+        thresholds reuse the compiled function).
 
     Returns:
       :class:`PerplexityResult`.
@@ -146,7 +157,8 @@ def perplexity(
         batches(windows, batch_size), desc=f"ppl L={seqlen}", disable=not progress, leave=False
     ):
         ids_b = sharding.place_batch(b.ids, mesh)
-        nlls.append(sharding.to_host(window_nll(cfg, params, ids_b, attention))[: b.real])
+        nll = window_nll(cfg, params, ids_b, attention, attention_state)
+        nlls.append(sharding.to_host(nll)[: b.real])
     nll = np.concatenate(nlls).astype(np.float64)
     mean = float(nll.mean())
     return PerplexityResult(math.exp(mean), mean, n, seqlen, nll)

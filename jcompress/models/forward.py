@@ -58,7 +58,10 @@ class Capture(NamedTuple):
     Module paths are param paths without the leaf name: linears
     (``model/layers/0/self_attn/q_proj``), norms, attention and MLP blocks
     (``model/layers/0/self_attn``, ``model/layers/0/mlp``) and whole layers
-    (``model/layers/0``); plus ``lm_head`` for the head.
+    (``model/layers/0``); plus ``lm_head`` for the head. The attention core's inputs are
+    inputs of ``.../self_attn/core/{q,k,v,k_valid,scale}``: q ``[B, T, Hq, D]`` and k / v
+    ``[B, S, Hk, D]`` as the attention implementation sees them (after norms, RoPE and
+    clipping), the key validity ``[B, S]`` and the softmax scale (no KV cache only).
     """
 
     inputs: str | None = None
@@ -330,6 +333,11 @@ def _attention(
         k_pos=k_pos if alibi else None,
         alibi_slopes=jnp.asarray(_alibi_slopes(cfg)) if alibi else None,
     )
+    if kv is None:  # the attention core's inputs (e.g. for tuning a sparse implementation)
+        core = {"q": q, "k": k, "v": v, "k_valid": k_mask, "scale": scale}
+        for name, a in core.items():
+            if rec.wants(f"{lay.attn}/core/{name}", "in"):
+                rec(f"{lay.attn}/core/{name}", "in", jnp.asarray(a))
     impl, state = attn
     o = impl(q, k, v, amask, scale=scale, layer=layer_idx, state=state).reshape(b, t, -1)
     if fold:

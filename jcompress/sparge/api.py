@@ -208,22 +208,15 @@ class BlockSparse:
       block_q, block_k: tile sizes (default 128 x 64; 32 x 32 for short sequences).
       implementation: ``"auto"`` (Pallas where supported, else the XLA gather),
         ``"pallas"``, ``"xla"`` or ``"reference"`` (dense scores under the block mask).
-      thresholds: ``[layers][heads]`` nested tuples used when no state is passed
-        (:meth:`baked`); ``None``: the untuned defaults.
+
+    Callers pass the thresholds as the traced state (``forward`` / ``forward_cached`` /
+    :func:`jcompress.eval.perplexity` take ``attention_state=``), so new thresholds reuse
+    the compiled function.
     """
 
     block_q: int = 128
     block_k: int = 64
     implementation: str = "auto"
-    thresholds: tuple | None = None
-
-    @classmethod
-    def baked(cls, params: SpargeParams, **kw) -> BlockSparse:
-        """An instance carrying ``params`` as static constants (for callers that cannot pass
-        ``attention_state``, e.g. :func:`jcompress.eval.perplexity`)."""
-        params.validate()
-        rows = tuple(tuple(map(tuple, jnp.asarray(a, jnp.float32).tolist())) for a in params)
-        return cls(thresholds=rows, **kw)
 
     def __post_init__(self):
         kernel.BlockSizes(block_q=self.block_q, block_k=self.block_k)  # validates
@@ -235,8 +228,6 @@ class BlockSparse:
 
     def __call__(self, q, k, v, mask: seam.AttentionMask, *, scale, layer=None, state=None):
         hq = q.shape[2]
-        if state is None and self.thresholds is not None:
-            state = SpargeParams(*(jnp.asarray(a, jnp.float32) for a in self.thresholds))
         sim, cdf, pv = head_thresholds(state, hq, layer)
         bs = kernel.BlockSizes(block_q=self.block_q, block_k=self.block_k)
         return _run(q, k, v, sim, cdf, pv, bs=bs, causal=True, scale=scale, mask=mask,

@@ -1,8 +1,9 @@
 """Per-layer, per-head SpargeAttn threshold tuning, vectorised over heads and grid points.
 
 For every layer, calibration windows are streamed through the model with
-:func:`jcompress.calibration.stream_layers`; a probe attention implementation hands the
-layer's ``q, k, v`` (after RoPE) to the host while the layer runs dense. Then, per query head,
+:func:`jcompress.calibration.stream_layers`; the layer's attention-core inputs ``q, k, v``
+(after RoPE) are captured through ``observe`` (``Capture`` of ``self_attn/core/...``) while
+the layer runs dense. Then, per query head,
 SpargeAttn's search (thu-ml/SpargeAttn ``autotune``; seed 004 tuning guide):
 
 * ``simthreshd1`` over a grid ``-1, -1 + 1/g, ..., 1 - 1/g`` (``g = sim_grid``, upstream 16);
@@ -24,11 +25,12 @@ the PV-skip rule, after which a candidate costs ``O(T x nK x Dv)`` instead of
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-import itertools
 import json
 import math
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -39,7 +41,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jcompress.errors import UserError
-from jcompress.models import attention as seam
 from jcompress.sparge import _core
 from jcompress.sparge.params import SpargeParams
 
@@ -145,68 +146,35 @@ class SpargeTuneConfig:
         return np.arange(-g, g, dtype=np.float32) / g
 
 
-# --------------------------------------------------------------------------- q/k/v probe
-
-_SINKS: dict[int, list] = {}
-_NEXT = itertools.count()
+# --------------------------------------------------------------------------- q/k/v capture
 
 
-@seam.register_attention("_sparge_probe")  # internal: hidden from CLI choices
-@dataclasses.dataclass(frozen=True)
-class _Probe:
-    """Dense attention that also hands ``q, k, v, k_valid`` to a host-side sink (the tuner's
-    window into a layer running inside the calibration stream)."""
-
-    sink: int = -1
-
-    def __call__(self, q, k, v, mask, *, scale, layer=None, state=None):
-        def put(q, k, v, valid, scale):
-            if self.sink in _SINKS:
-                _SINKS[self.sink].append(
-                    (
-                        np.asarray(q),
-                        np.asarray(k),
-                        np.asarray(v),
-                        np.asarray(valid),
-                        float(scale),
-                    )  # fmt: skip
-                )
-
-        jax.experimental.io_callback(put, None, q, k, v, mask.k_valid,
-                                     jnp.asarray(scale, jnp.float32))  # fmt: skip
-        return seam.Dense()(q, k, v, mask, scale=scale)
+_CORE = ("q", "k", "v", "k_valid")
 
 
 def layer_qkv(cfg, params, windows, *, batch_size: int = 4, progress: bool = False
               ) -> Iterator[tuple[int, list]]:  # fmt: skip
     """Stream ``windows [n, T]`` through the model; yield ``(layer, [(q, k, v, k_valid,
-    scale) per batch])`` with the layer's attention inputs (numpy)."""
-    import jax.experimental  # noqa: F401  (io_callback)
-
+    scale) per batch])`` with the layer's attention-core inputs (numpy, real rows only),
+    captured by :meth:`~jcompress.calibration.StreamLayer.observe` (``Capture`` of
+    ``<attn>/core/{q,k,v,k_valid,scale}``, see :class:`jcompress.models.forward.Capture`)."""
     from jcompress.calibration import stream_layers
+    from jcompress.models.families import spec_for
+    from jcompress.models.forward import Capture
 
-    sink = next(_NEXT)
-    _SINKS[sink] = []
-    try:
-        stream = stream_layers(cfg, params, windows, batch_size=batch_size,
-                               attention=_Probe(sink))  # fmt: skip
+    attn = spec_for(cfg.family.value).layout.attn
+    core = f"{attn}/core"
+    capture = Capture(inputs=re.escape(core) + "/(q|k|v|k_valid|scale)")
+    stream = stream_layers(cfg, params, windows, batch_size=batch_size, attention="dense")
+    with contextlib.closing(stream):
         for layer in tqdm(stream, total=cfg.num_layers, desc="sparge layers",
                           disable=not progress, leave=False):  # fmt: skip
-            _SINKS[sink].clear()
-            for _ in layer.observe():
-                pass
-            jax.effects_barrier()
-            got = list(_SINKS[sink])
-            reals = [b.real for b in layer.batches]
-            yield (
-                layer.index,
-                [
-                    (q[:r], k[:r], v[:r], valid[:r], sc)
-                    for (q, k, v, valid, sc), r in zip(got, reals, strict=True)
-                ],
-            )
-    finally:
-        _SINKS.pop(sink, None)
+            got = []
+            for ob in layer.observe(capture):
+                c = ob.captured["inputs"]
+                q, k, v, valid = (np.asarray(c[f"{core}/{n}"])[: ob.real] for n in _CORE)
+                got.append((q, k, v, valid, float(c[f"{core}/scale"])))
+            yield layer.index, got
 
 
 # --------------------------------------------------------------------------- evaluation

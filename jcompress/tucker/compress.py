@@ -10,11 +10,14 @@ Variants (:class:`Variant`), data-free (issue #18, first increment):
   tensor ``[hidden, heads, head_dim]`` and decomposed by HOOI at multilinear ranks
   ``hooi_ranks`` (:class:`~jcompress.tucker.tucker_core.TuckerLinear`).
 
-Batching: kernels are decomposed one matrix at a time, each by one jit-compiled per-matrix
-function (static ranks; kernels of one shape compile once and reuse the cache). They are not
-stacked into one ``vmap``-ed call: a ``vmap``-ed HOOI (LAPACK ``eigh`` / ``qr`` inside a batched
-``lax.while_loop``) deadlocked XLA:CPU at 0% CPU in CI (see :mod:`jcompress.decomp.tucker_core`).
-``tt`` with ``mps_eps`` picks ranks from each matrix's singular values on the host anyway.
+Batching: with fixed ranks (``tucker``; ``tt`` with ``tt_ranks``) the kernels of one shape and
+rank setting (e.g. every layer's k_proj) are stacked and decomposed in one jit-compiled call,
+``jax.lax.map`` of the per-matrix decomposition over the stack (:func:`_mapped`): one dispatch
+and one compilation per group, each item exactly the per-matrix computation. Not ``vmap``: a
+``vmap``-ed HOOI batches LAPACK ``eigh`` / ``qr`` inside a batched ``lax.while_loop``, and such
+a graph deadlocked XLA:CPU at 0% CPU in CI (see :mod:`jcompress.decomp.tucker_core`);
+``lax.map`` keeps every custom call unbatched. ``tt`` with ``mps_eps`` picks ranks from each
+matrix's singular values on the host, so it runs one matrix at a time.
 
 Neither leaf is :class:`jcompress.leaves.Factored`, so a compressed k/v projection does not
 shrink the KV cache: the forward pass caches the full pre-RoPE k/v it computes with
@@ -29,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import functools
 import math
 import numbers
 import warnings
@@ -49,7 +53,7 @@ from jcompress.models.config import ModelConfig
 from jcompress.models.convert import flatten, unflatten
 from jcompress.models.families import spec_for
 from jcompress.models.params import count_params
-from jcompress.tucker.mps import compress_mps, plan_mps
+from jcompress.tucker.mps import MpsStep, compress_mps, plan_mps
 from jcompress.tucker.report import ProjectionReport, TuckerReport
 from jcompress.tucker.tucker_core import TTLinear, TuckerLinear, tt_linear, tucker_linear
 
@@ -85,11 +89,15 @@ class TuckerConfig:
 
     Attributes:
       variant: :class:`Variant` (or its value, ``"tt"`` / ``"tucker"`` / ``"tucker_mps"``).
-      mps_eps: ``tt`` energy rule in ``(0, 1]`` (1: exact up to rounding); used when
-        ``tt_ranks`` is not given.
-      tt_ranks: ``tt`` fixed bond ranks (``n_cores - 1`` positive ints), or ``None`` (use
-        ``mps_eps``). Each must fit the bond it sits on (checked per kernel before any work).
-      n_cores: ``tt`` number of cores (>= 2); modes by :func:`jcompress.decomp.factorize`.
+      mps_eps: ``tt`` / ``tucker_mps`` energy rule in ``(0, 1]`` (1: exact up to rounding);
+        used when ``tt_ranks`` is not given. ``tucker_mps`` applies it to the projected
+        weights ``a = W (I (x) P)`` (nested TT-matrix leaves); there ``mps_eps = 1`` keeps
+        ``a`` dense (an exact TT would only add parameters).
+      tt_ranks: ``tt`` / ``tucker_mps`` fixed bond ranks (``n_cores - 1`` positive ints), or
+        ``None`` (use ``mps_eps``). Each must fit the bond it sits on (checked per kernel,
+        or per projected weight, before any work).
+      n_cores: ``tt`` / ``tucker_mps`` number of cores (>= 2); modes by
+        :func:`jcompress.decomp.factorize`.
       hooi_ranks: ``tucker`` multilinear ranks ``(r_hidden, r_heads, r_head_dim)`` of every
         selected projection without its own setting below; each at most its mode size
         (checked per kernel before any work).
@@ -244,34 +252,47 @@ def check_fits(cfg: ModelConfig, config: TuckerConfig) -> None:
         roles: dict[str, set[str]] = {}
         for job in jobs:
             roles.setdefault(job.layer, set()).add(job.role)
-        plan_mps(cfg, roles, config.basis_ranks)
+        plan_mps(cfg, roles, config.basis_ranks, _mps_step(config))
     else:
         _plan(cfg, jobs, config)
 
 
-def _decompose(cfg: ModelConfig, jobs: list[_Job], config: TuckerConfig, progress: bool):
-    """``{path: leaf}``, one matrix at a time.
+@functools.partial(jax.jit, static_argnames=("settings",))
+def _mapped(ws: jax.Array, settings: tuple) -> CompressedLeaf:
+    """``ws [L, in, out]`` -> one leaf with stacked children: ``lax.map`` of the per-matrix
+    decomposition (fixed ranks), so the stack compiles once and every LAPACK call stays
+    unbatched (module docstring, "Batching")."""
+    if settings[0] == "tt":
+        _, n_cores, ranks = settings
+        return jax.lax.map(lambda w: tt_linear(w, n_cores=n_cores, ranks=ranks), ws)
+    _, head_dim, ranks, iters = settings
+    return jax.lax.map(
+        lambda w: tucker_linear(w, head_dim=head_dim, ranks=ranks, n_iter_max=iters), ws
+    )
 
-    Each call is one jit-compiled per-matrix function (``_hooi`` / the fixed-rank TT-SVD are
-    jitted with static ranks), so kernels of one shape compile once and reuse the cache. The
-    kernels are deliberately *not* stacked into one ``vmap``-ed call: a ``vmap``-ed HOOI
-    (LAPACK ``eigh`` / ``qr`` custom calls inside a batched ``lax.while_loop``) was seen to
-    deadlock XLA:CPU at 0% CPU under load (see :mod:`jcompress.decomp.tucker_core`, "Batching").
-    """
+
+def _decompose(cfg: ModelConfig, jobs: list[_Job], config: TuckerConfig, progress: bool):
+    """``{path: leaf}``: one :func:`_mapped` call per group of kernels with the same shape,
+    dtype and ranks (fixed ranks), or one matrix at a time (``tt`` with ``mps_eps``)."""
     out: dict[str, CompressedLeaf] = {}
-    bar = tqdm(jobs, desc=config.variant.value, disable=not progress, leave=False)
-    for job in bar:
-        if config.variant is Variant.TUCKER:
-            out[job.path] = tucker_linear(
-                job.kernel,
-                head_dim=cfg.head_dim,
-                ranks=_hooi_ranks(config, job.role),
-                n_iter_max=config.hooi_iters,
-            )
-        elif config.tt_ranks is not None:
-            out[job.path] = tt_linear(job.kernel, n_cores=config.n_cores, ranks=config.tt_ranks)
-        else:
+    if config.variant is Variant.TT and config.tt_ranks is None:
+        bar = tqdm(jobs, desc=config.variant.value, disable=not progress, leave=False)
+        for job in bar:
             out[job.path] = tt_linear(job.kernel, n_cores=config.n_cores, eps=config.mps_eps)
+        return out
+    groups: dict[tuple, list[_Job]] = {}
+    for job in jobs:
+        if config.variant is Variant.TUCKER:
+            settings = ("tucker", cfg.head_dim, _hooi_ranks(config, job.role), config.hooi_iters)
+        else:
+            settings = ("tt", config.n_cores, config.tt_ranks)
+        key = (tuple(job.kernel.shape), jnp.dtype(job.kernel.dtype), settings)
+        groups.setdefault(key, []).append(job)
+    bar = tqdm(groups.items(), desc=config.variant.value, disable=not progress, leave=False)
+    for (_, _, settings), group in bar:
+        stacked = _mapped(jnp.stack([jnp.asarray(job.kernel) for job in group]), settings)
+        for i, job in enumerate(group):
+            out[job.path] = jax.tree.map(lambda a, i=i: a[i], stacked)
     return out
 
 
@@ -285,8 +306,15 @@ def _weight_errors(jobs: list[_Job], leaves: dict[str, CompressedLeaf]) -> dict[
     return errs
 
 
+def _mps_step(config: TuckerConfig) -> MpsStep:
+    return MpsStep(eps=config.mps_eps, ranks=config.tt_ranks, n_cores=config.n_cores)
+
+
 def _ranks(leaf: CompressedLeaf) -> tuple[int, ...]:
-    if isinstance(leaf, HeadLowRank | HeadFoldedOut):
+    if isinstance(leaf, HeadLowRank):
+        # the per-head latent width, then the bond ranks of a TT-matrix ``a`` (tucker_mps)
+        return (leaf.rank, *(leaf.a.ranks[1:-1] if isinstance(leaf.a, TTLinear) else ()))
+    if isinstance(leaf, HeadFoldedOut):
         return (leaf.rank,)
     if isinstance(leaf, TTLinear):
         return leaf.ranks[1:-1]
@@ -358,13 +386,15 @@ def compress(
         roles: dict[str, set[str]] = {}
         for job in jobs:
             roles.setdefault(job.layer, set()).add(job.role)
-        plan = plan_mps(cfg, roles, config.basis_ranks)
+        mps = _mps_step(config)
+        plan = plan_mps(cfg, roles, config.basis_ranks, mps)
         done = compress_mps(
             params,
             cfg,
             calib,
             plan,
             basis_ranks=config.basis_ranks,
+            mps=mps,
             n_iter_max=config.hooi_iters,
             batch_size=config.batch_size,
             offload_dir=config.offload_dir,
@@ -429,7 +459,12 @@ def _layer_index(path: str) -> int:
 
 def _settings(config: TuckerConfig) -> dict[str, Any]:
     if config.variant is Variant.TUCKER_MPS:
-        return {"basis_ranks": list(config.basis_ranks), "hooi_iters": config.hooi_iters}
+        out = {"basis_ranks": list(config.basis_ranks), "hooi_iters": config.hooi_iters}
+        if config.tt_ranks is not None:
+            return {**out, "n_cores": config.n_cores, "tt_ranks": list(config.tt_ranks)}
+        if config.mps_eps < 1:
+            return {**out, "n_cores": config.n_cores, "mps_eps": config.mps_eps}
+        return out
     if config.variant is Variant.TUCKER:
         out: dict[str, Any] = {"hooi_ranks": list(config.hooi_ranks)}
         for role in ("q", "k", "v"):

@@ -18,15 +18,23 @@ Per compressed layer (calibration through :func:`jcompress.calibration.stream_la
    EigenAttention does. The projections become :class:`jcompress.leaves.HeadLowRank`
    (``a = W (I_heads (x) P)``, ``b[h] = P^T``; biases projected to ``b P P^T``), so the KV
    cache stores the rank-``r`` projected keys / values and the forward runs on the leaves.
-4. The layer output error ``||Y - Y'|| / ||Y||`` is measured on the calibration windows.
+4. The MPS step: the projected weight ``a = W (I_heads (x) P)`` (``[in, heads * r]``, the
+   seed's ``P^T W``) becomes a TT-matrix (MPO, :class:`~jcompress.tucker.TTLinear`) at
+   ``mps_eps`` (energy rule) or at fixed ``tt_ranks``, nested as the ``a`` of the
+   ``HeadLowRank``. The forward reaches it only through the leaf protocol: ``down(x) =
+   x @ a`` contracts ``x`` with the cores (the rank-``r`` latent the KV cache stores),
+   ``up`` / ``latent_bias`` / the o_proj fold read ``b`` (the basis) and never ``a``, so
+   the latent cache and the V fold work unchanged. ``mps_eps = 1`` (without ``tt_ranks``)
+   skips the step: an exact TT of ``a`` only adds parameters, so ``a`` stays dense.
+5. The layer output error ``||Y - Y'|| / ||Y||`` is measured on the calibration windows
+   (with the TT in place: it is the error of the whole projection).
 
 Departures from the reference (``decompose/tucker_mps.py`` of the seed's fork): the basis is
 learned from the projection's own outputs, not from a row slice of stacked weights; modes follow
 ``[heads, head_dim]`` instead of a 64 x 64 x 144 reshape that mixes input and output indices;
-no untrained ``q_to_k_proj`` / ``v_to_embed_proj`` layers (V's basis folds into o_proj). The
-MPS (TT-matrix at ``mps_eps``) of the weight itself is not applied here: ``a = W P`` has to be
-dense for the cached-latent forward, so a TT of ``W`` would add error without saving anything;
-the ``tt`` variant measures the MPS alone.
+no untrained ``q_to_k_proj`` / ``v_to_embed_proj`` layers (V's basis folds into o_proj); the
+MPS is taken of the projected ``[in, heads * r]`` weight (input and output modes kept apart,
+the MPO layout of Novikov et al.), after the basis, not of the raw weight before it.
 """
 
 from __future__ import annotations
@@ -43,16 +51,16 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jcompress.calibration import Feed, stream_layers
-from jcompress.decomp import factorize
+from jcompress.decomp import factorize, tt_svd_ranks
 from jcompress.errors import UserError
 from jcompress.leaves import HeadFoldedOut, HeadLowRank
 from jcompress.methods import require_dense
 from jcompress.models.config import Family, ModelConfig
 from jcompress.models.convert import flatten, get_path, unflatten
 from jcompress.models.forward import Capture, check_length
-from jcompress.tucker.tucker_core import kron_basis
+from jcompress.tucker.tucker_core import kron_basis, tt_linear
 
-__all__ = ["MpsLayer", "basis_modes", "compress_mps", "plan_mps"]
+__all__ = ["MpsLayer", "MpsStep", "basis_modes", "compress_mps", "plan_mps"]
 
 _ROPE_FAMILIES = (Family.LLAMA, Family.QWEN2, Family.QWEN3)
 
@@ -68,6 +76,55 @@ def basis_modes(head_dim: int, ranks: tuple[int, ...]) -> tuple[int, ...]:
                 f"{list(modes)})"
             )
     return modes
+
+
+@dataclasses.dataclass(frozen=True)
+class MpsStep:
+    """The TT-matrix step on the projected weights ``a`` (module docstring, step 4).
+
+    Attributes:
+      eps: energy rule in ``(0, 1]``, used when ``ranks`` is ``None``; 1 skips the step.
+      ranks: fixed bond ranks (``n_cores - 1``), or ``None``.
+      n_cores: number of cores (modes of ``in`` and ``heads * r`` by ``factorize``).
+    """
+
+    eps: float = 1.0
+    ranks: tuple[int, ...] | None = None
+    n_cores: int = 3
+
+    @property
+    def applies(self) -> bool:
+        return self.ranks is not None or self.eps < 1
+
+    def check(self, shape: tuple[int, int], what: str) -> None:
+        """Fixed ranks against the MPO bonds of an ``a`` of ``shape`` (:class:`UserError`
+        naming the projection), before any work."""
+        if self.ranks is None:
+            return
+        n_in, n_out = shape
+        merged = tuple(
+            m * n
+            for m, n in zip(
+                factorize(n_in, self.n_cores), factorize(n_out, self.n_cores), strict=True
+            )
+        )
+        try:
+            tt_svd_ranks(merged, self.ranks)
+        except UserError as e:
+            raise UserError(
+                f"tt_ranks: {e} for the projected weight of {what} ([{n_in}, {n_out}] as MPO "
+                f"modes {list(merged)})"
+            ) from None
+
+    def __call__(self, leaf: HeadLowRank) -> HeadLowRank:
+        """``leaf`` with ``a`` as a :class:`~jcompress.tucker.TTLinear` (or as it is)."""
+        if not self.applies:
+            return leaf
+        if self.ranks is not None:
+            a = tt_linear(leaf.a, n_cores=self.n_cores, ranks=self.ranks)
+        else:
+            a = tt_linear(leaf.a, n_cores=self.n_cores, eps=self.eps)
+        return HeadLowRank(a, leaf.b)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,12 +191,23 @@ def _check_calib(cfg: ModelConfig, calib: Any) -> np.ndarray:
     return calib
 
 
-def plan_mps(cfg: ModelConfig, roles_by_layer: dict[str, set[str]], basis_ranks) -> dict:
-    """Which roles each layer compresses (``{"kq"|"k", "v"}``), checked before any work."""
+def plan_mps(
+    cfg: ModelConfig,
+    roles_by_layer: dict[str, set[str]],
+    basis_ranks,
+    mps: MpsStep = MpsStep(),  # noqa: B008 - frozen, immutable
+) -> dict:
+    """Which roles each layer compresses (``{"kq"|"k", "v"}``), checked before any work
+    (basis ranks against the head modes, fixed TT ranks against the projected weights)."""
     rope = cfg.family in _ROPE_FAMILIES
     if not rope and cfg.num_heads != cfg.num_kv_heads:
         raise UserError(f"{cfg.family.value}: shared K/Q bases need num_heads == num_kv_heads")
     basis_modes(cfg.head_dim, basis_ranks)
+    r = int(np.prod(basis_ranks))
+    for role, heads in (("k/v", cfg.num_kv_heads), ("q", cfg.num_heads)):
+        if role == "q" and rope:
+            continue
+        mps.check((cfg.hidden_size, heads * r), f"{role}_proj")
     plan = {}
     for layer, roles in roles_by_layer.items():
         if not rope and ("k" in roles) != ("q" in roles):
@@ -159,6 +227,7 @@ def compress_mps(
     plan: dict[str, set[str]],
     *,
     basis_ranks: tuple[int, ...],
+    mps: MpsStep = MpsStep(),  # noqa: B008 - frozen, immutable
     n_iter_max: int,
     batch_size: int,
     offload_dir: str | None,
@@ -212,10 +281,12 @@ def compress_mps(
             if "k" in roles:
                 p_kq, _ = kron_basis(cov_kq, modes, basis_ranks, n_iter_max=n_iter_max)
                 for role, p in [(lay.k, kp)] + ([] if rope else [(lay.q, qp)]):
-                    put(role, *_project(p["kernel"], p.get("bias"), p_kq))
+                    leaf, bias = _project(p["kernel"], p.get("bias"), p_kq)
+                    put(role, mps(leaf), bias)
             if "v" in roles:
                 p_v, _ = kron_basis(cov_v, modes, basis_ranks, n_iter_max=n_iter_max)
-                put(lay.v, *_project(vp["kernel"], vp.get("bias"), p_v))
+                leaf, bias = _project(vp["kernel"], vp.get("bias"), p_v)
+                put(lay.v, mps(leaf), bias)
                 put(lay.o, _fold_out(op["kernel"], p_v, hk), None)
             new_lp = unflatten(flat)
             err = float(layer.relative_error(new_lp))

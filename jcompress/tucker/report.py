@@ -16,7 +16,8 @@ class ProjectionReport:
       path: projection path (``model/layers/0/self_attn/k_proj``; the kernel is at ``/kernel``).
       shape: dense kernel shape ``[in, out]``.
       ranks: TT bond ranks ``(r_1, ..., r_{d-1})``, Tucker ranks ``(r1, r2, r3)``, or the
-        per-head latent width ``(r,)`` (``tucker_mps``).
+        per-head latent width ``(r,)`` (``tucker_mps``; followed by the TT bond ranks of the
+        projected weight when the MPS step applies: ``(r, r_1, ..., r_{d-1})``).
       params_before / params_after: stored scalars of the kernel (bias not counted).
       weight_error: ``||W - W'||_F / ||W||_F``.
     """

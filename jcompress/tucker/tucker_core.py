@@ -8,9 +8,10 @@
 
 The math (TT-SVD, HOOI) is :mod:`jcompress.decomp`'s; this module only reshapes kernels, casts
 results back to the kernel's dtype and wraps them as leaves. Both constructors work on one
-matrix; with fixed ranks they are jit-able (static ranks). For many kernels, call them in a
-Python loop (each call hits one cached compilation per shape and ranks) rather than under
-``vmap``: a ``vmap``-ed HOOI deadlocked XLA:CPU (see :mod:`jcompress.decomp.tucker_core`).
+matrix; with fixed ranks they are jit-able (static ranks). For many kernels of one shape,
+``jax.lax.map`` them over the stack inside one ``jit`` (``jcompress.tucker.compress`` does)
+rather than ``vmap``: a ``vmap``-ed HOOI once deadlocked XLA:CPU (see
+:mod:`jcompress.decomp.tucker_core`).
 
 Neither leaf is :class:`jcompress.leaves.Factored`: as a k/v projection the KV cache stores the
 full k/v (the forward pass only caches latents of ``Factored`` leaves).
