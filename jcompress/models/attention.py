@@ -461,7 +461,8 @@ def _causal_pairs(q, k, v, k_valid, scale, blk: int):
         pv = jnp.einsum("nbkqs,nbksd->nbkqd", p.astype(v.dtype), vb[j], preferred_element_type=f32)
         new = (m_new, l_new, acc * corr[..., None] + pv)
         return tuple(
-            jax.lax.dynamic_update_slice_in_dim(x, y, start, 0) for x, y in zip(carry, new)
+            jax.lax.dynamic_update_slice_in_dim(x, y, start, 0)
+            for x, y in zip(carry, new, strict=True)
         )
 
     _, l_, acc = jax.lax.fori_loop(0, n - 1, step, (m[order], l_[order], acc[order]))
