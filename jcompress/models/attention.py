@@ -409,7 +409,8 @@ def _causal_pairs(q, k, v, k_valid, scale, blk: int):
     Compared with one query block at a time, each operation covers ``n / 2`` tiles: the
     per-operation cost of XLA:CPU's loop (a dozen small kernels per tile) is paid ``n`` times
     instead of ``n^2 / 2`` times, and each operation is large enough to be split across
-    threads. Memory stays ``O(T x blk)`` per batch row and head.
+    threads. Memory stays ``O(T x blk)`` per batch row and head. Key padding is an extra
+    contraction column (ones in ``q``, the bias in ``k``) instead of a pass over the scores.
     """
     b, t, hq, d = q.shape
     hk, dv = k.shape[2], v.shape[-1]
@@ -424,18 +425,22 @@ def _causal_pairs(q, k, v, k_valid, scale, blk: int):
         widths[1] = (0, tp - x.shape[1])
         return jnp.pad(x, widths, constant_values=value) if tp != x.shape[1] else x
 
+    # key padding rides in the score matmul: q gains a column of ones and k a column holding
+    # 0 (real key) or a large negative bias (padding), so no pass over the scores adds it
+    neg = max(-1e30, float(jnp.finfo(k.dtype).min) / 2)
     qs = (pad(q).astype(f32) * scale).astype(q.dtype)
-    # [n, B, Hk, g * blk, D]: query blocks in the row layout of _to_rows
-    qb = jax.vmap(lambda x: _to_rows(x, hk))(jnp.moveaxis(qs.reshape(b, n, blk, hq, d), 1, 0))
-    kb = jnp.transpose(pad(k).reshape(b, n, blk, hk, d), (1, 0, 3, 2, 4))  # [n, B, Hk, blk, D]
+    qs = jnp.concatenate([qs, jnp.ones((b, tp, hq, 1), q.dtype)], axis=-1)
+    bias = jnp.where(pad(k_valid, False), 0.0, neg).astype(k.dtype)
+    ks = jnp.concatenate([pad(k), jnp.broadcast_to(bias[:, :, None, None], (b, tp, hk, 1))], -1)
+    # [n, B, Hk, g * blk, D + 1]: query blocks in the row layout of _to_rows
+    qb = jax.vmap(lambda x: _to_rows(x, hk))(jnp.moveaxis(qs.reshape(b, n, blk, hq, -1), 1, 0))
+    kb = jnp.transpose(ks.reshape(b, n, blk, hk, d + 1), (1, 0, 3, 2, 4))  # [n, B, Hk, blk, D+1]
     vb = jnp.transpose(pad(v).reshape(b, n, blk, hk, dv), (1, 0, 3, 2, 4))
-    bias = jnp.where(pad(k_valid, False), 0.0, _NEG).astype(f32)
-    bias = jnp.moveaxis(bias.reshape(b, n, blk), 1, 0)[:, :, None, None, :]  # [n, B, 1, 1, blk]
 
     # the diagonal tiles: one batched, causally masked softmax
     local = jnp.arange(blk)
     causal = local[None, :] <= jnp.tile(local, g)[:, None]  # [g * blk, blk]
-    sc = jnp.einsum("nbkqd,nbksd->nbkqs", qb, kb, preferred_element_type=f32) + bias
+    sc = jnp.einsum("nbkqd,nbksd->nbkqs", qb, kb, preferred_element_type=f32)
     sc = jnp.where(causal, sc, _NEG)
     m = jnp.max(sc, axis=-1)
     p = jnp.exp(sc - m[..., None])
@@ -453,7 +458,7 @@ def _causal_pairs(q, k, v, k_valid, scale, blk: int):
         r = start + w  # positions of the window; second member of row r - h is at key s - (r - h)
         j = jnp.where(r < h, s, s - r + h)  # key block of each window position
         qi = jax.lax.dynamic_slice_in_dim(qo, start, h, 0)
-        sc = jnp.einsum("nbkqd,nbksd->nbkqs", qi, kb[j], preferred_element_type=f32) + bias[j]
+        sc = jnp.einsum("nbkqd,nbksd->nbkqs", qi, kb[j], preferred_element_type=f32)
         m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
         corr = jnp.exp(m - m_new)
         p = jnp.exp(sc - m_new[..., None])
