@@ -53,6 +53,23 @@ def _millions(n: int) -> str:
 # --------------------------------------------------------------------------- forward: sides
 
 
+def _cpu_timed(fn):
+    """``fn`` wrapped to also record the process CPU time of each call (all threads): on a
+    shared machine a single-threaded side's CPU time hardly moves when the scheduler preempts
+    it, while its wall time does. Returns ``(wrapped, cpu_seconds_list)``."""
+    import time
+
+    cpu: list[float] = []
+
+    def call():
+        c0 = time.process_time()
+        out = fn()
+        cpu.append(time.process_time() - c0)
+        return out
+
+    return call, cpu
+
+
 def forward_jax(
     model_dir: str,
     vocab: int,
@@ -77,12 +94,8 @@ def forward_jax(
     jax.block_until_ready(params)
     ids = jnp.asarray(_ids(vocab, batch, seq, seed).astype(np.int32))
     base = rss_mib()
-    first, times, logits = time_calls(
-        lambda: jcompress.forward(cfg, params, ids),
-        repeats,
-        sync=lambda x: x.block_until_ready(),
-        warmup=warmup,
-    )
+    call, cpu = _cpu_timed(lambda: jcompress.forward(cfg, params, ids).block_until_ready())
+    first, times, logits = time_calls(call, repeats, warmup=warmup)
     if logits_out:
         np.save(logits_out, np.asarray(logits[:, -1, :], np.float32))
     return {
@@ -90,6 +103,7 @@ def forward_jax(
         "first_s": first,
         "median_s": median(times),
         "times_s": times,
+        "cpu_median_s": median(cpu[1 + warmup :]),
         "n_params": count_params(params),
         "base_rss_mib": base,
         "backend": jax.default_backend(),
@@ -120,9 +134,8 @@ def forward_torch(
     ids = torch.from_numpy(_ids(vocab, batch, seq, seed))
     base = rss_mib()
     with torch.no_grad():
-        first, times, logits = time_calls(
-            lambda: model(input_ids=ids, use_cache=False).logits, repeats, warmup=warmup
-        )
+        call, cpu = _cpu_timed(lambda: model(input_ids=ids, use_cache=False).logits)
+        first, times, logits = time_calls(call, repeats, warmup=warmup)
     if logits_out:
         np.save(logits_out, logits[:, -1, :].float().numpy())
     return {
@@ -130,6 +143,7 @@ def forward_torch(
         "first_s": first,
         "median_s": median(times),
         "times_s": times,
+        "cpu_median_s": median(cpu[1 + warmup :]),
         "n_params": sum(p.numel() for p in model.parameters()),
         "base_rss_mib": base,
         "torch_threads": torch.get_num_threads(),
@@ -171,6 +185,10 @@ def _forward_pair(
             "repeats": repeats,
             "warmup": warmup,
             "last_token_logits_max_abs_diff": diff,
+            # baseline / ours median CPU seconds per call (all threads): the speed ratio as
+            # the preemption-free CPU time sees it when each side runs one thread
+            # (JCOMPRESS_BENCH_THREADS=1); with more threads it compares total work instead
+            "cpu_time_ratio": base["cpu_median_s"] / ours["cpu_median_s"],
             # the machine is shared: 1/5/15-minute load averages around the two sides
             "loadavg": {"before": list(load_before), "after": list(os.getloadavg())},
             "n_params": {"ours": ours["n_params"], "baseline": base["n_params"]},

@@ -23,6 +23,8 @@ IMPLS = {
     "chunked": A.Chunked(),
     "chunked_small_blocks": A.Chunked(block_q=4, block_k=3),
     "chunked_uneven": A.Chunked(block_q=5, block_k=8),
+    # square blocks: an uncached causal call takes the paired-tiles path (_causal_pairs)
+    "chunked_square": A.Chunked(block_q=4, block_k=4),
 }
 
 
@@ -210,7 +212,7 @@ def tiny(request, tmp_path_factory):
     return name, cfg, params
 
 
-@pytest.mark.parametrize("impl", ["chunked", "chunked_small_blocks"])
+@pytest.mark.parametrize("impl", ["chunked", "chunked_small_blocks", "chunked_square"])
 def test_family_forward_equals_dense(tiny, impl):
     _, cfg, params = tiny
     ids, mask = batch()
@@ -274,3 +276,57 @@ def test_chunked_paths_with_cache_offset(blocks, t):
     out = jax.jit(lambda q, k, v, m: impl(q, k, v, m, scale=0.4))(q, k, v, mask)
     ref = oracle(q, k, v, valid, off, scale=0.4)
     np.testing.assert_allclose(np.asarray(out), ref, atol=TOL[jnp.float32])
+
+
+@pytest.mark.parametrize(
+    "t, blk, hq, hk, dv",
+    [
+        (16, 4, 4, 2, 8),  # 4 blocks: two pairs
+        (13, 4, 4, 4, 8),  # 4 blocks, the last one partly padding
+        (11, 4, 2, 1, 5),  # 3 blocks -> 4 (an all-padding block), MQA, Dv != D
+        (40, 4, 4, 2, 8),  # 10 blocks: first members finish while second ones run on
+        (9, 8, 4, 2, 8),  # 2 blocks: one pair, one step
+    ],
+)
+def test_paired_tiles_path_matches_oracle(monkeypatch, t, blk, hq, hk, dv):
+    """The batched diagonal + paired off-diagonal tiles (taken for an uncached causal call
+    with square blocks) equal the float64 oracle with left and right key padding."""
+    taken = []
+    real_pairs = A._causal_pairs
+    monkeypatch.setattr(A, "_causal_pairs", lambda *a: taken.append(a[-1]) or real_pairs(*a))
+    b, d = 2, 8
+    q, k, v = _qkv(b, t, t, hq, hk, d, dv, seed=t)
+    valid = np.ones((b, t), bool)
+    valid[0, -3:] = False  # right padding
+    valid[1, :5] = False  # left padding: a whole first block of row 1 is padding
+    out = A.Chunked(block_q=blk, block_k=blk)(q, k, v, A.causal_mask(jnp.asarray(valid)), scale=0.3)
+    assert taken == [blk]
+    ref = oracle(q, k, v, valid, scale=0.3)
+    rows = np.ones((b, t), bool)
+    rows[1, :5] = False  # queries with no visible key carry no meaning
+    np.testing.assert_allclose(np.asarray(out)[rows], ref[rows], atol=TOL[jnp.float32])
+
+
+def test_paired_tiles_path_bf16_and_other_paths_unchanged(monkeypatch):
+    """bf16 on the paired path matches dense; a cache offset, ALiBi or non-square blocks keep
+    the one-block-at-a-time loop (the paired path is never called for them)."""
+    q, k, v = _qkv(2, 24, 24, 4, 2, 16, dtype=jnp.bfloat16, seed=7)
+    mask = A.causal_mask(jnp.ones((2, 24), bool))
+    out = A.Chunked(block_q=8, block_k=8)(q, k, v, mask, scale=0.25)
+    ref = A.Dense()(q, k, v, mask, scale=0.25)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(
+        np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=TOL[jnp.bfloat16]
+    )
+
+    def boom(*a):
+        raise AssertionError("paired path taken")
+
+    monkeypatch.setattr(A, "_causal_pairs", boom)
+    q, k, v = _qkv(1, 24, 24, 4, 2, 8, seed=8)
+    ones = jnp.ones((1, 24), bool)
+    A.Chunked(block_q=8, block_k=4)(q, k, v, A.causal_mask(ones), scale=0.3)
+    A.Chunked(block_q=8, block_k=8)(q, k, v, A.causal_mask(ones, jnp.int32(0)), scale=0.3)
+    pos = jnp.arange(24, dtype=jnp.int32)[None]
+    alibi = A.AttentionMask(ones, 0, pos, pos, jnp.asarray([0.5, 0.25, 0.125, 0.0625]))
+    A.Chunked(block_q=8, block_k=8)(q, k, v, alibi, scale=0.3)

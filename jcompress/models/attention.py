@@ -47,6 +47,7 @@ from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jcompress.errors import UserError
 
@@ -257,7 +258,14 @@ class Chunked:
     attends to all keys in one pass. A call with few queries (``4 T <= block_q``: a decode
     step) takes them as one query block against key blocks of ``4 x block_k`` slots (the same
     tile size): on XLA:CPU that beat both a single pass over a 2K-slot cache and 64-slot
-    blocks. The memory bound above holds either way.
+    blocks. Causal self-attention without a cache (``q_offset`` the Python int 0, ``S == T``,
+    no ALiBi: a ``forward`` / ``apply_layer`` call) with square blocks (``block_q ==
+    block_k``, the default) runs the same tiles batched: the diagonal tiles in one operation,
+    then ``n - 1`` steps that each cover ``n / 2`` tiles below the diagonal, query blocks
+    paired so that every step is full (:func:`_causal_pairs`); for llama-1m on XLA:CPU, one
+    thread, a whole forward took 0.92x (4 x 512) and 0.84x (1 x 2048) the CPU time of the
+    one-block-at-a-time loop, which other calls keep. The memory bound above holds on every
+    path.
 
     Attributes:
       block_q: query rows per block.
@@ -286,6 +294,15 @@ class Chunked:
         bq = t if few or single else min(self.block_q, t)
         bk = s if single else min(4 * self.block_k if few else self.block_k, s)
         nq, nk = math.ceil(t / bq), math.ceil(s / bk)
+        if (
+            not single
+            and isinstance(mask.q_offset, int)
+            and mask.q_offset == 0
+            and s == t
+            and mask.alibi_slopes is None
+            and self.block_q == self.block_k
+        ):
+            return _causal_pairs(q, k, v, mask.k_valid, scale, self.block_k)
         tp, sp = nq * bq, nk * bk
         q_pos, k_pos, slopes = _alibi(mask)
         f32 = jnp.float32
@@ -373,3 +390,89 @@ class Chunked:
         else:
             o = jax.lax.map(one_q_block, jnp.arange(nq))  # [nq, B, bq, Hq, Dv]
         return jnp.moveaxis(o, 0, 1).reshape(b, tp, hq, dv)[:, :t]
+
+
+def _causal_pairs(q, k, v, k_valid, scale, blk: int):
+    """Causal self-attention without a cache offset (``q_offset == 0``, ``S == T``, no ALiBi)
+    in square ``blk`` tiles, many tiles per operation.
+
+    The ``n`` diagonal tiles (the only ones that need the causal mask) run first, all in one
+    batched softmax; it gives each query block its starting ``(m, l, acc)``. The
+    ``n (n - 1) / 2`` tiles below the diagonal then run in ``n - 1`` steps of ``n / 2`` tiles
+    each: query block ``p`` (``p`` key blocks to visit) is paired with block ``n - 1 - p``
+    (``n - 1 - p`` key blocks), so every pair has exactly ``n - 1`` tiles and no step does
+    padding work. With the blocks stored in the order ``[0, 1, .., n/2 - 1, n - 1, n - 2, ..,
+    n/2]``, the blocks one step works on are one contiguous window of ``n / 2`` positions
+    starting at ``min(s + 1, n / 2)`` (read and written with dynamic slices): at step ``s``
+    the first members still running read key block ``s``, and the second member at position
+    ``r`` (pair ``r - n/2``) reads key block ``s - r + n/2``.
+
+    Compared with one query block at a time, each operation covers ``n / 2`` tiles: the
+    per-operation cost of XLA:CPU's loop (a dozen small kernels per tile) is paid ``n`` times
+    instead of ``n^2 / 2`` times, and each operation is large enough to be split across
+    threads. Memory stays ``O(T x blk)`` per batch row and head. Key padding is an extra
+    contraction column (ones in ``q``, the bias in ``k``) instead of a pass over the scores.
+    """
+    b, t, hq, d = q.shape
+    hk, dv = k.shape[2], v.shape[-1]
+    g = hq // hk
+    f32 = jnp.float32
+    n = math.ceil(t / blk)
+    n += n % 2  # an even number of blocks (an extra all-padding block if needed)
+    tp, h = n * blk, n // 2
+
+    def pad(x, value=0):
+        widths = [(0, 0)] * x.ndim
+        widths[1] = (0, tp - x.shape[1])
+        return jnp.pad(x, widths, constant_values=value) if tp != x.shape[1] else x
+
+    # key padding rides in the score matmul: q gains a column of ones and k a column holding
+    # 0 (real key) or a large negative bias (padding), so no pass over the scores adds it
+    neg = max(-1e30, float(jnp.finfo(k.dtype).min) / 2)
+    qs = (pad(q).astype(f32) * scale).astype(q.dtype)
+    qs = jnp.concatenate([qs, jnp.ones((b, tp, hq, 1), q.dtype)], axis=-1)
+    bias = jnp.where(pad(k_valid, False), 0.0, neg).astype(k.dtype)
+    ks = jnp.concatenate([pad(k), jnp.broadcast_to(bias[:, :, None, None], (b, tp, hk, 1))], -1)
+    # [n, B, Hk, g * blk, D + 1]: query blocks in the row layout of _to_rows
+    qb = jax.vmap(lambda x: _to_rows(x, hk))(jnp.moveaxis(qs.reshape(b, n, blk, hq, -1), 1, 0))
+    kb = jnp.transpose(ks.reshape(b, n, blk, hk, d + 1), (1, 0, 3, 2, 4))  # [n, B, Hk, blk, D+1]
+    vb = jnp.transpose(pad(v).reshape(b, n, blk, hk, dv), (1, 0, 3, 2, 4))
+
+    # the diagonal tiles: one batched, causally masked softmax
+    local = jnp.arange(blk)
+    causal = local[None, :] <= jnp.tile(local, g)[:, None]  # [g * blk, blk]
+    sc = jnp.einsum("nbkqd,nbksd->nbkqs", qb, kb, preferred_element_type=f32)
+    sc = jnp.where(causal, sc, _NEG)
+    m = jnp.max(sc, axis=-1)
+    p = jnp.exp(sc - m[..., None])
+    l_ = jnp.sum(p, axis=-1)
+    acc = jnp.einsum("nbkqs,nbksd->nbkqd", p.astype(v.dtype), vb, preferred_element_type=f32)
+
+    # pair order: [0, .., h - 1, n - 1, .., h]
+    order = np.concatenate([np.arange(h), np.arange(n - 1, h - 1, -1)])
+    qo = qb[order]
+    w = jnp.arange(h)
+
+    def step(s, carry):
+        start = jnp.minimum(s + 1, h)  # first active position (first members finish by h - 1)
+        m, l_, acc = (jax.lax.dynamic_slice_in_dim(x, start, h, 0) for x in carry)
+        r = start + w  # positions of the window; second member of row r - h is at key s - (r - h)
+        j = jnp.where(r < h, s, s - r + h)  # key block of each window position
+        qi = jax.lax.dynamic_slice_in_dim(qo, start, h, 0)
+        sc = jnp.einsum("nbkqd,nbksd->nbkqs", qi, kb[j], preferred_element_type=f32)
+        m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
+        corr = jnp.exp(m - m_new)
+        p = jnp.exp(sc - m_new[..., None])
+        l_new = l_ * corr + jnp.sum(p, axis=-1)
+        pv = jnp.einsum("nbkqs,nbksd->nbkqd", p.astype(v.dtype), vb[j], preferred_element_type=f32)
+        new = (m_new, l_new, acc * corr[..., None] + pv)
+        return tuple(
+            jax.lax.dynamic_update_slice_in_dim(x, y, start, 0)
+            for x, y in zip(carry, new, strict=True)
+        )
+
+    _, l_, acc = jax.lax.fori_loop(0, n - 1, step, (m[order], l_[order], acc[order]))
+    out = acc / jnp.maximum(l_, jnp.finfo(f32).tiny)[..., None]
+    out = out[np.argsort(order)].astype(v.dtype)  # natural block order
+    out = jax.vmap(lambda x: _from_rows(x, blk))(out)  # [n, B, blk, Hq, Dv]
+    return jnp.moveaxis(out, 0, 1).reshape(b, tp, hq, dv)[:, :t]
