@@ -107,7 +107,7 @@ def write_method(
         fontsize=10,
     )
     fig.text(0.5, 0.005, meta.get("machine", ""), ha="center", va="bottom", fontsize=6, wrap=True)
-    fig.tight_layout(rect=(0, 0.04, 1, 0.95))
+    fig.tight_layout(rect=(0, 0.09, 1, 0.95))
     png, js = out_dir / f"{method}.png", out_dir / f"{method}.json"
     tmp = out_dir / f".{method}.png.tmp-{os.getpid()}"
     fig.savefig(tmp, dpi=90, format="png")
