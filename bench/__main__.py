@@ -10,10 +10,26 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from importlib import metadata
+from pathlib import Path
 
-from bench import REGISTRY
-from bench.harness import LEGEND, BenchError, log, run_worker, summary, table
+from bench import REGISTRY, sweeps  # noqa: F401  (registers the scaling sweeps)
+from bench.harness import (
+    LEGEND,
+    SWEEPS,
+    BenchError,
+    log,
+    parse_point,
+    run_batch,
+    run_worker,
+    summary,
+    table,
+)
+from bench.plots import points_table, write_plots
+
+README_START = "<!-- bench:table -->"
+README_END = "<!-- /bench:table -->"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,6 +65,31 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="write all results as JSON to FILE (default: no file is written)",
     )
+    p.add_argument(
+        "--markdown",
+        metavar="FILE",
+        help="write the machine line (CPU, cores, load, versions), the table and its legend as "
+        "markdown to FILE: README's benchmark section is this file",
+    )
+    p.add_argument(
+        "--readme",
+        metavar="FILE",
+        help=f"replace what lies between the lines {README_START!r} and {README_END!r} in FILE "
+        "(e.g. README.md) with what --markdown writes",
+    )
+    p.add_argument(
+        "--from-json",
+        metavar="FILE",
+        help="run nothing: print the table (or, with --plots, draw the plots) from FILE, the "
+        "--out JSON of an earlier run (also of a stopped one), and write --markdown / --readme",
+    )
+    p.add_argument(
+        "--plots",
+        metavar="DIR",
+        help="run the scaling sweeps instead of the table (both sides at several sizes, same "
+        "harness) and write one plot per method, DIR/<method>.png, with its data as "
+        "DIR/<method>.json; --only then selects sweeps or methods",
+    )
     p.add_argument("--repeats", type=int, metavar="N", help="override the timed repeats")
     p.add_argument(
         "--timeout",
@@ -58,9 +99,119 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds per benchmark subprocess (default: 3600)",
     )
     p.add_argument(
+        "--isolate",
+        action="store_true",
+        help="with --dry-run: a fresh process per row and per side, as measured runs always "
+        "have (by default a dry run shares one process: imports happen once)",
+    )
+    p.add_argument(
         "--list", action="store_true", help="list the benchmarks (those --only selects) and exit"
     )
     return p
+
+
+def _log_row(k: int, n: int, name: str, row: dict) -> None:
+    if "error" in row:
+        log(f"({k}/{n}) {name} FAILED: {row['error']}")
+        return
+    ours, base = row["details"]["ours"], row["details"]["baseline"]
+    log(
+        f"({k}/{n}) {name} done in {row['wall_s']:.1f}s: ours {summary(ours)}; "
+        f"baseline {summary(base)}; ratio {row['ratio']:.2f}"
+    )
+
+
+def _failed(name: str, error: str) -> dict:
+    """The entry of a failed row or sweep point."""
+    if "@" in name:
+        sw, x = parse_point(name)
+        return {"name": name, "sweep": sw.name, "method": sw.method, "x": x, "error": error}
+    return {"name": name, "metric": REGISTRY[name].metric, "error": error}
+
+
+def _isolated(name: str) -> bool:
+    return parse_point(name)[0].isolated if "@" in name else REGISTRY[name].isolated
+
+
+def _run_rows(
+    names: list[str],
+    flags: list[str],
+    timeout: float,
+    *,
+    shared: bool,
+    on_row: Callable[[list[dict]], None] | None = None,
+) -> list[dict]:
+    """Every row (or sweep point ``SWEEP@X``) in ``names``, order kept. Measured runs: one
+    worker process per row (and per side, :meth:`Context.side`). ``shared`` (dry runs): those
+    not registered ``isolated`` run one after another in one ``--batch`` worker, sides
+    in-process. ``on_row(rows so far, in ``names`` order)`` runs after each row."""
+    n = len(names)
+    index = {name: k for k, name in enumerate(names, 1)}
+    done: dict[str, dict] = {}
+    batch = [name for name in names if shared and not _isolated(name)]
+    if batch:
+        log(f"dry run: {len(batch)} rows share one worker process (sides in-process)")
+        cmd = [sys.executable, "-m", "bench._worker", "--batch", ",".join(batch), *flags]
+        t0 = time.perf_counter()
+        for name, row in run_batch(cmd, batch, timeout=timeout):
+            if "error" in row:
+                row = _failed(name, row["error"])
+            else:
+                row["wall_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            _log_row(index[name], n, name, row)
+            done[name] = row
+            if on_row is not None:
+                on_row([done[k] for k in names if k in done])
+    for name in names:
+        if name in done:
+            continue
+        log(f"({index[name]}/{n}) {name}")
+        t0 = time.perf_counter()
+        cmd = [sys.executable, "-m", "bench._worker", name, *flags, "--timeout", str(timeout)]
+        try:
+            row = run_worker(cmd, timeout=timeout)
+        except BenchError as e:
+            row = _failed(name, str(e))
+        else:
+            row["wall_s"] = time.perf_counter() - t0
+        _log_row(index[name], n, name, row)
+        done[name] = row
+        if on_row is not None:
+            on_row([done[k] for k in names if k in done])
+    return [done[name] for name in names]
+
+
+def _select(only: list[str] | None, plots: bool) -> list[str] | str:
+    """The selected rows (or, with ``--plots``, sweeps); an error message for an unknown name."""
+    if not plots:
+        if not only:
+            return list(REGISTRY)
+        names = [n.strip() for item in only for n in item.split(",") if n.strip()]
+        unknown = [n for n in names if n not in REGISTRY]
+        if unknown:
+            return f"unknown benchmark {unknown[0]!r}; valid: {', '.join(REGISTRY)}"
+        return list(dict.fromkeys(names))
+    if not only:
+        return list(SWEEPS)
+    names = [n.strip() for item in only for n in item.split(",") if n.strip()]
+    methods = {sw.method for sw in SWEEPS.values()}
+    unknown = [n for n in names if n not in SWEEPS and n not in methods]
+    if unknown:
+        return (
+            f"unknown sweep or method {unknown[0]!r} (with --plots); sweeps: "
+            f"{', '.join(SWEEPS)}; methods: {', '.join(sorted(methods))}"
+        )
+    return [s for s, sw in SWEEPS.items() if s in names or sw.method in names]
+
+
+def _interleave(groups: list[list[str]]) -> list[str]:
+    """Round robin over the sweeps (each one's first point, then each one's second, ...), each
+    sweep's own order kept: a long run stopped early still has a few points of every method."""
+    out = []
+    for k in range(max(map(len, groups), default=0)):
+        out += [g[k] for g in groups if k < len(g)]
+    return out
 
 
 def _versions() -> dict[str, str | None]:
@@ -75,26 +226,36 @@ def _versions() -> dict[str, str | None]:
 
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
-    names = list(REGISTRY)
-    if a.only:
-        names = [n.strip() for item in a.only for n in item.split(",") if n.strip()]
-        unknown = [n for n in names if n not in REGISTRY]
-        if unknown:
-            print(
-                f"python -m bench: error: unknown benchmark {unknown[0]!r}; "
-                f"valid: {', '.join(REGISTRY)}",
-                file=sys.stderr,
-            )
-            return 2
-        names = list(dict.fromkeys(names))
+    names = _select(a.only, a.plots is not None)
+    if isinstance(names, str):
+        print(f"python -m bench: error: {names}", file=sys.stderr)
+        return 2
     if a.list:
         for n in names:
-            b = REGISTRY[n]
-            print(f"{b.name}\t{b.metric}\t{b.doc}")
+            if a.plots is not None:
+                sw = SWEEPS[n]
+                print(f"{sw.name}\t{sw.method}\t{sw.param}\t{sw.doc}")
+            else:
+                b = REGISTRY[n]
+                print(f"{b.name}\t{b.metric}\t{b.doc}")
         return 0
     if a.repeats is not None and a.repeats < 1:
         print("python -m bench: error: --repeats must be at least 1", file=sys.stderr)
         return 2
+    if a.plots is not None and (a.markdown or a.readme):
+        msg = "--markdown / --readme write the table, --plots the sweeps: give one of them"
+        print(f"python -m bench: error: {msg}", file=sys.stderr)
+        return 2
+    if a.readme:
+        err = _readme_check(a.readme)
+        if err:
+            print(f"python -m bench: error: --readme: {err}", file=sys.stderr)
+            return 2
+    if a.plots is not None and Path(a.plots).exists() and not Path(a.plots).is_dir():
+        print(f"python -m bench: error: --plots: {a.plots} is not a directory", file=sys.stderr)
+        return 2
+    if a.from_json:
+        return _from_json(a)
     mode = "dry" if a.dry_run else "quick" if a.quick else "full"
     flags = ["--dry-run"] if mode == "dry" else ["--quick"] if mode == "quick" else []
     if a.repeats is not None:
@@ -105,53 +266,180 @@ def main(argv: list[str] | None = None) -> int:
         log(f"load average {load_start:.1f} on {os.cpu_count()} CPUs: timings will be noisy")
     started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     t_all = time.perf_counter()
-    rows = []
-    for k, name in enumerate(names, 1):
-        log(f"({k}/{len(names)}) {name} [{mode}]")
-        t0 = time.perf_counter()
-        cmd = [sys.executable, "-m", "bench._worker", name, *flags, "--timeout", str(a.timeout)]
-        try:
-            row = run_worker(cmd, timeout=a.timeout)
-        except BenchError as e:
-            log(f"({k}/{len(names)}) {name} FAILED: {e}")
-            rows.append({"name": name, "metric": REGISTRY[name].metric, "error": str(e)})
-            continue
-        row["wall_s"] = time.perf_counter() - t0
-        ours, base = row["details"]["ours"], row["details"]["baseline"]
-        log(
-            f"({k}/{len(names)}) {name} done in {row['wall_s']:.1f}s: ours {summary(ours)}; "
-            f"baseline {summary(base)}; ratio {row['ratio']:.2f}"
-        )
-        rows.append(row)
+    shared = mode == "dry" and not a.isolate
+    items = _interleave([SWEEPS[n].points(mode) for n in names]) if a.plots else names
 
-    print(table(rows))
-    print()
-    print(LEGEND)
-    failed = [r["name"] for r in rows if "error" in r]
-    if a.out:
-        doc = {
-            "meta": {
-                "mode": mode,
-                "argv": sys.argv[1:] if argv is None else argv,
-                "started_utc": started,
-                "wall_s": time.perf_counter() - t_all,
-                "python": platform.python_version(),
-                "platform": platform.platform(),
-                "cpu_count": os.cpu_count(),
-                "loadavg_1m": {"start": load_start, "end": _loadavg()},
-                "versions": _versions(),
-                "ratio": "ours / baseline",
-            },
-            "results": {r["name"]: r for r in rows},
+    def meta_now(rows: list[dict]) -> dict:
+        meta = {
+            "mode": mode,
+            "argv": sys.argv[1:] if argv is None else argv,
+            "started_utc": started,
+            "wall_s": time.perf_counter() - t_all,
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "cpu_model": _cpu_model(),
+            "cpu_count": os.cpu_count(),
+            "loadavg_1m": {"start": load_start, "end": _loadavg()},
+            "versions": versions,
+            "threads": os.environ.get("JCOMPRESS_BENCH_THREADS") or "library defaults",
+            "processes": "one shared process (dry run)" if shared else "one per row and per side",
+            "ratio": "ours / baseline",
+            "complete": len(rows) == len(items),
+            "done": len(rows),
+            "total": len(items),
+            "pending": [k for k in items if k not in {r["name"] for r in rows}],
         }
-        with open(a.out, "w") as f:
-            json.dump(_finite(doc), f, indent=2, default=repr, allow_nan=False)
-            f.write("\n")
-        log(f"wrote {a.out}")
+        meta["machine"] = machine_line(meta)
+        return meta
+
+    def write(rows: list[dict], meta: dict) -> None:
+        if a.out:
+            key = "points" if a.plots is not None else "results"
+            doc = {"meta": meta, key: {r["name"]: r for r in rows}}
+            text = json.dumps(_finite(doc), indent=2, default=repr, allow_nan=False)
+            _write_atomic(a.out, text + "\n")
+        if a.markdown:
+            _write_atomic(a.markdown, markdown(rows, meta))
+        if a.plots is not None:
+            write_plots(a.plots, rows, meta)
+
+    versions = _versions()
+    # --out / --markdown are rewritten after every row (meta.complete false until the end), so
+    # an interrupted long run still leaves what it measured
+    rows = _run_rows(
+        items,
+        flags,
+        a.timeout,
+        shared=shared,
+        on_row=lambda done: write(done, meta_now(done)),
+    )
+    meta = meta_now(rows)
+    failed = [r["name"] for r in rows if "error" in r]
+    if a.plots is not None:
+        flat = [key for n in names for key in SWEEPS[n].points(mode)]  # sweep by sweep
+        print(points_table(sorted(rows, key=lambda r: flat.index(r["name"]))))
+    else:
+        print(table(rows))
+        print()
+        print(LEGEND)
+    write(rows, meta)
+    for path in (a.out, a.markdown, a.plots):
+        if path:
+            log(f"wrote {path}")
+    if a.readme:
+        _update_readme(a.readme, markdown(rows, meta))
     if failed:
         log(f"failed: {', '.join(failed)}")
         return 1
     return 0
+
+
+def _update_readme(path: str, body: str) -> None:
+    text = Path(path).read_text()
+    head, rest = text.split(README_START + "\n", 1)
+    _, tail = rest.split(README_END, 1)
+    _write_atomic(path, f"{head}{README_START}\n{body}{README_END}{tail}")
+    log(f"updated the table in {path}")
+
+
+def _from_json(a: argparse.Namespace) -> int:
+    """``--from-json FILE``: print and write (``--markdown``, ``--readme``, ``--plots``) what a
+    run saved with ``--out`` holds, without running anything (e.g. for a run that was stopped:
+    its JSON is rewritten after every row)."""
+    key = "points" if a.plots is not None else "results"
+    try:
+        doc = json.loads(Path(a.from_json).read_text())
+        meta, rows = doc["meta"], list(doc[key].values())
+        if key == "results" and not meta.get("complete", True) and "pending" not in meta:
+            meta["pending"] = [n for n in REGISTRY if n not in doc[key]]
+        meta["machine"] = machine_line(meta)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        what = "a --plots run's --out JSON" if a.plots is not None else "a table run's --out JSON"
+        print(
+            f"python -m bench: error: --from-json: {a.from_json} is not {what} ({e})",
+            file=sys.stderr,
+        )
+        return 2
+    if a.plots is not None:
+        print(points_table(rows))
+        write_plots(a.plots, rows, meta)
+        log(f"wrote {a.plots}")
+    else:
+        print(table(rows))
+        print()
+        print(LEGEND)
+    if a.markdown:
+        _write_atomic(a.markdown, markdown(rows, meta))
+        log(f"wrote {a.markdown}")
+    if a.readme:
+        _update_readme(a.readme, markdown(rows, meta))
+    return 1 if any("error" in r for r in rows) else 0
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else :func:`platform.processor`)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine_line(meta: dict) -> str:
+    """One line saying where and how the numbers were measured."""
+    v = meta["versions"]
+    load = meta["loadavg_1m"]
+    loads = ", ".join(
+        f"{k} {x:.1f}" for k, x in (("start", load["start"]), ("end", load["end"])) if x is not None
+    )
+    libs = ", ".join(f"{k} {v[k]}" for k in ("jax", "torch", "transformers") if v.get(k))
+    return (
+        f"Measured {meta['started_utc']} ({meta['mode']} mode, {meta['wall_s'] / 60:.1f} min) on "
+        f"{meta['cpu_model']}, {meta['cpu_count']} CPUs, 1-minute load average {loads or 'n/a'}; "
+        f"Python {meta['python']}, {libs}; threads: {meta['threads']}; processes: "
+        f"{meta['processes']}."
+        + (
+            ""
+            if meta.get("complete", True)
+            else f" PARTIAL: {meta['done']} of {meta['total']} rows had finished."
+        )
+    )
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    """The machine line, the table and its legend: what README's benchmark section holds. A
+    partial run's rows that had not finished are listed as ``not run``."""
+    pending = [
+        {"name": n, "metric": REGISTRY[n].metric if n in REGISTRY else "", "not_run": True}
+        for n in meta.get("pending") or []
+    ]
+    return f"{machine_line(meta)}\n\n{table(rows + pending)}\n\n{LEGEND}\n"
+
+
+def _readme_check(path: str) -> str | None:
+    """Why ``path`` cannot take the table (checked before any benchmark runs), or None."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        return f"cannot read {path}: {e.strerror or e}"
+    starts, ends = text.count(README_START + "\n"), text.count(README_END)
+    if starts != 1 or ends != 1 or text.index(README_START) > text.index(README_END):
+        return (
+            f"{path} needs exactly one line {README_START!r} followed by one {README_END!r} "
+            f"(found {starts} and {ends})"
+        )
+    return None
+
+
+def _write_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same directory: a reader never
+    sees a half-written file."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, target)
 
 
 def _loadavg() -> float | None:

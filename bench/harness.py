@@ -12,11 +12,18 @@ inside its own worker process (``python -m bench._worker NAME``) and returns::
 Each side is usually measured in a fresh subprocess with :meth:`Context.side`, so its peak RSS
 (``peak_rss_mib``, added by the worker) is its own. Nothing here imports jax or torch: the
 parent process stays light and every heavy import happens in the process being measured.
+
+A dry run (``--dry-run``: tiny sizes, numbers meaningless, it only proves every row runs end to
+end) shares one interpreter instead: the rows run one after another in one worker process and
+their sides are called in it (:attr:`Context.in_process`), so jax / torch / transformers are
+imported once rather than twice per row. Rows registered with ``isolated=True`` and every
+``--quick`` / full run keep a fresh process per row and per side.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import resource
@@ -25,7 +32,7 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +54,8 @@ class Benchmark:
       higher_is_better: direction of ``metric`` (the ratio is always ours / baseline).
       fn: ``fn(ctx: Context) -> dict`` (see the module docstring).
       doc: one line for ``--list`` and the README.
+      isolated: run in fresh processes (row and sides) even in a dry run, e.g. a row whose sides
+        need their own environment or process-global settings.
     """
 
     name: str
@@ -54,23 +63,123 @@ class Benchmark:
     higher_is_better: bool
     fn: Callable[[Context], dict[str, Any]]
     doc: str = ""
+    isolated: bool = False
 
 
 REGISTRY: dict[str, Benchmark] = {}
 
 
-def register(name: str, *, metric: str, higher_is_better: bool, doc: str = ""):
-    """Decorator adding ``fn(ctx) -> dict`` to :data:`REGISTRY` under ``name``."""
+def register(
+    name: str, *, metric: str, higher_is_better: bool, doc: str = "", isolated: bool = False
+):
+    """Decorator adding ``fn(ctx) -> dict`` to :data:`REGISTRY` under ``name`` (``isolated``:
+    see :class:`Benchmark`)."""
 
     def deco(fn):
         if name in REGISTRY:
             raise AssertionError(f"benchmark {name!r} registered twice")
         REGISTRY[name] = Benchmark(
-            name, metric, higher_is_better, fn, doc or (fn.__doc__ or "").strip().split("\n")[0]
+            name,
+            metric,
+            higher_is_better,
+            fn,
+            doc or (fn.__doc__ or "").strip().split("\n")[0],
+            isolated,
         )
         return fn
 
     return deco
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    """A scaling sweep: one row family measured at several values of one parameter, plotted by
+    ``python -m bench --plots DIR`` (one figure per ``method``, one panel per sweep).
+
+    Each point runs like a row: ``fn(ctx, x) -> dict`` (the dict a row function returns) in its
+    own worker process, each side in a fresh subprocess through :meth:`Context.side`, medians of
+    timed repeats with the first call excluded.
+
+    Attributes:
+      name: identifier (``--only`` filters sweeps by it or by ``method``).
+      method: the figure it belongs to (file ``DIR/<method>.png``), e.g. ``"forward"``.
+      param: the x axis, e.g. ``"sequence length (tokens)"``.
+      values: the x values per size mode (``{"full": ..., "quick": ..., "dry": ...}``).
+      fn: ``fn(ctx, x) -> dict`` for one point.
+      y: the key of each side's dict that is plotted, a time in seconds (``"value"`` for rows
+        whose metric is seconds, ``"median_s"`` for throughput rows).
+      ours / baseline: legend labels of the two sides.
+      log_x / log_y: logarithmic axes (log-log where the sizes span decades).
+      doc: one line (the panel's title).
+      isolated: fresh processes even in a dry run (see :class:`Benchmark`).
+    """
+
+    name: str
+    method: str
+    param: str
+    values: dict[str, tuple[Any, ...]]
+    fn: Callable[[Context, Any], dict[str, Any]]
+    y: str = "value"
+    ours: str = "jcompress"
+    baseline: str = "baseline"
+    log_x: bool = True
+    log_y: bool = True
+    doc: str = ""
+    isolated: bool = False
+
+    def points(self, mode: str) -> list[str]:
+        """The point keys ``NAME@<x as JSON>`` of ``mode``, in order."""
+        return [point_key(self.name, x) for x in self.values[mode]]
+
+
+SWEEPS: dict[str, Sweep] = {}
+
+
+def sweep(
+    name: str,
+    *,
+    method: str,
+    param: str,
+    full: tuple[Any, ...] | list[Any],
+    quick: tuple[Any, ...] | list[Any],
+    dry: tuple[Any, ...] | list[Any],
+    y: str = "value",
+    ours: str = "jcompress",
+    baseline: str = "baseline",
+    log_x: bool = True,
+    log_y: bool = True,
+    doc: str = "",
+    isolated: bool = False,
+):
+    """Decorator adding ``fn(ctx, x) -> dict`` to :data:`SWEEPS` (see :class:`Sweep`)."""
+
+    def deco(fn):
+        if name in SWEEPS:
+            raise AssertionError(f"sweep {name!r} registered twice")
+        values = {"full": tuple(full), "quick": tuple(quick), "dry": tuple(dry)}
+        for mode, xs in values.items():
+            if len(xs) < 2:
+                raise AssertionError(f"sweep {name!r}: {mode} needs at least two values")
+            json.dumps(list(xs))  # the values travel to the worker as JSON
+        SWEEPS[name] = Sweep(
+            name, method, param, values, fn, y, ours, baseline, log_x, log_y,
+            doc or (fn.__doc__ or "").strip().split("\n")[0], isolated,
+        )  # fmt: skip
+        return fn
+
+    return deco
+
+
+def point_key(name: str, x: Any) -> str:
+    """``NAME@<x as compact JSON>``: one sweep point, as workers and results name it."""
+    return f"{name}@{json.dumps(x, separators=(',', ':'))}"
+
+
+def parse_point(key: str) -> tuple[Sweep, Any]:
+    name, _, x = key.partition("@")
+    if name not in SWEEPS or not x:
+        raise KeyError(f"unknown sweep point {key!r}; sweeps: {', '.join(SWEEPS)}")
+    return SWEEPS[name], json.loads(x)
 
 
 # --------------------------------------------------------------------------- context
@@ -87,13 +196,17 @@ class BenchError(RuntimeError):
 
 @dataclasses.dataclass
 class Context:
-    """What a benchmark function gets: the size mode, a private temp dir, and :meth:`side`."""
+    """What a benchmark function gets: the size mode, a private temp dir, and :meth:`side`.
+
+    ``in_process`` (dry runs only): :meth:`side` calls the function in this process instead of
+    a fresh one (imports shared across sides and rows; peak RSS is then the process's)."""
 
     name: str
     mode: str  # "full" | "quick" | "dry"
     tmp: Path
     repeats_override: int | None = None
     timeout: float | None = None
+    in_process: bool = False
 
     def pick(self, *, full: Any, quick: Any, dry: Any) -> Any:
         """The value for the current size mode."""
@@ -115,6 +228,11 @@ class Context:
         target = f"{fn.__module__}:{fn.__qualname__}"
         self.log(f"{label} ...")
         t0 = time.perf_counter()
+        if self.in_process:
+            out = call_in_process(fn, kwargs)
+            out["process_wall_s"] = time.perf_counter() - t0
+            self.log(f"{label} done in-process in {out['process_wall_s']:.1f}s ({summary(out)})")
+            return out
         cmd = [
             sys.executable,
             "-m",
@@ -128,6 +246,23 @@ class Context:
         out["process_wall_s"] = time.perf_counter() - t0
         self.log(f"{label} done in {out['process_wall_s']:.1f}s ({summary(out)})")
         return out
+
+
+def call_in_process(fn: Callable[..., dict[str, Any]], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """One side in this process, with what a side worker adds (``peak_rss_mib``, ``wall_s``)
+    and the same JSON round trips for its arguments and result; a failure is a
+    :class:`BenchError` with the worker's one-line message."""
+    kwargs = json.loads(json.dumps(kwargs))
+    t0 = time.perf_counter()
+    try:
+        out = dict(fn(**kwargs))
+    except Exception as e:
+        raise BenchError(error_result(e)["error"]) from e
+    finally:
+        gc.collect()
+    out["peak_rss_mib"] = peak_rss_mib()
+    out["wall_s"] = time.perf_counter() - t0
+    return json.loads(json.dumps(out, default=_jsonable))
 
 
 def summary(m: dict[str, Any]) -> str:
@@ -244,6 +379,57 @@ def run_worker(cmd: list[str], *, timeout: float | None) -> dict[str, Any]:
     return result
 
 
+def run_batch(
+    cmd: list[str], names: list[str], *, timeout: float | None
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Run a ``--batch`` worker (several dry rows in one process) and yield ``(name, row)`` as
+    each row's line arrives; a failed row's dict has ``error``. ``timeout`` bounds each row.
+    Rows the worker never reported (it crashed or timed out) come back as errors."""
+    import queue
+    import threading
+
+    p = subprocess.Popen(cmd, cwd=REPO, env=worker_env(), stdout=subprocess.PIPE, text=True)
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        assert p.stdout is not None
+        for line in p.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    pending = list(names)
+    try:
+        while pending:
+            try:
+                line = lines.get(timeout=timeout)
+            except queue.Empty:
+                p.kill()
+                yield pending.pop(0), {"error": f"timed out after {timeout:.0f}s (batch worker)"}
+                break
+            if line is None:
+                break
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            name = row.get("name") if isinstance(row, dict) else None
+            if name not in pending:
+                if isinstance(row, dict) and "error" in row and name is None:
+                    yield pending.pop(0), row  # the batch itself refused (bad arguments)
+                continue
+            pending.remove(name)
+            yield name, row
+    finally:
+        if p.poll() is None and pending:
+            p.kill()
+        rc = p.wait()
+    for name in pending:
+        yield name, {"error": f"batch worker exited {rc} before this benchmark reported"}
+
+
 def claim_stdout() -> None:
     """Keep the worker's stdout for its one result line: anything else written to fd 1 (by
     libraries, C code included) goes to stderr from now on."""
@@ -306,6 +492,30 @@ def make_row(bench: Benchmark, raw: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def make_point(sw: Sweep, x: Any, key: str, raw: dict[str, Any]) -> dict[str, Any]:
+    """The JSON entry of one sweep point: both sides' ``sw.y`` (seconds) at ``x``."""
+    ours, base = raw["ours"], raw["baseline"]
+    for label, side in (("ours", ours), ("baseline", base)):
+        if sw.y not in side:
+            raise KeyError(f"sweep {sw.name!r}: the {label} side returned no {sw.y!r}")
+    ov, bv = float(ours[sw.y]), float(base[sw.y])
+    return {
+        "name": key,
+        "sweep": sw.name,
+        "method": sw.method,
+        "x": x,
+        "y": sw.y,
+        "size": raw.get("size", ""),
+        "ours": ov,
+        "baseline": bv,
+        "ratio": ov / bv if bv else float("nan"),
+        "first_call_s": {"ours": ours.get("first_s"), "baseline": base.get("first_s")},
+        "peak_rss_mib": {"ours": ours.get("peak_rss_mib"), "baseline": base.get("peak_rss_mib")},
+        "details": {"ours": ours, "baseline": base},
+        "info": raw.get("info", {}),
+    }
+
+
 def fmt(x: Any) -> str:
     if x is None:
         return "-"
@@ -331,7 +541,9 @@ def table(rows: list[dict[str, Any]]) -> str:
     """The markdown table: a header and one row per benchmark (failed ones say so)."""
     lines = [HEADER, "|" + "---|" * HEADER.count(" | ") + "---|"]
     for r in rows:
-        if "error" in r:
+        if r.get("not_run"):
+            cells = [r["name"], "", r.get("metric", ""), "not run", *["-"] * 4]
+        elif "error" in r:
             cells = [r["name"], r.get("size", ""), r.get("metric", ""), "FAILED", *["-"] * 4]
         else:
             fc, rss = r["first_call_s"], r["peak_rss_mib"]

@@ -1,40 +1,28 @@
 """The benchmark harness end to end at dry-run sizes (``python -m bench --quick --dry-run``).
 
 Only structure is checked: exit status, the JSON file, the markdown table. Timings never are.
+A dry run shares one worker process across rows and sides (imports once);
+``test_isolated_dry_row`` keeps the per-row / per-side subprocess path of measured runs covered.
+The second half of the rows' dry run is ``tests/test_bench_rows2.py`` and the plots
+(``--plots``) are ``tests/test_bench_plots.py``: files of their own, so pytest-xdist's
+``--dist loadfile`` can spread them over its workers.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _bench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
-    return subprocess.run(
-        [sys.executable, "-m", "bench", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+from _bench_run import REPO, all_names, dry_run, halves, table_rows
+from _bench_run import bench as _bench
 
 
 @pytest.fixture(scope="module")
 def names() -> list[str]:
-    p = _bench("--list", timeout=60)
-    assert p.returncode == 0, p.stderr
-    out = [line.split("\t")[0] for line in p.stdout.splitlines() if line.strip()]
+    out = all_names()
     assert {
         "forward_llama_1m",
         "forward_opt_125m",
@@ -47,57 +35,81 @@ def names() -> list[str]:
     return out
 
 
-def _table_rows(stdout: str) -> dict[str, list[str]]:
-    lines = stdout.splitlines()
-    header = [i for i, line in enumerate(lines) if line.startswith("| benchmark |")]
-    assert len(header) == 1, stdout
-    assert lines[header[0] + 1].startswith("|---|"), stdout
-    rows = {}
-    for line in lines[header[0] + 2 :]:
-        if not line.startswith("|"):
-            break
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        rows[cells[0]] = cells
-    return rows
-
-
-def test_dry_run_all(tmp_path, names, shared_data):
-    out = tmp_path / "r.json"
-    p = _bench("--quick", "--dry-run", "--out", str(out))
-    assert p.returncode == 0, p.stdout + p.stderr[-4000:]
-
-    header = p.stdout.splitlines()
-    assert any(
-        h.startswith("| benchmark | size | metric | jcompress | baseline | ratio |") for h in header
+def test_dry_run_first_half(tmp_path, names, shared_data):
+    """The first half of the rows (the rest: ``test_bench_rows2.py``), with ``--markdown`` and
+    ``--readme``."""
+    md, readme = tmp_path / "r.md", tmp_path / "README.md"
+    readme.write_text(
+        "# t\n\n## Benchmarks\n<!-- bench:table -->\nold\n<!-- /bench:table -->\nafter\n"
     )
-    rows = _table_rows(p.stdout)
-    assert list(rows) == names
-    for cells in rows.values():
-        assert len(cells) == 8 and cells[3] != "FAILED"
+    first, _ = halves(names)
+    p, data, rows = dry_run(tmp_path, first, "--markdown", str(md), "--readme", str(readme))
 
+    # --markdown: the machine line, then the very table stdout printed, then the legend
+    meta = data["meta"]
+    assert meta["cpu_count"] == os.cpu_count() and meta["cpu_model"]
+    text = md.read_text()
+    line, rest = text.split("\n\n", 1)
+    assert line.startswith("Measured ") and f"{os.cpu_count()} CPUs" in line
+    assert f"jax {meta['versions']['jax']}" in line and "load average start" in line
+    assert f"torch {meta['versions']['torch']}" in line and "PARTIAL" not in line
+    table_out = p.stdout[p.stdout.index("| benchmark |") :].split("\n\n")[0]
+    assert rest.startswith(table_out + "\n\n")
+    assert table_rows(rest) == rows
+    # --readme: the same text between the markers, the rest of the file untouched
+    assert readme.read_text() == (
+        f"# t\n\n## Benchmarks\n<!-- bench:table -->\n{text}<!-- /bench:table -->\nafter\n"
+    )
+
+    # --from-json: the same markdown again from the saved JSON, nothing run
+    md2 = tmp_path / "again.md"
+    q = _bench("--from-json", str(tmp_path / "r.json"), "--markdown", str(md2), timeout=120)
+    assert q.returncode == 0, q.stderr
+    assert md2.read_text() == text and "[bench] (" not in q.stderr
+    # a stopped run's JSON (rewritten after every row): the rows not finished are "not run"
+    data["meta"].update(complete=False, done=len(first) - 1, pending=[first[-1]])
+    del data["results"][first[-1]]
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps(data))
+    q = _bench("--from-json", str(partial), "--markdown", str(md2), timeout=120)
+    assert q.returncode == 0, q.stderr
+    line2, rest2 = md2.read_text().split("\n\n", 1)
+    assert line2.endswith(f"PARTIAL: {len(first) - 1} of {len(first)} rows had finished.")
+    cells = table_rows(rest2)
+    assert list(cells) == first and cells[first[-1]][3] == "not run"
+
+
+def test_isolated_dry_row(tmp_path):
+    """``--isolate``: the row in its own worker, each side in a fresh subprocess (as measured
+    runs always do); sides report their own peak RSS and process wall time."""
+    out = tmp_path / "r.json"
+    p = _bench("--dry-run", "--isolate", "--only", "ged_fit_seed_size", "--out", str(out))
+    assert p.returncode == 0, p.stdout + p.stderr[-4000:]
+    assert "share one worker process" not in p.stderr
     data = json.loads(out.read_text())
-    assert data["meta"]["mode"] == "dry"
-    assert list(data["results"]) == names
-    for name, r in data["results"].items():
-        assert r["name"] == name and "error" not in r
-        for key in ("ours", "baseline", "ratio"):
-            assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, (name, key)
-        assert r["ratio"] == pytest.approx(r["ours"] / r["baseline"])
-        for side in ("ours", "baseline"):
-            assert r["peak_rss_mib"][side] > 0
-            assert r["first_call_s"][side] >= 0
-    fwd = data["results"]["forward_opt_125m"]["info"]
-    assert fwd["last_token_logits_max_abs_diff"] < 1e-3
-    assert len(data["results"]["load_hf_4shard"]["info"]["shards"]) == 4
-    check = data["results"]["eigen_bases_opt125m_layer"]["info"]["check"]
-    assert set(check) == {"kq", "v"}  # both sides' bases were compared (the row fails if not)
-    assert 0 < data["results"]["eigen_llama1m_end_to_end"]["info"]["kv_cache_ratio"] <= 1
+    assert data["meta"]["processes"] == "one per row and per side"
+    r = data["results"]["ged_fit_seed_size"]
+    assert r["in_process"] is False
+    for side in ("ours", "baseline"):
+        d = r["details"][side]
+        assert d["process_wall_s"] >= d["wall_s"] > 0 and d["peak_rss_mib"] > 0
 
 
 def test_only_selects(names):
     p = _bench("--list", "--only", f"{names[-1]},{names[0]}", "--only", names[0], timeout=60)
     assert p.returncode == 0, p.stderr
     assert [line.split("\t")[0] for line in p.stdout.splitlines()] == [names[-1], names[0]]
+
+
+def test_readme_without_markers_fails_first(tmp_path, names):
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers\n")
+    p = _bench("--dry-run", "--only", names[0], "--readme", str(readme), timeout=60)
+    assert p.returncode == 2 and p.stdout == ""
+    err = p.stderr.strip()
+    assert len(err.splitlines()) == 1 and "--readme" in err and "<!-- bench:table -->" in err
+    assert readme.read_text() == "# no markers\n"
+    assert "[bench]" not in p.stderr  # nothing ran
 
 
 def test_only_unknown_name(names):
@@ -109,3 +121,64 @@ def test_only_unknown_name(names):
     for n in names:
         assert n in err
     assert p.stdout == ""
+
+
+# --------------------------------------------------------------------------- harness plumbing
+
+
+def _harness():
+    if str(REPO) not in sys.path:  # bench/ is not an installed package
+        sys.path.insert(0, str(REPO))
+    from bench import harness
+
+    return harness
+
+
+def test_run_batch_reports_rows_errors_and_crash():
+    """One line per row as it arrives; a row the worker reported as failed keeps its message;
+    rows never reported (the worker died) come back as errors naming the exit status."""
+    h = _harness()
+    script = (
+        "import json, sys\n"
+        "print('library noise on stdout')\n"
+        "print(json.dumps({'name': 'a', 'ours': 1.5}))\n"
+        "print(json.dumps({'name': 'b', 'error': 'ValueError: boom'}))\n"
+        "sys.stdout.flush()\n"
+        "sys.exit(3)\n"
+    )
+    got = list(h.run_batch([sys.executable, "-c", script], ["a", "b", "c"], timeout=60))
+    assert [name for name, _ in got] == ["a", "b", "c"]
+    assert got[0][1] == {"name": "a", "ours": 1.5}
+    assert got[1][1]["error"] == "ValueError: boom"
+    assert "exited 3" in got[2][1]["error"]
+
+
+def test_run_batch_timeout():
+    h = _harness()
+    script = "import time; time.sleep(60)"
+    got = list(h.run_batch([sys.executable, "-c", script], ["a", "b"], timeout=1.0))
+    assert "timed out after 1s" in got[0][1]["error"]
+    assert got[1][0] == "b" and "error" in got[1][1]
+
+
+def _side_ok(n: int) -> dict:
+    import numpy as np
+
+    return {"value": np.float32(n) / 2, "first_s": 0.0, "path": Path("/x")}
+
+
+def _side_fails(n: int) -> dict:
+    raise ValueError(f"first line\nbad n={n}")
+
+
+def test_call_in_process():
+    """A dry run's in-process side: same JSON round trip and extras as a side worker, and a
+    failure becomes a BenchError with the worker's one-line message."""
+    h = _harness()
+    out = h.call_in_process(_side_ok, {"n": 3})
+    assert out["value"] == 1.5 and isinstance(out["value"], float)
+    assert out["path"] == "/x" and out["peak_rss_mib"] > 0 and out["wall_s"] >= 0
+    with pytest.raises(h.BenchError, match=r"^ValueError: bad n=4$"):
+        h.call_in_process(_side_fails, {"n": 4})
+    with pytest.raises(TypeError):  # kwargs must be JSON, as for a subprocess
+        h.call_in_process(_side_ok, {"n": object()})

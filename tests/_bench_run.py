@@ -1,0 +1,103 @@
+"""Shared by the ``python -m bench`` tests (``tests/test_bench*.py``): run the CLI, parse its
+table, and the dry run of a group of rows with every structural check.
+
+The dry run of all rows is split in two halves of the registry (``test_bench.py`` runs the first,
+``test_bench_rows2.py`` the rest, every row added later included): two files, so pytest-xdist's
+``--dist loadfile`` can run them on both workers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+HEADER = "| benchmark | size | metric | jcompress | baseline | ratio |"
+
+
+def bench(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    return subprocess.run(
+        [sys.executable, "-m", "bench", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def all_names() -> list[str]:
+    """The registry, in order (``--list``)."""
+    p = bench("--list", timeout=60)
+    assert p.returncode == 0, p.stderr
+    return [line.split("\t")[0] for line in p.stdout.splitlines() if line.strip()]
+
+
+def halves(names: list[str]) -> tuple[list[str], list[str]]:
+    k = len(names) // 2
+    return names[:k], names[k:]
+
+
+def table_rows(stdout: str) -> dict[str, list[str]]:
+    lines = stdout.splitlines()
+    header = [i for i, line in enumerate(lines) if line.startswith("| benchmark |")]
+    assert len(header) == 1, stdout
+    assert lines[header[0] + 1].startswith("|---|"), stdout
+    rows = {}
+    for line in lines[header[0] + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        rows[cells[0]] = cells
+    return rows
+
+
+def _check_info(name: str, info: dict) -> None:
+    """Row-specific evidence that both sides really ran and were compared."""
+    if name == "forward_opt_125m":
+        assert info["last_token_logits_max_abs_diff"] < 1e-3
+    elif name == "load_hf_4shard":
+        assert len(info["shards"]) == 4
+    elif name == "eigen_bases_opt125m_layer":
+        assert set(info["check"]) == {"kq", "v"}  # the row fails unless the bases agree
+    elif name == "eigen_llama1m_end_to_end":
+        assert 0 < info["kv_cache_ratio"] <= 1
+
+
+def dry_run(tmp_path: Path, names: list[str], *args: str):
+    """``python -m bench --quick --dry-run --only NAMES --out J [args]``: every row ran end to end
+    (in one shared worker), the table has exactly these rows, the JSON every number finite.
+    Returns ``(process, json, table rows)``."""
+    out = tmp_path / "r.json"
+    p = bench("--quick", "--dry-run", "--only", ",".join(names), "--out", str(out), *args)
+    assert p.returncode == 0, p.stdout + p.stderr[-4000:]
+    assert "rows share one worker process" in p.stderr
+    assert any(line.startswith(HEADER) for line in p.stdout.splitlines())
+    rows = table_rows(p.stdout)
+    assert list(rows) == names
+    for cells in rows.values():
+        assert len(cells) == 8 and cells[3] != "FAILED"
+
+    data = json.loads(out.read_text())
+    meta = data["meta"]
+    assert meta["mode"] == "dry" and meta["complete"] and meta["done"] == len(names)
+    assert meta["processes"] == "one shared process (dry run)"
+    assert list(data["results"]) == names
+    for name, r in data["results"].items():
+        assert r["name"] == name and "error" not in r and r["in_process"] is True
+        for key in ("ours", "baseline", "ratio"):
+            assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, (name, key)
+        assert r["ratio"] == pytest.approx(r["ours"] / r["baseline"])
+        for side in ("ours", "baseline"):
+            assert r["peak_rss_mib"][side] > 0
+            assert r["first_call_s"][side] >= 0
+        _check_info(name, r["info"])
+    return p, data, rows
