@@ -333,7 +333,7 @@ def median(xs: list[float]) -> float:
 # --------------------------------------------------------------------------- subprocesses
 
 
-ONE_THREAD_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+ONE_THREAD_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false"  # the one XLA:CPU thread switch
 
 
 def worker_env() -> dict[str, str]:
