@@ -9,6 +9,17 @@ from pathlib import Path
 # from several of its own threads at once, and OpenBLAS's thread pool under such concurrent
 # callers was seen to deadlock (a vmap-ed HOOI blocked at 0% CPU) on the 2-core CI machine.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# Under pytest-xdist (the README's `-n 2` on 2 cores) each worker computes on one thread: two
+# multi-threaded workers (XLA's Eigen pool, torch's OpenMP) on two cores spend their time
+# spinning against each other. Subprocesses the tests start inherit it. Results do not depend
+# on it (thread partitioning splits outputs, not reductions); tests never check wall time.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
+    if "xla_cpu_multi_thread_eigen" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
+        ).strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
