@@ -19,6 +19,7 @@ from jcompress.errors import UserError
 __all__ = [
     "DTYPES",
     "add_attention_flag",
+    "add_calib_window_flags",
     "add_dtype_flag",
     "add_eval_window_flags",
     "add_mesh_flag",
@@ -72,6 +73,20 @@ def add_attention_flag(s: argparse.ArgumentParser) -> None:
         default=DEFAULT,
         help=f"attention implementation (default: {DEFAULT})",
     )
+
+
+def add_calib_window_flags(s: argparse.ArgumentParser) -> None:
+    """``--nsamples`` / ``--seqlen`` / ``--seed``: the calibration windows of a method command."""
+    s.add_argument(
+        "--nsamples", type=positive, default=32, help="calibration windows (default: 32)"
+    )
+    s.add_argument(
+        "--seqlen",
+        type=positive,
+        default=None,
+        help="tokens per calibration window (default: 512, capped at the model's positions)",
+    )
+    s.add_argument("--seed", type=int, default=2, help="calibration sampling seed (default: 2)")
 
 
 def add_eval_window_flags(s: argparse.ArgumentParser) -> None:

@@ -20,7 +20,11 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from jcompress.cli.common import add_dtype_flag, add_eval_window_flags, positive
+from jcompress.cli.common import (
+    add_calib_window_flags,
+    add_dtype_flag,
+    add_eval_window_flags,
+)
 from jcompress.errors import UserError
 
 __all__ = ["RunJob", "add_parser", "check_run_job", "run", "run_recipe_job"]
@@ -194,16 +198,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=None,
         help="calibration text (.txt / .jsonl) for the steps that calibrate",
     )
-    s.add_argument(
-        "--nsamples", type=positive, default=32, help="calibration windows (default: 32)"
-    )
-    s.add_argument(
-        "--seqlen",
-        type=positive,
-        default=None,
-        help="tokens per calibration window (default: 512, capped at the model's positions)",
-    )
-    s.add_argument("--seed", type=int, default=2, help="calibration sampling seed (default: 2)")
+    add_calib_window_flags(s)
     s.add_argument(
         "--eval_data",
         "--eval-data",

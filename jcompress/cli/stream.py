@@ -16,7 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from jcompress.cli.common import add_dtype_flag, config_flags, config_from_args, positive
+from jcompress.cli.common import (
+    add_calib_window_flags,
+    add_dtype_flag,
+    config_flags,
+    config_from_args,
+)
 from jcompress.errors import UserError
 
 __all__ = ["METHODS", "add_parser", "run"]
@@ -78,16 +83,7 @@ def _tucker_flags(p: argparse.ArgumentParser) -> list[str]:
         default=Variant.TT.value,
         help="decomposition (default: tt)",
     )
-    p.add_argument(
-        "--nsamples", type=positive, default=32, help="calibration windows (default: 32)"
-    )
-    p.add_argument(
-        "--seqlen",
-        type=positive,
-        default=None,
-        help="tokens per calibration window (default: 512, capped at the model's positions)",
-    )
-    p.add_argument("--seed", type=int, default=2, help="calibration sampling seed (default: 2)")
+    add_calib_window_flags(p)
     return config_flags(p, TuckerConfig, tucker_overrides())
 
 

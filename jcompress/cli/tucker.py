@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from jcompress.cli.common import (
+    add_calib_window_flags,
     add_eval_window_flags,
     add_mesh_flag,
     config_flags,
@@ -289,16 +290,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=None,
         help="calibration text (.txt / .jsonl): layer output errors; required by tucker_mps",
     )
-    s.add_argument(
-        "--nsamples", type=positive, default=32, help="calibration windows (default: 32)"
-    )
-    s.add_argument(
-        "--seqlen",
-        type=positive,
-        default=None,
-        help="tokens per calibration window (default: 512, capped at the model's positions)",
-    )
-    s.add_argument("--seed", type=int, default=2, help="calibration sampling seed (default: 2)")
+    add_calib_window_flags(s)
     s.add_argument(
         "--eval_data",
         "--eval-data",
