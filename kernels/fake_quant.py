@@ -32,7 +32,7 @@ from jcompress.errors import UserError
 from jcompress.quant import formats as F
 from jcompress.quant.formats import QuantSpec
 
-__all__ = ["BlockSizes", "fake_quant", "fake_quant_reference", "supports"]
+__all__ = ["BlockSizes", "dequant_tile", "fake_quant", "fake_quant_reference", "supports"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,16 +96,47 @@ def _pow2(k: jax.Array) -> jax.Array:
 
 
 def _round_bits(y: jax.Array, el: F.Element) -> jax.Array:
-    """:func:`jcompress.quant.formats.round_to_grid` with bit arithmetic (Triton-friendly)."""
+    """:func:`jcompress.quant.formats.round_to_grid` with bit arithmetic (Triton-friendly),
+    signed zeros as the stored codes have them: a float grid keeps the sign of ``y``
+    (``copysign``, so ``-0.0`` and negatives that round to zero give ``-0.0``, as a float8 code
+    does); an INT grid gives ``+0.0`` (an ``int8`` code has no ``-0``)."""
     a = jnp.minimum(jnp.abs(y), el.max)
     if el.ebits == 0:
         q = jnp.round(a)
-    else:
-        e = ((jax.lax.bitcast_convert_type(a, jnp.int32) >> 23) & 0xFF) - 127  # floor(log2 a)
-        e = jnp.maximum(e, el.emin)
-        q = jnp.round(a * _pow2(el.mbits - e)) * _pow2(e - el.mbits)
-        q = jnp.minimum(q, el.max)
-    return jnp.where(y < 0, -q, q)
+        return jnp.where((y < 0) & (q > 0), -q, q)
+    e = ((jax.lax.bitcast_convert_type(a, jnp.int32) >> 23) & 0xFF) - 127  # floor(log2 a)
+    e = jnp.maximum(e, el.emin)
+    q = jnp.round(a * _pow2(el.mbits - e)) * _pow2(e - el.mbits)
+    q = jnp.minimum(q, el.max)
+    sign = jax.lax.bitcast_convert_type(y, jnp.uint32) & jnp.uint32(0x80000000)
+    return jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(q, jnp.uint32) | sign,
+                                        jnp.float32)  # fmt: skip
+
+
+def dequant_tile(codes: jax.Array, scales: jax.Array, *, bi: int, bo: int) -> jax.Array:
+    """In-kernel :func:`jcompress.quant.formats.dequantize` of one tile: each code times its
+    block's scale, one float32 product per entry, as the reference computes it.
+
+    Shared by this kernel (after rounding) and :mod:`jcompress.kernels.tokenwise_error` (one
+    quantization block of rows at a time), so both dequantize exactly as the reference does.
+
+    Args:
+      codes: ``[TI, TO]`` grid values (any dtype holding them exactly; ``-0.0`` stays ``-0.0``).
+      scales: ``[TI / bi, TO / bo]`` float32 decoded block scales, the tensor scale already
+        multiplied in (:func:`jcompress.quant.formats.scale_values` ``* global_scale``).
+      bi, bo: the quantization block; ``TI % bi == TO % bo == 0``.
+
+    Returns:
+      ``[TI, TO]`` float32.
+    """
+    ti, to = codes.shape
+    nbi, nbo = ti // bi, to // bo
+    c = codes.astype(jnp.float32)
+    if bo == 1 and nbi == 1:  # one block of rows: the scales are a row vector
+        return c * scales
+    if bo == 1:
+        return (c.reshape(nbi, bi, to) * scales[:, None, :]).reshape(ti, to)
+    return (c.reshape(nbi, bi, nbo, bo) * scales[:, None, :, None]).reshape(ti, to)
 
 
 def _kernel(g_ref, w_ref, o_ref, *, spec: QuantSpec, bi: int, bo: int):
@@ -135,8 +166,9 @@ def _kernel(g_ref, w_ref, o_ref, *, spec: QuantSpec, bi: int, bo: int):
     if f.scaling != "mx":
         sfull = xb * 0 + s
         y = jnp.where(sfull > 0, xb / jnp.where(sfull > 0, sfull, 1.0), 0.0)
-    out = _round_bits(y, el) * s
-    o_ref[...] = out.reshape(ti, to).astype(o_ref.dtype)
+    codes = _round_bits(y, el).reshape(ti, to)
+    out = dequant_tile(codes, s.reshape(ti // bi, to // bo), bi=bi, bo=bo)
+    o_ref[...] = out.astype(o_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "block_sizes", "interpret"))

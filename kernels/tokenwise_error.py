@@ -13,9 +13,10 @@ The Pallas kernel runs one program per ``(token tile, output tile)``: it walks t
 dimension one quantization block (``bi`` rows: 16 for NVFP4, 32 for MX) at a time, dequantizes
 that ``[bi, block_out]`` slab of codes with its row of block scales in registers, accumulates
 ``x_slab @ w_slab`` in float32, and at the end subtracts ``y``, squares and sums over the
-tile's outputs: ``W~`` never exists in memory (the codes are one byte, a quarter of an fp32
-weight) and ``X W~`` never leaves the program. Partial sums over output tiles (``[n_out_tiles,
-N]``) are added by the wrapper.
+tile's outputs. The dequantization is :func:`jcompress.kernels.fake_quant.dequant_tile`, the
+fake-quant kernel's own. ``W~`` never exists in memory (the codes are one byte, a quarter of an
+fp32 weight) and ``X W~`` never leaves the program. Partial sums over output tiles
+(``[n_out_tiles, N]``) are added by the wrapper.
 
 Accumulation order differs from one full GEMM (blocks of ``bi`` along ``in``), so the kernel
 matches the reference to float32 rounding (relative ~1e-6 of ``d2``), not bit for bit.
@@ -35,6 +36,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jcompress.kernels.fake_quant import dequant_tile
 
 from jcompress.errors import UserError
 from jcompress.quant import formats as F
@@ -115,9 +117,10 @@ def _kernel(x_ref, y_ref, c_ref, s_ref, b_ref, o_ref, *, bi: int, n_blocks: int)
 
     def body(k, acc):
         xk = x_ref[:, pl.ds(k * bi, bi)].astype(jnp.float32)  # [TN, bi]
-        ck = c_ref[pl.ds(k * bi, bi), :].astype(jnp.float32)  # [bi, TO]
+        ck = c_ref[pl.ds(k * bi, bi), :]  # [bi, TO] codes
         sk = s_ref[pl.ds(k, 1), :]  # [1, TO]: one scale per (block, column)
-        return acc + jnp.dot(xk, ck * sk, precision=HIGHEST, preferred_element_type=jnp.float32)
+        wk = dequant_tile(ck, sk, bi=bi, bo=1)  # [bi, TO]
+        return acc + jnp.dot(xk, wk, precision=HIGHEST, preferred_element_type=jnp.float32)
 
     acc = jax.lax.fori_loop(0, n_blocks, body, jnp.zeros((tn, to), jnp.float32))
     d = acc + b_ref[...].astype(jnp.float32)[None, :] - y_ref[...].astype(jnp.float32)

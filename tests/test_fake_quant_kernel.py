@@ -25,7 +25,15 @@ def w():
     w[:, 3] *= 50.0
     w[16:48] *= 1e-3
     w[64:96, 5] = 0.0  # all-zero blocks
+    w[100:104, :8] = -0.0  # signed zeros: a float code keeps -0.0, an int8 code cannot
+    w[40, 7], w[130, 9] = 1e3, -1e3  # outliers: their blocks' small negatives round to zero
     return jnp.asarray(w)
+
+
+def _bits(x) -> np.ndarray:
+    """The bit patterns (so ``-0.0 != +0.0``, which ``assert_array_equal`` lets pass)."""
+    x = np.asarray(x)
+    return x.view({4: np.uint32, 2: np.uint16}[x.dtype.itemsize])
 
 
 class TestInterpret:
@@ -34,22 +42,24 @@ class TestInterpret:
     interpret = True
 
     @pytest.mark.parametrize(
-        "spec", ["nvfp4", "mxfp4", "mxfp6_e2m3", "fp4@64", "fp6@32", "int4@32", "fp8_e4m3@16"]
+        "spec",
+        ["nvfp4", "mxfp4", "mxfp6_e2m3", "fp4@64", "fp6@32", "int4@32", "int8@16", "fp8_e4m3@16"],
     )
     def test_bit_exact_vs_reference(self, w, spec):
         assert K.supports(spec, w.shape, interpret=self.interpret)
         got = np.asarray(K.fake_quant(w, spec, interpret=self.interpret))
-        np.testing.assert_array_equal(got, np.asarray(reference(w, spec)))
+        want = np.asarray(reference(w, spec))
+        np.testing.assert_array_equal(_bits(got), _bits(want))  # the sign of zero included
+        zeros = np.signbit(want[want == 0])
+        # the fixture has both signs of zero where the codes can hold them (int8 cannot)
+        assert zeros.any() != spec.startswith("int") and not zeros.all()
 
     def test_bf16_and_small_tiles(self, w):
         wb = w.astype(jnp.bfloat16)
         bs = K.BlockSizes(block_in=32, block_out=16)
         got = K.fake_quant(wb, "nvfp4", block_sizes=bs, interpret=self.interpret)
         assert got.dtype == jnp.bfloat16
-        np.testing.assert_array_equal(
-            np.asarray(got.astype(jnp.float32)),
-            np.asarray(reference(wb, "nvfp4").astype(jnp.float32)),
-        )
+        np.testing.assert_array_equal(_bits(got), _bits(reference(wb, "nvfp4")))
 
     def test_zeros(self):
         z = K.fake_quant(jnp.zeros((64, 32)), "mxfp4", interpret=self.interpret)
@@ -59,6 +69,22 @@ class TestInterpret:
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (Triton lowering)")
 class TestGPU(TestInterpret):
     interpret = False
+
+
+@pytest.mark.parametrize(
+    ("bi", "bo", "shape"), [(16, 1, (16, 8)), (32, 1, (64, 8)), (4, 4, (8, 12))]
+)
+def test_dequant_tile(bi, bo, shape):
+    """The in-kernel dequantization both kernels share, against numpy: each code times its
+    block's scale (one float32 product, so ``-0.0`` codes stay ``-0.0``)."""
+    rng = np.random.default_rng(1)
+    codes = rng.choice(np.array([-6, -1.5, -0.0, 0.0, 0.5, 3], np.float32), size=shape)
+    scales = rng.uniform(0.1, 2, (shape[0] // bi, shape[1] // bo)).astype(np.float32)
+    want = codes * np.repeat(np.repeat(scales, bi, axis=0), bo, axis=1)
+    got = jax.jit(lambda c, s: K.dequant_tile(c, s, bi=bi, bo=bo))(
+        jnp.asarray(codes, jnp.float8_e4m3fn), jnp.asarray(scales)
+    )
+    np.testing.assert_array_equal(_bits(got), _bits(want))
 
 
 def test_fallback_when_unsupported(w):

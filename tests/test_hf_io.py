@@ -209,6 +209,33 @@ def test_compressed_leaf_is_saved_dense(src, tmp_path):
     np.testing.assert_allclose(got, np.asarray(w).T, rtol=0, atol=1e-6)
 
 
+@_with_llama
+def test_claim_hook_loads_rows_it_claims(src):
+    """``load_hf(claim=...)``: a claimed row is the hook's value, every other row the loader's;
+    a tensor the hook does not read stays unclaimed (the unexpected-tensor check)."""
+    target, path = "model.layers.0.mlp.down_proj.weight", "model/layers/0/mlp/down_proj/kernel"
+    seen = []
+
+    def claim(row, tensors):
+        seen.append(row.name)
+        if row.name != target:
+            return None
+        assert row.paths == (path,) and row.name in tensors and "zz.weight" not in tensors
+        assert row.shapes == (tuple(src.params["model"]["layers"]["0"]["mlp"]["down_proj"]
+                                    ["kernel"].shape),)  # fmt: skip
+        return {path: jnp.asarray(np.asarray(tensors.read(row.name), np.float32).T * 2)}
+
+    _, params = jcompress.load_hf(src.dir, claim=claim)
+    want, got = flatten(src.params), flatten(params)
+    assert set(got) == set(want) and len(seen) == len(set(seen)) > 1
+    for p, v in want.items():
+        np.testing.assert_array_equal(np.asarray(got[p]), np.asarray(v) * (2 if p == path else 1))
+    with pytest.raises(jcompress.UserError, match=f"unexpected tensors .*{target}"):
+        jcompress.load_hf(src.dir, claim=lambda r, t: {path: 0} if r.name == target else None)
+    with pytest.raises(ValueError, match="claim: .* want"):
+        jcompress.load_hf(src.dir, claim=lambda r, t: {"x": 0} if r.name == target else None)
+
+
 # --------------------------------------------------------------------------- atomic writes
 
 

@@ -344,3 +344,76 @@ def test_typed_leaves_factors_and_residual():
     assert result_type("p", np.ndarray, parse_choice("nvfp4")) is QuantizedArray
     assert result_type("p", HeadLowRank, parse_choice("nvfp4")) is HeadLowRank
     assert result_type("p", QuantizedArray, parse_choice("residual=nvfp4")) is Residual
+
+
+@pytest.fixture(scope="module")
+def factor_dir(llama, tmp_path_factory):
+    """llama-1m with layer 0's down_proj a rank-4 ``LowRank`` (numpy SVD), saved as a jcompress
+    factor checkpoint: what another method leaves for ``quant apply --original``."""
+    cfg, params = llama
+    w = np.asarray(params["model"]["layers"]["0"]["mlp"]["down_proj"]["kernel"], np.float64)
+    u, s, vt = np.linalg.svd(w, full_matrices=False)
+    a, b = (u[:, :4] * s[:4]).astype(np.float32), vt[:4].astype(np.float32)
+    flat = flatten(params)
+    flat["model/layers/0/mlp/down_proj/kernel"] = LowRank(jnp.asarray(a), jnp.asarray(b))
+    from jcompress.models.convert import unflatten
+
+    out = tmp_path_factory.mktemp("factors") / "lr"
+    jcompress.save_hf(cfg, unflatten(flat), out, factors=True)
+    return out, w.astype(np.float32), a, b
+
+
+def test_cli_residual_with_original(capsys, tmp_path, llama_dir, factor_dir):
+    """``--original``: the residual of a factor checkpoint's LowRank against the dense kernel;
+    oracle: numpy int8 per-output-channel round-to-nearest-even of ``W - a b``."""
+    model, w, a, b = factor_dir
+    out = tmp_path / "q"
+    rule = "model/layers/0/mlp/down_proj=residual=int8"
+    argv = ["quant", "apply", "--model", str(model), "--original", str(llama_dir)]
+    assert main([*argv, "--rule", rule, "--no_eval", "--out", str(out)]) == 0
+    capsys.readouterr()
+    _, back = jcompress.load_hf(out / "factors")
+    leaf = back["model"]["layers"]["0"]["mlp"]["down_proj"]["kernel"]
+    assert isinstance(leaf, Residual) and isinstance(leaf.base, LowRank)
+    assert isinstance(leaf.residual, QuantizedArray) and leaf.residual.spec == QuantSpec("int8")
+    np.testing.assert_array_equal(np.asarray(leaf.base.a), a)
+    np.testing.assert_array_equal(np.asarray(leaf.base.b), b)
+    r = w - (a @ b)  # float32, as the residual is formed from float32 operands
+    scale = np.max(np.abs(r), axis=0, keepdims=True) / np.float32(127)
+    oracle = np.round(r / scale) * scale
+    np.testing.assert_allclose(np.asarray(leaf.residual.materialize()), oracle, atol=1e-6)
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["original"] == str(llama_dir) and rep["layers"][0]["leaf"] == "LowRank"
+    assert rep["layers"][0]["config"] == "residual=int8"
+    # the error is against the original kernel: far below the rank-4 branch's own
+    assert rep["layers"][0]["rel_error"] < 0.05 * np.linalg.norm(r) / np.linalg.norm(w)
+    untouched = back["model"]["layers"]["1"]["mlp"]["down_proj"]["kernel"]
+    assert isinstance(untouched, jax.Array)
+
+
+@pytest.mark.parametrize(
+    ("model", "original", "rule", "needle"),
+    [
+        ("factors", None, "residual=int8", "--original: rule 'model/layers/0/mlp/down_proj' is "
+         "residual=SPEC"),
+        ("llama", "llama", "int8", "--original: only residual=SPEC rules read"),
+        ("factors", "opt", "residual=int8", "holds a model of family opt, --model one of family "
+         "llama"),
+        ("llama", "llama", "residual=int8", "down_proj/kernel is a dense array"),
+        ("factors", "factors", "residual=int8", "is a jcompress factor checkpoint"),
+        ("factors", "nowhere", "residual=int8", "is not a directory"),
+    ],
+)  # fmt: skip
+def test_cli_original_errors_before_load(
+    capsys, tmp_path, llama_dir, opt_dir, factor_dir, model, original, rule, needle
+):
+    dirs = {"llama": llama_dir, "opt": opt_dir, "factors": factor_dir[0],
+            "nowhere": tmp_path / "nowhere"}  # fmt: skip
+    argv = ["quant", "apply", "--model", str(dirs[model]), "--no_eval"]
+    argv += ["--out", str(tmp_path / "o")]
+    if original is not None:
+        argv += ["--original", str(dirs[original])]
+    code = main([*argv, "--rule", f"model/layers/0/mlp/down_proj={rule}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "o").exists()

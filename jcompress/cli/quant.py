@@ -9,6 +9,12 @@ or, from a tokenwise ranking (best configuration per block, optionally under a b
 
     jcompress quant apply --model DIR --from_ranking rank_out/ranking1.csv --max_bits 6 --out OUT
 
+or, on a factor checkpoint another method wrote (its kernels are typed leaves ``T``), the
+quantized residual ``W - T`` against the original dense model::
+
+    jcompress quant apply --model TUCKED --original DIR \\
+        --rule 'model/layers/\\d+/mlp/.*=residual=int4@32'
+
 writes ``OUT/report.json``, ``OUT/report.md`` and ``OUT/factors/`` (a jcompress checkpoint with
 the quantized leaves; ``load_hf`` reads it back, ``forward`` runs on it) and prints the
 perplexity before and after on ``--eval_data`` (default: the bundled WikiText-2 excerpt).
@@ -52,13 +58,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     a.add_argument("--model", required=True, help="HF model directory")
     a.add_argument(
+        "--original",
+        default=None,
+        metavar="DIR",
+        help="the dense model --model was compressed from (same architecture and shapes): "
+        "residual=SPEC rules quantize W - T with W read from here, T --model's typed leaf",
+    )
+    a.add_argument(
         "--rule",
         action="append",
         default=[],
         metavar="REGEX=CONFIG",
         help="regex over linear paths (model/layers/0/mlp/down_proj) = a spec (nvfp4, "
         "fp4@128, int4@128, mxfp4) or a tokenwise cfg key (rank=16;fmt=nvfp4;blk=na, "
-        "rank=16;quant=none) or none; repeatable, first match wins",
+        "rank=16;quant=none), residual=SPEC (a typed leaf T of a factor checkpoint -> T + "
+        "Q(W - T), W from --original) or none; repeatable, first match wins",
     )
     a.add_argument(
         "--config",
@@ -174,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
     from jcompress.models import load_hf, read_config, save_hf
     from jcompress.models.params import param_shapes
     from jcompress.outputs import check_output_dir, check_output_file
-    from jcompress.quant.apply import compress
+    from jcompress.quant.apply import compress, result_type
     from jcompress.quant.export import EXPORT_FORMATS, save_compressed_tensors
 
     model = Path(args.model)
@@ -182,6 +196,20 @@ def run(args: argparse.Namespace) -> int:
     config, choices = _config(args, cfg)
     mesh_from_args(args, cfg)  # --mesh: perplexity runs sharded
     inputs = {"--model": model}
+    shapes = param_shapes(cfg)
+    residual = [rx for rx, c in config.rules if c.residual is not None]
+    if residual and args.original is None:
+        raise UserError(
+            f"--original: rule {residual[0]!r} is residual=SPEC, which quantizes W - T with W "
+            "the original dense kernel; give --original DIR (the model --model was made from)"
+        )
+    if args.original is not None and not residual:
+        raise UserError(
+            "--original: only residual=SPEC rules read the original model, and no rule is one"
+        )
+    if args.original is not None:
+        inputs["--original"] = Path(args.original)
+        _check_original(Path(args.original), shapes, cfg)
     if args.packed and args.out is None:
         raise UserError("--packed: needs --out")
     if args.packed and not any(
@@ -201,15 +229,20 @@ def run(args: argparse.Namespace) -> int:
         data = check_data_file(args.eval_data or bundled_eval_text(), "--eval_data")
         check_seqlen(cfg, args.seqlen)
         eval_ids = load_tokens(data, load_tokenizer_for(model, "--model", cfg))
-    # the rules are checked against the model's linear paths before any weights are read
-    shapes = param_shapes(cfg)
-    paths = [
-        p[: -len("/kernel")] for p, sh in shapes.items() if p.endswith("/kernel") and len(sh) == 2
-    ]
-    select(
-        [rx for rx, _ in config.rules], paths, allow_unmatched=config.allow_unmatched, arg="--rule"
-    )
+    # the rules are checked against the model's linear paths and their leaf types (a factor
+    # checkpoint's config.json names them) before any weights are read
+    kinds = _kernel_types(model, cfg, shapes)
+    sel = select(
+        [rx for rx, _ in config.rules], list(kinds), allow_unmatched=config.allow_unmatched,
+        arg="--rule",
+    )  # fmt: skip
+    by_rx = dict(config.rules)
+    for path, rx in sel.chosen.items():
+        result_type(path, kinds[path], by_rx[rx])
     cfg, params = load_hf(model, dtype=args.dtype, progress=True)
+    original = None
+    if args.original is not None:
+        _, original = load_hf(args.original, dtype=args.dtype, progress=True)
 
     def ppl(p):
         if eval_ids is None:
@@ -225,11 +258,13 @@ def run(args: argparse.Namespace) -> int:
 
     before = ppl(params)
     t0 = time.perf_counter()
-    new_params, report = compress(params, config=config)
+    new_params, report = compress(params, config=config, original=original)
+    del original
     secs = time.perf_counter() - t0
     after = ppl(new_params)
     report = report.with_extra(
         model=str(model),
+        original=None if args.original is None else str(args.original),
         rules=[[rx, c.key] for rx, c in config.rules],
         quantize_seconds=secs,
         ppl_before=before,
@@ -257,3 +292,57 @@ def run(args: argparse.Namespace) -> int:
     if args.json is not None:
         write_json(args.json, result, overwrite=args.overwrite, arg="--json")
     return 0
+
+
+def _kernel_types(model: Path, cfg, shapes) -> dict[str, type]:
+    """``{linear path: kernel type}`` from ``config.json`` alone: a factor checkpoint's
+    ``jcompress_factors`` entry names its typed leaves, every other kernel is dense."""
+    import jax
+
+    from jcompress.leaves import leaf_type
+    from jcompress.models import hf
+
+    meta = hf._factors_meta(cfg, model) or {}
+    out = {}
+    for p, sh in shapes.items():
+        if not (p.endswith("/kernel") and len(sh) == 2):
+            continue
+        desc = meta.get(p)
+        kind = jax.Array
+        if isinstance(desc, dict):
+            try:
+                kind = leaf_type(desc.get("type"))
+            except UserError as e:
+                raise UserError(f"--model: {model}/config.json: {p}: {e}") from None
+        out[p[: -len("/kernel")]] = kind
+    return out
+
+
+def _check_original(original: Path, shapes, cfg) -> None:
+    """``--original`` describes the model ``--model`` was compressed from: the same family and
+    every param shape, stored dense (checked on ``config.json`` before any load)."""
+    from jcompress.models import hf
+    from jcompress.models.params import param_shapes
+
+    if not original.is_dir():
+        raise UserError(f"--original: {original} is not a directory")
+    ocfg = hf.read_config(original)
+    if ocfg.family != cfg.family:
+        raise UserError(
+            f"--original: {original} holds a model of family {ocfg.family.value}, --model "
+            f"one of family {cfg.family.value}; give the dense model --model was compressed from"
+        )
+    oshapes = param_shapes(ocfg)
+    for p in sorted(set(shapes) | set(oshapes)):
+        a, b = shapes.get(p), oshapes.get(p)
+        if a != b:
+            fmt = lambda s: "missing" if s is None else list(s)  # noqa: E731
+            raise UserError(
+                f"--original: {original} has {p} {fmt(b)} where --model has {fmt(a)}; give "
+                "the dense model --model was compressed from (same architecture and shapes)"
+            )
+    if hf._factors_meta(ocfg, original):
+        raise UserError(
+            f"--original: {original} is a jcompress factor checkpoint; give the dense model "
+            "(the original kernels W of residual=SPEC)"
+        )

@@ -9,6 +9,7 @@ atomically (a temporary sibling directory renamed into place).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -32,7 +33,16 @@ from jcompress.models.families import spec_for
 from jcompress.models.safetensors_io import SafetensorsFile, write_safetensors
 from jcompress.outputs import check_output_dir
 
-__all__ = ["load_hf", "save_hf", "read_config", "parse_dtype", "DTYPE_NAMES"]
+__all__ = [
+    "DTYPE_NAMES",
+    "Claim",
+    "LoadRow",
+    "RowTensors",
+    "load_hf",
+    "parse_dtype",
+    "read_config",
+    "save_hf",
+]
 
 DTYPE_NAMES = {
     "float32": jnp.float32,
@@ -254,12 +264,70 @@ def _checked(weights: _Weights, name: str, x: np.ndarray, allow_nonfinite: bool)
     return x
 
 
+@dataclasses.dataclass(frozen=True)
+class LoadRow:
+    """One row of a family's conversion table, as :func:`load_hf`'s ``claim`` hook sees it.
+
+    Attributes:
+      rule: the :class:`~jcompress.models.convert.Rule` (``rule.transform.name``,
+        ``rule.jax_shapes(cfg)``).
+      name: the HF tensor name the row reads (``model.layers.0.mlp.down_proj.weight``).
+      paths: the pytree paths it fills (one, or q/k/v of a fused tensor).
+      shapes: the pytree shapes ``config.json`` implies for ``paths``.
+    """
+
+    rule: Any
+    name: str
+    paths: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+
+class RowTensors:
+    """The checkpoint's tensors, by HF name (a missing base-model prefix aliased), for a claim
+    hook: ``name in tensors``, ``tensors.read(name)``. A tensor read counts as used (the
+    unexpected-tensor check skips it) and its mapped pages are released once the hook returns;
+    ``read`` returns the stored array as it is (any dtype, unchecked: the hook validates)."""
+
+    def __init__(self, weights: _Weights, names: set[str], alias: dict[str, str]):
+        self._weights, self._names, self._alias = weights, names, alias
+        self.used: set[str] = set()
+        self._pending: list[str] = []
+
+    def _src(self, name: str) -> str:
+        return self._alias.get(name, name)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self._src(name) in self._names
+
+    def read(self, name: str) -> np.ndarray:
+        src = self._src(name)
+        if src not in self._names:
+            raise KeyError(name)
+        w = self._weights
+        x = w.state[src] if w.state is not None else w.files[w.where[src]].get(src)
+        self.used.add(src)
+        self._pending.append(src)
+        return np.asarray(x)
+
+    def _release(self) -> None:
+        for src in self._pending:
+            self._weights.release(src)
+        self._pending.clear()
+
+
+Claim = Callable[[LoadRow, RowTensors], Mapping[str, Any] | None]
+"""``claim(row, tensors) -> {path: value} | None``: a :func:`load_hf` hook that loads a row
+itself (every path of ``row.paths``, e.g. as a typed leaf from packed tensors) or returns
+``None`` to leave it to the loader."""
+
+
 def load_hf(
     model_dir: str | os.PathLike,
     *,
     dtype: Any = None,
     progress: bool = False,
     allow_nonfinite: bool = False,
+    claim: Claim | None = None,
 ) -> tuple[ModelConfig, dict[str, Any]]:
     """Load an HF causal-LM checkpoint directory as ``(cfg, params)``.
 
@@ -270,6 +338,10 @@ def load_hf(
       progress: show a progress bar over tensors.
       allow_nonfinite: load tensors holding NaN / Inf (for debugging); by default each
         floating tensor is checked as it is read and the first bad one is an error.
+      claim: a row hook (:data:`Claim`): offered each table row first, it may load the row
+        itself (the compressed-tensors reader turns packed linears into ``QuantizedArray``
+        leaves this way) from the tensors it reads; the rest of the loop (missing /
+        unexpected tensors, shapes, casts) stays this function's.
 
     Returns:
       ``(cfg, params)``: params is a nested dict whose ``/``-joined paths mirror HF module
@@ -301,7 +373,17 @@ def load_hf(
 
     flat: dict[str, Any] = {}
     used: set[str] = set()
+    tensors = RowTensors(weights, names, alias)
     for rule, name, paths in tqdm(rows, desc="load_hf", disable=not progress, leave=False):
+        if claim is not None:
+            row = LoadRow(rule, name, tuple(paths), tuple(map(tuple, rule.jax_shapes(cfg))))
+            got = claim(row, tensors)
+            tensors._release()
+            if got is not None:
+                if set(got) != set(paths):
+                    raise ValueError(f"claim: {name} returned {sorted(got)}, want {list(paths)}")
+                flat.update(got)
+                continue
         if factored is not None and any(
             f"{FACTORS_PREFIX}{p}" in names or p in factored for p in paths
         ):
@@ -321,6 +403,7 @@ def load_hf(
             flat[path] = cast(value)
         jax.block_until_ready([flat[p] for p in paths])
         weights.release(src)
+    used |= tensors.used
     extra = sorted(n for n in names - used if not spec.is_ignored(alias.get(n, n), cfg))
     if extra:
         more = f" (+{len(extra) - 5} more)" if len(extra) > 5 else ""

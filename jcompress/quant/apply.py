@@ -314,10 +314,26 @@ class QuantApplyReport:
         return "\n".join(lines)
 
 
-def _build(w: jax.Array, choice: LayerChoice) -> tuple[Any, jax.Array, float]:
-    """(leaf, dense equivalent in float32, bits per weight)."""
+def _dense32(x: Any) -> jax.Array:
+    return (x.materialize() if isinstance(x, CompressedLeaf) else x).astype(jnp.float32)
+
+
+@jax.jit
+def _minus(w: jax.Array, leaf: CompressedLeaf) -> jax.Array:
+    """``W - materialize(leaf)`` in float32, returned in ``w.dtype`` (one compiled call)."""
+    return (w.astype(jnp.float32) - _dense32(leaf)).astype(w.dtype)
+
+
+@jax.jit
+def _rel_error(new: Any, old: Any) -> jax.Array:
+    """``||dense(new) - dense(old)||_F / ||dense(old)||_F`` (leaves or arrays; one call)."""
+    ref = _dense32(old)
+    return jnp.linalg.norm(_dense32(new) - ref) / jnp.maximum(jnp.linalg.norm(ref), 1e-30)
+
+
+def _build(w: jax.Array, choice: LayerChoice) -> tuple[Any, float]:
+    """(leaf, bits per weight)."""
     n = w.shape[0] * w.shape[1]
-    wf = w.astype(jnp.float32)
     low = None
     if choice.rank is not None:
         r = min(choice.rank, min(w.shape))
@@ -326,16 +342,11 @@ def _build(w: jax.Array, choice: LayerChoice) -> tuple[Any, jax.Array, float]:
         low = LowRank(a.astype(w.dtype), b.astype(w.dtype))
     if choice.spec is None:
         assert low is not None
-        bits = 16.0 * low.num_params / n
-        return low, low.materialize().astype(jnp.float32), bits
-    resid = w if low is None else (wf - low.materialize().astype(jnp.float32)).astype(w.dtype)
-    q = quantize_leaf(resid, choice.spec)
-    bits = q.bits_per_weight
+        return low, 16.0 * low.num_params / n
+    q = quantize_leaf(w if low is None else _minus(w, low), choice.spec)
     if low is None:
-        return q, q.materialize().astype(jnp.float32), bits
-    bits += 16.0 * low.num_params / n
-    leaf = Residual(low, q)
-    return leaf, leaf.materialize().astype(jnp.float32), bits
+        return q, q.bits_per_weight
+    return Residual(low, q), q.bits_per_weight + 16.0 * low.num_params / n
 
 
 _FACTOR_QUANT = ("LowRank", "HeadLowRank", "HeadFoldedOut")
@@ -412,9 +423,7 @@ def _build_typed(path: str, leaf: CompressedLeaf, choice: LayerChoice, original:
                 f"original: {path}/kernel is {what}; {choice.key} needs the dense "
                 f"{list(leaf.shape)} kernel the {type(leaf).__name__} stands for"
             )
-        w = jnp.asarray(w)
-        resid = (w.astype(jnp.float32) - leaf.materialize().astype(jnp.float32)).astype(w.dtype)
-        return Residual(leaf, quantize_leaf(resid, choice.residual))
+        return Residual(leaf, quantize_leaf(_minus(jnp.asarray(w), leaf), choice.residual))
     spec = choice.spec
     assert spec is not None
     if isinstance(leaf, LowRank):
@@ -473,15 +482,14 @@ def compress(
         n = int(w.shape[0]) * int(w.shape[1])
         if isinstance(w, CompressedLeaf):
             leaf = _build_typed(path, w, choice, original)
-            before = jnp.asarray(w.materialize(), jnp.float32)
+            before = w
             if choice.residual is not None:
-                before = jnp.asarray(flatten(original)[f"{path}/kernel"], jnp.float32)
-            dense, bits = leaf.materialize().astype(jnp.float32), stored_bits(leaf) / n
-            wf = before
+                before = jnp.asarray(flatten(original)[f"{path}/kernel"])
+            bits = stored_bits(leaf) / n
         else:
-            leaf, dense, bits = _build(jnp.asarray(w), choice)
-            wf = jnp.asarray(w, jnp.float32)
-        err = float(jnp.linalg.norm(dense - wf) / jnp.maximum(jnp.linalg.norm(wf), 1e-30))
+            before = jnp.asarray(w)
+            leaf, bits = _build(before, choice)
+        err = float(_rel_error(leaf, before))
         flat[f"{path}/kernel"] = leaf
         rows.append(
             LayerRow(

@@ -381,11 +381,7 @@ def load_compressed_tensors(
     """
     from pathlib import Path
 
-    from tqdm.auto import tqdm
-
     from jcompress.models import hf
-    from jcompress.models.convert import check_shape, unflatten
-    from jcompress.models.families import spec_for
 
     model_dir = Path(model_dir)
     dt = hf.parse_dtype(dtype)
@@ -396,76 +392,38 @@ def load_compressed_tensors(
     else:
         name = cfg.hf_config.get("torch_dtype") or cfg.hf_config.get("dtype") or "float32"
         dense_dtype = np.dtype(hf.parse_dtype(str(name)) or np.float32)
-    weights = hf._Weights(model_dir)
-    names = set(weights.keys())
-    spec = spec_for(cfg.family.value)
-    rows = spec.table(cfg)
-    alias = hf._prefix_alias(names, {n for _, n, _ in rows}, spec.base_prefix)
 
-    def raw(n: str) -> np.ndarray:  # packed tensors are integer: no floating-point check
-        if weights.state is not None:
-            return np.asarray(weights.state[n])
-        return weights.files[weights.where[n]].get(n)
-
-    def cast(v: np.ndarray) -> Any:
-        target = dt if (dt is not None and np.issubdtype(v.dtype, np.floating)) else None
-        return jnp.asarray(v, dtype=target)
-
-    flat: dict[str, Any] = {}
-    used: set[str] = set()
-    for rule, name, paths in tqdm(rows, desc="load", disable=not progress, leave=False):
-        module = name[: -len(".weight")] if name.endswith(".weight") else None
-        packed = module is not None and alias.get(f"{module}.weight_packed",
-                                                  f"{module}.weight_packed") in names  # fmt: skip
-        if packed:
-            if len(paths) != 1 or rule.transform.name != "transpose":
-                raise UserError(
-                    f"{model_dir}: {module} is packed but {name} is not a plain nn.Linear "
-                    f"weight ({rule.transform.name}); only linear kernels load packed"
-                )
-            local = {}
-            for k in _PACKED_SUFFIXES:
-                src = alias.get(f"{module}.{k}", f"{module}.{k}")
-                if src in names:
-                    local[k] = raw(src)
-                    used.add(src)
-                    weights.release(src)
-            scale = local.get("weight_scale")
-            # the scale dtype names the format: E4M3 (+ a tensor scale) NVFP4, E8M0 bits MXFP4
-            fmt = "mxfp4" if scale is not None and scale.dtype == np.uint8 else "nvfp4"
-            if fmt == "mxfp4" and "weight_global_scale" in local:
-                raise UserError(f"{module}: E8M0 (uint8) scales with a weight_global_scale")
-            want = tuple(rule.jax_shapes(cfg)[0])  # [in, out]
-            if "weight_shape" in local:
-                ws = tuple(int(v) for v in np.asarray(local.pop("weight_shape")).reshape(-1))
-                if ws != want[::-1]:
-                    raise UserError(f"{module}: weight_shape {list(ws)}, config implies "
-                                    f"{list(want[::-1])}")  # fmt: skip
-            leaf = from_compressed_tensors(local, fmt, dense_dtype=dense_dtype, where=module)
-            if tuple(leaf.shape) != want:
-                raise UserError(
-                    f"{module}: packed weight stands for [in, out] = {list(leaf.shape)}, "
-                    f"config implies {list(want)}"
-                )
-            flat[paths[0]] = leaf
-            continue
-        src = alias.get(name, name)
-        if src not in names:
+    def claim(row: hf.LoadRow, tensors: hf.RowTensors) -> dict[str, Any] | None:
+        """A linear stored packed -> its QuantizedArray kernel; anything else: load_hf's."""
+        module = row.name[: -len(".weight")] if row.name.endswith(".weight") else None
+        if module is None or f"{module}.weight_packed" not in tensors:
+            return None
+        if len(row.paths) != 1 or row.rule.transform.name != "transpose":
             raise UserError(
-                f"{model_dir}: missing tensor {name} (config.json describes a "
-                f"{cfg.family.value} model that has it)"
+                f"{model_dir}: {module} is packed but {row.name} is not a plain nn.Linear "
+                f"weight ({row.rule.transform.name}); only linear kernels load packed"
             )
-        x = weights.get(src)
-        check_shape(name, x.shape, rule.hf_shape(cfg))
-        used.add(src)
-        for path, value in zip(paths, rule.transform.to_jax(x), strict=True):
-            flat[path] = cast(value)
-        weights.release(src)
-    extra = sorted(n for n in names - used if not spec.is_ignored(alias.get(n, n), cfg))
-    if extra:
-        more = f" (+{len(extra) - 5} more)" if len(extra) > 5 else ""
-        raise UserError(
-            f"{model_dir}: unexpected tensors for a {cfg.family.value} model: "
-            f"{', '.join(extra[:5])}{more}"
-        )
-    return cfg, unflatten(flat)
+        local = {
+            k: tensors.read(f"{module}.{k}") for k in _PACKED_SUFFIXES if f"{module}.{k}" in tensors
+        }
+        scale = local.get("weight_scale")
+        # the scale dtype names the format: E4M3 (+ a tensor scale) NVFP4, E8M0 bits MXFP4
+        fmt = "mxfp4" if scale is not None and scale.dtype == np.uint8 else "nvfp4"
+        if fmt == "mxfp4" and "weight_global_scale" in local:
+            raise UserError(f"{module}: E8M0 (uint8) scales with a weight_global_scale")
+        want = row.shapes[0]  # [in, out]
+        if "weight_shape" in local:
+            ws = tuple(int(v) for v in np.asarray(local.pop("weight_shape")).reshape(-1))
+            if ws != want[::-1]:
+                raise UserError(
+                    f"{module}: weight_shape {list(ws)}, config implies {list(want[::-1])}"
+                )
+        leaf = from_compressed_tensors(local, fmt, dense_dtype=dense_dtype, where=module)
+        if tuple(leaf.shape) != want:
+            raise UserError(
+                f"{module}: packed weight stands for [in, out] = {list(leaf.shape)}, "
+                f"config implies {list(want)}"
+            )
+        return {row.paths[0]: leaf}
+
+    return hf.load_hf(model_dir, dtype=dt, progress=progress, claim=claim)

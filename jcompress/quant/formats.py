@@ -433,16 +433,25 @@ def scale_values(scales: jax.Array, spec: QuantSpec) -> jax.Array:
     return scales.astype(jnp.float32)
 
 
-def _dequantize_core(q: Quantized, spec: QuantSpec) -> jax.Array:
+def scales_finite(scales: np.ndarray, spec: QuantSpec) -> bool:
+    """Whether stored block scales (a host array) are all finite numbers, checked on the host
+    (E8M0 bits: all but ``0xFF``, the NaN code; float scales through ``ml_dtypes``)."""
+    scales = np.asarray(scales)
+    if spec.format.scaling == "mx":
+        return not np.any(scales == 0xFF)
+    return bool(np.isfinite(scales.astype(np.float32)).all())
+
+
+def _dequantize_core(q: Quantized, spec: QuantSpec, dtype: Any = jnp.float32) -> jax.Array:
     shape = (int(q.codes.shape[0]), int(q.codes.shape[1]))
     bi, bo = block_shape(spec, shape)
     s = scale_values(q.scales, spec) * jnp.reshape(q.global_scale, ()).astype(jnp.float32)
     c = _blocks(q.codes.astype(jnp.float32), bi, bo)
-    return _unblocks(c * s[:, None, :, None], shape)
+    return _unblocks(c * s[:, None, :, None], shape).astype(dtype)
 
 
 _quantize_jit = jax.jit(_quantize_core, static_argnums=1)
-_dequantize_jit = jax.jit(_dequantize_core, static_argnums=1)
+_dequantize_jit = jax.jit(_dequantize_core, static_argnums=(1, 2))
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -450,10 +459,19 @@ def _fake_quant_jit(w: jax.Array, spec: QuantSpec) -> jax.Array:
     return _dequantize_core(_quantize_core(w, spec), spec).astype(w.dtype)
 
 
+@jax.jit
+def _count_nonfinite(w: jax.Array) -> jax.Array:
+    return jnp.sum(~jnp.isfinite(w), dtype=jnp.int32)
+
+
 def _check_finite(w: Any, where: str) -> None:
     if isinstance(w, jax.core.Tracer):
         return  # traced: see the module docstring (non-finite values make their block NaN)
-    bad = int(jnp.size(w) - jnp.sum(jnp.isfinite(jnp.asarray(w))))
+    if isinstance(w, jax.Array) and any(d.platform != "cpu" for d in w.devices()):
+        bad = int(_count_nonfinite(w))  # on an accelerator: one reduction, one scalar back
+    else:  # host memory (numpy, or a CPU jax array, viewed without a copy): no compile
+        a = np.asarray(w)
+        bad = int(a.size - np.count_nonzero(np.isfinite(a)))
     if bad:
         raise UserError(
             f"{where}: w has {bad} non-finite value(s) (NaN/Inf); quantization needs finite input"

@@ -78,9 +78,8 @@ class QuantizedArray(CompressedLeaf):
         ):
             if np.dtype(a.dtype) != dt:
                 raise ValueError(f"QuantizedArray({self.spec}): {name} must be {dt}, got {a.dtype}")
-        if _concrete(s) and _concrete(g):  # a corrupt file: never a number
-            sv = np.asarray(F.scale_values(jnp.asarray(s), self.spec))
-            if not (np.isfinite(sv).all() and np.isfinite(np.asarray(g))):
+        if _concrete(s) and _concrete(g):  # a corrupt file: never a number (host-side check)
+            if not (F.scales_finite(np.asarray(s), self.spec) and np.isfinite(np.asarray(g)).all()):
                 raise ValueError(f"QuantizedArray({self.spec}): non-finite scales")
         if _concrete(c) and not f.is_int:
             if not np.isfinite(np.asarray(c).astype(np.float32)).all():
@@ -106,7 +105,8 @@ class QuantizedArray(CompressedLeaf):
         return F.Quantized(self.codes, self.scales, self.global_scale)
 
     def materialize(self) -> jax.Array:
-        return F._dequantize_core(self.parts, self.spec).astype(self.dense_dtype)
+        # one compiled computation (eagerly: not a dispatch per op); inlined under a trace
+        return F._dequantize_jit(self.parts, self.spec, self.dense_dtype)
 
     def apply(self, x: jax.Array) -> jax.Array:
         return jnp.matmul(x, self.materialize().astype(jnp.result_type(x, self.dense_dtype)))
