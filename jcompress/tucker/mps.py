@@ -124,7 +124,7 @@ class MpsStep:
             a = tt_linear(leaf.a, n_cores=self.n_cores, ranks=self.ranks)
         else:
             a = tt_linear(leaf.a, n_cores=self.n_cores, eps=self.eps)
-        return HeadLowRank(a, leaf.b)
+        return dataclasses.replace(leaf, a=a)  # static tags (basis) stay: b is untouched
 
 
 @dataclasses.dataclass(frozen=True)
