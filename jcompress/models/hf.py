@@ -9,7 +9,6 @@ atomically (a temporary sibling directory renamed into place).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -25,7 +24,7 @@ from tqdm.auto import tqdm
 from jcompress import validate
 from jcompress.atomic import atomic_dir
 from jcompress.errors import UserError
-from jcompress.leaf_io import from_arrays, to_arrays
+from jcompress.leaf_io import StoreOnce, from_arrays, to_arrays
 from jcompress.leaves import CompressedLeaf
 from jcompress.models.config import ModelConfig
 from jcompress.models.convert import check_shape, flatten, unflatten
@@ -374,33 +373,6 @@ def _factor_links(cfg: ModelConfig, model_dir: Path) -> dict[str, str]:
     return dict(links)
 
 
-class _Dedup:
-    """Factor tensors of typed leaves stored once: a tensor equal (dtype, shape, bytes) to one
-    written before becomes a link to it. Arrays are compared by a digest, and only against
-    arrays of the same dtype and shape."""
-
-    def __init__(self) -> None:
-        self.links: dict[str, str] = {}
-        self._seen: dict[tuple, list[tuple[str, Any, list]]] = {}
-
-    def first(self, key: str, arr: Any) -> str | None:
-        """The key ``arr`` is already stored under (then ``key`` is linked to it), or None."""
-        group = self._seen.setdefault((tuple(arr.shape), np.dtype(arr.dtype).str), [])
-        digest: list = []  # computed on first need
-
-        def dig(a, memo):
-            if not memo:
-                memo.append(hashlib.sha256(np.ascontiguousarray(np.asarray(a)).tobytes()).digest())
-            return memo[0]
-
-        for other_key, other, other_memo in group:
-            if other is arr or dig(other, other_memo) == dig(arr, digest):
-                self.links[key] = other_key
-                return other_key
-        group.append((key, arr, digest))
-        return None
-
-
 def _load_factor_leaf(weights, names, used, factored, path, want, cast, links=None, loaded=None):
     """Rebuild the leaf at ``path`` from ``jcompress/<path>[/<field path>]`` tensors
     (``links``: tensors stored once under another name; ``loaded``: a cache by stored name,
@@ -520,7 +492,7 @@ def save_hf(
     entries: list[tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]] = []
     used: set[str] = set()
     factor_meta: dict[str, Any] = {}
-    dedup = _Dedup()
+    dedup = StoreOnce()
     for rule, name, paths in spec.table(cfg):
         missing = [p for p in paths if p not in flat]
         if missing:
@@ -580,7 +552,7 @@ def save_hf(
     return out_dir
 
 
-def _factor_entries(paths, leaves, meta, dedup: _Dedup | None = None):
+def _factor_entries(paths, leaves, meta, dedup: StoreOnce | None = None):
     """Safetensors entries for the params of one HF tensor, typed leaves kept as factors (a
     factor equal to one already written is linked to it by ``dedup``, not written)."""
     out = []
