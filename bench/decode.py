@@ -287,7 +287,8 @@ def _layers_row(ctx: Context, model: str) -> dict[str, Any]:
     metric="layers s",
     higher_is_better=False,
     doc="decoder layers at 1x2048: EigenAttention opt-1m, scores in rank space (ours) vs "
-    "dense opt-1m (baseline); the widened compressed model in info",
+    "dense opt-1m (baseline); the widened compressed model and the dense one timed round robin "
+    "in info",
 )
 def layers_opt_1m_eigen_2k(ctx: Context) -> dict[str, Any]:
     return _layers_row(ctx, "opt-1m")
