@@ -76,13 +76,14 @@ def _tagged(name: str, tag: str | None = TAG, seed: int = 0):
     return cfg, unflatten(flat)
 
 
-def _core_q(cfg, params, ids, mask):
-    """Logits and the query width attention saw in layer 0."""
+def _captured(cfg, params, ids, mask):
+    """Logits, the query shape attention saw in layer 0 and layer 0's q/k projection outputs."""
     lay = spec_for(cfg.family.value).layout
-    cap = jcompress.Capture(inputs=f"{lay.layers}/0/{lay.attn}/core/q")
+    pre = f"{lay.layers}/0"
+    cap = jcompress.Capture(inputs=f"{pre}/{lay.attn}/core/q", outputs=f"{pre}/({lay.q}|{lay.k})")
     logits, got = jcompress.forward(cfg, params, ids, mask, capture=cap)
     (q,) = got["inputs"].values()
-    return np.asarray(logits), q.shape
+    return np.asarray(logits), q.shape, {k: np.asarray(v) for k, v in got["outputs"].items()}
 
 
 @pytest.mark.parametrize("name", ["opt", "gpt2", "mpt-6heads"])
@@ -93,12 +94,16 @@ def test_rank_space_scores_equal_the_widened_model(name):
     cfg, params = _tagged(name)
     dense = jcompress.materialize(params)
     ids, mask = batch()
-    got, q_shape = _core_q(cfg, params, ids, mask)
-    want = np.asarray(jcompress.forward(cfg, dense, ids, mask))
+    got, q_shape, proj = _captured(cfg, params, ids, mask)
+    want, _, want_proj = _captured(cfg, dense, ids, mask)
     assert q_shape == (3, ids.shape[1], cfg.num_heads, RANK)  # latent queries: rank space
     assert float(np.std(want)) > 0.1
     keep = mask.astype(bool)
     np.testing.assert_allclose(got[keep], want[keep], rtol=TOL, atol=TOL)
+    # Capture still reports what the dense q/k projections give (full width)
+    assert proj.keys() == want_proj.keys() and len(proj) == 2
+    for k in proj:
+        np.testing.assert_allclose(proj[k], want_proj[k], rtol=TOL, atol=TOL)
     # cached decode: prefill 12 tokens, then 4 one-token steps through the latent cache
     seq, n0 = jnp.asarray(ids[:1]), 12
     cache = init_cache(cfg, params, 1, seq.shape[1])
