@@ -331,6 +331,8 @@ class StoreOnce:
     def first(self, key: str, arr: Any) -> str | None:
         """The key an equal array is already stored under (``key`` is then linked to it), or
         ``None`` (``arr`` is new: store it under ``key``)."""
+        if not getattr(arr, "is_fully_addressable", True):
+            return None  # spread over hosts (multi-host orbax save): stored as it is
         group = self._seen.setdefault((tuple(arr.shape), np.dtype(arr.dtype).str), [])
         memo: list[bytes] = []
         for other_key, other, other_memo in group:
