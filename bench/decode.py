@@ -1,11 +1,22 @@
-"""Decode rows: greedy ``generate`` with a long prompt, EigenAttention-compressed llama-1m (ours)
-vs the dense model (baseline), with the KV cache's real bytes on both sides.
+"""Decode and attention-time rows for EigenAttention-compressed models (ours) vs the dense
+models (baseline).
+
+``decode_llama_1m_eigen_2k``: greedy ``generate`` with a long prompt, with the KV cache's real
+bytes on both sides.
 
 The compressed checkpoint is built once in its own subprocess (EigenAttention on a small
 WikiText-2 calibration set, saved with ``factors=True``); each side then loads its model, runs
 ``generate`` with ``max_new_tokens = n`` and with ``max_new_tokens = 1`` (prefill + one token),
 and reports decode tokens/s as ``(n - 1) / (t_n - t_1)`` over median times, plus the bytes of
 the cache ``init_cache`` allocates for the prompt + continuation.
+
+``layers_{opt,llama}_1m_eigen_2k``: the decoder layers (``apply_layer`` over every layer, no
+embedding or head) on one 2048-token sequence. On opt-1m the compressed model computes the
+scores in rank space (``q' k'^T`` on the shared K/Q basis); its side also times the same
+compressed model with the K/Q tags removed (keys and queries widened back to the head width),
+round robin in the same process, so ``info.rank_space_vs_widened`` is the rank-space gain
+alone. llama-1m widens keys before
+RoPE (required), so there the compressed layers only gain from rank-r values.
 """
 
 from __future__ import annotations
@@ -13,7 +24,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from bench.foundation import llama_1m_dir, shared_data
+from bench.foundation import llama_1m_dir, shared_data, shared_model_dir
 from bench.harness import Context, median, register, time_calls
 
 GOAL_DECODE = "compressed cache smaller in bytes; decode tokens/s >= dense (ratio >= 1)"
@@ -34,7 +45,10 @@ def build_eigen(model_dir: str, out_dir: str, nsamples: int, seqlen: int) -> dic
     )
     small, report = compress(params, cfg, calib, config=conf, progress=False)
     jcompress.save_hf(cfg, small, out_dir, factors=True)
-    return {"kv_cache_ratio_report": report.kv_cache_ratio}
+    return {
+        "kv_cache_ratio_report": report.kv_cache_ratio,
+        "ranks": [[lr.rank_kq, lr.rank_v] for lr in report.layers],
+    }
 
 
 def decode_side(
@@ -125,3 +139,167 @@ def decode_llama_1m_eigen_2k(ctx: Context) -> dict[str, Any]:
             "calib": f"wikitext-2/valid.txt {nsamples}x{seqlen} seed 2, avg_dim 1, budget 0.025",
         },
     }
+
+
+# --------------------------------------------------------------------------- attention time
+
+
+def layers_side(
+    model_dir: str,
+    seq: int,
+    repeats: int,
+    widened: bool = False,
+    paired_dir: str = "",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Median time of the decoder layers (``apply_layer`` over every layer, each layer its own
+    jit executable) on the hidden states ``embed`` gives for ``[1, seq]`` random ids.
+
+    ``widened``: also time the same model with its ``HeadLowRank.basis`` tags removed (scores
+    at the head width), and check both give the same outputs; ``paired_dir``: also time that
+    model (the dense one). Extra variants run round robin with the model in this process, so
+    their ratios compare runs under the same load (``*_median_s``, ``vs_*``)."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import jcompress
+    from jcompress.leaves import HeadLowRank, is_compressed
+
+    jnp.zeros(()).block_until_ready()
+    cfg, params = jcompress.load_hf(model_dir)
+    leaves = jax.tree.leaves(params, is_leaf=is_compressed)
+    tagged = sum(1 for x in leaves if getattr(x, "basis", None))
+    rng = np.random.default_rng(seed)
+    ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, seq)).astype(np.int32))
+    # learned position tables (opt-1m: 512 rows) are clipped past their end: a speed row
+    hidden = jcompress.embed(cfg, params, ids).block_until_ready()
+
+    def stack(p):
+        layers = [jcompress.layer_params(cfg, p, i) for i in range(cfg.num_layers)]
+
+        def run():
+            h = hidden
+            for i, lp in enumerate(layers):
+                h = jcompress.apply_layer(cfg, lp, h, i)
+            return h.block_until_ready()
+
+        return run
+
+    variants = {"ours": stack(params)}
+    if widened:
+        untagged = jax.tree.map(
+            lambda x: dataclasses.replace(x, basis=None) if isinstance(x, HeadLowRank) else x,
+            params,
+            is_leaf=is_compressed,
+        )
+        variants["widened"] = stack(untagged)
+    if paired_dir:
+        cfg2, dense = jcompress.load_hf(paired_dir)
+        if cfg2.num_layers != cfg.num_layers or cfg2.family != cfg.family:
+            raise AssertionError(f"{paired_dir} is not the model {model_dir} was built from")
+        variants["paired"] = stack(dense)
+    first, outs = {}, {}
+    for name, run in variants.items():
+        first[name], _, outs[name] = time_calls(run, 0, warmup=1)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):  # round robin: every variant under the same load
+        for name, run in variants.items():
+            times[name].append(time_calls(run, 1)[0])
+    out = {
+        "value": median(times["ours"]),
+        "first_s": first["ours"],
+        "median_s": median(times["ours"]),
+        "times_s": times["ours"],
+        "tagged_leaves": tagged,
+    }
+    if paired_dir:
+        out.update(
+            paired_median_s=median(times["paired"]),
+            vs_paired=median(times["ours"]) / median(times["paired"]),
+        )
+    if widened:
+        a, b = (np.asarray(outs[n], np.float64) for n in ("ours", "widened"))
+        diff = float(np.abs(a - b).max() / max(np.abs(b).max(), 1.0))
+        if not diff <= 1e-4:  # rank-space scores must give the widened model's outputs
+            raise AssertionError(f"rank-space and widened outputs differ: {diff:.3g}")
+        out.update(
+            widened_times_s=times["widened"],
+            widened_median_s=median(times["widened"]),
+            rank_space_vs_widened=median(times["ours"]) / median(times["widened"]),
+            max_rel_diff_vs_widened=diff,
+        )
+    return out
+
+
+def _layers_row(ctx: Context, model: str) -> dict[str, Any]:
+    model_dir = shared_model_dir(model)
+    eigen_dir = ctx.tmp / "eigen"
+    nsamples, seqlen = ctx.pick(full=(32, 256), quick=(16, 128), dry=(4, 32))
+    built = ctx.side(
+        build_eigen,
+        "EigenAttention checkpoint",
+        model_dir=str(model_dir),
+        out_dir=str(eigen_dir),
+        nsamples=nsamples,
+        seqlen=seqlen,
+    )
+    seq = ctx.pick(full=2048, quick=2048, dry=64)
+    kw = dict(seq=seq, repeats=ctx.repeats(full=10, quick=5))
+    rank_space = model.startswith("opt")
+    load_before = os.getloadavg()
+    ours = ctx.side(
+        layers_side,
+        "compressed layers",
+        model_dir=str(eigen_dir),
+        widened=rank_space,
+        paired_dir=str(model_dir),
+        **kw,
+    )
+    if rank_space and not ours["tagged_leaves"]:
+        raise AssertionError(f"{model}: EigenAttention left no K/Q pair on a shared basis")
+    base = ctx.side(layers_side, "dense layers", model_dir=str(model_dir), **kw)
+    info = {
+        k: ours[k]
+        for k in (
+            "vs_paired",
+            "paired_median_s",
+            "rank_space_vs_widened",
+            "widened_median_s",
+            "max_rel_diff_vs_widened",
+        )
+        if k in ours
+    }
+    info.update(
+        rank_space_leaves=ours["tagged_leaves"],
+        kv_cache_ratio_report=built["kv_cache_ratio_report"],
+        ranks=built["ranks"],
+        loadavg={"before": list(load_before), "after": list(os.getloadavg())},
+        calib=f"wikitext-2/valid.txt {nsamples}x{seqlen} seed 2, avg_dim 1, budget 0.025",
+    )
+    return {"ours": ours, "baseline": base, "size": f"1x{seq}, all layers", "info": info}
+
+
+@register(
+    "layers_opt_1m_eigen_2k",
+    metric="layers s",
+    higher_is_better=False,
+    doc="decoder layers at 1x2048: EigenAttention opt-1m, scores in rank space (ours) vs "
+    "dense opt-1m (baseline); the widened compressed model and the dense one timed round robin "
+    "in info",
+)
+def layers_opt_1m_eigen_2k(ctx: Context) -> dict[str, Any]:
+    return _layers_row(ctx, "opt-1m")
+
+
+@register(
+    "layers_llama_1m_eigen_2k",
+    metric="layers s",
+    higher_is_better=False,
+    doc="decoder layers at 1x2048: EigenAttention llama-1m (keys widened before RoPE, rank-r "
+    "values; ours) vs dense llama-1m (baseline)",
+)
+def layers_llama_1m_eigen_2k(ctx: Context) -> dict[str, Any]:
+    return _layers_row(ctx, "llama-1m")

@@ -25,7 +25,13 @@ def shared_data() -> Path:
 
 def llama_1m_dir() -> Path:
     """The trained llama-1m in the shared data; a clear error where it is missing."""
-    model_dir = shared_data() / "models" / "llama-1m"
+    return shared_model_dir("llama-1m")
+
+
+def shared_model_dir(name: str) -> Path:
+    """A trained model of the shared data (``llama-1m``, ``opt-1m``); a clear error where it
+    is missing."""
+    model_dir = shared_data() / "models" / name
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(
             f"{model_dir} not found (set JCOMPRESS_SHARED_DATA to the shared data directory)"

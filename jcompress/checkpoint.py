@@ -11,7 +11,9 @@ Typed leaves (:class:`jcompress.leaves.CompressedLeaf`) are stored in the one fo
 level per nested leaf), and in ``jcompress.json``, for each, its path plus the
 :func:`jcompress.leaf_io.to_arrays` description (registered type name, static fields,
 children), so ``restore(save(...))`` rebuilds the same types, static settings, dtypes and
-bit-exact values.
+bit-exact values. A leaf array equal to one an earlier leaf stored (EigenAttention's V basis
+and the o_proj fold's copy of it) is not stored again: the leaf's index entry links it
+(version 2; restore makes both leaves share one array). Version-1 files read as before.
 
 Saving is atomic: :func:`save` writes into a temporary sibling directory and renames it into
 place only when complete, so a failure leaves nothing half-written behind (and an overwritten
@@ -40,7 +42,7 @@ import numpy as np
 from jcompress import validate
 from jcompress.atomic import atomic_dir
 from jcompress.errors import UserError
-from jcompress.leaf_io import decode_static, encode_static, from_arrays, to_arrays
+from jcompress.leaf_io import StoreOnce, decode_static, encode_static, from_arrays, to_arrays
 from jcompress.leaves import CompressedLeaf
 from jcompress.models.config import ModelConfig
 from jcompress.models.convert import unflatten
@@ -51,7 +53,8 @@ __all__ = ["save", "restore", "is_checkpoint", "SIDECAR", "FORMAT", "VERSION"]
 SIDECAR = "jcompress.json"
 ARRAYS = "arrays"
 FORMAT = "jcompress-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: arrays equal to an earlier leaf's are linked, not stored again
+READS = (1, 2)
 
 
 # --------------------------------------------------------------------------- tree <-> storage
@@ -78,8 +81,12 @@ def _flat_getter(stored: Any, where: str) -> Any:
 
 
 def _split(params: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Params -> (a nested dict of arrays only, the typed-leaf index)."""
+    """Params -> (a nested dict of arrays only, the typed-leaf index). A leaf's array equal to
+    one of an earlier leaf (:class:`~jcompress.leaf_io.StoreOnce`) is not stored again: its
+    index entry links it (``links: {field path: {"path": [...], "field": ...}}``)."""
     index: list[dict[str, Any]] = []
+    once = StoreOnce()
+    origin: dict[str, dict[str, Any]] = {}  # StoreOnce key -> {"path": [...], "field": ...}
 
     def walk(node: Any, path: tuple[str, ...]) -> Any:
         where = "params/" + "/".join(path) if path else "params"
@@ -92,7 +99,18 @@ def _split(params: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
             return out
         if isinstance(node, CompressedLeaf):
             flat, desc = to_arrays(node, where)
-            index.append({"path": list(path), **desc})
+            links = {}
+            for f, a in flat.items():
+                key = f"{'/'.join(path)}:{f}"
+                origin[key] = {"path": list(path), "field": f}
+                first = once.first(key, a)
+                if first is not None:
+                    links[f] = origin[first]
+            entry = {"path": list(path), **desc}
+            if links and len(links) < len(flat):  # a leaf keeps at least one array stored
+                entry["links"] = links
+                flat = {f: a for f, a in flat.items() if f not in links}
+            index.append(entry)
             return unflatten(flat)  # a leaf's arrays as an orbax subtree
         if _is_array(node):
             return node
@@ -110,6 +128,13 @@ def _split(params: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
 
 
 def _join(tree: dict[str, Any], index: list[Mapping[str, Any]], path: Path) -> dict[str, Any]:
+    stored_at: dict[tuple, Any] = {}  # each leaf's stored arrays, before leaves replace them
+    for entry in index:
+        keys = entry.get("path")
+        node = tree
+        for k in keys if isinstance(keys, list) else ():
+            node = node.get(k) if isinstance(node, dict) else None
+        stored_at[tuple(keys) if isinstance(keys, list) else ()] = node
     for entry in index:
         keys = entry.get("path")
         if not isinstance(keys, list) or not keys:
@@ -123,9 +148,28 @@ def _join(tree: dict[str, Any], index: list[Mapping[str, Any]], path: Path) -> d
         if not isinstance(node, dict) or keys[-1] not in node:
             raise UserError(f"{path}: checkpoint is corrupt ({where} not in the arrays)")
         stored = node[keys[-1]]
-        desc = {k: v for k, v in entry.items() if k != "path"}
-        node[keys[-1]] = from_arrays(desc, _flat_getter(stored, where), where)
+        desc = {k: v for k, v in entry.items() if k not in ("path", "links")}
+        get = _flat_getter(stored, where)
+        links = entry.get("links") or {}
+        if links:
+            get = _linked_getter(get, links, stored_at, where)
+        node[keys[-1]] = from_arrays(desc, get, where)
     return tree
+
+
+def _linked_getter(get: Any, links: Mapping[str, Any], stored_at: Mapping[tuple, Any], where):
+    """``get`` for a leaf some of whose arrays are stored in another leaf's place."""
+
+    def linked(field: str) -> Any:
+        if field not in links:
+            return get(field)
+        link = links[field]
+        target = stored_at.get(tuple(link.get("path", ()))) if isinstance(link, Mapping) else None
+        if not isinstance(target, Mapping) or not isinstance(link.get("field"), str):
+            raise UserError(f"{where}: checkpoint is corrupt (bad link for {field})")
+        return _flat_getter(target, where)(link["field"])
+
+    return linked
 
 
 # --------------------------------------------------------------------------- config
@@ -211,7 +255,7 @@ def save(
     tree, index = _split(params)
     meta = {
         "format": FORMAT,
-        "version": VERSION,
+        "version": VERSION if any("links" in e for e in index) else 1,
         "hf_config": dict(cfg.hf_config),
         "model_config": _config_fields(cfg),
         "leaves": index,
@@ -327,10 +371,10 @@ def restore(
         raise UserError(f"{path / SIDECAR}: not valid JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UserError(f"checkpoint: {path} is not a jcompress checkpoint (bad {SIDECAR})")
-    if meta.get("version") != VERSION:
+    if meta.get("version") not in READS:
         raise UserError(
             f"checkpoint: {path} has format version {meta.get('version')!r}; this jcompress reads "
-            f"version {VERSION}"
+            f"versions {', '.join(map(str, READS))}"
         )
     index = meta.get("leaves")
     if not isinstance(index, list):

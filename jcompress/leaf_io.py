@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
 import math
 import sys
 from collections.abc import Callable, Mapping
@@ -38,7 +39,7 @@ import numpy as np
 from jcompress.errors import UserError
 from jcompress.leaves import CompressedLeaf, leaf_name, leaf_type
 
-__all__ = ["decode_static", "encode_static", "from_arrays", "to_arrays"]
+__all__ = ["StoreOnce", "decode_static", "encode_static", "from_arrays", "to_arrays"]
 
 ARRAY = "array"
 
@@ -300,3 +301,43 @@ def from_arrays(
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise UserError(f"{where}: cannot rebuild {cls.__name__}: {e}") from None
+
+
+class StoreOnce:
+    """Arrays stored once across a checkpoint: an array equal (dtype, shape and bytes) to one
+    already stored becomes a link to it (EigenAttention's shared K/Q basis, V's basis and the
+    o_proj fold's copy of it). Arrays are compared by a SHA-256 digest of their bytes, and only
+    against arrays of the same dtype and shape; the same object links without a digest.
+
+    Example::
+
+        once = StoreOnce()
+        for key, arr in items:
+            if once.first(key, arr) is None:
+                write(key, arr)
+        # once.links: {key not written: key holding its bytes}
+    """
+
+    def __init__(self) -> None:
+        self.links: dict[str, str] = {}
+        self._seen: dict[tuple, list[tuple[str, Any, list[bytes]]]] = {}
+
+    @staticmethod
+    def _digest(arr: Any, memo: list[bytes]) -> bytes:
+        if not memo:
+            memo.append(hashlib.sha256(np.ascontiguousarray(np.asarray(arr)).tobytes()).digest())
+        return memo[0]
+
+    def first(self, key: str, arr: Any) -> str | None:
+        """The key an equal array is already stored under (``key`` is then linked to it), or
+        ``None`` (``arr`` is new: store it under ``key``)."""
+        if not getattr(arr, "is_fully_addressable", True):
+            return None  # spread over hosts (multi-host orbax save): stored as it is
+        group = self._seen.setdefault((tuple(arr.shape), np.dtype(arr.dtype).str), [])
+        memo: list[bytes] = []
+        for other_key, other, other_memo in group:
+            if other is arr or self._digest(other, other_memo) == self._digest(arr, memo):
+                self.links[key] = other_key
+                return other_key
+        group.append((key, arr, memo))
+        return None

@@ -189,6 +189,8 @@ class CompressedLeaf(abc.ABC):
     # array fields that keep their stored dtype when a checkpoint is read with a dtype cast
     # (``load_hf(dtype=...)``): quantized codes and their scales
     exact_fields: ClassVar[tuple[str, ...]] = ()
+    # static fields added after files existed: stored only when they differ from the default
+    optional_static: ClassVar[tuple[str, ...]] = ()
 
     @abc.abstractmethod
     def materialize(self) -> jax.Array:
@@ -253,6 +255,16 @@ class CompressedLeaf(abc.ABC):
             )
         )
 
+    def shares_latent_scores(self, other: Any) -> bool:
+        """Whether attention scores between this key projection's outputs and ``other``'s
+        (a query projection's) may be computed on the two latents: ``q k^T == q' k'^T`` with
+        ``q' = down_q(x) + latent_bias(b_q)`` and ``k'`` likewise, because both widen through
+        one shared per-head orthonormal basis (EigenAttention's K/Q basis). The forward pass
+        then never widens queries and keys back to the head width (when no RoPE, q/k norm or
+        ``clip_qkv`` acts on the full-width heads). Default: no."""
+        del other
+        return False
+
     def consumes_latent_values(self, v_kernel: Any) -> bool:
         """Whether this leaf, sitting at an attention output projection, takes the latent
         head outputs that attention over ``v_kernel``'s latent values gives (then the forward
@@ -277,11 +289,14 @@ class CompressedLeaf(abc.ABC):
 
     def static(self) -> dict[str, Any]:
         """The non-array settings by field name (hashable; encodable by
-        :func:`jcompress.leaf_io.encode_static`)."""
+        :func:`jcompress.leaf_io.encode_static`). A field listed in ``optional_static`` is
+        left out while it holds its default, so files of leaves that do not use it stay as
+        they were before the field existed."""
         return {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)  # type: ignore[arg-type]
             if f.name not in self.array_fields
+            and not (f.name in self.optional_static and getattr(self, f.name) == f.default)
         }
 
 
@@ -476,13 +491,27 @@ class HeadLowRank(Factored):
         (e.g. a TT-matrix of it, ``jcompress.tucker``'s ``tucker_mps``), applied with
         :func:`dot`.
       b: ``[heads, r, d]`` per-head maps back to the head width.
+      basis: static tag (``None``: untagged) of a basis shared with another projection of
+        the same attention layer. Two leaves with the same tag promise ``b_q[h] ==
+        b_k[h // (Hq / Hk)]``, rows orthonormal (or zero, with the matching columns of ``a``
+        zero: padded per-head ranks) and projection biases in the rows' span. Then the
+        scores ``q k^T`` equal ``q' k'^T`` on the latents (:meth:`shares_latent_scores`).
+        EigenAttention tags its K and Q (``"eigen_attention/kq"``); rebuild a tagged leaf with
+        ``dataclasses.replace`` to keep the tag, and drop it (``basis=None``) after any
+        change to ``b``.
     """
 
     a: Any
     b: Any
+    basis: str | None = None
     array_fields: ClassVar[tuple[str, ...]] = ("a", "b")
+    optional_static: ClassVar[tuple[str, ...]] = ("basis",)
 
     def __post_init__(self):
+        if self.basis is not None and not (isinstance(self.basis, str) and self.basis):
+            raise ValueError(
+                f"HeadLowRank: basis must be None or a non-empty str, got {self.basis!r}"
+            )
         if _is_array(self.a) and _is_array(self.b):
             if self.a.ndim != 2 or self.b.ndim != 3:
                 raise ValueError(
@@ -519,6 +548,19 @@ class HeadLowRank(Factored):
         h, r, d = self.b.shape
         zh = z.reshape(*z.shape[:-1], h, r)
         return jnp.einsum("...hr,hrd->...hd", zh, self.b).reshape(*z.shape[:-1], h * d)
+
+    def shares_latent_scores(self, other: Any) -> bool:
+        """True when ``other`` is a ``HeadLowRank`` with the same non-``None`` ``basis`` tag,
+        plain-array bases of one ``[r, d]`` shape and a head count that is a multiple of
+        this leaf's (query heads over KV heads)."""
+        if self.basis is None or not isinstance(other, HeadLowRank) or other.basis != self.basis:
+            return False
+        if isinstance(self.b, CompressedLeaf) or isinstance(other.b, CompressedLeaf):
+            return False
+        return (
+            tuple(self.b.shape[1:]) == tuple(other.b.shape[1:])
+            and other.b.shape[0] % self.b.shape[0] == 0
+        )
 
     def latent_bias(self, bias: jax.Array) -> jax.Array:
         """``bias_h @ b[h]^T`` per head: exact when ``b[h]`` has orthonormal rows and the bias

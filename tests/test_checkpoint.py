@@ -175,6 +175,39 @@ def test_round_trip_compressed_tree(llama, ids, tmp_path):
     assert not np.allclose(before, jcompress.forward(cfg, params, ids), atol=1e-3)
 
 
+def test_equal_leaf_arrays_stored_once_and_relinked(llama, tmp_path):
+    """A leaf array equal to an earlier leaf's (EigenAttention's V basis and o_proj's folded
+    copy, here two objects) is stored once and linked (version 2); restore relinks it to one
+    array, bit-exact. Without equal arrays the file stays version 1."""
+    from jcompress.leaves import HeadFoldedOut, HeadLowRank
+
+    cfg, params = llama
+    flat = flatten(params)
+    att = "model/layers/1/self_attn"
+    wv, wo = flat[f"{att}/v_proj/kernel"], flat[f"{att}/o_proj/kernel"]
+    u = jnp.linalg.svd(wv.reshape(128, 4, 16).transpose(1, 0, 2))[2][:, :5]  # [4, 5, 16]
+    a = jnp.einsum("ihd,hrd->ihr", wv.reshape(128, 4, 16), u).reshape(128, 20)
+    folded = jnp.einsum("hrd,hdo->hro", jnp.repeat(u, 2, axis=0), wo.reshape(8, 16, 128))
+    flat[f"{att}/v_proj/kernel"] = HeadLowRank(a, u, basis="t")
+    flat[f"{att}/o_proj/kernel"] = HeadFoldedOut(folded.reshape(40, 128), jnp.array(u, copy=True))
+    comp = unflatten(flat)
+    checkpoint.save(tmp_path / "c", cfg, comp)
+    meta = json.loads((tmp_path / "c" / checkpoint.SIDECAR).read_text())
+    assert meta["version"] == 2
+    links = {"/".join(e["path"]): e.get("links") for e in meta["leaves"]}
+    assert links == {
+        f"{att}/v_proj/kernel": None,
+        f"{att}/o_proj/kernel": {"ut": {"path": f"{att}/v_proj/kernel".split("/"), "field": "b"}},
+    }
+    _, back = checkpoint.restore(tmp_path / "c")
+    _assert_same_tree(back, comp)
+    fb = flatten(back)
+    assert fb[f"{att}/o_proj/kernel"].ut is fb[f"{att}/v_proj/kernel"].b
+    assert fb[f"{att}/v_proj/kernel"].basis == "t"
+    checkpoint.save(tmp_path / "d", cfg, params)  # nothing to link: version 1 as before
+    assert json.loads((tmp_path / "d" / checkpoint.SIDECAR).read_text())["version"] == 1
+
+
 def test_reads_checkpoints_with_bare_type_names(llama, tmp_path):
     # sidecars written before qualified names: "LowRank", "_ScaledTestLeaf"
     cfg, params = llama

@@ -871,10 +871,13 @@ def test_tiny_report_and_leaves(tiny):
             else:
                 assert w is get_path(lp0, role)["kernel"]
         q = get_path(lp, lay.q)["kernel"]
+        k = get_path(lp, lay.k)["kernel"]
         if lr.shares_q and lr.rank_kq < lr.head_dim_kq:
-            k = get_path(lp, lay.k)["kernel"]
             np.testing.assert_array_equal(np.asarray(q.b), np.asarray(k.b))
+            # tagged as one basis: the forward computes the scores in rank space
+            assert q.basis == k.basis == "eigen_attention/kq" and k.shares_latent_scores(q)
         else:
+            assert getattr(k, "basis", None) is None  # Llama / Qwen: K widened before RoPE
             assert q is get_path(lp0, lay.q)["kernel"]
     assert any(lr.compressed for lr in rep.layers)
     assert rep.kv_cache_ratio < 1

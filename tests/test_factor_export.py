@@ -197,3 +197,53 @@ def test_dense_save_still_default(compressed, tmp_path):
         np.asarray(jcompress.forward(cfg, params, ids)),
         atol=1e-4,
     )
+
+
+def test_equal_factors_stored_once_and_relinked(compressed, tmp_path):
+    """EigenAttention's V basis and o_proj's folded basis (equal arrays, here two objects) are
+    stored once and linked (format 2); loading relinks them to one array, exactly. K's basis
+    has the same shape but other values: stored on its own."""
+    from jcompress.leaves import HeadFoldedOut, HeadLowRank
+    from jcompress.models import count_params
+    from jcompress.streaming.loader import LayerLoader
+
+    cfg, params = compressed
+    flat = flatten(params)
+    att = "model/layers/1/self_attn"
+    wv, wo = flat[f"{att}/v_proj/kernel"], flat[f"{att}/o_proj/kernel"]  # [128, 64], [128, 128]
+    u = jnp.linalg.svd(wv.reshape(128, 4, 16).transpose(1, 0, 2))[2][:, :5]  # [4, 5, 16] = U^T
+    a = jnp.einsum("ihd,hrd->ihr", wv.reshape(128, 4, 16), u).reshape(128, 20)
+    folded = jnp.einsum("hrd,hdo->hro", jnp.repeat(u, 2, axis=0), wo.reshape(8, 16, 128))
+    flat[f"{att}/v_proj/kernel"] = HeadLowRank(a, u, basis="test")
+    flat[f"{att}/o_proj/kernel"] = HeadFoldedOut(folded.reshape(40, 128), jnp.array(u, copy=True))
+    params = unflatten(flat)
+    out = jcompress.save_hf(cfg, params, tmp_path / "f", factors=True)
+    meta = json.loads((out / "config.json").read_text())["jcompress_factors"]
+    v_b, o_ut = (f"jcompress/{att}/{r}" for r in ("v_proj/kernel/b", "o_proj/kernel/ut"))
+    assert meta["format"] == 2 and meta["links"] in ({o_ut: v_b}, {v_b: o_ut})
+    from safetensors import safe_open
+
+    with safe_open(out / "jcompress_model.safetensors", framework="np") as f:
+        stored = {k: f.get_tensor(k) for k in f.keys()}
+    (linked,) = meta["links"]
+    assert linked not in stored and meta["links"][linked] in stored
+    assert sum(x.size for x in stored.values()) == count_params(params) - u.size
+    _, back = jcompress.load_hf(out)
+    _same(params, back)
+    fb = flatten(back)
+    assert fb[f"{att}/o_proj/kernel"].ut is fb[f"{att}/v_proj/kernel"].b  # one array again
+    assert fb[f"{att}/v_proj/kernel"].basis == "test"
+    layer = LayerLoader(out).layer(1)  # the streaming loader follows the links too
+    _same(
+        {k: v for k, v in layer.items() if k.startswith(att)},
+        {k: v for k, v in fb.items() if k.startswith(att)},
+    )
+    # no equal factors: format 1, no links (what older readers expect)
+    out1 = jcompress.save_hf(cfg, compressed[1], tmp_path / "g", factors=True)
+    meta1 = json.loads((out1 / "config.json").read_text())["jcompress_factors"]
+    assert meta1["format"] == 1 and "links" not in meta1
+    conf = json.loads((out / "config.json").read_text())
+    conf["jcompress_factors"]["format"] = 3
+    (out / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(jcompress.UserError, match="format 3"):
+        jcompress.load_hf(out)

@@ -287,7 +287,7 @@ def test_typed_leaves_factors_and_residual():
     params = {
         "m": {
             "lr": {"kernel": LowRank(jnp.asarray(a), jnp.asarray(b))},
-            "hl": {"kernel": HeadLowRank(jnp.asarray(ha), jnp.asarray(hb))},
+            "hl": {"kernel": HeadLowRank(jnp.asarray(ha), jnp.asarray(hb), basis="kq")},
             "fo": {"kernel": HeadFoldedOut(jnp.asarray(fw), jnp.asarray(fut))},
             "res": {"kernel": LowRank(jnp.asarray(a), jnp.asarray(b))},
             "d": {"kernel": jnp.asarray(w_orig)},
@@ -304,6 +304,7 @@ def test_typed_leaves_factors_and_residual():
     np.testing.assert_allclose(np.asarray(lr.materialize()), fq(a) @ fq(b), rtol=1e-5, atol=1e-5)
     hl = new["m"]["hl"]["kernel"]
     assert isinstance(hl, HeadLowRank) and isinstance(hl.a, QuantizedArray)
+    assert hl.basis == "kq"  # b untouched: the shared-basis tag (rank-space scores) stays
     oracle = np.einsum("ihr,hrd->ihd", fq(ha).reshape(64, 4, 6), hb).reshape(64, 64)
     np.testing.assert_allclose(np.asarray(hl.materialize()), oracle, rtol=1e-5, atol=1e-5)
     x = f32(3, 64)

@@ -150,6 +150,9 @@ def test_streamed_eigen_factors(sharded, calib, in_memory, tmp_path):
         offload_dir=tmp_path,
     )  # fmt: skip
     _, got = jcompress.load_hf(out)
+    # V's basis and o_proj's folded copy are stored once per layer and linked
+    meta = json.loads((out / "config.json").read_text())["jcompress_factors"]
+    assert meta["format"] == 2 and any(k.endswith("o_proj/kernel/ut") for k in meta["links"])
     want, got = flatten(in_memory[0]), flatten(got)
     assert set(got) == set(want)
     for p, w in want.items():

@@ -111,6 +111,8 @@ def test_opt_basis_is_hooi_of_the_k_and_q_outputs(opt_done):
     assert all(isinstance(x, HeadLowRank) for x in (k, q, v)) and isinstance(o, HeadFoldedOut)
     assert k.rank == q.rank == v.rank == 6
     np.testing.assert_array_equal(k.b, q.b)
+    # tagged as one basis (the forward's rank-space scores); V's basis is o_proj's, untagged
+    assert k.basis == q.basis == "tucker_mps/kq" and k.shares_latent_scores(q) and v.basis is None
     for leaf, names in ((k, ("k_proj", "q_proj")), (v, ("v_proj",))):
         for h in range(2):
             proj = np.asarray(leaf.b[h].T @ leaf.b[h], np.float64)

@@ -35,10 +35,11 @@ Protocol (the reference's, layer by layer; see ``eigen_core`` for the math):
    ``b[h] = U_h^T`` (biases projected to ``b U U^T``) and ``o_proj`` becomes a
    :class:`~jcompress.leaves.HeadFoldedOut` ``W_o' = U_v^T W_o`` per head. The forward pass
    caches ``x @ a`` (rank-r keys and values per head), attends over rank-r values and applies
-   ``W_o'`` to rank-r head outputs, as the reference does; keys are widened back (with
-   ``U^T``) before the scores, which RoPE needs and which for OPT/MPT costs compute but not
-   cache. ``materialize`` gives the dense-equivalent ``W U U^T`` / ``U U^T W_o`` that stock
-   transformers loads.
+   ``W_o'`` to rank-r head outputs, as the reference does. OPT / MPT / GPT-2: K and Q are
+   tagged as sharing one basis (``HeadLowRank.basis = KQ_BASIS``), so the scores are
+   ``q' k'^T`` on the rank-r latents (the reference's ``OPTEigenAttention``; off under
+   ``clip_qkv``); Llama / Qwen widen keys back (with ``U^T``) before RoPE. ``materialize``
+   gives the dense-equivalent ``W U U^T`` / ``U U^T W_o`` that stock transformers loads.
 
 Departures from the reference, on purpose (``reference_mode=True`` undoes the first two):
 
@@ -280,9 +281,17 @@ def _as_dtype(x: np.ndarray, like) -> jax.Array:
     return jax.device_put(x.astype(np.dtype(like.dtype)))
 
 
-def _project(kernel: jax.Array, bias: jax.Array | None, u: np.ndarray, r: int):
+KQ_BASIS = "eigen_attention/kq"
+"""The ``HeadLowRank.basis`` tag of K and Q projected on one shared basis per head (OPT / MPT /
+GPT-2): the forward pass then computes the scores in rank space."""
+
+
+def _project(
+    kernel: jax.Array, bias: jax.Array | None, u: np.ndarray, r: int, basis: str | None = None
+):
     """``kernel [in, heads*D]``, host basis ``u [heads, D, D]`` -> (rank-``r`` HeadLowRank
-    ``a = [W_h U_h]_h``, ``b[h] = U_h^T``; bias projected to ``b_h U_h U_h^T`` or None).
+    ``a = [W_h U_h]_h``, ``b[h] = U_h^T``, tagged ``basis``; bias projected to
+    ``b_h U_h U_h^T`` or None).
 
     Built once per layer on the host in float64 (one ``[in, D] @ [D, r]`` product per head,
     BLAS), then cast to the kernel's dtype: no compilation per rank or shape."""
@@ -290,7 +299,7 @@ def _project(kernel: jax.Array, bias: jax.Array | None, u: np.ndarray, r: int):
     ur = np.asarray(u, np.float64)[:, :, :r]  # [heads, D, r]
     w = np.asarray(kernel, np.float64).reshape(kernel.shape[0], heads, d).transpose(1, 0, 2)
     a = np.matmul(w, ur).transpose(1, 0, 2).reshape(kernel.shape[0], heads * r)
-    leaf = HeadLowRank(_as_dtype(a, kernel), _as_dtype(ur.transpose(0, 2, 1), kernel))
+    leaf = HeadLowRank(_as_dtype(a, kernel), _as_dtype(ur.transpose(0, 2, 1), kernel), basis=basis)
     if bias is None:
         return leaf, None
     bh = np.asarray(bias, np.float64).reshape(heads, 1, d)
@@ -796,8 +805,10 @@ def compress(
                 new = lp
                 if np.any(np.asarray(r_kq) < d_k):
                     roles = [(lay.k, kp)] if rope else [(lay.k, kp), (lay.q, qp)]
+                    tag = None if rope else KQ_BASIS  # K and Q share u_kq: rank-space scores
                     for role, p in roles:
-                        new = _with(new, role, *_project(p["kernel"], p.get("bias"), u_kq, w_kq))
+                        leaf, bias = _project(p["kernel"], p.get("bias"), u_kq, w_kq, tag)
+                        new = _with(new, role, leaf, bias)
                 if np.any(np.asarray(r_v) < d_v):
                     new = _with(new, lay.v, *_project(vp["kernel"], vp.get("bias"), u_v, w_v))
                     new = _with(new, lay.o, _fold_out(op["kernel"], u_v, hq, w_v), None)

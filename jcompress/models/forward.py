@@ -15,6 +15,12 @@ kernel, so a rank-r method shrinks the cache with no change here. Latent keys ar
 and rotated at read time; behind a dense k kernel the cache holds the *final* keys (after
 ``clip_qkv``, q/k norm and RoPE, all per token), so a decode step prepares only its own key
 instead of re-rotating every cached one.
+
+Rank-space scores: when the k kernel says it shares a per-head orthonormal basis with the q
+kernel (``shares_latent_scores``: EigenAttention's K/Q on OPT / MPT / GPT-2) and no RoPE,
+q/k norm or ``clip_qkv`` acts on full-width heads, attention gets the latent queries and keys
+(``down(x)`` plus the bias in the latent space, width ``r`` per head): ``q' k'^T == q k^T``
+without widening either, and cached keys are read as stored.
 """
 
 from __future__ import annotations
@@ -61,7 +67,8 @@ class Capture(NamedTuple):
     (``model/layers/0``); plus ``lm_head`` for the head. The attention core's inputs are
     inputs of ``.../self_attn/core/{q,k,v,k_valid,scale}``: q ``[B, T, Hq, D]`` and k / v
     ``[B, S, Hk, D]`` as the attention implementation sees them (after norms, RoPE and
-    clipping), the key validity ``[B, S]`` and the softmax scale (no KV cache only).
+    clipping; rank-``r`` latents ``[B, T, Hq, r]`` / ``[B, S, Hk, r]`` when the scores run in
+    rank space), the key validity ``[B, S]`` and the softmax scale (no KV cache only).
     """
 
     inputs: str | None = None
@@ -238,6 +245,28 @@ def _caches_final_keys(kp: Params) -> bool:
     return not isinstance(kp["kernel"], Factored)
 
 
+def _latent_scores(cfg: ModelConfig, qp: Params, kp: Params) -> bool:
+    """Whether the scores run on the latent queries and keys (``q' k'^T``, width ``r`` per
+    head) instead of the full-width ones: the k kernel says it shares its basis with the q
+    kernel (:meth:`~jcompress.leaves.CompressedLeaf.shares_latent_scores`, EigenAttention's
+    shared K/Q basis on OPT / MPT / GPT-2) and nothing acts on full-width heads between the
+    projections and the scores (RoPE, q/k norm, ``clip_qkv``)."""
+    k = kp["kernel"]
+    return (
+        isinstance(k, Factored)
+        and isinstance(qp["kernel"], Factored)
+        and k.shares_latent_scores(qp["kernel"])
+        and cfg.position is not Position.ROPE
+        and not cfg.qk_norm
+        and cfg.clip_qkv is None
+    )
+
+
+def _with_latent_bias(p: Params, lat: jax.Array) -> jax.Array:
+    """A latent ``down(x)`` plus the projection's bias in the latent space (if any)."""
+    return lat + p["kernel"].latent_bias(p["bias"]) if "bias" in p else lat
+
+
 def _final_keys(cfg: ModelConfig, lay: Layout, lp: Params, k: jax.Array, pos: jax.Array):
     """Full k projections ``[B, S, Hk * D]`` -> the keys attention reads ``[B, S, Hk, D]``:
     clipped (``clip_qkv``), normed (``qk_norm``) and rotated at ``pos [B, S]`` (RoPE). Each
@@ -274,7 +303,16 @@ def _attention(
     hq, hk = cfg.num_heads, cfg.num_kv_heads
     qp, kp, vp = (get_path(lp, r) for r in (lay.q, lay.k, lay.v))
     rec(lay.attn, "in", x)
-    q = _linear(qp, x, rec, lay.q)
+    # rank-space scores: q' k'^T on the latents of a shared per-head basis (OPT / MPT / GPT-2
+    # after EigenAttention), so neither queries nor cached keys are widened to the head width
+    latent = _latent_scores(cfg, qp, kp)
+    if latent:
+        rec(lay.q, "in", x)
+        q = _with_latent_bias(qp, qp["kernel"].down(x))
+        if rec.wants(lay.q, "out"):  # what the dense q_proj gives: full width
+            rec(lay.q, "out", _expand(qp, qp["kernel"].down(x)))
+    else:
+        q = _linear(qp, x, rec, lay.q)
     rec(lay.k, "in", x)
     rec(lay.v, "in", x)
     k_new, v_new = _latent(kp, x), _latent(vp, x)
@@ -301,7 +339,12 @@ def _attention(
         and op["kernel"].consumes_latent_values(vp["kernel"])
         and cfg.clip_qkv is None
     )
-    k = k_lat if ready else _expand(kp, k_lat)
+    if latent:
+        k = _with_latent_bias(kp, k_lat)
+        if kv is None and rec.wants(lay.k, "out"):
+            rec(lay.k, "out", _expand(kp, k_lat))
+    else:
+        k = k_lat if ready else _expand(kp, k_lat)
     if fold:
         v = v_lat if "bias" not in vp else v_lat + vp["kernel"].latent_bias(vp["bias"])
         if kv is None and rec.wants(lay.v, "out"):
@@ -310,7 +353,7 @@ def _attention(
         v = _expand(vp, v_lat)
         if kv is None:
             rec(lay.v, "out", v)
-    if kv is None:
+    if kv is None and not latent:
         rec(lay.k, "out", k)
     if cfg.clip_qkv is not None:
         q, v = (jnp.clip(a, -cfg.clip_qkv, cfg.clip_qkv) for a in (q, v))
@@ -321,7 +364,10 @@ def _attention(
         q = _norm(cfg, get_path(lp, lay.q_norm), q)
     if cfg.position is Position.ROPE:
         q = _rope(cfg, q, pos)
-    k = k.reshape(b, s, hk, -1) if ready else _final_keys(cfg, lay, lp, k, k_pos)
+    if ready or latent:  # final keys from the cache, or latent keys (nothing to apply)
+        k = k.reshape(b, s, hk, -1)
+    else:
+        k = _final_keys(cfg, lay, lp, k, k_pos)
     scale = cfg.softmax_scale
     if cfg.scale_attn_by_inverse_layer_idx:
         scale = scale / (jnp.asarray(layer_idx, jnp.float32) + 1.0)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from jcompress import validate
 from jcompress.atomic import atomic_dir
 from jcompress.errors import UserError
-from jcompress.leaf_io import from_arrays, to_arrays
+from jcompress.leaf_io import StoreOnce, from_arrays, to_arrays
 from jcompress.leaves import CompressedLeaf
 from jcompress.models.config import ModelConfig
 from jcompress.models.convert import check_shape, flatten, unflatten
@@ -358,6 +358,8 @@ def load_hf(
     cfg = read_config(model_dir)
     spec = spec_for(cfg.family.value)
     factored = _factors_meta(cfg, model_dir)
+    links = _factor_links(cfg, model_dir) if factored is not None else {}
+    loaded: dict[str, jax.Array] = {}  # linked factors, read once and shared
     weights = _Weights(
         model_dir,
         FACTORS_STEM if factored is not None else "model",
@@ -388,7 +390,9 @@ def load_hf(
             f"{FACTORS_PREFIX}{p}" in names or p in factored for p in paths
         ):
             for path, want in zip(paths, rule.jax_shapes(cfg), strict=True):
-                flat[path] = _load_factor_leaf(weights, names, used, factored, path, want, cast)
+                flat[path] = _load_factor_leaf(
+                    weights, names, used, factored, path, want, cast, links, loaded
+                )
             continue
         src = alias.get(name, name)
         if src not in names:
@@ -419,6 +423,9 @@ FACTORS_STEM = "jcompress_model"
 FACTORS_PREFIX = "jcompress/"
 
 
+FACTORS_FORMATS = (1, 2)  # 2: some factor tensors are stored once and linked ("links")
+
+
 def _factors_meta(cfg: ModelConfig, model_dir: Path) -> dict[str, Any] | None:
     """``{pytree path: leaf description}`` (:func:`jcompress.leaf_io.to_arrays`) of a
     factor-format checkpoint, else ``None``."""
@@ -427,11 +434,32 @@ def _factors_meta(cfg: ModelConfig, model_dir: Path) -> dict[str, Any] | None:
         return None
     if not isinstance(meta, Mapping) or not isinstance(meta.get("leaves"), Mapping):
         raise UserError(f"{model_dir}/config.json: malformed {FACTORS_KEY} entry")
+    if meta.get("format", 1) not in FACTORS_FORMATS:
+        raise UserError(
+            f"{model_dir}/config.json: {FACTORS_KEY} format {meta.get('format')!r} is not "
+            f"one this jcompress reads ({', '.join(map(str, FACTORS_FORMATS))}); upgrade jcompress"
+        )
     return dict(meta["leaves"])
 
 
-def _load_factor_leaf(weights, names, used, factored, path, want, cast):
-    """Rebuild the leaf at ``path`` from ``jcompress/<path>[/<field path>]`` tensors."""
+def _factor_links(cfg: ModelConfig, model_dir: Path) -> dict[str, str]:
+    """``{tensor name: stored tensor name}`` of factor tensors a format-2 checkpoint stores
+    once (equal bytes, dtype and shape: EigenAttention's K/Q basis, V's basis and o_proj's
+    folded basis); empty for other checkpoints."""
+    links = (cfg.hf_config.get(FACTORS_KEY) or {}).get("links", {})
+    ok = isinstance(links, Mapping) and all(
+        isinstance(k, str) and isinstance(v, str) and v.startswith(FACTORS_PREFIX)
+        for k, v in links.items()
+    )
+    if not ok or any(v in links for v in links.values()):
+        raise UserError(f"{model_dir}/config.json: malformed {FACTORS_KEY} links")
+    return dict(links)
+
+
+def _load_factor_leaf(weights, names, used, factored, path, want, cast, links=None, loaded=None):
+    """Rebuild the leaf at ``path`` from ``jcompress/<path>[/<field path>]`` tensors
+    (``links``: tensors stored once under another name; ``loaded``: a cache by stored name,
+    so linked leaves share one array again)."""
     if path not in factored:
         key = f"{FACTORS_PREFIX}{path}"
         if key not in names:
@@ -441,12 +469,21 @@ def _load_factor_leaf(weights, names, used, factored, path, want, cast):
         used.add(key)
         return cast(x)
 
+    links = links or {}
+    targets = set(links.values())
+
     def get(field_path):
         key = f"{FACTORS_PREFIX}{path}/{field_path}"
+        key = links.get(key, key)
         if key not in names:
             raise UserError(f"missing tensor {key} in the factor checkpoint")
         used.add(key)
-        return jnp.asarray(weights.get(key))  # cast by from_arrays (cast_child)
+        if loaded is not None and key in loaded:
+            return loaded[key]
+        x = jnp.asarray(weights.get(key))  # cast by from_arrays (cast_child)
+        if loaded is not None and key in targets:
+            loaded[key] = x
+        return x
 
     def cast_child(value):  # a leaf's float8 children (quantized codes) keep their dtype
         return value if np.dtype(value.dtype).itemsize < 2 else cast(value)
@@ -500,10 +537,13 @@ def save_hf(
     kept as their factors (``jcompress_model.safetensors``, tensors
     ``jcompress/<path>/<field path>`` for every param of a tensor that holds a typed leaf, in
     the :mod:`jcompress.leaf_io` form; HF names for the rest) and
-    ``config.json`` gains a ``jcompress_factors`` entry; :func:`load_hf` reads that back
-    losslessly, while transformers refuses it (no ``model.safetensors``) rather than loading
-    random weights. Files are written into a temporary sibling directory that is renamed to
-    ``out_dir`` only when complete.
+    ``config.json`` gains a ``jcompress_factors`` entry; factor tensors equal to one already
+    written (dtype, shape and bytes: EigenAttention's shared K/Q basis, V's basis and
+    o_proj's folded copy of it) are stored once and listed in its ``links`` (format 2;
+    format 1 when nothing repeats). :func:`load_hf` reads that back losslessly (linked
+    factors become one array again), while transformers refuses it (no
+    ``model.safetensors``) rather than loading random weights. Files are written into a
+    temporary sibling directory that is renamed to ``out_dir`` only when complete.
 
     Args:
       cfg: the model config (its ``hf_config`` becomes ``config.json``).
@@ -535,6 +575,7 @@ def save_hf(
     entries: list[tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]] = []
     used: set[str] = set()
     factor_meta: dict[str, Any] = {}
+    dedup = StoreOnce()
     for rule, name, paths in spec.table(cfg):
         missing = [p for p in paths if p not in flat]
         if missing:
@@ -550,7 +591,7 @@ def save_hf(
                 )
         used.update(paths)
         if factors and any(isinstance(v, CompressedLeaf) for v in leaves):
-            entries.extend(_factor_entries(paths, leaves, factor_meta))
+            entries.extend(_factor_entries(paths, leaves, factor_meta, dedup))
             continue
         dtype = np.result_type(*[_leaf_dtype(v) for v in leaves])
 
@@ -567,7 +608,9 @@ def save_hf(
     stem = FACTORS_STEM if factors else "model"
     config = _config_dict(cfg, entries)
     config.pop(FACTORS_KEY, None)
-    if factors:
+    if factors and dedup.links:
+        config[FACTORS_KEY] = {"format": 2, "leaves": factor_meta, "links": dedup.links}
+    elif factors:
         config[FACTORS_KEY] = {"format": 1, "leaves": factor_meta}
     shards = _shard(entries, max_shard_bytes)
     with atomic_dir(out_dir, overwrite=overwrite, arg="out_dir", marker=marker) as tmp:
@@ -592,13 +635,18 @@ def save_hf(
     return out_dir
 
 
-def _factor_entries(paths, leaves, meta):
-    """Safetensors entries for the params of one HF tensor, typed leaves kept as factors."""
+def _factor_entries(paths, leaves, meta, dedup: StoreOnce | None = None):
+    """Safetensors entries for the params of one HF tensor, typed leaves kept as factors (a
+    factor equal to one already written is linked to it by ``dedup``, not written)."""
     out = []
     for path, leaf in zip(paths, leaves, strict=True):
         if isinstance(leaf, CompressedLeaf):
             flat, meta[path] = to_arrays(leaf, f"params/{path}")
-            items = [(f"{FACTORS_PREFIX}{path}/{f}", a) for f, a in flat.items()]
+            items = [
+                (key, a)
+                for key, a in ((f"{FACTORS_PREFIX}{path}/{f}", a) for f, a in flat.items())
+                if dedup is None or dedup.first(key, a) is None
+            ]
         else:
             items = [(f"{FACTORS_PREFIX}{path}", leaf)]
         for key, arr in items:

@@ -24,7 +24,8 @@ leaf's structure, so the forward pass treats the result as it treated the leaf:
 * ``HeadLowRank(a, b)`` -> ``HeadLowRank(Q(a), b)``: ``a [in, heads * r]`` is quantized, the
   per-head bases ``b [heads, r, d]`` (``r * out`` entries) stay as they are: a
   ``HeadFoldedOut`` o_proj holds the same bases as ``ut``, and quantizing one copy only would
-  make the folded (latent) and the widened attention paths disagree;
+  make the folded (latent) and the widened attention paths disagree; its static ``basis``
+  tag stays, so K/Q on a shared basis keep their rank-space scores;
 * ``HeadFoldedOut(w, ut)`` -> ``HeadFoldedOut(Q(w), ut)`` (``w [Hq * r, out]``), for the same
   reason; the fold with the v projection still applies.
 
@@ -429,9 +430,10 @@ def _build_typed(path: str, leaf: CompressedLeaf, choice: LayerChoice, original:
     if isinstance(leaf, LowRank):
         return LowRank(_factor(path, "a", leaf.a, spec), _factor(path, "b", leaf.b, spec))
     if isinstance(leaf, HeadLowRank):
-        return HeadLowRank(_factor(path, "a", leaf.a, spec), leaf.b)
+        # replace: static tags stay (the shared K/Q basis ``b`` is untouched)
+        return dataclasses.replace(leaf, a=_factor(path, "a", leaf.a, spec))
     assert isinstance(leaf, HeadFoldedOut)
-    return HeadFoldedOut(_factor(path, "w", leaf.w, spec), leaf.ut)
+    return dataclasses.replace(leaf, w=_factor(path, "w", leaf.w, spec))
 
 
 def compress(

@@ -117,6 +117,7 @@ class LayerLoader:
         cfg = self.cfg
         self.spec = spec_for(cfg.family.value)
         self._factored = hf._factors_meta(cfg, self.model_dir)
+        self._links = hf._factor_links(cfg, self.model_dir) if self._factored is not None else {}
         stem = hf.FACTORS_STEM if self._factored is not None else "model"
         if stem == "model" and not (
             (self.model_dir / "model.safetensors").is_file()
@@ -226,7 +227,7 @@ class LayerLoader:
                         flat[path] = jax.ShapeDtypeStruct(want, self.dtype or jnp.float32)
                         continue
                     flat[path] = hf._load_factor_leaf(
-                        w, names, set(), self._factored, path, want, self._cast
+                        w, names, set(), self._factored, path, want, self._cast, self._links
                     )
                     for k in [k for k in names if k.startswith(f"{hf.FACTORS_PREFIX}{path}")]:
                         w.release(k)

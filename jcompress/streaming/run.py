@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from jcompress.atomic import atomic_dir, write_json
 from jcompress.calibration.stream import Activations, batches, single_layer
 from jcompress.errors import UserError
-from jcompress.leaf_io import encode_static
+from jcompress.leaf_io import StoreOnce, encode_static
 from jcompress.leaves import CompressedLeaf
 from jcompress.models import hf
 from jcompress.models.convert import flatten, get_path, unflatten
@@ -212,10 +212,20 @@ def _load_hidden(work: Path, meta: dict[str, Any], offload_dir: str | None) -> A
 # -- layer shards ----------------------------------------------------------------------------
 
 
-def _entries(loader: LayerLoader, group: int, flat: dict[str, Any], factors: bool, meta: dict):
-    """``write_safetensors`` entries for one group's rows (the family table backwards)."""
+def _entries(
+    loader: LayerLoader,
+    group: int,
+    flat: dict[str, Any],
+    factors: bool,
+    meta: dict,
+    links: dict | None = None,
+):
+    """``write_safetensors`` entries for one group's rows (the family table backwards); with
+    ``factors``, a factor equal to one written before in the group is linked in ``links``
+    (:class:`jcompress.leaf_io.StoreOnce`), not written."""
     cfg = loader.cfg
     out = []
+    once = StoreOnce()
     for rule, name, paths in loader._groups.get(group, []):
         leaves = [flat[p] for p in paths]
         for path, leaf, want in zip(paths, leaves, rule.jax_shapes(cfg), strict=True):
@@ -225,7 +235,7 @@ def _entries(loader: LayerLoader, group: int, flat: dict[str, Any], factors: boo
                     f"{list(want)} (for HF tensor {name})"
                 )
         if factors and any(isinstance(v, CompressedLeaf) for v in leaves):
-            out.extend(hf._factor_entries(paths, leaves, meta))
+            out.extend(hf._factor_entries(paths, leaves, meta, once))
             continue
         dtype = np.result_type(*[np.dtype(v.dtype) for v in leaves])
 
@@ -233,6 +243,8 @@ def _entries(loader: LayerLoader, group: int, flat: dict[str, Any], factors: boo
             return rule.transform.to_hf(*[hf._dense(v).astype(dtype, copy=False) for v in leaves])
 
         out.append((name, tuple(rule.hf_shape(cfg)), dtype, produce))
+    if links is not None:
+        links.update(once.links)
     return out
 
 
@@ -620,7 +632,8 @@ def _run(loader, compress, config, calib, method, work, mpath, manifest, shapes,
             if missing:
                 raise UserError(f"{method}: dropped {missing[0]} from the layer")
             fmeta: dict[str, Any] = {}
-            entries = _entries(loader, i, layer_new, factors, fmeta)
+            flinks: dict[str, str] = {}
+            entries = _entries(loader, i, layer_new, factors, fmeta, flinks)
             fname = f"{stem}-layer-{i:05d}.safetensors"
             _write_shard(work / fname, entries)
             step = rep.to_json() if hasattr(rep, "to_json") else {}
@@ -636,6 +649,7 @@ def _run(loader, compress, config, calib, method, work, mpath, manifest, shapes,
                 "file": fname,
                 "tensors": {e[0]: [CODES[np.dtype(e[2])], list(e[1])] for e in entries},
                 "factors": fmeta,
+                "links": flinks,
                 "report": step,
             }
             manifest["done"].append(i)
@@ -680,8 +694,9 @@ def _globals_step(loader, compress, config, rule_fields, shapes, method, work, s
         if layer_of(cfg, p) != GLOBAL and v is not flat_in.get(p, None):
             raise UserError(f"{method}: changes {p} in the globals step")
     fmeta: dict[str, Any] = {}
+    flinks: dict[str, str] = {}
     gnew = {p: v for p, v in new_flat.items() if layer_of(cfg, p) == GLOBAL}
-    entries = _entries(loader, GLOBAL, gnew, factors, fmeta)
+    entries = _entries(loader, GLOBAL, gnew, factors, fmeta, flinks)
     fname = f"{stem}-globals.safetensors"
     _write_shard(work / fname, entries)
     step = rep.to_json() if hasattr(rep, "to_json") else {}
@@ -692,6 +707,7 @@ def _globals_step(loader, compress, config, rule_fields, shapes, method, work, s
         "file": fname,
         "tensors": {e[0]: [CODES[np.dtype(e[2])], list(e[1])] for e in entries},
         "factors": fmeta,
+        "links": flinks,
         "report": step,
     }
     del gflat, flat_in, new_tree, new_flat, gnew, entries
@@ -704,18 +720,21 @@ def _finish(loader, manifest, objs, method, out_dir, work, stem, factors, *, ove
     cfg = loader.cfg
     grec = manifest.get("globals")
     fmeta: dict[str, Any] = {}
+    flinks: dict[str, str] = {}  # factor tensors stored once, per shard (older manifests: none)
     if grec is None:
         gflat = loader.globals()
-        gentries = _entries(loader, GLOBAL, gflat, factors, fmeta)
+        gentries = _entries(loader, GLOBAL, gflat, factors, fmeta, flinks)
     else:  # written by the globals step
         gflat, gentries = {}, []
         fmeta.update(grec["factors"])
+        flinks.update(grec.get("links", {}))
     weight_map: dict[str, str] = {}
     dtypes: list[tuple[str, tuple[int, ...], np.dtype, None]] = []
     total = 0
     for i in range(cfg.num_layers):
         rec = manifest["layers"][str(i)]
         fmeta.update(rec["factors"])
+        flinks.update(rec.get("links", {}))
         for name, (code, shape) in rec["tensors"].items():
             weight_map[name] = rec["file"]
             dtypes.append((name, tuple(shape), DTYPES[code], None))
@@ -731,7 +750,9 @@ def _finish(loader, manifest, objs, method, out_dir, work, stem, factors, *, ove
             total += int(np.prod(shape)) * DTYPES[code].itemsize
     config = hf._config_dict(cfg, dtypes)
     config.pop(hf.FACTORS_KEY, None)
-    if factors:
+    if factors and flinks:
+        config[hf.FACTORS_KEY] = {"format": 2, "leaves": fmeta, "links": flinks}
+    elif factors:
         config[hf.FACTORS_KEY] = {"format": 1, "leaves": fmeta}
     steps = [manifest["layers"][str(i)]["report"] for i in range(cfg.num_layers)]
     if grec is not None:

@@ -12,12 +12,14 @@ Per compressed layer (calibration through :func:`jcompress.calibration.stream_la
 2. HOOI on the covariance (:func:`~jcompress.tucker.tucker_core.kron_basis`) gives
    ``P = U_1 (x) ... (x) U_m [head_dim, r]``, ``r = prod(basis_ranks)``, shared by the heads.
 3. K and Q share ``P`` (learned from ``C_k + C_q``), so the scores are
-   ``q P P^T k^T``; in a RoPE family (Llama / Qwen) Q stays dense and ``P`` comes from the
-   pre-RoPE keys alone (the forward widens the latent keys before RoPE). V has its own
-   basis, folded into ``o_proj`` (``W_o' = P^T W_o`` per head, a ``HeadFoldedOut``), as
-   EigenAttention does. The projections become :class:`jcompress.leaves.HeadLowRank`
-   (``a = W (I_heads (x) P)``, ``b[h] = P^T``; biases projected to ``b P P^T``), so the KV
-   cache stores the rank-``r`` projected keys / values and the forward runs on the leaves.
+   ``q P P^T k^T``, computed in rank space (``HeadLowRank.basis = KQ_BASIS``: ``q' k'^T``
+   on the rank-``r`` latents, unless ``clip_qkv``); in a RoPE family (Llama / Qwen) Q stays
+   dense and ``P`` comes from the pre-RoPE keys alone (the forward widens the latent keys
+   before RoPE). V has its own basis, folded into ``o_proj`` (``W_o' = P^T W_o`` per head, a
+   ``HeadFoldedOut``), as EigenAttention does. The projections become
+   :class:`jcompress.leaves.HeadLowRank` (``a = W (I_heads (x) P)``, ``b[h] = P^T``; biases
+   projected to ``b P P^T``), so the KV cache stores the rank-``r`` projected keys / values
+   and the forward runs on the leaves.
 4. The MPS step: the projected weight ``a = W (I_heads (x) P)`` (``[in, heads * r]``, the
    seed's ``P^T W``) becomes a TT-matrix (MPO, :class:`~jcompress.tucker.TTLinear`) at
    ``mps_eps`` (energy rule) or at fixed ``tt_ranks``, nested as the ``a`` of the
@@ -124,7 +126,7 @@ class MpsStep:
             a = tt_linear(leaf.a, n_cores=self.n_cores, ranks=self.ranks)
         else:
             a = tt_linear(leaf.a, n_cores=self.n_cores, eps=self.eps)
-        return HeadLowRank(a, leaf.b)
+        return dataclasses.replace(leaf, a=a)  # static tags (basis) stay: b is untouched
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,16 +151,21 @@ def _cov_step(cov: jax.Array, y: jax.Array, real: jax.Array, heads: int) -> jax.
     return cov + jnp.einsum("bthd,bthe->de", yh, yh, precision=jax.lax.Precision.HIGHEST)
 
 
-@jax.jit
-def _project(kernel: jax.Array, bias: jax.Array | None, p: jax.Array):
-    """``kernel [in, H*D]``, ``p [D, r]`` -> ``HeadLowRank(a = W (I (x) P), b[h] = P^T)`` and the
-    bias projected on the basis (``b_h P P^T``) or ``None``."""
+KQ_BASIS = "tucker_mps/kq"
+"""The ``HeadLowRank.basis`` tag of K and Q on the one shared ``P`` (OPT / MPT / GPT-2): the
+forward pass then computes the scores in rank space, ``q' k'^T``."""
+
+
+@functools.partial(jax.jit, static_argnames=("basis",))
+def _project(kernel: jax.Array, bias: jax.Array | None, p: jax.Array, basis: str | None = None):
+    """``kernel [in, H*D]``, ``p [D, r]`` -> ``HeadLowRank(a = W (I (x) P), b[h] = P^T)`` tagged
+    ``basis``, and the bias projected on the basis (``b_h P P^T``) or ``None``."""
     d, r = p.shape
     heads = kernel.shape[1] // d
     w = kernel.astype(jnp.float32).reshape(kernel.shape[0], heads, d)
     a = jnp.einsum("ihd,dr->ihr", w, p).reshape(kernel.shape[0], heads * r)
     b = jnp.broadcast_to(p.T, (heads, r, d))
-    leaf = HeadLowRank(a.astype(kernel.dtype), b.astype(kernel.dtype))
+    leaf = HeadLowRank(a.astype(kernel.dtype), b.astype(kernel.dtype), basis=basis)
     if bias is None:
         return leaf, None
     bh = bias.astype(jnp.float32).reshape(heads, d)
@@ -281,7 +288,8 @@ def compress_mps(
             if "k" in roles:
                 p_kq, _ = kron_basis(cov_kq, modes, basis_ranks, n_iter_max=n_iter_max)
                 for role, p in [(lay.k, kp)] + ([] if rope else [(lay.q, qp)]):
-                    leaf, bias = _project(p["kernel"], p.get("bias"), p_kq)
+                    tag = None if rope else KQ_BASIS  # one P for K and Q: rank-space scores
+                    leaf, bias = _project(p["kernel"], p.get("bias"), p_kq, basis=tag)
                     put(role, mps(leaf), bias)
             if "v" in roles:
                 p_v, _ = kron_basis(cov_v, modes, basis_ranks, n_iter_max=n_iter_max)
