@@ -733,6 +733,41 @@ def compress_side(
     """EigenAttention ``compress`` on llama-1m (avg_dim 1, budget 0.025), timed end to end
     (statistics, bases, search, leaves; compilation included: a compress call is one-shot)."""
     import importlib
+
+    import jax.numpy as jnp
+
+    mod = importlib.import_module("jcompress.eigen_attention.compress")
+    # the legacy route patches the module; restored after the side, since a dry run calls
+    # every side in one process and later rows (the streaming one) must run today's code
+    saved = (mod.core, mod._Evaluator.__call__, mod._project, mod._fold_out)
+    if legacy:  # the route before, in every part this pass changed
+        import dataclasses
+
+        import numpy as np
+
+        core = mod.core
+
+        def bases(grams):  # float32 eigh on device (a jit of its own)
+            u, s = core.head_bases(jnp.asarray(grams, jnp.float32))
+            return np.asarray(u), np.asarray(s)
+
+        def project(kernel, bias, u, r, basis=None):
+            leaf, b = _legacy_project(kernel, bias, jnp.asarray(u, jnp.float32)[:, :, :r])
+            return dataclasses.replace(leaf, basis=basis), b
+
+        mod.core = SimpleNamespace(**{**vars(core), "host_bases": bases})
+        mod._Evaluator.__call__ = _legacy_evaluate
+        mod._project = project
+        mod._fold_out = lambda kernel, u, hq, r: _legacy_fold_out(
+            kernel, jnp.asarray(u, jnp.float32)[:, :, :r], hq
+        )
+    try:
+        return _compress_timed(mod, model_dir, calib_data, nsamples, seqlen, rank_search, legacy)
+    finally:
+        mod.core, mod._Evaluator.__call__, mod._project, mod._fold_out = saved
+
+
+def _compress_timed(mod, model_dir, calib_data, nsamples, seqlen, rank_search, legacy):
     import warnings
 
     import jax
@@ -742,24 +777,6 @@ def compress_side(
     from jcompress.data import calibration_windows, load_tokenizer, load_tokens
     from jcompress.eigen_attention import EigenAttentionConfig, compress
 
-    mod = importlib.import_module("jcompress.eigen_attention.compress")
-    if legacy:  # the route before, in every part this pass changed
-        import numpy as np
-
-        core = mod.core
-
-        def bases(grams):  # float32 eigh on device (a jit of its own)
-            u, s = core.head_bases(jnp.asarray(grams, jnp.float32))
-            return np.asarray(u), np.asarray(s)
-
-        mod.core = SimpleNamespace(**{**vars(core), "host_bases": bases})
-        mod._Evaluator.__call__ = _legacy_evaluate
-        mod._project = lambda kernel, bias, u, r: _legacy_project(
-            kernel, bias, jnp.asarray(u, jnp.float32)[:, :, :r]
-        )
-        mod._fold_out = lambda kernel, u, hq, r: _legacy_fold_out(
-            kernel, jnp.asarray(u, jnp.float32)[:, :, :r], hq
-        )
     jnp.zeros(()).block_until_ready()
     cfg, params = jcompress.load_hf(model_dir, dtype="float32")
     tok = load_tokenizer(model_dir, cfg=cfg)
