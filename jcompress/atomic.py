@@ -28,6 +28,14 @@ destination ``NAME`` and renamed into place only when complete (:func:`atomic_di
 * Created directories and files follow the process umask (no ``mkdtemp``/``mkstemp`` 0700/0600).
 * Running out of disk (``ENOSPC``) while writing raises a one-line :class:`UserError`
   (``<arg>: no space left on device ...``); the partial temporary output is removed.
+* Multi-host runs (``jax.distributed`` initialized, more than one process): process 0 is the
+  only writer (:func:`is_writer`). Every process still runs the body of :func:`atomic_dir` (it
+  may hold collectives, e.g. gathering sharded arrays), the others into a :func:`private_dir`
+  that is deleted afterwards; :func:`write_json` and the :mod:`jcompress.outputs` pre-write
+  checks run on process 0 only (:func:`on_writer`), and every process returns once process 0
+  has finished, with its error (the same one line) if it failed. All processes must name the
+  same destination (:func:`agree`). Inside process 0's temporary directory, a private
+  directory, or an :func:`on_writer` call, writes are local (no collectives).
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import hashlib
 import json
 import os
 import re
@@ -43,9 +52,13 @@ import secrets
 import shutil
 import sys
 import time
+import tempfile
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import numpy as np
 
 from jcompress.errors import UserError
 
@@ -54,8 +67,13 @@ __all__ = [
     "NoSpaceLeft",
     "OutputBusy",
     "STALE_SECONDS",
+    "agree",
     "atomic_dir",
     "clean_stale",
+    "is_writer",
+    "on_writer",
+    "private_dir",
+    "process_count",
     "recover",
     "rename_noreplace",
     "replace_dir",
@@ -290,6 +308,181 @@ def clean_stale(dest: str | os.PathLike, *, now: float | None = None) -> list[Pa
     return removed
 
 
+# --------------------------------------------------------------------------- multi-host
+
+T = TypeVar("T")
+_MSG_BYTES = 1024
+# set while process 0 runs an ``on_writer`` function: writes inside it are local
+_SOLO: ContextVar[bool] = ContextVar("jcompress_solo_writer", default=False)
+# process 0's temporary output directories and every process's private directories
+_LOCAL_DIRS: set[str] = set()
+
+
+def process_count() -> int:
+    """JAX processes of this run: 1 unless ``jax.distributed`` is initialized (never starts
+    a JAX backend itself, so it may run before ``jax.distributed.initialize``)."""
+    import jax
+
+    if not jax.distributed.is_initialized():
+        return 1
+    return int(jax.process_count())
+
+
+def is_writer() -> bool:
+    """Whether this process writes outputs: process 0 of a multi-host run, or the only one."""
+    if process_count() == 1:
+        return True
+    import jax
+
+    return jax.process_index() == 0
+
+
+def _local(path: str | os.PathLike | None = None) -> bool:
+    """Whether a write of ``path`` skips the multi-host protocol: one process, inside an
+    :func:`on_writer` call, or under a local (temporary / private) directory."""
+    if _SOLO.get() or process_count() == 1:
+        return True
+    if path is None:
+        return False
+    p = os.path.abspath(path)
+    return any(p == d or p.startswith(d + os.sep) for d in _LOCAL_DIRS)
+
+
+def _exchange(err: BaseException | None) -> list[tuple[int, str]]:
+    """Every process's outcome, in process order: ``(0, "")`` for success, ``(1, message)``
+    for a :class:`UserError`, ``(2, "Type: message")`` otherwise (a collective: every
+    process must call it at the same point)."""
+    from jax.experimental import multihost_utils
+
+    buf = np.zeros(_MSG_BYTES + 1, np.uint8)
+    if err is not None:
+        user = isinstance(err, UserError)
+        buf[0] = 1 if user else 2
+        text = str(err) if user else f"{type(err).__name__}: {err}"
+        raw = text.encode("utf-8", "replace")[:_MSG_BYTES]
+        buf[1 : 1 + len(raw)] = np.frombuffer(raw, np.uint8)
+    rows = np.asarray(multihost_utils.process_allgather(buf)).reshape(-1, _MSG_BYTES + 1)
+    return [
+        (int(r[0]), bytes(r[1:]).rstrip(b"\0").decode("utf-8", "replace")) for r in rows
+    ]
+
+
+def _settle(err: BaseException | None) -> None:
+    """Exchange outcomes (a collective); re-raise this process's own error, else the first
+    other process's (a :class:`UserError` keeps its one line, so every process reports the
+    same)."""
+    outcomes = _exchange(err)
+    if err is not None:
+        raise err
+    for idx, (code, msg) in enumerate(outcomes):
+        if code == 1:
+            raise UserError(msg if idx == 0 else f"process {idx}: {msg}")
+        if code:
+            raise RuntimeError(f"jcompress process {idx} failed: {msg}")
+
+
+def agree(value: T, *, arg: str) -> T:
+    """Check that every process of a multi-host run holds the same ``value`` (JSON-able; a
+    collective); return it.
+
+    Raises:
+      UserError: naming ``arg`` and the first process that differs from process 0.
+    """
+    if process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    text = json.dumps(value, sort_keys=True, default=str).encode()
+    digest = np.frombuffer(hashlib.sha256(text).digest(), np.uint8)
+    rows = np.asarray(multihost_utils.process_allgather(digest)).reshape(-1, digest.size)
+    for idx in range(1, rows.shape[0]):
+        if not np.array_equal(rows[idx], rows[0]):
+            raise UserError(
+                f"{arg}: process {idx} of this multi-host run has a different value than "
+                "process 0; start every process with the same arguments"
+            )
+    return value
+
+
+def on_writer(fn: Callable[[], T], *, path: str | os.PathLike | None = None) -> T | None:
+    """Run ``fn()`` on process 0 only (directly where the write of ``path`` is local: one
+    process, within an ``on_writer`` call, or under a temporary / private directory).
+
+    Every process returns once process 0 has finished (a collective): process 0 with
+    ``fn``'s result, the others with ``None``; an error of ``fn`` is raised on every
+    process (a :class:`UserError` with the same one line).
+    """
+    if _local(path):
+        return fn()
+    result, err = None, None
+    if is_writer():
+        token = _SOLO.set(True)
+        try:
+            result = fn()
+        except BaseException as e:  # reported to every process below
+            err = e
+        finally:
+            _SOLO.reset(token)
+    _settle(err)
+    return result
+
+
+@contextlib.contextmanager
+def private_dir(*, marker: bool = False) -> Iterator[Path]:
+    """A fresh local directory (under ``TMPDIR``) deleted on exit: where a process other than
+    the writer puts what it would have written. Writes under it are local."""
+    from jcompress.outputs import write_marker
+
+    tmp = Path(tempfile.mkdtemp(prefix="jcompress-private-"))
+    _LOCAL_DIRS.add(str(tmp))
+    try:
+        if marker:
+            write_marker(tmp)
+        yield tmp
+    finally:
+        _LOCAL_DIRS.discard(str(tmp))
+        _rmtree(tmp)
+
+
+@contextlib.contextmanager
+def _atomic_dir_multi(dest: Path, *, overwrite: bool, arg: str, marker: bool) -> Iterator[Path]:
+    """:func:`atomic_dir` of a multi-host run (see the module docstring). Four collectives:
+    the same destination everywhere; process 0 started; every body finished (else all
+    raise and process 0 discards its directory); process 0 placed ``dest``."""
+    agree(os.path.abspath(dest), arg=arg)
+    writer = is_writer()
+    cm = (
+        _atomic_dir_local(dest, overwrite=overwrite, arg=arg, marker=marker)
+        if writer
+        else private_dir(marker=marker)
+    )
+    tmp, err = None, None
+    try:
+        tmp = cm.__enter__()
+    except BaseException as e:
+        err = e
+    _settle(err)  # process 0 could not start: every process stops here
+    _LOCAL_DIRS.add(str(tmp))
+    try:
+        try:
+            yield tmp
+        except BaseException as e:
+            _settle(e)  # re-raises e
+            raise
+        _settle(None)  # another process's body failed: raise that here
+    except BaseException as e:
+        _LOCAL_DIRS.discard(str(tmp))
+        cm.__exit__(type(e), e, e.__traceback__)
+        raise
+    _LOCAL_DIRS.discard(str(tmp))
+    err = None
+    try:
+        cm.__exit__(None, None, None)  # process 0: the final rename
+    except BaseException as e:
+        err = e
+    _settle(err)
+
+
 # --------------------------------------------------------------------------- writers
 
 
@@ -355,6 +548,30 @@ def atomic_dir(
     """Yield a temporary sibling directory of ``dest``; on success it becomes ``dest``, on any
     error it is removed.
 
+    In a multi-host run only process 0's directory becomes ``dest``; the other processes run
+    the same body into a :func:`private_dir`, and all return once ``dest`` is in place (or
+    raise process 0's error). Arguments: as :func:`_atomic_dir_local`.
+    """
+    dest = Path(dest)
+    arg = arg or str(dest)
+    if _local(dest):
+        with _atomic_dir_local(dest, overwrite=overwrite, arg=arg, marker=marker) as tmp:
+            yield tmp
+        return
+    with _atomic_dir_multi(dest, overwrite=overwrite, arg=arg, marker=marker) as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
+def _atomic_dir_local(
+    dest: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    arg: str | None = None,
+    marker: bool = True,
+) -> Iterator[Path]:
+    """:func:`atomic_dir` in this process alone.
+
     Args:
       dest: the destination directory.
       overwrite: replace an existing ``dest`` (journaled swap). Without it the final rename
@@ -414,9 +631,13 @@ def write_json(
     """Write JSON atomically (temporary file in the same directory, then rename).
 
     With ``overwrite=False`` an existing ``path`` (even one that appeared while writing) is
-    never replaced (:class:`DestinationExists`). The file mode follows the umask."""
+    never replaced (:class:`DestinationExists`). The file mode follows the umask. In a multi-host run
+    process 0 writes it (:func:`on_writer`)."""
     path = Path(path)
-    arg = arg or str(path)
+    on_writer(lambda: _write_json_local(path, obj, overwrite, arg or str(path)), path=path)
+
+
+def _write_json_local(path: Path, obj: Any, overwrite: bool, arg: str) -> None:
     tmp = _sibling(path, "tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

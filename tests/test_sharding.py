@@ -24,15 +24,21 @@ from jcompress.leaves import LowRank, Residual
 from jcompress.models.convert import unflatten
 from jcompress.models.families import spec_for
 from jcompress.models.params import param_shapes
+from jcompress.outputs import MARKER
 
 HERE = Path(__file__).resolve().parent
+
+
+# the subprocesses compile much and run little: XLA's backend optimizations cost more than
+# they save there (about a third of their time)
+FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 
 @pytest.fixture(scope="module")
 def checks(llama_dir):
     env = dict(os.environ)
     env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+        env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count=8 {FAST_COMPILE}"
     ).strip()
     env["OPENBLAS_NUM_THREADS"] = "1"
     env["JAX_PLATFORMS"] = "cpu"
@@ -310,6 +316,30 @@ def test_cli_mesh(checks):
     assert c["ppl_rc"] == 0 and c["ppl_mesh"] == "data=2,model=4"
     assert c["ppl"] == pytest.approx(c["ppl_ref"], rel=1e-5)
     assert c["bad_mesh_rc"] == [2, 2]  # model=8 over 4 kv heads, batch 3 over data=2
+    assert c["mesh_leaked"] == [False, False, False, False]  # --mesh ends with its main()
+
+
+def test_eigen_cli_mesh_equals_one_device(checks):
+    e = checks["cli"]["eigen"]
+    assert e["rc"] == [0, 0]
+    assert len(e["ranks"][0]) == 1 and e["ranks"][1] == e["ranks"][0]
+    assert e["ppl_before"][1] == pytest.approx(e["ppl_before"][0], rel=1e-5)
+    assert e["ppl_after"][1] == pytest.approx(e["ppl_after"][0], rel=1e-5)
+    assert e["samples_same"]
+
+
+def test_tokenwise_metrics_over_data(checks):
+    t = checks["tokenwise"]
+    assert t["n_tokens"] == [150.0, 150.0]  # the padding of the last chunk is not counted
+    assert t["rel_diff"] < 1e-5  # every metric, both meshes, vs one device
+    assert t["sse_numpy_rel"] < 1e-4
+
+
+def test_tokenwise_cli_mesh(checks):
+    t = checks["cli"]["tokenwise"]
+    assert t["rc"] == [[0, 0], [0, 0]]
+    assert t["n_metrics"][0] > 0 and t["n_metrics"][0] == t["n_metrics"][1]
+    assert t["rel_diff"] < 1e-5
 
 
 @pytest.mark.parametrize(
@@ -366,7 +396,9 @@ def test_two_processes(llama_dir, tmp_path):
     gloo), started through the environment variables a cluster launcher sets."""
     env = dict(os.environ)
     env.update(
-        XLA_FLAGS=(env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip(),
+        XLA_FLAGS=(
+            env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count=4 {FAST_COMPILE}"
+        ).strip(),
         OPENBLAS_NUM_THREADS="1",
         JAX_PLATFORMS="cpu",
         JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}",
@@ -398,3 +430,32 @@ def test_two_processes(llama_dir, tmp_path):
         assert r["ppl"] == pytest.approx(r["ppl_ref"], rel=1e-5)
         assert not r["fully_addressable"]  # the logits really span both processes
         assert r["forward_max_diff"] < 1e-4
+        assert not r["mesh_after_cli"]
+        # both named the same outputs: a second writer would have failed (they existed), and
+        # each process returned only once process 0 had placed them
+        assert r["rc_quant"] == 0
+        assert r["sees_outputs"] == ["ppl.json", "quant", "quant.json"]
+    assert [r["writer"] for r in outs] == [True, False]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ppl.json", "quant", "quant.json"]
+
+    # the export is byte for byte the one-process run's (quantization does not depend on the
+    # mesh; the perplexity in the report does only to float rounding)
+    from jcompress.cli import main
+
+    sys.path.insert(0, str(HERE))
+    try:
+        from _sharding_checks import QUANT_ARGS
+    finally:
+        sys.path.remove(str(HERE))
+    ref = tmp_path.parent / f"{tmp_path.name}-one"
+    assert main(["quant", "apply", "--model", str(llama_dir), *QUANT_ARGS, "--out", str(ref)]) == 0
+    got = tmp_path / "quant"
+    files = sorted(str(p.relative_to(ref)) for p in ref.rglob("*") if p.is_file())
+    assert files == sorted(str(p.relative_to(got)) for p in got.rglob("*") if p.is_file())
+    assert any(f.endswith(".safetensors") for f in files)
+    for f in files:
+        if f not in ("report.json", "report.md", MARKER):  # the marker: time and pid
+            assert (got / f).read_bytes() == (ref / f).read_bytes(), f
+    r1, r2 = (json.loads((d / "report.json").read_text()) for d in (ref, got))
+    assert r2["ppl_after"]["ppl"] == pytest.approx(r1["ppl_after"]["ppl"], rel=1e-5)
+    assert r2["layers"] == r1["layers"]  # per-kernel formats, sizes and errors
