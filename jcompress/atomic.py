@@ -404,16 +404,21 @@ def agree(value: T, *, arg: str) -> T:
     return value
 
 
-def on_writer(fn: Callable[[], T], *, path: str | os.PathLike | None = None) -> T | None:
+def on_writer(
+    fn: Callable[[], T], *, path: str | os.PathLike | None = None, arg: str | None = None
+) -> T | None:
     """Run ``fn()`` on process 0 only (directly where the write of ``path`` is local: one
     process, within an ``on_writer`` call, or under a temporary / private directory).
 
     Every process returns once process 0 has finished (a collective): process 0 with
     ``fn``'s result, the others with ``None``; an error of ``fn`` is raised on every
-    process (a :class:`UserError` with the same one line).
+    process (a :class:`UserError` with the same one line). Every process must name the
+    same ``path`` (:func:`agree`, errors naming ``arg``).
     """
     if _local(path):
         return fn()
+    if path is not None:
+        agree(os.path.abspath(path), arg=arg or str(path))
     result, err = None, None
     if is_writer():
         token = _SOLO.set(True)
@@ -634,7 +639,8 @@ def write_json(
     never replaced (:class:`DestinationExists`). The file mode follows the umask. In a multi-host run
     process 0 writes it (:func:`on_writer`)."""
     path = Path(path)
-    on_writer(lambda: _write_json_local(path, obj, overwrite, arg or str(path)), path=path)
+    arg = arg or str(path)
+    on_writer(lambda: _write_json_local(path, obj, overwrite, arg), path=path, arg=arg)
 
 
 def _write_json_local(path: Path, obj: Any, overwrite: bool, arg: str) -> None:

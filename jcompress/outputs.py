@@ -164,7 +164,9 @@ def check_output_dir(
 
     path = Path(path)
     on_writer(
-        lambda: _check_dir(path, inputs, overwrite, arg, need_bytes, require_marker), path=path
+        lambda: _check_dir(path, inputs, overwrite, arg, need_bytes, require_marker),
+        path=path,
+        arg=arg,
     )
     return path
 
@@ -205,7 +207,7 @@ def check_output_file(
     from jcompress.atomic import on_writer
 
     path = Path(path)
-    on_writer(lambda: _check_file(path, inputs, overwrite, arg), path=path)
+    on_writer(lambda: _check_file(path, inputs, overwrite, arg), path=path, arg=arg)
     return path
 
 

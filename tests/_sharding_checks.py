@@ -9,6 +9,8 @@ one device, so each comparison is sharded code against the plain code path.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import sys
@@ -330,30 +332,34 @@ def eigen_cli(run, model_dir: str, text, tmp) -> dict:
         reps.append(json.loads(path.read_text()) if path.exists() else {})
     ranks = [[[r.get(k) for k in ("rank_kq", "rank_v", "threshold")] for r in rep.get("layers", [])]
              for rep in reps]  # fmt: skip
+    extra = [rep.get("extra", {}) for rep in reps]
     return {
         "rc": rcs,
         "ranks": ranks,
-        "ppl_after": [(rep.get("ppl_after") or {}).get("ppl") for rep in reps],
-        "ppl_before": [(rep.get("ppl_before") or {}).get("ppl") for rep in reps],
-        "samples_same": len(reps[0].get("sample_after", "")) > 0
-        and reps[0].get("sample_after") == reps[1].get("sample_after"),
+        "errors": [[r.get("error") for r in rep.get("layers", [])] for rep in reps],
+        "ppl_after": [(x.get("ppl_after") or {}).get("ppl") for x in extra],
+        "ppl_before": [(x.get("ppl_before") or {}).get("ppl") for x in extra],
+        "samples_same": len(extra[0].get("sample_after") or "") > 0
+        and extra[0].get("sample_after") == extra[1].get("sample_after"),
     }
 
 
 def tokenwise_cli(run, model_dir: str, tmp) -> dict:
-    """``jcompress tokenwise save_xy`` / ``eval_fake`` with ``--mesh data=8`` against one
-    device: the same captures, the same metrics."""
+    """``jcompress tokenwise save_xy`` (``--mesh data=4,model=2``: 4 windows) and
+    ``eval_fake`` (``--mesh data=8``: chunks of 20 tokens rounded up to 24) against one device:
+    the same captures, the same metrics."""
     from jcompress.quant.tokenwise import METRIC_KEYS
 
     small = ["--cn", "2", "--eu", "2", "--length", "16", "--save_dtype", "fp32"]
     rcs, results = [], []
-    for name, extra in (("one", []), ("mesh", ["--mesh", "data=8"])):
+    meshes = (("one", [], []), ("mesh", ["--mesh", "data=4,model=2"], ["--mesh", "data=8"]))
+    for name, save_mesh, eval_mesh in meshes:
         rc1, _ = run(["tokenwise", "save_xy", "--model_dir", model_dir, "--save_path", str(tmp),
-                      "--label", f"xy-{name}", *small, "--batch_size", "8", *extra])  # fmt: skip
+                      "--label", f"xy-{name}", *small, "--batch_size", "4", *save_mesh])  # fmt: skip
         out = tmp / f"tw-{name}.json"
         rc2, _ = run(["tokenwise", "eval_fake", "--model_dir", model_dir, "--xy_path",
                       str(tmp / f"xy-{name}.safetensors"), "--out_json", str(out), "--ranks", "4",
-                      "--qspecs", "nvfp4", "--chunk_tokens", "20", *extra])  # fmt: skip
+                      "--qspecs", "nvfp4", "--chunk_tokens", "20", *eval_mesh])  # fmt: skip
         rcs.append([rc1, rc2])
         results.append(json.loads(out.read_text()) if out.exists() else {})
 
@@ -406,8 +412,19 @@ def multihost(model_dir: str, out_dir: str) -> dict:
     rc_quant = cli(["quant", "apply", "--model", model_dir, *QUANT_ARGS, "--mesh",
                     "data=2,model=4", "--out", str(Path(out_dir) / "quant"), "--json",
                     str(Path(out_dir) / "quant.json")])  # fmt: skip
+    # process 0's one-line error, raised on every process: the output exists now; and
+    # different outputs per process
+    again = [["--json", str(out)], ["--json", str(Path(out_dir) / f"p{jax.process_index()}.json")]]
+    errors = []
+    for extra in again:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = cli(["ppl", "--model", model_dir, "--data", str(text), *extra,
+                        "--mesh", "data=2,model=4"])  # fmt: skip
+        errors.append([code, err.getvalue().strip().splitlines()[-1:]])
     res = {
         "rc": rc,
+        "errors": errors,
         "rc_quant": rc_quant,
         "writer": atomic.is_writer(),
         "sees_outputs": sorted(p.name for p in Path(out_dir).iterdir()),

@@ -228,6 +228,19 @@ def test_place_batch_without_mesh_is_a_plain_array():
             pass
 
 
+def test_one_process_is_the_writer(tmp_path):
+    from jcompress import atomic
+
+    assert atomic.process_count() == 1 and atomic.is_writer()
+    assert atomic.agree({"out": "x"}, arg="--out") == {"out": "x"}
+    assert atomic.on_writer(lambda: 7, path=tmp_path / "f") == 7
+    with atomic.private_dir(marker=True) as d:
+        assert d.is_dir() and (d / MARKER).is_file() and d.parent != tmp_path
+        atomic.write_json(d / "r.json", {"a": 1})
+        assert json.loads((d / "r.json").read_text()) == {"a": 1}
+    assert not d.exists()
+
+
 def test_initialize_distributed_needs_a_reason_and_checks_ids(monkeypatch):
     monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
     assert sharding.initialize_distributed() is False  # nothing set, not forced: no-op
@@ -323,6 +336,8 @@ def test_eigen_cli_mesh_equals_one_device(checks):
     e = checks["cli"]["eigen"]
     assert e["rc"] == [0, 0]
     assert len(e["ranks"][0]) == 1 and e["ranks"][1] == e["ranks"][0]
+    assert all(isinstance(v, int) for v in e["ranks"][0][0][:2])  # K/Q and V ranks chosen
+    assert e["errors"][1] == pytest.approx(e["errors"][0], rel=1e-4, abs=1e-7)
     assert e["ppl_before"][1] == pytest.approx(e["ppl_before"][0], rel=1e-5)
     assert e["ppl_after"][1] == pytest.approx(e["ppl_after"][0], rel=1e-5)
     assert e["samples_same"]
@@ -435,6 +450,12 @@ def test_two_processes(llama_dir, tmp_path):
         # each process returned only once process 0 had placed them
         assert r["rc_quant"] == 0
         assert r["sees_outputs"] == ["ppl.json", "quant", "quant.json"]
+        exists, differ = r["errors"]
+        assert exists == [2, [f"jcompress: error: --json: {tmp_path / 'ppl.json'} already exists "
+                              "(pass --overwrite to replace it)"]]  # fmt: skip
+        assert differ[0] == 2 and differ[1][0].startswith(
+            "jcompress: error: --json: process 1 of this multi-host run has a different value"
+        )
     assert [r["writer"] for r in outs] == [True, False]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ppl.json", "quant", "quant.json"]
 
