@@ -51,8 +51,8 @@ import re
 import secrets
 import shutil
 import sys
-import time
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from pathlib import Path
@@ -362,9 +362,7 @@ def _exchange(err: BaseException | None) -> list[tuple[int, str]]:
         raw = text.encode("utf-8", "replace")[:_MSG_BYTES]
         buf[1 : 1 + len(raw)] = np.frombuffer(raw, np.uint8)
     rows = np.asarray(multihost_utils.process_allgather(buf)).reshape(-1, _MSG_BYTES + 1)
-    return [
-        (int(r[0]), bytes(r[1:]).rstrip(b"\0").decode("utf-8", "replace")) for r in rows
-    ]
+    return [(int(r[0]), bytes(r[1:]).rstrip(b"\0").decode("utf-8", "replace")) for r in rows]
 
 
 def _settle(err: BaseException | None) -> None:
@@ -636,8 +634,8 @@ def write_json(
     """Write JSON atomically (temporary file in the same directory, then rename).
 
     With ``overwrite=False`` an existing ``path`` (even one that appeared while writing) is
-    never replaced (:class:`DestinationExists`). The file mode follows the umask. In a multi-host run
-    process 0 writes it (:func:`on_writer`)."""
+    never replaced (:class:`DestinationExists`). The file mode follows the umask. In a
+    multi-host run process 0 writes it (:func:`on_writer`)."""
     path = Path(path)
     arg = arg or str(path)
     on_writer(lambda: _write_json_local(path, obj, overwrite, arg), path=path, arg=arg)

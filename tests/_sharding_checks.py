@@ -212,7 +212,9 @@ def tokenwise_checks() -> dict:
     return {
         "rel_diff": max(
             abs(g[k][key] - single[k][key]) / max(abs(single[k][key]), 1e-30)
-            for g in got.values() for k in range(2) for key in METRIC_KEYS
+            for g in got.values()
+            for k in range(2)
+            for key in METRIC_KEYS
         ),  # fmt: skip
         "n_tokens": [g[0]["n_tokens"] for g in got.values()],
         "sse_numpy_rel": abs(got["data=8"][1]["sse"] - (d * d).sum()) / (d * d).sum(),
@@ -352,8 +354,8 @@ def tokenwise_cli(run, model_dir: str, tmp) -> dict:
 
     small = ["--cn", "2", "--eu", "2", "--length", "16", "--save_dtype", "fp32"]
     rcs, results = [], []
-    rc1, _ = run(["tokenwise", "save_xy", "--model_dir", model_dir, "--save_path", str(tmp),
-                  "--label", "xy", *small, "--batch_size", "4", "--mesh", "data=4,model=2"])  # fmt: skip
+    save = ["tokenwise", "save_xy", "--model_dir", model_dir, "--save_path", str(tmp)]
+    rc1, _ = run([*save, "--label", "xy", *small, "--batch_size", "4", "--mesh", "data=4,model=2"])
     rcs.append(rc1)
     for name, mesh in (("one", []), ("mesh", ["--mesh", "data=8"])):
         out = tmp / f"tw-{name}.json"
@@ -412,6 +414,11 @@ def multihost(model_dir: str, out_dir: str) -> dict:
     rc_quant = cli(["quant", "apply", "--model", model_dir, *QUANT_ARGS, "--mesh",
                     "data=2,model=4", "--out", str(Path(out_dir) / "quant"), "--json",
                     str(Path(out_dir) / "quant.json")])  # fmt: skip
+    # streaming runs on process 0 (its work dir and output); the other waits, prints nothing
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        rc_stream = cli(["stream", "quant", "--model", model_dir, "--rule", QUANT_ARGS[1],
+                         "--out", str(Path(out_dir) / "stream")])  # fmt: skip
     # process 0's one-line error, raised on every process: the output exists now; and
     # different outputs per process
     again = [["--json", str(out)], ["--json", str(Path(out_dir) / f"p{jax.process_index()}.json")]]
@@ -426,6 +433,8 @@ def multihost(model_dir: str, out_dir: str) -> dict:
         "rc": rc,
         "errors": errors,
         "rc_quant": rc_quant,
+        "rc_stream": rc_stream,
+        "stream_printed": "wrote " in printed.getvalue(),
         "writer": atomic.is_writer(),
         "sees_outputs": sorted(p.name for p in Path(out_dir).iterdir()),
         "processes": jax.process_count(),

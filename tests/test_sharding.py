@@ -449,8 +449,8 @@ def test_two_processes(llama_dir, tmp_path):
         assert not r["mesh_after_cli"]
         # both named the same outputs: a second writer would have failed (they existed), and
         # each process returned only once process 0 had placed them
-        assert r["rc_quant"] == 0
-        assert r["sees_outputs"] == ["ppl.json", "quant", "quant.json"]
+        assert r["rc_quant"] == 0 and r["rc_stream"] == 0
+        assert r["sees_outputs"] == ["ppl.json", "quant", "quant.json", "stream"]
         exists, differ = r["errors"]
         assert exists == [2, [f"jcompress: error: --json: {tmp_path / 'ppl.json'} already exists "
                               "(pass --overwrite to replace it)"]]  # fmt: skip
@@ -458,7 +458,11 @@ def test_two_processes(llama_dir, tmp_path):
             "jcompress: error: --json: process 1 of this multi-host run has a different value"
         )
     assert [r["writer"] for r in outs] == [True, False]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ppl.json", "quant", "quant.json"]
+    assert [r["stream_printed"] for r in outs] == [True, False]  # streamed by process 0 only
+    # nothing else: no second writer's conflict copy, no temporaries, the work dir removed
+    outputs = ["ppl.json", "quant", "quant.json", "stream"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == outputs
+    assert (tmp_path / "stream" / "model.safetensors.index.json").is_file()
 
     # the export is byte for byte the one-process run's (quantization does not depend on the
     # mesh; the perplexity in the report does only to float rounding)
