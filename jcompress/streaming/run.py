@@ -45,7 +45,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from jcompress.atomic import atomic_dir, on_writer, write_json
+from jcompress.atomic import atomic_dir, on_writer, process_count, write_json
 from jcompress.calibration.stream import Activations, batches, single_layer
 from jcompress.errors import UserError
 from jcompress.leaf_io import encode_static
@@ -56,6 +56,7 @@ from jcompress.models.families import spec_for
 from jcompress.models.forward import apply_layer, embed
 from jcompress.models.safetensors_io import CODES, DTYPES, write_safetensors
 from jcompress.outputs import check_output_dir, write_marker
+from jcompress.sharding import use_mesh
 from jcompress.streaming.loader import GLOBAL, LayerLoader, fingerprint, layer_of
 
 __all__ = ["MANIFEST", "StreamReport", "StreamResult", "stream_compress"]
@@ -433,14 +434,19 @@ def stream_compress(
         another method, config, calibration set, dtype, output form or model, or a method
         that cannot run on one layer.
     """
-    return on_writer(
-        lambda: _stream_compress(
-            model_dir, out_dir, compress, config=config, calib=calib, method=method,
-            work_dir=work_dir, resume=resume, factors=factors, dtype=dtype, overwrite=overwrite,
-            offload_dir=offload_dir, progress=progress, marker=marker, on_layer=on_layer,
-            rule_fields=rule_fields, globals_step=globals_step,
-        )
-    )  # fmt: skip
+
+    def run() -> StreamResult:
+        with contextlib.ExitStack() as stack:
+            if process_count() > 1:  # process 0 alone: no mesh spanning the waiting processes
+                stack.enter_context(use_mesh(None))
+            return _stream_compress(
+                model_dir, out_dir, compress, config=config, calib=calib, method=method,
+                work_dir=work_dir, resume=resume, factors=factors, dtype=dtype,
+                overwrite=overwrite, offload_dir=offload_dir, progress=progress, marker=marker,
+                on_layer=on_layer, rule_fields=rule_fields, globals_step=globals_step,
+            )  # fmt: skip
+
+    return on_writer(run)
 
 
 def _stream_compress(
