@@ -45,6 +45,7 @@ import ctypes
 import ctypes.util
 import errno
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -57,8 +58,6 @@ from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, TypeVar
-
-import numpy as np
 
 from jcompress.errors import UserError
 
@@ -311,7 +310,11 @@ def clean_stale(dest: str | os.PathLike, *, now: float | None = None) -> list[Pa
 # --------------------------------------------------------------------------- multi-host
 
 T = TypeVar("T")
-_MSG_BYTES = 1024
+_MSG_CHARS = 1024
+TIMEOUT_VAR = "JCOMPRESS_MULTIHOST_TIMEOUT"
+"""Seconds a process waits for the others at an exchange (default a week): process 0 may
+work alone for long (a streamed run) while the others wait."""
+_SEQ = itertools.count()  # every process exchanges in the same order: the same numbers
 # set while process 0 runs an ``on_writer`` function: writes inside it are local
 _SOLO: ContextVar[bool] = ContextVar("jcompress_solo_writer", default=False)
 # process 0's temporary output directories and every process's private directories
@@ -348,21 +351,56 @@ def _local(path: str | os.PathLike | None = None) -> bool:
     return any(p == d or p.startswith(d + os.sep) for d in _LOCAL_DIRS)
 
 
+def _timeout_ms() -> int:
+    v = os.environ.get(TIMEOUT_VAR, "")
+    try:
+        secs = float(v) if v else 7 * 24 * 3600.0
+    except ValueError:
+        raise UserError(f"{TIMEOUT_VAR}: expected seconds, got {v!r}") from None
+    if not secs > 0:
+        raise UserError(f"{TIMEOUT_VAR}: expected seconds > 0, got {v!r}")
+    return int(min(secs * 1000, 2**31 - 1))
+
+
+def _gather(text: str) -> list[str]:
+    """Every process's ``text``, in process order (every process must call it at the same
+    point). Through the key-value store of JAX's coordination service, not a device
+    collective: nothing to compile, and no collective timeout (XLA:CPU's gloo gives up after
+    30 s) while process 0 works alone; waits up to :data:`TIMEOUT_VAR` seconds."""
+    import jax
+    from jax._src import distributed  # the runtime's client (as orbax's multihost utils)
+
+    client = distributed.global_state.client
+    me, n = jax.process_index(), jax.process_count()
+    key = f"jcompress/exchange/{next(_SEQ)}"
+    client.key_value_set(f"{key}/{me}", text)
+    out = []
+    for i in range(n):
+        if i == me:
+            out.append(text)
+            continue
+        try:
+            out.append(client.blocking_key_value_get(f"{key}/{i}", _timeout_ms()))
+        except Exception as e:  # the runtime's own error type
+            if "DEADLINE_EXCEEDED" not in str(e):
+                raise
+            raise RuntimeError(
+                f"jcompress: process {me} waited {_timeout_ms() / 1000:.0f} s for process {i} "
+                f"(set {TIMEOUT_VAR} to wait longer)"
+            ) from None
+    return out
+
+
 def _exchange(err: BaseException | None) -> list[tuple[int, str]]:
     """Every process's outcome, in process order: ``(0, "")`` for success, ``(1, message)``
-    for a :class:`UserError`, ``(2, "Type: message")`` otherwise (a collective: every
-    process must call it at the same point)."""
-    from jax.experimental import multihost_utils
-
-    buf = np.zeros(_MSG_BYTES + 1, np.uint8)
+    for a :class:`UserError`, ``(2, "Type: message")`` otherwise."""
+    code, text = 0, ""
     if err is not None:
         user = isinstance(err, UserError)
-        buf[0] = 1 if user else 2
-        text = str(err) if user else f"{type(err).__name__}: {err}"
-        raw = text.encode("utf-8", "replace")[:_MSG_BYTES]
-        buf[1 : 1 + len(raw)] = np.frombuffer(raw, np.uint8)
-    rows = np.asarray(multihost_utils.process_allgather(buf)).reshape(-1, _MSG_BYTES + 1)
-    return [(int(r[0]), bytes(r[1:]).rstrip(b"\0").decode("utf-8", "replace")) for r in rows]
+        code = 1 if user else 2
+        text = (str(err) if user else f"{type(err).__name__}: {err}")[:_MSG_CHARS]
+    rows = _gather(f"{code}:{text}")
+    return [(int(r[0]), r[2:]) for r in rows]
 
 
 def _settle(err: BaseException | None) -> None:
@@ -388,13 +426,10 @@ def agree(value: T, *, arg: str) -> T:
     """
     if process_count() == 1:
         return value
-    from jax.experimental import multihost_utils
-
     text = json.dumps(value, sort_keys=True, default=str).encode()
-    digest = np.frombuffer(hashlib.sha256(text).digest(), np.uint8)
-    rows = np.asarray(multihost_utils.process_allgather(digest)).reshape(-1, digest.size)
-    for idx in range(1, rows.shape[0]):
-        if not np.array_equal(rows[idx], rows[0]):
+    rows = _gather(hashlib.sha256(text).hexdigest())
+    for idx in range(1, len(rows)):
+        if rows[idx] != rows[0]:
             raise UserError(
                 f"{arg}: process {idx} of this multi-host run has a different value than "
                 "process 0; start every process with the same arguments"
