@@ -404,9 +404,9 @@ def _exchange(err: BaseException | None) -> list[tuple[int, str]]:
 
 
 def _settle(err: BaseException | None) -> None:
-    """Exchange outcomes (a collective); re-raise this process's own error, else the first
-    other process's (a :class:`UserError` keeps its one line, so every process reports the
-    same)."""
+    """Exchange outcomes (every process calls it); re-raise this process's own error, else
+    the first other process's (a :class:`UserError` keeps its one line, so every process
+    reports the same)."""
     outcomes = _exchange(err)
     if err is not None:
         raise err
@@ -418,8 +418,8 @@ def _settle(err: BaseException | None) -> None:
 
 
 def agree(value: T, *, arg: str) -> T:
-    """Check that every process of a multi-host run holds the same ``value`` (JSON-able; a
-    collective); return it.
+    """Check that every process of a multi-host run holds the same ``value`` (JSON-able;
+    every process calls it); return it.
 
     Raises:
       UserError: naming ``arg`` and the first process that differs from process 0.
@@ -443,7 +443,7 @@ def on_writer(
     """Run ``fn()`` on process 0 only (directly where the write of ``path`` is local: one
     process, within an ``on_writer`` call, or under a temporary / private directory).
 
-    Every process returns once process 0 has finished (a collective): process 0 with
+    Every process returns once process 0 has finished (an exchange): process 0 with
     ``fn``'s result, the others with ``None``; an error of ``fn`` is raised on every
     process (a :class:`UserError` with the same one line). Every process must name the
     same ``path`` (:func:`agree`, errors naming ``arg``).
@@ -484,7 +484,7 @@ def private_dir(*, marker: bool = False) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def _atomic_dir_multi(dest: Path, *, overwrite: bool, arg: str, marker: bool) -> Iterator[Path]:
-    """:func:`atomic_dir` of a multi-host run (see the module docstring). Four collectives:
+    """:func:`atomic_dir` of a multi-host run (see the module docstring). Four exchanges:
     the same destination everywhere; process 0 started; every body finished (else all
     raise and process 0 discards its directory); process 0 placed ``dest``."""
     agree(os.path.abspath(dest), arg=arg)
