@@ -28,6 +28,14 @@ destination ``NAME`` and renamed into place only when complete (:func:`atomic_di
 * Created directories and files follow the process umask (no ``mkdtemp``/``mkstemp`` 0700/0600).
 * Running out of disk (``ENOSPC``) while writing raises a one-line :class:`UserError`
   (``<arg>: no space left on device ...``); the partial temporary output is removed.
+* Multi-host runs (``jax.distributed`` initialized, more than one process): process 0 is the
+  only writer (:func:`is_writer`). Every process still runs the body of :func:`atomic_dir` (it
+  may hold collectives, e.g. gathering sharded arrays), the others into a :func:`private_dir`
+  that is deleted afterwards; :func:`write_json` and the :mod:`jcompress.outputs` pre-write
+  checks run on process 0 only (:func:`on_writer`), and every process returns once process 0
+  has finished, with its error (the same one line) if it failed. All processes must name the
+  same destination (:func:`agree`). Inside process 0's temporary directory, a private
+  directory, or an :func:`on_writer` call, writes are local (no collectives).
 """
 
 from __future__ import annotations
@@ -36,16 +44,20 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import hashlib
+import itertools
 import json
 import os
 import re
 import secrets
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from jcompress.errors import UserError
 
@@ -54,8 +66,13 @@ __all__ = [
     "NoSpaceLeft",
     "OutputBusy",
     "STALE_SECONDS",
+    "agree",
     "atomic_dir",
     "clean_stale",
+    "is_writer",
+    "on_writer",
+    "private_dir",
+    "process_count",
     "recover",
     "rename_noreplace",
     "replace_dir",
@@ -290,6 +307,220 @@ def clean_stale(dest: str | os.PathLike, *, now: float | None = None) -> list[Pa
     return removed
 
 
+# --------------------------------------------------------------------------- multi-host
+
+T = TypeVar("T")
+_MSG_CHARS = 1024
+TIMEOUT_VAR = "JCOMPRESS_MULTIHOST_TIMEOUT"
+"""Seconds a process waits for the others at an exchange (default a week): process 0 may
+work alone for long (a streamed run) while the others wait."""
+_SEQ = itertools.count()  # every process exchanges in the same order: the same numbers
+# set while process 0 runs an ``on_writer`` function: writes inside it are local
+_SOLO: ContextVar[bool] = ContextVar("jcompress_solo_writer", default=False)
+# process 0's temporary output directories and every process's private directories
+_LOCAL_DIRS: set[str] = set()
+
+
+def process_count() -> int:
+    """JAX processes of this run: 1 unless ``jax.distributed`` is initialized (never starts
+    a JAX backend itself, so it may run before ``jax.distributed.initialize``)."""
+    import jax
+
+    if not jax.distributed.is_initialized():
+        return 1
+    return int(jax.process_count())
+
+
+def is_writer() -> bool:
+    """Whether this process writes outputs: process 0 of a multi-host run, or the only one."""
+    if process_count() == 1:
+        return True
+    import jax
+
+    return jax.process_index() == 0
+
+
+def _local(path: str | os.PathLike | None = None) -> bool:
+    """Whether a write of ``path`` skips the multi-host protocol: one process, inside an
+    :func:`on_writer` call, or under a local (temporary / private) directory."""
+    if _SOLO.get() or process_count() == 1:
+        return True
+    if path is None:
+        return False
+    p = os.path.abspath(path)
+    return any(p == d or p.startswith(d + os.sep) for d in _LOCAL_DIRS)
+
+
+def _timeout_ms() -> int:
+    v = os.environ.get(TIMEOUT_VAR, "")
+    try:
+        secs = float(v) if v else 7 * 24 * 3600.0
+    except ValueError:
+        raise UserError(f"{TIMEOUT_VAR}: expected seconds, got {v!r}") from None
+    if not secs > 0:
+        raise UserError(f"{TIMEOUT_VAR}: expected seconds > 0, got {v!r}")
+    return int(min(secs * 1000, 2**31 - 1))
+
+
+def _gather(text: str) -> list[str]:
+    """Every process's ``text``, in process order (every process must call it at the same
+    point). Through the key-value store of JAX's coordination service, not a device
+    collective: nothing to compile, and no collective timeout (XLA:CPU's gloo gives up after
+    30 s) while process 0 works alone; waits up to :data:`TIMEOUT_VAR` seconds."""
+    import jax
+    from jax._src import distributed  # the runtime's client (as orbax's multihost utils)
+
+    client = distributed.global_state.client
+    me, n = jax.process_index(), jax.process_count()
+    key = f"jcompress/exchange/{next(_SEQ)}"
+    client.key_value_set(f"{key}/{me}", text)
+    out = []
+    for i in range(n):
+        if i == me:
+            out.append(text)
+            continue
+        try:
+            out.append(client.blocking_key_value_get(f"{key}/{i}", _timeout_ms()))
+        except Exception as e:  # the runtime's own error type
+            if "DEADLINE_EXCEEDED" not in str(e):
+                raise
+            raise RuntimeError(
+                f"jcompress: process {me} waited {_timeout_ms() / 1000:.0f} s for process {i} "
+                f"(set {TIMEOUT_VAR} to wait longer)"
+            ) from None
+    return out
+
+
+def _exchange(err: BaseException | None) -> list[tuple[int, str]]:
+    """Every process's outcome, in process order: ``(0, "")`` for success, ``(1, message)``
+    for a :class:`UserError`, ``(2, "Type: message")`` otherwise."""
+    code, text = 0, ""
+    if err is not None:
+        user = isinstance(err, UserError)
+        code = 1 if user else 2
+        text = (str(err) if user else f"{type(err).__name__}: {err}")[:_MSG_CHARS]
+    rows = _gather(f"{code}:{text}")
+    return [(int(r[0]), r[2:]) for r in rows]
+
+
+def _settle(err: BaseException | None) -> None:
+    """Exchange outcomes (every process calls it); re-raise this process's own error, else
+    the first other process's (a :class:`UserError` keeps its one line, so every process
+    reports the same)."""
+    outcomes = _exchange(err)
+    if err is not None:
+        raise err
+    for idx, (code, msg) in enumerate(outcomes):
+        if code == 1:
+            raise UserError(msg if idx == 0 else f"process {idx}: {msg}")
+        if code:
+            raise RuntimeError(f"jcompress process {idx} failed: {msg}")
+
+
+def agree(value: T, *, arg: str) -> T:
+    """Check that every process of a multi-host run holds the same ``value`` (JSON-able;
+    every process calls it); return it.
+
+    Raises:
+      UserError: naming ``arg`` and the first process that differs from process 0.
+    """
+    if process_count() == 1:
+        return value
+    text = json.dumps(value, sort_keys=True, default=str).encode()
+    rows = _gather(hashlib.sha256(text).hexdigest())
+    for idx in range(1, len(rows)):
+        if rows[idx] != rows[0]:
+            raise UserError(
+                f"{arg}: process {idx} of this multi-host run has a different value than "
+                "process 0; start every process with the same arguments"
+            )
+    return value
+
+
+def on_writer(
+    fn: Callable[[], T], *, path: str | os.PathLike | None = None, arg: str | None = None
+) -> T | None:
+    """Run ``fn()`` on process 0 only (directly where the write of ``path`` is local: one
+    process, within an ``on_writer`` call, or under a temporary / private directory).
+
+    Every process returns once process 0 has finished (an exchange): process 0 with
+    ``fn``'s result, the others with ``None``; an error of ``fn`` is raised on every
+    process (a :class:`UserError` with the same one line). Every process must name the
+    same ``path`` (:func:`agree`, errors naming ``arg``).
+    """
+    if _local(path):
+        return fn()
+    if path is not None:
+        agree(os.path.abspath(path), arg=arg or str(path))
+    result, err = None, None
+    if is_writer():
+        token = _SOLO.set(True)
+        try:
+            result = fn()
+        except BaseException as e:  # reported to every process below
+            err = e
+        finally:
+            _SOLO.reset(token)
+    _settle(err)
+    return result
+
+
+@contextlib.contextmanager
+def private_dir(*, marker: bool = False) -> Iterator[Path]:
+    """A fresh local directory (under ``TMPDIR``) deleted on exit: where a process other than
+    the writer puts what it would have written. Writes under it are local."""
+    from jcompress.outputs import write_marker
+
+    tmp = Path(tempfile.mkdtemp(prefix="jcompress-private-"))
+    _LOCAL_DIRS.add(str(tmp))
+    try:
+        if marker:
+            write_marker(tmp)
+        yield tmp
+    finally:
+        _LOCAL_DIRS.discard(str(tmp))
+        _rmtree(tmp)
+
+
+@contextlib.contextmanager
+def _atomic_dir_multi(dest: Path, *, overwrite: bool, arg: str, marker: bool) -> Iterator[Path]:
+    """:func:`atomic_dir` of a multi-host run (see the module docstring). Four exchanges:
+    the same destination everywhere; process 0 started; every body finished (else all
+    raise and process 0 discards its directory); process 0 placed ``dest``."""
+    agree(os.path.abspath(dest), arg=arg)
+    writer = is_writer()
+    cm = (
+        _atomic_dir_local(dest, overwrite=overwrite, arg=arg, marker=marker)
+        if writer
+        else private_dir(marker=marker)
+    )
+    tmp, err = None, None
+    try:
+        tmp = cm.__enter__()
+    except BaseException as e:
+        err = e
+    _settle(err)  # process 0 could not start: every process stops here
+    _LOCAL_DIRS.add(str(tmp))
+    try:
+        try:
+            yield tmp
+        except BaseException as e:
+            _settle(e)  # re-raises e
+            raise
+        _settle(None)  # another process's body failed: raise that here
+    except BaseException as e:
+        _LOCAL_DIRS.discard(str(tmp))
+        cm.__exit__(type(e), e, e.__traceback__)
+        raise
+    _LOCAL_DIRS.discard(str(tmp))
+    err = None
+    try:
+        cm.__exit__(None, None, None)  # process 0: the final rename
+    except BaseException as e:
+        err = e
+    _settle(err)
+
+
 # --------------------------------------------------------------------------- writers
 
 
@@ -355,6 +586,30 @@ def atomic_dir(
     """Yield a temporary sibling directory of ``dest``; on success it becomes ``dest``, on any
     error it is removed.
 
+    In a multi-host run only process 0's directory becomes ``dest``; the other processes run
+    the same body into a :func:`private_dir`, and all return once ``dest`` is in place (or
+    raise process 0's error). Arguments: as :func:`_atomic_dir_local`.
+    """
+    dest = Path(dest)
+    arg = arg or str(dest)
+    if _local(dest):
+        with _atomic_dir_local(dest, overwrite=overwrite, arg=arg, marker=marker) as tmp:
+            yield tmp
+        return
+    with _atomic_dir_multi(dest, overwrite=overwrite, arg=arg, marker=marker) as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
+def _atomic_dir_local(
+    dest: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    arg: str | None = None,
+    marker: bool = True,
+) -> Iterator[Path]:
+    """:func:`atomic_dir` in this process alone.
+
     Args:
       dest: the destination directory.
       overwrite: replace an existing ``dest`` (journaled swap). Without it the final rename
@@ -414,9 +669,14 @@ def write_json(
     """Write JSON atomically (temporary file in the same directory, then rename).
 
     With ``overwrite=False`` an existing ``path`` (even one that appeared while writing) is
-    never replaced (:class:`DestinationExists`). The file mode follows the umask."""
+    never replaced (:class:`DestinationExists`). The file mode follows the umask. In a
+    multi-host run process 0 writes it (:func:`on_writer`)."""
     path = Path(path)
     arg = arg or str(path)
+    on_writer(lambda: _write_json_local(path, obj, overwrite, arg), path=path, arg=arg)
+
+
+def _write_json_local(path: Path, obj: Any, overwrite: bool, arg: str) -> None:
     tmp = _sibling(path, "tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

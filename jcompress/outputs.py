@@ -157,10 +157,23 @@ def check_output_dir(
 
     Raises:
       UserError: one line naming ``arg`` (see the module docstring for the rules).
+
+    In a multi-host run process 0 checks (and cleans up), and every process raises its error.
     """
-    from jcompress.atomic import clean_stale, recover
+    from jcompress.atomic import on_writer
 
     path = Path(path)
+    on_writer(
+        lambda: _check_dir(path, inputs, overwrite, arg, need_bytes, require_marker),
+        path=path,
+        arg=arg,
+    )
+    return path
+
+
+def _check_dir(path, inputs, overwrite, arg, need_bytes, require_marker) -> None:
+    from jcompress.atomic import clean_stale, recover
+
     _check_inputs(path, inputs, arg)
     if path.parent.is_dir():
         recover(path)
@@ -180,7 +193,6 @@ def check_output_dir(
         if not os.access(path, os.W_OK | os.X_OK):
             raise UserError(f"{arg}: cannot replace {path} (permission denied)")
     _check_parent(path, arg, need_bytes)
-    return path
 
 
 def check_output_file(
@@ -192,9 +204,16 @@ def check_output_file(
 ) -> Path:
     """Check that the file ``path`` may be (re)written by this run (same rules as
     :func:`check_output_dir`, for a file: an existing file needs ``overwrite``)."""
-    from jcompress.atomic import clean_stale
+    from jcompress.atomic import on_writer
 
     path = Path(path)
+    on_writer(lambda: _check_file(path, inputs, overwrite, arg), path=path, arg=arg)
+    return path
+
+
+def _check_file(path, inputs, overwrite, arg) -> None:
+    from jcompress.atomic import clean_stale
+
     _check_inputs(path, inputs, arg)
     if path.is_dir():
         raise UserError(f"{arg}: {path} is a directory; give a file path")
@@ -208,4 +227,3 @@ def check_output_file(
         if not os.access(path.parent, os.W_OK | os.X_OK):
             raise UserError(f"{arg}: cannot replace {path} (permission denied)")
     _check_parent(path, arg, None)
-    return path

@@ -81,6 +81,7 @@ __all__ = [
     "parse_mesh",
     "place_batch",
     "register_leaf_sharding",
+    "replicate",
     "shard_batch",
     "shard_params",
     "to_host",
@@ -450,6 +451,11 @@ def place_batch(x: Any, mesh: Mesh | None = None, *, arg: str = "batch_size") ->
     if mesh is None:
         return jax.numpy.asarray(x)
     return shard_batch(x, mesh, arg=arg)
+
+
+def replicate(x: Any, mesh: Mesh) -> jax.Array:
+    """``x`` (host or device) copied whole onto every device of ``mesh``."""
+    return _put(x, NamedSharding(mesh, _P()))
 
 
 def to_host(x: jax.Array) -> np.ndarray:

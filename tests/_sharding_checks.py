@@ -9,6 +9,8 @@ one device, so each comparison is sharded code against the plain code path.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import sys
@@ -185,10 +187,38 @@ def main(model_dir: str) -> dict:
     )
 
     res["methods"] = method_checks(cfg, params, calib, mesh)
+    res["tokenwise"] = tokenwise_checks()
 
-    # --- the CLI: `generate` and `ppl` with --mesh (last: --mesh stays current afterwards)
+    # --- the CLI: `generate`, `ppl`, `eigen` and `tokenwise` with --mesh, called in-process
     res["cli"] = cli_checks(model_dir, cfg, params)
     return res
+
+
+def tokenwise_checks() -> dict:
+    """tokenwise_metrics over ``data`` (``mesh=``; 150 tokens in chunks of 7, rounded up to 8
+    over data=8) == one device == numpy (the current-mesh path: the tokenwise CLI below)."""
+    from jcompress.quant.tokenwise import METRIC_KEYS, tokenwise_metrics
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((150, 12)).astype(np.float32)
+    w = rng.standard_normal((12, 16)).astype(np.float32)
+    b = rng.standard_normal(16).astype(np.float32)
+    y = x @ w + b
+    ws = np.stack([w + 0.01 * rng.standard_normal(w.shape), 0.5 * w]).astype(np.float32)
+    single = tokenwise_metrics(x, y, ws, b, chunk_tokens=7)
+    mesh = sharding.make_mesh("data=8")
+    got = {"data=8": tokenwise_metrics(x, y, ws, b, chunk_tokens=7, mesh=mesh)}
+    d = x.astype(np.float64) @ ws[1].astype(np.float64) + b - y
+    return {
+        "rel_diff": max(
+            abs(g[k][key] - single[k][key]) / max(abs(single[k][key]), 1e-30)
+            for g in got.values()
+            for k in range(2)
+            for key in METRIC_KEYS
+        ),  # fmt: skip
+        "n_tokens": [g[0]["n_tokens"] for g in got.values()],
+        "sse_numpy_rel": abs(got["data=8"][1]["sse"] - (d * d).sum()) / (d * d).sum(),
+    }
 
 
 def method_checks(cfg, params, calib, mesh) -> dict:
@@ -252,9 +282,11 @@ def cli_checks(model_dir: str, cfg, params) -> dict:
             rc = cli(argv)
         return rc, out.getvalue()
 
+    leaked = []  # a command's --mesh must end with the command
     gen = ["generate", "--model", model_dir, "--prompt", "The tower is", "--max-new-tokens", "6"]
     rc1, text1 = run(gen)
     rc2, text2 = run([*gen, "--mesh", "data=2,model=4"])
+    leaked.append(sharding.current_mesh() is not None)
     text = Path(jcompress.__file__).parent / "assets" / "wikitext2_test_excerpt.txt"
     ids = load_tokens(text, load_tokenizer_for(model_dir, "--model", cfg))
     kw = dict(seqlen=32, max_windows=8, batch_size=4, progress=False)
@@ -264,7 +296,12 @@ def cli_checks(model_dir: str, cfg, params) -> dict:
         argv = ["ppl", "--model", model_dir, "--data", str(text), "--seqlen", "32",
                 "--max-windows", "8", "--batch-size", "4", "--json", str(out)]  # fmt: skip
         rc3, _ = run([*argv, "--mesh", "data=2,model=4"])
+        leaked.append(sharding.current_mesh() is not None)
         got = json.loads(out.read_text()) if out.exists() else {}
+        eigen = eigen_cli(run, model_dir, text, Path(tmp))
+        leaked.append(sharding.current_mesh() is not None)
+        tokenwise = tokenwise_cli(run, model_dir, Path(tmp))
+        leaked.append(sharding.current_mesh() is not None)
     rc4 = run(["ppl", "--model", model_dir, "--data", str(text), "--mesh", "model=8"])[0]
     rc5 = run(["ppl", "--model", model_dir, "--data", str(text), "--batch-size", "3",
                "--mesh", "data=2,model=4"])[0]  # fmt: skip
@@ -276,37 +313,140 @@ def cli_checks(model_dir: str, cfg, params) -> dict:
         "ppl_ref": ref.ppl,
         "ppl_mesh": got.get("mesh"),
         "bad_mesh_rc": [rc4, rc5],
+        "mesh_leaked": leaked,
+        "eigen": eigen,
+        "tokenwise": tokenwise,
     }
+
+
+def eigen_cli(run, model_dir: str, text, tmp) -> dict:
+    """``jcompress eigen`` on one device and with ``--mesh data=2,model=4``: the reports
+    (ranks, layer errors, the greedy sample after compression; the same calibration shapes as
+    the library run above, so most programs are compiled already; no perplexity rows: ``ppl
+    --mesh`` is checked on its own)."""
+    valid = text.with_name("wikitext2_valid_excerpt.txt")
+    argv = ["eigen", "--model", model_dir, "--calib_data", str(valid),
+            "--nsamples", "8", "--seqlen", "16", "--batch_size", "4", "--avg_dim", "2",
+            "--layers", "model/layers/0", "--max_new_tokens", "4"]  # fmt: skip
+    reps, rcs = [], []
+    for name, extra in (("one", []), ("mesh", ["--mesh", "data=2,model=4"])):
+        rc, _ = run([*argv, *extra, "--json", str(tmp / f"eigen-{name}.json")])
+        rcs.append(rc)
+        path = tmp / f"eigen-{name}.json"
+        reps.append(json.loads(path.read_text()) if path.exists() else {})
+    ranks = [[[r.get(k) for k in ("rank_kq", "rank_v", "threshold")] for r in rep.get("layers", [])]
+             for rep in reps]  # fmt: skip
+    extra = [rep.get("extra", {}) for rep in reps]
+    return {
+        "rc": rcs,
+        "ranks": ranks,
+        "errors": [[r.get("error") for r in rep.get("layers", [])] for rep in reps],
+        "samples_same": len(extra[0].get("sample_after") or "") > 0
+        and extra[0].get("sample_after") == extra[1].get("sample_after"),
+    }
+
+
+def tokenwise_cli(run, model_dir: str, tmp) -> dict:
+    """``jcompress tokenwise save_xy --mesh data=4,model=2`` (4 windows; its captures equal
+    one device's in :func:`method_checks`), then ``eval_fake`` on that cache on one device and
+    with ``--mesh data=8`` (chunks of 20 tokens rounded up to 24): the same metrics."""
+    from jcompress.quant.tokenwise import METRIC_KEYS
+
+    small = ["--cn", "2", "--eu", "2", "--length", "16", "--save_dtype", "fp32"]
+    rcs, results = [], []
+    save = ["tokenwise", "save_xy", "--model_dir", model_dir, "--save_path", str(tmp)]
+    rc1, _ = run([*save, "--label", "xy", *small, "--batch_size", "4", "--mesh", "data=4,model=2"])
+    rcs.append(rc1)
+    for name, mesh in (("one", []), ("mesh", ["--mesh", "data=8"])):
+        out = tmp / f"tw-{name}.json"
+        rc2, _ = run(["tokenwise", "eval_fake", "--model_dir", model_dir, "--xy_path",
+                      str(tmp / "xy.safetensors"), "--out_json", str(out), "--ranks", "4",
+                      "--qspecs", "nvfp4", "--chunk_tokens", "20", *mesh])  # fmt: skip
+        rcs.append(rc2)
+        results.append(json.loads(out.read_text()) if out.exists() else {})
+
+    def metrics(obj, acc):  # every metric value in the result, in document order
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                if k in METRIC_KEYS and isinstance(v, (int, float)):
+                    acc.append(float(v))
+                else:
+                    metrics(v, acc)
+        elif isinstance(obj, list):
+            for v in obj:
+                metrics(v, acc)
+        return acc
+
+    m1, m2 = metrics(results[0], []), metrics(results[1], [])
+    return {
+        "rc": rcs,
+        "n_metrics": [len(m1), len(m2)],
+        "rel_diff": max(
+            (abs(a - b) / max(abs(a), 1e-12) for a, b in zip(m1, m2, strict=False)), default=None
+        ),
+    }
+
+
+QUANT_ARGS = ["--rule", r".*mlp/.*=nvfp4", "--seqlen", "32", "--max_windows", "4",
+              "--batch_size", "4"]  # fmt: skip
+"""``jcompress quant apply`` flags of the two-process run (the test repeats it on one device)."""
 
 
 def multihost(model_dir: str, out_dir: str) -> dict:
     """One of two processes (``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` /
-    ``JAX_PROCESS_ID`` set by the test, 4 host devices each): ``jcompress ppl --mesh
-    data=2,model=4`` over the 8 devices of both processes (the CLI starts the distributed
-    runtime itself), then a sharded forward gathered back, against this process's own
-    single-device runs."""
+    ``JAX_PROCESS_ID`` set by the test, 4 host devices each): ``jcompress ppl`` and
+    ``jcompress quant apply`` with ``--mesh data=2,model=4`` over the 8 devices of both
+    processes (the CLI starts the distributed runtime itself), both processes naming the same
+    outputs (only process 0 may write them: a second writer would fail, they exist already),
+    then a sharded forward gathered back, against this process's own single-device runs."""
     from pathlib import Path
 
+    from jcompress import atomic
     from jcompress.cli import main as cli
     from jcompress.cli.common import load_tokenizer_for
     from jcompress.data import load_tokens
 
     text = Path(jcompress.__file__).parent / "assets" / "wikitext2_test_excerpt.txt"
-    out = Path(out_dir) / f"ppl{os.environ['JAX_PROCESS_ID']}.json"
+    out = Path(out_dir) / "ppl.json"
     rc = cli(["ppl", "--model", model_dir, "--data", str(text), "--seqlen", "32",
               "--max-windows", "8", "--batch-size", "4", "--json", str(out),
               "--mesh", "data=2,model=4"])  # fmt: skip
+    rc_quant = cli(["quant", "apply", "--model", model_dir, *QUANT_ARGS, "--mesh",
+                    "data=2,model=4", "--out", str(Path(out_dir) / "quant"), "--json",
+                    str(Path(out_dir) / "quant.json")])  # fmt: skip
+    # streaming runs on process 0 (its work dir and output); the other waits, prints nothing
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        rc_stream = cli(["stream", "quant", "--model", model_dir, "--rule", QUANT_ARGS[1],
+                         "--out", str(Path(out_dir) / "stream")])  # fmt: skip
+    # process 0's one-line error, raised on every process: the output exists now; and
+    # different outputs per process
+    again = [["--json", str(out)], ["--json", str(Path(out_dir) / f"p{jax.process_index()}.json")]]
+    errors = []
+    for extra in again:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = cli(["ppl", "--model", model_dir, "--data", str(text), *extra,
+                        "--mesh", "data=2,model=4"])  # fmt: skip
+        errors.append([code, err.getvalue().strip().splitlines()[-1:]])
     res = {
         "rc": rc,
+        "errors": errors,
+        "rc_quant": rc_quant,
+        "rc_stream": rc_stream,
+        "stream_printed": "wrote " in printed.getvalue(),
+        "writer": atomic.is_writer(),
+        "sees_outputs": sorted(p.name for p in Path(out_dir).iterdir()),
         "processes": jax.process_count(),
         "devices": [jax.device_count(), jax.local_device_count()],
+        "mesh_after_cli": sharding.current_mesh() is not None,
     }
     cfg, params = jcompress.load_hf(model_dir)
     ids = load_tokens(text, load_tokenizer_for(model_dir, "--model", cfg))
     kw = dict(seqlen=32, max_windows=8, batch_size=4, progress=False)
     res["ppl"] = json.loads(out.read_text())["ppl"] if out.exists() else None
     res["ppl_ref"] = jcompress.perplexity(cfg, params, ids, **kw).ppl
-    mesh = sharding.current_mesh()
+    mesh = sharding.make_mesh("data=2,model=4")
     batch = np.asarray(ids[: 8 * 24]).reshape(8, 24)
     logits = jcompress.forward(
         cfg, sharding.shard_params(params, cfg, mesh), sharding.shard_batch(batch, mesh)

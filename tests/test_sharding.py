@@ -24,15 +24,21 @@ from jcompress.leaves import LowRank, Residual
 from jcompress.models.convert import unflatten
 from jcompress.models.families import spec_for
 from jcompress.models.params import param_shapes
+from jcompress.outputs import MARKER
 
 HERE = Path(__file__).resolve().parent
+
+
+# the subprocesses compile much and run little: XLA's backend optimizations cost more than
+# they save there (about a third of their time)
+FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 
 @pytest.fixture(scope="module")
 def checks(llama_dir):
     env = dict(os.environ)
     env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+        env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count=8 {FAST_COMPILE}"
     ).strip()
     env["OPENBLAS_NUM_THREADS"] = "1"
     env["JAX_PLATFORMS"] = "cpu"
@@ -222,6 +228,19 @@ def test_place_batch_without_mesh_is_a_plain_array():
             pass
 
 
+def test_one_process_is_the_writer(tmp_path):
+    from jcompress import atomic
+
+    assert atomic.process_count() == 1 and atomic.is_writer()
+    assert atomic.agree({"out": "x"}, arg="--out") == {"out": "x"}
+    assert atomic.on_writer(lambda: 7, path=tmp_path / "f") == 7
+    with atomic.private_dir(marker=True) as d:
+        assert d.is_dir() and (d / MARKER).is_file() and d.parent != tmp_path
+        atomic.write_json(d / "r.json", {"a": 1})
+        assert json.loads((d / "r.json").read_text()) == {"a": 1}
+    assert not d.exists()
+
+
 def test_initialize_distributed_needs_a_reason_and_checks_ids(monkeypatch):
     monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
     assert sharding.initialize_distributed() is False  # nothing set, not forced: no-op
@@ -310,22 +329,49 @@ def test_cli_mesh(checks):
     assert c["ppl_rc"] == 0 and c["ppl_mesh"] == "data=2,model=4"
     assert c["ppl"] == pytest.approx(c["ppl_ref"], rel=1e-5)
     assert c["bad_mesh_rc"] == [2, 2]  # model=8 over 4 kv heads, batch 3 over data=2
+    assert c["mesh_leaked"] == [False, False, False, False]  # --mesh ends with its main()
+
+
+def test_eigen_cli_mesh_equals_one_device(checks):
+    e = checks["cli"]["eigen"]
+    assert e["rc"] == [0, 0]
+    assert len(e["ranks"][0]) == 1 and e["ranks"][1] == e["ranks"][0]
+    assert all(isinstance(v, int) for v in e["ranks"][0][0][:2])  # K/Q and V ranks chosen
+    assert e["errors"][1] == pytest.approx(e["errors"][0], rel=1e-4, abs=1e-7)
+    assert e["samples_same"]
+
+
+def test_tokenwise_metrics_over_data(checks):
+    t = checks["tokenwise"]
+    assert t["n_tokens"] == [150.0]  # the padding of the last chunk is not counted
+    assert t["rel_diff"] < 1e-5  # every metric vs one device
+    assert t["sse_numpy_rel"] < 1e-4
+
+
+def test_tokenwise_cli_mesh(checks):
+    t = checks["cli"]["tokenwise"]
+    assert t["rc"] == [0, 0, 0]
+    assert t["n_metrics"][0] > 0 and t["n_metrics"][0] == t["n_metrics"][1]
+    assert t["rel_diff"] < 1e-5
 
 
 @pytest.mark.parametrize(
     "argv",
     [
-        ["eigen", "--calib_data", "x"],
-        ["tucker", "--variant", "tt"],
-        ["quant", "apply", "--rule", "lm_head=fp8_e4m3"],
-        ["generate", "--prompt", "hi"],
+        ["eigen", "--calib_data", "x", "--model", "{model}"],
+        ["tucker", "--variant", "tt", "--model", "{model}"],
+        ["quant", "apply", "--rule", "lm_head=fp8_e4m3", "--model", "{model}"],
+        ["generate", "--prompt", "hi", "--model", "{model}"],
+        ["tokenwise", "save_xy", "--save_path", "x", "--label", "y", "--model_dir", "{model}"],
+        ["tokenwise", "eval_fake", "--xy_path", "x", "--out_json", "y", "--model_dir", "{model}"],
     ],
 )
 def test_method_commands_take_mesh(capsys, llama_dir, argv):
     from jcompress.cli import main
 
     n = jax.device_count()
-    rc = main([*argv, "--model", str(llama_dir), "--mesh", f"model={2 * n}"])
+    argv = [a.replace("{model}", str(llama_dir)) for a in argv]
+    rc = main([*argv, "--mesh", f"model={2 * n}"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith(f"jcompress: error: --mesh: data=1,model={2 * n} spans")
 
@@ -366,7 +412,9 @@ def test_two_processes(llama_dir, tmp_path):
     gloo), started through the environment variables a cluster launcher sets."""
     env = dict(os.environ)
     env.update(
-        XLA_FLAGS=(env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip(),
+        XLA_FLAGS=(
+            env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count=4 {FAST_COMPILE}"
+        ).strip(),
         OPENBLAS_NUM_THREADS="1",
         JAX_PLATFORMS="cpu",
         JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}",
@@ -398,3 +446,42 @@ def test_two_processes(llama_dir, tmp_path):
         assert r["ppl"] == pytest.approx(r["ppl_ref"], rel=1e-5)
         assert not r["fully_addressable"]  # the logits really span both processes
         assert r["forward_max_diff"] < 1e-4
+        assert not r["mesh_after_cli"]
+        # both named the same outputs: a second writer would have failed (they existed), and
+        # each process returned only once process 0 had placed them
+        assert r["rc_quant"] == 0 and r["rc_stream"] == 0
+        assert r["sees_outputs"] == ["ppl.json", "quant", "quant.json", "stream"]
+        exists, differ = r["errors"]
+        assert exists == [2, [f"jcompress: error: --json: {tmp_path / 'ppl.json'} already exists "
+                              "(pass --overwrite to replace it)"]]  # fmt: skip
+        assert differ[0] == 2 and differ[1][0].startswith(
+            "jcompress: error: --json: process 1 of this multi-host run has a different value"
+        )
+    assert [r["writer"] for r in outs] == [True, False]
+    assert [r["stream_printed"] for r in outs] == [True, False]  # streamed by process 0 only
+    # nothing else: no second writer's conflict copy, no temporaries, the work dir removed
+    outputs = ["ppl.json", "quant", "quant.json", "stream"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == outputs
+    assert (tmp_path / "stream" / "model.safetensors.index.json").is_file()
+
+    # the export is byte for byte the one-process run's (quantization does not depend on the
+    # mesh; the perplexity in the report does only to float rounding)
+    from jcompress.cli import main
+
+    sys.path.insert(0, str(HERE))
+    try:
+        from _sharding_checks import QUANT_ARGS
+    finally:
+        sys.path.remove(str(HERE))
+    ref = tmp_path.parent / f"{tmp_path.name}-one"
+    assert main(["quant", "apply", "--model", str(llama_dir), *QUANT_ARGS, "--out", str(ref)]) == 0
+    got = tmp_path / "quant"
+    files = sorted(str(p.relative_to(ref)) for p in ref.rglob("*") if p.is_file())
+    assert files == sorted(str(p.relative_to(got)) for p in got.rglob("*") if p.is_file())
+    assert any(f.endswith(".safetensors") for f in files)
+    for f in files:
+        if f not in ("report.json", "report.md", MARKER):  # the marker: time and pid
+            assert (got / f).read_bytes() == (ref / f).read_bytes(), f
+    r1, r2 = (json.loads((d / "report.json").read_text()) for d in (ref, got))
+    assert r2["ppl_after"]["ppl"] == pytest.approx(r1["ppl_after"]["ppl"], rel=1e-5)
+    assert r2["layers"] == r1["layers"]  # per-kernel formats, sizes and errors

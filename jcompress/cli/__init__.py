@@ -12,6 +12,7 @@ User errors (bad paths, bad options, malformed checkpoints) print one line
 from __future__ import annotations
 
 import argparse
+import contextvars
 import os
 import sys
 import warnings
@@ -91,7 +92,9 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        return args.func(args)
+        # in a copy of the caller's context: what the command makes current (its --mesh) ends
+        # with it, so a later main() in the same process does not inherit it
+        return contextvars.copy_context().run(args.func, args)
     except UserError as e:
         print(f"jcompress: error: {e}", file=sys.stderr)
         return 2

@@ -20,6 +20,7 @@ __all__ = [
     "DTYPES",
     "add_attention_flag",
     "add_calib_window_flags",
+    "add_distributed_flag",
     "add_dtype_flag",
     "add_eval_window_flags",
     "add_mesh_flag",
@@ -29,6 +30,7 @@ __all__ = [
     "check_positions",
     "config_flags",
     "config_from_args",
+    "distributed_from_args",
     "field_docs",
     "generate_text",
     "load_model",
@@ -120,30 +122,46 @@ def add_mesh_flag(s: argparse.ArgumentParser) -> None:
         help=f"shard over a device mesh: {MESH_FORM}; heads / MLP columns over model, "
         "batches over data (default: one device)",
     )
+    add_distributed_flag(s)
+
+
+def add_distributed_flag(s: argparse.ArgumentParser) -> None:
+    """``--distributed``: start multi-host JAX (read back by :func:`distributed_from_args`)."""
     s.add_argument(
         "--distributed",
         action="store_true",
         help="multi-host: jax.distributed.initialize from JAX_COORDINATOR_ADDRESS / "
         "JAX_NUM_PROCESSES / JAX_PROCESS_ID or the cluster (automatic when "
-        "JAX_COORDINATOR_ADDRESS is set)",
+        "JAX_COORDINATOR_ADDRESS is set); process 0 writes every output",
     )
 
 
+def distributed_from_args(args: argparse.Namespace) -> bool:
+    """Start multi-host JAX if ``--distributed`` or ``JAX_COORDINATOR_ADDRESS`` asks for it
+    (before any output check: those run on process 0 only). Returns whether this call did."""
+    from jcompress import sharding
+
+    return sharding.initialize_distributed(force=bool(getattr(args, "distributed", False)))
+
+
 def mesh_from_args(args: argparse.Namespace, cfg: Any = None) -> Any:
-    """Start multi-host JAX if asked (or ``JAX_COORDINATOR_ADDRESS`` is set), build the
-    ``--mesh`` and make it current for the rest of the command (perplexity and the
-    calibration stream of every method then run sharded). Call it before loading weights:
-    it also checks that the mesh divides the heads and MLP width of ``cfg`` (default: the
-    config of ``args.model``) and that ``data`` divides ``args.batch_size`` if there is one.
+    """Start multi-host JAX if asked (:func:`distributed_from_args`), build the ``--mesh``
+    and make it current for the rest of the command (perplexity and the calibration stream
+    of every method then run sharded; without ``--mesh``: no mesh, whatever an earlier
+    command in the same process used). Call it before loading weights: it also checks that
+    the mesh divides the heads and MLP width of ``cfg`` (default: the config of
+    ``args.model``) and that ``data`` divides ``args.batch_size`` if there is one.
+    :func:`jcompress.cli.main` scopes what it activates to the one call.
 
     Returns:
       The :class:`jax.sharding.Mesh`, or ``None`` without ``--mesh``.
     """
     from jcompress import sharding
 
-    sharding.initialize_distributed(force=bool(getattr(args, "distributed", False)))
+    distributed_from_args(args)
     spec = getattr(args, "mesh", None)
     if spec is None:
+        sharding.activate(None)
         return None
     mesh = sharding.make_mesh(spec, arg="--mesh")
     if cfg is None and getattr(args, "model", None) is not None:

@@ -18,6 +18,7 @@ from typing import Any
 
 from jcompress.cli.common import (
     add_calib_window_flags,
+    add_distributed_flag,
     add_dtype_flag,
     config_flags,
     config_from_args,
@@ -201,6 +202,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "checkpoint",
         )
         add_dtype_flag(p)
+        add_distributed_flag(p)
         p.add_argument(
             "--overwrite",
             action="store_true",
@@ -211,13 +213,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jcompress.cli.common import check_data_file, load_tokenizer_for
+    from jcompress.cli.common import check_data_file, distributed_from_args, load_tokenizer_for
     from jcompress.data import calibration_windows, load_tokens
     from jcompress.eval import check_seqlen
     from jcompress.models import read_config
     from jcompress.outputs import check_output_dir
     from jcompress.streaming import stream_compress
 
+    distributed_from_args(args)  # multi-host: process 0 streams and writes, the rest wait
     m = METHODS[args.stream_method]
     model, out = Path(args.model), Path(args.out)
     cfg = read_config(model)
@@ -259,6 +262,8 @@ def run(args: argparse.Namespace) -> int:
             marker=True,
             globals_step=m.globals_step,
         )
+    if res is None:  # another process of a multi-host run wrote --out
+        return 0
     for w in caught:
         print(f"warning: {w.message}")
     print(res.report.to_markdown())

@@ -3,7 +3,8 @@
 Flag names follow the seed's ``tokenwise_precision.py`` (``--model_dir --save_path --label
 --seed --cn --eu --length --save_dtype``; ``--xy_path --out_json --ranks --qspecs --method
 --grid_mode --chunk_tokens``; ``--smooth_model_dir``). Every output path is checked before any
-model is loaded; results are written atomically.
+model is loaded; results are written atomically. ``save_xy`` and ``eval_*`` take ``--mesh``
+(the captures' batches, the metrics' tokens over ``data``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jcompress.cli.common import config_flags, config_from_args, load_tokenizer_for
+from jcompress.cli.common import (
+    add_mesh_flag,
+    config_flags,
+    config_from_args,
+    load_tokenizer_for,
+    mesh_from_args,
+)
 from jcompress.errors import UserError
 
 TORCH_DTYPES = {"auto": None, "fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
@@ -33,6 +40,7 @@ def add_parser(sub) -> None:
     s.add_argument("--label", required=True, help="cache name ({label}.safetensors or {label}/)")
     _torch_dtype(s)
     s.add_argument("--overwrite", action="store_true", help="replace an earlier cache")
+    add_mesh_flag(s)
     s.set_defaults(func=run_save_xy, _save_fields=config_flags(s, SaveXYConfig, {
         "save_dtype": {"choices": ["fp16", "bf16", "fp32"], "metavar": None},
         "layout": {"choices": ["single", "per_layer"], "metavar": None},
@@ -67,6 +75,7 @@ def add_parser(sub) -> None:
                        help="accepted for the seed's scripts; every configuration always starts "
                        "from the original weights")  # fmt: skip
         e.add_argument("--overwrite", action="store_true", help="replace an existing --out_json")
+        add_mesh_flag(e)
         fields = config_flags(e, EvalConfig, {
             "method": {"choices": ["svd", "mpo"], "metavar": None},
             "grid_mode": {"choices": ["combined", "full"], "metavar": None},
@@ -99,13 +108,14 @@ def _model_dir(path, arg: str):
 
 
 def run_save_xy(args) -> int:
-    from jcompress.models import load_hf
+    from jcompress.models import load_hf, read_config
     from jcompress.outputs import check_output_dir, check_output_file
     from jcompress.quant.tokenwise import SaveXYConfig, representative_windows, save_xy
     from jcompress.quant.tokenwise.xy import output_path
 
     config = config_from_args(SaveXYConfig, args, args._save_fields)
     d = _model_dir(args.model_dir, "--model_dir")
+    mesh_from_args(args, read_config(d))  # --mesh: the capture stream runs sharded
     dest = output_path(args.save_path, args.label, config.layout)
     inputs = {"--model_dir": d}
     if config.layout == "single":
@@ -126,7 +136,7 @@ def run_save_xy(args) -> int:
 
 def run_eval(args) -> int:
     from jcompress.atomic import write_json
-    from jcompress.models import load_hf
+    from jcompress.models import load_hf, read_config
     from jcompress.outputs import check_output_file
     from jcompress.quant.formats import parse_specs
     from jcompress.quant.smooth import check_alpha
@@ -161,6 +171,7 @@ def run_eval(args) -> int:
     else:
         model_dir = _model_dir(args.model_dir, "--model_dir")
         inputs["--model_dir"] = model_dir
+    mesh_from_args(args, read_config(model_dir))  # --mesh: tokens over data in the metrics
     check_output_file(args.out_json, inputs=inputs, overwrite=args.overwrite, arg="--out_json")
     cache = XYCache(args.xy_path)
     if args._smooth and args.smooth_model_dir is not None:

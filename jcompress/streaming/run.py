@@ -45,7 +45,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from jcompress.atomic import atomic_dir, write_json
+from jcompress.atomic import atomic_dir, on_writer, process_count, write_json
 from jcompress.calibration.stream import Activations, batches, single_layer
 from jcompress.errors import UserError
 from jcompress.leaf_io import StoreOnce, encode_static
@@ -56,6 +56,7 @@ from jcompress.models.families import spec_for
 from jcompress.models.forward import apply_layer, embed
 from jcompress.models.safetensors_io import CODES, DTYPES, write_safetensors
 from jcompress.outputs import check_output_dir, write_marker
+from jcompress.sharding import use_mesh
 from jcompress.streaming.loader import GLOBAL, LayerLoader, fingerprint, layer_of
 
 __all__ = ["MANIFEST", "StreamReport", "StreamResult", "stream_compress"]
@@ -397,8 +398,12 @@ def stream_compress(
     on_layer: Callable[[int], None] | None = None,
     rule_fields: tuple[str, ...] | None = None,
     globals_step: bool = False,
-) -> StreamResult:
+) -> StreamResult | None:
     """Compress a checkpoint layer by layer with peak memory ~ one layer (module docstring).
+
+    In a multi-host run process 0 runs it (the work directory and the output are its own;
+    streaming runs on one device), and the other processes wait for it and return ``None``
+    (or raise its error).
 
     Args:
       model_dir: the input checkpoint (safetensors, possibly sharded).
@@ -433,7 +438,7 @@ def stream_compress(
         globals are written as they are.
 
     Returns:
-      :class:`StreamResult`.
+      :class:`StreamResult` (``None`` on processes other than 0 of a multi-host run).
 
     Raises:
       UserError: a bad checkpoint (see :class:`LayerLoader`), an ``out_dir`` the output guard
@@ -441,6 +446,42 @@ def stream_compress(
         another method, config, calibration set, dtype, output form or model, or a method
         that cannot run on one layer.
     """
+
+    def run() -> StreamResult:
+        with contextlib.ExitStack() as stack:
+            if process_count() > 1:  # process 0 alone: no mesh spanning the waiting processes
+                stack.enter_context(use_mesh(None))
+            return _stream_compress(
+                model_dir, out_dir, compress, config=config, calib=calib, method=method,
+                work_dir=work_dir, resume=resume, factors=factors, dtype=dtype,
+                overwrite=overwrite, offload_dir=offload_dir, progress=progress, marker=marker,
+                on_layer=on_layer, rule_fields=rule_fields, globals_step=globals_step,
+            )  # fmt: skip
+
+    return on_writer(run)
+
+
+def _stream_compress(
+    model_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    compress: Callable[..., tuple[Any, Any]],
+    *,
+    config: Any,
+    calib: Any = None,
+    method: str | None = None,
+    work_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    factors: bool = False,
+    dtype: Any = None,
+    overwrite: bool = False,
+    offload_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    marker: bool = False,
+    on_layer: Callable[[int], None] | None = None,
+    rule_fields: tuple[str, ...] | None = None,
+    globals_step: bool = False,
+) -> StreamResult:
+    """:func:`stream_compress` in this process."""
     t0 = time.perf_counter()
     out_dir, model_dir = Path(out_dir), Path(model_dir)
     loader = LayerLoader(model_dir, dtype=dtype)

@@ -14,6 +14,11 @@ only the per-token relative errors (``C x N`` floats, for the percentiles) grow 
 Each chunk is one jitted step: one GEMM against all configurations stacked along the output
 axis (``[in, C * out]``); the sums stay on device.
 The optional ``inv_scale [in]`` multiplies ``X`` first (SmoothQuant's ``X / s``).
+
+Under a mesh (``mesh=``, or the current :func:`jcompress.sharding.use_mesh` / ``--mesh``) each
+chunk's tokens are split over the ``data`` axis (the chunk rounded up to a multiple of its size)
+and the candidate weights replicated; the sums over tokens become all-reduces, the per-token
+errors are gathered back for the percentiles.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jcompress import sharding
 
 __all__ = ["METRIC_KEYS", "PERCENTILES", "tokenwise_metrics", "tokenwise_metrics_quantized"]
 
@@ -105,6 +112,7 @@ def tokenwise_metrics(
     inv_scale: Any = None,
     chunk_tokens: int = 4096,
     eps: float = 1e-8,
+    mesh: Any = None,
 ) -> list[dict[str, float]]:
     """Metrics of every candidate in ``w_hats [C, in, out]`` (or one ``[in, out]``).
 
@@ -116,6 +124,8 @@ def tokenwise_metrics(
       inv_scale: ``[in]`` factor applied to ``x`` (``1 / smooth_factor``) or ``None``.
       chunk_tokens: rows per step.
       eps: added to ``||Y_t||`` in the relative error.
+      mesh: a :class:`jax.sharding.Mesh`: tokens over ``data``, weights replicated (default:
+        :func:`jcompress.sharding.current_mesh`, else one device).
 
     Returns:
       One dict per candidate with :data:`METRIC_KEYS` (Python floats, ``n_tokens`` too, as
@@ -134,18 +144,26 @@ def tokenwise_metrics(
     s = jnp.asarray(inv_scale, jnp.float32) if scaled else jnp.ones((d_in,), jnp.float32)
     w_stack = _stack(w)
     del w
+    mesh = sharding.current_mesh() if mesh is None else mesh
+    if mesh is not None:
+        w_stack, b, s = (sharding.replicate(a, mesh) for a in (w_stack, b, s))
     return _chunked(
         x, y, c, chunk_tokens, eps,
         lambda acc, xc, yc, real: _step(acc, w_stack, b, s, xc, yc, real, eps, scaled),
+        mesh=mesh,
     )  # fmt: skip
 
 
-def _chunked(x, y, c, chunk_tokens, eps, step) -> list[dict[str, float]]:
+def _chunked(x, y, c, chunk_tokens, eps, step, mesh=None) -> list[dict[str, float]]:
     """Stream ``(x, y)`` through ``step(acc, x_chunk, y_chunk, real) -> (acc, rel [C, n])`` in
-    padded chunks of one shape; finish the sums, maxima and percentiles on the host."""
+    padded chunks of one shape (split over ``data`` under ``mesh``); finish the sums, maxima
+    and percentiles on the host."""
     n, d_in = x.shape
     d_out = y.shape[1]
     chunk = int(max(1, min(chunk_tokens, n)))
+    if mesh is not None:  # every chunk splits evenly over data (the padding is masked)
+        n_data = int(mesh.shape["data"])
+        chunk = -(-chunk // n_data) * n_data
     z = jnp.zeros((c,), jnp.float32)
     acc = (z, jnp.float32(0), z, z, z, z)
     rels = []
@@ -155,15 +173,17 @@ def _chunked(x, y, c, chunk_tokens, eps, step) -> list[dict[str, float]]:
         if real < chunk:  # pad: one compiled shape for every chunk
             xc = np.concatenate([xc, np.zeros((chunk - real, d_in), xc.dtype)])
             yc = np.concatenate([yc, np.zeros((chunk - real, d_out), yc.dtype)])
+        if mesh is not None:
+            xc, yc = sharding.shard_batch(xc, mesh), sharding.shard_batch(yc, mesh)
         prev = acc
         acc, rel = step(acc, xc, yc, real)
         rels.append(rel[:, :real])
         # at most two chunks in flight: the host slices the next chunk while this one runs,
         # and no more chunks than that are staged on the device (memory flat in tokens)
         jax.block_until_ready(prev)
-    rel_all = np.asarray(jnp.concatenate(rels, axis=1), np.float64)
+    rel_all = sharding.to_host(jnp.concatenate(rels, axis=1)).astype(np.float64)
     qs = np.quantile(rel_all, PERCENTILES, axis=1) if n else np.zeros((3, c))
-    sse, denom, l2s, l2m, rs, rm = (np.asarray(a, np.float64) for a in acc)
+    sse, denom, l2s, l2m, rs, rm = (sharding.to_host(a).astype(np.float64) for a in acc)
     out = []
     for k in range(c):
         out.append({
@@ -202,6 +222,7 @@ def tokenwise_metrics_quantized(
     eps: float = 1e-8,
     block_sizes: Any = None,
     interpret: bool = False,
+    mesh: Any = None,
 ) -> dict[str, float]:
     """:func:`tokenwise_metrics` of one quantized kernel given as codes + scales.
 
@@ -220,6 +241,8 @@ def tokenwise_metrics_quantized(
       eps: added to ``||Y_t||`` in the relative error.
       block_sizes: the kernel's tile (:class:`jcompress.kernels.tokenwise_error.BlockSizes`).
       interpret: run the kernel in the Pallas interpreter (tests).
+      mesh: as :func:`tokenwise_metrics`; under a mesh the chunks take the GEMM path (the
+        fused kernel runs on one device).
 
     Returns:
       One dict with :data:`METRIC_KEYS`.
@@ -232,9 +255,10 @@ def tokenwise_metrics_quantized(
     if x.shape[0] != y.shape[0] or x.shape[1] != shape[0] or y.shape[1] != shape[1]:
         raise ValueError(f"shape mismatch: X{tuple(x.shape)}, Y{tuple(y.shape)}, codes {shape}")
     bs = block_sizes or K.BlockSizes()
-    if not K.supports(spec, shape, bs, interpret=interpret):
+    mesh = sharding.current_mesh() if mesh is None else mesh
+    if mesh is not None or not K.supports(spec, shape, bs, interpret=interpret):
         return tokenwise_metrics(x, y, F.dequantize(q, spec), bias,
-                                 chunk_tokens=chunk_tokens, eps=eps)[0]  # fmt: skip
+                                 chunk_tokens=chunk_tokens, eps=eps, mesh=mesh)[0]  # fmt: skip
     b = jnp.zeros((shape[1],), jnp.float32) if bias is None else jnp.asarray(bias, jnp.float32)
     return _chunked(
         x, y, 1, chunk_tokens, eps,
