@@ -247,3 +247,41 @@ def test_equal_factors_stored_once_and_relinked(compressed, tmp_path):
     (out / "config.json").write_text(json.dumps(conf))
     with pytest.raises(jcompress.UserError, match="format 3"):
         jcompress.load_hf(out)
+
+
+def test_eigen_report_counts_parameters_as_the_factor_checkpoint_stores_them(tmp_path):
+    """EigenAttention's ``params_after`` counts K's/Q's shared basis and V's basis / o_proj's
+    copy once: it equals the scalars ``save_hf(factors=True)`` writes (read back from the
+    files), and the full tree's count less one ``[heads, r, d]`` basis per shared pair."""
+    from _tiny import hf_config
+    from safetensors import safe_open
+
+    from jcompress.eigen_attention import EigenAttentionConfig, compress
+    from jcompress.leaves import HeadFoldedOut, HeadLowRank
+    from jcompress.models import count_params
+    from jcompress.models.families import config_from_hf
+
+    cfg = config_from_hf(hf_config("opt").to_dict())
+    params = jcompress.init_params(cfg, jax.random.key(0), std=0.3)
+    calib = np.random.default_rng(0).integers(2, cfg.vocab_size, (4, 16), dtype=np.int32)
+    config = EigenAttentionConfig(
+        nsamples=4, seqlen=16, avg_dim=1, error_budget=0.5, min_rank=0, start_threshold=0.8
+    )
+    small, report = compress(params, cfg, calib, config=config, progress=False)
+    assert any(r.compressed for r in report.layers)
+    out = jcompress.save_hf(cfg, small, tmp_path / "f", factors=True)
+    with safe_open(out / "jcompress_model.safetensors", framework="np") as f:
+        written = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
+    assert report.params_after == written
+    flat = flatten(small)
+    shared = 0
+    for i in range(cfg.num_layers):
+        att = {k.rsplit("/", 2)[-2]: v for k, v in flat.items() if f"/{i}/" in k and "/kernel" in k}
+        if isinstance(att.get("q_proj"), HeadLowRank):
+            assert np.array_equal(att["q_proj"].b, att["k_proj"].b)
+            shared += att["q_proj"].b.size
+        if isinstance(att.get("out_proj"), HeadFoldedOut):
+            assert np.array_equal(att["out_proj"].ut, att["v_proj"].b)
+            shared += att["out_proj"].ut.size
+    assert shared > 0 and report.params_after == count_params(small) - shared
+    assert report.params_before == count_params(params)

@@ -89,7 +89,7 @@ from jcompress.models.config import Family, ModelConfig, Position
 from jcompress.models.convert import flatten, get_path, unflatten
 from jcompress.models.families import spec_for
 from jcompress.models.forward import DEFAULT_ATTENTION, Capture, apply_layer, check_length
-from jcompress.models.params import count_params
+from jcompress.models.params import count_params, count_stored_params
 
 __all__ = ["EigenAttentionConfig", "compress", "family_defaults"]
 
@@ -903,7 +903,7 @@ def compress(
         unmatched_rules=unmatched,
         rope=cfg.position is Position.ROPE,
         params_before=count_params(params),
-        params_after=count_params(flat_params),
+        params_after=count_stored_params(flat_params),
         rank_search=config.rank_search,
         reference_mode=config.reference_mode,
         per_head_ranks=config.per_head_ranks,
