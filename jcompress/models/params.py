@@ -48,9 +48,10 @@ def count_stored_params(params: Any) -> int:
     """Number of scalars a factors checkpoint stores for ``params``.
 
     As :func:`count_params`, except that an array of a typed leaf equal (dtype, shape and
-    bytes) to one of a typed leaf already counted counts once, as
-    ``save_hf(..., factors=True)`` writes it once and links it (EigenAttention's K/Q basis shared by K and Q, V's basis and ``o_proj``'s folded copy of
-    it). Dense arrays always count (the HF layout stores each of them).
+    bytes) to one of a typed leaf already counted counts once, as ``save_hf(...,
+    factors=True)`` writes it once and links it: EigenAttention's K/Q basis shared by K and
+    Q, V's basis and ``o_proj``'s folded copy of it, and the ``ut`` of each
+    ``HeadLatentBias``. Dense arrays always count (the HF layout stores each of them).
     """
     once, total = StoreOnce(), 0
     for path, leaf in flatten(params).items():
