@@ -256,6 +256,8 @@ def test_eigen_report_counts_parameters_as_the_factor_checkpoint_stores_them(tmp
     from _tiny import hf_config
     from safetensors import safe_open
 
+    from jcompress.compose import REGISTRY
+    from jcompress.compose.registry import leaf_infos
     from jcompress.eigen_attention import EigenAttentionConfig, compress
     from jcompress.leaves import HeadFoldedOut, HeadLatentBias, HeadLowRank
     from jcompress.models import count_params
@@ -300,6 +302,11 @@ def test_eigen_report_counts_parameters_as_the_factor_checkpoint_stores_them(tmp
                 assert bias.z.size == att[f"{role}/kernel"].latent_width
                 shared += bias.ut.size
     assert shared > 0 and report.params_after == count_params(small) - shared
+    # the chain's pre-flight plan announces every type written (rank-space biases too)
+    before = leaf_infos(params)
+    plan = {**before, **REGISTRY["eigen_attention"].plan(cfg, config, before)}
+    for path, info in leaf_infos(small).items():
+        assert info.types <= plan[path].types, path
     _, back = jcompress.load_hf(out)
     _same(small, back)
     assert report.params_before == count_params(params)
