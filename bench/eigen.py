@@ -556,7 +556,7 @@ def e2e_side(
             {"threshold": r.threshold, "rank_k": r.rank_kq, "rank_v": r.rank_v, "error": r.error}
             for r in report.layers
         ]
-        out["params_after"] = count_params(params)
+        out["params_after"] = report.params_after  # stored once per shared basis
     windows = eval_windows(eval_ids, eval_seqlen, eval_max_windows)
     bs = min(8, windows.shape[0])
     t0 = time.perf_counter()

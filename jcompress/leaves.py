@@ -50,6 +50,7 @@ __all__ = [
     "CompressedLeaf",
     "Factored",
     "HeadFoldedOut",
+    "HeadLatentBias",
     "HeadLowRank",
     "LowRank",
     "Residual",
@@ -562,9 +563,13 @@ class HeadLowRank(Factored):
             and other.b.shape[0] % self.b.shape[0] == 0
         )
 
-    def latent_bias(self, bias: jax.Array) -> jax.Array:
+    def latent_bias(self, bias: Any) -> jax.Array:
         """``bias_h @ b[h]^T`` per head: exact when ``b[h]`` has orthonormal rows and the bias
-        lies in their span (EigenAttention projects biases so)."""
+        lies in their span (EigenAttention projects biases so). A :class:`HeadLatentBias` on
+        this leaf's basis (``ut`` of ``b``'s shape) already is that: its ``z`` is returned."""
+        if isinstance(bias, HeadLatentBias) and tuple(bias.ut.shape) == tuple(self.b.shape):
+            return bias.z
+        bias = _dense(bias)
         heads, _, d = self.b.shape
         return jnp.einsum("hd,hrd->hr", bias.reshape(heads, d), self.b).reshape(-1)
 
@@ -649,6 +654,52 @@ class HeadFoldedOut(CompressedLeaf):
         hq, (_, r, d) = self.query_heads, self.ut.shape
         w = _dense(self.w).reshape(hq, r, -1)
         return jnp.einsum("hrd,hro->hdo", self._bases(), w).reshape(hq * d, -1)
+
+
+@register_leaf
+class HeadLatentBias(CompressedLeaf):
+    """A projection bias kept in the rank space of the projection's per-head basis: the
+    bias EigenAttention projects onto the span of ``U_h`` stored as its ``r`` coordinates per
+    head instead of ``d`` values.
+
+    Reconstruction (dense ``[heads * d]``): ``bias_h = z_h @ ut[h]`` (``= z_h U_h^T``). With
+    ``ut`` the ``b`` of the projection's ``HeadLowRank`` (rows orthonormal), ``z`` is that
+    leaf's :meth:`HeadLowRank.latent_bias` exactly, and checkpoints store ``ut`` once (it
+    is linked to the kernel's ``b``). A dense array as the bias works the same everywhere.
+
+    Attributes:
+      z: ``[heads * r]`` the bias's coordinates in each head's basis.
+      ut: ``[heads, r, d]`` per-head ``U^T`` (the ``b`` of the matching ``HeadLowRank``).
+    """
+
+    z: Any
+    ut: Any
+    array_fields: ClassVar[tuple[str, ...]] = ("z", "ut")
+
+    def __post_init__(self):
+        if _is_array(self.z) and _is_array(self.ut):
+            if self.z.ndim != 1 or self.ut.ndim != 3:
+                raise ValueError(
+                    "HeadLatentBias: z must be [heads*r] and ut [heads, r, d]; got "
+                    f"z{tuple(self.z.shape)} and ut{tuple(self.ut.shape)}"
+                )
+            if self.z.shape[0] != self.ut.shape[0] * self.ut.shape[1]:
+                raise ValueError(
+                    f"HeadLatentBias: z{tuple(self.z.shape)} needs heads*r = "
+                    f"{self.ut.shape[0] * self.ut.shape[1]} entries (ut{tuple(self.ut.shape)})"
+                )
+
+    @property
+    def shape(self) -> tuple[int]:
+        return (int(self.ut.shape[0] * self.ut.shape[2]),)
+
+    def materialize(self) -> jax.Array:
+        h, r, _ = self.ut.shape
+        return jnp.einsum("hr,hrd->hd", self.z.reshape(h, r), self.ut).reshape(-1)
+
+    def apply(self, x: jax.Array) -> jax.Array:
+        """``x @ bias`` as for a dense 1-D array: ``[..., heads * d] -> [...]``."""
+        return jnp.matmul(x, self.materialize())
 
 
 @register_leaf

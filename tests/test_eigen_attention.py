@@ -37,7 +37,7 @@ import jcompress
 from jcompress import data
 from jcompress.eigen_attention import EigenAttentionConfig, compress, family_defaults
 from jcompress.eigen_attention import eigen_core as core
-from jcompress.leaves import HeadFoldedOut, HeadLowRank
+from jcompress.leaves import HeadFoldedOut, HeadLatentBias, HeadLowRank
 from jcompress.models import init_cache
 from jcompress.models.convert import flatten, get_path, unflatten
 from jcompress.models.families import spec_for
@@ -648,7 +648,13 @@ def test_mha_shared_kq_basis_and_projected_biases(opt, opt_run):
                 atol=1e-5,
             )
             b0 = np.asarray(lp0[role]["bias"], np.float64).reshape(4, 32)
-            b_new = np.asarray(lp[role]["bias"], np.float64).reshape(4, 32)
+            bias = lp[role]["bias"]  # kept in rank space on the projection's own basis
+            assert isinstance(bias, HeadLatentBias)
+            np.testing.assert_array_equal(np.asarray(bias.ut), np.asarray(w.b))
+            np.testing.assert_allclose(
+                np.asarray(bias.z), np.einsum("hd,hrd->hr", b0, b).reshape(-1), atol=1e-5
+            )
+            b_new = np.asarray(bias.materialize(), np.float64).reshape(4, 32)
             np.testing.assert_allclose(b_new, np.einsum("hd,hde->he", b0, proj), atol=1e-5)
             # the projection did something (trained OPT biases are small: ~1e-3)
             assert np.abs(b_new - b0).max() > 1e-2 * np.abs(b0).max() > 0
@@ -847,8 +853,8 @@ def tiny(request, tiny_models):
 def test_tiny_report_and_leaves(tiny):
     cfg, rep, lay = tiny.cfg, tiny.report, _lay(tiny.cfg)
     assert rep.family == tiny.name and len(rep.layers) == cfg.num_layers
-    count = jcompress.models.count_params
-    assert (rep.params_before, rep.params_after) == (count(tiny.params), count(tiny.out))
+    count, stored = jcompress.models.count_params, jcompress.models.count_stored_params
+    assert (rep.params_before, rep.params_after) == (count(tiny.params), stored(tiny.out))
     assert rep.averaged_sequences == 4 and rep.dropped_sequences == 0
     assert rep.rope == (tiny.name in ROPE)
     start = REF_WALK[tiny.name][0]

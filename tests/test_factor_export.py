@@ -247,3 +247,66 @@ def test_equal_factors_stored_once_and_relinked(compressed, tmp_path):
     (out / "config.json").write_text(json.dumps(conf))
     with pytest.raises(jcompress.UserError, match="format 3"):
         jcompress.load_hf(out)
+
+
+def test_eigen_report_counts_parameters_as_the_factor_checkpoint_stores_them(tmp_path):
+    """EigenAttention's ``params_after`` counts K's/Q's shared basis and V's basis / o_proj's
+    copy once: it equals the scalars ``save_hf(factors=True)`` writes (read back from the
+    files), and the full tree's count less one ``[heads, r, d]`` basis per shared pair."""
+    from _tiny import hf_config
+    from safetensors import safe_open
+
+    from jcompress.compose import REGISTRY
+    from jcompress.compose.registry import leaf_infos
+    from jcompress.eigen_attention import EigenAttentionConfig, compress
+    from jcompress.leaves import HeadFoldedOut, HeadLatentBias, HeadLowRank
+    from jcompress.models import count_params
+    from jcompress.models.families import config_from_hf
+
+    cfg = config_from_hf(hf_config("opt").to_dict())
+    params = jcompress.init_params(cfg, jax.random.key(0), std=0.3)
+    rng = np.random.default_rng(0)  # random biases: zero ones would be equal arrays too
+    params = unflatten(
+        {
+            k: jnp.asarray(rng.standard_normal(v.shape), jnp.float32) if k.endswith("bias") else v
+            for k, v in flatten(params).items()
+        }
+    )
+    calib = rng.integers(2, cfg.vocab_size, (4, 16), dtype=np.int32)
+    config = EigenAttentionConfig(
+        nsamples=4, seqlen=16, avg_dim=1, error_budget=0.5, min_rank=0, start_threshold=0.8
+    )
+    small, report = compress(params, cfg, calib, config=config, progress=False)
+    assert any(r.compressed for r in report.layers)
+    out = jcompress.save_hf(cfg, small, tmp_path / "f", factors=True)
+    with safe_open(out / "jcompress_model.safetensors", framework="np") as f:
+        written = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
+    assert report.params_after == written
+    flat = flatten(small)
+    shared = 0  # copies of a basis: Q's (K's), o_proj's (V's), and each projected bias's
+    for i in range(cfg.num_layers):
+        att = {
+            k.split(f"/{i}/self_attn/")[1]: v for k, v in flat.items() if f"/{i}/self_attn/" in k
+        }
+        if isinstance(att.get("q_proj/kernel"), HeadLowRank):
+            assert np.array_equal(att["q_proj/kernel"].b, att["k_proj/kernel"].b)
+            shared += att["q_proj/kernel"].b.size
+        if isinstance(att.get("out_proj/kernel"), HeadFoldedOut):
+            assert np.array_equal(att["out_proj/kernel"].ut, att["v_proj/kernel"].b)
+            shared += att["out_proj/kernel"].ut.size
+        for role in ("q_proj", "k_proj", "v_proj"):
+            if isinstance(att[f"{role}/kernel"], HeadLowRank):
+                bias = att[f"{role}/bias"]  # rank-r coordinates on the kernel's own basis
+                assert isinstance(bias, HeadLatentBias)
+                assert np.array_equal(bias.ut, att[f"{role}/kernel"].b)
+                assert bias.z.size == att[f"{role}/kernel"].latent_width
+                shared += bias.ut.size
+    assert shared > 0 and report.params_after == count_params(small) - shared
+    # the chain's pre-flight plan announces every type written (rank-space biases too)
+    before = leaf_infos(params)
+    plan = {**before, **REGISTRY["eigen_attention"].plan(cfg, config, before)}
+    for path, info in leaf_infos(small).items():
+        assert info.types <= plan[path].types, path
+    _, back = jcompress.load_hf(out)
+    _same(small, back)
+    assert report.params_before == count_params(params)

@@ -164,3 +164,56 @@ def test_shares_latent_scores_protocol_and_storage():
     assert back.basis == TAG and back.shares_latent_scores(k)
     old = {"type": "HeadLowRank", "static": {}}  # a file written before the tag
     assert leaf_io.from_arrays(old, flat).basis is None
+
+
+def test_rank_space_biases(tmp_path):
+    """K and Q biases kept as their rank-r coordinates (``HeadLatentBias``) instead of the
+    projected full-width vector: logits of the widened model on the rank-space path and on
+    the widening path (untagged), ``heads * (d - r)`` fewer scalars per bias in the factor
+    checkpoint (``ut`` linked to the kernel's basis), and both layouts load back."""
+    from safetensors import safe_open
+
+    from jcompress.leaves import HeadLatentBias
+
+    cfg, params = _tagged("opt")
+    lay = spec_for(cfg.family.value).layout
+    flat = flatten(params)
+    saved = 0
+    for i in range(cfg.num_layers):
+        for role in (lay.k, lay.q):
+            path = f"{lay.layers}/{i}/{role}"
+            b = np.asarray(flat[f"{path}/kernel"].b, np.float64)  # [heads, r, d]
+            bias = np.asarray(flat[f"{path}/bias"], np.float64).reshape(b.shape[0], -1)
+            z = np.einsum("hd,hrd->hr", bias, b).reshape(-1)
+            flat[f"{path}/bias"] = HeadLatentBias(
+                jnp.asarray(z, jnp.float32), flat[f"{path}/kernel"].b
+            )
+            saved += bias.size - z.size
+    latent = unflatten(flat)
+    untagged = jax.tree.map(
+        lambda x: dataclasses.replace(x, basis=None) if isinstance(x, HeadLowRank) else x,
+        latent,
+        is_leaf=lambda x: isinstance(x, HeadLowRank),
+    )
+    ids, mask = batch()
+    keep = mask.astype(bool)
+    want = np.asarray(jcompress.forward(cfg, jcompress.materialize(params), ids, mask))
+    for p in (latent, untagged):
+        got = np.asarray(jcompress.forward(cfg, p, ids, mask))
+        np.testing.assert_allclose(got[keep], want[keep], rtol=TOL, atol=TOL)
+    written = {}
+    for name, p in (("dense_bias", params), ("latent_bias", latent)):
+        out = jcompress.save_hf(cfg, p, tmp_path / name, factors=True)
+        with safe_open(out / "jcompress_model.safetensors", framework="np") as f:
+            written[name] = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
+        assert written[name] == jcompress.models.count_stored_params(p)
+        _, back = jcompress.load_hf(out)
+        assert jax.tree.structure(back) == jax.tree.structure(p)
+        for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(p), strict=True):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert saved > 0 and written["latent_bias"] == written["dense_bias"] - saved
+    ut = jnp.zeros((2, 3, 8))
+    assert HeadLatentBias(jnp.zeros(6), ut).shape == (16,)
+    for z, u in ((jnp.zeros(5), ut), (jnp.zeros((2, 3)), ut), (jnp.zeros(6), ut[0])):
+        with pytest.raises(ValueError, match="HeadLatentBias"):
+            HeadLatentBias(z, u)

@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from jcompress.errors import UserError
-from jcompress.leaves import CompressedLeaf, HeadFoldedOut, HeadLowRank
+from jcompress.leaves import CompressedLeaf, HeadFoldedOut, HeadLatentBias, HeadLowRank
 from jcompress.methods import select
 from jcompress.models.config import ModelConfig
 from jcompress.models.families import spec_for
@@ -213,6 +213,8 @@ def _plan_eigen(cfg: ModelConfig, config: Any, leaves: Mapping[str, LeafInfo]):
         # a layer whose rank search finds no saving stays dense: "maybe" types
         for r in (lay.k, lay.v) if rope else (lay.k, lay.q, lay.v):
             out[f"{layer}/{r}/kernel"] = info[r].with_type(HeadLowRank, maybe=True)
+            if (bias := leaves.get(f"{layer}/{r}/bias")) is not None:  # kept in rank space
+                out[f"{layer}/{r}/bias"] = bias.with_type(HeadLatentBias, maybe=True)
         out[f"{layer}/{lay.o}/kernel"] = info[lay.o].with_type(HeadFoldedOut, maybe=True)
     return out
 

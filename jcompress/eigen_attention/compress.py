@@ -32,7 +32,8 @@ Protocol (the reference's, layer by layer; see ``eigen_core`` for the math):
    the rank masked out, the original kernel shapes, one compilation for every rank) and the
    sums stay on device (one host sync per candidate).
 5. K/Q/V projections become :class:`~jcompress.leaves.HeadLowRank` leaves ``a = [W_h U_h]_h``,
-   ``b[h] = U_h^T`` (biases projected to ``b U U^T``) and ``o_proj`` becomes a
+   ``b[h] = U_h^T`` (biases projected to ``b U U^T``, kept as their rank-r coordinates
+   ``b U``: :class:`~jcompress.leaves.HeadLatentBias`) and ``o_proj`` becomes a
    :class:`~jcompress.leaves.HeadFoldedOut` ``W_o' = U_v^T W_o`` per head. The forward pass
    caches ``x @ a`` (rank-r keys and values per head), attends over rank-r values and applies
    ``W_o'`` to rank-r head outputs, as the reference does. OPT / MPT / GPT-2: K and Q are
@@ -83,13 +84,13 @@ from jcompress.calibration.gram import GRAM_DTYPES
 from jcompress.eigen_attention import eigen_core as core
 from jcompress.eigen_attention.report import EigenReport, LayerReport
 from jcompress.errors import UserError
-from jcompress.leaves import HeadFoldedOut, HeadLowRank
+from jcompress.leaves import HeadFoldedOut, HeadLatentBias, HeadLowRank
 from jcompress.methods import require_dense, select
 from jcompress.models.config import Family, ModelConfig, Position
 from jcompress.models.convert import flatten, get_path, unflatten
 from jcompress.models.families import spec_for
 from jcompress.models.forward import DEFAULT_ATTENTION, Capture, apply_layer, check_length
-from jcompress.models.params import count_params
+from jcompress.models.params import count_params, count_stored_params
 
 __all__ = ["EigenAttentionConfig", "compress", "family_defaults"]
 
@@ -291,7 +292,8 @@ def _project(
 ):
     """``kernel [in, heads*D]``, host basis ``u [heads, D, D]`` -> (rank-``r`` HeadLowRank
     ``a = [W_h U_h]_h``, ``b[h] = U_h^T``, tagged ``basis``; bias projected to
-    ``b_h U_h U_h^T`` or None).
+    ``b_h U_h U_h^T`` and kept in rank space, ``HeadLatentBias(z_h = b_h U_h, ut = b)``
+    sharing the leaf's ``b`` array, or None).
 
     Built once per layer on the host in float64 (one ``[in, D] @ [D, r]`` product per head,
     BLAS), then cast to the kernel's dtype: no compilation per rank or shape."""
@@ -302,9 +304,8 @@ def _project(
     leaf = HeadLowRank(_as_dtype(a, kernel), _as_dtype(ur.transpose(0, 2, 1), kernel), basis=basis)
     if bias is None:
         return leaf, None
-    bh = np.asarray(bias, np.float64).reshape(heads, 1, d)
-    proj = np.matmul(np.matmul(bh, ur), ur.transpose(0, 2, 1)).reshape(heads * d)
-    return leaf, _as_dtype(proj, bias)
+    z = np.matmul(np.asarray(bias, np.float64).reshape(heads, 1, d), ur).reshape(heads * r)
+    return leaf, HeadLatentBias(_as_dtype(z, bias), leaf.b)
 
 
 def _head_masked(u: np.ndarray, r) -> tuple[np.ndarray, int]:
@@ -903,7 +904,7 @@ def compress(
         unmatched_rules=unmatched,
         rope=cfg.position is Position.ROPE,
         params_before=count_params(params),
-        params_after=count_params(flat_params),
+        params_after=count_stored_params(flat_params),
         rank_search=config.rank_search,
         reference_mode=config.reference_mode,
         per_head_ranks=config.per_head_ranks,

@@ -69,8 +69,11 @@ class LayerReport:
 class EigenReport:
     """What :func:`jcompress.eigen_attention.compress` did (a :class:`jcompress.methods.Report`).
 
-    ``params_before`` / ``params_after`` count the scalars of the whole param tree (typed
-    leaves count their stored factors). ``extra`` holds what callers add (perplexity
+    ``params_before`` counts the scalars of the dense param tree; ``params_after`` the
+    scalars the factors checkpoint stores (``save_hf(..., factors=True)``): typed leaves count
+    their factors, and a factor equal to one already counted (the K/Q basis that K and Q
+    share, V's basis and ``o_proj``'s folded copy of it) counts once
+    (:func:`jcompress.models.count_stored_params`). ``extra`` holds what callers add (perplexity
     before/after, samples, timings).
     """
 

@@ -14,7 +14,7 @@ from jcompress.models.forward import (
 )
 from jcompress.models.generate import generate
 from jcompress.models.hf import load_hf, read_config, save_hf
-from jcompress.models.params import count_params, init_params, param_shapes
+from jcompress.models.params import count_params, count_stored_params, init_params, param_shapes
 
 __all__ = [
     "SUPPORTED",
@@ -25,6 +25,7 @@ __all__ = [
     "apply_layer",
     "config_from_hf",
     "count_params",
+    "count_stored_params",
     "embed",
     "forward",
     "generate",

@@ -165,7 +165,7 @@ def _linear(p: Params, x: jax.Array, rec: _Recorder, name: str) -> jax.Array:
     rec(name, "in", x)
     y = dot(x, p["kernel"])
     if "bias" in p:
-        y = y + p["bias"]
+        y = y + _bias(p)
     rec(name, "out", y)
     return y
 
@@ -177,7 +177,13 @@ def _latent(p: Params, x: jax.Array) -> jax.Array:
     if isinstance(w, Factored):
         return w.down(x)
     y = dot(x, w)
-    return y + p["bias"] if "bias" in p else y
+    return y + _bias(p) if "bias" in p else y
+
+
+def _bias(p: Params) -> jax.Array:
+    """A projection's bias as a dense array (a ``HeadLatentBias`` widened)."""
+    b = p["bias"]
+    return b.materialize() if isinstance(b, CompressedLeaf) else b
 
 
 def _expand(p: Params, lat: jax.Array) -> jax.Array:
@@ -185,7 +191,7 @@ def _expand(p: Params, lat: jax.Array) -> jax.Array:
     w = p["kernel"]
     if isinstance(w, Factored):
         y = w.up(lat)
-        return y + p["bias"] if "bias" in p else y
+        return y + _bias(p) if "bias" in p else y
     return lat
 
 
@@ -391,7 +397,7 @@ def _attention(
         if rec.wants(lay.o, "in"):  # what the dense o_proj would see: full-width head outputs
             rec(lay.o, "in", w.widen(o))
         out = w.apply_latent(o)
-        out = out + op["bias"] if "bias" in op else out
+        out = out + _bias(op) if "bias" in op else out
         rec(lay.o, "out", out)
     else:
         out = _linear(op, o, rec, lay.o)

@@ -7,11 +7,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jcompress.leaf_io import StoreOnce, to_arrays
+from jcompress.leaves import CompressedLeaf
 from jcompress.models.config import ModelConfig
-from jcompress.models.convert import unflatten
+from jcompress.models.convert import flatten, unflatten
 from jcompress.models.families import spec_for
 
-__all__ = ["param_shapes", "init_params", "count_params"]
+__all__ = ["param_shapes", "init_params", "count_params", "count_stored_params"]
 
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -40,3 +42,23 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype: Any = jnp.float32, std:
 def count_params(params: Any) -> int:
     """Number of scalars in a param pytree (typed leaves count their stored arrays)."""
     return int(sum(x.size for x in jax.tree.leaves(params)))
+
+
+def count_stored_params(params: Any) -> int:
+    """Number of scalars a factors checkpoint stores for ``params``.
+
+    As :func:`count_params`, except that an array of a typed leaf equal (dtype, shape and
+    bytes) to one of a typed leaf already counted counts once, as ``save_hf(...,
+    factors=True)`` writes it once and links it: EigenAttention's K/Q basis shared by K and
+    Q, V's basis and ``o_proj``'s folded copy of it, and the ``ut`` of each
+    ``HeadLatentBias``. Dense arrays always count (the HF layout stores each of them).
+    """
+    once, total = StoreOnce(), 0
+    for path, leaf in flatten(params).items():
+        if not isinstance(leaf, CompressedLeaf):
+            total += int(leaf.size)
+            continue
+        for field, arr in to_arrays(leaf, path)[0].items():
+            if once.first(f"{path}/{field}", arr) is None:
+                total += int(arr.size)
+    return total
