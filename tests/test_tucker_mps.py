@@ -16,7 +16,7 @@ import pytest
 
 import jcompress
 from jcompress.errors import UserError
-from jcompress.leaves import HeadFoldedOut, HeadLowRank, materialize
+from jcompress.leaves import HeadFoldedOut, HeadLatentBias, HeadLowRank, materialize
 from jcompress.models.convert import flatten
 from jcompress.models.forward import Capture
 from jcompress.tucker import TuckerConfig, compress
@@ -74,7 +74,13 @@ def _opt():
         norm="layer", activation="relu", gated_mlp=False, position="learned", pos_offset=2,
         qkv_bias=True, o_bias=True, mlp_bias=True, norm_bias=True, tie_word_embeddings=True,
     )  # fmt: skip
-    return cfg, jcompress.init_params(cfg, jax.random.key(5), std=0.3)
+    params = jcompress.init_params(cfg, jax.random.key(5), std=0.3)
+    rng = np.random.default_rng(5)  # random biases: zero ones vanish from every check
+    return cfg, jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.asarray(rng.normal(0, 0.3, x.shape), x.dtype)
+        if path[-1].key == "bias" else x,
+        params,
+    )  # fmt: skip
 
 
 def _llama():
@@ -122,10 +128,15 @@ def test_opt_basis_is_hooi_of_the_k_and_q_outputs(opt_done):
     pp = np.asarray(k.b[0].T @ k.b[0])
     want = np.einsum("ihd,de->ihe", w.reshape(32, 2, 16), pp).reshape(32, 32)
     np.testing.assert_allclose(materialize(k), want, atol=1e-5)
+    # ... and kept in rank space: z_h = bias_h P (r values per head), ut the kernel's basis
     bias = np.asarray(flatten(params)["model/decoder/layers/0/self_attn/k_proj/bias"])
+    kb = f["model/decoder/layers/0/self_attn/k_proj/bias"]
+    assert isinstance(kb, HeadLatentBias) and kb.z.shape == (2 * 6,)
+    np.testing.assert_array_equal(kb.ut, k.b)
+    p_np = np.asarray(k.b[0], np.float64).T  # [16, 6]
+    np.testing.assert_allclose(kb.z, (bias.reshape(2, 16) @ p_np).reshape(12), atol=1e-5)
     np.testing.assert_allclose(
-        f["model/decoder/layers/0/self_attn/k_proj/bias"],
-        (bias.reshape(2, 16) @ pp).reshape(32), atol=1e-5,
+        materialize(kb), (bias.reshape(2, 16) @ pp).reshape(32), atol=1e-5
     )  # fmt: skip
 
 
@@ -155,6 +166,51 @@ def test_opt_report_layer_error_kv_and_forward(opt_done):
     np.testing.assert_allclose(
         jcompress.forward(cfg, out, ids), jcompress.forward(cfg, materialize(out), ids), atol=1e-5
     )
+
+
+def _widened(params):
+    """``params`` with each ``HeadLatentBias`` as its full-width projected bias: the layout
+    ``tucker_mps`` wrote before rank-space biases (old checkpoints)."""
+    return jax.tree.map(
+        lambda x: x.materialize() if isinstance(x, HeadLatentBias) else x,
+        params,
+        is_leaf=lambda x: isinstance(x, HeadLatentBias),
+    )
+
+
+def test_opt_biases_in_rank_space(opt_done):
+    """Projected k/q/v biases are stored as r coordinates per head: logits equal those of the
+    widened model (full-width biases, on the rank-space path and on the full-width one), the
+    stored parameter count drops by heads * (head_dim - r) per bias, and the compose plan
+    announces the type."""
+    from jcompress.compose import REGISTRY
+    from jcompress.compose.registry import leaf_infos
+    from jcompress.models import count_stored_params
+
+    cfg, params, out, rep = opt_done
+    wide = _widened(out)
+    f, fw = flatten(out), flatten(wide)
+    biases = sorted(k for k, v in f.items() if isinstance(v, HeadLatentBias))
+    assert [b.split("/")[-2] for b in biases] == ["k_proj", "q_proj", "v_proj"]
+    for b in biases:
+        assert isinstance(fw[b], jax.Array) and fw[b].shape == (32,)
+        assert f[b].z.shape == (2 * 6,) and f[b].shape == (32,)
+    want = np.asarray(jcompress.forward(cfg, wide, CALIB))
+    np.testing.assert_allclose(jcompress.forward(cfg, out, CALIB), want, atol=1e-5, rtol=1e-5)
+    untagged = jax.tree.map(  # K/Q scores at full width: the forward widens the bias itself
+        lambda x: dataclasses.replace(x, basis=None) if isinstance(x, HeadLowRank) else x,
+        out,
+        is_leaf=lambda x: isinstance(x, HeadLowRank),
+    )
+    np.testing.assert_allclose(jcompress.forward(cfg, untagged, CALIB), want, atol=1e-5, rtol=1e-5)
+    # 2 heads, head_dim 16, r = 2 * 3: 2 * (16 - 6) fewer stored scalars for each of k, q, v
+    assert count_stored_params(wide) - count_stored_params(out) == 3 * 2 * (16 - 6)
+    assert rep.params_after == count_stored_params(out)
+    config = TuckerConfig(variant="tucker_mps", basis_ranks=(2, 3), mps_eps=1.0)
+    before = leaf_infos(params)
+    plan = {**before, **REGISTRY["tucker"].plan(cfg, config, before)}
+    for path, info in leaf_infos(out).items():
+        assert info.types <= plan[path].types, path
 
 
 def test_full_basis_reproduces_the_model_and_llama_gqa():
@@ -264,7 +320,10 @@ def test_mps_step_is_tt_svd_of_the_projected_weight(opt_mps):
         assert isinstance(leaf, HeadLowRank) and isinstance(leaf.a, TTLinear)
         assert not isinstance(ref.a, TTLinear) and leaf.shape == ref.shape == (32, 32)
         np.testing.assert_array_equal(leaf.b, ref.b)  # same basis
-        np.testing.assert_array_equal(fm[f"{pre}/{role}/bias"], fd[f"{pre}/{role}/bias"])
+        bias, ref_bias = fm[f"{pre}/{role}/bias"], fd[f"{pre}/{role}/bias"]
+        assert isinstance(bias, HeadLatentBias)
+        np.testing.assert_array_equal(bias.z, ref_bias.z)
+        np.testing.assert_array_equal(bias.ut, leaf.b)  # on the nested leaf's basis
         a = np.asarray(ref.a, np.float64)  # [32, 2 heads * 6]
         want, ranks = _np_tt_matrix(a, factorize(32, 3), factorize(12, 3), 0.9)
         assert leaf.a.ranks == (1, *ranks, 1)
@@ -294,7 +353,9 @@ def test_mps_step_is_tt_svd_of_the_projected_weight(opt_mps):
 def test_mps_forward_on_nested_leaves_and_checkpoints(opt_mps, tmp_path):
     """Forward on the nested leaves == on the materialized weights; both checkpoint formats
     restore the nested TT-matrix bit-exactly; the dense HF export stands for the same model."""
-    cfg, _, _, out, _ = opt_mps
+    from safetensors import safe_open
+
+    cfg, _, _, out, rep = opt_mps
     want = jcompress.forward(cfg, out, CALIB)
     np.testing.assert_allclose(want, jcompress.forward(cfg, materialize(out), CALIB), atol=1e-5)
 
@@ -328,6 +389,19 @@ def test_mps_forward_on_nested_leaves_and_checkpoints(opt_mps, tmp_path):
     assert dataclasses.replace(cfg_back, **ids_unset) == cfg
     same(out, back)
     np.testing.assert_array_equal(jcompress.forward(cfg, back, CALIB), want)
+    # the report counts what the factor checkpoint stores; a checkpoint of the old layout
+    # (full-width projected biases) stores 2 heads * (16 - 6) more per bias and still loads
+    old = _widened(out)
+    jcompress.save_hf(cfg, old, tmp_path / "old", factors=True)
+    _, old_back = jcompress.load_hf(tmp_path / "old")
+    same(old, old_back)
+    np.testing.assert_allclose(jcompress.forward(cfg, old_back, CALIB), want, atol=1e-5)
+    written = {}
+    for name in ("hf", "old"):
+        with safe_open(tmp_path / name / "jcompress_model.safetensors", framework="np") as fh:
+            written[name] = sum(int(np.prod(fh.get_slice(k).get_shape())) for k in fh.keys())
+    assert written["hf"] == rep.params_after
+    assert written["old"] - written["hf"] == 3 * 2 * (16 - 6)
     jcompress.save_hf(cfg, out, tmp_path / "dense")
     _, dense = jcompress.load_hf(tmp_path / "dense")
     np.testing.assert_allclose(jcompress.forward(cfg, dense, CALIB), want, atol=1e-5)

@@ -250,11 +250,13 @@ def _plan_tucker(cfg: ModelConfig, config: Any, leaves: Mapping[str, LeafInfo]):
             r: _need_dense(leaves, f"{layer}/{r}/kernel", method, "k/q/v/o kernels")
             for r in (lay.k, lay.q, lay.v, lay.o)
         }
-        if "k" in rs:
-            for r in (lay.k,) if rope else (lay.k, lay.q):
-                out[f"{layer}/{r}/kernel"] = info[r].with_type(HeadLowRank)
+        projected = ((lay.k,) if rope else (lay.k, lay.q)) if "k" in rs else ()
+        projected += (lay.v,) if "v" in rs else ()
+        for r in projected:
+            out[f"{layer}/{r}/kernel"] = info[r].with_type(HeadLowRank)
+            if (bias := leaves.get(f"{layer}/{r}/bias")) is not None:  # kept in rank space
+                out[f"{layer}/{r}/bias"] = bias.with_type(HeadLatentBias)
         if "v" in rs:
-            out[f"{layer}/{lay.v}/kernel"] = info[lay.v].with_type(HeadLowRank)
             out[f"{layer}/{lay.o}/kernel"] = info[lay.o].with_type(HeadFoldedOut)
     check_fits(cfg, config)  # basis ranks against the head width
     return out

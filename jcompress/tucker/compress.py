@@ -52,7 +52,7 @@ from jcompress.methods import require_dense, select
 from jcompress.models.config import ModelConfig
 from jcompress.models.convert import flatten, unflatten
 from jcompress.models.families import spec_for
-from jcompress.models.params import count_params
+from jcompress.models.params import count_params, count_stored_params
 from jcompress.tucker.mps import MpsStep, compress_mps, plan_mps
 from jcompress.tucker.report import ProjectionReport, TuckerReport
 from jcompress.tucker.tucker_core import TTLinear, TuckerLinear, tt_linear, tucker_linear
@@ -445,7 +445,7 @@ def compress(
         projections=projections,
         unmatched_rules=sel.unmatched,
         params_before=count_params(params),
-        params_after=count_params(out),
+        params_after=count_stored_params(out),  # as the factor checkpoint stores it
         kv_cache_before=kv,
         kv_cache_after=kv_after,
         layer_errors=tuple(sorted(layer_errors.items(), key=lambda kv: _layer_index(kv[0]))),

@@ -18,8 +18,9 @@ Per compressed layer (calibration through :func:`jcompress.calibration.stream_la
    before RoPE). V has its own basis, folded into ``o_proj`` (``W_o' = P^T W_o`` per head, a
    ``HeadFoldedOut``), as EigenAttention does. The projections become
    :class:`jcompress.leaves.HeadLowRank` (``a = W (I_heads (x) P)``, ``b[h] = P^T``; biases
-   projected to ``b P P^T``), so the KV cache stores the rank-``r`` projected keys / values
-   and the forward runs on the leaves.
+   projected to ``b P P^T`` and kept as their rank-``r`` coordinates ``b P``, a
+   :class:`~jcompress.leaves.HeadLatentBias` whose ``ut`` is the leaf's ``b``), so the KV
+   cache stores the rank-``r`` projected keys / values and the forward runs on the leaves.
 4. The MPS step: the projected weight ``a = W (I_heads (x) P)`` (``[in, heads * r]``, the
    seed's ``P^T W``) becomes a TT-matrix (MPO, :class:`~jcompress.tucker.TTLinear`) at
    ``mps_eps`` (energy rule) or at fixed ``tt_ranks``, nested as the ``a`` of the
@@ -55,7 +56,7 @@ from tqdm.auto import tqdm
 from jcompress.calibration import Feed, stream_layers
 from jcompress.decomp import factorize, tt_svd_ranks
 from jcompress.errors import UserError
-from jcompress.leaves import HeadFoldedOut, HeadLowRank
+from jcompress.leaves import HeadFoldedOut, HeadLatentBias, HeadLowRank
 from jcompress.methods import require_dense
 from jcompress.models.config import Family, ModelConfig
 from jcompress.models.convert import flatten, get_path, unflatten
@@ -159,7 +160,8 @@ forward pass then computes the scores in rank space, ``q' k'^T``."""
 @functools.partial(jax.jit, static_argnames=("basis",))
 def _project(kernel: jax.Array, bias: jax.Array | None, p: jax.Array, basis: str | None = None):
     """``kernel [in, H*D]``, ``p [D, r]`` -> ``HeadLowRank(a = W (I (x) P), b[h] = P^T)`` tagged
-    ``basis``, and the bias projected on the basis (``b_h P P^T``) or ``None``."""
+    ``basis``, and the bias projected on the basis (``b_h P P^T``) kept in rank space,
+    ``HeadLatentBias(z_h = b_h P, ut = b)`` (``[H*r]``, ``ut`` the leaf's ``b``), or ``None``."""
     d, r = p.shape
     heads = kernel.shape[1] // d
     w = kernel.astype(jnp.float32).reshape(kernel.shape[0], heads, d)
@@ -168,8 +170,8 @@ def _project(kernel: jax.Array, bias: jax.Array | None, p: jax.Array, basis: str
     leaf = HeadLowRank(a.astype(kernel.dtype), b.astype(kernel.dtype), basis=basis)
     if bias is None:
         return leaf, None
-    bh = bias.astype(jnp.float32).reshape(heads, d)
-    return leaf, (bh @ p @ p.T).reshape(heads * d).astype(bias.dtype)
+    z = bias.astype(jnp.float32).reshape(heads, d) @ p  # [H, r]
+    return leaf, HeadLatentBias(z.reshape(heads * r).astype(bias.dtype), leaf.b)
 
 
 @functools.partial(jax.jit, static_argnames=("kv_heads",))

@@ -49,7 +49,9 @@ class TuckerReport:
       settings: the ranks / eps used.
       projections: one :class:`ProjectionReport` per compressed kernel, in layer order.
       unmatched_rules: selection rules that matched no projection.
-      params_before / params_after: scalars of the whole param tree.
+      params_before / params_after: scalars of the whole param tree; ``params_after`` as a
+        factor checkpoint stores it (:func:`jcompress.models.count_stored_params`: a basis
+        shared by K and Q, V's and o_proj's copy, a ``HeadLatentBias``'s ``ut`` once).
       kv_cache_before / kv_cache_after: cached k/v scalars per token over all layers; equal
         for ``tt`` / ``tucker`` (their leaves are not ``Factored``; the cache keeps full k/v),
         smaller for ``tucker_mps`` (the cache keeps rank-r projected keys / values).
