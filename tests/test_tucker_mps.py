@@ -394,8 +394,7 @@ def test_mps_forward_on_nested_leaves_and_checkpoints(opt_mps, tmp_path):
     old = _widened(out)
     jcompress.save_hf(cfg, old, tmp_path / "old", factors=True)
     _, old_back = jcompress.load_hf(tmp_path / "old")
-    same(old, old_back)
-    np.testing.assert_allclose(jcompress.forward(cfg, old_back, CALIB), want, atol=1e-5)
+    same(old, old_back)  # (the widened model's logits: test_opt_biases_in_rank_space)
     written = {}
     for name in ("hf", "old"):
         with safe_open(tmp_path / name / "jcompress_model.safetensors", framework="np") as fh:
