@@ -254,6 +254,73 @@ def test_initialize_distributed_needs_a_reason_and_checks_ids(monkeypatch):
         sharding.initialize_distributed()
 
 
+# every command that runs (and may write) with the least argv that parses; the list is the
+# oracle: a new subcommand must be added here, and so gets checked
+COMMAND_ARGV = {
+    "convert": ["convert", "src", "out", "--to", "hf"],
+    "demo": ["demo"],
+    "eigen": ["eigen", "--model", "m", "--calib_data", "c"],
+    "ged": ["ged", "--model", "m", "--out", "o"],
+    "generate": ["generate", "--model", "m", "--prompt", "hi"],
+    "ppl": ["ppl", "--model", "m", "--data", "d"],
+    "quant apply": ["quant", "apply", "--model", "m"],
+    "run": ["run", "recipe.json", "--model", "m"],
+    "sparge eval": ["sparge", "eval", "--model", "m", "--tuned", "t", "--data", "d"],
+    "sparge tune": ["sparge", "tune", "--model", "m", "--data", "d", "--out", "o"],
+    "stream eigen": ["stream", "eigen", "--model", "m", "--out", "o"],
+    "stream quant": ["stream", "quant", "--model", "m", "--out", "o"],
+    "stream tucker": ["stream", "tucker", "--model", "m", "--out", "o"],
+    "tokenwise eval_fake": ["tokenwise", "eval_fake", "--model_dir", "m", "--xy_path", "x",
+                            "--out_json", "o"],
+    "tokenwise eval_smooth": ["tokenwise", "eval_smooth", "--smooth_model_dir", "m",
+                              "--xy_path", "x", "--out_json", "o"],
+    "tokenwise rank": ["tokenwise", "rank", "--json", "j"],
+    "tokenwise save_xy": ["tokenwise", "save_xy", "--model_dir", "m", "--save_path", "s",
+                          "--label", "l"],
+    "tucker": ["tucker", "--model", "m"],
+}  # fmt: skip
+
+
+def test_every_command_is_listed():
+    from jcompress.cli import build_parser, leaf_parsers
+
+    assert sorted(" ".join(k) for k in leaf_parsers(build_parser())) == sorted(COMMAND_ARGV)
+
+
+@pytest.mark.parametrize("name", sorted(COMMAND_ARGV))
+def test_every_command_starts_multihost_first(monkeypatch, capsys, name):
+    """``--distributed`` on every subcommand, one help text, and the runtime started (here: a
+    stand-in that fails) before the command's own checks, through the one shared helper."""
+    from jcompress.cli import build_parser, main
+
+    argv = COMMAND_ARGV[name]
+    args = build_parser().parse_args([*argv, "--distributed"])
+    assert args.distributed is True
+    assert build_parser().parse_args(argv).distributed is False
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*argv, "--help"])
+    helptext = " ".join(capsys.readouterr().out.split())
+    assert (
+        "--distributed multi-host: jax.distributed.initialize from JAX_COORDINATOR_ADDRESS / "
+        "JAX_NUM_PROCESSES / JAX_PROCESS_ID or the cluster (automatic when "
+        "JAX_COORDINATOR_ADDRESS is set); process 0 writes every output"
+    ) in helptext
+    calls = []
+
+    def fake(force=False):
+        calls.append(force)
+        raise UserError("JAX_PROCESS_ID: stand-in")
+
+    monkeypatch.setattr(sharding, "initialize_distributed", fake)
+    assert main([*argv, "--distributed"]) == 2  # the bogus paths were never looked at
+    assert capsys.readouterr().err == "jcompress: error: JAX_PROCESS_ID: stand-in\n"
+    assert calls == [True]
+    calls.clear()
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1")
+    assert main(argv) == 2 and calls == [False]  # the environment alone: the helper decides
+    capsys.readouterr()
+
+
 # --------------------------------------------------------------------------- 8 devices
 
 
