@@ -474,6 +474,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+# what the two processes write into their output directory, and nothing else
+OUTPUTS = ["convert_ckpt", "convert_hf", "ppl.json", "quant", "quant.json", "stream"]
+
+
 def test_two_processes(llama_dir, tmp_path):
     """Multi-host on one machine: two processes of 4 host devices each (CPU collectives over
     gloo), started through the environment variables a cluster launcher sets."""
@@ -487,10 +491,18 @@ def test_two_processes(llama_dir, tmp_path):
         JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}",
         JAX_NUM_PROCESSES="2",
     )
+    from jcompress.cli import main
+
+    # a one-process checkpoint, converted back to HF by both processes (convert first of all:
+    # it must start the runtime itself), and its one-process conversion to compare with
+    one = tmp_path.parent / f"{tmp_path.name}-one"
+    ckpt = one / "ckpt"
+    assert main(["convert", str(llama_dir), str(ckpt), "--to", "orbax"]) == 0
+    assert main(["convert", str(ckpt), str(one / "convert_hf"), "--to", "hf"]) == 0
     script = [sys.executable, str(HERE / "_sharding_checks.py"), str(llama_dir), "--multihost"]
     procs = [
         subprocess.Popen(
-            [*script, str(tmp_path)],
+            [*script, str(tmp_path), str(ckpt)],
             env={**env, "JAX_PROCESS_ID": str(i)},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -516,8 +528,8 @@ def test_two_processes(llama_dir, tmp_path):
         assert not r["mesh_after_cli"]
         # both named the same outputs: a second writer would have failed (they existed), and
         # each process returned only once process 0 had placed them
-        assert r["rc_quant"] == 0 and r["rc_stream"] == 0
-        assert r["sees_outputs"] == ["ppl.json", "quant", "quant.json", "stream"]
+        assert r["rc_quant"] == 0 and r["rc_stream"] == 0 and r["rc_convert"] == [0, 0]
+        assert r["sees_outputs"] == OUTPUTS
         exists, differ = r["errors"]
         assert exists == [2, [f"jcompress: error: --json: {tmp_path / 'ppl.json'} already exists "
                               "(pass --overwrite to replace it)"]]  # fmt: skip
@@ -527,20 +539,33 @@ def test_two_processes(llama_dir, tmp_path):
     assert [r["writer"] for r in outs] == [True, False]
     assert [r["stream_printed"] for r in outs] == [True, False]  # streamed by process 0 only
     # nothing else: no second writer's conflict copy, no temporaries, the work dir removed
-    outputs = ["ppl.json", "quant", "quant.json", "stream"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == outputs
+    assert sorted(p.name for p in tmp_path.iterdir()) == OUTPUTS
     assert (tmp_path / "stream" / "model.safetensors.index.json").is_file()
+
+    # convert: the HF export byte for byte the one-process one; the checkpoint holds the model
+    want, got = one / "convert_hf", tmp_path / "convert_hf"
+    files = sorted(p.name for p in want.iterdir())
+    assert files == sorted(p.name for p in got.iterdir()) and "model.safetensors" in files
+    for f in files:
+        if f != MARKER:
+            assert (got / f).read_bytes() == (want / f).read_bytes(), f
+    import jcompress
+    from jcompress import checkpoint
+
+    _, restored = checkpoint.restore(tmp_path / "convert_ckpt")
+    _, loaded = jcompress.load_hf(llama_dir)
+    assert jax.tree.structure(restored) == jax.tree.structure(loaded)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(loaded), strict=True):
+        assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
 
     # the export is byte for byte the one-process run's (quantization does not depend on the
     # mesh; the perplexity in the report does only to float rounding)
-    from jcompress.cli import main
-
     sys.path.insert(0, str(HERE))
     try:
         from _sharding_checks import QUANT_ARGS
     finally:
         sys.path.remove(str(HERE))
-    ref = tmp_path.parent / f"{tmp_path.name}-one"
+    ref = one / "quant"
     assert main(["quant", "apply", "--model", str(llama_dir), *QUANT_ARGS, "--out", str(ref)]) == 0
     got = tmp_path / "quant"
     files = sorted(str(p.relative_to(ref)) for p in ref.rglob("*") if p.is_file())
