@@ -266,11 +266,39 @@ def save(
         raise UserError(f"cfg.hf_config: cannot be written as JSON ({e})") from None
 
     with atomic_dir(path, overwrite=overwrite, arg="checkpoint") as tmp:
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save((tmp / ARRAYS).absolute(), tree)
+        with ocp.StandardCheckpointer(**_one_process()) as ckptr:
+            ckptr.save((tmp / ARRAYS).absolute(), _one_process_tree(tree))
             ckptr.wait_until_finished()
         (tmp / SIDECAR).write_text(sidecar + "\n")
     return path
+
+
+def _one_process_tree(tree: Any) -> Any:
+    """``tree`` as orbax saves it from one process of a multi-host run: host copies (every
+    process calls it: an array spanning processes is gathered). Unchanged in one process."""
+    from jcompress.atomic import process_count
+    from jcompress.sharding import to_host
+
+    return tree if process_count() == 1 else jax.tree.map(to_host, tree)
+
+
+def _one_process() -> dict[str, Any]:
+    """Orbax options for a save by this process alone. In a multi-host run every process
+    writes its own directory (:func:`~jcompress.atomic.atomic_dir`: process 0's becomes the
+    checkpoint, the others' are private and deleted), so orbax must neither wait for the
+    other processes nor leave the arrays to process 0."""
+    import orbax.checkpoint as ocp
+
+    from jcompress.atomic import process_count
+
+    if process_count() == 1:
+        return {}
+    me = jax.process_index()
+    return {
+        "multiprocessing_options": ocp.options.MultiprocessingOptions(
+            primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"jcompress-{me}"
+        )
+    }
 
 
 class _QuietLoop(asyncio.SelectorEventLoop):

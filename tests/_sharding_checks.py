@@ -392,13 +392,15 @@ QUANT_ARGS = ["--rule", r".*mlp/.*=nvfp4", "--seqlen", "32", "--max_windows", "4
 """``jcompress quant apply`` flags of the two-process run (the test repeats it on one device)."""
 
 
-def multihost(model_dir: str, out_dir: str) -> dict:
+def multihost(model_dir: str, out_dir: str, ckpt: str) -> dict:
     """One of two processes (``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` /
     ``JAX_PROCESS_ID`` set by the test, 4 host devices each): ``jcompress ppl`` and
     ``jcompress quant apply`` with ``--mesh data=2,model=4`` over the 8 devices of both
     processes (the CLI starts the distributed runtime itself), both processes naming the same
     outputs (only process 0 may write them: a second writer would fail, they exist already),
-    then a sharded forward gathered back, against this process's own single-device runs."""
+    then a sharded forward gathered back, against this process's own single-device runs.
+    First of all ``jcompress convert`` (no ``--mesh``: it must start the runtime itself) of
+    the one-process checkpoint ``ckpt`` to HF, and of the model to a checkpoint."""
     from pathlib import Path
 
     from jcompress import atomic
@@ -407,6 +409,10 @@ def multihost(model_dir: str, out_dir: str) -> dict:
     from jcompress.data import load_tokens
 
     text = Path(jcompress.__file__).parent / "assets" / "wikitext2_test_excerpt.txt"
+    rc_convert = [
+        cli(["convert", ckpt, str(Path(out_dir) / "convert_hf"), "--to", "hf"]),
+        cli(["convert", model_dir, str(Path(out_dir) / "convert_ckpt"), "--to", "orbax"]),
+    ]
     out = Path(out_dir) / "ppl.json"
     rc = cli(["ppl", "--model", model_dir, "--data", str(text), "--seqlen", "32",
               "--max-windows", "8", "--batch-size", "4", "--json", str(out),
@@ -432,6 +438,7 @@ def multihost(model_dir: str, out_dir: str) -> dict:
     res = {
         "rc": rc,
         "errors": errors,
+        "rc_convert": rc_convert,
         "rc_quant": rc_quant,
         "rc_stream": rc_stream,
         "stream_printed": "wrote " in printed.getvalue(),
@@ -459,6 +466,6 @@ def multihost(model_dir: str, out_dir: str) -> dict:
 
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[2] == "--multihost":
-        print(json.dumps(multihost(sys.argv[1], sys.argv[3])))
+        print(json.dumps(multihost(sys.argv[1], sys.argv[3], sys.argv[4])))
     else:
         print(json.dumps(main(sys.argv[1])))

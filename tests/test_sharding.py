@@ -254,6 +254,73 @@ def test_initialize_distributed_needs_a_reason_and_checks_ids(monkeypatch):
         sharding.initialize_distributed()
 
 
+# every command that runs (and may write) with the least argv that parses; the list is the
+# oracle: a new subcommand must be added here, and so gets checked
+COMMAND_ARGV = {
+    "convert": ["convert", "src", "out", "--to", "hf"],
+    "demo": ["demo"],
+    "eigen": ["eigen", "--model", "m", "--calib_data", "c"],
+    "ged": ["ged", "--model", "m", "--out", "o"],
+    "generate": ["generate", "--model", "m", "--prompt", "hi"],
+    "ppl": ["ppl", "--model", "m", "--data", "d"],
+    "quant apply": ["quant", "apply", "--model", "m"],
+    "run": ["run", "recipe.json", "--model", "m"],
+    "sparge eval": ["sparge", "eval", "--model", "m", "--tuned", "t", "--data", "d"],
+    "sparge tune": ["sparge", "tune", "--model", "m", "--data", "d", "--out", "o"],
+    "stream eigen": ["stream", "eigen", "--model", "m", "--out", "o"],
+    "stream quant": ["stream", "quant", "--model", "m", "--out", "o"],
+    "stream tucker": ["stream", "tucker", "--model", "m", "--out", "o"],
+    "tokenwise eval_fake": ["tokenwise", "eval_fake", "--model_dir", "m", "--xy_path", "x",
+                            "--out_json", "o"],
+    "tokenwise eval_smooth": ["tokenwise", "eval_smooth", "--smooth_model_dir", "m",
+                              "--xy_path", "x", "--out_json", "o"],
+    "tokenwise rank": ["tokenwise", "rank", "--json", "j"],
+    "tokenwise save_xy": ["tokenwise", "save_xy", "--model_dir", "m", "--save_path", "s",
+                          "--label", "l"],
+    "tucker": ["tucker", "--model", "m"],
+}  # fmt: skip
+
+
+def test_every_command_is_listed():
+    from jcompress.cli import build_parser, leaf_parsers
+
+    assert sorted(" ".join(k) for k in leaf_parsers(build_parser())) == sorted(COMMAND_ARGV)
+
+
+@pytest.mark.parametrize("name", sorted(COMMAND_ARGV))
+def test_every_command_starts_multihost_first(monkeypatch, capsys, name):
+    """``--distributed`` on every subcommand, one help text, and the runtime started (here: a
+    stand-in that fails) before the command's own checks, through the one shared helper."""
+    from jcompress.cli import build_parser, leaf_parsers, main
+
+    argv = COMMAND_ARGV[name]
+    parser = build_parser()
+    assert parser.parse_args([*argv, "--distributed"]).distributed is True
+    assert parser.parse_args(argv).distributed is False
+    leaf = leaf_parsers(parser)[tuple(name.split())]
+    (flag,) = [a for a in leaf._actions if "--distributed" in a.option_strings]
+    assert flag.help == (
+        "multi-host: jax.distributed.initialize from JAX_COORDINATOR_ADDRESS / "
+        "JAX_NUM_PROCESSES / JAX_PROCESS_ID or the cluster (automatic when "
+        "JAX_COORDINATOR_ADDRESS is set); process 0 writes every output"
+    )
+    assert "--distributed" in leaf.format_help()
+    calls = []
+
+    def fake(force=False):
+        calls.append(force)
+        raise UserError("JAX_PROCESS_ID: stand-in")
+
+    monkeypatch.setattr(sharding, "initialize_distributed", fake)
+    assert main([*argv, "--distributed"]) == 2  # the bogus paths were never looked at
+    assert capsys.readouterr().err == "jcompress: error: JAX_PROCESS_ID: stand-in\n"
+    assert calls == [True]
+    calls.clear()
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1")
+    assert main(argv) == 2 and calls == [False]  # the environment alone: the helper decides
+    capsys.readouterr()
+
+
 # --------------------------------------------------------------------------- 8 devices
 
 
@@ -407,6 +474,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+# what the two processes write into their output directory, and nothing else
+OUTPUTS = ["convert_ckpt", "convert_hf", "ppl.json", "quant", "quant.json", "stream"]
+
+
 def test_two_processes(llama_dir, tmp_path):
     """Multi-host on one machine: two processes of 4 host devices each (CPU collectives over
     gloo), started through the environment variables a cluster launcher sets."""
@@ -420,10 +491,18 @@ def test_two_processes(llama_dir, tmp_path):
         JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}",
         JAX_NUM_PROCESSES="2",
     )
+    from jcompress.cli import main
+
+    # a one-process checkpoint, converted back to HF by both processes (convert first of all:
+    # it must start the runtime itself), and its one-process conversion to compare with
+    one = tmp_path.parent / f"{tmp_path.name}-one"
+    ckpt = one / "ckpt"
+    assert main(["convert", str(llama_dir), str(ckpt), "--to", "orbax"]) == 0
+    assert main(["convert", str(ckpt), str(one / "convert_hf"), "--to", "hf"]) == 0
     script = [sys.executable, str(HERE / "_sharding_checks.py"), str(llama_dir), "--multihost"]
     procs = [
         subprocess.Popen(
-            [*script, str(tmp_path)],
+            [*script, str(tmp_path), str(ckpt)],
             env={**env, "JAX_PROCESS_ID": str(i)},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -449,8 +528,8 @@ def test_two_processes(llama_dir, tmp_path):
         assert not r["mesh_after_cli"]
         # both named the same outputs: a second writer would have failed (they existed), and
         # each process returned only once process 0 had placed them
-        assert r["rc_quant"] == 0 and r["rc_stream"] == 0
-        assert r["sees_outputs"] == ["ppl.json", "quant", "quant.json", "stream"]
+        assert r["rc_quant"] == 0 and r["rc_stream"] == 0 and r["rc_convert"] == [0, 0]
+        assert r["sees_outputs"] == OUTPUTS
         exists, differ = r["errors"]
         assert exists == [2, [f"jcompress: error: --json: {tmp_path / 'ppl.json'} already exists "
                               "(pass --overwrite to replace it)"]]  # fmt: skip
@@ -460,20 +539,33 @@ def test_two_processes(llama_dir, tmp_path):
     assert [r["writer"] for r in outs] == [True, False]
     assert [r["stream_printed"] for r in outs] == [True, False]  # streamed by process 0 only
     # nothing else: no second writer's conflict copy, no temporaries, the work dir removed
-    outputs = ["ppl.json", "quant", "quant.json", "stream"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == outputs
+    assert sorted(p.name for p in tmp_path.iterdir()) == OUTPUTS
     assert (tmp_path / "stream" / "model.safetensors.index.json").is_file()
+
+    # convert: the HF export byte for byte the one-process one; the checkpoint holds the model
+    want, got = one / "convert_hf", tmp_path / "convert_hf"
+    files = sorted(p.name for p in want.iterdir())
+    assert files == sorted(p.name for p in got.iterdir()) and "model.safetensors" in files
+    for f in files:
+        if f != MARKER:
+            assert (got / f).read_bytes() == (want / f).read_bytes(), f
+    import jcompress
+    from jcompress import checkpoint
+
+    _, restored = checkpoint.restore(tmp_path / "convert_ckpt")
+    _, loaded = jcompress.load_hf(llama_dir)
+    assert jax.tree.structure(restored) == jax.tree.structure(loaded)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(loaded), strict=True):
+        assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
 
     # the export is byte for byte the one-process run's (quantization does not depend on the
     # mesh; the perplexity in the report does only to float rounding)
-    from jcompress.cli import main
-
     sys.path.insert(0, str(HERE))
     try:
         from _sharding_checks import QUANT_ARGS
     finally:
         sys.path.remove(str(HERE))
-    ref = tmp_path.parent / f"{tmp_path.name}-one"
+    ref = one / "quant"
     assert main(["quant", "apply", "--model", str(llama_dir), *QUANT_ARGS, "--out", str(ref)]) == 0
     got = tmp_path / "quant"
     files = sorted(str(p.relative_to(ref)) for p in ref.rglob("*") if p.is_file())

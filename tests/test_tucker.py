@@ -215,9 +215,7 @@ def test_forward_on_leaves_equals_forward_on_materialized(model, name, request):
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
     # generate goes through the (full k/v) cache: each greedy token is the argmax of the
     # cache-free forward on the leaves over the generated sequence (IDS's shape: no new compile)
-    seq = np.asarray(
-        jcompress.generate(cfg, out, IDS[:, :9], max_new_tokens=3, eos_token_id=None)
-    )
+    seq = np.asarray(jcompress.generate(cfg, out, IDS[:, :9], max_new_tokens=3, eos_token_id=None))
     assert seq.shape == IDS.shape and (seq[:, :9] == IDS[:, :9]).all()
     logits = np.asarray(jcompress.forward(cfg, out, seq))
     for t in range(8, 11):

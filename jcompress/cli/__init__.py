@@ -5,6 +5,10 @@ One module per subcommand (``cli/<name>.py``), each with ``add_parser(subparsers
 ``run(args)``; shared helpers live in ``cli/common.py``. Every output path is checked by the
 :mod:`jcompress.outputs` guard before any weights are loaded.
 
+Every subcommand takes ``--distributed`` and starts JAX's multi-host runtime, when that flag or
+``JAX_COORDINATOR_ADDRESS`` asks for it, before it runs (one place: :func:`build_parser` and
+:func:`main`); in a multi-host run process 0 is then the only writer (:mod:`jcompress.atomic`).
+
 User errors (bad paths, bad options, malformed checkpoints) print one line
 ``jcompress: error: ...`` on stderr and exit with status 2, without a traceback.
 """
@@ -28,6 +32,7 @@ __all__ = [
     "bundled_calib_text",
     "bundled_eval_text",
     "bundled_model_dir",
+    "leaf_parsers",
     "main",
     "write_json",
 ]
@@ -60,8 +65,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser: one subparser per module in :data:`COMMANDS`."""
+    """The top-level parser: one subparser per module in :data:`COMMANDS`, and
+    ``--distributed`` on every leaf (sub)command
+    (:func:`~jcompress.cli.common.add_distributed_flag`)."""
     import importlib
+
+    from jcompress.cli.common import add_distributed_flag
 
     p = _Parser(prog="jcompress", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(
@@ -72,7 +81,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for name in COMMANDS:
         importlib.import_module(f"jcompress.cli.{name}").add_parser(sub)
+    for leaf in leaf_parsers(p).values():
+        add_distributed_flag(leaf)
     return p
+
+
+def leaf_parsers(
+    p: argparse.ArgumentParser, prefix: tuple[str, ...] = ()
+) -> dict[tuple[str, ...], argparse.ArgumentParser]:
+    """The parsers of ``p`` that run a command (no further subcommand), keyed by the words
+    that select them, e.g. ``("sparge", "tune")``; an alias is listed once."""
+    subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        return {prefix: p}
+    out: dict[tuple[str, ...], argparse.ArgumentParser] = {}
+    seen: set[int] = set()
+    for name, child in subs[0].choices.items():
+        if id(child) not in seen:
+            seen.add(id(child))
+            out.update(leaf_parsers(child, (*prefix, name)))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,7 +119,12 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 def _run(args: argparse.Namespace) -> int:
+    from jcompress.cli.common import distributed_from_args
+
     try:
+        # every command, before its own checks: in a multi-host run those (and its writes)
+        # happen on process 0 only
+        distributed_from_args(args)
         # in a copy of the caller's context: what the command makes current (its --mesh) ends
         # with it, so a later main() in the same process does not inherit it
         return contextvars.copy_context().run(args.func, args)

@@ -110,8 +110,9 @@ def add_eval_window_flags(s: argparse.ArgumentParser) -> None:
 
 
 def add_mesh_flag(s: argparse.ArgumentParser) -> None:
-    """``--mesh data=N,model=M`` and ``--distributed``: run sharded over the devices (and
-    hosts) with :mod:`jcompress.sharding`; read back by :func:`mesh_from_args`."""
+    """``--mesh data=N,model=M``: run sharded over the devices (and hosts) with
+    :mod:`jcompress.sharding`; read back by :func:`mesh_from_args`. (``--distributed`` is on
+    every subcommand: :func:`jcompress.cli.build_parser` adds it.)"""
     from jcompress.sharding import MESH_FORM
 
     s.add_argument(
@@ -122,11 +123,12 @@ def add_mesh_flag(s: argparse.ArgumentParser) -> None:
         help=f"shard over a device mesh: {MESH_FORM}; heads / MLP columns over model, "
         "batches over data (default: one device)",
     )
-    add_distributed_flag(s)
 
 
 def add_distributed_flag(s: argparse.ArgumentParser) -> None:
-    """``--distributed``: start multi-host JAX (read back by :func:`distributed_from_args`)."""
+    """``--distributed``: start multi-host JAX (read back by :func:`distributed_from_args`).
+    :func:`jcompress.cli.build_parser` adds it to every subcommand, and
+    :func:`jcompress.cli.main` starts the runtime before any command runs."""
     s.add_argument(
         "--distributed",
         action="store_true",
@@ -138,7 +140,8 @@ def add_distributed_flag(s: argparse.ArgumentParser) -> None:
 
 def distributed_from_args(args: argparse.Namespace) -> bool:
     """Start multi-host JAX if ``--distributed`` or ``JAX_COORDINATOR_ADDRESS`` asks for it
-    (before any output check: those run on process 0 only). Returns whether this call did."""
+    (before any output check: those run on process 0 only). Returns whether this call did.
+    :func:`jcompress.cli.main` calls it for every subcommand; calling it again is a no-op."""
     from jcompress import sharding
 
     return sharding.initialize_distributed(force=bool(getattr(args, "distributed", False)))

@@ -91,11 +91,17 @@ def run_tune(args: argparse.Namespace) -> int:
 
 
 def _write_text(path: Path, text: str) -> None:
+    """Write ``text`` atomically; in a multi-host run on process 0 only."""
     import os
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    from jcompress.atomic import on_writer
+
+    def write() -> None:
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+    on_writer(write, path=path, arg="--out")
 
 
 def _heatmap(path: Path, sparsity, title: str) -> None:

@@ -18,7 +18,6 @@ from typing import Any
 
 from jcompress.cli.common import (
     add_calib_window_flags,
-    add_distributed_flag,
     add_dtype_flag,
     config_flags,
     config_from_args,
@@ -202,7 +201,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "checkpoint",
         )
         add_dtype_flag(p)
-        add_distributed_flag(p)
         p.add_argument(
             "--overwrite",
             action="store_true",
@@ -213,14 +211,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jcompress.cli.common import check_data_file, distributed_from_args, load_tokenizer_for
+    from jcompress.cli.common import check_data_file, load_tokenizer_for
     from jcompress.data import calibration_windows, load_tokens
     from jcompress.eval import check_seqlen
     from jcompress.models import read_config
     from jcompress.outputs import check_output_dir
     from jcompress.streaming import stream_compress
 
-    distributed_from_args(args)  # multi-host: process 0 streams and writes, the rest wait
     m = METHODS[args.stream_method]
     model, out = Path(args.model), Path(args.out)
     cfg = read_config(model)

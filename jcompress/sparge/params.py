@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from jcompress.atomic import on_writer
 from jcompress.errors import UserError
 
 __all__ = ["DEFAULTS", "SpargeParams", "load_params", "save_params"]
@@ -131,13 +132,12 @@ def save_params(
     """Write ``params`` as safetensors (temporary sibling, then rename: never half-written).
 
     Metadata: format, ``layers``, ``heads``, ``model`` (e.g. the model directory's name) and
-    ``extra`` (JSON, e.g. block sizes and the tuning bounds)."""
+    ``extra`` (JSON, e.g. block sizes and the tuning bounds). In a multi-host run process 0
+    writes it (:func:`jcompress.atomic.on_writer`)."""
     from safetensors.numpy import save
 
     params.validate()
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise UserError(f"{path}: already exists (pass overwrite=True / --overwrite)")
     layers, heads = params.shape
     meta = {
         "format": FORMAT,
@@ -147,14 +147,20 @@ def save_params(
         "extra": json.dumps(extra or {}),
     }
     blob = save({k: np.asarray(v, np.float32) for k, v in params._asdict().items()}, meta)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(blob)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    def write() -> None:  # in a multi-host run: on process 0 only
+        if path.exists() and not overwrite:
+            raise UserError(f"{path}: already exists (pass overwrite=True / --overwrite)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            with open(tmp, "xb") as f:
+                f.write(blob)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    on_writer(write, path=path, arg=str(path))
     return path
 
 

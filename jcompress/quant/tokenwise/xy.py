@@ -220,7 +220,7 @@ def save_xy(
     Returns:
       The written file (``single``) or directory (``per_layer``).
     """
-    from jcompress.atomic import atomic_dir
+    from jcompress.atomic import atomic_dir, on_writer
     from jcompress.outputs import check_output_dir, check_output_file
 
     dest = output_path(save_path, label, config.layout)
@@ -248,13 +248,17 @@ def save_xy(
             tensors.update(_collect_layer(layer, layer_targets(cfg, layer.index), np_dtype))
             bar.update()
     bar.close()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    try:
-        _write(tmp, tensors, meta)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    def write() -> None:  # in a multi-host run: on process 0 only
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+        try:
+            _write(tmp, tensors, meta)
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    on_writer(write, path=dest, arg="--save_path/--label")
     return dest
 
 
