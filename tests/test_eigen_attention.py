@@ -1173,8 +1173,12 @@ def test_fine_tune_tunes_only_the_factors(tiny_models):
     rng = np.random.RandomState(1)
     calib = rng.randint(0, t.cfg.vocab_size, (8, 16))
     config = EigenAttentionConfig(nsamples=8, seqlen=16, avg_dim=1, error_budget=TINY_BUDGET)
-    small, _ = compress(t.params, t.cfg, calib, config=config, progress=False)
+    small, crep = compress(t.params, t.cfg, calib, config=config, progress=False)
     assert trainable_factors(small)
+    # compression time is reported per layer and in total (and in the markdown table)
+    assert crep.compress_seconds > 0 and all(r.seconds > 0 for r in crep.layers)
+    assert crep.compress_seconds >= sum(r.seconds for r in crep.layers)
+    assert f"{crep.compress_seconds:.2f}" in crep.to_markdown()
     held = rng.randint(0, t.cfg.vocab_size, 200)
     with pytest.raises(jcompress.UserError, match="lr: must be in"):
         FineTuneConfig(lr=0)
@@ -1211,6 +1215,8 @@ def test_fine_tune_tunes_only_the_factors(tiny_models):
     )
     ref = jcompress.perplexity(t.cfg, small, held, seqlen=16, progress=False).ppl
     assert rep.heldout_ppl_before == pytest.approx(ref, rel=1e-6)
+    after = jcompress.perplexity(t.cfg, tuned, held, seqlen=16, progress=False).ppl
+    assert rep.heldout_ppl_after == pytest.approx(after, rel=1e-6) and after != ref
     assert rep.trainable_params == sum(int(v.size) for v in trainable_factors(small).values())
     assert json.loads(json.dumps(rep.to_json()))["steps"] == 12
 
