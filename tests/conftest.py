@@ -23,7 +23,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 # The suite is compile-bound (tiny shapes, thousands of distinct programs): LLVM at -O0 halves
 # XLA:CPU compile time (quiet machine, the attention oracle cases: 30.4 CPU s at the default
-# level, 20.2 at -O1, 14.6 at -O0). Results may differ in the last bit (no FMA contraction);
+# level, 20.2 at -O1, 14.6 at -O0). Results may differ in the last bit (likely FMA contraction);
 # tests compare with tolerances, never bit-exactly across programs. Subprocesses inherit it.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (
