@@ -57,28 +57,3 @@ def llama_dir(shared_data) -> Path:
 @pytest.fixture(scope="session")
 def opt_dir(shared_data) -> Path:
     return shared_data / "models" / "opt-1m"
-
-
-# Longest files first (measured per-file test time, largest first): `-n 2 --dist loadfile` hands
-# files to workers in collection order, so starting the long ones first keeps one worker from
-# running a long file alone at the end. Other files keep their order, tests within a file too.
-HEAVY_FIRST = (
-    "test_readme.py",
-    "test_tucker.py",
-    "test_sparge.py",
-    "test_attention.py",
-    "test_perplexity.py",
-    "test_bench_plots.py",
-    "test_eigen_attention.py",
-    "test_bench_rows2.py",
-    "test_bench.py",
-    "test_sharding.py",
-    "test_ged.py",
-    "test_cli.py",
-    "test_decomp.py",
-)
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
