@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -379,6 +380,24 @@ def _merge_reports(objs: dict[int, Any], steps: list[dict[str, Any]]) -> Any:
         return None
 
 
+def _process_zero_alone(fn: Callable[..., StreamResult]) -> Callable[..., StreamResult | None]:
+    """``fn`` run by :func:`~jcompress.atomic.on_writer`: process 0 alone (with no mesh spanning
+    the waiting processes in a multi-host run), the others wait and return ``None``."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> StreamResult | None:
+        def run() -> StreamResult:
+            with contextlib.ExitStack() as stack:
+                if process_count() > 1:
+                    stack.enter_context(use_mesh(None))
+                return fn(*args, **kwargs)
+
+        return on_writer(run)
+
+    return wrapper
+
+
+@_process_zero_alone
 def stream_compress(
     model_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -447,41 +466,6 @@ def stream_compress(
         that cannot run on one layer.
     """
 
-    def run() -> StreamResult:
-        with contextlib.ExitStack() as stack:
-            if process_count() > 1:  # process 0 alone: no mesh spanning the waiting processes
-                stack.enter_context(use_mesh(None))
-            return _stream_compress(
-                model_dir, out_dir, compress, config=config, calib=calib, method=method,
-                work_dir=work_dir, resume=resume, factors=factors, dtype=dtype,
-                overwrite=overwrite, offload_dir=offload_dir, progress=progress, marker=marker,
-                on_layer=on_layer, rule_fields=rule_fields, globals_step=globals_step,
-            )  # fmt: skip
-
-    return on_writer(run)
-
-
-def _stream_compress(
-    model_dir: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    compress: Callable[..., tuple[Any, Any]],
-    *,
-    config: Any,
-    calib: Any = None,
-    method: str | None = None,
-    work_dir: str | os.PathLike | None = None,
-    resume: bool = False,
-    factors: bool = False,
-    dtype: Any = None,
-    overwrite: bool = False,
-    offload_dir: str | os.PathLike | None = None,
-    progress: bool = True,
-    marker: bool = False,
-    on_layer: Callable[[int], None] | None = None,
-    rule_fields: tuple[str, ...] | None = None,
-    globals_step: bool = False,
-) -> StreamResult:
-    """:func:`stream_compress` in this process."""
     t0 = time.perf_counter()
     out_dir, model_dir = Path(out_dir), Path(model_dir)
     loader = LayerLoader(model_dir, dtype=dtype)
