@@ -350,3 +350,85 @@ def test_streamed_quant_with_globals_step_equals_in_memory(sharded, tmp_path):
         res = stream_compress(model, tmp_path / "q2", quant_compress, config=config,
                               progress=False)  # fmt: skip
     assert res.report.unmatched_rules == ("lm_head",)
+
+
+# -- analyses: a result per layer instead of a checkpoint (stream_analysis) --------------------
+
+
+def _recording(loader):
+    """The loader, recording which decoder layers it reads."""
+    seen, read = [], loader.layer
+
+    def layer(i):
+        seen.append(i)
+        return read(i)
+
+    loader.layer = layer
+    return seen
+
+
+def test_streamed_sparge_tune_equals_in_memory_and_resumes(sharded, tmp_path):
+    from jcompress.sparge import tune as T
+
+    model, cfg, params = sharded
+    config = T.SpargeTuneConfig(l1=0.1, pv_l1=0.15, layer_l1=("0:0.05",), nsamples=2, seqlen=64,
+                                batch_size=2, block_q=16, block_k=16, sim_grid=2, cdf_steps=3,
+                                pv_steps=2)  # fmt: skip
+    windows = np.random.default_rng(4).integers(0, cfg.vocab_size, (3, 64)).astype(np.int32)
+    want, want_rep = T.tune(cfg, params, windows, config, progress=False)
+    work = tmp_path / "work"
+
+    def kill_after_1(i):
+        if i == 1:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        T.stream_tune(model, windows, config, work_dir=work, progress=False,
+                      on_layer=kill_after_1)  # fmt: skip
+    man = json.loads((work / "manifest.json").read_text())
+    assert man["done"] == [0, 1] and sorted(man["results"]) == ["0", "1"]
+    with pytest.raises(UserError, match="resume"):  # an existing work dir is never reused
+        T.stream_tune(model, windows, config, work_dir=work, progress=False)
+    with pytest.raises(UserError, match="different run.*calib"):
+        T.stream_tune(model, windows[::-1].copy(), config, work_dir=work, resume=True,
+                      progress=False)  # fmt: skip
+    loader = LayerLoader(model)
+    seen = _recording(loader)
+    got, rep = T.stream_tune(loader, windows, config, work_dir=work, resume=True,
+                             offload_dir=tmp_path, progress=False)  # fmt: skip
+    assert seen == [2, 3] and not work.exists()
+    for name, a, b in zip(want._fields, want, got, strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, err_msg=name)
+    assert [(r.layer, r.l1_bound, r.pv_l1_bound, r.evaluations) for r in rep.layers] == [
+        (r.layer, r.l1_bound, r.pv_l1_bound, r.evaluations) for r in want_rep.layers
+    ]
+    for a, b in zip(rep.layers, want_rep.layers, strict=True):
+        np.testing.assert_allclose([h.sparsity for h in a.heads], [h.sparsity for h in b.heads],
+                                   rtol=1e-6)  # fmt: skip
+        assert [h.dense for h in a.heads] == [h.dense for h in b.heads]
+    layer_max = max(loader.group_bytes[i] for i in range(cfg.num_layers))
+    assert loader.peak_bytes == layer_max and loader.resident_bytes == 0
+
+
+def test_streamed_ged_capture_stops_at_the_deepest_layer(sharded, tmp_path):
+    from jcompress.ged import CaptureConfig, capture_activations, resolve_hook, stream_capture
+
+    model, cfg, params = sharded
+    rng = np.random.default_rng(5)
+    ids = [rng.integers(0, cfg.vocab_size, n).astype(np.int32) for n in (9, 5, 12, 7, 9, 3, 8)]
+    positions = [np.sort(rng.choice(x.size, min(2, x.size), replace=False)) for x in ids]
+    capture = CaptureConfig(layers=(2, 0), batch_size=3, hook="post")
+    want = capture_activations(cfg, params, ids, positions, resolve_hook(cfg, capture), (2, 0),
+                               batch_size=3)  # fmt: skip
+    loader = LayerLoader(model)
+    seen = _recording(loader)
+    got = stream_capture(loader, ids, positions, capture, work_dir=tmp_path / "w",
+                         offload_dir=tmp_path)  # fmt: skip
+    assert seen == [0, 1, 2]  # layer 3 is past the deepest requested layer: never read
+    assert got.shape == want.shape == (2, 14, cfg.intermediate_size)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # layer 0's inputs were embedded: the embedding table was held with it, nothing more
+    assert loader.peak_bytes <= loader.group_bytes[0] + loader.group_bytes[GLOBAL]
+    assert loader.resident_bytes == 0 and not (tmp_path / "w").exists()
+    with pytest.raises(UserError, match="layers: layer 7 out of range"):
+        stream_capture(model, ids, positions, CaptureConfig(layers=(7,)))

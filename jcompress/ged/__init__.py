@@ -7,7 +7,7 @@ References:
   and dimension reduction in multichannel electrophysiology", NeuroImage 247 (2022).
 """
 
-from jcompress.ged.analyze import GEDAnalysis, analyze
+from jcompress.ged.analyze import GEDAnalysis, analyze, stream_analyze
 from jcompress.ged.capture import (
     HOOKS,
     POSITIONS,
@@ -15,6 +15,7 @@ from jcompress.ged.capture import (
     Hook,
     capture_activations,
     resolve_hook,
+    stream_capture,
     tokenize_examples,
 )
 from jcompress.ged.config import LEDOIT_WOLF, GEDConfig
@@ -46,6 +47,8 @@ __all__ = [
     "capture_activations",
     "parse_marked",
     "resolve_hook",
+    "stream_analyze",
+    "stream_capture",
     "tokenize_examples",
     "CVResult",
     "GEDConfig",

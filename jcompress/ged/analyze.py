@@ -5,6 +5,7 @@ held-out separation per layer (:func:`jcompress.ged.fit_layers`) -> report and f
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from jcompress.ged.capture import (
 from jcompress.ged.config import GEDConfig
 from jcompress.ged.fit import LayerTable, fit_layers
 
-__all__ = ["GEDAnalysis", "analyze"]
+__all__ = ["GEDAnalysis", "analyze", "stream_analyze"]
 
 _CONFIG, _CAPTURE = GEDConfig(), CaptureConfig()
 
@@ -199,12 +200,8 @@ def analyze(
                     tokenizer=tok, labels=("him", "her"))
       print(res.to_markdown()); res.figures("out/")
     """
-    hook = resolve_hook(cfg, capture)
-    layers = resolve_layers(cfg, capture)
-    tok_s = tokenize_examples(tokenizer, texts_s, capture.position, what=labels[0])
-    tok_r = tokenize_examples(tokenizer, texts_r, capture.position, what=labels[1])
-    _check_sizes(tok_s.n_samples, tok_r.n_samples, config, labels)
-    _check_vocab(cfg, tok_s, tok_r)
+    hook, layers, tok_s, tok_r = _prepare(cfg, texts_s, texts_r, tokenizer, config, capture,
+                                          labels)  # fmt: skip
     acts = capture_activations(
         cfg,
         params,
@@ -215,6 +212,80 @@ def analyze(
         batch_size=capture.batch_size,
         progress=progress,
     )
+    return _finish(acts, hook, layers, tok_s, tok_r, config, capture, labels, progress)
+
+
+def stream_analyze(
+    model: str | os.PathLike | Any,
+    texts_s: Sequence[Any],
+    texts_r: Sequence[Any],
+    *,
+    tokenizer: Any,
+    config: GEDConfig = _CONFIG,
+    capture: CaptureConfig = _CAPTURE,
+    labels: tuple[str, str] = ("S", "R"),
+    work_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    dtype: Any = None,
+    offload_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    on_layer: Any = None,
+) -> GEDAnalysis | None:
+    """:func:`analyze` reading the checkpoint one decoder layer at a time.
+
+    Layers ``0 .. max(capture.layers)`` are read from the safetensors shards one at a time
+    (:func:`jcompress.streaming.stream_analysis`: peak memory ~ one layer plus the sentences'
+    hidden states, offloaded with ``offload_dir``); each requested layer's activations are
+    captured exactly as :func:`analyze` does (:func:`~jcompress.ged.capture.capture_layer`)
+    and the fits run on them at the end. The result equals :func:`analyze`'s.
+
+    Args:
+      model: checkpoint directory (safetensors) or a
+        :class:`~jcompress.streaming.LayerLoader` (its account shows what was held).
+      texts_s, texts_r, tokenizer, config, capture, labels, progress: as for :func:`analyze`.
+      work_dir, resume, offload_dir, on_layer: as for
+        :func:`~jcompress.streaming.stream_analysis` (the captured activations of finished
+        layers are kept in ``work_dir``; the run's identity is the capture settings, so a
+        resumed run may change the fit settings ``config``).
+      dtype: load dtype (as :func:`jcompress.load_hf`); ignored when ``model`` is a loader.
+
+    Returns:
+      :class:`GEDAnalysis` (``None`` on processes other than 0 of a multi-host run).
+
+    Raises:
+      UserError: as :func:`analyze`, and as :func:`~jcompress.streaming.stream_analysis`
+        (bad checkpoint, work directory of another run), before any layer is read.
+    """
+    from jcompress.ged.capture import stream_capture
+    from jcompress.streaming import LayerLoader
+
+    loader = model if isinstance(model, LayerLoader) else LayerLoader(model, dtype=dtype)
+    hook, layers, tok_s, tok_r = _prepare(loader.cfg, texts_s, texts_r, tokenizer, config,
+                                          capture, labels)  # fmt: skip
+    acts = stream_capture(
+        loader, tok_s.ids + tok_r.ids, tok_s.positions + tok_r.positions, capture,
+        work_dir=work_dir, resume=resume, offload_dir=offload_dir, progress=progress,
+        on_layer=on_layer,
+    )  # fmt: skip
+    if acts is None:
+        return None
+    return _finish(acts, hook, layers, tok_s, tok_r, config, capture, labels, progress)
+
+
+def _prepare(cfg, texts_s, texts_r, tokenizer, config, capture, labels):
+    """Every check :func:`analyze` makes before the model runs: hook, layers, tokenization,
+    sample counts, vocabulary."""
+    hook = resolve_hook(cfg, capture)
+    layers = resolve_layers(cfg, capture)
+    tok_s = tokenize_examples(tokenizer, texts_s, capture.position, what=labels[0])
+    tok_r = tokenize_examples(tokenizer, texts_r, capture.position, what=labels[1])
+    _check_sizes(tok_s.n_samples, tok_r.n_samples, config, labels)
+    _check_vocab(cfg, tok_s, tok_r)
+    return hook, layers, tok_s, tok_r
+
+
+def _finish(acts, hook, layers, tok_s, tok_r, config, capture, labels, progress) -> GEDAnalysis:
+    """The fits on captured ``acts [L, N_S + N_R, D]``."""
     n_s = tok_s.n_samples
     acts_s, acts_r = acts[:, :n_s], acts[:, n_s:]
     table = fit_layers(acts_s, acts_r, config=config, swap=True, progress=progress)

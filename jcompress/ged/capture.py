@@ -40,9 +40,12 @@ __all__ = [
     "Hook",
     "Tokenized",
     "capture_activations",
+    "capture_layer",
+    "capture_windows",
     "layer_modules",
     "resolve_hook",
     "resolve_layers",
+    "stream_capture",
     "tokenize_examples",
 ]
 
@@ -291,6 +294,48 @@ def _pad(ids: Sequence[np.ndarray], pad_id: int) -> np.ndarray:
     return out
 
 
+def capture_windows(
+    ids: Sequence[np.ndarray], positions: Sequence[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The sentences as one right-padded ``[n, T]`` window array, and the sample rows
+    (sentence) and columns (token) ``[N]`` in sentence then position order.
+
+    Raises:
+      UserError: no sentence, a positions array per sentence missing, a position past its
+        sentence.
+    """
+    if len(ids) != len(positions) or not ids:
+        raise UserError("capture: need one positions array per sentence (and >= 1 sentence)")
+    for i, (x, p) in enumerate(zip(ids, positions, strict=True)):
+        p = np.asarray(p)
+        if p.size and (p.min() < 0 or p.max() >= x.size):
+            raise UserError(f"capture: sentence {i} has {x.size} tokens, position {p.max()}")
+    rows = np.concatenate([np.full(np.asarray(p).size, i) for i, p in enumerate(positions)])
+    cols = np.concatenate([np.asarray(p, np.int64).reshape(-1) for p in positions])
+    return _pad(ids, 0), rows, cols
+
+
+def capture_layer(layer, hook: Hook, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``[N, D]`` float32 activations at ``hook`` of one
+    :class:`~jcompress.calibration.StreamLayer`, sample ``j`` at token ``cols[j]`` of window
+    ``rows[j]`` (:func:`capture_windows`)."""
+    out = np.zeros((rows.size, hook.width), np.float32)
+    key = "outputs" if hook.side == "output" else "inputs"
+    for ob in layer.observe(hook.capture):
+        a = np.asarray(ob.captured[key][hook.path], np.float32)[: ob.real]
+        s = layer.batches[ob.batch].start
+        sel = (rows >= s) & (rows < s + ob.real)
+        out[sel] = a[rows[sel] - s, cols[sel]]
+    return out
+
+
+def check_finite(acts: np.ndarray, hook: Hook) -> np.ndarray:
+    """``acts`` unchanged, or one error when any is NaN / Inf."""
+    if not np.all(np.isfinite(acts)):
+        raise UserError(f"capture: non-finite activations at the {hook.describe()}")
+    return acts
+
+
 def capture_activations(
     cfg,
     params,
@@ -307,7 +352,9 @@ def capture_activations(
 
     One pass of :func:`jcompress.calibration.stream_layers` (sentences right-padded to one
     length; causal, so the padding does not reach real tokens), observing ``hook`` in each
-    layer in ``layers``; later layers are not run.
+    layer in ``layers`` (:func:`capture_layer`); later layers are not run. The streamed form
+    (:func:`jcompress.ged.stream_analyze`) runs the same :func:`capture_layer` on layers read
+    one at a time.
 
     Args:
       cfg, params: the model.
@@ -322,18 +369,9 @@ def capture_activations(
     from jcompress.calibration import stream_layers
     from jcompress.models.forward import DEFAULT_ATTENTION
 
-    if len(ids) != len(positions) or not ids:
-        raise UserError("capture: need one positions array per sentence (and >= 1 sentence)")
-    for i, (x, p) in enumerate(zip(ids, positions, strict=True)):
-        p = np.asarray(p)
-        if p.size and (p.min() < 0 or p.max() >= x.size):
-            raise UserError(f"capture: sentence {i} has {x.size} tokens, position {p.max()}")
-    windows = _pad(ids, 0)
-    rows = np.concatenate([np.full(np.asarray(p).size, i) for i, p in enumerate(positions)])
-    cols = np.concatenate([np.asarray(p, np.int64).reshape(-1) for p in positions])
+    windows, rows, cols = capture_windows(ids, positions)
     want = {int(l): j for j, l in enumerate(layers)}
     out = np.zeros((len(layers), rows.size, hook.width), np.float32)
-    key = "outputs" if hook.side == "output" else "inputs"
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -347,12 +385,7 @@ def capture_activations(
         last = max(want)
         for layer in stream:
             if layer.index in want:
-                j = want[layer.index]
-                for ob in layer.observe(hook.capture):
-                    a = np.asarray(ob.captured[key][hook.path], np.float32)[: ob.real]
-                    s = layer.batches[ob.batch].start
-                    sel = (rows >= s) & (rows < s + ob.real)
-                    out[j, sel] = a[rows[sel] - s, cols[sel]]
+                out[want[layer.index]] = capture_layer(layer, hook, rows, cols)
                 if bar is not None:
                     bar.update()
             if layer.index >= last:
@@ -361,6 +394,72 @@ def capture_activations(
         stream.close()
         if bar is not None:
             bar.close()
-    if not np.all(np.isfinite(out)):
-        raise UserError(f"capture: non-finite activations at the {hook.describe()}")
-    return out
+    return check_finite(out, hook)
+
+
+@dataclasses.dataclass(frozen=True)
+class _StreamedCapture:
+    """The identity of a streamed capture (:func:`stream_capture`'s work directory)."""
+
+    capture: CaptureConfig
+    hook: str
+    side: str
+    positions_sha256: str
+
+
+def stream_capture(
+    model: Any,
+    ids: Sequence[np.ndarray],
+    positions: Sequence[np.ndarray],
+    capture: CaptureConfig,
+    *,
+    work_dir: Any = None,
+    resume: bool = False,
+    dtype: Any = None,
+    offload_dir: Any = None,
+    progress: bool = False,
+    on_layer: Any = None,
+) -> np.ndarray | None:
+    """:func:`capture_activations` reading the checkpoint one decoder layer at a time.
+
+    Layers ``0 .. max(layers)`` are read from the safetensors shards one at a time and
+    dropped (:func:`jcompress.streaming.stream_analysis`: peak memory ~ one layer plus the
+    sentences' hidden states, offloaded with ``offload_dir``); each requested layer runs
+    :func:`capture_layer`, as in memory, so the activations are :func:`capture_activations`'s.
+
+    Args:
+      model: checkpoint directory (safetensors) or a
+        :class:`~jcompress.streaming.LayerLoader` (its account shows what was held).
+      ids, positions: as for :func:`capture_activations`.
+      capture: the hook, side, layers and batch size (:func:`resolve_hook`,
+        :func:`resolve_layers`); with the sentences and positions, the run's identity.
+      work_dir, resume, offload_dir, progress, on_layer: as for
+        :func:`~jcompress.streaming.stream_analysis` (finished layers' activations are kept
+        in ``work_dir``).
+      dtype: load dtype (as :func:`jcompress.load_hf`); ignored when ``model`` is a loader.
+
+    Returns:
+      ``[len(layers), sum P_i, D]`` float32 (``None`` on processes other than 0 of a
+      multi-host run).
+    """
+    import hashlib
+
+    from jcompress.streaming import LayerLoader, stream_analysis
+
+    loader = model if isinstance(model, LayerLoader) else LayerLoader(model, dtype=dtype)
+    hook = resolve_hook(loader.cfg, capture)
+    layers = resolve_layers(loader.cfg, capture)
+    windows, rows, cols = capture_windows(ids, positions)
+    digest = hashlib.sha256(np.stack([rows, cols]).astype(np.int64).tobytes()).hexdigest()
+
+    def one(layer):
+        return {"acts": capture_layer(layer, hook, rows, cols)}
+
+    res = stream_analysis(
+        loader, one, windows, method="ged", config=_StreamedCapture(capture, hook.path,
+        hook.side, digest), layers=layers, batch_size=capture.batch_size, work_dir=work_dir,
+        resume=resume, offload_dir=offload_dir, progress=progress, on_layer=on_layer,
+    )  # fmt: skip
+    if res is None:
+        return None
+    return check_finite(np.stack([res.results[i]["acts"] for i in layers]), hook)

@@ -51,6 +51,7 @@ __all__ = [
     "TuneReport",
     "evaluate",
     "layer_qkv",
+    "stream_tune",
     "tune",
 ]
 
@@ -152,6 +153,26 @@ class SpargeTuneConfig:
 _CORE = ("q", "k", "v", "k_valid")
 
 
+def _core_capture(cfg):
+    """The attention core's module path and the ``Capture`` of its q/k/v inputs."""
+    from jcompress.models.families import spec_for
+    from jcompress.models.forward import Capture
+
+    core = f"{spec_for(cfg.family.value).layout.attn}/core"
+    return core, Capture(inputs=re.escape(core) + "/(q|k|v|k_valid|scale)")
+
+
+def _observe_qkv(layer, core: str, capture) -> list:
+    """``[(q, k, v, k_valid, scale) per batch]`` of one
+    :class:`~jcompress.calibration.StreamLayer` (numpy, real rows only)."""
+    got = []
+    for ob in layer.observe(capture):
+        c = ob.captured["inputs"]
+        q, k, v, valid = (np.asarray(c[f"{core}/{n}"])[: ob.real] for n in _CORE)
+        got.append((q, k, v, valid, float(c[f"{core}/scale"])))
+    return got
+
+
 def layer_qkv(cfg, params, windows, *, batch_size: int = 4, progress: bool = False
               ) -> Iterator[tuple[int, list]]:  # fmt: skip
     """Stream ``windows [n, T]`` through the model; yield ``(layer, [(q, k, v, k_valid,
@@ -159,22 +180,13 @@ def layer_qkv(cfg, params, windows, *, batch_size: int = 4, progress: bool = Fal
     captured by :meth:`~jcompress.calibration.StreamLayer.observe` (``Capture`` of
     ``<attn>/core/{q,k,v,k_valid,scale}``, see :class:`jcompress.models.forward.Capture`)."""
     from jcompress.calibration import stream_layers
-    from jcompress.models.families import spec_for
-    from jcompress.models.forward import Capture
 
-    attn = spec_for(cfg.family.value).layout.attn
-    core = f"{attn}/core"
-    capture = Capture(inputs=re.escape(core) + "/(q|k|v|k_valid|scale)")
+    core, capture = _core_capture(cfg)
     stream = stream_layers(cfg, params, windows, batch_size=batch_size, attention="dense")
     with contextlib.closing(stream):
         for layer in tqdm(stream, total=cfg.num_layers, desc="sparge layers",
                           disable=not progress, leave=False):  # fmt: skip
-            got = []
-            for ob in layer.observe(capture):
-                c = ob.captured["inputs"]
-                q, k, v, valid = (np.asarray(c[f"{core}/{n}"])[: ob.real] for n in _CORE)
-                got.append((q, k, v, valid, float(c[f"{core}/scale"])))
-            yield layer.index, got
+            yield layer.index, _observe_qkv(layer, core, capture)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -413,30 +425,100 @@ def tune(cfg, params, windows, config: SpargeTuneConfig | None = None, *,
 
     Returns ``(SpargeParams [layers, heads], TuneReport)``."""
     config = config or SpargeTuneConfig()
+    _check_layers(cfg, config)
+    t0 = time.perf_counter()
+    outs = {}
+    for li, batches in layer_qkv(cfg, params, windows, batch_size=config.batch_size,
+                                 progress=progress):  # fmt: skip
+        outs[li] = _tune_batches(batches, cfg.num_heads, li, config)
+    return _assemble(cfg, outs, config, t0)
+
+
+def stream_tune(model, windows, config: SpargeTuneConfig | None = None, *,
+                work_dir=None, resume: bool = False, dtype: Any = None, offload_dir=None,
+                progress: bool = True, on_layer=None
+                ) -> tuple[SpargeParams, TuneReport] | None:  # fmt: skip
+    """:func:`tune` reading the checkpoint one decoder layer at a time.
+
+    Each layer is read from the safetensors shards, its q/k/v captured and its thresholds
+    tuned exactly as :func:`tune` does, then dropped
+    (:func:`jcompress.streaming.stream_analysis`: peak memory ~ one layer plus the windows'
+    hidden states, offloaded with ``offload_dir``). With ``work_dir`` every finished layer's
+    thresholds are kept there, so an interrupted run continues with ``resume=True`` from the
+    last finished layer. The thresholds equal :func:`tune`'s.
+
+    Args:
+      model: checkpoint directory (safetensors) or a
+        :class:`~jcompress.streaming.LayerLoader` (its account shows what was held).
+      windows, config: as for :func:`tune`.
+      work_dir, resume, offload_dir, progress, on_layer: as for
+        :func:`~jcompress.streaming.stream_analysis`.
+      dtype: load dtype (as :func:`jcompress.load_hf`); ignored when ``model`` is a loader.
+
+    Returns:
+      ``(SpargeParams [layers, heads], TuneReport)`` (``None`` on processes other than 0 of a
+      multi-host run).
+    """
+    from jcompress.streaming import LayerLoader, stream_analysis
+
+    config = config or SpargeTuneConfig()
+    loader = model if isinstance(model, LayerLoader) else LayerLoader(model, dtype=dtype)
+    cfg = loader.cfg
+    _check_layers(cfg, config)
+    t0 = time.perf_counter()
+    core, capture = _core_capture(cfg)
+
+    def one(layer):
+        return _tune_batches(_observe_qkv(layer, core, capture), cfg.num_heads, layer.index,
+                             config)  # fmt: skip
+
+    res = stream_analysis(loader, one, windows, method="sparge", config=config,
+                          batch_size=config.batch_size, attention="dense", work_dir=work_dir,
+                          resume=resume, offload_dir=offload_dir, progress=progress,
+                          on_layer=on_layer)  # fmt: skip
+    if res is None:
+        return None
+    return _assemble(cfg, res.results, config, t0)
+
+
+def _check_layers(cfg, config: SpargeTuneConfig) -> None:
     bad = [lay for lay in config.layer_bounds() if lay >= cfg.num_layers]
     if bad:
         raise UserError(f"layer_l1: layer {bad[0]} does not exist (the model has "
                         f"{cfg.num_layers} layers)")  # fmt: skip
-    t0 = time.perf_counter()
+
+
+def _tune_batches(batches: list, hq: int, li: int, config: SpargeTuneConfig
+                  ) -> dict[str, np.ndarray]:  # fmt: skip
+    """One layer's tuning: ``{threshold / metric: [Hq], "bounds": [2], "evaluations": []}``."""
+    data = _LayerData(batches, config.block_k)
+    out, bounds = _tune_layer(data, hq, li, config)
+    return {**out, "bounds": np.asarray(bounds, np.float64),
+            "evaluations": np.asarray(data.evaluations)}  # fmt: skip
+
+
+def _assemble(cfg, outs: dict[int, dict[str, np.ndarray]], config: SpargeTuneConfig,
+              t0: float) -> tuple[SpargeParams, TuneReport]:  # fmt: skip
+    """``SpargeParams`` and the report from every layer's :func:`_tune_batches`."""
     hq = cfg.num_heads
     rows = {k: np.zeros((cfg.num_layers, hq), np.float32)
             for k in ("simthreshd1", "cdfthreshd", "pvthreshd")}  # fmt: skip
     layers = []
     evals = 0
-    for li, batches in layer_qkv(cfg, params, windows, batch_size=config.batch_size,
-                                 progress=progress):  # fmt: skip
-        data = _LayerData(batches, config.block_k)
-        out, (l1, pv_l1) = _tune_layer(data, hq, li, config)
+    for li in sorted(outs):
+        out = outs[li]
         for k in rows:
             rows[k][li] = out[k]
-        evals = data.evaluations * len(config.sim_values())
+        n_eval = int(out["evaluations"])
+        evals = n_eval * len(config.sim_values())
+        l1, pv_l1 = (float(b) for b in out["bounds"])
         layers.append(LayerResult(
             li, l1, pv_l1,
             tuple(HeadResult(h, float(out["simthreshd1"][h]), float(out["cdfthreshd"][h]),
                              float(out["pvthreshd"][h]), float(out["sparsity"][h]),
                              float(out["l1"][h]), float(out["pv_skip"][h]),
                              bool(out["dense"][h])) for h in range(hq)),
-            data.evaluations,
+            n_eval,
         ))  # fmt: skip
     p = SpargeParams(**rows)
     p.validate()

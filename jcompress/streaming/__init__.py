@@ -1,13 +1,15 @@
-"""Layer streaming: run ``ppl`` and compression methods one decoder layer at a time from a
-checkpoint's safetensors shards, with peak host memory ~ one layer plus the calibration
-activations, resumably (:func:`stream_compress`, :func:`stream_perplexity`,
-:class:`LayerLoader`)."""
+"""Layer streaming: run ``ppl``, compression methods and per-layer analyses one decoder layer
+at a time from a checkpoint's safetensors shards, with peak host memory ~ one layer plus the
+calibration activations, resumably (:func:`stream_compress`, :func:`stream_perplexity`,
+:func:`stream_analysis`, :class:`LayerLoader`)."""
 
+from jcompress.streaming.analysis import AnalysisResult, stream_analysis
 from jcompress.streaming.loader import GLOBAL, LayerLoader, fingerprint, layer_of
 from jcompress.streaming.ppl import stream_perplexity
 from jcompress.streaming.run import MANIFEST, StreamReport, StreamResult, stream_compress
 
 __all__ = [
+    "AnalysisResult",
     "GLOBAL",
     "LayerLoader",
     "MANIFEST",
@@ -15,6 +17,7 @@ __all__ = [
     "StreamResult",
     "fingerprint",
     "layer_of",
+    "stream_analysis",
     "stream_compress",
     "stream_perplexity",
 ]

@@ -495,6 +495,22 @@ def stream_compress(
     ident = _identity(method, config, calib, loader.dtype, factors, model_dir)
     ident["globals_step"] = bool(globals_step)
     mpath = work / MANIFEST
+    manifest = _open_work(work, ident, resume, {"layers": {}, "hidden": None})
+
+    with _locked(work):
+        return _run(loader, compress, config, calib, method, work, mpath, manifest, shapes,
+                    rule_fields, out_dir, factors, offload, progress, on_layer, globals_step,
+                    overwrite=overwrite, marker=marker, t0=t0)  # fmt: skip
+
+
+def _open_work(work: Path, ident: dict[str, Any], resume: bool, fresh: dict[str, Any]
+               ) -> dict[str, Any]:  # fmt: skip
+    """The manifest of work directory ``work``: a new one (``{"identity": ident, "done": [],
+    **fresh}``, written with the output marker) when ``work`` does not exist, else the
+    recorded one when ``resume`` is set and its identity equals ``ident``; anything else is
+    one :class:`UserError`. Shared by :func:`stream_compress` and
+    :func:`jcompress.streaming.stream_analysis`."""
+    mpath = work / MANIFEST
     if work.exists():
         if not mpath.is_file():
             raise UserError(
@@ -520,16 +536,12 @@ def stream_compress(
                 "(resume with the same method, config, calibration data and model, or "
                 "remove the directory to start over)"
             )
-    else:
-        work.mkdir(parents=True)
-        write_marker(work)
-        manifest = {"identity": ident, "done": [], "layers": {}, "hidden": None}
-        write_json(mpath, manifest, arg="work_dir")
-
-    with _locked(work):
-        return _run(loader, compress, config, calib, method, work, mpath, manifest, shapes,
-                    rule_fields, out_dir, factors, offload, progress, on_layer, globals_step,
-                    overwrite=overwrite, marker=marker, t0=t0)  # fmt: skip
+        return manifest
+    work.mkdir(parents=True)
+    write_marker(work)
+    manifest = {"identity": ident, "done": [], **fresh}
+    write_json(mpath, manifest, arg="work_dir")
+    return manifest
 
 
 @contextlib.contextmanager
