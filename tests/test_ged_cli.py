@@ -49,6 +49,16 @@ def test_cli_opt_end_to_end(capsys, tmp_path, opt_dir):
     for f in rep["figures"]:
         assert (out / f).stat().st_size > 1000
     assert "| 2 |" in (out / "report.md").read_text() and "| 2 |" in text
+    # --stream: layers 0..2 read one at a time from the shards (3 never), the same numbers
+    code, text, err = _run(capsys, *argv, "--stream", "--out", str(tmp_path / "s"))
+    assert code == 0, err
+    assert "weights held at once" in text and not (tmp_path / "s.stream").exists()
+    srep = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert srep["stream"]["peak_loaded_bytes"] < srep["stream"]["model_bytes"] / 2
+    (srow,) = srep["layers"]
+    assert srow["n_components"] == row["n_components"] and srow["cv"] == row["cv"]
+    np.testing.assert_allclose(srow["eigenvalues"], row["eigenvalues"], rtol=1e-4)
+    assert srow["p_value"] == row["p_value"]
     # oracle: transformers' fc1 output at the target token, fitted by the library
     model = AutoModelForCausalLM.from_pretrained(opt_dir, dtype=torch.float32).eval()
     tok = load_tokenizer(opt_dir)

@@ -127,6 +127,17 @@ def test_cli_tune_and_eval(llama_dir, shared_data, tmp_path, capsys):
         args += [f"--{k}", str(v)]
     assert main(args) == 0
     assert out.is_file() and out.with_suffix(".json").is_file()
+    # --stream: layers read one at a time from the shards, the same thresholds file
+    streamed = tmp_path / "streamed.safetensors"
+    s_args = [*args[:7], str(streamed), *args[8:]]
+    assert main([*s_args, "--offload_dir", str(tmp_path)]) == 2  # needs --stream
+    assert "--offload_dir: only with --stream" in capsys.readouterr().err
+    assert main([*s_args, "--stream", "--offload_dir", str(tmp_path)]) == 0
+    assert "weights held at once" in capsys.readouterr().out
+    assert not tmp_path.joinpath("streamed.safetensors.stream").exists()
+    (a, _), (b, _) = sparge.load_params(out), sparge.load_params(streamed)
+    for name, x, y in zip(a._fields, a, b, strict=True):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-6, err_msg=name)
     assert main(["sparge", "eval", "--model", str(llama_dir), "--tuned", str(out), "--data",
                  str(shared_data / "wikitext-2-raw" / "test.txt"), "--seqlen", "64",
                  "--max_windows", "2", "--out_dir", str(tmp_path / "ev")]) == 0  # fmt: skip

@@ -25,6 +25,7 @@ __all__ = [
     "add_eval_window_flags",
     "add_mesh_flag",
     "add_model_flag",
+    "add_stream_flags",
     "budget",
     "check_data_file",
     "check_positions",
@@ -39,6 +40,7 @@ __all__ = [
     "mesh_spec",
     "model_bytes",
     "positive",
+    "stream_from_args",
     "table",
 ]
 
@@ -123,6 +125,63 @@ def add_mesh_flag(s: argparse.ArgumentParser) -> None:
         help=f"shard over a device mesh: {MESH_FORM}; heads / MLP columns over model, "
         "batches over data (default: one device)",
     )
+
+
+def add_stream_flags(s: argparse.ArgumentParser) -> None:
+    """``--stream`` / ``--work_dir`` / ``--resume`` / ``--offload_dir``: run a per-layer
+    analysis on decoder layers read one at a time from the checkpoint's safetensors shards
+    (:func:`jcompress.streaming.stream_analysis`); read back by :func:`stream_from_args`."""
+    s.add_argument(
+        "--stream",
+        action="store_true",
+        help="read the checkpoint one decoder layer at a time from its safetensors shards "
+        "(memory ~ one layer + the calibration activations); same results, resumable",
+    )
+    s.add_argument(
+        "--work_dir",
+        "--work-dir",
+        default=None,
+        metavar="DIR",
+        help="with --stream: the resumable state (finished layers' results, next-layer "
+        "inputs, manifest); default: OUT.stream next to --out, removed when the run completes",
+    )
+    s.add_argument(
+        "--resume", action="store_true", help="with --stream: continue the run in --work_dir"
+    )
+    s.add_argument(
+        "--offload_dir",
+        "--offload-dir",
+        default=None,
+        metavar="DIR",
+        help="with --stream: keep the calibration activations in a temporary file here",
+    )
+
+
+def stream_from_args(args: argparse.Namespace, out: Path) -> dict[str, Any] | None:
+    """The :func:`add_stream_flags` flags as keyword arguments of the streamed analysis
+    (``work_dir``, ``resume``, ``offload_dir``), or ``None`` without ``--stream``.
+
+    Raises:
+      UserError: ``--work_dir`` / ``--resume`` / ``--offload_dir`` without ``--stream``, an
+        ``--offload_dir`` that is not a directory, a ``--work_dir`` equal to ``out``, or a
+        multi-host run (a streamed analysis runs on one process).
+    """
+    if not args.stream:
+        for flag, v in (("--work_dir", args.work_dir), ("--resume", args.resume),
+                        ("--offload_dir", args.offload_dir)):  # fmt: skip
+            if v:
+                raise UserError(f"{flag}: only with --stream")
+        return None
+    from jcompress.atomic import process_count
+
+    if process_count() > 1:
+        raise UserError("--stream: a streamed analysis runs on one process (not multi-host)")
+    if args.offload_dir is not None and not Path(args.offload_dir).is_dir():
+        raise UserError(f"--offload_dir: {args.offload_dir} is not a directory")
+    work = Path(args.work_dir) if args.work_dir else out.with_name(out.name + ".stream")
+    if work.resolve() == out.resolve():
+        raise UserError(f"--work_dir: {work} must differ from --out")
+    return {"work_dir": work, "resume": args.resume, "offload_dir": args.offload_dir}
 
 
 def add_distributed_flag(s: argparse.ArgumentParser) -> None:

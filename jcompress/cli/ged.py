@@ -13,7 +13,14 @@ import argparse
 import time
 from pathlib import Path
 
-from jcompress.cli.common import config_flags, config_from_args, field_docs, positive
+from jcompress.cli.common import (
+    add_stream_flags,
+    config_flags,
+    config_from_args,
+    field_docs,
+    positive,
+    stream_from_args,
+)
 from jcompress.errors import UserError
 
 __all__ = ["add_parser", "run", "shrinkage_arg"]
@@ -117,6 +124,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help=field_docs(GEDConfig)["shrinkage"].rstrip(".") + f" (default: {GEDConfig.shrinkage})",
     )
     names.append("shrinkage")
+    add_stream_flags(s)
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=run, ged_fields=names, capture_fields=cap)
     return s
@@ -165,12 +173,11 @@ def run(args: argparse.Namespace, log=print) -> int:
     except UserError as e:
         flag = "--cond-a" if str(e).startswith(str(file_a)) else "--cond-b"
         raise UserError(f"{flag}: {e}") from None
-    out = check_output_dir(
-        Path(args.out),
-        inputs={"--model": model, "--cond-a": file_a, "--cond-b": file_b},
-        overwrite=args.overwrite,
-        arg="--out",
-    )
+    streamed = stream_from_args(args, Path(args.out))
+    inputs = {"--model": model, "--cond-a": file_a, "--cond-b": file_b}
+    if streamed is not None:
+        inputs["--work_dir"] = streamed["work_dir"]
+    out = check_output_dir(Path(args.out), inputs=inputs, overwrite=args.overwrite, arg="--out")
     from jcompress.cli.common import load_tokenizer_for
     from jcompress.ged.analyze import _check_sizes, _check_vocab
     from jcompress.ged.capture import tokenize_examples
@@ -191,14 +198,26 @@ def run(args: argparse.Namespace, log=print) -> int:
         f"{', '.join(map(str, layer_ids))}, position {capture.position}, "
         f"{ta.n_samples} {labels[0]} vs {tb.n_samples} {labels[1]} samples"
     )
-    _, params = jcompress.load_hf(model, progress=not args.quiet)
-    t0 = time.perf_counter()
-    res = analyze(
-        cfg, params, texts_a, texts_b, tokenizer=tok, config=config, capture=capture,
-        labels=labels, progress=not args.quiet,
-    )  # fmt: skip
+    kw = dict(tokenizer=tok, config=config, capture=capture, labels=labels,
+              progress=not args.quiet)  # fmt: skip
+    if streamed is None:
+        _, params = jcompress.load_hf(model, progress=not args.quiet)
+        t0 = time.perf_counter()
+        res = analyze(cfg, params, texts_a, texts_b, **kw)
+    else:
+        from jcompress.ged import stream_analyze
+        from jcompress.streaming import LayerLoader
+
+        loader = LayerLoader(model)
+        t0 = time.perf_counter()
+        res = stream_analyze(loader, texts_a, texts_b, **kw, **streamed)
     secs = time.perf_counter() - t0
     report = res.to_json()
+    if streamed is not None:
+        report["stream"] = {
+            "peak_loaded_bytes": loader.peak_bytes,
+            "model_bytes": sum(loader.group_bytes.values()),
+        }
     report.update(
         model=str(model),
         cond_a=str(file_a),
@@ -214,5 +233,7 @@ def run(args: argparse.Namespace, log=print) -> int:
             md + "\n\n" + "\n".join(f"![{p.stem}]({p.relative_to(tmp)})" for p in figs) + "\n"
         )
     log(md)
+    if streamed is not None:
+        log(f"\nweights held at once: {loader.peak_bytes / 2**20:.1f} MiB (streamed)")
     log(f"\nwrote {out}/report.json, report.md, figures/ ({len(figs)} plots) in {secs:.1f}s")
     return 0

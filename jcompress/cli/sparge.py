@@ -15,7 +15,14 @@ import argparse
 import json
 from pathlib import Path
 
-from jcompress.cli.common import check_data_file, config_flags, config_from_args, positive
+from jcompress.cli.common import (
+    add_stream_flags,
+    check_data_file,
+    config_flags,
+    config_from_args,
+    positive,
+    stream_from_args,
+)
 from jcompress.errors import UserError
 
 __all__ = ["add_parser", "run_eval", "run_tune"]
@@ -37,6 +44,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     names = config_flags(t, SpargeTuneConfig,
                         {"layer_l1": {"metavar": "LAYER:L1"}})  # fmt: skip
+    add_stream_flags(t)
     t.set_defaults(func=run_tune, _names=names)
 
     e = sub.add_parser("eval", help="perplexity dense vs tuned vs untuned, sparsity heatmap")
@@ -66,10 +74,13 @@ def run_tune(args: argparse.Namespace) -> int:
     config = config_from_args(SpargeTuneConfig, args, args._names)
     model, data, out = Path(args.model), check_data_file(args.data, "--data"), Path(args.out)
     cfg = read_config(model)
+    streamed = stream_from_args(args, out)
+    inputs = {"--model": model, "--data": data}
+    if streamed is not None:
+        inputs["--work_dir"] = streamed["work_dir"]
     for p, arg in ((out, "--out"), (out.with_suffix(".json"), "--out"),
                    (out.with_suffix(".md"), "--out")):  # fmt: skip
-        check_output_file(p, inputs={"--model": model, "--data": data},
-                          overwrite=args.overwrite, arg=arg)  # fmt: skip
+        check_output_file(p, inputs=inputs, overwrite=args.overwrite, arg=arg)
     if config.seqlen > cfg.max_position_embeddings:
         raise UserError(f"--seqlen: {config.seqlen} exceeds the model's "
                         f"{cfg.max_position_embeddings} positions")  # fmt: skip
@@ -78,8 +89,16 @@ def run_tune(args: argparse.Namespace) -> int:
         raise UserError(f"--nsamples: {config.nsamples} windows of {config.seqlen} tokens need "
                         f"more than the {len(ids):,} tokens of {data}")  # fmt: skip
     windows = calibration_windows(ids, config.nsamples, config.seqlen, seed=config.seed)
-    cfg, params = load_hf(model)
-    tuned, report = tune(cfg, params, windows, config)
+    if streamed is None:
+        cfg, params = load_hf(model)
+        tuned, report = tune(cfg, params, windows, config)
+    else:
+        from jcompress.sparge.tune import stream_tune
+        from jcompress.streaming import LayerLoader
+
+        loader = LayerLoader(model)
+        tuned, report = stream_tune(loader, windows, config, **streamed)
+        print(f"weights held at once: {loader.peak_bytes / 2**20:.1f} MiB (streamed)")
     save_params(out, tuned, model=model.name, overwrite=args.overwrite,
                 extra={"block_q": config.block_q, "block_k": config.block_k,
                        "l1": config.l1, "pv_l1": config.pv_l1})  # fmt: skip
