@@ -3,7 +3,7 @@ at a time from a checkpoint's safetensors shards, with peak host memory ~ one la
 calibration activations, resumably (:func:`stream_compress`, :func:`stream_perplexity`,
 :func:`stream_analysis`, :class:`LayerLoader`)."""
 
-from jcompress.streaming.analysis import AnalysisResult, stream_analysis
+from jcompress.streaming.analysis import AnalysisResult, stream_analysis, stream_layers_from
 from jcompress.streaming.loader import GLOBAL, LayerLoader, fingerprint, layer_of
 from jcompress.streaming.ppl import stream_perplexity
 from jcompress.streaming.run import MANIFEST, StreamReport, StreamResult, stream_compress
@@ -19,5 +19,6 @@ __all__ = [
     "layer_of",
     "stream_analysis",
     "stream_compress",
+    "stream_layers_from",
     "stream_perplexity",
 ]

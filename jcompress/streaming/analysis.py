@@ -21,7 +21,7 @@ import dataclasses
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ from jcompress.streaming.run import (
     _save_hidden,
 )
 
-__all__ = ["AnalysisResult", "stream_analysis"]
+__all__ = ["AnalysisResult", "stream_analysis", "stream_layers_from"]
 
 LayerFn = Callable[[StreamLayer], Mapping[str, Any]]
 
@@ -161,18 +161,9 @@ def stream_analysis(
     want = tuple(range(n)) if layers is None else tuple(sorted({int(i) for i in layers}))
     if not want or want[0] < 0 or want[-1] >= n:
         raise UserError(f"layers: {list(layers or [])} must be non-empty and within [0, {n})")
-    windows = np.asarray(windows)
-    if windows.ndim != 2 or not np.issubdtype(windows.dtype, np.integer):
-        raise UserError(
-            f"windows: expected integer token ids [n, seqlen], got {windows.dtype}"
-            f"{list(windows.shape)}"
-        )
-    check_length(cfg, windows.shape[1])
-    if offload_dir is not None and not os.path.isdir(offload_dir):
-        raise UserError(f"offload_dir: {offload_dir} is not a directory")
+    windows = _check_windows(cfg, windows, offload_dir)
     offload = None if offload_dir is None else str(offload_dir)
     impl = resolve(attention)
-    shapes = loader.shapes()
     work = None if work_dir is None else Path(work_dir)
     if work is None:
         if resume:
@@ -192,10 +183,91 @@ def stream_analysis(
         lock = _locked(work)
     with lock:
         return _run(loader, analyze_layer, windows, method, want, batch_size, impl, work,
-                    manifest, shapes, offload, progress, on_layer, t0)  # fmt: skip
+                    manifest, offload, progress, on_layer, t0)  # fmt: skip
 
 
-def _run(loader, fn, windows, method, want, batch_size, impl, work, manifest, shapes, offload,
+def stream_layers_from(
+    model: str | os.PathLike | LayerLoader,
+    windows: Any,
+    *,
+    last: int | None = None,
+    batch_size: int = 8,
+    offload_dir: str | os.PathLike | None = None,
+    attention: Any = DEFAULT_ATTENTION,
+    dtype: Any = None,
+) -> Iterator[StreamLayer]:
+    """:func:`jcompress.calibration.stream_layers` over a checkpoint read one decoder layer
+    at a time: the same :class:`~jcompress.calibration.StreamLayer` objects (inputs, batches,
+    ``observe``, ``reference``) for layers ``0 .. last`` (default: all), each read from the
+    shards when the loop asks for it and dropped when it moves on; the next layer is fed the
+    original layer's outputs. Not resumable (:func:`stream_analysis` is).
+
+    Args:
+      model: checkpoint directory (safetensors) or a :class:`LayerLoader`.
+      windows, batch_size, offload_dir, attention: as for ``stream_layers``.
+      last: the last layer to yield (layers after it are never read).
+      dtype: load dtype; ignored when ``model`` is a loader.
+    """
+    loader = model if isinstance(model, LayerLoader) else LayerLoader(model, dtype=dtype)
+    n = loader.cfg.num_layers
+    last = n - 1 if last is None else last
+    if not 0 <= last < n:
+        raise UserError(f"last: layer {last} is out of range [0, {n})")
+    windows = _check_windows(loader.cfg, windows, offload_dir)
+    yield from _walk(loader, windows, 0, last, None, batch_size=batch_size,
+                     offload=None if offload_dir is None else str(offload_dir),
+                     attention=resolve(attention))  # fmt: skip
+
+
+def _check_windows(cfg, windows: Any, offload_dir: Any) -> np.ndarray:
+    windows = np.asarray(windows)
+    if windows.ndim != 2 or not np.issubdtype(windows.dtype, np.integer):
+        raise UserError(
+            f"windows: expected integer token ids [n, seqlen], got {windows.dtype}"
+            f"{list(windows.shape)}"
+        )
+    check_length(cfg, windows.shape[1])
+    if offload_dir is not None and not os.path.isdir(offload_dir):
+        raise UserError(f"offload_dir: {offload_dir} is not a directory")
+    return windows
+
+
+def _walk(loader, windows, start, last, hidden, *, batch_size, offload, attention,
+          after=None) -> Iterator[StreamLayer]:  # fmt: skip
+    """Yield the :class:`StreamLayer` of layers ``start .. last`` read one at a time, layer
+    ``start`` fed ``hidden`` (``None``: embed the windows; ``start`` is then 0). Once the
+    consumer asks for the next layer, the layer is finished through its stream (the next
+    inputs), dropped, and ``after(i, next_inputs)`` called (``None`` after ``last``)."""
+    cfg = loader.cfg
+    shapes = loader.shapes()
+    try:
+        for i in range(start, last + 1):
+            lflat = loader.layer(i)
+            gflat = loader.globals(loader.embed_modules()) if i == 0 else {}
+            tree = unflatten({**shapes, **gflat, **lflat})
+            with single_layer(i, hidden) as handoff:  # read by the stream's first step
+                hidden = None  # owned by the stream from here
+                stream = stream_layers(cfg, tree, windows, batch_size=batch_size,
+                                       offload_dir=offload, attention=attention)  # fmt: skip
+                layer = next(stream)
+            with contextlib.closing(stream):
+                yield layer
+                del layer
+                if i < last:  # finish the layer: its outputs are the next inputs
+                    for _ in stream:
+                        raise RuntimeError("single_layer yielded a second layer")
+            if i < last:
+                hidden = handoff.outputs
+            del tree, lflat, gflat
+            loader.release([i, GLOBAL])
+            if after is not None:
+                after(i, hidden)
+    finally:
+        if hidden is not None:
+            hidden.close()
+
+
+def _run(loader, fn, windows, method, want, batch_size, impl, work, manifest, offload,
          progress, on_layer, t0) -> AnalysisResult:  # fmt: skip
     cfg = loader.cfg
     last = want[-1]
@@ -210,48 +282,34 @@ def _run(loader, fn, windows, method, want, batch_size, impl, work, manifest, sh
                             f"(remove {work})")  # fmt: skip
         hidden = _load_hidden(work, manifest["hidden"], offload)
     results: dict[int, dict[str, np.ndarray]] = {}
-    bar = tqdm(range(start, last + 1), desc=f"stream {method}", disable=not progress,
+    bar = tqdm(total=last + 1 - start, desc=f"stream {method}", disable=not progress,
                leave=False)  # fmt: skip
-    try:
-        for i in bar:
-            lflat = loader.layer(i)
-            gflat = loader.globals(loader.embed_modules()) if i == 0 else {}
-            tree = unflatten({**shapes, **gflat, **lflat})
-            with single_layer(i, hidden) as handoff:
-                hidden = None  # owned by the stream from here
-                stream = stream_layers(cfg, tree, windows, batch_size=batch_size,
-                                       offload_dir=offload, attention=impl)  # fmt: skip
-                with contextlib.closing(stream):
-                    layer = next(stream)
-                    if i in want:
-                        results[i] = _arrays(fn(layer), method, i)
-                    del layer
-                    if i < last:  # finish the layer: its outputs are the next inputs
-                        for _ in stream:
-                            raise RuntimeError("single_layer yielded a second layer")
-            if i < last:
-                hidden = handoff.outputs
-            del tree, lflat, gflat
-            loader.release([i, GLOBAL])
-            if work is not None:
-                prev = manifest.get("hidden")
-                if i in want:
-                    fname = f"result-{i:05d}.npz"
-                    _save_result(work / fname, results[i])
-                    manifest["results"][str(i)] = fname
-                manifest["hidden"] = (
-                    _save_hidden(work / f"inputs-{i + 1:05d}.bin", hidden) if i < last else None
-                )
-                manifest["done"].append(i)
-                write_json(work / MANIFEST, manifest, arg="work_dir")  # commits layer i
-                if prev is not None:
-                    (work / prev["file"]).unlink(missing_ok=True)
-            bar.set_postfix(layer=i)
-            if on_layer is not None:
-                on_layer(i)
-    finally:
-        if hidden is not None:
-            hidden.close()
+
+    def after(i: int, next_inputs: Any) -> None:
+        if work is not None:
+            prev = manifest.get("hidden")
+            if i in want:
+                fname = f"result-{i:05d}.npz"
+                _save_result(work / fname, results[i])
+                manifest["results"][str(i)] = fname
+            manifest["hidden"] = (
+                None if next_inputs is None
+                else _save_hidden(work / f"inputs-{i + 1:05d}.bin", next_inputs)
+            )  # fmt: skip
+            manifest["done"].append(i)
+            write_json(work / MANIFEST, manifest, arg="work_dir")  # commits layer i
+            if prev is not None:
+                (work / prev["file"]).unlink(missing_ok=True)
+        bar.update()
+        if on_layer is not None:
+            on_layer(i)
+
+    walk = _walk(loader, windows, start, last, hidden, batch_size=batch_size, offload=offload,
+                 attention=impl, after=after)  # fmt: skip
+    with contextlib.closing(walk), bar:
+        for layer in walk:
+            if layer.index in want:
+                results[layer.index] = _arrays(fn(layer), method, layer.index)
     for i in want:
         if i not in results:  # finished by an earlier process
             results[i] = _load_result(work / manifest["results"][str(i)])
