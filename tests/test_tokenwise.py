@@ -147,6 +147,23 @@ def test_cache_layouts_read_back_equal_with_metadata(llama, caches):
     assert names == [f"lm_{i}.safetensors" for i in range(4)]
 
 
+def test_streamed_save_xy_equals_in_memory(llama, caches, llama_dir, tmp_path):
+    from jcompress.streaming import GLOBAL, LayerLoader
+
+    _, _, windows = llama
+    loader = LayerLoader(llama_dir)
+    config = tw.SaveXYConfig(**SMALL, save_dtype="fp32", layout="per_layer")
+    out = tw.stream_save_xy(loader, windows, tmp_path, "lm", config=config, progress=False,
+                            offload_dir=tmp_path)  # fmt: skip
+    got, want = tw.XYCache(out), tw.XYCache(caches[1])
+    assert got.meta == want.meta and sorted(got.keys()) == sorted(want.keys())
+    for k in want.keys():
+        np.testing.assert_allclose(got.get(k), want.get(k), rtol=1e-5, atol=1e-6, err_msg=k)
+    # weights held: one layer (+ the embedding table while the windows were embedded)
+    assert loader.peak_bytes <= loader.group_bytes[0] + loader.group_bytes[GLOBAL]
+    assert loader.resident_bytes == 0
+
+
 def test_cached_xy_equal_torch_hooks(llama, caches, llama_dir):
     """Independent oracle: transformers' own module names and forward hooks."""
     torch = pytest.importorskip("torch")

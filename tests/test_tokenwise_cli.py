@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from jcompress.cli import main
@@ -28,6 +29,20 @@ def test_end_to_end_opt(capsys, tmp_path, opt_dir):
     assert sorted(p.name for p in (xy / "opt").glob("*.safetensors")) == [
         f"opt_{i}.safetensors" for i in range(4)
     ]
+    # --stream: the same cache from layers read one at a time
+    code, out, err = run(
+        capsys, "tokenwise", "save_xy", "--model_dir", str(opt_dir), "--save_path", str(xy),
+        "--label", "opt_s", "--cn", "2", "--eu", "2", "--length", "16", "--layout", "per_layer",
+        "--stream", "--offload_dir", str(tmp_path),
+    )  # fmt: skip
+    assert code == 0, err
+    assert "weights held at once" in out
+    from jcompress.quant.tokenwise import XYCache
+
+    a, b = XYCache(xy / "opt"), XYCache(xy / "opt_s")
+    assert sorted(a.keys()) == sorted(b.keys())
+    for k in a.keys():
+        np.testing.assert_allclose(b.get(k), a.get(k), rtol=1e-5, atol=1e-5, err_msg=k)
     res_path = tmp_path / "r.json"
     code, out, err = run(
         capsys, "tokenwise", "eval_fake", "--model_dir", str(opt_dir), "--xy_path",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from jcompress.cli.common import (
     add_mesh_flag,
@@ -41,6 +42,16 @@ def add_parser(sub) -> None:
     _torch_dtype(s)
     s.add_argument("--overwrite", action="store_true", help="replace an earlier cache")
     add_mesh_flag(s)
+    s.add_argument(
+        "--stream",
+        action="store_true",
+        help="read the checkpoint one decoder layer at a time from its safetensors "
+        "shards (weights held: one layer; with --layout per_layer each layer's file "
+        "is written before the next is read); the same cache, not resumable",
+    )
+    s.add_argument("--offload_dir", "--offload-dir", default=None, metavar="DIR",
+                   help="with --stream: keep the windows' hidden states in a temporary file "
+                   "here")  # fmt: skip
     s.set_defaults(func=run_save_xy, _save_fields=config_flags(s, SaveXYConfig, {
         "save_dtype": {"choices": ["fp16", "bf16", "fp32"], "metavar": None},
         "layout": {"choices": ["single", "per_layer"], "metavar": None},
@@ -99,7 +110,6 @@ def _torch_dtype(p: argparse.ArgumentParser) -> None:
 
 
 def _model_dir(path, arg: str):
-    from pathlib import Path
 
     d = Path(path)
     if not (d / "config.json").is_file():
@@ -115,6 +125,13 @@ def run_save_xy(args) -> int:
 
     config = config_from_args(SaveXYConfig, args, args._save_fields)
     d = _model_dir(args.model_dir, "--model_dir")
+    if args.stream and args.mesh:
+        raise UserError("--mesh: not with --stream (a streamed save_xy runs on one device)")
+    if args.offload_dir is not None:
+        if not args.stream:
+            raise UserError("--offload_dir: only with --stream")
+        if not Path(args.offload_dir).is_dir():
+            raise UserError(f"--offload_dir: {args.offload_dir} is not a directory")
     mesh_from_args(args, read_config(d))  # --mesh: the capture stream runs sharded
     dest = output_path(args.save_path, args.label, config.layout)
     inputs = {"--model_dir": d}
@@ -126,6 +143,17 @@ def run_save_xy(args) -> int:
         if not path.is_file():
             raise UserError(f"{arg}: {path} is not a file")
     tok = load_tokenizer_for(d, "--model_dir")
+    if args.stream:
+        from jcompress.quant.tokenwise import stream_save_xy
+        from jcompress.streaming import LayerLoader
+
+        loader = LayerLoader(d, dtype=TORCH_DTYPES[args.torch_dtype])
+        windows = representative_windows(tok, config)
+        out = stream_save_xy(loader, windows, args.save_path, args.label, config=config,
+                             overwrite=args.overwrite, offload_dir=args.offload_dir)  # fmt: skip
+        print(f"weights held at once: {loader.peak_bytes / 2**20:.1f} MiB (streamed)")
+        print(out)
+        return 0
     cfg, params = load_hf(d, dtype=TORCH_DTYPES[args.torch_dtype], progress=True)
     windows = representative_windows(tok, config)
     out = save_xy(cfg, params, windows, args.save_path, args.label, config=config,
@@ -189,7 +217,6 @@ def run_eval(args) -> int:
 
 
 def run_rank(args) -> int:
-    from pathlib import Path
 
     from jcompress.outputs import check_output_dir
     from jcompress.quant.tokenwise import load_result, write_rankings

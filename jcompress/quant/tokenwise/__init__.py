@@ -35,6 +35,7 @@ from jcompress.quant.tokenwise.xy import (
     default_texts,
     representative_windows,
     save_xy,
+    stream_save_xy,
 )
 
 __all__ = [
@@ -57,6 +58,7 @@ __all__ = [
     "ranking2",
     "representative_windows",
     "save_xy",
+    "stream_save_xy",
     "targets",
     "tokenwise_metrics",
     "tokenwise_metrics_quantized",

@@ -50,6 +50,7 @@ __all__ = [
     "default_texts",
     "representative_windows",
     "save_xy",
+    "stream_save_xy",
 ]
 
 SAVE_DTYPES = {"fp16": np.float16, "bf16": ml_dtypes.bfloat16, "fp32": np.float32}
@@ -220,7 +221,47 @@ def save_xy(
     Returns:
       The written file (``single``) or directory (``per_layer``).
     """
-    from jcompress.atomic import atomic_dir, on_writer
+    dest = _check_dest(save_path, label, config, overwrite)
+    stream = stream_layers(cfg, params, windows, batch_size=config.batch_size)
+    return _save(cfg, stream, dest, label, config, overwrite, progress)
+
+
+def stream_save_xy(
+    model: Any,
+    windows: np.ndarray,
+    save_path: str | os.PathLike,
+    label: str,
+    *,
+    config: SaveXYConfig = SaveXYConfig(),
+    overwrite: bool = False,
+    progress: bool = True,
+    dtype: Any = None,
+    offload_dir: str | os.PathLike | None = None,
+) -> Path:
+    """:func:`save_xy` reading the checkpoint one decoder layer at a time
+    (:func:`jcompress.streaming.stream_layers_from`: the weights held are one layer, plus the
+    embedding table while the windows are embedded). The same files as :func:`save_xy`; with
+    ``layout="per_layer"`` each layer's file is written before the next layer is read, so
+    host memory is one layer plus its X / Y (``single`` holds every X / Y until the one file
+    is written, as in memory). Not resumable.
+
+    Args:
+      model: checkpoint directory (safetensors) or a
+        :class:`~jcompress.streaming.LayerLoader` (its account shows what was held).
+      windows, save_path, label, config, overwrite, progress: as for :func:`save_xy`.
+      dtype: load dtype (as :func:`jcompress.load_hf`); ignored when ``model`` is a loader.
+      offload_dir: keep the windows' hidden states in a temporary file in this directory.
+    """
+    from jcompress.streaming import LayerLoader, stream_layers_from
+
+    dest = _check_dest(save_path, label, config, overwrite)
+    loader = model if isinstance(model, LayerLoader) else LayerLoader(model, dtype=dtype)
+    stream = stream_layers_from(loader, windows, batch_size=config.batch_size,
+                                offload_dir=offload_dir)  # fmt: skip
+    return _save(loader.cfg, stream, dest, label, config, overwrite, progress)
+
+
+def _check_dest(save_path, label: str, config: SaveXYConfig, overwrite: bool) -> Path:
     from jcompress.outputs import check_output_dir, check_output_file
 
     dest = output_path(save_path, label, config.layout)
@@ -228,9 +269,16 @@ def save_xy(
         check_output_file(dest, overwrite=overwrite, arg="--save_path/--label")
     else:
         check_output_dir(dest, overwrite=overwrite, arg="--save_path/--label")
+    return dest
+
+
+def _save(cfg, stream, dest: Path, label: str, config: SaveXYConfig, overwrite: bool,
+          progress: bool) -> Path:  # fmt: skip
+    """Collect every layer of ``stream`` (StreamLayers) and write the cache at ``dest``."""
+    from jcompress.atomic import atomic_dir, on_writer
+
     np_dtype = SAVE_DTYPES[config.save_dtype]
     meta = _metadata(cfg, config)
-    stream = stream_layers(cfg, params, windows, batch_size=config.batch_size)
     bar = tqdm(total=cfg.num_layers, desc="save_xy", disable=not progress, unit="layer")
     if config.layout == "per_layer":
         with atomic_dir(dest, overwrite=overwrite, arg="--save_path/--label") as tmp:
