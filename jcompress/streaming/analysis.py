@@ -262,9 +262,10 @@ def _walk(loader, windows, start, last, hidden, *, batch_size, offload, attentio
             loader.release([i, GLOBAL])
             if after is not None:
                 after(i, hidden)
-    finally:
+    finally:  # also when the consumer stops early: nothing stays held or on disk
         if hidden is not None:
             hidden.close()
+        loader.release([GLOBAL, *range(start, last + 1)])
 
 
 def _run(loader, fn, windows, method, want, batch_size, impl, work, manifest, offload,
