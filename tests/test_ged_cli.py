@@ -102,6 +102,9 @@ def test_cli_opt_end_to_end(capsys, tmp_path, opt_dir):
         (["--model", "{tmp}"], "--model: {tmp} is not a model directory"),
         (["--out", "{tmp}/foreign", "--overwrite"], "was not written by jcompress"),
         (["--out", "{tmp}/unmarked.txt"], "already exists and is a file"),
+        (["--resume"], "--resume: only with --stream"),
+        (["--stream", "--offload_dir", "{tmp}/nodir"], "--offload_dir: {tmp}/nodir is not a dir"),
+        (["--stream", "--work_dir", "{tmp}/foreign"], "foreign exists and holds no manifest"),
     ],
 )
 def test_bad_input_one_line_before_weights(capsys, tmp_path, monkeypatch, extra, needle):
