@@ -112,14 +112,18 @@ class Activations:
 
     With a file (``offload_dir``), only the batch being used is in memory: ``put`` writes it
     out, ``get`` reads it back (plain reads, no memory map, so nothing accumulates in the
-    process). Every batch must have the same shape and dtype.
+    process). Every batch must have the same shape and dtype. In a multi-host run each
+    process writes only its own block of a batch (:func:`jcompress.sharding.to_host_local`:
+    its rows of the ``data`` axis) and ``get`` assembles the global array again.
     """
 
     def __init__(self, n: int, offload_dir: str | None = None):
         self.n = n
         self.items: list[Any] = [None] * n
         self.file = None if offload_dir is None else tempfile.TemporaryFile(dir=offload_dir)
-        self.meta: tuple[tuple[int, ...], np.dtype] | None = None
+        # (global shape, this process's block shape, dtype)
+        self.meta: tuple[tuple[int, ...], tuple[int, ...], np.dtype] | None = None
+        self._back: Any = None  # block -> global array, for a batch spanning processes
 
     def __len__(self) -> int:
         return self.n
@@ -128,17 +132,19 @@ class Activations:
         if self.file is None:
             self.items[b] = x
             return
-        arr = np.ascontiguousarray(np.asarray(x))
-        self.meta = (arr.shape, arr.dtype)
+        block, self._back = sharding.to_host_local(x)
+        arr = np.ascontiguousarray(block)
+        self.meta = (tuple(np.shape(x)), arr.shape, arr.dtype)
         os.pwrite(self.file.fileno(), memoryview(arr.reshape(-1).view(np.uint8)), b * arr.nbytes)
 
     def get(self, b: int) -> jax.Array:
         if self.file is None:
             return self.items[b]
-        shape, dt = self.meta
+        _, shape, dt = self.meta
         nbytes = math.prod(shape) * dt.itemsize
         raw = os.pread(self.file.fileno(), nbytes, b * nbytes)
-        return sharding.place_batch(np.frombuffer(raw, dt).reshape(shape))
+        block = np.frombuffer(raw, dt).reshape(shape)
+        return sharding.place_batch(block) if self._back is None else self._back(block)
 
     def __iter__(self) -> Iterator[jax.Array]:
         return (self.get(b) for b in range(self.n))
@@ -147,7 +153,7 @@ class Activations:
     def batch_shape(self) -> tuple[int, ...] | None:
         """Shape of one batch (``None`` while empty)."""
         if self.file is not None:
-            return None if self.meta is None else tuple(self.meta[0])
+            return None if self.meta is None else self.meta[0]
         return None if self.items[0] is None else tuple(self.items[0].shape)
 
     def close(self) -> None:
