@@ -74,6 +74,7 @@ __all__ = [
     "activate",
     "check_mesh",
     "current_mesh",
+    "data_size",
     "initialize_distributed",
     "make_mesh",
     "param_rules",
@@ -199,6 +200,13 @@ def activate(mesh: Mesh | None) -> None:
 
 def _axis_size(mesh: Mesh, axis: str) -> int:
     return int(mesh.shape[axis]) if axis in mesh.shape else 1
+
+
+def data_size(mesh: Mesh | None = None) -> int:
+    """How many ways a batch splits: the ``data`` size of ``mesh`` (default:
+    :func:`current_mesh`), 1 without a mesh."""
+    mesh = current_mesh() if mesh is None else mesh
+    return 1 if mesh is None else _axis_size(mesh, "data")
 
 
 # --------------------------------------------------------------------------- param rules

@@ -347,16 +347,23 @@ def eigen_cli(run, model_dir: str, text, tmp) -> dict:
 
 
 def tokenwise_cli(run, model_dir: str, tmp) -> dict:
-    """``jcompress tokenwise save_xy --mesh data=4,model=2`` (4 windows; its captures equal
-    one device's in :func:`method_checks`), then ``eval_fake`` on that cache on one device and
-    with ``--mesh data=8`` (chunks of 20 tokens rounded up to 24): the same metrics."""
+    """``jcompress tokenwise save_xy --mesh data=8`` of 4 windows (fewer than the data axis:
+    one batch padded to 8 rows) against the same on one device: the same captures; then
+    ``eval_fake`` on that cache on one device and with ``--mesh data=8`` (chunks of 20 tokens
+    rounded up to 24): the same metrics."""
+    from safetensors.numpy import load_file
+
     from jcompress.quant.tokenwise import METRIC_KEYS
 
-    small = ["--cn", "2", "--eu", "2", "--length", "16", "--save_dtype", "fp32"]
+    small = ["--cn", "2", "--eu", "2", "--length", "16", "--save_dtype", "fp32", "--batch_size",
+             "8"]  # fmt: skip
     rcs, results = [], []
-    save = ["tokenwise", "save_xy", "--model_dir", model_dir, "--save_path", str(tmp)]
-    rc1, _ = run([*save, "--label", "xy", *small, "--batch_size", "4", "--mesh", "data=4,model=2"])
-    rcs.append(rc1)
+    save = ["tokenwise", "save_xy", "--model_dir", model_dir, "--save_path", str(tmp), *small]
+    rc1, _ = run([*save, "--label", "xy", "--mesh", "data=8"])
+    rc0, _ = run([*save, "--label", "xy1"])
+    rcs += [rc1, rc0]
+    xy = [load_file(str(tmp / f"{n}.safetensors")) if r == 0 else {}
+          for n, r in (("xy1", rc0), ("xy", rc1))]  # fmt: skip
     for name, mesh in (("one", []), ("mesh", ["--mesh", "data=8"])):
         out = tmp / f"tw-{name}.json"
         rc2, _ = run(["tokenwise", "eval_fake", "--model_dir", model_dir, "--xy_path",
@@ -380,6 +387,9 @@ def tokenwise_cli(run, model_dir: str, tmp) -> dict:
     m1, m2 = metrics(results[0], []), metrics(results[1], [])
     return {
         "rc": rcs,
+        "save_keys_equal": sorted(xy[0]) == sorted(xy[1]) and len(xy[0]) > 0,
+        "save_rel_diff": max((rel_diff(xy[1][k], xy[0][k]) for k in xy[0] if k in xy[1]),
+                             default=None),  # fmt: skip
         "n_metrics": [len(m1), len(m2)],
         "rel_diff": max(
             (abs(a - b) / max(abs(a), 1e-12) for a, b in zip(m1, m2, strict=False)), default=None

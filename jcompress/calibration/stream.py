@@ -89,14 +89,18 @@ class Batch(NamedTuple):
     start: int
 
 
-def batches(windows: np.ndarray, batch_size: int) -> list[Batch]:
+def batches(windows: np.ndarray, batch_size: int, *, multiple: int = 1) -> list[Batch]:
     """Cut ``windows [n, T]`` into batches of ``min(batch_size, n)`` rows, the last padded by
-    repeats of its last window so that every batch has the same shape (one compilation)."""
+    repeats of its last window so that every batch has the same shape (one compilation).
+
+    ``multiple``: fewer windows than ``batch_size`` still make a batch of a multiple of this
+    many rows (padded alike, at most ``batch_size``): the ``data`` size of a mesh, so that a
+    small calibration set still splits over it (the padding rows are past ``real``)."""
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise UserError(f"batch_size: must be a positive integer, got {batch_size!r}")
     windows = np.asarray(windows)
     n = windows.shape[0]
-    bs = min(batch_size, n)
+    bs = min(batch_size, -(-n // multiple) * multiple)
     out = []
     for s in range(0, n, max(bs, 1)):
         ids = windows[s : s + bs]
@@ -379,7 +383,7 @@ def stream_layers(
     check_length(cfg, windows.shape[1])
     if offload_dir is not None and not os.path.isdir(offload_dir):
         raise UserError(f"offload_dir: {offload_dir} is not a directory")
-    bl = batches(windows, batch_size)
+    bl = batches(windows, batch_size, multiple=sharding.data_size())
     s = _Stream(cfg, bl, offload_dir, Feed(feed), resolve(attention))
     params = sharding.shard_params(params, cfg, sharding.current_mesh())  # under use_mesh
     handoff = _SINGLE.get()  # set by single_layer(): one layer from given inputs

@@ -154,7 +154,7 @@ def perplexity(
     params = sharding.shard_params(params, cfg, mesh)
     nlls = []
     for b in tqdm(
-        batches(windows, batch_size), desc=f"ppl L={seqlen}", disable=not progress, leave=False
+        batches(windows, batch_size, multiple=sharding.data_size(mesh)), desc=f"ppl L={seqlen}", disable=not progress, leave=False
     ):
         ids_b = sharding.place_batch(b.ids, mesh)
         nll = window_nll(cfg, params, ids_b, attention, attention_state)
