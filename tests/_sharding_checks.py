@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import tempfile
+from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
@@ -388,13 +389,67 @@ def tokenwise_cli(run, model_dir: str, tmp) -> dict:
     return {
         "rc": rcs,
         "save_keys_equal": sorted(xy[0]) == sorted(xy[1]) and len(xy[0]) > 0,
-        "save_rel_diff": max((rel_diff(xy[1][k], xy[0][k]) for k in xy[0] if k in xy[1]),
-                             default=None),  # fmt: skip
+        "save_rel_diff": max(
+            (rel_diff(xy[1][k], xy[0][k]) for k in xy[0] if k in xy[1]), default=None
+        ),
         "n_metrics": [len(m1), len(m2)],
         "rel_diff": max(
             (abs(a - b) / max(abs(a), 1e-12) for a, b in zip(m1, m2, strict=False)), default=None
         ),
     }
+
+
+EIGEN_ARGS = ["--calib_data", str(Path(jcompress.__file__).parent / "assets" /
+                                  "wikitext2_valid_excerpt.txt"),
+              "--nsamples", "4", "--seqlen", "16", "--batch_size", "4", "--avg_dim", "2",
+              "--layers", "model/layers/0", "--max_new_tokens", "4"]  # fmt: skip
+"""``jcompress eigen`` flags of the two-process run (the test repeats it on one device)."""
+
+
+def exchange_timeouts(sync: Path) -> list[str | None]:
+    """A process that gives up waiting at an exchange (``JCOMPRESS_MULTIHOST_TIMEOUT`` of
+    half a second) and the one it waited for get the same one-line error, both ways: the
+    others wait for process 0's ``on_writer`` work, then process 0 for process 1 at
+    ``agree``. The late side goes on only once the other has given up (a file in ``sync``),
+    so the order is certain; afterwards the exchanges are still in step."""
+    import time
+
+    from jcompress import atomic
+
+    me = jax.process_index()
+    sync.mkdir(exist_ok=True)
+
+    def wait_for(name):
+        deadline = time.monotonic() + 120
+        while not (sync / name).exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(name)
+            time.sleep(0.02)
+
+    def late_writer():
+        wait_for("gave-up-0")
+        return "written"
+
+    got: list[str | None] = []
+    os.environ[atomic.TIMEOUT_VAR] = "0.5"
+    try:
+        for step in range(2):
+            try:
+                if step == 0:
+                    atomic.on_writer(late_writer)
+                else:
+                    if me == 1:
+                        wait_for("gave-up-1")
+                    atomic.agree("same", arg="x")
+                got.append(None)
+            except atomic.ExchangeTimeout as e:
+                got.append(str(e))
+                if me != step:  # the side that waited: let the late one go on
+                    (sync / f"gave-up-{step}").touch()
+    finally:
+        del os.environ[atomic.TIMEOUT_VAR]
+    got.append(atomic.agree(7, arg="y"))  # the next exchange works
+    return got
 
 
 QUANT_ARGS = ["--rule", r".*mlp/.*=nvfp4", "--seqlen", "32", "--max_windows", "4",
@@ -408,9 +463,11 @@ def multihost(model_dir: str, out_dir: str, ckpt: str) -> dict:
     ``jcompress quant apply`` with ``--mesh data=2,model=4`` over the 8 devices of both
     processes (the CLI starts the distributed runtime itself), both processes naming the same
     outputs (only process 0 may write them: a second writer would fail, they exist already),
-    then a sharded forward gathered back, against this process's own single-device runs.
-    First of all ``jcompress convert`` (no ``--mesh``: it must start the runtime itself) of
-    the one-process checkpoint ``ckpt`` to HF, and of the model to a checkpoint."""
+    then a sharded forward gathered back, against this process's own single-device runs;
+    ``jcompress eigen`` (offloaded activations) over both; what ``ppl`` printed here (process
+    0 alone prints); :func:`exchange_timeouts`. First of all ``jcompress convert`` (no
+    ``--mesh``: it must start the runtime itself) of the one-process checkpoint ``ckpt`` to
+    HF, and of the model to a checkpoint."""
     from pathlib import Path
 
     from jcompress import atomic
@@ -424,9 +481,18 @@ def multihost(model_dir: str, out_dir: str, ckpt: str) -> dict:
         cli(["convert", model_dir, str(Path(out_dir) / "convert_ckpt"), "--to", "orbax"]),
     ]
     out = Path(out_dir) / "ppl.json"
-    rc = cli(["ppl", "--model", model_dir, "--data", str(text), "--seqlen", "32",
-              "--max-windows", "8", "--batch-size", "4", "--json", str(out),
-              "--mesh", "data=2,model=4"])  # fmt: skip
+    # only process 0 prints (report and progress); the other, nothing
+    ppl_out, ppl_err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(ppl_out), contextlib.redirect_stderr(ppl_err):
+        rc = cli(["ppl", "--model", model_dir, "--data", str(text), "--seqlen", "32",
+                  "--max-windows", "8", "--batch-size", "4", "--json", str(out),
+                  "--mesh", "data=2,model=4"])  # fmt: skip
+    # a calibrated method over both processes, its activations offloaded (each process
+    # keeps its own rows): the test compares the report with a one-process run's
+    with tempfile.TemporaryDirectory() as offload:
+        rc_eigen = cli(["eigen", "--model", model_dir, *EIGEN_ARGS, "--offload_dir", offload,
+                        "--mesh", "data=2,model=4", "--json",
+                        str(Path(out_dir) / "eigen.json")])  # fmt: skip
     rc_quant = cli(["quant", "apply", "--model", model_dir, *QUANT_ARGS, "--mesh",
                     "data=2,model=4", "--out", str(Path(out_dir) / "quant"), "--json",
                     str(Path(out_dir) / "quant.json")])  # fmt: skip
@@ -445,8 +511,12 @@ def multihost(model_dir: str, out_dir: str, ckpt: str) -> dict:
             code = cli(["ppl", "--model", model_dir, "--data", str(text), *extra,
                         "--mesh", "data=2,model=4"])  # fmt: skip
         errors.append([code, err.getvalue().strip().splitlines()[-1:]])
+    timeouts = exchange_timeouts(Path(f"{out_dir}-sync"))
     res = {
         "rc": rc,
+        "rc_eigen": rc_eigen,
+        "printed": [ppl_out.getvalue(), ppl_err.getvalue()],
+        "timeouts": timeouts,
         "errors": errors,
         "rc_convert": rc_convert,
         "rc_quant": rc_quant,

@@ -477,7 +477,7 @@ def _free_port() -> int:
 
 
 # what the two processes write into their output directory, and nothing else
-OUTPUTS = ["convert_ckpt", "convert_hf", "ppl.json", "quant", "quant.json", "stream"]
+OUTPUTS = ["convert_ckpt", "convert_hf", "eigen.json", "ppl.json", "quant", "quant.json", "stream"]
 
 
 def test_two_processes(llama_dir, tmp_path):
@@ -531,6 +531,12 @@ def test_two_processes(llama_dir, tmp_path):
         # both named the same outputs: a second writer would have failed (they existed), and
         # each process returned only once process 0 had placed them
         assert r["rc_quant"] == 0 and r["rc_stream"] == 0 and r["rc_convert"] == [0, 0]
+        assert r["rc_eigen"] == 0
+        # a process that gave up waiting and the one it waited for: the same one line, both
+        # ways (process 1 for process 0's on_writer, process 0 for process 1's agree)
+        waited = "process {} of this multi-host run waited 0.5 s for process {} and gave up " \
+                 "(set JCOMPRESS_MULTIHOST_TIMEOUT to wait longer)"  # fmt: skip
+        assert r["timeouts"] == [waited.format(1, 0), waited.format(0, 1), 7]
         assert r["sees_outputs"] == OUTPUTS
         exists, differ = r["errors"]
         assert exists == [2, [f"jcompress: error: --json: {tmp_path / 'ppl.json'} already exists "
@@ -540,6 +546,10 @@ def test_two_processes(llama_dir, tmp_path):
         )
     assert [r["writer"] for r in outs] == [True, False]
     assert [r["stream_printed"] for r in outs] == [True, False]  # streamed by process 0 only
+    # ppl's report and progress bar on process 0's terminal only; process 1 prints nothing
+    (out0, err0), (out1, err1) = (r["printed"] for r in outs)
+    assert "| perplexity |" in out0 and "ppl L=32" in err0
+    assert (out1, err1) == ("", "")
     # nothing else: no second writer's conflict copy, no temporaries, the work dir removed
     assert sorted(p.name for p in tmp_path.iterdir()) == OUTPUTS
     assert (tmp_path / "stream" / "model.safetensors.index.json").is_file()
@@ -564,9 +574,21 @@ def test_two_processes(llama_dir, tmp_path):
     # mesh; the perplexity in the report does only to float rounding)
     sys.path.insert(0, str(HERE))
     try:
-        from _sharding_checks import QUANT_ARGS
+        from _sharding_checks import EIGEN_ARGS, QUANT_ARGS
     finally:
         sys.path.remove(str(HERE))
+
+    # eigen over both processes (activations offloaded, each process its own rows) == one
+    # process: the same ranks per head, layer error and sample after compression
+    assert main(["eigen", "--model", str(llama_dir), *EIGEN_ARGS, "--json",
+                 str(one / "eigen.json")]) == 0  # fmt: skip
+    e1, e2 = (json.loads((d / "eigen.json").read_text()) for d in (one, tmp_path))
+    for a, b in zip(e1["layers"], e2["layers"], strict=True):
+        for k in ("path", "rank_kq", "rank_v", "head_ranks_kq", "head_ranks_v", "threshold"):
+            assert a[k] == b[k], k
+        assert b["error"] == pytest.approx(a["error"], rel=1e-4)
+    assert len(e1["layers"]) == 1 and e1["layers"][0]["compressed"]
+    assert e2["extra"]["sample_after"] == e1["extra"]["sample_after"]
     ref = one / "quant"
     assert main(["quant", "apply", "--model", str(llama_dir), *QUANT_ARGS, "--out", str(ref)]) == 0
     got = tmp_path / "quant"

@@ -300,7 +300,8 @@ def _project(
     BLAS), then cast to the kernel's dtype: no compilation per rank or shape."""
     heads, d, _ = u.shape
     ur = np.asarray(u, np.float64)[:, :, :r]  # [heads, D, r]
-    w = np.asarray(to_host(kernel), np.float64).reshape(kernel.shape[0], heads, d).transpose(1, 0, 2)
+    w = np.asarray(to_host(kernel), np.float64)  # whole on every process (multi-host)
+    w = w.reshape(kernel.shape[0], heads, d).transpose(1, 0, 2)
     a = np.matmul(w, ur).transpose(1, 0, 2).reshape(kernel.shape[0], heads * r)
     leaf = HeadLowRank(_as_dtype(a, kernel), _as_dtype(ur.transpose(0, 2, 1), kernel), basis=basis)
     if bias is None:
