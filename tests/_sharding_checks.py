@@ -299,7 +299,7 @@ def cli_checks(model_dir: str, cfg, params) -> dict:
         rc3, _ = run([*argv, "--mesh", "data=2,model=4"])
         leaked.append(sharding.current_mesh() is not None)
         got = json.loads(out.read_text()) if out.exists() else {}
-        eigen = eigen_cli(run, model_dir, text, Path(tmp))
+        eigen = eigen_cli(run, model_dir, Path(tmp))
         leaked.append(sharding.current_mesh() is not None)
         tokenwise = tokenwise_cli(run, model_dir, Path(tmp))
         leaked.append(sharding.current_mesh() is not None)
@@ -320,15 +320,20 @@ def cli_checks(model_dir: str, cfg, params) -> dict:
     }
 
 
-def eigen_cli(run, model_dir: str, text, tmp) -> dict:
+EIGEN_ARGS = ["--calib_data", str(Path(jcompress.__file__).parent / "assets" /
+                                  "wikitext2_valid_excerpt.txt"),
+              "--nsamples", "8", "--seqlen", "16", "--batch_size", "4", "--avg_dim", "2",
+              "--layers", "model/layers/0", "--max_new_tokens", "4"]  # fmt: skip
+"""``jcompress eigen`` flags of :func:`eigen_cli` and of the two-process run (whose test
+compares its report with :func:`eigen_cli`'s one-device run)."""
+
+
+def eigen_cli(run, model_dir: str, tmp) -> dict:
     """``jcompress eigen`` on one device and with ``--mesh data=2,model=4``: the reports
     (ranks, layer errors, the greedy sample after compression; the same calibration shapes as
     the library run above, so most programs are compiled already; no perplexity rows: ``ppl
     --mesh`` is checked on its own)."""
-    valid = text.with_name("wikitext2_valid_excerpt.txt")
-    argv = ["eigen", "--model", model_dir, "--calib_data", str(valid),
-            "--nsamples", "8", "--seqlen", "16", "--batch_size", "4", "--avg_dim", "2",
-            "--layers", "model/layers/0", "--max_new_tokens", "4"]  # fmt: skip
+    argv = ["eigen", "--model", model_dir, *EIGEN_ARGS]
     reps, rcs = [], []
     for name, extra in (("one", []), ("mesh", ["--mesh", "data=2,model=4"])):
         rc, _ = run([*argv, *extra, "--json", str(tmp / f"eigen-{name}.json")])
@@ -340,6 +345,7 @@ def eigen_cli(run, model_dir: str, text, tmp) -> dict:
     extra = [rep.get("extra", {}) for rep in reps]
     return {
         "rc": rcs,
+        "one": reps[0],  # the two-process run's reference (the same EIGEN_ARGS)
         "ranks": ranks,
         "errors": [[r.get("error") for r in rep.get("layers", [])] for rep in reps],
         "samples_same": len(extra[0].get("sample_after") or "") > 0
@@ -397,13 +403,6 @@ def tokenwise_cli(run, model_dir: str, tmp) -> dict:
             (abs(a - b) / max(abs(a), 1e-12) for a, b in zip(m1, m2, strict=False)), default=None
         ),
     }
-
-
-EIGEN_ARGS = ["--calib_data", str(Path(jcompress.__file__).parent / "assets" /
-                                  "wikitext2_valid_excerpt.txt"),
-              "--nsamples", "4", "--seqlen", "16", "--batch_size", "4", "--avg_dim", "2",
-              "--layers", "model/layers/0", "--max_new_tokens", "4"]  # fmt: skip
-"""``jcompress eigen`` flags of the two-process run (the test repeats it on one device)."""
 
 
 def exchange_timeouts(sync: Path) -> list[str | None]:

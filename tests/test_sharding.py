@@ -480,9 +480,10 @@ def _free_port() -> int:
 OUTPUTS = ["convert_ckpt", "convert_hf", "eigen.json", "ppl.json", "quant", "quant.json", "stream"]
 
 
-def test_two_processes(llama_dir, tmp_path):
+def test_two_processes(llama_dir, tmp_path, checks):
     """Multi-host on one machine: two processes of 4 host devices each (CPU collectives over
-    gloo), started through the environment variables a cluster launcher sets."""
+    gloo), started through the environment variables a cluster launcher sets. (``checks``:
+    its one-device ``jcompress eigen`` run is the reference of the two processes' one.)"""
     env = dict(os.environ)
     env.update(
         XLA_FLAGS=(
@@ -574,15 +575,15 @@ def test_two_processes(llama_dir, tmp_path):
     # mesh; the perplexity in the report does only to float rounding)
     sys.path.insert(0, str(HERE))
     try:
-        from _sharding_checks import EIGEN_ARGS, QUANT_ARGS
+        from _sharding_checks import QUANT_ARGS
     finally:
         sys.path.remove(str(HERE))
 
     # eigen over both processes (activations offloaded, each process its own rows) == one
-    # process: the same ranks per head, layer error and sample after compression
-    assert main(["eigen", "--model", str(llama_dir), *EIGEN_ARGS, "--json",
-                 str(one / "eigen.json")]) == 0  # fmt: skip
-    e1, e2 = (json.loads((d / "eigen.json").read_text()) for d in (one, tmp_path))
+    # process (the 8-device subprocess's one-device run of the same EIGEN_ARGS): the same
+    # ranks per head, layer error and sample after compression
+    e1 = checks["cli"]["eigen"]["one"]
+    e2 = json.loads((tmp_path / "eigen.json").read_text())
     for a, b in zip(e1["layers"], e2["layers"], strict=True):
         for k in ("path", "rank_kq", "rank_v", "head_ranks_kq", "head_ranks_v", "threshold"):
             assert a[k] == b[k], k
