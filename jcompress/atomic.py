@@ -491,7 +491,9 @@ def on_writer(
     Every process returns once process 0 has finished (an exchange): process 0 with
     ``fn``'s result, the others with ``None``; an error of ``fn`` is raised on every
     process (a :class:`UserError` with the same one line). Every process must name the
-    same ``path`` (:func:`agree`, errors naming ``arg``).
+    same ``path`` (:func:`agree`, errors naming ``arg``). Should another process give up
+    waiting (:class:`ExchangeTimeout`), process 0 raises that error once ``fn`` is done,
+    adding that it finished (whatever ``fn`` wrote stays).
     """
     if _local(path):
         return fn()
@@ -506,7 +508,13 @@ def on_writer(
             err = e
         finally:
             _SOLO.reset(token)
-    _settle(err)
+    try:
+        _settle(err)
+    except ExchangeTimeout as e:  # another process gave up while process 0 worked
+        if err is None and is_writer():  # say what is done (e.g. an output written)
+            done = "" if path is None else f" ({path} is complete)"
+            raise ExchangeTimeout(f"{e}; process 0 had finished its work{done}") from None
+        raise
     return result
 
 
