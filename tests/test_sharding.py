@@ -241,6 +241,50 @@ def test_one_process_is_the_writer(tmp_path):
     assert not d.exists()
 
 
+class _LateKV:
+    """A stand-in for the coordination service's key-value store, as process 1 of 2 sees it:
+    process 0's value lands just as process 1's wait runs out (the same value as process 1's,
+    so ``agree`` holds)."""
+
+    def __init__(self):
+        self.store: dict[str, str] = {}
+
+    def key_value_set(self, key, value, allow_overwrite=False):
+        if key in self.store and not allow_overwrite:
+            raise RuntimeError(f"ALREADY_EXISTS: key {key} already exists.")
+        self.store[key] = value
+
+    def blocking_key_value_get(self, key, timeout_in_ms):
+        if key not in self.store:
+            self.store[key] = self.store[key[: key.rindex("/")] + "/1"]  # arrives now
+            raise RuntimeError("DEADLINE_EXCEEDED: timed out")
+        return self.store[key]
+
+    def key_value_try_get(self, key):
+        if key not in self.store:
+            raise RuntimeError("NOT_FOUND")
+        return self.store[key]
+
+
+def test_a_value_arriving_at_the_deadline_is_used(monkeypatch):
+    """The race a timeout has to settle: the waiter's deadline passes just as the value
+    arrives. The value wins (it is used, not overwritten), so there is no error on either
+    side."""
+    from jax._src import distributed
+
+    from jcompress import atomic
+
+    kv = _LateKV()
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    monkeypatch.setattr(distributed.global_state, "client", kv)
+    monkeypatch.setenv(atomic.TIMEOUT_VAR, "0.5")
+    assert atomic.agree({"out": "x"}, arg="--out") == {"out": "x"}
+    ((k0, v0), (k1, v1)) = sorted(kv.store.items())
+    assert k0.endswith("/0") and k1.endswith("/1") and v0 == v1  # process 0's value kept
+
+
 def test_initialize_distributed_needs_a_reason_and_checks_ids(monkeypatch):
     monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
     assert sharding.initialize_distributed() is False  # nothing set, not forced: no-op
