@@ -35,7 +35,10 @@ destination ``NAME`` and renamed into place only when complete (:func:`atomic_di
   checks run on process 0 only (:func:`on_writer`), and every process returns once process 0
   has finished, with its error (the same one line) if it failed. All processes must name the
   same destination (:func:`agree`). Inside process 0's temporary directory, a private
-  directory, or an :func:`on_writer` call, writes are local (no collectives).
+  directory, or an :func:`on_writer` call, writes are local (no collectives). A process
+  that waits longer than ``JCOMPRESS_MULTIHOST_TIMEOUT`` seconds at an exchange gives up with
+  :class:`ExchangeTimeout`, and the process it waited for gets the same error when it
+  arrives (never a silent success on one side).
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ from jcompress.errors import UserError
 
 __all__ = [
     "DestinationExists",
+    "ExchangeTimeout",
     "NoSpaceLeft",
     "OutputBusy",
     "STALE_SECONDS",
@@ -362,32 +366,73 @@ def _timeout_ms() -> int:
     return int(min(secs * 1000, 2**31 - 1))
 
 
+class ExchangeTimeout(UserError):
+    """A process of a multi-host run waited longer than :data:`TIMEOUT_VAR` seconds for
+    another at an exchange; the process it waited for gets the same error when it arrives
+    (the waiter's mark takes that process's place in the key-value store), so no process
+    goes on alone."""
+
+
+# what a process that gave up waiting leaves in place of the late process's value
+_GAVE_UP = "\x00jcompress-gave-up\x00"
+
+
+def _already_exists(e: Exception) -> bool:
+    return "ALREADY_EXISTS" in str(e) or "already exists" in str(e)
+
+
 def _gather(text: str) -> list[str]:
     """Every process's ``text``, in process order (every process must call it at the same
     point). Through the key-value store of JAX's coordination service, not a device
     collective: nothing to compile, and no collective timeout (XLA:CPU's gloo gives up after
-    30 s) while process 0 works alone; waits up to :data:`TIMEOUT_VAR` seconds."""
+    30 s) while process 0 works alone; waits up to :data:`TIMEOUT_VAR` seconds.
+
+    A timeout is symmetric: the waiter writes its own message under the late process's key
+    (a write that fails if the value arrived meanwhile, so exactly one of the two wins) and
+    raises :class:`ExchangeTimeout`; the late process then finds its key taken and raises
+    the same error, and so does any other process that reads that key.
+    """
     import jax
     from jax._src import distributed  # the runtime's client (as orbax's multihost utils)
 
     client = distributed.global_state.client
     me, n = jax.process_index(), jax.process_count()
     key = f"jcompress/exchange/{next(_SEQ)}"
-    client.key_value_set(f"{key}/{me}", text)
+
+    def gave_up(value: str) -> ExchangeTimeout:
+        return ExchangeTimeout(value.removeprefix(_GAVE_UP))
+
+    try:
+        client.key_value_set(f"{key}/{me}", text)  # never overwrites
+    except Exception as e:  # the runtime's own error type
+        if not _already_exists(e):
+            raise
+        raise gave_up(client.key_value_try_get(f"{key}/{me}")) from None
     out = []
     for i in range(n):
         if i == me:
             out.append(text)
             continue
         try:
-            out.append(client.blocking_key_value_get(f"{key}/{i}", _timeout_ms()))
-        except Exception as e:  # the runtime's own error type
+            value = client.blocking_key_value_get(f"{key}/{i}", _timeout_ms())
+        except Exception as e:
             if "DEADLINE_EXCEEDED" not in str(e):
                 raise
-            raise RuntimeError(
-                f"jcompress: process {me} waited {_timeout_ms() / 1000:.0f} s for process {i} "
-                f"(set {TIMEOUT_VAR} to wait longer)"
-            ) from None
+            msg = (
+                f"process {me} of this multi-host run waited {_timeout_ms() / 1000:g} s for "
+                f"process {i} and gave up (set {TIMEOUT_VAR} to wait longer)"
+            )
+            try:
+                client.key_value_set(f"{key}/{i}", _GAVE_UP + msg)
+            except Exception as e2:
+                if not _already_exists(e2):
+                    raise
+                value = client.key_value_try_get(f"{key}/{i}")  # it arrived just now
+            else:
+                raise ExchangeTimeout(msg) from None
+        if value.startswith(_GAVE_UP):  # another process gave up on process i
+            raise gave_up(value)
+        out.append(value)
     return out
 
 
@@ -446,7 +491,9 @@ def on_writer(
     Every process returns once process 0 has finished (an exchange): process 0 with
     ``fn``'s result, the others with ``None``; an error of ``fn`` is raised on every
     process (a :class:`UserError` with the same one line). Every process must name the
-    same ``path`` (:func:`agree`, errors naming ``arg``).
+    same ``path`` (:func:`agree`, errors naming ``arg``). Should another process give up
+    waiting (:class:`ExchangeTimeout`), process 0 raises that error once ``fn`` is done,
+    adding that it finished (whatever ``fn`` wrote stays).
     """
     if _local(path):
         return fn()
@@ -461,7 +508,13 @@ def on_writer(
             err = e
         finally:
             _SOLO.reset(token)
-    _settle(err)
+    try:
+        _settle(err)
+    except ExchangeTimeout as e:  # another process gave up while process 0 worked
+        if err is None and is_writer():  # say what is done (e.g. an output written)
+            done = "" if path is None else f" ({path} is complete)"
+            raise ExchangeTimeout(f"{e}; process 0 had finished its work{done}") from None
+        raise
     return result
 
 

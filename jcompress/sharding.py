@@ -74,6 +74,7 @@ __all__ = [
     "activate",
     "check_mesh",
     "current_mesh",
+    "data_size",
     "initialize_distributed",
     "make_mesh",
     "param_rules",
@@ -85,6 +86,7 @@ __all__ = [
     "shard_batch",
     "shard_params",
     "to_host",
+    "to_host_local",
     "use_mesh",
 ]
 
@@ -198,6 +200,13 @@ def activate(mesh: Mesh | None) -> None:
 
 def _axis_size(mesh: Mesh, axis: str) -> int:
     return int(mesh.shape[axis]) if axis in mesh.shape else 1
+
+
+def data_size(mesh: Mesh | None = None) -> int:
+    """How many ways a batch splits: the ``data`` size of ``mesh`` (default:
+    :func:`current_mesh`), 1 without a mesh."""
+    mesh = current_mesh() if mesh is None else mesh
+    return 1 if mesh is None else _axis_size(mesh, "data")
 
 
 # --------------------------------------------------------------------------- param rules
@@ -465,6 +474,31 @@ def to_host(x: jax.Array) -> np.ndarray:
 
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
+
+
+def to_host_local(x: Any) -> tuple[np.ndarray, Callable[[np.ndarray], jax.Array] | None]:
+    """This process's part of ``x`` on the host, and how to put such a part back.
+
+    For an array that spans other processes' devices (a multi-host run), the part is the
+    process-local block of a :class:`~jax.sharding.NamedSharding` (e.g. its rows of a
+    ``data``-sharded batch: no collective, and each process keeps only its share), and the
+    returned function makes the global array again from that block on every process.
+    Anything else (one process, or a fully addressable array) comes back whole, with
+    ``None`` as the function (the caller places it as it would a fresh host value).
+    """
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return np.asarray(x), None
+    s = x.sharding
+    if not isinstance(s, NamedSharding):
+        return to_host(x), None
+    from jax.experimental import multihost_utils
+
+    local = multihost_utils.global_array_to_host_local_array(x, s.mesh, s.spec)
+
+    def back(block: np.ndarray) -> jax.Array:
+        return multihost_utils.host_local_array_to_global_array(block, s.mesh, s.spec)
+
+    return np.asarray(local), back
 
 
 # --------------------------------------------------------------------------- multi-host

@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import tempfile
+from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
@@ -298,7 +299,7 @@ def cli_checks(model_dir: str, cfg, params) -> dict:
         rc3, _ = run([*argv, "--mesh", "data=2,model=4"])
         leaked.append(sharding.current_mesh() is not None)
         got = json.loads(out.read_text()) if out.exists() else {}
-        eigen = eigen_cli(run, model_dir, text, Path(tmp))
+        eigen = eigen_cli(run, model_dir, Path(tmp))
         leaked.append(sharding.current_mesh() is not None)
         tokenwise = tokenwise_cli(run, model_dir, Path(tmp))
         leaked.append(sharding.current_mesh() is not None)
@@ -319,15 +320,20 @@ def cli_checks(model_dir: str, cfg, params) -> dict:
     }
 
 
-def eigen_cli(run, model_dir: str, text, tmp) -> dict:
+EIGEN_ARGS = ["--calib_data", str(Path(jcompress.__file__).parent / "assets" /
+                                  "wikitext2_valid_excerpt.txt"),
+              "--nsamples", "8", "--seqlen", "16", "--batch_size", "4", "--avg_dim", "2",
+              "--layers", "model/layers/0", "--max_new_tokens", "4"]  # fmt: skip
+"""``jcompress eigen`` flags of :func:`eigen_cli` and of the two-process run (whose test
+compares its report with :func:`eigen_cli`'s one-device run)."""
+
+
+def eigen_cli(run, model_dir: str, tmp) -> dict:
     """``jcompress eigen`` on one device and with ``--mesh data=2,model=4``: the reports
     (ranks, layer errors, the greedy sample after compression; the same calibration shapes as
     the library run above, so most programs are compiled already; no perplexity rows: ``ppl
     --mesh`` is checked on its own)."""
-    valid = text.with_name("wikitext2_valid_excerpt.txt")
-    argv = ["eigen", "--model", model_dir, "--calib_data", str(valid),
-            "--nsamples", "8", "--seqlen", "16", "--batch_size", "4", "--avg_dim", "2",
-            "--layers", "model/layers/0", "--max_new_tokens", "4"]  # fmt: skip
+    argv = ["eigen", "--model", model_dir, *EIGEN_ARGS]
     reps, rcs = [], []
     for name, extra in (("one", []), ("mesh", ["--mesh", "data=2,model=4"])):
         rc, _ = run([*argv, *extra, "--json", str(tmp / f"eigen-{name}.json")])
@@ -339,6 +345,7 @@ def eigen_cli(run, model_dir: str, text, tmp) -> dict:
     extra = [rep.get("extra", {}) for rep in reps]
     return {
         "rc": rcs,
+        "one": reps[0],  # the two-process run's reference (the same EIGEN_ARGS)
         "ranks": ranks,
         "errors": [[r.get("error") for r in rep.get("layers", [])] for rep in reps],
         "samples_same": len(extra[0].get("sample_after") or "") > 0
@@ -347,16 +354,23 @@ def eigen_cli(run, model_dir: str, text, tmp) -> dict:
 
 
 def tokenwise_cli(run, model_dir: str, tmp) -> dict:
-    """``jcompress tokenwise save_xy --mesh data=4,model=2`` (4 windows; its captures equal
-    one device's in :func:`method_checks`), then ``eval_fake`` on that cache on one device and
-    with ``--mesh data=8`` (chunks of 20 tokens rounded up to 24): the same metrics."""
+    """``jcompress tokenwise save_xy --mesh data=8`` of 4 windows (fewer than the data axis:
+    one batch padded to 8 rows) against the same on one device: the same captures; then
+    ``eval_fake`` on that cache on one device and with ``--mesh data=8`` (chunks of 20 tokens
+    rounded up to 24): the same metrics."""
+    from safetensors.numpy import load_file
+
     from jcompress.quant.tokenwise import METRIC_KEYS
 
-    small = ["--cn", "2", "--eu", "2", "--length", "16", "--save_dtype", "fp32"]
+    small = ["--cn", "2", "--eu", "2", "--length", "16", "--save_dtype", "fp32", "--batch_size",
+             "8"]  # fmt: skip
     rcs, results = [], []
-    save = ["tokenwise", "save_xy", "--model_dir", model_dir, "--save_path", str(tmp)]
-    rc1, _ = run([*save, "--label", "xy", *small, "--batch_size", "4", "--mesh", "data=4,model=2"])
-    rcs.append(rc1)
+    save = ["tokenwise", "save_xy", "--model_dir", model_dir, "--save_path", str(tmp), *small]
+    rc1, _ = run([*save, "--label", "xy", "--mesh", "data=8"])
+    rc0, _ = run([*save, "--label", "xy1"])
+    rcs += [rc1, rc0]
+    xy = [load_file(str(tmp / f"{n}.safetensors")) if r == 0 else {}
+          for n, r in (("xy1", rc0), ("xy", rc1))]  # fmt: skip
     for name, mesh in (("one", []), ("mesh", ["--mesh", "data=8"])):
         out = tmp / f"tw-{name}.json"
         rc2, _ = run(["tokenwise", "eval_fake", "--model_dir", model_dir, "--xy_path",
@@ -380,11 +394,61 @@ def tokenwise_cli(run, model_dir: str, tmp) -> dict:
     m1, m2 = metrics(results[0], []), metrics(results[1], [])
     return {
         "rc": rcs,
+        "save_keys_equal": sorted(xy[0]) == sorted(xy[1]) and len(xy[0]) > 0,
+        "save_rel_diff": max(
+            (rel_diff(xy[1][k], xy[0][k]) for k in xy[0] if k in xy[1]), default=None
+        ),
         "n_metrics": [len(m1), len(m2)],
         "rel_diff": max(
             (abs(a - b) / max(abs(a), 1e-12) for a, b in zip(m1, m2, strict=False)), default=None
         ),
     }
+
+
+def exchange_timeouts(sync: Path) -> list[str | None]:
+    """A process that gives up waiting at an exchange (``JCOMPRESS_MULTIHOST_TIMEOUT`` of
+    half a second) and the one it waited for get the same one-line error, both ways: the
+    others wait for process 0's ``on_writer`` work, then process 0 for process 1 at
+    ``agree``. The late side goes on only once the other has given up (a file in ``sync``),
+    so the order is certain; afterwards the exchanges are still in step."""
+    import time
+
+    from jcompress import atomic
+
+    me = jax.process_index()
+    sync.mkdir(exist_ok=True)
+
+    def wait_for(name):
+        deadline = time.monotonic() + 120
+        while not (sync / name).exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(name)
+            time.sleep(0.02)
+
+    def late_writer():
+        wait_for("gave-up-0")
+        return "written"
+
+    got: list[str | None] = []
+    os.environ[atomic.TIMEOUT_VAR] = "0.5"
+    try:
+        for step in range(2):
+            try:
+                if step == 0:
+                    atomic.on_writer(late_writer)
+                else:
+                    if me == 1:
+                        wait_for("gave-up-1")
+                    atomic.agree("same", arg="x")
+                got.append(None)
+            except atomic.ExchangeTimeout as e:
+                got.append(str(e))
+                if me != step:  # the side that waited: let the late one go on
+                    (sync / f"gave-up-{step}").touch()
+    finally:
+        del os.environ[atomic.TIMEOUT_VAR]
+    got.append(atomic.agree(7, arg="y"))  # the next exchange works
+    return got
 
 
 QUANT_ARGS = ["--rule", r".*mlp/.*=nvfp4", "--seqlen", "32", "--max_windows", "4",
@@ -398,9 +462,11 @@ def multihost(model_dir: str, out_dir: str, ckpt: str) -> dict:
     ``jcompress quant apply`` with ``--mesh data=2,model=4`` over the 8 devices of both
     processes (the CLI starts the distributed runtime itself), both processes naming the same
     outputs (only process 0 may write them: a second writer would fail, they exist already),
-    then a sharded forward gathered back, against this process's own single-device runs.
-    First of all ``jcompress convert`` (no ``--mesh``: it must start the runtime itself) of
-    the one-process checkpoint ``ckpt`` to HF, and of the model to a checkpoint."""
+    then a sharded forward gathered back, against this process's own single-device runs;
+    ``jcompress eigen`` (offloaded activations) over both; what ``ppl`` printed here (process
+    0 alone prints); :func:`exchange_timeouts`. First of all ``jcompress convert`` (no
+    ``--mesh``: it must start the runtime itself) of the one-process checkpoint ``ckpt`` to
+    HF, and of the model to a checkpoint."""
     from pathlib import Path
 
     from jcompress import atomic
@@ -414,9 +480,18 @@ def multihost(model_dir: str, out_dir: str, ckpt: str) -> dict:
         cli(["convert", model_dir, str(Path(out_dir) / "convert_ckpt"), "--to", "orbax"]),
     ]
     out = Path(out_dir) / "ppl.json"
-    rc = cli(["ppl", "--model", model_dir, "--data", str(text), "--seqlen", "32",
-              "--max-windows", "8", "--batch-size", "4", "--json", str(out),
-              "--mesh", "data=2,model=4"])  # fmt: skip
+    # only process 0 prints (report and progress); the other, nothing
+    ppl_out, ppl_err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(ppl_out), contextlib.redirect_stderr(ppl_err):
+        rc = cli(["ppl", "--model", model_dir, "--data", str(text), "--seqlen", "32",
+                  "--max-windows", "8", "--batch-size", "4", "--json", str(out),
+                  "--mesh", "data=2,model=4"])  # fmt: skip
+    # a calibrated method over both processes, its activations offloaded (each process
+    # keeps its own rows): the test compares the report with a one-process run's
+    with tempfile.TemporaryDirectory() as offload:
+        rc_eigen = cli(["eigen", "--model", model_dir, *EIGEN_ARGS, "--offload_dir", offload,
+                        "--mesh", "data=2,model=4", "--json",
+                        str(Path(out_dir) / "eigen.json")])  # fmt: skip
     rc_quant = cli(["quant", "apply", "--model", model_dir, *QUANT_ARGS, "--mesh",
                     "data=2,model=4", "--out", str(Path(out_dir) / "quant"), "--json",
                     str(Path(out_dir) / "quant.json")])  # fmt: skip
@@ -435,8 +510,12 @@ def multihost(model_dir: str, out_dir: str, ckpt: str) -> dict:
             code = cli(["ppl", "--model", model_dir, "--data", str(text), *extra,
                         "--mesh", "data=2,model=4"])  # fmt: skip
         errors.append([code, err.getvalue().strip().splitlines()[-1:]])
+    timeouts = exchange_timeouts(Path(f"{out_dir}-sync"))
     res = {
         "rc": rc,
+        "rc_eigen": rc_eigen,
+        "printed": [ppl_out.getvalue(), ppl_err.getvalue()],
+        "timeouts": timeouts,
         "errors": errors,
         "rc_convert": rc_convert,
         "rc_quant": rc_quant,

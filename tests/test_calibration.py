@@ -70,6 +70,19 @@ def test_batches_pad_with_repeats():
         batches(w, 0)
 
 
+def test_batches_fewer_windows_than_the_data_axis():
+    w = np.arange(3 * 2).reshape(3, 2)
+    # 3 windows over data=8: one batch of 8 rows, 3 real, padded by the last window
+    (b,) = batches(w, 8, multiple=8)
+    assert (b.real, b.start, b.ids.shape) == (3, 0, (8, 2))
+    np.testing.assert_array_equal(b.ids, w[[0, 1, 2, 2, 2, 2, 2, 2]])
+    # 3 over data=2 with batches of 8: 4 rows (the next multiple), not 8
+    assert [(b.real, b.ids.shape) for b in batches(w, 8, multiple=2)] == [(3, (4, 2))]
+    # never past batch_size: 7 windows, batches of 4 over data=4
+    w7 = np.arange(7 * 2).reshape(7, 2)
+    assert [(b.real, b.ids.shape) for b in batches(w7, 4, multiple=4)] == [(4, (4, 2)), (3, (4, 2))]
+
+
 @pytest.mark.parametrize("offload", [False, True])
 def test_stream_matches_forward_capture(llama, oracle, offload, tmp_path):
     cfg, params, windows = llama

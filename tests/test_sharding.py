@@ -241,6 +241,50 @@ def test_one_process_is_the_writer(tmp_path):
     assert not d.exists()
 
 
+class _LateKV:
+    """A stand-in for the coordination service's key-value store, as process 1 of 2 sees it:
+    process 0's value lands just as process 1's wait runs out (the same value as process 1's,
+    so ``agree`` holds)."""
+
+    def __init__(self):
+        self.store: dict[str, str] = {}
+
+    def key_value_set(self, key, value, allow_overwrite=False):
+        if key in self.store and not allow_overwrite:
+            raise RuntimeError(f"ALREADY_EXISTS: key {key} already exists.")
+        self.store[key] = value
+
+    def blocking_key_value_get(self, key, timeout_in_ms):
+        if key not in self.store:
+            self.store[key] = self.store[key[: key.rindex("/")] + "/1"]  # arrives now
+            raise RuntimeError("DEADLINE_EXCEEDED: timed out")
+        return self.store[key]
+
+    def key_value_try_get(self, key):
+        if key not in self.store:
+            raise RuntimeError("NOT_FOUND")
+        return self.store[key]
+
+
+def test_a_value_arriving_at_the_deadline_is_used(monkeypatch):
+    """The race a timeout has to settle: the waiter's deadline passes just as the value
+    arrives. The value wins (it is used, not overwritten), so there is no error on either
+    side."""
+    from jax._src import distributed
+
+    from jcompress import atomic
+
+    kv = _LateKV()
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    monkeypatch.setattr(distributed.global_state, "client", kv)
+    monkeypatch.setenv(atomic.TIMEOUT_VAR, "0.5")
+    assert atomic.agree({"out": "x"}, arg="--out") == {"out": "x"}
+    ((k0, v0), (k1, v1)) = sorted(kv.store.items())
+    assert k0.endswith("/0") and k1.endswith("/1") and v0 == v1  # process 0's value kept
+
+
 def test_initialize_distributed_needs_a_reason_and_checks_ids(monkeypatch):
     monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
     assert sharding.initialize_distributed() is False  # nothing set, not forced: no-op
@@ -417,7 +461,9 @@ def test_tokenwise_metrics_over_data(checks):
 
 def test_tokenwise_cli_mesh(checks):
     t = checks["cli"]["tokenwise"]
-    assert t["rc"] == [0, 0, 0]
+    assert t["rc"] == [0, 0, 0, 0]
+    # save_xy of 4 windows over data=8 (padded, the padding dropped) == one device
+    assert t["save_keys_equal"] and t["save_rel_diff"] < 1e-5
     assert t["n_metrics"][0] > 0 and t["n_metrics"][0] == t["n_metrics"][1]
     assert t["rel_diff"] < 1e-5
 
@@ -475,12 +521,13 @@ def _free_port() -> int:
 
 
 # what the two processes write into their output directory, and nothing else
-OUTPUTS = ["convert_ckpt", "convert_hf", "ppl.json", "quant", "quant.json", "stream"]
+OUTPUTS = ["convert_ckpt", "convert_hf", "eigen.json", "ppl.json", "quant", "quant.json", "stream"]
 
 
-def test_two_processes(llama_dir, tmp_path):
+def test_two_processes(llama_dir, tmp_path, checks):
     """Multi-host on one machine: two processes of 4 host devices each (CPU collectives over
-    gloo), started through the environment variables a cluster launcher sets."""
+    gloo), started through the environment variables a cluster launcher sets. (``checks``:
+    its one-device ``jcompress eigen`` run is the reference of the two processes' one.)"""
     env = dict(os.environ)
     env.update(
         XLA_FLAGS=(
@@ -529,6 +576,14 @@ def test_two_processes(llama_dir, tmp_path):
         # both named the same outputs: a second writer would have failed (they existed), and
         # each process returned only once process 0 had placed them
         assert r["rc_quant"] == 0 and r["rc_stream"] == 0 and r["rc_convert"] == [0, 0]
+        assert r["rc_eigen"] == 0
+        # a process that gave up waiting and the one it waited for: the same one line, both
+        # ways (process 1 for process 0's on_writer, process 0 for process 1's agree); process
+        # 0 adds that its on_writer work was done
+        waited = "process {} of this multi-host run waited 0.5 s for process {} and gave up " \
+                 "(set JCOMPRESS_MULTIHOST_TIMEOUT to wait longer)"  # fmt: skip
+        done = "; process 0 had finished its work" if r["writer"] else ""
+        assert r["timeouts"] == [waited.format(1, 0) + done, waited.format(0, 1), 7]
         assert r["sees_outputs"] == OUTPUTS
         exists, differ = r["errors"]
         assert exists == [2, [f"jcompress: error: --json: {tmp_path / 'ppl.json'} already exists "
@@ -538,6 +593,10 @@ def test_two_processes(llama_dir, tmp_path):
         )
     assert [r["writer"] for r in outs] == [True, False]
     assert [r["stream_printed"] for r in outs] == [True, False]  # streamed by process 0 only
+    # ppl's report and progress bar on process 0's terminal only; process 1 prints nothing
+    (out0, err0), (out1, err1) = (r["printed"] for r in outs)
+    assert "| perplexity |" in out0 and "ppl L=32" in err0
+    assert (out1, err1) == ("", "")
     # nothing else: no second writer's conflict copy, no temporaries, the work dir removed
     assert sorted(p.name for p in tmp_path.iterdir()) == OUTPUTS
     assert (tmp_path / "stream" / "model.safetensors.index.json").is_file()
@@ -565,6 +624,18 @@ def test_two_processes(llama_dir, tmp_path):
         from _sharding_checks import QUANT_ARGS
     finally:
         sys.path.remove(str(HERE))
+
+    # eigen over both processes (activations offloaded, each process its own rows) == one
+    # process (the 8-device subprocess's one-device run of the same EIGEN_ARGS): the same
+    # ranks per head, layer error and sample after compression
+    e1 = checks["cli"]["eigen"]["one"]
+    e2 = json.loads((tmp_path / "eigen.json").read_text())
+    for a, b in zip(e1["layers"], e2["layers"], strict=True):
+        for k in ("path", "rank_kq", "rank_v", "head_ranks_kq", "head_ranks_v", "threshold"):
+            assert a[k] == b[k], k
+        assert b["error"] == pytest.approx(a["error"], rel=1e-4)
+    assert len(e1["layers"]) == 1 and e1["layers"][0]["compressed"]
+    assert e2["extra"]["sample_after"] == e1["extra"]["sample_after"]
     ref = one / "quant"
     assert main(["quant", "apply", "--model", str(llama_dir), *QUANT_ARGS, "--out", str(ref)]) == 0
     got = tmp_path / "quant"

@@ -89,14 +89,18 @@ class Batch(NamedTuple):
     start: int
 
 
-def batches(windows: np.ndarray, batch_size: int) -> list[Batch]:
+def batches(windows: np.ndarray, batch_size: int, *, multiple: int = 1) -> list[Batch]:
     """Cut ``windows [n, T]`` into batches of ``min(batch_size, n)`` rows, the last padded by
-    repeats of its last window so that every batch has the same shape (one compilation)."""
+    repeats of its last window so that every batch has the same shape (one compilation).
+
+    ``multiple``: fewer windows than ``batch_size`` still make a batch of a multiple of this
+    many rows (padded alike, at most ``batch_size``): the ``data`` size of a mesh, so that a
+    small calibration set still splits over it (the padding rows are past ``real``)."""
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise UserError(f"batch_size: must be a positive integer, got {batch_size!r}")
     windows = np.asarray(windows)
     n = windows.shape[0]
-    bs = min(batch_size, n)
+    bs = min(batch_size, -(-n // multiple) * multiple)
     out = []
     for s in range(0, n, max(bs, 1)):
         ids = windows[s : s + bs]
@@ -112,14 +116,18 @@ class Activations:
 
     With a file (``offload_dir``), only the batch being used is in memory: ``put`` writes it
     out, ``get`` reads it back (plain reads, no memory map, so nothing accumulates in the
-    process). Every batch must have the same shape and dtype.
+    process). Every batch must have the same shape and dtype. In a multi-host run each
+    process writes only its own block of a batch (:func:`jcompress.sharding.to_host_local`:
+    its rows of the ``data`` axis) and ``get`` assembles the global array again.
     """
 
     def __init__(self, n: int, offload_dir: str | None = None):
         self.n = n
         self.items: list[Any] = [None] * n
         self.file = None if offload_dir is None else tempfile.TemporaryFile(dir=offload_dir)
-        self.meta: tuple[tuple[int, ...], np.dtype] | None = None
+        # (global shape, this process's block shape, dtype)
+        self.meta: tuple[tuple[int, ...], tuple[int, ...], np.dtype] | None = None
+        self._back: Any = None  # block -> global array, for a batch spanning processes
 
     def __len__(self) -> int:
         return self.n
@@ -128,17 +136,19 @@ class Activations:
         if self.file is None:
             self.items[b] = x
             return
-        arr = np.ascontiguousarray(np.asarray(x))
-        self.meta = (arr.shape, arr.dtype)
+        block, self._back = sharding.to_host_local(x)
+        arr = np.ascontiguousarray(block)
+        self.meta = (tuple(np.shape(x)), arr.shape, arr.dtype)
         os.pwrite(self.file.fileno(), memoryview(arr.reshape(-1).view(np.uint8)), b * arr.nbytes)
 
     def get(self, b: int) -> jax.Array:
         if self.file is None:
             return self.items[b]
-        shape, dt = self.meta
+        _, shape, dt = self.meta
         nbytes = math.prod(shape) * dt.itemsize
         raw = os.pread(self.file.fileno(), nbytes, b * nbytes)
-        return sharding.place_batch(np.frombuffer(raw, dt).reshape(shape))
+        block = np.frombuffer(raw, dt).reshape(shape)
+        return sharding.place_batch(block) if self._back is None else self._back(block)
 
     def __iter__(self) -> Iterator[jax.Array]:
         return (self.get(b) for b in range(self.n))
@@ -147,7 +157,7 @@ class Activations:
     def batch_shape(self) -> tuple[int, ...] | None:
         """Shape of one batch (``None`` while empty)."""
         if self.file is not None:
-            return None if self.meta is None else tuple(self.meta[0])
+            return None if self.meta is None else self.meta[0]
         return None if self.items[0] is None else tuple(self.items[0].shape)
 
     def close(self) -> None:
@@ -373,7 +383,7 @@ def stream_layers(
     check_length(cfg, windows.shape[1])
     if offload_dir is not None and not os.path.isdir(offload_dir):
         raise UserError(f"offload_dir: {offload_dir} is not a directory")
-    bl = batches(windows, batch_size)
+    bl = batches(windows, batch_size, multiple=sharding.data_size())
     s = _Stream(cfg, bl, offload_dir, Feed(feed), resolve(attention))
     params = sharding.shard_params(params, cfg, sharding.current_mesh())  # under use_mesh
     handoff = _SINGLE.get()  # set by single_layer(): one layer from given inputs

@@ -7,7 +7,8 @@ One module per subcommand (``cli/<name>.py``), each with ``add_parser(subparsers
 
 Every subcommand takes ``--distributed`` and starts JAX's multi-host runtime, when that flag or
 ``JAX_COORDINATOR_ADDRESS`` asks for it, before it runs (one place: :func:`build_parser` and
-:func:`main`); in a multi-host run process 0 is then the only writer (:mod:`jcompress.atomic`).
+:func:`main`); in a multi-host run process 0 is then the only writer (:mod:`jcompress.atomic`)
+and the only one that prints (reports, progress, notes); the others show only their errors.
 
 User errors (bad paths, bad options, malformed checkpoints) print one line
 ``jcompress: error: ...`` on stderr and exit with status 2, without a traceback.
@@ -16,10 +17,12 @@ User errors (bad paths, bad options, malformed checkpoints) print one line
 from __future__ import annotations
 
 import argparse
+import contextlib
 import contextvars
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
@@ -127,13 +130,29 @@ def _run(args: argparse.Namespace) -> int:
         distributed_from_args(args)
         # in a copy of the caller's context: what the command makes current (its --mesh) ends
         # with it, so a later main() in the same process does not inherit it
-        return contextvars.copy_context().run(args.func, args)
+        with _quiet_unless_writer():
+            return contextvars.copy_context().run(args.func, args)
     except UserError as e:
         print(f"jcompress: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("jcompress: interrupted", file=sys.stderr)
         return 130
+
+
+@contextlib.contextmanager
+def _quiet_unless_writer() -> Iterator[None]:
+    """In a multi-host run, the processes other than 0 print nothing while the command runs
+    (its report, progress bars and notes go to process 0's terminal alone); their errors are
+    printed after it, by :func:`_run` or the interpreter, so every process shows them."""
+    from jcompress.atomic import is_writer
+
+    if is_writer():
+        yield
+        return
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+        with contextlib.redirect_stderr(null):
+            yield
 
 
 if __name__ == "__main__":

@@ -91,6 +91,7 @@ from jcompress.models.convert import flatten, get_path, unflatten
 from jcompress.models.families import spec_for
 from jcompress.models.forward import DEFAULT_ATTENTION, Capture, apply_layer, check_length
 from jcompress.models.params import count_params, count_stored_params
+from jcompress.sharding import to_host
 
 __all__ = ["EigenAttentionConfig", "compress", "family_defaults"]
 
@@ -299,12 +300,13 @@ def _project(
     BLAS), then cast to the kernel's dtype: no compilation per rank or shape."""
     heads, d, _ = u.shape
     ur = np.asarray(u, np.float64)[:, :, :r]  # [heads, D, r]
-    w = np.asarray(kernel, np.float64).reshape(kernel.shape[0], heads, d).transpose(1, 0, 2)
+    w = np.asarray(to_host(kernel), np.float64)  # whole on every process (multi-host)
+    w = w.reshape(kernel.shape[0], heads, d).transpose(1, 0, 2)
     a = np.matmul(w, ur).transpose(1, 0, 2).reshape(kernel.shape[0], heads * r)
     leaf = HeadLowRank(_as_dtype(a, kernel), _as_dtype(ur.transpose(0, 2, 1), kernel), basis=basis)
     if bias is None:
         return leaf, None
-    z = np.matmul(np.asarray(bias, np.float64).reshape(heads, 1, d), ur).reshape(heads * r)
+    z = np.matmul(np.asarray(to_host(bias), np.float64).reshape(heads, 1, d), ur).reshape(heads * r)
     return leaf, HeadLatentBias(_as_dtype(z, bias), leaf.b)
 
 
@@ -322,7 +324,7 @@ def _fold_out(kernel: jax.Array, u: np.ndarray, query_heads: int, r: int) -> Hea
     ``HeadFoldedOut``; host float64 as :func:`_project`."""
     hk, d, _ = u.shape
     ur = np.repeat(np.asarray(u, np.float64)[:, :, :r], query_heads // hk, axis=0)  # [Hq,D,r]
-    w = np.asarray(kernel, np.float64).reshape(query_heads, d, -1)
+    w = np.asarray(to_host(kernel), np.float64).reshape(query_heads, d, -1)
     folded = np.matmul(ur.transpose(0, 2, 1), w).reshape(query_heads * r, -1)
     ut = np.asarray(u, np.float64)[:, :, :r].transpose(0, 2, 1)
     return HeadFoldedOut(_as_dtype(folded, kernel), _as_dtype(ut, kernel))
@@ -393,7 +395,7 @@ def _masked_layer(lp, u_kq, u_v, r_kq, r_v, *, kq_roles, v_role, o_role, query_h
 def _masked_layer_host(lp, u_kq, u_v, r_kq, r_v, **static):
     """:func:`_masked_layer` on the host in float64 (``numpy``), what the CPU backend uses:
     no compilation; the layer's params go back as device arrays (a cheap copy on CPU)."""
-    host = jax.tree.map(np.asarray, lp)
+    host = jax.tree.map(to_host, lp)  # whole on every process (multi-host)
     out = _masked_params(np, np.matmul, host, u_kq, u_v, np.asarray(r_kq), np.asarray(r_v),
                           **static)  # fmt: skip
     # device arrays, like the statistics pass's params: the same jit cache entry
@@ -774,14 +776,14 @@ def compress(
                 outs = ob.captured["outputs"]
                 acc_kq.add((outs[lay.k],) if rope else (outs[lay.k], outs[lay.q]), ob.real)
                 acc_v.add((outs[lay.v],), ob.real)
-            g_kq = np.asarray(acc_kq.gram, np.float64)
+            g_kq = np.asarray(to_host(acc_kq.gram), np.float64)  # whole on every process
             if config.reference_mode and rope:
                 # the reference's one K basis per layer: KV heads pooled as extra samples
                 u1, s_kq = core.host_bases(g_kq.sum(axis=0, keepdims=True))
                 u_kq = np.broadcast_to(u1, (hk, *u1.shape[1:]))
             else:
                 u_kq, s_kq = core.host_bases(g_kq)
-            u_v, s_v = core.host_bases(acc_v.gram)
+            u_v, s_v = core.host_bases(to_host(acc_v.gram))
 
             def ranks(t, s_kq=s_kq, s_v=s_v, d_k=d_k, d_v=d_v):
                 if config.per_head_ranks:  # each head its own count (at least 1)

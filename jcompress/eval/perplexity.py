@@ -153,9 +153,9 @@ def perplexity(
     mesh = sharding.current_mesh() if mesh is None else mesh
     params = sharding.shard_params(params, cfg, mesh)
     nlls = []
-    for b in tqdm(
-        batches(windows, batch_size), desc=f"ppl L={seqlen}", disable=not progress, leave=False
-    ):
+    # fewer windows than the data axis: one batch padded to a multiple of it
+    bl = batches(windows, batch_size, multiple=sharding.data_size(mesh))
+    for b in tqdm(bl, desc=f"ppl L={seqlen}", disable=not progress, leave=False):
         ids_b = sharding.place_batch(b.ids, mesh)
         nll = window_nll(cfg, params, ids_b, attention, attention_state)
         nlls.append(sharding.to_host(nll)[: b.real])

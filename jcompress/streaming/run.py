@@ -57,7 +57,7 @@ from jcompress.models.families import spec_for
 from jcompress.models.forward import apply_layer, embed
 from jcompress.models.safetensors_io import CODES, DTYPES, write_safetensors
 from jcompress.outputs import check_output_dir, write_marker
-from jcompress.sharding import use_mesh
+from jcompress.sharding import data_size, use_mesh
 from jcompress.streaming.loader import GLOBAL, LayerLoader, fingerprint, layer_of
 
 __all__ = ["MANIFEST", "StreamReport", "StreamResult", "stream_compress"]
@@ -645,7 +645,7 @@ def _run(loader, compress, config, calib, method, work, mpath, manifest, shapes,
                 # layer 0 without a stream (nothing selected there): embed as the stream would
                 bs = getattr(config, "batch_size", 8)
                 g = unflatten(gflat)
-                bl = batches(np.asarray(calib), bs)
+                bl = batches(np.asarray(calib), bs, multiple=data_size())  # as the stream
                 hidden = Activations(len(bl), offload)
                 for b, batch in enumerate(bl):
                     hidden.put(b, embed(cfg, g, jax.numpy.asarray(batch.ids)))
