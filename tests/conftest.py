@@ -33,10 +33,30 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
         os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=1"
     ).strip()
 
+# One persistent compilation cache for the whole run: the xdist workers and every subprocess
+# the tests start (CLI, README examples, bench workers, the 8-device and two-process runs)
+# inherit the directory, so a program compiled in one process is loaded, not compiled again,
+# in the others. The process that creates the directory (the xdist controller, or the only
+# pytest process) removes it at the end; nothing outside the run is read or kept.
+# JCOMPRESS_TEST_JAX_CACHE=off turns it off.
+_OWN_JAX_CACHE: str | None = None
+if os.environ.get("JCOMPRESS_TEST_JAX_CACHE") != "off":
+    if not os.environ.get("JCOMPRESS_TEST_JAX_CACHE"):
+        import tempfile
+
+        _OWN_JAX_CACHE = tempfile.mkdtemp(prefix="jcompress-test-jax-cache-")
+        os.environ["JCOMPRESS_TEST_JAX_CACHE"] = _OWN_JAX_CACHE
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["JCOMPRESS_TEST_JAX_CACHE"]
+    # every program: the suite's are small and many, each compiled in a fraction of a second
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+
+# Through the environment, not jax.config, so the subprocesses lower the same programs (the
+# precision is part of a program, hence of its cache key). XLA:CPU computes fp32 dots at full
+# precision either way.
+os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
-
-jax.config.update("jax_default_matmul_precision", "highest")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("JCOMPRESS_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -57,3 +77,38 @@ def llama_dir(shared_data) -> Path:
 @pytest.fixture(scope="session")
 def opt_dir(shared_data) -> Path:
     return shared_data / "models" / "opt-1m"
+
+
+def pytest_unconfigure(config):
+    if _OWN_JAX_CACHE is not None:
+        import shutil
+
+        shutil.rmtree(_OWN_JAX_CACHE, ignore_errors=True)
+
+
+# Longest files first, so that the two xdist workers finish together (longest-processing-time
+# first: the last file to start is a short one). Seconds per file on the 2-core CI machine
+# (one worker's share, compile included); files not listed are short and keep their order
+# after these. Only the schedule depends on it, never a result.
+_FILE_SECONDS = {
+    "test_attention.py": 258, "test_tucker.py": 209, "test_sparge.py": 205,
+    "test_eigen_attention.py": 193, "test_sharding.py": 185, "test_ged.py": 167,
+    "test_decomp.py": 140, "test_cli.py": 136, "test_bench.py": 97, "test_readme.py": 87,
+    "test_bench_plots.py": 85, "test_perplexity.py": 85, "test_bench_rows2.py": 64,
+    "test_reliability.py": 56, "test_forward_features.py": 55, "test_tucker_mps.py": 53,
+    "test_tokenwise.py": 47, "test_quant_formats.py": 45, "test_compose.py": 43,
+    "test_families.py": 42,
+}
+
+
+def pytest_collection_modifyitems(session, config, items):
+    items.sort(key=lambda item: -_FILE_SECONDS.get(item.path.name, 0))  # stable: order kept
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config):
+    # xdist's loadfile scheduler orders files by their number of tests unless told not to;
+    # the controller reads this option when it schedules, after every conftest is loaded.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
