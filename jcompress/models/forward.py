@@ -540,18 +540,8 @@ DEFAULT_ATTENTION = attention_impls.DEFAULT
 """The implementation :func:`forward` and friends use unless told otherwise (see
 :mod:`jcompress.models.attention`; ``"dense"`` is the reference it is tested against)."""
 
-COMPILER_OPTIONS: dict[str, Any] = {"xla_cpu_prefer_vector_width": 512}
-"""XLA compiler options of the decoder's jit programs (:func:`forward`, :func:`apply_layer`,
-``generate``). XLA:CPU's LLVM backend prefers 256-bit vectors by default; on an AVX-512 host
-512-bit ones made the attention's elementwise passes (max, ``exp``, sums) faster: a llama-1m
-forward, one thread, in one process, took 0.79-0.94x the CPU time at 4 x 512 and 0.89-0.93x
-at 1 x 2048 (a hint only: a host without 512-bit registers is unaffected; other backends
-ignore ``xla_cpu_*`` options)."""
 
-
-@functools.partial(
-    jax.jit, static_argnames=("cfg", "capture", "impl"), compiler_options=COMPILER_OPTIONS
-)
+@functools.partial(jax.jit, static_argnames=("cfg", "capture", "impl"))
 def _forward(cfg, params, input_ids, attention_mask, capture, impl, state):
     check_length(cfg, input_ids.shape[-1])
     mask = _mask_or_ones(input_ids, attention_mask)
@@ -603,9 +593,7 @@ def forward(
     return _forward(cfg, params, input_ids, attention_mask, capture, impl, attention_state)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("cfg", "capture", "impl"), compiler_options=COMPILER_OPTIONS
-)
+@functools.partial(jax.jit, static_argnames=("cfg", "capture", "impl"))
 def _apply_layer(cfg, lp, hidden, layer_idx, attention_mask, capture, impl, state):
     b, t, _ = hidden.shape
     mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)

@@ -12,21 +12,13 @@ from jcompress import validate
 from jcompress.errors import UserError
 from jcompress.models.attention import resolve
 from jcompress.models.config import ModelConfig
-from jcompress.models.forward import (
-    COMPILER_OPTIONS,
-    DEFAULT_ATTENTION,
-    check_length,
-    forward_cached,
-    init_cache,
-)
+from jcompress.models.forward import DEFAULT_ATTENTION, check_length, forward_cached, init_cache
 
 __all__ = ["generate"]
 
 
 @functools.partial(
-    jax.jit,
-    static_argnames=("cfg", "max_new_tokens", "eos_token_id", "pad_token_id", "impl"),
-    compiler_options=COMPILER_OPTIONS,
+    jax.jit, static_argnames=("cfg", "max_new_tokens", "eos_token_id", "pad_token_id", "impl")
 )
 def _generate(
     cfg, params, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, impl, state
