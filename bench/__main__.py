@@ -25,6 +25,7 @@ from bench.harness import (
     run_worker,
     summary,
     table,
+    xla_devices,
 )
 from bench.plots import points_table, write_plots
 
@@ -256,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if a.from_json:
         return _from_json(a)
+    try:
+        xla_devices()
+    except BenchError as e:
+        print(f"python -m bench: error: {e}", file=sys.stderr)
+        return 2
     mode = "dry" if a.dry_run else "quick" if a.quick else "full"
     flags = ["--dry-run"] if mode == "dry" else ["--quick"] if mode == "quick" else []
     if a.repeats is not None:
@@ -282,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             "loadavg_1m": {"start": load_start, "end": _loadavg()},
             "versions": versions,
             "threads": os.environ.get("JCOMPRESS_BENCH_THREADS") or "library defaults",
+            "xla_devices": xla_devices(),
             "processes": "one shared process (dry run)" if shared else "one per row and per side",
             "ratio": "ours / baseline",
             "complete": len(rows) == len(items),
@@ -398,8 +405,13 @@ def machine_line(meta: dict) -> str:
     return (
         f"Measured {meta['started_utc']} ({meta['mode']} mode, {meta['wall_s'] / 60:.1f} min) on "
         f"{meta['cpu_model']}, {meta['cpu_count']} CPUs, 1-minute load average {loads or 'n/a'}; "
-        f"Python {meta['python']}, {libs}; threads: {meta['threads']}; processes: "
-        f"{meta['processes']}."
+        f"Python {meta['python']}, {libs}; threads: {meta['threads']}; "
+        + (
+            f"XLA host devices: {meta['xla_devices']} (forward rows shard jcompress over them); "
+            if meta.get("xla_devices", 1) > 1
+            else ""
+        )
+        + f"processes: {meta['processes']}."
         + (
             ""
             if meta.get("complete", True)

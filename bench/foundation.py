@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from bench.harness import REPO, Context, median, register, rss_mib, time_calls
+from bench.harness import REPO, Context, median, register, rss_mib, time_calls, xla_devices
 
 # --------------------------------------------------------------------------- shared helpers
 
@@ -76,6 +76,24 @@ def _cpu_timed(fn):
     return call, cpu
 
 
+def forward_mesh_spec(batch: int, devices: int, num_kv_heads: int) -> str | None:
+    """The mesh the forward rows shard their jcompress side over on ``devices`` host devices:
+    ``None`` for one device, ``data=N`` (batch rows split, no communication inside the
+    forward) when the batch divides, else ``model=N`` (heads, MLP columns and vocabulary
+    split; two all-reduces per layer) when the KV heads divide. Raises ``ValueError``
+    otherwise."""
+    if devices == 1:
+        return None
+    if batch % devices == 0:
+        return f"data={devices}"
+    if num_kv_heads % devices == 0:
+        return f"model={devices}"
+    raise ValueError(
+        f"JCOMPRESS_BENCH_XLA_DEVICES={devices} divides neither the batch ({batch}) nor the "
+        f"KV heads ({num_kv_heads})"
+    )
+
+
 def forward_jax(
     model_dir: str,
     vocab: int,
@@ -85,20 +103,39 @@ def forward_jax(
     warmup: int = 0,
     seed: int = 0,
     logits_out: str = "",
+    devices: int = 1,
 ) -> dict[str, Any]:
-    """jcompress side: ``load_hf`` + jit ``forward``; tokens/s over the timed repeats."""
+    """jcompress side: ``load_hf`` + jit ``forward``; tokens/s over the timed repeats. With
+    ``devices > 1`` (``JCOMPRESS_BENCH_XLA_DEVICES``; the process must have that many JAX
+    devices) params and ids are placed on the :func:`forward_mesh_spec` mesh first (not
+    timed) and the same jit forward runs partitioned by XLA."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     import jcompress
+    from jcompress import sharding
     from jcompress.models import count_params
     from jcompress.models.forward import DEFAULT_ATTENTION
 
     jnp.zeros(()).block_until_ready()  # backend start-up is not part of the first call
+    if jax.device_count() != devices:
+        raise ValueError(f"expected {devices} JAX devices, the process has {jax.device_count()}")
     cfg, params = jcompress.load_hf(model_dir, dtype="float32")
+    spec = forward_mesh_spec(batch, devices, cfg.num_kv_heads)
+    ids = _ids(vocab, batch, seq, seed).astype(np.int32)
+    if spec is None:
+        ids = jnp.asarray(ids)
+    else:
+        mesh = sharding.make_mesh(spec)
+        sharding.check_mesh(cfg, mesh)
+        params = sharding.shard_params(params, cfg, mesh)
+        ids = (
+            sharding.shard_batch(ids, mesh)
+            if spec.startswith("data")
+            else (sharding.replicate(ids, mesh))
+        )
     jax.block_until_ready(params)
-    ids = jnp.asarray(_ids(vocab, batch, seq, seed).astype(np.int32))
     base = rss_mib()
     call, cpu = _cpu_timed(lambda: jcompress.forward(cfg, params, ids).block_until_ready())
     first, times, logits = time_calls(call, repeats, warmup=warmup)
@@ -115,6 +152,7 @@ def forward_jax(
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
         "attention": DEFAULT_ATTENTION,
+        "mesh": spec or "one device",
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
 
@@ -171,7 +209,14 @@ def _forward_pair(
         model_dir=str(model_dir), vocab=vocab, batch=batch, seq=seq, repeats=repeats, warmup=warmup
     )
     load_before = os.getloadavg()
-    ours = ctx.side(forward_jax, "jcompress forward", **kw, logits_out=str(ctx.tmp / "ours.npy"))
+    devices = xla_devices()
+    ours = ctx.side(
+        forward_jax,
+        "jcompress forward" + (f" on {devices} XLA host devices" if devices > 1 else ""),
+        **kw,
+        logits_out=str(ctx.tmp / "ours.npy"),
+        devices=devices,
+    )
     base = ctx.side(
         forward_torch, "transformers forward", **kw, logits_out=str(ctx.tmp / "base.npy")
     )
@@ -195,6 +240,10 @@ def _forward_pair(
             # the preemption-free CPU time sees it when each side runs one thread
             # (JCOMPRESS_BENCH_THREADS=1); with more threads it compares total work instead
             "cpu_time_ratio": base["cpu_median_s"] / ours["cpu_median_s"],
+            # JCOMPRESS_BENCH_XLA_DEVICES: jcompress sharded over that many host devices (the
+            # baseline keeps torch's default threads)
+            "xla_devices": devices,
+            "mesh": ours["mesh"],
             # the machine is shared: 1/5/15-minute load averages around the two sides
             "loadavg": {"before": list(load_before), "after": list(os.getloadavg())},
             "n_params": {"ours": ours["n_params"], "baseline": base["n_params"]},

@@ -334,6 +334,26 @@ def median(xs: list[float]) -> float:
 
 
 ONE_THREAD_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false"  # the one XLA:CPU thread switch
+HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
+
+
+def xla_devices(env: dict[str, str] | None = None) -> int:
+    """``JCOMPRESS_BENCH_XLA_DEVICES``: how many XLA:CPU host devices the JAX sides get (1 when
+    unset). Raises :class:`BenchError` on a value that is not an integer >= 1, or one > 1
+    together with ``JCOMPRESS_BENCH_THREADS=1`` (two devices are two threads)."""
+    env = os.environ if env is None else env
+    raw = env.get("JCOMPRESS_BENCH_XLA_DEVICES")
+    if raw is None or raw == "":
+        return 1
+    if not raw.isdigit() or int(raw) < 1:
+        raise BenchError(f"JCOMPRESS_BENCH_XLA_DEVICES: expected an integer >= 1, got {raw!r}")
+    n = int(raw)
+    if n > 1 and env.get("JCOMPRESS_BENCH_THREADS") is not None:
+        raise BenchError(
+            f"JCOMPRESS_BENCH_XLA_DEVICES={n} runs {n} threads: it cannot be combined with "
+            "JCOMPRESS_BENCH_THREADS=1 (unset one of them)"
+        )
+    return n
 
 
 def worker_env() -> dict[str, str]:
@@ -341,10 +361,18 @@ def worker_env() -> dict[str, str]:
     (torch/OpenMP/MKL/OpenBLAS via their ``*_NUM_THREADS`` variables, XLA:CPU via
     :data:`ONE_THREAD_XLA_FLAGS`): on a shared, loaded machine the default multi-threaded
     runs measure scheduling luck as much as the code (torch's OpenMP barriers suffer most), so
-    single-thread ratios are the fairer comparison there. Unset: each library's default."""
+    single-thread ratios are the fairer comparison there. Unset: each library's default.
+    ``JCOMPRESS_BENCH_XLA_DEVICES=N`` (:func:`xla_devices`) gives JAX ``N`` host devices
+    (:data:`HOST_DEVICES_FLAG`); the forward rows then shard their jcompress side over them
+    while torch keeps its default threads."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    devices = xla_devices(env)
+    if devices > 1 and HOST_DEVICES_FLAG not in env.get("XLA_FLAGS", ""):
+        env["XLA_FLAGS"] = " ".join(
+            filter(None, [env.get("XLA_FLAGS"), f"{HOST_DEVICES_FLAG}={devices}"])
+        )
     threads = env.get("JCOMPRESS_BENCH_THREADS")
     if threads is not None:
         if threads != "1":

@@ -182,3 +182,31 @@ def test_call_in_process():
         h.call_in_process(_side_fails, {"n": 4})
     with pytest.raises(TypeError):  # kwargs must be JSON, as for a subprocess
         h.call_in_process(_side_ok, {"n": object()})
+
+
+def test_xla_devices_setting(monkeypatch):
+    """``JCOMPRESS_BENCH_XLA_DEVICES``: parsed and checked once, handed to the workers as XLA's
+    host device count, refused with one-thread runs; the forward rows pick their mesh from
+    the batch (data) or else the KV heads (model)."""
+    h = _harness()
+    from bench.foundation import forward_mesh_spec
+
+    assert h.xla_devices({}) == 1 and h.xla_devices({"JCOMPRESS_BENCH_XLA_DEVICES": "2"}) == 2
+    for bad in ("0", "two", "-1"):
+        with pytest.raises(h.BenchError, match="JCOMPRESS_BENCH_XLA_DEVICES: expected"):
+            h.xla_devices({"JCOMPRESS_BENCH_XLA_DEVICES": bad})
+    both = {"JCOMPRESS_BENCH_XLA_DEVICES": "2", "JCOMPRESS_BENCH_THREADS": "1"}
+    with pytest.raises(h.BenchError, match="cannot be combined"):
+        h.xla_devices(both)
+    monkeypatch.delenv("JCOMPRESS_BENCH_THREADS", raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
+    monkeypatch.setenv("JCOMPRESS_BENCH_XLA_DEVICES", "2")
+    flags = h.worker_env()["XLA_FLAGS"].split()
+    assert flags == ["--xla_cpu_enable_fast_math=false", "--xla_force_host_platform_device_count=2"]
+    monkeypatch.delenv("JCOMPRESS_BENCH_XLA_DEVICES")
+    assert h.worker_env()["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false"
+
+    assert forward_mesh_spec(4, 1, 4) is None
+    assert forward_mesh_spec(4, 2, 4) == "data=2" and forward_mesh_spec(1, 2, 4) == "model=2"
+    with pytest.raises(ValueError, match="divides neither the batch"):
+        forward_mesh_spec(3, 2, 3)
