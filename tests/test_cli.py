@@ -55,7 +55,9 @@ def test_eigen_writes_report_and_both_exports(capsys, tmp_path, shared_data, opt
         "--calib_data", str(shared_data / "wikitext-2" / "valid.txt"),
         "--eval-data", str(shared_data / "wikitext-2-raw" / "test.txt"),
         "--nsamples", "8", "--seqlen", "128", "--avg_dim", "3", "--error_budget", "0.05",
-        "--eval_max_windows", "4", "--max-new-tokens", "5", "--out", str(out),
+        # perplexity in batches of 8 x 256, as test_ppl_reproduces_baseline: one compilation
+        "--eval_seqlen", "256", "--eval_max_windows", "8", "--max-new-tokens", "5",
+        "--out", str(out),
     )  # fmt: skip
     assert code == 0
     assert "2 are left out" in stdout  # 8 % 3 windows dropped from the bases, and said so
@@ -334,7 +336,8 @@ def test_eigen_without_eval_data_compresses_and_exports(capsys, tmp_path, shared
     argv = [
         "eigen", "--model", str(opt_dir),
         "--calib-data", str(shared_data / "wikitext-2" / "valid.txt"),
-        "--nsamples", "4", "--seqlen", "64", "--avg_dim", "2", "--max-new-tokens", "3",
+        # test_eigen_writes_report_and_both_exports's shapes: its compiled programs serve here
+        "--nsamples", "8", "--seqlen", "128", "--avg_dim", "3", "--max-new-tokens", "5",
         "--layers", "model/decoder/layers/0", "--min_rank", "8", "--out", str(out),
     ]  # fmt: skip
     code, stdout, _ = run(capsys, *argv)
@@ -403,7 +406,7 @@ def test_no_space_left_is_one_line(capsys, tmp_path, shared_data, opt_dir, monke
     code, _, err = run(
         capsys, "ppl", "--model", str(opt_dir), "--data",
         str(shared_data / "wikitext-2-raw" / "test.txt"),
-        "--seqlen", "32", "--max-windows", "1", "--json", str(out),
+        "--seqlen", "256", "--max-windows", "8", "--json", str(out),  # test_ppl_... shapes
     )  # fmt: skip
     last = err.strip().splitlines()[-1].split("\r")[-1]  # after the progress bars
     assert code == 2 and last.startswith("jcompress: error: --json: no space left on device")
