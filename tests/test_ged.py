@@ -57,10 +57,10 @@ def test_ged_core_matches_scipy_fp64():
     s, r = _spd(rng, 12, 50.0), _spd(rng, 12, 20.0)
     ref_w, ref_v = scipy.linalg.eigh(s, r)  # ascending, V^T R V = I
     with jax.enable_x64(True):
-        lam, w = core.ged_core(jnp.asarray(s), jnp.asarray(r))
+        lam, w = jax.jit(core.ged_core)(jnp.asarray(s), jnp.asarray(r))  # jit: as fit runs it
         lam, w = np.asarray(lam), np.asarray(w)
         assert lam.dtype == np.float64
-        top = core.top_eigenvalue_core(jnp.asarray(s), jnp.asarray(r))
+        top = jax.jit(core.top_eigenvalue_core)(jnp.asarray(s), jnp.asarray(r))
     np.testing.assert_allclose(lam, ref_w[::-1], rtol=1e-5)
     np.testing.assert_allclose(float(top), ref_w[-1], rtol=1e-5)
     ref_v = ref_v[:, ::-1]
@@ -142,7 +142,8 @@ def test_planted_component_recovered_and_significant():
     assert _abs_cos(res.filters[:, 0], np.linalg.solve(np.cov(xr, rowvar=False), u)) > 0.9
     assert float(res.eigenvalues[0]) > 3 * float(res.eigenvalues[1])
     assert float(res.swapped.eigenvalues[0]) < float(res.eigenvalues[0]) / 3
-    null, p = permutation_test(xs, xr, config=cfg)
+    # the fit's PCA basis (test_permutation_edges checks result= against a fresh fit)
+    null, p = permutation_test(xs, xr, config=cfg, result=res)
     assert null.shape == (199,)
     assert p == pytest.approx(1 / 200)
     assert np.all(np.isfinite(null))
@@ -265,7 +266,7 @@ def test_ledoit_wolf_matches_definition():
     delta = np.sum((sig - mu * np.eye(p)) ** 2) / p
     beta = sum(np.sum((np.outer(v, v) - sig) ** 2) for v in xc) / (n * n * p)
     with jax.enable_x64(True):
-        g = float(core.ledoit_wolf_core(jnp.asarray(x)))
+        g = float(jax.jit(core.ledoit_wolf_core)(jnp.asarray(x)))
     assert g == pytest.approx(min(beta, delta) / delta, rel=1e-9)
 
 
@@ -273,7 +274,7 @@ def test_rank_core_matches_numpy():
     rng = np.random.default_rng(9)
     a = rng.normal(size=(10, 4))
     m = (a @ a.T).astype(np.float32)
-    assert int(core.rank_core(m)) == np.linalg.matrix_rank(m) == 4
+    assert int(jax.jit(core.rank_core)(m)) == np.linalg.matrix_rank(m) == 4
 
 
 # --------------------------------------------------------------------------- held-out / layers
@@ -290,13 +291,20 @@ def test_cross_validate_separates_planted_shift():
         cross_validate(xs[:3], xr, config=GEDConfig(n_folds=4))
 
 
-def test_fit_layers_table():
+@pytest.fixture(scope="module")
+def layer_table():
+    """Three layers, the middle one with a planted shift, through :func:`fit_layers`: checked
+    in test_fit_layers_table and drawn in test_figures_written (one computation for both)."""
     rng = np.random.default_rng(11)
     layers = [_planted(rng, n_s=60, n_r=60, d=10, amp=a, shift=a) for a in (0.0, 3.0, 0.0)]
     xs = np.stack([l[0] for l in layers])
     xr = np.stack([l[1] for l in layers])
     cfg = GEDConfig(n_permutations=49, n_folds=3, center=False)
-    table = fit_layers(xs, xr, config=cfg)
+    return xs, xr, cfg, fit_layers(xs, xr, config=cfg)
+
+
+def test_fit_layers_table(layer_table):
+    xs, xr, cfg, table = layer_table
     assert table.top_eigenvalue.shape == (3,) and len(table.results) == 3
     assert table.p_value[1] == pytest.approx(1 / 50)
     assert np.argmax(table.top_eigenvalue) == 1 and np.argmax(table.accuracy) == 1
@@ -333,14 +341,10 @@ def test_fit_layers_fixed_k_is_one_vmapped_call_equal_to_per_layer_fits():
 # --------------------------------------------------------------------------- figures
 
 
-def test_figures_written(tmp_path):
-    rng = np.random.default_rng(12)
-    layers = [_planted(rng, n_s=40, n_r=40, d=8, amp=a, shift=a) for a in (0.0, 2.0)]
-    xs, xr = np.stack([l[0] for l in layers]), np.stack([l[1] for l in layers])
-    cfg = GEDConfig(n_permutations=19, n_folds=2, variance_threshold=0.9)
-    table = fit_layers(xs, xr, config=cfg)
-    res = table.results[1]
-    cv = cross_validate(xs[1], xr[1], config=cfg)
+def test_figures_written(tmp_path, layer_table):
+    xs, xr, cfg, table = layer_table
+    res = table.results[1]  # the planted layer
+    cv = cross_validate(xs[1], xr[1], config=cfg)  # the programs fit_layers compiled
     paths = [
         ged_figures.scree(res, tmp_path / "scree.png", threshold=0.9),
         ged_figures.spectrum_vs_null(res, table.nulls[1], tmp_path / "null.png", p_value=0.05),
@@ -441,9 +445,10 @@ def test_dual_pca_matches_primal_fp64():
     rng = np.random.default_rng(13)
     xs, xr = rng.normal(size=(9, 30)), rng.normal(size=(7, 30)) + 1.0
     with jax.enable_x64(True):
-        y = core.pooled_factor_core(jnp.asarray(xs), jnp.asarray(xr))
-        ev, vec = core.pca_dual_core(y)
-        ref_ev, ref_vec = core.pca_core((np.cov(xs, rowvar=False) + np.cov(xr, rowvar=False)) / 2)
+        y = jax.jit(core.pooled_factor_core)(jnp.asarray(xs), jnp.asarray(xr))  # jit: one program
+        ev, vec = jax.jit(core.pca_dual_core)(y)  # each, not one per op
+        ref_cov = (np.cov(xs, rowvar=False) + np.cov(xr, rowvar=False)) / 2
+        ref_ev, ref_vec = jax.jit(core.pca_core)(ref_cov)
     ev, vec, ref_ev, ref_vec = map(np.asarray, (ev, vec, ref_ev, ref_vec))
     assert ev.shape == (30,) and vec.shape == (30, 16)
     np.testing.assert_allclose(ev, np.where(ref_ev > 1e-10, ref_ev, 0.0), atol=1e-10)

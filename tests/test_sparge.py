@@ -249,7 +249,7 @@ def test_outputs_up_to_t_ignore_later_tokens():
     """Changing every token after t (queries, keys, values) leaves outputs <= t unchanged,
     under real sparsity and PV skip (diagonal blocks use the element-wise causal mask; the
     key-gate centring and the pooled scores read only past keys)."""
-    b, t, hq, hk, d = 1, 64, 4, 2, 16
+    b, t, hq, hk, d = 1, 48, 4, 2, 16  # the shape and blocks of the loop-oracle test: no compile
     q, k, v = _qkv(b, t, t, hq, hk, d, seed=3)
     q2, k2, v2 = _qkv(b, t, t, hq, hk, d, seed=4)
     params = (jnp.array([-1.0, 0.0, 0.1, -1.0]), jnp.array([0.6, 0.8, 0.9, 0.7]),
@@ -296,8 +296,12 @@ def test_bf16_close_to_f32():
 
 
 @pytest.fixture(scope="module")
-def llama(llama_dir):
-    return jcompress.load_hf(llama_dir)
+def llama(tmp_path_factory):
+    """The tiny GQA llama of tests/_tiny.py (2 layers, random O(1) weights): the checks below
+    are structural (prefill == decode, perplexity == forward's NLLs, generate == dense), and
+    half the layers of the trained llama-1m halve their compile time."""
+    d = save_model(make_model("llama"), tmp_path_factory.mktemp("llama") / "m")
+    return jcompress.load_hf(d)
 
 
 def test_model_prefill_equals_decode(llama):
@@ -330,28 +334,29 @@ def test_perplexity_takes_the_thresholds_as_attention_state(llama):
 
     cfg, params = llama
     impl = sparge.BlockSparse(block_q=8, block_k=8, implementation="xla")
-    ids = np.random.default_rng(3).integers(0, cfg.vocab_size, 3 * 24).astype(np.int32)
+    # 2 windows of 40: forward under block_sparse runs the prefill test's program (no compile)
+    ids = np.random.default_rng(3).integers(0, cfg.vocab_size, 2 * 40).astype(np.int32)
     loose = sparge.SpargeParams.create(cfg.num_layers, cfg.num_heads, simthreshd1=-1.0,
                                        cdfthreshd=0.3)  # fmt: skip
     full = sparge.SpargeParams.create(cfg.num_layers, cfg.num_heads, simthreshd1=-1.0,
                                       cdfthreshd=1.0, pvthreshd=1e9)  # fmt: skip
     got = {}
     for name, state in (("loose", loose), ("full", full)):
-        res = perplexity(cfg, params, ids, seqlen=24, batch_size=3, progress=False,
+        res = perplexity(cfg, params, ids, seqlen=40, batch_size=2, progress=False,
                          attention=impl, attention_state=state)  # fmt: skip
-        logits = np.asarray(jcompress.forward(cfg, params, ids.reshape(3, 24), attention=impl,
+        logits = np.asarray(jcompress.forward(cfg, params, ids.reshape(2, 40), attention=impl,
                                               attention_state=state), np.float64)  # fmt: skip
         logp = logits[:, :-1] - np.log(np.exp(logits[:, :-1]).sum(-1, keepdims=True))
-        nll = -np.take_along_axis(logp, ids.reshape(3, 24)[:, 1:, None], -1)[..., 0].mean(-1)
+        nll = -np.take_along_axis(logp, ids.reshape(2, 40)[:, 1:, None], -1)[..., 0].mean(-1)
         np.testing.assert_allclose(res.nlls, nll, rtol=1e-5)
         assert res.ppl == pytest.approx(np.exp(nll.mean()), rel=1e-5)
         got[name] = res.ppl
-    dense = perplexity(cfg, params, ids, seqlen=24, batch_size=3, progress=False).ppl
+    dense = perplexity(cfg, params, ids, seqlen=40, batch_size=2, progress=False).ppl
     assert got["full"] == pytest.approx(dense, rel=1e-5)  # keep-everything == dense
     assert abs(got["loose"] - dense) > 1e-4 * dense  # the state is really used
     if hasattr(window_nll, "_cache_size"):  # the thresholds are traced: no recompile
         before = window_nll._cache_size()
-        perplexity(cfg, params, ids, seqlen=24, batch_size=3, progress=False, attention=impl,
+        perplexity(cfg, params, ids, seqlen=40, batch_size=2, progress=False, attention=impl,
                    attention_state=sparge.SpargeParams.create(cfg.num_layers, cfg.num_heads,
                                                               cdfthreshd=0.5))  # fmt: skip
         assert window_nll._cache_size() == before

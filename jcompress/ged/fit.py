@@ -227,6 +227,9 @@ def _traced(*xs) -> bool:
     return any(isinstance(x, jax.core.Tracer) for x in xs)
 
 
+_all_finite = jax.jit(lambda x: jnp.all(jnp.isfinite(x)))  # one program per shape, not two
+
+
 def _check_inputs(acts_s, acts_r, *, batched: bool = False) -> tuple[jax.Array, jax.Array]:
     nd = 3 if batched else 2
     shape = "[L, N, D]" if batched else "[N, D]"
@@ -242,7 +245,7 @@ def _check_inputs(acts_s, acts_r, *, batched: bool = False) -> tuple[jax.Array, 
             "(same layers and neurons needed)"
         )
     for name, x in (("acts_s", xs), ("acts_r", xr)):
-        if not _traced(x) and not bool(jnp.all(jnp.isfinite(x))):
+        if not _traced(x) and not bool(_all_finite(x)):
             raise UserError(f"GED: {name} holds NaN or infinite values")
     return xs, xr
 
@@ -409,7 +412,7 @@ def _reduced_fit(xs, xr, evals, vecs, total, gamma, k: int, opts: _Opts, swap: b
 def _check_pd(res: GEDResult, what: str) -> None:
     k = res.n_components
     after, before = int(res.rank_r_after), int(res.rank_r_before)
-    if after < k or not bool(jnp.all(jnp.isfinite(res.eigenvalues))):
+    if after < k or not bool(_all_finite(res.eigenvalues)):
         raise UserError(
             f"GED: the {what} covariance is not positive definite in the {k}-dim PCA space "
             f"(rank {before} before shrinkage, {after} after, {k} needed): set "
@@ -639,6 +642,19 @@ def _folds(n: int, n_folds: int, rng: np.random.Generator) -> list[np.ndarray]:
     return np.array_split(rng.permutation(n), n_folds)
 
 
+@jax.jit
+def _held_out(res: GEDResult, xs_test, xr_test):
+    """One fold's held-out scores on the top filter and the two training score means, as one
+    program (op by op, every fold shape compiled a dozen small programs)."""
+    f, off = res.filters[:, 0], res.offset
+    hs = (xs_test.astype(f.dtype) - off) @ f
+    hr = (xr_test.astype(f.dtype) - off) @ f
+    return hs, hr, jnp.mean(res.scores_s[:, 0]), jnp.mean(res.scores_r[:, 0])
+
+
+_cohens_d = jax.jit(core.cohens_d_core)
+
+
 def cross_validate(acts_s, acts_r, *, config: GEDConfig = _DEFAULT) -> CVResult:
     """Held-out separation of the two conditions along the top GED filter (stratified k-fold).
 
@@ -663,19 +679,19 @@ def cross_validate(acts_s, acts_r, *, config: GEDConfig = _DEFAULT) -> CVResult:
     held_s = np.zeros((xs.shape[0],), np.float64)
     held_r = np.zeros((xr.shape[0],), np.float64)
     accs, ds, sizes = [], [], []
+    xs_host, xr_host = np.asarray(xs), np.asarray(xr)  # the folds are split on the host
     for ts, tr in zip(fs, fr, strict=True):
         ms, mr = np.ones(xs.shape[0], bool), np.ones(xr.shape[0], bool)
         ms[ts], mr[tr] = False, False
-        res = fit(xs[ms], xr[mr], config=config, swap=False)
-        f, off = res.filters[:, 0], res.offset
-        m_s, m_r = float(jnp.mean(res.scores_s[:, 0])), float(jnp.mean(res.scores_r[:, 0]))
+        res = fit(xs_host[ms], xr_host[mr], config=config, swap=False)
+        hs, hr, m_s, m_r = _held_out(res, xs_host[ts], xr_host[tr])
+        m_s, m_r = float(m_s), float(m_r)
         thr, sign = 0.5 * (m_s + m_r), (1.0 if m_s >= m_r else -1.0)
-        hs = np.asarray((xs[ts].astype(f.dtype) - off) @ f, np.float64)
-        hr = np.asarray((xr[tr].astype(f.dtype) - off) @ f, np.float64)
+        hs, hr = np.asarray(hs, np.float64), np.asarray(hr, np.float64)
         held_s[ts], held_r[tr] = hs, hr
         correct = np.sum(sign * (hs - thr) > 0) + np.sum(sign * (hr - thr) <= 0)
         accs.append(float(correct / (hs.size + hr.size)))
-        ds.append(float(sign * core.cohens_d_core(jnp.asarray(hs), jnp.asarray(hr))))
+        ds.append(float(sign * _cohens_d(jnp.asarray(hs), jnp.asarray(hr))))
         sizes.append(int(hs.size + hr.size))
     return CVResult(
         accuracy=float(np.mean(accs)),
