@@ -443,3 +443,22 @@ def test_bad_block_sizes_and_implementation():
     with pytest.raises(UserError, match="expected 2 per-head thresholds"):
         sparge.attention(q, k, v, (np.zeros(3), 1.0, math.inf))
     assert isinstance(A.resolve("block_sparse"), sparge.BlockSparse)
+
+
+def test_raw_thresholds_are_range_checked_and_block_mask_shape():
+    """Thresholds given as a raw triple get the same one-line range errors as SpargeParams;
+    ``block_mask`` returns ``[B, Hq, nQ, nK]`` tiles, keep-everything keeps every causal tile."""
+    ks = jax.random.split(jax.random.PRNGKey(3), 3)
+    q, k, v = (jax.random.normal(kk, (1, 32, 4, 16), jnp.float32) for kk in ks)
+    for bad, needle in (((-1.5, 0.9, 1.0), "simthreshd1: -1.5 is out of range"),
+                        ((0.5, 5.0, 1.0), "cdfthreshd: 5 is out of range"),
+                        ((0.5, 0.9, -3.0), "pvthreshd: -3 is out of range"),
+                        ((float("nan"), 0.9, 1.0), "simthreshd1: NaN")):  # fmt: skip
+        with pytest.raises(UserError, match=needle):
+            sparge.attention(q, k, v, bad)
+        with pytest.raises(UserError, match=needle.split(":")[0]):
+            sparge.block_mask(q, k, bad, block_q=8, block_k=8)
+    m = sparge.block_mask(q, k, (-1.0, 1.0, float("inf")), block_q=8, block_k=8)
+    assert m.shape == (1, 4, 4, 4) and m.dtype == jnp.bool_
+    causal_tiles = np.tril(np.ones((4, 4), bool))
+    np.testing.assert_array_equal(np.asarray(m[0, 0]), causal_tiles)

@@ -14,7 +14,7 @@ from jcompress.errors import UserError
 from jcompress.kernels import sparse_attention as kernel
 from jcompress.models import attention as seam
 from jcompress.sparge import _core
-from jcompress.sparge.params import DEFAULTS, SpargeParams
+from jcompress.sparge.params import DEFAULTS, SpargeParams, check_range
 
 __all__ = ["BlockSparse", "SpargeStats", "attention", "block_mask", "head_thresholds"]
 
@@ -60,6 +60,7 @@ def head_thresholds(params: Any, hq: int, layer: Any = None):
                               DEFAULTS["pvthreshd"])  # fmt: skip
     out = []
     for name, a in zip(SpargeParams._fields, params, strict=True):
+        check_range(name, a)  # concrete thresholds only; traced ones come validated
         a = jnp.asarray(a, jnp.float32)
         if a.ndim == 2:
             if layer is None:

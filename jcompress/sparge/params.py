@@ -16,6 +16,7 @@ import secrets
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import jax
 import numpy as np
 
 from jcompress.atomic import on_writer
@@ -34,6 +35,20 @@ _RANGES = {
     "cdfthreshd": (0.0, 1.0),
     "pvthreshd": (0.0, math.inf),
 }
+
+
+def check_range(name: str, a: Any) -> None:
+    """One :class:`UserError` naming ``name`` and its allowed values when a concrete threshold
+    array holds NaN or a value outside its range (traced values are not checked)."""
+    if isinstance(a, jax.core.Tracer):
+        return
+    lo, hi = _RANGES[name]
+    a = np.asarray(a, np.float64)
+    if np.isnan(a).any():
+        raise UserError(f"{name}: NaN thresholds; allowed values are in [{lo}, {hi}]")
+    if (a < lo).any() or (a > hi).any():
+        bad = a[(a < lo) | (a > hi)].ravel()[0]
+        raise UserError(f"{name}: {bad:g} is out of range; allowed values are [{lo}, {hi}]")
 
 
 class SpargeParams(NamedTuple):
@@ -96,17 +111,13 @@ class SpargeParams(NamedTuple):
         """Host-side checks (concrete arrays): equal ``[layers, heads]`` shapes, ranges, no
         NaN. Raises :class:`UserError` naming the field and the allowed values."""
         shape = np.shape(self.simthreshd1)
-        for name, (lo, hi) in _RANGES.items():
+        for name in _RANGES:
             a = np.asarray(getattr(self, name), np.float64)
             if a.shape != shape or a.ndim != 2:
                 raise UserError(
                     f"{name}: expected shape [layers, heads] = {list(shape)}, got {list(a.shape)}"
                 )
-            if np.isnan(a).any():
-                raise UserError(f"{name}: NaN thresholds; allowed values are in [{lo}, {hi}]")
-            if (a < lo).any() or (a > hi).any():
-                bad = a[(a < lo) | (a > hi)].ravel()[0]
-                raise UserError(f"{name}: {bad:g} is out of range; allowed values are [{lo}, {hi}]")
+            check_range(name, a)
 
     def check_model(self, layers: int, heads: int, *, arg: str = "sparge params") -> None:
         """One clear error unless the thresholds are ``[layers, heads]``."""
