@@ -303,6 +303,8 @@ def cli_checks(model_dir: str, cfg, params) -> dict:
         leaked.append(sharding.current_mesh() is not None)
         tokenwise = tokenwise_cli(run, model_dir, Path(tmp))
         leaked.append(sharding.current_mesh() is not None)
+        sparge = sparge_cli(run, model_dir, Path(tmp), cfg, params, text, ids)
+        leaked.append(sharding.current_mesh() is not None)
     rc4 = run(["ppl", "--model", model_dir, "--data", str(text), "--mesh", "model=8"])[0]
     rc5 = run(["ppl", "--model", model_dir, "--data", str(text), "--batch-size", "3",
                "--mesh", "data=2,model=4"])[0]  # fmt: skip
@@ -317,6 +319,7 @@ def cli_checks(model_dir: str, cfg, params) -> dict:
         "mesh_leaked": leaked,
         "eigen": eigen,
         "tokenwise": tokenwise,
+        "sparge": sparge,
     }
 
 
@@ -402,6 +405,35 @@ def tokenwise_cli(run, model_dir: str, tmp) -> dict:
         "rel_diff": max(
             (abs(a - b) / max(abs(a), 1e-12) for a, b in zip(m1, m2, strict=False)), default=None
         ),
+    }
+
+
+def sparge_cli(run, model_dir: str, tmp, cfg, params, text, ids) -> dict:
+    """``jcompress sparge tune --mesh data=2,model=4`` against the library's one-device
+    :func:`~jcompress.sparge.tune.tune` on the same windows (``--data``'s tokens drawn with the
+    config's seed; the shapes and settings of :func:`method_checks`, compiled there): the same
+    per-head thresholds in the written file."""
+    from jcompress.data import calibration_windows
+    from jcompress.sparge import load_params
+    from jcompress.sparge.tune import SpargeTuneConfig, tune
+
+    sc = SpargeTuneConfig(block_q=16, block_k=16, batch_size=4, sim_grid=4, cdf_steps=2,
+                          pv_steps=0, nsamples=4, seqlen=32)  # fmt: skip
+    ref, _ = tune(cfg, params, calibration_windows(ids, 4, 32, seed=sc.seed), sc, progress=False)
+    out = tmp / "sparge.safetensors"
+    rc, _ = run(["sparge", "tune", "--model", model_dir, "--data", str(text), "--out", str(out),
+                 "--block_q", "16", "--block_k", "16", "--batch_size", "4", "--sim_grid", "4",
+                 "--cdf_steps", "2", "--pv_steps", "0", "--nsamples", "4", "--seqlen", "32",
+                 "--mesh", "data=2,model=4"])  # fmt: skip
+    got = load_params(out, layers=cfg.num_layers, heads=cfg.num_heads)[0] if rc == 0 else None
+    same = got is not None and all(
+        np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True)
+        for a, b in zip(got, ref, strict=True)
+    )
+    return {
+        "rc": rc,
+        "equal": same,
+        "shape": None if got is None else list(np.shape(got.cdfthreshd)),
     }
 
 

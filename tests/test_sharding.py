@@ -440,7 +440,14 @@ def test_cli_mesh(checks):
     assert c["ppl_rc"] == 0 and c["ppl_mesh"] == "data=2,model=4"
     assert c["ppl"] == pytest.approx(c["ppl_ref"], rel=1e-5)
     assert c["bad_mesh_rc"] == [2, 2]  # model=8 over 4 kv heads, batch 3 over data=2
-    assert c["mesh_leaked"] == [False, False, False, False]  # --mesh ends with its main()
+    assert c["mesh_leaked"] == [False] * 5  # --mesh ends with its main()
+
+
+def test_sparge_tune_cli_mesh_equals_one_device(checks, llama_dir):
+    s = checks["cli"]["sparge"]
+    assert s["rc"] == 0
+    assert s["shape"] == [4, 8]  # llama-1m: 4 layers x 8 query heads
+    assert s["equal"]  # the thresholds file == the library's one-device tuning
 
 
 def test_eigen_cli_mesh_equals_one_device(checks):
@@ -477,6 +484,9 @@ def test_tokenwise_cli_mesh(checks):
         ["generate", "--prompt", "hi", "--model", "{model}"],
         ["tokenwise", "save_xy", "--save_path", "x", "--label", "y", "--model_dir", "{model}"],
         ["tokenwise", "eval_fake", "--xy_path", "x", "--out_json", "y", "--model_dir", "{model}"],
+        ["sparge", "tune", "--data", "x", "--out", "y", "--model", "{model}"],
+        ["ged", "--out", "x", "--model", "{model}"],
+        ["run", "recipe.json", "--model", "{model}"],
     ],
 )
 def test_method_commands_take_mesh(capsys, llama_dir, argv):
@@ -487,6 +497,46 @@ def test_method_commands_take_mesh(capsys, llama_dir, argv):
     rc = main([*argv, "--mesh", f"model={2 * n}"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith(f"jcompress: error: --mesh: data=1,model={2 * n} spans")
+
+
+# the commands that take --mesh (the oracle: a command gaining --mesh is added here)
+MESH_COMMANDS = [
+    "eigen", "generate", "ged", "ppl", "quant apply", "run", "sparge tune",
+    "tokenwise eval_fake", "tokenwise eval_smooth", "tokenwise save_xy", "tucker",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", MESH_COMMANDS)
+def test_mesh_flag_on_every_sharded_command(name):
+    """``--mesh`` parses on each sharded command, with the one shared help text."""
+    from jcompress.cli import build_parser, leaf_parsers
+
+    parser = build_parser()
+    argv = COMMAND_ARGV[name]
+    assert parser.parse_args([*argv, "--mesh", "data=2,model=4"]).mesh == "data=2,model=4"
+    assert parser.parse_args(argv).mesh is None
+    (flag,) = [a for a in leaf_parsers(parser)[tuple(name.split())]._actions
+               if "--mesh" in a.option_strings]  # fmt: skip
+    assert flag.help == (
+        "shard over a device mesh: data=N,model=M (either may be left out: it is then 1); "
+        "heads / MLP columns over model, batches over data (default: one device)"
+    )
+
+
+@pytest.mark.parametrize(
+    "argv, what",
+    [
+        (["sparge", "tune", "--data", "x", "--out", "y"], "a streamed tuning"),
+        (["ged", "--out", "x"], "a streamed capture"),
+    ],
+)
+def test_mesh_with_stream_is_one_error(capsys, llama_dir, argv, what):
+    from jcompress.cli import main
+
+    rc = main([*argv, "--model", str(llama_dir), "--stream", "--mesh", "data=1"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err == f"jcompress: error: --mesh: not with --stream ({what} runs on one device)\n"
 
 
 def test_cli_mesh_flag_errors(capsys, llama_dir):

@@ -14,10 +14,12 @@ import time
 from pathlib import Path
 
 from jcompress.cli.common import (
+    add_mesh_flag,
     add_stream_flags,
     config_flags,
     config_from_args,
     field_docs,
+    mesh_from_args,
     positive,
     stream_from_args,
 )
@@ -125,6 +127,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     names.append("shrinkage")
     add_stream_flags(s)
+    add_mesh_flag(s)
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=run, ged_fields=names, capture_fields=cap)
     return s
@@ -162,6 +165,9 @@ def run(args: argparse.Namespace, log=print) -> int:
     capture = config_from_args(CaptureConfig, args, args.capture_fields, layers=layers)
     config = config_from_args(GEDConfig, args, args.ged_fields)
     cfg = read_config(model)
+    if args.stream and args.mesh:
+        raise UserError("--mesh: not with --stream (a streamed capture runs on one device)")
+    mesh_from_args(args, cfg)  # --mesh: the capture stream runs sharded
     hook = resolve_hook(cfg, capture, arg="--hook")
     layer_ids = resolve_layers(cfg, capture, arg="--layer")
     for flag, f in (("--cond-a", file_a), ("--cond-b", file_b)):

@@ -10,7 +10,8 @@ set of calibration windows (``--calib_data``), with perplexity after every step
 (``--eval_data``). ``--out`` receives ``report.json``, ``report.md``, the dense-equivalent HF
 export (``dense/``), the lossless factor export (``factors/``) and, when the last step tuned
 SpargeAttn thresholds, ``sparge_params.safetensors``; all written atomically through
-:mod:`jcompress.outputs` / :mod:`jcompress.atomic`.
+:mod:`jcompress.outputs` / :mod:`jcompress.atomic`. With ``--mesh`` the steps' calibration
+streams and the perplexity rows run sharded (:mod:`jcompress.sharding`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from jcompress.cli.common import (
     add_calib_window_flags,
     add_dtype_flag,
     add_eval_window_flags,
+    add_mesh_flag,
+    mesh_from_args,
 )
 from jcompress.errors import UserError
 
@@ -207,6 +210,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     add_eval_window_flags(s)
     add_dtype_flag(s)
+    add_mesh_flag(s)
     s.add_argument(
         "--overwrite",
         action="store_true",
@@ -217,6 +221,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    mesh_from_args(args)  # --mesh: every step's calibration stream and perplexity run sharded
     job = RunJob(
         recipe=Path(args.recipe),
         model=Path(args.model),

@@ -16,10 +16,12 @@ import json
 from pathlib import Path
 
 from jcompress.cli.common import (
+    add_mesh_flag,
     add_stream_flags,
     check_data_file,
     config_flags,
     config_from_args,
+    mesh_from_args,
     positive,
     stream_from_args,
 )
@@ -45,6 +47,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     names = config_flags(t, SpargeTuneConfig,
                         {"layer_l1": {"metavar": "LAYER:L1"}})  # fmt: skip
     add_stream_flags(t)
+    add_mesh_flag(t)
     t.set_defaults(func=run_tune, _names=names)
 
     e = sub.add_parser("eval", help="perplexity dense vs tuned vs untuned, sparsity heatmap")
@@ -72,6 +75,9 @@ def run_tune(args: argparse.Namespace) -> int:
     from jcompress.sparge.tune import SpargeTuneConfig, tune
 
     config = config_from_args(SpargeTuneConfig, args, args._names)
+    if args.stream and args.mesh:
+        raise UserError("--mesh: not with --stream (a streamed tuning runs on one device)")
+    mesh_from_args(args)  # --mesh: the q/k/v probe stream runs sharded
     model, data, out = Path(args.model), check_data_file(args.data, "--data"), Path(args.out)
     cfg = read_config(model)
     streamed = stream_from_args(args, out)
