@@ -95,13 +95,21 @@ def supports(q, k, v, *, block_sizes: BlockSizes, interpret: bool = False,
         return True
     if jax.default_backend() != "gpu":
         return False
-    d, dv = q.shape[-1], v.shape[-1]
-    bq, bk = min(block_sizes.block_q, q.shape[1]), block_sizes.block_k
+    return triton_shapes_ok(q.shape[-1], v.shape[-1], q.shape[1], k.shape[1], block_sizes)
 
-    def p2(n):
-        return n >= 16 and n & (n - 1) == 0
 
-    return all(p2(n) for n in (d, dv, bq, bk))
+def triton_shapes_ok(d: int, dv: int, t: int, s: int, block_sizes: BlockSizes) -> bool:
+    """Pallas Triton loads and stores only power-of-two shaped blocks: the tiles and head dims
+    (>= 16 for its dot), and the whole-row blocks the kernel reads per (batch, head, query
+    block): the padded key length ``Sp`` (K, V, key validity) and the number of key blocks
+    ``nK`` (the kept-block indices, the row selection). Other shapes take the XLA path."""
+    bq, bk = min(block_sizes.block_q, t), block_sizes.block_k
+    nk = -(-s // bk)
+
+    def p2(n, least=1):
+        return n >= least and n & (n - 1) == 0
+
+    return all(p2(n, 16) for n in (d, dv, bq, bk)) and p2(nk)  # so Sp = nK * bk too
 
 
 def _kernel(

@@ -117,9 +117,32 @@ def test_compiled_kernel_on_gpu():
     q, k, v, keep, valid = _case(1, 256, 256, 4, 2, 64, 64, 0.5, jnp.float16, seed=3)
     bs = K.BlockSizes(block_q=64, block_k=64)
     pv = jnp.full((4,), 4.0)
+    # the compiled kernel really runs here (not the silent XLA fallback) ...
+    assert K.supports(q, k, v, block_sizes=bs)
     out, _ = K.sparse_attention(q, k, v, keep, pv, block_sizes=bs, k_valid=valid,
                                 implementation="pallas")  # fmt: skip
+
+    # ... and is the Pallas program: its lowered module holds the Pallas GPU custom call
+    def pallas_out(q, k, v):
+        return K.sparse_attention(q, k, v, keep, pv, block_sizes=bs, k_valid=valid,
+                                  implementation="pallas")[0]  # fmt: skip
+
+    hlo = jax.jit(pallas_out).lower(q, k, v).as_text()
+    assert "xla.gpu.triton" in hlo or "mosaic_gpu" in hlo, "'pallas' fell back to XLA on a GPU"
     ref, _ = K.sparse_attention(q, k, v, keep, pv, block_sizes=bs, k_valid=valid,
                                 implementation="reference")  # fmt: skip
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
                                atol=1e-2)  # fmt: skip
+
+
+def test_triton_shapes():
+    """The compiled kernel's shape rule (power-of-two blocks, checked without a GPU): head dims
+    and tiles >= 16, and the per-row blocks of keys (``nK`` key blocks, ``Sp = nK x bk``)."""
+    bs = K.BlockSizes(block_q=64, block_k=32)
+    assert K.triton_shapes_ok(64, 64, 256, 256, bs)  # nK = 8
+    assert K.triton_shapes_ok(128, 128, 1000, 250, bs)  # S padded to 256: nK = 8
+    assert not K.triton_shapes_ok(64, 64, 256, 96, bs)  # nK = 3
+    assert not K.triton_shapes_ok(80, 80, 256, 256, bs)  # head_dim 80
+    assert not K.triton_shapes_ok(8, 8, 256, 256, bs)  # head_dim below 16
+    assert not K.triton_shapes_ok(64, 64, 8, 256, bs)  # one query block of 8 rows
+    assert K.triton_shapes_ok(64, 64, 16, 32, bs)  # decode-like: bq = T = 16, nK = 1
