@@ -23,8 +23,9 @@ Bond ranks are chosen in one of three ways (exactly one is given):
   ``||A - A_tt|| <= rel_error * ||A||``.
 
 Data-dependent ranks (``eps`` / ``rel_error``) are chosen on the host: the sweep runs eagerly
-(each SVD is one jit-compiled op) and reads the singular values back between steps, so those
-two modes are not jit-able; use the ranks they found with ``ranks=`` to jit or vmap.
+(each SVD, signs fixed, is one jit-compiled op per unfolding shape, whatever rank it keeps)
+and reads the singular values back between steps, so those two modes are not jit-able; use
+the ranks they found with ``ranks=`` to jit or vmap.
 
 The tail energies are reverse cumulative sums of ``s^2`` (no cancellation of ``1 - cumsum``),
 so the rule holds at the ``eps = 1`` boundary (where ``cumsum(s^2) / total >= 1`` can fail by
@@ -213,6 +214,7 @@ def _check_chain(cores, ndim: int, what: str) -> None:
 # --------------------------------------------------------------------------- array math
 
 
+@jax.jit  # one program per shape, not one per op (materialize / apply run eagerly)
 def _tt_to_tensor(cores) -> jax.Array:
     shape = tuple(c.shape[1] for c in cores)
     out = cores[0].reshape(-1, cores[0].shape[-1])  # [n_1, r_1]
@@ -222,6 +224,7 @@ def _tt_to_tensor(cores) -> jax.Array:
     return out.reshape(shape)
 
 
+@jax.jit  # one program per shape, not one per op (materialize / apply run eagerly)
 def _ttm_to_matrix(cores) -> jax.Array:
     m = tuple(c.shape[1] for c in cores)
     n = tuple(c.shape[2] for c in cores)
@@ -234,6 +237,7 @@ def _ttm_to_matrix(cores) -> jax.Array:
     return t.reshape(math.prod(m), math.prod(n))
 
 
+@jax.jit  # one program per shape, not one per op (materialize / apply run eagerly)
 def _ttm_apply(cores, x: jax.Array) -> jax.Array:
     x = jnp.asarray(x)
     m = tuple(int(c.shape[1]) for c in cores)
@@ -285,10 +289,18 @@ def _tt_svd_fixed(x: jax.Array, ranks: tuple[int, ...]) -> tuple[jax.Array, ...]
     return tuple(cores)
 
 
-@jax.jit
-def _svd(c: jax.Array):
-    u, s, vt = jnp.linalg.svd(c, full_matrices=False)
-    return u, s, vt
+@functools.partial(jax.jit, static_argnames=("rows",))
+def _svd_signed(c: jax.Array, rows: int):
+    """``c -> C [rows, cols]``; its thin SVD with signs fixed on every column:
+    ``(U [rows, q] signs fixed, s [q], S V^T [q, cols] with the matching signs)``, so that
+    ``U[:, :r] @ (S V^T)[:r]`` is the rank-``r`` truncation for every ``r``. Compiled once per
+    unfolding shape: the rank, read from ``s`` on the host, only slices the result
+    (:func:`flip_signs` works column by column, so fixing all columns then slicing equals
+    slicing then fixing)."""
+    u, s, vt = jnp.linalg.svd(c.reshape(rows, -1), full_matrices=False)
+    uf = flip_signs(u)
+    sign = jnp.sum(uf * u, axis=0)  # +-1 per column
+    return uf, s, (s * sign)[:, None] * vt
 
 
 def _rank_from_tail(s: np.ndarray, budget: float, dtype) -> int:
@@ -309,15 +321,6 @@ def _rank_from_tail(s: np.ndarray, budget: float, dtype) -> int:
     return max(int(ok[0]), 1)
 
 
-@functools.partial(jax.jit, static_argnames=("r",))
-def _truncate(u: jax.Array, s: jax.Array, vt: jax.Array, r: int):
-    """Thin SVD factors -> ``(U_r [m, r] signs fixed, S_r V_r^T [r, n])``."""
-    u, s, vt = u[:, :r], s[:r], vt[:r]
-    uf = flip_signs(u)
-    sign = jnp.sum(uf * u, axis=0)  # +-1 per column
-    return uf, (s * sign)[:, None] * vt
-
-
 def _tt_svd_adaptive(
     x: jax.Array, *, eps: float | None, rel_error: float | None
 ) -> tuple[jax.Array, ...]:
@@ -329,14 +332,14 @@ def _tt_svd_adaptive(
     c, r_prev = x, 1
     delta2 = None
     for k in range(d - 1):
-        u, s, vt = _svd(c.reshape(r_prev * shape[k], -1))
+        u, s, svt = _svd_signed(c, r_prev * shape[k])
         s_host = np.asarray(s, np.float64)
         energy = float(np.sum(s_host**2))
         if delta2 is None and rel_error is not None:  # ||A||^2 from the first unfolding
             delta2 = rel_error**2 / (d - 1) * energy
         budget = (1.0 - eps) * energy if eps is not None else delta2
         r = _rank_from_tail(s_host, budget, x.dtype)
-        u, c = _truncate(u, s, vt, r)
+        u, c = u[:, :r], svt[:r]
         cores.append(u.reshape(r_prev, shape[k], r))
         r_prev = r
     cores.append(c.reshape(r_prev, shape[-1], 1))
