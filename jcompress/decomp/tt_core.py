@@ -321,6 +321,13 @@ def _rank_from_tail(s: np.ndarray, budget: float, dtype) -> int:
     return max(int(ok[0]), 1)
 
 
+@functools.partial(jax.jit, static_argnames=("r_prev", "n", "r"))
+def _keep(u: jax.Array, svt: jax.Array, r_prev: int, n: int, r: int):
+    """The rank-``r`` cut of :func:`_svd_signed`'s factors: ``(core [r_prev, n, r],
+    carried S_r V_r^T [r, cols])`` (one program, not one per eager slice / reshape)."""
+    return u[:, :r].reshape(r_prev, n, r), svt[:r]
+
+
 def _tt_svd_adaptive(
     x: jax.Array, *, eps: float | None, rel_error: float | None
 ) -> tuple[jax.Array, ...]:
@@ -339,8 +346,8 @@ def _tt_svd_adaptive(
             delta2 = rel_error**2 / (d - 1) * energy
         budget = (1.0 - eps) * energy if eps is not None else delta2
         r = _rank_from_tail(s_host, budget, x.dtype)
-        u, c = u[:, :r], svt[:r]
-        cores.append(u.reshape(r_prev, shape[k], r))
+        core, c = _keep(u, svt, r_prev, shape[k], r)
+        cores.append(core)
         r_prev = r
     cores.append(c.reshape(r_prev, shape[-1], 1))
     return tuple(cores)
@@ -492,6 +499,25 @@ def factorize(n: int, d: int) -> tuple[int, ...]:
     return best
 
 
+@functools.partial(jax.jit, static_argnames=("in_modes", "out_modes"))
+def _mpo_tensor(w: jax.Array, in_modes: tuple[int, ...], out_modes: tuple[int, ...]):
+    """``w [in, out]`` -> ``[m_1 n_1, ..., m_d n_d]``: reshaped to ``(m_1..m_d, n_1..n_d)``
+    (row-major), permuted to ``(m_1, n_1, ..., m_d, n_d)`` and merged pairwise."""
+    d = len(in_modes)
+    t = w.reshape(in_modes + out_modes)
+    t = t.transpose(tuple(x for k in range(d) for x in (k, d + k)))
+    return t.reshape(tuple(m * n for m, n in zip(in_modes, out_modes, strict=True)))
+
+
+@functools.partial(jax.jit, static_argnames=("in_modes", "out_modes"))
+def _unmerge(cores, in_modes: tuple[int, ...], out_modes: tuple[int, ...]):
+    """TT cores ``[r_{k-1}, m_k n_k, r_k]`` -> MPO cores ``[r_{k-1}, m_k, n_k, r_k]``."""
+    return tuple(
+        c.reshape(c.shape[0], m, n, c.shape[-1])
+        for c, m, n in zip(cores, in_modes, out_modes, strict=True)
+    )
+
+
 def tt_matrix(
     w: Any,
     *,
@@ -566,12 +592,7 @@ def tt_matrix(
     merged_shape = tuple(m * n for m, n in zip(in_modes, out_modes, strict=True))
     if ranks is not None:
         tt_svd_ranks(merged_shape, ranks)  # fail before the reshape
-    t = w.reshape(in_modes + out_modes)
-    t = t.transpose(tuple(x for k in range(d) for x in (k, d + k)))
-    t = t.reshape(merged_shape)
+    in_modes, out_modes = tuple(map(int, in_modes)), tuple(map(int, out_modes))
+    t = _mpo_tensor(w, in_modes, out_modes)
     tt = tensor_train(t, eps=eps, ranks=ranks, rel_error=rel_error)
-    cores = tuple(
-        c.reshape(c.shape[0], m, n, c.shape[-1])
-        for c, m, n in zip(tt.cores, in_modes, out_modes, strict=True)
-    )
-    return TTMatrix(cores)
+    return TTMatrix(_unmerge(tt.cores, in_modes, out_modes))
