@@ -140,7 +140,14 @@ cfg = jcompress.ModelConfig(
     family="llama", vocab_size=64, hidden_size=16, num_layers=3, num_heads=2,
     num_kv_heads=2, head_dim=8, intermediate_size=24, max_position_embeddings=32,
 )
-params = jcompress.init_params(cfg, jax.random.key(3), std=0.2)
+from jcompress.models.convert import unflatten
+from jcompress.models.params import param_shapes
+rng = np.random.default_rng(3)  # init_params' layout, drawn by numpy (no programs to compile)
+params = unflatten({
+    path: jax.numpy.asarray((np.ones(shape) if path.endswith("/scale")
+                             else 0.2 * rng.standard_normal(shape)).astype(np.float32))
+    for path, shape in sorted(param_shapes(cfg).items())
+})
 flat0 = flatten(params)
 for config in (TuckerConfig(variant="tucker", hooi_ranks=(5, 2, 3), hooi_iters=7),
                TuckerConfig(variant="tt", tt_ranks=(3, 4))):
