@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _numpy_params import random_params
 
 import jcompress
 from jcompress import checkpoint, leaf_io
@@ -17,7 +18,6 @@ from jcompress.errors import UserError
 from jcompress.leaves import LowRank, materialize
 from jcompress.methods import select
 from jcompress.models.convert import flatten, unflatten
-from jcompress.models.params import param_shapes
 from jcompress.tucker import (
     DEFAULT_LAYERS,
     TTLinear,
@@ -34,19 +34,6 @@ IDS = np.random.default_rng(0).integers(3, 64, size=(2, 12))
 
 def _rand(key, *shape):
     return jax.random.normal(jax.random.key(key), shape, jnp.float32)
-
-
-def _random_params(cfg, seed: int, std: float):
-    """``init_params``' layout (normal(std) kernels and embeddings, ones for norm scales, zeros
-    for biases), drawn by numpy: no random-number program to compile per leaf shape."""
-    rng = np.random.default_rng(seed)
-    flat = {}
-    for path, shape in sorted(param_shapes(cfg).items()):
-        leaf = path.rsplit("/", 1)[-1]
-        a = np.ones(shape) if leaf == "scale" else np.zeros(shape) if leaf == "bias" else None
-        a = std * rng.standard_normal(shape) if a is None else a
-        flat[path] = jnp.asarray(a.astype(np.float32))
-    return unflatten(flat)
 
 
 # --------------------------------------------------------------------------- leaves
@@ -209,7 +196,7 @@ def llama():
         intermediate_size=48,
         max_position_embeddings=32,
     )
-    return cfg, _random_params(cfg, 0, std=0.2)
+    return cfg, random_params(cfg, 0, std=0.2)
 
 
 CONFIGS = {
@@ -551,7 +538,7 @@ def test_gpt2_fused_qkv_and_bf16():
         norm_bias=True,
         tie_word_embeddings=True,
     )
-    params = _random_params(cfg, 1, std=0.2)
+    params = random_params(cfg, 1, std=0.2)
     out, rep = compress(params, cfg, config=TuckerConfig(variant="tucker", hooi_ranks=(8, 2, 4)))
     assert [p.path for p in rep.projections][:3] == [
         f"transformer/h/0/attn/c_attn/{r}" for r in ("q", "k", "v")
