@@ -114,39 +114,42 @@ def test_hooi_error_at_most_tensorly_opt_k_proj(x64, opt_dir):
 
 
 def test_hooi_factors_orthonormal_and_signs(x64):
-    x = _low_rank_tucker(_rng(2), (10, 11, 12), (3, 4, 5), 0.1)
+    # the shape and ranks of test_hooi_error_at_most_tensorly's first case: one compilation
+    x = _low_rank_tucker(_rng(2), (12, 10, 14), (3, 4, 5), 0.1)
     t = hooi(x, (3, 4, 5))
     for u in t.factors:
         u = np.asarray(u)
         np.testing.assert_allclose(u.T @ u, np.eye(u.shape[1]), atol=1e-12)
         cols = np.arange(u.shape[1])
         assert np.all(u[np.argmax(np.abs(u), axis=0), cols] > 0)  # svd_flip convention
-    assert t.rank == (3, 4, 5) and t.shape == (10, 11, 12)
-    assert t.num_params == 3 * 4 * 5 + 10 * 3 + 11 * 4 + 12 * 5
+    assert t.rank == (3, 4, 5) and t.shape == (12, 10, 14)
+    assert t.num_params == 3 * 4 * 5 + 12 * 3 + 10 * 4 + 14 * 5
 
 
 def test_hooi_exact_recovery_known_multilinear_rank(x64):
-    x = _low_rank_tucker(_rng(3), (7, 8, 9, 6), (2, 3, 4, 2))
-    t, info = hooi_core(x, (2, 3, 4, 2))
+    # the order-4 shape and ranks of test_hooi_error_at_most_tensorly: one compilation
+    x = _low_rank_tucker(_rng(3), (6, 7, 8, 5), (2, 3, 3, 2))
+    t, info = hooi_core(x, (2, 3, 3, 2))
     np.testing.assert_allclose(np.asarray(t.materialize()), x, atol=1e-10 * np.abs(x).max())
     assert float(info.rel_error) < 1e-6  # sqrt of a cancelling difference: ~sqrt(machine eps)
     assert int(info.n_iter) == 2  # at least two sweeps, then the error no longer moves
-    h = hosvd(x, (2, 3, 4, 2))  # HOSVD alone is exact here too
+    h = hosvd(x, (2, 3, 3, 2))  # HOSVD alone is exact here too
     assert _rel(x, h.materialize()) < 1e-10
 
 
 def test_hooi_stopping_rule(x64):
-    x = _rng(4).standard_normal((8, 9, 10))
-    _, info = hooi_core(x, (3, 3, 3), tol=0.0, n_iter_max=7)
+    # the shape and ranks of test_hooi_error_at_most_tensorly's first case: one compilation
+    x = _rng(4).standard_normal((12, 10, 14))
+    _, info = hooi_core(x, (3, 4, 5), tol=0.0, n_iter_max=7)
     assert int(info.n_iter) == 7
-    _, info = hooi_core(x, (3, 3, 3), tol=1e-2, n_iter_max=50)
+    _, info = hooi_core(x, (3, 4, 5), tol=1e-2, n_iter_max=50)
     assert 2 <= int(info.n_iter) < 50
-    t0, info0 = hooi_core(x, (3, 3, 3), n_iter_max=0)
+    t0, info0 = hooi_core(x, (3, 4, 5), n_iter_max=0)
     assert int(info0.n_iter) == 0
     assert _rel(x, t0.materialize()) == pytest.approx(float(info0.rel_error), rel=1e-8)
     # warm start from a finished run: the error does not get worse
-    t1, info1 = hooi_core(x, (3, 3, 3))
-    t2, info2 = hooi_core(x, (3, 3, 3), init=t1)
+    t1, info1 = hooi_core(x, (3, 4, 5))
+    t2, info2 = hooi_core(x, (3, 4, 5), init=t1)
     assert float(info2.rel_error) <= float(info1.rel_error) + 1e-12
 
 

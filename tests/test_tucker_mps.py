@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _numpy_params import random_params
 
 import jcompress
 from jcompress.errors import UserError
@@ -74,7 +75,7 @@ def _opt():
         norm="layer", activation="relu", gated_mlp=False, position="learned", pos_offset=2,
         qkv_bias=True, o_bias=True, mlp_bias=True, norm_bias=True, tie_word_embeddings=True,
     )  # fmt: skip
-    params = jcompress.init_params(cfg, jax.random.key(5), std=0.3)
+    params = random_params(cfg, 5, std=0.3)
     rng = np.random.default_rng(5)  # random biases: zero ones vanish from every check
     return cfg, jax.tree_util.tree_map_with_path(
         lambda path, x: jnp.asarray(rng.normal(0, 0.3, x.shape), x.dtype)
@@ -88,7 +89,7 @@ def _llama():
         family="llama", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
         num_kv_heads=2, head_dim=8, intermediate_size=48, max_position_embeddings=32,
     )  # fmt: skip
-    return cfg, jcompress.init_params(cfg, jax.random.key(6), std=0.3)
+    return cfg, random_params(cfg, 6, std=0.3)
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from collections.abc import Sequence
@@ -112,6 +113,7 @@ def batch_vmap(fn, nb: int):
     return fn
 
 
+@functools.partial(jax.jit, static_argnames=("nb",))  # one program, not one per op
 def relative_error(tensor: Any, approx: jax.Array, nb: int) -> jax.Array:
     """``||tensor - approx|| / ||tensor||`` over all but the ``nb`` leading (batch) axes
     (0 where ``tensor`` is 0)."""

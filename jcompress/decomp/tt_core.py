@@ -23,8 +23,9 @@ Bond ranks are chosen in one of three ways (exactly one is given):
   ``||A - A_tt|| <= rel_error * ||A||``.
 
 Data-dependent ranks (``eps`` / ``rel_error``) are chosen on the host: the sweep runs eagerly
-(each SVD is one jit-compiled op) and reads the singular values back between steps, so those
-two modes are not jit-able; use the ranks they found with ``ranks=`` to jit or vmap.
+(each SVD, signs fixed, is one jit-compiled op per unfolding shape, whatever rank it keeps)
+and reads the singular values back between steps, so those two modes are not jit-able; use
+the ranks they found with ``ranks=`` to jit or vmap.
 
 The tail energies are reverse cumulative sums of ``s^2`` (no cancellation of ``1 - cumsum``),
 so the rule holds at the ``eps = 1`` boundary (where ``cumsum(s^2) / total >= 1`` can fail by
@@ -213,6 +214,7 @@ def _check_chain(cores, ndim: int, what: str) -> None:
 # --------------------------------------------------------------------------- array math
 
 
+@jax.jit  # one program per shape, not one per op (materialize / apply run eagerly)
 def _tt_to_tensor(cores) -> jax.Array:
     shape = tuple(c.shape[1] for c in cores)
     out = cores[0].reshape(-1, cores[0].shape[-1])  # [n_1, r_1]
@@ -222,6 +224,7 @@ def _tt_to_tensor(cores) -> jax.Array:
     return out.reshape(shape)
 
 
+@jax.jit  # one program per shape, not one per op (materialize / apply run eagerly)
 def _ttm_to_matrix(cores) -> jax.Array:
     m = tuple(c.shape[1] for c in cores)
     n = tuple(c.shape[2] for c in cores)
@@ -234,6 +237,7 @@ def _ttm_to_matrix(cores) -> jax.Array:
     return t.reshape(math.prod(m), math.prod(n))
 
 
+@jax.jit  # one program per shape, not one per op (materialize / apply run eagerly)
 def _ttm_apply(cores, x: jax.Array) -> jax.Array:
     x = jnp.asarray(x)
     m = tuple(int(c.shape[1]) for c in cores)
@@ -285,10 +289,18 @@ def _tt_svd_fixed(x: jax.Array, ranks: tuple[int, ...]) -> tuple[jax.Array, ...]
     return tuple(cores)
 
 
-@jax.jit
-def _svd(c: jax.Array):
-    u, s, vt = jnp.linalg.svd(c, full_matrices=False)
-    return u, s, vt
+@functools.partial(jax.jit, static_argnames=("rows",))
+def _svd_signed(c: jax.Array, rows: int):
+    """``c -> C [rows, cols]``; its thin SVD with signs fixed on every column:
+    ``(U [rows, q] signs fixed, s [q], S V^T [q, cols] with the matching signs)``, so that
+    ``U[:, :r] @ (S V^T)[:r]`` is the rank-``r`` truncation for every ``r``. Compiled once per
+    unfolding shape: the rank, read from ``s`` on the host, only slices the result
+    (:func:`flip_signs` works column by column, so fixing all columns then slicing equals
+    slicing then fixing)."""
+    u, s, vt = jnp.linalg.svd(c.reshape(rows, -1), full_matrices=False)
+    uf = flip_signs(u)
+    sign = jnp.sum(uf * u, axis=0)  # +-1 per column
+    return uf, s, (s * sign)[:, None] * vt
 
 
 def _rank_from_tail(s: np.ndarray, budget: float, dtype) -> int:
@@ -309,13 +321,11 @@ def _rank_from_tail(s: np.ndarray, budget: float, dtype) -> int:
     return max(int(ok[0]), 1)
 
 
-@functools.partial(jax.jit, static_argnames=("r",))
-def _truncate(u: jax.Array, s: jax.Array, vt: jax.Array, r: int):
-    """Thin SVD factors -> ``(U_r [m, r] signs fixed, S_r V_r^T [r, n])``."""
-    u, s, vt = u[:, :r], s[:r], vt[:r]
-    uf = flip_signs(u)
-    sign = jnp.sum(uf * u, axis=0)  # +-1 per column
-    return uf, (s * sign)[:, None] * vt
+@functools.partial(jax.jit, static_argnames=("r_prev", "n", "r"))
+def _keep(u: jax.Array, svt: jax.Array, r_prev: int, n: int, r: int):
+    """The rank-``r`` cut of :func:`_svd_signed`'s factors: ``(core [r_prev, n, r],
+    carried S_r V_r^T [r, cols])`` (one program, not one per eager slice / reshape)."""
+    return u[:, :r].reshape(r_prev, n, r), svt[:r]
 
 
 def _tt_svd_adaptive(
@@ -329,15 +339,15 @@ def _tt_svd_adaptive(
     c, r_prev = x, 1
     delta2 = None
     for k in range(d - 1):
-        u, s, vt = _svd(c.reshape(r_prev * shape[k], -1))
+        u, s, svt = _svd_signed(c, r_prev * shape[k])
         s_host = np.asarray(s, np.float64)
         energy = float(np.sum(s_host**2))
         if delta2 is None and rel_error is not None:  # ||A||^2 from the first unfolding
             delta2 = rel_error**2 / (d - 1) * energy
         budget = (1.0 - eps) * energy if eps is not None else delta2
         r = _rank_from_tail(s_host, budget, x.dtype)
-        u, c = _truncate(u, s, vt, r)
-        cores.append(u.reshape(r_prev, shape[k], r))
+        core, c = _keep(u, svt, r_prev, shape[k], r)
+        cores.append(core)
         r_prev = r
     cores.append(c.reshape(r_prev, shape[-1], 1))
     return tuple(cores)
@@ -489,6 +499,25 @@ def factorize(n: int, d: int) -> tuple[int, ...]:
     return best
 
 
+@functools.partial(jax.jit, static_argnames=("in_modes", "out_modes"))
+def _mpo_tensor(w: jax.Array, in_modes: tuple[int, ...], out_modes: tuple[int, ...]):
+    """``w [in, out]`` -> ``[m_1 n_1, ..., m_d n_d]``: reshaped to ``(m_1..m_d, n_1..n_d)``
+    (row-major), permuted to ``(m_1, n_1, ..., m_d, n_d)`` and merged pairwise."""
+    d = len(in_modes)
+    t = w.reshape(in_modes + out_modes)
+    t = t.transpose(tuple(x for k in range(d) for x in (k, d + k)))
+    return t.reshape(tuple(m * n for m, n in zip(in_modes, out_modes, strict=True)))
+
+
+@functools.partial(jax.jit, static_argnames=("in_modes", "out_modes"))
+def _unmerge(cores, in_modes: tuple[int, ...], out_modes: tuple[int, ...]):
+    """TT cores ``[r_{k-1}, m_k n_k, r_k]`` -> MPO cores ``[r_{k-1}, m_k, n_k, r_k]``."""
+    return tuple(
+        c.reshape(c.shape[0], m, n, c.shape[-1])
+        for c, m, n in zip(cores, in_modes, out_modes, strict=True)
+    )
+
+
 def tt_matrix(
     w: Any,
     *,
@@ -563,12 +592,7 @@ def tt_matrix(
     merged_shape = tuple(m * n for m, n in zip(in_modes, out_modes, strict=True))
     if ranks is not None:
         tt_svd_ranks(merged_shape, ranks)  # fail before the reshape
-    t = w.reshape(in_modes + out_modes)
-    t = t.transpose(tuple(x for k in range(d) for x in (k, d + k)))
-    t = t.reshape(merged_shape)
+    in_modes, out_modes = tuple(map(int, in_modes)), tuple(map(int, out_modes))
+    t = _mpo_tensor(w, in_modes, out_modes)
     tt = tensor_train(t, eps=eps, ranks=ranks, rel_error=rel_error)
-    cores = tuple(
-        c.reshape(c.shape[0], m, n, c.shape[-1])
-        for c, m, n in zip(tt.cores, in_modes, out_modes, strict=True)
-    )
-    return TTMatrix(cores)
+    return TTMatrix(_unmerge(tt.cores, in_modes, out_modes))

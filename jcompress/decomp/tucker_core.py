@@ -154,6 +154,7 @@ def mode_expand(x: jax.Array, u: jax.Array, mode: int) -> jax.Array:
     return jnp.moveaxis(y, -1, mode)
 
 
+@jax.jit  # one program per shape, not one per op (materialize runs eagerly)
 def to_tensor_core(core: jax.Array, factors: tuple[jax.Array, ...]) -> jax.Array:
     """``core [R_1..R_N]``, ``factors [I_n, R_n]`` -> ``[I_1..I_N]``; the axis whose expansion
     grows the intermediate least goes first."""
