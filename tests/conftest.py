@@ -55,7 +55,6 @@ if os.environ.get("JCOMPRESS_TEST_JAX_CACHE") != "off":
 # precision either way.
 os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
 
-import jax  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,12 +90,25 @@ def pytest_unconfigure(config):
 # (one worker's share, compile included); files not listed are short and keep their order
 # after these. Only the schedule depends on it, never a result.
 _FILE_SECONDS = {
-    "test_attention.py": 258, "test_tucker.py": 209, "test_sparge.py": 205,
-    "test_eigen_attention.py": 193, "test_sharding.py": 185, "test_ged.py": 167,
-    "test_decomp.py": 140, "test_cli.py": 136, "test_bench.py": 97, "test_readme.py": 87,
-    "test_bench_plots.py": 85, "test_perplexity.py": 85, "test_bench_rows2.py": 64,
-    "test_reliability.py": 56, "test_forward_features.py": 55, "test_tucker_mps.py": 53,
-    "test_tokenwise.py": 47, "test_quant_formats.py": 45, "test_compose.py": 43,
+    "test_attention.py": 258,
+    "test_tucker.py": 209,
+    "test_sparge.py": 205,
+    "test_eigen_attention.py": 193,
+    "test_sharding.py": 185,
+    "test_ged.py": 167,
+    "test_decomp.py": 140,
+    "test_cli.py": 136,
+    "test_bench.py": 97,
+    "test_readme.py": 87,
+    "test_bench_plots.py": 85,
+    "test_perplexity.py": 85,
+    "test_bench_rows2.py": 64,
+    "test_reliability.py": 56,
+    "test_forward_features.py": 55,
+    "test_tucker_mps.py": 53,
+    "test_tokenwise.py": 47,
+    "test_quant_formats.py": 45,
+    "test_compose.py": 43,
     "test_families.py": 42,
 }
 
@@ -111,4 +123,3 @@ def pytest_configure(config):
     # the controller reads this option when it schedules, after every conftest is loaded.
     if hasattr(config.option, "loadscopereorder"):
         config.option.loadscopereorder = False
-
