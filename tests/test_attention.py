@@ -327,3 +327,25 @@ def test_paired_tiles_path_bf16_and_other_paths_unchanged(monkeypatch):
     pos = jnp.arange(24, dtype=jnp.int32)[None]
     alibi = A.AttentionMask(ones, 0, pos, pos, jnp.asarray([0.5, 0.25, 0.125, 0.0625]))
     A.Chunked(block_q=8, block_k=8)(q, k, v, alibi, scale=0.3)
+
+
+def test_provider_imported_on_first_use(monkeypatch):
+    """``attention="block_sparse"`` works without importing jcompress.sparge first: resolve
+    imports the providing package (a stand-in import here, since another test may have
+    imported the real one already), and each provider really registers its name."""
+    import importlib
+
+    for name, module in A.PROVIDERS.items():
+        importlib.import_module(module)
+        assert name in A.IMPLEMENTATIONS
+    real = A.IMPLEMENTATIONS["block_sparse"]
+    monkeypatch.delitem(A.IMPLEMENTATIONS, "block_sparse")
+    imported = []
+
+    def fake_import(module):
+        imported.append(module)
+        A.IMPLEMENTATIONS["block_sparse"] = real
+
+    monkeypatch.setattr(A.importlib, "import_module", fake_import)
+    assert isinstance(A.resolve("block_sparse"), real)
+    assert imported == ["jcompress.sparge"]

@@ -41,6 +41,7 @@ Dao et al., "FlashAttention" (2022); Press et al., "ALiBi" (2022).
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
@@ -131,14 +132,22 @@ def register_attention(name: str) -> Callable[[type], type]:
     return deco
 
 
+PROVIDERS: dict[str, str] = {"block_sparse": "jcompress.sparge"}
+"""Implementations that jcompress's own method packages register, by name -> the module to
+import on first use (so ``attention="block_sparse"`` works without importing the method
+first; the model code still imports no method)."""
+
+
 def resolve(attention: Any) -> AttentionImpl:
     """``None`` (:data:`DEFAULT`) / a registered name / an implementation instance -> an
     implementation."""
     if attention is None:
         attention = DEFAULT
     if isinstance(attention, str):
+        if attention not in IMPLEMENTATIONS and attention in PROVIDERS:
+            importlib.import_module(PROVIDERS[attention])  # registers it
         if attention not in IMPLEMENTATIONS:
-            known = ", ".join(sorted(IMPLEMENTATIONS))
+            known = ", ".join(sorted({*IMPLEMENTATIONS, *PROVIDERS}))
             raise UserError(f"attention: unknown implementation {attention!r}; allowed: {known}")
         return IMPLEMENTATIONS[attention]()
     if callable(attention) and getattr(attention, "name", None) in IMPLEMENTATIONS:
