@@ -348,6 +348,23 @@ class _Stream(NamedTuple):
     attention: Any
 
 
+def check_windows(
+    cfg, windows: Any, offload_dir: Any, *, arg: str = "calib", rows: str = "nsamples"
+) -> np.ndarray:
+    """``windows`` as integer token ids ``[n, seqlen]`` the model can take, and ``offload_dir``
+    (if given) an existing directory; one :class:`UserError` naming ``arg`` otherwise."""
+    windows = np.asarray(windows)
+    if windows.ndim != 2 or not np.issubdtype(windows.dtype, np.integer):
+        raise UserError(
+            f"{arg}: expected integer token ids [{rows}, seqlen], got {windows.dtype}"
+            f"{list(windows.shape)}"
+        )
+    check_length(cfg, windows.shape[1])
+    if offload_dir is not None and not os.path.isdir(offload_dir):
+        raise UserError(f"offload_dir: {offload_dir} is not a directory")
+    return windows
+
+
 def stream_layers(
     cfg: ModelConfig,
     params: Params,
@@ -374,15 +391,7 @@ def stream_layers(
       :class:`StreamLayer` for layers ``0 .. num_layers - 1`` in order; each is valid until
       the next one is requested.
     """
-    windows = np.asarray(windows)
-    if windows.ndim != 2 or not np.issubdtype(windows.dtype, np.integer):
-        raise UserError(
-            f"calib: expected integer token ids [nsamples, seqlen], got {windows.dtype}"
-            f"{list(windows.shape)}"
-        )
-    check_length(cfg, windows.shape[1])
-    if offload_dir is not None and not os.path.isdir(offload_dir):
-        raise UserError(f"offload_dir: {offload_dir} is not a directory")
+    windows = check_windows(cfg, windows, offload_dir)
     bl = batches(windows, batch_size, multiple=sharding.data_size())
     s = _Stream(cfg, bl, offload_dir, Feed(feed), resolve(attention))
     params = sharding.shard_params(params, cfg, sharding.current_mesh())  # under use_mesh

@@ -29,11 +29,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jcompress.atomic import write_json
-from jcompress.calibration.stream import StreamLayer, single_layer, stream_layers
+from jcompress.calibration.stream import StreamLayer, check_windows, single_layer, stream_layers
 from jcompress.errors import UserError
 from jcompress.models.attention import resolve
 from jcompress.models.convert import unflatten
-from jcompress.models.forward import DEFAULT_ATTENTION, check_length
+from jcompress.models.forward import DEFAULT_ATTENTION
 from jcompress.streaming.loader import GLOBAL, LayerLoader
 from jcompress.streaming.run import (
     MANIFEST,
@@ -161,7 +161,7 @@ def stream_analysis(
     want = tuple(range(n)) if layers is None else tuple(sorted({int(i) for i in layers}))
     if not want or want[0] < 0 or want[-1] >= n:
         raise UserError(f"layers: {list(layers or [])} must be non-empty and within [0, {n})")
-    windows = _check_windows(cfg, windows, offload_dir)
+    windows = check_windows(cfg, windows, offload_dir, arg="windows", rows="n")
     offload = None if offload_dir is None else str(offload_dir)
     impl = resolve(attention)
     work = None if work_dir is None else Path(work_dir)
@@ -213,23 +213,10 @@ def stream_layers_from(
     last = n - 1 if last is None else last
     if not 0 <= last < n:
         raise UserError(f"last: layer {last} is out of range [0, {n})")
-    windows = _check_windows(loader.cfg, windows, offload_dir)
+    windows = check_windows(loader.cfg, windows, offload_dir, arg="windows", rows="n")
     yield from _walk(loader, windows, 0, last, None, batch_size=batch_size,
                      offload=None if offload_dir is None else str(offload_dir),
                      attention=resolve(attention))  # fmt: skip
-
-
-def _check_windows(cfg, windows: Any, offload_dir: Any) -> np.ndarray:
-    windows = np.asarray(windows)
-    if windows.ndim != 2 or not np.issubdtype(windows.dtype, np.integer):
-        raise UserError(
-            f"windows: expected integer token ids [n, seqlen], got {windows.dtype}"
-            f"{list(windows.shape)}"
-        )
-    check_length(cfg, windows.shape[1])
-    if offload_dir is not None and not os.path.isdir(offload_dir):
-        raise UserError(f"offload_dir: {offload_dir} is not a directory")
-    return windows
 
 
 def _walk(loader, windows, start, last, hidden, *, batch_size, offload, attention,
