@@ -81,8 +81,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--from-json",
         metavar="FILE",
+        action="append",
         help="run nothing: print the table (or, with --plots, draw the plots) from FILE, the "
-        "--out JSON of an earlier run (also of a stopped one), and write --markdown / --readme",
+        "--out JSON of an earlier run (also of a stopped one), and write --markdown / --readme; "
+        "repeatable: rows of a later FILE (e.g. a run with --only) replace or add to those of "
+        "the first, and the machine line says which rows were measured in which run",
     )
     p.add_argument(
         "--plots",
@@ -350,23 +353,37 @@ def _update_readme(path: str, body: str) -> None:
 
 
 def _from_json(a: argparse.Namespace) -> int:
-    """``--from-json FILE``: print and write (``--markdown``, ``--readme``, ``--plots``) what a
-    run saved with ``--out`` holds, without running anything (e.g. for a run that was stopped:
-    its JSON is rewritten after every row)."""
+    """``--from-json FILE [--from-json FILE2 ...]``: print and write (``--markdown``,
+    ``--readme``, ``--plots``) what runs saved with ``--out`` hold, without running anything
+    (e.g. for a run that was stopped: its JSON is rewritten after every row). Rows of a later
+    file replace or add to the earlier ones; the first file's run gives the machine line, and
+    each later run's rows are named in it with when and how they were measured."""
     key = "points" if a.plots is not None else "results"
-    try:
-        doc = json.loads(Path(a.from_json).read_text())
-        meta, rows = doc["meta"], list(doc[key].values())
-        if key == "results" and not meta.get("complete", True) and "pending" not in meta:
-            meta["pending"] = [n for n in REGISTRY if n not in doc[key]]
-        meta["machine"] = machine_line(meta)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        what = "a --plots run's --out JSON" if a.plots is not None else "a table run's --out JSON"
-        print(
-            f"python -m bench: error: --from-json: {a.from_json} is not {what} ({e})",
-            file=sys.stderr,
-        )
-        return 2
+    merged: dict = {}
+    meta: dict = {}
+    for i, path in enumerate(a.from_json):
+        try:
+            doc = json.loads(Path(path).read_text())
+            m, got = doc["meta"], dict(doc[key])
+            if key == "results" and not m.get("complete", True) and "pending" not in m:
+                m["pending"] = [n for n in REGISTRY if n not in got]
+            machine = machine_line(m)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            what = "a --plots run's --out JSON" if a.plots is not None else "a table run's --out JSON"
+            print(f"python -m bench: error: --from-json: {path} is not {what} ({e})", file=sys.stderr)
+            return 2
+        if i == 0:
+            meta = m
+        else:
+            meta.setdefault("merged", []).append({"rows": list(got), "machine": machine})
+            filled = [n for n in meta.get("pending") or [] if n in got]
+            meta["pending"] = [n for n in meta.get("pending") or [] if n not in got]
+            if not meta.get("complete", True):
+                meta["done"] += len(filled)
+                meta["complete"] = not meta["pending"]
+        merged.update(got)
+    meta["machine"] = machine_line(meta)
+    rows = list(merged.values())  # the first run's order; rows only a later run has at the end
     if a.plots is not None:
         print(points_table(rows))
         write_plots(a.plots, rows, meta)
@@ -416,6 +433,10 @@ def machine_line(meta: dict) -> str:
             ""
             if meta.get("complete", True)
             else f" PARTIAL: {meta['done']} of {meta['total']} rows had finished."
+        )
+        + "".join(
+            f" Rows {', '.join(m['rows'])} from a separate run: {m['machine']}"
+            for m in meta.get("merged") or []
         )
     )
 

@@ -77,6 +77,20 @@ def test_dry_run_first_half(tmp_path, names, shared_data):
     assert line2.endswith(f"PARTIAL: {len(first) - 1} of {len(first)} rows had finished.")
     cells = table_rows(rest2)
     assert list(cells) == first and cells[first[-1]][3] == "not run"
+    # a second --from-json (e.g. a later --only run) fills the missing row: complete again, and
+    # the machine line names the row and the run it came from
+    late = tmp_path / "late.json"
+    row = json.loads((tmp_path / "r.json").read_text())["results"][first[-1]]
+    late_meta = dict(json.loads((tmp_path / "r.json").read_text())["meta"])
+    late_meta["started_utc"] = "2099-01-01T00:00:00+00:00"
+    late.write_text(json.dumps({"meta": late_meta, "results": {first[-1]: row}}))
+    q = _bench("--from-json", str(partial), "--from-json", str(late), "--markdown", str(md2),
+               timeout=120)
+    assert q.returncode == 0, q.stderr
+    line3, rest3 = md2.read_text().split("\n\n", 1)
+    assert "PARTIAL" not in line3
+    assert f"Rows {first[-1]} from a separate run: Measured 2099-01-01T00:00:00+00:00" in line3
+    assert table_rows(rest3) == table_rows(rest)
 
 
 def test_isolated_dry_row(tmp_path):
