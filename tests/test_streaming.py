@@ -26,7 +26,7 @@ from jcompress.errors import UserError
 from jcompress.leaves import CompressedLeaf
 from jcompress.models.convert import flatten
 from jcompress.models.safetensors_io import SafetensorsFile
-from jcompress.streaming import GLOBAL, LayerLoader, stream_compress, stream_perplexity
+from jcompress.streaming import GLOBAL, PICKED, LayerLoader, stream_compress, stream_perplexity
 
 CONFIG = EigenAttentionConfig(nsamples=8, seqlen=32, avg_dim=4, batch_size=3, error_budget=0.05)
 
@@ -85,6 +85,26 @@ def test_loader_reads_one_layer_and_accounts(sharded):
         loader.layer(2)
     loader.release(2)
     assert loader.resident_bytes == 0 and loader.peak_bytes == sizes[2]
+
+
+def test_loader_reads_given_paths_only(sharded):
+    model, cfg, params = sharded
+    loader = LayerLoader(model)
+    flat = flatten(params)
+    want = ["model/layers/3/mlp/down_proj/kernel", "model/layers/0/self_attn/k_proj/kernel",
+            "model/norm/scale"]  # fmt: skip
+    got = loader.read(want)
+    assert sorted(got) == sorted(want)
+    for p in want:
+        np.testing.assert_array_equal(np.asarray(got[p]), np.asarray(flat[p]), err_msg=p)
+    held = sum(int(np.asarray(flat[p]).nbytes) for p in want)
+    assert loader.resident_bytes == loader.peak_bytes == held
+    with pytest.raises(RuntimeError, match="already held"):
+        loader.read(want[:1])
+    loader.release(PICKED)
+    assert loader.resident_bytes == 0
+    with pytest.raises(UserError, match="paths: model/layers/9/mlp/up_proj/kernel is not a"):
+        loader.read(["model/layers/9/mlp/up_proj/kernel", want[0]])
 
 
 def test_streamed_ppl_equals_in_memory(sharded, tmp_path):
