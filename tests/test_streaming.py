@@ -14,6 +14,10 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
@@ -247,18 +251,14 @@ def test_sigkill_then_resume_equals_uninterrupted(sharded, calib, streamed_dense
     """A process killed by SIGKILL (no exception handler, no ``finally``: a stale lock is
     left) after a finished layer resumes, with the same command, to the uninterrupted run's
     checkpoint bit for bit, and leaves no work directory or temporary file behind."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
     model, _, _ = sharded
     out, work, hold = tmp_path / "out", tmp_path / "out.stream", tmp_path / "hold"
     np.save(tmp_path / "calib.npy", calib)
     cmd = [sys.executable, "-c", _CHILD, str(model), str(out), str(tmp_path / "calib.npy"),
            str(hold), repr(dataclasses.asdict(CONFIG))]  # fmt: skip
     hold.touch()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = open(tmp_path / "child.err", "wb")  # a file: a full pipe would block the child
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
     try:
         done: list[int] = []
         deadline = time.monotonic() + 600
@@ -266,12 +266,12 @@ def test_sigkill_then_resume_equals_uninterrupted(sharded, calib, streamed_dense
             time.sleep(0.05)
             with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):  # not yet written
                 done = json.loads((work / "manifest.json").read_text())["done"]
-        assert done, f"no layer finished: {proc.poll()} {proc.stderr.read().decode()[-2000:]}"
+        assert done, f"no layer finished: {proc.poll()} {(tmp_path / 'child.err').read_text()}"
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.kill()
         proc.wait()
-        proc.stderr.close()
+        err.close()
     assert proc.returncode == -signal.SIGKILL
     done = json.loads((work / "manifest.json").read_text())["done"]
     assert 1 <= len(done) < 4 and done == list(range(len(done)))
@@ -298,7 +298,7 @@ def test_sigkill_then_resume_equals_uninterrupted(sharded, calib, streamed_dense
     for name in ("config.json", "model.safetensors.index.json"):
         assert (out / name).read_bytes() == (ref_out / name).read_bytes()
     # nothing partial or temporary: the work dir (lock, inputs, shards) is gone, no stray files
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npy", "out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npy", "child.err", "out"]
 
 
 def test_resume_with_another_model_is_an_error(sharded, calib, tmp_path, llama_dir):
