@@ -392,6 +392,35 @@ def test_cli_residual_with_original(capsys, tmp_path, llama_dir, factor_dir):
     assert isinstance(untouched, jax.Array)
 
 
+def test_cli_original_reads_only_the_residual_kernels(
+    capsys, tmp_path, llama_dir, factor_dir, monkeypatch
+):
+    """``--original`` is read tensor by tensor: of the original's file only the HF tensors of
+    the kernels residual=SPEC rows need (here down_proj of layer 0) are read, not the model."""
+    from jcompress.models import safetensors_io
+
+    model, w, a, b = factor_dir
+    reads: list[tuple[str, str]] = []
+    get = safetensors_io.SafetensorsFile.get
+
+    def counting_get(self, name):
+        reads.append((str(self.path.parent), name))
+        return get(self, name)
+
+    monkeypatch.setattr(safetensors_io.SafetensorsFile, "get", counting_get)
+    argv = ["quant", "apply", "--model", str(model), "--original", str(llama_dir), "--no_eval",
+            "--rule", "model/layers/0/mlp/down_proj=residual=int8",
+            "--rule", "model/layers/1/self_attn/q_proj=int8",
+            "--out", str(tmp_path / "q")]  # fmt: skip
+    assert main(argv) == 0
+    capsys.readouterr()
+    read_original = [n for d, n in reads if d == str(llama_dir)]
+    assert read_original == ["model.layers.0.mlp.down_proj.weight"]
+    assert sum(d == str(model) for d, _ in reads) > 1  # --model itself is read whole
+    rep = json.loads((tmp_path / "q" / "report.json").read_text())
+    assert [r["leaf"] for r in rep["layers"]] == ["LowRank", "dense"]
+
+
 @pytest.mark.parametrize(
     ("model", "original", "rule", "needle"),
     [

@@ -9,9 +9,15 @@ llama-1m re-saved as 5 shards (trained weights, so EigenAttention picks real ran
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
@@ -24,7 +30,7 @@ from jcompress.errors import UserError
 from jcompress.leaves import CompressedLeaf
 from jcompress.models.convert import flatten
 from jcompress.models.safetensors_io import SafetensorsFile
-from jcompress.streaming import GLOBAL, LayerLoader, stream_compress, stream_perplexity
+from jcompress.streaming import GLOBAL, PICKED, LayerLoader, stream_compress, stream_perplexity
 
 CONFIG = EigenAttentionConfig(nsamples=8, seqlen=32, avg_dim=4, batch_size=3, error_budget=0.05)
 
@@ -83,6 +89,26 @@ def test_loader_reads_one_layer_and_accounts(sharded):
         loader.layer(2)
     loader.release(2)
     assert loader.resident_bytes == 0 and loader.peak_bytes == sizes[2]
+
+
+def test_loader_reads_given_paths_only(sharded):
+    model, cfg, params = sharded
+    loader = LayerLoader(model)
+    flat = flatten(params)
+    want = ["model/layers/3/mlp/down_proj/kernel", "model/layers/0/self_attn/k_proj/kernel",
+            "model/norm/scale"]  # fmt: skip
+    got = loader.read(want)
+    assert sorted(got) == sorted(want)
+    for p in want:
+        np.testing.assert_array_equal(np.asarray(got[p]), np.asarray(flat[p]), err_msg=p)
+    held = sum(int(np.asarray(flat[p]).nbytes) for p in want)
+    assert loader.resident_bytes == loader.peak_bytes == held
+    with pytest.raises(RuntimeError, match="already held"):
+        loader.read(want[:1])
+    loader.release(PICKED)
+    assert loader.resident_bytes == 0
+    with pytest.raises(UserError, match="paths: model/layers/9/mlp/up_proj/kernel is not a"):
+        loader.read(["model/layers/9/mlp/up_proj/kernel", want[0]])
 
 
 def test_streamed_ppl_equals_in_memory(sharded, tmp_path):
@@ -202,6 +228,77 @@ def test_kill_then_resume_equals_uninterrupted(sharded, calib, streamed_dense, t
         for k in a.keys():
             np.testing.assert_array_equal(a.get(k), b.get(k), err_msg=f"{f}:{k}")
     assert not work.exists()
+
+
+# The child of the real-kill test: a streamed EigenAttention run that, while the file HOLD
+# exists, stops after each finished layer (its manifest committed) until it is killed.
+_CHILD = """
+import os, sys, time
+import numpy as np
+from jcompress.eigen_attention import EigenAttentionConfig, compress
+from jcompress.streaming import stream_compress
+model, out, calib, hold = sys.argv[1:5]
+cfg = EigenAttentionConfig(**eval(sys.argv[5]))
+def pause(i):
+    while os.path.exists(hold):
+        time.sleep(0.05)
+stream_compress(model, out, compress, config=cfg, calib=np.load(calib), method="eigen",
+                resume=True, progress=False, on_layer=pause)
+"""
+
+
+def test_sigkill_then_resume_equals_uninterrupted(sharded, calib, streamed_dense, tmp_path):
+    """A process killed by SIGKILL (no exception handler, no ``finally``: a stale lock is
+    left) after a finished layer resumes, with the same command, to the uninterrupted run's
+    checkpoint bit for bit, and leaves no work directory or temporary file behind."""
+    model, _, _ = sharded
+    out, work, hold = tmp_path / "out", tmp_path / "out.stream", tmp_path / "hold"
+    np.save(tmp_path / "calib.npy", calib)
+    cmd = [sys.executable, "-c", _CHILD, str(model), str(out), str(tmp_path / "calib.npy"),
+           str(hold), repr(dataclasses.asdict(CONFIG))]  # fmt: skip
+    hold.touch()
+    err = open(tmp_path / "child.err", "wb")  # a file: a full pipe would block the child
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        done: list[int] = []
+        deadline = time.monotonic() + 600
+        while not done and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+            with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):  # not yet written
+                done = json.loads((work / "manifest.json").read_text())["done"]
+        assert done, f"no layer finished: {proc.poll()} {(tmp_path / 'child.err').read_text()}"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+        err.close()
+    assert proc.returncode == -signal.SIGKILL
+    done = json.loads((work / "manifest.json").read_text())["done"]
+    assert 1 <= len(done) < 4 and done == list(range(len(done)))
+    assert (work / ".lock").read_text().strip() == str(proc.pid)  # the dead owner's lock
+    assert not out.exists()
+    hold.unlink()
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    ref_out, ref = streamed_dense
+    got = json.loads((out / "jcompress_stream_report.json").read_text())
+    assert got["resumed_from"] == len(done)
+
+    def timeless(layers):  # every layer's report but its wall time
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in layers]
+
+    want_layers = json.loads(json.dumps(ref.report.to_json()["method_report"]["layers"]))
+    assert timeless(got["method_report"]["layers"]) == timeless(want_layers)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref_out.iterdir())
+    for f in sorted(p.name for p in ref_out.glob("*.safetensors")):
+        a, b = SafetensorsFile(ref_out / f), SafetensorsFile(out / f)
+        assert a.keys() == b.keys()
+        for k in a.keys():
+            np.testing.assert_array_equal(a.get(k), b.get(k), err_msg=f"{f}:{k}")
+    for name in ("config.json", "model.safetensors.index.json"):
+        assert (out / name).read_bytes() == (ref_out / name).read_bytes()
+    # nothing partial or temporary: the work dir (lock, inputs, shards) is gone, no stray files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npy", "child.err", "out"]
 
 
 def test_resume_with_another_model_is_an_error(sharded, calib, tmp_path, llama_dir):

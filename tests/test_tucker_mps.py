@@ -267,6 +267,27 @@ def test_bad_input_is_one_line_before_work():
         TuckerConfig(variant="tucker_mps", basis_ranks=(2, 0))
 
 
+def test_calib_checks_before_work(tmp_path):
+    """The stream's window checks (shape / dtype, learned-position length, offload_dir) and
+    tucker_mps's own (not empty) are each one line before any work."""
+    cfg, params = _opt()
+    mps = TuckerConfig(variant="tucker_mps", basis_ranks=(2, 3))
+    gone = tmp_path / "gone"
+    cases = [
+        (CALIB.astype(np.float32), mps, r"^calib: expected integer token ids \[nsamples, "
+         r"seqlen\], got float32\[5, 12\]$"),
+        (CALIB[0], mps, r"^calib: expected integer token ids .*, got int64\[12\]$"),
+        (CALIB[:0], mps, r"^calib: expected integer token ids .*, got int64\[0, 12\]$"),
+        (np.tile(CALIB, 3), mps, r"^input_ids: 36 tokens exceed the model's 32 learned"),
+        (CALIB, dataclasses.replace(mps, offload_dir=str(gone)),
+         rf"^offload_dir: {gone} is not a directory$"),
+    ]  # fmt: skip
+    for calib, config, match in cases:
+        with pytest.raises(UserError, match=match) as e:
+            compress(params, cfg, calib, config=config, progress=False)
+        assert "\n" not in str(e.value)
+
+
 # --------------------------------------------------------------------------- the MPS step
 
 

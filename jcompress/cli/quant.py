@@ -241,8 +241,9 @@ def run(args: argparse.Namespace) -> int:
         result_type(path, kinds[path], by_rx[rx])
     cfg, params = load_hf(model, dtype=args.dtype, progress=True)
     original = None
-    if args.original is not None:
-        _, original = load_hf(args.original, dtype=args.dtype, progress=True)
+    if args.original is not None:  # only the kernels W of the residual=SPEC rows
+        needed = [f"{p}/kernel" for p, rx in sel.chosen.items() if by_rx[rx].residual is not None]
+        original = _original_kernels(Path(args.original), needed, args.dtype)
 
     def ppl(p):
         if eval_ids is None:
@@ -316,6 +317,24 @@ def _kernel_types(model: Path, cfg, shapes) -> dict[str, type]:
                 raise UserError(f"--model: {model}/config.json: {p}: {e}") from None
         out[p[: -len("/kernel")]] = kind
     return out
+
+
+def _original_kernels(original: Path, paths: list[str], dtype) -> dict:
+    """A tree of the params ``paths`` of ``--original`` alone: read tensor by tensor from its
+    safetensors (:meth:`jcompress.streaming.LayerLoader.read`), so memory holds these, not a
+    second whole model; a torch ``.bin`` checkpoint cannot be read lazily and is loaded whole,
+    then cut."""
+    from jcompress.models import load_hf
+    from jcompress.models.convert import flatten, unflatten
+    from jcompress.streaming import LayerLoader
+
+    if (original / "model.safetensors").is_file() or (
+        original / "model.safetensors.index.json"
+    ).is_file():
+        return unflatten(LayerLoader(original, dtype=dtype).read(paths))
+    _, tree = load_hf(original, dtype=dtype, progress=True)
+    want = set(paths)
+    return unflatten({p: v for p, v in flatten(tree).items() if p in want})
 
 
 def _check_original(original: Path, shapes, cfg) -> None:

@@ -81,6 +81,7 @@ from tqdm.auto import tqdm
 
 from jcompress.calibration import Feed, GroupedGram, stream_layers
 from jcompress.calibration.gram import GRAM_DTYPES
+from jcompress.calibration.stream import check_windows
 from jcompress.eigen_attention import eigen_core as core
 from jcompress.eigen_attention.report import EigenReport, LayerReport
 from jcompress.errors import UserError
@@ -89,7 +90,7 @@ from jcompress.methods import require_dense, select
 from jcompress.models.config import Family, ModelConfig, Position
 from jcompress.models.convert import flatten, get_path, unflatten
 from jcompress.models.families import spec_for
-from jcompress.models.forward import DEFAULT_ATTENTION, Capture, apply_layer, check_length
+from jcompress.models.forward import DEFAULT_ATTENTION, Capture, apply_layer
 from jcompress.models.params import count_params, count_stored_params
 from jcompress.sharding import to_host
 
@@ -252,14 +253,12 @@ def family_defaults(cfg: ModelConfig, config: EigenAttentionConfig) -> _Defaults
 
 
 def _check_calib(cfg: ModelConfig, calib: Any, config: EigenAttentionConfig) -> np.ndarray:
+    """The stream's :func:`~jcompress.calibration.stream.check_windows` (token-id shape, model
+    length, ``offload_dir``) plus EigenAttention's own: present, enough windows for
+    ``avg_dim``, ids in the vocabulary; windows past the trained positions are a warning."""
     if calib is None:
         raise UserError("calib: EigenAttention needs calibration token ids [nsamples, seqlen]")
-    calib = np.asarray(calib)
-    if calib.ndim != 2 or not np.issubdtype(calib.dtype, np.integer):
-        raise UserError(
-            f"calib: expected integer token ids [nsamples, seqlen], got {calib.dtype}"
-            f"{list(calib.shape)}"
-        )
+    calib = check_windows(cfg, calib, config.offload_dir)
     n = calib.shape[0]
     if config.avg_dim > n:
         raise UserError(
@@ -268,7 +267,6 @@ def _check_calib(cfg: ModelConfig, calib: Any, config: EigenAttentionConfig) -> 
         )
     if calib.min() < 0 or calib.max() >= cfg.vocab_size:
         raise UserError(f"calib: token ids must lie in [0, {cfg.vocab_size})")
-    check_length(cfg, calib.shape[1])
     if calib.shape[1] > cfg.max_position_embeddings:
         warnings.warn(
             f"calib: windows of {calib.shape[1]} tokens are longer than the model's "

@@ -4,7 +4,7 @@ calibration activations, resumably (:func:`stream_compress`, :func:`stream_perpl
 :func:`stream_analysis`, :class:`LayerLoader`)."""
 
 from jcompress.streaming.analysis import AnalysisResult, stream_analysis, stream_layers_from
-from jcompress.streaming.loader import GLOBAL, LayerLoader, fingerprint, layer_of
+from jcompress.streaming.loader import GLOBAL, PICKED, LayerLoader, fingerprint, layer_of
 from jcompress.streaming.ppl import stream_perplexity
 from jcompress.streaming.run import MANIFEST, StreamReport, StreamResult, stream_compress
 
@@ -13,6 +13,7 @@ __all__ = [
     "GLOBAL",
     "LayerLoader",
     "MANIFEST",
+    "PICKED",
     "StreamReport",
     "StreamResult",
     "fingerprint",

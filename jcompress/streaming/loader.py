@@ -6,8 +6,9 @@
 checked from the headers up front (every shard named by the index present with a valid
 header, every tensor the family's table expects present with the shape ``config.json``
 implies, no tensor left unclaimed), and then reads the tensors of one decoder layer
-(:meth:`LayerLoader.layer`) or of the globals (embeddings, final norm, head:
-:meth:`LayerLoader.globals`) on request. Tensors are copied out of the memory maps and the
+(:meth:`LayerLoader.layer`), of the globals (embeddings, final norm, head:
+:meth:`LayerLoader.globals`) or of given param paths only (:meth:`LayerLoader.read`) on
+request. Tensors are copied out of the memory maps and the
 mapped pages dropped at once (``SafetensorsFile.release``), so what the process holds is what
 the caller keeps.
 
@@ -37,10 +38,13 @@ from jcompress.models.config import ModelConfig
 from jcompress.models.convert import Rule, check_shape
 from jcompress.models.families import spec_for
 
-__all__ = ["GLOBAL", "LayerLoader", "fingerprint", "layer_of"]
+__all__ = ["GLOBAL", "PICKED", "LayerLoader", "fingerprint", "layer_of"]
 
 GLOBAL = -1
 """The group index of the tensors outside the decoder layers (embeddings, final norm, head)."""
+
+PICKED = -2
+"""The group :meth:`LayerLoader.read` accounts the params it hands out under."""
 
 
 def layer_of(cfg: ModelConfig, path: str) -> int:
@@ -252,7 +256,9 @@ class LayerLoader:
         if group in self._held:
             raise RuntimeError(f"group {group} is already held; release it first")
         rows = self._groups.get(group, [])
-        flat = self._read([r for r in rows if keep is None or keep(r[2])])
+        return self._hold(group, self._read([r for r in rows if keep is None or keep(r[2])]))
+
+    def _hold(self, group: int, flat: dict[str, Any]) -> dict[str, Any]:
         n = _nbytes(flat)
         self._held[group] = n
         self.resident_bytes += n
@@ -272,6 +278,24 @@ class LayerLoader:
             return self._take(GLOBAL)
         want = tuple(f"{m}/" for m in modules if m)
         return self._take(GLOBAL, lambda paths: paths[0].startswith(want))
+
+    def read(self, paths: Iterable[str]) -> dict[str, Any]:
+        """``{path: array}`` of the given param paths only, wherever they live (any layers,
+        the globals): each stored tensor holding one of them is read once (the other params a
+        fused tensor splits into are dropped), no other tensor is read. Accounted under
+        :data:`PICKED` until :meth:`release`.
+
+        Raises:
+          UserError: a path that is not a param of this model.
+        """
+        want = set(paths)
+        rows = [r for rs in self._groups.values() for r in rs if want & set(r[2])]
+        unknown = sorted(want - {p for r in rows for p in r[2]})
+        if unknown:
+            raise UserError(f"paths: {unknown[0]} is not a param of {self.model_dir}")
+        if PICKED in self._held:
+            raise RuntimeError(f"group {PICKED} is already held; release it first")
+        return self._hold(PICKED, {p: v for p, v in self._read(rows).items() if p in want})
 
     def embed_modules(self) -> tuple[str, ...]:
         """The global modules :func:`jcompress.models.forward.embed` reads."""

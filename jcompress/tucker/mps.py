@@ -54,13 +54,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jcompress.calibration import Feed, stream_layers
+from jcompress.calibration.stream import check_windows
 from jcompress.decomp import factorize, tt_svd_ranks
 from jcompress.errors import UserError
 from jcompress.leaves import HeadFoldedOut, HeadLatentBias, HeadLowRank
 from jcompress.methods import require_dense
 from jcompress.models.config import Family, ModelConfig
 from jcompress.models.convert import flatten, get_path, unflatten
-from jcompress.models.forward import Capture, check_length
+from jcompress.models.forward import Capture
 from jcompress.tucker.tucker_core import kron_basis, tt_linear
 
 __all__ = ["MpsLayer", "MpsStep", "basis_modes", "compress_mps", "plan_mps"]
@@ -185,18 +186,20 @@ def _fold_out(kernel: jax.Array, p: jax.Array, kv_heads: int) -> HeadFoldedOut:
     return HeadFoldedOut(folded.astype(kernel.dtype), ut.astype(kernel.dtype))
 
 
-def _check_calib(cfg: ModelConfig, calib: Any) -> np.ndarray:
+def _check_calib(cfg: ModelConfig, calib: Any, offload_dir: str | None) -> np.ndarray:
+    """The stream's :func:`~jcompress.calibration.stream.check_windows` (token-id shape, model
+    length, ``offload_dir``) plus tucker_mps's own: present, not empty, ids in the
+    vocabulary."""
     if calib is None:
         raise UserError("calib: variant tucker_mps needs calibration token ids [nsamples, seqlen]")
-    calib = np.asarray(calib)
-    if calib.ndim != 2 or not np.issubdtype(calib.dtype, np.integer) or calib.size == 0:
+    calib = check_windows(cfg, calib, offload_dir)
+    if calib.size == 0:
         raise UserError(
             f"calib: expected integer token ids [nsamples, seqlen], got {calib.dtype}"
             f"{list(calib.shape)}"
         )
     if calib.min() < 0 or calib.max() >= cfg.vocab_size:
         raise UserError(f"calib: token ids must lie in [0, {cfg.vocab_size})")
-    check_length(cfg, calib.shape[1])
     return calib
 
 
@@ -245,7 +248,7 @@ def compress_mps(
     """Run the streamed ``tucker_mps`` protocol (module docstring) on the layers in ``plan``."""
     from jcompress.models.families import spec_for
 
-    calib = _check_calib(cfg, calib)
+    calib = _check_calib(cfg, calib, offload_dir)
     lay = spec_for(cfg.family.value).layout
     rope = cfg.family in _ROPE_FAMILIES
     d, hq, hk = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
