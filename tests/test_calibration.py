@@ -264,3 +264,31 @@ def test_perplexity_batching_unchanged(llama, bs):
     assert r.n_windows == N
     np.testing.assert_allclose(r.nlls, want, rtol=1e-5, atol=1e-5)
     assert r.ppl == pytest.approx(float(np.exp(np.mean(want.astype(np.float64)))), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "bad, msg",
+    [
+        ("high", r"^calib: token ids must lie in \[0, {V}\)$"),
+        ("negative", r"^calib: token ids must lie in \[0, {V}\)$"),
+        ("empty", r"^calib: expected integer token ids \[nsamples, seqlen\], got int32\[0, 32\]$"),
+        ("float", r"^calib: expected integer token ids \[nsamples, seqlen\], got float32\[7, 32\]$"),
+    ],
+)
+def test_stream_refuses_bad_windows_before_work(llama, bad, msg):
+    """An id outside the vocabulary would be clamped by the embedding gather into a silently
+    wrong number: the stream (and so every method and analysis built on it) refuses it, as it
+    refuses empty or non-integer windows, before the first layer runs."""
+    cfg, params, windows = llama
+    w = {
+        "high": windows.copy(),
+        "negative": windows.copy(),
+        "empty": windows[:0],
+        "float": windows.astype(np.float32),
+    }[bad]
+    if bad == "high":
+        w[3, 5] = cfg.vocab_size
+    elif bad == "negative":
+        w[0, 0] = -1
+    with pytest.raises(jcompress.UserError, match=msg.replace("{V}", str(cfg.vocab_size))):
+        next(stream_layers(cfg, params, w, batch_size=BS))

@@ -351,15 +351,19 @@ class _Stream(NamedTuple):
 def check_windows(
     cfg, windows: Any, offload_dir: Any, *, arg: str = "calib", rows: str = "nsamples"
 ) -> np.ndarray:
-    """``windows`` as integer token ids ``[n, seqlen]`` the model can take, and ``offload_dir``
-    (if given) an existing directory; one :class:`UserError` naming ``arg`` otherwise."""
+    """``windows`` as integer token ids ``[n, seqlen]`` (at least one token) in the model's
+    vocabulary and length, and ``offload_dir`` (if given) an existing directory; one
+    :class:`UserError` naming ``arg`` otherwise (an id out of range would otherwise be clamped
+    by the embedding gather into a silently wrong number)."""
     windows = np.asarray(windows)
-    if windows.ndim != 2 or not np.issubdtype(windows.dtype, np.integer):
+    if windows.ndim != 2 or not np.issubdtype(windows.dtype, np.integer) or windows.size == 0:
         raise UserError(
             f"{arg}: expected integer token ids [{rows}, seqlen], got {windows.dtype}"
             f"{list(windows.shape)}"
         )
     check_length(cfg, windows.shape[1])
+    if windows.min() < 0 or windows.max() >= cfg.vocab_size:
+        raise UserError(f"{arg}: token ids must lie in [0, {cfg.vocab_size})")
     if offload_dir is not None and not os.path.isdir(offload_dir):
         raise UserError(f"offload_dir: {offload_dir} is not a directory")
     return windows
