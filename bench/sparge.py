@@ -198,12 +198,12 @@ def side_tune_layer(n: int, seqlen: int, grid: int, steps: int, vectorised: bool
     def run():
         if vectorised:
             out, _ = T._tune_layer(data, cfg.num_heads, 1, config)
-            return float(np.mean(out["sparsity"]))
+            return float(np.mean(out[T._KEY[config.objective]]))
         best = []
         for s in config.sim_values():
             one = _OneGrid(data, float(s))
             out, _ = T._tune_layer(one, cfg.num_heads, 1, config)
-            best.append(np.asarray(out["sparsity"]))
+            best.append(np.asarray(out[T._KEY[config.objective]]))
         return float(np.mean(np.max(best, axis=0)))
 
     first, times, sparsity = time_calls(run, repeats)
