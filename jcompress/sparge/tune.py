@@ -28,6 +28,13 @@ done once per window: per (row, key block) partial sums ``P_j = sum_s exp(s - m)
 ``PV_j = sum_s exp(s - m) v_s`` relative to the row's full maximum ``m``, plus block maxima for
 the PV-skip rule, after which a candidate costs ``O(T x nK x Dv)`` instead of
 ``O(T x S x D)``. L1 numerators and denominators are summed over every calibration window.
+
+ALiBi models (MPT): the dense reference, the partial sums and block maxima include the bias
+``slopes[h] * (k_pos - q_pos)`` (slopes from the model config, positions from the window's
+key validity as the model's prefill computes them), and the candidate's block selection gets
+the same slopes and positions as the ``block_sparse`` implementation at run time (see
+:mod:`jcompress.sparge._core` for how the bias enters the pooled block scores). So L1 is
+measured against the model's true attention and the sparse side is the one that will run.
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ __all__ = [
     "LayerResult",
     "SpargeTuneConfig",
     "TuneReport",
+    "alibi_slopes",
     "evaluate",
     "layer_qkv",
     "stream_tune",
@@ -210,10 +218,25 @@ def layer_qkv(cfg, params, windows, *, batch_size: int = 4, progress: bool = Fal
 # --------------------------------------------------------------------------- evaluation
 
 
+def alibi_slopes(cfg) -> np.ndarray | None:
+    """The model's ALiBi slopes ``[Hq]`` (float32), or ``None`` for a model without ALiBi."""
+    from jcompress.models.config import Position
+    from jcompress.models.forward import _alibi_slopes
+
+    return _alibi_slopes(cfg) if cfg.position is Position.ALIBI else None
+
+
+def _positions(k_valid):
+    """``[B, S]`` int32 positions of a prefill window (as ``forward.positions_from_mask``:
+    real tokens count up from 0); query ``t`` of the window is key slot ``t``."""
+    return jnp.maximum(jnp.cumsum(k_valid.astype(jnp.int32), axis=1) - 1, 0)
+
+
 @functools.partial(jax.jit, static_argnames=("block_k",))
-def _partials(q, k, v, k_valid, scale, *, block_k):
+def _partials(q, k, v, k_valid, scale, slopes, *, block_k):
     """Per (row, key block) partial softmax sums relative to the row's full max, block maxima
-    and the dense output: the candidate-independent part of an evaluation."""
+    and the dense output: the candidate-independent part of an evaluation. ``slopes [Hq]``
+    (or ``None``): ALiBi bias ``slopes[h] * (k_pos - q_pos)`` added to the scores."""
     b, t, hq, d = q.shape
     s, hk, dv = k.shape[1], k.shape[2], v.shape[-1]
     g = hq // hk
@@ -222,6 +245,10 @@ def _partials(q, k, v, k_valid, scale, *, block_k):
     qg = _core._group(q, hk)
     sc = jnp.einsum("bkgtd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
     sc = sc.reshape(b, hq, t, s)
+    if slopes is not None:
+        pos = _positions(k_valid).astype(jnp.float32)
+        rel = pos[:, None, :] - pos[:, :t, None]  # [B, T, S]: k_pos - q_pos
+        sc = sc + slopes[None, :, None, None] * rel[:, None]
     vis = _core._element_visible(t, s, 0, k_valid, True)[:, None]
     sc = jnp.where(vis, sc, -jnp.inf)
     m = jnp.max(sc, axis=-1, keepdims=True)
@@ -238,7 +265,7 @@ def _partials(q, k, v, k_valid, scale, *, block_k):
 
 
 @functools.partial(jax.jit, static_argnames=("block_q", "block_k"))
-def _evaluate_batch(q, k, k_valid, scale, parts, sim, cdf, pv, *, block_q, block_k):
+def _evaluate_batch(q, k, k_valid, scale, slopes, parts, sim, cdf, pv, *, block_q, block_k):
     """L1 numerator / denominator, kept and visible (row, block) pairs, skipped pairs, kept
     and visible (query block, key block) tiles, per candidate and head: ``sim, cdf, pv
     [G, Hq]`` -> ``[G, 7, Hq]``."""
@@ -246,10 +273,13 @@ def _evaluate_batch(q, k, k_valid, scale, parts, sim, cdf, pv, *, block_q, block
     qrow = jnp.cumsum(k_valid, axis=1)[:, : q.shape[1]] > 0  # rows with a visible key
     rowm = qrow[:, None, :, None]
     ref_abs = jnp.sum(jnp.abs(ref) * rowm, axis=(0, 2, 3))
+    pos = None if slopes is None else _positions(k_valid)
 
     def one(sim_g, cdf_g, pv_g):
         sel = _core.select(q, k, sim_g, cdf_g, block_q=block_q, block_k=block_k, causal=True,
-                           scale=scale, k_valid=k_valid)  # fmt: skip
+                           scale=scale, k_valid=k_valid, q_pos=None if pos is None
+                           else pos[:, : q.shape[1]], k_pos=pos,
+                           alibi_slopes=slopes)  # fmt: skip
         keep = sel.keep
         m_kept = jnp.where(keep, m_blk, -jnp.inf)
         run = jax.lax.cummax(m_kept, axis=3)
@@ -275,13 +305,15 @@ def _evaluate_batch(q, k, k_valid, scale, parts, sim, cdf, pv, *, block_q, block
 
 
 class _LayerData:
-    """One layer's calibration batches with their candidate-independent partial sums."""
+    """One layer's calibration batches with their candidate-independent partial sums
+    (``slopes [Hq]``: the model's ALiBi slopes, ``None`` without ALiBi)."""
 
-    def __init__(self, batches: list, block_k: int):
+    def __init__(self, batches: list, block_k: int, slopes: np.ndarray | None = None):
         self.items = []
+        self.slopes = None if slopes is None else jnp.asarray(slopes, jnp.float32)
         for q, k, v, valid, scale in batches:
             qa, ka, va, vv = (jnp.asarray(x) for x in (q, k, v, valid))
-            parts = _partials(qa, ka, va, vv, jnp.float32(scale), block_k=block_k)
+            parts = _partials(qa, ka, va, vv, jnp.float32(scale), self.slopes, block_k=block_k)
             self.items.append((qa, ka, vv, jnp.float32(scale), parts))
         self.evaluations = 0
 
@@ -290,8 +322,9 @@ class _LayerData:
         arrays ``[G, Hq]`` summed over every batch."""
         tot = None
         for q, k, valid, scale, parts in self.items:
-            r = _evaluate_batch(q, k, valid, scale, parts, jnp.asarray(sim), jnp.asarray(cdf),
-                                jnp.asarray(pv), block_q=block_q, block_k=block_k)  # fmt: skip
+            r = _evaluate_batch(q, k, valid, scale, self.slopes, parts, jnp.asarray(sim),
+                                jnp.asarray(cdf), jnp.asarray(pv), block_q=block_q,
+                                block_k=block_k)  # fmt: skip
             tot = r if tot is None else tot + r
         self.evaluations += 1
         tot = np.asarray(tot, np.float64)
@@ -485,7 +518,7 @@ def tune(cfg, params, windows, config: SpargeTuneConfig | None = None, *,
     outs = {}
     for li, batches in layer_qkv(cfg, params, windows, batch_size=config.batch_size,
                                  progress=progress):  # fmt: skip
-        outs[li] = _tune_batches(batches, cfg.num_heads, li, config)
+        outs[li] = _tune_batches(batches, cfg.num_heads, li, config, alibi_slopes(cfg))
     return _assemble(cfg, outs, config, t0)
 
 
@@ -525,7 +558,7 @@ def stream_tune(model, windows, config: SpargeTuneConfig | None = None, *,
 
     def one(layer):
         return _tune_batches(_observe_qkv(layer, core, capture), cfg.num_heads, layer.index,
-                             config)  # fmt: skip
+                             config, alibi_slopes(cfg))  # fmt: skip
 
     res = stream_analysis(loader, one, windows, method="sparge", config=config,
                           batch_size=config.batch_size, attention="dense", work_dir=work_dir,
@@ -543,10 +576,11 @@ def _check_layers(cfg, config: SpargeTuneConfig) -> None:
                         f"{cfg.num_layers} layers)")  # fmt: skip
 
 
-def _tune_batches(batches: list, hq: int, li: int, config: SpargeTuneConfig
-                  ) -> dict[str, np.ndarray]:  # fmt: skip
-    """One layer's tuning: ``{threshold / metric: [Hq], "bounds": [2], "evaluations": []}``."""
-    data = _LayerData(batches, config.block_k)
+def _tune_batches(batches: list, hq: int, li: int, config: SpargeTuneConfig,
+                  slopes: np.ndarray | None = None) -> dict[str, np.ndarray]:  # fmt: skip
+    """One layer's tuning: ``{threshold / metric: [Hq], "bounds": [2], "evaluations": []}``
+    (``slopes``: the model's ALiBi slopes, see :func:`alibi_slopes`)."""
+    data = _LayerData(batches, config.block_k, slopes)
     out, bounds = _tune_layer(data, hq, li, config)
     return {**out, "bounds": np.asarray(bounds, np.float64),
             "evaluations": np.asarray(data.evaluations)}  # fmt: skip
@@ -593,7 +627,7 @@ def evaluate(cfg, params, windows, sparge_params: SpargeParams, *, block_q: int 
     out = {k: np.zeros((cfg.num_layers, cfg.num_heads)) for k in _METRICS}
     for li, batches in layer_qkv(cfg, params, windows, batch_size=batch_size,
                                  progress=progress):  # fmt: skip
-        data = _LayerData(batches, block_k)
+        data = _LayerData(batches, block_k, alibi_slopes(cfg))
         lp = sparge_params.layer(li)
         r = data.evaluate(*(np.asarray(a, np.float32)[None] for a in lp), block_q, block_k)
         for k in out:
