@@ -118,6 +118,9 @@ def _log_row(k: int, n: int, name: str, row: dict) -> None:
     if "error" in row:
         log(f"({k}/{n}) {name} FAILED: {row['error']}")
         return
+    if "skipped" in row:
+        log(f"({k}/{n}) {name} skipped: {row['skipped']}")
+        return
     ours, base = row["details"]["ours"], row["details"]["baseline"]
     log(
         f"({k}/{n}) {name} done in {row['wall_s']:.1f}s: ours {summary(ours)}; "

@@ -502,7 +502,13 @@ def error_result(e: BaseException) -> dict[str, Any]:
 
 
 def make_row(bench: Benchmark, raw: dict[str, Any]) -> dict[str, Any]:
-    """The JSON entry of one benchmark from what its function returned."""
+    """The JSON entry of one benchmark from what its function returned. A row that cannot run
+    here returns ``{"skipped": reason, ...}`` instead of the sides (e.g. no GPU): its entry
+    keeps the reason and has no values."""
+    if "skipped" in raw:
+        return {"name": bench.name, "metric": bench.metric,
+                "higher_is_better": bench.higher_is_better, "size": raw.get("size", ""),
+                "skipped": str(raw["skipped"]), "info": raw.get("info", {})}  # fmt: skip
     ours, base = raw["ours"], raw["baseline"]
     ov, bv = float(ours["value"]), float(base["value"])
     return {
@@ -573,6 +579,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             cells = [r["name"], "", r.get("metric", ""), "not run", *["-"] * 4]
         elif "error" in r:
             cells = [r["name"], r.get("size", ""), r.get("metric", ""), "FAILED", *["-"] * 4]
+        elif "skipped" in r:
+            cells = [r["name"], r["size"], r["metric"], f"skipped: {r['skipped']}", *["-"] * 4]
         else:
             fc, rss = r["first_call_s"], r["peak_rss_mib"]
             cells = [

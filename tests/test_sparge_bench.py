@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from bench import sparge as B
-from bench.harness import Context
+from bench.harness import REGISTRY, BenchError, Context, make_row, table
 
 
 class _InProcess(Context):
@@ -95,3 +95,30 @@ def test_dense_fits_rule(avail, monkeypatch):
     ok, note = B.dense_fits(8192, 32)
     assert ok is (avail is None) and (note == "") is ok
     assert np.isclose(B.dense_bytes(1024, 8) / 2**20, 64.0)
+
+
+def test_pallas_gpu_row_is_skipped_with_its_reason(tmp_path, monkeypatch):
+    """Without a GPU (or without the ``gpu`` extra) the Pallas-vs-dense row runs no side and
+    reports why; the table says so; the Pallas side never falls back to XLA."""
+    import importlib.util
+
+    import jax
+
+    bench = REGISTRY["sparge_pallas_gpu"]
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    ctx = _ctx(tmp_path)
+    row = make_row(bench, bench.fn(ctx))
+    assert ctx.calls == []  # nothing timed, nothing faked
+    assert row["skipped"] == "no GPU: jax's default backend is cpu"
+    assert not {"ours", "baseline", "ratio"} & set(row) and row["size"].startswith("T=256")
+    line = table([row]).splitlines()[-1]
+    assert "| skipped: no GPU: jax's default backend is cpu |" in line
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda n, *a: None if n == "jax_triton" else real(n, *a))  # fmt: skip
+    assert "gpu extra is not installed" in B.gpu_unavailable()
+    monkeypatch.undo()
+    if jax.default_backend() != "gpu":
+        with pytest.raises(BenchError, match="Pallas kernel does not support"):
+            B.side_pallas(256, 2, 16, 0.5, 1)

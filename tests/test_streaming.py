@@ -500,8 +500,9 @@ def test_streamed_sparge_tune_equals_in_memory_and_resumes(sharded, tmp_path):
         (r.layer, r.l1_bound, r.pv_l1_bound, r.evaluations) for r in want_rep.layers
     ]
     for a, b in zip(rep.layers, want_rep.layers, strict=True):
-        np.testing.assert_allclose([h.sparsity for h in a.heads], [h.sparsity for h in b.heads],
-                                   rtol=1e-6)  # fmt: skip
+        for key in ("row_sparsity", "tile_sparsity"):
+            np.testing.assert_allclose([getattr(h, key) for h in a.heads],
+                                       [getattr(h, key) for h in b.heads], rtol=1e-6)  # fmt: skip
         assert [h.dense for h in a.heads] == [h.dense for h in b.heads]
     layer_max = max(loader.group_bytes[i] for i in range(cfg.num_layers))
     assert loader.peak_bytes == layer_max and loader.resident_bytes == 0

@@ -4,9 +4,10 @@
 writes the per-layer, per-head thresholds (safetensors) plus ``<out>.json`` / ``<out>.md`` (the
 tuning report). ``jcompress sparge eval --model DIR --tuned tuned.safetensors --data PATH``
 prints perplexity dense vs tuned vs untuned defaults (simthreshd1 0.6, cdfthreshd 0.98), the
-block sparsity per layer and head, and with ``--out_dir`` writes ``eval.json``, ``eval.md`` and
-``sparsity.png`` (heatmap layers x heads). Every field of
-:class:`~jcompress.sparge.tune.SpargeTuneConfig` is a flag of ``tune``.
+tile and row sparsity (see :mod:`jcompress.sparge.tune`) per layer and head, and with
+``--out_dir`` writes ``eval.json``, ``eval.md`` and ``sparsity.png`` (heatmaps layers x heads,
+tiles and rows). Every field of :class:`~jcompress.sparge.tune.SpargeTuneConfig` is a flag of
+``tune`` (``--objective tiles|rows``: the sparsity the tuner maximises).
 """
 
 from __future__ import annotations
@@ -129,18 +130,23 @@ def _write_text(path: Path, text: str) -> None:
     on_writer(write, path=path, arg="--out")
 
 
-def _heatmap(path: Path, sparsity, title: str) -> None:
+def _heatmap(path: Path, panels: dict, title: str) -> None:
+    """One heatmap (layers x heads) per ``{name: [layers, heads]}`` panel, side by side."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(1 + 0.5 * sparsity.shape[1], 1 + 0.5 * sparsity.shape[0]))
-    im = ax.imshow(sparsity, vmin=0, vmax=1, cmap="viridis")
-    ax.set_xlabel("head")
-    ax.set_ylabel("layer")
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, label="block sparsity")
+    nl, nh = next(iter(panels.values())).shape
+    fig, axes = plt.subplots(1, len(panels), squeeze=False,
+                             figsize=(len(panels) * (1.5 + 0.5 * nh), 1.2 + 0.5 * nl))  # fmt: skip
+    for ax, (name, sp) in zip(axes[0], panels.items(), strict=True):
+        im = ax.imshow(sp, vmin=0, vmax=1, cmap="viridis")
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_title(name, fontsize=9)
+        fig.colorbar(im, ax=ax, label="sparsity")
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -188,27 +194,32 @@ def run_eval(args: argparse.Namespace) -> int:
         "perplexity": rows,
         "block_q": bq,
         "block_k": bk,
-        "mean_sparsity": {k: float(np.mean(v["sparsity"])) for k, v in ev.items()},
+        "mean_tile_sparsity": {k: float(np.mean(v["tile_sparsity"])) for k, v in ev.items()},
+        "mean_row_sparsity": {k: float(np.mean(v["row_sparsity"])) for k, v in ev.items()},
         "held_out": {k: {m: np.round(v[m], 5).tolist() for m in v} for k, v in ev.items()},
     }
-    lines = ["| attention | perplexity | mean block sparsity | max head L1 |",
-             "|---|---:|---:|---:|",
-             f"| dense | {rows['dense']:.4f} | 0 | 0 |"]  # fmt: skip
+    lines = ["| attention | perplexity | mean tile sparsity | mean row sparsity | max head L1 |",
+             "|---|---:|---:|---:|---:|",
+             f"| dense | {rows['dense']:.4f} | 0 | 0 | 0 |"]  # fmt: skip
     for k in ("tuned", "untuned"):
-        lines.append(f"| {k} | {rows[k]:.4f} | {result['mean_sparsity'][k]:.3f} | "
+        lines.append(f"| {k} | {rows[k]:.4f} | {result['mean_tile_sparsity'][k]:.3f} | "
+                     f"{result['mean_row_sparsity'][k]:.3f} | "
                      f"{float(np.max(ev[k]['l1'])):.4f} |")  # fmt: skip
-    lines += ["", "Tuned block sparsity per layer (rows) and head (columns):", ""]
-    sp = ev["tuned"]["sparsity"]
-    lines.append("| layer | " + " | ".join(f"h{h}" for h in range(sp.shape[1])) + " |")
-    lines.append("|---:|" + "---:|" * sp.shape[1])
-    for li in range(sp.shape[0]):
-        lines.append(f"| {li} | " + " | ".join(f"{x:.2f}" for x in sp[li]) + " |")
+    for what in ("tile", "row"):
+        sp = ev["tuned"][f"{what}_sparsity"]
+        lines += ["", f"Tuned {what} sparsity per layer (rows) and head (columns):", ""]
+        lines.append("| layer | " + " | ".join(f"h{h}" for h in range(sp.shape[1])) + " |")
+        lines.append("|---:|" + "---:|" * sp.shape[1])
+        for li in range(sp.shape[0]):
+            lines.append(f"| {li} | " + " | ".join(f"{x:.2f}" for x in sp[li]) + " |")
     md = "\n".join(lines) + "\n"
     print(md)
     if out_dir is not None:
         with atomic_dir(out_dir, overwrite=args.overwrite, arg="--out_dir") as tmp:
             (tmp / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
             (tmp / "eval.md").write_text(md)
-            _heatmap(tmp / "sparsity.png", sp, f"SpargeAttn tuned sparsity ({model.name})")
+            _heatmap(tmp / "sparsity.png",
+                     {f"{w} sparsity": ev["tuned"][f"{w}_sparsity"] for w in ("tile", "row")},
+                     f"SpargeAttn tuned sparsity ({model.name})")  # fmt: skip
         print(f"wrote {out_dir}")
     return 0

@@ -34,6 +34,19 @@ kept for every row (upstream's rule). Among the remaining candidates the pooled 
 ``q_bar . k_bar * scale`` are soft-maxed per row, sorted, and the fewest blocks whose
 cumulative mass reaches ``cdfthreshd`` are kept (at least one; ``cdfthreshd >= 1`` keeps all).
 
+ALiBi (MPT; ``alibi_slopes``, ``q_pos``, ``k_pos`` given): the bias enters everything that
+decides or computes attention. The element scores carry ``slopes[h] * (k_pos - q_pos)`` (so
+the PV-skip block maxima do too), and the bias **does enter the pooled block scores**: block
+``j``'s pooled score is ``q_bar . k_bar_j * scale + slopes[h] * (pos_bar_j - q_pos)`` with
+``pos_bar_j`` the mean position of its valid keys. Because the bias is linear in the key
+position, this is exactly the mean over the block's keys of the true (biased) score, just as
+``q . k_bar`` is the mean of the unbiased ones; leaving it out would rank a far block as
+highly as a near one with similar keys, while a steep-slope head attends mostly locally (its
+far blocks carry ``~exp(-slope * distance)`` of the mass), so the cdf would keep the wrong
+blocks. The self-similarity gate looks at keys (and queries) only and has no bias. The tuner
+(:mod:`jcompress.sparge.tune`) evaluates candidates with this same biased selection against
+the biased dense reference.
+
 PV skip (``pvthreshd``, natural-log units of the scaled scores): key blocks are visited in
 ascending order with an online softmax; for a row whose running maximum before block ``j``
 is ``m`` and whose maximum score inside block ``j`` is ``m_j < m - pvthreshd``, every

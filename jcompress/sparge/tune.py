@@ -11,8 +11,15 @@ SpargeAttn's search (thu-ml/SpargeAttn ``autotune``; seed 004 tuning guide):
   ``L1 = sum|O - O_dense| / sum|O_dense| <= l1`` (per-layer overrides ``layer_l1``);
 * then bisection on ``pvthreshd`` in ``[0, pv_max]`` for the smallest value with
   ``L1 <= pv_l1``;
-* per head, the grid point with the highest block sparsity wins; heads whose sparsity is
-  ``<= min_sparsity`` stay dense.
+* per head, the grid point with the highest sparsity under ``objective`` wins; heads whose
+  sparsity is ``<= min_sparsity`` stay dense.
+
+Two sparsities are measured (both reported). Selection keeps key blocks per query *row*
+(``keep [B, Hq, T, nK]``): **row sparsity** is the dropped fraction of the visible (row, key
+block) pairs. The compute visits (query block, key block) tiles and visits a tile when *any* of
+its rows keeps the block, so **tile sparsity** (the dropped fraction of the visible tiles, what
+upstream calls sparsity and what decides speed) is lower, often much lower. ``objective="tiles"``
+(default) maximises tile sparsity, ``"rows"`` row sparsity.
 
 Upstream runs this as a Python loop over heads and grid points, one kernel call per
 candidate. Here one jitted function evaluates every (grid point, head) pair of a bisection
@@ -21,6 +28,13 @@ done once per window: per (row, key block) partial sums ``P_j = sum_s exp(s - m)
 ``PV_j = sum_s exp(s - m) v_s`` relative to the row's full maximum ``m``, plus block maxima for
 the PV-skip rule, after which a candidate costs ``O(T x nK x Dv)`` instead of
 ``O(T x S x D)``. L1 numerators and denominators are summed over every calibration window.
+
+ALiBi models (MPT): the dense reference, the partial sums and block maxima include the bias
+``slopes[h] * (k_pos - q_pos)`` (slopes from the model config, positions from the window's
+key validity as the model's prefill computes them), and the candidate's block selection gets
+the same slopes and positions as the ``block_sparse`` implementation at run time (see
+:mod:`jcompress.sparge._core` for how the bias enters the pooled block scores). So L1 is
+measured against the model's true attention and the sparse side is the one that will run.
 """
 
 from __future__ import annotations
@@ -49,11 +63,16 @@ __all__ = [
     "LayerResult",
     "SpargeTuneConfig",
     "TuneReport",
+    "alibi_slopes",
     "evaluate",
     "layer_qkv",
     "stream_tune",
     "tune",
 ]
+
+
+OBJECTIVES = ("tiles", "rows")
+_KEY = {"tiles": "tile_sparsity", "rows": "row_sparsity"}
 
 
 def _pos_int(name: str, v: Any, lo: int = 1, hi: int | None = None) -> None:
@@ -82,7 +101,10 @@ class SpargeTuneConfig:
       cdf_steps: bisection steps on cdfthreshd.
       pv_steps: bisection steps on pvthreshd (0: no PV tuning, pvthreshd = inf).
       pv_max: upper end of the pvthreshd search (nats).
-      min_sparsity: heads at or below this block sparsity stay dense.
+      min_sparsity: heads at or below this sparsity (under ``objective``) stay dense.
+      objective: the sparsity a head's grid point maximises: ``"tiles"`` (dropped fraction of
+        the visible (query block, key block) tiles, what decides speed) or ``"rows"``
+        (dropped fraction of the visible (row, key block) pairs).
     """
 
     l1: float = 0.06
@@ -99,8 +121,12 @@ class SpargeTuneConfig:
     pv_steps: int = 10
     pv_max: float = 50.0
     min_sparsity: float = 0.1
+    objective: str = "tiles"
 
     def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise UserError(f"objective: must be one of {', '.join(OBJECTIVES)}, got "
+                            f"{self.objective!r}")  # fmt: skip
         for name in ("l1", "pv_l1"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < 1:
@@ -192,10 +218,25 @@ def layer_qkv(cfg, params, windows, *, batch_size: int = 4, progress: bool = Fal
 # --------------------------------------------------------------------------- evaluation
 
 
+def alibi_slopes(cfg) -> np.ndarray | None:
+    """The model's ALiBi slopes ``[Hq]`` (float32), or ``None`` for a model without ALiBi."""
+    from jcompress.models.config import Position
+    from jcompress.models.forward import _alibi_slopes
+
+    return _alibi_slopes(cfg) if cfg.position is Position.ALIBI else None
+
+
+def _positions(k_valid):
+    """``[B, S]`` int32 positions of a prefill window (as ``forward.positions_from_mask``:
+    real tokens count up from 0); query ``t`` of the window is key slot ``t``."""
+    return jnp.maximum(jnp.cumsum(k_valid.astype(jnp.int32), axis=1) - 1, 0)
+
+
 @functools.partial(jax.jit, static_argnames=("block_k",))
-def _partials(q, k, v, k_valid, scale, *, block_k):
+def _partials(q, k, v, k_valid, scale, slopes, *, block_k):
     """Per (row, key block) partial softmax sums relative to the row's full max, block maxima
-    and the dense output: the candidate-independent part of an evaluation."""
+    and the dense output: the candidate-independent part of an evaluation. ``slopes [Hq]``
+    (or ``None``): ALiBi bias ``slopes[h] * (k_pos - q_pos)`` added to the scores."""
     b, t, hq, d = q.shape
     s, hk, dv = k.shape[1], k.shape[2], v.shape[-1]
     g = hq // hk
@@ -204,6 +245,10 @@ def _partials(q, k, v, k_valid, scale, *, block_k):
     qg = _core._group(q, hk)
     sc = jnp.einsum("bkgtd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
     sc = sc.reshape(b, hq, t, s)
+    if slopes is not None:
+        pos = _positions(k_valid).astype(jnp.float32)
+        rel = pos[:, None, :] - pos[:, :t, None]  # [B, T, S]: k_pos - q_pos
+        sc = sc + slopes[None, :, None, None] * rel[:, None]
     vis = _core._element_visible(t, s, 0, k_valid, True)[:, None]
     sc = jnp.where(vis, sc, -jnp.inf)
     m = jnp.max(sc, axis=-1, keepdims=True)
@@ -220,17 +265,21 @@ def _partials(q, k, v, k_valid, scale, *, block_k):
 
 
 @functools.partial(jax.jit, static_argnames=("block_q", "block_k"))
-def _evaluate_batch(q, k, k_valid, scale, parts, sim, cdf, pv, *, block_q, block_k):
-    """L1 numerator / denominator, kept and visible pair counts, skipped pairs, per
-    candidate and head: ``sim, cdf, pv [G, Hq]`` -> arrays ``[G, Hq]``."""
+def _evaluate_batch(q, k, k_valid, scale, slopes, parts, sim, cdf, pv, *, block_q, block_k):
+    """L1 numerator / denominator, kept and visible (row, block) pairs, skipped pairs, kept
+    and visible (query block, key block) tiles, per candidate and head: ``sim, cdf, pv
+    [G, Hq]`` -> ``[G, 7, Hq]``."""
     psum, pvs, m_blk, ref = parts
     qrow = jnp.cumsum(k_valid, axis=1)[:, : q.shape[1]] > 0  # rows with a visible key
     rowm = qrow[:, None, :, None]
     ref_abs = jnp.sum(jnp.abs(ref) * rowm, axis=(0, 2, 3))
+    pos = None if slopes is None else _positions(k_valid)
 
     def one(sim_g, cdf_g, pv_g):
         sel = _core.select(q, k, sim_g, cdf_g, block_q=block_q, block_k=block_k, causal=True,
-                           scale=scale, k_valid=k_valid)  # fmt: skip
+                           scale=scale, k_valid=k_valid, q_pos=None if pos is None
+                           else pos[:, : q.shape[1]], k_pos=pos,
+                           alibi_slopes=slopes)  # fmt: skip
         keep = sel.keep
         m_kept = jnp.where(keep, m_blk, -jnp.inf)
         run = jax.lax.cummax(m_kept, axis=3)
@@ -246,38 +295,49 @@ def _evaluate_batch(q, k, k_valid, scale, parts, sim, cdf, pv, *, block_q, block
         kept = jnp.sum(keep & valid, axis=(0, 2, 3))
         visible = jnp.sum(sel.visible & valid, axis=(0, 2, 3))
         skipped = jnp.sum(skip & valid, axis=(0, 2, 3))
-        return jnp.stack([err, ref_abs, kept, visible, skipped]).astype(jnp.float32)
+        bq = min(block_q, q.shape[1])
+        tiles = jnp.sum(_core.tiles_from_rows(keep & valid, bq), axis=(0, 2, 3))
+        vtiles = jnp.sum(_core.tiles_from_rows(sel.visible & valid, bq), axis=(0, 2, 3))
+        return jnp.stack([err, ref_abs, kept, visible, skipped, tiles, vtiles]
+                         ).astype(jnp.float32)  # fmt: skip
 
-    return jax.vmap(one)(sim, cdf, pv)  # [G, 5, Hq]
+    return jax.vmap(one)(sim, cdf, pv)  # [G, 7, Hq]
 
 
 class _LayerData:
-    """One layer's calibration batches with their candidate-independent partial sums."""
+    """One layer's calibration batches with their candidate-independent partial sums
+    (``slopes [Hq]``: the model's ALiBi slopes, ``None`` without ALiBi)."""
 
-    def __init__(self, batches: list, block_k: int):
+    def __init__(self, batches: list, block_k: int, slopes: np.ndarray | None = None):
         self.items = []
+        self.slopes = None if slopes is None else jnp.asarray(slopes, jnp.float32)
         for q, k, v, valid, scale in batches:
             qa, ka, va, vv = (jnp.asarray(x) for x in (q, k, v, valid))
-            parts = _partials(qa, ka, va, vv, jnp.float32(scale), block_k=block_k)
+            parts = _partials(qa, ka, va, vv, jnp.float32(scale), self.slopes, block_k=block_k)
             self.items.append((qa, ka, vv, jnp.float32(scale), parts))
         self.evaluations = 0
 
     def evaluate(self, sim, cdf, pv, block_q, block_k) -> dict[str, np.ndarray]:
-        """``sim, cdf, pv [G, Hq]`` -> ``{"l1", "sparsity", "pv_skip"}`` arrays ``[G, Hq]``
-        summed over every batch."""
+        """``sim, cdf, pv [G, Hq]`` -> ``{"l1", "row_sparsity", "tile_sparsity", "pv_skip"}``
+        arrays ``[G, Hq]`` summed over every batch."""
         tot = None
         for q, k, valid, scale, parts in self.items:
-            r = _evaluate_batch(q, k, valid, scale, parts, jnp.asarray(sim), jnp.asarray(cdf),
-                                jnp.asarray(pv), block_q=block_q, block_k=block_k)  # fmt: skip
+            r = _evaluate_batch(q, k, valid, scale, self.slopes, parts, jnp.asarray(sim),
+                                jnp.asarray(cdf), jnp.asarray(pv), block_q=block_q,
+                                block_k=block_k)  # fmt: skip
             tot = r if tot is None else tot + r
         self.evaluations += 1
         tot = np.asarray(tot, np.float64)
-        err, ref, kept, vis, skipped = (tot[:, i] for i in range(5))
+        err, ref, kept, vis, skipped, tiles, vtiles = (tot[:, i] for i in range(7))
         return {
             "l1": err / np.maximum(ref, 1e-30),
-            "sparsity": 1.0 - kept / np.maximum(vis, 1.0),
+            "row_sparsity": 1.0 - kept / np.maximum(vis, 1.0),
+            "tile_sparsity": 1.0 - tiles / np.maximum(vtiles, 1.0),
             "pv_skip": skipped / np.maximum(kept, 1.0),
         }
+
+
+_METRICS = ("row_sparsity", "tile_sparsity", "l1", "pv_skip")
 
 
 def _bisect(data, sim, lo, hi, fixed, which, bound, steps, cfg):
@@ -293,7 +353,8 @@ def _bisect(data, sim, lo, hi, fixed, which, bound, steps, cfg):
     return hi
 
 
-def _tune_layer(data: _LayerData, hq: int, layer: int, cfg: SpargeTuneConfig):
+def _candidates(data: _LayerData, hq: int, layer: int, cfg: SpargeTuneConfig):
+    """Per (grid point, head) the bisected thresholds: ``sim, cdf, pv [G, Hq]``."""
     l1, pv_l1 = cfg.bounds(layer)
     sims = cfg.sim_values()
     g = len(sims)
@@ -307,22 +368,29 @@ def _tune_layer(data: _LayerData, hq: int, layer: int, cfg: SpargeTuneConfig):
                      cfg)  # fmt: skip
     else:
         pv = inf
+    return sim, cdf, pv
+
+
+def _tune_layer(data: _LayerData, hq: int, layer: int, cfg: SpargeTuneConfig):
+    """The best grid point per head under ``cfg.objective`` (heads at or below
+    ``min_sparsity`` stay dense): ``({threshold / metric: [Hq], "dense": [Hq]}, bounds)``."""
+    sim, cdf, pv = _candidates(data, hq, layer, cfg)
     res = data.evaluate(sim, cdf, pv, cfg.block_q, cfg.block_k)
-    best = np.argmax(res["sparsity"], axis=0)  # first (lowest simthreshd1) among ties
+    key = _KEY[cfg.objective]
+    best = np.argmax(res[key], axis=0)  # first (lowest simthreshd1) among ties
     h = np.arange(hq)
     out = {
         "simthreshd1": sim[best, h], "cdfthreshd": cdf[best, h], "pvthreshd": pv[best, h],
-        "sparsity": res["sparsity"][best, h], "l1": res["l1"][best, h],
-        "pv_skip": res["pv_skip"][best, h],
+        **{k: res[k][best, h] for k in _METRICS},
     }  # fmt: skip
-    dense = out["sparsity"] <= cfg.min_sparsity
+    dense = out[key] <= cfg.min_sparsity
     out["simthreshd1"] = np.where(dense, -1.0, out["simthreshd1"])
     out["cdfthreshd"] = np.where(dense, 1.0, out["cdfthreshd"])
     out["pvthreshd"] = np.where(dense, np.inf, out["pvthreshd"])
-    for key in ("sparsity", "l1", "pv_skip"):
-        out[key] = np.where(dense, 0.0, out[key])
+    for k in _METRICS:
+        out[k] = np.where(dense, 0.0, out[k])
     out["dense"] = dense
-    return out, (l1, pv_l1)
+    return out, cfg.bounds(layer)
 
 
 # --------------------------------------------------------------------------- report
@@ -330,11 +398,16 @@ def _tune_layer(data: _LayerData, hq: int, layer: int, cfg: SpargeTuneConfig):
 
 @dataclasses.dataclass(frozen=True)
 class HeadResult:
+    """One head's thresholds and, on the calibration windows, its row sparsity (dropped
+    fraction of the visible (row, key block) pairs), tile sparsity (dropped fraction of the
+    visible (query block, key block) tiles), L1 and PV-skip fraction (of the kept pairs)."""
+
     head: int
     simthreshd1: float
     cdfthreshd: float
     pvthreshd: float
-    sparsity: float
+    row_sparsity: float
+    tile_sparsity: float
     l1: float
     pv_skip: float
     dense: bool
@@ -349,15 +422,20 @@ class LayerResult:
     evaluations: int  # bisection / grid evaluations (each covers every head and grid point)
 
     @property
-    def mean_sparsity(self) -> float:
-        return float(np.mean([h.sparsity for h in self.heads]))
+    def mean_row_sparsity(self) -> float:
+        return float(np.mean([h.row_sparsity for h in self.heads]))
+
+    @property
+    def mean_tile_sparsity(self) -> float:
+        return float(np.mean([h.tile_sparsity for h in self.heads]))
 
 
 @dataclasses.dataclass(frozen=True)
 class TuneReport:
-    """What :func:`tune` did: per layer and head thresholds, block sparsity (``1 - kept``
-    fraction of the visible (row, key block) pairs), L1 on the calibration windows, PV-skip
-    fraction; tuning wall time and attention evaluations per head."""
+    """What :func:`tune` did: per layer and head thresholds, row and tile sparsity (see
+    :class:`HeadResult`), L1 on the calibration windows, PV-skip fraction; tuning wall time
+    and attention evaluations per head. ``config["objective"]`` names the sparsity that was
+    maximised."""
 
     layers: tuple[LayerResult, ...]
     config: dict[str, Any]
@@ -365,8 +443,12 @@ class TuneReport:
     evaluations_per_head: int
 
     @property
-    def mean_sparsity(self) -> float:
-        return float(np.mean([h.sparsity for lay in self.layers for h in lay.heads]))
+    def mean_row_sparsity(self) -> float:
+        return float(np.mean([h.row_sparsity for lay in self.layers for h in lay.heads]))
+
+    @property
+    def mean_tile_sparsity(self) -> float:
+        return float(np.mean([h.tile_sparsity for lay in self.layers for h in lay.heads]))
 
     def to_json(self) -> dict[str, Any]:
         def clean(x):
@@ -378,13 +460,16 @@ class TuneReport:
             "config": self.config,
             "wall_seconds": self.wall_seconds,
             "evaluations_per_head": self.evaluations_per_head,
-            "mean_sparsity": self.mean_sparsity,
+            "objective": self.config.get("objective"),
+            "mean_row_sparsity": self.mean_row_sparsity,
+            "mean_tile_sparsity": self.mean_tile_sparsity,
             "layers": [
                 {
                     "layer": lay.layer,
                     "l1_bound": lay.l1_bound,
                     "pv_l1_bound": lay.pv_l1_bound,
-                    "mean_sparsity": lay.mean_sparsity,
+                    "mean_row_sparsity": lay.mean_row_sparsity,
+                    "mean_tile_sparsity": lay.mean_tile_sparsity,
                     "heads": [
                         {k: clean(v) for k, v in dataclasses.asdict(h).items()} for h in lay.heads
                     ],
@@ -395,23 +480,26 @@ class TuneReport:
 
     def to_markdown(self) -> str:
         lines = [
-            f"SpargeAttn tuning: mean block sparsity {self.mean_sparsity:.3f}, "
-            f"{self.wall_seconds:.1f} s, {self.evaluations_per_head} attention evaluations "
-            "per head",
+            f"SpargeAttn tuning (objective: {self.config.get('objective')} sparsity): mean "
+            f"tile sparsity {self.mean_tile_sparsity:.3f}, mean row sparsity "
+            f"{self.mean_row_sparsity:.3f}, {self.wall_seconds:.1f} s, "
+            f"{self.evaluations_per_head} attention evaluations per head",
             "",
-            "| layer | head | simthreshd1 | cdfthreshd | pvthreshd | sparsity | L1 | PV skip |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| layer | head | simthreshd1 | cdfthreshd | pvthreshd | tile sparsity "
+            "| row sparsity | L1 | PV skip |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for lay in self.layers:
             for h in lay.heads:
                 tag = " (dense)" if h.dense else ""
                 lines.append(
                     f"| {lay.layer} | {h.head}{tag} | {h.simthreshd1:.4f} | {h.cdfthreshd:.4f} "
-                    f"| {h.pvthreshd:.2f} | {h.sparsity:.3f} | {h.l1:.4f} | {h.pv_skip:.3f} |"
+                    f"| {h.pvthreshd:.2f} | {h.tile_sparsity:.3f} | {h.row_sparsity:.3f} "
+                    f"| {h.l1:.4f} | {h.pv_skip:.3f} |"
                 )
             lines.append(
-                f"| {lay.layer} | mean | | | | {lay.mean_sparsity:.3f} | "
-                f"(bound {lay.l1_bound:g}) | |"
+                f"| {lay.layer} | mean | | | | {lay.mean_tile_sparsity:.3f} | "
+                f"{lay.mean_row_sparsity:.3f} | (bound {lay.l1_bound:g}) | |"
             )
         return "\n".join(lines) + "\n"
 
@@ -430,7 +518,7 @@ def tune(cfg, params, windows, config: SpargeTuneConfig | None = None, *,
     outs = {}
     for li, batches in layer_qkv(cfg, params, windows, batch_size=config.batch_size,
                                  progress=progress):  # fmt: skip
-        outs[li] = _tune_batches(batches, cfg.num_heads, li, config)
+        outs[li] = _tune_batches(batches, cfg.num_heads, li, config, alibi_slopes(cfg))
     return _assemble(cfg, outs, config, t0)
 
 
@@ -470,7 +558,7 @@ def stream_tune(model, windows, config: SpargeTuneConfig | None = None, *,
 
     def one(layer):
         return _tune_batches(_observe_qkv(layer, core, capture), cfg.num_heads, layer.index,
-                             config)  # fmt: skip
+                             config, alibi_slopes(cfg))  # fmt: skip
 
     res = stream_analysis(loader, one, windows, method="sparge", config=config,
                           batch_size=config.batch_size, attention="dense", work_dir=work_dir,
@@ -488,10 +576,11 @@ def _check_layers(cfg, config: SpargeTuneConfig) -> None:
                         f"{cfg.num_layers} layers)")  # fmt: skip
 
 
-def _tune_batches(batches: list, hq: int, li: int, config: SpargeTuneConfig
-                  ) -> dict[str, np.ndarray]:  # fmt: skip
-    """One layer's tuning: ``{threshold / metric: [Hq], "bounds": [2], "evaluations": []}``."""
-    data = _LayerData(batches, config.block_k)
+def _tune_batches(batches: list, hq: int, li: int, config: SpargeTuneConfig,
+                  slopes: np.ndarray | None = None) -> dict[str, np.ndarray]:  # fmt: skip
+    """One layer's tuning: ``{threshold / metric: [Hq], "bounds": [2], "evaluations": []}``
+    (``slopes``: the model's ALiBi slopes, see :func:`alibi_slopes`)."""
+    data = _LayerData(batches, config.block_k, slopes)
     out, bounds = _tune_layer(data, hq, li, config)
     return {**out, "bounds": np.asarray(bounds, np.float64),
             "evaluations": np.asarray(data.evaluations)}  # fmt: skip
@@ -515,8 +604,9 @@ def _assemble(cfg, outs: dict[int, dict[str, np.ndarray]], config: SpargeTuneCon
         layers.append(LayerResult(
             li, l1, pv_l1,
             tuple(HeadResult(h, float(out["simthreshd1"][h]), float(out["cdfthreshd"][h]),
-                             float(out["pvthreshd"][h]), float(out["sparsity"][h]),
-                             float(out["l1"][h]), float(out["pv_skip"][h]),
+                             float(out["pvthreshd"][h]), float(out["row_sparsity"][h]),
+                             float(out["tile_sparsity"][h]), float(out["l1"][h]),
+                             float(out["pv_skip"][h]),
                              bool(out["dense"][h])) for h in range(hq)),
             n_eval,
         ))  # fmt: skip
@@ -529,14 +619,15 @@ def _assemble(cfg, outs: dict[int, dict[str, np.ndarray]], config: SpargeTuneCon
 def evaluate(cfg, params, windows, sparge_params: SpargeParams, *, block_q: int = 32,
              block_k: int = 32, batch_size: int = 4, progress: bool = False
              ) -> dict[str, np.ndarray]:  # fmt: skip
-    """Per layer and head ``{"l1", "sparsity", "pv_skip"}`` arrays ``[layers, heads]`` of
+    """Per layer and head ``{"l1", "row_sparsity", "tile_sparsity", "pv_skip"}`` arrays
+    ``[layers, heads]`` of
     ``sparge_params`` on ``windows`` (e.g. held-out text), each layer fed the dense model's
     activations (as during tuning)."""
     sparge_params.check_model(cfg.num_layers, cfg.num_heads)
-    out = {k: np.zeros((cfg.num_layers, cfg.num_heads)) for k in ("l1", "sparsity", "pv_skip")}
+    out = {k: np.zeros((cfg.num_layers, cfg.num_heads)) for k in _METRICS}
     for li, batches in layer_qkv(cfg, params, windows, batch_size=batch_size,
                                  progress=progress):  # fmt: skip
-        data = _LayerData(batches, block_k)
+        data = _LayerData(batches, block_k, alibi_slopes(cfg))
         lp = sparge_params.layer(li)
         r = data.evaluate(*(np.asarray(a, np.float32)[None] for a in lp), block_q, block_k)
         for k in out:
