@@ -372,8 +372,11 @@ def _from_json(a: argparse.Namespace) -> int:
                 m["pending"] = [n for n in REGISTRY if n not in got]
             machine = machine_line(m)
         except (OSError, ValueError, KeyError, TypeError) as e:
-            what = "a --plots run's --out JSON" if a.plots is not None else "a table run's --out JSON"
-            print(f"python -m bench: error: --from-json: {path} is not {what} ({e})", file=sys.stderr)
+            what = "a --plots run's" if a.plots is not None else "a table run's"
+            print(
+                f"python -m bench: error: --from-json: {path} is not {what} --out JSON ({e})",
+                file=sys.stderr,
+            )
             return 2
         if i == 0:
             meta = m

@@ -84,8 +84,9 @@ def test_dry_run_first_half(tmp_path, names, shared_data):
     late_meta = dict(json.loads((tmp_path / "r.json").read_text())["meta"])
     late_meta["started_utc"] = "2099-01-01T00:00:00+00:00"
     late.write_text(json.dumps({"meta": late_meta, "results": {first[-1]: row}}))
-    q = _bench("--from-json", str(partial), "--from-json", str(late), "--markdown", str(md2),
-               timeout=120)
+    q = _bench(
+        "--from-json", str(partial), "--from-json", str(late), "--markdown", str(md2), timeout=120
+    )
     assert q.returncode == 0, q.stderr
     line3, rest3 = md2.read_text().split("\n\n", 1)
     assert "PARTIAL" not in line3

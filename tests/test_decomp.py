@@ -386,6 +386,32 @@ def test_tt_matrix_apply_matches_dense(x64, shape, kwargs):
         assert c.shape[1:3] == (mk, nk)
 
 
+def _compiled_flops(f, *args) -> float:
+    ca = jax.jit(f).lower(*args).compile().cost_analysis()
+    return (ca[0] if isinstance(ca, list) else ca)["flops"]
+
+
+@pytest.mark.parametrize(
+    "shape, kwargs, rows",
+    [
+        ((64, 48), dict(eps=1.0), 256),  # bonds at full rank: the chain would cost ~18x x @ W
+        ((768, 768), dict(ranks=8), 64),  # low bonds: the chain is the cheaper route
+    ],
+)
+def test_tt_matrix_apply_never_costs_more_than_building_w(shape, kwargs, rows):
+    """``apply`` takes the cheaper of the core-by-core chain and ``x @ materialize()``: XLA's
+    own count of the compiled program's flops (an oracle independent of the code's cost
+    model) is never above that of building ``W`` and multiplying, and the values agree."""
+    rng = _rng(16)
+    m = tt_matrix(jnp.asarray(rng.standard_normal(shape), jnp.float32), **kwargs)
+    x = jnp.asarray(rng.standard_normal((rows, shape[0])), jnp.float32)
+    dense = _compiled_flops(lambda x: x @ m.materialize(), x)
+    assert _compiled_flops(m.apply, x) <= 1.01 * dense
+    np.testing.assert_allclose(
+        np.asarray(m.apply(x)), np.asarray(x) @ np.asarray(m.materialize()), rtol=2e-4, atol=2e-4
+    )
+
+
 def test_tt_matrix_exact_and_layout(x64):
     rng = _rng(15)
     w = rng.standard_normal((12, 20))

@@ -186,8 +186,10 @@ class TTMatrix:
         return batch_vmap(_ttm_to_matrix, self.batch_ndim)(self.cores)
 
     def apply(self, x: jax.Array) -> jax.Array:
-        """``x @ materialize()`` for ``x [..., in]`` -> ``[..., out]``, one core at a time
-        (unbatched cores; ``vmap`` for a batch of TT-matrices)."""
+        """``x @ materialize()`` for ``x [..., in]`` -> ``[..., out]``, one core at a time, or
+        by building ``W`` once where bonds near full rank make the chain cost more multiply-adds
+        (decided from the static shapes; unbatched cores; ``vmap`` for a batch of
+        TT-matrices)."""
         if self.batch_ndim:
             raise ValueError("TTMatrix.apply: batched cores; vmap over the batch instead")
         return _ttm_apply(self.cores, x)
@@ -250,6 +252,10 @@ def _ttm_apply(cores, x: jax.Array) -> jax.Array:
     x = x.astype(dtype)
     lead = x.shape[:-1]
     b = math.prod(lead)
+    if _ttm_chain_flops(cores, b) > _ttm_dense_flops(cores, b):
+        # bonds near full rank: the core-by-core chain costs more than building W once
+        out = jnp.matmul(x.reshape(b, n_in), _ttm_to_matrix(cores).astype(dtype), precision=HIGHEST)
+        return out.reshape(*lead, -1)
     # state [B, N_done, r, m_k, M_rest]: output modes done so far, bond, current and later inputs
     s = x.reshape(b, 1, 1, m[0], n_in // m[0])
     for k, c in enumerate(cores):
@@ -258,6 +264,27 @@ def _ttm_apply(cores, x: jax.Array) -> jax.Array:
         mk = m[k + 1] if k + 1 < len(cores) else 1
         s = s.reshape(bb, p * nk, r, mk, q // mk)
     return s.reshape(*lead, -1)
+
+
+def _ttm_chain_flops(cores, b: int) -> int:
+    """Multiply-adds of :func:`_ttm_apply`'s core-by-core chain for ``b`` rows."""
+    m = [int(c.shape[1]) for c in cores]
+    total, done_out = 0, 1
+    for k, c in enumerate(cores):
+        r0, mk, nk, r1 = (int(x) for x in c.shape)
+        total += b * done_out * r0 * mk * math.prod(m[k + 1 :]) * nk * r1
+        done_out *= nk
+    return total
+
+
+def _ttm_dense_flops(cores, b: int) -> int:
+    """Multiply-adds of building ``W`` (:func:`_ttm_to_matrix`) and ``x @ W`` for ``b`` rows."""
+    build, done = 0, int(cores[0].shape[1] * cores[0].shape[2])
+    for c in cores[1:]:
+        r0, mk, nk, r1 = (int(x) for x in c.shape)
+        build += done * r0 * mk * nk * r1
+        done *= mk * nk
+    return build + b * done  # done = in * out
 
 
 def _split_fixed(c: jax.Array, rows: int, r: int) -> tuple[jax.Array, jax.Array]:
