@@ -457,6 +457,30 @@ def test_check_token_ids_under_jit():
     user_error(lambda: g(jnp.zeros((2,), jnp.int32)), "[batch, length]")
 
 
+def test_forward_under_jit_turns_out_of_range_rows_into_nan(tiny):
+    """Under a caller's jit the ids are tracers, so the host check cannot raise: a row holding
+    an id outside ``[0, vocab)`` at a real position gives NaN logits (never the clipped id's
+    plausible numbers); other rows, and out-of-range pad ids under a 0 mask, are untouched."""
+    cfg, params = tiny
+    ids = np.array([[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]], np.int32)
+    mask = np.ones_like(ids)
+    f = jax.jit(lambda i, m: jcompress.forward(cfg, params, i, m))
+    ref = np.asarray(f(ids, mask))
+    bad = ids.copy()
+    bad[0, 2] = cfg.vocab_size  # real position: row 0 broken
+    bad[1, 0] = -3  # real position: row 1 broken
+    bad[2, 0], mask[2, 0] = cfg.vocab_size + 7, 0  # a pad id under a 0 mask: fine
+    out = np.asarray(f(bad, mask))
+    assert np.isnan(out[0]).all() and np.isnan(out[1]).all()
+    clean = ids.copy()
+    clean[2, 0] = cfg.vocab_size + 7
+    ref2 = np.asarray(jcompress.forward(cfg, params, clean, mask))  # eager: allowed under mask 0
+    np.testing.assert_allclose(out[2, 1:], ref2[2, 1:], rtol=1e-5, atol=1e-5)
+    assert np.isfinite(ref).all()
+    # the eager call (concrete ids) still raises
+    user_error(lambda: jcompress.forward(cfg, params, bad, mask), "input_ids")
+
+
 MASK_CASES = {
     "shape": (np.ones((1, 3), np.int32), "does not match"),
     "float": (np.ones((1, 4), np.float32), "bool or integer"),

@@ -467,7 +467,7 @@ def layer_params(cfg: ModelConfig, params: Params, i: int) -> Params:
     return get_path(params, f"{spec_for(cfg.family.value).layout.layers}/{i}")
 
 
-def _embed(cfg, params, input_ids, pos, rec):
+def _embed(cfg, params, input_ids, pos, rec, mask):
     from jcompress.leaves import take
 
     lay = spec_for(cfg.family.value).layout
@@ -475,6 +475,11 @@ def _embed(cfg, params, input_ids, pos, rec):
     # clip: an out-of-range id (e.g. a pad id == vocab_size under a 0 mask) must not turn
     # into NaN, which the attention product would spread to every position of the row.
     h = take(table, input_ids, mode="clip")
+    # ...but one at a real (mask 1) position is broken input: the host check raises where the
+    # ids are concrete; under a caller's jit (traced ids) the whole row becomes NaN instead of
+    # the clipped id's plausible numbers.
+    bad = jnp.any(((input_ids < 0) | (input_ids >= cfg.vocab_size)) & mask, axis=1)
+    h = jnp.where(bad[:, None, None], jnp.asarray(jnp.nan, h.dtype), h)
     rec(lay.embed, "out", h)
     if lay.project_in is not None and cfg.embed_dim is not None:
         h = _linear(get_path(params, lay.project_in), h, rec, lay.project_in)
@@ -513,7 +518,7 @@ def _mask_or_ones(input_ids, attention_mask):
 
 def _run(cfg, params, input_ids, mask, pos, rec, attn, cache: KVCache | None = None):
     lay = spec_for(cfg.family.value).layout
-    h = _embed(cfg, params, input_ids, pos, rec)
+    h = _embed(cfg, params, input_ids, pos, rec, mask)
     new_k, new_v = [], []
     meta = None
     if cache is not None:
@@ -639,7 +644,7 @@ def embed(
 ) -> jax.Array:
     """Token (and learned position) embeddings: ``[B, T] -> [B, T, H]``, the first layer's input."""
     mask = _mask_or_ones(input_ids, attention_mask)
-    return _embed(cfg, params, input_ids, positions_from_mask(mask), _Recorder(None))
+    return _embed(cfg, params, input_ids, positions_from_mask(mask), _Recorder(None), mask)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
