@@ -377,8 +377,8 @@ def test_family_keep_everything_equals_dense(tiny):
     p = sparge.SpargeParams.dense(cfg.num_layers, cfg.num_heads)
     ref = np.asarray(jcompress.forward(cfg, params, ids, mask, attention="dense"))
     out = np.asarray(jcompress.forward(cfg, params, ids, mask, attention=impl, attention_state=p))
-    for row in range(ids.shape[0]):
-        np.testing.assert_allclose(real(out, mask, row), real(ref, mask, row), atol=5e-5)
+    for row in range(ids.shape[0]):  # the 1e-5 (fp32), on the logits (max seen 2e-6)
+        np.testing.assert_allclose(real(out, mask, row), real(ref, mask, row), atol=1e-5)
     assert ids.shape[1] == SEQ
 
 
