@@ -308,6 +308,34 @@ def test_values_match_an_independent_reconstruction(llama, caches, result):
     assert per["rank=8;quant=none"]["nmse"] < per["rank=4;quant=none"]["nmse"]
 
 
+def test_streamed_eval_holds_one_layer_and_equals_in_memory(caches, result, llama_dir):
+    """eval_grid from a LayerLoader: the loader's account never holds more than one decoder
+    layer's tensors, each read is released before the next, and the result is the in-memory
+    path's, bit for bit."""
+    from jcompress.streaming import LayerLoader, layer_of
+
+    class Watched(LayerLoader):
+        def read(self, paths):
+            paths = list(paths)
+            assert self.resident_bytes == 0, "a layer was read before the last was released"
+            layers.append({layer_of(self.cfg, p) for p in paths})
+            out = super().read(paths)
+            held.append(self.resident_bytes)
+            return out
+
+    layers, held = [], []
+    loader = Watched(llama_dir)
+    config = tw.EvalConfig(
+        ranks=(4, 8), qspecs=parse_specs(SPECS), grid_mode="full", chunk_tokens=24
+    )
+    res = tw.eval_grid(loader.cfg, loader, tw.XYCache(caches[1]), config, progress=False)
+    assert layers == [{i} for i in range(loader.cfg.num_layers)]  # one layer per read, in order
+    for i, n in enumerate(held):
+        assert 0 < n <= loader.group_bytes[i]
+    assert loader.peak_bytes == max(held) and loader.resident_bytes == 0
+    assert json.dumps(res, sort_keys=False) == json.dumps(result, sort_keys=False)
+
+
 def test_mpo_method_and_exact_rank(llama, caches):
     cfg, params, _ = llama
     res = tw.eval_grid(
@@ -451,6 +479,13 @@ def test_smooth_alpha_matches_numpy_and_smooth_model_dir(llama, caches, tmp_path
     )
     got2 = res2["by_layer"]["2"]["mlp"]["by_proj"]["up_proj"]["rank=0;" + spec.key]
     assert got2["nmse"] == pytest.approx(got["nmse"], rel=1e-3)
+    # streamed from the buffer-free copy (kept while the context lives): the same result
+    with tw.open_smoothed(d) as (lcfg, loader, lf):
+        res3 = tw.eval_grid(
+            lcfg, loader, cache, config, smoothing=tw.Smoothing(factors=lf), progress=False
+        )
+        assert loader.resident_bytes == 0 and loader.peak_bytes > 0
+    assert res3 == res2
     with pytest.raises(UserError, match="missing for layer model.layers.0.self_attn.q_proj"):
         tw.eval_grid(
             scfg,

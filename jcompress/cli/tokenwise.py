@@ -75,7 +75,9 @@ def add_parser(sub) -> None:
                            "scored with the first --qspecs spec (needs --model_dir)")  # fmt: skip
             e.add_argument("--model_dir", help="the original model (with --alpha / --alphas)")
         else:
-            e.add_argument("--model_dir", required=True, help="HF model directory")
+            e.add_argument("--model_dir", required=True, help="HF model directory (its "
+                           "safetensors shards are read one decoder layer at a time; a torch "
+                           ".bin checkpoint is loaded whole)")  # fmt: skip
         e.add_argument("--xy_path", required=True, help="save_xy cache: file or directory")
         e.add_argument("--out_json", required=True, help="result JSON")
         e.add_argument("--ranks", default="16,32", help="comma-separated ranks (default: 16,32)")
@@ -164,11 +166,11 @@ def run_save_xy(args) -> int:
 
 def run_eval(args) -> int:
     from jcompress.atomic import write_json
-    from jcompress.models import load_hf, read_config
+    from jcompress.models import read_config
     from jcompress.outputs import check_output_file
     from jcompress.quant.formats import parse_specs
     from jcompress.quant.smooth import check_alpha
-    from jcompress.quant.tokenwise import EvalConfig, Smoothing, XYCache, eval_grid, parse_ranks
+    from jcompress.quant.tokenwise import EvalConfig, Smoothing, XYCache, open_weights, parse_ranks
 
     ranks = parse_ranks(args.ranks)
     qspecs = parse_specs(args.qspecs, arg="--qspecs") if args.qspecs.strip() else ()
@@ -203,17 +205,27 @@ def run_eval(args) -> int:
     check_output_file(args.out_json, inputs=inputs, overwrite=args.overwrite, arg="--out_json")
     cache = XYCache(args.xy_path)
     if args._smooth and args.smooth_model_dir is not None:
-        from jcompress.quant.tokenwise import load_smoothed
+        from jcompress.quant.tokenwise import open_smoothed
 
-        cfg, params, factors = load_smoothed(model_dir, dtype=dtype)
-        smoothing = Smoothing(factors=factors)
+        with open_smoothed(model_dir, dtype=dtype) as (cfg, weights, factors):
+            res = _eval(cfg, weights, cache, config, Smoothing(factors=factors), model_dir)
     else:
-        cfg, params = load_hf(model_dir, dtype=dtype, progress=True)
-    res = eval_grid(cfg, params, cache, config, smoothing=smoothing,
-                    meta={"model_dir": str(model_dir)})  # fmt: skip
+        cfg, weights = open_weights(model_dir, dtype=dtype)
+        res = _eval(cfg, weights, cache, config, smoothing, model_dir)
     write_json(args.out_json, res, overwrite=args.overwrite, arg="--out_json")
     print(args.out_json)
     return 0
+
+
+def _eval(cfg, weights, cache, config, smoothing, model_dir):
+    from jcompress.quant.tokenwise import eval_grid
+    from jcompress.streaming import LayerLoader
+
+    res = eval_grid(cfg, weights, cache, config, smoothing=smoothing,
+                    meta={"model_dir": str(model_dir)})  # fmt: skip
+    if isinstance(weights, LayerLoader):
+        print(f"weights held at once: {weights.peak_bytes / 2**20:.1f} MiB (streamed)")
+    return res
 
 
 def run_rank(args) -> int:
