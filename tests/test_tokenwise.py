@@ -499,6 +499,19 @@ def test_smooth_alpha_matches_numpy_and_smooth_model_dir(llama, caches, tmp_path
         )
 
 
+def test_smoothing_defaults_to_alpha_half_and_refuses_two_sources():
+    assert tw.Smoothing() == tw.Smoothing(alpha=0.5)
+    assert tw.Smoothing().source == "alpha" and tw.Smoothing().alpha == 0.5
+    assert tw.Smoothing(alphas=(0.3, 0.7)).alpha is None  # a search: no default alpha
+    assert tw.Smoothing(factors={"a": 1.0}).alpha is None
+    with pytest.raises(UserError, match="at most one of --alpha, --alphas"):
+        tw.Smoothing(alpha=0.5, alphas=(0.3,))
+    with pytest.raises(UserError, match="at most one of"):
+        tw.Smoothing(alphas=(0.3,), factors={"a": 1.0})
+    with pytest.raises(UserError, match=r"--alpha: must be in \[0, 1\]"):
+        tw.Smoothing(alpha=1.5)
+
+
 def params_kernel(params, t):
     p = params["model"]["layers"][str(t.layer)]
     for part in t.parts[0].split("/"):

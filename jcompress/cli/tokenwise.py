@@ -67,13 +67,16 @@ def add_parser(sub) -> None:
             ),  # fmt: skip
         )
         if smooth:
-            g = e.add_mutually_exclusive_group(required=True)
+            g = e.add_mutually_exclusive_group()
             g.add_argument("--smooth_model_dir", help="smoothed HF model with smooth_factor "
                            "buffers (its weights are diag(s) W)")  # fmt: skip
-            g.add_argument("--alpha", type=float, help="SmoothQuant alpha (needs --model_dir)")
+            g.add_argument("--alpha", type=float, help="SmoothQuant alpha (needs --model_dir; "
+                           "default: 0.5 unless --alphas or --smooth_model_dir)")  # fmt: skip
             g.add_argument("--alphas", help="comma-separated alphas searched per input group, "
                            "scored with the first --qspecs spec (needs --model_dir)")  # fmt: skip
-            e.add_argument("--model_dir", help="the original model (with --alpha / --alphas)")
+            e.add_argument("--model_dir", help="the original model (with --alpha / --alphas; "
+                           "read one decoder layer at a time from its safetensors shards, a "
+                           "torch .bin checkpoint whole)")  # fmt: skip
         else:
             e.add_argument("--model_dir", required=True, help="HF model directory (its "
                            "safetensors shards are read one decoder layer at a time; a torch "
@@ -169,7 +172,7 @@ def run_eval(args) -> int:
     from jcompress.models import read_config
     from jcompress.outputs import check_output_file
     from jcompress.quant.formats import parse_specs
-    from jcompress.quant.smooth import check_alpha
+    from jcompress.quant.smooth import DEFAULT_ALPHA, check_alpha
     from jcompress.quant.tokenwise import EvalConfig, Smoothing, XYCache, open_weights, parse_ranks
 
     ranks = parse_ranks(args.ranks)
@@ -187,11 +190,13 @@ def run_eval(args) -> int:
             inputs["--smooth_model_dir"] = model_dir
         else:
             if args.model_dir is None:
-                raise UserError("--model_dir: required with --alpha / --alphas")
+                raise UserError("--model_dir: required with --alpha / --alphas (--alpha is "
+                                "0.5 by default), or give --smooth_model_dir")  # fmt: skip
             model_dir = _model_dir(args.model_dir, "--model_dir")
             inputs["--model_dir"] = model_dir
-            if args.alpha is not None:
-                smoothing = Smoothing(alpha=check_alpha(args.alpha))
+            if args.alphas is None:  # --alpha, or SmoothQuant's default 0.5
+                alpha = DEFAULT_ALPHA if args.alpha is None else check_alpha(args.alpha)
+                smoothing = Smoothing(alpha=alpha)
             else:
                 try:
                     alphas = tuple(float(a) for a in args.alphas.split(",") if a.strip())

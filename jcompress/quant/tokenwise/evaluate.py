@@ -172,7 +172,11 @@ def _spec_pair(spec: Any) -> list[str]:
 class Smoothing:
     """How ``eval_smooth`` gets ``s``: ``alpha`` (from the cached activations), ``alphas`` (a
     per-group search, scored with the first spec) or ``factors`` (``{module path: s}``, the
-    weights in ``params`` already smoothed)."""
+    weights in ``params`` already smoothed). With none of them, ``alpha`` is
+    :data:`jcompress.quant.smooth.DEFAULT_ALPHA` (0.5); more than one is an error.
+
+    Example: ``Smoothing()`` is ``Smoothing(alpha=0.5)``; ``Smoothing(alphas=(0.3, 0.5))``.
+    """
 
     alpha: float | None = None
     alphas: tuple[float, ...] | None = None
@@ -181,9 +185,11 @@ class Smoothing:
 
     def __post_init__(self):
         given = sum(x is not None for x in (self.alpha, self.alphas, self.factors))
-        if given != 1:
-            raise UserError("eval_smooth: give exactly one of --alpha, --alphas, "
+        if given > 1:
+            raise UserError("eval_smooth: give at most one of --alpha, --alphas, "
                             "--smooth_model_dir")  # fmt: skip
+        if given == 0:
+            object.__setattr__(self, "alpha", sq.DEFAULT_ALPHA)
         if self.alpha is not None:
             sq.check_alpha(self.alpha)
         if self.alphas is not None:
