@@ -195,9 +195,21 @@ def test_cached_xy_equal_torch_hooks(llama, caches, llama_dir):
         np.testing.assert_allclose(cache.get(f"{name}.Y"), y, atol=2e-4, rtol=2e-4)
 
 
-@pytest.mark.parametrize("variant", ["qwen3", "gpt2"])
+LAYER0_NAMES = {  # the HF module paths of layer 0's measured linears, written out
+    "qwen3": {f"model.layers.0.self_attn.{p}_proj" for p in "qkvo"}
+    | {f"model.layers.0.mlp.{p}_proj" for p in ("gate", "up", "down")},
+    "gpt2": {"transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj"}
+    | {"transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"},
+    "mpt": {"transformer.blocks.0.attn.Wqkv", "transformer.blocks.0.attn.out_proj"}
+    | {"transformer.blocks.0.ffn.up_proj", "transformer.blocks.0.ffn.down_proj"},
+}
+BLOCKS = {"qwen3": {"self_attn", "mlp"}, "gpt2": {"attn", "mlp"}, "mpt": {"attn", "ffn"}}
+
+
+@pytest.mark.parametrize("variant", ["qwen3", "gpt2", "mpt"])
 def test_tiny_families_names_and_values(variant, tmp_path):
-    """Qwen3 (q/k norms) and GPT-2 (fused Conv1D c_attn measured as one HF module)."""
+    """Qwen3 (q/k norms), GPT-2 (fused Conv1D c_attn measured as one HF module) and MPT (fused
+    Wqkv, clip_qkv active: X / Y are the Wqkv module's own, before the clip)."""
     torch = pytest.importorskip("torch")
     import _tiny
 
@@ -207,6 +219,8 @@ def test_tiny_families_names_and_values(variant, tmp_path):
     ids = np.random.default_rng(0).integers(0, _tiny.VOCAB, (2, 8)).astype(np.int32)
     seen = {}
     names = {t.name for t in tw.targets(cfg)}
+    assert {n for n in names if ".0." in n} == LAYER0_NAMES[variant]
+    assert len(names) == len(LAYER0_NAMES[variant]) * cfg.num_layers
     mods = dict(model.named_modules())
     assert names <= set(mods), sorted(names - set(mods))
     hooks = [
@@ -231,6 +245,8 @@ def test_tiny_families_names_and_values(variant, tmp_path):
         config=tw.SaveXYConfig(cn=1, eu=1, length=8, save_dtype="fp32"),
     )
     cache = tw.XYCache(out)
+    if variant == "mpt":  # the clip is active: Y is Wqkv's output before it
+        assert np.abs(seen["transformer.blocks.0.attn.Wqkv"][1]).max() > cfg.clip_qkv
     for n, (x, y) in seen.items():
         np.testing.assert_allclose(cache.get(f"{n}.X"), x, atol=1e-4, rtol=1e-4)
         np.testing.assert_allclose(cache.get(f"{n}.Y"), y, atol=1e-4, rtol=1e-4)
@@ -239,7 +255,7 @@ def test_tiny_families_names_and_values(variant, tmp_path):
     )
     tw.validate_result(res)
     blocks = {b for layer in res["by_layer"].values() for b in layer}
-    assert blocks == ({"attn", "mlp"} if variant == "gpt2" else {"self_attn", "mlp"})
+    assert blocks == BLOCKS[variant]
 
 
 # ----------------------------------------------------------------------------- eval
