@@ -352,6 +352,29 @@ def test_streamed_eval_holds_one_layer_and_equals_in_memory(caches, result, llam
     assert json.dumps(res, sort_keys=False) == json.dumps(result, sort_keys=False)
 
 
+def test_open_weights_streams_safetensors_and_loads_a_torch_bin_whole(caches, llama_dir, tmp_path):
+    torch = pytest.importorskip("torch")
+    from safetensors.numpy import load_file
+
+    from jcompress.streaming import LayerLoader
+
+    cfg, loader = tw.open_weights(llama_dir)
+    assert isinstance(loader, LayerLoader) and loader.resident_bytes == 0  # nothing read yet
+    d = tmp_path / "bin"
+    d.mkdir()
+    (d / "config.json").write_bytes((llama_dir / "config.json").read_bytes())
+    state = {k: torch.from_numpy(v) for k, v in load_file(llama_dir / "model.safetensors").items()}
+    torch.save(state, d / "pytorch_model.bin")
+    bcfg, params = tw.open_weights(d)
+    assert bcfg == cfg and not isinstance(params, LayerLoader)  # no per-tensor reads: whole
+    config = tw.EvalConfig(ranks=(4,), qspecs=parse_specs("nvfp4"), chunk_tokens=24)
+    cache = tw.XYCache(caches[1])
+    got = tw.eval_grid(bcfg, params, cache, config, progress=False)
+    assert got == tw.eval_grid(cfg, loader, cache, config, progress=False)
+    with pytest.raises(UserError, match="--model_dir: .* is not a model directory"):
+        tw.open_weights(tmp_path)
+
+
 def test_mpo_method_and_exact_rank(llama, caches):
     cfg, params, _ = llama
     res = tw.eval_grid(
