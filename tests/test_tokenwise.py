@@ -524,6 +524,11 @@ def test_smooth_alpha_matches_numpy_and_smooth_model_dir(llama, caches, tmp_path
             lcfg, loader, cache, config, smoothing=tw.Smoothing(factors=lf), progress=False
         )
         assert loader.resident_bytes == 0 and loader.peak_bytes > 0
+        # without the factors the smoothed weights miss the cache: layer 0's check says so,
+        # and the layer read for it is released
+        with pytest.raises(UserError, match="layers.0.self_attn.q_proj: cached Y differs"):
+            tw.eval_grid(lcfg, loader, cache, config, progress=False)
+        assert loader.resident_bytes == 0
     assert res3 == res2
     with pytest.raises(UserError, match="missing for layer model.layers.0.self_attn.q_proj"):
         tw.eval_grid(

@@ -253,6 +253,25 @@ def open_weights(model_dir: str | os.PathLike, *, dtype: Any = None, arg: str = 
     return loader.cfg, loader
 
 
+def _measure(cache, name, w, b, inv, config, by_spec) -> dict[str, Any]:
+    """``{cfg key: metrics}`` of one linear ``w [in, out]``: one factorization at the largest
+    rank serves every configuration, all measured in one pass over the cached tokens."""
+    top = max((r for r in config.ranks if r < min(w.shape)), default=0)
+    kw = config.lowrank_kw()
+    factors = lr.lowrank_factors(w, top, method=config.method, **kw) if top else None
+    cands, order = [], []
+    for spec, lst in by_spec.items():
+        ranks = [r for _, r in lst]
+        cands.append(lr.svdq_grid(w, ranks, spec, method=config.method, factors=factors))
+        order += [k for k, _ in lst]
+    w_hats = jnp.concatenate(cands, axis=0)
+    x, y = cache.get(f"{name}.X"), cache.get(f"{name}.Y")
+    ms = tokenwise_metrics(x, y, w_hats, b, inv_scale=inv, chunk_tokens=config.chunk_tokens)
+    cache.release(f"{name}.X")
+    cache.release(f"{name}.Y")
+    return dict(zip(order, ms, strict=True))
+
+
 def eval_grid(
     cfg: ModelConfig,
     params: Any,
@@ -360,51 +379,45 @@ def eval_grid(
     for rank, spec in items:
         by_spec.setdefault(spec, []).append((cfg_key(rank, spec), 0 if rank is None else rank))
     keys = [cfg_key(r, q) for r, q in items]
-    kw = config.lowrank_kw()
     chosen: dict[str, float] = {}
     bar = tqdm(total=len(ts), desc="eval", disable=not progress, unit="proj")
-    for i, layer_ts in by_layer.items():
+
+    def run_layer(i: int, layer_ts: list[Target]) -> None:
+        # a function, so that this layer's kernels are dropped on return (before the next
+        # layer is read), and released from the loader's account even on an error
         ks = layer_kernels(i) if streamed else kernels
-        if streamed:
-            spot_check(ks, layer_ts)
-        scales = factor_scales
-        if smoothing is not None and smoothing.factors is None:
-            groups: dict[str, list[Target]] = {}
+        try:
+            if streamed:
+                spot_check(ks, layer_ts)
+            scales = factor_scales
+            if smoothing is not None and smoothing.factors is None:
+                groups: dict[str, list[Target]] = {}
+                for t in layer_ts:
+                    groups.setdefault(t.group, []).append(t)
+                scales, got = _smooth_scales(cache, groups.values(), smoothing, spec0, ks)
+                chosen.update(got)
             for t in layer_ts:
-                groups.setdefault(t.group, []).append(t)
-            scales, got = _smooth_scales(cache, groups.values(), smoothing, spec0, ks)
-            chosen.update(got)
-        for t in layer_ts:
-            w, b = ks[t.name]
-            inv = None
-            if smoothing is not None:
-                s = jnp.asarray(scales[t.name])
-                inv = 1.0 / s
-                if smoothing.factors is None:  # weights of the original model: smooth them
-                    w = sq.apply_smooth(w, s)
-            top = max((r for r in config.ranks if r < min(w.shape)), default=0)
-            factors = lr.lowrank_factors(w, top, method=config.method, **kw) if top else None
-            cands, order = [], []
-            for spec, lst in by_spec.items():
-                ranks = [r for _, r in lst]
-                cands.append(lr.svdq_grid(w, ranks, spec, method=config.method, factors=factors))
-                order += [k for k, _ in lst]
-            w_hats = jnp.concatenate(cands, axis=0)
-            x, y = cache.get(f"{t.name}.X"), cache.get(f"{t.name}.Y")
-            ms = tokenwise_metrics(x, y, w_hats, b, inv_scale=inv, chunk_tokens=config.chunk_tokens)
-            cache.release(f"{t.name}.X")
-            cache.release(f"{t.name}.Y")
-            by_key = dict(zip(order, ms, strict=True))
-            blk = (
-                results["by_layer"]
-                .setdefault(str(t.layer), {})
-                .setdefault(t.block, {"by_proj": {}, "agg": {}})
-            )
-            blk["by_proj"][t.proj] = {k: by_key[k] for k in keys}
-            bar.update(1)
-        if streamed:  # drop this layer's weights before the next is read
-            del ks, w, b, w_hats, factors, cands
-            params.release(PICKED)
+                w, b = ks[t.name]
+                inv = None
+                if smoothing is not None:
+                    s = jnp.asarray(scales[t.name])
+                    inv = 1.0 / s
+                    if smoothing.factors is None:  # weights of the original model: smooth them
+                        w = sq.apply_smooth(w, s)
+                by_key = _measure(cache, t.name, w, b, inv, config, by_spec)
+                blk = (
+                    results["by_layer"]
+                    .setdefault(str(t.layer), {})
+                    .setdefault(t.block, {"by_proj": {}, "agg": {}})
+                )
+                blk["by_proj"][t.proj] = {k: by_key[k] for k in keys}
+                bar.update(1)
+        finally:
+            if streamed:
+                params.release(PICKED)
+
+    for i, layer_ts in by_layer.items():
+        run_layer(i, layer_ts)
     bar.close()
     if chosen:
         results["meta"]["smooth_alpha"] = chosen
