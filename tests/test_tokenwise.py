@@ -195,9 +195,21 @@ def test_cached_xy_equal_torch_hooks(llama, caches, llama_dir):
         np.testing.assert_allclose(cache.get(f"{name}.Y"), y, atol=2e-4, rtol=2e-4)
 
 
-@pytest.mark.parametrize("variant", ["qwen3", "gpt2"])
+LAYER0_NAMES = {  # the HF module paths of layer 0's measured linears, written out
+    "qwen3": {f"model.layers.0.self_attn.{p}_proj" for p in "qkvo"}
+    | {f"model.layers.0.mlp.{p}_proj" for p in ("gate", "up", "down")},
+    "gpt2": {"transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj"}
+    | {"transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"},
+    "mpt": {"transformer.blocks.0.attn.Wqkv", "transformer.blocks.0.attn.out_proj"}
+    | {"transformer.blocks.0.ffn.up_proj", "transformer.blocks.0.ffn.down_proj"},
+}
+BLOCKS = {"qwen3": {"self_attn", "mlp"}, "gpt2": {"attn", "mlp"}, "mpt": {"attn", "ffn"}}
+
+
+@pytest.mark.parametrize("variant", ["qwen3", "gpt2", "mpt"])
 def test_tiny_families_names_and_values(variant, tmp_path):
-    """Qwen3 (q/k norms) and GPT-2 (fused Conv1D c_attn measured as one HF module)."""
+    """Qwen3 (q/k norms), GPT-2 (fused Conv1D c_attn measured as one HF module) and MPT (fused
+    Wqkv, clip_qkv active: X / Y are the Wqkv module's own, before the clip)."""
     torch = pytest.importorskip("torch")
     import _tiny
 
@@ -207,6 +219,8 @@ def test_tiny_families_names_and_values(variant, tmp_path):
     ids = np.random.default_rng(0).integers(0, _tiny.VOCAB, (2, 8)).astype(np.int32)
     seen = {}
     names = {t.name for t in tw.targets(cfg)}
+    assert {n for n in names if ".0." in n} == LAYER0_NAMES[variant]
+    assert len(names) == len(LAYER0_NAMES[variant]) * cfg.num_layers
     mods = dict(model.named_modules())
     assert names <= set(mods), sorted(names - set(mods))
     hooks = [
@@ -231,6 +245,8 @@ def test_tiny_families_names_and_values(variant, tmp_path):
         config=tw.SaveXYConfig(cn=1, eu=1, length=8, save_dtype="fp32"),
     )
     cache = tw.XYCache(out)
+    if variant == "mpt":  # the clip is active: Y is Wqkv's output before it
+        assert np.abs(seen["transformer.blocks.0.attn.Wqkv"][1]).max() > cfg.clip_qkv
     for n, (x, y) in seen.items():
         np.testing.assert_allclose(cache.get(f"{n}.X"), x, atol=1e-4, rtol=1e-4)
         np.testing.assert_allclose(cache.get(f"{n}.Y"), y, atol=1e-4, rtol=1e-4)
@@ -239,7 +255,7 @@ def test_tiny_families_names_and_values(variant, tmp_path):
     )
     tw.validate_result(res)
     blocks = {b for layer in res["by_layer"].values() for b in layer}
-    assert blocks == ({"attn", "mlp"} if variant == "gpt2" else {"self_attn", "mlp"})
+    assert blocks == BLOCKS[variant]
 
 
 # ----------------------------------------------------------------------------- eval
@@ -306,6 +322,57 @@ def test_values_match_an_independent_reconstruction(llama, caches, result):
     assert per["rank=8;quant=none"]["nmse"] == pytest.approx(lr_only["nmse"], rel=1e-4)
     # more rank, less error (the low-rank-only configurations)
     assert per["rank=8;quant=none"]["nmse"] < per["rank=4;quant=none"]["nmse"]
+
+
+def test_streamed_eval_holds_one_layer_and_equals_in_memory(caches, result, llama_dir):
+    """eval_grid from a LayerLoader: the loader's account never holds more than one decoder
+    layer's tensors, each read is released before the next, and the result is the in-memory
+    path's, bit for bit."""
+    from jcompress.streaming import LayerLoader, layer_of
+
+    class Watched(LayerLoader):
+        def read(self, paths):
+            paths = list(paths)
+            assert self.resident_bytes == 0, "a layer was read before the last was released"
+            layers.append({layer_of(self.cfg, p) for p in paths})
+            out = super().read(paths)
+            held.append(self.resident_bytes)
+            return out
+
+    layers, held = [], []
+    loader = Watched(llama_dir)
+    config = tw.EvalConfig(
+        ranks=(4, 8), qspecs=parse_specs(SPECS), grid_mode="full", chunk_tokens=24
+    )
+    res = tw.eval_grid(loader.cfg, loader, tw.XYCache(caches[1]), config, progress=False)
+    assert layers == [{i} for i in range(loader.cfg.num_layers)]  # one layer per read, in order
+    for i, n in enumerate(held):
+        assert 0 < n <= loader.group_bytes[i]
+    assert loader.peak_bytes == max(held) and loader.resident_bytes == 0
+    assert json.dumps(res, sort_keys=False) == json.dumps(result, sort_keys=False)
+
+
+def test_open_weights_streams_safetensors_and_loads_a_torch_bin_whole(caches, llama_dir, tmp_path):
+    torch = pytest.importorskip("torch")
+    from safetensors.numpy import load_file
+
+    from jcompress.streaming import LayerLoader
+
+    cfg, loader = tw.open_weights(llama_dir)
+    assert isinstance(loader, LayerLoader) and loader.resident_bytes == 0  # nothing read yet
+    d = tmp_path / "bin"
+    d.mkdir()
+    (d / "config.json").write_bytes((llama_dir / "config.json").read_bytes())
+    state = {k: torch.from_numpy(v) for k, v in load_file(llama_dir / "model.safetensors").items()}
+    torch.save(state, d / "pytorch_model.bin")
+    bcfg, params = tw.open_weights(d)
+    assert bcfg == cfg and not isinstance(params, LayerLoader)  # no per-tensor reads: whole
+    config = tw.EvalConfig(ranks=(4,), qspecs=parse_specs("nvfp4"), chunk_tokens=24)
+    cache = tw.XYCache(caches[1])
+    got = tw.eval_grid(bcfg, params, cache, config, progress=False)
+    assert got == tw.eval_grid(cfg, loader, cache, config, progress=False)
+    with pytest.raises(UserError, match="--model_dir: .* is not a model directory"):
+        tw.open_weights(tmp_path)
 
 
 def test_mpo_method_and_exact_rank(llama, caches):
@@ -451,6 +518,18 @@ def test_smooth_alpha_matches_numpy_and_smooth_model_dir(llama, caches, tmp_path
     )
     got2 = res2["by_layer"]["2"]["mlp"]["by_proj"]["up_proj"]["rank=0;" + spec.key]
     assert got2["nmse"] == pytest.approx(got["nmse"], rel=1e-3)
+    # streamed from the buffer-free copy (kept while the context lives): the same result
+    with tw.open_smoothed(d) as (lcfg, loader, lf):
+        res3 = tw.eval_grid(
+            lcfg, loader, cache, config, smoothing=tw.Smoothing(factors=lf), progress=False
+        )
+        assert loader.resident_bytes == 0 and loader.peak_bytes > 0
+        # without the factors the smoothed weights miss the cache: layer 0's check says so,
+        # and the layer read for it is released
+        with pytest.raises(UserError, match="layers.0.self_attn.q_proj: cached Y differs"):
+            tw.eval_grid(lcfg, loader, cache, config, progress=False)
+        assert loader.resident_bytes == 0
+    assert res3 == res2
     with pytest.raises(UserError, match="missing for layer model.layers.0.self_attn.q_proj"):
         tw.eval_grid(
             scfg,
@@ -462,6 +541,19 @@ def test_smooth_alpha_matches_numpy_and_smooth_model_dir(llama, caches, tmp_path
                 factors={k: v for k, v in sf.items() if "layers.0.self_attn.q_proj" not in k}
             ),
         )
+
+
+def test_smoothing_defaults_to_alpha_half_and_refuses_two_sources():
+    assert tw.Smoothing() == tw.Smoothing(alpha=0.5)
+    assert tw.Smoothing().source == "alpha" and tw.Smoothing().alpha == 0.5
+    assert tw.Smoothing(alphas=(0.3, 0.7)).alpha is None  # a search: no default alpha
+    assert tw.Smoothing(factors={"a": 1.0}).alpha is None
+    with pytest.raises(UserError, match="at most one of --alpha, --alphas"):
+        tw.Smoothing(alpha=0.5, alphas=(0.3,))
+    with pytest.raises(UserError, match="at most one of"):
+        tw.Smoothing(alphas=(0.3,), factors={"a": 1.0})
+    with pytest.raises(UserError, match=r"--alpha: must be in \[0, 1\]"):
+        tw.Smoothing(alpha=1.5)
 
 
 def params_kernel(params, t):

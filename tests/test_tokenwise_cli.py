@@ -75,6 +75,22 @@ def test_end_to_end_opt(capsys, tmp_path, opt_dir):
     )  # fmt: skip
     assert code == 0, err
     assert json.loads(sm_path.read_text())["meta"]["smooth"] is True
+    # no --alpha / --alphas / --smooth_model_dir: SmoothQuant's default alpha 0.5
+    sd_path = tmp_path / "sd.json"
+    code, _, err = run(
+        capsys, "tokenwise", "eval_smooth", "--model_dir", str(opt_dir),
+        "--xy_path", str(xy / "opt"), "--out_json", str(sd_path), "--ranks", "2",
+        "--qspecs", "nvfp4",
+    )  # fmt: skip
+    assert code == 0, err
+    sd = json.loads(sd_path.read_text())
+    assert sd["meta"]["smooth_source"] == "alpha" and set(sd["meta"]["smooth_alpha"].values()) == {
+        0.5
+    }
+    sd["meta"].pop("model_dir"), sd["meta"].pop("xy_path")
+    sm = json.loads(sm_path.read_text())
+    sm["meta"].pop("model_dir"), sm["meta"].pop("xy_path")
+    assert sd == sm
     code, out, err = run(capsys, "tokenwise", "rank", "--json", str(res_path))
     assert code == 0, err
     rank_dir = tmp_path / "r_rank"
@@ -112,6 +128,23 @@ def test_missing_cache_and_smooth_flags(capsys, tmp_path, opt_dir):
         "--out_json", str(tmp_path / "o.json"),
     )  # fmt: skip
     assert code == 2 and "--model_dir: required with --alpha" in err
+    code, _, err = run(
+        capsys, "tokenwise", "eval_smooth", "--xy_path", str(tmp_path),
+        "--out_json", str(tmp_path / "o.json"),
+    )  # fmt: skip
+    assert code == 2 and "--model_dir: required" in err and "--smooth_model_dir" in err
+    code, _, err = run(
+        capsys, "tokenwise", "eval_smooth", "--alpha", "0.5", "--alphas", "0.3,0.7",
+        "--model_dir", str(opt_dir), "--xy_path", str(tmp_path),
+        "--out_json", str(tmp_path / "o.json"),
+    )  # fmt: skip
+    assert code == 2 and "--alphas: not allowed with argument --alpha" in err
+    code, _, err = run(
+        capsys, "tokenwise", "eval_smooth", "--smooth_model_dir", str(opt_dir),
+        "--model_dir", str(opt_dir), "--xy_path", str(tmp_path),
+        "--out_json", str(tmp_path / "o.json"),
+    )  # fmt: skip
+    assert code == 2 and "--model_dir: not used with --smooth_model_dir" in err
     code, _, err = run(
         capsys, "tokenwise", "eval_smooth", "--alpha", "1.5", "--model_dir", str(opt_dir),
         "--xy_path", str(tmp_path), "--out_json", str(tmp_path / "o.json"),

@@ -67,15 +67,20 @@ def add_parser(sub) -> None:
             ),  # fmt: skip
         )
         if smooth:
-            g = e.add_mutually_exclusive_group(required=True)
+            g = e.add_mutually_exclusive_group()
             g.add_argument("--smooth_model_dir", help="smoothed HF model with smooth_factor "
                            "buffers (its weights are diag(s) W)")  # fmt: skip
-            g.add_argument("--alpha", type=float, help="SmoothQuant alpha (needs --model_dir)")
+            g.add_argument("--alpha", type=float, help="SmoothQuant alpha (needs --model_dir; "
+                           "default: 0.5 unless --alphas or --smooth_model_dir)")  # fmt: skip
             g.add_argument("--alphas", help="comma-separated alphas searched per input group, "
                            "scored with the first --qspecs spec (needs --model_dir)")  # fmt: skip
-            e.add_argument("--model_dir", help="the original model (with --alpha / --alphas)")
+            e.add_argument("--model_dir", help="the original model (with --alpha / --alphas; "
+                           "read one decoder layer at a time from its safetensors shards, a "
+                           "torch .bin checkpoint whole)")  # fmt: skip
         else:
-            e.add_argument("--model_dir", required=True, help="HF model directory")
+            e.add_argument("--model_dir", required=True, help="HF model directory (its "
+                           "safetensors shards are read one decoder layer at a time; a torch "
+                           ".bin checkpoint is loaded whole)")  # fmt: skip
         e.add_argument("--xy_path", required=True, help="save_xy cache: file or directory")
         e.add_argument("--out_json", required=True, help="result JSON")
         e.add_argument("--ranks", default="16,32", help="comma-separated ranks (default: 16,32)")
@@ -164,11 +169,11 @@ def run_save_xy(args) -> int:
 
 def run_eval(args) -> int:
     from jcompress.atomic import write_json
-    from jcompress.models import load_hf, read_config
+    from jcompress.models import read_config
     from jcompress.outputs import check_output_file
     from jcompress.quant.formats import parse_specs
-    from jcompress.quant.smooth import check_alpha
-    from jcompress.quant.tokenwise import EvalConfig, Smoothing, XYCache, eval_grid, parse_ranks
+    from jcompress.quant.smooth import DEFAULT_ALPHA, check_alpha
+    from jcompress.quant.tokenwise import EvalConfig, Smoothing, XYCache, open_weights, parse_ranks
 
     ranks = parse_ranks(args.ranks)
     qspecs = parse_specs(args.qspecs, arg="--qspecs") if args.qspecs.strip() else ()
@@ -185,11 +190,13 @@ def run_eval(args) -> int:
             inputs["--smooth_model_dir"] = model_dir
         else:
             if args.model_dir is None:
-                raise UserError("--model_dir: required with --alpha / --alphas")
+                raise UserError("--model_dir: required with --alpha / --alphas (--alpha is "
+                                "0.5 by default), or give --smooth_model_dir")  # fmt: skip
             model_dir = _model_dir(args.model_dir, "--model_dir")
             inputs["--model_dir"] = model_dir
-            if args.alpha is not None:
-                smoothing = Smoothing(alpha=check_alpha(args.alpha))
+            if args.alphas is None:  # --alpha, or SmoothQuant's default 0.5
+                alpha = DEFAULT_ALPHA if args.alpha is None else check_alpha(args.alpha)
+                smoothing = Smoothing(alpha=alpha)
             else:
                 try:
                     alphas = tuple(float(a) for a in args.alphas.split(",") if a.strip())
@@ -203,17 +210,27 @@ def run_eval(args) -> int:
     check_output_file(args.out_json, inputs=inputs, overwrite=args.overwrite, arg="--out_json")
     cache = XYCache(args.xy_path)
     if args._smooth and args.smooth_model_dir is not None:
-        from jcompress.quant.tokenwise import load_smoothed
+        from jcompress.quant.tokenwise import open_smoothed
 
-        cfg, params, factors = load_smoothed(model_dir, dtype=dtype)
-        smoothing = Smoothing(factors=factors)
+        with open_smoothed(model_dir, dtype=dtype) as (cfg, weights, factors):
+            res = _eval(cfg, weights, cache, config, Smoothing(factors=factors), model_dir)
     else:
-        cfg, params = load_hf(model_dir, dtype=dtype, progress=True)
-    res = eval_grid(cfg, params, cache, config, smoothing=smoothing,
-                    meta={"model_dir": str(model_dir)})  # fmt: skip
+        cfg, weights = open_weights(model_dir, dtype=dtype)
+        res = _eval(cfg, weights, cache, config, smoothing, model_dir)
     write_json(args.out_json, res, overwrite=args.overwrite, arg="--out_json")
     print(args.out_json)
     return 0
+
+
+def _eval(cfg, weights, cache, config, smoothing, model_dir):
+    from jcompress.quant.tokenwise import eval_grid
+    from jcompress.streaming import LayerLoader
+
+    res = eval_grid(cfg, weights, cache, config, smoothing=smoothing,
+                    meta={"model_dir": str(model_dir)})  # fmt: skip
+    if isinstance(weights, LayerLoader):
+        print(f"weights held at once: {weights.peak_bytes / 2**20:.1f} MiB (streamed)")
+    return res
 
 
 def run_rank(args) -> int:

@@ -32,6 +32,7 @@ import numpy as np
 from jcompress.errors import UserError
 
 __all__ = [
+    "DEFAULT_ALPHA",
     "DEFAULT_ALPHAS",
     "absmax_rows",
     "apply_smooth",
@@ -42,6 +43,8 @@ __all__ = [
     "smooth_scales",
 ]
 
+DEFAULT_ALPHA = 0.5
+"""SmoothQuant's migration strength when none is given (the paper's default)."""
 DEFAULT_ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 HIGHEST = jax.lax.Precision.HIGHEST
 

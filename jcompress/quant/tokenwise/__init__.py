@@ -14,6 +14,8 @@ from jcompress.quant.tokenwise.evaluate import (
     config_items,
     eval_grid,
     load_smoothed,
+    open_smoothed,
+    open_weights,
     parse_ranks,
 )
 from jcompress.quant.tokenwise.metrics import (
@@ -53,6 +55,8 @@ __all__ = [
     "layer_targets",
     "load_result",
     "load_smoothed",
+    "open_smoothed",
+    "open_weights",
     "parse_ranks",
     "ranking1",
     "ranking2",

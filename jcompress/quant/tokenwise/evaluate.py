@@ -30,6 +30,7 @@ smoothed model directory (the seed's ``smooth_factor`` buffers; its weights are 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import os
@@ -44,6 +45,8 @@ from tqdm.auto import tqdm
 
 from jcompress.errors import UserError
 from jcompress.models.config import ModelConfig
+from jcompress.models.convert import get_path
+from jcompress.models.families import spec_for
 from jcompress.models.forward import layer_params
 from jcompress.quant import lowrank as lr
 from jcompress.quant import smooth as sq
@@ -59,6 +62,8 @@ __all__ = [
     "config_items",
     "eval_grid",
     "load_smoothed",
+    "open_smoothed",
+    "open_weights",
     "parse_ranks",
 ]
 
@@ -167,7 +172,11 @@ def _spec_pair(spec: Any) -> list[str]:
 class Smoothing:
     """How ``eval_smooth`` gets ``s``: ``alpha`` (from the cached activations), ``alphas`` (a
     per-group search, scored with the first spec) or ``factors`` (``{module path: s}``, the
-    weights in ``params`` already smoothed)."""
+    weights in ``params`` already smoothed). With none of them, ``alpha`` is
+    :data:`jcompress.quant.smooth.DEFAULT_ALPHA` (0.5); more than one is an error.
+
+    Example: ``Smoothing()`` is ``Smoothing(alpha=0.5)``; ``Smoothing(alphas=(0.3, 0.5))``.
+    """
 
     alpha: float | None = None
     alphas: tuple[float, ...] | None = None
@@ -176,9 +185,11 @@ class Smoothing:
 
     def __post_init__(self):
         given = sum(x is not None for x in (self.alpha, self.alphas, self.factors))
-        if given != 1:
-            raise UserError("eval_smooth: give exactly one of --alpha, --alphas, "
+        if given > 1:
+            raise UserError("eval_smooth: give at most one of --alpha, --alphas, "
                             "--smooth_model_dir")  # fmt: skip
+        if given == 0:
+            object.__setattr__(self, "alpha", sq.DEFAULT_ALPHA)
         if self.alpha is not None:
             sq.check_alpha(self.alpha)
         if self.alphas is not None:
@@ -194,19 +205,12 @@ class Smoothing:
         return "alpha" if self.alpha is not None else "alpha_search"
 
 
-def _smooth_scales(cache, cfg, params, ts, smoothing, spec0, kernels):
-    """``{target name: s [in]}`` and the chosen alpha per group (alpha modes)."""
+def _smooth_scales(cache, members_by_group, smoothing, spec0, kernels):
+    """``{target name: s [in]}`` and the chosen alpha per target from the cached activations
+    (alpha modes), for the groups given (``[[Target]]``, one layer's)."""
     out: dict[str, Any] = {}
     chosen: dict[str, float] = {}
-    groups: dict[tuple[int, str], list[Target]] = {}
-    for t in ts:
-        groups.setdefault((t.layer, t.group), []).append(t)
-    for members in groups.values():
-        if smoothing.factors is not None:
-            for t in members:
-                n_in = kernels[t.name][0].shape[0]
-                out[t.name] = sq.require_factor(smoothing.factors, t.name, n_in)
-            continue
+    for members in members_by_group:
         x = cache.get(f"{members[0].name}.X")
         ws = [kernels[t.name][0] for t in members]
         alpha = smoothing.alpha
@@ -220,9 +224,57 @@ def _smooth_scales(cache, cfg, params, ts, smoothing, spec0, kernels):
     return out, chosen
 
 
+def _kernel_shape(lp: Mapping[str, Any], t: Target) -> tuple[int, int]:
+    """``(in, out)`` of target ``t``'s ``[in, out]`` weight from the layer's param shapes."""
+    shapes = [tuple(get_path(lp, part)["kernel"].shape) for part in t.parts]
+    return shapes[0][0], sum(s[1] for s in shapes)
+
+
+def open_weights(model_dir: str | os.PathLike, *, dtype: Any = None, arg: str = "--model_dir"):
+    """``(cfg, weights)`` for :func:`eval_grid`: a :class:`jcompress.streaming.LayerLoader`
+    (no tensor read yet; ``eval_grid`` reads one layer's measured kernels at a time), or, for
+    a torch ``pytorch_model.bin`` checkpoint (which cannot be read per tensor), the whole
+    params from :func:`jcompress.load_hf`."""
+    from jcompress.models import load_hf
+    from jcompress.streaming import LayerLoader
+
+    d = Path(model_dir)
+    if not (d / "config.json").is_file():
+        raise UserError(f"{arg}: {d} is not a model directory (no config.json)")
+    safetensors = (d / "model.safetensors").is_file() or (
+        d / "model.safetensors.index.json"
+    ).is_file()
+    torch_bin = (d / "pytorch_model.bin").is_file() or (
+        d / "pytorch_model.bin.index.json"
+    ).is_file()
+    if torch_bin and not safetensors:
+        return load_hf(d, dtype=dtype, progress=True)
+    loader = LayerLoader(d, dtype=dtype)
+    return loader.cfg, loader
+
+
+def _measure(cache, name, w, b, inv, config, by_spec) -> dict[str, Any]:
+    """``{cfg key: metrics}`` of one linear ``w [in, out]``: one factorization at the largest
+    rank serves every configuration, all measured in one pass over the cached tokens."""
+    top = max((r for r in config.ranks if r < min(w.shape)), default=0)
+    kw = config.lowrank_kw()
+    factors = lr.lowrank_factors(w, top, method=config.method, **kw) if top else None
+    cands, order = [], []
+    for spec, lst in by_spec.items():
+        ranks = [r for _, r in lst]
+        cands.append(lr.svdq_grid(w, ranks, spec, method=config.method, factors=factors))
+        order += [k for k, _ in lst]
+    w_hats = jnp.concatenate(cands, axis=0)
+    x, y = cache.get(f"{name}.X"), cache.get(f"{name}.Y")
+    ms = tokenwise_metrics(x, y, w_hats, b, inv_scale=inv, chunk_tokens=config.chunk_tokens)
+    cache.release(f"{name}.X")
+    cache.release(f"{name}.Y")
+    return dict(zip(order, ms, strict=True))
+
+
 def eval_grid(
     cfg: ModelConfig,
-    params: Mapping[str, Any],
+    params: Any,
     cache: XYCache,
     config: EvalConfig,
     *,
@@ -232,31 +284,78 @@ def eval_grid(
 ) -> dict[str, Any]:
     """The seed's result dict for every measured linear x configuration (see module doc).
 
-    Checks first, before any work: the cache belongs to this model (metadata, keys, shapes,
-    ``Y = X W + b`` on a few tokens), every rank fits every weight, smoothing factors exist.
+    Args:
+      cfg: the model config.
+      params: the model's params (a pytree in memory), or a
+        :class:`jcompress.streaming.LayerLoader` on its checkpoint: then only the measured
+        kernels (and biases) of one decoder layer are read at a time and released
+        (:meth:`~jcompress.streaming.LayerLoader.release` of
+        :data:`~jcompress.streaming.PICKED`) before the next layer is read, so the weights
+        held are one layer's (``loader.peak_bytes``). The result is the same.
+      cache: the ``save_xy`` cache. config: the grid. smoothing: ``eval_smooth``'s factors.
+      meta: extra ``meta`` entries. progress: a progress bar over projections.
+
+    Returns:
+      ``{"meta": ..., "by_layer": ...}`` (module doc).
+
+    Checks first, before any work: the cache belongs to this model (metadata, keys, shapes),
+    every rank fits every weight, smoothing factors exist and fit. ``Y = X W + b`` on a few
+    tokens is checked for every linear before any work when ``params`` is in memory, and
+    layer by layer (each layer before its work) when it is a loader.
     """
+    from jcompress.models.convert import unflatten
+    from jcompress.streaming import PICKED, LayerLoader
+
+    streamed = isinstance(params, LayerLoader)
+    if streamed and params.cfg != cfg:
+        raise ValueError("eval_grid: cfg is not the loader's config (pass loader.cfg)")
     items = config_items(config)
     ts = targets(cfg)
     cache.check_model(cfg, ts)
-    kernels: dict[str, tuple[Any, Any]] = {}
+    by_layer: dict[int, list[Target]] = {}
     for t in ts:
-        w, b = layer_kernel(layer_params(cfg, params, t.layer), t)
+        by_layer.setdefault(t.layer, []).append(t)
+    root = spec_for(cfg.family.value).layout.layers
+
+    def layer_kernels(i: int) -> dict[str, tuple[Any, Any]]:
+        if not streamed:
+            lp = layer_params(cfg, params, i)
+            return {t.name: layer_kernel(lp, t) for t in by_layer[i]}
+        want = tuple(f"{root}/{i}/{part}/" for t in by_layer[i] for part in t.parts)
+        flat = params.read([p for p in params.paths(i) if p.startswith(want)])
+        lp = layer_params(cfg, unflatten(flat), i)
+        return {t.name: layer_kernel(lp, t) for t in by_layer[i]}
+
+    if streamed:  # shapes from the headers: no tensor read
+        shape_tree = unflatten(params.shapes())
+        wshapes = {t.name: _kernel_shape(layer_params(cfg, shape_tree, t.layer), t) for t in ts}
+        kernels: dict[str, tuple[Any, Any]] = {}
+    else:
+        kernels = {k: v for i in by_layer for k, v in layer_kernels(i).items()}
+        wshapes = {k: tuple(w.shape) for k, (w, _) in kernels.items()}
+    for t in ts:
         for r in config.ranks:
-            lr.check_rank(r, w.shape, what=f"--ranks ({t.name}, weight {list(w.shape)})")
-        kernels[t.name] = (w, b)
-    scales: dict[str, Any] = {}
-    chosen: dict[str, float] = {}
+            lr.check_rank(r, wshapes[t.name], what=f"--ranks ({t.name}, weight "
+                          f"{list(wshapes[t.name])})")  # fmt: skip
+    spec0 = config.qspecs[0] if config.qspecs else None
+    factor_scales: dict[str, Any] = {}
     if smoothing is not None:
-        spec0 = config.qspecs[0] if config.qspecs else None
         if smoothing.alphas is not None and spec0 is None:
             raise UserError("--alphas: the alpha search needs a --qspecs spec to score with")
-        scales, chosen = _smooth_scales(cache, cfg, params, ts, smoothing, spec0, kernels)
-    for t in ts:  # the cache was made by this model (after smoothing for a smoothed model)
-        w, b = kernels[t.name]
-        inv = None
-        if smoothing is not None and smoothing.factors is not None:
-            inv = 1.0 / np.asarray(scales[t.name])
-        cache.spot_check(t.name, w, b, inv)
+        if smoothing.factors is not None:
+            factor_scales = {
+                t.name: sq.require_factor(smoothing.factors, t.name, wshapes[t.name][0]) for t in ts
+            }
+
+    def spot_check(ks: Mapping[str, tuple[Any, Any]], layer_ts: list[Target]) -> None:
+        # the cache was made by this model (after smoothing for a smoothed model)
+        for t in layer_ts:
+            w, b = ks[t.name]
+            inv = 1.0 / np.asarray(factor_scales[t.name]) if factor_scales else None
+            cache.spot_check(t.name, w, b, inv)
+
+    if not streamed:
+        spot_check(kernels, ts)
 
     results: dict[str, Any] = {
         "meta": {
@@ -275,41 +374,53 @@ def eval_grid(
     }
     if smoothing is not None:
         results["meta"]["smooth_source"] = smoothing.source
-        if chosen:
-            results["meta"]["smooth_alpha"] = chosen
 
     by_spec: dict[Any, list[tuple[str, int]]] = {}
     for rank, spec in items:
         by_spec.setdefault(spec, []).append((cfg_key(rank, spec), 0 if rank is None else rank))
     keys = [cfg_key(r, q) for r, q in items]
-    kw = config.lowrank_kw()
-    for t in tqdm(ts, desc="eval", disable=not progress, unit="proj"):
-        w, b = kernels[t.name]
-        inv = None
-        if smoothing is not None:
-            s = jnp.asarray(scales[t.name])
-            inv = 1.0 / s
-            if smoothing.factors is None:  # weights of the original model: smooth them here
-                w = sq.apply_smooth(w, s)
-        top = max((r for r in config.ranks if r < min(w.shape)), default=0)
-        factors = lr.lowrank_factors(w, top, method=config.method, **kw) if top else None
-        cands, order = [], []
-        for spec, lst in by_spec.items():
-            ranks = [r for _, r in lst]
-            cands.append(lr.svdq_grid(w, ranks, spec, method=config.method, factors=factors))
-            order += [k for k, _ in lst]
-        w_hats = jnp.concatenate(cands, axis=0)
-        x, y = cache.get(f"{t.name}.X"), cache.get(f"{t.name}.Y")
-        ms = tokenwise_metrics(x, y, w_hats, b, inv_scale=inv, chunk_tokens=config.chunk_tokens)
-        cache.release(f"{t.name}.X")
-        cache.release(f"{t.name}.Y")
-        by_key = dict(zip(order, ms, strict=True))
-        blk = (
-            results["by_layer"]
-            .setdefault(str(t.layer), {})
-            .setdefault(t.block, {"by_proj": {}, "agg": {}})
-        )
-        blk["by_proj"][t.proj] = {k: by_key[k] for k in keys}
+    chosen: dict[str, float] = {}
+    bar = tqdm(total=len(ts), desc="eval", disable=not progress, unit="proj")
+
+    def run_layer(i: int, layer_ts: list[Target]) -> None:
+        # a function, so that this layer's kernels are dropped on return (before the next
+        # layer is read), and released from the loader's account even on an error
+        ks = layer_kernels(i) if streamed else kernels
+        try:
+            if streamed:
+                spot_check(ks, layer_ts)
+            scales = factor_scales
+            if smoothing is not None and smoothing.factors is None:
+                groups: dict[str, list[Target]] = {}
+                for t in layer_ts:
+                    groups.setdefault(t.group, []).append(t)
+                scales, got = _smooth_scales(cache, groups.values(), smoothing, spec0, ks)
+                chosen.update(got)
+            for t in layer_ts:
+                w, b = ks[t.name]
+                inv = None
+                if smoothing is not None:
+                    s = jnp.asarray(scales[t.name])
+                    inv = 1.0 / s
+                    if smoothing.factors is None:  # weights of the original model: smooth them
+                        w = sq.apply_smooth(w, s)
+                by_key = _measure(cache, t.name, w, b, inv, config, by_spec)
+                blk = (
+                    results["by_layer"]
+                    .setdefault(str(t.layer), {})
+                    .setdefault(t.block, {"by_proj": {}, "agg": {}})
+                )
+                blk["by_proj"][t.proj] = {k: by_key[k] for k in keys}
+                bar.update(1)
+        finally:
+            if streamed:
+                params.release(PICKED)
+
+    for i, layer_ts in by_layer.items():
+        run_layer(i, layer_ts)
+    bar.close()
+    if chosen:
+        results["meta"]["smooth_alpha"] = chosen
     for layer in results["by_layer"].values():
         for blk in layer.values():
             for k in keys:
@@ -322,17 +433,26 @@ def eval_grid(
     return results
 
 
-def load_smoothed(model_dir: str | os.PathLike, *, dtype: Any = None):
-    """A smoothed model directory -> ``(cfg, params, {module path: smooth_factor})``.
+@contextlib.contextmanager
+def open_smoothed(model_dir: str | os.PathLike, *, dtype: Any = None, stream: bool = True):
+    """A smoothed model directory -> ``(cfg, weights, {module path: smooth_factor})``.
 
     The seed's smoothed models carry a ``smooth_factor`` buffer next to each linear
     (``model.layers.0.self_attn.q_proj.smooth_factor`` in the weights files, or in a
-    ``smooth_factors.safetensors`` beside them). The factors are read and the weights loaded
-    without them (``load_hf`` refuses unknown tensors: a buffer-free copy of the weights file
-    is streamed to a temporary directory when the buffers sit inside it).
+    ``smooth_factors.safetensors`` beside them). The factors are read, and the weights opened
+    without them: with ``stream`` a :class:`jcompress.streaming.LayerLoader` (as
+    :func:`open_weights`; a torch ``.bin`` checkpoint is loaded whole), else the whole params.
+    ``load_hf`` and the loader refuse unknown tensors: when the buffers sit inside the weights
+    file, a buffer-free copy of it is streamed to a temporary directory that lives as long as
+    the context.
     """
     from jcompress.models import load_hf
     from jcompress.models.safetensors_io import SafetensorsFile, write_safetensors
+
+    def weights(path):
+        if stream:
+            return open_weights(path, dtype=dtype, arg="--smooth_model_dir")
+        return load_hf(path, dtype=dtype)
 
     d = Path(model_dir)
     if not d.is_dir():
@@ -350,8 +470,9 @@ def load_smoothed(model_dir: str | os.PathLike, *, dtype: Any = None):
     if not factors:
         raise UserError(f"--smooth_model_dir: {d} has no '*.smooth_factor' tensors")
     if not holders:
-        cfg, params = load_hf(d, dtype=dtype)
-        return cfg, params, factors
+        cfg, params = weights(d)
+        yield cfg, params, factors
+        return
     if len(holders) > 1 or (d / "model.safetensors.index.json").exists():
         raise UserError(
             f"--smooth_model_dir: {d}: smooth_factor buffers inside sharded weights are not "
@@ -367,5 +488,12 @@ def load_smoothed(model_dir: str | os.PathLike, *, dtype: Any = None):
             Path(tmp) / "model.safetensors",
             [(k, sf.shape(k), sf.dtype(k), (lambda k=k: sf.get(k))) for k in keep],
         )
-        cfg, params = load_hf(tmp, dtype=dtype)
-    return cfg, params, factors
+        cfg, params = weights(tmp)
+        yield cfg, params, factors
+
+
+def load_smoothed(model_dir: str | os.PathLike, *, dtype: Any = None):
+    """A smoothed model directory -> ``(cfg, params, {module path: smooth_factor})``, the
+    params in memory (:func:`open_smoothed` with ``stream=False``)."""
+    with open_smoothed(model_dir, dtype=dtype, stream=False) as out:
+        return out
