@@ -190,6 +190,8 @@ def _extra_layer(r):
          "--json: the result was measured on another model (num_layers=12"),
         (_extra_layer, [], "--json: layer 9 self_attn/q_proj is not in this model (4 layers)"),
         (lambda r: _rename_cfg(r, NV, "rank=none;fmt=fp5;blk=na"), [], "valid: fp4@in"),
+        (lambda r: r["meta"].update(smooth=True), [], "--json: an eval_smooth result"),
+        (lambda r: r["meta"].update(method="mpo"), [], "low-rank branch is method=mpo"),
         (None, ["--configs", "rank=none;fmt=mxfp4;blk=na"],
          "--configs: 'rank=none;fmt=mxfp4;blk=na' is not in the result; it holds rank=0;"),
         (None, ["--eval_data", "/nonexistent/t.txt"], "--eval_data: /nonexistent/t.txt is not"),

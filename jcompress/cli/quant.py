@@ -161,7 +161,7 @@ def _add_check(sub) -> None:
     c = sub.add_parser(
         "check",
         help="check a tokenwise eval_fake result against end-to-end perplexity",
-        description="Apply every configuration of a tokenwise eval_fake / eval_smooth JSON to "
+        description="Apply every configuration of a tokenwise eval_fake JSON to "
         "the projections it covers, measure perplexity on the same windows, and report the "
         "tokenwise prediction (mean / max nmse, a fitted log-perplexity change) beside the "
         "measured change, Spearman's rank correlation and the pairs ordered the other way.",
@@ -170,7 +170,7 @@ def _add_check(sub) -> None:
         "--json",
         required=True,
         metavar="EVAL.json",
-        help="the tokenwise eval_fake / eval_smooth result",
+        help="the tokenwise eval_fake result (--method svd, not eval_smooth)",
     )
     c.add_argument("--model", required=True, help="HF model directory the result was measured on")
     c.add_argument(

@@ -4,7 +4,7 @@ The tokenwise tool scores each configuration layer by layer (``nmse`` of ``X W~ 
 ``Y``, no end-to-end forward). Whether that local score orders configurations the way the
 model's perplexity does is an empirical question; this module answers it on one model:
 
-* for every configuration ``c`` of an ``eval_fake`` / ``eval_smooth`` result (cfg keys
+* for every configuration ``c`` of an ``eval_fake`` result (cfg keys
   ``rank=16;fmt=nvfp4;blk=na``, ``rank=none;fmt=fp4;blk=128``, ``rank=8;quant=none``), the
   projections the result covers are quantized with ``c`` by :func:`jcompress.quant.apply.compress`
   (exact-path rules, the same leaves ``quant apply`` writes) and the perplexity is measured on
@@ -175,8 +175,10 @@ def plan_checks(
 
     Raises:
       UserError: not a tokenwise result, one written for another model (its cache metadata, a
-        layer / block / projection the model lacks), a cfg key ``quant apply`` cannot read, a
-        ``configs`` entry the result does not hold. All before any weights are touched.
+        layer / block / projection the model lacks), one ``quant apply`` cannot reproduce
+        (``eval_smooth``'s SmoothQuant scaling, an MPO low-rank branch), a cfg key
+        ``quant apply`` cannot read, a ``configs`` entry the result does not hold; all
+        before any weights are touched.
     """
     from jcompress.quant.choices import _unit_paths
     from jcompress.quant.tokenwise.rank import validate_result
@@ -192,6 +194,17 @@ def plan_checks(
                 f"{arg}: the result was measured on another model ({k}={have}, this model has "
                 f"{k}={v})"
             )
+    meta = result["meta"]
+    if meta.get("smooth"):
+        raise UserError(
+            f"{arg}: an eval_smooth result (SmoothQuant-scaled weights): quant apply quantizes "
+            "the unscaled kernels, so it cannot reproduce it; check an eval_fake result"
+        )
+    if str(meta.get("method", "svd")) != "svd":
+        raise UserError(
+            f"{arg}: the result's low-rank branch is method={meta['method']}; quant apply's "
+            "rank=R is a truncated SVD: check an eval_fake result made with --method svd"
+        )
     units = _unit_paths(cfg, "proj")
     covered: list[str] = []  # the module paths (kernels) the result measured
     for layer, blocks in sorted(result["by_layer"].items(), key=lambda kv: int(kv[0])):
@@ -372,7 +385,7 @@ def check_ranking(
 
     Args:
       cfg, params: the dense model the result was measured on.
-      result: an ``eval_fake`` / ``eval_smooth`` result dict (the seed's schema).
+      result: an ``eval_fake`` result dict (the seed's schema; SVD branch, no smoothing).
       ids: ``[N]`` token ids of the evaluation text; every configuration and the dense model
         see the same windows.
       config: which configurations, which score, the perplexity windows.
