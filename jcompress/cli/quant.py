@@ -18,11 +18,18 @@ quantized residual ``W - T`` against the original dense model::
 writes ``OUT/report.json``, ``OUT/report.md`` and ``OUT/factors/`` (a jcompress checkpoint with
 the quantized leaves; ``load_hf`` reads it back, ``forward`` runs on it) and prints the
 perplexity before and after on ``--eval_data`` (default: the bundled WikiText-2 excerpt).
+
+``jcompress quant check`` checks a tokenwise ``eval_fake`` result against the real thing: every
+configuration applied to the projections it covers, perplexity on the same windows, Spearman's
+rank correlation of the tokenwise and measured orders (:mod:`jcompress.quant.check`)::
+
+    jcompress quant check --json r.json --model DIR --out chk
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -37,7 +44,7 @@ from jcompress.cli.common import (
 )
 from jcompress.errors import UserError
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser", "run", "run_check"]
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -47,7 +54,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Quantization tools.",
     )
     sub = s.add_subparsers(
-        dest="quant_command", required=True, metavar="{apply}", parser_class=type(s)
+        dest="quant_command", required=True, metavar="{apply,check}", parser_class=type(s)
     )
     a = sub.add_parser(
         "apply",
@@ -143,7 +150,109 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     a.add_argument("--overwrite", action="store_true", help="replace --out / --json")
     add_mesh_flag(a)
     a.set_defaults(func=run)
+    _add_check(sub)
     return s
+
+
+def _add_check(sub) -> None:
+    """``quant check``: here, not under ``tokenwise``, because it writes quantized leaves and
+    runs the forward pass as ``quant apply`` does (same rules, same perplexity flags); the
+    ``tokenwise`` subcommands are layer-local (see :mod:`jcompress.quant.check`)."""
+    c = sub.add_parser(
+        "check",
+        help="check a tokenwise eval_fake result against end-to-end perplexity",
+        description="Apply every configuration of a tokenwise eval_fake JSON to "
+        "the projections it covers, measure perplexity on the same windows, and report the "
+        "tokenwise prediction (mean / max nmse, a fitted log-perplexity change) beside the "
+        "measured change, Spearman's rank correlation and the pairs ordered the other way.",
+    )
+    c.add_argument(
+        "--json",
+        required=True,
+        metavar="EVAL.json",
+        help="the tokenwise eval_fake result (--method svd, not eval_smooth)",
+    )
+    c.add_argument("--model", required=True, help="HF model directory the result was measured on")
+    c.add_argument(
+        "--configs",
+        default=None,
+        metavar="K1,K2",
+        help="check only these cfg keys of the result (default: all)",
+    )
+    c.add_argument(
+        "--by",
+        choices=("mean", "max"),
+        default="mean",
+        help="tokenwise score: nmse mean or max over projections (mean)",
+    )
+    c.add_argument(
+        "--out", default=None, help="output directory: check.json, check.md, scatter.png"
+    )
+    c.add_argument(
+        "--eval_data",
+        default=None,
+        help="perplexity text (default: the bundled WikiText-2 test excerpt)",
+    )
+    c.add_argument("--seqlen", type=positive, default=256, help="perplexity window (256)")
+    c.add_argument(
+        "--max_windows", type=positive, default=40, help="at most this many windows (40)"
+    )
+    c.add_argument("--batch_size", type=positive, default=8, help="windows per batch (8)")
+    c.add_argument("--dtype", choices=DTYPES, default=None, help="load dtype (default: stored)")
+    c.add_argument("--overwrite", action="store_true", help="replace --out")
+    add_mesh_flag(c)
+    c.set_defaults(func=run_check)
+
+
+def run_check(args: argparse.Namespace) -> int:
+    from jcompress.atomic import atomic_dir, write_json
+    from jcompress.cli import bundled_eval_text
+    from jcompress.data import load_tokens
+    from jcompress.eval import check_seqlen
+    from jcompress.models import load_hf, read_config
+    from jcompress.outputs import check_output_dir
+    from jcompress.quant.check import CheckConfig, check_ranking, plan_checks
+
+    model = Path(args.model)
+    cfg = read_config(model)
+    p = Path(args.json)
+    if not p.is_file():
+        raise UserError(f"--json: {p} is not a file")
+    try:
+        result = json.loads(p.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"--json: {p} is not JSON ({e})") from None
+    configs = None
+    if args.configs is not None:
+        configs = tuple(c.strip() for c in args.configs.split(",") if c.strip())
+    config = CheckConfig(
+        by=args.by,
+        configs=configs,
+        seqlen=args.seqlen,
+        max_windows=args.max_windows,
+        batch_size=args.batch_size,
+    )
+    plan = plan_checks(result, cfg, config)
+    mesh_from_args(args, cfg)
+    data = check_data_file(args.eval_data or bundled_eval_text(), "--eval_data")
+    check_seqlen(cfg, args.seqlen)
+    if args.out is not None:
+        check_output_dir(args.out, inputs={"--model": model, "--json": p},
+                         overwrite=args.overwrite, arg="--out")  # fmt: skip
+    ids = load_tokens(data, load_tokenizer_for(model, "--model", cfg))
+    cfg, params = load_hf(model, dtype=args.dtype, progress=True)
+    chk = check_ranking(cfg, params, result, ids, config, plan=plan)
+    chk = dataclasses.replace(chk, meta={**chk.meta, "model": str(model), "json": str(p),
+                                         "eval_data": str(data)})  # fmt: skip
+    md = chk.to_markdown()
+    print(md)
+    if args.out is not None:
+        with atomic_dir(Path(args.out), overwrite=args.overwrite, arg="--out") as tmp:
+            write_json(tmp / "check.json", chk.to_json())
+            (tmp / "check.md").write_text(md + "\n")
+            chk.scatter(tmp / "scatter.png")
+        print(f"\nwrote {args.out}/check.json, check.md, scatter.png")
+    return 0
 
 
 def _config(args: argparse.Namespace, cfg=None):
