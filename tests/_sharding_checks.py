@@ -190,7 +190,8 @@ def main(model_dir: str) -> dict:
     res["methods"] = method_checks(cfg, params, calib, mesh)
     res["tokenwise"] = tokenwise_checks()
 
-    # --- the CLI: `generate`, `ppl`, `eigen` and `tokenwise` with --mesh, called in-process
+    # --- the CLI: `generate`, `ppl`, `eigen`, `tokenwise`, `sparge tune`, `run` and `ged` with
+    # --mesh, called in-process
     res["cli"] = cli_checks(model_dir, cfg, params)
     return res
 
@@ -305,6 +306,10 @@ def cli_checks(model_dir: str, cfg, params) -> dict:
         leaked.append(sharding.current_mesh() is not None)
         sparge = sparge_cli(run, model_dir, Path(tmp), cfg, params, text, ids)
         leaked.append(sharding.current_mesh() is not None)
+        recipe = run_cli(run, model_dir, Path(tmp), text)
+        leaked.append(sharding.current_mesh() is not None)
+        ged = ged_cli(run, model_dir, Path(tmp))
+        leaked.append(sharding.current_mesh() is not None)
     rc4 = run(["ppl", "--model", model_dir, "--data", str(text), "--mesh", "model=8"])[0]
     rc5 = run(["ppl", "--model", model_dir, "--data", str(text), "--batch-size", "3",
                "--mesh", "data=2,model=4"])[0]  # fmt: skip
@@ -320,6 +325,8 @@ def cli_checks(model_dir: str, cfg, params) -> dict:
         "eigen": eigen,
         "tokenwise": tokenwise,
         "sparge": sparge,
+        "run": recipe,
+        "ged": ged,
     }
 
 
@@ -434,6 +441,83 @@ def sparge_cli(run, model_dir: str, tmp, cfg, params, text, ids) -> dict:
         "rc": rc,
         "equal": same,
         "shape": None if got is None else list(np.shape(got.cdfthreshd)),
+    }
+
+
+RUN_RECIPE = [
+    {"method": "eigen", "avg_dim": 2, "batch_size": 4, "layers": ["model/layers/0"]},
+    {"method": "quant", "rules": {"model/layers/0/mlp/.*": "nvfp4"}},
+]
+"""The ``jcompress run`` recipe of :func:`run_cli`: EigenAttention on layer 0 (the shapes of
+:data:`EIGEN_ARGS`, compiled already), then NVFP4 on that layer's MLP kernels."""
+
+
+def run_cli(run, model_dir: str, tmp, text) -> dict:
+    """``jcompress run RECIPE`` (:data:`RUN_RECIPE`) on one device and with ``--mesh
+    data=2,model=4``: the reports (per step: ranks and layer errors, the quantized kernels,
+    the perplexity after it) and the factor exports (every leaf, materialized) of both."""
+    recipe = tmp / "recipe.json"
+    recipe.write_text(json.dumps(RUN_RECIPE))
+    argv = ["run", str(recipe), "--model", model_dir, *EIGEN_ARGS[:6], "--eval_data", str(text),
+            "--eval_seqlen", "32", "--eval_max_windows", "8"]  # fmt: skip
+    rcs, reps, kernels = [], [], []
+    for name, extra in (("one", []), ("mesh", ["--mesh", "data=2,model=4"])):
+        out = tmp / f"run-{name}"
+        rc, _ = run([*argv, *extra, "--out", str(out)])
+        rcs.append(rc)
+        ok = rc == 0 and (out / "report.json").exists()
+        reps.append(json.loads((out / "report.json").read_text()) if ok else {})
+        kernels.append(jax.tree.leaves(jcompress.materialize(jcompress.load_hf(out / "factors")[1]))
+                       if ok else [])  # fmt: skip
+    steps = [rep.get("steps", []) for rep in reps]
+
+    def ppls(rep):
+        return [rep.get("before", {}).get("ppl", {}).get("ppl")] + [
+            s.get("ppl", {}).get("ppl") for s in rep.get("steps", [])
+        ]
+
+    def eigen_rows(st):
+        rows = st[0]["report"]["layers"] if st else []
+        return [[r.get(k) for k in ("rank_kq", "rank_v", "threshold", "error")] for r in rows]
+
+    return {
+        "rc": rcs,
+        "methods": [[s.get("method") for s in st] for st in steps],
+        "ppl": [ppls(rep) for rep in reps],
+        "eigen": [eigen_rows(st) for st in steps],
+        "quant_paths": [
+            sorted(r.get("path") for r in st[1]["report"]["layers"]) if len(st) > 1 else []
+            for st in steps
+        ],
+        "n_leaves": [len(k) for k in kernels],
+        "factors_rel_diff": max(
+            (rel_diff(a, b) for a, b in zip(kernels[1], kernels[0], strict=True)), default=None
+        ),
+    }
+
+
+def ged_cli(run, model_dir: str, tmp) -> dict:
+    """``jcompress ged --layer 0`` on the bundled him / her sets, on one device and with
+    ``--mesh data=2,model=4`` (the capture stream sharded; the fits on the host): the two
+    ``report.json`` files."""
+    argv = ["ged", "--model", model_dir, "--layer", "0", "--n_permutations", "20", "--n_folds",
+            "3", "--batch_size", "32", "--quiet"]  # fmt: skip
+    rcs, reps = [], []
+    for name, extra in (("one", []), ("mesh", ["--mesh", "data=2,model=4"])):
+        out = tmp / f"ged-{name}"
+        rc, _ = run([*argv, *extra, "--out", str(out)])
+        rcs.append(rc)
+        path = out / "report.json"
+        reps.append(json.loads(path.read_text()) if rc == 0 and path.exists() else {})
+    rows = [(rep.get("layers") or [{}])[0] for rep in reps]
+    return {
+        "rc": rcs,
+        "n_samples": [rep.get("n_samples") for rep in reps],
+        "n_components": [r.get("n_components") for r in rows],
+        "eigenvalues": [r.get("eigenvalues") for r in rows],
+        "p_value": [r.get("p_value") for r in rows],
+        "cv": [r.get("cv") for r in rows],
+        "top_neurons": [r.get("top_neurons") for r in rows],
     }
 
 

@@ -139,3 +139,44 @@ def test_errors_before_the_model_is_loaded(capsys, tmp_path, llama_dir, shared_d
     assert code == 2 and "--out" in err and err.count("\n") == 1
     assert [p.name for p in foreign.iterdir()] == ["keep.txt"]
     assert not (tmp_path / "o").exists()
+
+
+def test_streamed_chain_equals_run(capsys, tmp_path, llama_dir):
+    """The chain for checkpoints larger than memory: successive ``jcompress stream ...
+    --factors`` runs, each reading the previous one's output layer by layer (``stream
+    tucker`` as :data:`RECIPE`'s step 0, then ``stream quant`` of the MLP on its output) ==
+    the same two steps in memory (``jcompress.chain``, what ``run`` calls): the same leaf
+    types (the TT leaves kept through the second step) and every materialized kernel to 1e-5
+    relative (float32 reduction order only). A ``residual=`` rule, which needs the original
+    dense kernel under a TT leaf, is one line in a streamed step (only ``run`` has it)."""
+    from jcompress.compose import Chain, load_recipe
+    from jcompress.models.convert import flatten
+
+    tt = RECIPE[0]
+    mlp = "model/layers/0/mlp/.*"
+    step1, step2 = tmp_path / "tt", tmp_path / "tt-quant"
+    code, _, err = run(capsys, "stream", "tucker", "--model", llama_dir, "--variant",
+                       tt["variant"], "--tt_ranks", ",".join(map(str, tt["tt_ranks"])),
+                       "--layers", tt["layers"][0], "--factors", "--out", step1)  # fmt: skip
+    assert code == 0, err
+    quant = ["stream", "quant", "--model", step1, "--factors", "--out"]
+    residual = "model/layers/0/self_attn/k_proj=residual=int8"
+    code, _, err = run(capsys, *quant, tmp_path / "refused", "--rule", residual)
+    assert code == 2 and err.count("\n") == 1
+    assert "k_proj/kernel is a TTLinear; residual=int8 needs the original dense kernel" in err
+    assert not (tmp_path / "refused").exists()
+    code, _, err = run(capsys, *quant, step2, "--rule", f"{mlp}=nvfp4")
+    assert code == 0, err
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps([tt, {"method": "quant", "rules": {mlp: "nvfp4"}}]))
+    cfg, params = jcompress.load_hf(llama_dir)
+    want, _ = Chain(load_recipe(recipe))(params, cfg, progress=False)
+    got, want = flatten(jcompress.load_hf(step2)[1]), flatten(want)
+    assert set(got) == set(want)
+    for role in ("k_proj", "v_proj"):
+        assert isinstance(got[f"model/layers/0/self_attn/{role}/kernel"], TTLinear)
+    assert isinstance(got["model/layers/0/mlp/up_proj/kernel"], QuantizedArray)
+    for p, w in want.items():
+        assert type(got[p]) is type(w), p
+        a, b = (np.asarray(jcompress.materialize(x), np.float64) for x in (got[p], w))
+        assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b), p
