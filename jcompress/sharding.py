@@ -468,8 +468,11 @@ def replicate(x: Any, mesh: Mesh) -> jax.Array:
 
 
 def to_host(x: jax.Array) -> np.ndarray:
-    """``np.asarray`` of a (possibly multi-host) array: every process gets the whole value."""
+    """``np.asarray`` of a (possibly multi-host) array: every process gets the whole value
+    (a replicated one from its own copy, no collective)."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
         from jax.experimental import multihost_utils
 
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))

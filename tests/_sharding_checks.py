@@ -420,6 +420,44 @@ def sparge_cli(run, model_dir: str, tmp, cfg, params, text, ids) -> dict:
     :func:`~jcompress.sparge.tune.tune` on the same windows (``--data``'s tokens drawn with the
     config's seed; the shapes and settings of :func:`method_checks`, compiled there): the same
     per-head thresholds in the written file."""
+    from jcompress.sparge import load_params
+
+    out = tmp / "sparge.safetensors"
+    rc, _ = run(["sparge", "tune", "--model", model_dir, "--data", str(text), "--out", str(out),
+                 *SPARGE_ARGS, "--mesh", "data=2,model=4"])  # fmt: skip
+    got = load_params(out, layers=cfg.num_layers, heads=cfg.num_heads)[0] if rc == 0 else None
+    return {
+        "rc": rc,
+        "equal": rc == 0 and _sparge_equal(out, cfg, params, ids),
+        "shape": None if got is None else list(np.shape(got.cdfthreshd)),
+    }
+
+
+SPARGE_ARGS = [
+    "--block_q",
+    "16",
+    "--block_k",
+    "16",
+    "--batch_size",
+    "4",
+    "--sim_grid",
+    "4",
+    "--cdf_steps",
+    "2",
+    "--pv_steps",
+    "0",
+    "--nsamples",
+    "4",
+    "--seqlen",
+    "32",
+]
+"""The ``sparge tune`` settings of :func:`sparge_cli` and :func:`multihost`."""
+
+
+def _sparge_equal(path, cfg, params, ids) -> bool:
+    """The thresholds ``sparge tune`` wrote at ``path`` == the library's one-device
+    :func:`~jcompress.sparge.tune.tune` on the same windows (``--data``'s tokens drawn with the
+    config's seed), exactly."""
     from jcompress.data import calibration_windows
     from jcompress.sparge import load_params
     from jcompress.sparge.tune import SpargeTuneConfig, tune
@@ -427,21 +465,11 @@ def sparge_cli(run, model_dir: str, tmp, cfg, params, text, ids) -> dict:
     sc = SpargeTuneConfig(block_q=16, block_k=16, batch_size=4, sim_grid=4, cdf_steps=2,
                           pv_steps=0, nsamples=4, seqlen=32)  # fmt: skip
     ref, _ = tune(cfg, params, calibration_windows(ids, 4, 32, seed=sc.seed), sc, progress=False)
-    out = tmp / "sparge.safetensors"
-    rc, _ = run(["sparge", "tune", "--model", model_dir, "--data", str(text), "--out", str(out),
-                 "--block_q", "16", "--block_k", "16", "--batch_size", "4", "--sim_grid", "4",
-                 "--cdf_steps", "2", "--pv_steps", "0", "--nsamples", "4", "--seqlen", "32",
-                 "--mesh", "data=2,model=4"])  # fmt: skip
-    got = load_params(out, layers=cfg.num_layers, heads=cfg.num_heads)[0] if rc == 0 else None
-    same = got is not None and all(
+    got = load_params(path, layers=cfg.num_layers, heads=cfg.num_heads)[0]
+    return all(
         np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True)
         for a, b in zip(got, ref, strict=True)
     )
-    return {
-        "rc": rc,
-        "equal": same,
-        "shape": None if got is None else list(np.shape(got.cdfthreshd)),
-    }
 
 
 RUN_RECIPE = [
@@ -496,12 +524,16 @@ def run_cli(run, model_dir: str, tmp, text) -> dict:
     }
 
 
+GED_ARGS = ["ged", "--model", "--layer", "0", "--n_permutations", "20", "--n_folds", "3",
+            "--batch_size", "32", "--quiet"]  # fmt: skip
+"""``jcompress ged`` of :func:`ged_cli` and :func:`multihost` (the model dir after ``--model``)."""
+
+
 def ged_cli(run, model_dir: str, tmp) -> dict:
     """``jcompress ged --layer 0`` on the bundled him / her sets, on one device and with
     ``--mesh data=2,model=4`` (the capture stream sharded; the fits on the host): the two
     ``report.json`` files."""
-    argv = ["ged", "--model", model_dir, "--layer", "0", "--n_permutations", "20", "--n_folds",
-            "3", "--batch_size", "32", "--quiet"]  # fmt: skip
+    argv = [*GED_ARGS[:2], model_dir, *GED_ARGS[2:]]
     rcs, reps = [], []
     for name, extra in (("one", []), ("mesh", ["--mesh", "data=2,model=4"])):
         out = tmp / f"ged-{name}"
@@ -611,6 +643,14 @@ def multihost(model_dir: str, out_dir: str, ckpt: str) -> dict:
     rc_quant = cli(["quant", "apply", "--model", model_dir, *QUANT_ARGS, "--mesh",
                     "data=2,model=4", "--out", str(Path(out_dir) / "quant"), "--json",
                     str(Path(out_dir) / "quant.json")])  # fmt: skip
+    # the analyses whose captured batches span both processes (host reads via to_host):
+    # SpargeAttn tuning (thresholds compared with this process's one-device library run) and
+    # GED (the report compared by the test with the 8-device subprocess's one-device run)
+    sparge_out = Path(out_dir) / "sparge.safetensors"
+    rc_sparge = cli(["sparge", "tune", "--model", model_dir, "--data", str(text), "--out",
+                     str(sparge_out), *SPARGE_ARGS, "--mesh", "data=2,model=4"])  # fmt: skip
+    rc_ged = cli([*GED_ARGS[:2], model_dir, *GED_ARGS[2:], "--mesh", "data=2,model=4", "--out",
+                  str(Path(out_dir) / "ged")])  # fmt: skip
     # streaming runs on process 0 (its work dir and output); the other waits, prints nothing
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
@@ -636,6 +676,8 @@ def multihost(model_dir: str, out_dir: str, ckpt: str) -> dict:
         "rc_convert": rc_convert,
         "rc_quant": rc_quant,
         "rc_stream": rc_stream,
+        "rc_sparge": rc_sparge,
+        "rc_ged": rc_ged,
         "stream_printed": "wrote " in printed.getvalue(),
         "writer": atomic.is_writer(),
         "sees_outputs": sorted(p.name for p in Path(out_dir).iterdir()),
@@ -654,6 +696,10 @@ def multihost(model_dir: str, out_dir: str, ckpt: str) -> dict:
         cfg, sharding.shard_params(params, cfg, mesh), sharding.shard_batch(batch, mesh)
     )
     res["fully_addressable"] = bool(logits.is_fully_addressable)
+    res["sparge_equal"] = rc_sparge == 0 and _sparge_equal(sparge_out, cfg, params, ids)
+    ged_rep = Path(out_dir) / "ged" / "report.json"
+    res["ged"] = (json.loads(ged_rep.read_text())["layers"][0] if rc_ged == 0 and ged_rep.exists()
+                  else None)  # fmt: skip
     ref = np.asarray(jcompress.forward(cfg, params, batch))
     res["forward_max_diff"] = max_diff(sharding.to_host(logits), ref)
     return res

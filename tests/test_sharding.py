@@ -609,7 +609,17 @@ def _free_port() -> int:
 
 
 # what the two processes write into their output directory, and nothing else
-OUTPUTS = ["convert_ckpt", "convert_hf", "eigen.json", "ppl.json", "quant", "quant.json", "stream"]
+OUTPUTS = [
+    "convert_ckpt",
+    "convert_hf",
+    "eigen.json",
+    "ged",
+    "ppl.json",
+    "quant",
+    "quant.json",
+    "sparge.safetensors",
+    "stream",
+]
 
 
 def test_two_processes(llama_dir, tmp_path, checks):
@@ -665,6 +675,16 @@ def test_two_processes(llama_dir, tmp_path, checks):
         # each process returned only once process 0 had placed them
         assert r["rc_quant"] == 0 and r["rc_stream"] == 0 and r["rc_convert"] == [0, 0]
         assert r["rc_eigen"] == 0
+        # analyses whose captured batches span both processes (read through to_host): the
+        # tuned thresholds exactly the one-device library run's; the GED report the one-device
+        # CLI run's of the 8-device subprocess (the fits run on the host: float tolerance)
+        assert r["rc_sparge"] == 0 and r["sparge_equal"]
+        assert r["rc_ged"] == 0
+        one = checks["cli"]["ged"]
+        assert r["ged"]["n_components"] == one["n_components"][0]
+        assert r["ged"]["top_neurons"] == one["top_neurons"][0]
+        assert r["ged"]["p_value"] == one["p_value"][0]
+        np.testing.assert_allclose(r["ged"]["eigenvalues"], one["eigenvalues"][0], rtol=1e-4)
         # a process that gave up waiting and the one it waited for: the same one line, both
         # ways (process 1 for process 0's on_writer, process 0 for process 1's agree); process
         # 0 adds that its on_writer work was done

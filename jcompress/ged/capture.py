@@ -32,6 +32,7 @@ import numpy as np
 
 from jcompress.errors import UserError
 from jcompress.ged.data import PronounExample, parse_marked
+from jcompress.sharding import to_host
 
 __all__ = [
     "CaptureConfig",
@@ -322,7 +323,7 @@ def capture_layer(layer, hook: Hook, rows: np.ndarray, cols: np.ndarray) -> np.n
     out = np.zeros((rows.size, hook.width), np.float32)
     key = "outputs" if hook.side == "output" else "inputs"
     for ob in layer.observe(hook.capture):
-        a = np.asarray(ob.captured[key][hook.path], np.float32)[: ob.real]
+        a = to_host(ob.captured[key][hook.path]).astype(np.float32, copy=False)[: ob.real]
         s = layer.batches[ob.batch].start
         sel = (rows >= s) & (rows < s + ob.real)
         out[sel] = a[rows[sel] - s, cols[sel]]

@@ -55,6 +55,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jcompress.errors import UserError
+from jcompress.sharding import to_host
 from jcompress.sparge import _core
 from jcompress.sparge.params import SpargeParams
 
@@ -194,8 +195,9 @@ def _observe_qkv(layer, core: str, capture) -> list:
     got = []
     for ob in layer.observe(capture):
         c = ob.captured["inputs"]
-        q, k, v, valid = (np.asarray(c[f"{core}/{n}"])[: ob.real] for n in _CORE)
-        got.append((q, k, v, valid, float(c[f"{core}/scale"])))
+        # to_host: under a multi-host mesh the batch spans other processes' devices
+        q, k, v, valid = (to_host(c[f"{core}/{n}"])[: ob.real] for n in _CORE)
+        got.append((q, k, v, valid, float(to_host(c[f"{core}/scale"]))))
     return got
 
 
