@@ -10,10 +10,12 @@ import json
 
 import numpy as np
 import pytest
+from jcompress.kernels.sparse_attention import BlockSizes
 
 import jcompress
 from jcompress import sparge
 from jcompress.cli import main
+from jcompress.models import attention as A
 from jcompress.sparge import tune as T
 from jcompress.streaming import GLOBAL, LayerLoader, stream_perplexity
 
@@ -64,6 +66,19 @@ def test_stream_evaluate_and_ppl_equal_in_memory(llama, llama_dir, thresholds, t
             np.testing.assert_allclose(got[name][k], ref[k], rtol=1e-5, atol=1e-6,
                                        err_msg=f"{name} {k}")  # fmt: skip
     assert np.mean(got["tuned"]["row_sparsity"]) > 0.05  # the thresholds do drop blocks
+    # independent path: the masked reference attention against dense attention on the
+    # in-memory q/k/v (L1, kept (row, block) pairs and tiles per head)
+    bs = BlockSizes(block_q=BQ, block_k=BK)
+    for li, ((q, k, v, valid, scale),) in T.layer_qkv(cfg, params, windows, batch_size=2):
+        out, st = sparge.attention(q, k, v, thresholds, layer=li, block_sizes=bs, scale=scale,
+                                   implementation="reference")  # fmt: skip
+        dense = np.asarray(A.Dense()(q, k, v, A.causal_mask(valid), scale=scale))
+        l1 = np.abs(np.asarray(out) - dense).sum((0, 1, 3)) / np.abs(dense).sum((0, 1, 3))
+        np.testing.assert_allclose(got["tuned"]["l1"][li], l1, atol=1e-4)
+        np.testing.assert_allclose(got["tuned"]["row_sparsity"][li], 1 - np.asarray(st.kept),
+                                   atol=1e-4)  # fmt: skip
+        np.testing.assert_allclose(got["tuned"]["tile_sparsity"][li], 1 - np.asarray(st.tiles),
+                                   atol=1e-4)  # fmt: skip
 
     attn = sparge.BlockSparse(block_q=BQ, block_k=BK, implementation="xla")
     ids = windows.reshape(-1)
