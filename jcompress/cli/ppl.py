@@ -60,6 +60,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="run a RoPE model past its trained positions without a warning",
     )
     add_attention_flag(s)
+    s.add_argument(
+        "--tuned",
+        default=None,
+        metavar="FILE",
+        help="with --attention block_sparse: per-layer, per-head thresholds from "
+        "`jcompress sparge tune` (block sizes from its metadata; default: untuned)",
+    )
     add_mesh_flag(s)
     s.add_argument(
         "--stream",
@@ -104,13 +111,25 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("--offload-dir: only with --stream")
         if not Path(args.offload_dir).is_dir():
             raise UserError(f"--offload-dir: {args.offload_dir} is not a directory")
+    attention, state = args.attention, None
+    if args.tuned is not None:
+        if args.attention != "block_sparse":
+            raise UserError(
+                f"--tuned: only with --attention block_sparse (got --attention {args.attention})"
+            )
+        from jcompress.cli.sparge import load_tuned
+        from jcompress.sparge import BlockSparse
+
+        state, bq, bk = load_tuned(args.tuned, cfg)
+        attention = BlockSparse(block_q=bq, block_k=bk)
     ids = load_tokens(args.data, load_tokenizer_for(args.model, "--model", cfg))
     window = dict(
         seqlen=args.seqlen,
         max_windows=args.max_windows,
         batch_size=args.batch_size,
         allow_long=True,  # warned above, once, naming the flag
-        attention=args.attention,
+        attention=attention,
+        attention_state=state,
     )
     extra = []
     if args.stream:
@@ -131,6 +150,8 @@ def run(args: argparse.Namespace) -> int:
         "tokens": int(ids.shape[0]),
         "dtype": args.dtype or "stored",
         "mesh": args.mesh,
+        "attention": args.attention,
+        "tuned": args.tuned,
         **r.to_dict(),
         "seconds": secs,
         "streamed": bool(args.stream),

@@ -28,7 +28,7 @@ from jcompress.cli.common import (
 )
 from jcompress.errors import UserError
 
-__all__ = ["add_parser", "run_eval", "run_tune"]
+__all__ = ["add_parser", "load_tuned", "run_eval", "run_tune"]
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -63,6 +63,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--out_dir", "--out-dir", default=None,
                    help="write eval.json, eval.md, sparsity.png here")  # fmt: skip
     e.add_argument("--overwrite", action="store_true", help="replace an existing --out_dir")
+    add_stream_flags(e)
     e.set_defaults(func=run_eval)
     return s
 
@@ -152,44 +153,68 @@ def _heatmap(path: Path, panels: dict, title: str) -> None:
     plt.close(fig)
 
 
+def load_tuned(path, cfg, *, arg: str = "--tuned"):
+    """A ``sparge tune`` thresholds file checked against the model's layers and heads:
+    ``(SpargeParams [layers, heads], block_q, block_k)`` (block sizes from its metadata)."""
+    from jcompress.sparge import load_params
+
+    tuned, meta = load_params(path, layers=cfg.num_layers, heads=cfg.num_heads, arg=arg)
+    return tuned, int(meta["extra"].get("block_q", 32)), int(meta["extra"].get("block_k", 32))
+
+
 def run_eval(args: argparse.Namespace) -> int:
     import numpy as np
 
     from jcompress.atomic import atomic_dir
     from jcompress.data import eval_windows, load_tokenizer, load_tokens
-    from jcompress.eval import perplexity
+    from jcompress.eval import check_seqlen, perplexity
     from jcompress.models import load_hf, read_config
     from jcompress.outputs import check_output_dir
-    from jcompress.sparge import BlockSparse, SpargeParams, load_params
-    from jcompress.sparge.tune import evaluate
+    from jcompress.sparge import BlockSparse, SpargeParams
+    from jcompress.sparge.tune import evaluate, stream_evaluate
 
     model, data = Path(args.model), check_data_file(args.data, "--data")
     cfg = read_config(model)
-    tuned, meta = load_params(args.tuned, layers=cfg.num_layers, heads=cfg.num_heads)
+    tuned, bq, bk = load_tuned(args.tuned, cfg)
     out_dir = None if args.out_dir is None else Path(args.out_dir)
+    # --stream: the held-out statistics resumable in --work_dir (default <out_dir>.stream)
+    streamed = stream_from_args(args, out_dir if out_dir is not None else Path(args.tuned))
+    if streamed is not None and out_dir is None and not args.work_dir:
+        if args.resume:
+            raise UserError("--resume: needs --work_dir (or --out_dir) of the interrupted run")
+        streamed["work_dir"] = None
     if out_dir is not None:
-        check_output_dir(out_dir, inputs={"--model": model, "--data": data,
-                                          "--tuned": Path(args.tuned)},
-                         overwrite=args.overwrite, arg="--out_dir")  # fmt: skip
-    bq = int(meta["extra"].get("block_q", 32))
-    bk = int(meta["extra"].get("block_k", 32))
+        inputs = {"--model": model, "--data": data, "--tuned": Path(args.tuned)}
+        if streamed is not None and streamed["work_dir"] is not None:
+            inputs["--work_dir"] = streamed["work_dir"]
+        check_output_dir(out_dir, inputs=inputs, overwrite=args.overwrite, arg="--out_dir")
+    check_seqlen(cfg, args.seqlen)  # before any weights are read
     ids = load_tokens(data, load_tokenizer(model))
-    cfg, params = load_hf(model)
     untuned = SpargeParams.create(cfg.num_layers, cfg.num_heads)
-    kw = dict(seqlen=args.seqlen, max_windows=args.max_windows, batch_size=args.batch_size)
-    rows = {}
+    sets = {"tuned": tuned, "untuned": untuned}
+    kw = dict(seqlen=args.seqlen, max_windows=args.max_windows, batch_size=args.batch_size,
+              allow_long=True)  # fmt: skip
     sparse = BlockSparse(block_q=bq, block_k=bk, implementation="xla")
-    for name, att, state in (
-        ("dense", "dense", None),
-        ("tuned", sparse, tuned),
-        ("untuned", sparse, untuned),
-    ):
-        ppl = perplexity(cfg, params, ids, attention=att, attention_state=state, **kw)
-        rows[name] = float(ppl.ppl)
+    runs = (("dense", "dense", None), ("tuned", sparse, tuned), ("untuned", sparse, untuned))
     windows = eval_windows(ids, args.seqlen, args.max_windows)
-    ev = {name: evaluate(cfg, params, windows, p, block_q=bq, block_k=bk,
-                         batch_size=args.batch_size)
-          for name, p in (("tuned", tuned), ("untuned", untuned))}  # fmt: skip
+    if streamed is None:
+        cfg, params = load_hf(model)
+        rows = {name: float(perplexity(cfg, params, ids, attention=att, attention_state=state,
+                                       **kw).ppl)
+                for name, att, state in runs}  # fmt: skip
+        ev = {name: evaluate(cfg, params, windows, p, block_q=bq, block_k=bk,
+                             batch_size=args.batch_size)
+              for name, p in sets.items()}  # fmt: skip
+    else:  # one layer's weights at a time; the resumable analysis first (checks --work_dir)
+        from jcompress.streaming import LayerLoader, stream_perplexity
+
+        loader = LayerLoader(model)
+        ev = stream_evaluate(loader, windows, sets, block_q=bq, block_k=bk,
+                             batch_size=args.batch_size, **streamed)  # fmt: skip
+        rows = {name: float(stream_perplexity(loader, ids, attention=att, attention_state=state,
+                                              offload_dir=streamed["offload_dir"], **kw).ppl)
+                for name, att, state in runs}  # fmt: skip
+        print(f"weights held at once: {loader.peak_bytes / 2**20:.1f} MiB (streamed)")
     result = {
         "perplexity": rows,
         "block_q": bq,

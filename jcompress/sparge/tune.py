@@ -67,6 +67,7 @@ __all__ = [
     "alibi_slopes",
     "evaluate",
     "layer_qkv",
+    "stream_evaluate",
     "stream_tune",
     "tune",
 ]
@@ -629,9 +630,97 @@ def evaluate(cfg, params, windows, sparge_params: SpargeParams, *, block_q: int 
     out = {k: np.zeros((cfg.num_layers, cfg.num_heads)) for k in _METRICS}
     for li, batches in layer_qkv(cfg, params, windows, batch_size=batch_size,
                                  progress=progress):  # fmt: skip
-        data = _LayerData(batches, block_k, alibi_slopes(cfg))
-        lp = sparge_params.layer(li)
-        r = data.evaluate(*(np.asarray(a, np.float32)[None] for a in lp), block_q, block_k)
+        r = _evaluate_layer(batches, li, {"": sparge_params}, block_q, block_k,
+                            alibi_slopes(cfg))  # fmt: skip
         for k in out:
-            out[k][li] = r[k][0]
+            out[k][li] = r[f".{k}"]
     return out
+
+
+def _evaluate_layer(batches: list, li: int, candidates: dict[str, SpargeParams], block_q: int,
+                    block_k: int, slopes: np.ndarray | None) -> dict[str, np.ndarray]:  # fmt: skip
+    """One layer's metrics of every thresholds set: ``{"<name>.<metric>": [Hq]}`` (the
+    candidate-independent partial sums computed once for all sets)."""
+    data = _LayerData(batches, block_k, slopes)
+    out = {}
+    for name, p in candidates.items():
+        r = data.evaluate(*(np.asarray(a, np.float32)[None] for a in p.layer(li)), block_q,
+                          block_k)  # fmt: skip
+        out.update({f"{name}.{k}": r[k][0] for k in _METRICS})
+    return out
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _EvalIdentity:
+    """What a resumable :func:`stream_evaluate` run measures (its work directory's config):
+    block sizes and, per thresholds set, a digest of its arrays."""
+
+    block_q: int
+    block_k: int
+    thresholds: tuple[tuple[str, str], ...]
+
+
+def _digest(p: SpargeParams) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for a in p:
+        h.update(np.ascontiguousarray(np.asarray(a, np.float32)).tobytes())
+    return h.hexdigest()
+
+
+def stream_evaluate(model, windows, candidates: dict[str, SpargeParams], *, block_q: int = 32,
+                    block_k: int = 32, batch_size: int = 4, work_dir=None, resume: bool = False,
+                    offload_dir=None, dtype: Any = None, progress: bool = False
+                    ) -> dict[str, dict[str, np.ndarray]] | None:  # fmt: skip
+    """:func:`evaluate` of several thresholds sets in one pass over the checkpoint, read one
+    decoder layer at a time (:func:`jcompress.streaming.stream_analysis`: peak weights held
+    ~ one layer; the windows' hidden states in memory or in ``offload_dir``). Each layer's
+    q/k/v are captured once and every set is measured on them; the numbers equal
+    :func:`evaluate`'s for each set.
+
+    Args:
+      model: checkpoint directory (safetensors) or a
+        :class:`~jcompress.streaming.LayerLoader` (its account shows what was held).
+      windows: ``[n, T]`` token ids (e.g. held-out text).
+      candidates: ``{name: SpargeParams [layers, heads]}``, e.g. tuned and untuned.
+      block_q, block_k, batch_size: as for :func:`evaluate`.
+      work_dir, resume, offload_dir, progress: as for
+        :func:`~jcompress.streaming.stream_analysis` (a resume with other thresholds or
+        block sizes is an error).
+      dtype: load dtype; ignored when ``model`` is a loader.
+
+    Returns:
+      ``{name: {"l1", "row_sparsity", "tile_sparsity", "pv_skip": [layers, heads]}}``
+      (``None`` on processes other than 0 of a multi-host run).
+
+    Raises:
+      UserError: a thresholds set that is not ``[layers, heads]`` of the model, no set, or
+        what :func:`~jcompress.streaming.stream_analysis` refuses -- before any layer is read.
+    """
+    from jcompress.streaming import LayerLoader, stream_analysis
+
+    loader = model if isinstance(model, LayerLoader) else LayerLoader(model, dtype=dtype)
+    cfg = loader.cfg
+    if not candidates:
+        raise UserError("candidates: at least one thresholds set is needed")
+    for name, p in candidates.items():
+        p.check_model(cfg.num_layers, cfg.num_heads, arg=f"candidates[{name!r}]")
+    core, capture = _core_capture(cfg)
+    slopes = alibi_slopes(cfg)
+
+    def one(layer):
+        return _evaluate_layer(_observe_qkv(layer, core, capture), layer.index, candidates,
+                               block_q, block_k, slopes)  # fmt: skip
+
+    digests = tuple((n, _digest(p)) for n, p in candidates.items())
+    ident = _EvalIdentity(block_q=block_q, block_k=block_k, thresholds=digests)
+    res = stream_analysis(loader, one, windows, method="sparge-eval", config=ident,
+                          batch_size=batch_size, attention="dense", work_dir=work_dir,
+                          resume=resume, offload_dir=offload_dir, progress=progress)  # fmt: skip
+    if res is None:
+        return None
+    return {name: {k: np.stack([res.results[li][f"{name}.{k}"]
+                                for li in range(cfg.num_layers)]).astype(np.float64)
+                   for k in _METRICS}
+            for name in candidates}  # fmt: skip

@@ -55,6 +55,7 @@ def stream_perplexity(
     progress: bool = True,
     allow_long: bool = False,
     attention: Any = DEFAULT_ATTENTION,
+    attention_state: Any = None,
 ) -> PerplexityResult:
     """Perplexity of a token stream, reading the checkpoint one decoder layer at a time.
 
@@ -62,8 +63,10 @@ def stream_perplexity(
       model: checkpoint directory (safetensors, possibly sharded or in the factor form), or
         a :class:`LayerLoader` (its account shows what was held).
       ids: ``[N]`` token ids of the whole evaluation text.
-      seqlen, max_windows, batch_size, allow_long, attention: as for
-        :func:`jcompress.perplexity`.
+      seqlen, max_windows, batch_size, allow_long, attention, attention_state: as for
+        :func:`jcompress.perplexity` (the state, e.g. tuned
+        :class:`jcompress.sparge.SpargeParams` for ``attention="block_sparse"``, is indexed
+        by layer, as in the in-memory forward pass).
       offload_dir: keep the windows' hidden states ``[n, seqlen, hidden]`` in a temporary
         file in this directory instead of memory.
       dtype: load dtype (as :func:`jcompress.load_hf`); ignored when ``model`` is a loader.
@@ -85,7 +88,7 @@ def stream_perplexity(
     check_seqlen(cfg, seqlen, allow_long=allow_long)
     ids = np.asarray(check_token_ids(ids, cfg.vocab_size, arg="ids", ndim=1))
     windows = eval_windows(ids, seqlen, max_windows)
-    impl = resolve(attention)
+    impl, state = resolve(attention), attention_state
     bl = batches(windows, batch_size)
     hidden = Activations(len(bl), None if offload_dir is None else str(offload_dir))
     root = spec_for(cfg.family.value).layout.layers
@@ -99,7 +102,8 @@ def stream_perplexity(
         for i in bar:
             lp = get_path(unflatten(loader.layer(i)), f"{root}/{i}")
             for b in range(len(bl)):  # in place: batch b is read before it is written
-                hidden.put(b, apply_layer(cfg, lp, hidden.get(b), i, attention=impl))
+                out = apply_layer(cfg, lp, hidden.get(b), i, attention=impl, attention_state=state)
+                hidden.put(b, out)
             del lp
             loader.release(i)
         g = unflatten(loader.globals(loader.head_modules()))
