@@ -308,6 +308,7 @@ COMMAND_ARGV = {
     "generate": ["generate", "--model", "m", "--prompt", "hi"],
     "ppl": ["ppl", "--model", "m", "--data", "d"],
     "quant apply": ["quant", "apply", "--model", "m"],
+    "quant check": ["quant", "check", "--json", "j", "--model", "m"],
     "run": ["run", "recipe.json", "--model", "m"],
     "sparge eval": ["sparge", "eval", "--model", "m", "--tuned", "t", "--data", "d"],
     "sparge tune": ["sparge", "tune", "--model", "m", "--data", "d", "--out", "o"],
