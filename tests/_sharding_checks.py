@@ -524,7 +524,7 @@ def run_cli(run, model_dir: str, tmp, text) -> dict:
     }
 
 
-GED_ARGS = ["ged", "--model", "--layer", "0", "--n_permutations", "20", "--n_folds", "3",
+GED_ARGS = ["ged", "--model", "--layer", "0", "--n_permutations", "4", "--n_folds", "2",
             "--batch_size", "32", "--quiet"]  # fmt: skip
 """``jcompress ged`` of :func:`ged_cli` and :func:`multihost` (the model dir after ``--model``)."""
 
