@@ -135,23 +135,28 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "packed layout (vLLM), the rest dense",
     )
     a.add_argument("--json", default=None, help="also write the report JSON here")
-    a.add_argument(
-        "--eval_data",
-        default=None,
-        help="perplexity text (default: the bundled WikiText-2 test excerpt)",
-    )
+    _add_eval_flags(a)
     a.add_argument("--no_eval", action="store_true", help="skip the perplexity evaluation")
-    a.add_argument("--seqlen", type=positive, default=256, help="perplexity window (256)")
-    a.add_argument(
-        "--max_windows", type=positive, default=40, help="at most this many windows (40)"
-    )
-    a.add_argument("--batch_size", type=positive, default=8, help="windows per batch (8)")
-    a.add_argument("--dtype", choices=DTYPES, default=None, help="load dtype (default: stored)")
     a.add_argument("--overwrite", action="store_true", help="replace --out / --json")
     add_mesh_flag(a)
     a.set_defaults(func=run)
     _add_check(sub)
     return s
+
+
+def _add_eval_flags(p: argparse.ArgumentParser) -> None:
+    """The perplexity flags ``quant apply`` and ``quant check`` share."""
+    p.add_argument(
+        "--eval_data",
+        default=None,
+        help="perplexity text (default: the bundled WikiText-2 test excerpt)",
+    )
+    p.add_argument("--seqlen", type=positive, default=256, help="perplexity window (256)")
+    p.add_argument(
+        "--max_windows", type=positive, default=40, help="at most this many windows (40)"
+    )
+    p.add_argument("--batch_size", type=positive, default=8, help="windows per batch (8)")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="load dtype (default: stored)")
 
 
 def _add_check(sub) -> None:
@@ -188,17 +193,7 @@ def _add_check(sub) -> None:
     c.add_argument(
         "--out", default=None, help="output directory: check.json, check.md, scatter.png"
     )
-    c.add_argument(
-        "--eval_data",
-        default=None,
-        help="perplexity text (default: the bundled WikiText-2 test excerpt)",
-    )
-    c.add_argument("--seqlen", type=positive, default=256, help="perplexity window (256)")
-    c.add_argument(
-        "--max_windows", type=positive, default=40, help="at most this many windows (40)"
-    )
-    c.add_argument("--batch_size", type=positive, default=8, help="windows per batch (8)")
-    c.add_argument("--dtype", choices=DTYPES, default=None, help="load dtype (default: stored)")
+    _add_eval_flags(c)
     c.add_argument("--overwrite", action="store_true", help="replace --out")
     add_mesh_flag(c)
     c.set_defaults(func=run_check)
@@ -212,16 +207,12 @@ def run_check(args: argparse.Namespace) -> int:
     from jcompress.models import load_hf, read_config
     from jcompress.outputs import check_output_dir
     from jcompress.quant.check import CheckConfig, check_ranking, plan_checks
+    from jcompress.quant.tokenwise.rank import load_result
 
     model = Path(args.model)
     cfg = read_config(model)
     p = Path(args.json)
-    if not p.is_file():
-        raise UserError(f"--json: {p} is not a file")
-    try:
-        result = json.loads(p.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"--json: {p} is not JSON ({e})") from None
+    result = load_result(p)  # the tokenwise reader: not a file / not JSON / not its schema
     configs = None
     if args.configs is not None:
         configs = tuple(c.strip() for c in args.configs.split(",") if c.strip())
