@@ -175,6 +175,14 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     ),
 }
 NAMES = tuple(VARIANTS)
+# One variant per family for tests of an attention implementation against "dense" inside a
+# whole model: an implementation sees only q, k, v, the scale and the mask (causal offset, key
+# validity, ALiBi slopes as data), so the variants that differ only outside attention add no
+# case. Together these cover MHA (opt), MQA (llama-tied-llama3: one KV head, head_dim 16),
+# GQA (qwen2; qwen3 with head_dim != hidden / heads), ALiBi with clipped q/k/v (mpt) and a
+# per-layer scale (gpt2-untied-layerscale). Every variant's forward itself is checked in
+# tests/test_families.py and tests/test_hf_io.py.
+ATTENTION_NAMES = ("opt", "llama-tied-llama3", "qwen2", "qwen3", "mpt", "gpt2-untied-layerscale")
 
 _NORM = re.compile(r"(^|\.)(\w*norm\w*|ln_\w+)\.(weight|bias)$")
 

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _tiny import NAMES, SEQ, batch, make_model, real, save_model
+from _tiny import ATTENTION_NAMES, SEQ, batch, make_model, real, save_model
 
 import jcompress
 from jcompress.errors import UserError
@@ -207,7 +207,7 @@ def test_third_party_implementation_plugs_into_forward(llama_dir):
 # --------------------------------------------------------------------------- whole models
 
 
-@pytest.fixture(scope="module", params=NAMES)
+@pytest.fixture(scope="module", params=ATTENTION_NAMES)
 def tiny(request, tmp_path_factory):
     name = request.param
     d = save_model(make_model(name), tmp_path_factory.mktemp(name) / "m")

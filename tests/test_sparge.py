@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _tiny import NAMES, SEQ, batch, make_model, real, save_model
+from _tiny import ATTENTION_NAMES, SEQ, batch, make_model, real, save_model
 from jcompress.kernels.sparse_attention import BlockSizes
 
 import jcompress
@@ -362,7 +362,7 @@ def test_perplexity_takes_the_thresholds_as_attention_state(llama):
         assert window_nll._cache_size() == before
 
 
-@pytest.fixture(scope="module", params=NAMES)
+@pytest.fixture(scope="module", params=ATTENTION_NAMES)
 def tiny(request, tmp_path_factory):
     name = request.param
     d = save_model(make_model(name), tmp_path_factory.mktemp(name) / "m")
