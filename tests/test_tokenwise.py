@@ -285,6 +285,132 @@ def _check_seed_schema(res):
     json.loads(json.dumps(res))
 
 
+# The seed's documented output structure (seed 003, section 2.5), copied verbatim; its "..."
+# stand for entries left out. The test below turns it into a template and checks a result
+# against it, so the structure is read from the seed's own text, not from the code.
+SEED_EXAMPLE = """
+{
+  "meta": {
+    "xy_path": "...",
+    "xy_meta": {"seed": "0", "cn": "50", ...},
+    "grid_mode": "combined",
+    "ranks": [16, 32],
+    "qspecs": [["nvfp4", "128"]],
+    "smooth": false,
+    "chunk_tokens": 4096
+  },
+  "by_layer": {
+    "0": {
+      "self_attn": {
+        "by_proj": {
+          "q_proj": {
+            "rank=16;fmt=nvfp4;blk=128": {"nmse": 0.001, ...},
+            "rank=32;fmt=nvfp4;blk=128": {"nmse": 0.0006, ...}
+          },
+          "k_proj": { ... }
+        },
+        "agg": {
+          "rank=16;fmt=nvfp4;blk=128": {
+            "nmse_mean_over_proj": 0.0012,
+            "nmse_max_over_proj": 0.0035,
+            "n_proj": 4
+          }
+        }
+      },
+      "mlp": { ... }
+    }
+  }
+}
+"""
+# dicts keyed by data (layer, block, projection, config) rather than by field name: the
+# seed's Ranking-1 / Ranking-2 read by_layer[layer][block]["agg"][cfg] and
+# by_layer[layer][block]["by_proj"][proj][cfg]
+SEED_DATA_KEYED = {
+    ("by_layer",): r"\d+",
+    ("by_layer", "*"): r"self_attn|mlp",
+    ("by_layer", "*", "*", "by_proj"): r"\w+",
+    ("by_layer", "*", "*", "by_proj", "*"): "cfg",
+    ("by_layer", "*", "*", "agg"): "cfg",
+}
+
+
+def _seed_template():
+    import re
+
+    text = re.sub(r",\s*\.\.\.\s*}", "}", SEED_EXAMPLE)  # {"nmse": 0.001, ...} -> {"nmse": 0.001}
+    text = re.sub(r"{\s*\.\.\.\s*}", "{}", text)  # "k_proj": { ... } -> {}
+    return json.loads(text)
+
+
+def _conforms(ours, tmpl, path, cfg_re):
+    """``ours`` has the template's structure: every field the template names (same JSON type,
+    recursively), and data-keyed dicts whose keys have the template's form and whose entries
+    all have the structure of the template's first entry."""
+    import re
+
+    where = "/".join(path) or "<root>"
+    if isinstance(tmpl, dict):
+        assert isinstance(ours, dict), where
+        pattern = next(
+            (v for k, v in SEED_DATA_KEYED.items() if len(k) == len(path)
+             and all(a in ("*", b) for a, b in zip(k, path, strict=True))),
+            None,
+        )  # fmt: skip
+        if pattern is None:  # named fields
+            for k, v in tmpl.items():
+                assert k in ours, f"{where}: missing {k!r}"
+                _conforms(ours[k], v, (*path, k), cfg_re)
+            return
+        key_re = cfg_re if pattern == "cfg" else pattern
+        assert ours, f"{where}: empty"
+        for k, v in ours.items():
+            assert re.fullmatch(key_re, k), f"{where}: key {k!r} is not of the form {key_re}"
+            if pattern == "cfg":
+                assert re.fullmatch(cfg_re, next(iter(tmpl))), "the seed's own key"
+            full = [x for x in tmpl.values() if x]
+            if full:
+                _conforms(v, full[0], (*path, k), cfg_re)
+        return
+    if isinstance(tmpl, list):
+        assert isinstance(ours, list) and ours, where
+        for x in ours:
+            _conforms(x, tmpl[0], (*path, "[]"), cfg_re)
+        return
+    kind = {bool: bool, int: int, float: (int, float), str: str}[type(tmpl)]
+    assert isinstance(ours, kind) and not (kind is int and isinstance(ours, bool)), (where, ours)
+
+
+def test_result_has_the_seed_examples_structure(result):
+    """Against the seed's literal example (above): meta fields with their types (xy_meta of
+    strings, qspecs as [fmt, blk] string pairs, ranks of ints), layer -> block -> by_proj /
+    agg, metric and agg entries. Config keys have the example's form
+    ``rank=<int>;fmt=<fmt>;blk=<blk>``; grid_mode full adds the issue's two other forms
+    (``rank=none;fmt=...``, ``rank=<int>;quant=none``)."""
+    tmpl = _seed_template()
+    combined = r"rank=\d+;fmt=[a-z0-9]+;blk=[a-z0-9]+"
+    assert result["meta"]["grid_mode"] == "full"
+    cfg_re = rf"{combined}|rank=none;fmt=[a-z0-9]+;blk=[a-z0-9]+|rank=\d+;quant=none"
+    _conforms(result, tmpl, (), cfg_re)
+    assert all(isinstance(v, str) for v in result["meta"]["xy_meta"].values())
+    assert {"seed", "cn"} <= set(result["meta"]["xy_meta"])
+    assert all(len(p) == 2 for p in result["meta"]["qspecs"])
+    # the example's metric and agg entries, field for field
+    agg = tmpl["by_layer"]["0"]["self_attn"]["agg"]["rank=16;fmt=nvfp4;blk=128"]
+    ours = result["by_layer"]["0"]["self_attn"]
+    for c in ours["agg"]:
+        assert set(ours["agg"][c]) == set(agg)
+    assert "nmse" in ours["by_proj"]["q_proj"]["rank=4;fmt=nvfp4;blk=na"]
+    # the template check fails on a result that lost a field
+    broken = json.loads(json.dumps(result))
+    del broken["by_layer"]["0"]["mlp"]["agg"][c]["n_proj"]
+    with pytest.raises(AssertionError, match="n_proj"):
+        _conforms(broken, tmpl, (), cfg_re)
+    broken = json.loads(json.dumps(result))
+    broken["meta"]["ranks"] = ["4", "8"]
+    with pytest.raises(AssertionError):
+        _conforms(broken, tmpl, (), cfg_re)
+
+
 def test_result_schema_and_keys(result):
     _check_seed_schema(result)
     keys = list(result["by_layer"]["0"]["self_attn"]["agg"])
