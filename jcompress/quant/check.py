@@ -180,20 +180,14 @@ def plan_checks(
         ``quant apply`` cannot read, a ``configs`` entry the result does not hold; all
         before any weights are touched.
     """
-    from jcompress.quant.choices import _unit_paths
-    from jcompress.quant.tokenwise.rank import validate_result
-    from jcompress.quant.tokenwise.xy import _model_meta
+    from jcompress.quant.choices import unit_paths
+    from jcompress.quant.tokenwise import check_model_meta, validate_result
 
     config = config or CheckConfig()
     result = validate_result(result, arg=arg)
-    xy_meta = result["meta"].get("xy_meta") or {}
-    for k, v in _model_meta(cfg).items():
-        have = xy_meta.get(k) if isinstance(xy_meta, Mapping) else None
-        if have is not None and str(have) != v:
-            raise UserError(
-                f"{arg}: the result was measured on another model ({k}={have}, this model has "
-                f"{k}={v})"
-            )
+    check_model_meta(
+        result["meta"].get("xy_meta") or {}, cfg, arg=arg, what="the result was measured on"
+    )
     meta = result["meta"]
     if meta.get("smooth"):
         raise UserError(
@@ -205,7 +199,7 @@ def plan_checks(
             f"{arg}: the result's low-rank branch is method={meta['method']}; quant apply's "
             "rank=R is a truncated SVD: check an eval_fake result made with --method svd"
         )
-    units = _unit_paths(cfg, "proj")
+    units = unit_paths(cfg, "proj")
     covered: list[str] = []  # the module paths (kernels) the result measured
     for layer, blocks in sorted(result["by_layer"].items(), key=lambda kv: int(kv[0])):
         for block, body in blocks.items():

@@ -286,8 +286,10 @@ class Choices:
         return "\n".join(lines)
 
 
-def _unit_paths(cfg: ModelConfig, level: str) -> dict[tuple[int, str, str | None], list[str]]:
-    """``{(layer, block, proj or None): [module paths]}`` from the tokenwise targets."""
+def unit_paths(cfg: ModelConfig, level: str) -> dict[tuple[int, str, str | None], list[str]]:
+    """``{(layer, block, proj or None): [module paths]}`` from the tokenwise targets: the
+    kernels one ranking unit covers (``level`` ``"proj"``: one projection; ``"block"``: the
+    block's projections together, key ``proj=None``)."""
     from jcompress.models.families import spec_for
     from jcompress.quant.tokenwise.targets import targets
 
@@ -342,7 +344,7 @@ def choose(ranking: Ranking, cfg: ModelConfig, config: ChoiceConfig | None = Non
     from jcompress.models.params import param_shapes
 
     config = config or ChoiceConfig()
-    paths = _unit_paths(cfg, ranking.level)
+    paths = unit_paths(cfg, ranking.level)
     shapes = param_shapes(cfg)
     by_unit: dict[tuple[int, str, str | None], dict[str, float]] = {}
     for layer, block, proj, c, s in ranking.rows:

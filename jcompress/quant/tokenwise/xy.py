@@ -139,13 +139,31 @@ def representative_windows(tokenizer: Any, config: SaveXYConfig) -> np.ndarray:
     return np.concatenate(parts).astype(np.int32)
 
 
-def _model_meta(cfg: ModelConfig) -> dict[str, str]:
+def model_meta(cfg: ModelConfig) -> dict[str, str]:
+    """The model fields a cache (and every result measured on it, ``meta.xy_meta``) records,
+    as strings: ``model_type``, ``num_layers``, ``hidden_size``, ``vocab_size``."""
     return {
         "model_type": str((cfg.hf_config or {}).get("model_type", cfg.family.value)),
         "num_layers": str(cfg.num_layers),
         "hidden_size": str(cfg.hidden_size),
         "vocab_size": str(cfg.vocab_size),
     }
+
+
+def check_model_meta(meta: Any, cfg: ModelConfig, *, arg: str, what: str) -> None:
+    """One clear error when ``meta`` (a cache's metadata or a result's ``xy_meta``) records a
+    :func:`model_meta` field that differs from ``cfg``'s; fields it lacks are not checked.
+
+    Raises:
+      UserError: ``"{arg}: {what} another model (num_layers=4, this model has ...)"``, e.g.
+        ``what="the cache was written for"``.
+    """
+    if not isinstance(meta, Mapping):
+        return
+    for k, v in model_meta(cfg).items():
+        have = meta.get(k)
+        if have is not None and str(have) != v:
+            raise UserError(f"{arg}: {what} another model ({k}={have}, this model has {k}={v})")
 
 
 def _metadata(cfg: ModelConfig, config: SaveXYConfig) -> dict[str, str]:
@@ -157,7 +175,7 @@ def _metadata(cfg: ModelConfig, config: SaveXYConfig) -> dict[str, str]:
         "save_dtype": config.save_dtype,
         "layout": config.layout,
         "key_format": KEY_FORMAT,
-        **_model_meta(cfg),
+        **model_meta(cfg),
     }
 
 
@@ -375,14 +393,7 @@ class XYCache:
     def check_model(self, cfg: ModelConfig, ts: list[Target]) -> None:
         """Metadata and every ``{name}.X`` / ``.Y`` key present with matching shapes; one clear
         error otherwise (before any work)."""
-        want = _model_meta(cfg)
-        for k, v in want.items():
-            have = self.meta.get(k)
-            if have is not None and have != v:
-                raise UserError(
-                    f"{self.arg}: the cache was written for another model ({k}={have}, this "
-                    f"model has {k}={v})"
-                )
+        check_model_meta(self.meta, cfg, arg=self.arg, what="the cache was written for")
         missing = [f"{t.name}.{s}" for t in ts for s in "XY" if f"{t.name}.{s}" not in self]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
