@@ -5,8 +5,9 @@
   p95 / p99 / p999) over ``N`` cached fp16 tokens, chunked by 4096: ``jcompress.quant``
   (``fake_quant`` + ``tokenwise_metrics``) vs the same formulas in torch (NVFP4 with an
   ``float8_e4m3fn`` block-scale cast, the seed's chunked fp32 metric loop). Peak RSS of our
-  side is also measured at a quarter of the tokens (``rss_quarter_tokens_mib``): with the
-  data's own bytes subtracted, memory does not grow with the token count. Both sides also
+  side is also measured at half the tokens (``ours_peak_rss_half_tokens_mib``), with the same
+  4096-token chunk at both counts (the quick and full sizes hold at least two chunks): with
+  the data's own bytes subtracted, memory does not grow with the token count. Both sides also
   time one chunk's GEMM ``X W~`` alone (``info.*_gemm_floor_s``, ``*_gemm_share``): the row
   is bound by that ``N x in x out`` GEMM (a full GEMM is unavoidable: the error is measured
   against the cached ``Y``, so ``X W`` is part of it whatever the algebra), so its ratio
@@ -47,7 +48,7 @@ def _data(d_in: int, d_out: int, n: int, seed: int = 0):
 # --------------------------------------------------------------------------- sides
 
 
-def metrics_jax(d_in: int, d_out: int, n: int, repeats: int, quarter: bool = False):
+def metrics_jax(d_in: int, d_out: int, n: int, repeats: int, half: bool = False):
     """jcompress side: ``fake_quant(w, nvfp4)`` + ``tokenwise_metrics`` (one jitted step per
     chunk of 4096 tokens)."""
     import jax
@@ -56,7 +57,7 @@ def metrics_jax(d_in: int, d_out: int, n: int, repeats: int, quarter: bool = Fal
     from jcompress.quant.formats import fake_quant, parse_spec
     from jcompress.quant.tokenwise import tokenwise_metrics
 
-    w, x, y = _data(d_in, d_out, n // 4 if quarter else n)
+    w, x, y = _data(d_in, d_out, n // 2 if half else n)
     spec = parse_spec("nvfp4")
 
     def run():
@@ -230,8 +231,9 @@ def tokenwise_nvfp4_metrics(ctx: Context) -> dict[str, Any]:
     repeats = ctx.repeats(full=3, quick=3)
     ours = ctx.side(metrics_jax, "jcompress fake_quant + metrics", d_in=d, d_out=d, n=n,
                     repeats=repeats)  # fmt: skip
-    quarter = ctx.side(metrics_jax, "jcompress at N/4 tokens", d_in=d, d_out=d, n=n,
-                       repeats=1, quarter=True)  # fmt: skip
+    # memory at half the tokens, the same chunk (N/2 >= CHUNK at quick and full sizes)
+    half = ctx.side(metrics_jax, "jcompress at N/2 tokens", d_in=d, d_out=d, n=n,
+                    repeats=1, half=True)  # fmt: skip
     base = ctx.side(metrics_torch, "torch fake_quant + metrics", d_in=d, d_out=d, n=n,
                     repeats=repeats)  # fmt: skip
     a, b = ours["metrics"], base["metrics"]
@@ -245,9 +247,10 @@ def tokenwise_nvfp4_metrics(ctx: Context) -> dict[str, Any]:
         "info": {
             "nmse": a["nmse"],
             "ours_peak_rss_mib": ours.get("peak_rss_mib"),
-            "ours_peak_rss_quarter_tokens_mib": quarter.get("peak_rss_mib"),
+            "ours_peak_rss_half_tokens_mib": half.get("peak_rss_mib"),
             "ours_data_mib": ours["data_mib"],
-            "quarter_data_mib": quarter["data_mib"],
+            "half_data_mib": half["data_mib"],
+            "chunk_tokens": CHUNK,
             # The GEMM floor: one chunk's X W~ alone (each side's own GEMM, timed after the
             # metric repeats) x the number of chunks, and its share of each side's time.
             "ours_gemm_floor_s": ours["gemm_chunk_s"] * ours["n_chunks"],
