@@ -3,9 +3,9 @@
 Only structure is checked: exit status, the JSON file, the markdown table. Timings never are.
 A dry run shares one worker process across rows and sides (imports once);
 ``test_isolated_dry_row`` keeps the per-row / per-side subprocess path of measured runs covered.
-The second half of the rows' dry run is ``tests/test_bench_rows2.py`` and the plots
-(``--plots``) are ``tests/test_bench_plots.py``: files of their own, so pytest-xdist's
-``--dist loadfile`` can spread them over its workers.
+The second half of the rows' dry run and the plots (``--plots --table``, one run) are
+``tests/test_bench_plots.py``: a file of its own, so pytest-xdist's ``--dist loadfile`` can run
+both halves at once.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def names() -> list[str]:
 
 
 def test_dry_run_first_half(tmp_path, names, shared_data):
-    """The first half of the rows (the rest: ``test_bench_rows2.py``), with ``--markdown`` and
+    """The first half of the rows (the rest: ``test_bench_plots.py``), with ``--markdown`` and
     ``--readme``."""
     md, readme = tmp_path / "r.md", tmp_path / "README.md"
     readme.write_text(

@@ -1,6 +1,10 @@
 """``python -m bench --plots DIR --dry-run``: every scaling sweep at tiny sizes, end to end (the
 same worker machinery as the table), one PNG + JSON per method. Structure only: which files,
-which points, that the plotted data are the measured points. Timings are never checked."""
+which points, that the plotted data are the measured points. Timings are never checked.
+
+The run is ``--plots DIR --table`` with the second half of the table's rows (the first half:
+``test_bench.py``): rows and sweep points in one worker process, whose points mostly reuse the
+programs their rows compiled; ``test_dry_run_second_half`` checks those rows."""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _bench_run import all_names, check_dry_rows, halves
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = {"forward", "eigen", "tucker", "ged", "quant", "sparge"}
@@ -45,12 +50,27 @@ def sweeps() -> dict[str, tuple[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def dry_plots(tmp_path_factory, sweeps, shared_data):
+def second_half() -> list[str]:
+    _, second = halves(all_names())
+    assert second
+    return second
+
+
+@pytest.fixture(scope="module")
+def dry_plots(tmp_path_factory, sweeps, second_half, shared_data):
+    """Every sweep and the second half of the rows: ``--plots DIR --table --only ROWS``."""
     tmp = tmp_path_factory.mktemp("plots")
     plots, out = tmp / "plots", tmp / "points.json"
-    p = _bench("--dry-run", "--plots", str(plots), "--out", str(out))
+    only = ",".join(second_half)
+    p = _bench("--dry-run", "--plots", str(plots), "--table", "--only", only, "--out", str(out))
     assert p.returncode == 0, p.stdout + p.stderr[-4000:]
     return p, plots, json.loads(out.read_text())
+
+
+def test_dry_run_second_half(dry_plots, second_half):
+    """The second half of the rows (the first: ``test_bench.py``), run with the sweeps."""
+    p, _, data = dry_plots
+    check_dry_rows(p, data, second_half, points=len(data["points"]))
 
 
 def test_one_png_and_json_per_method(dry_plots, sweeps):
@@ -102,12 +122,20 @@ def test_plotted_data_are_the_measured_points(dry_plots, sweeps):
                p.stdout.splitlines()) == 4  # fmt: skip
 
 
-def test_plots_only_selects_methods_and_rejects_unknown(sweeps):
+def test_plots_only_selects_methods_and_rejects_unknown(sweeps, second_half):
     p = _bench("--plots", "unused", "--list", "--only", "sparge", timeout=60)
     assert p.returncode == 0, p.stderr
-    assert [line.split("\t")[0] for line in p.stdout.splitlines()] == [
-        s for s, (m, _) in sweeps.items() if m == "sparge"
-    ]
+    sparge = [s for s, (m, _) in sweeps.items() if m == "sparge"]
+    assert [line.split("\t")[0] for line in p.stdout.splitlines()] == sparge
+    # with --table, --only also selects rows (listed first, then the sweeps)
+    row = second_half[-1]
+    p = _bench("--plots", "unused", "--table", "--list", "--only", f"sparge,{row}", timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert [line.split("\t")[0] for line in p.stdout.splitlines()] == [row, *sparge]
+    p = _bench("--table", "--list", "--only", row, timeout=60)
+    assert p.returncode == 2 and p.stdout == ""
+    err = p.stderr.strip()
+    assert len(err.splitlines()) == 1 and "--table" in err and "--plots" in err
     p = _bench("--plots", "unused", "--dry-run", "--only", "no_such_method", timeout=60)
     assert p.returncode == 2 and p.stdout == ""
     err = p.stderr.strip()
