@@ -99,9 +99,9 @@ def _parser() -> argparse.ArgumentParser:
         "--table",
         action="store_true",
         help="with --plots: run the table's rows too, in the same run (a dry run: in the same "
-        "worker process, so imports and compiled programs are shared) and print their table; "
-        "--only then also selects rows (none named: every row; no sweep or method named: "
-        "every sweep)",
+        "worker process, so imports and compiled programs are shared), print their table and "
+        "allow --markdown / --readme; --only then also selects rows (none named: every row; "
+        "no sweep or method named: every sweep)",
     )
     p.add_argument("--repeats", type=int, metavar="N", help="override the timed repeats")
     p.add_argument(
@@ -272,8 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.repeats is not None and a.repeats < 1:
         print("python -m bench: error: --repeats must be at least 1", file=sys.stderr)
         return 2
-    if a.plots is not None and (a.markdown or a.readme):
-        msg = "--markdown / --readme write the table, --plots the sweeps: give one of them"
+    if a.plots is not None and not a.table and (a.markdown or a.readme):
+        msg = "--markdown / --readme write the table: with --plots, add --table"
         print(f"python -m bench: error: {msg}", file=sys.stderr)
         return 2
     if a.readme:
@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             text = json.dumps(_finite(doc), indent=2, default=repr, allow_nan=False)
             _write_atomic(a.out, text + "\n")
         if a.markdown:
-            _write_atomic(a.markdown, markdown(rows, meta))
+            _write_atomic(a.markdown, markdown(table_rows, meta))
         if a.plots is not None:
             # while running, only the figures a new point changed (each drawing costs a
             # matplotlib render); the last write redraws them all with the final meta
@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         if path:
             log(f"wrote {path}")
     if a.readme:
-        _update_readme(a.readme, markdown(rows, meta))
+        _update_readme(a.readme, markdown(table_rows, meta))
     if failed:
         log(f"failed: {', '.join(failed)}")
         return 1
@@ -494,10 +494,12 @@ def machine_line(meta: dict) -> str:
 
 def markdown(rows: list[dict], meta: dict) -> str:
     """The machine line, the table and its legend: what README's benchmark section holds. A
-    partial run's rows that had not finished are listed as ``not run``."""
+    partial run's rows that had not finished are listed as ``not run`` (its sweep points,
+    ``SWEEP@X``, are not table rows)."""
     pending = [
         {"name": n, "metric": REGISTRY[n].metric if n in REGISTRY else "", "not_run": True}
         for n in meta.get("pending") or []
+        if "@" not in n
     ]
     return f"{machine_line(meta)}\n\n{table(rows + pending)}\n\n{LEGEND}\n"
 

@@ -1,10 +1,6 @@
-"""Shared by the ``python -m bench`` tests (``tests/test_bench*.py``): run the CLI, parse its
-table, and the dry run of a group of rows with every structural check.
-
-The dry run of all rows is split in two halves of the registry (``test_bench.py`` runs the first,
-``test_bench_plots.py`` the rest, every row added later included, in the same run and worker
-process as the sweeps: ``--plots --table``): two files, so pytest-xdist's ``--dist loadfile`` can
-run them on both workers.
+"""Used by the ``python -m bench`` tests (``tests/test_bench.py``): run the CLI, parse its table,
+and the dry run of rows with every structural check (one run of every row and, with ``--plots
+--table``, every sweep: one worker process, so imports and compiled programs are shared).
 """
 
 from __future__ import annotations
@@ -40,11 +36,6 @@ def all_names() -> list[str]:
     p = bench("--list", timeout=60)
     assert p.returncode == 0, p.stderr
     return [line.split("\t")[0] for line in p.stdout.splitlines() if line.strip()]
-
-
-def halves(names: list[str]) -> tuple[list[str], list[str]]:
-    k = len(names) // 2
-    return names[:k], names[k:]
 
 
 def table_rows(stdout: str) -> dict[str, list[str]]:
@@ -84,7 +75,7 @@ def dry_run(tmp_path: Path, names: list[str], *args: str):
     p = bench("--quick", "--dry-run", "--only", ",".join(names), "--out", str(out), *args)
     assert p.returncode == 0, p.stdout + p.stderr[-4000:]
     data = json.loads(out.read_text())
-    return p, data, check_dry_rows(p, data, names)
+    return p, data, check_dry_rows(p, data, names, points=len(data.get("points", {})))
 
 
 def check_dry_rows(p: subprocess.CompletedProcess, data: dict, names: list[str], points: int = 0):
