@@ -10,6 +10,7 @@ import os
 import platform
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -93,6 +94,14 @@ def _parser() -> argparse.ArgumentParser:
         help="run the scaling sweeps instead of the table (both sides at several sizes, same "
         "harness) and write one plot per method, DIR/<method>.png, with its data as "
         "DIR/<method>.json; --only then selects sweeps or methods",
+    )
+    p.add_argument(
+        "--table",
+        action="store_true",
+        help="with --plots: run the table's rows too, in the same run (a dry run: in the same "
+        "worker process, so imports and compiled programs are shared), print their table and "
+        "allow --markdown / --readme; --only then also selects rows (none named: every row; "
+        "no sweep or method named: every sweep)",
     )
     p.add_argument("--repeats", type=int, metavar="N", help="override the timed repeats")
     p.add_argument(
@@ -189,27 +198,37 @@ def _run_rows(
     return [done[name] for name in names]
 
 
-def _select(only: list[str] | None, plots: bool) -> list[str] | str:
-    """The selected rows (or, with ``--plots``, sweeps); an error message for an unknown name."""
-    if not plots:
-        if not only:
-            return list(REGISTRY)
-        names = [n.strip() for item in only for n in item.split(",") if n.strip()]
-        unknown = [n for n in names if n not in REGISTRY]
-        if unknown:
-            return f"unknown benchmark {unknown[0]!r}; valid: {', '.join(REGISTRY)}"
-        return list(dict.fromkeys(names))
-    if not only:
-        return list(SWEEPS)
-    names = [n.strip() for item in only for n in item.split(",") if n.strip()]
+def _select(
+    only: list[str] | None, plots: bool, table: bool = False
+) -> tuple[list[str], list[str]] | str:
+    """``(rows, sweeps)`` selected: the rows (the table; with ``--plots`` only when ``table``)
+    and, with ``--plots``, the sweeps; an error message for an unknown name."""
+    names = [n.strip() for item in only or [] for n in item.split(",") if n.strip()]
     methods = {sw.method for sw in SWEEPS.values()}
-    unknown = [n for n in names if n not in SWEEPS and n not in methods]
+    rows_ok = not plots or table
+    unknown = [
+        n
+        for n in names
+        if not (rows_ok and n in REGISTRY) and not (plots and (n in SWEEPS or n in methods))
+    ]
     if unknown:
-        return (
-            f"unknown sweep or method {unknown[0]!r} (with --plots); sweeps: "
-            f"{', '.join(SWEEPS)}; methods: {', '.join(sorted(methods))}"
-        )
-    return [s for s, sw in SWEEPS.items() if s in names or sw.method in names]
+        if not plots:
+            return f"unknown benchmark {unknown[0]!r}; valid: {', '.join(REGISTRY)}"
+        valid = f"sweeps: {', '.join(SWEEPS)}; methods: {', '.join(sorted(methods))}"
+        if table:
+            return (
+                f"unknown row, sweep or method {unknown[0]!r} (with --plots --table); {valid}; "
+                f"rows: {', '.join(REGISTRY)}"
+            )
+        return f"unknown sweep or method {unknown[0]!r} (with --plots); {valid}"
+    rows = [n for n in names if n in REGISTRY] if rows_ok else []
+    if rows_ok and not rows:
+        rows = list(REGISTRY)
+    rows = list(dict.fromkeys(rows))
+    if not plots:
+        return rows, []
+    picked = [s for s, sw in SWEEPS.items() if s in names or sw.method in names]
+    return rows, picked or list(SWEEPS)
 
 
 def _interleave(groups: list[list[str]]) -> list[str]:
@@ -233,24 +252,28 @@ def _versions() -> dict[str, str | None]:
 
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
-    names = _select(a.only, a.plots is not None)
-    if isinstance(names, str):
-        print(f"python -m bench: error: {names}", file=sys.stderr)
+    if a.table and a.plots is None:
+        print("python -m bench: error: --table goes with --plots (the table alone is the "
+              "default run)", file=sys.stderr)  # fmt: skip
         return 2
+    selected = _select(a.only, a.plots is not None, a.table)
+    if isinstance(selected, str):
+        print(f"python -m bench: error: {selected}", file=sys.stderr)
+        return 2
+    row_names, names = selected  # names: the sweeps (--plots)
     if a.list:
+        for n in row_names:
+            b = REGISTRY[n]
+            print(f"{b.name}\t{b.metric}\t{b.doc}")
         for n in names:
-            if a.plots is not None:
-                sw = SWEEPS[n]
-                print(f"{sw.name}\t{sw.method}\t{sw.param}\t{sw.doc}")
-            else:
-                b = REGISTRY[n]
-                print(f"{b.name}\t{b.metric}\t{b.doc}")
+            sw = SWEEPS[n]
+            print(f"{sw.name}\t{sw.method}\t{sw.param}\t{sw.doc}")
         return 0
     if a.repeats is not None and a.repeats < 1:
         print("python -m bench: error: --repeats must be at least 1", file=sys.stderr)
         return 2
-    if a.plots is not None and (a.markdown or a.readme):
-        msg = "--markdown / --readme write the table, --plots the sweeps: give one of them"
+    if a.plots is not None and not a.table and (a.markdown or a.readme):
+        msg = "--markdown / --readme write the table: with --plots, add --table"
         print(f"python -m bench: error: {msg}", file=sys.stderr)
         return 2
     if a.readme:
@@ -279,7 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     t_all = time.perf_counter()
     shared = mode == "dry" and not a.isolate
-    items = _interleave([SWEEPS[n].points(mode) for n in names]) if a.plots else names
+    # rows first: a sweep point measures the side functions of a row, so in a shared dry run
+    # its programs are mostly compiled already
+    items = row_names + _interleave([SWEEPS[n].points(mode) for n in names])
 
     def meta_now(rows: list[dict]) -> dict:
         meta = {
@@ -305,16 +330,28 @@ def main(argv: list[str] | None = None) -> int:
         meta["machine"] = machine_line(meta)
         return meta
 
-    def write(rows: list[dict], meta: dict) -> None:
+    drawn: dict[str, int] = {}  # method -> its points in its figure as last drawn
+
+    def write(rows: list[dict], meta: dict, final: bool = False) -> None:
+        table_rows, points = _split(rows)
         if a.out:
-            key = "points" if a.plots is not None else "results"
-            doc = {"meta": meta, key: {r["name"]: r for r in rows}}
+            doc: dict = {"meta": meta}
+            if a.plots is not None:
+                doc["points"] = {r["name"]: r for r in points}
+            if row_names:
+                doc["results"] = {r["name"]: r for r in table_rows}
             text = json.dumps(_finite(doc), indent=2, default=repr, allow_nan=False)
             _write_atomic(a.out, text + "\n")
         if a.markdown:
-            _write_atomic(a.markdown, markdown(rows, meta))
+            _write_atomic(a.markdown, markdown(table_rows, meta))
         if a.plots is not None:
-            write_plots(a.plots, rows, meta)
+            # while running, only the figures a new point changed (each drawing costs a
+            # matplotlib render); the last write redraws them all with the final meta
+            count = Counter(p["method"] for p in points)
+            changed = {m for m, k in count.items() if drawn.get(m) != k}
+            if final or changed:
+                write_plots(a.plots, points, meta, None if final else changed)
+            drawn.update(count)
 
     versions = _versions()
     # --out / --markdown are rewritten after every row (meta.complete false until the end), so
@@ -328,23 +365,31 @@ def main(argv: list[str] | None = None) -> int:
     )
     meta = meta_now(rows)
     failed = [r["name"] for r in rows if "error" in r]
+    table_rows, points = _split(rows)
     if a.plots is not None:
         flat = [key for n in names for key in SWEEPS[n].points(mode)]  # sweep by sweep
-        print(points_table(sorted(rows, key=lambda r: flat.index(r["name"]))))
-    else:
-        print(table(rows))
+        print(points_table(sorted(points, key=lambda r: flat.index(r["name"]))))
+    if row_names:
+        if a.plots is not None:
+            print()
+        print(table(table_rows))
         print()
         print(LEGEND)
-    write(rows, meta)
+    write(rows, meta, final=True)
     for path in (a.out, a.markdown, a.plots):
         if path:
             log(f"wrote {path}")
     if a.readme:
-        _update_readme(a.readme, markdown(rows, meta))
+        _update_readme(a.readme, markdown(table_rows, meta))
     if failed:
         log(f"failed: {', '.join(failed)}")
         return 1
     return 0
+
+
+def _split(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """``(table rows, sweep points)`` of a run's results, each in run order."""
+    return [r for r in rows if "@" not in r["name"]], [r for r in rows if "@" in r["name"]]
 
 
 def _update_readme(path: str, body: str) -> None:
@@ -449,10 +494,12 @@ def machine_line(meta: dict) -> str:
 
 def markdown(rows: list[dict], meta: dict) -> str:
     """The machine line, the table and its legend: what README's benchmark section holds. A
-    partial run's rows that had not finished are listed as ``not run``."""
+    partial run's rows that had not finished are listed as ``not run`` (its sweep points,
+    ``SWEEP@X``, are not table rows)."""
     pending = [
         {"name": n, "metric": REGISTRY[n].metric if n in REGISTRY else "", "not_run": True}
         for n in meta.get("pending") or []
+        if "@" not in n
     ]
     return f"{machine_line(meta)}\n\n{table(rows + pending)}\n\n{LEGEND}\n"
 

@@ -138,7 +138,7 @@ def hooi_tensorly(
     "in the Tucker-MPS reference): jcompress.decomp.hooi (jit) vs TensorLy tucker (numpy)",
 )
 def hooi_64x64x144(ctx: Context) -> dict[str, Any]:
-    shape = ctx.pick(full=[64, 64, 144], quick=[64, 64, 144], dry=[8, 8, 12])
+    shape = ctx.pick(full=[64, 64, 144], quick=[64, 64, 144], dry=[8, 8, 16])
     ranks = ctx.pick(full=[6, 6, 8], quick=[6, 6, 8], dry=[2, 2, 3])
     kw = dict(shape=shape, ranks=ranks, repeats=ctx.repeats(full=10, quick=5), tol=1e-4)
     ours = ctx.side(hooi_jax, "jcompress hooi", **kw)

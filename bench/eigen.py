@@ -314,7 +314,7 @@ def _compare_bases(a_path: Path, b_path: Path) -> dict[str, Any]:
 )
 def eigen_bases_opt125m_layer(ctx: Context) -> dict[str, Any]:
     shape = OPT_125M_LAYER
-    windows, seqlen = ctx.pick(full=(128, 2048), quick=(16, 512), dry=(2, 64))
+    windows, seqlen = ctx.pick(full=(128, 2048), quick=(16, 512), dry=(2, 32))
     batch = 8  # windows per forward call, compress's default batch_size
     repeats = ctx.repeats(full=3, quick=3)
     kw = dict(**shape, windows=windows, seqlen=seqlen, batch=batch, repeats=repeats)

@@ -275,7 +275,7 @@ def forward_llama_1m(ctx: Context) -> dict[str, Any]:
 )
 def forward_llama_1m_2048(ctx: Context) -> dict[str, Any]:
     model_dir = llama_1m_dir()
-    batch, seq = ctx.pick(full=(1, 2048), quick=(1, 2048), dry=(1, 32))
+    batch, seq = ctx.pick(full=(1, 2048), quick=(1, 2048), dry=(1, 8))
     return _forward_pair(ctx, model_dir, batch, seq, ctx.repeats(full=10, quick=5))
 
 

@@ -121,10 +121,14 @@ def write_method(
 
 
 def write_plots(
-    out_dir: str | os.PathLike, points: list[dict[str, Any]], meta: dict[str, Any]
+    out_dir: str | os.PathLike,
+    points: list[dict[str, Any]],
+    meta: dict[str, Any],
+    methods_only: set[str] | None = None,
 ) -> list[Path]:
     """Group ``points`` (each with ``sweep``) by method, in :data:`SWEEPS` order, and write one
-    PNG + JSON per method. Returns the written paths."""
+    PNG + JSON per method (only those in ``methods_only`` when given, e.g. the one a new point
+    changed). Returns the written paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     by_sweep: dict[str, list[dict[str, Any]]] = {}
@@ -136,6 +140,8 @@ def write_plots(
             methods.setdefault(sw.method, []).append(panel_data(sw, by_sweep[name]))
     written = []
     for method, panels in methods.items():
+        if methods_only is not None and method not in methods_only:
+            continue
         written.extend(write_method(out, method, panels, meta))
     return written
 

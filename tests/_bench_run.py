@@ -1,9 +1,6 @@
-"""Shared by the ``python -m bench`` tests (``tests/test_bench*.py``): run the CLI, parse its
-table, and the dry run of a group of rows with every structural check.
-
-The dry run of all rows is split in two halves of the registry (``test_bench.py`` runs the first,
-``test_bench_rows2.py`` the rest, every row added later included): two files, so pytest-xdist's
-``--dist loadfile`` can run them on both workers.
+"""Used by the ``python -m bench`` tests (``tests/test_bench.py``): run the CLI, parse its table,
+and the dry run of rows with every structural check (one run of every row and, with ``--plots
+--table``, every sweep: one worker process, so imports and compiled programs are shared).
 """
 
 from __future__ import annotations
@@ -41,11 +38,6 @@ def all_names() -> list[str]:
     return [line.split("\t")[0] for line in p.stdout.splitlines() if line.strip()]
 
 
-def halves(names: list[str]) -> tuple[list[str], list[str]]:
-    k = len(names) // 2
-    return names[:k], names[k:]
-
-
 def table_rows(stdout: str) -> dict[str, list[str]]:
     lines = stdout.splitlines()
     header = [i for i, line in enumerate(lines) if line.startswith("| benchmark |")]
@@ -77,13 +69,20 @@ SKIPPABLE = {"sparge_pallas_gpu": "GPU"}
 
 
 def dry_run(tmp_path: Path, names: list[str], *args: str):
-    """``python -m bench --quick --dry-run --only NAMES --out J [args]``: every row ran end to end
-    (in one shared worker), the table has exactly these rows, the JSON every number finite.
-    Returns ``(process, json, table rows)``."""
+    """``python -m bench --quick --dry-run --only NAMES --out J [args]``, checked by
+    :func:`check_dry_rows`. Returns ``(process, json, table rows)``."""
     out = tmp_path / "r.json"
     p = bench("--quick", "--dry-run", "--only", ",".join(names), "--out", str(out), *args)
     assert p.returncode == 0, p.stdout + p.stderr[-4000:]
-    assert "rows share one worker process" in p.stderr
+    data = json.loads(out.read_text())
+    return p, data, check_dry_rows(p, data, names, points=len(data.get("points", {})))
+
+
+def check_dry_rows(p: subprocess.CompletedProcess, data: dict, names: list[str], points: int = 0):
+    """A dry run (its process and ``--out`` JSON) of the rows ``names`` (and, with ``--plots
+    --table``, ``points`` sweep points): every row ran end to end (in one shared worker), the
+    table has exactly these rows, the JSON every number finite. Returns the table rows."""
+    assert f"{len(names) + points} rows share one worker process" in p.stderr
     assert any(line.startswith(HEADER) for line in p.stdout.splitlines())
     rows = table_rows(p.stdout)
     assert list(rows) == names
@@ -92,9 +91,8 @@ def dry_run(tmp_path: Path, names: list[str], *args: str):
         if cells[3].startswith("skipped:"):
             assert name in SKIPPABLE and SKIPPABLE[name] in cells[3], cells
 
-    data = json.loads(out.read_text())
     meta = data["meta"]
-    assert meta["mode"] == "dry" and meta["complete"] and meta["done"] == len(names)
+    assert meta["mode"] == "dry" and meta["complete"] and meta["done"] == len(names) + points
     assert meta["processes"] == "one shared process (dry run)"
     assert list(data["results"]) == names
     for name, r in data["results"].items():
@@ -111,4 +109,4 @@ def dry_run(tmp_path: Path, names: list[str], *args: str):
             assert r["peak_rss_mib"][side] > 0
             assert r["first_call_s"][side] >= 0
         _check_info(name, r["info"])
-    return p, data, rows
+    return rows

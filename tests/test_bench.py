@@ -1,23 +1,27 @@
-"""The benchmark harness end to end at dry-run sizes (``python -m bench --quick --dry-run``).
+"""The benchmark harness end to end at dry-run sizes: every row and every scaling sweep in one
+run, ``python -m bench --quick --dry-run --plots DIR --table`` (one worker process for all rows,
+points and sides, so jax / torch are imported once and a sweep point reuses the programs its
+row compiled).
 
-Only structure is checked: exit status, the JSON file, the markdown table. Timings never are.
-A dry run shares one worker process across rows and sides (imports once);
+Only structure is checked: exit status, the JSON file, the markdown table, the plots (which
+files, which points, that the plotted data are the measured points). Timings never are.
 ``test_isolated_dry_row`` keeps the per-row / per-side subprocess path of measured runs covered.
-The second half of the rows' dry run is ``tests/test_bench_rows2.py`` and the plots
-(``--plots``) are ``tests/test_bench_plots.py``: files of their own, so pytest-xdist's
-``--dist loadfile`` can spread them over its workers.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import statistics
 import sys
 from pathlib import Path
 
 import pytest
-from _bench_run import REPO, all_names, dry_run, halves, table_rows
+from _bench_run import REPO, all_names, dry_run, table_rows
 from _bench_run import bench as _bench
+
+METHODS = {"forward", "eigen", "tucker", "ged", "quant", "sparge"}
 
 
 @pytest.fixture(scope="module")
@@ -35,15 +39,40 @@ def names() -> list[str]:
     return out
 
 
-def test_dry_run_first_half(tmp_path, names, shared_data):
-    """The first half of the rows (the rest: ``test_bench_rows2.py``), with ``--markdown`` and
-    ``--readme``."""
-    md, readme = tmp_path / "r.md", tmp_path / "README.md"
+@pytest.fixture(scope="module")
+def sweeps() -> dict[str, tuple[str, str]]:
+    """``--plots --list``: sweep name -> (method, x-axis parameter)."""
+    p = _bench("--plots", "unused", "--list", timeout=60)
+    assert p.returncode == 0, p.stderr
+    out = {}
+    for line in p.stdout.splitlines():
+        name, method, param, _doc = line.split("\t")
+        out[name] = (method, param)
+    assert {m for m, _ in out.values()} >= METHODS
+    return out
+
+
+@pytest.fixture(scope="module")
+def dry(tmp_path_factory, names, sweeps, shared_data):
+    """Every row and sweep: ``--quick --dry-run --only ROWS --plots DIR --table --markdown MD
+    --readme README --out J``, checked by :func:`_bench_run.check_dry_rows`."""
+    tmp = tmp_path_factory.mktemp("dry")
+    md, readme, plots = tmp / "r.md", tmp / "README.md", tmp / "plots"
     readme.write_text(
         "# t\n\n## Benchmarks\n<!-- bench:table -->\nold\n<!-- /bench:table -->\nafter\n"
     )
-    first, _ = halves(names)
-    p, data, rows = dry_run(tmp_path, first, "--markdown", str(md), "--readme", str(readme))
+    p, data, rows = dry_run(
+        tmp, names, "--plots", str(plots), "--table", "--markdown", str(md), "--readme", str(readme)
+    )
+    return {"p": p, "data": data, "rows": rows, "tmp": tmp, "md": md, "readme": readme,
+            "plots": plots}  # fmt: skip
+
+
+def test_dry_run_rows(dry, names):
+    """Every row (checked in the fixture), with ``--markdown``, ``--readme`` and
+    ``--from-json``."""
+    tmp_path, md, readme = dry["tmp"], dry["md"], dry["readme"]
+    p, data, rows = dry["p"], json.loads(json.dumps(dry["data"])), dry["rows"]
 
     # --markdown: the machine line, then the very table stdout printed, then the legend
     meta = data["meta"]
@@ -66,31 +95,31 @@ def test_dry_run_first_half(tmp_path, names, shared_data):
     q = _bench("--from-json", str(tmp_path / "r.json"), "--markdown", str(md2), timeout=120)
     assert q.returncode == 0, q.stderr
     assert md2.read_text() == text and "[bench] (" not in q.stderr
-    # a stopped run's JSON (rewritten after every row): the rows not finished are "not run"
-    data["meta"].update(complete=False, done=len(first) - 1, pending=[first[-1]])
-    del data["results"][first[-1]]
+    # a stopped table run's JSON (rewritten after every row): the rows not finished are "not run"
+    data["meta"].update(complete=False, done=len(names) - 1, total=len(names), pending=[names[-1]])
+    del data["results"][names[-1]], data["points"]
     partial = tmp_path / "partial.json"
     partial.write_text(json.dumps(data))
     q = _bench("--from-json", str(partial), "--markdown", str(md2), timeout=120)
     assert q.returncode == 0, q.stderr
     line2, rest2 = md2.read_text().split("\n\n", 1)
-    assert line2.endswith(f"PARTIAL: {len(first) - 1} of {len(first)} rows had finished.")
+    assert line2.endswith(f"PARTIAL: {len(names) - 1} of {len(names)} rows had finished.")
     cells = table_rows(rest2)
-    assert list(cells) == first and cells[first[-1]][3] == "not run"
+    assert list(cells) == names and cells[names[-1]][3] == "not run"
     # a second --from-json (e.g. a later --only run) fills the missing row: complete again, and
     # the machine line names the row and the run it came from
     late = tmp_path / "late.json"
-    row = json.loads((tmp_path / "r.json").read_text())["results"][first[-1]]
+    row = json.loads((tmp_path / "r.json").read_text())["results"][names[-1]]
     late_meta = dict(json.loads((tmp_path / "r.json").read_text())["meta"])
     late_meta["started_utc"] = "2099-01-01T00:00:00+00:00"
-    late.write_text(json.dumps({"meta": late_meta, "results": {first[-1]: row}}))
+    late.write_text(json.dumps({"meta": late_meta, "results": {names[-1]: row}}))
     q = _bench(
         "--from-json", str(partial), "--from-json", str(late), "--markdown", str(md2), timeout=120
     )
     assert q.returncode == 0, q.stderr
     line3, rest3 = md2.read_text().split("\n\n", 1)
     assert "PARTIAL" not in line3
-    assert f"Rows {first[-1]} from a separate run: Measured 2099-01-01T00:00:00+00:00" in line3
+    assert f"Rows {names[-1]} from a separate run: Measured 2099-01-01T00:00:00+00:00" in line3
     assert table_rows(rest3) == table_rows(rest)
 
 
@@ -136,6 +165,79 @@ def test_only_unknown_name(names):
     for n in names:
         assert n in err
     assert p.stdout == ""
+
+
+# --------------------------------------------------------------------------- plots (--plots DIR)
+
+
+def test_one_png_and_json_per_method(dry, sweeps):
+    """``--plots DIR``: one PNG + JSON per method, one panel per sweep."""
+    plots = dry["plots"]
+    methods = {m for m, _ in sweeps.values()}
+    assert sorted(f.name for f in plots.iterdir()) == sorted(
+        f"{m}.{ext}" for m in methods for ext in ("png", "json")
+    )
+    import matplotlib.image
+
+    for m in methods:
+        png = plots / f"{m}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert png.stat().st_size < 200_000
+        img = matplotlib.image.imread(png)
+        assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+        doc = json.loads((plots / f"{m}.json").read_text())
+        assert doc["method"] == m and doc["png"] == png.name
+        assert [pn["sweep"] for pn in doc["panels"]] == [s for s, v in sweeps.items() if v[0] == m]
+    # one panel per sweep: sparge has two (sequence length and sparsity)
+    assert len(json.loads((plots / "sparge.json").read_text())["panels"]) == 2
+
+
+def test_plotted_data_are_the_measured_points(dry, sweeps):
+    """Every sweep has its dry values, in order, on both sides; the JSON next to each PNG holds
+    exactly the points the run measured (``--out``), with ratio = ours / baseline."""
+    p, plots, data = dry["p"], dry["plots"], dry["data"]
+    assert data["meta"]["mode"] == "dry" and data["meta"]["machine"].startswith("Measured ")
+    points = data["points"]
+    assert all("error" not in r for r in points.values()), points
+    for name, (method, param) in sweeps.items():
+        doc = json.loads((plots / f"{method}.json").read_text())
+        (panel,) = [pn for pn in doc["panels"] if pn["sweep"] == name]
+        assert panel["param"] == param and len(panel["points"]) >= 2
+        measured = [r for r in points.values() if r["sweep"] == name]
+        assert [pt["x"] for pt in panel["points"]] == [r["x"] for r in measured]
+        for pt, r in zip(panel["points"], measured, strict=True):
+            assert r["name"] == f"{name}@{json.dumps(r['x'], separators=(',', ':'))}"
+            assert pt["ours_s"] == r["ours"] and pt["baseline_s"] == r["baseline"]
+            for v in (pt["ours_s"], pt["baseline_s"]):
+                assert isinstance(v, float) and math.isfinite(v) and v > 0
+            assert pt["ratio"] == pytest.approx(pt["ours_s"] / pt["baseline_s"])
+            # the plotted value is the median of the side's timed repeats (first call apart)
+            for side, key in (("ours", "ours_s"), ("baseline", "baseline_s")):
+                times = pt["times_s"][side]
+                assert times and pt[key] == pytest.approx(statistics.median(times))
+    # stdout: one table row per point
+    assert sum(line.startswith(("| forward_seq |", "| ged_samples |")) for line in
+               p.stdout.splitlines()) == 4  # fmt: skip
+
+
+def test_plots_only_selects_methods_and_rejects_unknown(sweeps, names):
+    p = _bench("--plots", "unused", "--list", "--only", "sparge", timeout=60)
+    assert p.returncode == 0, p.stderr
+    sparge = [s for s, (m, _) in sweeps.items() if m == "sparge"]
+    assert [line.split("\t")[0] for line in p.stdout.splitlines()] == sparge
+    # with --table, --only also selects rows (listed first, then the sweeps)
+    row = names[-1]
+    p = _bench("--plots", "unused", "--table", "--list", "--only", f"sparge,{row}", timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert [line.split("\t")[0] for line in p.stdout.splitlines()] == [row, *sparge]
+    p = _bench("--table", "--list", "--only", row, timeout=60)
+    assert p.returncode == 2 and p.stdout == ""
+    err = p.stderr.strip()
+    assert len(err.splitlines()) == 1 and "--table" in err and "--plots" in err
+    p = _bench("--plots", "unused", "--dry-run", "--only", "no_such_method", timeout=60)
+    assert p.returncode == 2 and p.stdout == ""
+    err = p.stderr.strip()
+    assert len(err.splitlines()) == 1 and "no_such_method" in err and "forward" in err
 
 
 # --------------------------------------------------------------------------- harness plumbing
