@@ -153,7 +153,7 @@ def ged_samples(ctx: Context, n: int) -> dict[str, Any]:
     param="tokens N",
     full=(2048, 8192, 32768),
     quick=(1024, 4096, 16384),
-    dry=(24, 96),
+    dry=(48, 96),  # the N/2 and N of tokenwise_nvfp4_metrics' dry sides: shared programs
     ours="jcompress fake_quant + tokenwise_metrics",
     baseline="torch (same formulas)",
     doc="NVFP4 fake quant + tokenwise metrics of a 1024x1024 weight (dry 64x64)",

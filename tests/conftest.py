@@ -91,6 +91,8 @@ def pytest_unconfigure(config):
 # after these. Only the schedule depends on it, never a result.
 _FILE_SECONDS = {
     "test_sharding.py": 290,  # first: its 8-device subprocess and two processes run longest
+    # one dry run of every bench row and sweep in one process (its longest test)
+    "test_bench.py": 210,
     "test_attention.py": 258,
     "test_tucker.py": 209,
     "test_sparge.py": 205,
@@ -98,11 +100,8 @@ _FILE_SECONDS = {
     "test_ged.py": 167,
     "test_decomp.py": 140,
     "test_cli.py": 136,
-    "test_bench.py": 97,
     "test_readme.py": 87,
-    "test_bench_plots.py": 85,
     "test_perplexity.py": 85,
-    "test_bench_rows2.py": 64,
     "test_reliability.py": 56,
     "test_forward_features.py": 55,
     "test_tucker_mps.py": 53,
