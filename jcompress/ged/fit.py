@@ -469,9 +469,12 @@ def _fit_fixed(xs, xr, config: GEDConfig, swap: bool) -> GEDResult:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "swap"))
-def _vmapped_fixed_fit(xs, xr, config: GEDConfig, swap: bool) -> GEDResult:
-    """Every layer's fixed-``K`` fit (``[L, N, D]`` inputs) in one vmapped call."""
-    return jax.vmap(lambda a, b: _fit_fixed(a, b, config, swap))(xs, xr)
+def _vmapped_fixed_fit(xs, xr, config: GEDConfig, swap: bool) -> tuple[GEDResult, ...]:
+    """Every layer's fixed-``K`` fit (``[L, N, D]`` inputs) in one vmapped call, returned
+    per layer (split inside the program: indexing the stacked leaves op by op compiled one
+    small program per leaf shape and layer)."""
+    stacked = jax.vmap(lambda a, b: _fit_fixed(a, b, config, swap))(xs, xr)
+    return tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(xs.shape[0]))
 
 
 def _fit(xs, xr, config: GEDConfig, swap: bool) -> GEDResult:
@@ -590,12 +593,20 @@ def _permutation_null(
 _MOMENTS_BYTES = 1 << 30  # the [N, K^2] outer products are kept below 1 GiB
 
 
+@jax.jit
+def _project_pooled(xs, xr, basis):
+    """Both conditions' samples in the PCA space, ``[N_S + N_R, K]``: one program (op by op,
+    the concatenate, cast and product were three per shape)."""
+    x = jnp.concatenate([xs, xr]).astype(basis.dtype)
+    return jnp.matmul(x, basis, precision=_HI)
+
+
 def _permutation_from_fit(xs, xr, res: GEDResult, config: GEDConfig, moments: bool = True):
     n_s = xs.shape[0]
     n_perm = config.n_permutations
     if n_perm == 0:
         return np.zeros((0,), np.float32), 1.0
-    z = jnp.matmul(jnp.concatenate([xs, xr]).astype(res.basis.dtype), res.basis, precision=_HI)
+    z = _project_pooled(xs, xr, res.basis)
     opts = _Opts.of(config)
     n, k = z.shape
     item = z.dtype.itemsize
@@ -739,19 +750,21 @@ def fit_layers(
         from tqdm.auto import tqdm
 
         it = tqdm(it, desc="GED", unit="layer", leave=False)
-    stacked = None
+    per_layer = None
     if config.n_components is not None:  # one call over every layer: shapes agree
-        stacked = _vmapped_fixed_fit(xs, xr, config, swap)
+        per_layer = _vmapped_fixed_fit(xs, xr, config, swap)
+    # each layer's samples sliced on the host (op by op, a slice compiles once per layer)
+    hs, hr = np.asarray(xs), np.asarray(xr)
     for layer in it:
-        if stacked is None:
-            res = _fit(xs[layer], xr[layer], config, swap)
+        if per_layer is None:
+            res = _fit(hs[layer], hr[layer], config, swap)
         else:
-            res = jax.tree.map(lambda a, i=layer: a[i], stacked)
+            res = per_layer[layer]
             _check_pd(res, f"reference (acts_r) of layer {layer}")
             if res.swapped is not None:
                 _check_pd(res.swapped, f"swapped reference (acts_s) of layer {layer}")
-        null, p = permutation_test(xs[layer], xr[layer], config=config, result=res)
-        cv = cross_validate(xs[layer], xr[layer], config=config)
+        null, p = permutation_test(hs[layer], hr[layer], config=config, result=res)
+        cv = cross_validate(hs[layer], hr[layer], config=config)
         rows.append((float(res.eigenvalues[0]), p, cv.accuracy, cv.cohens_d, res.n_components))
         results.append(res)
         nulls.append(null)
