@@ -230,7 +230,11 @@ def _traced(*xs) -> bool:
 _all_finite = jax.jit(lambda x: jnp.all(jnp.isfinite(x)))  # one program per shape, not two
 
 
-def _check_inputs(acts_s, acts_r, *, batched: bool = False) -> tuple[jax.Array, jax.Array]:
+def _check_inputs(
+    acts_s, acts_r, *, batched: bool = False, finite: bool = True
+) -> tuple[jax.Array, jax.Array]:
+    """Shapes (and, with ``finite``, no NaN / inf: one device reduction per shape; off for
+    subsets of inputs already checked, such as cross-validation folds)."""
     nd = 3 if batched else 2
     shape = "[L, N, D]" if batched else "[N, D]"
     xs, xr = jnp.asarray(acts_s), jnp.asarray(acts_r)
@@ -244,7 +248,7 @@ def _check_inputs(acts_s, acts_r, *, batched: bool = False) -> tuple[jax.Array, 
             f"GED: acts_s {tuple(xs.shape)} and acts_r {tuple(xr.shape)} disagree "
             "(same layers and neurons needed)"
         )
-    for name, x in (("acts_s", xs), ("acts_r", xr)):
+    for name, x in (("acts_s", xs), ("acts_r", xr)) if finite else ():
         if not _traced(x) and not bool(_all_finite(x)):
             raise UserError(f"GED: {name} holds NaN or infinite values")
     return xs, xr
@@ -260,8 +264,9 @@ def _dual_pca(y):
 
 @jax.jit
 def _full_pca(y):
+    """``(evals [D], vecs [D, D], total)`` from ``Y^T Y`` (the total in the same program)."""
     c = jnp.matmul(y.T, y, precision=_HI)
-    return core.pca_core(0.5 * (c + c.T))
+    return (*core.pca_core(0.5 * (c + c.T)), jnp.sum(y * y))
 
 
 _total = jax.jit(lambda y: jnp.sum(y * y))
@@ -320,13 +325,11 @@ def _pooled_pca(xs, xr, center: bool, threshold: float):
     if n < d:
         evals, vecs, total = _dual_pca(y)
         return evals, vecs, total
+    if d < ITERATIVE_MIN_D:
+        return _full_pca(y)
     total = _total(y)
-    out = None
-    if d >= ITERATIVE_MIN_D and float(total) > 0:
-        out = _iterative_pca(y, float(total), threshold)
-    if out is None:
-        out = _full_pca(y)
-    return (*out, total)
+    out = _iterative_pca(y, float(total), threshold) if float(total) > 0 else None
+    return (*out, total) if out is not None else _full_pca(y)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -412,7 +415,8 @@ def _reduced_fit(xs, xr, evals, vecs, total, gamma, k: int, opts: _Opts, swap: b
 def _check_pd(res: GEDResult, what: str) -> None:
     k = res.n_components
     after, before = int(res.rank_r_after), int(res.rank_r_before)
-    if after < k or not bool(_all_finite(res.eigenvalues)):
+    # [K] values read on the host (a device check compiled one program per K)
+    if after < k or not np.all(np.isfinite(np.asarray(res.eigenvalues))):
         raise UserError(
             f"GED: the {what} covariance is not positive definite in the {k}-dim PCA space "
             f"(rank {before} before shrinkage, {after} after, {k} needed): set "
@@ -456,7 +460,7 @@ def _fit_fixed(xs, xr, config: GEDConfig, swap: bool) -> GEDResult:
     if n < d:
         evals, vecs, total = _dual_pca(y)
     else:
-        (evals, vecs), total = _full_pca(y), _total(y)
+        evals, vecs, total = _full_pca(y)
     concrete = not _traced(xs, xr)
     if concrete:
         _check_data_rank(evals, k, n)
@@ -681,6 +685,11 @@ def cross_validate(acts_s, acts_r, *, config: GEDConfig = _DEFAULT) -> CVResult:
       :class:`CVResult` (mean and per-fold accuracy and Cohen's d).
     """
     xs, xr = _check_inputs(acts_s, acts_r)
+    return _cross_validate(xs, xr, config)
+
+
+def _cross_validate(xs, xr, config: GEDConfig) -> CVResult:
+    """:func:`cross_validate` on checked inputs (the folds are not checked again)."""
     k = config.n_folds
     for name, x in (("acts_s", xs), ("acts_r", xr)):
         if x.shape[0] < k:
@@ -694,7 +703,8 @@ def cross_validate(acts_s, acts_r, *, config: GEDConfig = _DEFAULT) -> CVResult:
     for ts, tr in zip(fs, fr, strict=True):
         ms, mr = np.ones(xs.shape[0], bool), np.ones(xr.shape[0], bool)
         ms[ts], mr[tr] = False, False
-        res = fit(xs_host[ms], xr_host[mr], config=config, swap=False)
+        train = _check_inputs(xs_host[ms], xr_host[mr], finite=False)
+        res = _fit(*train, config, False)
         hs, hr, m_s, m_r = _held_out(res, xs_host[ts], xr_host[tr])
         m_s, m_r = float(m_s), float(m_r)
         thr, sign = 0.5 * (m_s + m_r), (1.0 if m_s >= m_r else -1.0)
@@ -763,9 +773,12 @@ def fit_layers(
             _check_pd(res, f"reference (acts_r) of layer {layer}")
             if res.swapped is not None:
                 _check_pd(res.swapped, f"swapped reference (acts_s) of layer {layer}")
-        null, p = permutation_test(hs[layer], hr[layer], config=config, result=res)
-        cv = cross_validate(hs[layer], hr[layer], config=config)
-        rows.append((float(res.eigenvalues[0]), p, cv.accuracy, cv.cohens_d, res.n_components))
+        # the stack was checked above: no per-layer checks again
+        null, p = _permutation_from_fit(hs[layer], hr[layer], res, config)
+        cv = _cross_validate(hs[layer], hr[layer], config)
+        rows.append(
+            (float(np.asarray(res.eigenvalues)[0]), p, cv.accuracy, cv.cohens_d, res.n_components)
+        )
         results.append(res)
         nulls.append(null)
         cvs.append(cv)
