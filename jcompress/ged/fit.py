@@ -763,19 +763,21 @@ def fit_layers(
     per_layer = None
     if config.n_components is not None:  # one call over every layer: shapes agree
         per_layer = _vmapped_fixed_fit(xs, xr, config, swap)
-    # each layer's samples sliced on the host (op by op, a slice compiles once per layer)
+    # each layer's samples sliced on the host (a device slice compiled once per layer) and
+    # put back on the device once
     hs, hr = np.asarray(xs), np.asarray(xr)
     for layer in it:
+        xl, rl = jnp.asarray(hs[layer]), jnp.asarray(hr[layer])
         if per_layer is None:
-            res = _fit(hs[layer], hr[layer], config, swap)
+            res = _fit(xl, rl, config, swap)
         else:
             res = per_layer[layer]
             _check_pd(res, f"reference (acts_r) of layer {layer}")
             if res.swapped is not None:
                 _check_pd(res.swapped, f"swapped reference (acts_s) of layer {layer}")
         # the stack was checked above: no per-layer checks again
-        null, p = _permutation_from_fit(hs[layer], hr[layer], res, config)
-        cv = _cross_validate(hs[layer], hr[layer], config)
+        null, p = _permutation_from_fit(xl, rl, res, config)
+        cv = _cross_validate(xl, rl, config)
         rows.append(
             (float(np.asarray(res.eigenvalues)[0]), p, cv.accuracy, cv.cohens_d, res.n_components)
         )
