@@ -154,6 +154,7 @@ def test_hooi_stopping_rule(x64):
 
 
 def test_hooi_float32_and_dtypes():
+    # the shape and ranks of test_hooi_jit_and_vmap: one compilation of the float32 HOOI
     x = _low_rank_tucker(_rng(5), (10, 12, 14), (3, 3, 3), 0.005).astype(np.float32)
     t = hooi(x, 3)
     assert t.core.dtype == jnp.float32 and all(f.dtype == jnp.float32 for f in t.factors)
@@ -164,26 +165,28 @@ def test_hooi_float32_and_dtypes():
 
 def test_hooi_jit_and_vmap():
     rng = _rng(6)
-    xs = np.stack([_low_rank_tucker(rng, (8, 9, 10), (2, 3, 3), 0.1) for _ in range(3)])
+    # the shape and ranks of test_hooi_float32_and_dtypes: the eager HOOI is compiled once
+    xs = np.stack([_low_rank_tucker(rng, (10, 12, 14), (3, 3, 3), 0.1) for _ in range(3)])
     xs = xs.astype(np.float32)
-    ranks = (2, 3, 3)
+    ranks = (3, 3, 3)
     jitted = jax.jit(lambda x: hooi(x, ranks))(xs[0])
     eager = hooi(xs[0], ranks)
     np.testing.assert_allclose(jitted.core, eager.core, rtol=1e-5, atol=1e-5)
     batch = jax.vmap(lambda x: hooi(x, ranks))(xs)
-    assert isinstance(batch, Tucker) and batch.core.shape == (3, 2, 3, 3)
-    assert batch.batch_ndim == 1 and batch.rank == ranks and batch.shape == (8, 9, 10)
+    assert isinstance(batch, Tucker) and batch.core.shape == (3, 3, 3, 3)
+    assert batch.batch_ndim == 1 and batch.rank == ranks and batch.shape == (10, 12, 14)
     assert batch.materialize().shape == xs.shape
     errs = batch.relative_error(xs)
     assert errs.shape == (3,)
+    cores, errs = np.asarray(batch.core), np.asarray(errs)  # indexed on the host
     for i in range(3):
         one = hooi(xs[i], ranks)
-        np.testing.assert_allclose(batch.core[i], one.core, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(cores[i], one.core, rtol=1e-4, atol=1e-4)
         assert float(errs[i]) == pytest.approx(float(one.relative_error(xs[i])), rel=1e-4)
-    # a pytree: tree.map keeps the type
-    doubled = jax.tree.map(lambda a: 2 * a, eager)
+    # a pytree: tree.map keeps the type (under jit: one program, not one per leaf)
+    doubled = jax.jit(lambda t: jax.tree.map(lambda a: 2 * a, t))(eager)
     assert isinstance(doubled, Tucker)
-    np.testing.assert_allclose(doubled.core, 2 * eager.core)
+    np.testing.assert_allclose(doubled.core, 2 * np.asarray(eager.core))
 
 
 @pytest.mark.parametrize(
@@ -213,8 +216,12 @@ def test_hooi_bad_options():
         hooi(x, 2, n_iter_max=-1)
     with pytest.raises(UserError, match="tol"):
         hooi(x, 2, tol=-1.0)
+    # a Tucker of another rank (built by hand: the check needs no decomposition)
+    other = Tucker(
+        np.zeros((3, 3, 3), np.float32), tuple(np.eye(n, 3, dtype=np.float32) for n in x.shape)
+    )
     with pytest.raises(UserError, match="init"):
-        hooi(x, 2, init=hooi(x, 3))
+        hooi(x, 2, init=other)
 
 
 # --------------------------------------------------------------------------- TT-SVD
@@ -307,10 +314,11 @@ def test_tt_jit_and_vmap():
     assert isinstance(one, TensorTrain) and one.ranks == (1, 2, 3, 1)
     batch = jax.vmap(lambda x: tensor_train(x, ranks=(2, 3)))(xs)
     assert batch.batch_ndim == 1 and batch.ranks == (1, 2, 3, 1)
-    np.testing.assert_allclose(batch.materialize(), xs, atol=0.05)
+    dense = np.asarray(batch.materialize())  # indexed on the host
+    np.testing.assert_allclose(dense, xs, atol=0.05)
     for i in range(3):
         np.testing.assert_allclose(
-            batch.materialize()[i], tensor_train(xs[i], ranks=(2, 3)).materialize(), atol=1e-5
+            dense[i], tensor_train(xs[i], ranks=(2, 3)).materialize(), atol=1e-5
         )
     with pytest.raises(UserError, match="ranks="):
         jax.jit(lambda x: tensor_train(x, eps=0.9))(xs[0])
@@ -398,13 +406,14 @@ def _compiled_flops(f, *args) -> float:
         ((768, 768), dict(ranks=8), 64),  # low bonds: the chain is the cheaper route
     ],
 )
-def test_tt_matrix_apply_never_costs_more_than_building_w(shape, kwargs, rows):
+def test_tt_matrix_apply_never_costs_more_than_building_w(x64, shape, kwargs, rows):
     """``apply`` takes the cheaper of the core-by-core chain and ``x @ materialize()``: XLA's
     own count of the compiled program's flops (an oracle independent of the code's cost
-    model) is never above that of building ``W`` and multiplying, and the values agree."""
+    model) is never above that of building ``W`` and multiplying, and the values agree.
+    float64 like test_tt_matrix_apply_matches_dense (its (768, 768) factorization programs)."""
     rng = _rng(16)
-    m = tt_matrix(jnp.asarray(rng.standard_normal(shape), jnp.float32), **kwargs)
-    x = jnp.asarray(rng.standard_normal((rows, shape[0])), jnp.float32)
+    m = tt_matrix(rng.standard_normal(shape), **kwargs)
+    x = jnp.asarray(rng.standard_normal((rows, shape[0])))
     dense = _compiled_flops(lambda x: x @ m.materialize(), x)
     assert _compiled_flops(m.apply, x) <= 1.01 * dense
     np.testing.assert_allclose(
@@ -450,14 +459,15 @@ def test_tt_matrix_jit_vmap_pytree():
     one = f(ws[0])
     assert one.ranks == (1, 6, 6, 1) and one.shape == (128, 64)
     batch = jax.vmap(lambda w: tt_matrix(w, ranks=(6, 6)))(ws)
-    assert batch.batch_ndim == 1 and batch.materialize().shape == (3, 128, 64)
-    np.testing.assert_allclose(batch.materialize()[0], one.materialize(), atol=1e-5)
+    dense = np.asarray(batch.materialize())  # indexed on the host
+    assert batch.batch_ndim == 1 and dense.shape == (3, 128, 64)
+    np.testing.assert_allclose(dense[0], one.materialize(), atol=1e-5)
     x = rng.standard_normal((5, 128)).astype(np.float32)
     y = jax.vmap(lambda m: m.apply(x))(batch)
-    np.testing.assert_allclose(y, np.einsum("ti,bio->bto", x, batch.materialize()), atol=1e-4)
-    halves = jax.tree.map(lambda c: c / 2, one)
+    np.testing.assert_allclose(y, np.einsum("ti,bio->bto", x, dense), atol=1e-4)
+    halves = jax.jit(lambda t: jax.tree.map(lambda c: c / 2, t))(one)  # one program
     assert isinstance(halves, TTMatrix)
-    np.testing.assert_allclose(halves.cores[0], one.cores[0] / 2)
+    np.testing.assert_allclose(halves.cores[0], np.asarray(one.cores[0]) / 2)
 
 
 @pytest.mark.parametrize(

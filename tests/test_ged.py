@@ -92,14 +92,24 @@ def _oracle(xs, xr, threshold, gamma):
     return k, lam[::-1], p @ w[:, ::-1], rt, cs
 
 
-@pytest.mark.parametrize(("n_s", "n_r", "d"), [(80, 70, 20), (14, 10, 40)])  # primal, dual PCA
+# full eigh (N >= D), dual PCA (N < D): the data and settings of both fp64 pipeline tests
+# (test_fit_matches_numpy_scipy_pipeline_fp64, test_fixed_k_jit_matches_eager_and_threshold_...),
+# so that the threshold fit's programs are compiled once for both
+FP64_SHAPES = [(80, 70, 20), (14, 10, 40)]
+FP64_CONFIG = dict(variance_threshold=0.95, shrinkage=0.05)
+
+
+def _fp64_planted(n_s, n_r, d):
+    xs, xr, _ = _planted(np.random.default_rng(2), n_s=n_s, n_r=n_r, d=d)
+    return xs.astype(np.float64), xr.astype(np.float64)
+
+
+@pytest.mark.parametrize(("n_s", "n_r", "d"), FP64_SHAPES)
 def test_fit_matches_numpy_scipy_pipeline_fp64(n_s, n_r, d):
-    rng = np.random.default_rng(2)
-    xs, xr, _ = _planted(rng, n_s=n_s, n_r=n_r, d=d)
-    xs, xr = xs.astype(np.float64), xr.astype(np.float64)
+    xs, xr = _fp64_planted(n_s, n_r, d)
     k, lam, filt, _, cs = _oracle(xs, xr, 0.95, 0.05)
     with jax.enable_x64(True):
-        res = fit(xs, xr, config=GEDConfig(variance_threshold=0.95, shrinkage=0.05))
+        res = fit(xs, xr, config=GEDConfig(**FP64_CONFIG))
         assert res.eigenvalues.dtype == jnp.float64
     assert res.n_components == k < d
     # S is rank-deficient in the dual case: its null directions have eigenvalues ~1e-15
@@ -161,18 +171,26 @@ def test_null_case_mostly_not_significant():
     assert hits <= 2
 
 
+def _shifted():
+    """Two conditions with a planted shift on a large common mean (the float32 cancellation
+    case), shared by the permutation tests below so that they share compiled programs."""
+    rng = np.random.default_rng(14)
+    xs, xr, _ = _planted(rng, n_s=50, n_r=40, d=10, shift=5.0)
+    return xs + 20.0, xr + 20.0
+
+
 def test_permutation_edges():
-    rng = np.random.default_rng(4)
-    xs, xr, _ = _planted(rng, n_s=30, n_r=20, d=6)
+    xs, xr = _shifted()
     null, p = permutation_test(xs, xr, config=GEDConfig(n_permutations=0))
     assert null.shape == (0,) and p == 1.0
-    cfg = GEDConfig(n_permutations=20, seed=5)
+    cfg = GEDConfig(n_permutations=30, seed=5)
     a = permutation_test(xs, xr, config=cfg)
-    b = permutation_test(xs, xr, config=cfg, result=fit(xs, xr, config=cfg))
+    res = fit(xs, xr, config=cfg, swap=False)
+    b = permutation_test(xs, xr, config=cfg, result=res)
     np.testing.assert_array_equal(a[0], b[0])
     assert a[1] == b[1]
     with pytest.raises(UserError, match="other activations"):
-        permutation_test(xs[:10], xr, config=cfg, result=fit(xs, xr, config=cfg))
+        permutation_test(xs[:10], xr, config=cfg, result=res)
 
 
 @pytest.mark.parametrize("center", [True, False])
@@ -180,9 +198,7 @@ def test_permutation_moments_path_matches_gather_path(center):
     """The fast null (sufficient statistics, one GEMM) equals the plain gather-and-refit one."""
     from jcompress.ged.fit import _permutation_from_fit
 
-    rng = np.random.default_rng(14)
-    xs, xr, _ = _planted(rng, n_s=50, n_r=40, d=10, shift=5.0)
-    xs, xr = xs + 20.0, xr + 20.0  # a large common mean: the float32 cancellation case
+    xs, xr = _shifted()
     cfg = GEDConfig(n_permutations=30, center=center)
     res = fit(xs, xr, config=cfg, swap=False)
     fast, p_fast = _permutation_from_fit(xs, xr, res, cfg, moments=True)
@@ -224,29 +240,34 @@ def test_fit_threshold_boundary_hand_built_spectrum():
 # --------------------------------------------------------------------------- shrinkage / rank
 
 
+def _few_reference_samples():
+    """The seed's situation in small: many neurons, few reference samples, so after PCA the
+    reference covariance has rank < n_components (52 < 63 there)."""
+    rng = np.random.default_rng(7)
+    return _planted(rng, n_s=80, n_r=14, d=96)
+
+
 def test_rank_deficient_reference_without_shrinkage_is_a_clear_error():
-    rng = np.random.default_rng(6)
-    xs, xr, _ = _planted(rng, n_s=60, n_r=8, d=40)
+    xs, xr, _ = _few_reference_samples()
     with pytest.raises(UserError, match=r"not positive definite.*shrinkage") as e:
         fit(xs, xr, config=GEDConfig(shrinkage=0.0))
     assert "\n" not in str(e.value)
 
 
 def test_shrinkage_lifts_rank_like_the_seed():
-    """The seed's situation in small: many neurons, few reference samples, so after PCA the
-    reference covariance has rank < n_components (52 < 63 there); g = 0.01 makes it full."""
-    rng = np.random.default_rng(7)
-    d, n_s, n_r = 96, 80, 14
-    xs, xr, _ = _planted(rng, n_s=n_s, n_r=n_r, d=d)
+    """:func:`_few_reference_samples`: g = 0.01 makes the reference covariance full rank."""
+    xs, xr, _ = _few_reference_samples()
+    n_r = xr.shape[0]
     res = fit(xs, xr, config=GEDConfig(shrinkage=0.01))
     k = res.n_components
     assert int(res.rank_r_before) == n_r - 1 < k
     assert int(res.rank_r_after) == k
     assert np.all(np.isfinite(res.eigenvalues))
+    shrink = jax.jit(core.shrink_core)  # one program, not one per op
     np.testing.assert_allclose(
         np.asarray(res.eigvecs).T
-        @ core.shrink_core(
-            np.asarray(res.basis).T @ np.cov(xr, rowvar=False) @ np.asarray(res.basis), 0.01
+        @ np.asarray(
+            shrink(np.asarray(res.basis).T @ np.cov(xr, rowvar=False) @ np.asarray(res.basis), 0.01)
         )
         @ np.asarray(res.eigvecs),
         np.eye(k),
@@ -282,7 +303,7 @@ def test_rank_core_matches_numpy():
 
 def test_cross_validate_separates_planted_shift():
     rng = np.random.default_rng(10)
-    xs, xr, _ = _planted(rng, n_s=100, n_r=90, d=16, amp=1.0, shift=3.0)
+    xs, xr, _ = _planted(rng, n_s=100, n_r=90, d=16, amp=1.0, shift=3.0)  # uneven R folds
     cv = cross_validate(xs, xr, config=GEDConfig(center=False, n_folds=4))
     assert len(cv.fold_accuracy) == 4 and sum(cv.fold_sizes) == 190
     assert cv.accuracy > 0.9 and cv.cohens_d > 2
@@ -308,7 +329,7 @@ def test_fit_layers_table(layer_table):
     assert table.top_eigenvalue.shape == (3,) and len(table.results) == 3
     assert table.p_value[1] == pytest.approx(1 / 50)
     assert np.argmax(table.top_eigenvalue) == 1 and np.argmax(table.accuracy) == 1
-    ref = fit(xs[1], xr[1], config=cfg)
+    ref = fit(xs[1], xr[1], config=cfg, swap=False)  # as fit_layers fits: its programs
     np.testing.assert_allclose(table.results[1].eigenvalues, ref.eigenvalues, rtol=1e-4)
     assert len(json.loads(json.dumps(table.to_json()))["layers"]) == 3
     with pytest.raises(UserError, match="disagree"):
@@ -342,9 +363,9 @@ def test_fit_layers_fixed_k_is_one_vmapped_call_equal_to_per_layer_fits():
 
 
 def test_figures_written(tmp_path, layer_table):
-    xs, xr, cfg, table = layer_table
+    *_, table = layer_table
     res = table.results[1]  # the planted layer
-    cv = cross_validate(xs[1], xr[1], config=cfg)  # the programs fit_layers compiled
+    cv = table.cvs[1]  # fit_layers' cross_validate(xs[1], xr[1], config=cfg)
     paths = [
         ged_figures.scree(res, tmp_path / "scree.png", threshold=0.9),
         ged_figures.spectrum_vs_null(res, table.nulls[1], tmp_path / "null.png", p_value=0.05),
@@ -513,26 +534,24 @@ def _same_fit(a, b, rtol=1e-5):
     np.testing.assert_allclose(np.asarray(b.explained)[:k], np.asarray(a.explained)[:k], rtol=rtol)
 
 
-@pytest.mark.parametrize(("n_s", "n_r", "d"), [(14, 10, 40), (60, 50, 12)])  # dual, full eigh
+@pytest.mark.parametrize(("n_s", "n_r", "d"), FP64_SHAPES)
 def test_fixed_k_jit_matches_eager_and_threshold_fit_fp64(n_s, n_r, d):
     """``jax.jit(partial(fit, config=GEDConfig(n_components=K)))`` == the eager fixed-K fit ==
     the threshold fit that picks the same K == the numpy/scipy pipeline."""
     import functools
 
-    rng = np.random.default_rng(31)
-    xs, xr, _ = _planted(rng, n_s=n_s, n_r=n_r, d=d)
-    xs, xr = xs.astype(np.float64), xr.astype(np.float64)
+    xs, xr = _fp64_planted(n_s, n_r, d)
     with jax.enable_x64(True):
-        by_threshold = fit(xs, xr, config=GEDConfig(variance_threshold=0.9))
+        by_threshold = fit(xs, xr, config=GEDConfig(**FP64_CONFIG))
         k = by_threshold.n_components
-        cfg = GEDConfig(n_components=k)
+        cfg = GEDConfig(n_components=k, shrinkage=FP64_CONFIG["shrinkage"])
         eager = fit(xs, xr, config=cfg)
         jitted = jax.jit(functools.partial(fit, config=cfg))(xs, xr)
         assert jitted.eigenvalues.dtype == jnp.float64
     assert 1 < k < d
     _same_fit(by_threshold, eager)
     _same_fit(eager, jitted)
-    k_ref, lam, filt, _, _ = _oracle(xs, xr, 0.9, 0.01)
+    k_ref, lam, filt, _, _ = _oracle(xs, xr, 0.95, 0.05)
     assert k_ref == k
     np.testing.assert_allclose(jitted.eigenvalues, lam, rtol=1e-5, atol=1e-10 * lam[0])
     f = np.asarray(jitted.filters)
@@ -555,8 +574,8 @@ def test_fixed_k_bounds_and_tracing_errors():
     with pytest.raises(UserError, match=r"n_components=10 exceeds"):  # shapes: also traced
         jax.jit(functools.partial(fit, config=GEDConfig(n_components=10)))(xs, xr)
     # the data span 3 directions only (+ each condition's mean: centered away)
-    basis = rng.normal(size=(3, 20))
-    low_s, low_r = rng.normal(size=(8, 3)) @ basis, rng.normal(size=(8, 3)) @ basis
+    basis = rng.normal(size=(3, 20))  # in xs, xr's shapes: their compiled programs
+    low_s, low_r = rng.normal(size=(6, 3)) @ basis, rng.normal(size=(5, 3)) @ basis
     with pytest.raises(UserError, match=r"span only 3 principal components"):
         fit(low_s, low_r, config=GEDConfig(n_components=4))
     # the threshold picks K on the host: not traceable, one clear error
@@ -583,4 +602,4 @@ def test_fixed_k_jit_vmaps_over_layers_fp64():
     assert batched.eigenvalues.shape == (3, 6) and batched.filters.shape == (3, 30, 6)
     assert batched.swapped.scores_s.shape == (3, 10, 6)
     for i, ref in enumerate(per_layer):
-        _same_fit(ref, jax.tree.map(lambda a, i=i: a[i], batched))
+        _same_fit(ref, jax.tree.map(lambda a, i=i: np.asarray(a)[i], batched))

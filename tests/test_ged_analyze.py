@@ -173,10 +173,9 @@ def test_config_and_layer_errors(llama):
 # --------------------------------------------------------------------------- end to end
 
 
-def _hf_acts(model_dir, module_fmt, examples, tok, layer):
-    """Oracle: transformers' own model from the checkpoint, a forward hook on the expansion
+def _hf_acts(model, module_fmt, examples, tok, layer):
+    """Oracle: transformers' own model (from the checkpoint), a forward hook on the expansion
     output, the target token's row."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     t = tokenize_examples(tok, examples, "target")
     acts = _torch_hook_acts(model, module_fmt.format(layer), "output", list(t.ids))
     return np.stack([a[p[0]] for a, p in zip(acts, t.positions, strict=True)])
@@ -188,15 +187,17 @@ def test_analyze_end_to_end(which, llama_dir, opt_dir, tmp_path):
     module = {"llama": "model.layers.{}.mlp.up_proj", "opt": "model.decoder.layers.{}.fc1"}
     cfg, params = jcompress.load_hf(model_dir)
     tok = load_tokenizer(model_dir)
-    him, her = load_condition_file(HIM_FILE)[:40], load_condition_file(HER_FILE)[:40]
+    # 42 = 3 folds of 14: every fold's fits in one shape (uneven folds: test_ged.py)
+    him, her = load_condition_file(HIM_FILE)[:42], load_condition_file(HER_FILE)[:42]
     config = GEDConfig(n_permutations=50, n_folds=3)
     res = analyze(
         cfg, params, him, her, tokenizer=tok, config=config,
         capture=CaptureConfig(layers=(1,)), labels=("him", "her"), progress=False,
     )  # fmt: skip
-    assert res.layers == (1,) and res.acts_s.shape == (1, 40, cfg.intermediate_size)
-    want_s = _hf_acts(model_dir, module[which], him, tok, 1)
-    want_r = _hf_acts(model_dir, module[which], her, tok, 1)
+    assert res.layers == (1,) and res.acts_s.shape == (1, 42, cfg.intermediate_size)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    want_s = _hf_acts(model, module[which], him, tok, 1)
+    want_r = _hf_acts(model, module[which], her, tok, 1)
     tol = 1e-4 * np.abs(want_s).max()
     np.testing.assert_allclose(res.acts_s[0], want_s, rtol=1e-4, atol=tol)
     np.testing.assert_allclose(res.acts_r[0], want_r, rtol=1e-4, atol=tol)

@@ -493,7 +493,10 @@ def test_open_weights_streams_safetensors_and_loads_a_torch_bin_whole(caches, ll
     torch.save(state, d / "pytorch_model.bin")
     bcfg, params = tw.open_weights(d)
     assert bcfg == cfg and not isinstance(params, LayerLoader)  # no per-tensor reads: whole
-    config = tw.EvalConfig(ranks=(4,), qspecs=parse_specs("nvfp4"), chunk_tokens=24)
+    # the `result` fixture's grid: its compiled programs
+    config = tw.EvalConfig(
+        ranks=(4, 8), qspecs=parse_specs(SPECS), grid_mode="full", chunk_tokens=24
+    )
     cache = tw.XYCache(caches[1])
     got = tw.eval_grid(bcfg, params, cache, config, progress=False)
     assert got == tw.eval_grid(cfg, loader, cache, config, progress=False)

@@ -68,10 +68,10 @@ def test_end_to_end_opt(capsys, tmp_path, opt_dir):
     )  # fmt: skip
     assert code == 2 and "--out_json" in err and "already exists" in err
     sm_path = tmp_path / "s.json"
+    grid = ["--ranks", "2,8", "--qspecs", "nvfp4@128,fp4@in", "--chunk_tokens", "16"]
     code, _, err = run(
         capsys, "tokenwise", "eval_smooth", "--alpha", "0.5", "--model_dir", str(opt_dir),
-        "--xy_path", str(xy / "opt"), "--out_json", str(sm_path), "--ranks", "2",
-        "--qspecs", "nvfp4",
+        "--xy_path", str(xy / "opt"), "--out_json", str(sm_path), *grid,  # eval_fake's grid
     )  # fmt: skip
     assert code == 0, err
     assert json.loads(sm_path.read_text())["meta"]["smooth"] is True
@@ -79,8 +79,7 @@ def test_end_to_end_opt(capsys, tmp_path, opt_dir):
     sd_path = tmp_path / "sd.json"
     code, _, err = run(
         capsys, "tokenwise", "eval_smooth", "--model_dir", str(opt_dir),
-        "--xy_path", str(xy / "opt"), "--out_json", str(sd_path), "--ranks", "2",
-        "--qspecs", "nvfp4",
+        "--xy_path", str(xy / "opt"), "--out_json", str(sd_path), *grid,
     )  # fmt: skip
     assert code == 0, err
     sd = json.loads(sd_path.read_text())

@@ -230,7 +230,11 @@ def _traced(*xs) -> bool:
 _all_finite = jax.jit(lambda x: jnp.all(jnp.isfinite(x)))  # one program per shape, not two
 
 
-def _check_inputs(acts_s, acts_r, *, batched: bool = False) -> tuple[jax.Array, jax.Array]:
+def _check_inputs(
+    acts_s, acts_r, *, batched: bool = False, finite: bool = True
+) -> tuple[jax.Array, jax.Array]:
+    """Shapes (and, with ``finite``, no NaN / inf: one device reduction per shape; off for
+    subsets of inputs already checked, such as cross-validation folds)."""
     nd = 3 if batched else 2
     shape = "[L, N, D]" if batched else "[N, D]"
     xs, xr = jnp.asarray(acts_s), jnp.asarray(acts_r)
@@ -244,7 +248,7 @@ def _check_inputs(acts_s, acts_r, *, batched: bool = False) -> tuple[jax.Array, 
             f"GED: acts_s {tuple(xs.shape)} and acts_r {tuple(xr.shape)} disagree "
             "(same layers and neurons needed)"
         )
-    for name, x in (("acts_s", xs), ("acts_r", xr)):
+    for name, x in (("acts_s", xs), ("acts_r", xr)) if finite else ():
         if not _traced(x) and not bool(_all_finite(x)):
             raise UserError(f"GED: {name} holds NaN or infinite values")
     return xs, xr
@@ -260,8 +264,9 @@ def _dual_pca(y):
 
 @jax.jit
 def _full_pca(y):
+    """``(evals [D], vecs [D, D], total)`` from ``Y^T Y`` (the total in the same program)."""
     c = jnp.matmul(y.T, y, precision=_HI)
-    return core.pca_core(0.5 * (c + c.T))
+    return (*core.pca_core(0.5 * (c + c.T)), jnp.sum(y * y))
 
 
 _total = jax.jit(lambda y: jnp.sum(y * y))
@@ -320,13 +325,11 @@ def _pooled_pca(xs, xr, center: bool, threshold: float):
     if n < d:
         evals, vecs, total = _dual_pca(y)
         return evals, vecs, total
+    if d < ITERATIVE_MIN_D:
+        return _full_pca(y)
     total = _total(y)
-    out = None
-    if d >= ITERATIVE_MIN_D and float(total) > 0:
-        out = _iterative_pca(y, float(total), threshold)
-    if out is None:
-        out = _full_pca(y)
-    return (*out, total)
+    out = _iterative_pca(y, float(total), threshold) if float(total) > 0 else None
+    return (*out, total) if out is not None else _full_pca(y)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -412,7 +415,8 @@ def _reduced_fit(xs, xr, evals, vecs, total, gamma, k: int, opts: _Opts, swap: b
 def _check_pd(res: GEDResult, what: str) -> None:
     k = res.n_components
     after, before = int(res.rank_r_after), int(res.rank_r_before)
-    if after < k or not bool(_all_finite(res.eigenvalues)):
+    # [K] values read on the host (a device check compiled one program per K)
+    if after < k or not np.all(np.isfinite(np.asarray(res.eigenvalues))):
         raise UserError(
             f"GED: the {what} covariance is not positive definite in the {k}-dim PCA space "
             f"(rank {before} before shrinkage, {after} after, {k} needed): set "
@@ -456,7 +460,7 @@ def _fit_fixed(xs, xr, config: GEDConfig, swap: bool) -> GEDResult:
     if n < d:
         evals, vecs, total = _dual_pca(y)
     else:
-        (evals, vecs), total = _full_pca(y), _total(y)
+        evals, vecs, total = _full_pca(y)
     concrete = not _traced(xs, xr)
     if concrete:
         _check_data_rank(evals, k, n)
@@ -469,9 +473,12 @@ def _fit_fixed(xs, xr, config: GEDConfig, swap: bool) -> GEDResult:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "swap"))
-def _vmapped_fixed_fit(xs, xr, config: GEDConfig, swap: bool) -> GEDResult:
-    """Every layer's fixed-``K`` fit (``[L, N, D]`` inputs) in one vmapped call."""
-    return jax.vmap(lambda a, b: _fit_fixed(a, b, config, swap))(xs, xr)
+def _vmapped_fixed_fit(xs, xr, config: GEDConfig, swap: bool) -> tuple[GEDResult, ...]:
+    """Every layer's fixed-``K`` fit (``[L, N, D]`` inputs) in one vmapped call, returned
+    per layer (split inside the program: indexing the stacked leaves op by op compiled one
+    small program per leaf shape and layer)."""
+    stacked = jax.vmap(lambda a, b: _fit_fixed(a, b, config, swap))(xs, xr)
+    return tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(xs.shape[0]))
 
 
 def _fit(xs, xr, config: GEDConfig, swap: bool) -> GEDResult:
@@ -590,12 +597,20 @@ def _permutation_null(
 _MOMENTS_BYTES = 1 << 30  # the [N, K^2] outer products are kept below 1 GiB
 
 
+@jax.jit
+def _project_pooled(xs, xr, basis):
+    """Both conditions' samples in the PCA space, ``[N_S + N_R, K]``: one program (op by op,
+    the concatenate, cast and product were three per shape)."""
+    x = jnp.concatenate([xs, xr]).astype(basis.dtype)
+    return jnp.matmul(x, basis, precision=_HI)
+
+
 def _permutation_from_fit(xs, xr, res: GEDResult, config: GEDConfig, moments: bool = True):
     n_s = xs.shape[0]
     n_perm = config.n_permutations
     if n_perm == 0:
         return np.zeros((0,), np.float32), 1.0
-    z = jnp.matmul(jnp.concatenate([xs, xr]).astype(res.basis.dtype), res.basis, precision=_HI)
+    z = _project_pooled(xs, xr, res.basis)
     opts = _Opts.of(config)
     n, k = z.shape
     item = z.dtype.itemsize
@@ -670,6 +685,11 @@ def cross_validate(acts_s, acts_r, *, config: GEDConfig = _DEFAULT) -> CVResult:
       :class:`CVResult` (mean and per-fold accuracy and Cohen's d).
     """
     xs, xr = _check_inputs(acts_s, acts_r)
+    return _cross_validate(xs, xr, config)
+
+
+def _cross_validate(xs, xr, config: GEDConfig) -> CVResult:
+    """:func:`cross_validate` on checked inputs (the folds are not checked again)."""
     k = config.n_folds
     for name, x in (("acts_s", xs), ("acts_r", xr)):
         if x.shape[0] < k:
@@ -683,7 +703,8 @@ def cross_validate(acts_s, acts_r, *, config: GEDConfig = _DEFAULT) -> CVResult:
     for ts, tr in zip(fs, fr, strict=True):
         ms, mr = np.ones(xs.shape[0], bool), np.ones(xr.shape[0], bool)
         ms[ts], mr[tr] = False, False
-        res = fit(xs_host[ms], xr_host[mr], config=config, swap=False)
+        train = _check_inputs(xs_host[ms], xr_host[mr], finite=False)
+        res = _fit(*train, config, False)
         hs, hr, m_s, m_r = _held_out(res, xs_host[ts], xr_host[tr])
         m_s, m_r = float(m_s), float(m_r)
         thr, sign = 0.5 * (m_s + m_r), (1.0 if m_s >= m_r else -1.0)
@@ -739,20 +760,27 @@ def fit_layers(
         from tqdm.auto import tqdm
 
         it = tqdm(it, desc="GED", unit="layer", leave=False)
-    stacked = None
+    per_layer = None
     if config.n_components is not None:  # one call over every layer: shapes agree
-        stacked = _vmapped_fixed_fit(xs, xr, config, swap)
+        per_layer = _vmapped_fixed_fit(xs, xr, config, swap)
+    # each layer's samples sliced on the host (a device slice compiled once per layer) and
+    # put back on the device once
+    hs, hr = np.asarray(xs), np.asarray(xr)
     for layer in it:
-        if stacked is None:
-            res = _fit(xs[layer], xr[layer], config, swap)
+        xl, rl = jnp.asarray(hs[layer]), jnp.asarray(hr[layer])
+        if per_layer is None:
+            res = _fit(xl, rl, config, swap)
         else:
-            res = jax.tree.map(lambda a, i=layer: a[i], stacked)
+            res = per_layer[layer]
             _check_pd(res, f"reference (acts_r) of layer {layer}")
             if res.swapped is not None:
                 _check_pd(res.swapped, f"swapped reference (acts_s) of layer {layer}")
-        null, p = permutation_test(xs[layer], xr[layer], config=config, result=res)
-        cv = cross_validate(xs[layer], xr[layer], config=config)
-        rows.append((float(res.eigenvalues[0]), p, cv.accuracy, cv.cohens_d, res.n_components))
+        # the stack was checked above: no per-layer checks again
+        null, p = _permutation_from_fit(xl, rl, res, config)
+        cv = _cross_validate(xl, rl, config)
+        rows.append(
+            (float(np.asarray(res.eigenvalues)[0]), p, cv.accuracy, cv.cohens_d, res.n_components)
+        )
         results.append(res)
         nulls.append(null)
         cvs.append(cv)
