@@ -258,22 +258,17 @@ def check_fits(cfg: ModelConfig, config: TuckerConfig) -> None:
 
 
 @functools.partial(jax.jit, static_argnames=("settings",))
-def _mapped(ws: tuple[jax.Array, ...], settings: tuple) -> tuple[CompressedLeaf, ...]:
-    """``L`` kernels ``[in, out]`` of one shape -> their ``L`` leaves: ``lax.map`` of the
-    per-matrix decomposition (fixed ranks) over their stack ``[L, in, out]``, so the group
-    compiles once and every LAPACK call stays unbatched (module docstring, "Batching").
-    Stacking and unstacking happen inside the program (eagerly, each would compile a
-    ``stack`` / ``dynamic_slice`` / ``squeeze`` program of its own per shape)."""
-    stack = jnp.stack(ws)
+def _mapped(ws: jax.Array, settings: tuple) -> CompressedLeaf:
+    """``ws [L, in, out]`` -> one leaf with stacked children: ``lax.map`` of the per-matrix
+    decomposition (fixed ranks), so the stack compiles once and every LAPACK call stays
+    unbatched (module docstring, "Batching")."""
     if settings[0] == "tt":
         _, n_cores, ranks = settings
-        out = jax.lax.map(lambda w: tt_linear(w, n_cores=n_cores, ranks=ranks), stack)
-    else:
-        _, head_dim, ranks, iters = settings
-        out = jax.lax.map(
-            lambda w: tucker_linear(w, head_dim=head_dim, ranks=ranks, n_iter_max=iters), stack
-        )
-    return tuple(jax.tree.map(lambda a, i=i: a[i], out) for i in range(len(ws)))
+        return jax.lax.map(lambda w: tt_linear(w, n_cores=n_cores, ranks=ranks), ws)
+    _, head_dim, ranks, iters = settings
+    return jax.lax.map(
+        lambda w: tucker_linear(w, head_dim=head_dim, ranks=ranks, n_iter_max=iters), ws
+    )
 
 
 def _decompose(cfg: ModelConfig, jobs: list[_Job], config: TuckerConfig, progress: bool):
@@ -295,9 +290,9 @@ def _decompose(cfg: ModelConfig, jobs: list[_Job], config: TuckerConfig, progres
         groups.setdefault(key, []).append(job)
     bar = tqdm(groups.items(), desc=config.variant.value, disable=not progress, leave=False)
     for (_, _, settings), group in bar:
-        leaves = _mapped(tuple(jnp.asarray(job.kernel) for job in group), settings)
-        for job, leaf in zip(group, leaves, strict=True):
-            out[job.path] = leaf
+        stacked = _mapped(jnp.stack([jnp.asarray(job.kernel) for job in group]), settings)
+        for i, job in enumerate(group):
+            out[job.path] = jax.tree.map(lambda a, i=i: a[i], stacked)
     return out
 
 
