@@ -262,7 +262,11 @@ def _load_real(model_dir, shared_data):
     cfg, params = jcompress.load_hf(model_dir)
     tok = data.load_tokenizer(model_dir)
     valid = data.load_tokens(shared_data / "wikitext-2" / "valid.txt", tok)
-    test = data.load_tokens(shared_data / "wikitext-2-raw" / "test.txt", tok)
+    # perplexity reads the first 10 windows of 256 tokens (consecutive, from the start): the
+    # first 100k characters give those exact tokens, without tokenizing the whole file
+    text = data.read_text(shared_data / "wikitext-2-raw" / "test.txt")
+    test = data.tokenize(tok, text[:100_000])
+    assert test.shape[0] > 10 * 256 + 1000
     calib = data.calibration_windows(valid, nsamples=NS, seqlen=SL, seed=2)
     return SimpleNamespace(
         name=cfg.family.value, dir=model_dir, cfg=cfg, params=params, calib=calib, test=test
@@ -1224,11 +1228,17 @@ def test_fine_tune_tunes_only_the_factors(tiny_models):
 def test_cli_fine_tune_figure_and_whole_model_kv(tmp_path, llama_dir, shared_data, capsys):
     from jcompress.cli import main
 
+    # the first 100k characters of each text: enough tokens for the windows below (8 x 64
+    # sampled, 2 x 64 evaluated) without tokenizing the whole files once more
+    texts = {}
+    for name, src in (("calib", "wikitext-2/valid.txt"), ("eval", "wikitext-2-raw/test.txt")):
+        texts[name] = tmp_path / f"{name}.txt"
+        head = (shared_data / src).read_text(encoding="utf-8")[:100_000]
+        texts[name].write_text(head, encoding="utf-8")
     out = tmp_path / "run"
     code = main([
         "eigen", "--model", str(llama_dir),
-        "--calib_data", str(shared_data / "wikitext-2" / "valid.txt"),
-        "--eval_data", str(shared_data / "wikitext-2-raw" / "test.txt"),
+        "--calib_data", str(texts["calib"]), "--eval_data", str(texts["eval"]),
         "--nsamples", "8", "--seqlen", "64", "--avg_dim", "1", "--layers", "model/layers/1",
         "--rank_search", "bisect", "--fine_tune", "--ft_steps", "3", "--ft_lr", "1e-3",
         "--eval_seqlen", "64", "--eval_max_windows", "2", "--max_new_tokens", "3",

@@ -32,8 +32,9 @@ from jcompress.tucker import (
 IDS = np.random.default_rng(0).integers(3, 64, size=(2, 12))
 
 
-def _rand(key, *shape):
-    return jax.random.normal(jax.random.key(key), shape, jnp.float32)
+def _rand(seed, *shape):
+    """Standard normal float32, drawn by numpy (``jax.random`` compiles a program per shape)."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32))
 
 
 # --------------------------------------------------------------------------- leaves
@@ -115,65 +116,6 @@ def test_leaf_io_tuple_children_round_trip_and_corruption():
         leaf_io.from_arrays(desc, bad)
 
 
-_BATCHED = """
-import jax, numpy as np, jcompress
-from jcompress.models.convert import flatten
-from jcompress.tucker import TuckerConfig, compress
-import sys
-C = sys.modules["jcompress.tucker.compress"]  # the module (the package exports the function)
-from jcompress.tucker.tucker_core import tt_linear, tucker_linear
-
-cfg = jcompress.ModelConfig(
-    family="llama", vocab_size=64, hidden_size=16, num_layers=3, num_heads=2,
-    num_kv_heads=2, head_dim=8, intermediate_size=24, max_position_embeddings=32,
-)
-from jcompress.models.convert import unflatten
-from jcompress.models.params import param_shapes
-rng = np.random.default_rng(3)  # init_params' layout, drawn by numpy (no programs to compile)
-params = unflatten({
-    path: jax.numpy.asarray((np.ones(shape) if path.endswith("/scale")
-                             else 0.2 * rng.standard_normal(shape)).astype(np.float32))
-    for path, shape in sorted(param_shapes(cfg).items())
-})
-flat0 = flatten(params)
-for config in (TuckerConfig(variant="tucker", hooi_ranks=(5, 2, 3), hooi_iters=7),
-               TuckerConfig(variant="tt", tt_ranks=(3, 4))):
-    out, _ = compress(params, cfg, config=config, progress=False)
-    n = C._mapped._cache_size()
-    compress(params, cfg, config=config, progress=False)
-    assert C._mapped._cache_size() == n, "recompiled"
-    flat = flatten(out)
-    for i in range(3):
-        for role in ("q", "k", "v"):
-            path = f"model/layers/{i}/self_attn/{role}_proj/kernel"
-            if config.variant.value == "tucker":
-                alone = tucker_linear(flat0[path], head_dim=8, ranks=(5, 2, 3), n_iter_max=7)
-            else:
-                alone = tt_linear(flat0[path], n_cores=3, ranks=(3, 4))
-            got = flat[path]
-            assert type(got) is type(alone)
-            for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(alone), strict=True):
-                assert a.shape == b.shape and a.dtype == b.dtype
-                np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
-print("BATCHED-OK", n)
-"""
-
-
-def test_compress_batches_kernels_of_one_shape_in_one_mapped_call():
-    """Fixed ranks: kernels of one shape and rank go through one jitted ``lax.map`` call
-    (``_mapped``: one compilation per group; a second compress adds no cache entry) and each
-    leaf equals the per-matrix decomposition of that kernel alone. Runs in a subprocess with
-    a timeout: batched decompositions once deadlocked XLA:CPU (vmap-ed HOOI; see
-    jcompress/decomp/tucker_core.py), and a hang must fail this test, not stall CI."""
-    try:
-        r = subprocess.run([sys.executable, "-c", _BATCHED], capture_output=True, text=True,
-                           timeout=300)  # fmt: skip
-    except subprocess.TimeoutExpired:
-        pytest.fail("the batched (lax.map) decomposition did not finish in 300 s")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "BATCHED-OK" in r.stdout
-
-
 # --------------------------------------------------------------------------- models
 
 
@@ -231,6 +173,67 @@ def test_forward_on_leaves_equals_forward_on_materialized(model, name, request):
         assert np.all(chosen >= logits[:, t].max(-1) - 1e-4), t
 
 
+_BATCHED = """
+import jax, numpy as np, jcompress
+from jcompress.models.convert import flatten
+from jcompress.tucker import TuckerConfig, compress
+import sys
+C = sys.modules["jcompress.tucker.compress"]  # the module (the package exports the function)
+from jcompress.tucker.tucker_core import tt_linear, tucker_linear
+
+cfg = jcompress.ModelConfig(  # the llama fixture's shapes (GQA: q and k/v are two groups)
+    family="llama", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
+    num_kv_heads=2, head_dim=8, intermediate_size=48, max_position_embeddings=32,
+)
+from jcompress.models.convert import unflatten
+from jcompress.models.params import param_shapes
+rng = np.random.default_rng(3)  # init_params' layout, drawn by numpy (no programs to compile)
+params = unflatten({
+    path: jax.numpy.asarray((np.ones(shape) if path.endswith("/scale")
+                             else 0.2 * rng.standard_normal(shape)).astype(np.float32))
+    for path, shape in sorted(param_shapes(cfg).items())
+})
+flat0 = flatten(params)
+# the settings of CONFIGS["tucker"] / CONFIGS["tt-ranks"]: the in-process tests before this one
+# compiled the same groups, so the shared persistent cache has them
+for config in (TuckerConfig(variant="tucker", hooi_ranks=(6, 2, 4)),
+               TuckerConfig(variant="tt", tt_ranks=(4, 4))):
+    out, _ = compress(params, cfg, config=config, progress=False)
+    n = C._mapped._cache_size()
+    compress(params, cfg, config=config, progress=False)
+    assert C._mapped._cache_size() == n, "recompiled"
+    flat = flatten(out)
+    for i in range(2):
+        for role in ("q", "k", "v"):
+            path = f"model/layers/{i}/self_attn/{role}_proj/kernel"
+            if config.variant.value == "tucker":
+                alone = tucker_linear(flat0[path], head_dim=8, ranks=(6, 2, 4))
+            else:
+                alone = tt_linear(flat0[path], n_cores=3, ranks=(4, 4))
+            got = flat[path]
+            assert type(got) is type(alone)
+            for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(alone), strict=True):
+                assert a.shape == b.shape and a.dtype == b.dtype
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+print("BATCHED-OK", n)
+"""
+
+
+def test_compress_batches_kernels_of_one_shape_in_one_mapped_call():
+    """Fixed ranks: kernels of one shape and rank go through one jitted ``lax.map`` call
+    (``_mapped``: one compilation per group; a second compress adds no cache entry) and each
+    leaf equals the per-matrix decomposition of that kernel alone. Runs in a subprocess with
+    a timeout: batched decompositions once deadlocked XLA:CPU (vmap-ed HOOI; see
+    jcompress/decomp/tucker_core.py), and a hang must fail this test, not stall CI."""
+    try:
+        r = subprocess.run([sys.executable, "-c", _BATCHED], capture_output=True, text=True,
+                           timeout=300)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        pytest.fail("the batched (lax.map) decomposition did not finish in 300 s")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "BATCHED-OK" in r.stdout
+
+
 @pytest.mark.parametrize("model", ["llama", "opt"])
 def test_exact_settings_reproduce_the_original_model(model, request):
     cfg, params = request.getfixturevalue(model)
@@ -267,16 +270,17 @@ def test_exact_settings_reproduce_the_original_model(model, request):
 def test_checkpoint_and_factor_export_round_trip_bit_exact(opt, tmp_path):
     cfg, params = opt
     tt, _ = compress(params, cfg, config=TuckerConfig(variant="tt", mps_eps=0.95), progress=False)
-    # one tree with both leaf types: tt everywhere but tucker on layer 0
-    tk, _ = compress(
-        params,
-        cfg,
-        config=TuckerConfig(variant="tucker", hooi_ranks=(8, 2, 8), layers=(r".*/0/.*_proj",)),
-        progress=False,
-    )
+    # one tree with both leaf types: tt everywhere but tucker on layer 0 (the tucker leaves of
+    # the forward test's setting, whose batched decomposition is compiled already)
+    tk, _ = compress(params, cfg, config=CONFIGS["tucker"], progress=False)
     flat = flatten(tt)
-    flat.update({k: v for k, v in flatten(tk).items() if isinstance(v, TuckerLinear)})
+    flat.update({
+        k: v for k, v in flatten(tk).items() if isinstance(v, TuckerLinear) and "/layers/0/" in k
+    })  # fmt: skip
     mixed = unflatten(flat)
+    assert {k for k, v in flatten(mixed).items() if isinstance(v, TuckerLinear)} == {
+        f"model/decoder/layers/0/self_attn/{r}_proj/kernel" for r in "qkv"
+    }
 
     def same(a, b):
         fa, fb = flatten(a), flatten(b)

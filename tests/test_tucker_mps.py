@@ -58,6 +58,7 @@ def test_kron_basis_equals_hooi_on_the_raw_data():
     y = np.einsum("nab,ia,jb->nij", z, a, b) + 0.05 * rng.normal(size=(300, 4, 6))
     flat = y.reshape(300, 24)
     p, (u1, u2) = kron_basis(jnp.asarray(flat.T @ flat, jnp.float32), (4, 6), (2, 3))
+    p, u1, u2 = (np.asarray(a) for a in (p, u1, u2))  # the checks in numpy (no eager programs)
     assert p.shape == (24, 6) and u1.shape == (4, 2) and u2.shape == (6, 3)
     np.testing.assert_allclose(p.T @ p, np.eye(6), atol=1e-5)
     np.testing.assert_allclose(p, np.kron(u1, u2), atol=1e-6)
@@ -122,11 +123,13 @@ def test_opt_basis_is_hooi_of_the_k_and_q_outputs(opt_done):
     assert k.basis == q.basis == "tucker_mps/kq" and k.shares_latent_scores(q) and v.basis is None
     for leaf, names in ((k, ("k_proj", "q_proj")), (v, ("v_proj",))):
         for h in range(2):
-            proj = np.asarray(leaf.b[h].T @ leaf.b[h], np.float64)
+            b_h = np.asarray(leaf.b[h], np.float64)
+            proj = b_h.T @ b_h
             np.testing.assert_allclose(proj, _np_hooi_basis(data(*names), (2, 3)), atol=2e-3)
     # the compressed kernel is W (I (x) P P^T), biases projected the same way
     w = np.asarray(flatten(params)["model/decoder/layers/0/self_attn/k_proj/kernel"])
-    pp = np.asarray(k.b[0].T @ k.b[0])
+    p_np = np.asarray(k.b[0], np.float64).T  # [16, 6]
+    pp = p_np @ p_np.T
     want = np.einsum("ihd,de->ihe", w.reshape(32, 2, 16), pp).reshape(32, 32)
     np.testing.assert_allclose(materialize(k), want, atol=1e-5)
     # ... and kept in rank space: z_h = bias_h P (r values per head), ut the kernel's basis
@@ -134,7 +137,6 @@ def test_opt_basis_is_hooi_of_the_k_and_q_outputs(opt_done):
     kb = f["model/decoder/layers/0/self_attn/k_proj/bias"]
     assert isinstance(kb, HeadLatentBias) and kb.z.shape == (2 * 6,)
     np.testing.assert_array_equal(kb.ut, k.b)
-    p_np = np.asarray(k.b[0], np.float64).T  # [16, 6]
     np.testing.assert_allclose(kb.z, (bias.reshape(2, 16) @ p_np).reshape(12), atol=1e-5)
     np.testing.assert_allclose(
         materialize(kb), (bias.reshape(2, 16) @ pp).reshape(32), atol=1e-5
@@ -218,9 +220,9 @@ def test_full_basis_reproduces_the_model_and_llama_gqa():
     """basis_ranks = the modes: P is orthonormal and square, so the model is unchanged. Llama
     (RoPE, GQA 4/2): q stays dense, k/v become latent; forward on leaves == materialized."""
     cfg, params = _opt()
-    out, rep = compress(
+    out, rep = compress(  # batch_size as opt_done: the calibration stream is compiled already
         params, cfg, CALIB,
-        config=TuckerConfig(variant="tucker_mps", basis_ranks=(4, 4), mps_eps=1.0),
+        config=TuckerConfig(variant="tucker_mps", basis_ranks=(4, 4), mps_eps=1.0, batch_size=4),
         progress=False,
     )  # fmt: skip
     np.testing.assert_allclose(
@@ -437,23 +439,28 @@ def test_mps_fixed_ranks_gqa_latent_cache_decode():
 
     cfg, params = _llama()
     config = TuckerConfig(variant="tucker_mps", basis_ranks=(2, 2), tt_ranks=(3,), n_cores=2)
-    out, rep = compress(params, cfg, CALIB[:2], config=config, progress=False)
+    # CALIB as in test_full_basis_reproduces_the_model_and_llama_gqa (same model, same bases):
+    # its calibration stream and dense forward are compiled once for both tests
+    out, rep = compress(params, cfg, CALIB, config=config, progress=False)
     f = flatten(out)
     for i in range(2):
         for role in ("k_proj", "v_proj"):
             leaf = f[f"model/layers/{i}/self_attn/{role}/kernel"]
             assert isinstance(leaf.a, TTLinear) and leaf.a.ranks == (1, 3, 1)
     assert rep.kv_cache_after == 2 * 2 * (4 + 4) and rep.settings["tt_ranks"] == [3]
-    ids = CALIB[:2]
+    ids = CALIB
     full = jcompress.forward(cfg, out, ids)
     np.testing.assert_allclose(full, jcompress.forward(cfg, materialize(out), ids), atol=5e-5)
-    cache = init_cache(cfg, out, 2, ids.shape[1])
-    assert all(c.shape == (2, ids.shape[1], 8) for c in cache.k + cache.v)
-    mask = np.ones((2, 10), bool)
-    logits, cache = forward_cached(cfg, out, ids[:, :10], mask, cache)
+    cache = init_cache(cfg, out, 5, ids.shape[1])
+    assert all(c.shape == (5, ids.shape[1], 8) for c in cache.k + cache.v)
+    mask = np.ones((5, 10), bool)
+    # jitted as generate does (one program for the prefill, one for a decode step; eager,
+    # every op of the model compiled on its own)
+    run = jax.jit(forward_cached, static_argnums=0)
+    logits, cache = run(cfg, out, ids[:, :10], mask, cache)
     steps = [logits]
     for t in range(10, ids.shape[1]):
-        step, cache = forward_cached(cfg, out, ids[:, t : t + 1], mask[:, :1], cache)
+        step, cache = run(cfg, out, ids[:, t : t + 1], mask[:, :1], cache)
         steps.append(step)
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=5e-5, rtol=1e-5)
     # a fixed rank that does not fit the projected weight: one line before any work
