@@ -668,15 +668,15 @@ def test_two_processes(llama_dir, tmp_path, checks, refs):
         assert r["rc_ged"] == 0 and checks["cli"]["ged"]["rc"] == 0
         g1, g2 = checks["cli"]["ged"]["report"], r["ged"]
         assert g2["n_samples"] == g1["n_samples"] == [171, 171]
-        one, mesh = g1["layers"][0], g2["layers"][0]
-        assert mesh["n_components"] == one["n_components"] > 0
-        assert mesh["p_value"] == one["p_value"] < 1
-        assert len(one["eigenvalues"]) > 0
-        np.testing.assert_allclose(mesh["eigenvalues"], one["eigenvalues"], rtol=1e-4)
-        assert mesh["cv"]["fold_sizes"] == one["cv"]["fold_sizes"]
-        assert mesh["cv"]["fold_accuracy"] == one["cv"]["fold_accuracy"]
-        assert mesh["cv"]["cohens_d"] == pytest.approx(one["cv"]["cohens_d"], rel=1e-4)
-        assert mesh["top_neurons"] == one["top_neurons"]
+        l1, l2 = g1["layers"][0], g2["layers"][0]
+        assert l2["n_components"] == l1["n_components"] > 0
+        assert l2["p_value"] == l1["p_value"] < 1
+        assert len(l1["eigenvalues"]) > 0
+        np.testing.assert_allclose(l2["eigenvalues"], l1["eigenvalues"], rtol=1e-4)
+        assert l2["cv"]["fold_sizes"] == l1["cv"]["fold_sizes"]
+        assert l2["cv"]["fold_accuracy"] == l1["cv"]["fold_accuracy"]
+        assert l2["cv"]["cohens_d"] == pytest.approx(l1["cv"]["cohens_d"], rel=1e-4)
+        assert l2["top_neurons"] == l1["top_neurons"]
         # a process that gave up waiting and the one it waited for: the same one line, both
         # ways (process 1 for process 0's on_writer, process 0 for process 1's agree); process
         # 0 adds that its on_writer work was done
