@@ -6,8 +6,8 @@ suite keeps one device). Prints one JSON object: differences, specs and error me
 parent test asserts on them. Every single-device reference runs on the unsharded params on
 one device, so each comparison is sharded code against the plain code path. The one-device
 references of the two-process run (``--multihost``) are computed here once and written to
-``REFS_DIR`` (``forward.npy``, ``sparge.npz``), or returned (the perplexity, eigen and GED
-reports).
+``REFS_DIR`` (``forward.npy``, ``sparge.npz``, the ``quant`` export), or returned (the
+perplexity, eigen and GED reports).
 """
 
 from __future__ import annotations
@@ -318,6 +318,9 @@ def cli_checks(model_dir: str, cfg, params, refs: Path) -> dict:
         leaked.append(sharding.current_mesh() is not None)
         ged = ged_cli(run, model_dir, Path(tmp))
         leaked.append(sharding.current_mesh() is not None)
+    # the one-device export the two-process `quant apply --mesh` must match byte for byte
+    quant_ref_rc, _ = run(["quant", "apply", "--model", model_dir, *QUANT_ARGS, "--out",
+                           str(refs / "quant")])  # fmt: skip
     rc4 = run(["ppl", "--model", model_dir, "--data", str(text), "--mesh", "model=8"])[0]
     rc5 = run(["ppl", "--model", model_dir, "--data", str(text), "--batch-size", "3",
                "--mesh", "data=2,model=4"])[0]  # fmt: skip
@@ -335,6 +338,7 @@ def cli_checks(model_dir: str, cfg, params, refs: Path) -> dict:
         "sparge": sparge,
         "run": recipe,
         "ged": ged,
+        "quant_ref_rc": quant_ref_rc,
     }
 
 
@@ -587,7 +591,8 @@ def exchange_timeouts(sync: Path) -> list[str | None]:
 
 QUANT_ARGS = ["--rule", r".*mlp/.*=nvfp4", "--seqlen", "32", "--max_windows", "4",
               "--batch_size", "4"]  # fmt: skip
-"""``jcompress quant apply`` flags of the two-process run (the test repeats it on one device)."""
+"""``jcompress quant apply`` flags of the two-process run (its one-device reference:
+:func:`cli_checks`, into ``REFS_DIR/quant``)."""
 
 
 def multihost(model_dir: str, out_dir: str, ckpt: str, refs: str) -> dict:

@@ -608,7 +608,8 @@ def test_two_processes(llama_dir, tmp_path, checks, refs):
     """Multi-host on one machine: two processes of 4 host devices each (CPU collectives over
     gloo), started through the environment variables a cluster launcher sets. (``checks`` /
     ``refs``: the 8-device subprocess's one-device runs are the references of the two
-    processes': perplexity, logits, eigen and GED reports, SpargeAttn thresholds.)"""
+    processes': perplexity, logits, eigen and GED reports, SpargeAttn thresholds, the quant
+    export.)"""
     env = dict(os.environ)
     env.update(
         XLA_FLAGS=(
@@ -704,7 +705,7 @@ def test_two_processes(llama_dir, tmp_path, checks, refs):
 
     sys.path.insert(0, str(HERE))
     try:
-        from _sharding_checks import QUANT_ARGS, sparge_equal
+        from _sharding_checks import sparge_equal
     finally:
         sys.path.remove(str(HERE))
     # sparge tune: the thresholds file exactly the 8-device subprocess's one-device library run
@@ -744,8 +745,8 @@ def test_two_processes(llama_dir, tmp_path, checks, refs):
 
     # quant apply: the export is byte for byte the one-process run's (quantization does not
     # depend on the mesh; the perplexity in the report does only to float rounding)
-    ref = one / "quant"
-    assert main(["quant", "apply", "--model", str(llama_dir), *QUANT_ARGS, "--out", str(ref)]) == 0
+    assert checks["cli"]["quant_ref_rc"] == 0  # the one-device run, in the 8-device subprocess
+    ref = refs / "quant"
     got = tmp_path / "quant"
     files = sorted(str(p.relative_to(ref)) for p in ref.rglob("*") if p.is_file())
     assert files == sorted(str(p.relative_to(got)) for p in got.rglob("*") if p.is_file())
