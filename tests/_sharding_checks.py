@@ -1,10 +1,13 @@
 """Sharded vs single-device runs on 8 host CPU devices, for tests/test_sharding.py.
 
-Run as ``python tests/_sharding_checks.py MODEL_DIR`` (the test sets
+Run as ``python tests/_sharding_checks.py MODEL_DIR REFS_DIR`` (the test sets
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` before JAX starts, so the rest of the
 suite keeps one device). Prints one JSON object: differences, specs and error messages; the
 parent test asserts on them. Every single-device reference runs on the unsharded params on
-one device, so each comparison is sharded code against the plain code path.
+one device, so each comparison is sharded code against the plain code path. The one-device
+references of the two-process run (``--multihost``) are computed here once and written to
+``REFS_DIR`` (``forward.npy``, ``sparge.npz``, the ``quant`` export), or returned (the
+perplexity, eigen and GED reports).
 """
 
 from __future__ import annotations
@@ -81,7 +84,7 @@ def grams(cfg, params, calib, heads, offload_dir=None):
     return out, specs
 
 
-def main(model_dir: str) -> dict:
+def main(model_dir: str, refs: str) -> dict:
     res: dict = {"devices": jax.device_count()}
     cfg, params = jcompress.load_hf(model_dir)
     rng = np.random.default_rng(0)
@@ -190,9 +193,9 @@ def main(model_dir: str) -> dict:
     res["methods"] = method_checks(cfg, params, calib, mesh)
     res["tokenwise"] = tokenwise_checks()
 
-    # --- the CLI: `generate`, `ppl`, `eigen`, `tokenwise`, `sparge tune`, `run` and `ged` with
-    # --mesh, called in-process
-    res["cli"] = cli_checks(model_dir, cfg, params)
+    # --- the CLI: `generate`, `ppl`, `tokenwise`, `sparge tune` and `run` with --mesh, called
+    # in-process; `eigen` and `ged` on one device (the two-process run's references)
+    res["cli"] = cli_checks(model_dir, cfg, params, Path(refs))
     return res
 
 
@@ -269,7 +272,7 @@ def method_checks(cfg, params, calib, mesh) -> dict:
     return out
 
 
-def cli_checks(model_dir: str, cfg, params) -> dict:
+def cli_checks(model_dir: str, cfg, params, refs: Path) -> dict:
     import contextlib
     import io
     from pathlib import Path
@@ -293,6 +296,11 @@ def cli_checks(model_dir: str, cfg, params) -> dict:
     ids = load_tokens(text, load_tokenizer_for(model_dir, "--model", cfg))
     kw = dict(seqlen=32, max_windows=8, batch_size=4, progress=False)
     ref = jcompress.perplexity(cfg, params, ids, **kw)
+    # the one-device references of the two-process run (computed once, here): the logits of
+    # its text batch (the shape of main()'s forward, compiled) and the SpargeAttn thresholds
+    np.save(refs / "forward.npy", np.asarray(jcompress.forward(cfg, params, text_batch(ids))))
+    sparge_ref = _sparge_reference(cfg, params, ids)
+    np.savez(refs / "sparge.npz", **sparge_ref._asdict())
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "ppl.json"
         argv = ["ppl", "--model", model_dir, "--data", str(text), "--seqlen", "32",
@@ -304,12 +312,15 @@ def cli_checks(model_dir: str, cfg, params) -> dict:
         leaked.append(sharding.current_mesh() is not None)
         tokenwise = tokenwise_cli(run, model_dir, Path(tmp))
         leaked.append(sharding.current_mesh() is not None)
-        sparge = sparge_cli(run, model_dir, Path(tmp), cfg, params, text, ids)
+        sparge = sparge_cli(run, model_dir, Path(tmp), cfg, sparge_ref, text)
         leaked.append(sharding.current_mesh() is not None)
         recipe = run_cli(run, model_dir, Path(tmp), text)
         leaked.append(sharding.current_mesh() is not None)
         ged = ged_cli(run, model_dir, Path(tmp))
         leaked.append(sharding.current_mesh() is not None)
+    # the one-device export the two-process `quant apply --mesh` must match byte for byte
+    quant_ref_rc, _ = run(["quant", "apply", "--model", model_dir, *QUANT_ARGS, "--out",
+                           str(refs / "quant")])  # fmt: skip
     rc4 = run(["ppl", "--model", model_dir, "--data", str(text), "--mesh", "model=8"])[0]
     rc5 = run(["ppl", "--model", model_dir, "--data", str(text), "--batch-size", "3",
                "--mesh", "data=2,model=4"])[0]  # fmt: skip
@@ -327,6 +338,7 @@ def cli_checks(model_dir: str, cfg, params) -> dict:
         "sparge": sparge,
         "run": recipe,
         "ged": ged,
+        "quant_ref_rc": quant_ref_rc,
     }
 
 
@@ -339,28 +351,14 @@ compares its report with :func:`eigen_cli`'s one-device run)."""
 
 
 def eigen_cli(run, model_dir: str, tmp) -> dict:
-    """``jcompress eigen`` on one device and with ``--mesh data=2,model=4``: the reports
-    (ranks, layer errors, the greedy sample after compression; the same calibration shapes as
-    the library run above, so most programs are compiled already; no perplexity rows: ``ppl
-    --mesh`` is checked on its own)."""
-    argv = ["eigen", "--model", model_dir, *EIGEN_ARGS]
-    reps, rcs = [], []
-    for name, extra in (("one", []), ("mesh", ["--mesh", "data=2,model=4"])):
-        rc, _ = run([*argv, *extra, "--json", str(tmp / f"eigen-{name}.json")])
-        rcs.append(rc)
-        path = tmp / f"eigen-{name}.json"
-        reps.append(json.loads(path.read_text()) if path.exists() else {})
-    ranks = [[[r.get(k) for k in ("rank_kq", "rank_v", "threshold")] for r in rep.get("layers", [])]
-             for rep in reps]  # fmt: skip
-    extra = [rep.get("extra", {}) for rep in reps]
-    return {
-        "rc": rcs,
-        "one": reps[0],  # the two-process run's reference (the same EIGEN_ARGS)
-        "ranks": ranks,
-        "errors": [[r.get("error") for r in rep.get("layers", [])] for rep in reps],
-        "samples_same": len(extra[0].get("sample_after") or "") > 0
-        and extra[0].get("sample_after") == extra[1].get("sample_after"),
-    }
+    """``jcompress eigen`` on one device: the report (ranks, layer errors, the greedy sample
+    after compression; the same calibration shapes as the library run above, so most programs
+    are compiled already; no perplexity rows: ``ppl --mesh`` is checked on its own), the
+    reference of the two-process ``eigen --mesh data=2,model=4`` run (which checks the CLI's
+    mesh path; the library's under a mesh without offloading: ``main`` and ``run --mesh``)."""
+    path = tmp / "eigen-one.json"
+    rc, _ = run(["eigen", "--model", model_dir, *EIGEN_ARGS, "--json", str(path)])
+    return {"rc": rc, "one": json.loads(path.read_text()) if path.exists() else {}}
 
 
 def tokenwise_cli(run, model_dir: str, tmp) -> dict:
@@ -415,11 +413,9 @@ def tokenwise_cli(run, model_dir: str, tmp) -> dict:
     }
 
 
-def sparge_cli(run, model_dir: str, tmp, cfg, params, text, ids) -> dict:
-    """``jcompress sparge tune --mesh data=2,model=4`` against the library's one-device
-    :func:`~jcompress.sparge.tune.tune` on the same windows (``--data``'s tokens drawn with the
-    config's seed; the shapes and settings of :func:`method_checks`, compiled there): the same
-    per-head thresholds in the written file."""
+def sparge_cli(run, model_dir: str, tmp, cfg, ref, text) -> dict:
+    """``jcompress sparge tune --mesh data=2,model=4`` against ``ref``, the library's one-device
+    run (:func:`_sparge_reference`): the same per-head thresholds in the written file."""
     from jcompress.sparge import load_params
 
     out = tmp / "sparge.safetensors"
@@ -428,7 +424,7 @@ def sparge_cli(run, model_dir: str, tmp, cfg, params, text, ids) -> dict:
     got = load_params(out, layers=cfg.num_layers, heads=cfg.num_heads)[0] if rc == 0 else None
     return {
         "rc": rc,
-        "equal": rc == 0 and _sparge_equal(out, cfg, params, ids),
+        "equal": rc == 0 and sparge_equal(got, ref),
         "shape": None if got is None else list(np.shape(got.cdfthreshd)),
     }
 
@@ -454,22 +450,30 @@ SPARGE_ARGS = [
 """The ``sparge tune`` settings of :func:`sparge_cli` and :func:`multihost`."""
 
 
-def _sparge_equal(path, cfg, params, ids) -> bool:
-    """The thresholds ``sparge tune`` wrote at ``path`` == the library's one-device
-    :func:`~jcompress.sparge.tune.tune` on the same windows (``--data``'s tokens drawn with the
-    config's seed), exactly."""
+def _sparge_reference(cfg, params, ids):
+    """The library's one-device :func:`~jcompress.sparge.tune.tune` of :data:`SPARGE_ARGS` on
+    ``--data``'s windows (its tokens ``ids`` drawn with the config's seed; the shapes and
+    settings of :func:`method_checks`, compiled there): what ``sparge tune`` must write."""
     from jcompress.data import calibration_windows
-    from jcompress.sparge import load_params
     from jcompress.sparge.tune import SpargeTuneConfig, tune
 
     sc = SpargeTuneConfig(block_q=16, block_k=16, batch_size=4, sim_grid=4, cdf_steps=2,
                           pv_steps=0, nsamples=4, seqlen=32)  # fmt: skip
     ref, _ = tune(cfg, params, calibration_windows(ids, 4, 32, seed=sc.seed), sc, progress=False)
-    got = load_params(path, layers=cfg.num_layers, heads=cfg.num_heads)[0]
-    return all(
-        np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True)
-        for a, b in zip(got, ref, strict=True)
+    return ref
+
+
+def sparge_equal(got, ref) -> bool:
+    """Two sets of SpargeAttn thresholds (``SpargeParams`` or their ``_asdict()``), exactly."""
+    got, ref = (x._asdict() if hasattr(x, "_asdict") else x for x in (got, ref))
+    return set(got) == set(ref) and all(
+        np.array_equal(np.asarray(got[k]), np.asarray(ref[k]), equal_nan=True) for k in ref
     )
+
+
+def text_batch(ids):
+    """The two-process run's forward batch: the first 8 x 24 tokens of its text."""
+    return np.asarray(ids[: 8 * 24], np.int32).reshape(8, 24)
 
 
 RUN_RECIPE = [
@@ -530,27 +534,13 @@ GED_ARGS = ["ged", "--model", "--layer", "0", "--n_permutations", "4", "--n_fold
 
 
 def ged_cli(run, model_dir: str, tmp) -> dict:
-    """``jcompress ged --layer 0`` on the bundled him / her sets, on one device and with
-    ``--mesh data=2,model=4`` (the capture stream sharded; the fits on the host): the two
-    ``report.json`` files."""
-    argv = [*GED_ARGS[:2], model_dir, *GED_ARGS[2:]]
-    rcs, reps = [], []
-    for name, extra in (("one", []), ("mesh", ["--mesh", "data=2,model=4"])):
-        out = tmp / f"ged-{name}"
-        rc, _ = run([*argv, *extra, "--out", str(out)])
-        rcs.append(rc)
-        path = out / "report.json"
-        reps.append(json.loads(path.read_text()) if rc == 0 and path.exists() else {})
-    rows = [(rep.get("layers") or [{}])[0] for rep in reps]
-    return {
-        "rc": rcs,
-        "n_samples": [rep.get("n_samples") for rep in reps],
-        "n_components": [r.get("n_components") for r in rows],
-        "eigenvalues": [r.get("eigenvalues") for r in rows],
-        "p_value": [r.get("p_value") for r in rows],
-        "cv": [r.get("cv") for r in rows],
-        "top_neurons": [r.get("top_neurons") for r in rows],
-    }
+    """``jcompress ged --layer 0`` on the bundled him / her sets on one device: the report,
+    the reference of the two-process ``ged --mesh data=2,model=4`` run (the capture stream
+    sharded over both processes, read through ``to_host``; the fits on the host)."""
+    out = tmp / "ged-one"
+    rc, _ = run([*GED_ARGS[:2], model_dir, *GED_ARGS[2:], "--out", str(out)])
+    path = out / "report.json"
+    return {"rc": rc, "report": json.loads(path.read_text()) if rc == 0 and path.exists() else {}}
 
 
 def exchange_timeouts(sync: Path) -> list[str | None]:
@@ -601,18 +591,20 @@ def exchange_timeouts(sync: Path) -> list[str | None]:
 
 QUANT_ARGS = ["--rule", r".*mlp/.*=nvfp4", "--seqlen", "32", "--max_windows", "4",
               "--batch_size", "4"]  # fmt: skip
-"""``jcompress quant apply`` flags of the two-process run (the test repeats it on one device)."""
+"""``jcompress quant apply`` flags of the two-process run (its one-device reference:
+:func:`cli_checks`, into ``REFS_DIR/quant``)."""
 
 
-def multihost(model_dir: str, out_dir: str, ckpt: str) -> dict:
+def multihost(model_dir: str, out_dir: str, ckpt: str, refs: str) -> dict:
     """One of two processes (``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` /
     ``JAX_PROCESS_ID`` set by the test, 4 host devices each): ``jcompress ppl`` and
     ``jcompress quant apply`` with ``--mesh data=2,model=4`` over the 8 devices of both
     processes (the CLI starts the distributed runtime itself), both processes naming the same
     outputs (only process 0 may write them: a second writer would fail, they exist already),
-    then a sharded forward gathered back, against this process's own single-device runs;
-    ``jcompress eigen`` (offloaded activations) over both; what ``ppl`` printed here (process
-    0 alone prints); :func:`exchange_timeouts`. First of all ``jcompress convert`` (no
+    then a sharded forward gathered back (against the 8-device subprocess's one-device logits
+    in ``refs``; its perplexity and thresholds are the test's references); ``jcompress
+    eigen`` (offloaded activations) over both; what ``ppl`` printed here (process 0 alone
+    prints); :func:`exchange_timeouts`. First of all ``jcompress convert`` (no
     ``--mesh``: it must start the runtime itself) of the one-process checkpoint ``ckpt`` to
     HF, and of the model to a checkpoint."""
     from pathlib import Path
@@ -644,8 +636,8 @@ def multihost(model_dir: str, out_dir: str, ckpt: str) -> dict:
                     "data=2,model=4", "--out", str(Path(out_dir) / "quant"), "--json",
                     str(Path(out_dir) / "quant.json")])  # fmt: skip
     # the analyses whose captured batches span both processes (host reads via to_host):
-    # SpargeAttn tuning (thresholds compared with this process's one-device library run) and
-    # GED (the report compared by the test with the 8-device subprocess's one-device run)
+    # SpargeAttn tuning and GED (the test compares the thresholds file and the report with the
+    # 8-device subprocess's one-device runs)
     sparge_out = Path(out_dir) / "sparge.safetensors"
     rc_sparge = cli(["sparge", "tune", "--model", model_dir, "--data", str(text), "--out",
                      str(sparge_out), *SPARGE_ARGS, "--mesh", "data=2,model=4"])  # fmt: skip
@@ -687,26 +679,24 @@ def multihost(model_dir: str, out_dir: str, ckpt: str) -> dict:
     }
     cfg, params = jcompress.load_hf(model_dir)
     ids = load_tokens(text, load_tokenizer_for(model_dir, "--model", cfg))
-    kw = dict(seqlen=32, max_windows=8, batch_size=4, progress=False)
     res["ppl"] = json.loads(out.read_text())["ppl"] if out.exists() else None
-    res["ppl_ref"] = jcompress.perplexity(cfg, params, ids, **kw).ppl
     mesh = sharding.make_mesh("data=2,model=4")
-    batch = np.asarray(ids[: 8 * 24]).reshape(8, 24)
+    batch = text_batch(ids)
     logits = jcompress.forward(
         cfg, sharding.shard_params(params, cfg, mesh), sharding.shard_batch(batch, mesh)
     )
     res["fully_addressable"] = bool(logits.is_fully_addressable)
-    res["sparge_equal"] = rc_sparge == 0 and _sparge_equal(sparge_out, cfg, params, ids)
     ged_rep = Path(out_dir) / "ged" / "report.json"
-    res["ged"] = (json.loads(ged_rep.read_text())["layers"][0] if rc_ged == 0 and ged_rep.exists()
-                  else None)  # fmt: skip
-    ref = np.asarray(jcompress.forward(cfg, params, batch))
-    res["forward_max_diff"] = max_diff(sharding.to_host(logits), ref)
+    res["ged"] = json.loads(ged_rep.read_text()) if rc_ged == 0 and ged_rep.exists() else None
+    # against the 8-device subprocess's one-device logits of the same batch
+    res["forward_max_diff"] = max_diff(
+        sharding.to_host(logits), np.load(Path(refs) / "forward.npy")
+    )
     return res
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[2] == "--multihost":
-        print(json.dumps(multihost(sys.argv[1], sys.argv[3], sys.argv[4])))
+        print(json.dumps(multihost(sys.argv[1], *sys.argv[3:6])))
     else:
-        print(json.dumps(main(sys.argv[1])))
+        print(json.dumps(main(sys.argv[1], sys.argv[2])))

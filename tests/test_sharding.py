@@ -35,7 +35,13 @@ FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 
 @pytest.fixture(scope="module")
-def checks(llama_dir):
+def refs(tmp_path_factory):
+    """Where the 8-device subprocess writes the two-process run's one-device references."""
+    return tmp_path_factory.mktemp("sharding-refs")
+
+
+@pytest.fixture(scope="module")
+def checks(llama_dir, refs):
     env = dict(os.environ)
     env["XLA_FLAGS"] = (
         env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count=8 {FAST_COMPILE}"
@@ -43,7 +49,7 @@ def checks(llama_dir):
     env["OPENBLAS_NUM_THREADS"] = "1"
     env["JAX_PLATFORMS"] = "cpu"
     proc = subprocess.run(
-        [sys.executable, str(HERE / "_sharding_checks.py"), str(llama_dir)],
+        [sys.executable, str(HERE / "_sharding_checks.py"), str(llama_dir), str(refs)],
         capture_output=True,
         text=True,
         env=env,
@@ -451,15 +457,6 @@ def test_sparge_tune_cli_mesh_equals_one_device(checks, llama_dir):
     assert s["equal"]  # the thresholds file == the library's one-device tuning
 
 
-def test_eigen_cli_mesh_equals_one_device(checks):
-    e = checks["cli"]["eigen"]
-    assert e["rc"] == [0, 0]
-    assert len(e["ranks"][0]) == 1 and e["ranks"][1] == e["ranks"][0]
-    assert all(isinstance(v, int) for v in e["ranks"][0][0][:2])  # K/Q and V ranks chosen
-    assert e["errors"][1] == pytest.approx(e["errors"][0], rel=1e-4, abs=1e-7)
-    assert e["samples_same"]
-
-
 def test_run_recipe_cli_mesh_equals_one_device(checks):
     """``jcompress run`` (EigenAttention on layer 0, then NVFP4 on its MLP) with ``--mesh
     data=2,model=4`` == one device: the same steps, ranks and thresholds, layer errors to 1e-4
@@ -478,24 +475,6 @@ def test_run_recipe_cli_mesh_equals_one_device(checks):
     assert r["ppl"][1] == pytest.approx(r["ppl"][0], rel=1e-5)
     assert r["n_leaves"][0] > 0 and r["n_leaves"][1] == r["n_leaves"][0]
     assert r["factors_rel_diff"] < 1e-4
-
-
-def test_ged_cli_mesh_equals_one_device(checks):
-    """``jcompress ged --layer 0`` with ``--mesh data=2,model=4`` (the sharded capture; the
-    fits on the host in float64) == one device: the same sample counts, PCA size, permutation
-    p-value, fold accuracies and top neurons; eigenvalues and Cohen's d to 1e-4 relative
-    (float32 activations in another reduction order; measured 2e-6)."""
-    g = checks["cli"]["ged"]
-    assert g["rc"] == [0, 0]
-    assert g["n_samples"][0] == [171, 171] and g["n_samples"][1] == g["n_samples"][0]
-    assert g["n_components"][0] > 0 and g["n_components"][1] == g["n_components"][0]
-    assert g["p_value"][1] == g["p_value"][0] < 1
-    assert len(g["eigenvalues"][0]) > 0
-    assert g["eigenvalues"][1] == pytest.approx(g["eigenvalues"][0], rel=1e-4)
-    one, mesh = g["cv"]
-    assert mesh["fold_sizes"] == one["fold_sizes"] and mesh["fold_accuracy"] == one["fold_accuracy"]
-    assert mesh["cohens_d"] == pytest.approx(one["cohens_d"], rel=1e-4)
-    assert g["top_neurons"][1][:3] == g["top_neurons"][0][:3]
 
 
 def test_tokenwise_metrics_over_data(checks):
@@ -625,10 +604,12 @@ OUTPUTS = [
 ]
 
 
-def test_two_processes(llama_dir, tmp_path, checks):
+def test_two_processes(llama_dir, tmp_path, checks, refs):
     """Multi-host on one machine: two processes of 4 host devices each (CPU collectives over
-    gloo), started through the environment variables a cluster launcher sets. (``checks``:
-    its one-device ``jcompress eigen`` run is the reference of the two processes' one.)"""
+    gloo), started through the environment variables a cluster launcher sets. (``checks`` /
+    ``refs``: the 8-device subprocess's one-device runs are the references of the two
+    processes': perplexity, logits, eigen and GED reports, SpargeAttn thresholds, the quant
+    export.)"""
     env = dict(os.environ)
     env.update(
         XLA_FLAGS=(
@@ -650,7 +631,7 @@ def test_two_processes(llama_dir, tmp_path, checks):
     script = [sys.executable, str(HERE / "_sharding_checks.py"), str(llama_dir), "--multihost"]
     procs = [
         subprocess.Popen(
-            [*script, str(tmp_path), str(ckpt)],
+            [*script, str(tmp_path), str(ckpt), str(refs)],
             env={**env, "JAX_PROCESS_ID": str(i)},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -670,7 +651,7 @@ def test_two_processes(llama_dir, tmp_path, checks):
                 p.kill()
     for r in outs:
         assert r["rc"] == 0 and r["processes"] == 2 and r["devices"] == [8, 4]
-        assert r["ppl"] == pytest.approx(r["ppl_ref"], rel=1e-5)
+        assert r["ppl"] == pytest.approx(checks["cli"]["ppl_ref"], rel=1e-5)
         assert not r["fully_addressable"]  # the logits really span both processes
         assert r["forward_max_diff"] < 1e-4
         assert not r["mesh_after_cli"]
@@ -679,15 +660,24 @@ def test_two_processes(llama_dir, tmp_path, checks):
         assert r["rc_quant"] == 0 and r["rc_stream"] == 0 and r["rc_convert"] == [0, 0]
         assert r["rc_eigen"] == 0
         # analyses whose captured batches span both processes (read through to_host): the
-        # tuned thresholds exactly the one-device library run's; the GED report the one-device
-        # CLI run's of the 8-device subprocess (the fits run on the host: float tolerance)
-        assert r["rc_sparge"] == 0 and r["sparge_equal"]
-        assert r["rc_ged"] == 0
-        g1 = checks["cli"]["ged"]
-        assert r["ged"]["n_components"] == g1["n_components"][0]
-        assert r["ged"]["top_neurons"] == g1["top_neurons"][0]
-        assert r["ged"]["p_value"] == g1["p_value"][0]
-        np.testing.assert_allclose(r["ged"]["eigenvalues"], g1["eigenvalues"][0], rtol=1e-4)
+        # tuned thresholds (below) exactly the one-device library run's; `ged --layer 0`
+        # (the fits on the host in float64) == the 8-device subprocess's one-device CLI run:
+        # the same sample counts, PCA size, permutation p-value, fold sizes and accuracies and
+        # top neurons; eigenvalues and Cohen's d to 1e-4 relative (float32 activations in
+        # another reduction order; measured 2e-6)
+        assert r["rc_sparge"] == 0
+        assert r["rc_ged"] == 0 and checks["cli"]["ged"]["rc"] == 0
+        g1, g2 = checks["cli"]["ged"]["report"], r["ged"]
+        assert g2["n_samples"] == g1["n_samples"] == [171, 171]
+        l1, l2 = g1["layers"][0], g2["layers"][0]
+        assert l2["n_components"] == l1["n_components"] > 0
+        assert l2["p_value"] == l1["p_value"] < 1
+        assert len(l1["eigenvalues"]) > 0
+        np.testing.assert_allclose(l2["eigenvalues"], l1["eigenvalues"], rtol=1e-4)
+        assert l2["cv"]["fold_sizes"] == l1["cv"]["fold_sizes"]
+        assert l2["cv"]["fold_accuracy"] == l1["cv"]["fold_accuracy"]
+        assert l2["cv"]["cohens_d"] == pytest.approx(l1["cv"]["cohens_d"], rel=1e-4)
+        assert l2["top_neurons"] == l1["top_neurons"]
         # a process that gave up waiting and the one it waited for: the same one line, both
         # ways (process 1 for process 0's on_writer, process 0 for process 1's agree); process
         # 0 adds that its on_writer work was done
@@ -711,6 +701,16 @@ def test_two_processes(llama_dir, tmp_path, checks):
     # nothing else: no second writer's conflict copy, no temporaries, the work dir removed
     assert sorted(p.name for p in tmp_path.iterdir()) == OUTPUTS
     assert (tmp_path / "stream" / "model.safetensors.index.json").is_file()
+    from jcompress.sparge import load_params
+
+    sys.path.insert(0, str(HERE))
+    try:
+        from _sharding_checks import sparge_equal
+    finally:
+        sys.path.remove(str(HERE))
+    # sparge tune: the thresholds file exactly the 8-device subprocess's one-device library run
+    tuned, _ = load_params(tmp_path / "sparge.safetensors", layers=4, heads=8)  # llama-1m
+    assert sparge_equal(tuned, dict(np.load(refs / "sparge.npz")))
 
     # convert: the HF export byte for byte the one-process one; the checkpoint holds the model
     want, got = one / "convert_hf", tmp_path / "convert_hf"
@@ -728,17 +728,10 @@ def test_two_processes(llama_dir, tmp_path, checks):
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(loaded), strict=True):
         assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
 
-    # the export is byte for byte the one-process run's (quantization does not depend on the
-    # mesh; the perplexity in the report does only to float rounding)
-    sys.path.insert(0, str(HERE))
-    try:
-        from _sharding_checks import QUANT_ARGS
-    finally:
-        sys.path.remove(str(HERE))
-
     # eigen over both processes (activations offloaded, each process its own rows) == one
     # process (the 8-device subprocess's one-device run of the same EIGEN_ARGS): the same
     # ranks per head, layer error and sample after compression
+    assert checks["cli"]["eigen"]["rc"] == 0
     e1 = checks["cli"]["eigen"]["one"]
     e2 = json.loads((tmp_path / "eigen.json").read_text())
     for a, b in zip(e1["layers"], e2["layers"], strict=True):
@@ -746,9 +739,14 @@ def test_two_processes(llama_dir, tmp_path, checks):
             assert a[k] == b[k], k
         assert b["error"] == pytest.approx(a["error"], rel=1e-4)
     assert len(e1["layers"]) == 1 and e1["layers"][0]["compressed"]
+    assert all(isinstance(e1["layers"][0][k], int) for k in ("rank_kq", "rank_v"))  # chosen
+    assert len(e1["extra"]["sample_after"]) > 0
     assert e2["extra"]["sample_after"] == e1["extra"]["sample_after"]
-    ref = one / "quant"
-    assert main(["quant", "apply", "--model", str(llama_dir), *QUANT_ARGS, "--out", str(ref)]) == 0
+
+    # quant apply: the export is byte for byte the one-process run's (quantization does not
+    # depend on the mesh; the perplexity in the report does only to float rounding)
+    assert checks["cli"]["quant_ref_rc"] == 0  # the one-device run, in the 8-device subprocess
+    ref = refs / "quant"
     got = tmp_path / "quant"
     files = sorted(str(p.relative_to(ref)) for p in ref.rglob("*") if p.is_file())
     assert files == sorted(str(p.relative_to(got)) for p in got.rglob("*") if p.is_file())
