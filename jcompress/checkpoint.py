@@ -294,11 +294,35 @@ def _one_process() -> dict[str, Any]:
     if process_count() == 1:
         return {}
     me = jax.process_index()
+    _per_process_signals(me)
     return {
         "multiprocessing_options": ocp.options.MultiprocessingOptions(
             primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"jcompress-{me}"
         )
     }
+
+
+def _per_process_signals(me: int) -> None:
+    """Give this process's orbax signal keys a per-process name.
+
+    Orbax names the keys of its awaitable signals (``awaitable_signals_contract_<operation
+    id>/step_directory_creation``) in the distributed key-value store by operation id alone,
+    and ``barrier_sync_key_prefix`` does not reach them. When every process saves its own
+    directory at the same time, the processes' keys collide: one process deletes or waits on
+    the other's key, and a save hung for the coordination timeout, then failed with
+    ``DEADLINE_EXCEEDED``. Orbax's own per-process directory mode
+    (``CheckpointManagerOptions.enable_per_process_directory_creation``) appends
+    ``_<process index>`` to the same class-level prefix; this does the same, once per process.
+    """
+    try:
+        from orbax.checkpoint._src.futures import future
+    except ImportError:  # another orbax layout: its keys are its own business
+        return
+    contract = getattr(future, "AwaitableSignalsContract", None)
+    prefix = getattr(contract, "awaitable_signals_contract_prefix", None)
+    suffix = f"_jcompress{me}"
+    if isinstance(prefix, str) and not prefix.endswith(suffix):
+        contract.awaitable_signals_contract_prefix = prefix + suffix
 
 
 class _QuietLoop(asyncio.SelectorEventLoop):
