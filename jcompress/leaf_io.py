@@ -34,14 +34,33 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import numpy as np
 
 from jcompress.errors import UserError
 from jcompress.leaves import CompressedLeaf, leaf_name, leaf_type
 
-__all__ = ["StoreOnce", "decode_static", "encode_static", "from_arrays", "to_arrays"]
+
+__all__ = [
+    "StoreOnce", "decode_static", "encode_static", "from_arrays", "to_arrays", "to_device"
+]
 
 ARRAY = "array"
+
+
+def to_device(x: Any, dtype: Any = None) -> jax.Array:
+    """``jnp.asarray(x, dtype)`` that compiles nothing for a host ``np.ndarray``.
+
+    ``jnp.asarray`` lifts an ndarray with no ``dtype`` through ``lax.stage``, an identity
+    program JAX compiles once per distinct shape and dtype (one compile per weight shape of
+    every checkpoint load). Here the (canonical) cast happens in numpy, as ``jnp.asarray``'s own
+    numpy fallback does it, and the transfer is a copying ``device_put``: an owned device
+    buffer, never an alias of the host memory (a checkpoint's memory map is released after
+    the copy). Anything else (a ``jax.Array``, a scalar, a tracer) goes to ``jnp.asarray``."""
+    if not isinstance(x, np.ndarray) or isinstance(x, np.ma.MaskedArray):
+        return jax.numpy.asarray(x, dtype=dtype)
+    want = jax.dtypes.canonicalize_dtype(x.dtype if dtype is None else dtype)
+    return jax.device_put(np.asarray(x, dtype=want), may_alias=False)
 
 
 def _is_array(x: Any) -> bool:

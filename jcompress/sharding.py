@@ -63,6 +63,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jcompress.errors import UserError
+from jcompress.leaf_io import to_device
 from jcompress.leaves import CompressedLeaf, HeadFoldedOut, HeadLowRank, LowRank, Residual
 from jcompress.models.config import ModelConfig
 from jcompress.models.families import spec_for
@@ -454,11 +455,11 @@ def shard_batch(x: Any, mesh: Mesh, *, arg: str = "batch_size") -> jax.Array:
 
 
 def place_batch(x: Any, mesh: Mesh | None = None, *, arg: str = "batch_size") -> jax.Array:
-    """:func:`shard_batch` over ``mesh`` (default: :func:`current_mesh`), or ``jnp.asarray``
+    """:func:`shard_batch` over ``mesh`` (default: :func:`current_mesh`), or :func:`to_device`
     when there is no mesh: the one line the batch loops call."""
     mesh = current_mesh() if mesh is None else mesh
     if mesh is None:
-        return jax.numpy.asarray(x)
+        return to_device(x)
     return shard_batch(x, mesh, arg=arg)
 
 

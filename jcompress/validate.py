@@ -87,11 +87,17 @@ def _as_array(x: Any, arg: str) -> Any:
     return out
 
 
+@jax.jit
+def _device_minmax(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    # one program per shape/dtype (two eager reductions would compile two)
+    return jnp.min(x), jnp.max(x)
+
+
 def _minmax(x: Any) -> tuple[Any, Any]:
     if isinstance(x, np.ndarray):
         with np.errstate(invalid="ignore"):
             return x.min(), x.max()
-    return jax.device_get((jnp.min(x), jnp.max(x)))
+    return jax.device_get(_device_minmax(x))
 
 
 def check_token_ids(

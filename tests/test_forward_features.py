@@ -31,7 +31,8 @@ def _compress(model: Model, ranks: dict[str, int | None]):
             path = f"{model.lay.layers}/{i}/{getattr(model.lay, role)}/kernel"
             us, vt = model.svd(path)
             r = us.shape[1] if rank is None else rank
-            flat[path] = LowRank(jnp.asarray(us[:, :r]), jnp.asarray(vt[:r]))
+            f32 = jnp.float32  # explicit dtype: a host-to-device copy, no program per shape
+            flat[path] = LowRank(jnp.asarray(us[:, :r], f32), jnp.asarray(vt[:r], f32))
     return unflatten(flat)
 
 
@@ -249,7 +250,7 @@ def _padded_pair(model: Model):
     mask = np.zeros((2, t), np.int32)
     ids[0, t - len(a) :], mask[0, t - len(a) :] = a, 1
     ids[1], mask[1] = b, 1
-    return jnp.asarray(ids), jnp.asarray(mask)
+    return jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)
 
 
 def test_batched_left_padded_generate_equals_alone(model):

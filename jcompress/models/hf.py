@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from jcompress import validate
 from jcompress.atomic import atomic_dir
 from jcompress.errors import UserError
-from jcompress.leaf_io import StoreOnce, from_arrays, to_arrays
+from jcompress.leaf_io import StoreOnce, from_arrays, to_arrays, to_device
 from jcompress.leaves import CompressedLeaf
 from jcompress.models.config import ModelConfig
 from jcompress.models.convert import check_shape, flatten, unflatten
@@ -371,7 +371,7 @@ def load_hf(
 
     def cast(value: np.ndarray) -> jax.Array:
         target = dt if (dt is not None and jnp.issubdtype(value.dtype, jnp.floating)) else None
-        return jnp.asarray(value, dtype=target)
+        return to_device(value, dtype=target)
 
     flat: dict[str, Any] = {}
     used: set[str] = set()
@@ -480,7 +480,7 @@ def _load_factor_leaf(weights, names, used, factored, path, want, cast, links=No
         used.add(key)
         if loaded is not None and key in loaded:
             return loaded[key]
-        x = jnp.asarray(weights.get(key))  # cast by from_arrays (cast_child)
+        x = to_device(weights.get(key))  # cast by from_arrays (cast_child)
         if loaded is not None and key in targets:
             loaded[key] = x
         return x
