@@ -86,31 +86,32 @@ def pytest_unconfigure(config):
 
 
 # Longest files first, so that the two xdist workers finish together (longest-processing-time
-# first: the last file to start is a short one). Seconds per file on the 2-core CI machine
-# (one worker's share, compile included); files not listed are short and keep their order
-# after these. Only the schedule depends on it, never a result.
+# first: the last file to start is a short one). CPU seconds per file on the 2-core CI machine
+# (compile included; estimates after the 2026-12-01 trims); files not listed are short and
+# keep their order after these. Only the schedule depends on it, never a result.
 _FILE_SECONDS = {
-    "test_sharding.py": 290,  # first: its 8-device subprocess and two processes run longest
     # one dry run of every bench row and sweep in one process (its longest test)
-    "test_bench.py": 210,
-    "test_attention.py": 258,
-    "test_tucker.py": 209,
-    "test_sparge.py": 205,
-    "test_eigen_attention.py": 193,
-    "test_ged.py": 167,
-    "test_decomp.py": 140,
-    "test_cli.py": 136,
-    "test_readme.py": 87,
-    "test_perplexity.py": 85,
-    "test_reliability.py": 56,
-    "test_forward_features.py": 55,
-    "test_tucker_mps.py": 53,
-    "test_tokenwise.py": 47,
-    "test_quant_formats.py": 45,
-    "test_compose.py": 43,
-    "test_families.py": 42,
-    "test_quant_check.py": 40,
-    "test_sparge_stream.py": 38,
+    "test_bench.py": 200,
+    "test_sharding.py": 165,  # its 8-device subprocess and two processes
+    "test_eigen_attention.py": 145,
+    "test_attention.py": 130,
+    "test_tucker.py": 130,
+    "test_sparge.py": 115,
+    "test_perplexity.py": 90,
+    "test_ged.py": 80,
+    "test_readme.py": 75,
+    "test_cli.py": 67,
+    "test_decomp.py": 52,
+    "test_forward_features.py": 50,
+    "test_tokenwise.py": 50,
+    "test_compose.py": 38,
+    "test_tucker_mps.py": 30,
+    "test_latent_scores.py": 25,
+    "test_families.py": 24,
+    "test_quant_check.py": 24,
+    "test_sparge_stream.py": 22,
+    "test_quant_formats.py": 22,
+    "test_quant_apply.py": 22,
 }
 
 
