@@ -111,6 +111,49 @@ def add_eval_window_flags(s: argparse.ArgumentParser) -> None:
     )
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataJob:
+    """The fields a method command's job shares (``run``, ``tucker``): the model, the output
+    directory, the calibration windows (:func:`add_calib_window_flags`) and the evaluation
+    windows (:func:`add_eval_window_flags`). A command's job subclasses it with its own
+    fields."""
+
+    model: Path
+    out: Path | None = None
+    calib_data: Path | None = None
+    eval_data: Path | None = None
+    nsamples: int = 32
+    seqlen: int | None = None  # None: 512 capped at the model's positions
+    seed: int = 2
+    eval_seqlen: int | None = None
+    eval_max_windows: int | None = None
+    overwrite: bool = False
+
+    def calib_seqlen(self, cfg: Any) -> int:
+        """``seqlen``, or 512 capped at the model's positions."""
+        return self.seqlen or min(512, cfg.max_position_embeddings)
+
+    @staticmethod
+    def fields_from_args(args: argparse.Namespace) -> dict[str, Any]:
+        """The :class:`DataJob` fields from a parsed command line."""
+
+        def path(v):
+            return None if v is None else Path(v)
+
+        return dict(
+            model=Path(args.model),
+            out=path(args.out),
+            calib_data=path(args.calib_data),
+            eval_data=path(args.eval_data),
+            nsamples=args.nsamples,
+            seqlen=args.seqlen,
+            seed=args.seed,
+            eval_seqlen=args.eval_seqlen,
+            eval_max_windows=args.eval_max_windows,
+            overwrite=args.overwrite,
+        )
+
+
 def add_mesh_flag(s: argparse.ArgumentParser) -> None:
     """``--mesh data=N,model=M``: run sharded over the devices (and hosts) with
     :mod:`jcompress.sharding`; read back by :func:`mesh_from_args`. (``--distributed`` is on

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from jcompress.cli.common import (
+    DataJob,
     add_calib_window_flags,
     add_dtype_flag,
     add_eval_window_flags,
@@ -34,25 +35,11 @@ __all__ = ["RunJob", "add_parser", "check_run_job", "run", "run_recipe_job"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class RunJob:
+class RunJob(DataJob):
     """One ``jcompress run``."""
 
     recipe: Path
-    model: Path
-    out: Path | None = None
-    calib_data: Path | None = None
-    eval_data: Path | None = None
-    nsamples: int = 32
-    seqlen: int | None = None  # None: 512 capped at the model's positions
-    seed: int = 2
-    eval_seqlen: int | None = None
-    eval_max_windows: int | None = None
     dtype: str | None = None
-    overwrite: bool = False
-
-
-def _seqlen(cfg, job: RunJob) -> int:
-    return job.seqlen or min(512, cfg.max_position_embeddings)
 
 
 def _is_factor_export(model: Path) -> bool:
@@ -103,7 +90,7 @@ def check_run_job(job: RunJob):
             arg="--out",
             need_bytes=2 * model_bytes(job.model),
         )
-    check_seqlen(cfg, _seqlen(cfg, job))
+    check_seqlen(cfg, job.calib_seqlen(cfg))
     if job.eval_seqlen is not None:
         check_seqlen(cfg, job.eval_seqlen)
     if not _is_factor_export(job.model):  # a plain HF checkpoint: every kernel is dense
@@ -122,7 +109,7 @@ def run_recipe_job(job: RunJob, log=print) -> dict[str, Any]:
     from jcompress.models import load_hf, save_hf
 
     chain, model_cfg = check_run_job(job)
-    seqlen = _seqlen(model_cfg, job)
+    seqlen = job.calib_seqlen(model_cfg)
     tok = None
     if job.calib_data is not None or job.eval_data is not None:
         tok = load_tokenizer_for(job.model, "--model", model_cfg)
@@ -222,19 +209,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     mesh_from_args(args)  # --mesh: every step's calibration stream and perplexity run sharded
-    job = RunJob(
-        recipe=Path(args.recipe),
-        model=Path(args.model),
-        out=None if args.out is None else Path(args.out),
-        calib_data=None if args.calib_data is None else Path(args.calib_data),
-        eval_data=None if args.eval_data is None else Path(args.eval_data),
-        nsamples=args.nsamples,
-        seqlen=args.seqlen,
-        seed=args.seed,
-        eval_seqlen=args.eval_seqlen,
-        eval_max_windows=args.eval_max_windows,
-        dtype=args.dtype,
-        overwrite=args.overwrite,
-    )
+    job = RunJob(recipe=Path(args.recipe), dtype=args.dtype, **DataJob.fields_from_args(args))
     run_recipe_job(job)
     return 0

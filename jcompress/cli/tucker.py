@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from jcompress.cli.common import (
+    DataJob,
     add_calib_window_flags,
     add_eval_window_flags,
     add_mesh_flag,
@@ -82,25 +83,11 @@ def tucker_overrides() -> dict[str, dict[str, Any] | None]:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class TuckerJob:
+class TuckerJob(DataJob):
     """One ``jcompress tucker`` run."""
 
-    model: Path
     config: Any  # TuckerConfig
-    calib_data: Path | None = None
-    eval_data: Path | None = None
-    out: Path | None = None
-    nsamples: int = 32
-    seqlen: int | None = None  # None: 512 capped at the model's positions
-    seed: int = 2
-    eval_seqlen: int | None = None
-    eval_max_windows: int | None = None
     test_type: str | None = None
-    overwrite: bool = False
-
-
-def _seqlen(cfg, job: TuckerJob) -> int:
-    return job.seqlen or min(512, cfg.max_position_embeddings)
 
 
 def check_tucker_job(job: TuckerJob):
@@ -143,7 +130,7 @@ def check_tucker_job(job: TuckerJob):
             arg="--out",
             need_bytes=2 * model_bytes(job.model),
         )
-    check_seqlen(cfg, _seqlen(cfg, job))
+    check_seqlen(cfg, job.calib_seqlen(cfg))
     if job.eval_seqlen is not None:
         check_seqlen(cfg, job.eval_seqlen)
     lay = spec_for(cfg.family.value).layout
@@ -184,7 +171,7 @@ def run_tucker_job(job: TuckerJob, log=print) -> dict[str, Any]:
 
     model_cfg = check_tucker_job(job)
     config = job.config
-    seqlen = _seqlen(model_cfg, job)
+    seqlen = job.calib_seqlen(model_cfg)
     tok = None
     if job.calib_data is not None or job.eval_data is not None:
         tok = load_tokenizer_for(job.model, "--model", model_cfg)
@@ -324,19 +311,6 @@ def run(args: argparse.Namespace) -> int:
 
     mesh_from_args(args)  # --mesh: the calibration stream and perplexity run sharded
     config = config_from_args(TuckerConfig, args, args.config_fields, variant=args.variant)
-    job = TuckerJob(
-        model=Path(args.model),
-        config=config,
-        calib_data=None if args.calib_data is None else Path(args.calib_data),
-        eval_data=None if args.eval_data is None else Path(args.eval_data),
-        out=None if args.out is None else Path(args.out),
-        nsamples=args.nsamples,
-        seqlen=args.seqlen,
-        seed=args.seed,
-        eval_seqlen=args.eval_seqlen,
-        eval_max_windows=args.eval_max_windows,
-        test_type=args.test_type,
-        overwrite=args.overwrite,
-    )
+    job = TuckerJob(config=config, test_type=args.test_type, **DataJob.fields_from_args(args))
     run_tucker_job(job)
     return 0
