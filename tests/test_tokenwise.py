@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -335,8 +336,6 @@ SEED_DATA_KEYED = {
 
 
 def _seed_template():
-    import re
-
     text = re.sub(r",\s*\.\.\.\s*}", "}", SEED_EXAMPLE)  # {"nmse": 0.001, ...} -> {"nmse": 0.001}
     text = re.sub(r"{\s*\.\.\.\s*}", "{}", text)  # "k_proj": { ... } -> {}
     return json.loads(text)
@@ -346,8 +345,6 @@ def _conforms(ours, tmpl, path, cfg_re):
     """``ours`` has the template's structure: every field the template names (same JSON type,
     recursively), and data-keyed dicts whose keys have the template's form and whose entries
     all have the structure of the template's first entry."""
-    import re
-
     where = "/".join(path) or "<root>"
     if isinstance(tmpl, dict):
         assert isinstance(ours, dict), where
@@ -362,14 +359,13 @@ def _conforms(ours, tmpl, path, cfg_re):
                 _conforms(ours[k], v, (*path, k), cfg_re)
             return
         key_re = cfg_re if pattern == "cfg" else pattern
+        assert re.fullmatch(key_re, next(iter(tmpl))), f"{where}: the seed's own key"
+        entry = next((x for x in tmpl.values() if x), None)  # the first spelled-out entry
         assert ours, f"{where}: empty"
         for k, v in ours.items():
             assert re.fullmatch(key_re, k), f"{where}: key {k!r} is not of the form {key_re}"
-            if pattern == "cfg":
-                assert re.fullmatch(cfg_re, next(iter(tmpl))), "the seed's own key"
-            full = [x for x in tmpl.values() if x]
-            if full:
-                _conforms(v, full[0], (*path, k), cfg_re)
+            if entry is not None:
+                _conforms(v, entry, (*path, k), cfg_re)
         return
     if isinstance(tmpl, list):
         assert isinstance(ours, list) and ours, where
