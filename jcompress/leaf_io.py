@@ -40,10 +40,7 @@ import numpy as np
 from jcompress.errors import UserError
 from jcompress.leaves import CompressedLeaf, leaf_name, leaf_type
 
-
-__all__ = [
-    "StoreOnce", "decode_static", "encode_static", "from_arrays", "to_arrays", "to_device"
-]
+__all__ = ["StoreOnce", "decode_static", "encode_static", "from_arrays", "to_arrays", "to_device"]
 
 ARRAY = "array"
 
