@@ -3,15 +3,19 @@
 * ``tokenwise_nvfp4_metrics``: NVFP4 fake quantization of one ``[in, out]`` weight plus the
   tokenwise metrics of ``X W~`` against ``Y`` (nmse, token L2 / relative L2 mean / max,
   p95 / p99 / p999) over ``N`` cached fp16 tokens, chunked by 4096: ``jcompress.quant``
-  (``fake_quant`` + ``tokenwise_metrics``) vs the same formulas in torch (NVFP4 with an
+  (``quantize`` + ``tokenwise_metrics_quantized``) vs the same formulas in torch (NVFP4 with an
   ``float8_e4m3fn`` block-scale cast, the seed's chunked fp32 metric loop). Peak RSS of our
   side is also measured at half the tokens (``ours_peak_rss_half_tokens_mib``), with the same
   4096-token chunk at both counts (the quick and full sizes hold at least two chunks): with
   the data's own bytes subtracted, memory does not grow with the token count. Both sides also
   time one chunk's GEMM ``X W~`` alone (``info.*_gemm_floor_s``, ``*_gemm_share``): the row
   is bound by that ``N x in x out`` GEMM (a full GEMM is unavoidable: the error is measured
-  against the cached ``Y``, so ``X W`` is part of it whatever the algebra), so its ratio
-  cannot beat the ratio of the two frameworks' fp32 GEMMs (``gemm_ratio_ours_over_torch``).
+  against the cached ``Y``, so ``X W`` is part of it whatever the algebra). Torch runs it in
+  float32; jcompress, where :func:`jcompress.quant.split_gemm.split_pays` (AMX-BF16 CPUs,
+  GPUs), as two bf16 dots with exact products and float32 accumulation (``info.ours_gemm``:
+  ``split_bf16``; the float16 activations are exact sums of two bf16 pieces and the NVFP4
+  core ``codes x E4M3 scales`` is exactly bf16), elsewhere in float32, where the row's ratio
+  cannot beat the two frameworks' fp32 GEMM ratio (``gemm_ratio_ours_over_torch``).
 * ``tokenwise_grid_llama1m``: the whole ``eval_fake`` grid (3 ranks x 3 specs) on the cached
   activations of llama-1m, batched (``eval_grid`` once) vs configuration by configuration
   (``eval_grid`` once per configuration, the seed's loop).
@@ -49,31 +53,41 @@ def _data(d_in: int, d_out: int, n: int, seed: int = 0):
 
 
 def metrics_jax(d_in: int, d_out: int, n: int, repeats: int, half: bool = False):
-    """jcompress side: ``fake_quant(w, nvfp4)`` + ``tokenwise_metrics`` (one jitted step per
-    chunk of 4096 tokens)."""
+    """jcompress side: ``quantize(w, nvfp4)`` + ``tokenwise_metrics_quantized`` (one jitted
+    step per chunk of 4096 tokens; ``gemm="auto"``: the exact bf16 split where
+    :func:`jcompress.quant.split_gemm.split_pays`, else the float32 GEMM)."""
     import jax
 
     from bench.harness import peak_rss_mib
-    from jcompress.quant.formats import fake_quant, parse_spec
-    from jcompress.quant.tokenwise import tokenwise_metrics
+    from jcompress.quant import split_gemm as S
+    from jcompress.quant.formats import dequantize, parse_spec, quantize
+    from jcompress.quant.tokenwise import tokenwise_metrics_quantized
 
     w, x, y = _data(d_in, d_out, n // 2 if half else n)
     spec = parse_spec("nvfp4")
 
     def run():
-        w_hat = fake_quant(jax.numpy.asarray(w), spec)
-        return tokenwise_metrics(x, y, w_hat, chunk_tokens=CHUNK)[0]
+        q = quantize(jax.numpy.asarray(w), spec)
+        return tokenwise_metrics_quantized(x, y, q, spec, chunk_tokens=CHUNK)
 
     first, times, m = time_calls(run, repeats)
-    w_hat = fake_quant(jax.numpy.asarray(w), spec)
-    dot = jax.jit(lambda a, b: jax.numpy.dot(a.astype(b.dtype), b, precision="highest"))
+    q = quantize(jax.numpy.asarray(w), spec)
+    split = S.split_pays(x_dtype=x.dtype) and S.bf16_factors(q, spec) is not None
     xc = jax.numpy.asarray(x[:CHUNK])
-    gemm_first, gemm_times, _ = time_calls(lambda: dot(xc, w_hat).block_until_ready(), 2)
+    if split:  # the GEMM the metrics ran: the bf16 split
+        core, col = S.bf16_factors(q, spec)
+        dot = jax.jit(S.split_dot)
+        args = (xc, core, col)
+    else:
+        dot = jax.jit(lambda a, b: jax.numpy.dot(a.astype(b.dtype), b, precision="highest"))
+        args = (xc, dequantize(q, spec))
+    gemm_first, gemm_times, _ = time_calls(lambda: dot(*args).block_until_ready(), 2)
     return {
         "value": median(times),
         "first_s": first,
         "times_s": times,
         "metrics": m,
+        "gemm": "split_bf16" if split else "fp32",
         "gemm_chunk_s": min(gemm_times),
         "n_chunks": -(-x.shape[0] // CHUNK),
         "data_mib": (x.nbytes + y.nbytes + w.nbytes) / 2**20,
@@ -258,6 +272,7 @@ def tokenwise_nvfp4_metrics(ctx: Context) -> dict[str, Any]:
             "ours_gemm_share": ours["gemm_chunk_s"] * ours["n_chunks"] / ours["value"],
             "torch_gemm_share": base["gemm_chunk_s"] * base["n_chunks"] / base["value"],
             "gemm_ratio_ours_over_torch": ours["gemm_chunk_s"] / base["gemm_chunk_s"],
+            "ours_gemm": ours["gemm"],
         },
     }
 

@@ -154,7 +154,7 @@ def ged_samples(ctx: Context, n: int) -> dict[str, Any]:
     full=(2048, 8192, 32768),
     quick=(1024, 4096, 16384),
     dry=(48, 96),  # the N/2 and N of tokenwise_nvfp4_metrics' dry sides: shared programs
-    ours="jcompress fake_quant + tokenwise_metrics",
+    ours="jcompress quantize + tokenwise_metrics_quantized",
     baseline="torch (same formulas)",
     doc="NVFP4 fake quant + tokenwise metrics of a 1024x1024 weight (dry 64x64)",
 )

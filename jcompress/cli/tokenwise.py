@@ -95,8 +95,9 @@ def add_parser(sub) -> None:
         fields = config_flags(e, EvalConfig, {
             "method": {"choices": ["svd", "mpo"], "metavar": None},
             "grid_mode": {"choices": ["combined", "full"], "metavar": None},
+            "gemm": {"choices": ["auto", "fp32", "split_bf16"], "metavar": None},
         }, fields=("method", "grid_mode", "chunk_tokens", "exact_threshold", "oversample",
-                   "niter"))  # fmt: skip
+                   "niter", "gemm"))  # fmt: skip
         e.set_defaults(func=run_eval, _eval_fields=fields, _smooth=smooth)
 
     r = tsub.add_parser("rank", help="Ranking-1 / Ranking-2 tables and a heatmap of a result")

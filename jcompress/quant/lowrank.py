@@ -47,6 +47,7 @@ __all__ = [
     "mpo_modes",
     "svdq",
     "svdq_grid",
+    "svdq_grid_split",
 ]
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -258,3 +259,55 @@ def svdq_grid(
 def _mpo_pq(shape) -> tuple[int, int]:
     (i0, i1), (o0, o1) = mpo_modes(shape)
     return i0 * o0, i1 * o1
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _grid_split(w, a, b, ranks, spec):
+    from jcompress.quant.formats import _quantize_core
+    from jcompress.quant.split_gemm import factors_traced
+
+    def one(r):
+        keep = (jnp.arange(a.shape[1]) < r).astype(a.dtype)
+        lr = _from_factors(a, b, r, w.shape, LowRankMethod.SVD)  # as svdq_grid: the same codes
+        core, col, ok = factors_traced(_quantize_core(w - lr, spec), spec)
+        return b * keep[:, None], core, col, ok
+
+    return jax.vmap(one)(ranks)
+
+
+def svdq_grid_split(w: Any, ranks: Sequence[int], spec: Any, *, factors: Any = None, **kw):
+    """:func:`svdq_grid` for the ``svd`` side path in the factored form the exact bf16 GEMM
+    takes (:func:`jcompress.quant.tokenwise.tokenwise_metrics_split`):
+    ``W~_r = a @ b_r + core_r * col_r``.
+
+    Args:
+      w: ``[in, out]``. ranks: each in ``[0, min(in, out))`` (the exact rank has no
+        quantized part; it stays with :func:`svdq_grid`). spec: a quantization spec whose
+        weights factor (:func:`jcompress.quant.split_gemm.factors_structurally`).
+      factors: ``lowrank_factors(w, R)`` for some ``R >= max(ranks)`` (computed when None).
+
+    Returns:
+      ``(a [in, R], b [len(ranks), R, out], cores bf16 [len(ranks), in, out],
+      col_scales [len(ranks), out])``, or None if a residual's values do not factor exactly
+      (then use :func:`svdq_grid`).
+    """
+    from jcompress.quant.formats import _as_spec
+
+    spec = _as_spec(spec)
+    w = jnp.asarray(w, jnp.float32)
+    ranks = [check_rank(int(r), w.shape) for r in ranks]
+    lim = min(w.shape)
+    if not ranks or max(ranks) >= lim:
+        raise ValueError(f"svdq_grid_split: ranks must be in [0, {lim}), got {ranks}")
+    top = max(ranks)
+    if factors is None and top > 0:
+        factors = lowrank_factors(w, top, method="svd", **kw)
+    elif factors is None:  # plain quantization only: a zero-width side path
+        factors = (jnp.zeros((w.shape[0], 1), jnp.float32), jnp.zeros((1, w.shape[1]), jnp.float32))
+    a, b = factors
+    if a.shape[1] < top:
+        raise ValueError(f"svdq_grid_split: factors of rank {a.shape[1]} < {top}")
+    bk, cores, cols, ok = _grid_split(w, a, b, jnp.asarray(ranks, jnp.int32), spec)
+    if not bool(jnp.all(ok)):
+        return None
+    return a, bk, cores, cols

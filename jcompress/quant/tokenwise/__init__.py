@@ -22,6 +22,7 @@ from jcompress.quant.tokenwise.metrics import (
     METRIC_KEYS,
     tokenwise_metrics,
     tokenwise_metrics_quantized,
+    tokenwise_metrics_split,
 )
 from jcompress.quant.tokenwise.rank import (
     load_result,
@@ -70,6 +71,7 @@ __all__ = [
     "targets",
     "tokenwise_metrics",
     "tokenwise_metrics_quantized",
+    "tokenwise_metrics_split",
     "validate_result",
     "write_rankings",
 ]

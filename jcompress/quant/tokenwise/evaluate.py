@@ -50,7 +50,8 @@ from jcompress.models.families import spec_for
 from jcompress.models.forward import layer_params
 from jcompress.quant import lowrank as lr
 from jcompress.quant import smooth as sq
-from jcompress.quant.tokenwise.metrics import tokenwise_metrics
+from jcompress.quant import split_gemm
+from jcompress.quant.tokenwise.metrics import tokenwise_metrics, tokenwise_metrics_split
 from jcompress.quant.tokenwise.targets import Target, layer_kernel, targets
 from jcompress.quant.tokenwise.xy import XYCache
 
@@ -107,6 +108,11 @@ class EvalConfig:
       exact_threshold: exact SVD up to this min(in, out), randomized above.
       oversample: randomized SVD oversampling.
       niter: randomized SVD power iterations.
+      gemm: how ``X W~`` is computed (:class:`jcompress.quant.split_gemm.Gemm`): ``auto``
+        (the exact bf16 split where it pays and the configuration factors: an ``svd`` side
+        path and a quantized residual whose scales do not vary along the input dimension),
+        ``fp32`` (every configuration through one float32 GEMM) or ``split_bf16``
+        (the split wherever a configuration factors). The metrics agree to float32 rounding.
     """
 
     ranks: tuple[int, ...] = (16, 32)
@@ -117,6 +123,7 @@ class EvalConfig:
     exact_threshold: int = 2048
     oversample: int = 8
     niter: int = 2
+    gemm: str = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "ranks", tuple(self.ranks))
@@ -125,6 +132,7 @@ class EvalConfig:
             if isinstance(r, bool) or not isinstance(r, int) or r < 0:
                 raise UserError(f"--ranks: ranks must be integers >= 0, got {r!r}")
         lr._method(self.method)
+        object.__setattr__(self, "gemm", split_gemm.as_gemm(self.gemm, arg="--gemm").value)
         try:
             GridMode(self.grid_mode)
         except ValueError:
@@ -255,21 +263,49 @@ def open_weights(model_dir: str | os.PathLike, *, dtype: Any = None, arg: str = 
 
 def _measure(cache, name, w, b, inv, config, by_spec) -> dict[str, Any]:
     """``{cfg key: metrics}`` of one linear ``w [in, out]``: one factorization at the largest
-    rank serves every configuration, all measured in one pass over the cached tokens."""
-    top = max((r for r in config.ranks if r < min(w.shape)), default=0)
+    rank serves every configuration, all measured in one pass over the cached tokens per
+    route (the configurations that factor through the exact bf16 split, the rest through one
+    float32 GEMM; ``config.gemm``)."""
+    lim = min(w.shape)
+    top = max((r for r in config.ranks if r < lim), default=0)
     kw = config.lowrank_kw()
-    factors = lr.lowrank_factors(w, top, method=config.method, **kw) if top else None
-    cands, order = [], []
-    for spec, lst in by_spec.items():
-        ranks = [r for _, r in lst]
-        cands.append(lr.svdq_grid(w, ranks, spec, method=config.method, factors=factors))
-        order += [k for k, _ in lst]
-    w_hats = jnp.concatenate(cands, axis=0)
+    method = lr._method(config.method)
+    factors = lr.lowrank_factors(w, top, method=method, **kw) if top else None
     x, y = cache.get(f"{name}.X"), cache.get(f"{name}.Y")
-    ms = tokenwise_metrics(x, y, w_hats, b, inv_scale=inv, chunk_tokens=config.chunk_tokens)
+    how = split_gemm.as_gemm(config.gemm)
+    x_dtype = np.float32 if inv is not None else x.dtype  # smoothing: X / s in float32
+    split = method is lr.LowRankMethod.SVD and (
+        how is split_gemm.Gemm.SPLIT_BF16
+        or (how is split_gemm.Gemm.AUTO and split_gemm.split_pays(x_dtype=x_dtype))
+    )
+    cands, order = [], []
+    parts, split_order = [], []
+    for spec, lst in by_spec.items():
+        if split and spec is not None and split_gemm.factors_structurally(spec, w.shape):
+            inner = [(k, r) for k, r in lst if r < lim]  # the exact rank has nothing to quantize
+            got = lr.svdq_grid_split(w, [r for _, r in inner], spec, factors=factors, **kw)
+            if inner and got is not None:
+                parts.append(got)
+                split_order += [k for k, _ in inner]
+                lst = [(k, r) for k, r in lst if r >= lim]
+        if lst:
+            ranks = [r for _, r in lst]
+            cands.append(lr.svdq_grid(w, ranks, spec, method=method, factors=factors))
+            order += [k for k, _ in lst]
+    out: dict[str, Any] = {}
+    if cands:
+        ms = tokenwise_metrics(x, y, jnp.concatenate(cands, axis=0), b, inv_scale=inv,
+                               chunk_tokens=config.chunk_tokens)  # fmt: skip
+        out.update(zip(order, ms, strict=True))
+    if parts:
+        a = parts[0][0]  # the same factors for every spec
+        bs, cores, cols = (jnp.concatenate([p[i] for p in parts], axis=0) for i in (1, 2, 3))
+        ms = tokenwise_metrics_split(x, y, cores, cols, b, lowrank=(a, bs), inv_scale=inv,
+                                     chunk_tokens=config.chunk_tokens)  # fmt: skip
+        out.update(zip(split_order, ms, strict=True))
     cache.release(f"{name}.X")
     cache.release(f"{name}.Y")
-    return dict(zip(order, ms, strict=True))
+    return out
 
 
 def eval_grid(

@@ -32,7 +32,13 @@ import numpy as np
 
 from jcompress import sharding
 
-__all__ = ["METRIC_KEYS", "PERCENTILES", "tokenwise_metrics", "tokenwise_metrics_quantized"]
+__all__ = [
+    "METRIC_KEYS",
+    "PERCENTILES",
+    "tokenwise_metrics",
+    "tokenwise_metrics_quantized",
+    "tokenwise_metrics_split",
+]
 
 PERCENTILES = (0.95, 0.99, 0.999)
 METRIC_KEYS = (
@@ -154,6 +160,75 @@ def tokenwise_metrics(
     )  # fmt: skip
 
 
+@functools.partial(jax.jit, static_argnames=("scaled",))
+def _split_gemm(cores, col, a, b_stack, inv_scale, x, scaled):
+    """``X W~`` of one chunk for every factored candidate (:func:`tokenwise_metrics_split`):
+    ``split_dot`` against the bf16 cores side by side, plus the float32 low-rank part."""
+    from jcompress.quant.split_gemm import split_dot
+
+    if scaled:
+        x = x.astype(jnp.float32) * inv_scale[None, :]
+    yh = split_dot(x, cores, col)
+    if a is not None:
+        xa = jnp.dot(x.astype(jnp.float32), a, precision=HIGHEST)
+        yh = yh + jnp.dot(xa, b_stack, precision=HIGHEST)
+    return yh
+
+
+def tokenwise_metrics_split(
+    x: Any,
+    y: Any,
+    cores: Any,
+    col_scales: Any,
+    bias: Any = None,
+    *,
+    lowrank: tuple[Any, Any] | None = None,
+    inv_scale: Any = None,
+    chunk_tokens: int = 4096,
+    eps: float = 1e-8,
+    mesh: Any = None,
+) -> list[dict[str, float]]:
+    """:func:`tokenwise_metrics` of candidates ``W~_c = L_c + cores[c] * col_scales[c]`` with
+    the quantized part's products exact on bf16 units (:mod:`jcompress.quant.split_gemm`).
+
+    Args:
+      x, y, bias, inv_scale, chunk_tokens, eps, mesh: as :func:`tokenwise_metrics`.
+      cores: ``[C, in, out]`` bfloat16 (:func:`jcompress.quant.split_gemm.bf16_factors`).
+      col_scales: ``[C, out]`` float32.
+      lowrank: ``(a [in, R], b [C, R, out])`` float32: ``L_c = a @ b[c]`` (directions a
+        candidate does not use are zero rows of its ``b``), or None (``L = 0``).
+
+    Returns:
+      One dict per candidate with :data:`METRIC_KEYS`.
+    """
+    cores = jnp.asarray(cores)
+    if cores.dtype != jnp.bfloat16 or cores.ndim != 3:
+        raise ValueError(f"cores: [C, in, out] bfloat16, got {cores.dtype}{tuple(cores.shape)}")
+    c, d_in, d_out = cores.shape
+    if x.shape[0] != y.shape[0] or x.shape[1] != d_in or y.shape[1] != d_out:
+        raise ValueError(f"shape mismatch: X{tuple(x.shape)}, Y{tuple(y.shape)}, "
+                         f"cores {tuple(cores.shape)}")  # fmt: skip
+    col = jnp.reshape(jnp.asarray(col_scales, jnp.float32), (c * d_out,))
+    b = jnp.zeros((d_out,), jnp.float32) if bias is None else jnp.asarray(bias, jnp.float32)
+    scaled = inv_scale is not None
+    s = jnp.asarray(inv_scale, jnp.float32) if scaled else jnp.ones((d_in,), jnp.float32)
+    stack = _stack(cores)
+    a = b_stack = None
+    if lowrank is not None:
+        a = jnp.asarray(lowrank[0], jnp.float32)
+        b_stack = _stack(jnp.asarray(lowrank[1], jnp.float32))
+    mesh = sharding.current_mesh() if mesh is None else mesh
+    if mesh is not None:
+        stack, col, b, s = (sharding.replicate(t, mesh) for t in (stack, col, b, s))
+        if a is not None:
+            a, b_stack = sharding.replicate(a, mesh), sharding.replicate(b_stack, mesh)
+
+    def step(acc, xc, yc, real):
+        return _errors(acc, _split_gemm(stack, col, a, b_stack, s, xc, scaled), b, yc, real, eps)
+
+    return _chunked(x, y, c, chunk_tokens, eps, step, mesh=mesh)
+
+
 def _chunked(x, y, c, chunk_tokens, eps, step, mesh=None) -> list[dict[str, float]]:
     """Stream ``(x, y)`` through ``step(acc, x_chunk, y_chunk, real) -> (acc, rel [C, n])`` in
     padded chunks of one shape (split over ``data`` under ``mesh``); finish the sums, maxima
@@ -223,13 +298,21 @@ def tokenwise_metrics_quantized(
     block_sizes: Any = None,
     interpret: bool = False,
     mesh: Any = None,
+    gemm: Any = "auto",
 ) -> dict[str, float]:
     """:func:`tokenwise_metrics` of one quantized kernel given as codes + scales.
 
-    Where :func:`jcompress.kernels.tokenwise_error.supports` says so (a GPU, or
-    ``interpret=True``), every chunk goes through the fused Pallas kernel (``W~`` dequantized
-    tile by tile inside it, never materialized); elsewhere ``W~`` is dequantized once and the
-    chunks take :func:`tokenwise_metrics`' GEMM. Same metrics either way (to float32 rounding).
+    Three routes, the same metrics (to float32 rounding):
+
+    * the exact bf16 split (:mod:`jcompress.quant.split_gemm`, :func:`tokenwise_metrics_split`)
+      where ``gemm`` asks for it (``auto``: where
+      :func:`~jcompress.quant.split_gemm.split_pays`) and the weight factors;
+    * otherwise, where :func:`jcompress.kernels.tokenwise_error.supports` says so (a GPU, or
+      ``interpret=True``, which also takes precedence over ``auto``), every chunk goes through
+      the fused Pallas kernel (``W~`` dequantized tile by tile inside it, never
+      materialized);
+    * elsewhere ``W~`` is dequantized once and the chunks take :func:`tokenwise_metrics`'
+      float32 GEMM.
 
     Args:
       x: ``[N, in]`` cached inputs.
@@ -241,21 +324,33 @@ def tokenwise_metrics_quantized(
       eps: added to ``||Y_t||`` in the relative error.
       block_sizes: the kernel's tile (:class:`jcompress.kernels.tokenwise_error.BlockSizes`).
       interpret: run the kernel in the Pallas interpreter (tests).
-      mesh: as :func:`tokenwise_metrics`; under a mesh the chunks take the GEMM path (the
+      mesh: as :func:`tokenwise_metrics`; under a mesh the chunks take a GEMM path (the
         fused kernel runs on one device).
+      gemm: ``auto``, ``fp32`` or ``split_bf16`` (:class:`jcompress.quant.split_gemm.Gemm`).
 
     Returns:
       One dict with :data:`METRIC_KEYS`.
     """
     from jcompress.kernels import tokenwise_error as K
     from jcompress.quant import formats as F
+    from jcompress.quant import split_gemm as S
 
     spec = K._spec(spec)
+    how = S.as_gemm(gemm)
     shape = tuple(q.codes.shape)
     if x.shape[0] != y.shape[0] or x.shape[1] != shape[0] or y.shape[1] != shape[1]:
         raise ValueError(f"shape mismatch: X{tuple(x.shape)}, Y{tuple(y.shape)}, codes {shape}")
     bs = block_sizes or K.BlockSizes()
     mesh = sharding.current_mesh() if mesh is None else mesh
+    split = how is S.Gemm.SPLIT_BF16 or (
+        how is S.Gemm.AUTO and not interpret and S.split_pays(x_dtype=x.dtype)
+    )
+    factors = S.bf16_factors(q, spec) if split else None
+    if factors is not None:
+        core, col = factors
+        return tokenwise_metrics_split(
+            x, y, core[None], col[None], bias, chunk_tokens=chunk_tokens, eps=eps, mesh=mesh
+        )[0]
     if mesh is not None or not K.supports(spec, shape, bs, interpret=interpret):
         return tokenwise_metrics(x, y, F.dequantize(q, spec), bias,
                                  chunk_tokens=chunk_tokens, eps=eps, mesh=mesh)[0]  # fmt: skip
