@@ -8,7 +8,7 @@ For every candidate weight ``W~_c`` (a batch ``[C, in, out]``, one per configura
   percentiles of ``rel_t`` (linear interpolation, as ``torch.quantile`` / ``numpy``);
 * ``n_tokens``.
 
-Tokens stream in chunks of ``chunk_tokens`` rows (at most :data:`CPU_STEP_TOKENS` on a CPU;
+Tokens stream in chunks of ``chunk_tokens`` rows (smaller on a CPU: :data:`CPU_STEP_BYTES`;
 the last one padded and masked): device
 memory holds one chunk of ``X`` / ``Y`` and the ``C`` candidate weights, whatever ``N`` is;
 only the per-token relative errors (``C x N`` floats, for the percentiles) grow with ``N``.
@@ -47,11 +47,11 @@ METRIC_KEYS = (
     "token_rel_l2_max", "n_tokens", "token_rel_l2_p95", "token_rel_l2_p99", "token_rel_l2_p999",
 )  # fmt: skip
 HIGHEST = jax.lax.Precision.HIGHEST
-CPU_STEP_TOKENS = 1024
-"""On a CPU, a chunk is measured in steps of at most this many tokens: with a 4096 x 4096
-weight, 4096-token steps took 1.1-1.35x the time of 1024-token ones (float32 and bf16 split
-alike; the step's ``[n, C * out]`` float32 output no longer stays in cache). Device memory only
-shrinks; the sums are the same up to float32 summation order."""
+CPU_STEP_BYTES = 16 * 2**20
+"""On a CPU, a chunk is measured in steps whose ``[n, C * out]`` float32 GEMM output fits in
+this many bytes (at least 256 tokens): with a 4096 x 4096 weight, 4096-token steps (64 MiB of
+output) took 1.1-1.35x the time of 1024-token ones (16 MiB), float32 and bf16 split alike.
+Device memory only shrinks; the sums are the same up to float32 summation order."""
 
 
 @functools.partial(jax.jit, static_argnames=("scaled",))
@@ -243,7 +243,7 @@ def _chunked(x, y, c, chunk_tokens, eps, step, mesh=None) -> list[dict[str, floa
     d_out = y.shape[1]
     chunk = int(max(1, min(chunk_tokens, n)))
     if jax.default_backend() == "cpu":
-        chunk = min(chunk, CPU_STEP_TOKENS)
+        chunk = min(chunk, max(256, CPU_STEP_BYTES // (4 * c * max(d_out, 1))))
     if mesh is not None:  # every chunk splits evenly over data (the padding is masked)
         n_data = int(mesh.shape["data"])
         chunk = -(-chunk // n_data) * n_data
