@@ -11,11 +11,11 @@
   time one chunk's GEMM ``X W~`` alone (``info.*_gemm_floor_s``, ``*_gemm_share``): the row
   is bound by that ``N x in x out`` GEMM (a full GEMM is unavoidable: the error is measured
   against the cached ``Y``, so ``X W`` is part of it whatever the algebra). Torch runs it in
-  float32; jcompress, where :func:`jcompress.quant.split_gemm.split_pays` (AMX-BF16 CPUs,
-  GPUs), as two bf16 dots with exact products and float32 accumulation (``info.ours_gemm``:
-  ``split_bf16``; the float16 activations are exact sums of two bf16 pieces and the NVFP4
-  core ``codes x E4M3 scales`` is exactly bf16), elsewhere in float32, where the row's ratio
-  cannot beat the two frameworks' fp32 GEMM ratio (``gemm_ratio_ours_over_torch``).
+  float32; jcompress too on a CPU (``info.ours_gemm``: ``fp32``), where the row's ratio cannot
+  beat the two frameworks' fp32 GEMM ratio (``gemm_ratio_ours_over_torch``); on a GPU
+  (``gemm="auto"``: :func:`jcompress.quant.split_gemm.split_pays`) as two bf16 dots with exact
+  products and float32 accumulation (``split_bf16``: the float16 activations are exact sums of
+  two bf16 pieces and the NVFP4 core ``codes x E4M3 scales`` is exactly bf16).
 * ``tokenwise_grid_llama1m``: the whole ``eval_fake`` grid (3 ranks x 3 specs) on the cached
   activations of llama-1m, batched (``eval_grid`` once) vs configuration by configuration
   (``eval_grid`` once per configuration, the seed's loop).

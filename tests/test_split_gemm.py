@@ -149,7 +149,5 @@ def test_gemm_argument_and_pays_rule(weight):
     assert S.split_pays(types.SimpleNamespace(platform="tpu"), np.float32)
     assert not S.split_pays(gpu, np.float64)  # float64 activations are not split
     cpu = types.SimpleNamespace(platform="cpu")
-    # on a CPU: AMX-BF16 and at most two pieces
-    assert S.split_pays(cpu, np.float16) == S._cpu_has_amx_bf16()
-    assert not S.split_pays(cpu, np.float32)
+    assert not S.split_pays(cpu, np.float16)  # measured: not worth it on XLA:CPU (module doc)
     assert parse_spec("nvfp4") and S.as_gemm("auto") is S.Gemm.AUTO
