@@ -76,6 +76,22 @@ def test_pieces_sum_exactly(dtype):
     np.testing.assert_array_equal(total, x.astype(np.float64))
 
 
+def test_pieces_at_the_float32_limits():
+    big = np.float32(np.finfo(np.float32).max)  # above bf16's largest finite value
+    x = np.array([big, -big, 3.39e38, np.inf, -np.inf, np.nan, 1.0], np.float32)
+    pieces = S.split_bf16(jnp.asarray(x))
+    total = sum(np.asarray(p, np.float64) for p in pieces)
+    np.testing.assert_array_equal(total[:3], x[:3].astype(np.float64))  # finite: exact
+    assert total[3] == np.inf and total[4] == -np.inf and np.isnan(total[5]) and total[6] == 1
+    # through the dot: what a float32 GEMM gives
+    got = np.asarray(S.split_dot(jnp.asarray(x[None, [0, 3, 6]]), jnp.ones((3, 2), jnp.bfloat16),
+                                 jnp.full((2,), 0.25, jnp.float32)))  # fmt: skip
+    assert np.all(got == np.inf)
+    got = np.asarray(S.split_dot(jnp.asarray(x[None, [0, 6]]), jnp.ones((2, 1), jnp.bfloat16),
+                                 jnp.full((1,), 0.25, jnp.float32)))  # fmt: skip
+    assert got[0, 0] == np.float32(big * np.float32(0.25) + np.float32(0.25))
+
+
 @pytest.mark.parametrize("x_dtype", [np.float16, ml_dtypes.bfloat16, np.float32])
 @pytest.mark.parametrize("spec", ["nvfp4", "int8", "mxfp8"])
 def test_split_dot_has_float32_accuracy(weight, spec, x_dtype):

@@ -5,6 +5,7 @@ Oracles: numpy (metrics, SVD truncation, SmoothQuant), torch forward hooks on th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -474,6 +475,18 @@ def test_split_bf16_route_equals_the_fp32_route(llama, caches, smooth):
                         assert got[k] == pytest.approx(want, rel=rel, abs=1e-12), (proj, key, k)
     with pytest.raises(UserError, match="--gemm: must be one of auto, fp32, split_bf16"):
         tw.EvalConfig(ranks=(4,), qspecs=parse_specs("nvfp4"), gemm="bf16")
+    if not smooth:  # a spec whose only rank is exact for some weights (64 = min(in, out))
+        config = tw.EvalConfig(ranks=(64,), qspecs=parse_specs("nvfp4"), gemm="split_bf16")
+        got = tw.eval_grid(cfg, params, cache, config, progress=False)
+        assert got["meta"]["gemm"] == "split_bf16"
+        want = tw.eval_grid(cfg, params, cache, dataclasses.replace(config, gemm="fp32"),
+                            progress=False)  # fmt: skip
+        for layer, blocks in want["by_layer"].items():
+            for block, v in blocks.items():
+                for proj, by_cfg in v["by_proj"].items():
+                    m = by_cfg["rank=64;fmt=nvfp4;blk=na"]
+                    g = got["by_layer"][layer][block]["by_proj"][proj]["rank=64;fmt=nvfp4;blk=na"]
+                    assert g["nmse"] == pytest.approx(m["nmse"], rel=1e-3, abs=1e-9), proj
 
 
 def test_streamed_eval_holds_one_layer_and_equals_in_memory(caches, result, llama_dir):

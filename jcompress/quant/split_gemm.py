@@ -24,8 +24,9 @@ channel (``fp8_*``, ``int*``,
 the seed's ``fp*@out``)
 ============================== ====================================== =====================
 
-Scales that vary along the input dimension in float32 (``@in``, the seed's square tiles,
-grouped INT / FP8) do not factor: those weights keep the float32 GEMM. The factorization is
+Scales that vary along the input dimension in float32 (``@in``, the seed's square tiles and
+INT / FP8 groups smaller than ``in``; a tile or group covering all of ``in`` is a column scale
+and factors) do not factor: those weights keep the float32 GEMM. The factorization is
 also checked for exactness on the values themselves (every ``core`` value a normal bfloat16:
 matrix units treat bf16 subnormals as zero), so an MX weight whose tiny blocks fall below
 ``2**-126`` keeps the float32 GEMM too.
@@ -66,6 +67,7 @@ __all__ = [
 
 # the smallest normal bfloat16 (= float32's): smaller nonzero values are flushed by matrix units
 _BF16_TINY = float(jnp.finfo(jnp.bfloat16).tiny)
+_BF16_MAX = float(jnp.finfo(jnp.bfloat16).max)
 _PIECES = {np.dtype(jnp.bfloat16): 1, np.dtype(np.float16): 2, np.dtype(np.float32): 3}
 
 
@@ -118,7 +120,11 @@ def n_pieces(dtype: Any) -> int | None:
 def split_bf16(x: jax.Array) -> tuple[jax.Array, ...]:
     """``x`` as bfloat16 pieces summing to it exactly (:func:`n_pieces` of them; each piece
     is the round-to-nearest bf16 of what the previous ones left, so it carries the next 8-9
-    bits). float32 values below ``2**-110`` may lose their last piece to bf16 underflow."""
+    bits). Limits: a float32 value above bf16's largest finite (``3.3895e38``) starts from
+    that value instead of rounding to infinity; ``inf`` / ``nan`` go whole into the first piece
+    (the dot then gives what a float32 GEMM gives); pieces below ``2**-126`` are bf16
+    subnormals, which matrix units and XLA:CPU flush to zero, as XLA:CPU flushes float32
+    subnormals (a float32 value below ``2**-110`` may lose its last piece)."""
     pieces = n_pieces(x.dtype)
     if pieces is None:
         raise ValueError(f"split_bf16: float16, bfloat16 or float32 input, got {x.dtype}")
@@ -127,9 +133,11 @@ def split_bf16(x: jax.Array) -> tuple[jax.Array, ...]:
     rest = x.astype(jnp.float32)
     out = []
     for _ in range(pieces - 1):
-        p = rest.astype(jnp.bfloat16)
+        finite = jnp.isfinite(rest)
+        p = jnp.where(finite, jnp.clip(rest, -_BF16_MAX, _BF16_MAX), rest).astype(jnp.bfloat16)
         out.append(p)
-        rest = rest - p.astype(jnp.float32)  # exact: the rounding residual of p
+        # exact: the rounding residual of p (0 where x is not finite)
+        rest = jnp.where(finite, rest - p.astype(jnp.float32), 0.0)
     out.append(rest.astype(jnp.bfloat16))  # exact: at most 8 significant bits remain
     return tuple(out)
 
@@ -139,7 +147,7 @@ def split_dot(x: jax.Array, core: jax.Array, col_scale: jax.Array) -> jax.Array:
     ``preferred_element_type=float32`` bf16 dot per piece of ``x`` (``core`` bfloat16
     ``[in, out]``, ``col_scale`` float32 ``[out]``). Jit-able."""
     acc = None
-    for p in split_bf16(x):
+    for p in reversed(split_bf16(x)):  # smallest first: no overflow from the top piece's rounding
         d = jnp.matmul(p, core, preferred_element_type=jnp.float32)
         acc = d if acc is None else acc + d
     return acc * col_scale

@@ -283,8 +283,10 @@ def _measure(cache, name, w, b, inv, config, by_spec) -> dict[str, Any]:
     for spec, lst in by_spec.items():
         if split and spec is not None and split_gemm.factors_structurally(spec, w.shape):
             inner = [(k, r) for k, r in lst if r < lim]  # the exact rank has nothing to quantize
-            got = lr.svdq_grid_split(w, [r for _, r in inner], spec, factors=factors, **kw)
-            if inner and got is not None:
+            got = None
+            if inner:
+                got = lr.svdq_grid_split(w, [r for _, r in inner], spec, factors=factors, **kw)
+            if got is not None:
                 parts.append(got)
                 split_order += [k for k, _ in inner]
                 lst = [(k, r) for k, r in lst if r >= lim]
@@ -404,6 +406,7 @@ def eval_grid(
             "qspecs": [_spec_pair(q) for q in config.qspecs],
             "smooth": smoothing is not None,
             "chunk_tokens": int(config.chunk_tokens),
+            "gemm": config.gemm,
             **dict(meta or {}),
         },
         "by_layer": {},
