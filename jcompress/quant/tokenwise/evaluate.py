@@ -302,7 +302,8 @@ def _measure(cache, name, w, b, inv, config, by_spec) -> dict[str, Any]:
     if parts:
         a = parts[0][0]  # the same factors for every spec
         bs, cores, cols = (jnp.concatenate([p[i] for p in parts], axis=0) for i in (1, 2, 3))
-        ms = tokenwise_metrics_split(x, y, cores, cols, b, lowrank=(a, bs), inv_scale=inv,
+        low = (a, bs) if top > 0 else None  # plain quantization only: no side path
+        ms = tokenwise_metrics_split(x, y, cores, cols, b, lowrank=low, inv_scale=inv,
                                      chunk_tokens=config.chunk_tokens)  # fmt: skip
         out.update(zip(split_order, ms, strict=True))
     cache.release(f"{name}.X")
