@@ -125,3 +125,34 @@ def test_svdq_quantizes_the_residual(method):
     e0 = np.linalg.norm(np.asarray(lr.svdq(wo, 0, spec)) - wo)
     e1 = np.linalg.norm(np.asarray(lr.svdq(wo, 1, spec)) - wo)
     assert e1 < 0.5 * e0
+
+
+def test_bad_weights_and_ranks_fail_before_the_factorization():
+    w = _rand((17, 5))
+    for bad in (np.inf, np.nan):
+        wb = w.copy()
+        wb[0, 0] = bad
+        for fn, args in (
+            (lr.lowrank, (1,)),
+            (lr.svdq, (2, None)),
+            (lr.svdq_grid, ([0, 2], "nvfp4")),
+            (lr.svdq_grid_split, ([0, 2], "nvfp4")),
+        ):  # an SVD of a non-finite matrix may never return: checked first
+            with pytest.raises(UserError, match="non-finite"):
+                fn(wb, *args)
+    with pytest.raises(UserError, match="float32's range"):  # finite in float64 only
+        lr.svdq_grid(np.full((4, 4), 1e39), [0], "int8")
+    with pytest.raises(UserError, match="2-D"):
+        lr.lowrank(w[0], 1)
+    with pytest.raises(UserError, match="2-D"):
+        lr.svdq_grid(w[None], [1], "nvfp4")
+    for ranks in ([2.7], ["2"], [True], [None]):
+        with pytest.raises(UserError, match="integer"):
+            lr.svdq_grid(w, ranks, "nvfp4")
+        with pytest.raises(UserError, match="integer"):
+            lr.svdq_grid_split(w, ranks, "nvfp4")
+    with pytest.raises(UserError, match="integer"):
+        lr.lowrank(w, None)
+    np.testing.assert_allclose(lr.lowrank(w, np.int64(2)), _np_trunc(w, 2), atol=1e-5)
+    with pytest.raises(ValueError, match="scales along the input dimension"):
+        lr.svdq_grid_split(w, [1], "fp4@in")

@@ -167,3 +167,31 @@ def test_gemm_argument_and_pays_rule(weight):
     cpu = types.SimpleNamespace(platform="cpu")
     assert not S.split_pays(cpu, np.float16)  # measured: not worth it on XLA:CPU (module doc)
     assert parse_spec("nvfp4") and S.as_gemm("auto") is S.Gemm.AUTO
+
+
+def test_metrics_inputs_checked(weight):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((9, 96)).astype(np.float16)
+    y = (x.astype(np.float32) @ weight).astype(np.float16)
+    q = quantize(jnp.asarray(weight), "nvfp4")
+    cases = [
+        (lambda: tokenwise_metrics(x, y[:, :1], weight), "shape mismatch"),  # no broadcasting
+        (lambda: tokenwise_metrics(x, y, weight, np.ones(1)), r"bias must have shape \(40,\)"),
+        (lambda: tokenwise_metrics(x, y, weight, inv_scale=np.ones(3)), "inv_scale"),
+        (lambda: tokenwise_metrics(x[:0], y[:0], weight), "no tokens"),
+        (lambda: tokenwise_metrics(x, y, weight, chunk_tokens=0), "chunk_tokens"),
+        (lambda: tokenwise_metrics(x, y, weight, eps=-1.0), "eps"),
+        (lambda: tokenwise_metrics(x[0], y, weight), "2-D"),
+        (lambda: tokenwise_metrics_quantized(x, y, q, "mxfp4"), "not a mxfp4 quantization"),
+        (
+            lambda: tokenwise_metrics_split(
+                x, y, jnp.zeros((1, 96, 40), jnp.bfloat16), np.ones((2, 40))
+            ),
+            "col_scales",
+        ),  # fmt: skip
+    ]
+    for call, msg in cases:
+        with pytest.raises(UserError, match=msg):
+            call()
+    # an empty weight quantizes to an empty weight in every format (NVFP4's tensor scale too)
+    assert dequantize(quantize(np.zeros((0, 5), np.float32), "nvfp4"), "nvfp4").shape == (0, 5)

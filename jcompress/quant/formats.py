@@ -408,7 +408,7 @@ def _quantize_core(w: jax.Array, spec: QuantSpec) -> Quantized:
         s = _div(amax, el.max)
         y = _safe_div(x, s[:, None, :, None])
     elif f.scaling == "nvfp4":
-        g = _div(jnp.max(amax), el.max * E4M3FN.max)
+        g = _div(jnp.max(amax, initial=0.0), el.max * E4M3FN.max)  # initial: an empty w
         sb = _safe_div(_div(amax, el.max), g)
         s = round_to_grid(sb, E4M3FN)  # E4M3 block scale (clipped to 448, RNE)
         y = _safe_div(x, (s * g)[:, None, :, None])
@@ -468,13 +468,17 @@ def _check_finite(w: Any, where: str) -> None:
     if isinstance(w, jax.core.Tracer):
         return  # traced: see the module docstring (non-finite values make their block NaN)
     if isinstance(w, jax.Array) and any(d.platform != "cpu" for d in w.devices()):
-        bad = int(_count_nonfinite(w))  # on an accelerator: one reduction, one scalar back
+        bad = int(_count_nonfinite(w.astype(jnp.float32)))  # one reduction, one scalar back
     else:  # host memory (numpy, or a CPU jax array, viewed without a copy): no compile
         a = np.asarray(w)
+        if a.dtype.itemsize > 4:  # float64: what is finite there may not be in float32
+            with np.errstate(over="ignore"):
+                a = a.astype(np.float32)
         bad = int(a.size - np.count_nonzero(np.isfinite(a)))
     if bad:
         raise UserError(
-            f"{where}: w has {bad} non-finite value(s) (NaN/Inf); quantization needs finite input"
+            f"{where}: w has {bad} non-finite value(s) (NaN/Inf, or beyond float32's range); "
+            "quantization needs finite input"
         )
 
 

@@ -30,11 +30,13 @@ from __future__ import annotations
 import enum
 import functools
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jcompress.decomp import tt_matrix
 from jcompress.errors import UserError
@@ -77,8 +79,9 @@ def check_rank(rank: Any, shape: Sequence[int], *, what: str = "rank") -> int | 
     """``rank`` as an int in ``[0, min(shape)]`` (``None`` passes through: no side path)."""
     if rank is None:
         return None
-    if isinstance(rank, bool) or not isinstance(rank, int):
+    if isinstance(rank, (bool, np.bool_)) or not isinstance(rank, numbers.Integral):
         raise UserError(f"{what}: must be an integer, got {rank!r}")
+    rank = int(rank)
     lim = min(int(s) for s in shape)
     if rank < 0 or rank > lim:
         raise UserError(
@@ -86,6 +89,18 @@ def check_rank(rank: Any, shape: Sequence[int], *, what: str = "rank") -> int | 
             f"(allowed 0..{lim}; {lim} = exact)"
         )
     return rank
+
+
+def _weight(w: Any, where: str) -> jax.Array:
+    """``w`` checked (2-D, floating, finite where concrete: an SVD of NaN/Inf may not return)
+    and as float32."""
+    from jcompress.quant.formats import _check_2d, _check_finite
+
+    if not hasattr(w, "ndim"):
+        w = np.asarray(w)
+    _check_2d(w, where)
+    _check_finite(w, where)
+    return jnp.asarray(w, jnp.float32)
 
 
 def _split2(n: int, hints: dict[int, tuple[int, int]]) -> tuple[int, int]:
@@ -148,7 +163,8 @@ def lowrank_factors(
     own coordinates (``p, q = in, out`` for ``svd``; ``i0 * o0, i1 * o1`` for ``mpo``):
     ``a[:, :r] @ b[:r]`` is the rank-``r`` truncation for every ``r <= rank``.
     Use :func:`lowrank` for ``L`` itself."""
-    w = jnp.asarray(w, jnp.float32)
+    w = _weight(w, "lowrank_factors")
+    rank = check_rank(rank, w.shape)
     m = _method(method)
     if m is LowRankMethod.SVD:
         u, s, vt = _svd_topk(
@@ -180,7 +196,9 @@ def _from_factors(a, b, r, shape, method: LowRankMethod) -> jax.Array:
 
 def lowrank(w: Any, rank: int, *, method: Any = "svd", **kw) -> jax.Array:
     """The side path ``L [in, out]`` of rank (bond dimension) ``rank`` (see module doc)."""
-    w = jnp.asarray(w, jnp.float32)
+    w = _weight(w, "lowrank")
+    if rank is None:
+        raise UserError("lowrank: rank must be an integer, got None")
     rank = check_rank(rank, w.shape)
     if rank == 0:
         return jnp.zeros_like(w)
@@ -201,7 +219,7 @@ def _quant(x, spec):
 
 def svdq(w: Any, rank: int | None, spec: Any, *, method: Any = "svd", **kw) -> jax.Array:
     """``W~ = L + Q(W - L)`` in float32 (``rank=None`` or 0: ``Q(W)``; ``spec=None``: ``L``)."""
-    w = jnp.asarray(w, jnp.float32)
+    w = _weight(w, "svdq")
     if rank is None and spec is None:
         raise UserError("svdq: give a rank, a quantization spec or both")
     if rank is None or rank == 0:
@@ -235,10 +253,12 @@ def svdq_grid(
     one rank-``max`` sketch). ``factors``: ``lowrank_factors(w, R, method=method)`` for some
     ``R >= max(ranks below min(in, out))``, to share one factorization between specs.
     """
-    w = jnp.asarray(w, jnp.float32)
-    ranks = [check_rank(int(r) if not isinstance(r, bool) else r, w.shape) for r in ranks]
+    w = _weight(w, "svdq_grid")
     if not ranks:
         raise UserError("svdq_grid: ranks is empty")
+    if any(r is None for r in ranks):
+        raise UserError(f"svdq_grid: ranks must be integers (0: no side path), got {ranks!r}")
+    ranks = [check_rank(r, w.shape) for r in ranks]
     m = _method(method)
     lim = min(w.shape)
     top = max((r for r in ranks if r < lim), default=0)
@@ -292,10 +312,16 @@ def svdq_grid_split(w: Any, ranks: Sequence[int], spec: Any, *, factors: Any = N
       (then use :func:`svdq_grid`).
     """
     from jcompress.quant.formats import _as_spec
+    from jcompress.quant.split_gemm import factors_structurally
 
     spec = _as_spec(spec)
-    w = jnp.asarray(w, jnp.float32)
-    ranks = [check_rank(int(r), w.shape) for r in ranks]
+    w = _weight(w, "svdq_grid_split")
+    if not factors_structurally(spec, w.shape):
+        raise ValueError(f"svdq_grid_split: {spec} on a {tuple(w.shape)} weight has scales "
+                         "along the input dimension: use svdq_grid")  # fmt: skip
+    if any(r is None for r in ranks):
+        raise UserError(f"svdq_grid_split: ranks must be integers, got {ranks!r}")
+    ranks = [check_rank(r, w.shape) for r in ranks]
     lim = min(w.shape)
     if not ranks or max(ranks) >= lim:
         raise ValueError(f"svdq_grid_split: ranks must be in [0, {lim}), got {ranks}")

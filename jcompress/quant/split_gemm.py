@@ -124,7 +124,7 @@ def split_bf16(x: jax.Array) -> tuple[jax.Array, ...]:
     that value instead of rounding to infinity; ``inf`` / ``nan`` go whole into the first piece
     (the dot then gives what a float32 GEMM gives); pieces below ``2**-126`` are bf16
     subnormals, which matrix units and XLA:CPU flush to zero, as XLA:CPU flushes float32
-    subnormals (a float32 value below ``2**-110`` may lose its last piece)."""
+    subnormals (a float32 value below about ``2**-102`` may lose its last piece)."""
     pieces = n_pieces(x.dtype)
     if pieces is None:
         raise ValueError(f"split_bf16: float16, bfloat16 or float32 input, got {x.dtype}")

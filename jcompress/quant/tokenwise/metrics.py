@@ -25,6 +25,7 @@ errors are gathered back for the percentiles.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -32,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jcompress import sharding
+from jcompress.errors import UserError
 
 __all__ = [
     "METRIC_KEYS",
@@ -52,6 +54,30 @@ CPU_STEP_BYTES = 16 * 2**20
 this many bytes (at least 256 tokens): with a 4096 x 4096 weight, 4096-token steps (64 MiB of
 output) took 1.1-1.35x the time of 1024-token ones (16 MiB), float32 and bf16 split alike.
 Device memory only shrinks; the sums are the same up to float32 summation order."""
+
+
+def _check_args(where, x, y, d_in, d_out, bias, inv_scale, chunk_tokens, eps) -> None:
+    """One clear error for inputs that would otherwise broadcast into wrong metrics."""
+    for name, a in (("x", x), ("y", y)):
+        if getattr(a, "ndim", None) != 2:
+            raise UserError(f"{where}: {name} must be 2-D [N, features], got shape "
+                            f"{tuple(getattr(a, 'shape', ()))}")  # fmt: skip
+    if x.shape[0] != y.shape[0]:
+        raise UserError(f"{where}: token count mismatch: X{tuple(x.shape)} vs Y{tuple(y.shape)}")
+    if x.shape[0] == 0:
+        raise UserError(f"{where}: no tokens (X has shape {tuple(x.shape)})")
+    if x.shape[1] != d_in or y.shape[1] != d_out:
+        raise UserError(
+            f"{where}: shape mismatch: X{tuple(x.shape)}, Y{tuple(y.shape)} for a "
+            f"[{d_in}, {d_out}] weight (want X [N, {d_in}], Y [N, {d_out}])"
+        )
+    for name, a, n in (("bias", bias, d_out), ("inv_scale", inv_scale, d_in)):
+        if a is not None and tuple(np.shape(a)) != (n,):
+            raise UserError(f"{where}: {name} must have shape ({n},), got {tuple(np.shape(a))}")
+    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+        raise UserError(f"{where}: chunk_tokens must be an integer >= 1, got {chunk_tokens!r}")
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+        raise UserError(f"{where}: eps must be a finite number >= 0, got {eps!r}")
 
 
 @functools.partial(jax.jit, static_argnames=("scaled",))
@@ -144,13 +170,14 @@ def tokenwise_metrics(
       the seed writes it).
     """
     w = jnp.asarray(w_hats, jnp.float32)
+    if w.ndim not in (2, 3):
+        raise UserError(f"tokenwise_metrics: w_hats must be [C, in, out] or [in, out], got "
+                        f"shape {tuple(w.shape)}")  # fmt: skip
     single = w.ndim == 2
     if single:
         w = w[None]
-    n, d_in = x.shape
-    if y.shape[0] != n:
-        raise ValueError(f"token count mismatch: X{tuple(x.shape)} vs Y{tuple(y.shape)}")
-    c, _, d_out = w.shape
+    c, d_in, d_out = w.shape
+    _check_args("tokenwise_metrics", x, y, d_in, d_out, bias, inv_scale, chunk_tokens, eps)
     b = jnp.zeros((d_out,), jnp.float32) if bias is None else jnp.asarray(bias, jnp.float32)
     scaled = inv_scale is not None
     s = jnp.asarray(inv_scale, jnp.float32) if scaled else jnp.ones((d_in,), jnp.float32)
@@ -211,9 +238,15 @@ def tokenwise_metrics_split(
     if cores.dtype != jnp.bfloat16 or cores.ndim != 3:
         raise ValueError(f"cores: [C, in, out] bfloat16, got {cores.dtype}{tuple(cores.shape)}")
     c, d_in, d_out = cores.shape
-    if x.shape[0] != y.shape[0] or x.shape[1] != d_in or y.shape[1] != d_out:
-        raise ValueError(f"shape mismatch: X{tuple(x.shape)}, Y{tuple(y.shape)}, "
-                         f"cores {tuple(cores.shape)}")  # fmt: skip
+    _check_args("tokenwise_metrics_split", x, y, d_in, d_out, bias, inv_scale, chunk_tokens, eps)
+    if tuple(np.shape(col_scales)) != (c, d_out):
+        raise UserError(f"tokenwise_metrics_split: col_scales must be [{c}, {d_out}], got "
+                        f"{tuple(np.shape(col_scales))}")  # fmt: skip
+    if lowrank is not None:
+        sa, sb = tuple(np.shape(lowrank[0])), tuple(np.shape(lowrank[1]))
+        if len(sa) != 2 or sa[0] != d_in or sb != (c, sa[1], d_out):
+            raise UserError(f"tokenwise_metrics_split: lowrank must be (a [{d_in}, R], "
+                            f"b [{c}, R, {d_out}]), got shapes {sa} and {sb}")  # fmt: skip
     col = jnp.reshape(jnp.asarray(col_scales, jnp.float32), (c * d_out,))
     b = jnp.zeros((d_out,), jnp.float32) if bias is None else jnp.asarray(bias, jnp.float32)
     scaled = inv_scale is not None
@@ -346,8 +379,21 @@ def tokenwise_metrics_quantized(
     spec = K._spec(spec)
     how = S.as_gemm(gemm)
     shape = tuple(q.codes.shape)
-    if x.shape[0] != y.shape[0] or x.shape[1] != shape[0] or y.shape[1] != shape[1]:
-        raise ValueError(f"shape mismatch: X{tuple(x.shape)}, Y{tuple(y.shape)}, codes {shape}")
+    if len(shape) != 2:
+        raise UserError(f"tokenwise_metrics_quantized: codes must be [in, out], got {shape}")
+    _check_args("tokenwise_metrics_quantized", x, y, *shape, bias, None, chunk_tokens, eps)
+    f = spec.format
+    want = tuple(-(-d // b) for d, b in zip(shape, F.block_shape(spec, shape), strict=True))
+    if (
+        np.dtype(q.codes.dtype) != f.code_dtype
+        or np.dtype(q.scales.dtype) != f.scale_dtype
+        or tuple(q.scales.shape) != want
+    ):
+        raise UserError(
+            f"tokenwise_metrics_quantized: q is not a {spec} quantization of a {shape} weight "
+            f"(want codes {f.code_dtype}, scales {f.scale_dtype}{want}; got codes "
+            f"{q.codes.dtype}, scales {q.scales.dtype}{tuple(q.scales.shape)})"
+        )
     bs = block_sizes or K.BlockSizes()
     mesh = sharding.current_mesh() if mesh is None else mesh
     split = how is S.Gemm.SPLIT_BF16 or (
