@@ -1,5 +1,3 @@
-import sys
+from jcompress.cli import console
 
-from jcompress.cli import main
-
-sys.exit(main())
+console()

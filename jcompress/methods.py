@@ -138,7 +138,8 @@ def select(
             + f"; paths look like {shown or '(none)'}"
         )
         if not allow_unmatched:
-            raise UserError(msg + " (allow_unmatched=True reports it instead)")
+            flag = "--allow_unmatched" if arg.startswith("--") else "allow_unmatched=True"
+            raise UserError(msg + f" ({flag} reports it instead)")
         warnings.warn(msg, stacklevel=2)
     return Selection(chosen, unmatched)
 

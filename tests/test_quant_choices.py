@@ -222,3 +222,32 @@ def test_cli_from_ranking(capsys, tmp_path, llama_dir, ranked):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "add --from_ranking" in err[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_apply_refuses_before_work(capsys, tmp_path, llama_dir, ranked, result):
+    """quant apply: its input ranking is never its --json; --json inside --out, a rank above
+    the weight's dimensions, and a result measured on another model (or on SmoothQuant-scaled
+    weights) are one line each, before any weights load."""
+    _, js = ranked
+    before = js.read_bytes()
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**result, "meta": {"xy_meta": {"num_layers": "7"}}}))
+    smooth = tmp_path / "smooth.json"
+    smooth.write_text(json.dumps({**result, "meta": {"smooth": True}}))
+    base = ["quant", "apply", "--model", str(llama_dir), "--no_eval"]
+    inner = str(tmp_path / "o" / "r.json")
+    cases = [
+        (["--from_ranking", str(js), "--json", str(js), "--overwrite"], "--json"),
+        (
+            ["--rule", ".*mlp/up_proj=int8", "--out", str(tmp_path / "o"), "--json", inner],
+            "inside --out",
+        ),  # fmt: skip
+        (["--rule", ".*mlp/up_proj=rank=999;quant=none"], "999 is out of range"),
+        (["--from_ranking", str(other)], "measured on another model (num_layers=7"),
+        (["--from_ranking", str(smooth)], "eval_smooth result"),
+    ]
+    for argv, needle in cases:
+        code = main([*base, *argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and needle in err[0], (argv, err)
+    assert js.read_bytes() == before and not (tmp_path / "o").exists()

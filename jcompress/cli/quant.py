@@ -280,6 +280,8 @@ def _config(args: argparse.Namespace, cfg=None):
 
 
 def run(args: argparse.Namespace) -> int:
+    import jax
+
     from jcompress.atomic import atomic_dir, write_json
     from jcompress.cli import bundled_eval_text
     from jcompress.data import load_tokens
@@ -290,12 +292,16 @@ def run(args: argparse.Namespace) -> int:
     from jcompress.outputs import check_output_dir, check_output_file
     from jcompress.quant.apply import compress, result_type
     from jcompress.quant.export import EXPORT_FORMATS, save_compressed_tensors
+    from jcompress.quant.lowrank import check_rank
 
     model = Path(args.model)
     cfg = read_config(model)
     config, choices = _config(args, cfg)
     mesh_from_args(args, cfg)  # --mesh: perplexity runs sharded
     inputs = {"--model": model}
+    for flag, value in (("--from_ranking", args.from_ranking), ("--config", args.config)):
+        if value is not None:  # input files: never an output of this run
+            inputs[flag] = Path(value)
     shapes = param_shapes(cfg)
     residual = [rx for rx, c in config.rules if c.residual is not None]
     if residual and args.original is None:
@@ -324,6 +330,13 @@ def run(args: argparse.Namespace) -> int:
         check_output_dir(args.out, inputs=inputs, overwrite=args.overwrite, arg="--out")
     if args.json is not None:
         check_output_file(args.json, inputs=inputs, overwrite=args.overwrite, arg="--json")
+        if args.out is not None and Path(args.json).resolve().is_relative_to(
+            Path(args.out).resolve()
+        ):
+            raise UserError(
+                f"--json: {args.json} is inside --out {args.out}, which this run replaces as a "
+                "whole; write it elsewhere (--out gets its own report.json)"
+            )
     eval_ids = None
     if not args.no_eval:
         data = check_data_file(args.eval_data or bundled_eval_text(), "--eval_data")
@@ -339,6 +352,9 @@ def run(args: argparse.Namespace) -> int:
     by_rx = dict(config.rules)
     for path, rx in sel.chosen.items():
         result_type(path, kinds[path], by_rx[rx])
+        shape = shapes.get(f"{path}/kernel")
+        if by_rx[rx].rank is not None and kinds[path] is jax.Array and shape is not None:
+            check_rank(by_rx[rx].rank, shape, what=f"--rule {rx!r}: rank on {path}/kernel")
     cfg, params = load_hf(model, dtype=args.dtype, progress=True)
     original = None
     if args.original is not None:  # only the kernels W of the residual=SPEC rows

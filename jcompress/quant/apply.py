@@ -168,8 +168,14 @@ def parse_rule(text: str, *, arg: str = "--rule") -> tuple[str, LayerChoice]:
             first = first or e
     if first is not None:  # a regex, then a bad configuration: say what is wrong with it
         raise first
+    why = ""
+    if "=" in s:  # no split leaves a valid regex: say what is wrong with the first one
+        try:
+            _check_regex(s[: s.index("=")], arg)
+        except UserError as e:
+            why = f" ({str(e).removeprefix(f'{arg}: ')})"
     raise UserError(
-        f"{arg}: expected REGEX=CONFIG (e.g. 'model/layers/\\d+/mlp/.*=nvfp4'), got {text!r}"
+        f"{arg}: expected REGEX=CONFIG (e.g. 'model/layers/\\d+/mlp/.*=nvfp4'), got {text!r}{why}"
     )
 
 

@@ -180,25 +180,12 @@ def plan_checks(
         ``quant apply`` cannot read, a ``configs`` entry the result does not hold; all
         before any weights are touched.
     """
-    from jcompress.quant.choices import unit_paths
-    from jcompress.quant.tokenwise import check_model_meta, validate_result
+    from jcompress.quant.choices import check_result_source, unit_paths
+    from jcompress.quant.tokenwise import validate_result
 
     config = config or CheckConfig()
     result = validate_result(result, arg=arg)
-    check_model_meta(
-        result["meta"].get("xy_meta") or {}, cfg, arg=arg, what="the result was measured on"
-    )
-    meta = result["meta"]
-    if meta.get("smooth"):
-        raise UserError(
-            f"{arg}: an eval_smooth result (SmoothQuant-scaled weights): quant apply quantizes "
-            "the unscaled kernels, so it cannot reproduce it; check an eval_fake result"
-        )
-    if str(meta.get("method", "svd")) != "svd":
-        raise UserError(
-            f"{arg}: the result's low-rank branch is method={meta['method']}; quant apply's "
-            "rank=R is a truncated SVD: check an eval_fake result made with --method svd"
-        )
+    check_result_source(result, cfg, arg=arg)
     units = unit_paths(cfg, "proj")
     covered: list[str] = []  # the module paths (kernels) the result measured
     for layer, blocks in sorted(result["by_layer"].items(), key=lambda kv: int(kv[0])):

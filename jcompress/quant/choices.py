@@ -35,6 +35,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ __all__ = [
     "Ranking",
     "UnitChoice",
     "bits_per_weight",
+    "check_result_source",
     "choose",
     "config_from_ranking",
     "read_ranking",
@@ -390,10 +392,41 @@ def choose(ranking: Ranking, cfg: ModelConfig, config: ChoiceConfig | None = Non
     return Choices(tuple(chosen), tuple(dense), ranking.source, ranking.score, config)
 
 
+def check_result_source(result: Mapping[str, Any], cfg: ModelConfig, *, arg: str) -> None:
+    """One clear error when a (validated) tokenwise result cannot stand for ``quant apply`` on
+    the model of ``cfg``: measured on another model, on SmoothQuant-scaled weights
+    (``eval_smooth``), or with an MPO low-rank branch (apply's ``rank=R`` is a truncated SVD)."""
+    from jcompress.quant.tokenwise import check_model_meta
+
+    meta = result["meta"]
+    check_model_meta(meta.get("xy_meta") or {}, cfg, arg=arg, what="the result was measured on")
+    if meta.get("smooth"):
+        raise UserError(
+            f"{arg}: an eval_smooth result (SmoothQuant-scaled weights): quant apply quantizes "
+            "the unscaled kernels, so it cannot reproduce it; use an eval_fake result"
+        )
+    if str(meta.get("method", "svd")) != "svd":
+        raise UserError(
+            f"{arg}: the result's low-rank branch is method={meta['method']}; quant apply's "
+            "rank=R is a truncated SVD: use an eval_fake result made with --method svd"
+        )
+
+
 def config_from_ranking(
     path: str | os.PathLike, cfg: ModelConfig, config: ChoiceConfig | None = None
 ) -> tuple[QuantApplyConfig, Choices]:
-    """:func:`read_ranking` + :func:`choose` + :meth:`Choices.to_apply_config`."""
+    """:func:`read_ranking` + :func:`choose` + :meth:`Choices.to_apply_config`; a result JSON
+    is first checked to belong to this model (:func:`check_result_source`; a CSV carries no
+    model identity)."""
     config = config or ChoiceConfig()
+    p = Path(path)
+    if p.suffix.lower() == ".json" and p.is_file():
+        from jcompress.quant.tokenwise.rank import validate_result
+
+        try:
+            res = json.loads(p.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"--from_ranking: {p} is not JSON ({e})") from None
+        check_result_source(validate_result(res, arg="--from_ranking"), cfg, arg="--from_ranking")
     ch = choose(read_ranking(path, by=config.by, level=config.level), cfg, config)
     return ch.to_apply_config(), ch
