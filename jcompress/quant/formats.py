@@ -378,15 +378,30 @@ def _unblocks(x: jax.Array, shape: tuple[int, int]) -> jax.Array:
     return x.reshape(nbi * bi, nbo * bo)[: shape[0], : shape[1]]
 
 
+@jax.custom_batching.custom_vmap
+def _true_div(x: jax.Array, s: jax.Array) -> jax.Array:
+    return x / jax.lax.optimization_barrier(s)
+
+
+@_true_div.def_vmap
+def _true_div_vmap(axis_size, in_batched, x, s):
+    # an unbatched operand is broadcast to the batch *before* the barrier: vmap's own rule
+    # would broadcast it after, and XLA would see a division by a broadcast again
+    x, s = (a if b else jnp.broadcast_to(a, (axis_size, *a.shape))
+            for a, b in zip((x, s), in_batched, strict=True))  # fmt: skip
+    return _true_div(x, s), True
+
+
 def _div(x: jax.Array, s: jax.Array | float) -> jax.Array:
     """IEEE ``x / s`` (``s`` broadcast to ``x``'s shape).
 
     XLA's algebraic simplifier turns a division by a constant or a broadcast into a
     multiplication by its reciprocal (off by one ulp in a third of the cases); the
-    optimization barrier keeps the true division, so results match the formulas bit for bit.
+    optimization barrier keeps the true division, so results match the formulas bit for bit,
+    under ``vmap`` too (its batching rule broadcasts before the barrier).
     """
     s = jnp.broadcast_to(jnp.asarray(s, jnp.float32), x.shape)
-    return x / jax.lax.optimization_barrier(s)
+    return _true_div(x, s)
 
 
 def _safe_div(x: jax.Array, s: jax.Array | float) -> jax.Array:
