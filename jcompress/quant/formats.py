@@ -392,6 +392,20 @@ def _true_div_vmap(axis_size, in_batched, x, s):
     return _true_div(x, s), True
 
 
+@jax.custom_jvp
+def _exact_div(x: jax.Array, s: jax.Array) -> jax.Array:
+    return _true_div(x, s)
+
+
+@_exact_div.defjvp
+def _exact_div_jvp(primals, tangents):
+    # differentiable as before (custom_vmap has no autodiff rule of its own); the tangent is an
+    # ordinary division: gradients need no bit-exactness
+    (x, s), (dx, ds) = primals, tangents
+    y = _true_div(x, s)
+    return y, (dx - y * ds) / s
+
+
 def _div(x: jax.Array, s: jax.Array | float) -> jax.Array:
     """IEEE ``x / s`` (``s`` broadcast to ``x``'s shape).
 
@@ -401,7 +415,7 @@ def _div(x: jax.Array, s: jax.Array | float) -> jax.Array:
     under ``vmap`` too (its batching rule broadcasts before the barrier).
     """
     s = jnp.broadcast_to(jnp.asarray(s, jnp.float32), x.shape)
-    return _true_div(x, s)
+    return _exact_div(x, s)
 
 
 def _safe_div(x: jax.Array, s: jax.Array | float) -> jax.Array:
