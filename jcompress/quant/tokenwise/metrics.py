@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from typing import Any
 
 import jax
@@ -74,9 +75,13 @@ def _check_args(where, x, y, d_in, d_out, bias, inv_scale, chunk_tokens, eps) ->
     for name, a, n in (("bias", bias, d_out), ("inv_scale", inv_scale, d_in)):
         if a is not None and tuple(np.shape(a)) != (n,):
             raise UserError(f"{where}: {name} must have shape ({n},), got {tuple(np.shape(a))}")
-    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+    if (
+        isinstance(chunk_tokens, (bool, np.bool_))
+        or not isinstance(chunk_tokens, numbers.Integral)
+        or chunk_tokens < 1
+    ):
         raise UserError(f"{where}: chunk_tokens must be an integer >= 1, got {chunk_tokens!r}")
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+    if not (isinstance(eps, numbers.Real) and math.isfinite(eps) and eps >= 0):
         raise UserError(f"{where}: eps must be a finite number >= 0, got {eps!r}")
 
 
