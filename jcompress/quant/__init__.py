@@ -20,6 +20,7 @@ from jcompress.quant.formats import (
     quantize,
     round_to_grid,
     scale_values,
+    scales_shape,
 )
 from jcompress.quant.leaves import QuantizedArray, quantize_leaf
 
@@ -37,6 +38,7 @@ __all__ = [
     "quantize",
     "round_to_grid",
     "scale_values",
+    "scales_shape",
     "QuantizedArray",
     "quantize_leaf",
 ]

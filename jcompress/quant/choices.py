@@ -42,7 +42,7 @@ from typing import Any
 from jcompress.errors import UserError
 from jcompress.models.config import ModelConfig
 from jcompress.quant.apply import LayerChoice, QuantApplyConfig, parse_choice
-from jcompress.quant.formats import block_shape
+from jcompress.quant.formats import scales_shape
 
 __all__ = [
     "Choices",
@@ -207,8 +207,7 @@ def bits_per_weight(choice: LayerChoice, shape: tuple[int, int]) -> float:
         f = choice.spec.format
         el = f.element
         ebits = el.ebits + el.mbits + 1 if el.ebits else (4 if choice.spec.fmt == "int4" else 8)
-        bi, bo = block_shape(choice.spec, (n_in, n_out))
-        n_scales = -(-n_in // bi) * -(-n_out // bo)
+        n_scales = math.prod(scales_shape(choice.spec, (n_in, n_out)))
         bits += ebits + (n_scales * f.scale_dtype.itemsize * 8 + 32) / n
     elif choice.rank is None:
         bits += 16.0  # "none": dense (counted as 16-bit)

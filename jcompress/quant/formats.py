@@ -88,6 +88,7 @@ __all__ = [
     "quantize",
     "round_to_grid",
     "scale_values",
+    "scales_shape",
 ]
 
 
@@ -321,6 +322,13 @@ def block_shape(spec: QuantSpec | str, shape: tuple[int, ...]) -> tuple[int, int
         return (max(n_in, 1), max(n_out, 1))
     assert isinstance(blk, int)
     return (blk, blk) if f.tile_square else (blk, 1)
+
+
+def scales_shape(spec: QuantSpec | str, shape: tuple[int, ...]) -> tuple[int, int]:
+    """The ``[ceil(in / bi), ceil(out / bo)]`` shape of ``spec``'s block scales on an
+    ``[in, out]`` array of ``shape``."""
+    bi, bo = block_shape(spec, shape)
+    return (-(-int(shape[0]) // bi), -(-int(shape[1]) // bo))
 
 
 def round_to_grid(y: jax.Array, el: Element) -> jax.Array:

@@ -64,8 +64,7 @@ class QuantizedArray(CompressedLeaf):
         f = self.spec.format
         if c.ndim != 2:
             raise ValueError(f"QuantizedArray: codes must be 2-D, got shape {tuple(c.shape)}")
-        bi, bo = F.block_shape(self.spec, c.shape)
-        want = (-(-c.shape[0] // bi), -(-c.shape[1] // bo))
+        want = F.scales_shape(self.spec, c.shape)
         if tuple(s.shape) != want or tuple(g.shape) != (1,):
             raise ValueError(
                 f"QuantizedArray({self.spec}): codes{tuple(c.shape)} need scales{want} and a "

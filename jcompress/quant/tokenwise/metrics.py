@@ -388,7 +388,7 @@ def tokenwise_metrics_quantized(
         raise UserError(f"tokenwise_metrics_quantized: codes must be [in, out], got {shape}")
     _check_args("tokenwise_metrics_quantized", x, y, *shape, bias, None, chunk_tokens, eps)
     f = spec.format
-    want = tuple(-(-d // b) for d, b in zip(shape, F.block_shape(spec, shape), strict=True))
+    want = F.scales_shape(spec, shape)
     if (
         np.dtype(q.codes.dtype) != f.code_dtype
         or np.dtype(q.scales.dtype) != f.scale_dtype
