@@ -72,12 +72,12 @@ def metrics_jax(d_in: int, d_out: int, n: int, repeats: int, half: bool = False)
 
     first, times, m = time_calls(run, repeats)
     q = quantize(jax.numpy.asarray(w), spec)
-    split = S.split_pays(x_dtype=x.dtype) and S.bf16_factors(q, spec) is not None
+    factors = S.bf16_factors(q, spec) if S.use_split("auto", x.dtype) else None
+    split = factors is not None
     xc = jax.numpy.asarray(x[:CHUNK])
     if split:  # the GEMM the metrics ran: the bf16 split
-        core, col = S.bf16_factors(q, spec)
         dot = jax.jit(S.split_dot)
-        args = (xc, core, col)
+        args = (xc, *factors)
     else:
         dot = jax.jit(lambda a, b: jax.numpy.dot(a.astype(b.dtype), b, precision="highest"))
         args = (xc, dequantize(q, spec))

@@ -63,6 +63,7 @@ __all__ = [
     "split_bf16",
     "split_dot",
     "split_pays",
+    "use_split",
 ]
 
 # the smallest normal bfloat16 (= float32's): smaller nonzero values are flushed by matrix units
@@ -110,6 +111,14 @@ def split_pays(device: Any = None, x_dtype: Any = np.float16) -> bool:
         except (TypeError, ValueError):
             return False
     return device.platform == "tpu"
+
+
+def use_split(gemm: Any, x_dtype: Any, *, auto: bool = True) -> bool:
+    """Whether ``gemm`` (a :class:`Gemm` or its string) takes the split for activations of
+    ``x_dtype``: ``split_bf16`` always, ``auto`` where ``auto`` is allowed and
+    :func:`split_pays` (before the weight's own :func:`bf16_factors` check)."""
+    how = as_gemm(gemm)
+    return how is Gemm.SPLIT_BF16 or (how is Gemm.AUTO and auto and split_pays(x_dtype=x_dtype))
 
 
 def n_pieces(dtype: Any) -> int | None:

@@ -272,12 +272,8 @@ def _measure(cache, name, w, b, inv, config, by_spec) -> dict[str, Any]:
     method = lr._method(config.method)
     factors = lr.lowrank_factors(w, top, method=method, **kw) if top else None
     x, y = cache.get(f"{name}.X"), cache.get(f"{name}.Y")
-    how = split_gemm.as_gemm(config.gemm)
     x_dtype = np.float32 if inv is not None else x.dtype  # smoothing: X / s in float32
-    split = method is lr.LowRankMethod.SVD and (
-        how is split_gemm.Gemm.SPLIT_BF16
-        or (how is split_gemm.Gemm.AUTO and split_gemm.split_pays(x_dtype=x_dtype))
-    )
+    split = method is lr.LowRankMethod.SVD and split_gemm.use_split(config.gemm, x_dtype)
     cands, order = [], []
     parts, split_order = [], []
     for spec, lst in by_spec.items():

@@ -401,10 +401,8 @@ def tokenwise_metrics_quantized(
         )
     bs = block_sizes or K.BlockSizes()
     mesh = sharding.current_mesh() if mesh is None else mesh
-    split = how is S.Gemm.SPLIT_BF16 or (
-        how is S.Gemm.AUTO and not interpret and S.split_pays(x_dtype=x.dtype)
-    )
-    factors = S.bf16_factors(q, spec) if split else None
+    # interpret=True asks for the kernel: auto does not override it
+    factors = S.bf16_factors(q, spec) if S.use_split(how, x.dtype, auto=not interpret) else None
     if factors is not None:
         core, col = factors
         return tokenwise_metrics_split(
