@@ -152,7 +152,7 @@ def _from_csv(p: Path, by: str) -> Ranking:
     return Ranking(level, tuple(out), str(p), key)
 
 
-def _from_json(p: Path, by: str, level: str) -> Ranking:
+def _from_json(p: Path, by: str, level: str, cfg: ModelConfig | None) -> Ranking:
     from jcompress.quant.tokenwise.rank import ranking1, ranking2, validate_result
 
     try:
@@ -160,6 +160,8 @@ def _from_json(p: Path, by: str, level: str) -> Ranking:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"--from_ranking: {p} is not JSON ({e})") from None
     res = validate_result(res, arg="--from_ranking")
+    if cfg is not None:
+        check_result_source(res, cfg, arg="--from_ranking")
     if level == "proj":
         rows = [(r["layer"], r["block"], r["proj"], r["cfg"], float(r["nmse"]))
                 for r in ranking2(res)]  # fmt: skip
@@ -169,7 +171,13 @@ def _from_json(p: Path, by: str, level: str) -> Ranking:
     return Ranking("block", tuple(rows), str(p), key)
 
 
-def read_ranking(path: str | os.PathLike, *, by: str = "mean", level: str = "auto") -> Ranking:
+def read_ranking(
+    path: str | os.PathLike,
+    *,
+    by: str = "mean",
+    level: str = "auto",
+    cfg: ModelConfig | None = None,
+) -> Ranking:
     """Read a ranking CSV (Ranking-1, best-per-block or Ranking-2) or a tokenwise result JSON.
 
     Args:
@@ -177,13 +185,15 @@ def read_ranking(path: str | os.PathLike, *, by: str = "mean", level: str = "aut
       by: Ranking-1 score (``mean`` / ``max``).
       level: ``block`` / ``proj`` / ``auto``; a CSV fixes its own level (asking for the other
         one is an error), a result JSON gives either (``auto``: block).
+      cfg: the model the ranking is for: a result JSON is checked to belong to it
+        (:func:`check_result_source`; a CSV carries no model identity).
     """
     ChoiceConfig(by=by, level=level)
     p = Path(path)
     if not p.is_file():
         raise UserError(f"--from_ranking: {p} is not a file")
     if p.suffix.lower() == ".json":
-        return _from_json(p, by, "proj" if level == "proj" else "block")
+        return _from_json(p, by, "proj" if level == "proj" else "block", cfg)
     r = _from_csv(p, by)
     if level != "auto" and level != r.level:
         raise UserError(
@@ -414,18 +424,8 @@ def check_result_source(result: Mapping[str, Any], cfg: ModelConfig, *, arg: str
 def config_from_ranking(
     path: str | os.PathLike, cfg: ModelConfig, config: ChoiceConfig | None = None
 ) -> tuple[QuantApplyConfig, Choices]:
-    """:func:`read_ranking` + :func:`choose` + :meth:`Choices.to_apply_config`; a result JSON
-    is first checked to belong to this model (:func:`check_result_source`; a CSV carries no
-    model identity)."""
+    """:func:`read_ranking` (a result JSON checked to belong to this model) + :func:`choose` +
+    :meth:`Choices.to_apply_config`."""
     config = config or ChoiceConfig()
-    p = Path(path)
-    if p.suffix.lower() == ".json" and p.is_file():
-        from jcompress.quant.tokenwise.rank import validate_result
-
-        try:
-            res = json.loads(p.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UserError(f"--from_ranking: {p} is not JSON ({e})") from None
-        check_result_source(validate_result(res, arg="--from_ranking"), cfg, arg="--from_ranking")
-    ch = choose(read_ranking(path, by=config.by, level=config.level), cfg, config)
+    ch = choose(read_ranking(path, by=config.by, level=config.level, cfg=cfg), cfg, config)
     return ch.to_apply_config(), ch
