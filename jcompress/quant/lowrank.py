@@ -103,6 +103,16 @@ def _weight(w: Any, where: str) -> jax.Array:
     return jnp.asarray(w, jnp.float32)
 
 
+def _grid_ranks(ranks: Sequence[Any], shape: Sequence[int], where: str) -> list[int]:
+    """The rank list of a grid, each through :func:`check_rank` (no ``None``: 0 is "no side
+    path"); empty is an error."""
+    if not ranks:
+        raise UserError(f"{where}: ranks is empty")
+    if any(r is None for r in ranks):
+        raise UserError(f"{where}: ranks must be integers (0: no side path), got {ranks!r}")
+    return [check_rank(r, shape) for r in ranks]
+
+
 def _split2(n: int, hints: dict[int, tuple[int, int]]) -> tuple[int, int]:
     if n in hints:
         return hints[n]
@@ -164,8 +174,23 @@ def lowrank_factors(
     ``a[:, :r] @ b[:r]`` is the rank-``r`` truncation for every ``r <= rank``.
     Use :func:`lowrank` for ``L`` itself."""
     w = _weight(w, "lowrank_factors")
-    rank = check_rank(rank, w.shape)
-    m = _method(method)
+    return _factorize(
+        w, check_rank(rank, w.shape), _method(method), exact_threshold=exact_threshold,
+        oversample=oversample, niter=niter, seed=seed,
+    )  # fmt: skip
+
+
+def _factorize(
+    w: jax.Array,
+    rank: int,
+    m: LowRankMethod,
+    *,
+    exact_threshold: int = 2048,
+    oversample: int = 8,
+    niter: int = 2,
+    seed: int = 0,
+) -> tuple[jax.Array, jax.Array]:
+    """:func:`lowrank_factors` of a checked float32 ``w`` and rank (no second scan of ``w``)."""
     if m is LowRankMethod.SVD:
         u, s, vt = _svd_topk(
             w, jax.random.PRNGKey(seed), k=rank, exact_threshold=exact_threshold,
@@ -196,7 +221,11 @@ def _from_factors(a, b, r, shape, method: LowRankMethod) -> jax.Array:
 
 def lowrank(w: Any, rank: int, *, method: Any = "svd", **kw) -> jax.Array:
     """The side path ``L [in, out]`` of rank (bond dimension) ``rank`` (see module doc)."""
-    w = _weight(w, "lowrank")
+    return _lowrank(_weight(w, "lowrank"), rank, method, **kw)
+
+
+def _lowrank(w: jax.Array, rank: Any, method: Any, **kw) -> jax.Array:
+    """:func:`lowrank` of a checked float32 ``w``."""
     if rank is None:
         raise UserError("lowrank: rank must be an integer, got None")
     rank = check_rank(rank, w.shape)
@@ -205,7 +234,7 @@ def lowrank(w: Any, rank: int, *, method: Any = "svd", **kw) -> jax.Array:
     if rank == min(w.shape):
         return w
     m = _method(method)
-    a, b = lowrank_factors(w, rank, method=m, **kw)
+    a, b = _factorize(w, rank, m, **kw)
     return _from_factors(a, b, rank, w.shape, m)
 
 
@@ -225,7 +254,7 @@ def svdq(w: Any, rank: int | None, spec: Any, *, method: Any = "svd", **kw) -> j
     if rank is None or rank == 0:
         check_rank(rank, w.shape)
         return _quant(w, spec)
-    lr = lowrank(w, rank, method=method, **kw)
+    lr = _lowrank(w, rank, method, **kw)
     if spec is None:
         return lr
     return lr + _quant(w - lr, spec)
@@ -254,11 +283,7 @@ def svdq_grid(
     ``R >= max(ranks below min(in, out))``, to share one factorization between specs.
     """
     w = _weight(w, "svdq_grid")
-    if not ranks:
-        raise UserError("svdq_grid: ranks is empty")
-    if any(r is None for r in ranks):
-        raise UserError(f"svdq_grid: ranks must be integers (0: no side path), got {ranks!r}")
-    ranks = [check_rank(r, w.shape) for r in ranks]
+    ranks = _grid_ranks(ranks, w.shape, "svdq_grid")
     m = _method(method)
     lim = min(w.shape)
     top = max((r for r in ranks if r < lim), default=0)
@@ -267,7 +292,7 @@ def svdq_grid(
         if a.shape[1] < top:
             raise ValueError(f"svdq_grid: factors of rank {a.shape[1]} < {top}")
     elif top > 0:
-        a, b = lowrank_factors(w, top, method=m, **kw)
+        a, b = _factorize(w, top, m, **kw)
     else:  # only rank 0 / exact: a zero-width factorization
         p, q = w.shape if m is LowRankMethod.SVD else _mpo_pq(w.shape)
         a, b = jnp.zeros((p, 1), jnp.float32), jnp.zeros((1, q), jnp.float32)
@@ -319,15 +344,13 @@ def svdq_grid_split(w: Any, ranks: Sequence[int], spec: Any, *, factors: Any = N
     if not factors_structurally(spec, w.shape):
         raise ValueError(f"svdq_grid_split: {spec} on a {tuple(w.shape)} weight has scales "
                          "along the input dimension: use svdq_grid")  # fmt: skip
-    if any(r is None for r in ranks):
-        raise UserError(f"svdq_grid_split: ranks must be integers, got {ranks!r}")
-    ranks = [check_rank(r, w.shape) for r in ranks]
+    ranks = _grid_ranks(ranks, w.shape, "svdq_grid_split")
     lim = min(w.shape)
-    if not ranks or max(ranks) >= lim:
+    if max(ranks) >= lim:
         raise ValueError(f"svdq_grid_split: ranks must be in [0, {lim}), got {ranks}")
     top = max(ranks)
     if factors is None and top > 0:
-        factors = lowrank_factors(w, top, method="svd", **kw)
+        factors = _factorize(w, top, LowRankMethod.SVD, **kw)
     elif factors is None:  # plain quantization only: a zero-width side path
         factors = (jnp.zeros((w.shape[0], 1), jnp.float32), jnp.zeros((1, w.shape[1]), jnp.float32))
     a, b = factors
