@@ -180,6 +180,38 @@ def _mkdir(p: Path) -> Path:
     return p
 
 
+@contextlib.contextmanager
+def _new_parents(path: Path, arg: str) -> Iterator[None]:
+    """Create the missing parent directories of ``path`` for the body; if the body fails (an
+    error, Ctrl-C), remove those this call created that are still empty, so a failed run
+    leaves no empty folders behind (a directory something else wrote into meanwhile stays)."""
+    created: list[Path] = []  # deepest first
+    p = path.absolute().parent
+    while not p.exists() and not p.is_symlink():
+        created.append(p)
+        p = p.parent
+
+    def undo() -> None:
+        for d in created:
+            try:
+                os.rmdir(d)
+            except OSError:  # not empty (another writer), or already gone
+                break
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        undo()
+        if e.errno == errno.ENOSPC:
+            raise _no_space(arg, path) from None
+        raise
+    try:
+        yield
+    except BaseException:
+        undo()
+        raise
+
+
 # --------------------------------------------------------------------------- renames
 
 
@@ -674,16 +706,18 @@ def _atomic_dir_local(
         ``--overwrite`` can tell it was written by jcompress (``save_hf`` leaves it out unless
         asked: its directories hold exactly the HF files).
     """
-    from jcompress.outputs import write_marker
-
     dest = Path(dest)
     arg = arg or str(dest)
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise _no_space(arg, dest) from None
-        raise
+    with _new_parents(dest, arg):
+        with _atomic_dir_in(dest, overwrite=overwrite, arg=arg, marker=marker) as tmp:
+            yield tmp
+
+
+@contextlib.contextmanager
+def _atomic_dir_in(dest: Path, *, overwrite: bool, arg: str, marker: bool) -> Iterator[Path]:
+    """:func:`_atomic_dir_local` once ``dest``'s parent exists."""
+    from jcompress.outputs import write_marker
+
     recover(dest)
     clean_stale(dest)
     tmp = _mkdir(_sibling(dest, "tmp"))
@@ -730,9 +764,13 @@ def write_json(
 
 
 def _write_json_local(path: Path, obj: Any, overwrite: bool, arg: str) -> None:
+    with _new_parents(path, arg):
+        _write_json_in(path, obj, overwrite, arg)
+
+
+def _write_json_in(path: Path, obj: Any, overwrite: bool, arg: str) -> None:
     tmp = _sibling(path, "tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2)

@@ -175,6 +175,18 @@ def test_generate(capsys, llama_dir, shared_data, attention):
         (["eigen", *EIGEN, "--json", "{tmp}"], "--json: {tmp} is a directory"),
         (["ppl", "--model", "{model}", "--data", "{data}", "--json", "{tmp}/afile"], "exists"),
         (["ppl", "--model", "{model}", "--data", "{tmp}"], "--data: {tmp} is not a file"),
+        (
+            ["ppl", "--model", "{model}", "--data", "{tmp}/empty.txt"],
+            "--data: {tmp}/empty.txt holds no tokens, fewer than one window of --seqlen 512",
+        ),  # fmt: skip
+        (
+            ["ppl", "--model", "{model}", "--data", "{tmp}/afile", "--seqlen", "64"],
+            "--data: {tmp}/afile holds 1 token, fewer than one window of --seqlen 64",
+        ),  # fmt: skip
+        (
+            ["eigen", *EIGEN, "--eval_data", "{tmp}/empty.txt", "--out", "{tmp}/o"],
+            "--eval_data: {tmp}/empty.txt holds no tokens, fewer than one window of --seqlen",
+        ),  # fmt: skip
         (["convert", "{model}", "{tmp}/foreign", "--to", "orbax", "--overwrite"], "jcompress"),
         (
             ["convert", "{model}", "{tmp}/x", "--to", "hf", "--tokenizer", "/nonexistent"],
@@ -213,6 +225,7 @@ def test_bad_input_is_one_line_exit_2(
 ):
     data = str(shared_data / "wikitext-2-raw" / "test.txt")
     (tmp_path / "afile").write_text("x")
+    (tmp_path / "empty.txt").write_text("")
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "mine.txt").write_text("mine")
     fmt = {"data": data, "model": str(opt_dir), "tmp": tmp_path, "llama": str(llama_dir)}

@@ -339,3 +339,30 @@ def test_rename_noreplace_fallback_without_renameat2(tmp_path, monkeypatch):
     atomic.rename_noreplace(src, dst)
     assert (dst / "v").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]  # the lock file is gone
+
+
+@pytest.mark.parametrize("interrupt", [RuntimeError, KeyboardInterrupt])
+def test_a_failed_write_leaves_no_folders_it_created(tmp_path, interrupt):
+    """The parents a writer creates for its output go again when the work fails or is
+    interrupted; a pre-existing folder, and one another writer filled meanwhile, stay."""
+    base = tmp_path / "keep"
+    base.mkdir()
+    with pytest.raises(interrupt):
+        with atomic_dir(base / "a" / "b" / "out") as tmp:
+            (tmp / "half.bin").write_bytes(b"x")
+            raise interrupt()
+    assert sorted(p.name for p in base.iterdir()) == []
+
+    with pytest.raises(TypeError):  # not JSON-serialisable: fails while writing
+        write_json(base / "c" / "d" / "r.json", {"x": object()})
+    assert sorted(p.name for p in base.iterdir()) == []
+
+    with pytest.raises(interrupt):
+        with atomic_dir(base / "e" / "out"):
+            (base / "e" / "other.txt").write_text("someone else's")
+            raise interrupt()
+    assert [p.name for p in (base / "e").iterdir()] == ["other.txt"]
+
+    with atomic_dir(base / "f" / "g" / "out") as tmp:  # success keeps everything
+        (tmp / "w.bin").write_bytes(b"y")
+    assert (base / "f" / "g" / "out" / "w.bin").read_bytes() == b"y"

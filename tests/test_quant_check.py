@@ -195,10 +195,16 @@ def _extra_layer(r):
         (None, ["--configs", "rank=none;fmt=mxfp4;blk=na"],
          "--configs: 'rank=none;fmt=mxfp4;blk=na' is not in the result; it holds rank=0;"),
         (None, ["--eval_data", "/nonexistent/t.txt"], "--eval_data: /nonexistent/t.txt is not"),
+        (None, ["--configs", f"{NV},"], f"--configs: has an empty entry in '{NV},'"),
+        (None, ["--configs", f"{NV},{NV}"], f"--configs: '{NV}' is given twice"),
+        (None, ["--eval_data", "{tmp}/e.txt"], "--eval_data: {tmp}/e.txt holds no tokens, fewer"),
     ],
 )  # fmt: skip
 def test_cli_bad_input_one_line(capsys, tmp_path, llama_dir, result, edit, extra, needle):
     path = result[1] if edit is None else _edit(result[0], tmp_path, edit)
+    (tmp_path / "e.txt").write_text("")
+    extra = [a.replace("{tmp}", str(tmp_path)) for a in extra]
+    needle = needle.replace("{tmp}", str(tmp_path))
     argv = ["quant", "check", "--json", str(path), "--model", str(llama_dir),
             "--out", str(tmp_path / "o"), *extra]  # fmt: skip
     code = main(argv)

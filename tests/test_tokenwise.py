@@ -561,6 +561,11 @@ def test_errors_before_work(llama, caches, opt_dir, tmp_path):
         )
     with pytest.raises(UserError, match="ranks must be >= 0"):
         tw.parse_ranks("8,-1")
+    with pytest.raises(UserError, match=r"--ranks: has an empty entry in '8,,16'"):
+        tw.parse_ranks("8,,16")
+    with pytest.raises(UserError, match="--ranks: rank 8 is given twice"):
+        tw.parse_ranks("8,08")
+    assert tw.parse_ranks(" 8, 16 ") == (8, 16) and tw.parse_ranks("") == ()
     with pytest.raises(UserError, match="--qspecs"):
         parse_specs("nvfp4,bogus@7")
     with pytest.raises(UserError, match="combined needs both"):

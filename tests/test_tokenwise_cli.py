@@ -138,6 +138,15 @@ def test_missing_cache_and_smooth_flags(capsys, tmp_path, opt_dir):
         "--out_json", str(tmp_path / "o.json"),
     )  # fmt: skip
     assert code == 2 and "--alphas: not allowed with argument --alpha" in err
+    for alphas, needle in (
+        ("0.3,,0.7", "--alphas: has an empty entry in '0.3,,0.7'"),
+        ("0.3,0.30", "--alphas: a value is given twice in '0.3,0.30'"),
+    ):
+        code, _, err = run(
+            capsys, "tokenwise", "eval_smooth", "--alphas", alphas, "--model_dir", str(opt_dir),
+            "--xy_path", str(tmp_path), "--out_json", str(tmp_path / "o.json"),
+        )  # fmt: skip
+        assert code == 2 and needle in err, err
     code, _, err = run(
         capsys, "tokenwise", "eval_smooth", "--smooth_model_dir", str(opt_dir),
         "--model_dir", str(opt_dir), "--xy_path", str(tmp_path),

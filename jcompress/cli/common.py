@@ -490,6 +490,25 @@ def check_data_file(path: str | os.PathLike, arg: str) -> Path:
     return p
 
 
+def load_eval_tokens(
+    path: str | os.PathLike, tokenizer: Any, seqlen: int, *, arg: str, seqlen_arg: str
+) -> Any:
+    """Tokenize an evaluation text whole (``[N]`` ids) and check that it holds at least one
+    window of ``seqlen`` tokens: an empty or too-short file is a one-line error naming
+    ``arg`` and ``seqlen_arg``, before any weights are read."""
+    from jcompress.data import load_tokens
+
+    ids = load_tokens(path, tokenizer)
+    n = int(ids.shape[0])
+    if n < seqlen:
+        what = "holds no tokens" if n == 0 else f"holds {n:,} token{'s' * (n != 1)}"
+        raise UserError(
+            f"{arg}: {path} {what}, fewer than one window of {seqlen_arg} {seqlen} "
+            f"(give a longer text or a smaller {seqlen_arg})"
+        )
+    return ids
+
+
 def load_tokenizer_for(directory: str | os.PathLike, arg: str, cfg: Any = None) -> Any:
     """The tokenizer in ``directory`` (present and loadable, and with ``cfg`` no larger than
     the model's vocabulary), or a one-line error."""

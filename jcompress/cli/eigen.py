@@ -181,7 +181,7 @@ def run_eigen_job(job: EigenJob, log=print) -> dict[str, Any]:
     import jax.numpy as jnp
 
     from jcompress.atomic import atomic_dir, write_json
-    from jcompress.cli.common import generate_text, load_tokenizer_for
+    from jcompress.cli.common import generate_text, load_eval_tokens, load_tokenizer_for
     from jcompress.data import calibration_windows, load_tokens
     from jcompress.eigen_attention import compress
     from jcompress.eigen_attention.figures import kv_cache_figure
@@ -193,10 +193,18 @@ def run_eigen_job(job: EigenJob, log=print) -> dict[str, Any]:
     tok = load_tokenizer_for(job.model, "--model", model_cfg)
     calib_ids = load_tokens(job.calib_data, tok)
     _check_calibration(job, int(calib_ids.shape[0]))
-    eval_ids = None if job.eval_data is None else load_tokens(job.eval_data, tok)
+    eval_seqlen = job.eval_seqlen or config.seqlen
+    eval_ids = None
+    if job.eval_data is not None:
+        eval_ids = load_eval_tokens(
+            job.eval_data,
+            tok,
+            eval_seqlen,
+            arg="--eval_data",
+            seqlen_arg="--eval_seqlen" if job.eval_seqlen else "--seqlen",
+        )
     cfg, params = load_hf(job.model, progress=True)
     calib = calibration_windows(calib_ids, config.nsamples, config.seqlen, seed=config.seed)
-    eval_seqlen = job.eval_seqlen or config.seqlen
 
     def ppl(p):
         if eval_ids is None:

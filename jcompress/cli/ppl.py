@@ -12,6 +12,7 @@ from jcompress.cli.common import (
     add_mesh_flag,
     add_model_flag,
     check_data_file,
+    load_eval_tokens,
     load_model,
     load_tokenizer_for,
     mesh_from_args,
@@ -88,7 +89,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from jcompress.atomic import write_json
-    from jcompress.data import load_tokens
     from jcompress.eval import check_seqlen, perplexity
     from jcompress.models import read_config
     from jcompress.outputs import check_output_file
@@ -122,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
 
         state, bq, bk = load_tuned(args.tuned, cfg)
         attention = BlockSparse(block_q=bq, block_k=bk)
-    ids = load_tokens(args.data, load_tokenizer_for(args.model, "--model", cfg))
+    ids = load_eval_tokens(args.data, load_tokenizer_for(args.model, "--model", cfg), args.seqlen,
+                           arg="--data", seqlen_arg="--seqlen")  # fmt: skip
     window = dict(
         seqlen=args.seqlen,
         max_windows=args.max_windows,

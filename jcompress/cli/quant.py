@@ -38,11 +38,12 @@ from jcompress.cli.common import (
     DTYPES,
     add_mesh_flag,
     check_data_file,
+    load_eval_tokens,
     load_tokenizer_for,
     mesh_from_args,
     positive,
 )
-from jcompress.errors import UserError
+from jcompress.errors import UserError, comma_list
 
 __all__ = ["add_parser", "run", "run_check"]
 
@@ -202,7 +203,6 @@ def _add_check(sub) -> None:
 def run_check(args: argparse.Namespace) -> int:
     from jcompress.atomic import atomic_dir, write_json
     from jcompress.cli import bundled_eval_text
-    from jcompress.data import load_tokens
     from jcompress.eval import check_seqlen
     from jcompress.models import load_hf, read_config
     from jcompress.outputs import check_output_dir
@@ -215,7 +215,9 @@ def run_check(args: argparse.Namespace) -> int:
     result = load_result(p)  # the tokenwise reader: not a file / not JSON / not its schema
     configs = None
     if args.configs is not None:
-        configs = tuple(c.strip() for c in args.configs.split(",") if c.strip())
+        configs = tuple(
+            comma_list(args.configs, arg="--configs", example="'rank=16;fmt=nvfp4;blk=na'")
+        )
     config = CheckConfig(
         by=args.by,
         configs=configs,
@@ -230,7 +232,8 @@ def run_check(args: argparse.Namespace) -> int:
     if args.out is not None:
         check_output_dir(args.out, inputs={"--model": model, "--json": p},
                          overwrite=args.overwrite, arg="--out")  # fmt: skip
-    ids = load_tokens(data, load_tokenizer_for(model, "--model", cfg))
+    ids = load_eval_tokens(data, load_tokenizer_for(model, "--model", cfg), args.seqlen,
+                           arg="--eval_data", seqlen_arg="--seqlen")  # fmt: skip
     cfg, params = load_hf(model, dtype=args.dtype, progress=True)
     chk = check_ranking(cfg, params, result, ids, config, plan=plan)
     chk = dataclasses.replace(chk, meta={**chk.meta, "model": str(model), "json": str(p),
@@ -284,7 +287,6 @@ def run(args: argparse.Namespace) -> int:
 
     from jcompress.atomic import atomic_dir, write_json
     from jcompress.cli import bundled_eval_text
-    from jcompress.data import load_tokens
     from jcompress.eval import check_seqlen, perplexity
     from jcompress.methods import select
     from jcompress.models import load_hf, read_config, save_hf
@@ -341,7 +343,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_eval:
         data = check_data_file(args.eval_data or bundled_eval_text(), "--eval_data")
         check_seqlen(cfg, args.seqlen)
-        eval_ids = load_tokens(data, load_tokenizer_for(model, "--model", cfg))
+        eval_ids = load_eval_tokens(data, load_tokenizer_for(model, "--model", cfg), args.seqlen,
+                                    arg="--eval_data", seqlen_arg="--seqlen")  # fmt: skip
     # the rules are checked against the model's linear paths and their leaf types (a factor
     # checkpoint's config.json names them) before any weights are read
     kinds = _kernel_types(model, cfg, shapes)

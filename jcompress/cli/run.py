@@ -27,6 +27,7 @@ from jcompress.cli.common import (
     add_dtype_flag,
     add_eval_window_flags,
     add_mesh_flag,
+    load_eval_tokens,
     mesh_from_args,
 )
 from jcompress.errors import UserError
@@ -122,7 +123,15 @@ def run_recipe_job(job: RunJob, log=print) -> dict[str, Any]:
                 f"{job.calib_data} has {ids.shape[0]:,}"
             )
         calib = calibration_windows(ids, job.nsamples, seqlen, seed=job.seed)
-    eval_ids = None if job.eval_data is None else load_tokens(job.eval_data, tok)
+    eval_ids = None
+    if job.eval_data is not None:
+        eval_ids = load_eval_tokens(
+            job.eval_data,
+            tok,
+            job.eval_seqlen or seqlen,
+            arg="--eval_data",
+            seqlen_arg="--eval_seqlen" if job.eval_seqlen else "--seqlen",
+        )
     cfg, params = load_hf(job.model, dtype=job.dtype, progress=True)
     chain.preflight(params, cfg)  # the loaded tree (a factors/ export: typed leaves)
     new_params, report = chain(

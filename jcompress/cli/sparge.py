@@ -22,6 +22,7 @@ from jcompress.cli.common import (
     check_data_file,
     config_flags,
     config_from_args,
+    load_eval_tokens,
     mesh_from_args,
     positive,
     stream_from_args,
@@ -166,7 +167,7 @@ def run_eval(args: argparse.Namespace) -> int:
     import numpy as np
 
     from jcompress.atomic import atomic_dir
-    from jcompress.data import eval_windows, load_tokenizer, load_tokens
+    from jcompress.data import eval_windows, load_tokenizer
     from jcompress.eval import check_seqlen, perplexity
     from jcompress.models import load_hf, read_config
     from jcompress.outputs import check_output_dir
@@ -189,7 +190,8 @@ def run_eval(args: argparse.Namespace) -> int:
             inputs["--work_dir"] = streamed["work_dir"]
         check_output_dir(out_dir, inputs=inputs, overwrite=args.overwrite, arg="--out_dir")
     check_seqlen(cfg, args.seqlen)  # before any weights are read
-    ids = load_tokens(data, load_tokenizer(model))
+    ids = load_eval_tokens(data, load_tokenizer(model), args.seqlen, arg="--data",
+                           seqlen_arg="--seqlen")  # fmt: skip
     untuned = SpargeParams.create(cfg.num_layers, cfg.num_heads)
     sets = {"tuned": tuned, "untuned": untuned}
     kw = dict(seqlen=args.seqlen, max_windows=args.max_windows, batch_size=args.batch_size,

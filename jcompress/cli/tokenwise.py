@@ -20,7 +20,7 @@ from jcompress.cli.common import (
     load_tokenizer_for,
     mesh_from_args,
 )
-from jcompress.errors import UserError
+from jcompress.errors import UserError, comma_list
 
 TORCH_DTYPES = {"auto": None, "fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
@@ -199,10 +199,13 @@ def run_eval(args) -> int:
                 alpha = DEFAULT_ALPHA if args.alpha is None else check_alpha(args.alpha)
                 smoothing = Smoothing(alpha=alpha)
             else:
+                items = comma_list(args.alphas, arg="--alphas", example="0.3,0.5,0.7")
                 try:
-                    alphas = tuple(float(a) for a in args.alphas.split(",") if a.strip())
+                    alphas = tuple(float(a) for a in items)
                 except ValueError:
                     raise UserError(f"--alphas: not numbers: {args.alphas!r}") from None
+                if len(set(alphas)) < len(alphas):
+                    raise UserError(f"--alphas: a value is given twice in {args.alphas!r}")
                 smoothing = Smoothing(alphas=alphas)
     else:
         model_dir = _model_dir(args.model_dir, "--model_dir")

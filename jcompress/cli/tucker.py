@@ -28,6 +28,7 @@ from jcompress.cli.common import (
     add_mesh_flag,
     config_flags,
     config_from_args,
+    load_eval_tokens,
     mesh_from_args,
     positive,
 )
@@ -184,7 +185,15 @@ def run_tucker_job(job: TuckerJob, log=print) -> dict[str, Any]:
                 f"{job.calib_data} has {ids.shape[0]:,}"
             )
         calib = calibration_windows(ids, job.nsamples, seqlen, seed=job.seed)
-    eval_ids = None if job.eval_data is None else load_tokens(job.eval_data, tok)
+    eval_ids = None
+    if job.eval_data is not None:
+        eval_ids = load_eval_tokens(
+            job.eval_data,
+            tok,
+            job.eval_seqlen or seqlen,
+            arg="--eval_data",
+            seqlen_arg="--eval_seqlen" if job.eval_seqlen else "--seqlen",
+        )
     cfg, params = load_hf(job.model, progress=True)
 
     if job.test_type is not None:

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jcompress.errors import UserError
+from jcompress.errors import UserError, comma_list
 from jcompress.models.config import ModelConfig
 from jcompress.models.convert import get_path
 from jcompress.models.families import spec_for
@@ -77,12 +77,12 @@ class GridMode(enum.Enum):
 
 
 def parse_ranks(text: str, *, arg: str = "--ranks") -> tuple[int, ...]:
-    """``"8,16,32"`` -> ``(8, 16, 32)``; negative, non-integer or duplicate ranks are errors."""
+    """``"8,16,32"`` -> ``(8, 16, 32)``, ``""`` -> ``()``; empty entries (``8,,16``),
+    negative, non-integer or duplicate ranks (``8,08``) are errors."""
+    if not str(text).strip():  # "--ranks ''": no side path (grid_mode full: spec-only)
+        return ()
     out: list[int] = []
-    for item in str(text).split(","):
-        item = item.strip()
-        if not item:
-            continue
+    for item in comma_list(text, arg=arg, example="8,16,32", unique=False):
         try:
             r = int(item)
         except ValueError:
