@@ -163,5 +163,15 @@ def test_missing_cache_and_smooth_flags(capsys, tmp_path, opt_dir):
         str(tmp_path), "--label", "a", "--save_dtype", "int8",
     )  # fmt: skip
     assert code == 2 and "--save_dtype" in err
+    for extra, needle in (
+        (["--length", "1000"], "--length: 1000 tokens exceed the model's 512 learned positions"),
+        (["--length", "500", "--cn", "5000"], "--cn: 5000 windows of --length 500 tokens from"),
+    ):
+        code, _, err = run(
+            capsys, "tokenwise", "save_xy", "--model_dir", str(opt_dir), "--save_path",
+            str(tmp_path / "xy"), "--label", "a", *extra,
+        )  # fmt: skip
+        assert code == 2 and needle in err and "load_hf" not in err, err
+        assert not (tmp_path / "xy").exists()
     code, _, err = run(capsys, "tokenwise", "rank", "--json", str(tmp_path / "nope.json"))
     assert code == 2 and "--json" in err

@@ -128,6 +128,7 @@ def run_save_xy(args) -> int:
     from jcompress.outputs import check_output_dir, check_output_file
     from jcompress.quant.tokenwise import SaveXYConfig, representative_windows, save_xy
     from jcompress.quant.tokenwise.xy import output_path
+    from jcompress.validate import check_positions
 
     config = config_from_args(SaveXYConfig, args, args._save_fields)
     d = _model_dir(args.model_dir, "--model_dir")
@@ -138,7 +139,9 @@ def run_save_xy(args) -> int:
             raise UserError("--offload_dir: only with --stream")
         if not Path(args.offload_dir).is_dir():
             raise UserError(f"--offload_dir: {args.offload_dir} is not a directory")
-    mesh_from_args(args, read_config(d))  # --mesh: the capture stream runs sharded
+    model_cfg = read_config(d)
+    mesh_from_args(args, model_cfg)  # --mesh: the capture stream runs sharded
+    check_positions(model_cfg, config.length, arg="--length", warn=True)
     dest = output_path(args.save_path, args.label, config.layout)
     inputs = {"--model_dir": d}
     if config.layout == "single":
@@ -148,20 +151,19 @@ def run_save_xy(args) -> int:
     for path, arg in zip(config.texts(), ("--cn_text", "--eu_text"), strict=True):
         if not path.is_file():
             raise UserError(f"{arg}: {path} is not a file")
-    tok = load_tokenizer_for(d, "--model_dir")
+    tok = load_tokenizer_for(d, "--model_dir", model_cfg)
+    windows = representative_windows(tok, config)  # bad --length / --cn / --eu: before loading
     if args.stream:
         from jcompress.quant.tokenwise import stream_save_xy
         from jcompress.streaming import LayerLoader
 
         loader = LayerLoader(d, dtype=TORCH_DTYPES[args.torch_dtype])
-        windows = representative_windows(tok, config)
         out = stream_save_xy(loader, windows, args.save_path, args.label, config=config,
                              overwrite=args.overwrite, offload_dir=args.offload_dir)  # fmt: skip
         print(f"weights held at once: {loader.peak_bytes / 2**20:.1f} MiB (streamed)")
         print(out)
         return 0
     cfg, params = load_hf(d, dtype=TORCH_DTYPES[args.torch_dtype], progress=True)
-    windows = representative_windows(tok, config)
     out = save_xy(cfg, params, windows, args.save_path, args.label, config=config,
                   overwrite=args.overwrite)  # fmt: skip
     print(out)

@@ -125,17 +125,24 @@ def representative_windows(tokenizer: Any, config: SaveXYConfig) -> np.ndarray:
     from jcompress.data.text import load_tokens
 
     parts = []
-    for n, path, arg in zip((config.cn, config.eu), config.texts(), ("--cn_text", "--eu_text"),
-                            strict=True):  # fmt: skip
+    length = config.length
+    for n, path, arg, count in zip((config.cn, config.eu), config.texts(),
+                                   ("--cn_text", "--eu_text"), ("--cn", "--eu"),
+                                   strict=True):  # fmt: skip
         if n == 0:
             continue
         if not Path(path).is_file():
             raise UserError(f"{arg}: {path} is not a file")
         ids = load_tokens(path, tokenizer)
-        try:
-            parts.append(calibration_windows(ids, n, config.length, seed=config.seed))
-        except UserError as e:
-            raise UserError(f"{arg} ({path}): {e}") from None
+        have = int(ids.shape[0])
+        if have <= length + 1:
+            raise UserError(f"--length: {length}-token windows need a text longer than "
+                            f"{length + 1} tokens; {arg} {path} has {have:,}")  # fmt: skip
+        if n > have - length:
+            raise UserError(f"{count}: {n} windows of --length {length} tokens from {arg} "
+                            f"{path} ({have:,} tokens); allowed: at most {have - length} "
+                            "(its distinct start positions)")  # fmt: skip
+        parts.append(calibration_windows(ids, n, length, seed=config.seed))
     return np.concatenate(parts).astype(np.int32)
 
 
