@@ -127,6 +127,14 @@ def test_errors_before_the_model_is_loaded(capsys, tmp_path, llama_dir, shared_d
         assert err.count("\n") == 1
     path = tmp_path / "eigen.json"
     path.write_text(json.dumps([{"method": "eigen"}]))
+    (tmp_path / "empty.txt").write_text("")
+    for extra, needle in (
+        (["--nsamples", "99999999"], "--nsamples: 99999999 windows of 512 tokens from"),
+        (["--eval_data", tmp_path / "empty.txt", "--eval_seqlen", "64"],
+         "--eval_data: {}/empty.txt holds no tokens, fewer than one window of --eval_seqlen 64"),
+    ):  # fmt: skip
+        code, out, err = run(capsys, "run", path, "--model", llama_dir, *calib, *extra)
+        assert code == 2 and needle.format(tmp_path) in err and err.count("\n") == 1, err
     code, out, err = run(capsys, "run", path, "--model", llama_dir)
     assert code == 2 and "--calib_data: step 0 (eigen_attention) calibrates on a text" in err
     # an existing directory jcompress did not write is refused, and left as it was

@@ -133,6 +133,27 @@ class DataJob:
         """``seqlen``, or 512 capped at the model's positions."""
         return self.seqlen or min(512, cfg.max_position_embeddings)
 
+    def tokens(self, cfg: Any) -> tuple[Any, Any, int]:
+        """``(calib, eval_ids, seqlen)``: the ``[nsamples, seqlen]`` calibration windows and
+        the ``[N]`` evaluation ids (``None`` for a text not given), read and checked before
+        any weights are loaded (:func:`calibration_from_text`, :func:`load_eval_tokens`)."""
+        seqlen = self.calib_seqlen(cfg)
+        tok = None
+        if self.calib_data is not None or self.eval_data is not None:
+            tok = load_tokenizer_for(self.model, "--model", cfg)
+        calib = eval_ids = None
+        if self.calib_data is not None:
+            calib = calibration_from_text(self.calib_data, tok, self.nsamples, seqlen, self.seed)
+        if self.eval_data is not None:
+            eval_ids = load_eval_tokens(
+                self.eval_data,
+                tok,
+                self.eval_seqlen or seqlen,
+                arg="--eval_data",
+                seqlen_arg="--eval_seqlen" if self.eval_seqlen else "--seqlen",
+            )
+        return calib, eval_ids, seqlen
+
     @staticmethod
     def fields_from_args(args: argparse.Namespace) -> dict[str, Any]:
         """The :class:`DataJob` fields from a parsed command line."""
@@ -488,6 +509,29 @@ def check_data_file(path: str | os.PathLike, arg: str) -> Path:
     if not os.access(p, os.R_OK):
         raise UserError(f"{arg}: {p} is not readable (permission denied)")
     return p
+
+
+def calibration_from_text(
+    path: str | os.PathLike, tokenizer: Any, nsamples: int, seqlen: int, seed: int
+) -> Any:
+    """``[nsamples, seqlen]`` seeded calibration windows of a text
+    (:func:`jcompress.data.calibration_windows`); a text too short for one window, or for
+    ``nsamples`` distinct ones, is a one-line error naming ``--seqlen`` / ``--nsamples``."""
+    from jcompress.data import calibration_windows, load_tokens
+
+    ids = load_tokens(path, tokenizer)
+    n = int(ids.shape[0])
+    if seqlen + 1 >= n:
+        raise UserError(
+            f"--seqlen: {seqlen} needs a calibration text longer than {seqlen + 1} tokens; "
+            f"{path} has {n:,}"
+        )
+    if nsamples > n - seqlen:
+        raise UserError(
+            f"--nsamples: {nsamples} windows of {seqlen} tokens from {path} ({n:,} tokens); "
+            f"allowed: at most {n - seqlen} (its distinct start positions)"
+        )
+    return calibration_windows(ids, nsamples, seqlen, seed=seed)
 
 
 def load_eval_tokens(

@@ -27,7 +27,6 @@ from jcompress.cli.common import (
     add_dtype_flag,
     add_eval_window_flags,
     add_mesh_flag,
-    load_eval_tokens,
     mesh_from_args,
 )
 from jcompress.errors import UserError
@@ -105,33 +104,10 @@ def check_run_job(job: RunJob):
 def run_recipe_job(job: RunJob, log=print) -> dict[str, Any]:
     """Run the job; returns the JSON-able chain report (also ``out/report.json``)."""
     from jcompress.atomic import atomic_dir, write_json
-    from jcompress.cli.common import load_tokenizer_for
-    from jcompress.data import calibration_windows, load_tokens
     from jcompress.models import load_hf, save_hf
 
     chain, model_cfg = check_run_job(job)
-    seqlen = job.calib_seqlen(model_cfg)
-    tok = None
-    if job.calib_data is not None or job.eval_data is not None:
-        tok = load_tokenizer_for(job.model, "--model", model_cfg)
-    calib = None
-    if job.calib_data is not None:
-        ids = load_tokens(job.calib_data, tok)
-        if seqlen + 1 >= ids.shape[0]:
-            raise UserError(
-                f"--seqlen: {seqlen} needs a calibration text longer than {seqlen + 1} tokens; "
-                f"{job.calib_data} has {ids.shape[0]:,}"
-            )
-        calib = calibration_windows(ids, job.nsamples, seqlen, seed=job.seed)
-    eval_ids = None
-    if job.eval_data is not None:
-        eval_ids = load_eval_tokens(
-            job.eval_data,
-            tok,
-            job.eval_seqlen or seqlen,
-            arg="--eval_data",
-            seqlen_arg="--eval_seqlen" if job.eval_seqlen else "--seqlen",
-        )
+    calib, eval_ids, seqlen = job.tokens(model_cfg)
     cfg, params = load_hf(job.model, dtype=job.dtype, progress=True)
     chain.preflight(params, cfg)  # the loaded tree (a factors/ export: typed leaves)
     new_params, report = chain(

@@ -28,7 +28,6 @@ from jcompress.cli.common import (
     add_mesh_flag,
     config_flags,
     config_from_args,
-    load_eval_tokens,
     mesh_from_args,
     positive,
 )
@@ -164,36 +163,13 @@ def run_tucker_job(job: TuckerJob, log=print) -> dict[str, Any]:
     import numpy as np
 
     from jcompress.atomic import atomic_dir, write_json
-    from jcompress.cli.common import load_tokenizer_for
-    from jcompress.data import calibration_windows, load_tokens
     from jcompress.eval import perplexity
     from jcompress.models import forward, load_hf, save_hf
     from jcompress.tucker import compress
 
     model_cfg = check_tucker_job(job)
     config = job.config
-    seqlen = job.calib_seqlen(model_cfg)
-    tok = None
-    if job.calib_data is not None or job.eval_data is not None:
-        tok = load_tokenizer_for(job.model, "--model", model_cfg)
-    calib = None
-    if job.calib_data is not None:
-        ids = load_tokens(job.calib_data, tok)
-        if seqlen + 1 >= ids.shape[0]:
-            raise UserError(
-                f"--seqlen: {seqlen} needs a calibration text longer than {seqlen + 1} tokens; "
-                f"{job.calib_data} has {ids.shape[0]:,}"
-            )
-        calib = calibration_windows(ids, job.nsamples, seqlen, seed=job.seed)
-    eval_ids = None
-    if job.eval_data is not None:
-        eval_ids = load_eval_tokens(
-            job.eval_data,
-            tok,
-            job.eval_seqlen or seqlen,
-            arg="--eval_data",
-            seqlen_arg="--eval_seqlen" if job.eval_seqlen else "--seqlen",
-        )
+    calib, eval_ids, seqlen = job.tokens(model_cfg)
     cfg, params = load_hf(job.model, progress=True)
 
     if job.test_type is not None:
