@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
+
+# The README's test command installs with `pip install --no-compile` (pip would byte-compile
+# every installed file, ~110 s on 2 cores, most of them never imported). So the test processes
+# write the .pyc of what they import, even where PYTHONDONTWRITEBYTECODE is set (without them
+# every process, xdist workers and the CLI / bench subprocesses alike, would compile torch,
+# transformers and jax from source again: ~15 s instead of ~6 s per import).
+sys.dont_write_bytecode = False
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
 # One OpenBLAS thread: XLA:CPU runs LAPACK custom calls (eigh, qr inside vmap-ed while loops)
 # from several of its own threads at once, and OpenBLAS's thread pool under such concurrent
