@@ -72,7 +72,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from jcompress.errors import UserError
+from jcompress.errors import UserError, comma_list
 
 __all__ = [
     "FORMATS",
@@ -290,9 +290,10 @@ def parse_spec(text: str, *, arg: str = "--qspecs") -> QuantSpec:
 
 def parse_specs(text: str, *, arg: str = "--qspecs") -> tuple[QuantSpec, ...]:
     """Parse a comma-separated list of specs (duplicates after normalization are an error)."""
-    parts = [p.strip() for p in str(text).split(",")]
-    if not parts or any(not p for p in parts):
-        raise UserError(f"{arg}: empty entry in {text!r}; {_valid_specs_line()}")
+    try:  # the one rule for list flags; repeats are checked below, after normalization
+        parts = comma_list(text, arg=arg, example="nvfp4,fp4@128", unique=False)
+    except UserError as e:
+        raise UserError(f"{e}; {_valid_specs_line()}") from None
     specs = tuple(parse_spec(p, arg=arg) for p in parts)
     seen: set[QuantSpec] = set()
     for p, s in zip(parts, specs, strict=True):
