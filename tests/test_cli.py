@@ -187,6 +187,58 @@ def test_generate(capsys, llama_dir, shared_data, attention):
             ["eigen", *EIGEN, "--eval_data", "{tmp}/empty.txt", "--out", "{tmp}/o"],
             "--eval_data: {tmp}/empty.txt holds no tokens, fewer than one window of --seqlen",
         ),  # fmt: skip
+        # a calibration text too short: one rule (data.calibration_windows), the command's flags
+        (
+            ["eigen", "--model", "{model}", "--calib_data", "{tmp}/afile", "--seqlen", "64"],
+            "--seqlen: 64-token windows need a text longer than 65 tokens; "
+            "--calib_data {tmp}/afile has 1",
+        ),  # fmt: skip
+        (
+            [
+                "stream",
+                "eigen",
+                "--model",
+                "{model}",
+                "--calib_data",
+                "{tmp}/afile",
+                "--out",
+                "{tmp}/o",
+                "--seqlen",
+                "64",
+            ],
+            "--seqlen: 64-token windows need a text longer than 65 tokens; "
+            "--calib_data {tmp}/afile has 1",
+        ),  # fmt: skip
+        (
+            [
+                "sparge",
+                "tune",
+                "--model",
+                "{model}",
+                "--data",
+                "{tmp}/afile",
+                "--out",
+                "{tmp}/t.safetensors",
+                "--seqlen",
+                "64",
+            ],
+            "--seqlen: 64-token windows need a text longer than 65 tokens; --data {tmp}/afile",
+        ),  # fmt: skip
+        (
+            [
+                "sparge",
+                "tune",
+                "--model",
+                "{model}",
+                "--data",
+                "{data}",
+                "--out",
+                "{tmp}/t.safetensors",
+                "--nsamples",
+                "10000000",
+            ],
+            "--nsamples: 10000000 windows of 512 tokens from --data {data}",
+        ),  # fmt: skip
         (["convert", "{model}", "{tmp}/foreign", "--to", "orbax", "--overwrite"], "jcompress"),
         (
             ["convert", "{model}", "{tmp}/x", "--to", "hf", "--tokenizer", "/nonexistent"],

@@ -100,6 +100,32 @@ def test_calibration_windows_bad_input(kwargs, msg):
         calibration_windows(np.arange(50), **kwargs)
 
 
+def test_calibration_windows_errors_name_the_callers_flags():
+    ids, kw = (
+        np.arange(50),
+        dict(nsamples_arg="--cn", seqlen_arg="--length", text="--cn_text a.txt"),
+    )
+    with pytest.raises(UserError) as e:
+        calibration_windows(ids, 41, 10, **kw)  # 40 distinct starts
+    want = ("--cn: 41 windows of 10 tokens from --cn_text a.txt (50 tokens); "
+            "allowed: at most 40 (its distinct start positions at --length 10)")  # fmt: skip
+    assert str(e.value) == want
+    assert calibration_windows(ids, 40, 10, **kw).shape == (40, 10)
+    with pytest.raises(UserError, match=r"^--length: 49-token windows need a text longer than 50 "
+                       r"tokens; --cn_text a.txt has 50$"):  # fmt: skip
+        calibration_windows(ids, 1, 49, **kw)
+    with pytest.raises(UserError, match="^--cn: must be a positive integer"):
+        calibration_windows(ids, 0, 10, **kw)
+    # limit="tokens": the windows together hold at most the text's 50 tokens
+    assert calibration_windows(ids, 5, 10, limit="tokens", **kw).shape == (5, 10)
+    with pytest.raises(UserError) as e:
+        calibration_windows(ids, 6, 10, limit="tokens", **kw)
+    assert str(e.value) == ("--cn: 6 windows of 10 tokens from --cn_text a.txt need 60 tokens; "
+                            "it has 50 (allowed: at most 5 windows at --length 10)")  # fmt: skip
+    with pytest.raises(UserError, match="^limit: must be 'starts' or 'tokens'"):
+        calibration_windows(ids, 1, 10, limit="text")
+
+
 @settings(max_examples=30, deadline=None)
 @given(n=st.integers(2, 500), seqlen=st.integers(2, 64), k=st.one_of(st.none(), st.integers(1, 20)))
 def test_eval_windows_are_consecutive_and_capped(n, seqlen, k):

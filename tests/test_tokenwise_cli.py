@@ -165,7 +165,7 @@ def test_missing_cache_and_smooth_flags(capsys, tmp_path, opt_dir):
     assert code == 2 and "--save_dtype" in err
     for extra, needle in (
         (["--length", "1000"], "--length: 1000 tokens exceed the model's 512 learned positions"),
-        (["--length", "500", "--cn", "5000"], "--cn: 5000 windows of --length 500 tokens from"),
+        (["--length", "500", "--cn", "5000"], "--cn: 5000 windows of 500 tokens from --cn_text"),
     ):
         code, _, err = run(
             capsys, "tokenwise", "save_xy", "--model_dir", str(opt_dir), "--save_path",

@@ -512,26 +512,27 @@ def check_data_file(path: str | os.PathLike, arg: str) -> Path:
 
 
 def calibration_from_text(
-    path: str | os.PathLike, tokenizer: Any, nsamples: int, seqlen: int, seed: int
+    path: str | os.PathLike,
+    tokenizer: Any,
+    nsamples: int,
+    seqlen: int,
+    seed: int,
+    *,
+    arg: str = "--calib_data",
+    nsamples_arg: str = "--nsamples",
+    seqlen_arg: str = "--seqlen",
 ) -> Any:
-    """``[nsamples, seqlen]`` seeded calibration windows of a text
-    (:func:`jcompress.data.calibration_windows`); a text too short for one window, or for
-    ``nsamples`` distinct ones, is a one-line error naming ``--seqlen`` / ``--nsamples``."""
+    """``[nsamples, seqlen]`` seeded calibration windows of the text at ``path``
+    (:func:`jcompress.data.calibration_windows` with ``limit="tokens"``): a text too short for
+    one window, or holding fewer than ``nsamples * seqlen`` tokens, is a one-line error naming
+    the command's flags (the calibrating commands' one rule: their work stays within the size
+    of the text they were given)."""
     from jcompress.data import calibration_windows, load_tokens
 
     ids = load_tokens(path, tokenizer)
-    n = int(ids.shape[0])
-    if seqlen + 1 >= n:
-        raise UserError(
-            f"--seqlen: {seqlen} needs a calibration text longer than {seqlen + 1} tokens; "
-            f"{path} has {n:,}"
-        )
-    if nsamples > n - seqlen:
-        raise UserError(
-            f"--nsamples: {nsamples} windows of {seqlen} tokens from {path} ({n:,} tokens); "
-            f"allowed: at most {n - seqlen} (its distinct start positions)"
-        )
-    return calibration_windows(ids, nsamples, seqlen, seed=seed)
+    return calibration_windows(ids, nsamples, seqlen, seed=seed, nsamples_arg=nsamples_arg,
+                               seqlen_arg=seqlen_arg, text=f"{arg} {path}",
+                               limit="tokens")  # fmt: skip
 
 
 def load_eval_tokens(

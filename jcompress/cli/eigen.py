@@ -157,32 +157,18 @@ def check_eigen_job(job: EigenJob):
     return cfg
 
 
-def _check_calibration(job: EigenJob, n_tokens: int) -> None:
-    """``--nsamples`` windows of ``seqlen`` tokens must fit in the calibration text (more would
-    repeat it: unbounded work for no new information)."""
-    c = job.config
-    if c.seqlen + 1 >= n_tokens:
-        raise UserError(
-            f"--seqlen: {c.seqlen} needs a calibration text longer than {c.seqlen + 1} tokens; "
-            f"{job.calib_data} has {n_tokens:,}"
-        )
-    most = n_tokens // c.seqlen
-    if c.nsamples > most:
-        raise UserError(
-            f"--nsamples: {c.nsamples} windows of {c.seqlen} tokens need "
-            f"{c.nsamples * c.seqlen:,} tokens; {job.calib_data} has {n_tokens:,} "
-            f"(at most {most} windows)"
-        )
-
-
 def run_eigen_job(job: EigenJob, log=print) -> dict[str, Any]:
     """Run the whole job; returns the JSON-able result (also written to ``out/report.json``
     and to ``job.json``)."""
     import jax.numpy as jnp
 
     from jcompress.atomic import atomic_dir, write_json
-    from jcompress.cli.common import generate_text, load_eval_tokens, load_tokenizer_for
-    from jcompress.data import calibration_windows, load_tokens
+    from jcompress.cli.common import (
+        calibration_from_text,
+        generate_text,
+        load_eval_tokens,
+        load_tokenizer_for,
+    )
     from jcompress.eigen_attention import compress
     from jcompress.eigen_attention.figures import kv_cache_figure
     from jcompress.eval import perplexity
@@ -191,8 +177,8 @@ def run_eigen_job(job: EigenJob, log=print) -> dict[str, Any]:
     model_cfg = check_eigen_job(job)
     config = job.config
     tok = load_tokenizer_for(job.model, "--model", model_cfg)
-    calib_ids = load_tokens(job.calib_data, tok)
-    _check_calibration(job, int(calib_ids.shape[0]))
+    calib = calibration_from_text(job.calib_data, tok, config.nsamples, config.seqlen,
+                                  config.seed)  # fmt: skip
     eval_seqlen = job.eval_seqlen or config.seqlen
     eval_ids = None
     if job.eval_data is not None:
@@ -204,7 +190,6 @@ def run_eigen_job(job: EigenJob, log=print) -> dict[str, Any]:
             seqlen_arg="--eval_seqlen" if job.eval_seqlen else "--seqlen",
         )
     cfg, params = load_hf(job.model, progress=True)
-    calib = calibration_windows(calib_ids, config.nsamples, config.seqlen, seed=config.seed)
 
     def ppl(p):
         if eval_ids is None:

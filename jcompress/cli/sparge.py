@@ -19,6 +19,7 @@ from pathlib import Path
 from jcompress.cli.common import (
     add_mesh_flag,
     add_stream_flags,
+    calibration_from_text,
     check_data_file,
     config_flags,
     config_from_args,
@@ -71,7 +72,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_tune(args: argparse.Namespace) -> int:
     from jcompress.atomic import write_json
-    from jcompress.data import calibration_windows, load_tokenizer, load_tokens
+    from jcompress.data import load_tokenizer
     from jcompress.models import load_hf, read_config
     from jcompress.outputs import check_output_file
     from jcompress.sparge import save_params
@@ -93,11 +94,8 @@ def run_tune(args: argparse.Namespace) -> int:
     if config.seqlen > cfg.max_position_embeddings:
         raise UserError(f"--seqlen: {config.seqlen} exceeds the model's "
                         f"{cfg.max_position_embeddings} positions")  # fmt: skip
-    ids = load_tokens(data, load_tokenizer(model))
-    if len(ids) < config.nsamples * config.seqlen + 1:
-        raise UserError(f"--nsamples: {config.nsamples} windows of {config.seqlen} tokens need "
-                        f"more than the {len(ids):,} tokens of {data}")  # fmt: skip
-    windows = calibration_windows(ids, config.nsamples, config.seqlen, seed=config.seed)
+    windows = calibration_from_text(data, load_tokenizer(model), config.nsamples, config.seqlen,
+                                    config.seed, arg="--data")  # fmt: skip
     if streamed is None:
         cfg, params = load_hf(model)
         tuned, report = tune(cfg, params, windows, config)

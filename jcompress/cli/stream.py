@@ -211,8 +211,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jcompress.cli.common import check_data_file, load_tokenizer_for
-    from jcompress.data import calibration_windows, load_tokens
+    from jcompress.cli.common import calibration_from_text, check_data_file, load_tokenizer_for
     from jcompress.eval import check_seqlen
     from jcompress.models import read_config
     from jcompress.outputs import check_output_dir
@@ -232,15 +231,8 @@ def run(args: argparse.Namespace) -> int:
     calib = None
     if spec is not None:
         check_seqlen(cfg, spec.seqlen)
-        ids = load_tokens(args.calib_data, load_tokenizer_for(model, "--model", cfg))
-        most = int(ids.shape[0]) // spec.seqlen
-        if spec.seqlen + 1 >= ids.shape[0] or spec.nsamples > most:
-            raise UserError(
-                f"--nsamples: {spec.nsamples} windows of {spec.seqlen} tokens need "
-                f"{spec.nsamples * spec.seqlen:,} tokens; {args.calib_data} has "
-                f"{ids.shape[0]:,} (at most {most} windows)"
-            )
-        calib = calibration_windows(ids, spec.nsamples, spec.seqlen, seed=spec.seed)
+        tok = load_tokenizer_for(model, "--model", cfg)
+        calib = calibration_from_text(args.calib_data, tok, spec.nsamples, spec.seqlen, spec.seed)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         res = stream_compress(

@@ -17,41 +17,72 @@ from jcompress.validate import check_token_ids
 __all__ = ["calibration_windows", "eval_windows"]
 
 
-def calibration_windows(ids: np.ndarray, nsamples: int, seqlen: int, seed: int = 0) -> np.ndarray:
+def calibration_windows(
+    ids: np.ndarray,
+    nsamples: int,
+    seqlen: int,
+    seed: int = 0,
+    *,
+    nsamples_arg: str = "nsamples",
+    seqlen_arg: str = "seqlen",
+    text: str | None = None,
+    limit: str = "starts",
+) -> np.ndarray:
     """``nsamples`` random windows ``[nsamples, seqlen]`` of ``ids`` (seeded, reproducible).
 
     Starts are drawn with replacement from the ``N - seqlen`` positions
     ``0 .. N - seqlen - 1`` (the reference protocol). Asking for more windows than there are
     start positions guarantees repeated windows (and unbounded work for a fixed text), so
     ``nsamples > N - seqlen`` is an error: a text of ``N`` tokens supplies at most
-    ``N - seqlen`` distinct windows.
+    ``N - seqlen`` distinct windows (``limit="starts"``). ``limit="tokens"`` is stricter:
+    the windows together may hold no more tokens than the text (``nsamples * seqlen <= N``),
+    which keeps a command's work and memory within the size of the text it was given; the
+    calibrating commands use it. The seed protocol of ``tokenwise save_xy`` oversamples its
+    short shipped texts (50 windows of 128 from ~3.5K tokens), so it keeps ``"starts"``.
 
     Args:
       ids: ``[N]`` integer token ids of the calibration text (>= 0).
       nsamples: number of windows, ``1 <= nsamples <= N - seqlen``.
       seqlen: tokens per window (>= 2, < N - 1).
       seed: seed of Python's ``random`` generator, as in the reference protocols.
+      nsamples_arg, seqlen_arg: the names the errors give the two counts; a command passes
+        its flags (``"--nsamples"``, ``"--seqlen"``), so its user reads which flag to change.
+      text: what the errors call the text, e.g. ``"--calib_data wiki.txt"``.
+      limit: ``"starts"`` (``nsamples <= N - seqlen``) or ``"tokens"``
+        (``nsamples * seqlen <= N``).
 
     Raises:
-      UserError: bad ids (float, negative, not 1-D), seqlen or nsamples.
+      UserError: bad ids (float, negative, not 1-D), seqlen or nsamples, as one line naming
+        ``seqlen_arg`` / ``nsamples_arg``.
     """
+    if limit not in ("starts", "tokens"):
+        raise UserError(f"limit: must be 'starts' or 'tokens', got {limit!r}")
     ids = np.asarray(check_token_ids(ids, None, arg="ids", ndim=1))
     if isinstance(nsamples, bool) or not isinstance(nsamples, int) or nsamples < 1:
-        raise UserError(f"nsamples: must be a positive integer, got {nsamples!r}")
+        raise UserError(f"{nsamples_arg}: must be a positive integer, got {nsamples!r}")
     if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 2:
-        raise UserError(f"seqlen: must be an integer >= 2, got {seqlen!r}")
-    if ids.shape[0] <= seqlen + 1:
+        raise UserError(f"{seqlen_arg}: must be an integer >= 2, got {seqlen!r}")
+    n, what = ids.shape[0], text or "the text"
+    if n <= seqlen + 1:
         raise UserError(
-            f"seqlen: {seqlen} needs a text longer than {seqlen + 1} tokens; got {ids.shape[0]}"
+            f"{seqlen_arg}: {seqlen}-token windows need a text longer than {seqlen + 1} tokens; "
+            f"{what} has {n:,}"
         )
-    starts_available = ids.shape[0] - seqlen
+    if limit == "tokens" and nsamples * seqlen > n:
+        raise UserError(
+            f"{nsamples_arg}: {nsamples} windows of {seqlen} tokens from {what} need "
+            f"{nsamples * seqlen:,} tokens; it has {n:,} (allowed: at most {n // seqlen:,} "
+            f"windows at {seqlen_arg} {seqlen})"
+        )
+    starts_available = n - seqlen
     if nsamples > starts_available:
         raise UserError(
-            f"nsamples: {nsamples} windows of {seqlen} tokens from a {ids.shape[0]}-token text; "
-            f"allowed: at most {starts_available} (its distinct start positions)"
+            f"{nsamples_arg}: {nsamples} windows of {seqlen} tokens from {what} ({n:,} tokens); "
+            f"allowed: at most {starts_available:,} (its distinct start positions at "
+            f"{seqlen_arg} {seqlen})"
         )
     rng = random.Random(seed)
-    starts = [rng.randint(0, ids.shape[0] - seqlen - 1) for _ in range(nsamples)]
+    starts = [rng.randint(0, n - seqlen - 1) for _ in range(nsamples)]
     return np.stack([ids[s : s + seqlen] for s in starts])
 
 

@@ -134,15 +134,8 @@ def representative_windows(tokenizer: Any, config: SaveXYConfig) -> np.ndarray:
         if not Path(path).is_file():
             raise UserError(f"{arg}: {path} is not a file")
         ids = load_tokens(path, tokenizer)
-        have = int(ids.shape[0])
-        if have <= length + 1:
-            raise UserError(f"--length: {length}-token windows need a text longer than "
-                            f"{length + 1} tokens; {arg} {path} has {have:,}")  # fmt: skip
-        if n > have - length:
-            raise UserError(f"{count}: {n} windows of --length {length} tokens from {arg} "
-                            f"{path} ({have:,} tokens); allowed: at most {have - length} "
-                            "(its distinct start positions)")  # fmt: skip
-        parts.append(calibration_windows(ids, n, length, seed=config.seed))
+        parts.append(calibration_windows(ids, n, length, seed=config.seed, nsamples_arg=count,
+                                         seqlen_arg="--length", text=f"{arg} {path}"))  # fmt: skip
     return np.concatenate(parts).astype(np.int32)
 
 
