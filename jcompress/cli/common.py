@@ -133,6 +133,29 @@ class DataJob:
         """``seqlen``, or 512 capped at the model's positions."""
         return self.seqlen or min(512, cfg.max_position_embeddings)
 
+    def data_inputs(self) -> dict[str, Path]:
+        """``{flag: path}`` of the data files given, each checked readable
+        (:func:`check_data_file`): inputs the output guard protects."""
+        out = {}
+        for flag, p in (("--calib_data", self.calib_data), ("--eval_data", self.eval_data)):
+            if p is not None:
+                out[flag] = check_data_file(p, flag)
+        return out
+
+    def check_out_and_windows(self, cfg: Any, inputs: dict[str, Path]) -> None:
+        """The output guard on ``--out`` (never one of ``inputs``, room for twice the model's
+        bytes: dense + factor exports) and both window lengths within the model's positions;
+        before any weights are loaded."""
+        from jcompress.eval import check_seqlen
+        from jcompress.outputs import check_output_dir
+
+        if self.out is not None:
+            check_output_dir(self.out, inputs=inputs, overwrite=self.overwrite, arg="--out",
+                             need_bytes=2 * model_bytes(self.model))  # fmt: skip
+        check_seqlen(cfg, self.calib_seqlen(cfg))
+        if self.eval_seqlen is not None:
+            check_seqlen(cfg, self.eval_seqlen)
+
     def tokens(self, cfg: Any) -> tuple[Any, Any, int]:
         """``(calib, eval_ids, seqlen)``: the ``[nsamples, seqlen]`` calibration windows and
         the ``[N]`` evaluation ids (``None`` for a text not given), read and checked before

@@ -58,41 +58,24 @@ def check_run_job(job: RunJob):
     import jax
     import jax.numpy as jnp
 
-    from jcompress.cli.common import check_data_file, model_bytes
     from jcompress.compose import Chain, load_recipe
-    from jcompress.eval import check_seqlen
     from jcompress.models import read_config
     from jcompress.models.convert import unflatten
     from jcompress.models.params import param_shapes
-    from jcompress.outputs import check_output_dir
 
     steps = load_recipe(job.recipe)  # a bad recipe: one line, nothing else touched
     chain = Chain(steps)
     if not Path(job.model).is_dir():
         raise UserError(f"--model: {job.model} is not a directory")
     cfg = read_config(job.model)
-    inputs = {"--model": Path(job.model), "RECIPE": Path(job.recipe)}
-    for flag, p in (("--calib_data", job.calib_data), ("--eval_data", job.eval_data)):
-        if p is not None:
-            check_data_file(p, flag)
-            inputs[flag] = Path(p)
+    inputs = {"--model": Path(job.model), "RECIPE": Path(job.recipe), **job.data_inputs()}
     for i, s in enumerate(steps):
         if job.calib_data is None and s.entry.needs_calib(s.config):
             raise UserError(f"--calib_data: step {i} ({s.method}) calibrates on a text")
         off = getattr(s.config, "offload_dir", None)
         if off is not None:
             inputs[f"step {i} offload_dir"] = Path(off)
-    if job.out is not None:
-        check_output_dir(
-            job.out,
-            inputs=inputs,
-            overwrite=job.overwrite,
-            arg="--out",
-            need_bytes=2 * model_bytes(job.model),
-        )
-    check_seqlen(cfg, job.calib_seqlen(cfg))
-    if job.eval_seqlen is not None:
-        check_seqlen(cfg, job.eval_seqlen)
+    job.check_out_and_windows(cfg, inputs)
     if not _is_factor_export(job.model):  # a plain HF checkpoint: every kernel is dense
         shapes = unflatten(
             {p: jax.ShapeDtypeStruct(s, jnp.float32) for p, s in param_shapes(cfg).items()}

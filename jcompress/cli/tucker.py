@@ -93,12 +93,9 @@ class TuckerJob(DataJob):
 def check_tucker_job(job: TuckerJob):
     """Everything cheap, before any weights are loaded: the model config, the data files, the
     output guard, window lengths, and the layer rules. Returns the ``ModelConfig``."""
-    from jcompress.cli.common import check_data_file, model_bytes
-    from jcompress.eval import check_seqlen
     from jcompress.methods import select
     from jcompress.models import read_config
     from jcompress.models.families import spec_for
-    from jcompress.outputs import check_output_dir
     from jcompress.tucker import Variant
     from jcompress.tucker.compress import check_fits
 
@@ -113,26 +110,12 @@ def check_tucker_job(job: TuckerJob):
         raise UserError("--out: a --test-type run writes nothing; drop --out or --test-type")
     if job.config.variant is Variant.TUCKER_MPS and job.calib_data is None:
         raise UserError("--calib_data: variant tucker_mps learns its bases from calibration text")
-    inputs = {"--model": Path(job.model)}
-    for flag, p in (("--calib_data", job.calib_data), ("--eval_data", job.eval_data)):
-        if p is not None:
-            check_data_file(p, flag)
-            inputs[flag] = Path(p)
+    inputs = {"--model": Path(job.model), **job.data_inputs()}
     if job.config.offload_dir is not None:
         if not os.path.isdir(job.config.offload_dir):
             raise UserError(f"--offload_dir: {job.config.offload_dir} is not a directory")
         inputs["--offload_dir"] = Path(job.config.offload_dir)
-    if job.out is not None:
-        check_output_dir(
-            job.out,
-            inputs=inputs,
-            overwrite=job.overwrite,
-            arg="--out",
-            need_bytes=2 * model_bytes(job.model),
-        )
-    check_seqlen(cfg, job.calib_seqlen(cfg))
-    if job.eval_seqlen is not None:
-        check_seqlen(cfg, job.eval_seqlen)
+    job.check_out_and_windows(cfg, inputs)
     lay = spec_for(cfg.family.value).layout
     paths = [f"{lay.layers}/{i}/{r}" for i in range(cfg.num_layers) for r in (lay.q, lay.k, lay.v)]
     select(job.config.layers, paths, allow_unmatched=job.config.allow_unmatched, arg="--layers")
