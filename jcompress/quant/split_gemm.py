@@ -33,11 +33,15 @@ matrix units treat bf16 subnormals as zero), so an MX weight whose tiny blocks f
 
 Whether the split pays (:func:`split_pays`, the ``auto`` choice): on a GPU (compute
 capability 8.0 and up: bf16 tensor cores run 10-15x the float32 rate, so two or three passes
-still win several-fold) and on a TPU. Not on a CPU: even with AMX-BF16 (this project's Xeon
-host), XLA:CPU's bf16 dots reached 250-650 GFLOP/s against 115-165 for float32, and the two
-passes of a float16 cache made the tokenwise metrics of a 4096 x 4096 NVFP4 weight on 16K
-tokens 0.91-0.96x the float32 route's time, equal at 1024 x 1024 (interleaved runs in one
-process), too little for a default; ``split_bf16`` asks for it anyway.
+still win several-fold) and on a TPU. Not on a CPU, where the gain depends on the shape:
+even with AMX-BF16 (this project's Xeon host), XLA:CPU's bf16 dots reached 250-650 GFLOP/s
+against 115-165 for float32 (one thread: 137 against 65), and the tokenwise metrics of an
+NVFP4 weight took, one thread, 0.69-0.72x the float32 route's time at 4096 x 4096 on 16K
+float16 tokens (two pieces; 0.91-0.96x in an earlier two-thread run), about 0.33x at 2048 x
+2048 on 8K bfloat16 tokens (one piece), while the whole ``eval_fake`` grid on llama-1m's
+float16 cache (9 configurations, 128-wide linears) took 2x the float32 route's time (and
+4.6 s more compilation). A CPU default would lose on small models; ``split_bf16`` asks for
+the split on large weights (``--gemm split_bf16``).
 """
 
 from __future__ import annotations
