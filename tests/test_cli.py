@@ -189,6 +189,29 @@ def test_generate(capsys, llama_dir, shared_data, attention):
         ),  # fmt: skip
         # a calibration text too short: one rule (data.calibration_windows), the command's flags
         (
+            ["eigen", "--model", "{model}", "--calib_data", "{tmp}/empty.txt", "--out", "{tmp}/o"],
+            "--seqlen: 512-token windows need a text longer than 513 tokens; "
+            "--calib_data {tmp}/empty.txt has 0",
+        ),
+        (
+            [
+                "sparge",
+                "tune",
+                "--model",
+                "{model}",
+                "--data",
+                "{tmp}/empty.txt",
+                "--out",
+                "{tmp}/t.safetensors",
+            ],
+            "--seqlen: 512-token windows need a text longer than 513 tokens; "
+            "--data {tmp}/empty.txt has 0",
+        ),
+        (
+            ["demo", "--nsamples", "100000"],
+            "--nsamples: 100000 windows of 256 tokens from the bundled calibration text ",
+        ),
+        (
             ["eigen", "--model", "{model}", "--calib_data", "{tmp}/afile", "--seqlen", "64"],
             "--seqlen: 64-token windows need a text longer than 65 tokens; "
             "--calib_data {tmp}/afile has 1",

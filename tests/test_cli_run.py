@@ -135,6 +135,19 @@ def test_errors_before_the_model_is_loaded(capsys, tmp_path, llama_dir, shared_d
     ):  # fmt: skip
         code, out, err = run(capsys, "run", path, "--model", llama_dir, *calib, *extra)
         assert code == 2 and needle.format(tmp_path) in err and err.count("\n") == 1, err
+    # the calibrating commands' rule: nsamples x seqlen <= the text's tokens (a count the
+    # distinct-starts rule of save_xy would still accept is refused)
+    from jcompress.data import load_tokenizer, load_tokens
+
+    short = tmp_path / "short.txt"
+    short.write_text("The history of the city begins with a small river settlement. " * 6)
+    n = int(load_tokens(short, load_tokenizer(llama_dir)).shape[0])
+    k = n // 16 + 1
+    assert k <= n - 16  # within the distinct starts
+    code, out, err = run(capsys, "run", path, "--model", llama_dir, "--calib_data", short,
+                         "--seqlen", "16", "--nsamples", str(k))  # fmt: skip
+    want = f"--nsamples: {k} windows of 16 tokens from --calib_data {short} need {16 * k} tokens"
+    assert code == 2 and want in err and err.count("\n") == 1, err
     code, out, err = run(capsys, "run", path, "--model", llama_dir)
     assert code == 2 and "--calib_data: step 0 (eigen_attention) calibrates on a text" in err
     # an existing directory jcompress did not write is refused, and left as it was

@@ -122,6 +122,8 @@ def test_calibration_windows_errors_name_the_callers_flags():
         calibration_windows(ids, 6, 10, limit="tokens", **kw)
     assert str(e.value) == ("--cn: 6 windows of 10 tokens from --cn_text a.txt need 60 tokens; "
                             "it has 50 (allowed: at most 5 windows at --length 10)")  # fmt: skip
+    with pytest.raises(UserError, match=r"^--length: 10-token windows .*; --cn_text a.txt has 0$"):
+        calibration_windows(np.zeros(0, np.int32), 1, 10, **kw)  # empty: short, not "ids"
     with pytest.raises(UserError, match="^limit: must be 'starts' or 'tokens'"):
         calibration_windows(ids, 1, 10, limit="text")
 

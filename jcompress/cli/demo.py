@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         model=Path(model),
         calib_data=bundled_calib_text(),
         eval_data=bundled_eval_text(),
-        eval_seqlen=args.seqlen,
+        text_args=("the bundled calibration text", "the bundled evaluation text"),
     )
     run_eigen_job(job)
     return 0

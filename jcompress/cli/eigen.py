@@ -96,6 +96,8 @@ class EigenJob:
     overwrite: bool = False
     json: Path | None = None
     fine_tune: Any = None  # FineTuneConfig, or None: no recovery fine-tuning
+    # what errors call the two texts: their flags, or (``demo``) a description
+    text_args: tuple[str, str] = ("--calib_data", "--eval_data")
 
 
 def resolve_seqlen(model: Path, seqlen: int | None) -> int:
@@ -178,7 +180,7 @@ def run_eigen_job(job: EigenJob, log=print) -> dict[str, Any]:
     config = job.config
     tok = load_tokenizer_for(job.model, "--model", model_cfg)
     calib = calibration_from_text(job.calib_data, tok, config.nsamples, config.seqlen,
-                                  config.seed)  # fmt: skip
+                                  config.seed, arg=job.text_args[0])  # fmt: skip
     eval_seqlen = job.eval_seqlen or config.seqlen
     eval_ids = None
     if job.eval_data is not None:
@@ -186,7 +188,7 @@ def run_eigen_job(job: EigenJob, log=print) -> dict[str, Any]:
             job.eval_data,
             tok,
             eval_seqlen,
-            arg="--eval_data",
+            arg=job.text_args[1],
             seqlen_arg="--eval_seqlen" if job.eval_seqlen else "--seqlen",
         )
     cfg, params = load_hf(job.model, progress=True)

@@ -42,7 +42,8 @@ def calibration_windows(
 
     Args:
       ids: ``[N]`` integer token ids of the calibration text (>= 0).
-      nsamples: number of windows, ``1 <= nsamples <= N - seqlen``.
+      nsamples: number of windows, ``1 <= nsamples <= N - seqlen`` (``nsamples * seqlen <=
+        N`` with ``limit="tokens"``).
       seqlen: tokens per window (>= 2, < N - 1).
       seed: seed of Python's ``random`` generator, as in the reference protocols.
       nsamples_arg, seqlen_arg: the names the errors give the two counts; a command passes
@@ -57,17 +58,24 @@ def calibration_windows(
     """
     if limit not in ("starts", "tokens"):
         raise UserError(f"limit: must be 'starts' or 'tokens', got {limit!r}")
-    ids = np.asarray(check_token_ids(ids, None, arg="ids", ndim=1))
     if isinstance(nsamples, bool) or not isinstance(nsamples, int) or nsamples < 1:
         raise UserError(f"{nsamples_arg}: must be a positive integer, got {nsamples!r}")
     if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 2:
         raise UserError(f"{seqlen_arg}: must be an integer >= 2, got {seqlen!r}")
-    n, what = ids.shape[0], text or "the text"
-    if n <= seqlen + 1:
-        raise UserError(
+    what = text or "the text"
+
+    def too_short(n: int) -> UserError:
+        return UserError(
             f"{seqlen_arg}: {seqlen}-token windows need a text longer than {seqlen + 1} tokens; "
             f"{what} has {n:,}"
         )
+
+    if np.ndim(ids) == 1 and np.shape(ids)[0] == 0:  # an empty text is a short one
+        raise too_short(0)
+    ids = np.asarray(check_token_ids(ids, None, arg="ids", ndim=1))
+    n = ids.shape[0]
+    if n <= seqlen + 1:
+        raise too_short(n)
     if limit == "tokens" and nsamples * seqlen > n:
         raise UserError(
             f"{nsamples_arg}: {nsamples} windows of {seqlen} tokens from {what} need "
