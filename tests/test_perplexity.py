@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _xla_flags import optimized_env
 from transformers import AutoModelForCausalLM
 
 import jcompress
 from jcompress.data import eval_windows, load_tokenizer, load_tokens
 
+HERE = Path(__file__).resolve().parent
 DATASETS = ("wikitext-2-raw/test.txt", "c4/validation-2k.jsonl", "tinyshakespeare/input.txt")
 
 
@@ -35,27 +40,47 @@ def tokens(shared_data, llama_dir):
     return {rel: load_tokens(shared_data / rel, tok) for rel in DATASETS}
 
 
-@pytest.mark.parametrize("model", ["llama-1m", "opt-1m"])
+MODELS = ("llama-1m", "opt-1m")
+SEQLENS = (256, 512)
+
+
+def _optimized_run(shared_data, cases: list[str]) -> dict:
+    """``tests/_perplexity_baselines.py`` on ``cases`` in a subprocess at XLA backend
+    optimization level 1 (:func:`_xla_flags.optimized_env`): whole passes over real text are
+    compute-bound, the one kind of test the suite's ``-O0`` slows down."""
+    p = subprocess.run(
+        [sys.executable, str(HERE / "_perplexity_baselines.py"), str(shared_data), *cases],
+        capture_output=True, text=True, env=optimized_env(), timeout=900,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-4000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def windows40(shared_data):
+    """The 40-window perplexity of every model x text x seqlen, in one subprocess."""
+    cases = [f"{m}|{d}|{s}|40" for m in MODELS for d in DATASETS for s in SEQLENS]
+    return _optimized_run(shared_data, cases)
+
+
+@pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("data", DATASETS)
-@pytest.mark.parametrize("seqlen", [256, 512])
-def test_baselines_40_windows(models, tokens, baselines, model, data, seqlen):
-    _, cfg, params = models[model]
-    r = jcompress.perplexity(
-        cfg, params, tokens[data], seqlen=seqlen, max_windows=40, progress=False
-    )
+@pytest.mark.parametrize("seqlen", SEQLENS)
+def test_baselines_40_windows(windows40, baselines, model, data, seqlen):
+    ppl, n = windows40[f"{model}|{data}|{seqlen}|40"]
     ref = baselines[model][data][f"seqlen{seqlen}_windows40"]
-    assert r.n_windows == baselines[model][data][f"seqlen{seqlen}_windows40_n"]
-    assert abs(r.ppl / ref - 1) < 1e-3, (r.ppl, ref)
+    assert n == baselines[model][data][f"seqlen{seqlen}_windows40_n"]
+    assert abs(ppl / ref - 1) < 1e-3, (ppl, ref)
 
 
 @pytest.mark.slow
-def test_baseline_all_windows_wikitext(models, tokens, baselines):
+def test_baseline_all_windows_wikitext(shared_data, baselines):
     model = "llama-1m"  # the 40-window tests cover opt-1m; one full pass keeps CI short
-    _, cfg, params = models[model]
     data = "wikitext-2-raw/test.txt"
-    r = jcompress.perplexity(cfg, params, tokens[data], seqlen=512, progress=False, batch_size=16)
-    assert r.n_windows == baselines[model][data]["seqlen512_windowsall_n"] == 858
-    assert abs(r.ppl / baselines[model][data]["seqlen512_windowsall"] - 1) < 1e-3
+    case = f"{model}|{data}|512|all"
+    ppl, n = _optimized_run(shared_data, [case])[case]
+    assert n == baselines[model][data]["seqlen512_windowsall_n"] == 858
+    assert abs(ppl / baselines[model][data]["seqlen512_windowsall"] - 1) < 1e-3
 
 
 @pytest.mark.parametrize("model", ["llama-1m", "opt-1m"])
