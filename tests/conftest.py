@@ -40,7 +40,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # README's examples) run in subprocesses at -O1 (tests/_xla_flags.optimized_env): the whole
 # WikiText-2 pass took 54 s at -O1 and 183 s at -O0. Results may differ between levels in the
 # last bit; tests compare with tolerances, never bit-exactly across programs. An
-# XLA_FLAGS level set by the caller is kept. Subprocesses inherit the flag.
+# XLA_FLAGS level set by the caller is kept for the test processes (optimized_env still runs
+# its subprocesses at -O1). Subprocesses inherit the flag.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + f" --xla_backend_optimization_level={SUITE_LEVEL}"
