@@ -13,14 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from _xla_flags import compile_bound_flags
 
 REPO = Path(__file__).resolve().parents[1]
 HEADER = "| benchmark | size | metric | jcompress | baseline | ratio |"
-
-
-# a dry run compiles much and runs little: XLA's backend optimizations cost more than they
-# save there (the dry run of every row: 175 vs 205 CPU s at -O1, the suite's level)
-FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 
 def bench(
@@ -28,8 +24,10 @@ def bench(
 ) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
-    if fast_compile:  # the last level given wins
-        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+    # a dry run compiles much and runs little: XLA's backend optimizations cost more than they
+    # save there (the dry run of every row: 175 vs 205 CPU s at -O1)
+    if fast_compile:
+        env["XLA_FLAGS"] = compile_bound_flags(env.get("XLA_FLAGS", ""))
     return subprocess.run(
         [sys.executable, "-m", "bench", *args],
         cwd=REPO,

@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 import re
 
-# the suite's level: its programs are tiny and many (compile-bound)
+# the suite's level: its programs are tiny and many (compile-bound); the bench dry run and the
+# multi-device subprocesses ask for it even where the caller set another level
 SUITE_LEVEL = 0
 # whole passes over real text (perplexity baselines, the README's examples): compute-bound
 OPTIMIZED_LEVEL = 1
@@ -19,6 +20,11 @@ def with_level(flags: str, level: int) -> str:
     ``level`` (any level it named is replaced)."""
     rest = _LEVEL.sub("", flags).split()
     return " ".join([*rest, f"--xla_backend_optimization_level={level}"])
+
+
+def compile_bound_flags(flags: str) -> str:
+    """``flags`` at :data:`SUITE_LEVEL`: for a subprocess that compiles much and runs little."""
+    return with_level(flags, SUITE_LEVEL)
 
 
 def optimized_env() -> dict[str, str]:

@@ -16,6 +16,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from _xla_flags import compile_bound_flags
 from jax.sharding import PartitionSpec as P
 
 from jcompress import sharding
@@ -29,11 +30,6 @@ from jcompress.outputs import MARKER
 HERE = Path(__file__).resolve().parent
 
 
-# the subprocesses compile much and run little: XLA's backend optimizations cost more than
-# they save there (about a third of their time)
-FAST_COMPILE = "--xla_backend_optimization_level=0"
-
-
 @pytest.fixture(scope="module")
 def refs(tmp_path_factory):
     """Where the 8-device subprocess writes the two-process run's one-device references."""
@@ -43,9 +39,10 @@ def refs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def checks(llama_dir, refs):
     env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count=8 {FAST_COMPILE}"
-    ).strip()
+    # the subprocesses compile much and run little (_xla_flags.compile_bound_flags)
+    env["XLA_FLAGS"] = compile_bound_flags(
+        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    )
     env["OPENBLAS_NUM_THREADS"] = "1"
     env["JAX_PLATFORMS"] = "cpu"
     proc = subprocess.run(
@@ -612,9 +609,9 @@ def test_two_processes(llama_dir, tmp_path, checks, refs):
     export.)"""
     env = dict(os.environ)
     env.update(
-        XLA_FLAGS=(
-            env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count=4 {FAST_COMPILE}"
-        ).strip(),
+        XLA_FLAGS=compile_bound_flags(
+            env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+        ),
         OPENBLAS_NUM_THREADS="1",
         JAX_PLATFORMS="cpu",
         JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}",
