@@ -327,3 +327,23 @@ def test_xla_devices_setting(monkeypatch):
     assert forward_mesh_spec(4, 2, 4) == "data=2" and forward_mesh_spec(1, 2, 4) == "model=2"
     with pytest.raises(ValueError, match="divides neither the batch"):
         forward_mesh_spec(3, 2, 3)
+
+
+def test_forward_rounds_pool_the_timings():
+    """The forward rows alternate the two sides over several processes; a side's medians are
+    over the timed calls of all its processes (not a median of medians), its first call and
+    identity come from the first process and its peak memory is the largest."""
+    from bench.foundation import _merge_rounds
+
+    runs = [
+        {"times_s": [1.0, 4.0], "cpu_s": [1.5, 3.5], "median_s": 2.5, "first_s": 5.0,
+         "peak_rss_mib": 10.0, "n_params": 7},
+        {"times_s": [2.0], "cpu_s": [2.5], "median_s": 2.0, "first_s": 6.0,
+         "peak_rss_mib": 12.0, "n_params": 7},
+    ]  # fmt: skip
+    out = _merge_rounds(runs, tokens=8)
+    assert out["median_s"] == 2.0 and out["value"] == 4.0  # median of 1, 4, 2; 8 tokens / 2 s
+    assert out["cpu_median_s"] == 2.5 and out["cpu_s"] == [1.5, 3.5, 2.5]
+    assert out["first_s"] == 5.0 and out["peak_rss_mib"] == 12.0 and out["n_params"] == 7
+    assert out["rounds"] == 2 and out["round_median_s"] == [2.5, 2.0]
+    assert runs[0]["median_s"] == 2.5  # the inputs are not modified
