@@ -384,12 +384,31 @@ def worker_env() -> dict[str, str]:
     return env
 
 
+def one_cpu_hook(env: dict[str, str]) -> Callable[[], None] | None:
+    """With ``JCOMPRESS_BENCH_THREADS=1``, a ``preexec_fn`` that pins the worker (and the side
+    workers it starts, which inherit it) to one CPU, where the OS allows it. The thread
+    variables alone do not make XLA:CPU single-threaded: its YNNPACK fusions still split work
+    over an intra-op pool sized by the CPUs the process may use (1.5-1.8 CPU seconds per wall
+    second unpinned), so "one thread each" is only equal resources with one CPU each."""
+    if env.get("JCOMPRESS_BENCH_THREADS") != "1" or not hasattr(os, "sched_setaffinity"):
+        return None
+    cpu = min(os.sched_getaffinity(0))
+    return lambda: os.sched_setaffinity(0, {cpu})
+
+
 def run_worker(cmd: list[str], *, timeout: float | None) -> dict[str, Any]:
     """Run a worker; its stderr goes to ours (progress, warnings), its stdout is searched for the
     result line. Raises :class:`BenchError` on failure."""
+    env = worker_env()
     try:
         p = subprocess.run(
-            cmd, cwd=REPO, env=worker_env(), stdout=subprocess.PIPE, text=True, timeout=timeout
+            cmd,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+            timeout=timeout,
+            preexec_fn=one_cpu_hook(env),
         )
     except subprocess.TimeoutExpired:
         raise BenchError(f"timed out after {timeout:.0f}s: {' '.join(cmd[2:5])}") from None

@@ -347,3 +347,17 @@ def test_forward_rounds_pool_the_timings():
     assert out["first_s"] == 5.0 and out["peak_rss_mib"] == 12.0 and out["n_params"] == 7
     assert out["rounds"] == 2 and out["round_median_s"] == [2.5, 2.0]
     assert runs[0]["median_s"] == 2.5  # the inputs are not modified
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this OS")
+def test_one_thread_runs_pin_one_cpu():
+    """``JCOMPRESS_BENCH_THREADS=1``: workers start pinned to one CPU (XLA:CPU sizes its
+    intra-op pool by the CPUs a process may use); unset, they are not pinned."""
+    import subprocess
+
+    h = _harness()
+    assert h.one_cpu_hook({}) is None
+    probe = [sys.executable, "-c", "import os; print(len(os.sched_getaffinity(0)))"]
+    hook = h.one_cpu_hook({"JCOMPRESS_BENCH_THREADS": "1"})
+    p = subprocess.run(probe, preexec_fn=hook, capture_output=True, text=True, check=True)
+    assert p.stdout.strip() == "1"
