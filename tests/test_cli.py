@@ -177,15 +177,18 @@ def test_generate(capsys, llama_dir, shared_data, attention):
         (["ppl", "--model", "{model}", "--data", "{tmp}"], "--data: {tmp} is not a file"),
         (
             ["ppl", "--model", "{model}", "--data", "{tmp}/empty.txt"],
-            "--data: {tmp}/empty.txt holds no tokens, fewer than one window of --seqlen 512",
+            "--seqlen: 512-token windows need a text of at least 512 tokens; "
+            "--data {tmp}/empty.txt has 0",
         ),  # fmt: skip
         (
             ["ppl", "--model", "{model}", "--data", "{tmp}/afile", "--seqlen", "64"],
-            "--data: {tmp}/afile holds 1 token, fewer than one window of --seqlen 64",
+            "--seqlen: 64-token windows need a text of at least 64 tokens; "
+            "--data {tmp}/afile has 1",
         ),  # fmt: skip
         (
             ["eigen", *EIGEN, "--eval_data", "{tmp}/empty.txt", "--out", "{tmp}/o"],
-            "--eval_data: {tmp}/empty.txt holds no tokens, fewer than one window of --seqlen",
+            "--seqlen: 512-token windows need a text of at least 512 tokens; "
+            "--eval_data {tmp}/empty.txt has 0",
         ),  # fmt: skip
         # a calibration text too short: one rule (data.calibration_windows), the command's flags
         (

@@ -131,7 +131,8 @@ def test_errors_before_the_model_is_loaded(capsys, tmp_path, llama_dir, shared_d
     for extra, needle in (
         (["--nsamples", "99999999"], "--nsamples: 99999999 windows of 512 tokens from"),
         (["--eval_data", tmp_path / "empty.txt", "--eval_seqlen", "64"],
-         "--eval_data: {}/empty.txt holds no tokens, fewer than one window of --eval_seqlen 64"),
+         "--eval_seqlen: 64-token windows need a text of at least 64 tokens; "
+         "--eval_data {}/empty.txt has 0"),
     ):  # fmt: skip
         code, out, err = run(capsys, "run", path, "--model", llama_dir, *calib, *extra)
         assert code == 2 and needle.format(tmp_path) in err and err.count("\n") == 1, err

@@ -128,6 +128,24 @@ def test_calibration_windows_errors_name_the_callers_flags():
         calibration_windows(ids, 1, 10, limit="text")
 
 
+def test_eval_windows_errors_name_the_callers_flags():
+    """The evaluation windows' rule (at least one whole window) in the same words as the
+    calibration windows', with the caller's flag names; an empty text is a short one."""
+    kw = dict(seqlen_arg="--eval_seqlen", max_windows_arg="--max_windows", text="--data a.txt")
+    assert eval_windows(np.arange(10), 10, **kw).shape == (1, 10)
+    with pytest.raises(UserError) as e:
+        eval_windows(np.arange(9), 10, **kw)
+    assert str(e.value) == (
+        "--eval_seqlen: 10-token windows need a text of at least 10 tokens; --data a.txt has 9"
+    )
+    with pytest.raises(UserError, match=r"^--eval_seqlen: 10-token .*; --data a.txt has 0$"):
+        eval_windows(np.zeros(0, np.int32), 10, **kw)
+    with pytest.raises(UserError, match=r"^--max_windows: must be a positive integer, got 0$"):
+        eval_windows(np.arange(20), 10, 0, **kw)
+    with pytest.raises(UserError, match=r"^seqlen: 10-token windows .*; the text has 9$"):
+        eval_windows(np.arange(9), 10)  # library defaults
+
+
 @settings(max_examples=30, deadline=None)
 @given(n=st.integers(2, 500), seqlen=st.integers(2, 64), k=st.one_of(st.none(), st.integers(1, 20)))
 def test_eval_windows_are_consecutive_and_capped(n, seqlen, k):

@@ -197,7 +197,8 @@ def _extra_layer(r):
         (None, ["--eval_data", "/nonexistent/t.txt"], "--eval_data: /nonexistent/t.txt is not"),
         (None, ["--configs", f"{NV},"], f"--configs: has an empty entry in '{NV},'"),
         (None, ["--configs", f"{NV},{NV}"], f"--configs: '{NV}' is given twice"),
-        (None, ["--eval_data", "{tmp}/e.txt"], "--eval_data: {tmp}/e.txt holds no tokens, fewer"),
+        (None, ["--eval_data", "{tmp}/e.txt"], "--seqlen: 256-token windows need a text "
+         "of at least 256 tokens; --eval_data {tmp}/e.txt has 0"),
     ],
 )  # fmt: skip
 def test_cli_bad_input_one_line(capsys, tmp_path, llama_dir, result, edit, extra, needle):

@@ -562,18 +562,13 @@ def load_eval_tokens(
     path: str | os.PathLike, tokenizer: Any, seqlen: int, *, arg: str, seqlen_arg: str
 ) -> Any:
     """Tokenize an evaluation text whole (``[N]`` ids) and check that it holds at least one
-    window of ``seqlen`` tokens: an empty or too-short file is a one-line error naming
-    ``arg`` and ``seqlen_arg``, before any weights are read."""
-    from jcompress.data import load_tokens
+    window of ``seqlen`` tokens (:func:`jcompress.data.eval_windows`'s rule): an empty or
+    too-short file is a one-line error naming ``seqlen_arg`` and ``arg``, before any weights
+    are read."""
+    from jcompress.data import eval_windows, load_tokens
 
     ids = load_tokens(path, tokenizer)
-    n = int(ids.shape[0])
-    if n < seqlen:
-        what = "holds no tokens" if n == 0 else f"holds {n:,} token{'s' * (n != 1)}"
-        raise UserError(
-            f"{arg}: {path} {what}, fewer than one window of {seqlen_arg} {seqlen} "
-            f"(give a longer text or a smaller {seqlen_arg})"
-        )
+    eval_windows(ids, seqlen, 1, seqlen_arg=seqlen_arg, text=f"{arg} {path}")
     return ids
 
 

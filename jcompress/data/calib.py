@@ -94,20 +94,44 @@ def calibration_windows(
     return np.stack([ids[s : s + seqlen] for s in starts])
 
 
-def eval_windows(ids: np.ndarray, seqlen: int, max_windows: int | None = None) -> np.ndarray:
+def eval_windows(
+    ids: np.ndarray,
+    seqlen: int,
+    max_windows: int | None = None,
+    *,
+    seqlen_arg: str = "seqlen",
+    max_windows_arg: str = "max_windows",
+    text: str | None = None,
+) -> np.ndarray:
     """Consecutive non-overlapping windows ``[n, seqlen]``, ``n = N // seqlen`` capped at
-    ``max_windows``. The tail shorter than ``seqlen`` is dropped. ``ids``: ``[N]`` integer
-    token ids (>= 0)."""
-    ids = np.asarray(check_token_ids(ids, None, arg="ids", ndim=1))
+    ``max_windows``. The tail shorter than ``seqlen`` is dropped.
+
+    Args:
+      ids: ``[N]`` integer token ids (>= 0), ``N >= seqlen``.
+      seqlen: tokens per window (>= 2).
+      max_windows: at most this many windows (the first ones), or ``None`` for all.
+      seqlen_arg, max_windows_arg, text: what the errors call the two counts and the text
+        (a command passes its flags, e.g. ``"--seqlen"`` and ``"--eval_data wiki.txt"``), as
+        in :func:`calibration_windows`.
+
+    Raises:
+      UserError: bad ids, a bad count, or a text shorter than one window, as one line naming
+        ``seqlen_arg`` / ``max_windows_arg``.
+    """
     if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 2:
-        raise UserError(f"seqlen: must be an integer >= 2, got {seqlen!r}")
+        raise UserError(f"{seqlen_arg}: must be an integer >= 2, got {seqlen!r}")
     if max_windows is not None and (
         isinstance(max_windows, bool) or not isinstance(max_windows, int) or max_windows < 1
     ):
-        raise UserError(f"max_windows: must be a positive integer, got {max_windows!r}")
-    n = ids.shape[0] // seqlen
-    if max_windows is not None:
-        n = min(n, max_windows)
-    if n == 0:
-        raise UserError(f"seqlen: {seqlen} is longer than the whole text ({ids.shape[0]} tokens)")
-    return ids[: n * seqlen].reshape(n, seqlen)
+        raise UserError(f"{max_windows_arg}: must be a positive integer, got {max_windows!r}")
+    n = 0 if np.ndim(ids) == 1 and np.shape(ids)[0] == 0 else None  # empty: a short text
+    if n is None:
+        ids = np.asarray(check_token_ids(ids, None, arg="ids", ndim=1))
+        n = ids.shape[0]
+    if n < seqlen:
+        raise UserError(
+            f"{seqlen_arg}: {seqlen}-token windows need a text of at least {seqlen} tokens; "
+            f"{text or 'the text'} has {n:,}"
+        )
+    n_win = n // seqlen if max_windows is None else min(n // seqlen, max_windows)
+    return ids[: n_win * seqlen].reshape(n_win, seqlen)
