@@ -36,6 +36,10 @@ def test_choice_grammar():
     assert parse_choice("rank=8;quant=none") == LayerChoice(8, None)
     assert parse_choice("fmt=fp4;blk=128").key == "rank=none;fmt=fp4;blk=128"
     assert parse_choice("none") == LayerChoice()
+    # rank 0 (eval_fake --ranks 0: no low-rank branch), so the pipeline takes its own keys
+    assert parse_choice("rank=0;fmt=nvfp4;blk=na") == LayerChoice(None, QuantSpec("nvfp4"))
+    assert parse_choice("rank=0;quant=none") == LayerChoice()
+    assert parse_rule("a/.*=rank=0;quant=none") == ("a/.*", LayerChoice())
     for key in ("rank=16;fmt=nvfp4;blk=na", "rank=none;fmt=fp4;blk=in", "rank=8;quant=none"):
         assert parse_choice(key).key == key  # the tokenwise cfg keys round-trip
     assert parse_rule(r"model/layers/\d+/mlp/.*=rank=4;fmt=int4;blk=32") == (
@@ -44,7 +48,7 @@ def test_choice_grammar():
     )
     for bad in (
         "rank=-1;fmt=nvfp4",
-        "rank=0;fmt=nvfp4",
+        "rank=x;fmt=nvfp4",
         "rank=4;quant=fp4",
         "fmt=fp5",
         "rank=none;quant=none",

@@ -214,6 +214,8 @@ SPECS = [
     "int4@16",
     "int8",
     "int8@in",
+    "fp4@100000",  # tiles / groups longer than the weight: one block along that dimension
+    "int4@1000000",
 ]
 
 

@@ -133,9 +133,11 @@ def parse_choice(text: str, *, arg: str = "--rule") -> LayerChoice:
     rank: int | None = None
     if parts.get("rank", "none") != "none":
         r = parts["rank"]
-        if not r.isdigit() or int(r) < 1:
-            raise UserError(f"{arg}: rank must be a positive integer or none, got {r!r}")
-        rank = int(r)
+        if not r.isdigit():
+            raise UserError(f"{arg}: rank must be a non-negative integer or none, got {r!r}")
+        rank = int(r) or None  # rank 0 (eval_fake --ranks 0): no low-rank branch, as none
+    if parts.get("quant") == "none" and parts.get("rank") == "0" and len(parts) == 2:
+        return LayerChoice()  # rank=0;quant=none: the original weight
     if parts.get("quant") == "none":
         if "fmt" in parts or "blk" in parts or rank is None:
             raise UserError(f"{arg}: {text!r}: quant=none goes with rank=R and no fmt/blk")

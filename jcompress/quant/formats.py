@@ -308,7 +308,11 @@ def _as_spec(spec: QuantSpec | str) -> QuantSpec:
 
 
 def block_shape(spec: QuantSpec | str, shape: tuple[int, ...]) -> tuple[int, int]:
-    """The ``(bi, bo)`` block of ``spec`` on an ``[in, out]`` array of ``shape``."""
+    """The ``(bi, bo)`` block of ``spec`` on an ``[in, out]`` array of ``shape``.
+
+    A tile or group longer than the array along a dimension is cut to the array there: the
+    scales are the same (the zero padding of an edge block never changes its amax), and a
+    ``fp4@100000`` tile needs no ``100000 x 100000`` padded buffer."""
     spec = _as_spec(spec)
     f = spec.format
     n_in, n_out = int(shape[0]), int(shape[1])
@@ -322,7 +326,8 @@ def block_shape(spec: QuantSpec | str, shape: tuple[int, ...]) -> tuple[int, int
     if blk == "tensor":
         return (max(n_in, 1), max(n_out, 1))
     assert isinstance(blk, int)
-    return (blk, blk) if f.tile_square else (blk, 1)
+    bi = min(blk, max(n_in, 1))
+    return (bi, min(blk, max(n_out, 1))) if f.tile_square else (bi, 1)
 
 
 def scales_shape(spec: QuantSpec | str, shape: tuple[int, ...]) -> tuple[int, int]:
