@@ -65,6 +65,21 @@ def test_metrics_match_numpy(chunk):
             assert got[k][key] == pytest.approx(v, rel=2e-4), key
 
 
+def test_metrics_refuse_non_finite_tokens():
+    """NaN / Inf anywhere in X or Y (here in the second chunk) is an error naming the first
+    such token, never a NaN metric (nor a finite maximum that skipped it)."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((20, 6)).astype(np.float32)
+    w = rng.standard_normal((6, 5)).astype(np.float32)
+    y = x @ w
+    bad_x, bad_y = x.copy(), y.copy()
+    bad_x[13, 2], bad_y[9, 0] = np.nan, np.inf
+    with pytest.raises(UserError, match=r"^tokenwise_metrics: X holds NaN / Inf \(token 13\)$"):
+        tw.tokenwise_metrics(bad_x, y, w, chunk_tokens=8)
+    with pytest.raises(UserError, match=r"^tokenwise_metrics: Y holds NaN / Inf \(token 9\)$"):
+        tw.tokenwise_metrics(x, bad_y, w, chunk_tokens=8)
+
+
 # ----------------------------------------------------------------------------- fixtures
 
 
@@ -616,6 +631,26 @@ def test_errors_before_work(llama, caches, opt_dir, tmp_path):
             cfg,
             params,
             tw.XYCache(bad),
+            tw.EvalConfig(ranks=(4,), qspecs=parse_specs("nvfp4")),
+            progress=False,
+        )
+    # NaN past the first tokens the spot check reads: found while measuring, named
+    x = np.array(f.get("model.layers.1.mlp.down_proj.X"))
+    x[-1, 3] = np.nan
+    poisoned = tmp_path / "nan.safetensors"
+    write_safetensors(
+        poisoned,
+        [(k, f.shape(k), f.dtype(k),
+          (lambda k=k: x if k == "model.layers.1.mlp.down_proj.X" else f.get(k)))
+         for k in f.keys()],
+        metadata=f.metadata,
+    )  # fmt: skip
+    with pytest.raises(UserError, match=r"^--xy_path: model.layers.1.mlp.down_proj.X: the cache "
+                       rf"holds NaN / Inf \(token {x.shape[0] - 1}\)$"):  # fmt: skip
+        tw.eval_grid(
+            cfg,
+            params,
+            tw.XYCache(poisoned),
             tw.EvalConfig(ranks=(4,), qspecs=parse_specs("nvfp4")),
             progress=False,
         )

@@ -173,5 +173,15 @@ def test_missing_cache_and_smooth_flags(capsys, tmp_path, opt_dir):
         )  # fmt: skip
         assert code == 2 and needle in err and "load_hf" not in err, err
         assert not (tmp_path / "xy").exists()
+    # the cache never replaces a text it reads, even with --overwrite
+    text = tmp_path / "txt.safetensors"
+    text.write_text("a text of a few words. " * 200)
+    before = text.read_bytes()
+    code, _, err = run(
+        capsys, "tokenwise", "save_xy", "--model_dir", str(opt_dir), "--save_path",
+        str(tmp_path), "--label", "txt", "--cn_text", str(text), "--overwrite",
+    )  # fmt: skip
+    assert code == 2 and "--cn_text" in err and len(err.strip().splitlines()) == 1, err
+    assert text.read_bytes() == before
     code, _, err = run(capsys, "tokenwise", "rank", "--json", str(tmp_path / "nope.json"))
     assert code == 2 and "--json" in err

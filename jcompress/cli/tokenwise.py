@@ -142,15 +142,16 @@ def run_save_xy(args) -> int:
     model_cfg = read_config(d)
     mesh_from_args(args, model_cfg)  # --mesh: the capture stream runs sharded
     check_positions(model_cfg, config.length, arg="--length", warn=True)
+    texts = dict(zip(("--cn_text", "--eu_text"), config.texts(), strict=True))
+    for arg, path in texts.items():
+        if not path.is_file():
+            raise UserError(f"{arg}: {path} is not a file")
     dest = output_path(args.save_path, args.label, config.layout)
-    inputs = {"--model_dir": d}
+    inputs = {"--model_dir": d, **texts}  # the cache never replaces a text it reads
     if config.layout == "single":
         check_output_file(dest, inputs=inputs, overwrite=args.overwrite, arg="--save_path/--label")
     else:
         check_output_dir(dest, inputs=inputs, overwrite=args.overwrite, arg="--save_path/--label")
-    for path, arg in zip(config.texts(), ("--cn_text", "--eu_text"), strict=True):
-        if not path.is_file():
-            raise UserError(f"{arg}: {path} is not a file")
     tok = load_tokenizer_for(d, "--model_dir", model_cfg)
     windows = representative_windows(tok, config)  # bad --length / --cn / --eu: before loading
     if args.stream:

@@ -51,7 +51,11 @@ from jcompress.models.forward import layer_params
 from jcompress.quant import lowrank as lr
 from jcompress.quant import smooth as sq
 from jcompress.quant import split_gemm
-from jcompress.quant.tokenwise.metrics import tokenwise_metrics, tokenwise_metrics_split
+from jcompress.quant.tokenwise.metrics import (
+    NonFiniteTokens,
+    tokenwise_metrics,
+    tokenwise_metrics_split,
+)
 from jcompress.quant.tokenwise.targets import Target, layer_kernel, targets
 from jcompress.quant.tokenwise.xy import XYCache
 
@@ -290,6 +294,19 @@ def _measure(cache, name, w, b, inv, config, by_spec) -> dict[str, Any]:
             ranks = [r for _, r in lst]
             cands.append(lr.svdq_grid(w, ranks, spec, method=method, factors=factors))
             order += [k for k, _ in lst]
+    try:
+        out = _measure_routes(x, y, b, inv, config, cands, order, parts, split_order, top)
+    except NonFiniteTokens as e:
+        raise UserError(
+            f"{cache.arg}: {name}.{e.which}: the cache holds NaN / Inf (token {e.token})"
+        ) from None
+    cache.release(f"{name}.X")
+    cache.release(f"{name}.Y")
+    return out
+
+
+def _measure_routes(x, y, b, inv, config, cands, order, parts, split_order, top):
+    """The metrics of :func:`_measure`'s candidates through their two routes."""
     out: dict[str, Any] = {}
     if cands:
         ms = tokenwise_metrics(x, y, jnp.concatenate(cands, axis=0), b, inv_scale=inv,
@@ -302,8 +319,6 @@ def _measure(cache, name, w, b, inv, config, by_spec) -> dict[str, Any]:
         ms = tokenwise_metrics_split(x, y, cores, cols, b, lowrank=low, inv_scale=inv,
                                      chunk_tokens=config.chunk_tokens)  # fmt: skip
         out.update(zip(split_order, ms, strict=True))
-    cache.release(f"{name}.X")
-    cache.release(f"{name}.Y")
     return out
 
 

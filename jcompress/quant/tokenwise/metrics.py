@@ -273,6 +273,21 @@ def tokenwise_metrics_split(
     return _chunked(x, y, c, chunk_tokens, eps, step, mesh=mesh)
 
 
+class NonFiniteTokens(UserError):
+    """A cached ``X`` or ``Y`` row holds NaN / Inf: ``which`` (``"X"`` or ``"Y"``) and the
+    first such ``token``. Metrics of such a cache would be NaN (or, for the maxima, silently
+    finite), so they are an error, never a number."""
+
+    def __init__(self, where: str, which: str, token: int):
+        super().__init__(f"{where}: {which} holds NaN / Inf (token {token})")
+        self.which, self.token = which, token
+
+
+def _first_nonfinite(a: np.ndarray) -> int | None:
+    ok = np.isfinite(a).all(axis=1)
+    return None if ok.all() else int(np.argmin(ok))
+
+
 def _chunked(x, y, c, chunk_tokens, eps, step, mesh=None) -> list[dict[str, float]]:
     """Stream ``(x, y)`` through ``step(acc, x_chunk, y_chunk, real) -> (acc, rel [C, n])`` in
     padded chunks of one shape (split over ``data`` under ``mesh``); finish the sums, maxima
@@ -291,6 +306,9 @@ def _chunked(x, y, c, chunk_tokens, eps, step, mesh=None) -> list[dict[str, floa
     for i0 in range(0, n, chunk):
         xc, yc = np.asarray(x[i0 : i0 + chunk]), np.asarray(y[i0 : i0 + chunk])
         real = xc.shape[0]
+        for which, a in (("X", xc), ("Y", yc)):
+            if (bad := _first_nonfinite(a)) is not None:
+                raise NonFiniteTokens("tokenwise_metrics", which, i0 + bad)
         if real < chunk:  # pad: one compiled shape for every chunk
             xc = np.concatenate([xc, np.zeros((chunk - real, d_in), xc.dtype)])
             yc = np.concatenate([yc, np.zeros((chunk - real, d_out), yc.dtype)])
