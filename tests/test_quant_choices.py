@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import math
 import os
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -164,6 +165,22 @@ def test_top_k_keeps_the_rest_dense(cfg, ranked):
     assert [u.name for u in ch.units] == ["0/self_attn", "2/mlp"]
     assert len(ch.dense) == 6 and "1/mlp" in ch.dense
     assert len(qc.rules) == 4 + 3
+
+
+def test_top_k_with_a_budget_holds_the_budget_over_the_kept_units(cfg, ranked):
+    """top_k first (the units whose best configuration scores best), then the budget over
+    them: the mean bits of what is quantized stay within max_bits."""
+    d, _ = ranked
+    rk = read_ranking(d / "ranking1.csv")
+    best = {}
+    for layer, block, _, _, s in rk.rows:
+        best[(layer, block)] = min(s, best.get((layer, block), math.inf))
+    want = sorted(sorted(best, key=lambda u: (best[u], u))[:2])
+    for budget in (5.0, 6.5):
+        ch = choose(rk, cfg, ChoiceConfig(max_bits=budget, top_k=2))
+        assert sorted((u.layer, u.block) for u in ch.units) == want
+        assert ch.mean_bits_per_weight <= budget + 1e-9
+        assert len(ch.dense) == 6
 
 
 def test_errors(cfg, ranked, tmp_path):

@@ -17,8 +17,9 @@ budget says otherwise:
   bit (counted over the unit's weights) that still fits is taken, until none fits. Bits are
   those ``quant apply`` stores: element bits + block scales (+ the tensor scale) and 16 bits
   per low-rank factor entry.
-* ``top_k``: only the ``k`` units with the smallest chosen score are quantized (the ones the
-  tokenwise numbers say tolerate it best); the others stay dense.
+* ``top_k``: only the ``k`` units whose best configuration scores smallest are quantized
+  (the ones the tokenwise numbers say tolerate it best); the others stay dense. With
+  ``max_bits`` too, the units are kept first and the budget holds over the kept ones.
 
 Units map to the model's linear module paths through the tokenwise targets (a GPT-2 fused
 ``c_attn`` projection is its q/k/v kernels), and :meth:`Choices.to_apply_config` emits one
@@ -383,21 +384,27 @@ def choose(ranking: Ranking, cfg: ModelConfig, config: ChoiceConfig | None = Non
             opts.append((bits, s, c))
         options.append(opts)
         sizes.append(n)
+    keep = list(range(len(units)))
+    if config.top_k is not None and config.top_k < len(units):
+        # the k units whose best configuration scores best; the budget then holds over them
+        best = [min(s for _, s, _ in o) for o in options]
+        keep = sorted(sorted(keep, key=lambda i: (best[i], i))[: config.top_k])
+    opts, ns = [options[i] for i in keep], [sizes[i] for i in keep]
     if config.max_bits is not None:
-        pick = _greedy(options, sizes, float(config.max_bits))
+        pick = _greedy(opts, ns, float(config.max_bits))
     else:
-        pick = [min(range(len(o)), key=lambda j, o=o: (o[j][1], o[j][0], o[j][2])) for o in options]
+        pick = [min(range(len(o)), key=lambda j, o=o: (o[j][1], o[j][0], o[j][2])) for o in opts]
     chosen = [
-        UnitChoice(k[0], k[1], k[2], options[i][pick[i]][2], options[i][pick[i]][1],
-                   options[i][pick[i]][0], sizes[i], tuple(paths[k]))
-        for i, k in enumerate(units)
+        UnitChoice(units[i][0], units[i][1], units[i][2], opts[m][pick[m]][2],
+                   opts[m][pick[m]][1], opts[m][pick[m]][0], ns[m], tuple(paths[units[i]]))
+        for m, i in enumerate(keep)
     ]  # fmt: skip
-    dense: list[str] = []
-    if config.top_k is not None and config.top_k < len(chosen):
-        order = sorted(range(len(chosen)), key=lambda i: (chosen[i].score, i))
-        keep = set(order[: config.top_k])
-        dense = [u.name for i, u in enumerate(chosen) if i not in keep]
-        chosen = [u for i, u in enumerate(chosen) if i in keep]
+    kept = set(keep)
+    dense = [
+        f"{units[i][0]}/{units[i][1]}" + (f"/{units[i][2]}" if units[i][2] else "")
+        for i in range(len(units))
+        if i not in kept
+    ]  # UnitChoice.name
     return Choices(tuple(chosen), tuple(dense), ranking.source, ranking.score, config)
 
 
