@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -185,3 +189,33 @@ def test_missing_cache_and_smooth_flags(capsys, tmp_path, opt_dir):
     assert text.read_bytes() == before
     code, _, err = run(capsys, "tokenwise", "rank", "--json", str(tmp_path / "nope.json"))
     assert code == 2 and "--json" in err
+
+
+def test_sigterm_cleans_up_like_ctrl_c(tmp_path, llama_dir):
+    """``kill`` / ``timeout`` / a scheduler's SIGTERM while save_xy writes its cache: the
+    command reports it, removes its half-written temporary and exits 143 (it left a hidden
+    ``.run.tmp-*`` directory behind)."""
+    out = tmp_path / "xy"
+    out.mkdir()
+    cmd = [sys.executable, "-c", "from jcompress.cli import console; console()",
+           "tokenwise", "save_xy", "--model_dir", str(llama_dir), "--save_path", str(out),
+           "--label", "run", "--cn", "200", "--eu", "200", "--stream",
+           "--layout", "per_layer"]  # fmt: skip
+    with open(tmp_path / "err", "wb") as err:  # a file: a full pipe would block the child
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            deadline = time.monotonic() + 300
+            while not any(out.iterdir()) and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            started = [p.name for p in out.iterdir()]
+            assert started and proc.poll() is None, (proc.poll(), started)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=300)
+        finally:
+            proc.kill()
+            proc.wait()
+    text = (tmp_path / "err").read_text()
+    assert started[0].startswith(".run.tmp-"), started
+    assert proc.returncode == 143, text[-2000:]
+    assert "jcompress: terminated" in text and "Traceback" not in text, text[-2000:]
+    assert list(out.iterdir()) == []
