@@ -10,6 +10,7 @@ import math
 import os
 import re
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -634,6 +635,23 @@ def test_errors_before_work(llama, caches, opt_dir, tmp_path):
             tw.EvalConfig(ranks=(4,), qspecs=parse_specs("nvfp4")),
             progress=False,
         )
+    # the spot check's tolerance: the cache's and the weights' rounding, not a flat 5%
+    from jcompress.models.forward import layer_params
+    from jcompress.quant.tokenwise.targets import layer_kernel
+    from jcompress.quant.tokenwise.xy import spot_tolerance
+
+    rng = np.random.default_rng(0)
+    w32 = rng.standard_normal((8, 4)).astype(np.float32)
+    wb = np.asarray(jnp.asarray(w32, jnp.bfloat16).astype(jnp.float32))
+    assert spot_tolerance("fp32", w32) == 1e-3
+    assert spot_tolerance("fp16", w32) == pytest.approx(8 * (2.0**-11 + 2.0**-24))
+    assert spot_tolerance("bf16", w32) == pytest.approx(8 * (2.0**-8 + 2.0**-24))
+    assert spot_tolerance("fp32", wb) == pytest.approx(8 * (2.0**-24 + 2.0**-8))
+    t = tw.targets(cfg)[0]
+    w, b = layer_kernel(layer_params(cfg, params, t.layer), t)
+    cache.spot_check(t.name, jnp.asarray(w, jnp.bfloat16).astype(jnp.float32), b)  # bf16 weights
+    with pytest.raises(UserError, match="cached Y differs from X W"):  # the weights, 2% off
+        cache.spot_check(t.name, w * (1 + 0.02 * rng.standard_normal(w.shape)), b)
     # NaN past the first tokens the spot check reads: found while measuring, named
     x = np.array(f.get("model.layers.1.mlp.down_proj.X"))
     x[-1, 3] = np.nan
