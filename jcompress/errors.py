@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-__all__ = ["UserError", "comma_list"]
+import contextlib
+import re
+from collections.abc import Iterator
+
+__all__ = ["UserError", "comma_list", "naming"]
 
 
 class UserError(ValueError):
@@ -29,3 +33,24 @@ def comma_list(text: object, *, arg: str, example: str, unique: bool = True) -> 
             if p in parts[:i]:
                 raise UserError(f"{arg}: {p!r} is given twice in {s!r}")
     return parts
+
+
+_LEAD = re.compile(r"([A-Za-z_][A-Za-z0-9_]*): ")
+
+
+@contextlib.contextmanager
+def naming(arg: str) -> Iterator[None]:
+    """A :class:`UserError` raised inside names the flag ``arg`` first, as the CLI's errors
+    do: a library message that already names a flag (``--...``) is kept; one led by the
+    flag's library name (``seqlen: ...`` for ``--seqlen``) gets the flag's name instead;
+    any other (``x.safetensors: corrupt header``) is prefixed with ``arg``."""
+    try:
+        yield
+    except UserError as e:
+        msg = str(e)
+        if msg.startswith("--"):
+            raise
+        m = _LEAD.match(msg)
+        if m is not None and m.group(1) == arg.lstrip("-"):
+            msg = msg[m.end() :]
+        raise UserError(f"{arg}: {msg}") from None

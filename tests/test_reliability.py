@@ -703,3 +703,25 @@ def test_truncated_orbax_repeated_restores_stay_quiet(saved_checkpoint, tmp_path
     assert proc.stderr.strip().splitlines() == ["ERR checkpoint: cannot read arrays in"] * 5, (
         proc.stderr
     )
+
+
+def test_naming_puts_the_flag_first():
+    """``errors.naming``: a library error raised under a CLI flag names the flag first, once."""
+    from jcompress.errors import UserError, naming
+
+    def raised(msg, arg="--seqlen"):
+        with pytest.raises(UserError) as e, naming(arg):
+            raise UserError(msg)
+        return str(e.value)
+
+    assert raised("seqlen: must be an integer >= 2, got 1") == (
+        "--seqlen: must be an integer >= 2, got 1"
+    )  # the library's name for the flag is replaced
+    assert raised("x.safetensors: corrupt header", "--xy_path") == (
+        "--xy_path: x.safetensors: corrupt header"
+    )
+    assert raised("--data: a.txt is empty") == "--data: a.txt is empty"  # already named
+    with naming("--seqlen"):  # nothing raised: nothing changes
+        pass
+    with pytest.raises(ValueError, match="^plain$"), naming("--seqlen"):
+        raise ValueError("plain")  # only UserErrors are renamed

@@ -177,6 +177,21 @@ def test_missing_cache_and_smooth_flags(capsys, tmp_path, opt_dir):
         )  # fmt: skip
         assert code == 2 and needle in err and "load_hf" not in err, err
         assert not (tmp_path / "xy").exists()
+    # a library's message about a file names the flag that gave it
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\xff" * 64)
+    code, _, err = run(
+        capsys, "tokenwise", "eval_fake", "--model_dir", str(opt_dir), "--xy_path",
+        str(garbage), "--out_json", str(tmp_path / "o.json"),
+    )  # fmt: skip
+    assert code == 2 and err.startswith(f"jcompress: error: --xy_path: {garbage}: corrupt"), err
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xff\xfe\x00\x81" * 64)
+    code, _, err = run(
+        capsys, "tokenwise", "save_xy", "--model_dir", str(opt_dir), "--save_path",
+        str(tmp_path / "xy"), "--label", "a", "--eu_text", str(binary),
+    )  # fmt: skip
+    assert code == 2 and f"error: --eu_text: {binary}: not UTF-8 text" in err, err
     # the cache never replaces a text it reads, even with --overwrite
     text = tmp_path / "txt.safetensors"
     text.write_text("a text of a few words. " * 200)

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from jcompress.errors import UserError
+from jcompress.errors import UserError, naming
 
 __all__ = [
     "DTYPES",
@@ -552,7 +552,8 @@ def calibration_from_text(
     of the text they were given)."""
     from jcompress.data import calibration_windows, load_tokens
 
-    ids = load_tokens(path, tokenizer)
+    with naming(arg):
+        ids = load_tokens(path, tokenizer)
     return calibration_windows(ids, nsamples, seqlen, seed=seed, nsamples_arg=nsamples_arg,
                                seqlen_arg=seqlen_arg, text=f"{arg} {path}",
                                limit="tokens")  # fmt: skip
@@ -567,7 +568,8 @@ def load_eval_tokens(
     are read."""
     from jcompress.data import eval_windows, load_tokens
 
-    ids = load_tokens(path, tokenizer)
+    with naming(arg):
+        ids = load_tokens(path, tokenizer)
     eval_windows(ids, seqlen, 1, seqlen_arg=seqlen_arg, text=f"{arg} {path}")
     return ids
 

@@ -43,7 +43,7 @@ from jcompress.cli.common import (
     mesh_from_args,
     positive,
 )
-from jcompress.errors import UserError, comma_list
+from jcompress.errors import UserError, comma_list, naming
 
 __all__ = ["add_parser", "run", "run_check"]
 
@@ -228,7 +228,8 @@ def run_check(args: argparse.Namespace) -> int:
     plan = plan_checks(result, cfg, config)
     mesh_from_args(args, cfg)
     data = check_data_file(args.eval_data or bundled_eval_text(), "--eval_data")
-    check_seqlen(cfg, args.seqlen)
+    with naming("--seqlen"):
+        check_seqlen(cfg, args.seqlen)
     if args.out is not None:
         check_output_dir(args.out, inputs={"--model": model, "--json": p},
                          overwrite=args.overwrite, arg="--out")  # fmt: skip
@@ -342,7 +343,8 @@ def run(args: argparse.Namespace) -> int:
     eval_ids = None
     if not args.no_eval:
         data = check_data_file(args.eval_data or bundled_eval_text(), "--eval_data")
-        check_seqlen(cfg, args.seqlen)
+        with naming("--seqlen"):
+            check_seqlen(cfg, args.seqlen)
         eval_ids = load_eval_tokens(data, load_tokenizer_for(model, "--model", cfg), args.seqlen,
                                     arg="--eval_data", seqlen_arg="--seqlen")  # fmt: skip
     # the rules are checked against the model's linear paths and their leaf types (a factor

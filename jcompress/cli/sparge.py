@@ -28,7 +28,7 @@ from jcompress.cli.common import (
     positive,
     stream_from_args,
 )
-from jcompress.errors import UserError
+from jcompress.errors import UserError, naming
 
 __all__ = ["add_parser", "load_tuned", "run_eval", "run_tune"]
 
@@ -187,7 +187,8 @@ def run_eval(args: argparse.Namespace) -> int:
         if streamed is not None and streamed["work_dir"] is not None:
             inputs["--work_dir"] = streamed["work_dir"]
         check_output_dir(out_dir, inputs=inputs, overwrite=args.overwrite, arg="--out_dir")
-    check_seqlen(cfg, args.seqlen)  # before any weights are read
+    with naming("--seqlen"):
+        check_seqlen(cfg, args.seqlen)  # before any weights are read
     ids = load_eval_tokens(data, load_tokenizer(model), args.seqlen, arg="--data",
                            seqlen_arg="--seqlen")  # fmt: skip
     untuned = SpargeParams.create(cfg.num_layers, cfg.num_heads)

@@ -20,7 +20,7 @@ from jcompress.cli.common import (
     load_tokenizer_for,
     mesh_from_args,
 )
-from jcompress.errors import UserError, comma_list
+from jcompress.errors import UserError, comma_list, naming
 
 TORCH_DTYPES = {"auto": None, "fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
@@ -215,14 +215,16 @@ def run_eval(args) -> int:
         inputs["--model_dir"] = model_dir
     mesh_from_args(args, read_config(model_dir))  # --mesh: tokens over data in the metrics
     check_output_file(args.out_json, inputs=inputs, overwrite=args.overwrite, arg="--out_json")
-    cache = XYCache(args.xy_path)
+    with naming("--xy_path"):
+        cache = XYCache(args.xy_path)
     if args._smooth and args.smooth_model_dir is not None:
         from jcompress.quant.tokenwise import open_smoothed
 
         with open_smoothed(model_dir, dtype=dtype) as (cfg, weights, factors):
             res = _eval(cfg, weights, cache, config, Smoothing(factors=factors), model_dir)
     else:
-        cfg, weights = open_weights(model_dir, dtype=dtype)
+        with naming("--model_dir"):
+            cfg, weights = open_weights(model_dir, dtype=dtype)
         res = _eval(cfg, weights, cache, config, smoothing, model_dir)
     write_json(args.out_json, res, overwrite=args.overwrite, arg="--out_json")
     print(args.out_json)

@@ -37,7 +37,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jcompress.calibration import stream_layers
-from jcompress.errors import UserError
+from jcompress.errors import UserError, naming
 from jcompress.models.config import ModelConfig
 from jcompress.models.forward import Capture
 from jcompress.models.safetensors_io import SafetensorsFile, write_safetensors
@@ -133,7 +133,8 @@ def representative_windows(tokenizer: Any, config: SaveXYConfig) -> np.ndarray:
             continue
         if not Path(path).is_file():
             raise UserError(f"{arg}: {path} is not a file")
-        ids = load_tokens(path, tokenizer)
+        with naming(arg):  # an unreadable / non-UTF-8 text names its flag
+            ids = load_tokens(path, tokenizer)
         parts.append(calibration_windows(ids, n, length, seed=config.seed, nsamples_arg=count,
                                          seqlen_arg="--length", text=f"{arg} {path}"))  # fmt: skip
     return np.concatenate(parts).astype(np.int32)
@@ -414,6 +415,8 @@ class XYCache:
                 f"{self.arg}: {name}: cached X{list(x.shape)} / Y{list(y.shape)} do not fit the "
                 f"model's weight [{w.shape[0]}, {w.shape[1]}] (a cache of another model?)"
             )
+        if x.shape[0] == 0:
+            raise UserError(f"{self.arg}: {name}: the cache holds no tokens")
         if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
             raise UserError(f"{self.arg}: {name}: the cache holds NaN / Inf")
         if inv_scale is not None:
