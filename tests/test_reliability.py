@@ -187,6 +187,24 @@ def test_nonfinite_weights(model, name, value):
     assert not all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(params))
 
 
+def test_finite_weights_that_overflow_are_an_error_not_a_nan(llama_dir):
+    """Weights that pass the load-time check but overflow float32 in the forward pass: the
+    perplexity and EigenAttention's bases say so instead of a NaN perplexity or a LinAlgError."""
+    from jcompress.data import calibration_windows as windows
+    from jcompress.eigen_attention import EigenAttentionConfig, compress
+
+    cfg, params = jcompress.load_hf(llama_dir)
+    mlp = params["model"]["layers"]["1"]["mlp"]
+    for name in ("up_proj", "gate_proj"):
+        mlp[name]["kernel"] = mlp[name]["kernel"] * 1e30
+    ids = np.arange(600) % cfg.vocab_size
+    user_error(lambda: jcompress.perplexity(cfg, params, ids, seqlen=64, max_windows=2),
+               "window 0 of 2", "non-finite logits")  # fmt: skip
+    calib = windows(ids, 2, 64)
+    user_error(lambda: compress(params, cfg, calib, config=EigenAttentionConfig(avg_dim=1)),
+               "model/layers/2", "not finite")  # fmt: skip
+
+
 def test_nonfinite_factor_checkpoint(llama_dir, tmp_path):
     """Typed-leaf arrays of a factor checkpoint go through the same check."""
     cfg, params = jcompress.load_hf(llama_dir)

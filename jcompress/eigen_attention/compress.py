@@ -773,13 +773,19 @@ def compress(
                 acc_kq.add((outs[lay.k],) if rope else (outs[lay.k], outs[lay.q]), ob.real)
                 acc_v.add((outs[lay.v],), ob.real)
             g_kq = np.asarray(to_host(acc_kq.gram), np.float64)  # whole on every process
+            g_v = np.asarray(to_host(acc_v.gram), np.float64)
+            if not (np.isfinite(g_kq).all() and np.isfinite(g_v).all()):
+                raise UserError(
+                    f"{path}: the k/q/v activations of the calibration windows are not finite "
+                    "(finite weights that overflow float32 in an earlier layer?)"
+                )
             if config.reference_mode and rope:
                 # the reference's one K basis per layer: KV heads pooled as extra samples
                 u1, s_kq = core.host_bases(g_kq.sum(axis=0, keepdims=True))
                 u_kq = np.broadcast_to(u1, (hk, *u1.shape[1:]))
             else:
                 u_kq, s_kq = core.host_bases(g_kq)
-            u_v, s_v = core.host_bases(to_host(acc_v.gram))
+            u_v, s_v = core.host_bases(g_v)
 
             def ranks(t, s_kq=s_kq, s_v=s_v, d_k=d_k, d_v=d_v):
                 if config.per_head_ranks:  # each head its own count (at least 1)

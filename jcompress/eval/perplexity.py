@@ -149,7 +149,6 @@ def perplexity(
     windows = eval_windows(ids, seqlen, max_windows)
     attention = resolve(attention)
     _check_batch_memory(cfg, params, min(batch_size, windows.shape[0]), seqlen, attention)
-    n = windows.shape[0]
     mesh = sharding.current_mesh() if mesh is None else mesh
     params = sharding.shard_params(params, cfg, mesh)
     nlls = []
@@ -159,6 +158,19 @@ def perplexity(
         ids_b = sharding.place_batch(b.ids, mesh)
         nll = window_nll(cfg, params, ids_b, attention, attention_state)
         nlls.append(sharding.to_host(nll)[: b.real])
-    nll = np.concatenate(nlls).astype(np.float64)
+    return result_of(np.concatenate(nlls), seqlen)
+
+
+def result_of(nll: np.ndarray, seqlen: int) -> PerplexityResult:
+    """The :class:`PerplexityResult` of per-window NLLs. A non-finite NLL (weights that are
+    finite but overflow float32 in the forward pass) is an error naming the first such
+    window, never a NaN perplexity."""
+    nll = np.asarray(nll, np.float64)
+    bad = np.flatnonzero(~np.isfinite(nll))
+    if bad.size:
+        raise UserError(
+            f"perplexity: window {int(bad[0])} of {nll.shape[0]}: the forward pass gives "
+            "non-finite logits (the weights overflow float32 somewhere)"
+        )
     mean = float(nll.mean())
-    return PerplexityResult(math.exp(mean), mean, n, seqlen, nll)
+    return PerplexityResult(math.exp(mean), mean, int(nll.shape[0]), seqlen, nll)

@@ -10,7 +10,6 @@ final norm and head give each window's mean next-token NLL. The numbers are thos
 from __future__ import annotations
 
 import functools
-import math
 import os
 from typing import Any
 
@@ -22,7 +21,7 @@ from tqdm.auto import tqdm
 from jcompress.calibration.stream import Activations, batches
 from jcompress.data.calib import eval_windows
 from jcompress.errors import UserError
-from jcompress.eval.perplexity import PerplexityResult, check_seqlen
+from jcompress.eval.perplexity import PerplexityResult, check_seqlen, result_of
 from jcompress.models.attention import resolve
 from jcompress.models.config import ModelConfig
 from jcompress.models.convert import get_path, unflatten
@@ -115,6 +114,4 @@ def stream_perplexity(
         loader.release(-1)
     finally:
         hidden.close()
-    nll = np.concatenate(nlls).astype(np.float64)
-    mean = float(nll.mean())
-    return PerplexityResult(math.exp(mean), mean, windows.shape[0], seqlen, nll)
+    return result_of(np.concatenate(nlls), seqlen)
