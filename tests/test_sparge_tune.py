@@ -270,6 +270,26 @@ def test_cli_tune_and_eval(llama_dir, shared_data, tmp_path, capsys):
     assert set(res["held_out"]["tuned"]) == {"l1", "row_sparsity", "tile_sparsity", "pv_skip"}
     assert res["mean_tile_sparsity"]["tuned"] <= res["mean_row_sparsity"]["tuned"]
     assert (tmp_path / "ev" / "sparsity.png").stat().st_size > 0
+    # --out named like its own report sidecar: refused before any work
+    capsys.readouterr()
+    assert main([*args[:7], str(tmp_path / "x.json"), *args[8:]]) == 2
+    assert "would be overwritten by its own .json report" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
+    # a report that cannot be written takes the thresholds written before it along
+    import jcompress.atomic
+
+    def full(*a, **k):
+        raise jcompress.atomic.NoSpaceLeft("--out", failed.with_suffix(".json"))
+
+    failed = tmp_path / "failed.safetensors"
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(jcompress.atomic, "write_json", full)
+    try:
+        assert main([*args[:7], str(failed), *args[8:]]) == 2
+    finally:
+        monkey.undo()
+    assert "no space left" in capsys.readouterr().err
+    assert not failed.exists() and not failed.with_suffix(".json").exists()
     # a thresholds file for another shape: one clear line, exit 2
     other = tmp_path / "other.safetensors"
     sparge.save_params(other, sparge.SpargeParams.create(2, 3))

@@ -88,6 +88,10 @@ def run_tune(args: argparse.Namespace) -> int:
     inputs = {"--model": model, "--data": data}
     if streamed is not None:
         inputs["--work_dir"] = streamed["work_dir"]
+    if out.suffix.lower() in (".json", ".md"):
+        raise UserError(f"--out: {out} would be overwritten by its own {out.suffix} report "
+                        "(the reports go beside it as <out>.json / <out>.md); give the "
+                        "thresholds another name, e.g. tuned.safetensors")  # fmt: skip
     for p, arg in ((out, "--out"), (out.with_suffix(".json"), "--out"),
                    (out.with_suffix(".md"), "--out")):  # fmt: skip
         check_output_file(p, inputs=inputs, overwrite=args.overwrite, arg=arg)
@@ -106,11 +110,22 @@ def run_tune(args: argparse.Namespace) -> int:
         loader = LayerLoader(model)
         tuned, report = stream_tune(loader, windows, config, **streamed)
         print(f"weights held at once: {loader.peak_bytes / 2**20:.1f} MiB (streamed)")
-    save_params(out, tuned, model=model.name, overwrite=args.overwrite,
-                extra={"block_q": config.block_q, "block_k": config.block_k,
-                       "l1": config.l1, "pv_l1": config.pv_l1})  # fmt: skip
-    write_json(out.with_suffix(".json"), report.to_json())
-    _write_text(out.with_suffix(".md"), report.to_markdown())
+    written: list[Path] = []
+    try:  # the thresholds and their two reports, or none of them
+        save_params(out, tuned, model=model.name, overwrite=args.overwrite,
+                    extra={"block_q": config.block_q, "block_k": config.block_k,
+                           "l1": config.l1, "pv_l1": config.pv_l1})  # fmt: skip
+        written.append(out)
+        write_json(out.with_suffix(".json"), report.to_json())
+        written.append(out.with_suffix(".json"))
+        _write_text(out.with_suffix(".md"), report.to_markdown())
+    except BaseException:
+        from jcompress.atomic import is_writer
+
+        if is_writer():
+            for p in written:
+                p.unlink(missing_ok=True)
+        raise
     print(report.to_markdown())
     print(f"wrote {out}")
     return 0
