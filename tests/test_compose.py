@@ -342,6 +342,14 @@ def test_recipe_validation(tmp_path):
             r"step 0 \(eigen_attention\): error_budget: must be in \(0, 1\)",
         ),
         (
+            [{"method": "eigen", "error_budget": "abc"}],
+            r"step 0 \(eigen_attention\): error_budget: must be a number, got 'abc'",
+        ),
+        (
+            [{"method": "eigen", "layers": 5}],
+            r"step 0 \(eigen_attention\): layers: must be a regex or a list of regexes, got 5",
+        ),
+        (
             [{"method": "eigen", "error_budget": [0.1]}],
             r"step 0 \(eigen_attention\): error_budget: expected a single value",
         ),

@@ -182,6 +182,12 @@ class EigenAttentionConfig:
                 "allowed: 1 <= avg_dim <= nsamples (avg_dim defaults to 16: set it lower "
                 "for fewer windows)"
             )
+        for name in ("error_budget", "threshold_step", "start_threshold"):
+            v = getattr(self, name)  # a recipe's JSON may hold any type: name the field
+            if not (name == "start_threshold" and v is None) and (
+                isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)
+            ):
+                raise UserError(f"{name}: must be a number, got {v!r}")
         if not 0 < self.error_budget < 1:
             raise UserError(f"error_budget: must be in (0, 1), got {self.error_budget!r}")
         if not 0 < self.threshold_step < 1:
@@ -192,6 +198,8 @@ class EigenAttentionConfig:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or v < 0):
                 raise UserError(f"{name}: must be a non-negative number or None, got {v!r}")
+        if self.min_threshold is not None and self.min_threshold > 1:
+            raise UserError(f"min_threshold: must be in [0, 1], got {self.min_threshold!r}")
         if self.min_rank_fraction is not None and self.min_rank_fraction >= 1:
             raise UserError(f"min_rank_fraction: must be < 1, got {self.min_rank_fraction!r}")
         if self.rank_search not in RANK_SEARCHES:
@@ -216,6 +224,11 @@ class EigenAttentionConfig:
             raise UserError(f"offload_dir: {self.offload_dir} is not a directory")
         if isinstance(self.layers, str):
             object.__setattr__(self, "layers", (self.layers,))
+        if not isinstance(self.layers, tuple | list) or not all(
+            isinstance(r, str) for r in self.layers
+        ):
+            raise UserError(f"layers: must be a regex or a list of regexes, got {self.layers!r}")
+        object.__setattr__(self, "layers", tuple(self.layers))
         for rule in self.layers:
             try:
                 re.compile(rule)
