@@ -384,7 +384,12 @@ def _check_arrays(tree: Any, prefix: str = "params") -> None:
         for k, v in tree.items():
             _check_arrays(v, f"{prefix}/{k}")
     else:
-        validate.check_finite(tree, prefix, hint="pass allow_nonfinite=True to restore it anyway")
+        validate.check_finite(
+            tree,
+            prefix,
+            hint="broken arrays (the Python API restores them anyway "
+            "with allow_nonfinite=True, for debugging)",
+        )
 
 
 def restore(

@@ -49,6 +49,7 @@ import numpy as np
 from jcompress.errors import UserError
 
 __all__ = [
+    "NonFiniteInput",
     "available_memory",
     "check_attention_mask",
     "check_finite",
@@ -212,6 +213,11 @@ def check_tokenizer(cfg: Any, tok: Any) -> None:
         )
 
 
+class NonFiniteInput(UserError):
+    """Broken input: NaN / Inf in weights or in the activations they produce. Rerunning the
+    same input fails the same way, so a resumable run drops the work directory it made."""
+
+
 def check_finite(x: Any, name: str, *, hint: str = "") -> None:
     """Raise if the floating array ``x`` holds NaN or Inf (two reductions, no copies).
 
@@ -228,7 +234,7 @@ def check_finite(x: Any, name: str, *, hint: str = "") -> None:
     arr = np.asarray(x)
     bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
     tail = f"; {hint}" if hint else ""
-    raise UserError(f"{name}: {bad} of {arr.size} values are NaN or Inf{tail}")
+    raise NonFiniteInput(f"{name}: {bad} of {arr.size} values are NaN or Inf{tail}")
 
 
 def check_positions(

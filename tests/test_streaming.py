@@ -530,3 +530,23 @@ def test_streamed_ged_capture_stops_at_the_deepest_layer(sharded, tmp_path):
     assert loader.resident_bytes == 0 and not (tmp_path / "w").exists()
     with pytest.raises(UserError, match="layers: layer 7 out of range"):
         stream_capture(model, ids, positions, CaptureConfig(layers=(7,)))
+
+
+def test_broken_weights_leave_no_work_dir(sharded, calib, tmp_path):
+    """NaN weights in a later layer stop the run there, and the work directory it made goes
+    with it: a resume would meet the same NaN, so a rerun after the fix starts clean."""
+    from safetensors.numpy import load_file, save_file
+
+    model = tmp_path / "broken"
+    shutil.copytree(sharded[0], model)
+    key = "model.layers.2.mlp.up_proj.weight"
+    shard = next(p for p in model.glob("*.safetensors") if key in SafetensorsFile(p).keys())
+    tensors = load_file(shard)
+    tensors[key] = tensors[key].copy()
+    tensors[key][0, 0] = np.nan
+    save_file(tensors, shard, metadata=SafetensorsFile(shard).metadata)
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=f"{key}: 1 of .* NaN or Inf"):
+        stream_compress(model, out, eigen_compress, config=CONFIG, calib=calib, method="eigen",
+                        progress=False)  # fmt: skip
+    assert not out.exists() and not (tmp_path / "out.stream").exists()

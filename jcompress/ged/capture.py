@@ -33,6 +33,7 @@ import numpy as np
 from jcompress.errors import UserError
 from jcompress.ged.data import PronounExample, parse_marked
 from jcompress.sharding import to_host
+from jcompress.validate import NonFiniteInput
 
 __all__ = [
     "CaptureConfig",
@@ -333,7 +334,7 @@ def capture_layer(layer, hook: Hook, rows: np.ndarray, cols: np.ndarray) -> np.n
 def check_finite(acts: np.ndarray, hook: Hook) -> np.ndarray:
     """``acts`` unchanged, or one error when any is NaN / Inf."""
     if not np.all(np.isfinite(acts)):
-        raise UserError(f"capture: non-finite activations at the {hook.describe()}")
+        raise NonFiniteInput(f"capture: non-finite activations at the {hook.describe()}")
     return acts
 
 

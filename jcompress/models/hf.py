@@ -260,7 +260,12 @@ def _checked(weights: _Weights, name: str, x: np.ndarray, allow_nonfinite: bool)
             "(allowed: F32, F16, BF16, F64, F8)"
         )
     if not allow_nonfinite:
-        validate.check_finite(x, where, hint="pass allow_nonfinite=True to load it anyway")
+        validate.check_finite(
+            x,
+            where,
+            hint="broken weights (the Python API loads them anyway with "
+            "allow_nonfinite=True, for debugging)",
+        )
     return x
 
 

@@ -37,6 +37,7 @@ from jcompress.models.forward import DEFAULT_ATTENTION
 from jcompress.streaming.loader import GLOBAL, LayerLoader
 from jcompress.streaming.run import (
     MANIFEST,
+    _dropped_on_broken_input,
     _identity,
     _load_hidden,
     _locked,
@@ -179,9 +180,10 @@ def stream_analysis(
             "batch_size": int(batch_size),
             "attention": repr(impl),
         }
+        existed = work.exists()
         manifest = _open_work(work, ident, resume, {"results": {}, "hidden": None})
         lock = _locked(work)
-    with lock:
+    with _dropped_on_broken_input(work, work is not None and existed), lock:
         return _run(loader, analyze_layer, windows, method, want, batch_size, impl, work,
                     manifest, offload, progress, on_layer, t0)  # fmt: skip
 

@@ -59,6 +59,7 @@ from jcompress.models.safetensors_io import CODES, DTYPES, write_safetensors
 from jcompress.outputs import check_output_dir, write_marker
 from jcompress.sharding import data_size, use_mesh
 from jcompress.streaming.loader import GLOBAL, LayerLoader, fingerprint, layer_of
+from jcompress.validate import NonFiniteInput
 
 __all__ = ["MANIFEST", "StreamReport", "StreamResult", "stream_compress"]
 
@@ -495,12 +496,26 @@ def stream_compress(
     ident = _identity(method, config, calib, loader.dtype, factors, model_dir)
     ident["globals_step"] = bool(globals_step)
     mpath = work / MANIFEST
+    existed = work.exists()
     manifest = _open_work(work, ident, resume, {"layers": {}, "hidden": None})
 
-    with _locked(work):
+    with _dropped_on_broken_input(work, existed), _locked(work):
         return _run(loader, compress, config, calib, method, work, mpath, manifest, shapes,
                     rule_fields, out_dir, factors, offload, progress, on_layer, globals_step,
                     overwrite=overwrite, marker=marker, t0=t0)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _dropped_on_broken_input(work: Path | None, existed: bool):
+    """A run that stops on broken input (:class:`~jcompress.validate.NonFiniteInput`: NaN /
+    Inf weights or activations, which a resume would meet again) removes the work directory
+    it created, so the rerun after a fix starts clean instead of being told to resume."""
+    try:
+        yield
+    except NonFiniteInput:
+        if work is not None and not existed:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
 
 
 def _open_work(work: Path, ident: dict[str, Any], resume: bool, fresh: dict[str, Any]
