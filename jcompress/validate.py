@@ -262,13 +262,12 @@ def check_positions(
         raise UserError(f"{arg}: {length} tokens exceed the model's {trained} learned positions")
     if cfg.position is Position.ROPE and not allow_long:
         msg = (
-            f"{arg}: {length} tokens exceed the {trained} positions the model was trained on "
-            f"(RoPE); pass {override} to run it anyway"
+            f"{arg}: {length} tokens exceed the {trained} positions the model was trained on (RoPE)"
         )
-        if warn:
-            warnings.warn(msg, stacklevel=3)
+        if warn:  # it runs: say how to silence the warning, not how to run it
+            warnings.warn(f"{msg}; running anyway ({override} silences this)", stacklevel=3)
         else:
-            raise UserError(msg)
+            raise UserError(f"{msg}; pass {override} to run it anyway")
 
 
 def _dtype_bytes(dtype: Any) -> int:

@@ -200,6 +200,9 @@ def test_finite_weights_that_overflow_are_an_error_not_a_nan(llama_dir):
     ids = np.arange(600) % cfg.vocab_size
     user_error(lambda: jcompress.perplexity(cfg, params, ids, seqlen=64, max_windows=2),
                "window 0 of 2", "non-finite logits")  # fmt: skip
+    prompt = jnp.asarray(ids[None, :8])
+    user_error(lambda: jcompress.generate(cfg, params, prompt, max_new_tokens=3),
+               "generate", "non-finite logits")  # fmt: skip
     calib = windows(ids, 2, 64)
     user_error(lambda: compress(params, cfg, calib, config=EigenAttentionConfig(avg_dim=1)),
                "model/layers/2", "not finite")  # fmt: skip

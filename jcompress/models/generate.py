@@ -28,23 +28,28 @@ def _generate(
     logits, cache = forward_cached(cfg, params, input_ids, attention_mask, cache, impl, state)
     first = jnp.argmax(logits[:, -1], axis=-1).astype(input_ids.dtype)
     done0 = jnp.zeros((b,), bool)
+    finite0 = jnp.all(jnp.isfinite(logits[:, -1]))
 
     def step(carry, _):
-        tok, done, cache = carry
+        tok, done, cache, finite = carry
         done = done | (tok == eos_token_id) if eos_token_id is not None else done
         logits, cache = forward_cached(
             cfg, params, tok[:, None], jnp.ones((b, 1), bool), cache, impl, state
         )
+        ok = jnp.all(jnp.isfinite(logits[:, -1]) | done[:, None])  # finished rows: ignored
         nxt = jnp.argmax(logits[:, -1], axis=-1).astype(tok.dtype)
         nxt = jnp.where(done, pad_token_id, nxt)
-        return (nxt, done, cache), nxt
+        return (nxt, done, cache, finite & ok), nxt
 
+    finite = finite0
     if max_new_tokens > 1:
-        _, rest = jax.lax.scan(step, (first, done0, cache), None, length=max_new_tokens - 1)
+        (_, _, _, finite), rest = jax.lax.scan(
+            step, (first, done0, cache, finite0), None, length=max_new_tokens - 1
+        )
         new = jnp.concatenate([first[:, None], rest.T], axis=1)
     else:
         new = first[:, None]
-    return jnp.concatenate([input_ids, new], axis=1)
+    return jnp.concatenate([input_ids, new], axis=1), finite
 
 
 def generate(
@@ -80,7 +85,8 @@ def generate(
     Raises:
       UserError: bad ``params``, ``input_ids`` (not ``[B, T]`` integers in
         ``[0, vocab_size)`` where the mask is 1), ``attention_mask``, ``max_new_tokens``, or
-        a prompt + new tokens beyond the trained positions.
+        a prompt + new tokens beyond the trained positions; non-finite logits (checked
+        once, after the last step).
     """
     validate.check_params(params)
     if (
@@ -109,7 +115,13 @@ def generate(
     if pad_token_id is None:
         pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else (eos_token_id or 0)
     impl = resolve(attention)
-    return _generate(
+    out, finite = _generate(
         cfg, params, input_ids, mask, max_new_tokens, eos_token_id, pad_token_id, impl,
         attention_state,
     )  # fmt: skip
+    if not bool(finite):  # argmax of NaN logits is token 0: text, but not the model's
+        raise UserError(
+            "generate: the forward pass gives non-finite logits (finite weights that overflow "
+            "float32 somewhere?)"
+        )
+    return out
