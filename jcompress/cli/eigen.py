@@ -327,7 +327,7 @@ def add_sample_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace an existing --out / --json (only output jcompress itself wrote)",
+        help="replace an existing --out (only a directory jcompress itself wrote) and --json file",
     )
 
 
