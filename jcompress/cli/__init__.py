@@ -23,6 +23,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from importlib import resources
@@ -126,8 +127,15 @@ def console() -> None:
     Ctrl-C). A second SIGTERM during that clean-up ends the process at once. After either
     (reported and cleaned up by then) the process ends with ``os._exit``: interpreter
     shutdown with XLA's worker threads still running the interrupted computation segfaulted
-    in 3 of 5 tries."""
+    in 3 of 5 tries.
+
+    Python runs a signal handler only between bytecodes, so while the main thread waits in
+    one long XLA computation the SIGTERM would wait too: a watchdog thread, woken through
+    ``signal.set_wakeup_fd``, ends the process with 143 :data:`SIGTERM_GRACE_S` seconds after
+    a SIGTERM that the main thread has not finished handling (its temporaries then stay, as
+    after a kill, and the next run of the same output removes them)."""
     signal.signal(signal.SIGTERM, _on_sigterm)
+    _start_sigterm_watchdog()
     code = main()
     if code in (130, 143) and _INTERRUPTED.is_set():
         sys.stdout.flush()
@@ -137,6 +145,26 @@ def console() -> None:
 
 
 _INTERRUPTED = threading.Event()
+SIGTERM_GRACE_S = 10.0
+
+
+def _start_sigterm_watchdog() -> None:
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+
+    def watch() -> None:
+        while True:
+            got = os.read(r, 64)
+            if not got:
+                return
+            if signal.SIGTERM in got:
+                time.sleep(SIGTERM_GRACE_S)
+                print("jcompress: terminated (the running computation did not stop)",
+                      file=sys.stderr)  # fmt: skip
+                os._exit(143)
+
+    threading.Thread(target=watch, name="jcompress-sigterm", daemon=True).start()
 
 
 class _Terminated(KeyboardInterrupt):

@@ -93,6 +93,7 @@ from jcompress.models.families import spec_for
 from jcompress.models.forward import DEFAULT_ATTENTION, Capture, apply_layer
 from jcompress.models.params import count_params, count_stored_params
 from jcompress.sharding import to_host
+from jcompress.validate import NonFiniteInput
 
 __all__ = ["EigenAttentionConfig", "compress", "family_defaults"]
 
@@ -788,7 +789,7 @@ def compress(
             g_kq = np.asarray(to_host(acc_kq.gram), np.float64)  # whole on every process
             g_v = np.asarray(to_host(acc_v.gram), np.float64)
             if not (np.isfinite(g_kq).all() and np.isfinite(g_v).all()):
-                raise UserError(
+                raise NonFiniteInput(
                     f"{path}: the k/q/v activations of the calibration windows are not finite "
                     "(finite weights that overflow float32 in an earlier layer?)"
                 )
