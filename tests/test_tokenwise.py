@@ -569,6 +569,11 @@ def test_mpo_method_and_exact_rank(llama, caches):
 def test_errors_before_work(llama, caches, opt_dir, tmp_path):
     cfg, params, _ = llama
     cache = tw.XYCache(caches[1])
+
+    def evaluate(xy, params=params, cfg=cfg):  # rank 4 + nvfp4: enough to reach each check
+        tw.eval_grid(cfg, params, xy, tw.EvalConfig(ranks=(4,), qspecs=parse_specs("nvfp4")),
+                     progress=False)  # fmt: skip
+
     with pytest.raises(UserError, match=r"--ranks \(model.layers.0.self_attn.q_proj.*0\.\.128"):
         tw.eval_grid(
             cfg,
@@ -590,13 +595,7 @@ def test_errors_before_work(llama, caches, opt_dir, tmp_path):
         tw.EvalConfig(ranks=(4,), qspecs=())
     ocfg, oparams = load_hf(opt_dir)
     with pytest.raises(UserError, match="written for another model"):
-        tw.eval_grid(
-            ocfg,
-            oparams,
-            cache,
-            tw.EvalConfig(ranks=(4,), qspecs=parse_specs("nvfp4")),
-            progress=False,
-        )
+        evaluate(cache, params=oparams, cfg=ocfg)
     # same architecture, other weights: the Y = X W spot check
     other = dict(params)
     lay = dict(other["model"]["layers"])
@@ -611,13 +610,7 @@ def test_errors_before_work(llama, caches, opt_dir, tmp_path):
     }
     other["model"] = {**other["model"], "layers": {**lay, "0": l0}}
     with pytest.raises(UserError, match="q_proj: cached Y differs from X W"):
-        tw.eval_grid(
-            cfg,
-            other,
-            cache,
-            tw.EvalConfig(ranks=(4,), qspecs=parse_specs("nvfp4")),
-            progress=False,
-        )
+        evaluate(cache, params=other)
     # a missing key
     f = SafetensorsFile(caches[0])
     keep = [k for k in f.keys() if k != "model.layers.2.mlp.up_proj.Y"]
@@ -628,13 +621,7 @@ def test_errors_before_work(llama, caches, opt_dir, tmp_path):
         metadata=f.metadata,
     )
     with pytest.raises(UserError, match="no tensor model.layers.2.mlp.up_proj.Y"):
-        tw.eval_grid(
-            cfg,
-            params,
-            tw.XYCache(bad),
-            tw.EvalConfig(ranks=(4,), qspecs=parse_specs("nvfp4")),
-            progress=False,
-        )
+        evaluate(tw.XYCache(bad))
     # the spot check's tolerance: the cache's and the weights' rounding, not a flat 5%
     from jcompress.models.forward import layer_params
     from jcompress.quant.tokenwise.targets import layer_kernel
@@ -665,13 +652,7 @@ def test_errors_before_work(llama, caches, opt_dir, tmp_path):
     )  # fmt: skip
     with pytest.raises(UserError, match=r"^--xy_path: model.layers.1.mlp.down_proj.X: the cache "
                        rf"holds NaN / Inf \(token {x.shape[0] - 1}\)$"):  # fmt: skip
-        tw.eval_grid(
-            cfg,
-            params,
-            tw.XYCache(poisoned),
-            tw.EvalConfig(ranks=(4,), qspecs=parse_specs("nvfp4")),
-            progress=False,
-        )
+        evaluate(tw.XYCache(poisoned))
     # a per-layer directory with a layer file missing
     gap = tmp_path / "gap"
     gap.mkdir()
