@@ -4,6 +4,7 @@ against each other, alone and inside every family's forward / KV-cache decode.""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +24,10 @@ IMPLS = {
     "chunked": A.Chunked(),
     "chunked_small_blocks": A.Chunked(block_q=4, block_k=3),
     "chunked_uneven": A.Chunked(block_q=5, block_k=8),
-    # square blocks: an uncached causal call takes the paired-tiles path (_causal_pairs)
-    "chunked_square": A.Chunked(block_q=4, block_k=4),
+    # with row_blocks=0 an uncached causal call skips the row-block path (_causal_rows):
+    # square blocks take the paired tiles (_causal_pairs), others the one-block loop
+    "chunked_square": A.Chunked(block_q=4, block_k=4, row_blocks=0),
+    "chunked_loop": A.Chunked(block_q=5, block_k=8, row_blocks=0),
 }
 
 
@@ -154,6 +157,8 @@ def test_resolve_and_registry():
         A.resolve("flash")
     with pytest.raises(UserError, match="block_k: must be a positive integer"):
         A.Chunked(block_k=0)
+    with pytest.raises(UserError, match="row_blocks: must be a non-negative integer"):
+        A.Chunked(row_blocks=-1)
 
     @dataclasses.dataclass(frozen=True)
     class Other:
@@ -293,7 +298,7 @@ def test_paired_tiles_path_matches_oracle(monkeypatch, t, blk, hq, hk, dv):
     valid = np.ones((b, t), bool)
     valid[0, -3:] = False  # right padding
     valid[1, :5] = False  # left padding: a whole first block of row 1 is padding
-    impl = A.Chunked(block_q=blk, block_k=blk)
+    impl = A.Chunked(block_q=blk, block_k=blk, row_blocks=0)
     out = jax.jit(lambda q, k, v, valid: impl(q, k, v, A.causal_mask(valid), scale=0.3))(
         q, k, v, jnp.asarray(valid)
     )
@@ -309,7 +314,7 @@ def test_paired_tiles_path_bf16_and_other_paths_unchanged(monkeypatch):
     the one-block-at-a-time loop (the paired path is never called for them)."""
     q, k, v = _qkv(2, 24, 24, 4, 2, 16, dtype=jnp.bfloat16, seed=7)
     mask = A.causal_mask(jnp.ones((2, 24), bool))
-    out = A.Chunked(block_q=8, block_k=8)(q, k, v, mask, scale=0.25)
+    out = A.Chunked(block_q=8, block_k=8, row_blocks=0)(q, k, v, mask, scale=0.25)
     ref = A.Dense()(q, k, v, mask, scale=0.25)
     assert out.dtype == jnp.bfloat16
     np.testing.assert_allclose(
@@ -322,11 +327,61 @@ def test_paired_tiles_path_bf16_and_other_paths_unchanged(monkeypatch):
     monkeypatch.setattr(A, "_causal_pairs", boom)
     q, k, v = _qkv(1, 24, 24, 4, 2, 8, seed=8)
     ones = jnp.ones((1, 24), bool)
-    A.Chunked(block_q=8, block_k=4)(q, k, v, A.causal_mask(ones), scale=0.3)
+    A.Chunked(block_q=8, block_k=4, row_blocks=0)(q, k, v, A.causal_mask(ones), scale=0.3)
     A.Chunked(block_q=8, block_k=8)(q, k, v, A.causal_mask(ones, jnp.int32(0)), scale=0.3)
     pos = jnp.arange(24, dtype=jnp.int32)[None]
     alibi = A.AttentionMask(ones, 0, pos, pos, jnp.asarray([0.5, 0.25, 0.125, 0.0625]))
-    A.Chunked(block_q=8, block_k=8)(q, k, v, alibi, scale=0.3)
+    A.Chunked(block_q=8, block_k=8, row_blocks=0)(q, k, v, alibi, scale=0.3)
+
+
+@pytest.mark.parametrize(
+    "t, blk, hq, hk, dv, alibi",
+    [
+        (16, 4, 4, 2, 8, False),  # GQA 2:1, 4 query blocks
+        (13, 4, 4, 4, 8, True),  # MHA, the last block short, ALiBi
+        (11, 4, 2, 1, 5, False),  # MQA, Dv != D
+        (9, 8, 8, 2, 8, True),  # GQA 4:1, ALiBi, 2 blocks
+    ],
+)
+def test_row_block_path_matches_oracle(monkeypatch, t, blk, hq, hk, dv, alibi):
+    """The row-block path (an uncached causal call with at most ``row_blocks`` query
+    blocks, ALiBi allowed) equals the float64 oracle with left and right key padding; longer
+    inputs leave it."""
+    taken = []
+    real_rows = A._causal_rows
+    monkeypatch.setattr(A, "_causal_rows", lambda *a: taken.append(a[-1]) or real_rows(*a))
+    b, d = 2, 8
+    q, k, v = _qkv(b, t, t, hq, hk, d, dv, seed=t + 100)
+    valid = np.ones((b, t), bool)
+    valid[0, -3:] = False  # right padding
+    valid[1, :5] = False  # left padding
+    pos = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)
+    slopes = np.asarray([2.0 ** -(i + 1) for i in range(hq)], np.float32)
+    mask = (
+        A.AttentionMask(jnp.asarray(valid), 0, jnp.asarray(pos), jnp.asarray(pos),
+                        jnp.asarray(slopes))
+        if alibi
+        else A.causal_mask(jnp.asarray(valid))
+    )  # fmt: skip
+    impl = A.Chunked(block_q=blk, block_k=blk)
+    # the mask closed over, not an argument: its causal offset stays a static 0
+    out = jax.jit(lambda q, k, v: impl(q, k, v, mask, scale=0.3))(q, k, v)
+    assert taken == [blk]
+    ref = oracle(q, k, v, valid, 0, *((pos, pos, slopes) if alibi else ()), scale=0.3)
+    rows = np.ones((b, t), bool)
+    rows[1, :5] = False  # queries with no visible key carry no meaning
+    np.testing.assert_allclose(np.asarray(out)[rows], ref[rows], atol=TOL[jnp.float32])
+    # bf16 on the same path matches dense
+    qb, kb, vb = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    out = impl(qb, kb, vb, mask, scale=0.3)
+    ref = A.Dense()(qb, kb, vb, mask, scale=0.3)
+    assert out.dtype == jnp.bfloat16
+    out, ref = (np.asarray(x, np.float32)[rows] for x in (out, ref))
+    np.testing.assert_allclose(out, ref, atol=TOL[jnp.bfloat16])
+    # more than row_blocks query blocks: another path
+    taken.clear()
+    A.Chunked(block_q=blk, block_k=blk, row_blocks=math.ceil(t / blk) - 1)(q, k, v, mask, scale=0.3)
+    assert taken == []
 
 
 def test_provider_imported_on_first_use(monkeypatch):
