@@ -296,6 +296,16 @@ def test_generate(capsys, llama_dir, shared_data, attention):
         (["eigen", *EIGEN, "--layers", "nomatch"], "--layers: rule 'nomatch' matches nothing"),
         (["eigen", *EIGEN, "--offload_dir", "/nope"], "--offload_dir: /nope is not a directory"),
         (["eigen", *EIGEN, "--min_rank", "x"], "--min-rank: invalid int value"),
+        (["eigen", *EIGEN, "--ft_steps", "3"], "--ft_steps: only used with --fine_tune"),
+        (
+            ["stream", "eigen", *EIGEN, "--out", "{tmp}/o", "--min_rank", "128"],
+            "min_rank: 128 leaves nothing to compress",
+        ),
+        (
+            ["stream", "quant", *EIGEN, "--out", "{tmp}/o", "--rule", ".*=nvfp4"],
+            "--calib_data: stream quant is data-free",
+        ),
+        (["eigen", *EIGEN, "--min_rank", "128"], "min_rank: 128 leaves nothing to compress"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(

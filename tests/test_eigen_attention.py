@@ -235,6 +235,26 @@ def test_avg_dim_above_windows_rejected_before_any_work(llama):
         compress({}, llama.cfg, calib.astype(np.float32), config=config, progress=False)
 
 
+def test_min_rank_that_blocks_every_layer_rejected_before_any_work(llama, monkeypatch):
+    import sys
+
+    mod = sys.modules["jcompress.eigen_attention.compress"]
+
+    def no_stream(*a, **k):
+        raise AssertionError("the layer stream started")
+
+    monkeypatch.setattr(mod, "stream_layers", no_stream)
+    cfg = llama.cfg  # llama-1m: 4 KV heads x 16 = a total rank of 64 per layer
+    assert cfg.num_kv_heads * cfg.head_dim == 64
+    config = EigenAttentionConfig(nsamples=4, seqlen=SL, avg_dim=2, min_rank=64)
+    with pytest.raises(jcompress.UserError, match=r"min_rank: 64 leaves nothing .* < 64$"):
+        compress(llama.params, cfg, llama.calib[:4], config=config, progress=False)
+    # one below the full rank is allowed (the stream starts)
+    with pytest.raises(AssertionError, match="layer stream started"):
+        compress(llama.params, cfg, llama.calib[:4],
+                 config=dataclasses.replace(config, min_rank=63), progress=False)  # fmt: skip
+
+
 def test_family_defaults(llama, opt, tiny_models):
     base = EigenAttentionConfig()
     assert family_defaults(opt.cfg, base).start == 0.98
@@ -1259,3 +1279,12 @@ def test_cli_fine_tune_figure_and_whole_model_kv(tmp_path, llama_dir, shared_dat
     cfg, params = jcompress.load_hf(out / "factors")
     kk = params["model"]["layers"]["1"]["self_attn"]["k_proj"]["kernel"]
     assert isinstance(kk, HeadLowRank) and kk.rank == rep["layers"][0]["rank_kq"]
+
+
+def test_cli_fine_tune_defaults_are_the_configs():
+    """--fine_tune without --ft_* flags runs FineTuneConfig's own defaults."""
+    from jcompress.cli.eigen import FT_DEFAULTS
+    from jcompress.eigen_attention.finetune import FineTuneConfig
+
+    d = FineTuneConfig()
+    assert FT_DEFAULTS == {"ft_steps": d.steps, "ft_lr": d.lr, "ft_batch_size": d.batch_size}

@@ -232,6 +232,12 @@ def test_report_and_round_trip(tuned, tmp_path):
         (dict(l1=1.5), r"l1: must be a number in \(0, 1\)"),
         (dict(layer_l1=("x",)), "layer_l1: 'x' is not LAYER:L1"),
         (dict(block_k=0), "block_k: must be an integer"),
+        (
+            dict(layer_l1=("0:0.05", "1:0.1", "0:0.05")),
+            r"layer_l1: layer 0 is given twice \('0:0.05' and '0:0.05'\)",
+        ),
+        (dict(seqlen=64, block_k=128), "block_k: 128 is longer than the 64-token windows"),
+        (dict(seqlen=64, block_q=65), "block_q: 65 is longer than the 64-token windows"),
         (dict(cdf_steps=0), "cdf_steps: must be an integer"),
         (dict(objective="speed"), "objective: must be one of tiles, rows, got 'speed'"),
     ],

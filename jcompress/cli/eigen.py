@@ -32,6 +32,8 @@ __all__ = ["EigenJob", "add_parser", "check_eigen_job", "eigen_overrides", "run"
 
 # argparse settings that differ from what config_flags derives (validated types, the CLI's
 # "capped at the model's positions" seqlen rule, the reference's metavar for --layers)
+FT_DEFAULTS: dict[str, Any] = {"ft_steps": 100, "ft_lr": 1e-4, "ft_batch_size": 4}
+"""The --ft_* flags' values when --fine_tune is given without them (FineTuneConfig's)."""
 _SEQLEN_HELP = "tokens per calibration window (default: 2048, capped at the model's positions)"
 _AVG_HELP = (
     "average the features of this many consecutive windows; at most --nsamples (default: {})"
@@ -126,12 +128,14 @@ def check_eigen_job(job: EigenJob):
     :mod:`jcompress.outputs` guard, free space), window lengths, the sample length. Returns
     the model's ``ModelConfig``."""
     from jcompress.cli.common import check_data_file, check_positions, model_bytes
+    from jcompress.eigen_attention.compress import check_min_rank
     from jcompress.eval import check_seqlen
     from jcompress.models import read_config
     from jcompress.outputs import check_output_dir, check_output_file
 
     cfg = read_config(job.model)
     _check_layers(cfg, job.config)
+    check_min_rank(job.config, cfg.num_kv_heads, cfg.head_dim)
     check_data_file(job.calib_data, "--calib_data")
     if job.eval_data is not None:
         check_data_file(job.eval_data, "--eval_data")
@@ -373,12 +377,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="after compression, tune the low-rank factors (bases and everything else frozen) "
         "on the calibration windows with AdamW; perplexity before fine-tuning is reported too",
     )
-    s.add_argument("--ft_steps", "--ft-steps", type=positive, default=100,
-                   help="fine-tuning steps (default: 100)")  # fmt: skip
-    s.add_argument("--ft_lr", "--ft-lr", type=float, default=1e-4,
-                   help="fine-tuning peak learning rate (default: 1e-4)")  # fmt: skip
-    s.add_argument("--ft_batch_size", "--ft-batch-size", type=positive, default=4,
-                   help="fine-tuning windows per step (default: 4)")  # fmt: skip
+    # default None: given without --fine_tune is an error (job_from_args), not a silent no-op
+    s.add_argument("--ft_steps", "--ft-steps", type=positive, default=None,
+                   help=f"fine-tuning steps (default: {FT_DEFAULTS['ft_steps']})")  # fmt: skip
+    s.add_argument("--ft_lr", "--ft-lr", type=float, default=None,
+                   help="fine-tuning peak learning rate "
+                   f"(default: {FT_DEFAULTS['ft_lr']})")  # fmt: skip
+    s.add_argument("--ft_batch_size", "--ft-batch-size", type=positive, default=None,
+                   help="fine-tuning windows per step "
+                   f"(default: {FT_DEFAULTS['ft_batch_size']})")  # fmt: skip
     s.set_defaults(func=run, config_fields=names)
     return s
 
@@ -398,10 +405,16 @@ def job_from_args(
         seqlen=resolve_seqlen(model, args.seqlen),
     )
     ft = None
+    given = {k: getattr(args, k, None) for k in FT_DEFAULTS}
     if getattr(args, "fine_tune", False):
         from jcompress.eigen_attention.finetune import FineTuneConfig
 
-        ft = FineTuneConfig(steps=args.ft_steps, lr=args.ft_lr, batch_size=args.ft_batch_size)
+        v = {k: FT_DEFAULTS[k] if x is None else x for k, x in given.items()}
+        ft = FineTuneConfig(steps=v["ft_steps"], lr=v["ft_lr"], batch_size=v["ft_batch_size"])
+    else:
+        for k, x in given.items():
+            if x is not None:
+                raise UserError(f"--{k}: only used with --fine_tune; add --fine_tune or drop --{k}")
     return EigenJob(
         fine_tune=ft,
         model=model,

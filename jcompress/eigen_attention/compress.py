@@ -266,6 +266,17 @@ def family_defaults(cfg: ModelConfig, config: EigenAttentionConfig) -> _Defaults
     )
 
 
+def check_min_rank(config: EigenAttentionConfig, kv_heads: int, head_dim: int) -> None:
+    """An explicit ``min_rank`` at or above a layer's whole total rank (``kv_heads x
+    head_dim``) would leave every layer uncompressed: an error, not a silent no-op."""
+    full = kv_heads * head_dim
+    if config.min_rank is not None and config.min_rank >= full:
+        raise UserError(
+            f"min_rank: {config.min_rank} leaves nothing to compress: a layer's total rank is "
+            f"at most {kv_heads} KV heads x {head_dim} = {full}; allowed: 0 <= min_rank < {full}"
+        )
+
+
 def _check_calib(cfg: ModelConfig, calib: Any, config: EigenAttentionConfig) -> np.ndarray:
     """The stream's :func:`~jcompress.calibration.stream.check_windows` (token-id shape, ids in
     the vocabulary, model length, ``offload_dir``) plus EigenAttention's own: present, enough
@@ -746,6 +757,7 @@ def compress(
     lp0 = flatten(get_path(params, layer_paths[0]))
     d_model_k = int(lp0[f"{lay.k}/kernel"].shape[-1]) // hk
     d_model_v = int(lp0[f"{lay.v}/kernel"].shape[-1]) // hk
+    check_min_rank(config, hk, max(d_model_k, d_model_v))
     reports: list[LayerReport] = []
     feat_paths = (lay.k, lay.v) if rope else (lay.k, lay.q, lay.v)
     capture = Capture(outputs="|".join(re.escape(p) for p in feat_paths))

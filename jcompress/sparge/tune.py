@@ -143,6 +143,13 @@ class SpargeTuneConfig:
             _pos_int(name, getattr(self, name), 1, 4096)
         for name in ("nsamples", "seqlen", "batch_size", "sim_grid"):
             _pos_int(name, getattr(self, name))
+        for name in ("block_q", "block_k"):
+            if getattr(self, name) > self.seqlen:
+                raise UserError(
+                    f"{name}: {getattr(self, name)} is longer than the {self.seqlen}-token "
+                    f"windows (seqlen): one block would hold the whole window and none could "
+                    f"be skipped; allowed: 1 <= {name} <= seqlen"
+                )
         _pos_int("seed", self.seed, 0)
         _pos_int("cdf_steps", self.cdf_steps, 1, 30)
         _pos_int("pv_steps", self.pv_steps, 0, 30)
@@ -153,7 +160,7 @@ class SpargeTuneConfig:
 
     def layer_bounds(self) -> dict[int, float]:
         """``layer_l1`` parsed: ``{layer: l1}``."""
-        out = {}
+        out, seen = {}, {}
         for item in self.layer_l1:
             try:
                 layer, val = str(item).split(":")
@@ -162,7 +169,10 @@ class SpargeTuneConfig:
                 raise UserError(f"layer_l1: {item!r} is not LAYER:L1 (e.g. 0:0.04)") from None
             if layer < 0 or not 0 < val < 1:
                 raise UserError(f"layer_l1: {item!r}: layer must be >= 0 and L1 in (0, 1)")
-            out[layer] = val
+            if layer in out:
+                raise UserError(f"layer_l1: layer {layer} is given twice ({seen[layer]!r} and "
+                                f"{item!r}); give each layer once")  # fmt: skip
+            out[layer], seen[layer] = val, item
         return out
 
     def bounds(self, layer: int) -> tuple[float, float]:
