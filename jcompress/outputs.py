@@ -11,6 +11,10 @@ model load and certainly not a deleted directory. The rules:
 * Never an input of the same run (paths compared after resolving symlinks), never an ancestor of
   an input (replacing it would delete the input), never an existing path inside an input
   directory (e.g. ``--json`` onto the model's ``config.json``).
+* A file is replaced only if it has the form jcompress writes there: a ``.json`` destination
+  must hold a JSON object (every report is one), and callers name their own form for other
+  files (``owner=``: a thresholds file, an activation cache), so ``--overwrite`` never
+  replaces, say, a notes file or a model shard given as an output by mistake.
 * A file where a directory is expected and vice versa, a symlink as the destination, a parent
   that is a file or not writable, or (given an estimate) too little free disk space are errors.
 * An interrupted replacement of the same destination is completed and stale temporaries of
@@ -32,6 +36,8 @@ __all__ = [
     "MARKER",
     "check_output_dir",
     "check_output_file",
+    "json_report",
+    "safetensors_metadata",
     "is_jcompress_output",
     "path_bytes",
     "write_marker",
@@ -195,23 +201,55 @@ def _check_dir(path, inputs, overwrite, arg, need_bytes, require_marker) -> None
     _check_parent(path, arg, need_bytes)
 
 
+Owner = tuple  # (predicate: Path -> bool, description: str)
+
+
+def json_report(path: Path) -> bool:
+    """Whether ``path`` holds a JSON object (the form of every report jcompress writes)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return isinstance(json.load(f), dict)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+
+
+def safetensors_metadata(path: Path, **want: str) -> bool:
+    """Whether ``path`` is a safetensors file whose ``__metadata__`` has each ``key=value`` of
+    ``want`` (a value of ``"*"``: the key is present)."""
+    from jcompress.models.safetensors_io import SafetensorsFile
+
+    try:
+        meta = SafetensorsFile(path).metadata
+    except (UserError, OSError):
+        return False
+    return all(k in meta and (v == "*" or meta[k] == v) for k, v in want.items())
+
+
+JSON_REPORT: Owner = (json_report, "a JSON object (a jcompress report)")
+
+
 def check_output_file(
     path: PathLike,
     *,
     inputs: Inputs | None = None,
     overwrite: bool = False,
     arg: str = "--json",
+    owner: Owner | None = None,
 ) -> Path:
     """Check that the file ``path`` may be (re)written by this run (same rules as
-    :func:`check_output_dir`, for a file: an existing file needs ``overwrite``)."""
+    :func:`check_output_dir`, for a file: an existing file needs ``overwrite`` and must have
+    the form ``owner = (predicate, description)`` says jcompress writes there; default:
+    :data:`JSON_REPORT` for a ``.json`` path, any file otherwise)."""
     from jcompress.atomic import on_writer
 
     path = Path(path)
-    on_writer(lambda: _check_file(path, inputs, overwrite, arg), path=path, arg=arg)
+    if owner is None and path.suffix.lower() == ".json":
+        owner = JSON_REPORT
+    on_writer(lambda: _check_file(path, inputs, overwrite, arg, owner), path=path, arg=arg)
     return path
 
 
-def _check_file(path, inputs, overwrite, arg) -> None:
+def _check_file(path, inputs, overwrite, arg, owner=None) -> None:
     from jcompress.atomic import clean_stale
 
     _check_inputs(path, inputs, arg)
@@ -226,4 +264,9 @@ def _check_file(path, inputs, overwrite, arg) -> None:
             raise UserError(f"{arg}: {path} already exists ({_hint(arg)})")
         if not os.access(path.parent, os.W_OK | os.X_OK):
             raise UserError(f"{arg}: cannot replace {path} (permission denied)")
+        if owner is not None and path.is_file() and not owner[0](path):
+            raise UserError(
+                f"{arg}: {path} exists and is not {owner[1]}; --overwrite replaces only "
+                "output of the form jcompress writes there (move or remove it yourself)"
+            )
     _check_parent(path, arg, None)

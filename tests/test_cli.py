@@ -283,7 +283,12 @@ def test_generate(capsys, llama_dir, shared_data, attention):
         (["eigen", *EIGEN, "--nsamples", "100000"], "--nsamples: 100000 windows of 512 tokens"),
         (
             ["generate", "--model", "{model}", "--prompt", "a", "--max-new-tokens", "600"],
+            "--max-new-tokens (600 after a 1-token prompt): 601 tokens exceed the model's 512 "
             "learned positions",
+        ),  # fmt: skip
+        (
+            ["generate", "--model", "{model}", "--prompt", "a " * 600, "--max-new-tokens", "1"],
+            "--prompt: 601 tokens exceed the model's 512 learned positions",
         ),  # fmt: skip
         (
             ["generate", "--model", "{llama}", "--prompt", "a", "--max-new-tokens", "600"],

@@ -12,6 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from jcompress import atomic
@@ -114,6 +115,35 @@ def test_check_output_file_refuses(work, out, overwrite, needle):
         check_output_file(work / out, inputs=_inputs(work), overwrite=overwrite, arg="--json")
     assert str(e.value).startswith("--json: ") and needle in str(e.value)
     assert tree(work) == before
+
+
+def test_overwrite_replaces_only_files_of_jcompress_form(work):
+    """--overwrite replaces a .json report (a JSON object) but not a notes file that happens
+    to carry the name, and a caller's ``owner`` form decides for other files."""
+    (work / "report.json").write_text('{"ppl": 1.0}')
+    check_output_file(work / "report.json", overwrite=True, arg="--json")  # replaceable
+    for name, text in (("notes.json", "my notes, not JSON"), ("list.json", "[1, 2]")):
+        (work / name).write_text(text)
+        with pytest.raises(UserError) as e:
+            check_output_file(work / name, overwrite=True, arg="--json")
+        assert str(e.value) == (
+            f"--json: {work / name} exists and is not a JSON object (a jcompress report); "
+            "--overwrite replaces only output of the form jcompress writes there (move or "
+            "remove it yourself)"
+        )
+        assert (work / name).read_text() == text
+    # a safetensors destination: the caller's form (metadata), read from the header only
+    from safetensors.numpy import save_file
+
+    from jcompress.outputs import safetensors_metadata
+
+    save_file({"w": np.zeros(2, np.float32)}, str(work / "mine.safetensors"), {"format": "x/1"})
+    save_file({"w": np.zeros(2, np.float32)}, str(work / "shard.safetensors"), {"format": "pt"})
+    owner = (lambda p: safetensors_metadata(p, format="x/1"), "an x file")
+    check_output_file(work / "mine.safetensors", overwrite=True, arg="--out", owner=owner)
+    with pytest.raises(UserError, match=r"shard.safetensors exists and is not an x file"):
+        check_output_file(work / "shard.safetensors", overwrite=True, arg="--out", owner=owner)
+    assert not safetensors_metadata(work / "notes.json", format="x/1")  # not safetensors
 
 
 # --------------------------------------------------------------------------- atomic_dir

@@ -414,6 +414,16 @@ def test_params_save_load_round_trip(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(UserError, match="not a readable safetensors"):
         sparge.load_params(tmp_path / "bad.safetensors")
+    # another safetensors file (a model's weights): refused from its header, named briefly
+    from safetensors.numpy import save_file
+
+    weights = {f"model.layers.{i}.w": np.zeros((2, 2), np.float32) for i in range(6)}
+    save_file(weights, tmp_path / "model.safetensors")
+    with pytest.raises(UserError) as e:
+        sparge.load_params(tmp_path / "model.safetensors", arg="--tuned")
+    msg = str(e.value)
+    assert msg.startswith("--tuned: ") and "not a SpargeAttn thresholds file" in msg
+    assert "... (6 in all)" in msg and "model.layers.5.w" not in msg
     assert [x.name for x in tmp_path.iterdir() if x.name.startswith(".")] == []
 
 

@@ -30,7 +30,14 @@ from jcompress.errors import UserError
 from jcompress.leaves import CompressedLeaf
 from jcompress.models.convert import flatten
 from jcompress.models.safetensors_io import SafetensorsFile
-from jcompress.streaming import GLOBAL, PICKED, LayerLoader, stream_compress, stream_perplexity
+from jcompress.streaming import (
+    GLOBAL,
+    PICKED,
+    LayerLoader,
+    fingerprint,
+    stream_compress,
+    stream_perplexity,
+)
 
 CONFIG = EigenAttentionConfig(nsamples=8, seqlen=32, avg_dim=4, batch_size=3, error_budget=0.05)
 
@@ -315,6 +322,17 @@ def test_resume_with_another_model_is_an_error(sharded, calib, tmp_path, llama_d
     lock.unlink()
     with pytest.raises(UserError, match="different run.*model"):
         stream_compress(llama_dir, out, eigen_compress, config=CONFIG, calib=calib,
+                        resume=True, progress=False)  # fmt: skip
+    # another fine-tune of the same architecture: the same shards and headers, other bytes
+    _, cfg, params = sharded
+    tuned = tmp_path / "tuned"
+    other = jax.tree.map(lambda x: x * 1.01, params)
+    jcompress.save_hf(cfg, other, tuned, tokenizer_dir=llama_dir, max_shard_bytes=1_500_000)
+    a, b = fingerprint(model)["files"], fingerprint(tuned)["files"]
+    shards = [k for k in a if k.endswith(".safetensors")]
+    assert a.keys() == b.keys() and all(a[k]["header"] == b[k]["header"] for k in shards)
+    with pytest.raises(UserError, match="different run.*model"):
+        stream_compress(tuned, out, eigen_compress, config=CONFIG, calib=calib,
                         resume=True, progress=False)  # fmt: skip
 
 

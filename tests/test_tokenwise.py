@@ -811,3 +811,10 @@ def test_rankings(result, tmp_path):
     bad["by_layer"]["0"]["self_attn"]["by_proj"]["q_proj"]["rank=4;quant=none"]["nmse"] = math.nan
     with pytest.raises(UserError, match="not finite"):
         tw.validate_result(bad)
+    bad["by_layer"]["0"]["self_attn"]["by_proj"]["q_proj"]["rank=4;quant=none"]["nmse"] = -0.5
+    with pytest.raises(UserError, match=r"q_proj\]\[rank=4;quant=none\].nmse is negative"):
+        tw.validate_result(bad)
+    bad = json.loads(json.dumps(result))
+    bad["by_layer"]["1"]["mlp"]["agg"]["rank=4;quant=none"]["nmse_max_over_proj"] = "x"
+    with pytest.raises(UserError, match=r"agg\[rank=4;quant=none\].nmse_max_over_proj is missing"):
+        tw.validate_result(bad)

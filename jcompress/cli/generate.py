@@ -56,8 +56,13 @@ def run(args: argparse.Namespace) -> int:
     n_prompt = int(tokenize(tok, args.prompt).size)
     if n_prompt == 0:
         raise UserError("--prompt: the prompt tokenizes to nothing")
+    # a prompt that alone is too long is the prompt's fault, not --max-new-tokens'
+    check_positions(cfg, n_prompt, arg="--prompt", allow_long=args.allow_long)
     check_positions(
-        cfg, n_prompt + args.max_new_tokens, arg="--max-new-tokens", allow_long=args.allow_long
+        cfg,
+        n_prompt + args.max_new_tokens,
+        arg=f"--max-new-tokens ({args.max_new_tokens} after a {n_prompt}-token prompt)",
+        allow_long=args.allow_long,
     )
     cfg, params = load_model(args.model, args.dtype)
     params = shard_params(params, cfg, mesh)  # heads over model; one prompt: no data

@@ -13,6 +13,7 @@ tiles and rows). Every field of :class:`~jcompress.sparge.tune.SpargeTuneConfig`
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 
@@ -74,8 +75,9 @@ def run_tune(args: argparse.Namespace) -> int:
     from jcompress.atomic import write_json
     from jcompress.data import load_tokenizer
     from jcompress.models import load_hf, read_config
-    from jcompress.outputs import check_output_file
+    from jcompress.outputs import check_output_file, safetensors_metadata
     from jcompress.sparge import save_params
+    from jcompress.sparge.params import FORMAT as PARAMS_FORMAT
     from jcompress.sparge.tune import SpargeTuneConfig, tune
 
     config = config_from_args(SpargeTuneConfig, args, args._names)
@@ -92,9 +94,11 @@ def run_tune(args: argparse.Namespace) -> int:
         raise UserError(f"--out: {out} would be overwritten by its own {out.suffix} report "
                         "(the reports go beside it as <out>.json / <out>.md); give the "
                         "thresholds another name, e.g. tuned.safetensors")  # fmt: skip
-    for p, arg in ((out, "--out"), (out.with_suffix(".json"), "--out"),
-                   (out.with_suffix(".md"), "--out")):  # fmt: skip
-        check_output_file(p, inputs=inputs, overwrite=args.overwrite, arg=arg)
+    thresholds = (functools.partial(safetensors_metadata, format=PARAMS_FORMAT),
+                  "a SpargeAttn thresholds file")  # fmt: skip
+    for p, arg, owner in ((out, "--out", thresholds), (out.with_suffix(".json"), "--out", None),
+                          (out.with_suffix(".md"), "--out", None)):  # fmt: skip
+        check_output_file(p, inputs=inputs, overwrite=args.overwrite, arg=arg, owner=owner)
     if config.seqlen > cfg.max_position_embeddings:
         raise UserError(f"--seqlen: {config.seqlen} exceeds the model's "
                         f"{cfg.max_position_embeddings} positions")  # fmt: skip

@@ -127,7 +127,7 @@ def run_save_xy(args) -> int:
     from jcompress.models import load_hf, read_config
     from jcompress.outputs import check_output_dir, check_output_file
     from jcompress.quant.tokenwise import SaveXYConfig, representative_windows, save_xy
-    from jcompress.quant.tokenwise.xy import output_path
+    from jcompress.quant.tokenwise.xy import CACHE_OWNER, output_path
     from jcompress.validate import check_positions
 
     config = config_from_args(SaveXYConfig, args, args._save_fields)
@@ -149,7 +149,8 @@ def run_save_xy(args) -> int:
     dest = output_path(args.save_path, args.label, config.layout)
     inputs = {"--model_dir": d, **texts}  # the cache never replaces a text it reads
     if config.layout == "single":
-        check_output_file(dest, inputs=inputs, overwrite=args.overwrite, arg="--save_path/--label")
+        check_output_file(dest, inputs=inputs, overwrite=args.overwrite,
+                          arg="--save_path/--label", owner=CACHE_OWNER)  # fmt: skip
     else:
         check_output_dir(dest, inputs=inputs, overwrite=args.overwrite, arg="--save_path/--label")
     tok = load_tokenizer_for(d, "--model_dir", model_cfg)

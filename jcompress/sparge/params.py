@@ -192,13 +192,19 @@ def load_params(
     try:
         with safe_open(str(path), framework="numpy") as f:
             meta = dict(f.metadata() or {})
-            arrays = {k: f.get_tensor(k) for k in f.keys()}
+            names = sorted(f.keys())
+            # the header first: another safetensors file (a model's shard) is refused
+            # without reading its tensors
+            ours = meta.get("format") == FORMAT and set(names) == set(SpargeParams._fields)
+            arrays = {k: f.get_tensor(k) for k in names} if ours else {}
     except Exception as e:  # corrupt / not safetensors
         raise UserError(f"{arg}: {path} is not a readable safetensors file ({e})") from None
-    if meta.get("format") != FORMAT or set(arrays) != set(SpargeParams._fields):
+    if not ours:
+        shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
         raise UserError(
             f"{arg}: {path} is not a SpargeAttn thresholds file (format {meta.get('format')!r}, "
-            f"tensors {sorted(arrays)})"
+            f"tensors: {shown or 'none'}; expected {', '.join(SpargeParams._fields)} as "
+            "`jcompress sparge tune` writes)"
         )
     p = SpargeParams(**{k: arrays[k].astype(np.float32) for k in SpargeParams._fields})
     p.validate()

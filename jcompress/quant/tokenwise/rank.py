@@ -51,6 +51,8 @@ def validate_result(res: Any, *, arg: str = "--json") -> dict[str, Any]:
             for c, a in agg.items():
                 if not isinstance(a, dict) or any(k not in a for k in _AGG_KEYS):
                     raise UserError(f"{arg}: {where}.agg[{c}] lacks {', '.join(_AGG_KEYS)}")
+                for k in _AGG_KEYS[:2]:
+                    _check_nmse(a[k], f"{arg}: {where}.agg[{c}].{k}")
             if not isinstance(body["by_proj"], dict) or not body["by_proj"]:
                 raise UserError(f"{arg}: {where}.by_proj is empty")
             for proj, per in body["by_proj"].items():
@@ -58,10 +60,17 @@ def validate_result(res: Any, *, arg: str = "--json") -> dict[str, Any]:
                     raise UserError(f"{arg}: {where}.by_proj[{proj}] lists other configurations")
                 for c, m in per.items():
                     v = m.get("nmse") if isinstance(m, dict) else None
-                    if not isinstance(v, (int, float)) or not math.isfinite(v):
-                        raise UserError(f"{arg}: {where}.by_proj[{proj}][{c}].nmse is missing "
-                                        "or not finite")  # fmt: skip
+                    _check_nmse(v, f"{arg}: {where}.by_proj[{proj}][{c}].nmse")
     return res
+
+
+def _check_nmse(v: Any, where: str) -> None:
+    """An nmse (a ratio of sums of squares) is a finite number >= 0; anything else is a
+    broken result file."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise UserError(f"{where} is missing or not finite (got {v!r})")
+    if v < 0:
+        raise UserError(f"{where} is negative ({v!r}); an nmse is >= 0")
 
 
 def load_result(path: str | os.PathLike) -> dict[str, Any]:

@@ -167,6 +167,17 @@ def check_model_meta(meta: Any, cfg: ModelConfig, *, arg: str, what: str) -> Non
             raise UserError(f"{arg}: {what} another model ({k}={have}, this model has {k}={v})")
 
 
+def _is_cache(path) -> bool:
+    from jcompress.outputs import safetensors_metadata
+
+    return safetensors_metadata(path, key_format=KEY_FORMAT)
+
+
+CACHE_OWNER = (_is_cache, "a save_xy activation cache")
+"""``check_output_file``'s ``owner`` for a one-file cache: ``--overwrite`` replaces only a
+file whose metadata records this cache's key format."""
+
+
 def _metadata(cfg: ModelConfig, config: SaveXYConfig) -> dict[str, str]:
     return {
         "seed": str(config.seed),
@@ -285,7 +296,7 @@ def _check_dest(save_path, label: str, config: SaveXYConfig, overwrite: bool) ->
 
     dest = output_path(save_path, label, config.layout)
     if config.layout == "single":
-        check_output_file(dest, overwrite=overwrite, arg="--save_path/--label")
+        check_output_file(dest, overwrite=overwrite, arg="--save_path/--label", owner=CACHE_OWNER)
     else:
         check_output_dir(dest, overwrite=overwrite, arg="--save_path/--label")
     return dest
