@@ -548,5 +548,14 @@ def initialize_distributed(force: bool = False) -> bool:
         raise UserError(f"JAX_PROCESS_ID: {pid} must be < JAX_NUM_PROCESSES={nproc}")
     if nproc is not None and nproc < 1:
         raise UserError("JAX_NUM_PROCESSES: must be >= 1")
-    jax.distributed.initialize(coordinator_address=addr, num_processes=nproc, process_id=pid)
+    try:
+        jax.distributed.initialize(coordinator_address=addr, num_processes=nproc, process_id=pid)
+    except ValueError as e:  # no coordinator given and no cluster JAX can detect
+        if addr is not None:
+            raise
+        raise UserError(
+            f"--distributed: no cluster to join ({e}); set JAX_COORDINATOR_ADDRESS=host:port "
+            "of process 0, JAX_NUM_PROCESSES and JAX_PROCESS_ID on every process (or run "
+            "under SLURM / Open MPI / a TPU pod, which JAX detects)"
+        ) from None
     return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -302,6 +303,81 @@ def test_generate(capsys, llama_dir, shared_data, attention):
         (["eigen", *EIGEN, "--offload_dir", "/nope"], "--offload_dir: /nope is not a directory"),
         (["eigen", *EIGEN, "--min_rank", "x"], "--min-rank: invalid int value"),
         (["eigen", *EIGEN, "--ft_steps", "3"], "--ft_steps: only used with --fine_tune"),
+        (["eigen", *EIGEN, "--eval_seqlen", "64"], "--eval_seqlen: only used with --eval_data"),
+        (
+            ["tucker", "--model", "{llama}", "--eval_max_windows", "2", "--out", "{tmp}/o"],
+            "--eval_max_windows: only used with --eval_data",
+        ),
+        (["eigen", *EIGEN, "--prompt", ""], "--prompt: the prompt tokenizes to nothing"),
+        (["eigen", *EIGEN, "--prompt", "a " * 600], "--prompt: 601 tokens exceed"),
+        (
+            [
+                "sparge",
+                "tune",
+                "--model",
+                "{llama}",
+                "--data",
+                "{data}",
+                "--out",
+                "{tmp}/t.safetensors",
+                "--layer_l1",
+                "99:0.04",
+            ],
+            "--layer_l1: layer 99 does not exist (the model has 4 layers)",
+        ),
+        (["eigen", *EIGEN, "--start_threshold", "0.3"], "start_threshold: 0.3 is not above"),
+        (["eigen", *EIGEN, "--min_rank_fraction", "0.98"], "min_rank_fraction: 0.98 of 4 x 32"),
+        (
+            ["eigen", *EIGEN, "--rank_search", "bisect", "--min_threshold", "0.5"],
+            "min_threshold: only used by rank_search='threshold'",
+        ),
+        (
+            [
+                "quant",
+                "apply",
+                "--model",
+                "{model}",
+                "--rule",
+                ".*=nvfp4",
+                "--no_eval",
+                "--eval_data",
+                "{data}",
+            ],
+            "--eval_data: not read with --no_eval",
+        ),
+        (
+            [
+                "quant",
+                "apply",
+                "--model",
+                "{model}",
+                "--rule",
+                ".*=nvfp4",
+                "--eval_data",
+                "{tmp}/afile",
+                "--json",
+                "{tmp}/afile",
+                "--overwrite",
+            ],
+            "--json: {tmp}/afile is the input --eval_data",
+        ),
+        (
+            [
+                "ppl",
+                "--model",
+                "{llama}",
+                "--data",
+                "{data}",
+                "--attention",
+                "block_sparse",
+                "--tuned",
+                "{tmp}/afile",
+                "--json",
+                "{tmp}/afile",
+                "--overwrite",
+            ],
+            "--json: {tmp}/afile is the input --tuned",
+        ),
         (
             ["stream", "eigen", *EIGEN, "--out", "{tmp}/o", "--min_rank", "128"],
             "min_rank: 128 leaves nothing to compress",
@@ -336,6 +412,20 @@ def test_bad_input_is_one_line_exit_2(
     assert needle in lines[0]
     assert "Traceback" not in err
     assert tree(tmp_path) == before  # nothing written, nothing removed
+
+
+def test_distributed_without_a_cluster_is_one_line():
+    """--distributed on a lone machine (no coordinator, no cluster JAX detects): one line,
+    exit 2 (a fresh process: JAX's backend must not be up before it)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "OMPI_"))}
+    r = subprocess.run(
+        [sys.executable, "-m", "jcompress", "ppl", "--distributed", "--model", "/nonexistent",
+         "--data", "/nonexistent.txt"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("jcompress: error: --distributed: no cluster")
 
 
 def test_help_explains_every_flag():

@@ -235,7 +235,8 @@ def test_avg_dim_above_windows_rejected_before_any_work(llama):
         compress({}, llama.cfg, calib.astype(np.float32), config=config, progress=False)
 
 
-def test_min_rank_that_blocks_every_layer_rejected_before_any_work(llama, monkeypatch):
+def test_bounds_that_block_every_layer_rejected_before_any_work(llama, monkeypatch):
+    """Settings under which no rank below full could pass are an error before the stream."""
     import sys
 
     mod = sys.modules["jcompress.eigen_attention.compress"]
@@ -244,15 +245,36 @@ def test_min_rank_that_blocks_every_layer_rejected_before_any_work(llama, monkey
         raise AssertionError("the layer stream started")
 
     monkeypatch.setattr(mod, "stream_layers", no_stream)
-    cfg = llama.cfg  # llama-1m: 4 KV heads x 16 = a total rank of 64 per layer
-    assert cfg.num_kv_heads * cfg.head_dim == 64
-    config = EigenAttentionConfig(nsamples=4, seqlen=SL, avg_dim=2, min_rank=64)
-    with pytest.raises(jcompress.UserError, match=r"min_rank: 64 leaves nothing .* < 64$"):
-        compress(llama.params, cfg, llama.calib[:4], config=config, progress=False)
-    # one below the full rank is allowed (the stream starts)
-    with pytest.raises(AssertionError, match="layer stream started"):
-        compress(llama.params, cfg, llama.calib[:4],
-                 config=dataclasses.replace(config, min_rank=63), progress=False)  # fmt: skip
+    cfg = llama.cfg  # llama-1m: 4 KV heads x 16; the largest total rank below full: 4 x 15
+    assert (cfg.num_kv_heads, cfg.head_dim) == (4, 16)
+    base = EigenAttentionConfig(nsamples=4, seqlen=SL, avg_dim=2)
+
+    def run(**kw):
+        compress(llama.params, cfg, llama.calib[:4], config=dataclasses.replace(base, **kw),
+                 progress=False)  # fmt: skip
+
+    for kw, match in (
+        (dict(min_rank=60), r"min_rank: 60 leaves nothing .* is 60; allowed: 0 <= min_rank < 60$"),
+        (dict(min_rank=60, rank_search="bisect"), "min_rank: 60 leaves nothing"),
+        (dict(min_rank=63, per_head_ranks=True), r"min_rank: 63 leaves nothing .* < 63$"),
+        (dict(min_rank_fraction=0.95), r"min_rank_fraction: 0.95 .* < 0.9375$"),
+        (dict(start_threshold=0.5, min_threshold=0.6), "start_threshold: 0.5 is not above"),
+    ):
+        with pytest.raises(jcompress.UserError, match=match):
+            run(**kw)
+    # just inside the bounds: allowed (the stream starts)
+    inside = (
+        dict(min_rank=59),
+        dict(min_rank=62, per_head_ranks=True),
+        dict(min_rank_fraction=0.93),
+        dict(start_threshold=0.7, min_threshold=0.6),
+    )
+    for kw in inside:
+        with pytest.raises(AssertionError, match="layer stream started"):
+            run(**kw)
+    # thresholds mean nothing to the bisection
+    with pytest.raises(jcompress.UserError, match="start_threshold: only used by rank_search"):
+        EigenAttentionConfig(rank_search="bisect", start_threshold=0.9)
 
 
 def test_family_defaults(llama, opt, tiny_models):
@@ -1151,20 +1173,23 @@ def test_cli_reaches_every_config_field():
 
     parser = build_parser()
     argv = ["eigen", "--model", "m", "--calib_data", "c", "--seqlen", "64", "--nsamples", "8",
-            "--avg_dim", "2", "--rank_search", "bisect", "--min_rank", "0", "--min_rank_fraction",
-            "0.2", "--start_threshold", "0.9", "--threshold-step", "0.01", "--min_threshold",
-            "0.5", "--no-reference_mode"]  # fmt: skip
+            "--avg_dim", "2", "--rank_search", "threshold", "--min_rank", "0",
+            "--min_rank_fraction", "0.2", "--start_threshold", "0.9", "--threshold-step", "0.01",
+            "--min_threshold", "0.5", "--no-reference_mode"]  # fmt: skip
     args = parser.parse_args(argv)
     fields = {f.name for f in dataclasses.fields(EigenAttentionConfig)}
     assert set(args.config_fields) == fields
     c = config_from_args(EigenAttentionConfig, args, args.config_fields)
     assert (c.rank_search, c.min_rank, c.min_rank_fraction, c.start_threshold) == (
-        "bisect",
+        "threshold",
         0,
         0.2,
         0.9,
     )
     assert (c.threshold_step, c.min_threshold, c.reference_mode, c.avg_dim) == (0.01, 0.5, False, 2)
+    # the bisection (thresholds play no part in it, so none are given)
+    args = parser.parse_args([*argv[:11], "--rank_search", "bisect"])
+    assert config_from_args(EigenAttentionConfig, args, args.config_fields).rank_search == "bisect"
     args = parser.parse_args([*argv[:5], "--reference-mode"])
     assert config_from_args(EigenAttentionConfig, args, args.config_fields).reference_mode
     with pytest.raises(SystemExit):

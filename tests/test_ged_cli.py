@@ -103,6 +103,11 @@ def test_cli_opt_end_to_end(capsys, tmp_path, opt_dir):
         (["--out", "{tmp}/foreign", "--overwrite"], "was not written by jcompress"),
         (["--out", "{tmp}/unmarked.txt"], "already exists and is a file"),
         (["--resume"], "--resume: only with --stream"),
+        (["--n-components", "100000"], "--n_components: 100000 exceeds the"),
+        (
+            ["--cond-a", "{tmp}/few.txt", "--cond-b", "{tmp}/few.txt"],
+            "--cond-b: {tmp}/few.txt holds the same sentences as --cond-a",
+        ),
         (["--stream", "--offload_dir", "{tmp}/nodir"], "--offload_dir: {tmp}/nodir is not a dir"),
         (["--stream", "--work_dir", "{tmp}/foreign"], "foreign exists and holds no manifest"),
     ],

@@ -345,6 +345,12 @@ def test_checkpoint_and_factor_export_round_trip_bit_exact(opt, tmp_path):
         (dict(hooi_ranks_v=(2, 2, -1)), r"^hooi_ranks_v: expected positive integers"),
         (dict(layers="k_proj"), r"^layers"),
         (dict(allow_unmatched=1), r"^allow_unmatched: must be True or False"),
+        # settings the chosen variant never reads
+        (dict(hooi_ranks=(2, 2, 2)), r"^hooi_ranks: not used by variant tt \(it reads mps_eps"),
+        (dict(variant="tucker", tt_ranks=(4, 4)), r"^tt_ranks: not used by variant tucker"),
+        (dict(variant="tucker", basis_ranks=(2, 2)), r"^basis_ranks: not used by variant tucker"),
+        (dict(variant="tucker_mps", hooi_ranks_q=(2, 2, 2)), r"^hooi_ranks_q: not used by"),
+        (dict(tt_ranks=(4, 4), mps_eps=0.5), r"^mps_eps: not used when tt_ranks fixes"),
     ],
 )
 def test_config_validation(kwargs, match):

@@ -21,6 +21,8 @@ __all__ = [
     "add_attention_flag",
     "add_calib_window_flags",
     "add_distributed_flag",
+    "check_eval_window_flags",
+    "check_prompt",
     "add_dtype_flag",
     "add_eval_window_flags",
     "add_mesh_flag",
@@ -111,6 +113,18 @@ def add_eval_window_flags(s: argparse.ArgumentParser) -> None:
     )
 
 
+def check_eval_window_flags(args: argparse.Namespace) -> None:
+    """``--eval_seqlen`` / ``--eval_max_windows`` without ``--eval_data`` measure nothing: an
+    error, not a silently ignored flag."""
+    if getattr(args, "eval_data", None) is None:
+        for flag in ("eval_seqlen", "eval_max_windows"):
+            if getattr(args, flag, None) is not None:
+                raise UserError(
+                    f"--{flag}: only used with --eval_data (no perplexity is measured "
+                    "without it); add --eval_data or drop the flag"
+                )
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataJob:
     """The fields a method command's job shares (``run``, ``tucker``): the model, the output
@@ -184,6 +198,7 @@ class DataJob:
         def path(v):
             return None if v is None else Path(v)
 
+        check_eval_window_flags(args)
         return dict(
             model=Path(args.model),
             out=path(args.out),
@@ -608,6 +623,33 @@ def check_positions(cfg, n_tokens: int, *, arg: str, allow_long: bool = False) -
     from jcompress import validate
 
     validate.check_positions(cfg, n_tokens, arg=arg, allow_long=allow_long, override="--allow-long")
+
+
+def check_prompt(
+    cfg,
+    tok: Any,
+    prompt: str,
+    max_new_tokens: int,
+    *,
+    max_new_arg: str = "--max_new_tokens",
+    allow_long: bool = False,
+) -> int:
+    """The sample prompt tokenizes to something and, with ``max_new_tokens`` generated after
+    it, fits the model's positions (the prompt alone blamed when it is too long by itself).
+    Returns the prompt's token count."""
+    from jcompress.data import tokenize
+
+    n = int(tokenize(tok, prompt).size)
+    if n == 0:
+        raise UserError("--prompt: the prompt tokenizes to nothing")
+    check_positions(cfg, n, arg="--prompt", allow_long=allow_long)
+    check_positions(
+        cfg,
+        n + max_new_tokens,
+        arg=f"{max_new_arg} ({max_new_tokens} after a {n}-token prompt)",
+        allow_long=allow_long,
+    )
+    return n
 
 
 def load_model(model: str | os.PathLike, dtype: str | None):

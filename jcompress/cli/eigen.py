@@ -21,6 +21,7 @@ from jcompress.cli.common import (
     add_eval_window_flags,
     add_mesh_flag,
     budget,
+    check_eval_window_flags,
     config_flags,
     config_from_args,
     mesh_from_args,
@@ -128,14 +129,14 @@ def check_eigen_job(job: EigenJob):
     :mod:`jcompress.outputs` guard, free space), window lengths, the sample length. Returns
     the model's ``ModelConfig``."""
     from jcompress.cli.common import check_data_file, check_positions, model_bytes
-    from jcompress.eigen_attention.compress import check_min_rank
+    from jcompress.eigen_attention.compress import check_bounds
     from jcompress.eval import check_seqlen
     from jcompress.models import read_config
     from jcompress.outputs import check_output_dir, check_output_file
 
     cfg = read_config(job.model)
     _check_layers(cfg, job.config)
-    check_min_rank(job.config, cfg.num_kv_heads, cfg.head_dim)
+    check_bounds(cfg, job.config, cfg.num_kv_heads, cfg.head_dim)
     check_data_file(job.calib_data, "--calib_data")
     if job.eval_data is not None:
         check_data_file(job.eval_data, "--eval_data")
@@ -171,6 +172,7 @@ def run_eigen_job(job: EigenJob, log=print) -> dict[str, Any]:
     from jcompress.atomic import atomic_dir, write_json
     from jcompress.cli.common import (
         calibration_from_text,
+        check_prompt,
         generate_text,
         load_eval_tokens,
         load_tokenizer_for,
@@ -183,6 +185,7 @@ def run_eigen_job(job: EigenJob, log=print) -> dict[str, Any]:
     model_cfg = check_eigen_job(job)
     config = job.config
     tok = load_tokenizer_for(job.model, "--model", model_cfg)
+    check_prompt(model_cfg, tok, job.prompt, job.max_new_tokens)  # before any weight
     calib = calibration_from_text(job.calib_data, tok, config.nsamples, config.seqlen,
                                   config.seed, arg=job.text_args[0])  # fmt: skip
     eval_seqlen = job.eval_seqlen or config.seqlen
@@ -432,6 +435,7 @@ def job_from_args(
 
 def run(args: argparse.Namespace) -> int:
     mesh_from_args(args)  # --mesh: the calibration stream and perplexity run sharded
+    check_eval_window_flags(args)
     job = job_from_args(
         args,
         model=Path(args.model),

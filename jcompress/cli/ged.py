@@ -23,7 +23,7 @@ from jcompress.cli.common import (
     positive,
     stream_from_args,
 )
-from jcompress.errors import UserError
+from jcompress.errors import UserError, naming
 
 __all__ = ["add_parser", "run", "shrinkage_arg"]
 
@@ -179,6 +179,11 @@ def run(args: argparse.Namespace, log=print) -> int:
     except UserError as e:
         flag = "--cond-a" if str(e).startswith(str(file_a)) else "--cond-b"
         raise UserError(f"{flag}: {e}") from None
+    if texts_a == texts_b:
+        raise UserError(
+            f"--cond-b: {file_b} holds the same sentences as --cond-a {file_a}; GED separates "
+            "two different conditions"
+        )
     streamed = stream_from_args(args, Path(args.out))
     inputs = {"--model": model, "--cond-a": file_a, "--cond-b": file_b}
     if streamed is not None:
@@ -192,7 +197,8 @@ def run(args: argparse.Namespace, log=print) -> int:
     tok = load_tokenizer_for(model, "--model", cfg)
     ta = tokenize_examples(tok, texts_a, capture.position, what=f"--cond-a {file_a}")
     tb = tokenize_examples(tok, texts_b, capture.position, what=f"--cond-b {file_b}")
-    _check_sizes(ta.n_samples, tb.n_samples, config, ("--cond-a", "--cond-b"))
+    with naming("--n_components"):
+        _check_sizes(ta.n_samples, tb.n_samples, config, ("--cond-a", "--cond-b"), hook.width)
     _check_vocab(cfg, ta, tb)
 
     import jcompress

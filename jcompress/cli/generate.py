@@ -9,14 +9,13 @@ from jcompress.cli.common import (
     add_dtype_flag,
     add_mesh_flag,
     add_model_flag,
-    check_positions,
+    check_prompt,
     generate_text,
     load_model,
     load_tokenizer_for,
     mesh_from_args,
     positive,
 )
-from jcompress.errors import UserError
 
 __all__ = ["add_parser", "run"]
 
@@ -46,24 +45,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jcompress.data import tokenize
     from jcompress.models import read_config
     from jcompress.sharding import shard_params
 
     cfg = read_config(args.model)
     mesh = mesh_from_args(args, cfg)
     tok = load_tokenizer_for(args.model, "--model", cfg)
-    n_prompt = int(tokenize(tok, args.prompt).size)
-    if n_prompt == 0:
-        raise UserError("--prompt: the prompt tokenizes to nothing")
-    # a prompt that alone is too long is the prompt's fault, not --max-new-tokens'
-    check_positions(cfg, n_prompt, arg="--prompt", allow_long=args.allow_long)
-    check_positions(
-        cfg,
-        n_prompt + args.max_new_tokens,
-        arg=f"--max-new-tokens ({args.max_new_tokens} after a {n_prompt}-token prompt)",
-        allow_long=args.allow_long,
-    )
+    check_prompt(cfg, tok, args.prompt, args.max_new_tokens, max_new_arg="--max-new-tokens",
+                 allow_long=args.allow_long)  # fmt: skip
     cfg, params = load_model(args.model, args.dtype)
     params = shard_params(params, cfg, mesh)  # heads over model; one prompt: no data
     print(

@@ -97,12 +97,10 @@ def run(args: argparse.Namespace) -> int:
     mesh = mesh_from_args(args, cfg)
     check_data_file(args.data, "--data")
     if args.json:
-        check_output_file(
-            args.json,
-            inputs={"--model": Path(args.model), "--data": Path(args.data)},
-            overwrite=args.overwrite,
-            arg="--json",
-        )
+        inputs = {"--model": Path(args.model), "--data": Path(args.data)}
+        if args.tuned is not None:
+            inputs["--tuned"] = Path(args.tuned)
+        check_output_file(args.json, inputs=inputs, overwrite=args.overwrite, arg="--json")
     check_seqlen(cfg, args.seqlen, allow_long=args.allow_long, override="--allow-long")
     if args.stream and args.mesh:
         raise UserError("--mesh: not with --stream (streamed perplexity runs on one device)")

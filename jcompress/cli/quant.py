@@ -302,7 +302,13 @@ def run(args: argparse.Namespace) -> int:
     config, choices = _config(args, cfg)
     mesh_from_args(args, cfg)  # --mesh: perplexity runs sharded
     inputs = {"--model": model}
-    for flag, value in (("--from_ranking", args.from_ranking), ("--config", args.config)):
+    if args.no_eval and args.eval_data is not None:
+        raise UserError("--eval_data: not read with --no_eval; drop one of them")
+    for flag, value in (
+        ("--from_ranking", args.from_ranking),
+        ("--config", args.config),
+        ("--eval_data", args.eval_data),
+    ):
         if value is not None:  # input files: never an output of this run
             inputs[flag] = Path(value)
     shapes = param_shapes(cfg)

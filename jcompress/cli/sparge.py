@@ -78,7 +78,7 @@ def run_tune(args: argparse.Namespace) -> int:
     from jcompress.outputs import check_output_file, safetensors_metadata
     from jcompress.sparge import save_params
     from jcompress.sparge.params import FORMAT as PARAMS_FORMAT
-    from jcompress.sparge.tune import SpargeTuneConfig, tune
+    from jcompress.sparge.tune import SpargeTuneConfig, check_layers, tune
 
     config = config_from_args(SpargeTuneConfig, args, args._names)
     if args.stream and args.mesh:
@@ -102,6 +102,8 @@ def run_tune(args: argparse.Namespace) -> int:
     if config.seqlen > cfg.max_position_embeddings:
         raise UserError(f"--seqlen: {config.seqlen} exceeds the model's "
                         f"{cfg.max_position_embeddings} positions")  # fmt: skip
+    with naming("--layer_l1"):
+        check_layers(cfg, config)  # before any weight is read
     windows = calibration_from_text(data, load_tokenizer(model), config.nsamples, config.seqlen,
                                     config.seed, arg="--data")  # fmt: skip
     if streamed is None:

@@ -59,13 +59,13 @@ def _eigen_flags(p: argparse.ArgumentParser) -> list[str]:
 
 def _eigen_build(args: argparse.Namespace, cfg: Any) -> tuple[Any, _Calib | None]:
     from jcompress.eigen_attention import EigenAttentionConfig
-    from jcompress.eigen_attention.compress import check_min_rank
+    from jcompress.eigen_attention.compress import check_bounds
 
     seqlen = args.seqlen or min(2048, cfg.max_position_embeddings)
     config = config_from_args(EigenAttentionConfig, args, args.config_fields, seqlen=seqlen)
     if args.calib_data is None:
         raise UserError("--calib_data: EigenAttention needs calibration text")
-    check_min_rank(config, cfg.num_kv_heads, cfg.head_dim)
+    check_bounds(cfg, config, cfg.num_kv_heads, cfg.head_dim)
     return config, _Calib(config.nsamples, config.seqlen, config.seed)
 
 

@@ -216,6 +216,13 @@ class EigenAttentionConfig:
                 "per_head_ranks: each head keeps its own count at the walk's threshold; it "
                 "needs rank_search='threshold' and reference_mode off"
             )
+        if self.rank_search == "bisect":
+            for name in ("start_threshold", "min_threshold"):
+                if getattr(self, name) is not None:
+                    raise UserError(
+                        f"{name}: only used by rank_search='threshold' (bisect searches the "
+                        "ranks themselves); drop it or use the threshold walk"
+                    )
         if self.reference_mode and self.rank_search != "threshold":
             raise UserError(
                 "reference_mode: the reference walks the threshold; it needs "
@@ -266,14 +273,39 @@ def family_defaults(cfg: ModelConfig, config: EigenAttentionConfig) -> _Defaults
     )
 
 
-def check_min_rank(config: EigenAttentionConfig, kv_heads: int, head_dim: int) -> None:
-    """An explicit ``min_rank`` at or above a layer's whole total rank (``kv_heads x
-    head_dim``) would leave every layer uncompressed: an error, not a silent no-op."""
-    full = kv_heads * head_dim
-    if config.min_rank is not None and config.min_rank >= full:
+def check_bounds(
+    cfg: ModelConfig, config: EigenAttentionConfig, kv_heads: int, head_dim: int
+) -> None:
+    """Settings that would leave every layer uncompressed are an error, not a silent no-op:
+
+    * the threshold walk with ``start_threshold`` not above ``min_threshold`` (either one
+      the family default) tries no threshold at all;
+    * an explicit ``min_rank`` / ``min_rank_fraction`` whose bound no rank below full can
+      pass: a candidate's total rank must exceed it, and the largest total below full is
+      ``kv_heads x (head_dim - 1)`` (one rank shared by the heads: the walk's default and
+      bisection) or ``kv_heads x head_dim - 1`` (``per_head_ranks``). A family default that
+      does so (OPT's 64 on a model narrower than the reference's) is the reference's
+      behaviour and is kept.
+    """
+    d = family_defaults(cfg, config)
+    if config.rank_search == "threshold" and not d.start > d.min_threshold + 1e-9:
         raise UserError(
-            f"min_rank: {config.min_rank} leaves nothing to compress: a layer's total rank is "
-            f"at most {kv_heads} KV heads x {head_dim} = {full}; allowed: 0 <= min_rank < {full}"
+            f"start_threshold: {d.start} is not above min_threshold {d.min_threshold} (either "
+            "may be the family default), so no threshold would be tried; allowed: "
+            "start_threshold > min_threshold"
+        )
+    top = kv_heads * head_dim - 1 if config.per_head_ranks else kv_heads * (head_dim - 1)
+    where = f"with {kv_heads} KV heads of {head_dim} the largest total rank below full is {top}"
+    if config.min_rank is not None and config.min_rank >= top:
+        raise UserError(
+            f"min_rank: {config.min_rank} leaves nothing to compress: {where}; allowed: "
+            f"0 <= min_rank < {top}"
+        )
+    frac = config.min_rank_fraction
+    if frac is not None and frac * kv_heads * head_dim >= top:
+        raise UserError(
+            f"min_rank_fraction: {frac} of {kv_heads} x {head_dim} leaves nothing to compress: "
+            f"{where}; allowed: 0 <= min_rank_fraction < {top / (kv_heads * head_dim):.6g}"
         )
 
 
@@ -757,7 +789,7 @@ def compress(
     lp0 = flatten(get_path(params, layer_paths[0]))
     d_model_k = int(lp0[f"{lay.k}/kernel"].shape[-1]) // hk
     d_model_v = int(lp0[f"{lay.v}/kernel"].shape[-1]) // hk
-    check_min_rank(config, hk, max(d_model_k, d_model_v))
+    check_bounds(cfg, config, hk, max(d_model_k, d_model_v))
     reports: list[LayerReport] = []
     feat_paths = (lay.k, lay.v) if rope else (lay.k, lay.q, lay.v)
     capture = Capture(outputs="|".join(re.escape(p) for p in feat_paths))

@@ -148,12 +148,26 @@ class GEDAnalysis:
         return out
 
 
-def _check_sizes(n_s: int, n_r: int, config: GEDConfig, what: tuple[str, str]) -> None:
+def _check_sizes(
+    n_s: int, n_r: int, config: GEDConfig, what: tuple[str, str], width: int | None = None
+) -> None:
+    """Enough samples per condition for the folds and, given the hook's ``width``, for a
+    fixed ``n_components`` (checked again per fit; here before anything is captured)."""
     for name, n in zip(what, (n_s, n_r), strict=True):
         if n < max(config.n_folds, 2):
             raise UserError(
                 f"{name}: {n} samples, need at least {max(config.n_folds, 2)} "
                 f"(n_folds={config.n_folds})"
+            )
+    k = config.n_components
+    if k is not None and width is not None:
+        from jcompress.ged.fit import _max_components
+
+        avail = _max_components(n_s, n_r, width, config.center)
+        if k > avail:
+            raise UserError(
+                f"n_components: {k} exceeds the {avail} components that {n_s} + {n_r} samples "
+                f"of {width} neurons allow; allowed: 1 <= n_components <= {avail}"
             )
 
 
@@ -279,7 +293,7 @@ def _prepare(cfg, texts_s, texts_r, tokenizer, config, capture, labels):
     layers = resolve_layers(cfg, capture)
     tok_s = tokenize_examples(tokenizer, texts_s, capture.position, what=labels[0])
     tok_r = tokenize_examples(tokenizer, texts_r, capture.position, what=labels[1])
-    _check_sizes(tok_s.n_samples, tok_r.n_samples, config, labels)
+    _check_sizes(tok_s.n_samples, tok_r.n_samples, config, labels, hook.width)
     _check_vocab(cfg, tok_s, tok_r)
     return hook, layers, tok_s, tok_r
 

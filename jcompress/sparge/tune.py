@@ -526,7 +526,7 @@ def tune(cfg, params, windows, config: SpargeTuneConfig | None = None, *,
 
     Returns ``(SpargeParams [layers, heads], TuneReport)``."""
     config = config or SpargeTuneConfig()
-    _check_layers(cfg, config)
+    check_layers(cfg, config)
     t0 = time.perf_counter()
     outs = {}
     for li, batches in layer_qkv(cfg, params, windows, batch_size=config.batch_size,
@@ -565,7 +565,7 @@ def stream_tune(model, windows, config: SpargeTuneConfig | None = None, *,
     config = config or SpargeTuneConfig()
     loader = model if isinstance(model, LayerLoader) else LayerLoader(model, dtype=dtype)
     cfg = loader.cfg
-    _check_layers(cfg, config)
+    check_layers(cfg, config)
     t0 = time.perf_counter()
     core, capture = _core_capture(cfg)
 
@@ -582,7 +582,8 @@ def stream_tune(model, windows, config: SpargeTuneConfig | None = None, *,
     return _assemble(cfg, res.results, config, t0)
 
 
-def _check_layers(cfg, config: SpargeTuneConfig) -> None:
+def check_layers(cfg, config: SpargeTuneConfig) -> None:
+    """Every ``layer_l1`` override names a layer the model has."""
     bad = [lay for lay in config.layer_bounds() if lay >= cfg.num_layers]
     if bad:
         raise UserError(f"layer_l1: layer {bad[0]} does not exist (the model has "

@@ -83,6 +83,26 @@ def _ints(value: Any, name: str) -> tuple[int, ...]:
     return tuple(out)
 
 
+_VARIANT_FIELDS: dict[Any, tuple[str, ...]] = {
+    Variant.TT: ("mps_eps", "tt_ranks", "n_cores"),
+    Variant.TUCKER: ("hooi_ranks", "hooi_ranks_q", "hooi_ranks_k", "hooi_ranks_v", "hooi_iters"),
+    Variant.TUCKER_MPS: ("mps_eps", "tt_ranks", "n_cores", "hooi_iters", "basis_ranks"),
+    "all": (
+        "mps_eps",
+        "tt_ranks",
+        "n_cores",
+        "hooi_ranks",
+        "hooi_ranks_q",
+        "hooi_ranks_k",
+        "hooi_ranks_v",
+        "hooi_iters",
+        "basis_ranks",
+    ),  # fmt: skip
+}
+"""The decomposition settings each :class:`Variant` reads (:class:`TuckerConfig` refuses a
+non-default value of any other)."""
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TuckerConfig:
     """Settings of :func:`compress`.
@@ -170,6 +190,19 @@ class TuckerConfig:
         if isinstance(self.layers, str) or not all(isinstance(r, str) for r in self.layers):
             raise UserError(f"layers: must be a tuple of regex strings, got {self.layers!r}")
         object.__setattr__(self, "layers", tuple(self.layers))
+        # a setting the variant never reads is a mistake, not a no-op
+        used = _VARIANT_FIELDS[self.variant]
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in _VARIANT_FIELDS["all"]:
+            if name not in used and getattr(self, name) != defaults[name]:
+                raise UserError(
+                    f"{name}: not used by variant {self.variant.value} (it reads "
+                    f"{', '.join(used)}); drop it or choose the variant that uses it"
+                )
+        if self.tt_ranks is not None and self.mps_eps != defaults["mps_eps"]:
+            raise UserError(
+                "mps_eps: not used when tt_ranks fixes the bond ranks; give one of the two"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
