@@ -244,14 +244,14 @@ def check_positions(
     arg: str,
     allow_long: bool = False,
     warn: bool = False,
-    override: str = "allow_long=True",
+    override: str | None = "allow_long=True",
 ) -> None:
     """``length`` tokens must fit the positions the model was trained on.
 
     Learned position tables: an error (there is no row to read). RoPE: beyond
     ``max_position_embeddings`` is an error (a warning when ``warn``) unless ``allow_long``.
     ALiBi has no trained limit. ``override`` names the switch in the message (the CLI says
-    ``--allow-long``).
+    ``--allow-long``; ``None``: a command without one, the message names none).
     """
     from jcompress.models.config import Position
 
@@ -265,9 +265,11 @@ def check_positions(
             f"{arg}: {length} tokens exceed the {trained} positions the model was trained on (RoPE)"
         )
         if warn:  # it runs: say how to silence the warning, not how to run it
-            warnings.warn(f"{msg}; running anyway ({override} silences this)", stacklevel=3)
+            hint = "" if override is None else f" ({override} silences this)"
+            warnings.warn(f"{msg}; running anyway{hint}", stacklevel=3)
         else:
-            raise UserError(f"{msg}; pass {override} to run it anyway")
+            hint = "" if override is None else f"; pass {override} to run it anyway"
+            raise UserError(msg + hint)
 
 
 def _dtype_bytes(dtype: Any) -> int:

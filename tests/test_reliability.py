@@ -571,6 +571,13 @@ def test_check_seqlen_rope_warns_learned_errors():
     user_error(lambda: check_seqlen(_tiny_opt_cfg(), 17), "seqlen", "16 learned positions")
     for bad in (1, 2.5, "8", True):
         user_error(lambda b=bad: check_seqlen(cfg, b), "seqlen")
+    # a command without a silencing switch names the flag and no switch
+    with pytest.warns(UserWarning) as rec:
+        check_seqlen(cfg, 32, arg="--eval_seqlen", override=None)
+    assert [str(w.message) for w in rec] == [
+        "--eval_seqlen: 32 tokens exceed the 16 positions the model was trained on (RoPE); "
+        "running anyway"
+    ]
 
 
 @pytest.mark.parametrize(

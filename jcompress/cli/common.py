@@ -166,9 +166,9 @@ class DataJob:
         if self.out is not None:
             check_output_dir(self.out, inputs=inputs, overwrite=self.overwrite, arg="--out",
                              need_bytes=2 * model_bytes(self.model))  # fmt: skip
-        check_seqlen(cfg, self.calib_seqlen(cfg))
+        check_seqlen(cfg, self.calib_seqlen(cfg), arg="--seqlen", override=None)
         if self.eval_seqlen is not None:
-            check_seqlen(cfg, self.eval_seqlen)
+            check_seqlen(cfg, self.eval_seqlen, arg="--eval_seqlen", override=None)
 
     def tokens(self, cfg: Any) -> tuple[Any, Any, int]:
         """``(calib, eval_ids, seqlen)``: the ``[nsamples, seqlen]`` calibration windows and

@@ -158,8 +158,9 @@ def check_eigen_job(job: EigenJob):
         if job.out is not None:
             json_inputs["--out"] = job.out
         check_output_file(job.json, inputs=json_inputs, overwrite=job.overwrite, arg="--json")
-    check_seqlen(cfg, job.config.seqlen)
-    check_seqlen(cfg, job.eval_seqlen or job.config.seqlen)
+    check_seqlen(cfg, job.config.seqlen, arg="--seqlen", override=None)
+    if job.eval_seqlen:
+        check_seqlen(cfg, job.eval_seqlen, arg="--eval_seqlen", override=None)
     check_positions(cfg, job.max_new_tokens + 1, arg="--max_new_tokens")
     return cfg
 

@@ -101,7 +101,9 @@ def run(args: argparse.Namespace) -> int:
         if args.tuned is not None:
             inputs["--tuned"] = Path(args.tuned)
         check_output_file(args.json, inputs=inputs, overwrite=args.overwrite, arg="--json")
-    check_seqlen(cfg, args.seqlen, allow_long=args.allow_long, override="--allow-long")
+    check_seqlen(
+        cfg, args.seqlen, allow_long=args.allow_long, override="--allow-long", arg="--seqlen"
+    )
     if args.stream and args.mesh:
         raise UserError("--mesh: not with --stream (streamed perplexity runs on one device)")
     if args.offload_dir is not None:

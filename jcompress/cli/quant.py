@@ -229,7 +229,7 @@ def run_check(args: argparse.Namespace) -> int:
     mesh_from_args(args, cfg)
     data = check_data_file(args.eval_data or bundled_eval_text(), "--eval_data")
     with naming("--seqlen"):
-        check_seqlen(cfg, args.seqlen)
+        check_seqlen(cfg, args.seqlen, arg="--seqlen", override=None)
     if args.out is not None:
         check_output_dir(args.out, inputs={"--model": model, "--json": p},
                          overwrite=args.overwrite, arg="--out")  # fmt: skip
@@ -350,7 +350,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_eval:
         data = check_data_file(args.eval_data or bundled_eval_text(), "--eval_data")
         with naming("--seqlen"):
-            check_seqlen(cfg, args.seqlen)
+            check_seqlen(cfg, args.seqlen, arg="--seqlen", override=None)
         eval_ids = load_eval_tokens(data, load_tokenizer_for(model, "--model", cfg), args.seqlen,
                                     arg="--eval_data", seqlen_arg="--seqlen")  # fmt: skip
     # the rules are checked against the model's linear paths and their leaf types (a factor

@@ -209,7 +209,7 @@ def run_eval(args: argparse.Namespace) -> int:
             inputs["--work_dir"] = streamed["work_dir"]
         check_output_dir(out_dir, inputs=inputs, overwrite=args.overwrite, arg="--out_dir")
     with naming("--seqlen"):
-        check_seqlen(cfg, args.seqlen)  # before any weights are read
+        check_seqlen(cfg, args.seqlen, arg="--seqlen", override=None)  # before any weights
     ids = load_eval_tokens(data, load_tokenizer(model), args.seqlen, arg="--data",
                            seqlen_arg="--seqlen")  # fmt: skip
     untuned = SpargeParams.create(cfg.num_layers, cfg.num_heads)

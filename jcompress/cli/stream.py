@@ -236,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_dir(out, inputs=inputs, overwrite=args.overwrite, arg="--out")
     calib = None
     if spec is not None:
-        check_seqlen(cfg, spec.seqlen)
+        check_seqlen(cfg, spec.seqlen, arg="--seqlen", override=None)
         tok = load_tokenizer_for(model, "--model", cfg)
         calib = calibration_from_text(args.calib_data, tok, spec.nsamples, spec.seqlen, spec.seed)
     with warnings.catch_warnings(record=True) as caught:

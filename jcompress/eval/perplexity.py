@@ -65,21 +65,28 @@ def window_nll(
 
 
 def check_seqlen(
-    cfg: ModelConfig, seqlen: int, *, allow_long: bool = False, override: str = "allow_long=True"
+    cfg: ModelConfig,
+    seqlen: int,
+    *,
+    allow_long: bool = False,
+    override: str | None = "allow_long=True",
+    arg: str = "seqlen",
 ) -> None:
     """Check the window length against the model's trained positions (cheap; call before
     loading the weights).
 
     A learned position table has ``max_position_embeddings`` rows: longer windows are an
     error. RoPE models run beyond the trained length but degrade: a ``UserWarning`` naming the
-    trained length, unless ``allow_long=True``. ALiBi has no trained limit.
+    trained length, unless ``allow_long=True``. ALiBi has no trained limit. ``arg`` names the
+    setting in the messages (a CLI flag), ``override`` the switch that silences the warning
+    (``None``: the caller has none).
 
     Raises:
       UserError: ``seqlen`` is not an integer >= 2, or exceeds learned positions.
     """
     if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 2:
-        raise UserError(f"seqlen: must be an integer >= 2, got {seqlen!r}")
-    check_positions(cfg, seqlen, arg="seqlen", allow_long=allow_long, warn=True, override=override)
+        raise UserError(f"{arg}: must be an integer >= 2, got {seqlen!r}")
+    check_positions(cfg, seqlen, arg=arg, allow_long=allow_long, warn=True, override=override)
 
 
 def _check_batch_memory(
