@@ -305,6 +305,14 @@ def test_generate(capsys, llama_dir, shared_data, attention):
         (["eigen", *EIGEN, "--ft_steps", "3"], "--ft_steps: only used with --fine_tune"),
         (["eigen", *EIGEN, "--eval_seqlen", "64"], "--eval_seqlen: only used with --eval_data"),
         (
+            ["tucker", "--model", "{llama}", "--nsamples", "4", "--out", "{tmp}/o"],
+            "--nsamples: only used with --calib_data",
+        ),
+        (
+            ["stream", "tucker", "--model", "{llama}", "--seed", "3", "--out", "{tmp}/o"],
+            "--seed: only used with --calib_data",
+        ),
+        (
             ["tucker", "--model", "{llama}", "--eval_max_windows", "2", "--out", "{tmp}/o"],
             "--eval_max_windows: only used with --eval_data",
         ),

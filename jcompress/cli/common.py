@@ -21,6 +21,7 @@ __all__ = [
     "add_attention_flag",
     "add_calib_window_flags",
     "add_distributed_flag",
+    "calib_window_args",
     "check_eval_window_flags",
     "check_prompt",
     "add_dtype_flag",
@@ -83,8 +84,12 @@ def add_attention_flag(s: argparse.ArgumentParser) -> None:
 
 def add_calib_window_flags(s: argparse.ArgumentParser) -> None:
     """``--nsamples`` / ``--seqlen`` / ``--seed``: the calibration windows of a method command."""
+    # default None: given without --calib_data is an error (calib_window_args), not ignored
     s.add_argument(
-        "--nsamples", type=positive, default=32, help="calibration windows (default: 32)"
+        "--nsamples",
+        type=positive,
+        default=None,
+        help=f"calibration windows (default: {CALIB_DEFAULTS['nsamples']})",
     )
     s.add_argument(
         "--seqlen",
@@ -92,7 +97,32 @@ def add_calib_window_flags(s: argparse.ArgumentParser) -> None:
         default=None,
         help="tokens per calibration window (default: 512, capped at the model's positions)",
     )
-    s.add_argument("--seed", type=int, default=2, help="calibration sampling seed (default: 2)")
+    s.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help=f"calibration sampling seed (default: {CALIB_DEFAULTS['seed']})",
+    )
+
+
+CALIB_DEFAULTS = {"nsamples": 32, "seed": 2}
+"""``--nsamples`` / ``--seed`` when calibration text is given without them."""
+
+
+def calib_window_args(args: argparse.Namespace) -> tuple[int, int]:
+    """``(nsamples, seed)`` of :func:`add_calib_window_flags`, defaults filled in; either one
+    given without ``--calib_data`` is an error (no window is sampled)."""
+    if getattr(args, "calib_data", None) is None:
+        for flag in CALIB_DEFAULTS:
+            if getattr(args, flag, None) is not None:
+                raise UserError(
+                    f"--{flag}: only used with --calib_data (no calibration window is "
+                    "sampled without it); add --calib_data or drop the flag"
+                )
+    return tuple(  # type: ignore[return-value]
+        CALIB_DEFAULTS[f] if getattr(args, f, None) is None else getattr(args, f)
+        for f in ("nsamples", "seed")
+    )
 
 
 def add_eval_window_flags(s: argparse.ArgumentParser) -> None:
@@ -199,14 +229,15 @@ class DataJob:
             return None if v is None else Path(v)
 
         check_eval_window_flags(args)
+        nsamples, seed = calib_window_args(args)
         return dict(
             model=Path(args.model),
             out=path(args.out),
             calib_data=path(args.calib_data),
             eval_data=path(args.eval_data),
-            nsamples=args.nsamples,
+            nsamples=nsamples,
             seqlen=args.seqlen,
-            seed=args.seed,
+            seed=seed,
             eval_seqlen=args.eval_seqlen,
             eval_max_windows=args.eval_max_windows,
             overwrite=args.overwrite,

@@ -19,6 +19,7 @@ from typing import Any
 from jcompress.cli.common import (
     add_calib_window_flags,
     add_dtype_flag,
+    calib_window_args,
     config_flags,
     config_from_args,
 )
@@ -93,6 +94,7 @@ def _tucker_build(args: argparse.Namespace, cfg: Any) -> tuple[Any, _Calib | Non
     from jcompress.tucker import TuckerConfig
 
     config = config_from_args(TuckerConfig, args, args.config_fields, variant=args.variant)
+    nsamples, seed = calib_window_args(args)
     if args.calib_data is None:
         if args.variant == "tucker_mps":
             raise UserError(
@@ -100,7 +102,7 @@ def _tucker_build(args: argparse.Namespace, cfg: Any) -> tuple[Any, _Calib | Non
             )
         return config, None
     seqlen = args.seqlen or min(512, cfg.max_position_embeddings)
-    return config, _Calib(args.nsamples, seqlen, args.seed)
+    return config, _Calib(nsamples, seqlen, seed)
 
 
 def _quant_compress():
