@@ -404,3 +404,17 @@ def test_provider_imported_on_first_use(monkeypatch):
     monkeypatch.setattr(A.importlib, "import_module", fake_import)
     assert isinstance(A.resolve("block_sparse"), real)
     assert imported == ["jcompress.sparge"]
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_huge_scores_and_padding_stay_finite(impl):
+    """Scores near the float32 range (|q . k| ~ 1e33) with left padding: every output is
+    finite (a padding bias that overflowed to -inf would make whole rows NaN)."""
+    b, t, hq, hk, d = 2, 12, 4, 2, 8
+    q, k, v = _qkv(b, t, t, hq, hk, d, seed=11)
+    q, k = jnp.abs(q) * 1e16, -jnp.abs(k) * 1e16  # every score about -1e32
+    valid = np.ones((b, t), bool)
+    valid[1, :7] = False  # left padding longer than a small block
+    f = jax.jit(lambda q, k, v, valid: IMPLS[impl](q, k, v, A.causal_mask(valid), scale=0.35))
+    out = np.asarray(f(q, k, v, jnp.asarray(valid)))
+    assert np.isfinite(out).all()

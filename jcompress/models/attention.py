@@ -440,8 +440,10 @@ def _causal_rows(q, k, v, mask: AttentionMask, scale, blk: int):
     qs = (q.astype(f32) * scale).astype(q.dtype)
     qr = per_pair(qs.reshape(b, t, hk, g, d))  # [B * Hk, T, g, D]
     kr, vr = per_pair(k), per_pair(v)  # [B * Hk, T, D], [B * Hk, T, Dv]
-    bias = jnp.repeat(jnp.where(mask.k_valid, 0.0, _NEG).astype(f32), hk, axis=0)  # [B*Hk, S]
-    xs = [qr, kr, vr, bias]
+    # key padding joins the causal mask in one select (no additive bias: one that overflowed
+    # to -inf would make a row NaN, one that did not could lose to a real key's score)
+    valid = jnp.repeat(mask.k_valid.astype(bool), hk, axis=0)  # [B * Hk, S]
+    xs = [qr, kr, vr, valid]
     if slopes is not None:
         xs += [
             jnp.repeat(q_pos.astype(f32), hk, axis=0),  # [B * Hk, T]
@@ -451,19 +453,20 @@ def _causal_rows(q, k, v, mask: AttentionMask, scale, blk: int):
     nq = math.ceil(t / blk)
 
     def one(x):
-        qn, kn, vn, bn = x[:4]
+        qn, kn, vn, ok = x[:4]
         outs = []
         for i in range(nq):
             lo, hi = i * blk, min((i + 1) * blk, t)
             rows = (hi - lo) * g
             qi = qn[lo:hi].reshape(rows, d)
-            sc = jnp.dot(qi, kn[:hi].T, preferred_element_type=f32) + bn[:hi]
+            sc = jnp.dot(qi, kn[:hi].T, preferred_element_type=f32)
             row_t = lo + jnp.arange(rows) // g
             if slopes is not None:  # ALiBi: slopes[h] * (k_pos - q_pos)
                 qp, kp, sl = x[4:]
                 rel = kp[None, :hi] - qp[lo:hi][:, None]  # [blk, hi]
                 sc = sc + (sl[None, :, None] * rel[:, None, :]).reshape(rows, hi)
-            sc = jnp.where(jnp.arange(hi)[None, :] <= row_t[:, None], sc, _NEG)
+            visible = (jnp.arange(hi)[None, :] <= row_t[:, None]) & ok[None, :hi]
+            sc = jnp.where(visible, sc, _NEG)
             p = jnp.exp(sc - jnp.max(sc, axis=-1, keepdims=True))
             o = jnp.dot(p.astype(v.dtype), vn[:hi], preferred_element_type=f32)
             o = o / jnp.maximum(jnp.sum(p, axis=-1), jnp.finfo(f32).tiny)[:, None]
