@@ -115,6 +115,10 @@ def test_errors_before_the_model_is_loaded(capsys, tmp_path, llama_dir, shared_d
             "TTLinear; EigenAttention needs dense k/q/v/o kernels",
         ),
         ([{"method": "ged"}], "'ged' cannot be chained"),
+        (
+            [{"method": "quant", "rules": {".*mlp.*": "nvfp4"}}],
+            "--calib_data: no step of the recipe reads calibration text (quant); drop it",
+        ),
     ]
     calib = ("--calib_data", shared_data / "wikitext-2" / "valid.txt")
     for i, (recipe, needle) in enumerate(cases):

@@ -122,7 +122,11 @@ class Method:
       run: ``run(params, cfg, calib, config, *, progress, original) -> StepOutput``
         (``original``: the chain's input tree, for residual quantization).
       plan: the pre-flight function (module docstring).
-      needs_calib: ``needs_calib(config) -> bool``.
+      needs_calib: ``needs_calib(config) -> bool``: the step cannot run without calibration
+        windows.
+      uses_calib: ``uses_calib(config) -> bool``: the step reads calibration windows when
+        given (tucker's per-layer output errors); default: ``needs_calib``. A chain given
+        calibration text that no step reads refuses it (``jcompress run``).
       kind: :class:`Kind`.
       from_mapping: optional ``(fields: dict, arg: str) -> config`` for configs with their own
         JSON form (``quant``'s rules); default: the fields are the dataclass fields.
@@ -140,6 +144,11 @@ class Method:
     from_mapping: Callable[[dict[str, Any], str], Any] | None = None
     chain_settings: tuple[str, ...] = ()
     doc: str = ""
+    uses_calib: Callable[[Any], bool] | None = None
+
+    def reads_calib(self, config: Any) -> bool:
+        """Whether this step reads calibration windows given to the chain."""
+        return (self.uses_calib or self.needs_calib)(config)
 
 
 REGISTRY: dict[str, Method] = {}
@@ -392,6 +401,7 @@ register_method(
         _run_tucker,
         _plan_tucker,
         _tucker_needs_calib,
+        uses_calib=lambda config: True,  # tt / tucker: per-layer output errors when given
         doc="Tucker / MPS: K/Q/V as TTLinear (tt), TuckerLinear (tucker) or Kronecker-basis "
         "HeadLowRank (tucker_mps)",
     ),
