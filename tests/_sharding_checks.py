@@ -114,6 +114,33 @@ def main(model_dir: str, refs: str) -> dict:
                 "lm_head_spec": spec_of(sp["lm_head"]["kernel"]),
                 "equal_values": max_diff(q, q0),
             }
+            # 200 tokens: past one tile, where one device takes chunked's row-block path
+            # (a lax.map over rows and heads, which XLA would gather for); sharded inputs
+            # take the paired tiles instead, with no all-gather in the attention
+            from jcompress.models.attention import Chunked, causal_mask, fit_to_devices
+
+            long_ids = rng.integers(0, cfg.vocab_size, (8, 200)).astype(np.int32)
+            long_ref = np.asarray(jcompress.forward(cfg, params, long_ids))
+            long_out = jcompress.forward(cfg, sp, sharding.shard_batch(long_ids, mesh))
+            qs = jax.device_put(
+                rng.standard_normal((8, 200, 8, 16)).astype(np.float32),
+                jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", None, "model")),
+            )
+            ks = jax.device_put(np.asarray(qs)[:, :, :4], qs.sharding)
+
+            def gathers(impl, qa, ka):
+                def attend(qx, kx):
+                    return impl(qx, kx, kx, causal_mask(jnp.ones((8, 200), bool)), scale=0.25)
+
+                return jax.jit(attend).lower(qa, ka).compile().as_text().count("all-gather")
+
+            res["rows"] = {
+                "max_diff": max_diff(long_out, long_ref),
+                "fitted_row_blocks": fit_to_devices(Chunked(), sp).row_blocks,
+                "one_device_row_blocks": fit_to_devices(Chunked(), params).row_blocks,
+                "gathers_fitted": gathers(fit_to_devices(Chunked(), qs), qs, ks),
+                "gathers_rows": gathers(Chunked(), qs, ks),
+            }
 
     # --- errors: model axis over 4 KV heads, batch over data, device count
     m8, m24 = sharding.make_mesh("model=8"), sharding.make_mesh("data=2,model=4")

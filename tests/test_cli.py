@@ -334,7 +334,10 @@ def test_generate(capsys, llama_dir, shared_data, attention):
             "--layer_l1: layer 99 does not exist (the model has 4 layers)",
         ),
         (["eigen", *EIGEN, "--start_threshold", "0.3"], "start_threshold: 0.3 is not above"),
-        (["eigen", *EIGEN, "--min_rank_fraction", "0.98"], "min_rank_fraction: 0.98 of 4 x 32"),
+        (
+            ["eigen", *EIGEN, "--rank_search", "bisect", "--min_rank_fraction", "0.98"],
+            "min_rank_fraction: 0.98 of 4 x 32",
+        ),
         (
             ["eigen", *EIGEN, "--rank_search", "bisect", "--min_threshold", "0.5"],
             "min_threshold: only used by rank_search='threshold'",
@@ -387,14 +390,27 @@ def test_generate(capsys, llama_dir, shared_data, attention):
             "--json: {tmp}/afile is the input --tuned",
         ),
         (
-            ["stream", "eigen", *EIGEN, "--out", "{tmp}/o", "--min_rank", "128"],
+            [
+                "stream",
+                "eigen",
+                *EIGEN,
+                "--out",
+                "{tmp}/o",
+                "--rank_search",
+                "bisect",
+                "--min_rank",
+                "128",
+            ],
             "min_rank: 128 leaves nothing to compress",
         ),
         (
             ["stream", "quant", *EIGEN, "--out", "{tmp}/o", "--rule", ".*=nvfp4"],
             "--calib_data: stream quant is data-free",
         ),
-        (["eigen", *EIGEN, "--min_rank", "128"], "min_rank: 128 leaves nothing to compress"),
+        (
+            ["eigen", *EIGEN, "--rank_search", "bisect", "--min_rank", "128"],
+            "min_rank: 128 leaves nothing to compress",
+        ),
     ],
 )
 def test_bad_input_is_one_line_exit_2(

@@ -253,20 +253,20 @@ def test_bounds_that_block_every_layer_rejected_before_any_work(llama, monkeypat
         compress(llama.params, cfg, llama.calib[:4], config=dataclasses.replace(base, **kw),
                  progress=False)  # fmt: skip
 
+    bis = dict(rank_search="bisect")
     for kw, match in (
-        (dict(min_rank=60), r"min_rank: 60 leaves nothing .* is 60; allowed: 0 <= min_rank < 60$"),
-        (dict(min_rank=60, rank_search="bisect"), "min_rank: 60 leaves nothing"),
-        (dict(min_rank=63, per_head_ranks=True), r"min_rank: 63 leaves nothing .* < 63$"),
-        (dict(min_rank_fraction=0.95), r"min_rank_fraction: 0.95 .* < 0.9375$"),
+        (dict(min_rank=60, **bis), r"min_rank: 60 leaves nothing .* from 60 on; allowed: .* < 60$"),
+        (dict(min_rank_fraction=0.95, **bis), r"min_rank_fraction: 0.95 .* < 0.9375$"),
         (dict(start_threshold=0.5, min_threshold=0.6), "start_threshold: 0.5 is not above"),
     ):
         with pytest.raises(jcompress.UserError, match=match):
             run(**kw)
-    # just inside the bounds: allowed (the stream starts)
+    # just inside the bounds, or the threshold walk (which keeps its first threshold whatever
+    # the bounds): allowed (the stream starts)
     inside = (
-        dict(min_rank=59),
-        dict(min_rank=62, per_head_ranks=True),
-        dict(min_rank_fraction=0.93),
+        dict(min_rank=59, **bis),
+        dict(min_rank_fraction=0.93, **bis),
+        dict(min_rank=64),
         dict(start_threshold=0.7, min_threshold=0.6),
     )
     for kw in inside:

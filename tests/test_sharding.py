@@ -383,6 +383,15 @@ def test_forward_sharded_equals_single_device(checks, mesh):
     assert r["out_spec"][0] == "data"
 
 
+def test_row_block_attention_gives_way_to_sharded_inputs(checks):
+    """Inputs spread over devices take chunked's paired tiles (no all-gather of q / k / v);
+    one device keeps the row-block path; the sharded forward still equals one device's."""
+    r = checks["rows"]
+    assert r["max_diff"] < 1e-4
+    assert (r["fitted_row_blocks"], r["one_device_row_blocks"]) == (0, 32)
+    assert r["gathers_fitted"] == 0 and r["gathers_rows"] > 0  # the cost avoided
+
+
 def test_params_really_sharded(checks):
     p = checks["params"]
     assert p["q_spec"] == [None, "model"] and p["q_shard_shape"] == [128, 32]  # 8 heads / 4

@@ -48,7 +48,7 @@ import numpy as np
 
 from jcompress import sharding
 from jcompress.errors import UserError
-from jcompress.models.attention import resolve
+from jcompress.models.attention import fit_to_devices, resolve
 from jcompress.models.config import ModelConfig
 from jcompress.models.families import spec_for
 from jcompress.models.forward import (
@@ -397,7 +397,7 @@ def stream_layers(
     """
     windows = check_windows(cfg, windows, offload_dir)
     bl = batches(windows, batch_size, multiple=sharding.data_size())
-    s = _Stream(cfg, bl, offload_dir, Feed(feed), resolve(attention))
+    s = _Stream(cfg, bl, offload_dir, Feed(feed), fit_to_devices(resolve(attention), params))
     params = sharding.shard_params(params, cfg, sharding.current_mesh())  # under use_mesh
     handoff = _SINGLE.get()  # set by single_layer(): one layer from given inputs
     first, last = 0, cfg.num_layers

@@ -647,13 +647,20 @@ def model_bytes(model_dir: str | os.PathLike) -> int:
     )
 
 
-def check_positions(cfg, n_tokens: int, *, arg: str, allow_long: bool = False) -> None:
+def check_positions(
+    cfg,
+    n_tokens: int,
+    *,
+    arg: str,
+    allow_long: bool = False,
+    override: str | None = "--allow-long",
+) -> None:
     """Refuse a sequence longer than the model's trained positions (learned positions always,
     RoPE unless ``--allow-long``): :func:`jcompress.validate.check_positions` with the flag
-    named."""
+    named (``override=None``: the command has no ``--allow-long``; the message names none)."""
     from jcompress import validate
 
-    validate.check_positions(cfg, n_tokens, arg=arg, allow_long=allow_long, override="--allow-long")
+    validate.check_positions(cfg, n_tokens, arg=arg, allow_long=allow_long, override=override)
 
 
 def check_prompt(
@@ -663,23 +670,23 @@ def check_prompt(
     max_new_tokens: int,
     *,
     max_new_arg: str = "--max_new_tokens",
-    allow_long: bool = False,
+    allow_long: bool | None = None,
 ) -> int:
     """The sample prompt tokenizes to something and, with ``max_new_tokens`` generated after
     it, fits the model's positions (the prompt alone blamed when it is too long by itself).
-    Returns the prompt's token count."""
+    ``allow_long``: the command's ``--allow-long`` value; ``None``: it has no such flag (the
+    messages then name none). Returns the prompt's token count."""
     from jcompress.data import tokenize
 
     n = int(tokenize(tok, prompt).size)
     if n == 0:
         raise UserError("--prompt: the prompt tokenizes to nothing")
-    check_positions(cfg, n, arg="--prompt", allow_long=allow_long)
+    kw = dict(allow_long=bool(allow_long), override=None if allow_long is None else "--allow-long")
+    check_positions(cfg, n, arg="--prompt", **kw)
     check_positions(
-        cfg,
-        n + max_new_tokens,
-        arg=f"{max_new_arg} ({max_new_tokens} after a {n}-token prompt)",
-        allow_long=allow_long,
-    )
+        cfg, n + max_new_tokens, arg=f"{max_new_arg} ({max_new_tokens} after a {n}-token prompt)",
+        **kw,
+    )  # fmt: skip
     return n
 
 

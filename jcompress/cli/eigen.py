@@ -161,7 +161,7 @@ def check_eigen_job(job: EigenJob):
     check_seqlen(cfg, job.config.seqlen, arg="--seqlen", override=None)
     if job.eval_seqlen:
         check_seqlen(cfg, job.eval_seqlen, arg="--eval_seqlen", override=None)
-    check_positions(cfg, job.max_new_tokens + 1, arg="--max_new_tokens")
+    check_positions(cfg, job.max_new_tokens + 1, arg="--max_new_tokens", override=None)
     return cfg
 
 

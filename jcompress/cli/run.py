@@ -72,14 +72,14 @@ def check_run_job(job: RunJob):
     for i, s in enumerate(steps):
         if job.calib_data is None and s.entry.needs_calib(s.config):
             raise UserError(f"--calib_data: step {i} ({s.method}) calibrates on a text")
+        off = getattr(s.config, "offload_dir", None)
+        if off is not None:
+            inputs[f"step {i} offload_dir"] = Path(off)
     if job.calib_data is not None and not any(s.entry.reads_calib(s.config) for s in steps):
         raise UserError(
             f"--calib_data: no step of the recipe reads calibration text "
             f"({', '.join(s.method for s in steps)}); drop it"
         )
-        off = getattr(s.config, "offload_dir", None)
-        if off is not None:
-            inputs[f"step {i} offload_dir"] = Path(off)
     job.check_out_and_windows(cfg, inputs)
     if not _is_factor_export(job.model):  # a plain HF checkpoint: every kernel is dense
         shapes = unflatten(

@@ -141,7 +141,7 @@ def run_save_xy(args) -> int:
             raise UserError(f"--offload_dir: {args.offload_dir} is not a directory")
     model_cfg = read_config(d)
     mesh_from_args(args, model_cfg)  # --mesh: the capture stream runs sharded
-    check_positions(model_cfg, config.length, arg="--length", warn=True)
+    check_positions(model_cfg, config.length, arg="--length", warn=True, override=None)
     texts = dict(zip(("--cn_text", "--eu_text"), config.texts(), strict=True))
     for arg, path in texts.items():
         if not path.is_file():

@@ -280,12 +280,11 @@ def check_bounds(
 
     * the threshold walk with ``start_threshold`` not above ``min_threshold`` (either one
       the family default) tries no threshold at all;
-    * an explicit ``min_rank`` / ``min_rank_fraction`` whose bound no rank below full can
-      pass: a candidate's total rank must exceed it, and the largest total below full is
-      ``kv_heads x (head_dim - 1)`` (one rank shared by the heads: the walk's default and
-      bisection) or ``kv_heads x head_dim - 1`` (``per_head_ranks``). A family default that
-      does so (OPT's 64 on a model narrower than the reference's) is the reference's
-      behaviour and is kept.
+    * with ``rank_search='bisect'``, an explicit ``min_rank`` / ``min_rank_fraction`` whose
+      floor is the full rank: the search's per-head floor is ``floor(bound / kv_heads) + 1``,
+      so any bound of at least ``kv_heads x (head_dim - 1)`` leaves only ``head_dim``. (The
+      threshold walk keeps its first threshold whatever the bounds, as the reference does, so
+      there a high bound only stops the walk early.)
     """
     d = family_defaults(cfg, config)
     if config.rank_search == "threshold" and not d.start > d.min_threshold + 1e-9:
@@ -294,18 +293,21 @@ def check_bounds(
             "may be the family default), so no threshold would be tried; allowed: "
             "start_threshold > min_threshold"
         )
-    top = kv_heads * head_dim - 1 if config.per_head_ranks else kv_heads * (head_dim - 1)
-    where = f"with {kv_heads} KV heads of {head_dim} the largest total rank below full is {top}"
+    if config.rank_search != "bisect":
+        return
+    top = kv_heads * (head_dim - 1)
+    where = f"with {kv_heads} KV heads of {head_dim} the bisection's floor reaches full rank from"
     if config.min_rank is not None and config.min_rank >= top:
         raise UserError(
-            f"min_rank: {config.min_rank} leaves nothing to compress: {where}; allowed: "
-            f"0 <= min_rank < {top}"
+            f"min_rank: {config.min_rank} leaves nothing to compress: {where} {top} on; "
+            f"allowed: 0 <= min_rank < {top}"
         )
     frac = config.min_rank_fraction
     if frac is not None and frac * kv_heads * head_dim >= top:
         raise UserError(
             f"min_rank_fraction: {frac} of {kv_heads} x {head_dim} leaves nothing to compress: "
-            f"{where}; allowed: 0 <= min_rank_fraction < {top / (kv_heads * head_dim):.6g}"
+            f"{where} a total of {top} on; allowed: 0 <= min_rank_fraction < "
+            f"{top / (kv_heads * head_dim):.6g}"
         )
 
 

@@ -20,7 +20,7 @@ from jcompress import sharding
 from jcompress.calibration.stream import batches
 from jcompress.data.calib import eval_windows
 from jcompress.errors import UserError
-from jcompress.models.attention import resolve
+from jcompress.models.attention import fit_to_devices, resolve
 from jcompress.models.config import ModelConfig
 from jcompress.models.forward import DEFAULT_ATTENTION, forward
 from jcompress.validate import check_memory, check_params, check_positions, check_token_ids
@@ -154,9 +154,9 @@ def perplexity(
     check_seqlen(cfg, seqlen, allow_long=allow_long)
     ids = np.asarray(check_token_ids(ids, cfg.vocab_size, arg="ids", ndim=1))
     windows = eval_windows(ids, seqlen, max_windows)
-    attention = resolve(attention)
-    _check_batch_memory(cfg, params, min(batch_size, windows.shape[0]), seqlen, attention)
     mesh = sharding.current_mesh() if mesh is None else mesh
+    attention = fit_to_devices(resolve(attention), params, mesh=mesh)
+    _check_batch_memory(cfg, params, min(batch_size, windows.shape[0]), seqlen, attention)
     params = sharding.shard_params(params, cfg, mesh)
     nlls = []
     # fewer windows than the data axis: one batch padded to a multiple of it

@@ -59,6 +59,7 @@ __all__ = [
     "Dense",
     "IMPLEMENTATIONS",
     "causal_mask",
+    "fit_to_devices",
     "register_attention",
     "resolve",
 ]
@@ -163,6 +164,30 @@ def resolve(attention: Any) -> AttentionImpl:
         f"attention: expected a name ({known}) or a registered implementation, "
         f"got {type(attention).__name__}"
     )
+
+
+def fit_to_devices(impl: AttentionImpl, *trees: Any, mesh: Any = None) -> AttentionImpl:
+    """``impl`` as it should run where its inputs live: :class:`Chunked`'s row-block path
+    walks the (batch row, KV head) pairs with a ``lax.map``, which XLA cannot partition (a
+    sharded call would gather q / k / v onto every device), so with a mesh of more than one
+    device (``mesh``, else :func:`jcompress.sharding.current_mesh`) or any concrete array of
+    ``trees`` spread over several devices it takes the paired tiles (``row_blocks=0``), which
+    stay batched over rows and heads. Other implementations are returned as they are."""
+    if not isinstance(impl, Chunked) or impl.row_blocks == 0:
+        return impl
+    if mesh is None:
+        from jcompress import sharding  # lazy: the sharding module imports the model code
+
+        mesh = sharding.current_mesh()
+    multi = mesh is not None and mesh.size > 1
+    if not multi:
+        multi = any(
+            isinstance(x, jax.Array)
+            and not isinstance(x, jax.core.Tracer)
+            and len(x.sharding.device_set) > 1
+            for x in jax.tree.leaves(trees)
+        )
+    return dataclasses.replace(impl, row_blocks=0) if multi else impl
 
 
 def _check(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[int, ...]:
@@ -379,7 +404,9 @@ class Chunked:
 
         if single:  # one tile: a plain softmax, no running max
             sc = tile(qb[0], 0, 0, True)
-            p = jnp.exp(sc - jnp.max(sc, axis=-1, keepdims=True))
+            # the max held at the float32 minimum or above: a row whose padding bias pushed
+            # every score to -inf gives 0, not NaN (as the loop's running max does)
+            p = jnp.exp(sc - jnp.maximum(jnp.max(sc, axis=-1, keepdims=True), _NEG))
             o = jnp.einsum("bkqs,bksd->bkqd", p.astype(v.dtype), vb[0], preferred_element_type=f32)
             return finish(jnp.sum(p, axis=-1), o)[:, :t]
 

@@ -38,7 +38,7 @@ from jcompress import validate
 from jcompress.errors import UserError
 from jcompress.leaves import CompressedLeaf, Factored, dot
 from jcompress.models import attention as attention_impls
-from jcompress.models.attention import AttentionImpl, AttentionMask, resolve
+from jcompress.models.attention import AttentionImpl, AttentionMask, fit_to_devices, resolve
 from jcompress.models.config import ModelConfig, Norm, Position
 from jcompress.models.convert import Layout, get_path
 from jcompress.models.families import spec_for
@@ -594,7 +594,7 @@ def forward(
     validate.check_params(params)
     input_ids = validate.check_token_ids(input_ids, cfg.vocab_size, ndim=2, mask=attention_mask)
     attention_mask = validate.check_attention_mask(attention_mask, input_ids.shape)
-    impl = resolve(attention)
+    impl = fit_to_devices(resolve(attention), params, input_ids)
     return _forward(cfg, params, input_ids, attention_mask, capture, impl, attention_state)
 
 
@@ -634,7 +634,7 @@ def apply_layer(
     Returns:
       ``[B, T, H]`` outputs, or ``(outputs, captured)`` when ``capture`` is given.
     """
-    impl = resolve(attention)
+    impl = fit_to_devices(resolve(attention), lp, hidden)
     return _apply_layer(cfg, lp, hidden, layer_idx, attention_mask, capture, impl, attention_state)
 
 

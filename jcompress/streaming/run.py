@@ -64,7 +64,7 @@ from jcompress.validate import NonFiniteInput
 __all__ = ["MANIFEST", "StreamReport", "StreamResult", "stream_compress"]
 
 MANIFEST = "manifest.json"
-FORMAT = 1
+FORMAT = 2  # 2: the model fingerprint hashes samples of the shards' data (loader.fingerprint)
 REPORT_FILE = "jcompress_stream_report.json"
 
 
