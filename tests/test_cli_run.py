@@ -129,6 +129,14 @@ def test_errors_before_the_model_is_loaded(capsys, tmp_path, llama_dir, shared_d
         )
         assert code == 2 and needle in err, err
         assert err.count("\n") == 1
+    # a step's offload_dir is an input: --out may not replace a folder above it
+    (tmp_path / "p" / "off").mkdir(parents=True)
+    path = tmp_path / "off.json"
+    path.write_text(json.dumps([{"method": "eigen", "offload_dir": str(tmp_path / "p" / "off")}]))
+    code, out, err = run(
+        capsys, "run", path, "--model", llama_dir, "--out", tmp_path / "p", "--overwrite", *calib
+    )
+    assert code == 2 and f"--out: {tmp_path / 'p'} contains the input step 0 offload_dir" in err
     path = tmp_path / "eigen.json"
     path.write_text(json.dumps([{"method": "eigen"}]))
     (tmp_path / "empty.txt").write_text("")
