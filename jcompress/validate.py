@@ -295,8 +295,9 @@ def estimate_forward_bytes(
     weights (``weight_bytes`` or the dense param count x itemsize of ``dtype``) + activations
     of one layer (hidden, q/k/v, MLP) + the fp32 attention scores + the fp32 logits
     ``[B, T, V]``. Scores: ``attention="dense"`` materializes ``[B, Hq, T, S]``; a
-    :class:`~jcompress.models.attention.Chunked` implementation holds one key block per query
-    block; any other implementation is counted as dense (an upper bound).
+    :class:`~jcompress.models.attention.Chunked` implementation holds the largest per-step
+    scores of its paths (a tile, the paired tiles' half of the query blocks, a row block);
+    any other implementation is counted as dense (an upper bound).
     """
     from jcompress.models.attention import Chunked, resolve
 
@@ -310,8 +311,15 @@ def estimate_forward_bytes(
     qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
     mlp = (2 if cfg.gated_mlp else 1) * cfg.intermediate_size
     acts = b * t * (4 * cfg.hidden_size + qkv + mlp) * item
-    if isinstance(impl, Chunked):  # one [B, Hq, block_q, block_k] tile at a time
-        scores = b * cfg.num_heads * min(t, impl.block_q) * min(t, impl.block_k) * 4
+    if isinstance(impl, Chunked):
+        # the largest of its paths' per-step scores: one [B, Hq, block_q, block_k] tile (the
+        # loop), half the query blocks' tiles at once (the paired tiles), one (row, KV head)
+        # pair's g x block_q x T (the row-block path)
+        bq, bk = min(t, impl.block_q), min(t, impl.block_k)
+        g = cfg.num_heads // cfg.num_kv_heads
+        scores = 4 * max(
+            b * cfg.num_heads * bq * bk, b * cfg.num_heads * -(-t // 2) * bk, g * bq * t
+        )
     else:
         scores = b * cfg.num_heads * t * t * 4
     logits = b * t * cfg.vocab_size * 4

@@ -351,6 +351,7 @@ def test_checkpoint_and_factor_export_round_trip_bit_exact(opt, tmp_path):
         (dict(variant="tucker", basis_ranks=(2, 2)), r"^basis_ranks: not used by variant tucker"),
         (dict(variant="tucker_mps", hooi_ranks_q=(2, 2, 2)), r"^hooi_ranks_q: not used by"),
         (dict(tt_ranks=(4, 4), mps_eps=0.5), r"^mps_eps: not used when tt_ranks fixes"),
+        (dict(variant="tucker_mps", mps_eps=1.0, n_cores=4), r"^n_cores: not used by tucker_mps"),
     ],
 )
 def test_config_validation(kwargs, match):

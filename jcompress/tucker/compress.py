@@ -203,6 +203,16 @@ class TuckerConfig:
             raise UserError(
                 "mps_eps: not used when tt_ranks fixes the bond ranks; give one of the two"
             )
+        if (
+            self.variant is Variant.TUCKER_MPS
+            and self.mps_eps == 1
+            and self.tt_ranks is None
+            and self.n_cores != defaults["n_cores"]
+        ):
+            raise UserError(
+                "n_cores: not used by tucker_mps with mps_eps=1 (the projected weights stay "
+                "dense); lower mps_eps or give tt_ranks to split them into cores"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
