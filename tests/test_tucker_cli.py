@@ -71,6 +71,7 @@ def test_test_type_compression_only_takes_one_layer(capsys, opt_dir):
     code, out, err = run(
         capsys, "tucker", "--model", str(opt_dir), "--variant", "tt", "--tt_ranks", "4,4",
         "--layers", r".*/[12]/self_attn/v_proj", "--seqlen", "32", "--test-type", "full",
+        "--seed", "5",  # the random ids' seed: allowed without --calib_data here
     )  # fmt: skip
     assert code == 0, err
     rows = [line for line in out.splitlines() if line.startswith("| model/")]
@@ -90,6 +91,11 @@ def test_test_type_compression_only_takes_one_layer(capsys, opt_dir):
         (["--layers", "nomatch"], "--layers: rule 'nomatch' matches nothing"),
         (["--out", "{tmp}/foreign"], "--out"),
         (["--test-type", "full", "--out", "{tmp}/new"], "--out: a --test-type run writes nothing"),
+        (
+            ["--test-type", "compression-only", "--eval_data", "{tmp}/foreign/mine.txt"],
+            "--eval_data: a --test-type run measures no perplexity",
+        ),
+        (["--test-type", "compression-only", "--seed", "5"], "--seed: only used with --calib_data"),
         (["--calib_data", "{tmp}/nope.txt"], "--calib_data: {tmp}/nope.txt is not a file"),
     ],
 )

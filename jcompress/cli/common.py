@@ -109,11 +109,14 @@ CALIB_DEFAULTS = {"nsamples": 32, "seed": 2}
 """``--nsamples`` / ``--seed`` when calibration text is given without them."""
 
 
-def calib_window_args(args: argparse.Namespace) -> tuple[int, int]:
+def calib_window_args(
+    args: argparse.Namespace, *, seed_without_calib: bool = False
+) -> tuple[int, int]:
     """``(nsamples, seed)`` of :func:`add_calib_window_flags`, defaults filled in; either one
-    given without ``--calib_data`` is an error (no window is sampled)."""
+    given without ``--calib_data`` is an error (no window is sampled), ``--seed`` excepted
+    where the command draws something else from it (``seed_without_calib``)."""
     if getattr(args, "calib_data", None) is None:
-        for flag in CALIB_DEFAULTS:
+        for flag in ("nsamples",) if seed_without_calib else CALIB_DEFAULTS:
             if getattr(args, flag, None) is not None:
                 raise UserError(
                     f"--{flag}: only used with --calib_data (no calibration window is "
@@ -222,14 +225,17 @@ class DataJob:
         return calib, eval_ids, seqlen
 
     @staticmethod
-    def fields_from_args(args: argparse.Namespace) -> dict[str, Any]:
-        """The :class:`DataJob` fields from a parsed command line."""
+    def fields_from_args(
+        args: argparse.Namespace, *, seed_without_calib: bool = False
+    ) -> dict[str, Any]:
+        """The :class:`DataJob` fields from a parsed command line (``seed_without_calib``:
+        as for :func:`calib_window_args`)."""
 
         def path(v):
             return None if v is None else Path(v)
 
         check_eval_window_flags(args)
-        nsamples, seed = calib_window_args(args)
+        nsamples, seed = calib_window_args(args, seed_without_calib=seed_without_calib)
         return dict(
             model=Path(args.model),
             out=path(args.out),

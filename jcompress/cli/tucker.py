@@ -108,6 +108,10 @@ def check_tucker_job(job: TuckerJob):
         )
     if job.test_type is not None and job.out is not None:
         raise UserError("--out: a --test-type run writes nothing; drop --out or --test-type")
+    if job.test_type is not None and job.eval_data is not None:
+        raise UserError(
+            "--eval_data: a --test-type run measures no perplexity; drop --eval_data or --test-type"
+        )
     if job.config.variant is Variant.TUCKER_MPS and job.calib_data is None:
         raise UserError("--calib_data: variant tucker_mps learns its bases from calibration text")
     inputs = {"--model": Path(job.model), **job.data_inputs()}
@@ -279,6 +283,8 @@ def run(args: argparse.Namespace) -> int:
 
     mesh_from_args(args)  # --mesh: the calibration stream and perplexity run sharded
     config = config_from_args(TuckerConfig, args, args.config_fields, variant=args.variant)
-    job = TuckerJob(config=config, test_type=args.test_type, **DataJob.fields_from_args(args))
+    # --test-type full draws its random batch from --seed when there is no calibration text
+    fields = DataJob.fields_from_args(args, seed_without_calib=args.test_type == "full")
+    job = TuckerJob(config=config, test_type=args.test_type, **fields)
     run_tucker_job(job)
     return 0
