@@ -12,6 +12,7 @@ import pytest
 from jcompress.cli import bundled_model_dir, main
 
 EIGEN = ["--model", "{model}", "--calib_data", "{data}"]
+QUANT_APPLY = ["quant", "apply", "--model", "{model}", "--rule", ".*=nvfp4"]
 
 
 def tree(root):
@@ -343,33 +344,11 @@ def test_generate(capsys, llama_dir, shared_data, attention):
             "min_threshold: only used by rank_search='threshold'",
         ),
         (
-            [
-                "quant",
-                "apply",
-                "--model",
-                "{model}",
-                "--rule",
-                ".*=nvfp4",
-                "--no_eval",
-                "--eval_data",
-                "{data}",
-            ],
+            [*QUANT_APPLY, "--no_eval", "--eval_data", "{data}"],
             "--eval_data: not read with --no_eval",
         ),
         (
-            [
-                "quant",
-                "apply",
-                "--model",
-                "{model}",
-                "--rule",
-                ".*=nvfp4",
-                "--eval_data",
-                "{tmp}/afile",
-                "--json",
-                "{tmp}/afile",
-                "--overwrite",
-            ],
+            [*QUANT_APPLY, "--eval_data", "{tmp}/afile", "--json", "{tmp}/afile", "--overwrite"],
             "--json: {tmp}/afile is the input --eval_data",
         ),
         (

@@ -24,6 +24,7 @@ __all__ = [
     "calib_window_args",
     "check_eval_window_flags",
     "check_prompt",
+    "flags_under",
     "add_dtype_flag",
     "add_eval_window_flags",
     "add_mesh_flag",
@@ -109,23 +110,43 @@ CALIB_DEFAULTS = {"nsamples": 32, "seed": 2}
 """``--nsamples`` / ``--seed`` when calibration text is given without them."""
 
 
+def flags_under(
+    args: argparse.Namespace,
+    parent: str,
+    defaults: Mapping[str, Any],
+    *,
+    present: bool,
+    why: str = "",
+    exempt: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """Flags that only mean something with ``parent`` (their argparse default is ``None``):
+    without it (``present`` false) any of them given is an error (``exempt``: ones the command
+    reads anyway), not a silently ignored flag. Returns each flag's value, ``defaults`` filled
+    in where it was not given."""
+    if not present:
+        for flag in defaults:
+            if flag not in exempt and getattr(args, flag, None) is not None:
+                raise UserError(
+                    f"--{flag}: only used with {parent}{why}; add {parent} or drop --{flag}"
+                )
+    return {
+        f: d if getattr(args, f, None) is None else getattr(args, f) for f, d in defaults.items()
+    }
+
+
 def calib_window_args(
     args: argparse.Namespace, *, seed_without_calib: bool = False
 ) -> tuple[int, int]:
     """``(nsamples, seed)`` of :func:`add_calib_window_flags`, defaults filled in; either one
     given without ``--calib_data`` is an error (no window is sampled), ``--seed`` excepted
     where the command draws something else from it (``seed_without_calib``)."""
-    if getattr(args, "calib_data", None) is None:
-        for flag in ("nsamples",) if seed_without_calib else CALIB_DEFAULTS:
-            if getattr(args, flag, None) is not None:
-                raise UserError(
-                    f"--{flag}: only used with --calib_data (no calibration window is "
-                    "sampled without it); add --calib_data or drop the flag"
-                )
-    return tuple(  # type: ignore[return-value]
-        CALIB_DEFAULTS[f] if getattr(args, f, None) is None else getattr(args, f)
-        for f in ("nsamples", "seed")
-    )
+    v = flags_under(
+        args, "--calib_data", CALIB_DEFAULTS,
+        present=getattr(args, "calib_data", None) is not None,
+        why=" (no calibration window is sampled without it)",
+        exempt=("seed",) if seed_without_calib else (),
+    )  # fmt: skip
+    return v["nsamples"], v["seed"]
 
 
 def add_eval_window_flags(s: argparse.ArgumentParser) -> None:
@@ -149,13 +170,11 @@ def add_eval_window_flags(s: argparse.ArgumentParser) -> None:
 def check_eval_window_flags(args: argparse.Namespace) -> None:
     """``--eval_seqlen`` / ``--eval_max_windows`` without ``--eval_data`` measure nothing: an
     error, not a silently ignored flag."""
-    if getattr(args, "eval_data", None) is None:
-        for flag in ("eval_seqlen", "eval_max_windows"):
-            if getattr(args, flag, None) is not None:
-                raise UserError(
-                    f"--{flag}: only used with --eval_data (no perplexity is measured "
-                    "without it); add --eval_data or drop the flag"
-                )
+    flags_under(
+        args, "--eval_data", {"eval_seqlen": None, "eval_max_windows": None},
+        present=getattr(args, "eval_data", None) is not None,
+        why=" (no perplexity is measured without it)",
+    )  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

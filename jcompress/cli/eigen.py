@@ -24,6 +24,7 @@ from jcompress.cli.common import (
     check_eval_window_flags,
     config_flags,
     config_from_args,
+    flags_under,
     mesh_from_args,
     positive,
 )
@@ -409,16 +410,12 @@ def job_from_args(
         seqlen=resolve_seqlen(model, args.seqlen),
     )
     ft = None
-    given = {k: getattr(args, k, None) for k in FT_DEFAULTS}
-    if getattr(args, "fine_tune", False):
+    tuning = bool(getattr(args, "fine_tune", False))
+    v = flags_under(args, "--fine_tune", FT_DEFAULTS, present=tuning)
+    if tuning:
         from jcompress.eigen_attention.finetune import FineTuneConfig
 
-        v = {k: FT_DEFAULTS[k] if x is None else x for k, x in given.items()}
         ft = FineTuneConfig(steps=v["ft_steps"], lr=v["ft_lr"], batch_size=v["ft_batch_size"])
-    else:
-        for k, x in given.items():
-            if x is not None:
-                raise UserError(f"--{k}: only used with --fine_tune; add --fine_tune or drop --{k}")
     return EigenJob(
         fine_tune=ft,
         model=model,
