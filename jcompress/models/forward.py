@@ -227,8 +227,10 @@ def _rope(cfg: ModelConfig, x: jax.Array, pos: jax.Array) -> jax.Array:
     """Rotate ``x: [B, T, heads, D]`` at positions ``pos: [B, T]`` (rotate-half convention)."""
     d = x.shape[-1]
     freqs = pos.astype(jnp.float32)[..., None] * jnp.asarray(_inv_freq(cfg, d))
-    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    # one cos / sin per (token, frequency), materialized: fused into the rotation below, XLA
+    # would recompute them for every head and both halves
+    cos, sin = jax.lax.optimization_barrier((jnp.cos(freqs), jnp.sin(freqs)))
+    cos, sin = (jnp.concatenate([a, a], axis=-1)[:, :, None, :].astype(x.dtype) for a in (cos, sin))
     x1, x2 = x[..., : d // 2], x[..., d // 2 :]
     return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
