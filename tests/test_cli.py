@@ -343,6 +343,10 @@ def test_generate(capsys, llama_dir, shared_data, attention):
             ["eigen", *EIGEN, "--rank_search", "bisect", "--min_threshold", "0.5"],
             "min_threshold: only used by rank_search='threshold'",
         ),
+        (  # even at the walk's default value: the flag means nothing to the bisection
+            ["eigen", *EIGEN, "--rank_search", "bisect", "--threshold_step", "0.02"],
+            "--threshold_step: only used by --rank_search threshold",
+        ),
         (
             [*QUANT_APPLY, "--no_eval", "--eval_data", "{data}"],
             "--eval_data: not read with --no_eval",

@@ -275,6 +275,9 @@ def test_bounds_that_block_every_layer_rejected_before_any_work(llama, monkeypat
     # thresholds mean nothing to the bisection
     with pytest.raises(jcompress.UserError, match="start_threshold: only used by rank_search"):
         EigenAttentionConfig(rank_search="bisect", start_threshold=0.9)
+    with pytest.raises(jcompress.UserError, match="threshold_step: only used by rank_search"):
+        EigenAttentionConfig(rank_search="bisect", threshold_step=0.05)
+    assert EigenAttentionConfig(rank_search="bisect").threshold_step == 0.02  # the default
 
 
 def test_family_defaults(llama, opt, tiny_models):

@@ -45,6 +45,8 @@ _AVG_HELP = (
 def eigen_overrides(**defaults: Any) -> dict[str, dict[str, Any]]:
     """argparse overrides for :class:`EigenAttentionConfig`'s fields (``defaults`` replace the
     config's defaults, e.g. the demo's smaller run)."""
+    from jcompress.eigen_attention.compress import THRESHOLD_STEP
+
     o: dict[str, dict[str, Any]] = {
         "nsamples": {"type": positive, "help": "calibration windows (default: 128)"},
         "seed": {"help": "calibration sampling seed (default: 2)"},
@@ -65,6 +67,12 @@ def eigen_overrides(**defaults: Any) -> dict[str, dict[str, Any]]:
             "same model; lower it there), 0 otherwise",
         },
         "rank_search": {"choices": ("threshold", "bisect")},
+        # default None: given with --rank_search bisect is an error (job_from_args)
+        "threshold_step": {
+            "default": None,
+            "help": "decrement of the threshold walk, --rank_search threshold only "
+            f"(default: {THRESHOLD_STEP})",
+        },  # fmt: skip
         "gram_dtype": {
             "choices": ("float32", "float64"),
             "help": "accumulation dtype of the per-head Gram matrices (default: float64, the "
@@ -403,6 +411,13 @@ def job_from_args(
 
     if args.offload_dir is not None and not os.path.isdir(args.offload_dir):
         raise UserError(f"--offload_dir: {args.offload_dir} is not a directory")
+    # (the demo has neither flag)
+    step = getattr(args, "threshold_step", None)
+    if getattr(args, "rank_search", None) == "bisect" and step is not None:
+        raise UserError(
+            "--threshold_step: only used by --rank_search threshold (bisect searches the "
+            "ranks themselves); drop it or use the threshold walk"
+        )
     config = config_from_args(
         EigenAttentionConfig,
         args,

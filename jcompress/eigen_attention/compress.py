@@ -100,6 +100,7 @@ __all__ = ["EigenAttentionConfig", "compress", "family_defaults"]
 _ROPE_FAMILIES = (Family.LLAMA, Family.QWEN2, Family.QWEN3)
 _HI = jax.lax.Precision.HIGHEST
 RANK_SEARCHES = ("threshold", "bisect")
+THRESHOLD_STEP = 0.02  # the threshold walk's default decrement (the reference's)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -155,7 +156,7 @@ class EigenAttentionConfig:
     avg_dim: int = 16
     error_budget: float = 0.025
     seed: int = 2
-    threshold_step: float = 0.02
+    threshold_step: float = THRESHOLD_STEP
     start_threshold: float | None = None
     min_threshold: float | None = None
     min_rank: int | None = None
@@ -217,6 +218,11 @@ class EigenAttentionConfig:
                 "needs rank_search='threshold' and reference_mode off"
             )
         if self.rank_search == "bisect":
+            if self.threshold_step != THRESHOLD_STEP:
+                raise UserError(
+                    "threshold_step: only used by rank_search='threshold' (bisect searches the "
+                    "ranks themselves); drop it or use the threshold walk"
+                )
             for name in ("start_threshold", "min_threshold"):
                 if getattr(self, name) is not None:
                     raise UserError(
