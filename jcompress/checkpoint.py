@@ -46,6 +46,7 @@ from jcompress.leaf_io import StoreOnce, decode_static, encode_static, from_arra
 from jcompress.leaves import CompressedLeaf
 from jcompress.models.config import ModelConfig
 from jcompress.models.convert import unflatten
+from jcompress.models.families import check_params_match
 from jcompress.outputs import check_output_dir
 
 __all__ = ["save", "restore", "is_checkpoint", "SIDECAR", "FORMAT", "VERSION"]
@@ -253,6 +254,9 @@ def save(
             )
     check_output_dir(path, overwrite=overwrite, arg="checkpoint", require_marker=False)
     tree, index = _split(params)
+    # restore would hand back a pair forward cannot run (some leaves only is allowed)
+    check_params_match(cfg, params, partial=True)
+    validate.check_params_finite(params)  # restore refuses NaN / Inf weights
     meta = {
         "format": FORMAT,
         "version": VERSION if any("links" in e for e in index) else 1,

@@ -24,6 +24,9 @@ Public signatures (``forward`` / ``generate`` / ``perplexity`` call these)::
     check_finite(x, name, *, hint="") -> None
         no NaN / Inf in a floating array (numpy or concrete JAX); shared by load_hf and
         checkpoint.restore.
+    check_params_finite(params, *, arg="params") -> None
+        check_finite on every array of a param tree (typed leaves' children too): what
+        save_hf / checkpoint.save write must load again.
     check_positions(cfg, length, *, arg, allow_long=False, warn=False) -> None
         length within the model's trained positions (learned: always an error; RoPE: an
         error, or a warning with warn=True, unless allow_long).
@@ -53,6 +56,7 @@ __all__ = [
     "available_memory",
     "check_attention_mask",
     "check_finite",
+    "check_params_finite",
     "check_memory",
     "check_params",
     "check_positions",
@@ -235,6 +239,17 @@ def check_finite(x: Any, name: str, *, hint: str = "") -> None:
     bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
     tail = f"; {hint}" if hint else ""
     raise NonFiniteInput(f"{name}: {bad} of {arr.size} values are NaN or Inf{tail}")
+
+
+def check_params_finite(params: Any, *, arg: str = "params") -> None:
+    """:func:`check_finite` on every array of ``params`` (typed leaves' children included):
+    what a save writes must load again (``load_hf`` and ``checkpoint.restore`` refuse NaN /
+    Inf weights)."""
+    for path, x in jax.tree_util.tree_leaves_with_path(params):
+        name = "/".join(
+            str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path
+        )
+        check_finite(x, f"{arg}: {name}", hint="refusing to save broken weights")
 
 
 def check_positions(

@@ -171,7 +171,13 @@ def test_corrupt_scale_in_file_is_an_error(quantized_model, tmp_path):
     bad = jax.tree.map(lambda a: a, flat[path])  # rebuilt without validation
     object.__setattr__(bad, "global_scale", jnp.array([np.inf], jnp.float32))
     flat[path] = bad
-    out = jcompress.save_hf(cfg, unflatten(flat), tmp_path / "hf", factors=True)
+    with pytest.raises(jcompress.UserError, match="global_scale: 1 of 1 values are NaN or Inf"):
+        jcompress.save_hf(cfg, unflatten(flat), tmp_path / "hf", factors=True)
+    assert not (tmp_path / "hf").exists()
+    # a file written by something else: the loader's own checks
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(jcompress.validate, "check_params_finite", lambda *a, **k: None)
+        out = jcompress.save_hf(cfg, unflatten(flat), tmp_path / "hf", factors=True)
     with pytest.raises(jcompress.UserError, match="global_scale: 1 of 1 values are NaN or Inf"):
         jcompress.load_hf(out)
     with pytest.raises(jcompress.UserError, match="q_proj.*non-finite scales"):

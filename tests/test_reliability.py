@@ -216,7 +216,16 @@ def test_nonfinite_factor_checkpoint(llama_dir, tmp_path):
     a, b = w[:, :8].copy(), np.eye(8, w.shape[1], dtype=w.dtype)
     a[0, 0] = np.nan
     attn["k_proj"]["kernel"] = jcompress.LowRank(jnp.asarray(a), jnp.asarray(b))
-    out = jcompress.save_hf(cfg, params, tmp_path / "f", factors=True)
+    user_error(
+        lambda: jcompress.save_hf(cfg, params, tmp_path / "f", factors=True),
+        "model/layers/0/self_attn/k_proj/kernel/a",
+        "1 of 1024 values are NaN or Inf",
+    )
+    assert not (tmp_path / "f").exists()
+    # a file written by something else: the loader's own check
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(validate, "check_params_finite", lambda *a, **k: None)
+        out = jcompress.save_hf(cfg, params, tmp_path / "f", factors=True)
     user_error(
         lambda: jcompress.load_hf(out),
         "jcompress_model.safetensors",
@@ -653,7 +662,15 @@ def test_restore_nonfinite(tiny, tmp_path):
     cfg, params = tiny
     bad = jax.tree.map(lambda x: x, params)
     bad["model"]["norm"]["scale"] = bad["model"]["norm"]["scale"].at[0].set(jnp.nan)
-    jcompress.checkpoint.save(tmp_path / "ck", cfg, bad)
+    user_error(
+        lambda: jcompress.checkpoint.save(tmp_path / "ck", cfg, bad),
+        "params: model/norm/scale: 1 of",
+        "NaN or Inf",
+    )
+    assert not (tmp_path / "ck").exists()
+    with pytest.MonkeyPatch.context() as mp:  # written by something else: restore's check
+        mp.setattr(validate, "check_params_finite", lambda *a, **k: None)
+        jcompress.checkpoint.save(tmp_path / "ck", cfg, bad)
     user_error(
         lambda: jcompress.checkpoint.restore(tmp_path / "ck"),
         "params/model/norm/scale",
@@ -755,3 +772,129 @@ def test_naming_puts_the_flag_first():
         pass
     with pytest.raises(ValueError, match="^plain$"), naming("--seqlen"):
         raise ValueError("plain")  # only UserErrors are renamed
+
+
+# --------------------------------------------------------------------------- the Python API's
+# inputs (from an adversarial pass over it): each must be a one-line error or the right answer
+
+
+@pytest.fixture(scope="module")
+def llama_pair(llama_dir):
+    return jcompress.load_hf(llama_dir)
+
+
+def test_narrow_integer_ids_give_the_int32_answer(llama_pair):
+    """uint8 / int8 ids compared against the vocabulary size in their own dtype wrapped it
+    (2048 -> 0): every id counted as out of range and every logit became NaN."""
+    cfg, params = llama_pair
+    ids = np.array([[1, 2, 100, 7]])
+    want = np.asarray(jcompress.forward(cfg, params, ids.astype(np.int32)))
+    assert np.isfinite(want).all()
+    for dt in (np.uint8, np.int8, np.int16, np.uint16):
+        got = np.asarray(jcompress.forward(cfg, params, ids.astype(dt)))
+        np.testing.assert_array_equal(got, want, err_msg=str(dt))
+    # generate writes its new tokens as int32, whatever the prompt's dtype (uint8 would wrap
+    # every id above 255)
+    ref = jcompress.generate(cfg, params, ids.astype(np.int32), max_new_tokens=6, eos_token_id=None)
+    out = jcompress.generate(cfg, params, ids.astype(np.uint8), max_new_tokens=6, eos_token_id=None)
+    assert out.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+
+
+def test_generate_refuses_right_padding_and_bad_token_ids(llama_pair):
+    cfg, params = llama_pair
+    ids = np.random.default_rng(0).integers(3, cfg.vocab_size, (2, 8)).astype(np.int32)
+    right = np.ones((2, 8), np.int32)
+    right[1, -3:] = 0
+    user_error(
+        lambda: jcompress.generate(cfg, params, ids, attention_mask=right, max_new_tokens=2),
+        "attention_mask: row 1 has a pad after a prompt token",
+        "left padding",
+    )
+    hole = np.ones((2, 8), np.int32)
+    hole[0, 3] = 0  # a pad between prompt tokens: not a left-padded row either
+    user_error(
+        lambda: jcompress.generate(cfg, params, ids, attention_mask=hole, max_new_tokens=2),
+        "row 0",
+    )
+    left = right[:, ::-1].copy()  # the same prompts, left-padded: fine
+    out = jcompress.generate(cfg, params, ids, attention_mask=left, max_new_tokens=2)
+    assert out.shape == (2, 10)
+    user_error(
+        lambda: jax.jit(lambda x: jcompress.generate(cfg, params, x, max_new_tokens=2))(ids),
+        "generate: runs its own jit",
+    )
+    for kw, word in (
+        ({"pad_token_id": cfg.vocab_size}, "pad_token_id: must be a token id in [0, 2048)"),
+        ({"eos_token_id": -5}, "eos_token_id: must be a token id"),
+        ({"pad_token_id": 1.5}, "pad_token_id"),
+    ):
+        user_error(lambda kw=kw: jcompress.generate(cfg, params, ids, max_new_tokens=2, **kw), word)
+
+
+def test_forward_cached_refuses_an_overrun_cache_and_bad_ids(llama_pair):
+    from jcompress.models.forward import forward_cached, init_cache
+
+    cfg, params = llama_pair
+    ids = jnp.arange(5, 29, dtype=jnp.int32)[None]
+    cache = init_cache(cfg, params, 1, 16)
+    logits, cache = forward_cached(cfg, params, ids[:, :12], jnp.ones((1, 12), bool), cache)
+    np.testing.assert_allclose(
+        np.asarray(logits), np.asarray(jcompress.forward(cfg, params, ids[:, :12])), atol=1e-4
+    )
+    user_error(
+        lambda: forward_cached(cfg, params, ids[:, 12:], jnp.ones((1, 12), bool), cache),
+        "cache: 12 slots used + 12 new tokens > its 16 slots",
+    )
+    user_error(
+        lambda: forward_cached(cfg, params, jnp.full((1, 1), 4096), jnp.ones((1, 1), bool), cache),
+        "input_ids: token ids must lie in [0, 2048)",
+    )
+
+
+def test_params_that_do_not_fit_the_config_are_one_line(llama_pair, opt_dir, tmp_path):
+    from jcompress.models.forward import apply_layer, layer_params
+
+    cfg, params = llama_pair
+    ocfg, oparams = jcompress.load_hf(opt_dir)
+    ids = np.array([[1, 2, 3]])
+    user_error(lambda: jcompress.forward(cfg, oparams, ids), "params: missing leaf model/")
+    bad = jax.tree.map(lambda x: x, params)
+    up = bad["model"]["layers"]["0"]["mlp"]["up_proj"]
+    up["kernel"] = up["kernel"].T
+    user_error(
+        lambda: jcompress.forward(cfg, bad, ids),
+        "params: leaf model/layers/0/mlp/up_proj/kernel has shape [352, 128], config implies "
+        "[128, 352]",
+    )
+    bad = jax.tree.map(lambda x: x, params)
+    kp = bad["model"]["layers"]["1"]["self_attn"]["k_proj"]
+    kp["kernel"] = jcompress.LowRank(jnp.ones((128, 8)), jnp.ones((8, 32)))  # [128, 32] != 64
+    user_error(lambda: jcompress.forward(cfg, bad, ids), "k_proj/kernel has shape [128, 32]")
+    bad = jax.tree.map(lambda x: x, params)
+    kp = bad["model"]["layers"]["0"]["self_attn"]["k_proj"]
+    kp["kernel"] = kp["kernel"].astype(jnp.int32)
+    user_error(lambda: jcompress.forward(cfg, bad, ids), "dtype int32; weights must be floating")
+    # one layer
+    lp = layer_params(cfg, params, 0)
+    user_error(lambda: layer_params(cfg, params, 4), "i: layer index must be in [0, 4)")
+    user_error(lambda: apply_layer(cfg, lp, jnp.ones((1, 4, 64)), 0), "hidden: expected [batch")
+    user_error(
+        lambda: apply_layer(cfg, layer_params(ocfg, oparams, 0), jnp.ones((1, 4, 128)), 0),
+        "lp: missing leaf",
+    )
+    assert apply_layer(cfg, lp, jnp.ones((1, 4, 128)), 0).shape == (1, 4, 128)
+    # a checkpoint of params from another model: refused before writing
+    user_error(
+        lambda: jcompress.checkpoint.save(tmp_path / "ck", cfg, oparams),
+        "params: has none of the leaves a llama model",
+    )
+    assert not (tmp_path / "ck").exists()
+
+
+def test_save_hf_records_bfloat16(llama_pair, tmp_path):
+    cfg, params = llama_pair
+    half = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    out = jcompress.save_hf(cfg, half, tmp_path / "bf16")
+    conf = json.loads((out / "config.json").read_text())
+    assert conf.get("torch_dtype", conf.get("dtype")) == "bfloat16"

@@ -41,7 +41,7 @@ from jcompress.models import attention as attention_impls
 from jcompress.models.attention import AttentionImpl, AttentionMask, fit_to_devices, resolve
 from jcompress.models.config import ModelConfig, Norm, Position
 from jcompress.models.convert import Layout, get_path
-from jcompress.models.families import spec_for
+from jcompress.models.families import check_params_match, spec_for
 
 __all__ = [
     "Capture",
@@ -466,6 +466,8 @@ def check_length(cfg: ModelConfig, length: int) -> None:
 
 def layer_params(cfg: ModelConfig, params: Params, i: int) -> Params:
     """The params subtree of decoder layer ``i``."""
+    if isinstance(i, bool) or not isinstance(i, int | np.integer) or not 0 <= i < cfg.num_layers:
+        raise UserError(f"i: layer index must be in [0, {cfg.num_layers}), got {i!r}")
     return get_path(params, f"{spec_for(cfg.family.value).layout.layers}/{i}")
 
 
@@ -480,7 +482,8 @@ def _embed(cfg, params, input_ids, pos, rec, mask):
     # ...but one at a real (mask 1) position is broken input: the host check raises where the
     # ids are concrete; under a caller's jit (traced ids) the whole row becomes NaN instead of
     # the clipped id's plausible numbers.
-    bad = jnp.any(((input_ids < 0) | (input_ids >= cfg.vocab_size)) & mask, axis=1)
+    ids = input_ids.astype(jnp.int32)  # uint8 / int8 ids would wrap the vocab size
+    bad = jnp.any(((ids < 0) | (ids >= cfg.vocab_size)) & mask, axis=1)
     h = jnp.where(bad[:, None, None], jnp.asarray(jnp.nan, h.dtype), h)
     rec(lay.embed, "out", h)
     if lay.project_in is not None and cfg.embed_dim is not None:
@@ -594,6 +597,7 @@ def forward(
         a 0 mask may hold any id), or the mask does not fit the ids.
     """
     validate.check_params(params)
+    check_params_match(cfg, params)
     input_ids = validate.check_token_ids(input_ids, cfg.vocab_size, ndim=2, mask=attention_mask)
     attention_mask = validate.check_attention_mask(attention_mask, input_ids.shape)
     impl = fit_to_devices(resolve(attention), params, input_ids)
@@ -636,6 +640,16 @@ def apply_layer(
     Returns:
       ``[B, T, H]`` outputs, or ``(outputs, captured)`` when ``capture`` is given.
     """
+    validate.check_params(lp, arg="lp")
+    check_params_match(cfg, lp, arg="lp", layer=True)
+    shape = tuple(getattr(hidden, "shape", ()))
+    if len(shape) != 3 or shape[-1] != cfg.hidden_size:
+        raise UserError(
+            f"hidden: expected [batch, length, {cfg.hidden_size}] hidden states, got shape "
+            f"{list(shape)}"
+        )
+    if attention_mask is not None:
+        attention_mask = validate.check_attention_mask(attention_mask, shape[:2])
     impl = fit_to_devices(resolve(attention), lp, hidden)
     return _apply_layer(cfg, lp, hidden, layer_idx, attention_mask, capture, impl, attention_state)
 
@@ -687,6 +701,17 @@ def forward_cached(
     :data:`DEFAULT_ATTENTION`).
     """
     impl = resolve(DEFAULT_ATTENTION if attention is None else attention)
+    check_params_match(cfg, params)
+    input_ids = validate.check_token_ids(input_ids, cfg.vocab_size, ndim=2, mask=mask)
+    mask = validate.check_attention_mask(mask, input_ids.shape)
+    if mask is None:
+        raise UserError("mask: forward_cached needs the [B, T] 0/1 mask of the new tokens")
+    slots, t = int(cache.mask.shape[1]), int(input_ids.shape[1])
+    if not validate._is_tracer(cache.index) and int(cache.index) + t > slots:
+        raise UserError(
+            f"cache: {int(cache.index)} slots used + {t} new tokens > its {slots} slots "
+            "(init_cache with a larger max_len)"
+        )
     start = jnp.sum(cache.mask, axis=1, keepdims=True).astype(jnp.int32)
     pos = positions_from_mask(mask, start)
     attn = (impl, attention_state)

@@ -7,11 +7,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jcompress import validate
 from jcompress.errors import UserError
 from jcompress.models.attention import resolve
 from jcompress.models.config import ModelConfig
+from jcompress.models.families import check_params_match
 from jcompress.models.forward import DEFAULT_ATTENTION, check_length, forward_cached, init_cache
 
 __all__ = ["generate"]
@@ -52,6 +54,21 @@ def _generate(
     return jnp.concatenate([input_ids, new], axis=1), finite
 
 
+def check_left_padded(attention_mask: Any) -> None:
+    """Generation continues every row from its last slot: a concrete mask must be left-padded
+    (each row ``0 ... 0 1 ... 1``). A right-padded row would continue from a pad."""
+    if attention_mask is None or validate._is_tracer(attention_mask):
+        return
+    m = np.asarray(attention_mask).astype(bool)
+    later = np.logical_and.accumulate(m[:, ::-1], axis=1)[:, ::-1]  # a 1 from here to the end
+    bad = np.flatnonzero(np.any(m & ~later, axis=1))
+    if bad.size:
+        raise UserError(
+            f"attention_mask: row {int(bad[0])} has a pad after a prompt token; generation "
+            "needs left padding (pads first, then the prompt)"
+        )
+
+
 def generate(
     cfg: ModelConfig,
     params: Any,
@@ -80,24 +97,34 @@ def generate(
         decode (as for ``forward``).
 
     Returns:
-      ``[B, T + max_new_tokens]`` token ids (the prompt, then the continuation).
+      ``[B, T + max_new_tokens]`` int32 token ids (the prompt, then the continuation).
 
     Raises:
-      UserError: bad ``params``, ``input_ids`` (not ``[B, T]`` integers in
-        ``[0, vocab_size)`` where the mask is 1), ``attention_mask``, ``max_new_tokens``, or
-        a prompt + new tokens beyond the trained positions; non-finite logits (checked
-        once, after the last step).
+      UserError: bad ``params`` (or params that do not fit ``cfg``), ``input_ids`` (not
+        ``[B, T]`` integers in ``[0, vocab_size)`` where the mask is 1), ``attention_mask``
+        (also one that is not left-padded), ``max_new_tokens``, ``eos_token_id`` /
+        ``pad_token_id`` outside ``[0, vocab_size)``, or a prompt + new tokens beyond the
+        trained positions; non-finite logits (checked once, after the last step).
     """
     validate.check_params(params)
+    if any(validate._is_tracer(x) for x in jax.tree.leaves((params, input_ids, attention_mask))):
+        raise UserError(
+            "generate: runs its own jit and checks the logits on the host; call it outside "
+            "jax.jit / vmap (forward_cached is the traceable step)"
+        )
     if (
         isinstance(max_new_tokens, bool)
         or not isinstance(max_new_tokens, int)
         or max_new_tokens < 1
     ):
         raise UserError(f"max_new_tokens: must be a positive integer, got {max_new_tokens!r}")
+    check_params_match(cfg, params)
     input_ids = validate.check_token_ids(input_ids, cfg.vocab_size, ndim=2, mask=attention_mask)
     attention_mask = validate.check_attention_mask(attention_mask, input_ids.shape)
-    input_ids = jnp.asarray(input_ids)
+    check_left_padded(attention_mask)
+    # int32 whatever the ids came as: new tokens are written in the ids' dtype, and a uint8 /
+    # int16 prompt would wrap every id the narrow type cannot hold
+    input_ids = jnp.asarray(input_ids).astype(jnp.int32)
     validate.check_positions(
         cfg,
         input_ids.shape[1] + max_new_tokens,
@@ -114,6 +141,14 @@ def generate(
         eos_token_id = cfg.eos_token_id
     if pad_token_id is None:
         pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else (eos_token_id or 0)
+    for name, tok in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
+        if tok is not None and (
+            isinstance(tok, bool) or not isinstance(tok, int | np.integer)
+            or not 0 <= tok < cfg.vocab_size
+        ):  # fmt: skip
+            raise UserError(
+                f"{name}: must be a token id in [0, {cfg.vocab_size}) or None, got {tok!r}"
+            )
     impl = resolve(attention)
     out, finite = _generate(
         cfg, params, input_ids, mask, max_new_tokens, eos_token_id, pad_token_id, impl,

@@ -609,6 +609,7 @@ def save_hf(
         raise UserError(
             f"params: leaves with no HF tensor for {cfg.family.value}: {', '.join(extra[:5])}"
         )
+    validate.check_params_finite(params)
 
     stem = FACTORS_STEM if factors else "model"
     config = _config_dict(cfg, entries)
@@ -685,7 +686,7 @@ def _shard(entries, limit):
 
 def _config_dict(cfg: ModelConfig, entries) -> dict[str, Any]:
     d = dict(cfg.hf_config)
-    floats = {np.dtype(e[2]) for e in entries if np.issubdtype(np.dtype(e[2]), np.floating)}
+    floats = {np.dtype(e[2]) for e in entries if jnp.issubdtype(np.dtype(e[2]), jnp.floating)}
     names = {
         np.dtype(jnp.float32): "float32",
         np.dtype(jnp.bfloat16): "bfloat16",
