@@ -242,14 +242,29 @@ def check_finite(x: Any, name: str, *, hint: str = "") -> None:
 
 
 def check_params_finite(params: Any, *, arg: str = "params") -> None:
-    """:func:`check_finite` on every array of ``params`` (typed leaves' children included):
-    what a save writes must load again (``load_hf`` and ``checkpoint.restore`` refuse NaN /
-    Inf weights)."""
-    for path, x in jax.tree_util.tree_leaves_with_path(params):
-        name = "/".join(
-            str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path
-        )
-        check_finite(x, f"{arg}: {name}", hint="refusing to save broken weights")
+    """:func:`check_finite` on every array of ``params``, and every typed leaf rebuilt as the
+    loaders rebuild it (:func:`jcompress.leaf_io.from_arrays`: its own checks, e.g. MX scales
+    whose ``0xFF`` NaN code is an integer): what a save writes must load again (``load_hf``
+    and ``checkpoint.restore`` refuse NaN / Inf weights)."""
+    from jcompress.leaf_io import from_arrays, to_arrays
+    from jcompress.leaves import CompressedLeaf
+
+    hint = "refusing to save broken weights"
+
+    def visit(x: Any, name: str) -> None:
+        if isinstance(x, Mapping):
+            for k, v in x.items():
+                visit(v, f"{name}/{k}" if name else str(k))
+        elif isinstance(x, CompressedLeaf):
+            flat, desc = to_arrays(x, f"{arg}: {name}")
+            for k, a in flat.items():
+                check_finite(a, f"{arg}: {name}/{k}", hint=hint)
+            if not any(_is_tracer(a) for a in flat.values()):
+                from_arrays(desc, flat, f"{arg}: {name}")  # the leaf's own checks
+        else:
+            check_finite(x, f"{arg}: {name}", hint=hint)
+
+    visit(params, "")
 
 
 def check_positions(

@@ -348,6 +348,20 @@ def test_generate(capsys, llama_dir, shared_data, attention):
             "--threshold_step: only used by --rank_search threshold",
         ),
         (
+            [
+                "stream",
+                "eigen",
+                *EIGEN,
+                "--out",
+                "{tmp}/o",
+                "--rank_search",
+                "bisect",
+                "--threshold_step",
+                "0.02",
+            ],
+            "--threshold_step: only used by --rank_search threshold",
+        ),  # fmt: skip
+        (
             [*QUANT_APPLY, "--no_eval", "--eval_data", "{data}"],
             "--eval_data: not read with --no_eval",
         ),

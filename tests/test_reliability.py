@@ -824,6 +824,13 @@ def test_generate_refuses_right_padding_and_bad_token_ids(llama_pair):
         lambda: jax.jit(lambda x: jcompress.generate(cfg, params, x, max_new_tokens=2))(ids),
         "generate: runs its own jit",
     )
+    # the config's own ids are used as far as they go: a pad id outside the vocabulary (an
+    # early LLaMA conversion's -1) falls back to eos, an eos the model cannot emit never stops
+    odd = dataclasses.replace(cfg, pad_token_id=-1, eos_token_id=cfg.vocab_size)
+    ref = jcompress.generate(cfg, params, ids, max_new_tokens=3, eos_token_id=None)
+    np.testing.assert_array_equal(
+        np.asarray(jcompress.generate(odd, params, ids, max_new_tokens=3)), np.asarray(ref)
+    )
     for kw, word in (
         ({"pad_token_id": cfg.vocab_size}, "pad_token_id: must be a token id in [0, 2048)"),
         ({"eos_token_id": -5}, "eos_token_id: must be a token id"),
@@ -877,7 +884,10 @@ def test_params_that_do_not_fit_the_config_are_one_line(llama_pair, opt_dir, tmp
     user_error(lambda: jcompress.forward(cfg, bad, ids), "dtype int32; weights must be floating")
     # one layer
     lp = layer_params(cfg, params, 0)
+    for i in (jnp.int32(0), np.int64(0)):  # concrete integer scalars are indices too
+        assert layer_params(cfg, params, i) is lp
     user_error(lambda: layer_params(cfg, params, 4), "i: layer index must be in [0, 4)")
+    user_error(lambda: layer_params(cfg, params, 1.0), "i: layer index")
     user_error(lambda: apply_layer(cfg, lp, jnp.ones((1, 4, 64)), 0), "hidden: expected [batch")
     user_error(
         lambda: apply_layer(cfg, layer_params(ocfg, oparams, 0), jnp.ones((1, 4, 128)), 0),
@@ -898,3 +908,23 @@ def test_save_hf_records_bfloat16(llama_pair, tmp_path):
     out = jcompress.save_hf(cfg, half, tmp_path / "bf16")
     conf = json.loads((out / "config.json").read_text())
     assert conf.get("torch_dtype", conf.get("dtype")) == "bfloat16"
+
+
+def test_save_refuses_a_quantized_leaf_with_a_nan_scale_code(llama_pair, tmp_path):
+    """MX block scales are E8M0 bits (uint8): 0xFF is their NaN code, which a float check of
+    the arrays cannot see; the leaf's own checks (as the loader runs them) do."""
+    from jcompress.quant import quantize_leaf
+
+    cfg, params = llama_pair
+    p = jax.tree.map(lambda x: x, params)
+    q = p["model"]["layers"]["0"]["mlp"]["up_proj"]
+    leaf = quantize_leaf(q["kernel"], "mxfp4")
+    bad = jax.tree.map(lambda a: a, leaf)  # rebuilt without validation
+    object.__setattr__(bad, "scales", bad.scales.at[0, 0].set(0xFF))
+    q["kernel"] = bad
+    for save in (
+        lambda: jcompress.save_hf(cfg, p, tmp_path / "hf", factors=True),
+        lambda: jcompress.checkpoint.save(tmp_path / "ck", cfg, p),
+    ):
+        user_error(save, "model/layers/0/mlp/up_proj/kernel", "non-finite scales")
+    assert list(tmp_path.iterdir()) == []

@@ -403,6 +403,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return s
 
 
+def check_walk_flags(args: argparse.Namespace) -> None:
+    """``--threshold_step`` given at all with ``--rank_search bisect`` is an error (its flag
+    default is None; the config alone cannot tell an explicit 0.02 from the default). The
+    demo has neither flag; ``stream eigen`` shares them."""
+    step = getattr(args, "threshold_step", None)
+    if getattr(args, "rank_search", None) == "bisect" and step is not None:
+        raise UserError(
+            "--threshold_step: only used by --rank_search threshold (bisect searches the "
+            "ranks themselves); drop it or use the threshold walk"
+        )
+
+
 def job_from_args(
     args: argparse.Namespace, *, model: Path, calib_data: Path, eval_data: Path | None, **kw
 ) -> EigenJob:
@@ -411,13 +423,7 @@ def job_from_args(
 
     if args.offload_dir is not None and not os.path.isdir(args.offload_dir):
         raise UserError(f"--offload_dir: {args.offload_dir} is not a directory")
-    # (the demo has neither flag)
-    step = getattr(args, "threshold_step", None)
-    if getattr(args, "rank_search", None) == "bisect" and step is not None:
-        raise UserError(
-            "--threshold_step: only used by --rank_search threshold (bisect searches the "
-            "ranks themselves); drop it or use the threshold walk"
-        )
+    check_walk_flags(args)
     config = config_from_args(
         EigenAttentionConfig,
         args,

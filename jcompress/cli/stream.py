@@ -59,9 +59,11 @@ def _eigen_flags(p: argparse.ArgumentParser) -> list[str]:
 
 
 def _eigen_build(args: argparse.Namespace, cfg: Any) -> tuple[Any, _Calib | None]:
+    from jcompress.cli.eigen import check_walk_flags
     from jcompress.eigen_attention import EigenAttentionConfig
     from jcompress.eigen_attention.compress import check_bounds
 
+    check_walk_flags(args)
     seqlen = args.seqlen or min(2048, cfg.max_position_embeddings)
     config = config_from_args(EigenAttentionConfig, args, args.config_fields, seqlen=seqlen)
     if args.calib_data is None:

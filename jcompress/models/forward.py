@@ -26,6 +26,7 @@ without widening either, and cached keys are read as stored.
 from __future__ import annotations
 
 import functools
+import operator
 import re
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -466,8 +467,13 @@ def check_length(cfg: ModelConfig, length: int) -> None:
 
 def layer_params(cfg: ModelConfig, params: Params, i: int) -> Params:
     """The params subtree of decoder layer ``i``."""
-    if isinstance(i, bool) or not isinstance(i, int | np.integer) or not 0 <= i < cfg.num_layers:
+    try:
+        idx = None if isinstance(i, bool) else operator.index(i)  # ints, numpy / jax scalars
+    except TypeError:
+        idx = None
+    if idx is None or not 0 <= idx < cfg.num_layers:
         raise UserError(f"i: layer index must be in [0, {cfg.num_layers}), got {i!r}")
+    i = idx
     return get_path(params, f"{spec_for(cfg.family.value).layout.layers}/{i}")
 
 
@@ -482,7 +488,9 @@ def _embed(cfg, params, input_ids, pos, rec, mask):
     # ...but one at a real (mask 1) position is broken input: the host check raises where the
     # ids are concrete; under a caller's jit (traced ids) the whole row becomes NaN instead of
     # the clipped id's plausible numbers.
-    ids = input_ids.astype(jnp.int32)  # uint8 / int8 ids would wrap the vocab size
+    ids = input_ids  # uint8 / int16 ids would wrap the vocab size: compare in >= 32 bits
+    if jnp.dtype(ids.dtype).itemsize < 4:
+        ids = ids.astype(jnp.int32)
     bad = jnp.any(((ids < 0) | (ids >= cfg.vocab_size)) & mask, axis=1)
     h = jnp.where(bad[:, None, None], jnp.asarray(jnp.nan, h.dtype), h)
     rec(lay.embed, "out", h)

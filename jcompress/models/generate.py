@@ -54,6 +54,14 @@ def _generate(
     return jnp.concatenate([input_ids, new], axis=1), finite
 
 
+def _token_id(cfg: ModelConfig, tok: Any) -> bool:
+    return (
+        not isinstance(tok, bool)
+        and isinstance(tok, int | np.integer)
+        and 0 <= int(tok) < cfg.vocab_size
+    )
+
+
 def check_left_padded(attention_mask: Any) -> None:
     """Generation continues every row from its last slot: a concrete mask must be left-padded
     (each row ``0 ... 0 1 ... 1``). A right-padded row would continue from a pad."""
@@ -122,9 +130,11 @@ def generate(
     input_ids = validate.check_token_ids(input_ids, cfg.vocab_size, ndim=2, mask=attention_mask)
     attention_mask = validate.check_attention_mask(attention_mask, input_ids.shape)
     check_left_padded(attention_mask)
-    # int32 whatever the ids came as: new tokens are written in the ids' dtype, and a uint8 /
-    # int16 prompt would wrap every id the narrow type cannot hold
-    input_ids = jnp.asarray(input_ids).astype(jnp.int32)
+    # at least 32 bits: new tokens are written in the ids' dtype, and a uint8 / int16 prompt
+    # would wrap every id the narrow type cannot hold
+    input_ids = jnp.asarray(input_ids)
+    if jnp.dtype(input_ids.dtype).itemsize < 4:
+        input_ids = input_ids.astype(jnp.int32)
     validate.check_positions(
         cfg,
         input_ids.shape[1] + max_new_tokens,
@@ -137,18 +147,23 @@ def generate(
         if attention_mask is None
         else jnp.asarray(attention_mask, bool)
     )
-    if eos_token_id == -1:
-        eos_token_id = cfg.eos_token_id
-    if pad_token_id is None:
-        pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else (eos_token_id or 0)
-    for name, tok in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
-        if tok is not None and (
-            isinstance(tok, bool) or not isinstance(tok, int | np.integer)
-            or not 0 <= tok < cfg.vocab_size
-        ):  # fmt: skip
+    # ids the caller passes must be token ids; the config's are used as far as they are
+    # (an eos the model cannot emit never stops; a pad outside the vocabulary falls back)
+    given = {"eos_token_id": eos_token_id} if eos_token_id != -1 else {}
+    if pad_token_id is not None:
+        given["pad_token_id"] = pad_token_id
+    for name, tok in given.items():
+        if tok is not None and not _token_id(cfg, tok):
             raise UserError(
                 f"{name}: must be a token id in [0, {cfg.vocab_size}) or None, got {tok!r}"
             )
+    if eos_token_id == -1:
+        eos_token_id = cfg.eos_token_id
+    if pad_token_id is None:
+        pad_token_id = next(
+            (t for t in (cfg.pad_token_id, eos_token_id) if t is not None and _token_id(cfg, t)),
+            0,
+        )
     impl = resolve(attention)
     out, finite = _generate(
         cfg, params, input_ids, mask, max_new_tokens, eos_token_id, pad_token_id, impl,

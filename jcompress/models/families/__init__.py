@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import types
 from collections.abc import Mapping
 from typing import Any
 
@@ -39,15 +40,19 @@ def config_from_hf(d: Mapping[str, Any]) -> ModelConfig:
     return spec_for(str(d.get("model_type"))).config_from_hf(d)
 
 
-@functools.lru_cache(maxsize=64)
-def expected_leaves(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+def expected_leaves(cfg: ModelConfig) -> Mapping[str, tuple[int, ...]]:
     """``{path: shape}`` of every param leaf ``cfg`` implies (the family table's pytree side;
-    a typed compressed leaf stands for the dense array of that shape)."""
+    a typed compressed leaf stands for the dense array of that shape; read-only, cached)."""
+    return _expected_leaves(cfg)
+
+
+@functools.lru_cache(maxsize=64)
+def _expected_leaves(cfg: ModelConfig) -> Mapping[str, tuple[int, ...]]:
     out: dict[str, tuple[int, ...]] = {}
     for rule, _, paths in spec_for(cfg.family.value).table(cfg):
         for path, shape in zip(paths, rule.jax_shapes(cfg), strict=True):
             out[path] = tuple(int(n) for n in shape)
-    return out
+    return types.MappingProxyType(out)
 
 
 def check_params_match(
