@@ -928,3 +928,60 @@ def test_save_refuses_a_quantized_leaf_with_a_nan_scale_code(llama_pair, tmp_pat
     ):
         user_error(save, "model/layers/0/mlp/up_proj/kernel", "non-finite scales")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_method_inputs_that_were_silently_accepted(llama_pair):
+    """From an adversarial pass over the methods' APIs."""
+    from jcompress import sparge
+    from jcompress.quant.apply import QuantApplyConfig
+    from jcompress.quant.apply import compress as quant_compress
+    from jcompress.tucker import TuckerConfig
+    from jcompress.tucker import compress as tucker_compress
+
+    cfg, params = llama_pair
+    ids = np.arange(1, 33)[None]
+    att = sparge.BlockSparse(block_q=16, block_k=16)
+
+    def state(rows, cdf=0.05):
+        return sparge.SpargeParams.create(rows, cfg.num_heads, simthreshd1=-1.0, cdfthreshd=cdf)
+
+    # thresholds for another layer count: a clamped row index reused the last row silently
+    for rows in (2, 6):
+        user_error(
+            lambda r=rows: jcompress.forward(
+                cfg, params, ids, attention=att, attention_state=state(r)
+            ),
+            f"attention_state: thresholds are for {rows} layers x 8 heads; the model has 4 layers",
+        )
+    bad = state(4)._replace(cdfthreshd=jnp.full((4, 8), -3.0))  # built without validate()
+    user_error(
+        lambda: jcompress.forward(cfg, params, ids, attention=att, attention_state=bad),
+        "cdfthreshd",
+    )
+    ok = jcompress.forward(cfg, params, ids, attention=att, attention_state=state(4))
+    assert np.isfinite(np.asarray(ok)).all()
+    # a quant rank above the kernel's full rank was clamped, reported as asked
+    user_error(
+        lambda: quant_compress(
+            params,
+            config=QuantApplyConfig(
+                rules=((r"model/layers/0/mlp/up_proj", "rank=500;fmt=nvfp4;blk=na"),)
+            ),
+            progress=False,
+        ),
+        "rank 500 is above its full rank 128",
+    )
+    # tucker: NaN weights, and an empty rule list that compressed nothing
+    nan = jax.tree.map(lambda x: x, params)
+    q = nan["model"]["layers"]["0"]["self_attn"]["q_proj"]
+    q["kernel"] = q["kernel"].at[0, 0].set(jnp.nan)
+    for conf in (
+        TuckerConfig(variant="tt", tt_ranks=(4, 4)),
+        TuckerConfig(variant="tt", mps_eps=0.9),
+    ):
+        user_error(
+            lambda c=conf: tucker_compress(nan, cfg, config=c),
+            "params: model/layers/0/self_attn/q_proj/kernel: 1 of",
+            "NaN or Inf",
+        )
+    user_error(lambda: TuckerConfig(variant="tt", tt_ranks=(4, 4), layers=()), "layers: is empty")

@@ -166,6 +166,17 @@ def resolve(attention: Any) -> AttentionImpl:
     )
 
 
+def check_state(impl: AttentionImpl, cfg: Any, state: Any) -> None:
+    """Host-side check of an implementation's state against the model, before tracing: an
+    implementation may define ``check_state(cfg, state)`` (one :class:`UserError` line, e.g.
+    SpargeAttn's ``[layers, heads]`` thresholds; inside the jitted forward a row index past
+    the state's rows would clamp silently). ``None`` state and implementations without the
+    method pass."""
+    fn = getattr(impl, "check_state", None)
+    if state is not None and fn is not None:
+        fn(cfg, state)
+
+
 def fit_to_devices(impl: AttentionImpl, *trees: Any, mesh: Any = None) -> AttentionImpl:
     """``impl`` as it should run where its inputs live: :class:`Chunked`'s row-block path
     walks the (batch row, KV head) pairs with a ``lax.map``, which XLA cannot partition (a

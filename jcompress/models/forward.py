@@ -39,7 +39,13 @@ from jcompress import validate
 from jcompress.errors import UserError
 from jcompress.leaves import CompressedLeaf, Factored, dot
 from jcompress.models import attention as attention_impls
-from jcompress.models.attention import AttentionImpl, AttentionMask, fit_to_devices, resolve
+from jcompress.models.attention import (
+    AttentionImpl,
+    AttentionMask,
+    check_state,
+    fit_to_devices,
+    resolve,
+)
 from jcompress.models.config import ModelConfig, Norm, Position
 from jcompress.models.convert import Layout, get_path
 from jcompress.models.families import check_params_match, spec_for
@@ -609,6 +615,7 @@ def forward(
     input_ids = validate.check_token_ids(input_ids, cfg.vocab_size, ndim=2, mask=attention_mask)
     attention_mask = validate.check_attention_mask(attention_mask, input_ids.shape)
     impl = fit_to_devices(resolve(attention), params, input_ids)
+    check_state(impl, cfg, attention_state)
     return _forward(cfg, params, input_ids, attention_mask, capture, impl, attention_state)
 
 
@@ -659,6 +666,7 @@ def apply_layer(
     if attention_mask is not None:
         attention_mask = validate.check_attention_mask(attention_mask, shape[:2])
     impl = fit_to_devices(resolve(attention), lp, hidden)
+    check_state(impl, cfg, attention_state)
     return _apply_layer(cfg, lp, hidden, layer_idx, attention_mask, capture, impl, attention_state)
 
 
@@ -709,6 +717,7 @@ def forward_cached(
     :data:`DEFAULT_ATTENTION`).
     """
     impl = resolve(DEFAULT_ATTENTION if attention is None else attention)
+    check_state(impl, cfg, attention_state)
     check_params_match(cfg, params)
     input_ids = validate.check_token_ids(input_ids, cfg.vocab_size, ndim=2, mask=mask)
     mask = validate.check_attention_mask(mask, input_ids.shape)

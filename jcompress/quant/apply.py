@@ -259,9 +259,10 @@ class LayerRow:
     path: str
     config: str
     shape: tuple[int, int]
-    bits_per_weight: float
+    bits_per_weight: float  # a low-rank branch at 16 bits, as deployed (SVDQuant, tokenwise)
     rel_error: float  # ||W - W~||_F / ||W||_F
     leaf: str = "dense"  # the kernel's type before this step
+    stored_bits_per_weight: float | None = None  # what the params hold (factors: their dtype)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self) | {"shape": list(self.shape)}
@@ -284,11 +285,24 @@ class QuantApplyReport:
         n = sum(r.shape[0] * r.shape[1] for r in self.layers)
         return sum(r.bits_per_weight * r.shape[0] * r.shape[1] for r in self.layers) / max(n, 1)
 
+    @property
+    def mean_stored_bits_per_weight(self) -> float:
+        """Like :attr:`mean_bits_per_weight`, with each row's bits as stored (a low-rank
+        branch in its factors' dtype, e.g. 32 bits for a float32 model)."""
+        n = sum(r.shape[0] * r.shape[1] for r in self.layers)
+        return sum(
+            (r.bits_per_weight if r.stored_bits_per_weight is None else r.stored_bits_per_weight)
+            * r.shape[0]
+            * r.shape[1]
+            for r in self.layers
+        ) / max(n, 1)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "layers": [r.to_json() for r in self.layers],
             "n_layers": len(self.layers),
             "mean_bits_per_weight": self.mean_bits_per_weight,
+            "mean_stored_bits_per_weight": self.mean_stored_bits_per_weight,
             "unmatched_rules": list(self.unmatched_rules),
             **dict(self.extra),
         }
@@ -309,6 +323,12 @@ class QuantApplyReport:
             f"\n{len(self.layers)} linears quantized, "
             f"{self.mean_bits_per_weight:.2f} bits/weight on average"
         )
+        stored = self.mean_stored_bits_per_weight
+        if abs(stored - self.mean_bits_per_weight) > 0.005:
+            lines.append(
+                f"(a low-rank branch counts 16 bits per factor entry, as deployed; as stored "
+                f"in these params: {stored:.2f} bits/weight)"
+            )
         b, a = self.extra.get("ppl_before"), self.extra.get("ppl_after")
         if b and a:
             lines += [
@@ -485,6 +505,13 @@ def compress(
     todo = [(p, by_rx[rx]) for p, rx in sel.chosen.items() if by_rx[rx].key != "none"]
     for p, choice in todo:
         result_type(p, type(linears[p]), choice)
+        full = min(int(d) for d in linears[p].shape)
+        if choice.rank is not None and choice.rank > full:
+            raise UserError(
+                f"rules: {choice.key} on {p}/kernel {list(linears[p].shape)}: rank "
+                f"{choice.rank} is above its full rank {full} (the factors would be larger "
+                "than the kernel)"
+            )
     flat = flatten(params)
     rows = []
     for path, choice in tqdm(todo, desc="quantize", disable=not progress, leave=False):
@@ -509,6 +536,7 @@ def compress(
                 float(bits),
                 err,
                 type(w).__name__ if isinstance(w, CompressedLeaf) else "dense",
+                stored_bits(leaf) / n,
             )
         )
     return unflatten(flat), QuantApplyReport(tuple(rows), sel.unmatched)

@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jcompress.errors import UserError
 from jcompress.kernels import sparse_attention as kernel
@@ -226,6 +227,31 @@ class BlockSparse:
                 f"implementation: {self.implementation!r} is not one of "
                 f"{', '.join(IMPLEMENTATIONS)}"
             )
+
+    def check_state(self, cfg: Any, state: Any) -> None:
+        """``state``: :class:`SpargeParams` (or a triple) of ``[cfg.num_layers,
+        cfg.num_heads]`` thresholds, of ``[num_heads]`` (every layer) or scalars, in range
+        where concrete; see :func:`jcompress.models.attention.check_state`."""
+        if not isinstance(state, tuple) or len(state) != len(SpargeParams._fields):
+            raise UserError(
+                "attention_state: block_sparse takes SpargeParams (or None for the defaults), "
+                f"got {type(state).__name__}"
+            )
+        state = SpargeParams(*state)
+        ndims = {int(np.ndim(a)) for a in state}
+        if ndims == {2}:
+            state.check_model(cfg.num_layers, cfg.num_heads, arg="attention_state")
+        elif ndims == {1} and all(np.shape(a)[0] == cfg.num_heads for a in state):
+            pass
+        elif ndims != {0}:
+            raise UserError(
+                "attention_state: thresholds must all be [layers, heads] "
+                f"[{cfg.num_layers}, {cfg.num_heads}], [heads] or scalars; got shapes "
+                f"{[list(np.shape(a)) for a in state]}"
+            )
+        for name, a in zip(SpargeParams._fields, state, strict=True):
+            if not isinstance(a, jax.core.Tracer):
+                check_range(name, np.asarray(a, np.float64))
 
     def __call__(self, q, k, v, mask: seam.AttentionMask, *, scale, layer=None, state=None):
         hq = q.shape[2]

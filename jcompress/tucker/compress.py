@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from jcompress import validate
 from jcompress.calibration import Feed, stream_layers
 from jcompress.decomp import factorize, tt_svd_ranks
 from jcompress.errors import UserError
@@ -190,6 +191,10 @@ class TuckerConfig:
         if isinstance(self.layers, str) or not all(isinstance(r, str) for r in self.layers):
             raise UserError(f"layers: must be a tuple of regex strings, got {self.layers!r}")
         object.__setattr__(self, "layers", tuple(self.layers))
+        if not self.layers:  # would run the whole job on nothing
+            raise UserError(
+                "layers: is empty; give at least one regex (default: every k/q/v projection)"
+            )
         # a setting the variant never reads is a mistake, not a no-op
         used = _VARIANT_FIELDS[self.variant]
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
@@ -422,6 +427,8 @@ def compress(
         if key not in flat:
             raise UserError(f"params: {key} is missing")
         require_dense(key, flat[key], f"tucker ({config.variant.value})")
+        # a NaN weight would come out as a NaN error (or an empty SVD's IndexError)
+        validate.check_finite(flat[key], f"params: {key}")
         jobs.append(_Job(path, layer, role, flat[key]))
     kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
     kv_after = kv
