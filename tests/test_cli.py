@@ -12,6 +12,7 @@ import pytest
 from jcompress.cli import bundled_model_dir, main
 
 EIGEN = ["--model", "{model}", "--calib_data", "{data}"]
+STREAM_EIGEN_BISECT = ["stream", "eigen", *EIGEN, "--out", "{tmp}/o", "--rank_search", "bisect"]
 QUANT_APPLY = ["quant", "apply", "--model", "{model}", "--rule", ".*=nvfp4"]
 
 
@@ -348,19 +349,9 @@ def test_generate(capsys, llama_dir, shared_data, attention):
             "--threshold_step: only used by --rank_search threshold",
         ),
         (
-            [
-                "stream",
-                "eigen",
-                *EIGEN,
-                "--out",
-                "{tmp}/o",
-                "--rank_search",
-                "bisect",
-                "--threshold_step",
-                "0.02",
-            ],
+            [*STREAM_EIGEN_BISECT, "--threshold_step", "0.02"],
             "--threshold_step: only used by --rank_search threshold",
-        ),  # fmt: skip
+        ),
         (
             [*QUANT_APPLY, "--no_eval", "--eval_data", "{data}"],
             "--eval_data: not read with --no_eval",
@@ -387,17 +378,7 @@ def test_generate(capsys, llama_dir, shared_data, attention):
             "--json: {tmp}/afile is the input --tuned",
         ),
         (
-            [
-                "stream",
-                "eigen",
-                *EIGEN,
-                "--out",
-                "{tmp}/o",
-                "--rank_search",
-                "bisect",
-                "--min_rank",
-                "128",
-            ],
+            [*STREAM_EIGEN_BISECT, "--min_rank", "128"],
             "min_rank: 128 leaves nothing to compress",
         ),
         (
